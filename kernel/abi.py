@@ -1,0 +1,115 @@
+"""The guest <-> kernel ABI: guest-physical layout and hypercall numbers.
+
+This module is the single source of truth.  The guest runtime's C header
+(``isovisor_abi.h``) is generated from it by :func:`c_header`, so the C side and
+the kernel can never disagree.  The human-readable reference is
+``docs/hypercalls.md``.
+
+Calling convention (why a mailbox and not registers): every unicorn register
+access from Python costs microseconds, while a word in guest RAM is a plain
+memoryview load because guest RAM is a shared-memory segment the kernel maps
+too.  So a guest stores the hypercall number and arguments in its vCPU's
+*hypercall block*, executes ``syscall``, and reads the result back from the
+block.  The runtime's stubs (``hypercall.h``) hide this; C code just calls
+``hypercall3(HC_CONSOLE_WRITE, ptr, len, 0)``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Final
+
+PAGE_SIZE: Final = 0x1000
+
+# --- guest-physical layout -------------------------------------------------
+#: Page 0 is never mapped, so a NULL dereference faults.
+NULL_GUARD_END: Final = 0x1000
+#: Start-info page: filled by the kernel before the first instruction.
+START_INFO_ADDR: Final = 0x1000
+#: Hypercall blocks, one per vCPU, HCALL_BLOCK_SIZE bytes each.
+HCALL_BLOCK_ADDR: Final = 0x2000
+HCALL_BLOCK_SIZE: Final = 64
+#: Shared-info page: event-channel pending/mask words (used by device I/O).
+SHARED_INFO_ADDR: Final = 0x3000
+#: The flat image is loaded here and entered at its first byte.
+IMAGE_BASE: Final = 0x100000
+#: Bytes kept free for the stack between the image's end and the top of RAM.
+MIN_STACK_BYTES: Final = 64 * 1024
+#: Smallest and largest domain memory, in MiB.
+MIN_MEMORY_MIB: Final = 2
+MAX_MEMORY_MIB: Final = 4096
+
+# --- start-info page (all little-endian u64 unless noted) -------------------
+START_INFO_MAGIC: Final = 0x31565349564F5349  # "ISOVISV1" read as a u64
+ABI_VERSION: Final = 1
+SI_MAGIC: Final = 0x00
+SI_ABI_VERSION: Final = 0x08
+SI_DOMID: Final = 0x10
+SI_MEM_BYTES: Final = 0x18
+SI_IMAGE_BASE: Final = 0x20
+SI_IMAGE_SIZE: Final = 0x28
+SI_STACK_TOP: Final = 0x30
+SI_HCALL_BLOCK: Final = 0x38
+SI_NAME: Final = 0x40  # char[64], NUL-terminated
+SI_NAME_MAX: Final = 64
+SI_CMDLINE: Final = 0x80  # char[1024], NUL-terminated: the domain's `extra`
+SI_CMDLINE_MAX: Final = 1024
+
+# --- hypercall block (per vCPU) ---------------------------------------------
+HB_NR: Final = 0x00  # u64 hypercall number
+HB_ARGS: Final = 0x08  # u64 args[6]
+HB_RET: Final = 0x38  # s64 result; negative errno on failure
+
+# --- hypercall numbers ------------------------------------------------------
+HC_NULL: Final = 0  # () -> 0.  Does nothing; for measuring the round trip.
+HC_CONSOLE_WRITE: Final = 1  # (ptr, len) -> bytes written
+HC_YIELD: Final = 2  # () -> 0.  Give up the rest of the time slice.
+HC_POLL: Final = 3  # (port_mask, timeout_ns) -> pending bits of mask, 0 on timeout
+HC_TIME: Final = 4  # () -> virtual ns since domain start (excludes paused time)
+HC_SHUTDOWN: Final = 5  # (reason, code) -> does not return
+HC_WATCHDOG: Final = 6  # (timeout_ms) -> 0.  Arm/re-arm; 0 disarms.
+HC_COUNT: Final = 7
+
+HYPERCALL_NAMES: Final[dict[int, str]] = {
+    HC_NULL: "null",
+    HC_CONSOLE_WRITE: "console_write",
+    HC_YIELD: "yield",
+    HC_POLL: "poll",
+    HC_TIME: "time",
+    HC_SHUTDOWN: "shutdown",
+    HC_WATCHDOG: "watchdog",
+}
+
+#: HC_POLL timeout meaning "wait forever".
+POLL_FOREVER: Final = 0xFFFF_FFFF_FFFF_FFFF
+#: Largest console write accepted in one hypercall; the runtime splits longer ones.
+CONSOLE_WRITE_MAX: Final = 4096
+
+# shutdown reasons (Xen SHUTDOWN_*)
+SHUTDOWN_POWEROFF: Final = 0
+SHUTDOWN_REBOOT: Final = 1
+SHUTDOWN_CRASH: Final = 2
+
+# errno values returned (negated) in HB_RET
+EPERM: Final = _errno.EPERM
+ENOENT: Final = _errno.ENOENT
+E2BIG: Final = _errno.E2BIG
+EFAULT: Final = _errno.EFAULT
+EINVAL: Final = _errno.EINVAL
+ENOSYS: Final = _errno.ENOSYS
+EMSGSIZE: Final = _errno.EMSGSIZE
+
+
+def c_header() -> str:
+    """Render the ABI as a C header for the guest runtime."""
+    names = [n for n in globals() if n.isupper() and isinstance(globals()[n], int)]
+    lines = [
+        "/* Generated from kernel/abi.py by domains/build.py -- do not edit. */",
+        "#ifndef ISOVISOR_ABI_H",
+        "#define ISOVISOR_ABI_H",
+    ]
+    for n in names:
+        v = globals()[n]
+        lines.append(f"#define {n} {v:#x}ULL" if v > 0x7FFFFFFF else f"#define {n} {v}")
+    lines.append("#endif")
+    return "\n".join(lines) + "\n"
