@@ -1,0 +1,91 @@
+"""Named shared-memory segments under /dev/shm, without multiprocessing's resource tracker.
+
+``multiprocessing.shared_memory`` registers every segment with a resource-tracker process that
+unlinks it when *any* attaching process exits, and it starts that tracker as an extra child.
+isovisor's segments have one owner (the kernel) and a known name prefix per stack, so the
+supervisor can sweep them after a crash; a plain ``os.open`` + ``mmap`` is all that needs.
+
+Invariant: a segment's mmap must not be closed while unicorn (or a ctypes pointer) still maps
+it; :class:`Segment` keeps the ctypes anchor private and drops it in :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class SegmentError(Exception):
+    """A segment could not be created, attached or removed."""
+
+
+class Segment:
+    """One named shared-memory segment mapped into this process."""
+
+    def __init__(self, name: str, size: int, *, create: bool) -> None:
+        if not _NAME_RE.match(name):
+            raise SegmentError(f"invalid shared-memory name {name!r}: use letters, digits, . _ -")
+        self.name = name
+        self.path = SHM_DIR / name
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileExistsError:
+            raise SegmentError(
+                f"shared-memory segment {self.path} already exists: another stack uses this "
+                "name, or a crashed one left it behind (remove it with `isovisor down`)"
+            ) from None
+        except OSError as e:
+            raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            self._mm: mmap.mmap | None = mmap.mmap(fd, size)
+        except OSError as e:
+            os.close(fd)
+            if create:
+                self.path.unlink(missing_ok=True)
+            raise SegmentError(f"cannot map {size} bytes of {self.path}: {e}") from e
+        os.close(fd)
+        self.size = size
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)
+        self.address = ctypes.addressof(self._anchor)
+
+    @property
+    def buf(self) -> mmap.mmap:
+        if self._mm is None:
+            raise SegmentError(f"segment {self.name} is closed")
+        return self._mm
+
+    def close(self) -> None:
+        """Unmap from this process (callers must have unmapped it from unicorn first)."""
+        if self._mm is None:
+            return
+        self._anchor = None
+        self._mm.close()
+        self._mm = None
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def sweep(prefix: str) -> list[str]:
+    """Remove every segment whose name starts with ``prefix``; return the names removed."""
+    removed = []
+    if not prefix:
+        raise SegmentError("refusing to sweep shared memory with an empty prefix")
+    for p in SHM_DIR.glob(prefix + "*"):
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except FileNotFoundError:
+            pass
+    return removed

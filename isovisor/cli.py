@@ -1,0 +1,403 @@
+"""The ``isovisor`` command line: operate a stack over its control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import psutil
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ipc.control import Client, ControlError
+from ipc.events import Subscriber, subscribe
+from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
+from isovisor.kernelproc import KernelProcess, KernelStartError
+from isovisor.paths import RunDir, RunDirError, shm_prefix_for
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="isovisor: run guests on a microkernel-style hypervisor.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RunDirOpt = Annotated[Path | None, typer.Option(
+    "--run-dir", envvar="ISOVISOR_RUN_DIR", show_envvar=True,
+    help="The stack's run directory (sockets, logs). Default: /tmp/isovisor-$UID/default.")]
+
+EXIT_CRASHED = 125
+EXIT_TIMEOUT = 124
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]isovisor: error:[/] {msg}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run_dir(opt: Path | None) -> RunDir:
+    return RunDir(opt if opt is not None else default_run_dir())
+
+
+def _client(rd: RunDir, timeout: float = 15.0) -> Client:
+    if rd.running_pid() is None:
+        fail(f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
+             "--run-dir / ISOVISOR_RUN_DIR of a running stack")
+    return Client(rd.control, timeout=timeout)
+
+
+def _call(rd: RunDir, command: str, **props: Any) -> dict[str, Any]:
+    with _client(rd) as c:
+        try:
+            return c.call(command, **props)
+        except ControlError as e:
+            fail(e.reason)
+
+
+class ConsolePrinter:
+    """Prints console bytes as whole lines, prefixed with the domain name when asked."""
+
+    COLORS = ("cyan", "green", "magenta", "yellow", "blue", "bright_red")
+
+    def __init__(self, prefix: bool) -> None:
+        self.prefix = prefix
+        self._partial: dict[str, bytes] = {}
+        self._colors: dict[str, str] = {}
+
+    def _tag(self, name: str) -> str:
+        color = self._colors.setdefault(name, self.COLORS[len(self._colors) % len(self.COLORS)])
+        return f"[{color}]{name:>10} |[/] "
+
+    def feed(self, name: str, data: bytes) -> None:
+        if not self.prefix:
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+            return
+        buf = self._partial.get(name, b"") + data
+        *lines, rest = buf.split(b"\n")
+        self._partial[name] = rest
+        for line in lines:
+            out.print(self._tag(name) + _escape(line.decode(errors="replace")), markup=True,
+                      soft_wrap=True)
+
+    def flush(self, name: str) -> None:
+        rest = self._partial.pop(name, b"")
+        if rest:
+            self.feed(name, rest + b"\n")
+
+    def event(self, topic: str, payload: dict[str, Any]) -> None:
+        if topic.startswith("console."):
+            self.feed(topic[len("console."):], payload.get("data", b""))
+            return
+        parts = topic.split(".")
+        if parts[0] == "domain" and len(parts) >= 3:
+            name, what = ".".join(parts[1:-1]), parts[-1]
+            if what in ("shutdown", "crashed", "destroyed"):
+                self.flush(name)
+            msg = _describe(what, payload)
+            if msg:
+                style = "red" if what == "crashed" else "dim"
+                out.print(self._tag(name) + f"[{style}]{_escape(msg)}[/]", markup=True,
+                          soft_wrap=True)
+        elif topic == "supervisor.domain.failed":
+            out.print(f"[red]cannot create {payload['path']}: {_escape(payload['reason'])}[/]",
+                      markup=True, soft_wrap=True)
+        elif topic == "supervisor.kernel.exited":
+            out.print(f"[red]kernel exited unexpectedly (status {payload.get('status')})[/]",
+                      markup=True)
+
+
+def _describe(what: str, p: dict[str, Any]) -> str:
+    return {
+        "created": f"-- domain created (id {p.get('domid')})",
+        "shutdown": f"-- {p.get('reason')} (on_poweroff: {p.get('action')})",
+        "crashed": f"-- CRASHED: {p.get('reason')} (on_crash: {p.get('action')})",
+        "restarted": f"-- restarted as id {p.get('domid')}",
+    }.get(what, "")
+
+
+def _escape(s: str) -> str:
+    return s.replace("[", r"\[")
+
+
+# --- up / down ---------------------------------------------------------------------------------
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Argument(help="Stack file.")] = Path("supervisor.toml"),
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Return once the stack is up.")] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Start the supervisor, the kernel and the domains listed in CONFIG."""
+    try:
+        cfg = load_stack_config(config)
+        for path in cfg.domains:  # validate (and build images) before starting anything
+            load_domain_config(path)
+    except ConfigError as e:
+        fail(str(e))
+    rd = RunDir(run_dir or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir()))
+    try:
+        rd.prepare()
+    except RunDirError as e:
+        fail(str(e))
+    if (pid := rd.running_pid()) is not None:
+        fail(f"a stack is already running in {rd.path} (supervisor pid {pid}); stop it with "
+             "`isovisor down` or use another --run-dir")
+    if detach:
+        _up_detached(config, rd)
+        return
+    import logging
+
+    from isovisor.supervisor import Supervisor
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="supervisor: %(levelname)s %(message)s")
+    printer = ConsolePrinter(prefix=True)
+    out.print(f"[bold]isovisor[/] stack {cfg.name!r} starting from {config} "
+              f"(run dir {rd.path}); Ctrl-C stops it", markup=True)
+    try:
+        status = Supervisor(cfg, rd, on_event=printer.event).run()
+    except ControlError as e:
+        fail(e.reason)
+    except KernelStartError as e:
+        fail(str(e))
+    out.print("[bold]isovisor[/] stack stopped", markup=True)
+    raise typer.Exit(status)
+
+
+def _up_detached(config: Path, rd: RunDir) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    with open(rd.log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "isovisor.supervisor",
+                                 str(config.resolve()), str(rd.path)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    with Client(rd.control, timeout=0.5) as c:
+        while True:
+            if proc.poll() is not None:
+                tail = "\n".join(rd.log.read_text(errors="replace").splitlines()[-15:])
+                fail(f"the supervisor exited with status {proc.returncode} while starting; "
+                     f"log {rd.log}:\n{tail}")
+            try:
+                reply = c.call("ping")
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    fail(f"the stack did not come up within 60s; see {rd.log}")
+    out.print(f"stack up: supervisor pid {reply['pid']}, kernel pid {reply['kernel_pid']}, "
+              f"run dir {rd.path}")
+
+
+@app.command()
+def down(run_dir: RunDirOpt = None,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0) -> None:
+    """Stop every domain, the kernel and the supervisor; remove their resources."""
+    rd = _run_dir(run_dir)
+    pid = rd.running_pid()
+    if pid is None:
+        fail(f"no stack is running in {rd.path}")
+    _call(rd, "down")
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        fail(f"the supervisor (pid {pid}) did not stop within {timeout:g}s")
+    out.print("stack stopped")
+
+
+# --- domains -----------------------------------------------------------------------------------
+
+@app.command("list")
+def list_(run_dir: RunDirOpt = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List domains as `xl list` does."""
+    doms = _call(_run_dir(run_dir), "list")["domains"]
+    if as_json:
+        print(json.dumps(doms, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col, just in (("Name", "left"), ("ID", "right"), ("Mem", "right"),
+                      ("VCPUs", "right"), ("State", "left"), ("Time(s)", "right"),
+                      ("Weight", "right"), ("Cap", "right"), ("Uptime", "right"),
+                      ("Note", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for d in doms:
+        t.add_row(d["name"], str(d["id"]), str(d["memory"]), str(d["vcpus"]), d["state"],
+                  f"{d['cpu_time']:.1f}", str(d["weight"]), str(d["cap"]),
+                  _uptime(d["uptime"]), d["reason"] or "")
+    out.print(t)
+
+
+def _uptime(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@app.command()
+def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
+            follow: Annotated[bool, typer.Option("--follow", "-f",
+                                                 help="Keep printing new output.")] = False,
+            run_dir: RunDirOpt = None) -> None:
+    """Print a domain's console (the last 64 KiB), and follow it with -f."""
+    rd = _run_dir(run_dir)
+    with _client(rd) as c:
+        sub = subscribe(rd.events, ["console.", "domain.", "supervisor.down"], c) \
+            if follow else None
+        try:
+            hist = c.call("console", name=name)
+        except ControlError as e:
+            if sub:
+                sub.close()
+            fail(e.reason)
+    sys.stdout.write(hist["data"].decode(errors="replace"))
+    sys.stdout.flush()
+    if sub is None:
+        return
+    try:
+        _follow(sub, hist["domid"], hist["end"])
+    except KeyboardInterrupt:
+        return
+    finally:
+        sub.close()
+
+
+def _follow(sub: Subscriber, domid: int, pos: int) -> None:
+    """Print console events of one domain (and of its restarts) from byte ``pos`` on."""
+    while True:
+        ev = sub.recv(None)
+        assert ev is not None
+        topic, p = ev
+        if topic == "supervisor.down":
+            return
+        if topic.endswith(".restarted") and p.get("old") == domid:
+            domid, pos = p["domid"], 0
+        elif p.get("domid") != domid:
+            continue
+        elif topic.startswith("console."):
+            data, off = p["data"], p["offset"]
+            if off + len(data) > pos:
+                sys.stdout.write(data[max(0, pos - off):].decode(errors="replace"))
+                sys.stdout.flush()
+                pos = off + len(data)
+        elif topic.endswith(".destroyed"):
+            return
+
+
+@app.command()
+def create(config: Annotated[Path, typer.Argument(help="Domain config file.")],
+           run_dir: RunDirOpt = None) -> None:
+    """Create a domain from a config file in the running stack."""
+    try:
+        load_domain_config(config)  # report config errors locally, with local paths
+    except ConfigError as e:
+        fail(str(e))
+    r = _call(_run_dir(run_dir), "create", path=str(config.resolve()))
+    out.print(f"created domain {r['name']} (id {r['domid']})")
+
+
+def _domain_verb(verb: str, past: str):
+    def cmd(name: Annotated[str, typer.Argument(help="Domain name or id.")],
+            run_dir: RunDirOpt = None) -> None:
+        r = _call(_run_dir(run_dir), verb, name=name)
+        out.print(f"{past} domain {name} (id {r['domid']})")
+    cmd.__doc__ = f"{verb.capitalize()} a domain."
+    return cmd
+
+
+app.command("destroy")(_domain_verb("destroy", "destroyed"))
+app.command("pause")(_domain_verb("pause", "paused"))
+app.command("unpause")(_domain_verb("unpause", "unpaused"))
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
+        timeout: Annotated[float | None, typer.Option(
+            help="Give up after this many seconds (exit 124).")] = None,
+        pcpus: Annotated[int, typer.Option(min=1, max=64)] = 1) -> None:
+    """Run one domain to completion in a private kernel; exit with the guest's exit code.
+
+    Exit status: the guest's code when it powers off, 125 if it crashed, 124 on --timeout.
+    """
+    try:
+        cfg = load_domain_config(config)
+    except ConfigError as e:
+        fail(str(e))
+    tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-"))
+    rd = RunDir(tmp)
+    kernel = KernelProcess(rd, shm_prefix=shm_prefix_for(os.getpid()), pcpus=pcpus,
+                           timeslice_ms=10)
+    printer = ConsolePrinter(prefix=False)
+    code = 0
+    sub: Subscriber | None = None
+    try:
+        kernel.start()
+        assert kernel.client is not None
+        sub = subscribe(rd.kernel_events, [f"console.{cfg.name}", f"domain.{cfg.name}."],
+                        kernel.client)
+        try:
+            kernel.call("create", config=cfg.to_wire())
+        except ControlError as e:
+            fail(e.reason)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        code = _stream_until_exit(sub, cfg.name, printer, deadline, kernel)
+    except KernelStartError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if sub is not None:
+            sub.close()
+        kernel.stop()
+        for p in tmp.iterdir():
+            p.unlink(missing_ok=True)
+        tmp.rmdir()
+    raise typer.Exit(code)
+
+
+def _stream_until_exit(sub: Subscriber, name: str, printer: ConsolePrinter,
+                       deadline: float | None, kernel: KernelProcess) -> int:
+    while True:
+        wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+        ev = sub.recv(wait)
+        if ev is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                err.print(f"isovisor: domain {name} still running after the timeout; "
+                          "destroying it")
+                return EXIT_TIMEOUT
+            if not kernel.alive():
+                err.print("isovisor: the kernel exited unexpectedly; "
+                          f"log:\n{kernel.log_tail()}")
+                return 1
+            continue
+        topic, p = ev
+        if topic == f"console.{name}":
+            printer.feed(name, p["data"])
+        elif topic == f"domain.{name}.shutdown":
+            return int(p.get("code", 0))
+        elif topic == f"domain.{name}.crashed":
+            err.print(f"isovisor: domain {name} crashed: {p.get('reason')}")
+            return EXIT_CRASHED
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Typed configuration: ``supervisor.toml`` and domain configs.
+
+Keys follow xl.cfg where one exists.  Every loader rejects unknown keys and wrong types with a
+:class:`ConfigError` naming the file, the key and what is allowed (Firecracker's
+``deny_unknown_fields``).  Domain configs travel to the kernel as plain dicts
+(:meth:`DomainConfig.to_wire`) and are re-validated there (:meth:`DomainConfig.from_wire`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from kernel import abi
+
+ACTIONS: Final = ("destroy", "restart", "preserve")
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration file or value is wrong; the message says where and what to do."""
+
+
+# --- small typed field checker -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Field:
+    kind: type | tuple[type, ...]
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def _range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _name(v: str) -> str | None:
+    return None if NAME_RE.match(v) else (
+        "must start with a letter or digit and contain only letters, digits, '_', '.', '-' "
+        "(at most 63 characters)")
+
+
+def _check_table(where: str, table: dict[str, Any], fields: dict[str, _Field],
+                 required: tuple[str, ...] = ()) -> None:
+    for key, val in table.items():
+        f = fields.get(key)
+        if f is None:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{did}; allowed keys: "
+                              f"{', '.join(sorted(fields))}")
+        kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
+        if not isinstance(val, kinds) or (isinstance(val, bool) and bool not in kinds):
+            want = " or ".join(_type_word(k) for k in kinds)
+            raise ConfigError(f"{where}: key {key!r} must be {want} ({f.help}), "
+                              f"got {_type_word(type(val))} {val!r}")
+        if f.check is not None and (msg := f.check(val)) is not None:
+            raise ConfigError(f"{where}: key {key!r} = {val!r} {msg} ({f.help})")
+    for key in required:
+        if key not in table:
+            raise ConfigError(f"{where}: missing required key {key!r} ({fields[key].help})")
+
+
+def _type_word(t: type) -> str:
+    return {int: "an integer", str: "a string", bool: "true or false", list: "a list",
+            dict: "a table", float: "a number"}.get(t, t.__name__)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+# --- domain configs --------------------------------------------------------------------------
+
+_DOMAIN_FIELDS: Final = {
+    "name": _Field(str, "the domain's unique name", _name),
+    "image": _Field(str, "a built-in guest program name, a .c file, or a flat binary"),
+    "memory": _Field(int, f"guest RAM in MiB, {abi.MIN_MEMORY_MIB}..{abi.MAX_MEMORY_MIB}",
+                     _range(abi.MIN_MEMORY_MIB, abi.MAX_MEMORY_MIB)),
+    "vcpus": _Field(int, "number of virtual CPUs; only 1 is supported", _range(1, 1)),
+    "weight": _Field(int, "scheduler weight, 1..65535, default 256", _range(1, 65535)),
+    "cap": _Field(int, "CPU cap in percent of one CPU, 0 = no cap", _range(0, 100)),
+    "on_poweroff": _Field(str, "action when the guest powers off", _choice(ACTIONS)),
+    "on_reboot": _Field(str, "action when the guest reboots", _choice(ACTIONS)),
+    "on_crash": _Field(str, "action when the guest crashes", _choice(ACTIONS)),
+    "extra": _Field(str, f"parameters passed to the guest, at most {abi.SI_CMDLINE_MAX - 1} "
+                         "bytes", lambda v: None if len(v.encode()) < abi.SI_CMDLINE_MAX
+                    else "is too long"),
+}
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One domain, as xl.cfg would describe it."""
+
+    name: str
+    image: str
+    image_path: str = ""  # resolved absolute path of the flat binary
+    memory: int = 16
+    vcpus: int = 1
+    weight: int = 256
+    cap: int = 0
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    extra: str = ""
+    source: str = ""  # the file this came from, for messages
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str, base_dir: Path | None = None,
+                  resolve: bool = True) -> DomainConfig:
+        _check_table(where, data, _DOMAIN_FIELDS, required=("name", "image"))
+        image_path = ""
+        if resolve:
+            from domains.build import BuildError, resolve_image
+            try:
+                image_path = str(resolve_image(data["image"], base_dir or Path.cwd()))
+            except BuildError as e:
+                raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
+        return cls(**data, image_path=image_path, source=where)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> DomainConfig:
+        """Re-validate a config received over the control socket (no image building)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"domain config must be a map, got {type(data).__name__}")
+        data = dict(data)
+        image_path = data.pop("image_path", "")
+        source = data.pop("source", "") or "control message"
+        if not isinstance(image_path, str) or not image_path:
+            raise ConfigError(f"{source}: domain config has no resolved 'image_path'")
+        if not isinstance(source, str):
+            raise ConfigError("domain config 'source' must be a string")
+        return cls(**{**_validated(data, source), "image_path": image_path, "source": source})
+
+
+def _validated(data: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_table(where, data, _DOMAIN_FIELDS, required=("name", "image"))
+    return data
+
+
+def load_domain_config(path: str | Path, *, resolve: bool = True) -> DomainConfig:
+    path = Path(path).resolve() if Path(path).exists() else Path(path)
+    data = _read_toml(path)
+    return DomainConfig.from_dict(data, str(path), base_dir=path.parent, resolve=resolve)
+
+
+# --- supervisor.toml -----------------------------------------------------------------------
+
+_SUPERVISOR_FIELDS: Final = {
+    "name": _Field(str, "the stack's name, used in logs and shared-memory names", _name),
+    "run_dir": _Field(str, "directory for sockets, logs and the pid file"),
+}
+_KERNEL_FIELDS: Final = {
+    "pcpus": _Field(int, "physical CPU threads that run guests, 1..64", _range(1, 64)),
+    "timeslice_ms": _Field(int, "scheduler time slice in ms, 1..1000", _range(1, 1000)),
+}
+_DOMAINS_FIELDS: Final = {
+    "start": _Field(list, "domain config files to create at start-up, relative to this file"),
+}
+_TOP_FIELDS: Final = {
+    "supervisor": _Field(dict, "[supervisor] table"),
+    "kernel": _Field(dict, "[kernel] table"),
+    "domains": _Field(dict, "[domains] table"),
+}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    pcpus: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
+    timeslice_ms: int = 10
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The whole stack, as ``supervisor.toml`` describes it."""
+
+    name: str = "default"
+    run_dir: str = ""
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    domains: tuple[str, ...] = ()  # absolute paths of domain config files
+    source: str = ""
+
+
+def load_stack_config(path: str | Path) -> StackConfig:
+    path = Path(path)
+    data = _read_toml(path)
+    where = str(path)
+    _check_table(where, data, _TOP_FIELDS)
+    sup = data.get("supervisor", {})
+    _check_table(f"{where} [supervisor]", sup, _SUPERVISOR_FIELDS)
+    kern = data.get("kernel", {})
+    _check_table(f"{where} [kernel]", kern, _KERNEL_FIELDS)
+    doms = data.get("domains", {})
+    _check_table(f"{where} [domains]", doms, _DOMAINS_FIELDS)
+    start: list[str] = []
+    for i, item in enumerate(doms.get("start", [])):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where} [domains]: start[{i}] must be a string path, "
+                              f"got {item!r}")
+        p = (path.parent / item).resolve()
+        if not p.is_file():
+            raise ConfigError(f"{where} [domains]: start[{i}] = {item!r}: no such file {p}")
+        start.append(str(p))
+    run_dir = sup.get("run_dir", "")
+    if run_dir:
+        run_dir = str((path.parent / run_dir).resolve())
+    return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
+                       kernel=KernelConfig(**kern), domains=tuple(start),
+                       source=str(path.resolve()))
+
+
+def default_run_dir() -> Path:
+    env = os.environ.get("ISOVISOR_RUN_DIR")
+    if env:
+        return Path(env)
+    return Path(f"/tmp/isovisor-{os.getuid()}") / "default"

@@ -1,0 +1,85 @@
+"""Where a stack keeps its sockets, logs and pid file (its *run directory*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Unix socket paths longer than this cannot be bound (sun_path is 108 bytes).
+_MAX_SOCKET_PATH = 100
+
+
+class RunDirError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def control(self) -> str:
+        return f"ipc://{self.path / 'control.sock'}"
+
+    @property
+    def events(self) -> str:
+        return f"ipc://{self.path / 'events.sock'}"
+
+    @property
+    def kernel_control(self) -> str:
+        return f"ipc://{self.path / 'kernel.sock'}"
+
+    @property
+    def kernel_events(self) -> str:
+        return f"ipc://{self.path / 'kernel-events.sock'}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "supervisor.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "supervisor.log"
+
+    @property
+    def kernel_log(self) -> Path:
+        return self.path / "kernel.log"
+
+    def sockets(self) -> list[Path]:
+        return [self.path / n for n in ("control.sock", "events.sock", "kernel.sock",
+                                        "kernel-events.sock")]
+
+    def prepare(self) -> None:
+        longest = max(len(str(p)) for p in self.sockets())
+        if longest > _MAX_SOCKET_PATH:
+            raise RunDirError(f"run directory {self.path} is too long for Unix sockets "
+                              f"({longest} > {_MAX_SOCKET_PATH} bytes): choose a shorter "
+                              "--run-dir or ISOVISOR_RUN_DIR")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {self.path}: {e.strerror}") from None
+
+    def running_pid(self) -> int | None:
+        """The pid of a live supervisor using this run dir, if any."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"isovisor" in cmdline else None
+
+
+def shm_prefix_for(pid: int) -> str:
+    """Shared-memory names of one stack: unique per supervisor, easy to sweep."""
+    return f"isovisor.{pid}."

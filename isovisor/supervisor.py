@@ -1,0 +1,228 @@
+"""The supervisor daemon: starts the kernel and the domains, serves the CLI, relays events.
+
+One supervisor runs per run directory.  It owns the kernel process (started in its own session
+and told to die with us), forwards domain commands to it, and republishes the kernel's events on
+its own PUB socket for ``isovisor console -f`` and other watchers.  On ``down``, SIGINT or
+SIGTERM it stops the kernel, removes every shared-memory segment of the stack, its sockets and
+its pid file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ipc.control import (
+    ControlError,
+    Request,
+    decode_request,
+    pack,
+    prop,
+    send_reply,
+    split_envelope,
+    unpack,
+)
+from isovisor.config import ConfigError, StackConfig, load_domain_config
+from isovisor.kernelproc import KernelProcess
+from isovisor.paths import RunDir, shm_prefix_for
+
+log = logging.getLogger("isovisor.supervisor")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Supervisor:
+    def __init__(self, cfg: StackConfig, run_dir: RunDir, *, on_event: EventSink | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.on_event = on_event
+        self.kernel = KernelProcess(run_dir, shm_prefix=shm_prefix_for(os.getpid()),
+                                    pcpus=cfg.kernel.pcpus,
+                                    timeslice_ms=cfg.kernel.timeslice_ms)
+        self._running = True
+        self.exit_status = 0
+        self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
+            "ping": self._ping, "status": self._ping, "list": self._forward,
+            "console": self._forward, "destroy": self._forward, "pause": self._forward,
+            "unpause": self._forward, "create": self._create, "down": self._down,
+            "sync": self._sync,
+        }
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def run(self) -> int:
+        rd = self.run_dir
+        rd.prepare()
+        other = rd.running_pid()
+        if other is not None and other != os.getpid():
+            raise ControlError(f"a stack is already running in {rd.path} (supervisor pid "
+                               f"{other}); stop it with `isovisor down` or use another --run-dir")
+        for s in rd.sockets():
+            s.unlink(missing_ok=True)
+        rd.pidfile.write_text(f"{os.getpid()}\n")
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 500)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        old_int = signal.signal(signal.SIGINT, self._signalled)
+        old_term = signal.signal(signal.SIGTERM, self._signalled)
+        try:
+            self.pub.bind(rd.events)
+            self.sub.connect(rd.kernel_events)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.kernel.start()
+            self._publish("supervisor.kernel.started", {"pid": self.kernel.pid})
+            log.info("kernel started (pid %s)", self.kernel.pid)
+            for path in self.cfg.domains:
+                try:
+                    self._create_from(path)
+                except ControlError as e:  # one bad domain does not stop the others
+                    log.error("cannot create domain from %s: %s", path, e)
+                    self._publish("supervisor.domain.failed", {"path": path, "reason": str(e)})
+            self.router.bind(rd.control)  # the CLI sees the stack only once it is up
+            self._publish("supervisor.up", {"pid": os.getpid()})
+            self._loop()
+        finally:
+            self._teardown()
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        return self.exit_status
+
+    def _signalled(self, signum: int, _frame: object) -> None:
+        log.info("received %s: stopping the stack", signal.Signals(signum).name)
+        self._running = False
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        while self._running:
+            try:
+                ready = dict(poller.poll(200))
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:  # type: ignore[attr-defined]
+                    continue
+                raise
+            if self.sub in ready:
+                self._relay_events()
+            if self.router in ready:
+                self._handle(self.router.recv_multipart())
+            if not self.kernel.alive():
+                code = self.kernel.proc.returncode if self.kernel.proc else None
+                log.error("kernel exited unexpectedly (status %s); stopping the stack.\n%s",
+                          code, self.kernel.log_tail())
+                self._publish("supervisor.kernel.exited", {"status": code})
+                self.exit_status = 1
+                self._running = False
+
+    def _teardown(self) -> None:
+        self.kernel.stop()
+        self._relay_events()
+        self._publish("supervisor.down", {"pid": os.getpid()})
+        for s in (self.router, self.sub, self.pub):
+            s.close()
+        self.ctx.term()
+        for s in self.run_dir.sockets():
+            s.unlink(missing_ok=True)
+        self.run_dir.pidfile.unlink(missing_ok=True)
+        log.info("stack stopped")
+
+    # -- events --------------------------------------------------------------------------------
+    def _relay_events(self) -> None:
+        while True:
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.pub.send_multipart(frames)
+            if self.on_event is not None:
+                try:
+                    self.on_event(frames[0].decode(), unpack(frames[1]))
+                except Exception:
+                    log.exception("event printer failed")
+
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.pub.send_multipart([topic.encode(), pack(payload)])
+        if self.on_event is not None:
+            self.on_event(topic, payload)
+
+    # -- commands ------------------------------------------------------------------------------
+    def _handle(self, frames: list[bytes]) -> None:
+        envelope, body = split_envelope(frames)
+        msg_id = None
+        try:
+            req = decode_request(body)
+            msg_id = req.id
+            fn = self._commands.get(req.command)
+            if fn is None:
+                raise ControlError(f"unknown command {req.command!r}; known: "
+                                   f"{', '.join(sorted(self._commands))}")
+            reply = {"status": "ok", "id": msg_id, **fn(req)}
+        except ControlError as e:
+            reply = e.to_reply(msg_id)
+        except Exception as e:
+            log.exception("command failed")
+            reply = ControlError(f"internal supervisor error: {type(e).__name__}: {e}",
+                                 code="internal").to_reply(msg_id)
+        send_reply(self.router, envelope, reply)
+
+    def _ping(self, req: Request) -> dict[str, Any]:
+        return {"pid": os.getpid(), "kernel_pid": self.kernel.pid, "name": self.cfg.name,
+                "config": self.cfg.source, "run_dir": str(self.run_dir.path)}
+
+    def _forward(self, req: Request) -> dict[str, Any]:
+        reply = self.kernel.call(req.command, **req.properties)
+        reply.pop("status", None)
+        reply.pop("id", None)
+        return reply
+
+    def _create(self, req: Request) -> dict[str, Any]:
+        return self._create_from(prop(req, "path", str))
+
+    def _create_from(self, path: str) -> dict[str, Any]:
+        try:
+            cfg = load_domain_config(path)
+        except ConfigError as e:
+            raise ControlError(str(e)) from None
+        reply = self.kernel.call("create", config=cfg.to_wire())
+        return {"domid": reply["domid"], "name": reply["name"]}
+
+    def _sync(self, req: Request) -> dict[str, Any]:
+        token = prop(req, "token", str)
+        self.pub.send_multipart([f"sync.{token}".encode(), pack({})])
+        return {}
+
+    def _down(self, req: Request) -> dict[str, Any]:
+        self._running = False
+        return {"pid": os.getpid()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m isovisor.supervisor CONFIG RUN_DIR``: the detached daemon."""
+    from isovisor.config import load_stack_config
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m isovisor.supervisor CONFIG RUN_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
+    try:
+        cfg = load_stack_config(args[0])
+        return Supervisor(cfg, RunDir(Path(args[1]))).run()
+    except (ConfigError, ControlError) as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

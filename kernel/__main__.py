@@ -1,0 +1,52 @@
+"""Entry point of the kernel process: ``python -m kernel --control ... --events ...``."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from kernel.server import KernelServer
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM if the supervisor dies, so a kernel never outlives its stack."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernel", description="isovisor kernel process")
+    ap.add_argument("--control", required=True, help="ZeroMQ endpoint to bind for commands")
+    ap.add_argument("--events", required=True, help="ZeroMQ endpoint to bind for events")
+    ap.add_argument("--shm-prefix", required=True, help="name prefix of shared-memory segments")
+    ap.add_argument("--pcpus", type=int, default=2)
+    ap.add_argument("--timeslice-ms", type=int, default=10)
+    ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s kernel[%(process)d] %(levelname)s %(message)s")
+    _die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1  # the parent died before we could ask to die with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    server = KernelServer(control=args.control, events=args.events, pcpus=args.pcpus,
+                          timeslice_ms=args.timeslice_ms, shm_prefix=args.shm_prefix)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    logging.getLogger("isovisor.kernel").info("kernel up: %d pCPUs, %d ms slices", args.pcpus,
+                                              args.timeslice_ms)
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""A domain: one guest's RAM, vCPU, console, clocks and hypercall handlers.
+
+Threading: a domain's guest code and hypercall handlers run on whichever pCPU thread the
+scheduler gave it (never two at once).  Fields the scheduler reads or writes from other threads
+(``runnable``, ``on_cpu``, ``paused``, ``action``, ...) are only touched under the scheduler's
+lock; the console history has its own small lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from isovisor.config import DomainConfig
+from kernel import abi
+from kernel.memory import GuestMemory
+from kernel.vcpu import VCpu
+
+if TYPE_CHECKING:
+    from kernel.scheduler import Scheduler
+
+log = logging.getLogger("isovisor.kernel")
+
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+CONSOLE_HISTORY_BYTES: Final = 64 * 1024
+_W_NR: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_NR) // 8
+_W_ARG0: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_ARGS) // 8
+_W_RET: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_RET) // 8
+#: How many bad hypercalls per domain are logged in full before logging is thinned out.
+_BAD_CALLS_LOGGED: Final = 20
+
+
+class ImageError(Exception):
+    """The guest image cannot be loaded into the domain."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Why a domain stopped running for good: ``kind`` is destroy, poweroff, reboot or crash."""
+
+    kind: str
+    reason: str
+    code: int = 0
+
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+class Domain:
+    def __init__(self, domid: int, config: DomainConfig, shm_name: str, sched: Scheduler,
+                 emit: Emit, restarts: int = 0) -> None:
+        self.domid = domid
+        self.config = config
+        self.name = config.name
+        self.sched = sched
+        self.emit = emit
+        self.restarts = restarts
+        image = _read_image(config)
+        mem_bytes = config.memory * 1024 * 1024
+        room = mem_bytes - abi.IMAGE_BASE - abi.MIN_STACK_BYTES
+        if len(image) > room:
+            need = -(-(len(image) + abi.IMAGE_BASE + abi.MIN_STACK_BYTES) // (1024 * 1024))
+            raise ImageError(
+                f"image {config.image_path} ({len(image)} bytes) does not fit in domain "
+                f"{config.name!r} with memory = {config.memory} MiB: it needs at least {need} "
+                f"MiB (image at {abi.IMAGE_BASE:#x} plus {abi.MIN_STACK_BYTES // 1024} KiB of "
+                f"stack); raise 'memory' in {config.source}")
+        self.mem = GuestMemory(shm_name, mem_bytes)
+        try:
+            self.mem.write(abi.IMAGE_BASE, image)
+            self._write_start_info(len(image))
+            self.vcpu = VCpu(self.mem, abi.IMAGE_BASE, self.hypercall)
+        except BaseException:
+            self.mem.close()
+            raise
+        self._w = self.mem.words
+        # clocks (host CLOCK_MONOTONIC ns)
+        self.created_ns = time.monotonic_ns()
+        self.paused_total_ns = 0
+        self.paused_since: int | None = None
+        self.cpu_ns = 0
+        # scheduler state (guarded by sched.lock)
+        self.runnable = True
+        self.on_cpu = False
+        self.paused = False
+        self.action: Exit | None = None
+        self.vruntime = 0
+        self.budget_ns = 0
+        self.wake_at: int | None = None
+        self.poll_mask = 0
+        self.polling = False
+        self.pending = 0
+        self.watchdog_ns = 0  # timeout; 0 = disarmed
+        self.watchdog_deadline = 0  # virtual ns
+        # end of life
+        self.exit: Exit | None = None  # set when the domain has stopped for good
+        self.gone = threading.Event()  # set once torn down
+        self.torn_down = False
+        # console
+        self._console_lock = threading.Lock()
+        self._console = bytearray()
+        self._console_end = 0  # total bytes ever written
+        self.bad_calls = 0
+        self._handlers: tuple[Callable[[], int] | None, ...] = (
+            None, self._hc_console_write, self._hc_yield, self._hc_poll, self._hc_time,
+            self._hc_shutdown, self._hc_watchdog)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _write_start_info(self, image_size: int) -> None:
+        w = self.mem.words
+        base = abi.START_INFO_ADDR // 8
+        for off, val in ((abi.SI_MAGIC, abi.START_INFO_MAGIC), (abi.SI_ABI_VERSION,
+                         abi.ABI_VERSION), (abi.SI_DOMID, self.domid),
+                         (abi.SI_MEM_BYTES, self.mem.size), (abi.SI_IMAGE_BASE, abi.IMAGE_BASE),
+                         (abi.SI_IMAGE_SIZE, image_size), (abi.SI_STACK_TOP, self.mem.size),
+                         (abi.SI_HCALL_BLOCK, abi.HCALL_BLOCK_ADDR)):
+            w[base + off // 8] = val
+        name = self.name.encode()[: abi.SI_NAME_MAX - 1] + b"\0"
+        self.mem.write(abi.START_INFO_ADDR + abi.SI_NAME, name)
+        self.mem.write(abi.START_INFO_ADDR + abi.SI_CMDLINE, self.config.extra.encode() + b"\0")
+
+    # -- clocks --------------------------------------------------------------------------------
+    def vtime_ns(self, now: int | None = None) -> int:
+        """Virtual time: host monotonic time since creation, minus time spent paused."""
+        now = time.monotonic_ns() if now is None else now
+        paused = self.paused_total_ns + (now - self.paused_since if self.paused_since else 0)
+        return now - self.created_ns - paused
+
+    # -- hypercalls (pCPU thread, inside emu_start) ---------------------------------------------
+    def hypercall(self, _uc: Any, _data: Any) -> None:
+        w = self._w
+        nr = w[_W_NR]
+        if nr == abi.HC_NULL:
+            w[_W_RET] = 0
+            return
+        handler = self._handlers[nr] if nr < abi.HC_COUNT else None
+        if handler is None:
+            self.bad_call(f"unknown hypercall number {nr}", -abi.ENOSYS)
+            return
+        try:
+            ret = handler()
+        except Exception as e:  # a kernel bug must end this guest, not the kernel
+            log.exception("domain %s: internal error in hypercall %d", self.name, nr)
+            self.sched.request_exit(self, Exit("crash", f"kernel error in hypercall "
+                                               f"{abi.HYPERCALL_NAMES.get(nr, nr)}: {e}"))
+            ret = -abi.EINVAL
+        w[_W_RET] = ret & U64
+
+    def arg(self, i: int) -> int:
+        return self._w[_W_ARG0 + i]
+
+    def bad_call(self, what: str, ret: int) -> int:
+        """Answer a bad hypercall with an error; log it (thinned out after a while)."""
+        self.bad_calls += 1
+        n = self.bad_calls
+        if n <= _BAD_CALLS_LOGGED or n % 1000 == 0:
+            log.warning("domain %s (id %d): %s -> returned %d%s", self.name, self.domid, what,
+                        ret, " (further ones logged every 1000th)" if n == _BAD_CALLS_LOGGED
+                        else "")
+        self._w[_W_RET] = ret & U64
+        return ret
+
+    def _hc_console_write(self) -> int:
+        ptr, length = self.arg(0), self.arg(1)
+        if length > abi.CONSOLE_WRITE_MAX:
+            return self.bad_call(f"console_write of {length} bytes exceeds the maximum of "
+                                 f"{abi.CONSOLE_WRITE_MAX} per call", -abi.EMSGSIZE)
+        if not self.mem.check(ptr, length):
+            return self.bad_call(f"console_write buffer {ptr:#x}+{length} is outside guest RAM",
+                                 -abi.EFAULT)
+        data = bytes(self.mem.bytes[ptr:ptr + length])
+        self.console_append(data)
+        return length
+
+    def _hc_yield(self) -> int:
+        self.vcpu.stop()
+        return 0
+
+    def _hc_poll(self) -> int:
+        mask, timeout = self.arg(0), self.arg(1)
+        return self.sched.poll(self, mask, timeout)
+
+    def _hc_time(self) -> int:
+        return self.vtime_ns()
+
+    def _hc_shutdown(self) -> int:
+        reason, code = self.arg(0), self.arg(1)
+        kinds = {abi.SHUTDOWN_POWEROFF: "poweroff", abi.SHUTDOWN_REBOOT: "reboot",
+                 abi.SHUTDOWN_CRASH: "crash"}
+        kind = kinds.get(reason)
+        if kind is None:
+            return self.bad_call(f"shutdown with unknown reason {reason} (0 poweroff, "
+                                 "1 reboot, 2 crash)", -abi.EINVAL)
+        text = {"poweroff": f"guest powered off with code {code & 0xFF}",
+                "reboot": "guest asked to reboot",
+                "crash": "guest reported a crash"}[kind]
+        self.sched.request_exit(self, Exit(kind, text, code & 0xFF))
+        return 0
+
+    def _hc_watchdog(self) -> int:
+        ms = self.arg(0)
+        if ms > 3_600_000:
+            return self.bad_call(f"watchdog timeout {ms} ms exceeds 3600000", -abi.EINVAL)
+        self.sched.arm_watchdog(self, ms * 1_000_000)
+        return 0
+
+    # -- console -------------------------------------------------------------------------------
+    def console_append(self, data: bytes) -> None:
+        with self._console_lock:
+            offset = self._console_end
+            self._console += data
+            self._console_end += len(data)
+            if len(self._console) > CONSOLE_HISTORY_BYTES:
+                del self._console[: len(self._console) - CONSOLE_HISTORY_BYTES]
+        self.emit(f"console.{self.name}", {"domid": self.domid, "offset": offset, "data": data})
+
+    def console_history(self) -> tuple[int, bytes]:
+        """(offset of the first byte kept, bytes kept)."""
+        with self._console_lock:
+            return self._console_end - len(self._console), bytes(self._console)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def state_letters(self) -> str:
+        """The six-letter state of ``xl list``: r b p s c d."""
+        e = self.exit
+        return "".join((
+            "r" if self.on_cpu and e is None else "-",
+            "b" if not self.runnable and not self.on_cpu and e is None else "-",
+            "p" if self.paused else "-",
+            "s" if e is not None and e.kind in ("poweroff", "reboot") else "-",
+            "c" if e is not None and e.kind == "crash" else "-",
+            "d" if self.action is not None and e is None else "-",
+        ))
+
+    def info(self, now: int | None = None) -> dict[str, Any]:
+        now = time.monotonic_ns() if now is None else now
+        e = self.exit
+        return {
+            "name": self.name, "id": self.domid, "state": self.state_letters(),
+            "memory": self.config.memory, "vcpus": self.config.vcpus,
+            "weight": self.config.weight, "cap": self.config.cap,
+            "cpu_time": round(self.cpu_ns / 1e9, 3),
+            "uptime": round((now - self.created_ns) / 1e9, 3),
+            "restarts": self.restarts, "image": self.config.image,
+            "exit_kind": e.kind if e else None, "reason": e.reason if e else None,
+            "exit_code": e.code if e else None, "bad_hypercalls": self.bad_calls,
+        }
+
+    # -- teardown ------------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Free the vCPU and RAM.  Only when no pCPU runs this domain."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        self._w = memoryview(bytearray(abi.HCALL_BLOCK_ADDR + 64)).cast("Q")
+        self.vcpu.close()
+        self.mem.close()
+        self.gone.set()
+
+
+def _read_image(config: DomainConfig) -> bytes:
+    try:
+        with open(config.image_path, "rb") as f:
+            return f.read(abi.MAX_MEMORY_MIB * 1024 * 1024 + 1)
+    except OSError as e:
+        raise ImageError(f"cannot read image {config.image_path} of domain {config.name!r} "
+                         f"({config.source}): {e.strerror}") from None

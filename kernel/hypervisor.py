@@ -1,0 +1,156 @@
+"""The kernel's domain registry and lifecycle policy (create, destroy, on_* actions).
+
+Everything here is callable from any thread: the control thread creates and destroys, pCPU
+threads run exits (poweroff/reboot/crash) and restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Final
+
+from ipc.control import AlreadyExists, ControlError, NotFound
+from ipc.shm import SegmentError
+from isovisor.config import DomainConfig
+from kernel.domain import Domain, Emit, Exit, ImageError
+from kernel.scheduler import Scheduler
+
+log = logging.getLogger("isovisor.kernel")
+
+#: A domain restarted this many times within RESTART_WINDOW_S is destroyed instead.
+RESTART_LIMIT: Final = 5
+RESTART_WINDOW_S: Final = 10.0
+DESTROY_WAIT_S: Final = 10.0
+
+
+class Hypervisor:
+    def __init__(self, *, pcpus: int, timeslice_ms: int, shm_prefix: str, emit: Emit) -> None:
+        self.shm_prefix = shm_prefix
+        self.emit = emit
+        self._lock = threading.Lock()
+        self._next_domid = 1
+        self.domains: dict[str, Domain] = {}
+        self._restart_times: dict[str, deque[float]] = {}
+        self.sched = Scheduler(pcpus, timeslice_ms * 1_000_000, self._on_exit)
+        self.sched.start()
+
+    # -- lookup --------------------------------------------------------------------------------
+    def find(self, ref: str | int) -> Domain:
+        with self._lock:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                for d in self.domains.values():
+                    if d.domid == int(ref):
+                        return d
+            elif ref in self.domains:
+                return self.domains[ref]
+            names = ", ".join(sorted(self.domains)) or "none"
+        raise NotFound(f"no domain named or numbered {ref!r} (domains: {names}); "
+                       "see `isovisor list`")
+
+    # -- create / destroy ----------------------------------------------------------------------
+    def create(self, config: DomainConfig, restarts: int = 0) -> Domain:
+        with self._lock:
+            if config.name in self.domains:
+                other = self.domains[config.name]
+                raise AlreadyExists(f"a domain named {config.name!r} already exists (id "
+                                    f"{other.domid}); destroy it first or choose another name")
+            domid = self._next_domid
+            self._next_domid += 1
+            try:
+                dom = Domain(domid, config, f"{self.shm_prefix}dom{domid}.ram", self.sched,
+                             self.emit, restarts)
+            except (ImageError, SegmentError) as e:
+                raise ControlError(str(e)) from None
+            except Exception as e:
+                log.exception("creating domain %s failed", config.name)
+                raise ControlError(f"cannot create domain {config.name!r}: {e}") from None
+            self.domains[config.name] = dom
+        log.info("domain %s (id %d) created: %s, %d MiB, weight %d, cap %d", config.name, domid,
+                 config.image, config.memory, config.weight, config.cap)
+        self.emit(f"domain.{config.name}.created", {"domid": domid, "restarts": restarts})
+        self.sched.add(dom)
+        return dom
+
+    def destroy(self, dom: Domain, reason: str = "destroyed by request") -> None:
+        """Destroy a domain and wait until its memory is freed."""
+        if dom.exit is not None and not dom.torn_down:
+            # A preserved (shut-down or crashed) domain: no pCPU owns it any more.
+            self._finish(dom, Exit("destroy", reason))
+            return
+        self.sched.request_exit(dom, Exit("destroy", reason))
+        if not dom.gone.wait(DESTROY_WAIT_S):
+            raise ControlError(f"domain {dom.name!r} did not stop within {DESTROY_WAIT_S:g}s")
+
+    def destroy_all(self) -> None:
+        for dom in list(self.domains.values()):
+            try:
+                self.destroy(dom, "kernel shutting down")
+            except ControlError as e:
+                log.error("%s", e)
+
+    def shutdown(self) -> None:
+        self.destroy_all()
+        self.sched.stop()
+
+    # -- exits (pCPU thread that owns the domain) ------------------------------------------------
+    def _on_exit(self, dom: Domain, exit: Exit) -> None:
+        if exit.kind == "destroy":
+            self._finish(dom, exit)
+            return
+        action = {"poweroff": dom.config.on_poweroff, "reboot": dom.config.on_reboot,
+                  "crash": dom.config.on_crash}[exit.kind]
+        level = logging.ERROR if exit.kind == "crash" else logging.INFO
+        log.log(level, "domain %s (id %d) %s: %s; on_%s = %s", dom.name, dom.domid,
+                "crashed" if exit.kind == "crash" else "shut down", exit.reason, exit.kind,
+                action)
+        event = "crashed" if exit.kind == "crash" else "shutdown"
+        self.emit(f"domain.{dom.name}.{event}", {"domid": dom.domid, "reason": exit.reason,
+                                                 "code": exit.code, "action": action})
+        if action == "preserve":
+            return  # keep RAM and console for inspection until `destroy`
+        if action == "restart" and not self._restart_allowed(dom.name):
+            reason = (f"restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s; "
+                      f"not restarting again (last exit: {exit.reason})")
+            log.error("domain %s: %s", dom.name, reason)
+            self._finish(dom, Exit("destroy", reason))
+            return
+        self._finish(dom, exit)
+        if action == "restart":
+            try:
+                new = self.create(dom.config, restarts=dom.restarts + 1)
+            except ControlError as e:
+                log.error("domain %s: restart failed: %s", dom.name, e)
+                return
+            self.emit(f"domain.{dom.name}.restarted", {"domid": new.domid, "old": dom.domid,
+                                                       "reason": exit.reason})
+
+    def _restart_allowed(self, name: str) -> bool:
+        now = time.monotonic()
+        times = self._restart_times.setdefault(name, deque())
+        while times and now - times[0] > RESTART_WINDOW_S:
+            times.popleft()
+        times.append(now)
+        return len(times) <= RESTART_LIMIT
+
+    def _finish(self, dom: Domain, exit: Exit) -> None:
+        """Free a domain for good and announce it."""
+        self.sched.remove(dom)
+        with self._lock:
+            if self.domains.get(dom.name) is dom:
+                del self.domains[dom.name]
+        if dom.exit is None or dom.exit.kind != exit.kind:
+            dom.exit = dom.exit or exit
+        dom.teardown()
+        self.emit(f"domain.{dom.name}.destroyed", {"domid": dom.domid, "reason": exit.reason,
+                                                   "kind": (dom.exit or exit).kind,
+                                                   "code": (dom.exit or exit).code})
+
+    # -- reporting -----------------------------------------------------------------------------
+    def list(self) -> list[dict[str, Any]]:
+        now = time.monotonic_ns()
+        with self._lock:
+            doms = sorted(self.domains.values(), key=lambda d: d.domid)
+        return [d.info(now) for d in doms]

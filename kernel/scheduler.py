@@ -1,0 +1,377 @@
+"""Proportional-share scheduler with caps, run by pCPU threads (Xen credit2 semantics).
+
+Design
+------
+* Each pCPU is a Python thread that picks a domain and calls ``emu_start`` on its vCPU.
+  ``emu_start`` releases the GIL, so two pCPUs run two compute-bound guests on two cores.
+* Fair share: a domain's ``vruntime`` grows by ``cpu_ns * 256 / weight`` while it runs; the
+  runnable domain with the smallest vruntime runs next.  Under contention a weight-512 domain
+  therefore gets twice the CPU of a weight-256 one.  A domain that wakes after sleeping is placed
+  no further back than one slice behind the smallest runnable vruntime, so sleeping earns no
+  unbounded credit (credit2 resets credit the same way).
+* Caps: a capped domain has a budget of ``cap% * CAP_PERIOD`` CPU-ns, refilled every period;
+  with the budget spent it is parked until the next refill.
+* Preemption never uses unicorn's instruction ``count`` (it instruments every instruction): a
+  ticker thread calls ``emu_stop()`` on a vCPU whose slice is over *and* that someone else is
+  waiting for (or that is capped).  A domain alone on a pCPU keeps running, in slices of at most
+  ``MAX_SLICE_NS`` so accounting stays fresh.
+* Blocking: ``HC_POLL`` marks the domain not runnable with an optional wake-up time and stops
+  its vCPU; the ticker (timers) or :meth:`Scheduler.notify` (events) makes it runnable again.
+  Blocked domains are on no queue and cost no CPU; idle pCPUs sleep on a condition variable.
+* Exits (destroy, poweroff, reboot, crash, watchdog) are requested with :meth:`request_exit`; the
+  pCPU that next picks the domain (or is running it) hands it to ``on_exit`` outside the lock.
+  So only the pCPU thread that owns a domain ever frees its vCPU and RAM.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from kernel import abi
+from kernel.domain import Domain, Exit
+
+log = logging.getLogger("isovisor.kernel")
+
+CAP_PERIOD_NS: Final = 10_000_000
+MAX_SLICE_NS: Final = 100_000_000
+#: A woken domain preempts a running one only after it has run this long (credit2 ratelimit).
+RATELIMIT_NS: Final = 1_000_000
+_TICK_MAX_NS: Final = 50_000_000
+
+
+class PCpu:
+    """One physical-CPU thread."""
+
+    def __init__(self, sched: Scheduler, index: int) -> None:
+        self.sched = sched
+        self.index = index
+        self.current: Domain | None = None
+        self.slice_start = 0
+        self.slice_end = 0
+        self.thread = threading.Thread(target=self._loop, name=f"pcpu{index}", daemon=True)
+
+    def _loop(self) -> None:
+        sched = self.sched
+        while True:
+            dom = sched.pick(self)
+            if dom is None:
+                return
+            if dom.action is not None:
+                sched.exit_domain(self, dom)
+                continue
+            if dom.polling:
+                sched.finish_poll(dom)
+            t0 = time.thread_time_ns()
+            dom.vcpu.run()
+            used = time.thread_time_ns() - t0
+            if dom.vcpu.fault is not None:
+                sched.request_exit(dom, Exit("crash", dom.vcpu.fault))
+            if dom.action is not None:
+                # Exit on this thread: the guest's last console bytes went out through this
+                # thread's event socket, so they are published before the exit event.
+                sched.account(dom, used)
+                sched.exit_domain(self, dom)
+                continue
+            sched.put(self, dom, used)
+
+
+class Scheduler:
+    def __init__(self, pcpus: int, timeslice_ns: int,
+                 on_exit: Callable[[Domain, Exit], None]) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.timeslice_ns = timeslice_ns
+        self.on_exit = on_exit
+        self.domains: list[Domain] = []
+        self._timers: list[tuple[int, int, Domain]] = []
+        self._seq = itertools.count()
+        self.pcpus = [PCpu(self, i) for i in range(pcpus)]
+        self._stopping = False
+        self._tick = threading.Event()
+        self._ticker_wake = 0
+        self._next_refill = time.monotonic_ns() + CAP_PERIOD_NS
+        self._ticker = threading.Thread(target=self._ticker_loop, name="ticker", daemon=True)
+
+    def start(self) -> None:
+        for p in self.pcpus:
+            p.thread.start()
+        self._ticker.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self._stopping = True
+            for p in self.pcpus:
+                if p.current is not None:
+                    p.current.vcpu.stop()
+            self.cond.notify_all()
+        self._tick.set()
+        for p in self.pcpus:
+            p.thread.join(timeout=5)
+        self._ticker.join(timeout=5)
+
+    # -- membership ----------------------------------------------------------------------------
+    def add(self, dom: Domain) -> None:
+        with self.lock:
+            dom.vruntime = self._min_vruntime()
+            dom.budget_ns = self._quota(dom)
+            self.domains.append(dom)
+            self.cond.notify()
+
+    def _min_vruntime(self) -> int:
+        live = [d.vruntime for d in self.domains if d.runnable or d.on_cpu]
+        return min(live) if live else 0
+
+    @staticmethod
+    def _quota(dom: Domain) -> int:
+        return dom.config.cap * CAP_PERIOD_NS // 100
+
+    # -- requests from hypercalls and the control thread ------------------------------------------
+    def request_exit(self, dom: Domain, exit: Exit) -> None:
+        """Ask for ``dom`` to stop for good; the first request wins, except destroy."""
+        with self.lock:
+            if dom.exit is not None:
+                return
+            if dom.action is None or exit.kind == "destroy":
+                dom.action = exit
+            if dom.on_cpu:
+                dom.vcpu.stop()
+            elif dom in self.domains:
+                self.cond.notify()
+
+    def pause(self, dom: Domain) -> None:
+        with self.lock:
+            if dom.paused:
+                return
+            dom.paused = True
+            dom.paused_since = time.monotonic_ns()
+            if dom.on_cpu:
+                dom.vcpu.stop()
+
+    def unpause(self, dom: Domain) -> None:
+        with self.lock:
+            if not dom.paused:
+                return
+            now = time.monotonic_ns()
+            assert dom.paused_since is not None
+            dur = now - dom.paused_since
+            dom.paused_total_ns += dur
+            dom.paused_since = None
+            dom.paused = False
+            if dom.wake_at is not None:  # timers run in virtual time: shift by the pause
+                self._arm_timer(dom, dom.wake_at + dur)
+            self._place(dom)
+            self.cond.notify()
+
+    def poll(self, dom: Domain, mask: int, timeout_ns: int) -> int:
+        """HC_POLL: return pending bits of ``mask`` now, or block (result written on resume)."""
+        with self.lock:
+            hit = dom.pending & mask
+            if hit or timeout_ns == 0:
+                dom.pending &= ~mask
+                return hit
+            dom.runnable = False
+            dom.polling = True
+            dom.poll_mask = mask
+            if timeout_ns != abi.POLL_FOREVER:
+                self._arm_timer(dom, time.monotonic_ns() + timeout_ns)
+            else:
+                dom.wake_at = None
+        dom.vcpu.stop()
+        return 0
+
+    def finish_poll(self, dom: Domain) -> None:
+        """Write the result of a completed HC_POLL before the guest resumes (its pCPU only)."""
+        with self.lock:
+            hit = dom.pending & dom.poll_mask
+            dom.pending &= ~dom.poll_mask
+            dom.polling = False
+            dom.poll_mask = 0
+        dom._w[(abi.HCALL_BLOCK_ADDR + abi.HB_RET) // 8] = hit
+
+    def notify(self, dom: Domain, bits: int) -> None:
+        """Raise event bits for ``dom``; wake it if it is polling for any of them."""
+        with self.lock:
+            dom.pending |= bits
+            if dom.polling and not dom.runnable and dom.pending & dom.poll_mask:
+                self._wake(dom, time.monotonic_ns())
+
+    def arm_watchdog(self, dom: Domain, timeout_ns: int) -> None:
+        with self.lock:
+            dom.watchdog_ns = timeout_ns
+            dom.watchdog_deadline = dom.vtime_ns() + timeout_ns if timeout_ns else 0
+        if timeout_ns:
+            self._poke_ticker(time.monotonic_ns() + timeout_ns)
+
+    # -- internals (lock held) ------------------------------------------------------------------
+    def _arm_timer(self, dom: Domain, at: int) -> None:
+        dom.wake_at = at
+        heapq.heappush(self._timers, (at, next(self._seq), dom))
+        if at < self._ticker_wake:
+            self._tick.set()
+
+    def _place(self, dom: Domain) -> None:
+        floor = self._min_vruntime() - self.timeslice_ns
+        dom.vruntime = max(dom.vruntime, floor)
+
+    def _wake(self, dom: Domain, now: int) -> None:
+        dom.runnable = True
+        dom.wake_at = None
+        self._place(dom)
+        idle = [p for p in self.pcpus if p.current is None]
+        if idle:
+            self.cond.notify()
+            return
+        # No idle pCPU: preempt the running domain furthest ahead, if it is well ahead.
+        victim = max(self.pcpus, key=lambda p: p.current.vruntime if p.current else -1)
+        cur = victim.current
+        if (cur is not None and cur.vruntime > dom.vruntime
+                and now - victim.slice_start >= RATELIMIT_NS):
+            cur.vcpu.stop()
+
+    def _eligible(self, dom: Domain) -> bool:
+        if dom.on_cpu or dom.exit is not None:
+            return False
+        if dom.action is not None:
+            return True
+        return (dom.runnable and not dom.paused
+                and (dom.config.cap == 0 or dom.budget_ns > 0))
+
+    def pick(self, pcpu: PCpu) -> Domain | None:
+        with self.lock:
+            while True:
+                if self._stopping:
+                    return None
+                best: Domain | None = None
+                for d in self.domains:
+                    if not self._eligible(d):
+                        continue
+                    if d.action is not None:
+                        best = d
+                        break
+                    if best is None or d.vruntime < best.vruntime:
+                        best = d
+                if best is not None:
+                    break
+                self.cond.wait()
+            best.on_cpu = True
+            now = time.monotonic_ns()
+            length = self.timeslice_ns
+            if best.config.cap:
+                length = min(length, max(best.budget_ns, 100_000))
+            pcpu.current = best
+            pcpu.slice_start = now
+            pcpu.slice_end = now + length
+        self._poke_ticker(pcpu.slice_end)
+        return best
+
+    def account(self, dom: Domain, used_ns: int) -> None:
+        with self.lock:
+            self._account(dom, used_ns)
+
+    @staticmethod
+    def _account(dom: Domain, used_ns: int) -> None:
+        dom.cpu_ns += used_ns
+        dom.vruntime += used_ns * 256 // dom.config.weight
+        if dom.config.cap:
+            dom.budget_ns -= used_ns
+
+    def put(self, pcpu: PCpu, dom: Domain, used_ns: int) -> None:
+        with self.lock:
+            pcpu.current = None
+            dom.on_cpu = False
+            self._account(dom, used_ns)
+            if dom.action is not None or dom.runnable:
+                self.cond.notify()
+
+    def exit_domain(self, pcpu: PCpu, dom: Domain) -> None:
+        """Run the exit of a domain this pCPU has picked (outside the lock)."""
+        exit = dom.action
+        assert exit is not None
+        with self.lock:
+            if dom in self.domains:
+                self.domains.remove(dom)
+            dom.exit = exit
+            dom.wake_at = None
+            dom.watchdog_deadline = 0
+        try:
+            self.on_exit(dom, exit)
+        except Exception:
+            log.exception("domain %s: error while handling its exit", dom.name)
+        finally:
+            with self.lock:
+                dom.on_cpu = False
+                pcpu.current = None
+
+    def remove(self, dom: Domain) -> None:
+        with self.lock:
+            if dom in self.domains:
+                self.domains.remove(dom)
+
+    # -- ticker --------------------------------------------------------------------------------
+    def _poke_ticker(self, at: int) -> None:
+        if at < self._ticker_wake:
+            self._tick.set()
+
+    def _ticker_loop(self) -> None:
+        while True:
+            now = time.monotonic_ns()
+            with self.lock:
+                if self._stopping:
+                    return
+                nxt = self._tick_locked(now)
+                self._ticker_wake = nxt
+            self._tick.wait(max(0, nxt - time.monotonic_ns()) / 1e9)
+            self._tick.clear()
+
+    def _tick_locked(self, now: int) -> int:
+        nxt = now + _TICK_MAX_NS
+        # timers
+        while self._timers and self._timers[0][0] <= now:
+            at, _, dom = heapq.heappop(self._timers)
+            if dom.wake_at == at and not dom.runnable and not dom.paused:
+                self._wake(dom, now)
+        if self._timers:
+            nxt = min(nxt, self._timers[0][0])
+        # cap budgets
+        if now >= self._next_refill:
+            for d in self.domains:
+                if d.config.cap:
+                    q = self._quota(d)
+                    d.budget_ns = min(d.budget_ns + q, q)
+            self._next_refill = max(self._next_refill + CAP_PERIOD_NS, now)
+            self.cond.notify_all()
+        if any(d.config.cap for d in self.domains):
+            nxt = min(nxt, self._next_refill)
+        # watchdogs (virtual time)
+        for d in self.domains:
+            if d.watchdog_deadline and d.action is None and not d.paused:
+                left = d.watchdog_deadline - d.vtime_ns(now)
+                if left <= 0:
+                    d.action = Exit("crash", f"watchdog expired: the guest did not re-arm it "
+                                             f"within {d.watchdog_ns // 1_000_000} ms")
+                    d.watchdog_deadline = 0
+                    if d.on_cpu:
+                        d.vcpu.stop()
+                    else:
+                        self.cond.notify()
+                else:
+                    nxt = min(nxt, now + left)
+        # preemption
+        waiting = any(self._eligible(d) for d in self.domains)
+        for p in self.pcpus:
+            cur = p.current
+            if cur is None:
+                continue
+            if now >= p.slice_end:
+                if waiting or cur.config.cap or now - p.slice_start >= MAX_SLICE_NS:
+                    cur.vcpu.stop()
+                    continue
+                p.slice_end = now + self.timeslice_ns
+            nxt = min(nxt, p.slice_end)
+        return nxt

@@ -1,0 +1,185 @@
+"""The kernel process's control server: a ZeroMQ ROUTER for commands, a PUB for events.
+
+Only the main thread touches the ROUTER and PUB sockets.  Other threads (pCPUs) publish through
+thread-local PUSH sockets into an inproc PULL that the main loop forwards to PUB, because ZeroMQ
+sockets must not be shared between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ipc.control import (
+    ControlError,
+    Request,
+    decode_request,
+    pack,
+    prop,
+    send_reply,
+    split_envelope,
+    unpack,
+)
+from isovisor.config import ConfigError, DomainConfig
+from kernel.hypervisor import Hypervisor
+
+log = logging.getLogger("isovisor.kernel")
+_INPROC = "inproc://kernel-events"
+
+
+class EventBus:
+    """Thread-safe publishing: ``emit(topic, payload)`` from any thread."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        self._ctx = ctx
+        self._local = threading.local()
+        self._socks: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+
+    def emit(self, topic: str, payload: dict[str, Any]) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(_INPROC)
+            self._local.sock = sock
+            with self._lock:
+                self._socks.append(sock)
+        sock.send_multipart([topic.encode(), pack(payload)])
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._socks:
+                s.close(0)
+            self._socks.clear()
+
+
+class KernelServer:
+    def __init__(self, *, control: str, events: str, pcpus: int, timeslice_ms: int,
+                 shm_prefix: str) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(control)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 1000)
+        self.pub.bind(events)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(_INPROC)
+        self.bus = EventBus(self.ctx)
+        self.hv = Hypervisor(pcpus=pcpus, timeslice_ms=timeslice_ms, shm_prefix=shm_prefix,
+                             emit=self.bus.emit)
+        self._running = True
+        self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
+            "ping": self._ping, "create": self._create, "destroy": self._destroy,
+            "pause": self._pause, "unpause": self._unpause, "list": self._list,
+            "console": self._console, "shutdown": self._shutdown, "sync": self._sync,
+        }
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.pull, zmq.POLLIN)
+        while self._running:
+            ready = dict(poller.poll(1000))
+            if self.pull in ready:
+                self._forward_events()
+            if self.router in ready:
+                self._handle(self.router.recv_multipart())
+        self.hv.shutdown()
+        self._forward_events()
+        self.bus.close()
+        for s in (self.router, self.pub, self.pull):
+            s.close()
+        self.ctx.term()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def _forward_events(self) -> None:
+        while True:
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.pub.send_multipart(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        envelope, body = split_envelope(frames)
+        msg_id = None
+        try:
+            req = decode_request(body)
+            msg_id = req.id
+            fn = self._commands.get(req.command)
+            if fn is None:
+                raise ControlError(f"unknown kernel command {req.command!r}; known: "
+                                   f"{', '.join(sorted(self._commands))}")
+            reply = {"status": "ok", "id": msg_id, **fn(req)}
+        except ControlError as e:
+            reply = e.to_reply(msg_id)
+        except Exception as e:  # never let one command take the kernel down
+            log.exception("kernel command failed")
+            reply = ControlError(f"internal kernel error: {type(e).__name__}: {e}",
+                                 code="internal").to_reply(msg_id)
+        send_reply(self.router, envelope, reply)
+
+    # -- commands ------------------------------------------------------------------------------
+    def _ping(self, req: Request) -> dict[str, Any]:
+        return {"pid": os.getpid(), "domains": len(self.hv.domains)}
+
+    def _create(self, req: Request) -> dict[str, Any]:
+        try:
+            cfg = DomainConfig.from_wire(prop(req, "config", dict))
+        except ConfigError as e:
+            raise ControlError(str(e)) from None
+        dom = self.hv.create(cfg)
+        return {"domid": dom.domid, "name": dom.name}
+
+    def _ref(self, req: Request) -> str | int:
+        return prop(req, "name", (str, int))
+
+    def _destroy(self, req: Request) -> dict[str, Any]:
+        dom = self.hv.find(self._ref(req))
+        self.hv.destroy(dom)
+        return {"domid": dom.domid, "name": dom.name}
+
+    def _pause(self, req: Request) -> dict[str, Any]:
+        dom = self.hv.find(self._ref(req))
+        if dom.exit is not None:
+            raise ControlError(f"domain {dom.name!r} has already stopped ({dom.exit.reason})")
+        self.hv.sched.pause(dom)
+        return {"domid": dom.domid}
+
+    def _unpause(self, req: Request) -> dict[str, Any]:
+        dom = self.hv.find(self._ref(req))
+        if dom.exit is not None:
+            raise ControlError(f"domain {dom.name!r} has already stopped ({dom.exit.reason})")
+        self.hv.sched.unpause(dom)
+        return {"domid": dom.domid}
+
+    def _list(self, req: Request) -> dict[str, Any]:
+        return {"domains": self.hv.list()}
+
+    def _console(self, req: Request) -> dict[str, Any]:
+        dom = self.hv.find(self._ref(req))
+        start, data = dom.console_history()
+        return {"domid": dom.domid, "start": start, "end": start + len(data), "data": data}
+
+    def _sync(self, req: Request) -> dict[str, Any]:
+        """Publish ``sync.<token>``: lets a subscriber prove its subscription is live."""
+        token = prop(req, "token", str)
+        self.pub.send_multipart([f"sync.{token}".encode(), pack({})])
+        return {}
+
+    def _shutdown(self, req: Request) -> dict[str, Any]:
+        self._running = False
+        return {"domains": len(self.hv.domains)}
+
+
+def decode_event(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
+    return frames[0].decode(), unpack(frames[1])

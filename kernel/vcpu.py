@@ -1,0 +1,125 @@
+"""A virtual CPU: one unicorn instance running a domain's code in long stretches.
+
+Exits from guest code happen only on ``syscall`` (hypercalls), CPU exceptions, invalid memory
+accesses and preemption (``emu_stop`` from the ticker or the control thread).  No hook runs per
+instruction or per memory access: the unmapped-memory hook is only consulted on a fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_FETCH_UNMAPPED,
+    UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE_UNMAPPED,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE_UNMAPPED,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+from unicorn.x86_const import (
+    UC_X86_INS_SYSCALL,
+    UC_X86_REG_RDI,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSP,
+)
+
+from kernel import abi
+from kernel.memory import GuestMemory
+
+#: emu_start's "until" address: unmapped and non-canonical for any guest, so never reached.
+STOP_ADDRESS: Final = 0xFFFF_8000_DEAD_0000
+#: Translation-cache size per vCPU (unicorn otherwise reserves ~1 GiB of address space).
+TCG_BUFFER_BYTES: Final = 32 * 1024 * 1024
+
+_EXCEPTIONS: Final = {
+    0: "divide error (#DE)", 1: "debug trap (#DB)", 3: "breakpoint (#BP)",
+    4: "overflow (#OF)", 5: "bound range (#BR)", 6: "invalid opcode (#UD)",
+    7: "device not available (#NM)", 8: "double fault (#DF)", 10: "invalid TSS (#TS)",
+    11: "segment not present (#NP)", 12: "stack fault (#SS)", 13: "general protection (#GP)",
+    14: "page fault (#PF)", 16: "x87 error (#MF)", 17: "alignment check (#AC)",
+    19: "SIMD error (#XM)",
+}
+
+
+class VCpu:
+    """One vCPU of a domain; not thread-safe except :meth:`stop`."""
+
+    def __init__(self, mem: GuestMemory, entry: int,
+                 on_hypercall: Callable[[Any, Any], None]) -> None:
+        self.mem = mem
+        self.fault: str | None = None
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER_BYTES)
+        uc.mem_map_ptr(abi.NULL_GUARD_END, mem.size - abi.NULL_GUARD_END, UC_PROT_ALL,
+                       mem.host_address + abi.NULL_GUARD_END)
+        self._mapped = True
+        # The hypercall handler is registered directly: one Python frame per hypercall.
+        uc.hook_add(UC_HOOK_INSN, on_hypercall, None, 1, 0, UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INTR, self._intr_hook)
+        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
+                    | UC_HOOK_MEM_FETCH_UNMAPPED, self._unmapped_hook)
+        uc.reg_write(UC_X86_REG_RSP, mem.size)
+        uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
+        self.rip = entry
+        self.uc: Uc | None = uc
+
+    # -- hooks (run on the pCPU thread, inside emu_start) --------------------------------------
+    def _intr_hook(self, uc: Uc, intno: int, _data: object) -> None:
+        what = _EXCEPTIONS.get(intno, f"interrupt/exception vector {intno}")
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        self.fault = (f"unhandled {what} at rip={rip:#x}: the guest has no exception handlers, "
+                      "so this is a triple fault")
+        uc.emu_stop()
+
+    def _unmapped_hook(self, uc: Uc, access: int, address: int, size: int, value: int,
+                       _data: object) -> bool:
+        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"
+                }.get(access, "read from")
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        where = ("the NULL guard page" if address < abi.NULL_GUARD_END
+                 else f"outside guest RAM (0..{self.mem.size:#x})")
+        self.fault = f"{kind} {address:#x} ({size} bytes) at rip={rip:#x}: {where}"
+        return False  # not handled: unicorn stops with an error
+
+    # -- control -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run guest code until a hypercall stops it, a fault, or :meth:`stop`."""
+        uc = self.uc
+        assert uc is not None
+        try:
+            uc.emu_start(self.rip, STOP_ADDRESS)
+        except UcError as e:
+            if self.fault is None:
+                rip = uc.reg_read(UC_X86_REG_RIP)
+                what = ("invalid opcode (#UD)" if e.errno == UC_ERR_INSN_INVALID else str(e))
+                self.fault = f"{what} at rip={rip:#x}"
+        self.rip = uc.reg_read(UC_X86_REG_RIP)
+        if self.rip == STOP_ADDRESS and self.fault is None:
+            self.fault = f"jump to non-canonical address {STOP_ADDRESS:#x}"
+
+    def stop(self) -> None:
+        """Ask the running emulation to stop (safe from any thread)."""
+        uc = self.uc
+        if uc is not None:
+            uc.emu_stop()
+
+    def close(self) -> None:
+        """Unmap guest RAM and free the unicorn instance (must not be running)."""
+        uc, self.uc = self.uc, None
+        if uc is None:
+            return
+        if self._mapped:
+            uc.mem_unmap(abi.NULL_GUARD_END, self.mem.size - abi.NULL_GUARD_END)
+            self._mapped = False
+        finalizer = getattr(uc, "_Uc__finalizer", None)
+        if finalizer is not None:
+            finalizer()  # uc_close now, not whenever the garbage collector runs
