@@ -1,0 +1,168 @@
+"""Shared fixtures: private stacks with guaranteed clean-up, and CLI runners."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ipc.control import Client  # noqa: E402
+from ipc.events import Subscriber, subscribe  # noqa: E402
+from isovisor.paths import RunDir  # noqa: E402
+
+ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
+
+
+def cli(*args: str, run_dir: Path | None = None, timeout: float = 60,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the isovisor CLI as a user would; returns the completed process."""
+    env = dict(os.environ)
+    env.pop("ISOVISOR_RUN_DIR", None)
+    if run_dir is not None:
+        env["ISOVISOR_RUN_DIR"] = str(run_dir)
+    env["COLUMNS"] = "200"
+    return subprocess.run([*ISOVISOR, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def domain_toml(name: str, image: str, memory: int = 4, **keys: Any) -> str:
+    lines = [f'name = "{name}"', f'image = "{image}"', f"memory = {memory}"]
+    for k, v in keys.items():
+        lines.append(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Stack:
+    """A detached stack in a private run dir; every process it started is reaped at the end."""
+
+    dir: Path
+    run_dir: Path
+    pids: list[int] = field(default_factory=list)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return cli(*args, run_dir=self.run_dir, timeout=timeout, cwd=self.dir)
+
+    def client(self) -> Client:
+        return Client(RunDir(self.run_dir).control, timeout=15)
+
+    def call(self, command: str, **props: Any) -> dict[str, Any]:
+        with self.client() as c:
+            return c.call(command, **props)
+
+    def domains(self) -> dict[str, dict[str, Any]]:
+        out = self.cli("list", "--json")
+        assert out.returncode == 0, out.stderr
+        return {d["name"]: d for d in json.loads(out.stdout)}
+
+    def subscribe(self, topics: list[str]) -> Subscriber:
+        with self.client() as c:
+            return subscribe(RunDir(self.run_dir).events, topics, c)
+
+    def domain_config(self, name: str, image: str, **keys: Any) -> Path:
+        return write(self.dir / f"{name}.toml", domain_toml(name, image, **keys))
+
+    def up(self, domains: list[Path] = (), pcpus: int = 2, extra: str = "") -> None:  # type: ignore[assignment]
+        start = ", ".join(f'"{p.name}"' for p in domains)
+        write(self.dir / "supervisor.toml",
+              f'[supervisor]\nname = "test"\n[kernel]\npcpus = {pcpus}\n{extra}\n'
+              f"[domains]\nstart = [{start}]\n")
+        r = self.cli("up", "--detach", str(self.dir / "supervisor.toml"))
+        assert r.returncode == 0, f"up failed: {r.stdout}{r.stderr}"
+        ping = self.call("ping")
+        self.pids += [ping["pid"], ping["kernel_pid"]]
+
+
+def wait_event(sub: Subscriber, topic: str, timeout: float = 30,
+               match: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Wait for an event on ``topic`` (exact); fail the test after ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = sub.recv(max(0.0, deadline - time.monotonic()))
+        if ev is None:
+            raise AssertionError(f"no {topic!r} event within {timeout}s")
+        t, p = ev
+        if t == topic and all(p.get(k) == v for k, v in (match or {}).items()):
+            return p
+
+
+def shm_segments(prefix: str = "isovisor.") -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    d = Path(tempfile.mkdtemp(prefix="iv-", dir="/tmp"))
+    s = Stack(dir=d, run_dir=d / "run")
+    try:
+        yield s
+    finally:
+        if RunDir(s.run_dir).running_pid() is not None:
+            with contextlib.suppress(Exception):
+                s.cli("down", timeout=40)
+        leaked = _reap(s.pids)
+        segs = [seg for pid in s.pids for seg in shm_segments(f"isovisor.{pid}.")]
+        for seg in segs:
+            (Path("/dev/shm") / seg).unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not leaked, f"processes left running after the test: {leaked}"
+        assert not segs, f"shared-memory segments left behind: {segs}"
+
+
+def _reap(pids: list[int]) -> list[int]:
+    """Kill any of ``pids`` (and their children) still alive; return those that were."""
+    alive = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        if p.status() == psutil.STATUS_ZOMBIE:
+            continue
+        alive.append(pid)
+        for q in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                q.kill()
+        psutil.wait_procs(procs, timeout=5)
+    return alive
+
+
+@pytest.fixture
+def tmp_cfg(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def wait_until(pred: Any, timeout: float = 30, what: str = "condition") -> Any:
+    """Poll an observable condition (a status query, not a fixed delay) until it holds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        val = pred()
+        if val:
+            return val
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
