@@ -141,12 +141,13 @@ class Hypervisor:
         with self._lock:
             if self.domains.get(dom.name) is dom:
                 del self.domains[dom.name]
-        if dom.exit is None or dom.exit.kind != exit.kind:
-            dom.exit = dom.exit or exit
+        if dom.exit is None:
+            dom.exit = exit
         dom.teardown()
+        # kind/code: what ended the domain (e.g. crash); reason: why it is now freed.
         self.emit(f"domain.{dom.name}.destroyed", {"domid": dom.domid, "reason": exit.reason,
-                                                   "kind": (dom.exit or exit).kind,
-                                                   "code": (dom.exit or exit).code})
+                                                   "kind": dom.exit.kind,
+                                                   "code": dom.exit.code})
 
     # -- reporting -----------------------------------------------------------------------------
     def list(self) -> list[dict[str, Any]]:
