@@ -40,17 +40,28 @@ class EventBus:
         self._local = threading.local()
         self._socks: list[zmq.Socket] = []
         self._lock = threading.Lock()
+        self.dropped = 0
 
     def emit(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish without ever blocking the calling (pCPU) thread.
+
+        If the control thread falls behind by a whole high-water mark of events, further events
+        are dropped and counted rather than stalling a guest (or deadlocking a control command
+        that waits for that guest).  Console bytes stay in the domain's history either way.
+        """
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
             sock.connect(_INPROC)
             self._local.sock = sock
             with self._lock:
                 self._socks.append(sock)
-        sock.send_multipart([topic.encode(), pack(payload)])
+        try:
+            sock.send_multipart([topic.encode(), pack(payload)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
 
     def close(self) -> None:
         with self._lock:
@@ -130,7 +141,8 @@ class KernelServer:
 
     # -- commands ------------------------------------------------------------------------------
     def _ping(self, req: Request) -> dict[str, Any]:
-        return {"pid": os.getpid(), "domains": len(self.hv.domains)}
+        return {"pid": os.getpid(), "domains": len(self.hv.domains),
+                "events_dropped": self.bus.dropped}
 
     def _create(self, req: Request) -> dict[str, Any]:
         try:

@@ -168,3 +168,26 @@ def test_run_dir_too_long_is_a_clear_error(tmp_path: Path) -> None:
     r = cli("up", "--detach", str(Path(__file__).parent.parent / "supervisor.toml"),
             run_dir=long)
     assert r.returncode == 1 and "too long for Unix sockets" in r.stderr
+
+
+def test_kernel_killed_supervisor_cleans_up_and_exits(stack: Stack) -> None:
+    stack.up([stack.domain_config("tick", "ticker")])
+    sup_pid, kernel_pid = stack.pids
+    assert shm_segments(f"isovisor.{sup_pid}.")
+    psutil.Process(kernel_pid).kill()  # SIGKILL: the kernel cannot clean up after itself
+    psutil.Process(sup_pid).wait(30)
+    assert shm_segments(f"isovisor.{sup_pid}.") == []  # swept by the supervisor
+    log = RunDir(stack.run_dir).log.read_text()
+    assert "kernel exited unexpectedly (status -9)" in log
+
+
+def test_supervisor_killed_kernel_follows(stack: Stack) -> None:
+    stack.up([stack.domain_config("tick", "ticker")])
+    sup_pid, kernel_pid = stack.pids
+    kernel = psutil.Process(kernel_pid)
+    psutil.Process(sup_pid).kill()
+    kernel.wait(30)  # parent-death signal: the kernel stops, freeing guest RAM itself
+    assert shm_segments(f"isovisor.{sup_pid}.") == []
+    # The stale pid file does not block the next `up` in the same run dir.
+    stack.pids.clear()
+    stack.up([])
