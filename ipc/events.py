@@ -8,6 +8,7 @@ until that event arrives.  From then on no event on the subscribed topics can be
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -56,10 +57,13 @@ def subscribe(endpoint: str, topics: list[str], control: Client, *,
         sock.setsockopt(zmq.SUBSCRIBE, t.encode())
     sock.setsockopt(zmq.SUBSCRIBE, sync_topic.encode())
     pending: deque[Event] = deque()
-    attempts = max(1, int(timeout / 0.05))
-    for _ in range(attempts):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         control.call("sync", token=token)
-        while sock.poll(50, zmq.POLLIN):
+        # Read for one round of 50 ms (by the clock: busy topics must not starve the re-sync).
+        round_end = time.monotonic() + 0.05
+        while (left := round_end - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1,
+                                                                      zmq.POLLIN):
             frames = sock.recv_multipart()
             topic = frames[0].decode(errors="replace")
             if topic == sync_topic:

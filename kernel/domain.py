@@ -98,8 +98,10 @@ class Domain:
         self.watchdog_deadline = 0  # virtual ns
         # end of life
         self.exit: Exit | None = None  # set when the domain has stopped for good
-        self.gone = threading.Event()  # set once torn down
+        self.gone = threading.Event()  # set once torn down, or once preserved
+        self.preserved = False  # stopped for good, RAM kept until `destroy`
         self.torn_down = False
+        self._teardown_lock = threading.Lock()
         # console
         self._console_lock = threading.Lock()
         self._console = bytearray()
@@ -253,12 +255,13 @@ class Domain:
     # -- teardown ------------------------------------------------------------------------------
     def teardown(self) -> None:
         """Free the vCPU and RAM.  Only when no pCPU runs this domain."""
-        if self.torn_down:
-            return
-        self.torn_down = True
-        self._w = memoryview(bytearray(abi.HCALL_BLOCK_ADDR + 64)).cast("Q")
-        self.vcpu.close()
-        self.mem.close()
+        with self._teardown_lock:
+            if self.torn_down:
+                return
+            self.torn_down = True
+            self._w = memoryview(bytearray(abi.HCALL_BLOCK_ADDR + 64)).cast("Q")
+            self.vcpu.close()
+            self.mem.close()
         self.gone.set()
 
 

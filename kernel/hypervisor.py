@@ -39,13 +39,14 @@ class Hypervisor:
 
     # -- lookup --------------------------------------------------------------------------------
     def find(self, ref: str | int) -> Domain:
+        """A domain by name, or by id (an int, or a string of digits that is no name)."""
         with self._lock:
-            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            if isinstance(ref, str) and ref in self.domains:
+                return self.domains[ref]
+            if isinstance(ref, int) or ref.isdigit():
                 for d in self.domains.values():
                     if d.domid == int(ref):
                         return d
-            elif ref in self.domains:
-                return self.domains[ref]
             names = ", ".join(sorted(self.domains)) or "none"
         raise NotFound(f"no domain named or numbered {ref!r} (domains: {names}); "
                        "see `isovisor list`")
@@ -76,11 +77,12 @@ class Hypervisor:
 
     def destroy(self, dom: Domain, reason: str = "destroyed by request") -> None:
         """Destroy a domain and wait until its memory is freed."""
-        if dom.exit is not None and not dom.torn_down:
+        if dom.preserved:
             # A preserved (shut-down or crashed) domain: no pCPU owns it any more.
             self._finish(dom, Exit("destroy", reason))
             return
-        self.sched.request_exit(dom, Exit("destroy", reason))
+        if dom.exit is None:  # otherwise a pCPU is running its exit right now
+            self.sched.request_exit(dom, Exit("destroy", reason))
         if not dom.gone.wait(DESTROY_WAIT_S):
             raise ControlError(f"domain {dom.name!r} did not stop within {DESTROY_WAIT_S:g}s")
 
@@ -110,7 +112,9 @@ class Hypervisor:
         self.emit(f"domain.{dom.name}.{event}", {"domid": dom.domid, "reason": exit.reason,
                                                  "code": exit.code, "action": action})
         if action == "preserve":
-            return  # keep RAM and console for inspection until `destroy`
+            dom.preserved = True  # keep RAM and console for inspection until `destroy`
+            dom.gone.set()  # nothing more will happen to it on its own
+            return
         if action == "restart" and not self._restart_allowed(dom.name):
             reason = (f"restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s; "
                       f"not restarting again (last exit: {exit.reason})")
