@@ -126,6 +126,11 @@ class Client:
 
     def call(self, command: str, timeout: float | None = None, **properties: Any) -> dict[str, Any]:
         """Send a command; return the ok reply or raise ControlError with the server's reason."""
+        return self.request(command, properties, timeout)
+
+    def request(self, command: str, properties: dict[str, Any],
+                timeout: float | None = None) -> dict[str, Any]:
+        """Like :meth:`call`, with the properties as a dict (any names, e.g. "timeout")."""
         msg_id = uuid.uuid4().hex
         self._sock.send_multipart([b"", pack({"command": command, "properties": properties,
                                               "id": msg_id})])

@@ -39,13 +39,15 @@ class Segment:
         except FileExistsError:
             raise SegmentError(
                 f"shared-memory segment {self.path} already exists: another stack uses this "
-                "name, or a crashed one left it behind (remove it with `isovisor down`)"
+                f"name, or a crashed one left it behind (if no stack uses it: rm {self.path})"
             ) from None
         except OSError as e:
             raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Reserve every page now: a sparse segment on a full tmpfs would make the first
+                # touch of a page SIGBUS the whole kernel process instead of failing here.
+                os.posix_fallocate(fd, 0, size)
             else:
                 size = os.fstat(fd).st_size
             self._mm: mmap.mmap | None = mmap.mmap(fd, size)
@@ -53,7 +55,11 @@ class Segment:
             os.close(fd)
             if create:
                 self.path.unlink(missing_ok=True)
-            raise SegmentError(f"cannot map {size} bytes of {self.path}: {e}") from e
+            free = os.statvfs(SHM_DIR)
+            raise SegmentError(
+                f"cannot allocate {size // (1024 * 1024)} MiB of shared memory for {self.path}: "
+                f"{e.strerror} ({free.f_bavail * free.f_frsize // (1024 * 1024)} MiB free in "
+                f"{SHM_DIR}); lower the domain's memory or enlarge {SHM_DIR}") from None
         os.close(fd)
         self.size = size
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)

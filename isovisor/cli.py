@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import psutil
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ipc.control import Client, ControlError
@@ -37,12 +38,23 @@ EXIT_TIMEOUT = 124
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]isovisor: error:[/] {msg}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]isovisor: error:[/] {escape(msg)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _run_dir(opt: Path | None) -> RunDir:
-    return RunDir(opt if opt is not None else default_run_dir())
+    """--run-dir / ISOVISOR_RUN_DIR, else ./supervisor.toml's run_dir, else the default."""
+    if opt is not None:
+        return RunDir(opt)
+    local = Path("supervisor.toml")
+    if "ISOVISOR_RUN_DIR" not in os.environ and local.is_file():
+        try:
+            cfg = load_stack_config(local)
+        except ConfigError:
+            cfg = None
+        if cfg is not None and cfg.run_dir:
+            return RunDir(Path(cfg.run_dir))
+    return RunDir(default_run_dir())
 
 
 def _client(rd: RunDir, timeout: float = 15.0) -> Client:
@@ -83,7 +95,7 @@ class ConsolePrinter:
         *lines, rest = buf.split(b"\n")
         self._partial[name] = rest
         for line in lines:
-            out.print(self._tag(name) + _escape(line.decode(errors="replace")), markup=True,
+            out.print(self._tag(name) + escape(line.decode(errors="replace")), markup=True,
                       soft_wrap=True)
 
     def flush(self, name: str) -> None:
@@ -103,10 +115,10 @@ class ConsolePrinter:
             msg = _describe(what, payload)
             if msg:
                 style = "red" if what == "crashed" else "dim"
-                out.print(self._tag(name) + f"[{style}]{_escape(msg)}[/]", markup=True,
+                out.print(self._tag(name) + f"[{style}]{escape(msg)}[/]", markup=True,
                           soft_wrap=True)
         elif topic == "supervisor.domain.failed":
-            out.print(f"[red]cannot create {payload['path']}: {_escape(payload['reason'])}[/]",
+            out.print(f"[red]cannot create {payload['path']}: {escape(payload['reason'])}[/]",
                       markup=True, soft_wrap=True)
         elif topic == "supervisor.kernel.exited":
             out.print(f"[red]kernel exited unexpectedly (status {payload.get('status')})[/]",
@@ -116,14 +128,10 @@ class ConsolePrinter:
 def _describe(what: str, p: dict[str, Any]) -> str:
     return {
         "created": f"-- domain created (id {p.get('domid')})",
-        "shutdown": f"-- {p.get('reason')} (on_poweroff: {p.get('action')})",
-        "crashed": f"-- CRASHED: {p.get('reason')} (on_crash: {p.get('action')})",
+        "shutdown": f"-- {p.get('reason')} ({p.get('policy')}: {p.get('action')})",
+        "crashed": f"-- CRASHED: {p.get('reason')} ({p.get('policy')}: {p.get('action')})",
         "restarted": f"-- restarted as id {p.get('domid')}",
     }.get(what, "")
-
-
-def _escape(s: str) -> str:
-    return s.replace("[", r"\[")
 
 
 # --- up / down ---------------------------------------------------------------------------------
@@ -265,32 +273,36 @@ def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
     if sub is None:
         return
     try:
-        _follow(sub, hist["domid"], hist["end"])
+        _follow(sub, hist["name"], hist["domid"], hist["end"])
     except KeyboardInterrupt:
         return
     finally:
         sub.close()
 
 
-def _follow(sub: Subscriber, domid: int, pos: int) -> None:
-    """Print console events of one domain (and of its restarts) from byte ``pos`` on."""
+def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:
+    """Print a domain's console from byte ``pos`` on, across restarts, until it is gone."""
+    restarting = False
     while True:
         ev = sub.recv(None)
         assert ev is not None
         topic, p = ev
         if topic == "supervisor.down":
             return
-        if topic.endswith(".restarted") and p.get("old") == domid:
-            domid, pos = p["domid"], 0
-        elif p.get("domid") != domid:
+        if p.get("domid", -1) > domid and topic in (f"console.{name}",
+                                                    f"domain.{name}.restarted"):
+            domid, pos, restarting = p["domid"], 0, False  # ids only grow: a restart
+        if p.get("domid") != domid:
             continue
-        elif topic.startswith("console."):
+        if topic == f"console.{name}":
             data, off = p["data"], p["offset"]
             if off + len(data) > pos:
                 sys.stdout.write(data[max(0, pos - off):].decode(errors="replace"))
                 sys.stdout.flush()
                 pos = off + len(data)
-        elif topic.endswith(".destroyed"):
+        elif topic in (f"domain.{name}.shutdown", f"domain.{name}.crashed"):
+            restarting = p.get("action") == "restart"
+        elif topic == f"domain.{name}.destroyed" and not restarting:
             return
 
 
@@ -385,10 +397,14 @@ def _stream_until_exit(sub: Subscriber, name: str, printer: ConsolePrinter,
         topic, p = ev
         if topic == f"console.{name}":
             printer.feed(name, p["data"])
-        elif topic == f"domain.{name}.shutdown":
+        elif topic == f"domain.{name}.shutdown" and p.get("action") != "restart":
             return int(p.get("code", 0))
         elif topic == f"domain.{name}.crashed":
-            err.print(f"isovisor: domain {name} crashed: {p.get('reason')}")
+            if p.get("action") == "restart":
+                err.print(f"isovisor: domain {name} crashed ({p.get('reason')}); restarting")
+                continue
+            note = f" ({p['note']})" if p.get("note") else ""
+            err.print(f"isovisor: domain {name} crashed: {p.get('reason')}{note}")
             return EXIT_CRASHED
 
 

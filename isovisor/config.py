@@ -171,7 +171,7 @@ def load_domain_config(path: str | Path, *, resolve: bool = True) -> DomainConfi
 # --- supervisor.toml -----------------------------------------------------------------------
 
 _SUPERVISOR_FIELDS: Final = {
-    "name": _Field(str, "the stack's name, used in logs and shared-memory names", _name),
+    "name": _Field(str, "the stack's name, shown by the CLI and in logs", _name),
     "run_dir": _Field(str, "directory for sockets, logs and the pid file"),
 }
 _KERNEL_FIELDS: Final = {

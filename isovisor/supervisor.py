@@ -181,7 +181,10 @@ class Supervisor:
                 "config": self.cfg.source, "run_dir": str(self.run_dir.path)}
 
     def _forward(self, req: Request) -> dict[str, Any]:
-        reply = self.kernel.call(req.command, **req.properties)
+        if self.kernel.client is None:
+            raise ControlError("the kernel is not running")
+        # Longer than the kernel's own 10 s destroy wait, so its clearer error wins.
+        reply = self.kernel.client.request(req.command, req.properties, timeout=30.0)
         reply.pop("status", None)
         reply.pop("id", None)
         return reply

@@ -52,7 +52,8 @@ class Hypervisor:
                        "see `isovisor list`")
 
     # -- create / destroy ----------------------------------------------------------------------
-    def create(self, config: DomainConfig, restarts: int = 0) -> Domain:
+    def create(self, config: DomainConfig, restarted_from: Domain | None = None) -> Domain:
+        restarts = restarted_from.restarts + 1 if restarted_from else 0
         with self._lock:
             if config.name in self.domains:
                 other = self.domains[config.name]
@@ -72,6 +73,10 @@ class Hypervisor:
         log.info("domain %s (id %d) created: %s, %d MiB, weight %d, cap %d", config.name, domid,
                  config.image, config.memory, config.weight, config.cap)
         self.emit(f"domain.{config.name}.created", {"domid": domid, "restarts": restarts})
+        if restarted_from is not None:  # announced before the new domain can print anything
+            self.emit(f"domain.{config.name}.restarted", {
+                "domid": domid, "old": restarted_from.domid,
+                "reason": restarted_from.exit.reason if restarted_from.exit else ""})
         self.sched.add(dom)
         return dom
 
@@ -100,36 +105,36 @@ class Hypervisor:
     # -- exits (pCPU thread that owns the domain) ------------------------------------------------
     def _on_exit(self, dom: Domain, exit: Exit) -> None:
         if exit.kind == "destroy":
+            self._restart_times.pop(dom.name, None)
             self._finish(dom, exit)
             return
         action = {"poweroff": dom.config.on_poweroff, "reboot": dom.config.on_reboot,
                   "crash": dom.config.on_crash}[exit.kind]
+        note = ""
+        if action == "restart" and not self._restart_allowed(dom.name):
+            action = "destroy"
+            note = (f"; restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s, "
+                    "not restarting again")
         level = logging.ERROR if exit.kind == "crash" else logging.INFO
-        log.log(level, "domain %s (id %d) %s: %s; on_%s = %s", dom.name, dom.domid,
+        log.log(level, "domain %s (id %d) %s: %s; on_%s = %s%s", dom.name, dom.domid,
                 "crashed" if exit.kind == "crash" else "shut down", exit.reason, exit.kind,
-                action)
+                action, note)
         event = "crashed" if exit.kind == "crash" else "shutdown"
-        self.emit(f"domain.{dom.name}.{event}", {"domid": dom.domid, "reason": exit.reason,
-                                                 "code": exit.code, "action": action})
+        self.emit(f"domain.{dom.name}.{event}", {
+            "domid": dom.domid, "kind": exit.kind, "reason": exit.reason, "code": exit.code,
+            "policy": f"on_{exit.kind}", "action": action, "note": note.lstrip("; ")})
         if action == "preserve":
             dom.preserved = True  # keep RAM and console for inspection until `destroy`
             dom.gone.set()  # nothing more will happen to it on its own
             return
-        if action == "restart" and not self._restart_allowed(dom.name):
-            reason = (f"restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s; "
-                      f"not restarting again (last exit: {exit.reason})")
-            log.error("domain %s: %s", dom.name, reason)
-            self._finish(dom, Exit("destroy", reason))
-            return
-        self._finish(dom, exit)
+        self._finish(dom, Exit(exit.kind, exit.reason + note, exit.code))
         if action == "restart":
             try:
-                new = self.create(dom.config, restarts=dom.restarts + 1)
+                self.create(dom.config, restarted_from=dom)
             except ControlError as e:
                 log.error("domain %s: restart failed: %s", dom.name, e)
-                return
-            self.emit(f"domain.{dom.name}.restarted", {"domid": new.domid, "old": dom.domid,
-                                                       "reason": exit.reason})
+                self.emit(f"domain.{dom.name}.restart_failed", {"domid": dom.domid,
+                                                                "reason": str(e)})
 
     def _restart_allowed(self, name: str) -> bool:
         now = time.monotonic()

@@ -121,3 +121,11 @@ def test_raw_image_file_runs(tmp_path: Path) -> None:
     (tmp_path / "raw.bin").write_bytes(code)
     cfg = write(tmp_path / "raw.toml", 'name = "raw"\nimage = "raw.bin"\nmemory = 2\n')
     assert cli("run", str(cfg)).returncode == 7
+
+
+def test_run_follows_restarts_until_the_restart_limit(tmp_path: Path) -> None:
+    r = run(tmp_path, "loop", "crash", extra="mode=ud", on_crash="restart")
+    assert r.returncode == 125
+    assert r.stdout.count("crash: mode=ud") == 6  # first boot + 5 restarts
+    assert r.stderr.count("); restarting\n") == 5
+    assert "not restarting again" in r.stderr

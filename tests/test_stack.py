@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -191,3 +192,21 @@ def test_supervisor_killed_kernel_follows(stack: Stack) -> None:
     # The stale pid file does not block the next `up` in the same run dir.
     stack.pids.clear()
     stack.up([])
+
+
+def test_console_follow_continues_across_restarts(stack: Stack) -> None:
+    import os
+    import subprocess
+    import sys
+    # Each life prints two ticks and powers off; on_poweroff=restart brings it back until
+    # the restart limit (5 in 10 s) leaves it destroyed, which ends `console -f`.
+    stack.up([stack.domain_config("phoenix", "ticker", extra="interval_ms=150 count=2",
+                                  on_poweroff="restart")])
+    p = subprocess.run([sys.executable, "-m", "isovisor.cli", "console", "-f", "phoenix"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir)})
+    assert p.returncode == 0, p.stderr
+    ticks = [ln.split()[2] for ln in p.stdout.splitlines()]
+    # Whichever life it started in, it printed every later life completely and in order.
+    assert ticks[-4:] == ["1", "2", "1", "2"] and len(ticks) >= 4, p.stdout
+    assert all(b == str(int(a) % 2 + 1) for a, b in itertools.pairwise(ticks)), ticks
