@@ -347,8 +347,13 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
         cfg = load_domain_config(config)
     except ConfigError as e:
         fail(str(e))
-    tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-"))
+    tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-", dir="/tmp"))
     rd = RunDir(tmp)
+    try:
+        rd.prepare()
+    except RunDirError as e:
+        tmp.rmdir()
+        fail(str(e))
     kernel = KernelProcess(rd, shm_prefix=shm_prefix_for(os.getpid()), pcpus=pcpus,
                            timeslice_ms=10)
     printer = ConsolePrinter(prefix=False)

@@ -98,6 +98,7 @@ class Domain:
         self.watchdog_deadline = 0  # virtual ns
         # end of life
         self.exit: Exit | None = None  # set when the domain has stopped for good
+        self.exited_ns = 0  # host time of that stop: uptime ends there
         self.gone = threading.Event()  # set once torn down, or once preserved
         self.preserved = False  # stopped for good, RAM kept until `destroy`
         self.torn_down = False
@@ -246,7 +247,7 @@ class Domain:
             "memory": self.config.memory, "vcpus": self.config.vcpus,
             "weight": self.config.weight, "cap": self.config.cap,
             "cpu_time": round(self.cpu_ns / 1e9, 3),
-            "uptime": round((now - self.created_ns) / 1e9, 3),
+            "uptime": round(((self.exited_ns or now) - self.created_ns) / 1e9, 3),
             "restarts": self.restarts, "image": self.config.image,
             "exit_kind": e.kind if e else None, "reason": e.reason if e else None,
             "exit_code": e.code if e else None, "bad_hypercalls": self.bad_calls,

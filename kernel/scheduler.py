@@ -297,6 +297,7 @@ class Scheduler:
             if dom in self.domains:
                 self.domains.remove(dom)
             dom.exit = exit
+            dom.exited_ns = time.monotonic_ns()
             dom.wake_at = None
             dom.watchdog_deadline = 0
         try:
