@@ -11,7 +11,9 @@ use a DEALER socket with a receive timeout so that a dead server is an error, no
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,12 +171,30 @@ class Client:
         self.close()
 
 
-def send_reply(sock: zmq.Socket, envelope: list[bytes], reply: dict[str, Any]) -> None:
+Handler = Callable[[Request], dict[str, Any]]
+
+
+def serve_one(sock: zmq.Socket, frames: list[bytes], commands: dict[str, Handler],
+              server: str, log: logging.Logger) -> None:
+    """Answer one ROUTER message: dispatch it to ``commands`` and always send a reply.
+
+    Garbage gets a precise error; an exception inside a handler becomes an ``internal`` error
+    reply (and a logged traceback) instead of taking the server down.
+    """
+    envelope, body = frames[:-1], frames[-1]  # routing ids + empty delimiter, then the body
+    msg_id = None
+    try:
+        req = decode_request(body)
+        msg_id = req.id
+        fn = commands.get(req.command)
+        if fn is None:
+            raise ControlError(f"unknown {server} command {req.command!r}; known: "
+                               f"{', '.join(sorted(commands))}")
+        reply = {"status": "ok", "id": msg_id, **fn(req)}
+    except ControlError as e:
+        reply = e.to_reply(msg_id)
+    except Exception as e:
+        log.exception("%s command failed", server)
+        reply = ControlError(f"internal {server} error: {type(e).__name__}: {e}",
+                             code="internal").to_reply(msg_id)
     sock.send_multipart([*envelope, pack(reply)])
-
-
-def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes]:
-    """ROUTER frames -> (routing envelope incl. empty delimiter, body)."""
-    if len(frames) >= 2 and frames[-2] == b"":
-        return frames[:-1], frames[-1]
-    return frames[:-1], frames[-1]

@@ -22,11 +22,9 @@ import zmq
 from ipc.control import (
     ControlError,
     Request,
-    decode_request,
     pack,
     prop,
-    send_reply,
-    split_envelope,
+    serve_one,
     unpack,
 )
 from isovisor.config import ConfigError, StackConfig, load_domain_config
@@ -158,23 +156,7 @@ class Supervisor:
 
     # -- commands ------------------------------------------------------------------------------
     def _handle(self, frames: list[bytes]) -> None:
-        envelope, body = split_envelope(frames)
-        msg_id = None
-        try:
-            req = decode_request(body)
-            msg_id = req.id
-            fn = self._commands.get(req.command)
-            if fn is None:
-                raise ControlError(f"unknown command {req.command!r}; known: "
-                                   f"{', '.join(sorted(self._commands))}")
-            reply = {"status": "ok", "id": msg_id, **fn(req)}
-        except ControlError as e:
-            reply = e.to_reply(msg_id)
-        except Exception as e:
-            log.exception("command failed")
-            reply = ControlError(f"internal supervisor error: {type(e).__name__}: {e}",
-                                 code="internal").to_reply(msg_id)
-        send_reply(self.router, envelope, reply)
+        serve_one(self.router, frames, self._commands, "supervisor", log)
 
     def _ping(self, req: Request) -> dict[str, Any]:
         return {"pid": os.getpid(), "kernel_pid": self.kernel.pid, "name": self.cfg.name,

@@ -111,7 +111,7 @@ def test_malformed_control_messages_get_errors(stack: Stack) -> None:
         probes = [
             (b"\xc1\xc1 not msgpack", "not valid msgpack"),
             (msgpack.packb("just a string"), "must be a msgpack map"),
-            (msgpack.packb({"command": "explode"}), "unknown command 'explode'"),
+            (msgpack.packb({"command": "explode"}), "unknown supervisor command 'explode'"),
             (msgpack.packb({"command": "pause", "properties": {"name": 3.5}}),
              "property 'name' of command 'pause' must be str or int"),
             (msgpack.packb({"command": "create", "properties": {}}),
