@@ -304,6 +304,9 @@ def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:
             restarting = p.get("action") == "restart"
         elif topic == f"domain.{name}.destroyed" and not restarting:
             return
+        elif topic == f"domain.{name}.restart_failed":
+            err.print(f"isovisor: domain {name} could not be restarted: {p.get('reason')}")
+            return
 
 
 @app.command()
@@ -404,6 +407,9 @@ def _stream_until_exit(sub: Subscriber, name: str, printer: ConsolePrinter,
             printer.feed(name, p["data"])
         elif topic == f"domain.{name}.shutdown" and p.get("action") != "restart":
             return int(p.get("code", 0))
+        elif topic == f"domain.{name}.restart_failed":
+            err.print(f"isovisor: domain {name} could not be restarted: {p.get('reason')}")
+            return EXIT_CRASHED
         elif topic == f"domain.{name}.crashed":
             if p.get("action") == "restart":
                 err.print(f"isovisor: domain {name} crashed ({p.get('reason')}); restarting")

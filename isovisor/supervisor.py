@@ -179,7 +179,7 @@ class Supervisor:
             cfg = load_domain_config(path)
         except ConfigError as e:
             raise ControlError(str(e)) from None
-        reply = self.kernel.call("create", config=cfg.to_wire())
+        reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire())
         return {"domid": reply["domid"], "name": reply["name"]}
 
     def _sync(self, req: Request) -> dict[str, Any]:

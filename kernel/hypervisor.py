@@ -84,6 +84,7 @@ class Hypervisor:
         """Destroy a domain and wait until its memory is freed."""
         if dom.preserved:
             # A preserved (shut-down or crashed) domain: no pCPU owns it any more.
+            self._restart_times.pop(dom.name, None)
             self._finish(dom, Exit("destroy", reason))
             return
         if dom.exit is None:  # otherwise a pCPU is running its exit right now
