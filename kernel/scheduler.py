@@ -223,11 +223,13 @@ class Scheduler:
         dom.runnable = True
         dom.wake_at = None
         self._place(dom)
-        idle = [p for p in self.pcpus if p.current is None]
-        if idle:
+        self._preempt_for(dom, now)
+
+    def _preempt_for(self, dom: Domain, now: int) -> None:
+        """``dom`` just became eligible: use an idle pCPU, or preempt the one furthest ahead."""
+        if any(p.current is None for p in self.pcpus):
             self.cond.notify()
             return
-        # No idle pCPU: preempt the running domain furthest ahead, if it is well ahead.
         victim = max(self.pcpus, key=lambda p: p.current.vruntime if p.current else -1)
         cur = victim.current
         if (cur is not None and cur.vruntime > dom.vruntime
@@ -343,8 +345,13 @@ class Scheduler:
         if now >= self._next_refill:
             for d in self.domains:
                 if d.config.cap:
+                    parked = d.budget_ns <= 0
                     q = self._quota(d)
                     d.budget_ns = min(d.budget_ns + q, q)
+                    if parked and self._eligible(d):
+                        # Without this, a capped domain waits out a neighbour's whole slice
+                        # after every refill and gets less than its cap.
+                        self._preempt_for(d, now)
             self._next_refill = max(self._next_refill + CAP_PERIOD_NS, now)
             self.cond.notify_all()
         if any(d.config.cap for d in self.domains):
