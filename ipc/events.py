@@ -25,6 +25,16 @@ class Subscriber:
         self._sock = sock
         self._pending = pending
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The SUB socket, for a poller (check :attr:`pending` first)."""
+        return self._sock
+
+    @property
+    def pending(self) -> bool:
+        """Events received during the handshake and not yet returned by :meth:`recv`."""
+        return bool(self._pending)
+
     def recv(self, timeout: float | None) -> Event | None:
         """Next event, or None after ``timeout`` seconds (None = wait forever)."""
         if self._pending:

@@ -25,8 +25,8 @@ from ipc.control import (
     pack,
     prop,
     serve_one,
-    unpack,
 )
+from ipc.events import Subscriber, subscribe
 from isovisor.config import ConfigError, StackConfig, load_domain_config
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, shm_prefix_for
@@ -70,15 +70,15 @@ class Supervisor:
         self.router.setsockopt(zmq.LINGER, 0)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 500)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
+        self.ksub: Subscriber | None = None
         old_int = signal.signal(signal.SIGINT, self._signalled)
         old_term = signal.signal(signal.SIGTERM, self._signalled)
         try:
             self.pub.bind(rd.events)
-            self.sub.connect(rd.kernel_events)
-            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
             self.kernel.start()
+            assert self.kernel.client is not None
+            # Established (sync handshake) before the first domain exists: no event is lost.
+            self.ksub = subscribe(rd.kernel_events, [""], self.kernel.client)
             self._publish("supervisor.kernel.started", {"pid": self.kernel.pid})
             log.info("kernel started (pid %s)", self.kernel.pid)
             for path in self.cfg.domains:
@@ -103,7 +103,8 @@ class Supervisor:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
+        assert self.ksub is not None
+        poller.register(self.ksub.socket, zmq.POLLIN)
         while self._running:
             try:
                 ready = dict(poller.poll(200))
@@ -111,7 +112,7 @@ class Supervisor:
                 if e.errno == zmq.EINTR:  # type: ignore[attr-defined]
                     continue
                 raise
-            if self.sub in ready:
+            if self.ksub.socket in ready or self.ksub.pending:
                 self._relay_events()
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
@@ -127,7 +128,9 @@ class Supervisor:
         self.kernel.stop()
         self._relay_events()
         self._publish("supervisor.down", {"pid": os.getpid()})
-        for s in (self.router, self.sub, self.pub):
+        if self.ksub is not None:
+            self.ksub.close()
+        for s in (self.router, self.pub):
             s.close()
         self.ctx.term()
         for s in self.run_dir.sockets():
@@ -137,15 +140,14 @@ class Supervisor:
 
     # -- events --------------------------------------------------------------------------------
     def _relay_events(self) -> None:
-        while True:
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.pub.send_multipart(frames)
+        if self.ksub is None:
+            return
+        while (ev := self.ksub.recv(0)) is not None:
+            topic, payload = ev
+            self.pub.send_multipart([topic.encode(), pack(payload)])
             if self.on_event is not None:
                 try:
-                    self.on_event(frames[0].decode(), unpack(frames[1]))
+                    self.on_event(topic, payload)
                 except Exception:
                     log.exception("event printer failed")
 

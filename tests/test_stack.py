@@ -210,3 +210,39 @@ def test_console_follow_continues_across_restarts(stack: Stack) -> None:
     # Whichever life it started in, it printed every later life completely and in order.
     assert ticks[-4:] == ["1", "2", "1", "2"] and len(ticks) >= 4, p.stdout
     assert all(b == str(int(a) % 2 + 1) for a, b in itertools.pairwise(ticks)), ticks
+
+
+def test_foreground_up_shows_every_guests_output_and_stops_on_ctrl_c(stack: Stack) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    hello = stack.domain_config("hello", "hello")  # prints at once, before anyone could attach
+    tick = stack.domain_config("tick", "ticker", extra="interval_ms=50")
+    stack.up([hello, tick])  # writes supervisor.toml; this detached stack is only a template
+    assert stack.cli("down").returncode == 0
+    stack.pids.clear()
+    p = subprocess.Popen([sys.executable, "-m", "isovisor.cli", "up",
+                          str(stack.dir / "supervisor.toml")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir),
+                              "COLUMNS": "200"})
+    try:
+        lines = []
+        assert p.stdout is not None
+        for line in p.stdout:  # read until the ticker proves the stack is running
+            lines.append(line)
+            if "ticker: tick 2 " in line:
+                break
+        stack.pids += [stack.call("ping")["pid"], stack.call("ping")["kernel_pid"]]
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out = "".join(lines) + rest
+    assert p.returncode == 0, err
+    assert "hello | Hello from hello (domid 1)!" in out
+    assert "hello | -- guest powered off with code 0 (on_poweroff: destroy)" in out
+    assert out.rstrip().endswith("isovisor stack stopped")
