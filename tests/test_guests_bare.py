@@ -5,21 +5,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.bare_unicorn import BareResult, run_bare  # noqa: E402
-from domains import build  # noqa: E402
-from domains.build import GUEST_PROGRAMS, BuildError  # noqa: E402
-from kernel import abi  # noqa: E402
+from bench.bare_unicorn import BareResult, run_bare
+from domains import build
+from domains.build import GUEST_PROGRAMS, BuildError
+from kernel import abi
+from tests.guestdata import xorshift_bytes
 
 EXPECTED_PROGRAMS = {"hello", "crc32", "primes", "ticker", "busy", "hcbench", "crash", "badcalls"}
 
@@ -49,16 +45,6 @@ def run(image: Path, extra: str = "", mem_mib: int = 4, name: str = "bare") -> B
     return res
 
 
-def _xorshift_bytes(n: int, seed: int) -> bytes:
-    mask = (1 << 64) - 1
-    s = seed or 1
-    out = bytearray(n)
-    for i in range(n):
-        s ^= (s << 13) & mask
-        s ^= s >> 7
-        s ^= (s << 17) & mask
-        out[i] = s & 0xFF
-    return bytes(out)
 
 
 # --- building ---------------------------------------------------------------
@@ -195,7 +181,7 @@ def test_crc32_matches_zlib(images: dict[str, Path], nbytes: int, seed: int, rou
     )
     assert m, res.output
     assert (int(m[1]), int(m[2]), int(m[3])) == (nbytes, seed, rounds)
-    assert int(m[4], 16) == zlib.crc32(_xorshift_bytes(nbytes, seed))
+    assert int(m[4], 16) == zlib.crc32(xorshift_bytes(nbytes, seed))
 
 
 @pytest.mark.timeout(60)

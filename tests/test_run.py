@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli, domain_toml, write
+from tests.guestdata import xorshift_bytes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -18,15 +19,6 @@ def run(tmp_path: Path, name: str, image: str, *args: str, **keys: object):
     return cli("run", str(cfg), *args)
 
 
-def xorshift_bytes(n: int, seed: int) -> bytes:
-    state, out = seed or 1, bytearray(n)
-    m = (1 << 64) - 1
-    for i in range(n):
-        state ^= (state << 13) & m
-        state ^= state >> 7
-        state ^= (state << 17) & m
-        out[i] = state & 0xFF
-    return bytes(out)
 
 
 def test_hello_prints_and_exits_zero(tmp_path: Path) -> None:
