@@ -1,0 +1,210 @@
+"""The shared ring (Xen io/ring.h semantics) and the in-flight log."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipc.ring import (
+    BackRing,
+    FrontRing,
+    InflightLog,
+    RingError,
+    inflight_bytes,
+    ring_bytes,
+)
+from ipc.shm import Segment
+
+N, SLOT = 8, 32
+OPS = st.lists(st.sampled_from(["put", "push", "take", "answer", "publish", "collect"]),
+               max_size=300)
+
+
+def make(n: int = N, start: int = 0) -> tuple[FrontRing, BackRing, memoryview]:
+    buf = memoryview(bytearray(ring_bytes(n, SLOT)))
+    front = FrontRing(buf, n, SLOT)
+    if start:  # begin near the 2**64 wrap of the free-running indices
+        idx = buf[:64].cast("Q")
+        idx[0] = idx[2] = start
+        idx[1] = idx[3] = (start + 1) % 2**64
+        front = FrontRing(buf, n, SLOT, init=False)
+        front.rsp_cons = start
+    return front, BackRing(buf, n, SLOT), buf
+
+
+@given(OPS, st.sampled_from([0, 2**64 - 5]))
+def test_responses_come_back_in_order_and_complete(ops: list[str], start: int) -> None:
+    front, back, _ = make(start=start)
+    sent, taken, got = 0, [], []
+    for op in ops:
+        if op == "put" and front.free_slots():
+            front.put_request(sent.to_bytes(8, "little"))
+            sent += 1
+        elif op == "push":
+            front.push_requests()
+        elif op == "take" and back.unconsumed_requests():
+            taken.append(back.get_request())
+        elif op == "answer" and taken:
+            back.put_response(b"R" + taken.pop(0)[:8])
+        elif op == "publish":
+            back.push_responses()
+        elif op == "collect" and front.unconsumed_responses():
+            got.append(int.from_bytes(front.get_response()[1:9], "little"))
+    assert got == list(range(len(got)))  # FIFO, nothing lost, nothing duplicated
+    assert front.free_slots() >= 0
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["front", "back"]), st.integers(1, 4)), max_size=200))
+def test_no_lost_wakeups(steps: list[tuple[str, int]]) -> None:
+    """Model: a side sleeps only after a failed final check; a notify wakes it.  A request
+    published while the backend sleeps always comes with a notification."""
+    front, back, _ = make()
+    back_sleeping = False
+    for who, k in steps:
+        if who == "front":
+            for _ in range(min(k, front.free_slots())):
+                front.put_request(b"x")
+            if front.push_requests():
+                back_sleeping = False
+            # (responses are collected at once so the frontend never runs out of slots)
+            while front.unconsumed_responses():
+                front.get_response()
+        elif not back_sleeping:
+            while back.unconsumed_requests():
+                back.get_request()
+                back.put_response(b"y")
+            back.push_responses()
+            if not back.final_check_for_requests():
+                back_sleeping = True
+        assert not (back_sleeping and back.unconsumed_requests()), "lost wake-up"
+
+
+def test_hold_off_batches_notifications() -> None:
+    front, back, _ = make(n=32)
+    for _round in range(100):
+        for _ in range(32):
+            front.put_request(b"q")
+        front.push_requests()
+        while back.final_check_for_requests():
+            while back.unconsumed_requests():
+                back.get_request()
+                back.put_response(b"r")
+            back.push_responses()
+        while front.unconsumed_responses():
+            front.get_response()
+        front.final_check_for_responses()
+    # one wake-up per batch of 32, not per request
+    assert front.statistics().notifications == 100
+    assert front.statistics().pushed == 3200
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_hostile_req_prod_is_caught(prod: int) -> None:
+    _, back, buf = make()
+    buf[:64].cast("Q")[0] = prod
+    if prod <= N:
+        assert back.unconsumed_requests() == prod
+    else:
+        with pytest.raises(RingError, match=r"req_prod=.* is invalid"):
+            back.unconsumed_requests()
+
+
+def test_backwards_index_and_bogus_responses() -> None:
+    front, back, buf = make()
+    for _ in range(4):
+        front.put_request(b"a")
+    front.push_requests()
+    for _ in range(4):
+        back.get_request()
+    buf[:64].cast("Q")[0] = 2  # the guest moves req_prod backwards
+    with pytest.raises(RingError, match="moved backwards or past the ring size"):
+        back.unconsumed_requests()
+    _, back2, _ = make()
+    with pytest.raises(RingError, match="response without a request"):
+        back2.put_response(b"r")
+    front3, _, buf3 = make()
+    buf3[:64].cast("Q")[2] = 3  # the backend claims responses nobody asked for
+    with pytest.raises(RingError, match="only 0 requests are outstanding"):
+        front3.unconsumed_responses()
+
+
+def test_request_is_copied_before_use() -> None:
+    front, back, buf = make()
+    front.put_request(b"original")
+    front.push_requests()
+    req = back.get_request()
+    buf[64:72] = b"changed!"  # the guest rewrites the slot afterwards
+    assert req[:8] == b"original"
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=60))
+def test_inflight_log_replays_in_order(ends: list[bool]) -> None:
+    buf = memoryview(bytearray(inflight_bytes(N, SLOT)))
+    log = InflightLog(buf, N, SLOT)
+    live: list[int] = []
+    for i, finish in enumerate(ends):
+        if len(live) == N:
+            log.end(live.pop(0))
+        log.begin(i, i.to_bytes(4, "little"))
+        live.append(i)
+        if finish:
+            log.end(live.pop(0))
+    # A replacement backend attaches to the same memory and sees exactly what is unfinished.
+    again = InflightLog(buf, N, SLOT)
+    pend = again.pending()
+    assert [r.index for r in pend] == live
+    assert [int.from_bytes(r.request[:4], "little") for r in pend] == live
+    assert all(a.seq < b.seq for a, b in itertools.pairwise(pend))
+    if live and len(live) < N:  # the next index's slot is free: its seq is newer than all
+        assert again.begin(live[-1] + 1, b"z") > pend[-1].seq
+
+
+@pytest.mark.timeout(60)
+def test_backend_in_another_process_over_shared_memory() -> None:
+    n, count = 16, 2000
+    seg = Segment(f"isovisor.test-ring.{id(object())}", ring_bytes(n, SLOT), create=True)
+    child = None
+    view = memoryview(seg.buf)
+    try:
+        front = FrontRing(view, n, SLOT)
+        code = textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+            from ipc.ring import BackRing
+            from ipc.shm import Segment
+            seg = Segment({seg.name!r}, 0, create=False)
+            back = BackRing(memoryview(seg.buf), {n}, {SLOT})
+            done = 0
+            while done < {count}:   # spin on the ring index: the event we wait for
+                while back.unconsumed_requests():
+                    req = back.get_request()
+                    back.put_response(req[:8][::-1])
+                    done += 1
+                back.push_responses()
+        """)
+        child = subprocess.Popen([sys.executable, "-c", code])
+        sent = got = 0
+        while got < count:
+            while sent < count and front.free_slots():
+                front.put_request(sent.to_bytes(8, "big"))
+                sent += 1
+            front.push_requests()
+            while front.unconsumed_responses():
+                assert front.get_response()[:8] == got.to_bytes(8, "big")[::-1]
+                got += 1
+            assert child.poll() in (None, 0), "backend process died"
+        assert child.wait(30) == 0
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        front = None  # drop the ring's views of the segment before unmapping it
+        view.release()
+        seg.close()
+        seg.unlink()
