@@ -23,7 +23,6 @@ from ipc.control import (
     pack,
     prop,
     serve_one,
-    unpack,
 )
 from isovisor.config import ConfigError, DomainConfig
 from kernel.hypervisor import Hypervisor
@@ -192,6 +191,3 @@ class KernelServer:
         self._running = False
         return {"domains": len(self.hv.domains)}
 
-
-def decode_event(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
-    return frames[0].decode(), unpack(frames[1])
