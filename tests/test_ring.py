@@ -204,7 +204,7 @@ def test_backend_in_another_process_over_shared_memory() -> None:
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
+        seg.unlink()  # first: even if unmapping fails below, nothing is left in /dev/shm
         front = None  # drop the ring's views of the segment before unmapping it
         view.release()
         seg.close()
-        seg.unlink()
