@@ -33,6 +33,7 @@ import psutil  # noqa: E402
 from ipc.control import Client  # noqa: E402
 from ipc.events import Subscriber, subscribe  # noqa: E402
 from isovisor.paths import RunDir, shm_prefix_for  # noqa: E402
+from isovisor.procs import reap  # noqa: E402
 
 ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
 
@@ -464,25 +465,6 @@ class PrivateStack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def reap(pids: list[int]) -> list[int]:
-    """Kill any of ``pids`` (and their children) still alive; return those that were."""
-    alive = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs = [p, *p.children(recursive=True)]
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except psutil.NoSuchProcess:
-            continue
-        alive.append(pid)
-        for q in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                q.kill()
-        psutil.wait_procs(procs, timeout=5)
-    return alive
 
 
 @contextlib.contextmanager

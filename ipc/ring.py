@@ -87,6 +87,16 @@ class _Side:
         slot[:len(data)] = data
         slot[len(data):] = bytes(self.slot_size - len(data))
 
+    def _push(self, prod: int, event: int, new: int) -> bool:
+        """RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new`` as the producer index at word
+        ``prod``; notify only if it passed the peer's ``event`` word."""
+        old = self._idx[prod]
+        self._idx[prod] = new
+        self.pushed += (new - old) & _MASK
+        notify = ((new - self._idx[event]) & _MASK) < ((new - old) & _MASK)
+        self.notifications += notify
+        return notify
+
     def statistics(self) -> RingStatistics:
         return RingStatistics(self.pushed, self.consumed, self.notifications,
                               self.peak_outstanding)
@@ -119,12 +129,7 @@ class FrontRing(_Side):
 
     def push_requests(self) -> bool:
         """Publish queued requests; True if the backend asked to be notified."""
-        old, new = self._idx[_REQ_PROD], self.req_prod_pvt
-        self._idx[_REQ_PROD] = new
-        self.pushed += (new - old) & _MASK
-        notify = ((new - self._idx[_REQ_EVENT]) & _MASK) < ((new - old) & _MASK)
-        self.notifications += notify
-        return notify
+        return self._push(_REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
 
     def unconsumed_responses(self) -> int:
         n = (self._idx[_RSP_PROD] - self.rsp_cons) & _MASK
@@ -197,12 +202,7 @@ class BackRing(_Side):
 
     def push_responses(self) -> bool:
         """Publish queued responses; True if the frontend asked to be notified."""
-        old, new = self._idx[_RSP_PROD], self.rsp_prod_pvt
-        self._idx[_RSP_PROD] = new
-        self.pushed += (new - old) & _MASK
-        notify = ((new - self._idx[_RSP_EVENT]) & _MASK) < ((new - old) & _MASK)
-        self.notifications += notify
-        return notify
+        return self._push(_RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
 
 
 # --- in-flight log ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +23,7 @@ if str(ROOT) not in sys.path:
 from ipc.control import Client  # noqa: E402
 from ipc.events import Subscriber, subscribe  # noqa: E402
 from isovisor.paths import RunDir  # noqa: E402
+from isovisor.procs import reap  # noqa: E402
 
 ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
 
@@ -122,37 +122,13 @@ def stack() -> Iterator[Stack]:
         if RunDir(s.run_dir).running_pid() is not None:
             with contextlib.suppress(Exception):
                 s.cli("down", timeout=40)
-        leaked = _reap(s.pids)
+        leaked = reap(s.pids)
         segs = [seg for pid in s.pids for seg in shm_segments(f"isovisor.{pid}.")]
         for seg in segs:
             (Path("/dev/shm") / seg).unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
         assert not leaked, f"processes left running after the test: {leaked}"
         assert not segs, f"shared-memory segments left behind: {segs}"
-
-
-def _reap(pids: list[int]) -> list[int]:
-    """Kill any of ``pids`` (and their children) still alive; return those that were."""
-    alive = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs = [p, *p.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        if p.status() == psutil.STATUS_ZOMBIE:
-            continue
-        alive.append(pid)
-        for q in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                q.kill()
-        psutil.wait_procs(procs, timeout=5)
-    return alive
-
-
-@pytest.fixture
-def tmp_cfg(tmp_path: Path) -> Path:
-    return tmp_path
 
 
 def wait_until(pred: Any, timeout: float = 30, what: str = "condition") -> Any:

@@ -1,0 +1,26 @@
+"""Process clean-up shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import psutil
+
+
+def reap(pids: list[int]) -> list[int]:
+    """Kill any of ``pids`` (and their children) still alive; return those that were."""
+    alive = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        alive.append(pid)
+        for q in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                q.kill()
+        psutil.wait_procs(procs, timeout=5)
+    return alive
