@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ipc import blkif
 from kernel import abi
 
 DOMAINS_DIR = Path(__file__).resolve().parent
@@ -43,6 +44,7 @@ RUNTIME_DIR = DOMAINS_DIR / "runtime"
 GUESTS_DIR = DOMAINS_DIR / "guests"
 LINKER_SCRIPT = RUNTIME_DIR / "guest.ld"
 HEADER_NAME = "isovisor_abi.h"
+BLKIF_HEADER_NAME = "isovisor_blkif.h"
 
 #: Bump when the build procedure changes in a way the hash would not see.
 BUILD_FORMAT = "isovisor-guest-build-1"
@@ -202,6 +204,11 @@ def abi_header() -> str:
     return abi.c_header()
 
 
+def generated_headers() -> dict[str, str]:
+    """Every generated header, by file name: the kernel ABI and the block protocol."""
+    return {HEADER_NAME: abi.c_header(), BLKIF_HEADER_NAME: blkif.c_header()}
+
+
 def runtime_sources() -> list[Path]:
     """The runtime files that are compiled and linked into every guest (.S and .c)."""
     return sorted(p for p in RUNTIME_DIR.iterdir() if p.suffix in (".c", ".S") and p.is_file())
@@ -232,7 +239,8 @@ def _cache_key(source: Path, toolchain: Toolchain) -> str:
     if source.parent != GUESTS_DIR:
         for p in sorted(source.parent.glob("*.h")):
             add(f"local/{p.name}", p.read_bytes())
-    add("header", abi_header().encode())
+    for hname, text in generated_headers().items():
+        add(f"header/{hname}", text.encode())
     add("flags", "\0".join([*CFLAGS, *LIBS]).encode())
     add("cc-args", "\0".join(toolchain.cc[1:]).encode())  # e.g. CC="gcc -march=..."
     add("toolchain", toolchain.version.encode())
@@ -263,7 +271,8 @@ def _compile(source: Path, name: str, cache_dir: Path, toolchain: Toolchain, key
             "make it writable or set ISOVISOR_CACHE_DIR to a writable directory"
         ) from e
     try:
-        (tmp / HEADER_NAME).write_text(abi_header())
+        for hname, text in generated_headers().items():
+            (tmp / hname).write_text(text)
         elf = tmp / f"{name}.elf"
         flat = tmp / f"{name}.bin"
         prefix_maps = {str(DOMAINS_DIR): ".", str(source.parent): ".", str(tmp): "."}

@@ -54,6 +54,32 @@ SI_NAME: Final = 0x40  # char[64], NUL-terminated
 SI_NAME_MAX: Final = 64
 SI_CMDLINE: Final = 0x80  # char[1024], NUL-terminated: the domain's `extra`
 SI_CMDLINE_MAX: Final = 1024
+SI_NR_DEVICES: Final = 0x500  # u64: entries in the device table
+SI_DEVICES: Final = 0x508  # device table: SI_MAX_DEVICES entries of DEV_ENTRY_SIZE bytes
+SI_MAX_DEVICES: Final = 16
+
+# --- device table entry (in the start-info page) -----------------------------
+DEV_ENTRY_SIZE: Final = 64
+DE_KIND: Final = 0x00  # u64: DEV_KIND_*
+DE_DEVID: Final = 0x08  # u64: device number (Xen vdev numbering: xvda = 51712)
+DE_PORT: Final = 0x10  # u64: event-channel port of the device (1..63)
+DE_REGION: Final = 0x18  # u64: guest-physical address of the device region
+DE_REGION_SIZE: Final = 0x20  # u64: bytes of the region mapped into the guest
+DE_NAME: Final = 0x28  # char[24], NUL-terminated: "xvda"
+DE_NAME_MAX: Final = 24
+DEV_KIND_VBD: Final = 1
+
+# --- device regions ----------------------------------------------------------
+#: Device regions are mapped far above guest RAM, one window per device.
+DEVICE_REGION_BASE: Final = 0x10_0000_0000
+DEVICE_REGION_STRIDE: Final = 0x1000_0000
+
+# --- shared-info page (event delivery) ---------------------------------------
+SH_UPCALL_MASK: Final = 0x00  # u64: non-zero = upcalls masked (guest-owned)
+SH_PENDING: Final = 0x08  # u64: ports delivered by upcalls; the guest clears what it handled
+SH_UPCALLS: Final = 0x10  # u64: upcalls delivered so far
+#: Event-channel ports are bits of a u64; port 0 is reserved.
+EVTCHN_PORTS: Final = 64
 
 # --- hypercall block (per vCPU) ---------------------------------------------
 HB_NR: Final = 0x00  # u64 hypercall number
@@ -68,7 +94,14 @@ HC_POLL: Final = 3  # (port_mask, timeout_ns) -> pending bits of mask, 0 on time
 HC_TIME: Final = 4  # () -> virtual ns since domain start (excludes paused time)
 HC_SHUTDOWN: Final = 5  # (reason, code) -> does not return
 HC_WATCHDOG: Final = 6  # (timeout_ms) -> 0.  Arm/re-arm; 0 disarms.
-HC_COUNT: Final = 7
+HC_SET_UPCALL: Final = 7  # (handler) -> 0.  Register the event upcall handler; 0 removes it.
+HC_UPCALL_RETURN: Final = 8  # () -> resumes the context the upcall interrupted
+HC_BLOCK: Final = 9  # (timeout_ns) -> unmask upcalls and sleep until an event (see docs)
+HC_EVTCHN_SEND: Final = 10  # (port) -> 0.  Notify the other end of a device's channel.
+HC_STORE_READ: Final = 11  # (path, path_len, buf, buf_len) -> value length
+HC_STORE_WRITE: Final = 12  # (path, path_len, value, value_len) -> 0
+HC_DEVICE_FAULT: Final = 13  # (port, code, msg, msg_len) -> 0.  Report a backend fault.
+HC_COUNT: Final = 14
 
 HYPERCALL_NAMES: Final[dict[int, str]] = {
     HC_NULL: "null",
@@ -78,7 +111,25 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     HC_TIME: "time",
     HC_SHUTDOWN: "shutdown",
     HC_WATCHDOG: "watchdog",
+    HC_SET_UPCALL: "set_upcall",
+    HC_UPCALL_RETURN: "upcall_return",
+    HC_BLOCK: "block",
+    HC_EVTCHN_SEND: "evtchn_send",
+    HC_STORE_READ: "store_read",
+    HC_STORE_WRITE: "store_write",
+    HC_DEVICE_FAULT: "device_fault",
 }
+
+#: Limits of the store hypercalls (bytes).
+STORE_PATH_MAX: Final = 256
+STORE_VALUE_MAX: Final = 4096
+
+# HC_DEVICE_FAULT codes: what the frontend caught its backend doing
+FAULT_UNKNOWN_ID: Final = 1  # a response whose id matches no request in flight
+FAULT_BAD_STATUS: Final = 2  # a status that is not OKAY / ERROR / EOPNOTSUPP
+FAULT_EXTRA_RESPONSE: Final = 3  # more responses published than requests outstanding
+FAULT_BAD_OP: Final = 4  # a response whose operation differs from its request's
+FAULT_HANDSHAKE: Final = 5  # the backend broke the connection handshake
 
 #: HC_POLL timeout meaning "wait forever".
 POLL_FOREVER: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -98,6 +149,9 @@ EFAULT: Final = _errno.EFAULT
 EINVAL: Final = _errno.EINVAL
 ENOSYS: Final = _errno.ENOSYS
 EMSGSIZE: Final = _errno.EMSGSIZE
+EACCES: Final = _errno.EACCES
+ENOTCONN: Final = _errno.ENOTCONN
+ERANGE: Final = _errno.ERANGE
 
 
 def c_header() -> str:
