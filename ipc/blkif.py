@@ -42,6 +42,7 @@ Responses::
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 SECTOR_SIZE: Final = 512
@@ -96,6 +97,148 @@ assert REQUEST_BYTES <= SLOT_SIZE and 64 + RING_SLOTS * SLOT_SIZE <= DATA_OFFSET
 
 OP_NAMES: Final[dict[int, str]] = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush",
                                    OP_DISCARD: "discard"}
+
+
+# --- decoding and encoding ---------------------------------------------------------------------
+# (No module-level upper-case integers below this line: c_header() exports every one of them.)
+
+#: segments[n] parsed in one call, for each possible count
+_SEGMENT_TABLES: Final = tuple(struct.Struct("<" + "II" * n) for n in range(MAX_SEGMENTS + 1))
+_ID_OP: Final = struct.Struct("<QB")
+_unpack_head = REQUEST_HEAD.unpack_from
+_pack_response = RESPONSE.pack
+
+
+class RequestError(Exception):
+    """A request the backend must refuse: ``status`` is the response status to send
+    (STATUS_ERROR or STATUS_EOPNOTSUPP), ``id`` and ``op`` echo the request's."""
+
+    def __init__(self, id: int, op: int, status: int, message: str) -> None:
+        super().__init__(message)
+        self.id = id
+        self.op = op
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated request.  ``nr_sectors`` is the number of sectors the request covers (the
+    segments' total for READ/WRITE, the discarded range for DISCARD, 0 for FLUSH);
+    ``segments`` are (offset in the region, length) pairs."""
+
+    id: int
+    op: int
+    sector: int
+    nr_sectors: int
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes moved through the region (0 for FLUSH and DISCARD)."""
+        return sum(length for _, length in self.segments)
+
+
+def _check_range(id: int, op: int, sector: int, count: int, sectors: int) -> None:
+    # Python integers do not overflow, but compare without forming sector + count anyway.
+    if sector > sectors or count > sectors - sector:
+        raise RequestError(id, op, STATUS_ERROR,
+                           f"sector {sector} + {count} sectors is beyond the disk's "
+                           f"{sectors} sectors")
+
+
+def decode_request(raw: bytes, *, window: int, sectors: int) -> Request:
+    """Parse and validate one request copied out of a ring slot.
+
+    ``window`` is the region size the guest sees (segments must lie in
+    ``[DATA_OFFSET, window)``), ``sectors`` the disk size.  Raises :class:`RequestError`
+    (carrying the request's id and op, so it can still be answered) for anything invalid, and
+    ValueError if ``raw`` is shorter than 16 bytes (not even an id and op to answer).
+    """
+    if len(raw) < RESPONSE_BYTES:
+        raise ValueError(f"a request needs at least {RESPONSE_BYTES} bytes to carry its id and "
+                         f"op; got {len(raw)}")
+    if len(raw) < REQ_SEGMENTS:
+        id, op = _ID_OP.unpack_from(raw)
+        raise RequestError(id, op, STATUS_ERROR,
+                           f"request is only {len(raw)} bytes; its header needs {REQ_SEGMENTS}")
+    id, op, nseg, _, nr_sectors, sector = _unpack_head(raw)
+    if op in (OP_READ, OP_WRITE):
+        if not 0 < nseg <= MAX_SEGMENTS:
+            if nseg == 0:
+                raise RequestError(id, op, STATUS_ERROR,
+                                   f"{OP_NAMES[op]} request with nr_segments 0: it must carry "
+                                   f"1..{MAX_SEGMENTS} segments")
+            raise RequestError(id, op, STATUS_ERROR,
+                               f"nr_segments {nseg} exceeds the maximum of {MAX_SEGMENTS}")
+        if len(raw) < REQ_SEGMENTS + nseg * SEGMENT_SIZE:
+            raise RequestError(id, op, STATUS_ERROR,
+                               f"request is only {len(raw)} bytes; {nseg} segments need "
+                               f"{REQ_SEGMENTS + nseg * SEGMENT_SIZE}")
+        flat = _SEGMENT_TABLES[nseg].unpack_from(raw, REQ_SEGMENTS)
+        segments = []
+        total = 0
+        for i in range(nseg):
+            off = flat[2 * i]
+            length = flat[2 * i + 1]
+            if (off < DATA_OFFSET or length > window - off or not length
+                    or (off | length) & (SECTOR_SIZE - 1)):
+                if not length:
+                    what = "has length 0"
+                elif (off | length) & (SECTOR_SIZE - 1):
+                    what = f"is not aligned to the {SECTOR_SIZE}-byte sector size"
+                else:
+                    what = (f"lies outside the data area {DATA_OFFSET:#x}..{window:#x} of the "
+                            "region")
+                raise RequestError(id, op, STATUS_ERROR,
+                                   f"segment {i} (offset {off:#x}, length {length}) {what}")
+            total += length
+            segments.append((off, length))
+        if total > MAX_REQUEST_BYTES:
+            raise RequestError(id, op, STATUS_ERROR,
+                               f"segments total {total} bytes, more than the maximum request of "
+                               f"{MAX_REQUEST_BYTES} bytes")
+        count = total // SECTOR_SIZE
+        _check_range(id, op, sector, count, sectors)
+        return Request(id, op, sector, count, tuple(segments))
+    if op in (OP_FLUSH, OP_DISCARD):
+        if nseg:
+            raise RequestError(id, op, STATUS_ERROR,
+                               f"{OP_NAMES[op]} request with nr_segments {nseg}: it must carry "
+                               "none")
+        if op == OP_FLUSH:  # its sector field means nothing: report 0
+            return Request(id, op, 0, 0, ())
+        if not nr_sectors:
+            raise RequestError(id, op, STATUS_ERROR, "discard of 0 sectors (nr_sectors 0)")
+        _check_range(id, op, sector, nr_sectors, sectors)
+        return Request(id, op, sector, nr_sectors, ())
+    raise RequestError(id, op, STATUS_EOPNOTSUPP,
+                       f"unknown operation {op} (supported: "
+                       + ", ".join(f"{v} {n}" for v, n in OP_NAMES.items()) + ")")
+
+
+def encode_request(id: int, op: int, sector: int = 0,
+                   segments: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (), *,
+                   nr_sectors: int = 0, nr_segments: int | None = None) -> bytes:
+    """Build a request (REQUEST_BYTES long).  ``nr_segments`` overrides the count written into
+    the header, to build malformed requests in tests; at most MAX_SEGMENTS are encoded."""
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(f"{len(segments)} segments: a request carries at most {MAX_SEGMENTS}")
+    n = len(segments) if nr_segments is None else nr_segments
+    buf = bytearray(REQUEST_BYTES)
+    REQUEST_HEAD.pack_into(buf, 0, id, op, n, 0, nr_sectors, sector)
+    for i, (off, length) in enumerate(segments):
+        SEGMENT.pack_into(buf, REQ_SEGMENTS + i * SEGMENT_SIZE, off, length)
+    return bytes(buf)
+
+
+def encode_response(id: int, op: int, status: int) -> bytes:
+    return _pack_response(id, op, 0, status, 0)
+
+
+def decode_response(raw: bytes) -> tuple[int, int, int]:
+    """(id, op, status) of a response."""
+    id, op, _, status, _ = RESPONSE.unpack_from(raw)
+    return id, op, status
 
 
 def c_header() -> str:

@@ -247,6 +247,45 @@ def list_(run_dir: RunDirOpt = None,
     out.print(t)
 
 
+@app.command()
+def devices(run_dir: RunDirOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+            ) -> None:
+    """List virtual disks as `xl block-list` does, with their handshake state and counters."""
+    devs = _call(_run_dir(run_dir), "devices")["devices"]
+    if as_json:
+        print(json.dumps(devs, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("Domain", "Vdev", "BE", "Port", "State(fe/be)", "Access", "Sectors", "Target",
+                "Requests", "Kicks", "Notifies", "Error"):
+        t.add_column(col)
+    for d in devs:
+        t.add_row(d["domain"], d["vdev"], d["backend"], str(d["port"]),
+                  f"{d['frontend_state']}/{d['backend_state']}", d["access"],
+                  str(d["sectors"]), str(d["target"]), str(d["requests"]), str(d["kicks"]),
+                  str(d["notifies"]), d["error"])
+    out.print(t)
+
+
+@app.command()
+def drivers(run_dir: RunDirOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+            ) -> None:
+    """List the stack's driver backends: isolation, process id, state."""
+    drvs = _call(_run_dir(run_dir), "drivers")["drivers"]
+    if as_json:
+        print(json.dumps(drvs, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("Name", "Module", "Isolation", "PID", "State", "Connected"):
+        t.add_column(col)
+    for d in drvs:
+        t.add_row(d["name"], d["module"], d["isolation"], str(d["pid"] or "-"), d["state"],
+                  "yes" if d["connected"] else "no")
+    out.print(t)
+
+
 def _uptime(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -350,6 +389,10 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
         cfg = load_domain_config(config)
     except ConfigError as e:
         fail(str(e))
+    if cfg.disks:
+        fail(f"{config}: domain {cfg.name} has disks, which need driver backends; `run` starts "
+             "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
+             "`isovisor create` and `isovisor console -f`")
     tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-", dir="/tmp"))
     rd = RunDir(tmp)
     try:

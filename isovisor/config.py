@@ -106,7 +106,144 @@ _DOMAIN_FIELDS: Final = {
     "extra": _Field(str, f"parameters passed to the guest, at most {abi.SI_CMDLINE_MAX - 1} "
                          "bytes", lambda v: None if len(v.encode()) < abi.SI_CMDLINE_MAX
                     else "is too long"),
+    "disk": _Field(list, 'virtual disks, xl.cfg style: ["target=data.img, vdev=xvda, '
+                         'access=rw, backend=blk0, size=64M"]'),
 }
+
+# --- disks (xl-disk-configuration subset: key=value form only) ------------------------------
+
+DISK_KEYS: Final = ("target", "vdev", "access", "backend", "size", "type", "format")
+_VDEV_RE: Final = re.compile(r"^xvd([a-z])$")
+_SIZE_RE: Final = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_DISKS: Final = 15
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One ``disk = [...]`` entry: a virtual block device served by a driver."""
+
+    vdev: str
+    backend: str
+    type: str = "file"  # file | memory
+    target: str | None = None  # absolute image path (file disks)
+    access: str = "rw"  # rw | ro
+    size: int | None = None  # bytes
+
+    @property
+    def devid(self) -> int:
+        """Xen's device number: xvda = 202 << 8, xvdb = (202 << 8) + 16, ..."""
+        return (202 << 8) + (ord(self.vdev[3]) - ord("a")) * 16
+
+    @property
+    def read_only(self) -> bool:
+        return self.access == "ro"
+
+
+def parse_size(text: str) -> int | None:
+    """``64M`` -> 67108864 (binary units K, M, G, T; plain digits are bytes)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        return None
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_disk(spec: str, where: str, base_dir: Path | None) -> DiskSpec:
+    """Parse one xl-style disk string; ``where`` names it in errors."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, val = part.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq:
+            raise ConfigError(f"{where}: {part!r} is not key=value; isovisor accepts only the "
+                              "key=value form, e.g. \"target=data.img, vdev=xvda, access=rw, "
+                              "backend=blk0, size=64M\"")
+        if key not in DISK_KEYS:
+            hint = difflib.get_close_matches(key, DISK_KEYS, n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{where}: unknown disk key {key!r}{did}; allowed: "
+                              f"{', '.join(DISK_KEYS)}")
+        if key in fields:
+            raise ConfigError(f"{where}: disk key {key!r} is given twice")
+        fields[key] = val
+    vdev = fields.get("vdev")
+    if vdev is None:
+        raise ConfigError(f"{where}: missing 'vdev' (the guest's device name, e.g. vdev=xvda)")
+    if not _VDEV_RE.match(vdev):
+        raise ConfigError(f"{where}: vdev={vdev!r} is not supported: use xvda .. xvdz")
+    access = {"rw": "rw", "w": "rw", "ro": "ro", "r": "ro"}.get(fields.get("access", "rw"))
+    if access is None:
+        raise ConfigError(f"{where}: access={fields['access']!r} must be rw (w) or ro (r)")
+    backend = fields.get("backend", "")
+    if not backend or _name(backend) is not None:
+        raise ConfigError(f"{where}: backend={backend!r} must name a driver declared in "
+                          "supervisor.toml as [driver.<name>], e.g. backend=blk0")
+    fmt = fields.get("format", "raw")
+    if fmt != "raw":
+        raise ConfigError(f"{where}: format={fmt!r} is not supported; only raw images are")
+    kind = fields.get("type", "file")
+    if kind not in ("file", "memory"):
+        raise ConfigError(f"{where}: type={kind!r} must be file or memory")
+    size = None
+    if "size" in fields:
+        size = parse_size(fields["size"])
+        if size is None or size <= 0 or size % 512:
+            raise ConfigError(f"{where}: size={fields['size']!r} must be a positive number of "
+                              "bytes with an optional K, M, G or T suffix and a multiple of 512")
+    target = fields.get("target")
+    if kind == "memory":
+        if target:
+            raise ConfigError(f"{where}: a type=memory disk has no target; remove target=")
+        if size is None:
+            raise ConfigError(f"{where}: a type=memory disk needs size=, e.g. size=16M")
+    else:
+        if not target:
+            raise ConfigError(f"{where}: missing 'target' (the image file, e.g. "
+                              "target=data.img; relative paths are relative to the config)")
+        path = Path(target).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        target = str(path.resolve())
+        if size is None and not Path(target).exists():
+            raise ConfigError(f"{where}: image {target} does not exist; give size= to have it "
+                              "created (sparse), e.g. size=64M")
+    return DiskSpec(vdev=vdev, backend=backend, type=kind, target=target, access=access,
+                    size=size)
+
+
+def _parse_disks(items: list[Any], where: str, base_dir: Path | None) -> tuple[DiskSpec, ...]:
+    if len(items) > MAX_DISKS:
+        raise ConfigError(f"{where}: {len(items)} disks; at most {MAX_DISKS} are supported")
+    disks: list[DiskSpec] = []
+    for i, item in enumerate(items):
+        here = f"{where}: disk[{i}]"
+        if isinstance(item, dict):  # from the wire: already parsed once
+            try:
+                d = DiskSpec(**item)
+            except TypeError as e:
+                raise ConfigError(f"{here}: {e}") from None
+            parse_disk(_disk_string(d), here, base_dir)  # re-validate every field
+        elif isinstance(item, str):
+            d = parse_disk(item, here, base_dir)
+        else:
+            raise ConfigError(f"{here} must be a string like \"target=data.img, vdev=xvda\", "
+                              f"got {item!r}")
+        if any(o.vdev == d.vdev for o in disks):
+            raise ConfigError(f"{here}: vdev {d.vdev} is used twice")
+        disks.append(d)
+    return tuple(disks)
+
+
+def _disk_string(d: DiskSpec) -> str:
+    parts = [f"vdev={d.vdev}", f"backend={d.backend}", f"type={d.type}", f"access={d.access}"]
+    if d.target:
+        parts.append(f"target={d.target}")
+    if d.size is not None:
+        parts.append(f"size={d.size}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -124,6 +261,7 @@ class DomainConfig:
     on_reboot: str = "restart"
     on_crash: str = "destroy"
     extra: str = ""
+    disks: tuple[DiskSpec, ...] = ()
     source: str = ""  # the file this came from, for messages
 
     @classmethod
@@ -137,10 +275,15 @@ class DomainConfig:
                 image_path = str(resolve_image(data["image"], base_dir or Path.cwd()))
             except BuildError as e:
                 raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
-        return cls(**data, image_path=image_path, source=where)
+        data = dict(data)
+        disks = _parse_disks(data.pop("disk", []), where, base_dir)
+        return cls(**data, disks=disks, image_path=image_path, source=where)
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        wire = asdict(self)
+        wire["disk"] = [asdict(d) for d in self.disks]
+        del wire["disks"]
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> DomainConfig:
@@ -154,7 +297,9 @@ class DomainConfig:
             raise ConfigError(f"{source}: domain config has no resolved 'image_path'")
         if not isinstance(source, str):
             raise ConfigError("domain config 'source' must be a string")
-        return cls(**{**_validated(data, source), "image_path": image_path, "source": source})
+        data = _validated(data, source)
+        disks = _parse_disks(data.pop("disk", []), source, None)
+        return cls(**{**data, "disks": disks, "image_path": image_path, "source": source})
 
 
 def _validated(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -184,8 +329,27 @@ _DOMAINS_FIELDS: Final = {
 _TOP_FIELDS: Final = {
     "supervisor": _Field(dict, "[supervisor] table"),
     "kernel": _Field(dict, "[kernel] table"),
+    "driver": _Field(dict, "[driver.<name>] tables: driver backends"),
     "domains": _Field(dict, "[domains] table"),
 }
+ISOLATIONS: Final = ("process", "inline")
+_DRIVER_FIELDS: Final = {
+    "module": _Field(str, "Python module of the backend, e.g. drivers.blk"),
+    "isolation": _Field(str, "process (own OS process, the default) or inline (a thread of the "
+                             "kernel process, for comparison)", _choice(ISOLATIONS)),
+    "options": _Field(dict, "backend options, passed to the driver"),
+}
+_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """One ``[driver.<name>]`` table: a backend the supervisor starts before any domain."""
+
+    name: str
+    module: str
+    isolation: str = "process"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,6 +365,7 @@ class StackConfig:
     name: str = "default"
     run_dir: str = ""
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    drivers: tuple[DriverConfig, ...] = ()
     domains: tuple[str, ...] = ()  # absolute paths of domain config files
     source: str = ""
 
@@ -229,8 +394,24 @@ def load_stack_config(path: str | Path) -> StackConfig:
     if run_dir:
         run_dir = str((path.parent / run_dir).resolve())
     return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
-                       kernel=KernelConfig(**kern), domains=tuple(start),
-                       source=str(path.resolve()))
+                       kernel=KernelConfig(**kern), drivers=_drivers(data, where),
+                       domains=tuple(start), source=str(path.resolve()))
+
+
+def _drivers(data: dict[str, Any], where: str) -> tuple[DriverConfig, ...]:
+    out = []
+    for name, table in data.get("driver", {}).items():
+        here = f"{where} [driver.{name}]"
+        if (msg := _name(name)) is not None:
+            raise ConfigError(f"{here}: the driver name {msg}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{here}: must be a table with module = \"...\"")
+        _check_table(here, table, _DRIVER_FIELDS, required=("module",))
+        if not _MODULE_RE.match(table["module"]):
+            raise ConfigError(f"{here}: module = {table['module']!r} is not a Python module "
+                              "name (e.g. drivers.blk)")
+        out.append(DriverConfig(name=name, **table))
+    return tuple(out)
 
 
 def default_run_dir() -> Path:

@@ -14,6 +14,7 @@ import psutil
 
 from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.shm import sweep
+from isovisor.driverproc import child_env
 from isovisor.paths import RunDir
 
 START_TIMEOUT_S = 30.0
@@ -43,12 +44,11 @@ class KernelProcess:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "kernel", "--control", self.run_dir.kernel_control,
-               "--events", self.run_dir.kernel_events, "--shm-prefix", self.shm_prefix,
+               "--events", self.run_dir.kernel_events, "--drivers", self.run_dir.kernel_drivers,
+               "--shm-prefix", self.shm_prefix,
                "--pcpus", str(self.pcpus), "--timeslice-ms", str(self.timeslice_ms),
                "--parent-pid", str(os.getpid())]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        env = child_env()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env, start_new_session=True)

@@ -35,6 +35,17 @@ class RunDir:
         return f"ipc://{self.path / 'kernel-events.sock'}"
 
     @property
+    def kernel_drivers(self) -> str:
+        """Where the kernel receives driver messages."""
+        return f"ipc://{self.path / 'kernel-drivers.sock'}"
+
+    def driver_endpoint(self, name: str) -> str:
+        return f"ipc://{self.path / f'driver-{name}.sock'}"
+
+    def driver_log(self, name: str) -> Path:
+        return self.path / f"driver-{name}.log"
+
+    @property
     def pidfile(self) -> Path:
         return self.path / "supervisor.pid"
 
@@ -47,8 +58,10 @@ class RunDir:
         return self.path / "kernel.log"
 
     def sockets(self) -> list[Path]:
-        return [self.path / n for n in ("control.sock", "events.sock", "kernel.sock",
-                                        "kernel-events.sock")]
+        """Every socket file of the stack (including drivers' that exist now)."""
+        fixed = [self.path / n for n in ("control.sock", "events.sock", "kernel.sock",
+                                         "kernel-events.sock", "kernel-drivers.sock")]
+        return fixed + sorted(self.path.glob("driver-*.sock"))
 
     def prepare(self) -> None:
         longest = max(len(str(p)) for p in self.sockets())

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,16 @@ from ipc.control import (
     serve_one,
 )
 from ipc.events import Subscriber, subscribe
-from isovisor.config import ConfigError, StackConfig, load_domain_config
+from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig, load_domain_config
+from isovisor.driverproc import DriverProcess
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, shm_prefix_for
 
 log = logging.getLogger("isovisor.supervisor")
 
 EventSink = Callable[[str, dict[str, Any]], None]
+#: How long a driver may take from start to its hello reaching the kernel.
+DRIVER_START_TIMEOUT_S = 20.0
 
 
 class Supervisor:
@@ -47,11 +51,14 @@ class Supervisor:
                                     timeslice_ms=cfg.kernel.timeslice_ms)
         self._running = True
         self.exit_status = 0
+        self.drivers: dict[str, DriverProcess] = {}
+        self.driver_state: dict[str, str] = {d.name: "stopped" for d in cfg.drivers}
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
             "ping": self._ping, "status": self._ping, "list": self._forward,
             "console": self._forward, "destroy": self._forward, "pause": self._forward,
             "unpause": self._forward, "create": self._create, "down": self._down,
-            "sync": self._sync,
+            "sync": self._sync, "devices": self._forward, "store": self._forward,
+            "drivers": self._drivers,
         }
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -81,6 +88,13 @@ class Supervisor:
             self.ksub = subscribe(rd.kernel_events, [""], self.kernel.client)
             self._publish("supervisor.kernel.started", {"pid": self.kernel.pid})
             log.info("kernel started (pid %s)", self.kernel.pid)
+            for drv in self.cfg.drivers:  # drivers first: domains attach to them
+                try:
+                    self._start_driver(drv)
+                except ControlError as e:
+                    log.error("%s", e)
+                    self.driver_state[drv.name] = "failed"
+                    self._publish(f"supervisor.driver.{drv.name}.failed", {"reason": str(e)})
             for path in self.cfg.domains:
                 try:
                     self._create_from(path)
@@ -116,6 +130,7 @@ class Supervisor:
                 self._relay_events()
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
+            self._check_drivers()
             if not self.kernel.alive():
                 code = self.kernel.proc.returncode if self.kernel.proc else None
                 log.error("kernel exited unexpectedly (status %s); stopping the stack.\n%s",
@@ -125,7 +140,9 @@ class Supervisor:
                 self._running = False
 
     def _teardown(self) -> None:
-        self.kernel.stop()
+        self.kernel.stop()  # destroys the domains, which detaches their devices
+        for drv in self.drivers.values():
+            drv.stop()
         self._relay_events()
         self._publish("supervisor.down", {"pid": os.getpid()})
         if self.ksub is not None:
@@ -138,18 +155,87 @@ class Supervisor:
         self.run_dir.pidfile.unlink(missing_ok=True)
         log.info("stack stopped")
 
+    # -- drivers -------------------------------------------------------------------------------
+    def _start_driver(self, drv: DriverConfig) -> None:
+        """Start one driver and wait for the kernel to announce it ready."""
+        proc: DriverProcess | None = None
+        if drv.isolation == "inline":
+            self.kernel.call("driver_load", timeout=30.0, name=drv.name, module=drv.module,
+                             options=drv.options)
+        else:
+            proc = DriverProcess(drv, self.run_dir)
+            proc.start()
+            self.drivers[drv.name] = proc
+        deadline = time.monotonic() + DRIVER_START_TIMEOUT_S
+        assert self.ksub is not None
+        while True:
+            left = deadline - time.monotonic()
+            ev = self.ksub.recv(min(0.1, max(left, 0)))
+            if ev is not None:
+                self._relay(*ev)
+                if ev[0] == f"driver.{drv.name}.ready":
+                    break
+            if proc is not None and not proc.alive():
+                assert proc.proc is not None
+                raise ControlError(f"driver {drv.name} ({drv.module}) exited with status "
+                                   f"{proc.proc.returncode} while starting; its log "
+                                   f"{proc.log_path} ends with:\n{proc.log_tail()}")
+            if left <= 0:
+                if proc is not None:
+                    proc.stop()
+                raise ControlError(f"driver {drv.name} ({drv.module}) did not connect to the "
+                                   f"kernel within {DRIVER_START_TIMEOUT_S:g}s; see "
+                                   f"{self.run_dir.driver_log(drv.name)}")
+        self.driver_state[drv.name] = "running"
+        log.info("driver %s started (%s, pid %s)", drv.name, drv.isolation,
+                 proc.pid if proc else self.kernel.pid)
+
+    def _check_drivers(self) -> None:
+        for name, proc in self.drivers.items():
+            if self.driver_state[name] == "running" and not proc.alive():
+                assert proc.proc is not None
+                code = proc.proc.returncode
+                self.driver_state[name] = "exited"
+                log.error("driver %s exited (status %s); its devices stop being served.\n%s",
+                          name, code, proc.log_tail())
+                self._publish(f"supervisor.driver.{name}.exited", {"status": code,
+                                                                    "pid": proc.pid})
+
+    def _drivers(self, req: Request) -> dict[str, Any]:
+        connected = {d["name"]: d for d in self.kernel.call("drivers")["drivers"]}
+        out = []
+        for d in self.cfg.drivers:
+            proc = self.drivers.get(d.name)
+            pid = proc.pid if proc else connected.get(d.name, {}).get("pid")
+            out.append({"name": d.name, "module": d.module, "isolation": d.isolation,
+                        "state": self.driver_state[d.name], "pid": pid,
+                        "connected": d.name in connected})
+        return {"drivers": out}
+
+    def _check_disks(self, cfg: DomainConfig) -> None:
+        declared = {d.name for d in self.cfg.drivers}
+        for disk in cfg.disks:
+            if disk.backend not in declared:
+                raise ControlError(
+                    f"{cfg.source}: disk {disk.vdev} uses backend {disk.backend!r}, which "
+                    f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
+                    f"{', '.join(sorted(declared)) or 'none'}); add [driver.{disk.backend}] "
+                    "or fix backend=")
+
     # -- events --------------------------------------------------------------------------------
     def _relay_events(self) -> None:
         if self.ksub is None:
             return
         while (ev := self.ksub.recv(0)) is not None:
-            topic, payload = ev
-            self.pub.send_multipart([topic.encode(), pack(payload)])
-            if self.on_event is not None:
-                try:
-                    self.on_event(topic, payload)
-                except Exception:
-                    log.exception("event printer failed")
+            self._relay(*ev)
+
+    def _relay(self, topic: str, payload: dict[str, Any]) -> None:
+        self.pub.send_multipart([topic.encode(), pack(payload)])
+        if self.on_event is not None:
+            try:
+                self.on_event(topic, payload)
+            except Exception:
+                log.exception("event printer failed")
 
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         self.pub.send_multipart([topic.encode(), pack(payload)])
@@ -181,6 +267,7 @@ class Supervisor:
             cfg = load_domain_config(path)
         except ConfigError as e:
             raise ControlError(str(e)) from None
+        self._check_disks(cfg)
         reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire())
         return {"domid": reply["domid"], "name": reply["name"]}
 

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernel", description="isovisor kernel process")
     ap.add_argument("--control", required=True, help="ZeroMQ endpoint to bind for commands")
     ap.add_argument("--events", required=True, help="ZeroMQ endpoint to bind for events")
+    ap.add_argument("--drivers", default=None,
+                    help="ZeroMQ endpoint to bind for driver messages (docs/devices.md)")
     ap.add_argument("--shm-prefix", required=True, help="name prefix of shared-memory segments")
     ap.add_argument("--pcpus", type=int, default=2)
     ap.add_argument("--timeslice-ms", type=int, default=10)
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     server = KernelServer(control=args.control, events=args.events, pcpus=args.pcpus,
-                          timeslice_ms=args.timeslice_ms, shm_prefix=args.shm_prefix)
+                          timeslice_ms=args.timeslice_ms, shm_prefix=args.shm_prefix,
+                          drivers=args.drivers)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     logging.getLogger("isovisor.kernel").info("kernel up: %d pCPUs, %d ms slices", args.pcpus,
                                               args.timeslice_ms)

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RIP, UC_X86_REG_RSP
+
+from ipc.store import StoreError
 from isovisor.config import DomainConfig
 from kernel import abi
 from kernel.memory import GuestMemory
 from kernel.vcpu import VCpu
 
 if TYPE_CHECKING:
+    from kernel.devices import Device, DeviceManager
     from kernel.scheduler import Scheduler
 
 log = logging.getLogger("isovisor.kernel")
@@ -30,8 +34,16 @@ CONSOLE_HISTORY_BYTES: Final = 64 * 1024
 _W_NR: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_NR) // 8
 _W_ARG0: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_ARGS) // 8
 _W_RET: Final = (abi.HCALL_BLOCK_ADDR + abi.HB_RET) // 8
+_W_SH: Final = abi.SHARED_INFO_ADDR // 8
+_W_UPCALL_MASK: Final = _W_SH + abi.SH_UPCALL_MASK // 8
+_W_PENDING: Final = _W_SH + abi.SH_PENDING // 8
+_W_UPCALLS: Final = _W_SH + abi.SH_UPCALLS // 8
 #: How many bad hypercalls per domain are logged in full before logging is thinned out.
 _BAD_CALLS_LOGGED: Final = 20
+#: Bytes below the interrupted rsp that an upcall frame skips (the SysV red zone).
+_RED_ZONE: Final = 128
+#: A hypercall handler returning this leaves the result word alone (HC_UPCALL_RETURN).
+NO_RESULT: Final = object()
 
 
 class ImageError(Exception):
@@ -108,9 +120,21 @@ class Domain:
         self._console = bytearray()
         self._console_end = 0  # total bytes ever written
         self.bad_calls = 0
-        self._handlers: tuple[Callable[[], int] | None, ...] = (
+        # devices and upcalls
+        self.devices: dict[int, Device] = {}  # by port
+        self.device_manager: DeviceManager | None = None
+        self.upcall_handler = 0
+        self.in_upcall = False
+        self.blocking = False  # in HC_BLOCK (guarded by sched.lock)
+        self.upcalls = 0
+        self._upcall_saved: tuple[Any, bytes] | None = None
+        self._upcall_return = False
+        self._handlers: tuple[Callable[[], Any] | None, ...] = (
             None, self._hc_console_write, self._hc_yield, self._hc_poll, self._hc_time,
-            self._hc_shutdown, self._hc_watchdog)
+            self._hc_shutdown, self._hc_watchdog, self._hc_set_upcall, self._hc_upcall_return,
+            self._hc_block, self._hc_evtchn_send, self._hc_store_read, self._hc_store_write,
+            self._hc_device_fault)
+        assert len(self._handlers) == abi.HC_COUNT
 
     # -- set-up --------------------------------------------------------------------------------
     def _write_start_info(self, image_size: int) -> None:
@@ -151,7 +175,8 @@ class Domain:
             self.sched.request_exit(self, Exit("crash", f"kernel error in hypercall "
                                                f"{abi.HYPERCALL_NAMES.get(nr, nr)}: {e}"))
             ret = -abi.EINVAL
-        w[_W_RET] = ret & U64
+        if ret is not NO_RESULT:
+            w[_W_RET] = ret & U64
 
     def arg(self, i: int) -> int:
         return self._w[_W_ARG0 + i]
@@ -211,6 +236,160 @@ class Domain:
         self.sched.arm_watchdog(self, ms * 1_000_000)
         return 0
 
+    # -- event delivery: upcalls ----------------------------------------------------------------
+    def upcalls_masked(self) -> bool:
+        return self._w[_W_UPCALL_MASK] != 0
+
+    def _hc_set_upcall(self) -> int:
+        handler = self.arg(0)
+        if handler and not self.mem.check(handler, 1):
+            return self.bad_call(f"set_upcall handler {handler:#x} is outside guest RAM",
+                                 -abi.EFAULT)
+        self.upcall_handler = handler
+        return 0
+
+    def _hc_upcall_return(self) -> Any:
+        if not self.in_upcall:
+            return self.bad_call("upcall_return outside an upcall", -abi.EINVAL)
+        self._upcall_return = True
+        self.vcpu.stop()  # the saved context is restored before the guest runs again
+        return NO_RESULT
+
+    def _hc_block(self) -> int:
+        self._w[_W_UPCALL_MASK] = 0  # unmask and block, atomically for the guest
+        return self.sched.block(self, self.arg(0))
+
+    def before_resume(self) -> None:
+        """On the owning pCPU thread, guest stopped: finish a blocking hypercall, end an
+        upcall the guest returned from, and deliver pending events as an upcall."""
+        if self.polling:
+            self.sched.finish_poll(self)
+        if self._upcall_return:
+            self._end_upcall()
+        if self.upcall_handler and not self.in_upcall and self.pending:
+            bits = self.sched.take_upcall_bits(self)
+            if bits:
+                self._begin_upcall(bits)
+
+    def _begin_upcall(self, bits: int) -> None:
+        uc = self.vcpu.uc
+        assert uc is not None
+        uc.reg_write(UC_X86_REG_RIP, self.vcpu.rip)
+        rsp = uc.reg_read(UC_X86_REG_RSP)
+        frame = ((rsp - _RED_ZONE) & ~15) - 8
+        if not self.mem.check(frame, 8):
+            self.sched.request_exit(self, Exit("crash", f"cannot deliver an upcall: the stack "
+                                                        f"pointer {rsp:#x} is outside guest RAM"))
+            return
+        self._upcall_saved = (uc.context_save(), bytes(
+            self.mem.bytes[abi.HCALL_BLOCK_ADDR:abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE]))
+        w = self._w
+        w[_W_PENDING] |= bits
+        w[_W_UPCALL_MASK] = 1
+        w[_W_UPCALLS] = (w[_W_UPCALLS] + 1) & U64
+        w[frame // 8] = 0  # return address: a handler that returns crashes at 0, clearly
+        uc.reg_write(UC_X86_REG_RSP, frame)
+        uc.reg_write(UC_X86_REG_RDI, bits)
+        self.in_upcall = True
+        self.upcalls += 1
+        self.vcpu.rip = self.upcall_handler
+
+    def _end_upcall(self) -> None:
+        self._upcall_return = False
+        saved, self._upcall_saved = self._upcall_saved, None
+        uc = self.vcpu.uc
+        assert saved is not None and uc is not None
+        ctx, block = saved
+        uc.context_restore(ctx)
+        self.mem.bytes[abi.HCALL_BLOCK_ADDR:abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE] = block
+        self._w[_W_UPCALL_MASK] = 0
+        self.in_upcall = False
+        self.vcpu.rip = uc.reg_read(UC_X86_REG_RIP)
+
+    # -- devices -------------------------------------------------------------------------------
+    def _device_arg(self, what: str) -> Device | int:
+        port = self.arg(0)
+        dev = self.devices.get(port)
+        if dev is None:
+            ports = ", ".join(str(p) for p in sorted(self.devices)) or "none"
+            return self.bad_call(f"{what} on port {port}, which is not bound (ports: {ports})",
+                                 -abi.EINVAL)
+        return dev
+
+    def _hc_evtchn_send(self) -> int:
+        dev = self._device_arg("evtchn_send")
+        if isinstance(dev, int):
+            return dev
+        assert self.device_manager is not None
+        return self.device_manager.kick(dev)
+
+    def _guest_string(self, ptr: int, length: int, limit: int, what: str) -> str | int:
+        if length > limit:
+            return self.bad_call(f"{what} of {length} bytes exceeds {limit}", -abi.E2BIG)
+        if not self.mem.check(ptr, length):
+            return self.bad_call(f"{what} {ptr:#x}+{length} is outside guest RAM", -abi.EFAULT)
+        try:
+            return bytes(self.mem.bytes[ptr:ptr + length]).decode()
+        except UnicodeDecodeError:
+            return self.bad_call(f"{what} is not UTF-8", -abi.EINVAL)
+
+    def _store_path(self) -> str | int:
+        path = self._guest_string(self.arg(0), self.arg(1), abi.STORE_PATH_MAX, "store path")
+        if isinstance(path, int):
+            return path
+        return path if path.startswith("/") else f"/local/domain/{self.domid}/{path}"
+
+    def _hc_store_read(self) -> int:
+        path = self._store_path()
+        if isinstance(path, int):
+            return path
+        dm = self.device_manager
+        if dm is None:
+            return -abi.ENOENT  # a domain without devices has nothing in the store
+        if not dm.guest_may_read(self, path):
+            return -abi.EACCES
+        buf, size = self.arg(2), self.arg(3)
+        if not self.mem.check(buf, size):
+            return self.bad_call(f"store_read buffer {buf:#x}+{size} is outside guest RAM",
+                                 -abi.EFAULT)
+        try:
+            if not dm.store.exists(path):
+                return -abi.ENOENT
+            value = dm.store.read(path).encode()
+        except StoreError as e:  # a malformed path
+            return self.bad_call(f"store_read: {e}", -abi.EINVAL)
+        n = min(size, len(value))
+        self.mem.bytes[buf:buf + n] = value[:n]
+        return len(value)
+
+    def _hc_store_write(self) -> int:
+        path = self._store_path()
+        if isinstance(path, int):
+            return path
+        value = self._guest_string(self.arg(2), self.arg(3), abi.STORE_VALUE_MAX, "store value")
+        if isinstance(value, int):
+            return value
+        dm = self.device_manager
+        if dm is None or not dm.guest_may_write(self, path):
+            return self.bad_call(f"store_write to {path}: a guest may write only below "
+                                 f"/local/domain/{self.domid}/device/", -abi.EACCES)
+        try:
+            dm.store.write(path, value)
+        except StoreError as e:
+            return self.bad_call(f"store_write: {e}", -abi.EINVAL)
+        return 0
+
+    def _hc_device_fault(self) -> int:
+        dev = self._device_arg("device_fault")
+        if isinstance(dev, int):
+            return dev
+        msg = self._guest_string(self.arg(2), min(self.arg(3), 512), 512, "device_fault message")
+        if isinstance(msg, int):
+            return msg
+        assert self.device_manager is not None
+        self.device_manager.frontend_fault(dev, self.arg(1), msg)
+        return 0
+
     # -- console -------------------------------------------------------------------------------
     def console_append(self, data: bytes) -> None:
         with self._console_lock:
@@ -251,6 +430,7 @@ class Domain:
             "restarts": self.restarts, "image": self.config.image,
             "exit_kind": e.kind if e else None, "reason": e.reason if e else None,
             "exit_code": e.code if e else None, "bad_hypercalls": self.bad_calls,
+            "devices": [d.spec.vdev for d in self.devices.values()], "upcalls": self.upcalls,
         }
 
     # -- teardown ------------------------------------------------------------------------------

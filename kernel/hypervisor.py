@@ -15,6 +15,7 @@ from typing import Any, Final
 from ipc.control import AlreadyExists, ControlError, NotFound
 from ipc.shm import SegmentError
 from isovisor.config import DomainConfig
+from kernel.devices import DeviceManager
 from kernel.domain import Domain, Emit, Exit, ImageError
 from kernel.scheduler import Scheduler
 
@@ -36,6 +37,7 @@ class Hypervisor:
         self._restart_times: dict[str, deque[float]] = {}
         self.sched = Scheduler(pcpus, timeslice_ms * 1_000_000, self._on_exit)
         self.sched.start()
+        self.devices: DeviceManager | None = None  # set by the server once drivers can connect
 
     # -- lookup --------------------------------------------------------------------------------
     def find(self, ref: str | int) -> Domain:
@@ -59,6 +61,11 @@ class Hypervisor:
                 other = self.domains[config.name]
                 raise AlreadyExists(f"a domain named {config.name!r} already exists (id "
                                     f"{other.domid}); destroy it first or choose another name")
+            dm = self.devices
+            if config.disks:
+                if dm is None:
+                    raise ControlError("this kernel has no driver channel; disks are unavailable")
+                dm.check_backends(config.disks, config.source)
             domid = self._next_domid
             self._next_domid += 1
             try:
@@ -69,7 +76,17 @@ class Hypervisor:
             except Exception as e:
                 log.exception("creating domain %s failed", config.name)
                 raise ControlError(f"cannot create domain {config.name!r}: {e}") from None
+            if config.disks:
+                assert dm is not None
+                try:
+                    dm.create(dom)
+                except BaseException:
+                    dom.teardown()
+                    raise
             self.domains[config.name] = dom
+        if dom.devices:
+            assert self.devices is not None
+            self.devices.connect(dom)
         log.info("domain %s (id %d) created: %s, %d MiB, weight %d, cap %d", config.name, domid,
                  config.image, config.memory, config.weight, config.cap)
         self.emit(f"domain.{config.name}.created", {"domid": domid, "restarts": restarts})
@@ -154,6 +171,8 @@ class Hypervisor:
         if dom.exit is None:
             dom.exit = exit
         dom.teardown()
+        if dom.devices and self.devices is not None:
+            self.devices.remove(dom)
         # kind/code: what ended the domain (e.g. crash); reason: why it is now freed.
         self.emit(f"domain.{dom.name}.destroyed", {"domid": dom.domid, "reason": exit.reason,
                                                    "kind": dom.exit.kind,

@@ -43,6 +43,7 @@ MAX_SLICE_NS: Final = 100_000_000
 #: A woken domain preempts a running one only after it has run this long (credit2 ratelimit).
 RATELIMIT_NS: Final = 1_000_000
 _TICK_MAX_NS: Final = 50_000_000
+_ALL_PORTS: Final = (1 << abi.EVTCHN_PORTS) - 1
 
 
 class PCpu:
@@ -65,8 +66,7 @@ class PCpu:
             if dom.action is not None:
                 sched.exit_domain(self, dom)
                 continue
-            if dom.polling:
-                sched.finish_poll(dom)
+            dom.before_resume()
             t0 = time.thread_time_ns()
             dom.vcpu.run()
             used = time.thread_time_ns() - t0
@@ -185,21 +185,61 @@ class Scheduler:
         dom.vcpu.stop()
         return 0
 
-    def finish_poll(self, dom: Domain) -> None:
-        """Write the result of a completed HC_POLL before the guest resumes (its pCPU only)."""
+    def block(self, dom: Domain, timeout_ns: int) -> int:
+        """HC_BLOCK: sleep until any event is pending.  With an upcall handler the events stay
+        pending for delivery by upcall; without one they are taken and returned."""
         with self.lock:
-            hit = dom.pending & dom.poll_mask
-            dom.pending &= ~dom.poll_mask
-            dom.polling = False
+            if dom.pending:
+                if dom.upcall_handler:
+                    dom.vcpu.stop()  # deliver the upcall before the guest goes on
+                    return 0
+                hit, dom.pending = dom.pending, 0
+                return hit
+            if timeout_ns == 0:
+                return 0
+            dom.runnable = False
+            dom.polling = True
+            dom.blocking = bool(dom.upcall_handler)
+            dom.poll_mask = _ALL_PORTS
+            if timeout_ns != abi.POLL_FOREVER:
+                self._arm_timer(dom, time.monotonic_ns() + timeout_ns)
+            else:
+                dom.wake_at = None
+        dom.vcpu.stop()
+        return 0
+
+    def finish_poll(self, dom: Domain) -> None:
+        """Write the result of a completed HC_POLL or HC_BLOCK before the guest resumes (its
+        pCPU only)."""
+        with self.lock:
+            if dom.blocking:
+                hit = 0  # left pending: the upcall delivers them
+            else:
+                hit = dom.pending & dom.poll_mask
+                dom.pending &= ~dom.poll_mask
+            dom.polling = dom.blocking = False
             dom.poll_mask = 0
         dom._w[(abi.HCALL_BLOCK_ADDR + abi.HB_RET) // 8] = hit
 
+    def take_upcall_bits(self, dom: Domain) -> int:
+        """Pending bits to deliver by upcall now, or 0 if upcalls are masked."""
+        with self.lock:
+            if not dom.pending or dom.upcalls_masked():
+                return 0
+            bits, dom.pending = dom.pending, 0
+            return bits
+
     def notify(self, dom: Domain, bits: int) -> None:
-        """Raise event bits for ``dom``; wake it if it is polling for any of them."""
+        """Raise event bits for ``dom``; wake it if it waits for any of them, or stop its vCPU
+        so an upcall is delivered now rather than at the end of its slice."""
         with self.lock:
             dom.pending |= bits
-            if dom.polling and not dom.runnable and dom.pending & dom.poll_mask:
-                self._wake(dom, time.monotonic_ns())
+            if dom.polling and not dom.runnable:
+                if dom.pending & dom.poll_mask:
+                    self._wake(dom, time.monotonic_ns())
+            elif (dom.on_cpu and dom.upcall_handler and not dom.in_upcall
+                  and dom.exit is None and not dom.upcalls_masked()):
+                dom.vcpu.stop()
 
     def arm_watchdog(self, dom: Domain, timeout_ns: int) -> None:
         with self.lock:

@@ -24,7 +24,10 @@ from ipc.control import (
     prop,
     serve_one,
 )
+from ipc.store import Store, StoreError
 from isovisor.config import ConfigError, DomainConfig
+from kernel.devices import DeviceManager
+from kernel.drivers import DriverHub
 from kernel.hypervisor import Hypervisor
 
 log = logging.getLogger("isovisor.kernel")
@@ -87,7 +90,7 @@ class EventBus:
 
 class KernelServer:
     def __init__(self, *, control: str, events: str, pcpus: int, timeslice_ms: int,
-                 shm_prefix: str) -> None:
+                 shm_prefix: str, drivers: str | None = None) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -100,11 +103,19 @@ class KernelServer:
         self.bus = EventBus(self.ctx)
         self.hv = Hypervisor(pcpus=pcpus, timeslice_ms=timeslice_ms, shm_prefix=shm_prefix,
                              emit=self.bus.emit)
+        self.store = Store()
+        self.hub = DriverHub(self.ctx, [drivers] if drivers else [],
+                             on_message=self._on_driver_message, on_hello=self._on_driver_hello)
+        self.hv.devices = DeviceManager(sched=self.hv.sched, emit=self.bus.emit,
+                                        shm_prefix=shm_prefix, hub=self.hub, store=self.store)
+        self.hub.start()
         self._running = True
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
             "ping": self._ping, "create": self._create, "destroy": self._destroy,
             "pause": self._pause, "unpause": self._unpause, "list": self._list,
             "console": self._console, "shutdown": self._shutdown, "sync": self._sync,
+            "devices": self._devices, "drivers": self._drivers, "driver_load": self._driver_load,
+            "store": self._store,
         }
 
     def serve(self) -> None:
@@ -118,6 +129,7 @@ class KernelServer:
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
         self.hv.shutdown()
+        self.hub.stop()
         self._forward_events()
         self.bus.close()
         for s in (self.router, self.pub, self.pull):
@@ -180,6 +192,41 @@ class KernelServer:
         start, data = dom.console_history()
         return {"domid": dom.domid, "name": dom.name, "start": start, "end": start + len(data),
                 "data": data}
+
+    def _on_driver_message(self, msg: list[Any]) -> None:
+        assert self.hv.devices is not None
+        self.hv.devices.on_message(msg)
+
+    def _on_driver_hello(self, link: Any) -> None:
+        assert self.hv.devices is not None
+        self.hv.devices.on_hello(link)
+
+    def _devices(self, req: Request) -> dict[str, Any]:
+        assert self.hv.devices is not None
+        return {"devices": self.hv.devices.info()}
+
+    def _drivers(self, req: Request) -> dict[str, Any]:
+        return {"drivers": [{"name": li.name, "pid": li.pid, "isolation": li.isolation,
+                             "module": li.module, "endpoint": li.endpoint}
+                            for li in sorted(self.hub.links.values(), key=lambda li: li.name)]}
+
+    def _driver_load(self, req: Request) -> dict[str, Any]:
+        """Run a driver inline: the same driver host, as a thread of this process."""
+        name, module = prop(req, "name", str), prop(req, "module", str)
+        options = prop(req, "options", dict)
+        try:
+            self.hub.load_inline(name, module, options)
+        except Exception as e:
+            raise ControlError(f"cannot load inline driver {name!r} ({module}): {e}") from None
+        return {"name": name}
+
+    def _store(self, req: Request) -> dict[str, Any]:
+        """Every node under a path, as {path: value} (like xenstore-ls)."""
+        path = prop(req, "path", str)
+        try:
+            return {"nodes": self.store.snapshot(path)}
+        except StoreError as e:
+            raise ControlError(str(e)) from None
 
     def _sync(self, req: Request) -> dict[str, Any]:
         """Publish ``sync.<token>``: lets a subscriber prove its subscription is live."""

@@ -15,13 +15,17 @@ from unicorn import (
     UC_ERR_INSN_INVALID,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_FETCH_PROT,
     UC_HOOK_MEM_FETCH_UNMAPPED,
     UC_HOOK_MEM_READ_UNMAPPED,
     UC_HOOK_MEM_WRITE_UNMAPPED,
+    UC_MEM_FETCH_PROT,
     UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
     UC_PROT_ALL,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
     Uc,
     UcError,
 )
@@ -62,11 +66,12 @@ class VCpu:
         uc.mem_map_ptr(abi.NULL_GUARD_END, mem.size - abi.NULL_GUARD_END, UC_PROT_ALL,
                        mem.host_address + abi.NULL_GUARD_END)
         self._mapped = True
+        self._regions: list[tuple[int, int]] = []
         # The hypercall handler is registered directly: one Python frame per hypercall.
         uc.hook_add(UC_HOOK_INSN, on_hypercall, None, 1, 0, UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INTR, self._intr_hook)
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
-                    | UC_HOOK_MEM_FETCH_UNMAPPED, self._unmapped_hook)
+                    | UC_HOOK_MEM_FETCH_UNMAPPED | UC_HOOK_MEM_FETCH_PROT, self._unmapped_hook)
         uc.reg_write(UC_X86_REG_RSP, mem.size)
         uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
         self.rip = entry
@@ -82,13 +87,24 @@ class VCpu:
 
     def _unmapped_hook(self, uc: Uc, access: int, address: int, size: int, value: int,
                        _data: object) -> bool:
-        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from"
-                }.get(access, "read from")
+        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from",
+                UC_MEM_FETCH_PROT: "instruction fetch from"}.get(access, "read from")
         rip = uc.reg_read(UC_X86_REG_RIP)
-        where = ("the NULL guard page" if address < abi.NULL_GUARD_END
-                 else f"outside guest RAM (0..{self.mem.size:#x})")
+        if address < abi.NULL_GUARD_END:
+            where = "the NULL guard page"
+        elif any(g <= address < g + n for g, n in self._regions):
+            where = "a device region, which is not executable"
+        else:
+            where = f"outside guest RAM (0..{self.mem.size:#x}) and its device regions"
         self.fault = f"{kind} {address:#x} ({size} bytes) at rip={rip:#x}: {where}"
         return False  # not handled: unicorn stops with an error
+
+    def map_region(self, gpa: int, size: int, host_address: int) -> None:
+        """Map a device region (shared memory the caller keeps alive) at ``gpa``, not
+        executable."""
+        assert self.uc is not None
+        self.uc.mem_map_ptr(gpa, size, UC_PROT_READ | UC_PROT_WRITE, host_address)
+        self._regions.append((gpa, size))
 
     # -- control -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -120,6 +136,9 @@ class VCpu:
         if self._mapped:
             uc.mem_unmap(abi.NULL_GUARD_END, self.mem.size - abi.NULL_GUARD_END)
             self._mapped = False
+        for gpa, size in self._regions:
+            uc.mem_unmap(gpa, size)
+        self._regions.clear()
         finalizer = getattr(uc, "_Uc__finalizer", None)
         if finalizer is not None:
             finalizer()  # uc_close now, not whenever the garbage collector runs

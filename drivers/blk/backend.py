@@ -1,0 +1,434 @@
+"""The block backend: serves virtual block devices (one per ``attach`` key) over their rings.
+
+Per device it maps the device's shared-memory segment (and nothing else of the guest), opens the
+disk, runs the backend half of the handshake (docs/devices.md) and then services the ring on
+every kick: take a batch of requests, record each in the in-flight log, move the data directly
+between the disk and the region with ``preadv``/``pwritev``, queue the responses, publish them
+(notifying the guest only if it asked), retire the in-flight records, and look again before
+going idle.
+
+Guests are untrusted: a malformed request gets an error response; a broken ring index is a
+``fault`` (the kernel crashes that domain) and the device is not served any more.  Nothing one
+device does can stop the backend serving the others.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from ipc import blkif
+from ipc.blkif import (
+    OP_DISCARD,
+    OP_FLUSH,
+    OP_READ,
+    OP_WRITE,
+    SECTOR_SIZE,
+    STATUS_ERROR,
+    STATUS_OKAY,
+    RequestError,
+    decode_request,
+)
+from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
+from ipc.shm import Segment
+from ipc.store import DevState
+
+_MASK = (1 << 64) - 1
+_RING_BYTES = ring_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
+_INFLIGHT_BYTES = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
+_pack_response = blkif.RESPONSE.pack
+
+OPTIONS: dict[str, str] = {
+    "max_batch": "requests taken from a ring before responses are published (1..1024, "
+                 "default 32)",
+}
+#: Requests one kick may serve before the device goes to the back of the queue.
+_TURN_REQUESTS = 256
+
+
+class Host(Protocol):
+    name: str
+    log: logging.Logger
+
+    def notify(self, key: int) -> None: ...
+    def store_write(self, path: str, value: str) -> None: ...
+    def fault(self, key: int, message: str) -> None: ...
+    def error(self, key: int, message: str) -> None: ...
+    def kick_again(self, key: int) -> None: ...
+
+
+@dataclass
+class DeviceStats:
+    requests: int = 0
+    errors: int = 0
+    batches: int = 0
+    notifications: int = 0
+
+
+@dataclass
+class _Device:
+    key: int
+    label: str  # "domain/vdev" for log messages
+    store: str
+    segment: Segment
+    storage: Storage
+    window: int
+    inflight_offset: int
+    mem: memoryview  # the whole segment
+    region: memoryview  # the guest-visible window
+    sectors: int
+    state: str = "waiting"  # waiting | connected | closed | broken
+    ring: BackRing | None = None
+    inflight: InflightLog | None = None
+    stats: DeviceStats = field(default_factory=DeviceStats)
+    bad_logged: int = 0
+
+
+def _field(dev: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in dev:
+        raise ValueError(f"attach message lacks {name!r}")
+    v = dev[name]
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
+        raise ValueError(f"attach field {name!r} is {v!r}, expected {kind.__name__}")
+    return v
+
+
+def open_storage(disk: dict[str, Any]) -> Storage:
+    """Open the disk an ``attach`` message describes (StorageError if impossible)."""
+    if not isinstance(disk, dict):
+        raise StorageError(f"disk description must be a mapping, got {disk!r}")
+    kind = disk.get("type")
+    access = disk.get("access", "rw")
+    target = disk.get("target")
+    size = disk.get("size")
+    if access not in ("rw", "ro"):
+        raise StorageError(f"disk access {access!r} is neither 'rw' nor 'ro'")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise StorageError(f"disk size {size!r} is not an integer")
+    if not isinstance(target, str) or not target:
+        raise StorageError(f"disk target {target!r} must be a non-empty string")
+    readonly = access == "ro"
+    if kind == "file":
+        if not target.startswith("/"):
+            raise StorageError(f"image path {target!r} is not absolute")
+        return FileStorage(target, size, readonly)
+    if kind == "memory":
+        return MemoryStorage(target, size, readonly)
+    raise StorageError(f"disk type {kind!r} is neither 'file' nor 'memory'")
+
+
+class Backend:
+    """The block driver's backend (``drivers.host`` instantiates it)."""
+
+    def __init__(self, host: Host, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            allowed = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise ValueError(f"unknown block backend option(s) {', '.join(unknown)}; allowed: "
+                             f"{allowed}")
+        mb = options.get("max_batch", 32)
+        if not isinstance(mb, int) or isinstance(mb, bool) or not 1 <= mb <= 1024:
+            raise ValueError(f"max_batch must be an integer 1..1024, got {mb!r}")
+        self.host = host
+        self.log = host.log
+        self.max_batch = mb
+        self.devices: dict[int, _Device] = {}
+
+    # -- messages ------------------------------------------------------------------------------
+    def attach(self, dev: dict[str, Any]) -> None:
+        key = dev.get("key")
+        store = dev.get("store")
+        if isinstance(key, int) and key in self.devices:
+            self.log.warning("device %d attached again: dropping the old attachment", key)
+            self.detach(key)
+        try:
+            key = _field(dev, "key", int)
+            store = _field(dev, "store", str).rstrip("/")
+            label = f"{dev.get('domain', '?')}/{dev.get('vdev', '?')}"
+            seg_name = _field(dev, "segment", str)
+            window = _field(dev, "window", int)
+            inflight_offset = _field(dev, "inflight_offset", int)
+            disk = _field(dev, "disk", dict)
+        except ValueError as e:
+            self._refuse(key, store, str(e))
+            return
+        try:
+            segment = Segment(seg_name, 0, create=False)
+        except Exception as e:
+            self._refuse(key, store, f"cannot map device segment {seg_name}: {e}")
+            return
+        problem = None
+        if not blkif.DATA_OFFSET < window <= segment.size:
+            problem = (f"window {window:#x} does not fit segment {seg_name} of {segment.size:#x} "
+                       f"bytes above the data offset {blkif.DATA_OFFSET:#x}")
+        elif inflight_offset < window or inflight_offset + _INFLIGHT_BYTES > segment.size:
+            problem = (f"in-flight log at {inflight_offset:#x} ({_INFLIGHT_BYTES} bytes) must "
+                       f"lie after the window {window:#x} inside segment {seg_name} of "
+                       f"{segment.size:#x} bytes")
+        storage: Storage | None = None
+        if problem is None:
+            try:
+                storage = open_storage(disk)
+            except StorageError as e:
+                problem = str(e)
+            except OSError as e:  # anything open_storage did not foresee
+                problem = f"cannot open the disk: {e}"
+        if problem is not None or storage is None:
+            segment.close()
+            self._refuse(key, store, problem or "no storage")
+            return
+        mem = memoryview(segment.buf)
+        d = _Device(key=key, label=label, store=store, segment=segment, storage=storage,
+                    window=window, inflight_offset=inflight_offset, mem=mem,
+                    region=mem[:window], sectors=storage.sectors)
+        self.devices[key] = d
+        try:
+            w = self.host.store_write
+            w(f"{store}/sectors", str(d.sectors))
+            w(f"{store}/sector-size", str(SECTOR_SIZE))
+            w(f"{store}/info", "1" if storage.readonly else "0")
+            w(f"{store}/feature-flush-cache", "1")
+            w(f"{store}/feature-discard", "1")
+            w(f"{store}/state", str(int(DevState.INIT_WAIT)))
+        except ValueError as e:
+            self._close(d)
+            del self.devices[key]
+            self._refuse(key, None, f"cannot publish the disk parameters: {e}")
+            return
+        self.log.info("device %d (%s): %r, %d sectors, waiting for the frontend", key, label,
+                      storage, d.sectors)
+
+    def _refuse(self, key: object, store: object, message: str) -> None:
+        """The device cannot be served: say so in the store (if we can) and to the kernel."""
+        self.log.error("cannot attach device %r: %s", key, message)
+        if isinstance(store, str):
+            try:
+                self.host.store_write(f"{store}/error", message[:1024])
+                self.host.store_write(f"{store}/state", str(int(DevState.CLOSED)))
+            except ValueError as e:
+                self.log.error("cannot report it in the store: %s", e)
+        if isinstance(key, int) and not isinstance(key, bool):
+            self.host.error(key, message)
+
+    def detach(self, key: int) -> None:
+        d = self.devices.pop(key, None)
+        if d is None:
+            self.log.warning("detach of unknown device %d", key)
+            return
+        s = d.stats
+        self.log.info("device %d (%s) detached: %d requests, %d errors, %d batches, "
+                      "%d notifications", key, d.label, s.requests, s.errors, s.batches,
+                      s.notifications)
+        self._close(d)
+
+    def fe_state(self, key: int, state: int) -> None:
+        d = self.devices.get(key)
+        if d is None:
+            self.log.warning("frontend state %d for unknown device %d", state, key)
+            return
+        if d.state == "broken":
+            return
+        if state == DevState.INITIALISED:
+            self._connect(d, resume=False)
+        elif state == DevState.CONNECTED and d.state == "waiting":
+            # A restarted driver learns the frontend is already connected: resume the ring,
+            # redoing whatever the in-flight log says was unfinished.
+            self._connect(d, resume=True)
+        elif state in (DevState.CLOSING, DevState.CLOSED) and d.state != "closed":
+            d.state = "closed"
+            d.ring = None
+            d.inflight = None
+            self.host.store_write(f"{d.store}/state", str(int(DevState.CLOSED)))
+            self.log.info("device %d (%s): frontend closed", key, d.label)
+
+    def kick(self, key: int) -> None:
+        d = self.devices.get(key)
+        if d is None:
+            self.log.debug("kick for unknown device %d", key)
+            return
+        if d.state == "connected":
+            self._service(d)
+
+    def close(self) -> None:
+        for key in list(self.devices):
+            self.detach(key)
+
+    def stats(self) -> dict[int, DeviceStats]:
+        return {k: d.stats for k, d in self.devices.items()}
+
+    # -- connection ----------------------------------------------------------------------------
+    def _connect(self, d: _Device, *, resume: bool) -> None:
+        n, size = blkif.RING_SLOTS, blkif.SLOT_SIZE
+        try:
+            ring = BackRing(d.mem[:_RING_BYTES], n, size)
+            log = InflightLog(d.mem[d.inflight_offset:d.inflight_offset + _INFLIGHT_BYTES], n,
+                              size)
+        except (ValueError, RingError) as e:
+            self._break(d, f"cannot attach the ring: {e}")
+            return
+        redo = self._recover(d, ring, log) if resume else self._forget(d, log)
+        d.ring, d.inflight = ring, log
+        d.state = "connected"
+        self.host.store_write(f"{d.store}/state", str(int(DevState.CONNECTED)))
+        self.log.info("device %d (%s): connected%s", d.key, d.label,
+                      f", redoing {redo} unfinished requests" if redo else "")
+        if redo:
+            try:
+                self._redo(d, ring, log, redo)
+            except Exception as e:
+                self.log.exception("device %d (%s): redoing in-flight requests", d.key, d.label)
+                self._break(d, f"block backend error redoing in-flight requests: {e}")
+                return
+        self._service(d)
+
+    def _forget(self, d: _Device, log: InflightLog) -> int:
+        """A freshly initialised ring has nothing outstanding: clear stale records."""
+        for rec in log.pending():
+            log.end(rec.index)
+        return 0
+
+    def _recover(self, d: _Device, ring: BackRing, log: InflightLog) -> int:
+        """Keep the records of requests begun but not answered: a contiguous run from the
+        published rsp_prod.  Others (answered, or not in that run) are cleared.  Returns how
+        many to redo; ``ring.req_cons`` is moved past them."""
+        start = ring.rsp_prod_pvt
+        by_index = {rec.index: rec for rec in log.pending()}
+        count = 0
+        while ((start + count) & _MASK) in by_index and count < ring.nr_slots:
+            del by_index[(start + count) & _MASK]
+            count += 1
+        for index in by_index:
+            log.end(index)
+        ring.req_cons = (start + count) & _MASK
+        return count
+
+    def _redo(self, d: _Device, ring: BackRing, log: InflightLog, count: int) -> None:
+        start = ring.rsp_prod_pvt
+        recs = {r.index: r for r in log.pending()}
+        for i in range(count):
+            index = (start + i) & _MASK
+            ring.put_response(self._perform(d, recs[index].request))
+        if ring.push_responses():
+            self._notify(d)
+        for i in range(count):
+            log.end((start + i) & _MASK)
+
+    def _break(self, d: _Device, message: str) -> None:
+        d.state = "broken"
+        d.ring = None
+        d.inflight = None
+        d.stats.errors += 1
+        self.host.fault(d.key, message)
+
+    def _notify(self, d: _Device) -> None:
+        d.stats.notifications += 1
+        self.host.notify(d.key)
+
+    def _close(self, d: _Device) -> None:
+        d.state = "closed"
+        d.ring = None
+        d.inflight = None
+        d.region.release()
+        d.mem.release()
+        try:
+            d.segment.close()
+        except BufferError:
+            gc.collect()  # a view may sit in a reference cycle
+            try:
+                d.segment.close()
+            except BufferError:
+                self.log.error("device %d: segment %s is still referenced; it stays mapped "
+                               "until those references go", d.key, d.segment.name)
+        try:
+            d.storage.close()
+        except OSError as e:
+            self.log.error("device %d: closing the disk: %s", d.key, e)
+
+    # -- the data path -------------------------------------------------------------------------
+    def _service(self, d: _Device) -> None:
+        try:
+            self._service_ring(d)
+        except RingError as e:
+            self._break(d, str(e))
+        except Exception as e:
+            self.log.exception("device %d (%s): backend error", d.key, d.label)
+            self._break(d, f"block backend error: {type(e).__name__}: {e}")
+
+    def _service_ring(self, d: _Device) -> None:
+        ring = d.ring
+        log = d.inflight
+        assert ring is not None and log is not None
+        get, put, begin, end = ring.get_request, ring.put_response, log.begin, log.end
+        perform = self._perform
+        stats = d.stats
+        max_batch = self.max_batch
+        budget = _TURN_REQUESTS
+        while True:
+            n = ring.unconsumed_requests()
+            if n:
+                if n > max_batch:
+                    n = max_batch
+                first = ring.req_cons
+                for i in range(n):
+                    raw = get()
+                    begin((first + i) & _MASK, raw)
+                    put(perform(d, raw))
+                stats.requests += n
+                stats.batches += 1
+                if ring.push_responses():
+                    stats.notifications += 1
+                    self.host.notify(d.key)
+                for i in range(n):
+                    end((first + i) & _MASK)
+                budget -= n
+                if budget <= 0:
+                    self.host.kick_again(d.key)  # let the other devices have a turn
+                    return
+            if not ring.final_check_for_requests():
+                return
+
+    def _perform(self, d: _Device, raw: bytes) -> bytes:
+        """Carry out one request; returns its response."""
+        try:
+            req = decode_request(raw, window=d.window, sectors=d.sectors)
+        except RequestError as e:
+            self._bad(d, e.status, str(e), e.id)
+            return _pack_response(e.id, e.op, 0, e.status, 0)
+        op = req.op
+        try:
+            if op == OP_READ:
+                region = d.region
+                d.storage.readv_into(req.sector * SECTOR_SIZE,
+                                     [region[o:o + n] for o, n in req.segments])
+            elif op == OP_WRITE:
+                if d.storage.readonly:
+                    self._bad(d, STATUS_ERROR, "write to read-only disk", req.id)
+                    return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
+                region = d.region
+                d.storage.writev_from(req.sector * SECTOR_SIZE,
+                                      [region[o:o + n] for o, n in req.segments])
+            elif op == OP_FLUSH:
+                d.storage.flush()
+            elif op == OP_DISCARD:
+                if d.storage.readonly:
+                    self._bad(d, STATUS_ERROR, "discard on read-only disk", req.id)
+                    return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
+                d.storage.discard(req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
+        except (OSError, StorageError) as e:
+            self._bad(d, STATUS_ERROR, f"{blkif.OP_NAMES[op]} of sector {req.sector}: I/O "
+                                       f"error: {e}", req.id)
+            return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
+        return _pack_response(req.id, op, 0, STATUS_OKAY, 0)
+
+    def _bad(self, d: _Device, status: int, message: str, req_id: int) -> None:
+        """Count a refused request; log the first 20 per device, then every 1000th."""
+        d.stats.errors += 1
+        d.bad_logged += 1
+        k = d.bad_logged
+        if k <= 20 or k % 1000 == 0:
+            self.log.warning("device %d (%s): request %#x refused (status %d): %s%s", d.key,
+                             d.label, req_id, status, message,
+                             f" [{k} refused so far]" if k > 20 else "")

@@ -1,0 +1,328 @@
+"""Split devices: regions, ports, store nodes, and the messages to and from their drivers.
+
+For each ``disk`` of a domain the kernel creates a *device region* (a shared-memory segment of its
+own), maps its window into the guest's physical address space, gives it an event-channel port,
+writes the device-table entry and the store directories, and sends the driver an ``attach``
+naming that segment.  The driver is never told anything else about the guest.
+``docs/devices.md`` is the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from ipc import blkif
+from ipc.control import ControlError
+from ipc.ring import inflight_bytes
+from ipc.shm import SHM_DIR, Segment, SegmentError
+from ipc.store import DevState, Store, StoreError, Watch
+from isovisor.config import DiskSpec
+from kernel import abi
+from kernel.domain import Domain, Emit, Exit
+from kernel.drivers import DriverHub, DriverLink
+
+if TYPE_CHECKING:
+    from kernel.scheduler import Scheduler
+
+log = logging.getLogger("isovisor.kernel")
+
+_PAGE: Final = abi.PAGE_SIZE
+SEGMENT_BYTES: Final = blkif.INFLIGHT_OFFSET + (
+    -(-inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE) // _PAGE) * _PAGE)
+_STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
+
+
+@dataclass(eq=False)
+class Device:
+    key: int
+    dom: Domain
+    spec: DiskSpec
+    index: int
+    segment: Segment
+    memory_disk: str | None
+    kicks: int = 0
+    notifies: int = 0
+    faults: int = 0
+    watches: list[Watch] = field(default_factory=list)
+    gone: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.index + 1
+
+    @property
+    def gpa(self) -> int:
+        return abi.DEVICE_REGION_BASE + self.index * abi.DEVICE_REGION_STRIDE
+
+    @property
+    def window(self) -> int:
+        return blkif.WINDOW_BYTES
+
+    @property
+    def fe_dir(self) -> str:
+        return f"/local/domain/{self.dom.domid}/device/vbd/{self.spec.devid}"
+
+    @property
+    def be_dir(self) -> str:
+        return f"/driver/{self.spec.backend}/vbd/{self.dom.domid}/{self.spec.devid}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dom.name}/{self.spec.vdev}"
+
+    def attach_message(self) -> list[Any]:
+        s = self.spec
+        return ["attach", {
+            "key": self.key, "domid": self.dom.domid, "domain": self.dom.name,
+            "vdev": s.vdev, "devid": s.devid, "segment": self.segment.name,
+            "window": self.window, "inflight_offset": blkif.INFLIGHT_OFFSET,
+            "store": self.be_dir,
+            "disk": {"target": self.memory_disk if s.type == "memory" else s.target,
+                     "type": s.type, "access": s.access, "size": s.size}}]
+
+    def requests(self) -> int:
+        """Requests the guest has published (its req_prod), for statistics only."""
+        try:
+            return int(memoryview(self.segment.buf)[:8].cast("Q")[0])
+        except (SegmentError, ValueError):
+            return 0
+
+
+class DeviceManager:
+    """All devices of all domains, the store, and the driver hub's message handlers."""
+
+    def __init__(self, *, sched: Scheduler, emit: Emit, shm_prefix: str, hub: DriverHub,
+                 store: Store) -> None:
+        self.sched = sched
+        self.emit = emit
+        self.shm_prefix = shm_prefix
+        self.hub = hub
+        self.store = store
+        self.devices: dict[int, Device] = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- creation (control thread, before the domain first runs) ---------------------------------
+    def check_backends(self, disks: tuple[DiskSpec, ...], where: str) -> None:
+        for d in disks:
+            if d.backend not in self.hub.links:
+                known = ", ".join(sorted(self.hub.links)) or "none"
+                raise ControlError(
+                    f"{where}: disk {d.vdev} uses backend {d.backend!r}, which is not running "
+                    f"(connected drivers: {known}); declare [driver.{d.backend}] in "
+                    "supervisor.toml or fix backend=")
+
+    def create(self, dom: Domain) -> None:
+        """Create, map and announce every disk of ``dom``; on failure undo all of it."""
+        made: list[Device] = []
+        try:
+            for i, spec in enumerate(dom.config.disks):
+                name = f"{self.shm_prefix}dom{dom.domid}.{spec.vdev}"
+                seg = Segment(name, SEGMENT_BYTES, create=True)
+                dev = Device(next(self._keys), dom, spec, i, seg,
+                             f"{name}.disk" if spec.type == "memory" else None)
+                made.append(dev)
+                dom.vcpu.map_region(dev.gpa, dev.window, seg.address)
+                self._write_table_entry(dom, dev)
+            dom.mem.words[(abi.START_INFO_ADDR + abi.SI_NR_DEVICES) // 8] = len(made)
+        except (SegmentError, OSError) as e:
+            dom.vcpu.close()  # unicorn must not map a segment that is being freed
+            for dev in made:
+                self._free(dev)
+            raise ControlError(f"cannot create the devices of domain {dom.name!r}: {e}") from None
+        dom.devices = {d.port: d for d in made}
+        dom.device_manager = self
+        with self._lock:
+            for d in made:
+                self.devices[d.key] = d
+
+    def connect(self, dom: Domain) -> None:
+        """Write the store directories, watch both states and send the drivers ``attach``."""
+        for dev in dom.devices.values():
+            s = dev.spec
+            st = self.store
+            for k, v in (("backend", dev.be_dir), ("backend-id", s.backend), ("vdev", s.vdev),
+                         ("port", str(dev.port)), ("state", "1")):
+                st.write(f"{dev.fe_dir}/{k}", v)
+            for k, v in (("frontend", dev.fe_dir), ("frontend-id", str(dom.domid)),
+                         ("params", dev.memory_disk or s.target or ""), ("type", s.type),
+                         ("mode", "r" if s.read_only else "w"), ("state", "1")):
+                st.write(f"{dev.be_dir}/{k}", v)
+            if not self.hub.send(s.backend, dev.attach_message()):
+                log.warning("device %s: driver %s did not take the attach message", dev.label,
+                            s.backend)
+            dev.watches.append(st.watch(f"{dev.be_dir}/state", f"be:{dev.key}",
+                                        self._be_state_changed))
+            dev.watches.append(st.watch(f"{dev.fe_dir}/state", f"fe:{dev.key}",
+                                        self._fe_state_changed))
+
+    def _write_table_entry(self, dom: Domain, dev: Device) -> None:
+        base = abi.START_INFO_ADDR + abi.SI_DEVICES + dev.index * abi.DEV_ENTRY_SIZE
+        w = dom.mem.words
+        for off, val in ((abi.DE_KIND, abi.DEV_KIND_VBD), (abi.DE_DEVID, dev.spec.devid),
+                         (abi.DE_PORT, dev.port), (abi.DE_REGION, dev.gpa),
+                         (abi.DE_REGION_SIZE, dev.window)):
+            w[(base + off) // 8] = val
+        dom.mem.write(base + abi.DE_NAME, dev.spec.vdev.encode() + b"\0")
+
+    # -- removal (the thread that frees the domain) ---------------------------------------------
+    def remove(self, dom: Domain) -> None:
+        """Detach and free every device of ``dom``; its vCPU must already be closed."""
+        for dev in list(dom.devices.values()):
+            dev.gone = True
+            for w in dev.watches:
+                with contextlib.suppress(StoreError):
+                    self.store.unwatch(w)
+            self.hub.send(dev.spec.backend, ["detach", dev.key])
+            for d in (dev.fe_dir, dev.be_dir):
+                with contextlib.suppress(StoreError):
+                    self.store.rm(d)
+            with self._lock:
+                self.devices.pop(dev.key, None)
+            self._free(dev)
+        with contextlib.suppress(StoreError):
+            self.store.rm(f"/local/domain/{dom.domid}")
+
+    @staticmethod
+    def _free(dev: Device) -> None:
+        dev.segment.close()
+        dev.segment.unlink()
+        if dev.memory_disk:
+            (SHM_DIR / dev.memory_disk).unlink(missing_ok=True)
+
+    # -- watches ---------------------------------------------------------------------------------
+    def _be_state_changed(self, path: str, token: str) -> None:
+        dev = self._by_token(token)
+        if dev is None or not path.endswith("/state"):
+            return
+        state = self.store.read(path, default="")
+        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.state",
+                  {"domid": dev.dom.domid, "end": "backend",
+                   "state": _STATE_NAMES.get(_int(state), state)})
+        self.sched.notify(dev.dom, 1 << dev.port)  # the frontend waits on its port
+
+    def _fe_state_changed(self, path: str, token: str) -> None:
+        dev = self._by_token(token)
+        if dev is None or not path.endswith("/state"):
+            return
+        state = _int(self.store.read(path, default=""))
+        if state > int(DevState.INITIALISING):
+            self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.state",
+                      {"domid": dev.dom.domid, "end": "frontend",
+                       "state": _STATE_NAMES.get(state, str(state))})
+            self.hub.send(dev.spec.backend, ["fe_state", dev.key, state])
+
+    def _by_token(self, token: str) -> Device | None:
+        dev = self.devices.get(_int(token.partition(":")[2]))
+        return None if dev is None or dev.gone else dev
+
+    # -- guest side (pCPU thread of the domain) -----------------------------------------------
+    def kick(self, dev: Device) -> int:
+        dev.kicks += 1
+        return 0 if self.hub.send(dev.spec.backend, ["kick", dev.key]) else -abi.ENOTCONN
+
+    def guest_may_read(self, dom: Domain, path: str) -> bool:
+        home = f"/local/domain/{dom.domid}"
+        return (path == home or path.startswith(home + "/")
+                or any(path == d.be_dir or path.startswith(d.be_dir + "/")
+                       for d in dom.devices.values()))
+
+    @staticmethod
+    def guest_may_write(dom: Domain, path: str) -> bool:
+        return path.startswith(f"/local/domain/{dom.domid}/device/")
+
+    def frontend_fault(self, dev: Device, code: int, message: str) -> None:
+        dev.faults += 1
+        log.error("domain %s: its frontend reports that driver %s broke the protocol on %s "
+                  "(code %d): %s", dev.dom.name, dev.spec.backend, dev.spec.vdev, code, message)
+        self.emit(f"driver.{dev.spec.backend}.fault", {
+            "domid": dev.dom.domid, "domain": dev.dom.name, "vdev": dev.spec.vdev,
+            "code": code, "reason": message, "reporter": "frontend"})
+
+    # -- driver messages (drivers thread) ----------------------------------------------------
+    def on_hello(self, link: DriverLink) -> None:
+        self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "isolation": link.isolation,
+                                                "module": link.module})
+
+    def on_message(self, msg: list[Any]) -> None:
+        kind = msg[0]
+        if kind == "notify" and len(msg) == 2:
+            dev = self._device(msg[1], kind)
+            if dev is not None:
+                dev.notifies += 1
+                self.sched.notify(dev.dom, 1 << dev.port)
+        elif kind == "store" and len(msg) == 3:
+            path, value = msg[1], msg[2]
+            if not (isinstance(path, str) and isinstance(value, str)):
+                log.warning("driver store write with non-string path or value ignored: %.200r",
+                            msg)
+                return
+            driver = path.split("/")[2] if path.startswith("/driver/") else ""
+            if driver not in self.hub.links:
+                log.warning("driver store write outside /driver/<a connected driver>/ refused: "
+                            "%s", path)
+                return
+            try:
+                self.store.write(path, value)
+            except StoreError as e:
+                log.warning("driver %s: bad store write refused: %s", driver, e)
+        elif kind in ("fault", "error") and len(msg) == 3 and isinstance(msg[2], str):
+            dev = self._device(msg[1], kind)
+            if dev is not None:
+                self._driver_report(dev, kind, msg[2][:1000])
+        else:
+            log.warning("driver channel: unknown or malformed message ignored: %.200r", msg)
+
+    def _device(self, key: Any, kind: str) -> Device | None:
+        dev = self.devices.get(key) if isinstance(key, int) else None
+        if dev is None or dev.gone:
+            log.debug("driver %s message for unknown device %r ignored", kind, key)
+            return None
+        return dev
+
+    def _driver_report(self, dev: Device, kind: str, message: str) -> None:
+        if kind == "error":  # the backend cannot serve the disk (e.g. cannot open the image)
+            log.error("device %s: driver %s cannot serve it: %s", dev.label, dev.spec.backend,
+                      message)
+            self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.error",
+                      {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
+            return
+        # The driver caught the guest's frontend breaking the protocol: a guest fault.
+        reason = f"block device {dev.spec.vdev}: driver {dev.spec.backend} reports: {message}"
+        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
+                  {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
+        self.sched.request_exit(dev.dom, Exit("crash", reason))
+
+    # -- reporting ---------------------------------------------------------------------------
+    def info(self) -> list[dict[str, Any]]:
+        with self._lock:
+            devs = sorted(self.devices.values(), key=lambda d: (d.dom.domid, d.index))
+        out = []
+        for d in devs:
+            be = self.store.read(f"{d.be_dir}/state", default="0")
+            fe = self.store.read(f"{d.fe_dir}/state", default="0")
+            out.append({
+                "domain": d.dom.name, "domid": d.dom.domid, "vdev": d.spec.vdev,
+                "devid": d.spec.devid, "backend": d.spec.backend, "port": d.port,
+                "type": d.spec.type, "target": d.spec.target or d.memory_disk,
+                "access": d.spec.access, "sectors": _int(self.store.read(f"{d.be_dir}/sectors",
+                                                                         default="0")),
+                "frontend_state": _STATE_NAMES.get(_int(fe), fe),
+                "backend_state": _STATE_NAMES.get(_int(be), be),
+                "error": self.store.read(f"{d.be_dir}/error", default=""),
+                "requests": d.requests(), "kicks": d.kicks, "notifies": d.notifies,
+                "faults": d.faults, "segment": d.segment.name,
+            })
+        return out
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return -1

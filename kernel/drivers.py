@@ -1,0 +1,180 @@
+"""The kernel's end of the driver channels: who is connected, and messages both ways.
+
+Every driver binds a ZeroMQ PULL socket (its *endpoint*) and connects a PUSH socket to the
+kernel's driver endpoint, where one thread of this module receives.  Messages are msgpack lists
+(``docs/devices.md``).  The kernel sends from whatever thread it is on (a pCPU thread for a
+guest's kick, the control thread for an attach) through a thread-local PUSH socket per driver
+endpoint, never blocking: a driver that does not drain its queue loses kicks, not the kernel's
+time (kicks are level-triggered in effect: a backend always re-reads the ring).
+
+Inline drivers (``isolation = "inline"``) run the same driver host in a thread of this process,
+reached over ``inproc://`` endpoints of the same ZeroMQ context; the host module is imported by
+name, never statically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import zmq
+
+log = logging.getLogger("isovisor.kernel")
+
+INPROC_ENDPOINT: Final = "inproc://kernel-drivers"
+#: Module that hosts drivers (process and inline); loaded by name.
+HOST_MODULE: Final = "drivers.host"
+_SNDHWM: Final = 100_000
+
+Handler = Callable[[list[Any]], None]
+
+
+@dataclass
+class DriverLink:
+    """A connected driver instance."""
+
+    name: str
+    endpoint: str
+    pid: int
+    module: str
+    isolation: str
+    since: float = field(default_factory=time.monotonic)
+
+
+class DriverHub:
+    def __init__(self, ctx: zmq.Context, endpoints: list[str], on_message: Handler,
+                 on_hello: Callable[[DriverLink], None]) -> None:
+        self.ctx = ctx
+        self.on_message = on_message
+        self.on_hello = on_hello
+        self.links: dict[str, DriverLink] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._all_socks: list[zmq.Socket] = []
+        self._inline: dict[str, Any] = {}
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        for ep in [*endpoints, INPROC_ENDPOINT]:
+            self.pull.bind(ep)
+        self.messages = 0
+        self.bad_messages = 0
+        self._running = True
+        self.thread = threading.Thread(target=self._loop, name="drivers", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    # -- sending (any thread) --------------------------------------------------------------------
+    def send(self, name: str, msg: list[Any]) -> bool:
+        """Queue ``msg`` for driver ``name``; False if it is not connected or not draining."""
+        link = self.links.get(name)
+        if link is None:
+            return False
+        socks: dict[str, zmq.Socket] | None = getattr(self._local, "socks", None)
+        if socks is None:
+            socks = self._local.socks = {}
+        sock = socks.get(link.endpoint)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+            sock.connect(link.endpoint)
+            socks[link.endpoint] = sock
+            with self._lock:
+                self._all_socks.append(sock)
+        try:
+            sock.send(msgpack.packb(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    # -- inline drivers ----------------------------------------------------------------------------
+    def load_inline(self, name: str, module: str, options: dict[str, Any]) -> None:
+        if name in self._inline:
+            raise ValueError(f"an inline driver named {name!r} is already loaded")
+        host = importlib.import_module(HOST_MODULE)
+        self._inline[name] = host.start_inline(name, module, options, self.ctx,
+                                               INPROC_ENDPOINT, f"inproc://driver-{name}")
+
+    # -- receiving (the drivers thread) -----------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        while self._running:
+            try:
+                if not poller.poll(200):
+                    continue
+                raw = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                if not self._running:
+                    return
+                raise
+            self._dispatch(raw)
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            msg = msgpack.unpackb(raw)
+        except Exception as e:
+            log.warning("driver channel: undecodable message (%d bytes) ignored: %s", len(raw), e)
+            return
+        if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
+            log.warning("driver channel: message is not a [type, ...] list, ignored: %.200r",
+                        msg)
+            return
+        if msg[0] == "hello":
+            self._hello(msg)
+            return
+        # Other messages carry no sender: the device layer checks the device key (or the
+        # store path) against the drivers it knows.
+        self.messages += 1
+        try:
+            self.on_message(msg)
+        except Exception:
+            self.bad_messages += 1
+            log.exception("driver channel: error handling message %.200r", msg)
+
+    def _hello(self, msg: list[Any]) -> None:
+        info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else None
+        try:
+            assert info is not None
+            name, endpoint, pid, module = (info["name"], info["endpoint"], info["pid"],
+                                           info["module"])
+            assert isinstance(name, str) and isinstance(endpoint, str)
+            assert isinstance(pid, int) and isinstance(module, str)
+        except (AssertionError, KeyError):
+            log.warning("driver channel: malformed hello %.200r ignored (expected [\"hello\", "
+                        "{name, endpoint, pid, module}])", msg)
+            return
+        isolation = "inline" if endpoint.startswith("inproc://") else "process"
+        link = DriverLink(name, endpoint, pid, module, isolation)
+        with self._lock:
+            self.links[name] = link
+        log.info("driver %s connected: pid %d, %s, endpoint %s", name, pid, isolation, endpoint)
+        self.on_hello(link)
+
+    # -- teardown ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        for name, inline in list(self._inline.items()):
+            try:
+                inline.stop()
+            except Exception:
+                log.exception("stopping inline driver %s", name)
+        self._inline.clear()
+        self._running = False
+        self.thread.join(timeout=2)
+        with self._lock:
+            for s in self._all_socks:
+                with contextlib.suppress(zmq.ZMQError):
+                    s.close(0)
+            self._all_socks.clear()
+        self.pull.close(0)
+
