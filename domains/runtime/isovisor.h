@@ -108,8 +108,94 @@ size_t strlen(const char *s);
 int strcmp(const char *a, const char *b);
 int strncmp(const char *a, const char *b, size_t n);
 
+/* --- devices, event channels and the store (docs/devices.md) --------------- */
+/* Errno values the device code returns (negated) besides the kernel's. */
+#define ISV_EIO 5
+#define ISV_ENODEV 19
+#define ISV_EBUSY 16
+#define ISV_EPROTO 71
+#define ISV_ETIMEDOUT 110
+
+/* One entry of the start-info device table (copied at start-up). */
+struct isv_device {
+    u64 kind;        /* DEV_KIND_VBD */
+    u64 devid;       /* Xen numbering: xvda = 51712 */
+    u64 port;        /* event-channel port, 1..63 */
+    void *region;    /* guest-physical address of the device region */
+    u64 region_size; /* bytes of the region mapped into the guest (the window) */
+    char name[DE_NAME_MAX]; /* "xvda", NUL-terminated */
+};
+
+/* Entries in the device table (0..SI_MAX_DEVICES). */
+u64 device_count(void);
+/* Copies entry i into *out: 0, or -ENOENT if i >= device_count(). */
+int device_get(u64 i, struct isv_device *out);
+/* The entry named name ("xvda"): 0, or -ENOENT. */
+int device_find(const char *name, struct isv_device *out);
+
+/* Event channels.  Port p is bit (1 << p) of a u64 mask (port 0 is reserved).
+ *
+ * The runtime registers its upcall entry (__isv_upcall_entry) when the domain
+ * has devices (evtchn_init from __isovisor_init); a guest without devices may
+ * call evtchn_init itself.  The upcall handler ORs the delivered bits (and any
+ * left in SH_PENDING) into evtchn_fired, clears them from SH_PENDING, counts
+ * them per port, and calls the port's bound handler, if any.  Upcalls
+ * interrupt the guest anywhere, so a bound handler must not touch state the
+ * interrupted code may be changing (printf's buffer, the heap, a ring). */
+extern volatile u64 evtchn_fired;
+/* HC_SET_UPCALL(__isv_upcall_entry).  Idempotent; 0 or -errno. */
+long evtchn_init(void);
+/* Non-zero once evtchn_init succeeded. */
+int evtchn_ready(void);
+/* HC_EVTCHN_SEND(port): 0 or -errno (-EINVAL for a port outside 1..63). */
+long evtchn_send(u64 port);
+/* Set / clear SH_UPCALL_MASK (no nesting: unmask clears it).  Events that
+ * arrive while masked stay pending in the kernel and are delivered at the next
+ * point the vCPU stops (a blocking hypercall, a slice boundary). */
+void evtchn_mask(void);
+void evtchn_unmask(void);
+/* Atomically take and clear the fired bits in mask; returns them. */
+u64 evtchn_take(u64 mask);
+/* HC_BLOCK(timeout_ns): unmask upcalls and sleep until an event or the
+ * timeout.  Returns the kernel's result (0 with a handler registered). */
+long evtchn_block(u64 timeout_ns);
+/* Wait until a port in mask has fired or timeout_ns (POLL_FOREVER: no
+ * timeout; 0: just check) passes; returns the fired bits of mask (taken and
+ * cleared) or 0 on timeout.  Lost-wake-up free: masks upcalls, checks, and
+ * sleeps with HC_BLOCK, which unmasks atomically.  Call it with upcalls
+ * unmasked and never from an upcall; it returns with upcalls unmasked. */
+u64 evtchn_wait(u64 mask, u64 timeout_ns);
+/* Called in upcall context for each fired port bound to it. */
+typedef void (*evtchn_handler_fn)(u64 port, void *ctx);
+/* Bind (fn non-NULL) or unbind (fn NULL) a port's handler: 0 or -EINVAL. */
+int evtchn_bind(u64 port, evtchn_handler_fn fn, void *ctx);
+/* Upcalls that delivered port so far (all ports: evtchn_upcalls_total). */
+u64 evtchn_upcalls(u64 port);
+u64 evtchn_upcalls_total(void);
+
+/* The store (HC_STORE_READ / HC_STORE_WRITE).  Paths without a leading '/' are
+ * relative to the domain's home /local/domain/<domid>/. */
+/* Reads path's value into buf (at most buflen-1 bytes, NUL-terminated) and
+ * returns the value's full length (>= buflen means truncated), or -errno. */
+long store_read(const char *path, char *buf, u64 buflen);
+/* Writes value (a NUL-terminated string) to path: 0 or -errno. */
+long store_write(const char *path, const char *value);
+/* Reads a decimal (or 0x hex) u64, surrounding whitespace allowed: 0, or
+ * -errno (-EINVAL: not a number, -ERANGE: too big or too long). */
+long store_read_u64(const char *path, u64 *out);
+/* snprintf into a path buffer: 0, or -E2BIG if it does not fit. */
+int store_path(char *buf, u64 buflen, const char *fmt, ...) PRINTF_LIKE(3, 4);
+/* The same on "<dir>/<node>". */
+long store_read_at(const char *dir, const char *node, char *buf, u64 buflen);
+long store_write_at(const char *dir, const char *node, const char *value);
+long store_read_u64_at(const char *dir, const char *node, u64 *out);
+
 /* Keep the compiler from reasoning about v (stops constant folding and
  * dead-code elimination of benchmark loops). */
 #define OPAQUE(v) __asm__ volatile("" : "+r"(v))
+
+/* The block frontend (struct blkfront, blkfront_open, ...): last, it uses the
+ * declarations above. */
+#include "blkfront.h"
 
 #endif /* ISOVISOR_H */

@@ -11,6 +11,9 @@ static char si_name[SI_NAME_MAX];
 static char si_cmdline[SI_CMDLINE_MAX];
 static u64 heap_next, heap_limit;
 
+/* store.c: copies the start info's device table. */
+void __isv_devices_init(const void *si);
+
 static void copy_cstr(char *dst, const char *src, u64 max)
 {
     u64 i = 0;
@@ -39,6 +42,13 @@ void __isovisor_init(const void *si)
     copy_cstr(si_cmdline, (const char *)si + SI_CMDLINE, SI_CMDLINE_MAX);
     heap_next = ((u64)(uintptr_t)_end + 15) & ~(u64)15;
     heap_limit = si_stack_top > MIN_STACK_BYTES ? si_stack_top - MIN_STACK_BYTES : 0;
+    __isv_devices_init(si);
+    /* Register the upcall entry when there is something to deliver: a domain
+     * without devices makes no extra hypercall (a guest may still call
+     * evtchn_init itself).  A refusal is not fatal here: evtchn_wait then
+     * falls back to HC_BLOCK's returned bits, and blkfront_open reports it. */
+    if (device_count())
+        evtchn_init();
 }
 
 /* Called by _start instead of zeroing .bss when .bss would overlap the stack.
