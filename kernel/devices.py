@@ -153,7 +153,7 @@ class DeviceManager:
                          ("params", dev.memory_disk or s.target or ""), ("type", s.type),
                          ("mode", "r" if s.read_only else "w"), ("state", "1")):
                 st.write(f"{dev.be_dir}/{k}", v)
-            if not self.hub.send(s.backend, dev.attach_message()):
+            if not self.hub.send_control(s.backend, dev.attach_message()):
                 log.warning("device %s: driver %s did not take the attach message", dev.label,
                             s.backend)
             dev.watches.append(st.watch(f"{dev.be_dir}/state", f"be:{dev.key}",
@@ -178,7 +178,7 @@ class DeviceManager:
             for w in dev.watches:
                 with contextlib.suppress(StoreError):
                     self.store.unwatch(w)
-            self.hub.send(dev.spec.backend, ["detach", dev.key])
+            self.hub.send_control(dev.spec.backend, ["detach", dev.key])
             for d in (dev.fe_dir, dev.be_dir):
                 with contextlib.suppress(StoreError):
                     self.store.rm(d)
@@ -215,7 +215,7 @@ class DeviceManager:
             self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.state",
                       {"domid": dev.dom.domid, "end": "frontend",
                        "state": _STATE_NAMES.get(state, str(state))})
-            self.hub.send(dev.spec.backend, ["fe_state", dev.key, state])
+            self.hub.send_control(dev.spec.backend, ["fe_state", dev.key, state])
 
     def _by_token(self, token: str) -> Device | None:
         dev = self.devices.get(_int(token.partition(":")[2]))

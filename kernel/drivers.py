@@ -5,7 +5,9 @@ kernel's driver endpoint, where one thread of this module receives.  Messages ar
 (``docs/devices.md``).  The kernel sends from whatever thread it is on (a pCPU thread for a
 guest's kick, the control thread for an attach) through a thread-local PUSH socket per driver
 endpoint, never blocking: a driver that does not drain its queue loses kicks, not the kernel's
-time (kicks are level-triggered in effect: a backend always re-reads the ring).
+time (kicks are level-triggered in effect: a backend always re-reads the ring).  Control messages
+(attach, detach, fe_state) must arrive in the order they were made, whatever thread made them, so
+they go through one queue and are sent by the drivers thread alone (one pipe per driver, FIFO).
 
 Inline drivers (``isolation = "inline"``) run the same driver host in a thread of this process,
 reached over ``inproc://`` endpoints of the same ZeroMQ context; the host module is imported by
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +68,7 @@ class DriverHub:
             self.pull.bind(ep)
         self.messages = 0
         self.bad_messages = 0
+        self._ctl: queue.SimpleQueue[tuple[str, list[Any]]] = queue.SimpleQueue()
         self._running = True
         self.thread = threading.Thread(target=self._loop, name="drivers", daemon=True)
 
@@ -72,21 +76,35 @@ class DriverHub:
         self.thread.start()
 
     # -- sending (any thread) --------------------------------------------------------------------
+    def send_control(self, name: str, msg: list[Any]) -> bool:
+        """Queue an ordered control message for driver ``name``; False if it is not
+        connected.  Sent by the drivers thread, in the order of these calls."""
+        if name not in self.links:
+            return False
+        self._ctl.put((name, msg))
+        self._send_on(INPROC_ENDPOINT, [_DOORBELL])
+        return True
+
     def send(self, name: str, msg: list[Any]) -> bool:
-        """Queue ``msg`` for driver ``name``; False if it is not connected or not draining."""
+        """Send a kick-like ``msg`` to driver ``name`` now, from this thread; False if it is
+        not connected or not draining."""
         link = self.links.get(name)
         if link is None:
             return False
+        return self._send_on(link.endpoint, msg)
+
+    def _send_on(self, endpoint: str, msg: list[Any]) -> bool:
+        """Send on this thread's PUSH socket to ``endpoint`` (created on first use)."""
         socks: dict[str, zmq.Socket] | None = getattr(self._local, "socks", None)
         if socks is None:
             socks = self._local.socks = {}
-        sock = socks.get(link.endpoint)
+        sock = socks.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, _SNDHWM)
-            sock.connect(link.endpoint)
-            socks[link.endpoint] = sock
+            sock.connect(endpoint)
+            socks[endpoint] = sock
             with self._lock:
                 self._all_socks.append(sock)
         try:
@@ -130,6 +148,9 @@ class DriverHub:
             log.warning("driver channel: message is not a [type, ...] list, ignored: %.200r",
                         msg)
             return
+        if msg[0] == _DOORBELL:
+            self._flush_control()
+            return
         if msg[0] == "hello":
             self._hello(msg)
             return
@@ -141,6 +162,17 @@ class DriverHub:
         except Exception:
             self.bad_messages += 1
             log.exception("driver channel: error handling message %.200r", msg)
+
+    def _flush_control(self) -> None:
+        while True:
+            try:
+                name, msg = self._ctl.get_nowait()
+            except queue.Empty:
+                return
+            link = self.links.get(name)
+            if link is None or not self._send_on(link.endpoint, msg):
+                log.warning("driver %s: control message %r not delivered (driver gone or not "
+                            "draining)", name, msg[0])
 
     def _hello(self, msg: list[Any]) -> None:
         info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else None
@@ -177,4 +209,8 @@ class DriverHub:
                     s.close(0)
             self._all_socks.clear()
         self.pull.close(0)
+
+
+#: A message the kernel sends itself to make the drivers thread flush the control queue.
+_DOORBELL: Final = "_flush"
 

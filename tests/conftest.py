@@ -92,6 +92,8 @@ class Stack:
         assert r.returncode == 0, f"up failed: {r.stdout}{r.stderr}"
         ping = self.call("ping")
         self.pids += [ping["pid"], ping["kernel_pid"]]
+        self.pids += [d["pid"] for d in self.call("drivers")["drivers"]
+                      if d["isolation"] == "process" and d["pid"]]
 
 
 def wait_event(sub: Subscriber, topic: str, timeout: float = 30,
