@@ -350,9 +350,10 @@ class PrivateStack:
     shared-memory segments and deletes the directory.
     """
 
-    def __init__(self, pcpus: int, timeslice_ms: int = 10) -> None:
+    def __init__(self, pcpus: int, timeslice_ms: int = 10, extra_toml: str = "") -> None:
         self.pcpus = pcpus
         self.timeslice_ms = timeslice_ms
+        self.extra_toml = extra_toml  # appended to supervisor.toml, e.g. [driver.<name>] tables
         self.dir = Path(tempfile.mkdtemp(prefix="ivb-", dir="/tmp"))
         self.run_dir = self.dir / "run"
         self.rd = RunDir(self.run_dir)
@@ -379,7 +380,8 @@ class PrivateStack:
         start = ", ".join(f'"{p.name}"' for p in domains)
         toml = self.dir / "supervisor.toml"
         toml.write_text(f'[supervisor]\nname = "bench"\n[kernel]\npcpus = {self.pcpus}\n'
-                        f"timeslice_ms = {self.timeslice_ms}\n[domains]\nstart = [{start}]\n")
+                        f"timeslice_ms = {self.timeslice_ms}\n[domains]\nstart = [{start}]\n"
+                        + (f"{self.extra_toml.strip()}\n" if self.extra_toml else ""))
         try:
             r = self.cli("up", "--detach", str(toml), timeout=90)
         finally:
@@ -469,9 +471,12 @@ class PrivateStack:
 
 @contextlib.contextmanager
 def private_stack(pcpus: int, domains: list[tuple[str, str, dict[str, Any]]] = (),  # type: ignore[assignment]
-                  timeslice_ms: int = 10) -> Iterator[PrivateStack]:
-    """``with private_stack(2, [("a", "busy", {"weight": 512})]) as s: ...``"""
-    s = PrivateStack(pcpus, timeslice_ms)
+                  timeslice_ms: int = 10, extra_toml: str = "") -> Iterator[PrivateStack]:
+    """``with private_stack(2, [("a", "busy", {"weight": 512})]) as s: ...``
+
+    ``extra_toml`` is appended to the stack's supervisor.toml (e.g. ``[driver.blk0]`` tables).
+    """
+    s = PrivateStack(pcpus, timeslice_ms, extra_toml)
     try:
         paths = [s.domain_config(n, img, **kw) for n, img, kw in domains]
         s.up(paths)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from isovisor.config import ConfigError, load_domain_config, load_stack_config
+from isovisor.config import ConfigError, DomainConfig, load_domain_config, load_stack_config
 from tests.conftest import cli, write
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,3 +93,52 @@ def test_cli_usage_errors() -> None:
     assert r.returncode == 2 and "No such command 'frobnicate'" in r.stderr
     r = cli("list", run_dir=Path("/tmp/iv-nonexistent-run-dir"))
     assert r.returncode == 1 and "no stack is running in /tmp/iv-nonexistent-run-dir" in r.stderr
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("tagret=x.img, vdev=xvda, backend=blk0", "unknown disk key 'tagret' (did you mean 'target'?)"),
+    ("target=x.img, vdev=sda, backend=blk0, size=1M", "vdev='sda' is not supported"),
+    ("target=x.img, vdev=xvda, size=1M", "backend='' must name a driver"),
+    ("target=x.img, vdev=xvda, backend=blk0", "does not exist; give size="),
+    ("target=x.img, vdev=xvda, backend=blk0, size=1000", "a multiple of 512"),
+    ("target=x.img, vdev=xvda, backend=blk0, size=1M, access=rx", "access='rx' must be rw"),
+    ("vdev=xvda, type=memory, backend=blk0", "needs size="),
+    ("x.img, xvda", "is not key=value"),
+])
+def test_disk_specs_are_checked(tmp_path: Path, spec: str, message: str) -> None:
+    p = write(tmp_path / "d.toml", f'name = "a"\nimage = "hello"\ndisk = ["{spec}"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_domain_config(p)
+    assert message in str(e.value) and "disk[0]" in str(e.value)
+
+
+def test_disks_parse_and_survive_the_wire(tmp_path: Path) -> None:
+    p = write(tmp_path / "d.toml", 'name = "a"\nimage = "hello"\ndisk = ['
+              '"target=img/a.img, vdev=xvda, access=ro, backend=blk0, size=64M", '
+              '"vdev=xvdb, type=memory, size=16M, backend=blk0"]\n')
+    cfg = load_domain_config(p)
+    a, b = cfg.disks
+    assert (a.target, a.size, a.read_only, a.devid) == (str(tmp_path / "img/a.img"), 64 << 20,
+                                                        True, 51712)
+    assert (b.type, b.target, b.size, b.devid) == ("memory", None, 16 << 20, 51728)
+    assert DomainConfig.from_wire(cfg.to_wire()) == cfg
+    dup = write(tmp_path / "e.toml", 'name = "a"\nimage = "hello"\ndisk = ['
+                '"vdev=xvda, type=memory, size=1M, backend=b", '
+                '"vdev=xvda, type=memory, size=1M, backend=b"]\n')
+    with pytest.raises(ConfigError, match="vdev xvda is used twice"):
+        load_domain_config(dup)
+
+
+def test_driver_tables_are_checked(tmp_path: Path) -> None:
+    ok = write(tmp_path / "s.toml", '[driver.blk0]\nmodule = "drivers.blk"\n'
+               '[driver.blk1]\nmodule = "drivers.blk"\nisolation = "inline"\n'
+               '[driver.blk1.options]\nmax_batch = 8\n')
+    cfg = load_stack_config(ok)
+    assert [(d.name, d.isolation, d.options) for d in cfg.drivers] == [
+        ("blk0", "process", {}), ("blk1", "inline", {"max_batch": 8})]
+    for text, msg in (('[driver.b]\nmodul = "x"\n', "unknown key 'modul'"),
+                      ('[driver.b]\nmodule = "x"\nisolation = "vm"\n', "must be one of"),
+                      ('[driver.b]\nmodule = "x y"\n', "is not a Python module name"),
+                      ('[driver.b]\n', "missing required key 'module'")):
+        with pytest.raises(ConfigError, match=msg):
+            load_stack_config(write(tmp_path / "t.toml", text))

@@ -246,3 +246,27 @@ def test_foreground_up_shows_every_guests_output_and_stops_on_ctrl_c(stack: Stac
     assert "hello | Hello from hello (domid 1)!" in out
     assert "hello | -- guest powered off with code 0 (on_poweroff: destroy)" in out
     assert out.rstrip().endswith("isovisor stack stopped")
+
+
+def test_the_default_stack_runs_its_domains_and_block_driver(stack: Stack) -> None:
+    """What README's `isovisor up` starts: every domain of ./supervisor.toml, and blk0."""
+    root = Path(__file__).resolve().parent.parent
+    with_sub = stack.cli("up", "--detach", str(root / "supervisor.toml"))
+    assert with_sub.returncode == 0, with_sub.stderr
+    ping = stack.call("ping")
+    stack.pids += [ping["pid"], ping["kernel_pid"]]
+    (drv,) = stack.call("drivers")["drivers"]
+    stack.pids.append(drv["pid"])
+    assert drv["name"] == "blk0" and drv["isolation"] == "process" and drv["connected"]
+    assert psutil.Process(drv["pid"]).ppid() == ping["pid"]
+    with stack.subscribe(["domain.blkstress."]) as sub:
+        if stack.domains()["blkstress"]["state"][3] != "s":
+            wait_event(sub, "domain.blkstress.shutdown", 60)
+    con = stack.cli("console", "blkstress").stdout
+    assert "blkstress: ops=20000 errors=0" in con, con
+    assert {"hello", "crc32", "primes", "ticker", "blkstress"} <= set(stack.domains())
+    table = stack.cli("devices").stdout
+    assert "blkstress" in table and "xvda" in table and "blk0" in table
+    assert stack.cli("down").returncode == 0
+    assert not psutil.pid_exists(drv["pid"]) or \
+        psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
