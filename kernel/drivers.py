@@ -175,14 +175,11 @@ class DriverHub:
                             "draining)", name, msg[0])
 
     def _hello(self, msg: list[Any]) -> None:
-        info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else None
-        try:
-            assert info is not None
-            name, endpoint, pid, module = (info["name"], info["endpoint"], info["pid"],
-                                           info["module"])
-            assert isinstance(name, str) and isinstance(endpoint, str)
-            assert isinstance(pid, int) and isinstance(module, str)
-        except (AssertionError, KeyError):
+        info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
+        name, endpoint = info.get("name"), info.get("endpoint")
+        pid, module = info.get("pid"), info.get("module")
+        if not (isinstance(name, str) and isinstance(endpoint, str) and isinstance(pid, int)
+                and isinstance(module, str)):
             log.warning("driver channel: malformed hello %.200r ignored (expected [\"hello\", "
                         "{name, endpoint, pid, module}])", msg)
             return

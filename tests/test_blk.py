@@ -217,3 +217,31 @@ def test_disk_errors_are_reported_not_crashes(stack: Stack) -> None:
     dev = stack.call("devices")["devices"][0]
     assert dev["backend_state"] == "closed" and dev["error"]
     assert driver_pid(stack) and stack.call("drivers")["drivers"][0]["connected"]
+
+
+def test_garbage_from_a_driver_is_refused_and_the_kernel_carries_on(stack: Stack) -> None:
+    import msgpack
+    import zmq
+
+    from isovisor.paths import RunDir
+    g = guest(stack, "g", "blkstress", [disk("g.img", size="2M")], "ops=400 qd=8 seed=3")
+    stack.up([], extra=DRIVER)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(RunDir(stack.run_dir).kernel_drivers)
+    for junk in (b"\xc1not msgpack", msgpack.packb({"a": 1}), msgpack.packb([]),
+                 msgpack.packb(["notify", "seven"]), msgpack.packb(["notify", 99999]),
+                 msgpack.packb(["store", "/local/domain/1/device/x", "1"]),
+                 msgpack.packb(["fault", 1]), msgpack.packb(["hello", {"name": 5}]),
+                 msgpack.packb(["frobnicate", 1, 2])):
+        push.send(junk)
+    push.close()
+    ctx.term()
+    con, p = run_guest(stack, g, "g")
+    assert p["code"] == 0 and summary(con)["errors"] == 0, con
+    log = RunDir(stack.run_dir).kernel_log.read_text()
+    for what in ("undecodable message", "not a [type, ...] list", "malformed hello",
+                 "store write outside /driver/", "unknown or malformed message"):
+        assert what in log, what
+    assert stack.call("ping")["pid"] == stack.pids[0]
