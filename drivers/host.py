@@ -23,7 +23,6 @@ cannot starve the others).  See docs/devices.md for the messages.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import logging
@@ -38,7 +37,8 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
-PR_SET_PDEATHSIG = 1
+from isovisor.procs import die_with_parent
+
 POLL_MS = 200
 #: Messages taken per round at most (so a flood cannot keep the loop from acting).
 MAX_DRAIN = 10_000
@@ -336,13 +336,6 @@ def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Conte
 
 # --- process mode ---------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Get SIGTERM if the parent dies, so a driver never outlives its stack."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s driver {args.name}[%(process)d] %(levelname)s "
                                "%(message)s")
     log = logging.getLogger(f"isovisor.driver.{args.name}")
-    _die_with_parent()
+    die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle

@@ -13,6 +13,7 @@ import psutil
 
 from isovisor.config import DriverConfig
 from isovisor.paths import RunDir
+from isovisor.procs import log_tail
 
 STOP_TIMEOUT_S = 5.0
 
@@ -53,10 +54,7 @@ class DriverProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""

@@ -16,6 +16,7 @@ from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.shm import sweep
 from isovisor.driverproc import child_env
 from isovisor.paths import RunDir
+from isovisor.procs import log_tail
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -77,10 +78,7 @@ class KernelProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Ask the kernel to destroy its domains and exit; kill it if it does not."""

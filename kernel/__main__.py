@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
 import sys
 
+from isovisor.procs import die_with_parent
 from kernel.server import KernelServer
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Get SIGTERM if the supervisor dies, so a kernel never outlives its stack."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s kernel[%(process)d] %(levelname)s %(message)s")
-    _die_with_parent()
+    die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle

@@ -175,13 +175,7 @@ class Scheduler:
             if hit or timeout_ns == 0:
                 dom.pending &= ~mask
                 return hit
-            dom.runnable = False
-            dom.polling = True
-            dom.poll_mask = mask
-            if timeout_ns != abi.POLL_FOREVER:
-                self._arm_timer(dom, time.monotonic_ns() + timeout_ns)
-            else:
-                dom.wake_at = None
+            self._sleep(dom, mask, timeout_ns, blocking=False)
         dom.vcpu.stop()
         return 0
 
@@ -197,16 +191,21 @@ class Scheduler:
                 return hit
             if timeout_ns == 0:
                 return 0
-            dom.runnable = False
-            dom.polling = True
-            dom.blocking = bool(dom.upcall_handler)
-            dom.poll_mask = _ALL_PORTS
-            if timeout_ns != abi.POLL_FOREVER:
-                self._arm_timer(dom, time.monotonic_ns() + timeout_ns)
-            else:
-                dom.wake_at = None
+            self._sleep(dom, _ALL_PORTS, timeout_ns, blocking=bool(dom.upcall_handler))
         dom.vcpu.stop()
         return 0
+
+    def _sleep(self, dom: Domain, mask: int, timeout_ns: int, *, blocking: bool) -> None:
+        """Take ``dom`` off the run queue until an event in ``mask`` or the timeout (lock
+        held; the caller stops the vCPU)."""
+        dom.runnable = False
+        dom.polling = True
+        dom.blocking = blocking
+        dom.poll_mask = mask
+        if timeout_ns != abi.POLL_FOREVER:
+            self._arm_timer(dom, time.monotonic_ns() + timeout_ns)
+        else:
+            dom.wake_at = None
 
     def finish_poll(self, dom: Domain) -> None:
         """Write the result of a completed HC_POLL or HC_BLOCK before the guest resumes (its
