@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import random
 import shutil
@@ -52,6 +53,7 @@ from _common import (
     wait_topic,
 )
 
+from ipc.control import ControlError
 from ipc.events import Subscriber
 
 NAME = "blk"
@@ -162,9 +164,33 @@ def wait_unlocked(path: Path, timeout: float = 30) -> None:
         os.close(fd)
 
 
+#: destroys that had to be repeated (see destroy_and_wait)
+DESTROY_RETRIES: list[str] = []
+
+
+def destroy_and_wait(s: PrivateStack, sub: Subscriber, name: str) -> None:
+    """Destroy a stopped domain and wait for its ``destroyed`` event.
+
+    A destroy that arrives between the kernel's shutdown event and its marking the domain
+    preserved returns without destroying it (no ``destroyed`` event follows); so if the event
+    does not come soon, destroy again -- by then the domain is preserved and goes.
+    """
+    topic = {f"domain.{name}.destroyed"}
+    for attempt in range(6):
+        with contextlib.suppress(ControlError):  # already gone: its event is on its way
+            s.call("destroy", name=name)
+        try:
+            wait_topic(sub, topic, 2.0 if attempt < 5 else 60.0)
+            return
+        except TimeoutError:
+            DESTROY_RETRIES.append(name)
+    raise TimeoutError(f"{name}: no destroyed event after {attempt + 1} destroys")
+
+
 def run_guest(s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Case, ops: int,
               seed: int) -> dict[str, Any]:
-    """One blkstress domain to completion; its final line and its device counters."""
+    """One blkstress domain to completion; its final line and its device counters (or, if it
+    crashed, ``{"crashed": reason}``)."""
     extra = (f"ops={ops} bs={case.bs} qd={case.qd} mix={case.mix} blocks={case.blocks} "
              f"verify_all=0 seed={seed}")
     disk = f"target={image}, vdev=xvda, access=rw, backend=blk0"
@@ -175,20 +201,19 @@ def run_guest(s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Ca
     wait_unlocked(image)
     s.call("create", path=str(cfg))
     out = ""
+    devs: list[dict[str, Any]] = []
     try:
         topic, p = wait_topic(sub, {f"domain.{name}.shutdown", f"domain.{name}.crashed"}, 180)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ControlError):
             out = bytes(s.call("console", name=name)["data"]).decode(errors="replace")
-        devs = [d for d in s.call("devices")["devices"] if d["domain"] == name]
+            devs = [d for d in s.call("devices")["devices"] if d["domain"] == name]
     finally:
-        with contextlib.suppress(Exception):
-            s.call("destroy", name=name)
-    wait_topic(sub, {f"domain.{name}.destroyed"}, 60)
-    if topic.endswith(".crashed"):
-        raise RuntimeError(f"{name} crashed: {p.get('reason')}; devices {devs}; console:\n{out}")
+        destroy_and_wait(s, sub, name)
+    if topic.endswith(".crashed") or not devs:
+        last = out.strip().splitlines()[-3:]
+        why = p.get("reason") if topic.endswith(".crashed") else "no device listed"
+        return {"crashed": f"{name}: {why}; devices {devs}; console ends {last}"}
     kv = line_with(out, "blkstress: ops=")
-    if not devs:
-        raise RuntimeError(f"{name}: no device listed before destroy")
     dev = devs[0]
     g = {k: int(kv[k]) for k in ("ops", "errors", "reads", "writes", "bytes", "ns", "kicks",
                                  "waits", "upcalls")}
@@ -215,22 +240,27 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                 s = es.enter_context(private_stack(2, extra_toml=driver_toml(mode)))
                 stacks[mode] = (s, es.enter_context(s.subscribe(["domain."])))
             GATE.extra_pids = lambda: [p for s, _ in stacks.values() for p in s.pids]
-            base, runs = _measure(args.quick, reps, image, stacks)
+            base, runs, crashes = _measure(args.quick, reps, image, stacks)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _report(res, reps, args.quick, base, runs)
+    _report(res, reps, args.quick, base, runs, crashes)
 
 
 def _measure(quick: bool, reps: int, image: Path,
              stacks: dict[str, tuple[PrivateStack, Subscriber]]
-             ) -> tuple[list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]]]:
+             ) -> tuple[list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]],
+                        list[str]]:
+    """Returns the baseline rounds, the guest runs by mode and case, and the crashes."""
     base: list[dict[str, float]] = []
+    crashes: list[str] = []
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {c.key: [] for c in CASES}
                                                          for m in MODES}
     # an untimed warm-up in each stack: builds/loads the guest, first attach of the image
     warm = Case("warm", "warm-up", 4096, 32, 0, 16384, 500)
     for mode, (s, sub) in stacks.items():
-        run_guest(s, sub, f"{mode[0]}-warm", image, warm, warm.ops, 1)
+        r = run_guest(s, sub, f"{mode[0]}-warm", image, warm, warm.ops, 1)
+        if "crashed" in r:
+            crashes.append(r["crashed"])
     for rep in range(reps):
         GATE.wait()
         pids = GATE.extra_pids()
@@ -251,19 +281,26 @@ def _measure(quick: bool, reps: int, image: Path,
                 load = OtherLoad(pids)
                 r = run_guest(s, sub, f"{mode[0]}-{case.key}-{rep + 1}", image, case, ops,
                               seed=rep + 1)
-                r["other"] = round(load.percent())
+                other = round(load.percent())
+                if "crashed" in r:
+                    crashes.append(r["crashed"])
+                    print(f"  rep {rep + 1} {mode:7} {case.label:18}: CRASHED {r['crashed']}",
+                          file=sys.stderr)
+                    continue
+                r["other"] = other
                 runs[mode][case.key].append(r)
                 print(f"  rep {rep + 1} {mode:7} {case.label:18}: {r['iops']:8.0f} IOPS "
                       f"{r['mbs']:7.1f} MB/s, errors {r['errors']}, notif/req "
                       f"{r['kernel_per_req']:.3f}, other processes {r['other']}% CPU",
                       file=sys.stderr)
-    return base, runs
+    return base, runs, crashes
 
 
 def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
-            runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+            runs: dict[str, dict[str, list[dict[str, Any]]]], crashes: list[str]) -> None:
     def med(mode: str, key: str, field: str) -> float:
-        return median([r[field] for r in runs[mode][key]])
+        xs = [r[field] for r in runs[mode][key]]
+        return median(xs) if xs else math.nan
 
     def bmed(field: str) -> float:
         return median([b[field] for b in base])
@@ -305,8 +342,9 @@ def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
     errors = sum(r["errors"] for m in runs.values() for v in m.values() for r in v)
     bad_exit = sum(1 for m in runs.values() for v in m.values() for r in v if r["exit_code"])
     res.rows.append(Row("blkstress errors", f"{errors} in {nruns} runs",
-                        f"{bad_exit} runs with a non-zero exit code", "0",
-                        errors == 0 and bad_exit == 0))
+                        f"{bad_exit} runs with a non-zero exit code; {len(crashes)} crashed "
+                        "domains (left out of the figures)", "0 errors, 0 crashes",
+                        errors == 0 and bad_exit == 0 and not crashes))
     res.rows.append(Row(
         "pread/pwrite loop (the Python ceiling)",
         f"4K rand read {bmed('read_4k_iops'):,.0f} / write {bmed('write_4k_iops'):,.0f} IOPS",
@@ -325,6 +363,8 @@ def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
                           "guest_per_op": r["guest_per_op"], "dev": r["dev"],
                           "guest": r["guest"], "other": r["other"]} for r in v]
                      for k, v in cases.items()} for m, cases in runs.items()},
+        "crashes": crashes,
+        "destroy_retries": DESTROY_RETRIES,
         "cases": {c.key: {"label": c.label, "bs": c.bs, "qd": c.qd, "mix": c.mix,
                           "blocks": c.blocks, "ops": c.ops // 4 if quick else c.ops}
                   for c in CASES},
@@ -349,6 +389,14 @@ def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
         "from the kernel's devices command after the guest powered off (on_poweroff = "
         "preserve), before destroy",
     ]
+    for c in crashes:
+        res.notes.append(f"CRASHED: {c}")
+    if DESTROY_RETRIES:
+        res.notes.append(
+            f"{len(DESTROY_RETRIES)} destroy(s) of a just-stopped domain had to be repeated "
+            "(no destroyed event within 2 s): a destroy sent between the kernel's shutdown "
+            "event and its marking the domain preserved returns without destroying it; "
+            f"domains: {', '.join(dict.fromkeys(DESTROY_RETRIES))}")
 
 
 if __name__ == "__main__":

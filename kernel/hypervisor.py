@@ -108,6 +108,8 @@ class Hypervisor:
             self.sched.request_exit(dom, Exit("destroy", reason))
         if not dom.gone.wait(DESTROY_WAIT_S):
             raise ControlError(f"domain {dom.name!r} did not stop within {DESTROY_WAIT_S:g}s")
+        if dom.preserved and not dom.torn_down:  # it was being preserved as we asked
+            self._finish(dom, Exit("destroy", reason))
 
     def destroy_all(self) -> None:
         for dom in list(self.domains.values()):
@@ -133,6 +135,9 @@ class Hypervisor:
             action = "destroy"
             note = (f"; restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s, "
                     "not restarting again")
+        if action == "preserve":
+            # Before the event: a `destroy` sent by someone who saw it must find it preserved.
+            dom.preserved = True
         level = logging.ERROR if exit.kind == "crash" else logging.INFO
         log.log(level, "domain %s (id %d) %s: %s; on_%s = %s%s", dom.name, dom.domid,
                 "crashed" if exit.kind == "crash" else "shut down", exit.reason, exit.kind,
@@ -141,8 +146,7 @@ class Hypervisor:
         self.emit(f"domain.{dom.name}.{event}", {
             "domid": dom.domid, "kind": exit.kind, "reason": exit.reason, "code": exit.code,
             "policy": f"on_{exit.kind}", "action": action, "note": note.lstrip("; ")})
-        if action == "preserve":
-            dom.preserved = True  # keep RAM and console for inspection until `destroy`
+        if action == "preserve":  # keep RAM and console for inspection until `destroy`
             dom.gone.set()  # nothing more will happen to it on its own
             return
         self._finish(dom, Exit(exit.kind, exit.reason + note, exit.code))
