@@ -227,10 +227,9 @@ class DeviceManager:
         return 0 if self.hub.send(dev.spec.backend, ["kick", dev.key]) else -abi.ENOTCONN
 
     def guest_may_read(self, dom: Domain, path: str) -> bool:
-        home = f"/local/domain/{dom.domid}"
-        return (path == home or path.startswith(home + "/")
-                or any(path == d.be_dir or path.startswith(d.be_dir + "/")
-                       for d in dom.devices.values()))
+        """Its home, and the backend directory of each of its devices."""
+        roots = [f"/local/domain/{dom.domid}", *(d.be_dir for d in dom.devices.values())]
+        return any(path == r or path.startswith(r + "/") for r in roots)
 
     @staticmethod
     def guest_may_write(dom: Domain, path: str) -> bool:

@@ -21,9 +21,8 @@ import importlib
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
@@ -48,7 +47,6 @@ class DriverLink:
     pid: int
     module: str
     isolation: str
-    since: float = field(default_factory=time.monotonic)
 
 
 class DriverHub:
@@ -66,8 +64,6 @@ class DriverHub:
         self.pull.setsockopt(zmq.LINGER, 0)
         for ep in [*endpoints, INPROC_ENDPOINT]:
             self.pull.bind(ep)
-        self.messages = 0
-        self.bad_messages = 0
         self._ctl: queue.SimpleQueue[tuple[str, list[Any]]] = queue.SimpleQueue()
         self._running = True
         self.thread = threading.Thread(target=self._loop, name="drivers", daemon=True)
@@ -156,11 +152,9 @@ class DriverHub:
             return
         # Other messages carry no sender: the device layer checks the device key (or the
         # store path) against the drivers it knows.
-        self.messages += 1
         try:
             self.on_message(msg)
         except Exception:
-            self.bad_messages += 1
             log.exception("driver channel: error handling message %.200r", msg)
 
     def _flush_control(self) -> None:
