@@ -10,6 +10,7 @@ import sys
 
 from isovisor.procs import die_with_parent
 from kernel.server import KernelServer
+from kernel.ucstop import UnsupportedUnicorn, check_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    try:
+        check_engine()
+    except UnsupportedUnicorn as e:
+        logging.getLogger("isovisor.kernel").error("%s", e)
+        return 2
     server = KernelServer(control=args.control, events=args.events, pcpus=args.pcpus,
                           timeslice_ms=args.timeslice_ms, shm_prefix=args.shm_prefix,
                           drivers=args.drivers)

@@ -3,6 +3,8 @@
 Exits from guest code happen only on ``syscall`` (hypercalls), CPU exceptions, invalid memory
 accesses and preemption (``emu_stop`` from the ticker or the control thread).  No hook runs per
 instruction or per memory access: the unmapped-memory hook is only consulted on a fault.
+Every engine gets :func:`kernel.ucstop.stop_only_between_instructions`, so a stop from another
+thread lands between instructions and never makes one run twice.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from unicorn.x86_const import (
 
 from kernel import abi
 from kernel.memory import GuestMemory
+from kernel.ucstop import stop_only_between_instructions
 
 #: emu_start's "until" address: unmapped and non-canonical for any guest, so never reached.
 STOP_ADDRESS: Final = 0xFFFF_8000_DEAD_0000
@@ -66,6 +69,7 @@ class VCpu:
         uc.mem_map_ptr(abi.NULL_GUARD_END, mem.size - abi.NULL_GUARD_END, UC_PROT_ALL,
                        mem.host_address + abi.NULL_GUARD_END)
         self._mapped = True
+        stop_only_between_instructions(uc)  # before any code is translated
         self._regions: list[tuple[int, int]] = []
         # The hypercall handler is registered directly: one Python frame per hypercall.
         uc.hook_add(UC_HOOK_INSN, on_hypercall, None, 1, 0, UC_X86_INS_SYSCALL)

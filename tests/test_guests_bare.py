@@ -17,7 +17,8 @@ from domains.build import GUEST_PROGRAMS, BuildError
 from kernel import abi
 from tests.guestdata import xorshift_bytes
 
-EXPECTED_PROGRAMS = {"hello", "crc32", "primes", "ticker", "busy", "hcbench", "crash", "badcalls"}
+EXPECTED_PROGRAMS = {"hello", "crc32", "primes", "ticker", "busy", "hcbench", "crash", "badcalls",
+                     "blkstress", "blkprobe", "rmwcount"}
 
 
 @pytest.fixture(scope="module")
