@@ -3,36 +3,56 @@
 Run as a process::
 
     python -m drivers.host --name blk0 --module drivers.blk --kernel ipc://K --listen ipc://L \\
-        [--options JSON] [--parent-pid N] [--log-level INFO]
+        [--options JSON] [--parent-pid N] [--log-level INFO] [--spare] \\
+        [--watchdog-ms N] [--request-timeout-ms N]
 
 or inside the kernel process with :func:`start_inline` (a daemon thread, inproc:// endpoints).
 
 The host binds a PULL socket at its endpoint, connects a PUSH to the kernel, instantiates
 ``module.Backend(host, options)`` and says ``["hello", {...}]``.  Each round it drains *every*
-message that has arrived, handles ``attach``/``detach``/``fe_state`` in order, and then calls
-``backend.kick(key)`` once per device that was kicked (any number of kicks collapse into one).
-Malformed messages are logged and ignored; an exception in a backend handler is logged and the
-loop goes on.
+message that has arrived, handles ``attach``/``detach``/``fe_state``/``inject`` in order, and
+then calls ``backend.kick(key)`` once per device that was kicked (any number of kicks collapse
+into one).  Malformed messages are logged and ignored.
+
+Supervision (docs/recovery.md):
+
+* Fail-stop: in a process, an exception escaping a backend handler (or the loop) is logged with
+  its traceback and the process exits with status 70 (EX_SOFTWARE), so the supervisor replaces
+  it.  Inline (a kernel thread, which nobody can restart) it is logged and the loop goes on.
+* ``--spare``: everything is built (module, backend, sockets) but the host says ``["spare",
+  {...}]`` instead of hello and waits for ``["activate"]`` on its endpoint; then it says hello
+  and serves.  Other messages before that are logged and ignored.
+* ``--watchdog-ms N``: a ``["heartbeat", name, seq]`` every N/4 ms from the loop itself, so a
+  loop stuck anywhere sends none.  hello carries ``watchdog_ms`` and ``request_timeout_ms``.
+* ``["inject", kind]``: a real fault, for tests and campaigns (see :data:`INJECT_KINDS`).
 
 A backend sees this API: ``host.name``, ``host.log``, ``host.notify(key)``,
-``host.store_write(path, value)`` (only below ``/driver/<name>/``), ``host.fault(key, message)``
-and ``host.kick_again(key)`` (have ``kick(key)`` called again next round, so one busy device
-cannot starve the others).  See docs/devices.md for the messages.
+``host.store_write(path, value)`` (only below ``/driver/<name>/``), ``host.fault(key, message)``,
+``host.error(key, message)``, ``host.kick_again(key)`` (have ``kick(key)`` called again next
+round, so one busy device cannot starve the others), ``host.recovered(key, replayed,
+done_ns)``, ``host.poison(key, index, description)`` and ``host.inject(kind)``.  See
+docs/devices.md and docs/recovery.md for the messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import faulthandler
 import importlib
 import json
 import logging
+import math
 import os
 import re
+import resource
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import msgpack
 import zmq
@@ -45,10 +65,34 @@ MAX_DRAIN = 10_000
 SNDHWM = 100_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Exit status after an unhandled exception (sysexits.h EX_SOFTWARE).
+EXIT_SOFTWARE = 70
+#: Exit status of an injected ``exit``.
+EXIT_INJECTED = 3
+DEFAULT_REQUEST_TIMEOUT_MS = 10_000
+#: ``["inject", kind]``: what each kind does.
+INJECT_KINDS: dict[str, str] = {
+    "exit": f"exit at once with status {EXIT_INJECTED}",
+    "exception": f"raise an exception, as a backend bug would (a process exits with status "
+                 f"{EXIT_SOFTWARE})",
+    "segv": "a real invalid memory access: the process dies by SIGSEGV",
+    "abort": "abort(): the process dies by SIGABRT",
+    "hang": "the loop blocks forever and sends no more heartbeats",
+    "leak": "allocate (and touch) 64 MiB more, kept until the process ends",
+}
+#: Kinds that would kill or stall the kernel itself when the driver runs inline.
+_PROCESS_ONLY_KINDS = frozenset({"exit", "segv", "abort", "hang"})
+LEAK_BYTES = 64 << 20
+_PAGE = 4096
+_PR_SET_DUMPABLE = 4
 
 
 class HostError(Exception):
     """The driver cannot start (bad module, bad options, bad endpoint)."""
+
+
+class InjectedFault(Exception):
+    """Raised by ``inject("exception")``: escapes like a bug in the backend would."""
 
 
 class Backend(Protocol):
@@ -71,6 +115,8 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "detach": ((_is_int,), '["detach", key:int]'),
     "kick": ((_is_int,), '["kick", key:int]'),
     "fe_state": ((_is_int, _is_int), '["fe_state", key:int, state:int]'),
+    "inject": ((lambda v: isinstance(v, str),), '["inject", kind:str]'),
+    "activate": ((), '["activate"]'),
 }
 
 
@@ -89,46 +135,46 @@ def check_store_path(name: str, path: object) -> str:
 
 class DriverHost:
     """Sockets, the backend and the loop.  Create it in the thread that will call :meth:`run`
-    (ZeroMQ sockets belong to one thread)."""
+    (ZeroMQ sockets belong to one thread).
+
+    ``process`` says the host is a process of its own (fail-stop on a backend exception, every
+    injectable fault allowed); ``spare`` makes it wait for ``["activate"]`` before it says
+    hello; ``watchdog_ms`` > 0 makes the loop send a heartbeat every ``watchdog_ms / 4``."""
 
     def __init__(self, name: str, module: str, options: dict[str, Any], ctx: zmq.Context[Any],
-                 kernel_endpoint: str, listen_endpoint: str) -> None:
+                 kernel_endpoint: str, listen_endpoint: str, *, process: bool = False,
+                 spare: bool = False, watchdog_ms: int = 0,
+                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
         if not _NAME_RE.match(name):
             raise HostError(f"invalid driver name {name!r}: use 1-64 letters, digits, '_', '.', "
                             "'-'")
         if not isinstance(options, dict):
             raise HostError(f"driver options must be a mapping, got {type(options).__name__}")
+        for what, v in (("watchdog_ms", watchdog_ms), ("request_timeout_ms", request_timeout_ms)):
+            if not _is_int(v) or v < 0:
+                raise HostError(f"{what} must be an integer >= 0 (0 = none), got {v!r}")
         self.name = name
         self.module_name = module
         self.endpoint = listen_endpoint
+        self.process = process
+        self.spare = spare
+        self.watchdog_ms = watchdog_ms
+        self.request_timeout_ms = request_timeout_ms
         self.log = logging.getLogger(f"isovisor.driver.{name}")
         self._stop = threading.Event()
         self._again: dict[int, None] = {}
         self._notify_cache: dict[int, bytes] = {}
         self._send_failures = 0
+        self._heartbeat_s = watchdog_ms / 4000
+        self._heartbeat_seq = 0
+        self._next_heartbeat = 0.0
+        self._leaked: list[bytearray] = []
         self.backend: Backend | None = None
-        try:
-            mod = importlib.import_module(module)
-        except Exception as e:
-            raise HostError(f"cannot import driver module {module!r}: {e}") from e
-        factory = getattr(mod, "Backend", None)
-        if factory is None:
-            raise HostError(f"driver module {module!r} has no Backend class")
+        factory = _backend_factory(module)
         self._pull = ctx.socket(zmq.PULL)
         self._push = ctx.socket(zmq.PUSH)
         try:
-            for s in (self._pull, self._push):
-                s.setsockopt(zmq.LINGER, 0)
-            self._push.setsockopt(zmq.SNDHWM, SNDHWM)
-            self._pull.setsockopt(zmq.RCVHWM, SNDHWM)
-            try:
-                self._pull.bind(listen_endpoint)
-            except zmq.ZMQError as e:
-                raise HostError(f"cannot listen at {listen_endpoint}: {e}") from e
-            try:
-                self._push.connect(kernel_endpoint)
-            except zmq.ZMQError as e:
-                raise HostError(f"cannot connect to the kernel at {kernel_endpoint}: {e}") from e
+            self._open_sockets(kernel_endpoint, listen_endpoint)
             try:
                 self.backend = factory(self, options)
             except (ValueError, TypeError) as e:
@@ -136,8 +182,33 @@ class DriverHost:
         except BaseException:
             self._close_sockets()
             raise
-        self._send(["hello", {"name": name, "pid": os.getpid(), "endpoint": listen_endpoint,
-                              "module": module}])
+        if spare:
+            self._send(["spare", self._identity()])
+        else:
+            self._hello()
+
+    def _open_sockets(self, kernel_endpoint: str, listen_endpoint: str) -> None:
+        for s in (self._pull, self._push):
+            s.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, SNDHWM)
+        self._pull.setsockopt(zmq.RCVHWM, SNDHWM)
+        try:
+            self._pull.bind(listen_endpoint)
+        except zmq.ZMQError as e:
+            raise HostError(f"cannot listen at {listen_endpoint}: {e}") from e
+        try:
+            self._push.connect(kernel_endpoint)
+        except zmq.ZMQError as e:
+            raise HostError(f"cannot connect to the kernel at {kernel_endpoint}: {e}") from e
+
+    def _identity(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": os.getpid(), "endpoint": self.endpoint,
+                "module": self.module_name}
+
+    def _hello(self) -> None:
+        self._send(["hello", {**self._identity(), "watchdog_ms": self.watchdog_ms,
+                              "request_timeout_ms": self.request_timeout_ms}])
+        self._next_heartbeat = time.monotonic() + self._heartbeat_s
 
     # -- the API backends use ------------------------------------------------------------------
     def notify(self, key: int) -> None:
@@ -166,27 +237,109 @@ class DriverHost:
     def kick_again(self, key: int) -> None:
         self._again[key] = None
 
+    def recovered(self, key: int, replayed: int, done_ns: int) -> None:
+        """A resumed device redid ``replayed`` requests, published at ``done_ns``
+        (CLOCK_MONOTONIC)."""
+        self._send(["recovered", key, replayed, done_ns])
+
+    def poison(self, key: int, index: int, description: str) -> None:
+        """The request at ring ``index`` of device ``key`` was refused as poison."""
+        self._send(["poison", key, index, description])
+
+    def inject(self, kind: str) -> None:
+        """Carry out the fault ``kind`` (``["inject", kind]``, or a backend's test fault).
+        Inline, the kinds that would kill or stall the kernel are refused."""
+        if kind not in INJECT_KINDS:
+            self.log.warning("ignoring inject of unknown kind %s (known: %s)", _short(kind),
+                             ", ".join(INJECT_KINDS))
+            return
+        if not self.process and kind in _PROCESS_ONLY_KINDS:
+            self.log.error("refusing to inject %r: this driver runs inline, so it would %s the "
+                           "kernel", kind, "stall" if kind == "hang" else "kill")
+            return
+        self.log.warning("injecting a fault: %s (%s)", kind, INJECT_KINDS[kind])
+        if kind == "leak":
+            self._leaked.append(_touched_allocation(LEAK_BYTES))
+            self.log.warning("leaked %d MiB so far", len(self._leaked) * LEAK_BYTES >> 20)
+            return
+        _flush_logs()
+        _INJECTORS[kind]()
+
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe); it finishes within POLL_MS."""
         self._stop.set()
 
     def run(self) -> None:
-        """Serve until :meth:`stop`; then close the backend and the sockets."""
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
+        """Serve until :meth:`stop`; then close the backend and the sockets.  A spare first
+        waits for ``["activate"]``.  In a process, an exception escaping the loop ends the
+        process with status 70 (no clean-up: fail-stop)."""
         try:
-            while not self._stop.is_set():
-                try:
-                    ready = poller.poll(0 if self._again else POLL_MS)
-                except zmq.ZMQError as e:
-                    if e.errno == zmq.ETERM:
-                        break
-                    raise
-                raws = self._drain() if ready else []
-                self._dispatch(raws)
+            if self.spare and not self._await_activation():
+                return
+            self._loop()
+        except Exception:
+            if self.process:
+                self._fail_stop("the driver loop")
+            raise
         finally:
             self._shutdown()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                ready = poller.poll(self._poll_timeout())
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    break
+                raise
+            raws = self._drain() if ready else []
+            self._dispatch(raws)
+            if self._heartbeat_s:
+                self._heartbeat()
+
+    def _poll_timeout(self) -> int:
+        """ms to wait for messages: none if a device wants another turn, else until the next
+        heartbeat is due (at most POLL_MS, so stop() is seen)."""
+        if self._again:
+            return 0
+        if not self._heartbeat_s:
+            return POLL_MS
+        left = self._next_heartbeat - time.monotonic()
+        return max(0, min(POLL_MS, math.ceil(left * 1000)))
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._heartbeat_seq += 1
+        self._send(["heartbeat", self.name, self._heartbeat_seq])
+        self._next_heartbeat += self._heartbeat_s
+        if self._next_heartbeat <= now:  # the loop was held up: no burst to catch up
+            self._next_heartbeat = now + self._heartbeat_s
+
+    def _await_activation(self) -> bool:
+        """A spare waits here for ``["activate"]``, then says hello: True.  False if it was
+        stopped first.  Anything else that arrives meanwhile is logged and ignored."""
+        self.log.info("spare: waiting for activate at %s", self.endpoint)
+        while not self._stop.is_set():
+            if not self._pull.poll(POLL_MS):
+                continue
+            try:
+                raw = self._pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            msg = self._parse(raw)
+            if msg is not None and msg[0] == "activate":
+                self.log.info("spare activated: saying hello")
+                self.spare = False
+                self._hello()
+                return True
+            if msg is not None:
+                self.log.warning("spare: ignoring %s before activation", _short(msg))
+        return False
 
     def _drain(self) -> list[bytes]:
         out = []
@@ -236,9 +389,13 @@ class DriverHost:
             if kind == "kick":
                 kicked[msg[1]] = None
                 continue
+            if kind == "activate":
+                self.log.warning("ignoring activate: this driver is active already")
+                continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
-            self._call(kind, getattr(backend, kind), *msg[1:])
+            fn = self.inject if kind == "inject" else getattr(backend, kind)
+            self._call(kind, fn, *msg[1:])
         for key in kicked:
             self._call("kick", backend.kick, key)
 
@@ -246,7 +403,18 @@ class DriverHost:
         try:
             fn(*args)
         except Exception:
+            if self.process:
+                self._fail_stop(f"{what}{args!r} failed in the backend")
             self.log.exception("%s%r failed in the backend; the driver goes on", what, args)
+
+    def _fail_stop(self, what: str) -> NoReturn:
+        """Fail-stop: log the exception being handled and end the process (status 70) without
+        any clean-up; the supervisor replaces the driver and the replacement redoes what was
+        in flight."""
+        self.log.critical("%s: unhandled exception; exiting with status %d so that the "
+                          "driver is replaced", what, EXIT_SOFTWARE, exc_info=True)
+        _flush_logs()
+        os._exit(EXIT_SOFTWARE)
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, msg: list[Any]) -> None:
@@ -274,6 +442,93 @@ class DriverHost:
     def _close_sockets(self) -> None:
         for s in (self._pull, self._push):
             s.close(linger=0)
+
+
+def _backend_factory(module: str) -> Callable[[DriverHost, dict[str, Any]], Backend]:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        raise HostError(f"cannot import driver module {module!r}: {e}") from e
+    factory = getattr(mod, "Backend", None)
+    if factory is None:
+        raise HostError(f"driver module {module!r} has no Backend class")
+    return factory
+
+
+# --- fault injection ------------------------------------------------------------------------------
+
+def _flush_logs() -> None:
+    """Push out what was logged before the process ends without clean-up."""
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _touched_allocation(nbytes: int) -> bytearray:
+    """``nbytes`` with every page written, so they count in the RSS."""
+    buf = bytearray(nbytes)
+    buf[::_PAGE] = b"\x01" * len(range(0, nbytes, _PAGE))
+    return buf
+
+
+def _no_core_dump() -> None:
+    """An injected crash must not leave (or spend time writing) a core file."""
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0)
+
+
+def _die_by_signal(sig: signal.Signals) -> None:
+    """Make sure ``sig`` kills the process as itself: no Python or faulthandler handler."""
+    _no_core_dump()
+    faulthandler.disable()
+    with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _inject_exit() -> NoReturn:
+    os._exit(EXIT_INJECTED)
+
+
+def _inject_exception() -> NoReturn:
+    raise InjectedFault("injected fault: an exception, as a bug in the backend would raise")
+
+
+def _inject_segv() -> NoReturn:
+    _die_by_signal(signal.SIGSEGV)
+    ctypes.string_at(1)  # read address 1: a real invalid memory access, SIGSEGV
+    os.kill(os.getpid(), signal.SIGSEGV)  # not reached
+    raise AssertionError("still alive after SIGSEGV")
+
+
+def _inject_abort() -> NoReturn:
+    _die_by_signal(signal.SIGABRT)
+    os.abort()
+
+
+def _inject_hang() -> NoReturn:
+    """The loop is stuck here: no more heartbeats, no message handled, SIGTERM only sets the
+    stop flag nobody looks at.  Only an orphaned driver (its parent gone) ends itself."""
+    parent = os.getppid()
+    stuck = threading.Event()  # never set
+    while not stuck.wait(1.0):
+        if os.getppid() != parent:
+            os._exit(EXIT_INJECTED)
+    raise AssertionError("unreachable")
+
+
+_INJECTORS: dict[str, Callable[[], None]] = {
+    "exit": _inject_exit,
+    "exception": _inject_exception,
+    "segv": _inject_segv,
+    "abort": _inject_abort,
+    "hang": _inject_hang,
+}
 
 
 def _short(v: object, limit: int = 120) -> str:
@@ -307,15 +562,19 @@ class InlineDriver:
 
 
 def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Context[Any],
-                 kernel_endpoint: str, listen_endpoint: str) -> InlineDriver:
+                 kernel_endpoint: str, listen_endpoint: str, *, watchdog_ms: int = 0,
+                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> InlineDriver:
     """Run a driver host in a daemon thread sharing ``ctx``; returns once it listens and has
-    said hello, or raises HostError if it cannot start."""
+    said hello, or raises HostError if it cannot start.  An inline driver is not fail-stop (an
+    exception in its backend is logged and it goes on) and refuses the injected faults that
+    would kill or stall the kernel."""
     ready = threading.Event()
     box: dict[str, Any] = {}
 
     def main() -> None:
         try:
-            host = DriverHost(name, module, options, ctx, kernel_endpoint, listen_endpoint)
+            host = DriverHost(name, module, options, ctx, kernel_endpoint, listen_endpoint,
+                              watchdog_ms=watchdog_ms, request_timeout_ms=request_timeout_ms)
         except BaseException as e:
             box["error"] = e
             ready.set()
@@ -336,9 +595,17 @@ def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Conte
 
 # --- process mode ---------------------------------------------------------------------------------
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative (0 means none)")
+    return v
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m drivers.host",
                                  description="isovisor driver host process")
     ap.add_argument("--name", required=True, help="driver name (store: /driver/<name>/)")
@@ -348,7 +615,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}", help="backend options as a JSON object")
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
+    ap.add_argument("--spare", action="store_true",
+                    help='start as a warm spare: say "spare", wait for ["activate"], then hello')
+    ap.add_argument("--watchdog-ms", type=_non_negative_int, default=0,
+                    help="heartbeat deadline; a heartbeat goes out every N/4 ms (0: none)")
+    ap.add_argument("--request-timeout-ms", type=_non_negative_int,
+                    default=DEFAULT_REQUEST_TIMEOUT_MS,
+                    help="reported in hello: a request outstanding longer is a hang")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s driver {args.name}[%(process)d] %(levelname)s "
                                "%(message)s")
@@ -368,12 +646,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         try:
-            host = DriverHost(args.name, args.module, options, ctx, args.kernel, args.listen)
+            host = DriverHost(args.name, args.module, options, ctx, args.kernel, args.listen,
+                              process=True, spare=args.spare, watchdog_ms=args.watchdog_ms,
+                              request_timeout_ms=args.request_timeout_ms)
         except HostError as e:
             log.error("%s", e)
             return 2
         signal.signal(signal.SIGTERM, lambda *_: host.stop())
-        log.info("driver %s (%s) listening at %s", args.name, args.module, args.listen)
+        log.info("driver %s (%s) listening at %s%s", args.name, args.module, args.listen,
+                 " as a spare" if args.spare else "")
         host.run()
         log.info("driver %s stopped", args.name)
         return 0

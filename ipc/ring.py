@@ -207,11 +207,19 @@ class BackRing(_Side):
 
 # --- in-flight log ------------------------------------------------------------------------------
 
-#: Per-record header: u64 seq (0 = free), u64 ring index of the request.
-_REC_HEADER: Final = 16
+#: Per-record header, three u64 words: seq (0 = free), the ring index of the request, and the
+#: record's state: bit 0 = executing, bits 8..63 = deaths.
+_REC_HEADER: Final = 24
+_SEQ, _INDEX, _STATE = 0, 1, 2
+#: The state word of a record that is executing and has no deaths (see InflightLog.words).
+EXECUTING: Final = 1
+_EXECUTING: Final = EXECUTING
+_DEATH_SHIFT: Final = 8
+_NOT_EXECUTING: Final = ~_EXECUTING  # a mask: keeps the deaths, clears the flag
 
 
 def inflight_bytes(nr_slots: int, slot_size: int) -> int:
+    """Bytes an in-flight log for ``nr_slots`` slots of ``slot_size`` bytes occupies."""
     return nr_slots * (_REC_HEADER + slot_size)
 
 
@@ -220,6 +228,10 @@ class InflightRecord:
     seq: int
     index: int
     request: bytes
+    #: The backend was acting on this request when it stopped (it died in the middle of it).
+    executing: bool = False
+    #: Backend instances that died while acting on this request (counted by their successors).
+    deaths: int = 0
 
 
 class InflightLog:
@@ -227,44 +239,104 @@ class InflightLog:
     INFLIGHT_SHMFD idea): :meth:`begin` before acting on a request, :meth:`end` after its
     response is published.  A replacement backend calls :meth:`pending` and redoes exactly
     those requests, oldest first.  Sequence numbers start at 1 and never repeat in one log.
+
+    Poison requests (docs/recovery.md): :meth:`mark_executing` just before the backend acts on a
+    request and :meth:`clear_executing` right after, so a record found executing by a
+    replacement is the one its predecessor died on; :meth:`record_death` counts that.  The flag
+    and the count share one u64 word (bit 0 and bits 8..63): marking and clearing are a load and
+    a store of that word, and recording a death is one store, so a backend that dies at any
+    point leaves either the old or the new state, never half of a recorded death.
+
+    The hot path of a backend may skip the method calls for a record it has just begun (its
+    state is 0): ``w = log.state_words[index % log.nr_slots]``, then ``log.words[w] =
+    EXECUTING`` before acting and ``log.words[w] = 0`` after; exactly what
+    :meth:`mark_executing` and :meth:`clear_executing` do for a record without deaths.
+
+    Record layout (``slot_size`` must be a multiple of 8 so every word is aligned)::
+
+        +0   u64 seq      0 = free; written last by begin(), so a record with a seq is complete
+        +8   u64 index    the request's ring index
+        +16  u64 state    bit 0 executing, bits 8..63 deaths
+        +24  request      slot_size bytes, a copy of the request
     """
 
     def __init__(self, buf: memoryview, nr_slots: int, slot_size: int) -> None:
-        if len(buf) < inflight_bytes(nr_slots, slot_size):
+        if nr_slots < 1 or slot_size < 8 or slot_size % 8:
+            raise ValueError(f"in-flight log geometry {nr_slots} x {slot_size}: need at least "
+                             "one slot and a slot size that is a positive multiple of 8")
+        size = inflight_bytes(nr_slots, slot_size)
+        if len(buf) < size:
             raise ValueError("buffer too small for the in-flight log")
         self._buf = buf
+        self._q = buf[:size].cast("Q")  # every header word, aligned: whole-word stores
         self.nr_slots = nr_slots
         self.slot_size = slot_size
         self._rec = _REC_HEADER + slot_size
+        self._stride = self._rec // 8
+        #: Every header word, for whole-word stores.
+        self.words = self._q
+        #: Position in :attr:`words` of each slot's state word.
+        self.state_words = tuple(slot * self._stride + _STATE for slot in range(nr_slots))
         pend = self.pending()
         self._next_seq = max((r.seq for r in pend), default=0) + 1
 
-    def _words(self, slot: int) -> memoryview:
-        off = slot * self._rec
-        return self._buf[off:off + _REC_HEADER].cast("Q")
+    def _word(self, index: int, which: int) -> int:
+        """The position in ``_q`` of word ``which`` of the record for ring index ``index``."""
+        return (index % self.nr_slots) * self._stride + which
 
     def begin(self, index: int, request: bytes) -> int:
+        """Record ``request`` (ring index ``index``) as begun, not executing, no deaths;
+        returns its sequence number.  RingError if its slot's record is still in use."""
         slot = index % self.nr_slots
-        w = self._words(slot)
-        if w[0]:
-            raise RingError(f"in-flight record for slot {slot} is still in use (seq {w[0]})")
+        q, base = self._q, slot * self._stride
+        if q[base + _SEQ]:
+            raise RingError(f"in-flight record for slot {slot} is still in use "
+                            f"(seq {q[base + _SEQ]})")
         off = slot * self._rec + _REC_HEADER
         self._buf[off:off + len(request)] = request
         self._buf[off + len(request):off + self.slot_size] = bytes(self.slot_size - len(request))
-        w[1] = index
+        q[base + _INDEX] = index
+        q[base + _STATE] = 0
         seq = self._next_seq
         self._next_seq += 1
-        w[0] = seq  # published last: a record with a seq is complete
+        q[base + _SEQ] = seq  # published last: a record with a seq is complete
         return seq
 
+    def mark_executing(self, index: int) -> None:
+        """The backend is about to act on this request (the hot path: one word)."""
+        i = (index % self.nr_slots) * self._stride + _STATE
+        q = self._q
+        q[i] = q[i] | _EXECUTING
+
+    def clear_executing(self, index: int) -> None:
+        """The backend is done acting on this request (the hot path: one word)."""
+        i = (index % self.nr_slots) * self._stride + _STATE
+        q = self._q
+        q[i] = q[i] & _NOT_EXECUTING
+
+    def record_death(self, index: int) -> int:
+        """A backend died acting on this request: clear the flag and count the death, in one
+        store.  Returns the deaths now counted."""
+        i = self._word(index, _STATE)
+        deaths = (self._q[i] >> _DEATH_SHIFT) + 1
+        self._q[i] = deaths << _DEATH_SHIFT
+        return deaths
+
     def end(self, index: int) -> None:
-        self._words(index % self.nr_slots)[0] = 0
+        """The request's response is published: free its record."""
+        self._q[self._word(index, _SEQ)] = 0
 
     def pending(self) -> list[InflightRecord]:
+        """Records begun and not ended, oldest first."""
         out = []
+        q = self._q
         for slot in range(self.nr_slots):
-            w = self._words(slot)
-            if w[0]:
+            base = slot * self._stride
+            seq = q[base + _SEQ]
+            if seq:
                 off = slot * self._rec + _REC_HEADER
-                out.append(InflightRecord(w[0], w[1], bytes(self._buf[off:off + self.slot_size])))
+                state = q[base + _STATE]
+                out.append(InflightRecord(seq, q[base + _INDEX],
+                                          bytes(self._buf[off:off + self.slot_size]),
+                                          bool(state & _EXECUTING), state >> _DEATH_SHIFT))
         return sorted(out, key=lambda r: r.seq)

@@ -123,6 +123,33 @@ class ConsolePrinter:
         elif topic == "supervisor.kernel.exited":
             out.print(f"[red]kernel exited unexpectedly (status {payload.get('status')})[/]",
                       markup=True)
+        elif parts[0] == "driver" and parts[-1] in _DRIVER_NEWS:
+            name, what = ".".join(parts[1:-1]), parts[-1]
+            style = "red" if what in ("exit", "fatal", "hang", "violation", "poison") else "dim"
+            out.print(self._tag(name) + f"[{style}]-- driver {escape(what)}: "
+                      f"{escape(_fields(payload))}[/]", markup=True, soft_wrap=True)
+
+
+#: Driver events the foreground `up` prints (spawn, ready, spare and replayed are routine).
+_DRIVER_NEWS = ("exit", "recovered", "fatal", "hang", "violation", "poison", "stopped",
+                "spare_exit")
+
+
+def _fields(payload: dict[str, Any]) -> str:
+    """``k=v k2=v2``: an event payload on one line."""
+    return " ".join(f"{k}={_value(v)}" for k, v in payload.items())
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bytes):
+        v = v.decode(errors="replace")
+    if isinstance(v, str):
+        return v if v and not any(c.isspace() or c in "'\"" for c in v) else repr(v)
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict | list | tuple):
+        return json.dumps(v, default=str, separators=(",", ":"))
+    return str(v)
 
 
 def _describe(what: str, p: dict[str, Any]) -> str:
@@ -153,6 +180,7 @@ def up(
     rd = RunDir(run_dir or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir()))
     try:
         rd.prepare()
+        rd.check_driver_sockets([d.name for d in cfg.drivers])
     except RunDirError as e:
         fail(str(e))
     if (pid := rd.running_pid()) is not None:
@@ -281,9 +309,153 @@ def drivers(run_dir: RunDirOpt = None,
     for col in ("Name", "Module", "Isolation", "PID", "State", "Connected"):
         t.add_column(col)
     for d in drvs:
-        t.add_row(d["name"], d["module"], d["isolation"], str(d["pid"] or "-"), d["state"],
-                  "yes" if d["connected"] else "no")
+        live = d["state"] in ("STARTING", "RUNNING", "STOPPING")
+        t.add_row(d["name"], d["module"], d["isolation"], str(d["pid"] if live else "-"),
+                  d["state"], "yes" if d["connected"] else "no")
     out.print(t)
+
+
+@app.command()
+def status(run_dir: RunDirOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the driver list as "
+                                                 "JSON.")] = False) -> None:
+    """Supervised drivers: state, process, uptime, restarts by reason, last failure, load."""
+    drvs = _call(_run_dir(run_dir), "status")["drivers"]
+    if as_json:
+        print(json.dumps(drvs, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col, just in (("Name", "left"), ("State", "left"), ("PID", "right"),
+                      ("Uptime", "right"), ("Restarts", "left"), ("Last failure", "left"),
+                      ("Devices", "right"), ("In-flight", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for d in drvs:
+        live = d["state"] in ("STARTING", "RUNNING", "STOPPING")
+        style = {"RUNNING": "green", "FATAL": "bold red", "BACKOFF": "yellow",
+                 "EXITED": "red"}.get(d["state"], "")
+        last = d.get("last_failure") or ("-" if d.get("supervised", True)
+                                         else "inline: not supervised")
+        t.add_row(d["name"], f"[{style}]{d['state']}[/]" if style else d["state"],
+                  str(d["pid"]) if live and d.get("pid") else "-",
+                  _uptime(d["uptime_s"]) if live and d.get("uptime_s") is not None else "-",
+                  _restarts(d), escape(last), _count(d.get("devices")),
+                  _count(d.get("outstanding")))
+    out.print(t)
+
+
+def _restarts(d: dict[str, Any]) -> str:
+    by = d.get("restarts_by_reason") or {}
+    if not by:
+        return str(d.get("restarts", 0))
+    parts = ", ".join(f"{r} {n}" for r, n in sorted(by.items(), key=lambda x: -x[1]))
+    return f"{d.get('restarts', 0)} ({parts})"
+
+
+def _count(v: Any) -> str:
+    if v is None:
+        return "-"
+    return str(len(v)) if isinstance(v, list | dict) else str(v)
+
+
+driver_app = typer.Typer(no_args_is_help=True,
+                         help="Start, stop or restart a supervised driver process.")
+app.add_typer(driver_app, name="driver")
+NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for the result.")]
+
+
+@driver_app.command("start")
+def driver_start(name: NameArg, run_dir: RunDirOpt = None, wait: WaitOpt = 30.0) -> None:
+    """Start a STOPPED, EXITED, BACKOFF or FATAL driver (a fresh restart count)."""
+    _driver_action("start", name, run_dir, wait)
+
+
+@driver_app.command("stop")
+def driver_stop(name: NameArg, run_dir: RunDirOpt = None, wait: WaitOpt = 30.0) -> None:
+    """Stop a driver: SIGTERM, SIGKILL after graceful_timeout; its devices wait for a start."""
+    _driver_action("stop", name, run_dir, wait)
+
+
+@driver_app.command("restart")
+def driver_restart(name: NameArg, run_dir: RunDirOpt = None, wait: WaitOpt = 30.0) -> None:
+    """Replace a driver's process (reason `manual`; not counted toward intensity)."""
+    _driver_action("restart", name, run_dir, wait)
+
+
+def _driver_row(rd: RunDir, name: str) -> dict[str, Any]:
+    rows = {d["name"]: d for d in _call(rd, "status")["drivers"]}
+    return rows.get(name, {})
+
+
+def _driver_action(action: str, name: str, run_dir: Path | None, wait: float) -> None:
+    rd = _run_dir(run_dir)
+    before = _driver_row(rd, name)
+    r = _call(rd, "driver", action=action, name=name)
+    old = before.get("pid") if before.get("state") in ("STARTING", "RUNNING") else None
+    deadline = time.monotonic() + wait
+    while True:
+        row = _driver_row(rd, name)
+        state, pid = row.get("state"), row.get("pid")
+        if action == "stop" and state == "STOPPED":
+            out.print(f"stopped driver {name}")
+            return
+        if action != "stop" and state == "RUNNING" and pid != old:
+            was = f" (was pid {old})" if old else ""
+            out.print(f"{action}ed driver {name}: pid {pid}{was}")
+            return
+        if action != "stop" and state in ("FATAL", "EXITED"):
+            fail(f"driver {name} is {state}: {row.get('last_failure')}")
+        if time.monotonic() > deadline:
+            fail(f"driver {name} is still {state} after {wait:g}s (asked: {action}, reply "
+                 f"state {r.get('state')}); see `isovisor status` and "
+                 f"{rd.driver_log(name)}")
+        time.sleep(0.05)  # a status poll: the reply comes before the process is up
+
+
+@app.command()
+def events(prefixes: Annotated[list[str] | None, typer.Argument(
+               help="Topic prefixes, e.g. driver. or domain.g1. (default: every event).")]
+           = None,
+           as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: "
+                                                 "ts, topic, payload.")] = False,
+           run_dir: RunDirOpt = None) -> None:
+    """Print the stack's events as they happen, one per line, until Ctrl-C or `down`."""
+    rd = _run_dir(run_dir)
+    topics = prefixes or [""]
+    with _client(rd) as c:
+        try:
+            sub = subscribe(rd.events, [*topics, "supervisor.down"], c)
+        except ControlError as e:
+            fail(e.reason)
+    pid = rd.running_pid()
+    try:
+        while True:
+            ev = sub.recv(1.0)
+            if ev is None:
+                if rd.running_pid() != pid:  # killed without a supervisor.down
+                    fail(f"the supervisor (pid {pid}) is gone")
+                continue
+            topic, payload = ev
+            if topic.startswith(tuple(topics)):
+                _print_event(topic, payload, as_json)
+            if topic == "supervisor.down":
+                return
+    except KeyboardInterrupt:
+        return
+    finally:
+        sub.close()
+
+
+def _print_event(topic: str, payload: dict[str, Any], as_json: bool) -> None:
+    now = time.time()
+    if as_json:
+        line = json.dumps({"ts": round(now, 6), "topic": topic, "payload": payload},
+                          default=lambda v: v.decode(errors="replace")
+                          if isinstance(v, bytes) else str(v))
+    else:
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+        line = f"{stamp} {topic} {_fields(payload)}"
+    print(line, flush=True)
 
 
 def _uptime(s: float) -> str:

@@ -44,6 +44,12 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else f"must be one of {', '.join(options)}"
 
 
+def _at_least(lo: float, *, exclusive: bool = False) -> Callable[[Any], str | None]:
+    if exclusive:
+        return lambda v: None if v > lo else f"must be greater than {lo:g}"
+    return lambda v: None if v >= lo else f"must be at least {lo:g}"
+
+
 def _name(v: str) -> str | None:
     return None if NAME_RE.match(v) else (
         "must start with a letter or digit and contain only letters, digits, '_', '.', '-' "
@@ -61,7 +67,8 @@ def _check_table(where: str, table: dict[str, Any], fields: dict[str, _Field],
                               f"{', '.join(sorted(fields))}")
         kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
         if not isinstance(val, kinds) or (isinstance(val, bool) and bool not in kinds):
-            want = " or ".join(_type_word(k) for k in kinds)
+            words = [k for k in kinds if not (k is int and float in kinds)]  # "a number"
+            want = " or ".join(_type_word(k) for k in words)
             raise ConfigError(f"{where}: key {key!r} must be {want} ({f.help}), "
                               f"got {_type_word(type(val))} {val!r}")
         if f.check is not None and (msg := f.check(val)) is not None:
@@ -333,23 +340,81 @@ _TOP_FIELDS: Final = {
     "domains": _Field(dict, "[domains] table"),
 }
 ISOLATIONS: Final = ("process", "inline")
+RESTART_POLICIES: Final = ("permanent", "transient", "temporary")
+STRATEGIES: Final = ("one_for_one", "rest_for_one", "one_for_all")
+_NUM: Final = (float, int)
+#: Smallest max_rss accepted: a driver process alone is larger (Python, ZeroMQ, the backend).
+MIN_MAX_RSS: Final = 16 << 20
 _DRIVER_FIELDS: Final = {
     "module": _Field(str, "Python module of the backend, e.g. drivers.blk"),
     "isolation": _Field(str, "process (own OS process, the default) or inline (a thread of the "
                              "kernel process, for comparison)", _choice(ISOLATIONS)),
     "options": _Field(dict, "backend options, passed to the driver"),
+    "restart": _Field(str, "when a failed driver is restarted: permanent (always), transient "
+                           "(only after an abnormal exit) or temporary (never)",
+                      _choice(RESTART_POLICIES)),
+    "intensity": _Field(int, "restarts allowed within 'period' seconds before the driver "
+                             "becomes FATAL, 0..1000000", _range(0, 1_000_000)),
+    "period": _Field(_NUM, "the window in seconds for 'intensity'", _at_least(0, exclusive=True)),
+    "backoff": _Field(_NUM, "seconds before the 2nd restart in a row without a stable run, "
+                            "doubling for each further one; 0 = start at 0.05 s", _at_least(0)),
+    "backoff_max": _Field(_NUM, "the longest delay before a restart, in seconds",
+                          _at_least(0)),
+    "start_secs": _Field(_NUM, "seconds a driver must stay up after its hello to count as "
+                               "started", _at_least(0)),
+    "watchdog_sec": _Field(_NUM, "heartbeat deadline in seconds, 0 = off",
+                           lambda v: None if v == 0 or v >= 0.1
+                           else "must be 0 (off) or at least 0.1"),
+    "request_timeout_sec": _Field(_NUM, "seconds a request may stay outstanding before the "
+                                        "driver counts as hung, at least 0.1", _at_least(0.1)),
+    "max_rss": _Field(str, 'RSS limit: a size with a K, M, G or T suffix, e.g. "512M"'),
+    "max_cpu": _Field(_NUM, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
+                            "and at most 100", lambda v: None if 0 < v <= 100
+                      else "must be more than 0 and at most 100"),
+    "graceful_timeout": _Field(_NUM, "seconds from SIGTERM to SIGKILL when stopping",
+                               _at_least(0)),
+    "spare": _Field(bool, "keep a warm spare process ready"),
+    "group": _Field(str, "restart group: drivers that share it restart together per "
+                         "'strategy'", _name),
+    "strategy": _Field(str, "which drivers of the group restart when one fails",
+                       _choice(STRATEGIES)),
 }
+#: Keys that only mean something for a supervised (isolation = "process") driver.
+SUPERVISION_KEYS: Final = tuple(k for k in _DRIVER_FIELDS
+                                if k not in ("module", "isolation", "options"))
 _MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(frozen=True)
 class DriverConfig:
-    """One ``[driver.<name>]`` table: a backend the supervisor starts before any domain."""
+    """One ``[driver.<name>]`` table: a backend the supervisor starts before any domain.
+
+    The supervision keys are documented in docs/recovery.md and docs/configuration.md.
+    """
 
     name: str
     module: str
     isolation: str = "process"
     options: dict[str, Any] = field(default_factory=dict)
+    restart: str = "permanent"
+    intensity: int = 10
+    period: float = 30.0
+    backoff: float = 0.0
+    backoff_max: float = 5.0
+    start_secs: float = 1.0
+    watchdog_sec: float = 2.0
+    request_timeout_sec: float = 10.0
+    max_rss: int | None = None  # bytes
+    max_cpu: float | None = None  # percent of one CPU
+    graceful_timeout: float = 5.0
+    spare: bool = True
+    group: str | None = None
+    strategy: str = "one_for_one"
+
+    @property
+    def supervised(self) -> bool:
+        """Inline drivers run inside the kernel: they cannot be restarted on their own."""
+        return self.isolation == "process"
 
 
 @dataclass(frozen=True)
@@ -410,8 +475,60 @@ def _drivers(data: dict[str, Any], where: str) -> tuple[DriverConfig, ...]:
         if not _MODULE_RE.match(table["module"]):
             raise ConfigError(f"{here}: module = {table['module']!r} is not a Python module "
                               "name (e.g. drivers.blk)")
-        out.append(DriverConfig(name=name, **table))
+        out.append(_driver(name, table, here))
+    _check_groups(out, where)
     return tuple(out)
+
+
+def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:
+    vals = dict(table)
+    if vals.get("isolation") == "inline":
+        extra = [k for k in SUPERVISION_KEYS if k in vals]
+        if extra:
+            them = "them" if len(extra) > 1 else "it"
+            raise ConfigError(f"{here}: {', '.join(extra)} cannot be used with isolation = "
+                              "\"inline\": an inline driver runs inside the kernel process and "
+                              f"is not supervised; remove {them} or use isolation = \"process\"")
+    for key in ("period", "backoff", "backoff_max", "start_secs", "watchdog_sec",
+                "request_timeout_sec", "max_cpu", "graceful_timeout"):
+        if key in vals:
+            vals[key] = float(vals[key])
+    if "max_rss" in vals:
+        text = vals["max_rss"]
+        size = parse_size(text)
+        if size is None:
+            raise ConfigError(f"{here}: key 'max_rss' = {text!r} is not a size: give a number "
+                              "with an optional K, M, G or T suffix (binary units), e.g. "
+                              "max_rss = \"512M\"")
+        if size < MIN_MAX_RSS:
+            raise ConfigError(f"{here}: key 'max_rss' = {text!r} is below 16M: a driver "
+                              "process alone uses more, so it would be replaced over and over; "
+                              "raise it (e.g. \"256M\") or remove the key")
+        vals["max_rss"] = size
+    backoff, cap = vals.get("backoff", 0.0), vals.get("backoff_max", 5.0)
+    if cap < backoff:
+        raise ConfigError(f"{here}: backoff_max = {cap:g} is less than backoff = {backoff:g}; "
+                          "backoff_max caps the delays that start at backoff: raise "
+                          "backoff_max or lower backoff")
+    if "strategy" in vals and "group" not in vals:
+        raise ConfigError(f"{here}: key 'strategy' needs a 'group' (the drivers that restart "
+                          "together); add group = \"<name>\" or remove strategy")
+    return DriverConfig(name=name, **vals)
+
+
+def _check_groups(drivers: list[DriverConfig], where: str) -> None:
+    first: dict[str, DriverConfig] = {}
+    for d in drivers:
+        if d.group is None:
+            continue
+        if d.group in first and first[d.group].strategy != d.strategy:
+            o = first[d.group]
+            raise ConfigError(
+                f"{where} [driver.{d.name}]: strategy = {d.strategy!r} differs from "
+                f"[driver.{o.name}] (strategy {o.strategy!r}) in group {d.group!r}: the drivers "
+                "of a group must agree; give each of them the same strategy (default "
+                "one_for_one)")
+        first.setdefault(d.group, d)
 
 
 def default_run_dir() -> Path:

@@ -1,21 +1,31 @@
-"""Starting and stopping driver backends: one OS process each, or a thread of the kernel."""
+"""One driver process instance: ``python -m drivers.host`` with its own endpoint and pidfd.
+
+An instance is started active (it says hello at once) or as a warm spare (``--spare``: it
+loads its backend, tells the kernel it is ready, and says hello only when the supervisor sends
+``["activate"]`` to its endpoint).  Each instance of driver ``<name>`` listens on its own
+``driver-<name>.<n>.sock``.  Its pidfd becomes readable when it dies, so the supervisor's
+event loop notices a death at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import zmq
 
+from ipc.control import pack
 from isovisor.config import DriverConfig
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
-
-STOP_TIMEOUT_S = 5.0
+from isovisor.supervision import CpuMeter
 
 
 def child_env() -> dict[str, str]:
@@ -26,44 +36,102 @@ def child_env() -> dict[str, str]:
     return env
 
 
-class DriverProcess:
-    """One ``isolation = "process"`` driver: ``python -m drivers.host`` with its own log."""
+@dataclass(frozen=True)
+class Usage:
+    """What one resource check saw."""
 
-    def __init__(self, cfg: DriverConfig, run_dir: RunDir) -> None:
+    stopped: bool
+    rss: int
+    cpu_percent: float | None  # over the last 5 s, once known
+
+
+class DriverProcess:
+    """One instance of an ``isolation = "process"`` driver."""
+
+    def __init__(self, cfg: DriverConfig, run_dir: RunDir, instance: int, *,
+                 spare: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.instance = instance
+        self.spare = spare  # started with --spare (stays True after activation)
+        self.endpoint = run_dir.driver_endpoint(cfg.name, instance)
+        self.socket_path = run_dir.driver_socket(cfg.name, instance)
         self.log_path = run_dir.driver_log(cfg.name)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
+        self._ps: psutil.Process | None = None
+        self._cpu = CpuMeter()
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
 
     def command(self) -> list[str]:
         c, rd = self.cfg, self.run_dir
-        return [sys.executable, "-m", "drivers.host", "--name", c.name, "--module", c.module,
-                "--kernel", rd.kernel_drivers, "--listen", rd.driver_endpoint(c.name),
-                "--options", json.dumps(c.options), "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "drivers.host", "--name", c.name, "--module", c.module,
+               "--kernel", rd.kernel_drivers, "--listen", self.endpoint,
+               "--options", json.dumps(c.options), "--parent-pid", str(os.getpid()),
+               "--watchdog-ms", str(round(c.watchdog_sec * 1000)),
+               "--request-timeout-ms", str(round(c.request_timeout_sec * 1000))]
+        return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log, env=child_env(), start_new_session=True)
+        self.pidfd = os.pidfd_open(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def reap(self) -> int | None:
+        """The exit status if the process has died (collecting it), else None.  Never blocks:
+        a pidfd number seen readable may already belong to a newer instance."""
+        assert self.proc is not None
+        return self.proc.poll()
+
+    def close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def activate(self, ctx: zmq.Context) -> None:
+        """Tell a spare to take over: ``["activate"]`` on its own endpoint."""
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 1000)  # delivered in the background if not yet bound
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        sock.connect(self.endpoint)
+        try:
+            sock.send(pack(["activate"]), zmq.NOBLOCK)
+        finally:
+            sock.close()
+
+    def usage(self, now: float) -> Usage | None:
+        """Status, RSS and CPU average (psutil); None if the process is gone."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            with self._ps.oneshot():
+                status = self._ps.status()
+                rss = self._ps.memory_info().rss
+                t = self._ps.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        return Usage(status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system))
+
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(self.proc.pid).kill()
-            self.proc.wait()
+    def remove_socket(self) -> None:
+        """A killed instance cannot remove its socket file itself."""
+        self.socket_path.unlink(missing_ok=True)

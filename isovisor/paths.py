@@ -39,8 +39,13 @@ class RunDir:
         """Where the kernel receives driver messages."""
         return f"ipc://{self.path / 'kernel-drivers.sock'}"
 
-    def driver_endpoint(self, name: str) -> str:
-        return f"ipc://{self.path / f'driver-{name}.sock'}"
+    def driver_socket(self, name: str, instance: int) -> Path:
+        """The socket file of one driver process: each instance has its own, so a dead
+        instance's file never gets in a replacement's way."""
+        return self.path / f"driver-{name}.{instance}.sock"
+
+    def driver_endpoint(self, name: str, instance: int) -> str:
+        return f"ipc://{self.driver_socket(name, instance)}"
 
     def driver_log(self, name: str) -> Path:
         return self.path / f"driver-{name}.log"
@@ -73,6 +78,15 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise RunDirError(f"cannot create run directory {self.path}: {e.strerror}") from None
+
+    def check_driver_sockets(self, names: list[str]) -> None:
+        """Refuse driver names whose instance sockets would not fit in sun_path."""
+        for name in names:
+            longest = len(str(self.driver_socket(name, 99999)))
+            if longest > _MAX_SOCKET_PATH:
+                raise RunDirError(f"driver name {name!r} is too long for a socket in "
+                                  f"{self.path} ({longest} > {_MAX_SOCKET_PATH} bytes): choose "
+                                  "a shorter driver name or a shorter --run-dir")
 
     def running_pid(self) -> int | None:
         """The pid of a live supervisor using this run dir, if any."""

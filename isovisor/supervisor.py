@@ -1,14 +1,19 @@
-"""The supervisor daemon: starts the kernel and the domains, serves the CLI, relays events.
+"""The supervisor daemon: starts the kernel, the drivers and the domains, serves the CLI,
+relays events and replaces failed drivers.
 
 One supervisor runs per run directory.  It owns the kernel process (started in its own session
 and told to die with us), forwards domain commands to it, and republishes the kernel's events on
-its own PUB socket for ``isovisor console -f`` and other watchers.  On ``down``, SIGINT or
-SIGTERM it stops the kernel, removes every shared-memory segment of the stack, its sockets and
-its pid file.
+its own PUB socket for ``isovisor console -f``, ``isovisor events`` and other watchers.  Driver
+processes are supervised (``isovisor/drivermgr.py``, docs/recovery.md): one event loop polls the
+control socket, the kernel's events and every driver process's pidfd.  On ``down``, SIGINT or
+SIGTERM it stops the kernel and the drivers, removes every shared-memory segment of the stack,
+its sockets and its pid file.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import signal
@@ -29,15 +34,20 @@ from ipc.control import (
 )
 from ipc.events import Subscriber, subscribe
 from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig, load_domain_config
-from isovisor.driverproc import DriverProcess
+from isovisor.drivermgr import DriverManager
 from isovisor.kernelproc import KernelProcess
-from isovisor.paths import RunDir, shm_prefix_for
+from isovisor.paths import RunDir, RunDirError, shm_prefix_for
+from isovisor.supervision import State
 
 log = logging.getLogger("isovisor.supervisor")
 
 EventSink = Callable[[str, dict[str, Any]], None]
 #: How long a driver may take from start to its hello reaching the kernel.
 DRIVER_START_TIMEOUT_S = 20.0
+#: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM).
+LOOP_POLL_MS = 50
+#: Relayed events not written to the log (too many, or meaningless there).
+_UNLOGGED = ("console.", "sync.")
 
 
 class Supervisor:
@@ -51,20 +61,23 @@ class Supervisor:
                                     timeslice_ms=cfg.kernel.timeslice_ms)
         self._running = True
         self.exit_status = 0
-        self.drivers: dict[str, DriverProcess] = {}
-        self.driver_state: dict[str, str] = {d.name: "stopped" for d in cfg.drivers}
+        self.mgr: DriverManager | None = None
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
-            "ping": self._ping, "status": self._ping, "list": self._forward,
+            "ping": self._ping, "status": self._status, "list": self._forward,
             "console": self._forward, "destroy": self._forward, "pause": self._forward,
             "unpause": self._forward, "create": self._create, "down": self._down,
             "sync": self._sync, "devices": self._forward, "store": self._forward,
-            "drivers": self._drivers,
+            "drivers": self._drivers, "driver": self._driver,
         }
 
     # -- life cycle ----------------------------------------------------------------------------
     def run(self) -> int:
         rd = self.run_dir
         rd.prepare()
+        try:
+            rd.check_driver_sockets([d.name for d in self.cfg.drivers])
+        except RunDirError as e:
+            raise ControlError(str(e)) from None
         other = rd.running_pid()
         if other is not None and other != os.getpid():
             raise ControlError(f"a stack is already running in {rd.path} (supervisor pid "
@@ -78,6 +91,8 @@ class Supervisor:
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         self.ksub: Subscriber | None = None
+        self.poller = zmq.Poller()
+        self.mgr = DriverManager(self.cfg, rd, self.kernel, self.ctx, self.poller, self._publish)
         old_int = signal.signal(signal.SIGINT, self._signalled)
         old_term = signal.signal(signal.SIGTERM, self._signalled)
         try:
@@ -93,7 +108,10 @@ class Supervisor:
                     self._start_driver(drv)
                 except ControlError as e:
                     log.error("%s", e)
-                    self.driver_state[drv.name] = "failed"
+                    if drv.supervised:
+                        self.mgr.start_failed(drv.name, str(e))
+                    else:
+                        self.mgr.inline_failure[drv.name] = str(e)
                     self._publish(f"supervisor.driver.{drv.name}.failed", {"reason": str(e)})
             for path in self.cfg.domains:
                 try:
@@ -115,22 +133,24 @@ class Supervisor:
         self._running = False
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        poller, mgr = self.poller, self.mgr
+        assert self.ksub is not None and mgr is not None
         poller.register(self.router, zmq.POLLIN)
-        assert self.ksub is not None
         poller.register(self.ksub.socket, zmq.POLLIN)
         while self._running:
             try:
-                ready = dict(poller.poll(200))
+                ready = dict(poller.poll(LOOP_POLL_MS))
             except zmq.ZMQError as e:
                 if e.errno == zmq.EINTR:  # type: ignore[attr-defined]
                     continue
                 raise
+            for fd in [k for k in ready if isinstance(k, int)]:  # driver pidfds: deaths
+                mgr.on_exit_fd(fd)
             if self.ksub.socket in ready or self.ksub.pending:
                 self._relay_events()
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
-            self._check_drivers()
+            mgr.tick()
             if not self.kernel.alive():
                 code = self.kernel.proc.returncode if self.kernel.proc else None
                 log.error("kernel exited unexpectedly (status %s); stopping the stack.\n%s",
@@ -141,8 +161,8 @@ class Supervisor:
 
     def _teardown(self) -> None:
         self.kernel.stop()  # destroys the domains, which detaches their devices
-        for drv in self.drivers.values():
-            drv.stop()
+        if self.mgr is not None:
+            self.mgr.stop_all()  # active instances and spares
         self._relay_events()
         self._publish("supervisor.down", {"pid": os.getpid()})
         if self.ksub is not None:
@@ -157,60 +177,58 @@ class Supervisor:
 
     # -- drivers -------------------------------------------------------------------------------
     def _start_driver(self, drv: DriverConfig) -> None:
-        """Start one driver and wait for the kernel to announce it ready."""
-        proc: DriverProcess | None = None
-        if drv.isolation == "inline":
+        """Start one driver and wait for the kernel to announce it ready (its hello)."""
+        assert self.mgr is not None and self.ksub is not None
+        if drv.supervised:
+            inst = self.mgr.start(drv.name)
+            pid: int | None = inst.pid
+        else:
             self.kernel.call("driver_load", timeout=30.0, name=drv.name, module=drv.module,
                              options=drv.options)
-        else:
-            proc = DriverProcess(drv, self.run_dir)
-            proc.start()
-            self.drivers[drv.name] = proc
+            inst, pid = None, self.kernel.pid
         deadline = time.monotonic() + DRIVER_START_TIMEOUT_S
-        assert self.ksub is not None
         while True:
             left = deadline - time.monotonic()
             ev = self.ksub.recv(min(0.1, max(left, 0)))
             if ev is not None:
                 self._relay(*ev)
-                if ev[0] == f"driver.{drv.name}.ready":
+                if inst is None and ev[0] == f"driver.{drv.name}.ready":
                     break
-            if proc is not None and not proc.alive():
-                assert proc.proc is not None
+            if inst is not None and self.mgr.state(drv.name) == State.RUNNING:
+                break
+            if inst is not None and not inst.alive():
                 raise ControlError(f"driver {drv.name} ({drv.module}) exited with status "
-                                   f"{proc.proc.returncode} while starting; its log "
-                                   f"{proc.log_path} ends with:\n{proc.log_tail()}")
+                                   f"{inst.returncode} while starting; its log "
+                                   f"{inst.log_path} ends with:\n{inst.log_tail()}")
             if left <= 0:
-                if proc is not None:
-                    proc.stop()
                 raise ControlError(f"driver {drv.name} ({drv.module}) did not connect to the "
                                    f"kernel within {DRIVER_START_TIMEOUT_S:g}s; see "
                                    f"{self.run_dir.driver_log(drv.name)}")
-        self.driver_state[drv.name] = "running"
-        log.info("driver %s started (%s, pid %s)", drv.name, drv.isolation,
-                 proc.pid if proc else self.kernel.pid)
+        log.info("driver %s started (%s, pid %s)", drv.name, drv.isolation, pid)
 
-    def _check_drivers(self) -> None:
-        for name, proc in self.drivers.items():
-            if self.driver_state[name] == "running" and not proc.alive():
-                assert proc.proc is not None
-                code = proc.proc.returncode
-                self.driver_state[name] = "exited"
-                log.error("driver %s exited (status %s); its devices stop being served.\n%s",
-                          name, code, proc.log_tail())
-                self._publish(f"supervisor.driver.{name}.exited", {"status": code,
-                                                                    "pid": proc.pid})
+    def _kernel_drivers(self) -> dict[str, dict[str, Any]]:
+        """The kernel's view of the connected drivers ({} if it does not answer)."""
+        try:
+            return {d["name"]: d for d in self.kernel.call("drivers", timeout=5.0)["drivers"]}
+        except ControlError as e:
+            log.warning("kernel `drivers` failed: %s", e.reason)
+            return {}
 
     def _drivers(self, req: Request) -> dict[str, Any]:
-        connected = {d["name"]: d for d in self.kernel.call("drivers")["drivers"]}
-        out = []
-        for d in self.cfg.drivers:
-            proc = self.drivers.get(d.name)
-            pid = proc.pid if proc else connected.get(d.name, {}).get("pid")
-            out.append({"name": d.name, "module": d.module, "isolation": d.isolation,
-                        "state": self.driver_state[d.name], "pid": pid,
-                        "connected": d.name in connected})
-        return {"drivers": out}
+        assert self.mgr is not None
+        return {"drivers": self.mgr.rows(self._kernel_drivers())}
+
+    def _status(self, req: Request) -> dict[str, Any]:
+        """The ping fields (``status`` used to be an alias of ``ping``) and the drivers."""
+        return {**self._ping(req), **self._drivers(req)}
+
+    def _driver(self, req: Request) -> dict[str, Any]:
+        assert self.mgr is not None
+        action = prop(req, "action", str)
+        if action not in ("start", "stop", "restart"):
+            raise ControlError(f"property 'action' of command 'driver' must be start, stop or "
+                               f"restart, got {action!r}")
+        return self.mgr.command(action, prop(req, "name", str))
 
     def _check_disks(self, cfg: DomainConfig) -> None:
         declared = {d.name for d in self.cfg.drivers}
@@ -230,17 +248,21 @@ class Supervisor:
             self._relay(*ev)
 
     def _relay(self, topic: str, payload: dict[str, Any]) -> None:
+        """Republish a kernel event, then let the driver supervision act on it."""
+        self._publish(topic, payload)
+        if self.mgr is not None:
+            self.mgr.on_kernel_event(topic, payload)
+
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         self.pub.send_multipart([topic.encode(), pack(payload)])
+        if not topic.startswith(_UNLOGGED):
+            log.info("event %s %s", topic, " ".join(f"{k}={v}" for k, v in payload.items()),
+                     extra={"event": topic, "fields": payload})
         if self.on_event is not None:
             try:
                 self.on_event(topic, payload)
             except Exception:
                 log.exception("event printer failed")
-
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        self.pub.send_multipart([topic.encode(), pack(payload)])
-        if self.on_event is not None:
-            self.on_event(topic, payload)
 
     # -- commands ------------------------------------------------------------------------------
     def _handle(self, frames: list[bytes]) -> None:
@@ -281,6 +303,48 @@ class Supervisor:
         return {"pid": os.getpid()}
 
 
+class LogFormatter(logging.Formatter):
+    """One JSON object per line (ts, level, logger, msg, and an event's fields) for log files;
+    readable text when ``json_lines`` is False (a terminal)."""
+
+    _RESERVED = ("ts", "level", "logger", "msg", "event", "exc")
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__("%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json_lines:
+            return super().format(record)
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        out: dict[str, Any] = {"ts": ts.isoformat(timespec="milliseconds"),
+                               "level": record.levelname, "logger": record.name,
+                               "msg": record.getMessage()}
+        event = getattr(record, "event", None)
+        if event is not None:
+            out["event"] = event
+            fields = getattr(record, "fields", {})
+            out.update({k: v for k, v in fields.items() if k not in self._RESERVED})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(v: object) -> object:
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    return repr(v)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The daemon's logging: JSON lines into a file, text on a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(json_lines=not sys.stderr.isatty()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m isovisor.supervisor CONFIG RUN_DIR``: the detached daemon."""
     from isovisor.config import load_stack_config
@@ -288,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m isovisor.supervisor CONFIG RUN_DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
+    setup_logging()
     try:
         cfg = load_stack_config(args[0])
         return Supervisor(cfg, RunDir(Path(args[1]))).run()

@@ -4,7 +4,8 @@ For each ``disk`` of a domain the kernel creates a *device region* (a shared-mem
 own), maps its window into the guest's physical address space, gives it an event-channel port,
 writes the device-table entry and the store directories, and sends the driver an ``attach``
 naming that segment.  The driver is never told anything else about the guest.
-``docs/devices.md`` is the reference.
+``docs/devices.md`` is the reference; ``kernel/failover.py`` adds what driver recovery needs
+(``docs/recovery.md``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from isovisor.config import DiskSpec
 from kernel import abi
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink
+from kernel.failover import Recovery, outstanding, ring_indices
 
 if TYPE_CHECKING:
     from kernel.scheduler import Scheduler
@@ -48,8 +50,19 @@ class Device:
     kicks: int = 0
     notifies: int = 0
     faults: int = 0
+    failed_requests: int = 0  # answered with an error by the kernel (driver failing)
     watches: list[Watch] = field(default_factory=list)
     gone: bool = False
+    #: connect() has run: a new driver instance must be sent ``attach`` for it.
+    announced: bool = False
+    #: The driver reported the guest's ring broken (the guest is being crashed).
+    broken: bool = False
+    #: The request-timeout check: rsp_prod last seen, and when it last moved.
+    progress_rsp: int | None = None
+    progress_at: float = 0.0
+    #: Held by whoever reads or writes the ring or the in-flight log from the kernel, and by
+    #: remove() while the segment goes away.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def port(self) -> int:
@@ -85,12 +98,19 @@ class Device:
             "disk": {"target": self.memory_disk if s.type == "memory" else s.target,
                      "type": s.type, "access": s.access, "size": s.size}}]
 
+    def indices(self) -> tuple[int, int]:
+        """(req_prod, rsp_prod) of the ring now; (0, 0) once the device is gone."""
+        with self.lock:
+            if self.gone:
+                return 0, 0
+            try:
+                return ring_indices(self.segment.buf)
+            except (SegmentError, ValueError):
+                return 0, 0
+
     def requests(self) -> int:
         """Requests the guest has published (its req_prod), for statistics only."""
-        try:
-            return int(memoryview(self.segment.buf)[:8].cast("Q")[0])
-        except (SegmentError, ValueError):
-            return 0
+        return self.indices()[0]
 
 
 class DeviceManager:
@@ -106,6 +126,27 @@ class DeviceManager:
         self.devices: dict[int, Device] = {}
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
+        self.recovery = Recovery(self)
+
+    # -- lookups for the recovery code (any thread) ---------------------------------------------
+    def snapshot(self) -> list[Device]:
+        """Every device now, in creation order."""
+        with self._lock:
+            return list(self.devices.values())
+
+    def device_of(self, key: Any, kind: str) -> Device | None:
+        """The live device a driver message names, or None (logged at debug level)."""
+        return self._device(key, kind)
+
+    def frontend_state(self, dev: Device) -> int:
+        return _int(self.store.read(f"{dev.fe_dir}/state", default="0"))
+
+    def disk_sectors(self, dev: Device) -> int:
+        return _int(self.store.read(f"{dev.be_dir}/sectors", default="0"))
+
+    @staticmethod
+    def ring_indices(dev: Device) -> tuple[int, int]:
+        return dev.indices()
 
     # -- creation (control thread, before the domain first runs) ---------------------------------
     def check_backends(self, disks: tuple[DiskSpec, ...], where: str) -> None:
@@ -144,6 +185,7 @@ class DeviceManager:
     def connect(self, dom: Domain) -> None:
         """Write the store directories, watch both states and send the drivers ``attach``."""
         for dev in dom.devices.values():
+            dev.announced = True  # from now on a new driver instance gets it attached too
             s = dev.spec
             st = self.store
             for k, v in (("backend", dev.be_dir), ("backend-id", s.backend), ("vdev", s.vdev),
@@ -174,7 +216,9 @@ class DeviceManager:
     def remove(self, dom: Domain) -> None:
         """Detach and free every device of ``dom``; its vCPU must already be closed."""
         for dev in list(dom.devices.values()):
-            dev.gone = True
+            with dev.lock:  # no kernel-side ring access is under way, and none starts
+                dev.gone = True
+            self.recovery.device_removed(dev)
             for w in dev.watches:
                 with contextlib.suppress(StoreError):
                     self.store.unwatch(w)
@@ -223,8 +267,17 @@ class DeviceManager:
 
     # -- guest side (pCPU thread of the domain) -----------------------------------------------
     def kick(self, dev: Device) -> int:
+        """HC_EVTCHN_SEND on a device's port.  While its driver fails, the kernel answers the
+        ring itself; while the driver is being replaced the kick is dropped (the new instance
+        re-reads every ring); -ENOTCONN only for a driver that never connected."""
         dev.kicks += 1
-        return 0 if self.hub.send(dev.spec.backend, ["kick", dev.key]) else -abi.ENOTCONN
+        backend = dev.spec.backend
+        if backend in self.recovery.failing:
+            self.recovery.answer(dev)
+            return 0
+        if self.hub.send(backend, ["kick", dev.key]) or backend in self.hub.known:
+            return 0
+        return -abi.ENOTCONN
 
     def guest_may_read(self, dom: Domain, path: str) -> bool:
         """Its home, and the backend directory of each of its devices."""
@@ -242,11 +295,17 @@ class DeviceManager:
         self.emit(f"driver.{dev.spec.backend}.fault", {
             "domid": dev.dom.domid, "domain": dev.dom.name, "vdev": dev.spec.vdev,
             "code": code, "reason": message, "reporter": "frontend"})
+        self.recovery.frontend_fault(dev, code, message)
 
     # -- driver messages (drivers thread) ----------------------------------------------------
     def on_hello(self, link: DriverLink) -> None:
         self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "isolation": link.isolation,
                                                 "module": link.module})
+        self.recovery.on_hello(link)
+
+    def on_tick(self) -> None:
+        """Periodic check (drivers thread): hung drivers."""
+        self.recovery.tick()
 
     def on_message(self, msg: list[Any]) -> None:
         kind = msg[0]
@@ -254,7 +313,10 @@ class DeviceManager:
             dev = self._device(msg[1], kind)
             if dev is not None:
                 dev.notifies += 1
+                self.recovery.notified(dev.spec.backend)
                 self.sched.notify(dev.dom, 1 << dev.port)
+        elif self.recovery.handle(msg):
+            return
         elif kind == "store" and len(msg) == 3:
             path, value = msg[1], msg[2]
             if not (isinstance(path, str) and isinstance(value, str)):
@@ -266,6 +328,7 @@ class DeviceManager:
                 log.warning("driver store write outside /driver/<a connected driver>/ refused: "
                             "%s", path)
                 return
+            self.recovery.seen(driver)
             try:
                 self.store.write(path, value)
             except StoreError as e:
@@ -273,12 +336,14 @@ class DeviceManager:
         elif kind in ("fault", "error") and len(msg) == 3 and isinstance(msg[2], str):
             dev = self._device(msg[1], kind)
             if dev is not None:
+                self.recovery.seen(dev.spec.backend)
                 self._driver_report(dev, kind, msg[2][:1000])
         else:
             log.warning("driver channel: unknown or malformed message ignored: %.200r", msg)
 
     def _device(self, key: Any, kind: str) -> Device | None:
-        dev = self.devices.get(key) if isinstance(key, int) else None
+        dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) \
+            else None
         if dev is None or dev.gone:
             log.debug("driver %s message for unknown device %r ignored", kind, key)
             return None
@@ -286,6 +351,7 @@ class DeviceManager:
 
     def _driver_report(self, dev: Device, kind: str, message: str) -> None:
         if kind == "error":  # the backend cannot serve the disk (e.g. cannot open the image)
+            self.recovery.driver_error(dev)
             log.error("device %s: driver %s cannot serve it: %s", dev.label, dev.spec.backend,
                       message)
             self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.error",
@@ -293,6 +359,7 @@ class DeviceManager:
             return
         # The driver caught the guest's frontend breaking the protocol: a guest fault.
         reason = f"block device {dev.spec.vdev}: driver {dev.spec.backend} reports: {message}"
+        self.recovery.driver_fault(dev)
         self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
                   {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
         self.sched.request_exit(dev.dom, Exit("crash", reason))
@@ -303,6 +370,7 @@ class DeviceManager:
             devs = sorted(self.devices.values(), key=lambda d: (d.dom.domid, d.index))
         out = []
         for d in devs:
+            req, rsp = d.indices()
             be = self.store.read(f"{d.be_dir}/state", default="0")
             fe = self.store.read(f"{d.fe_dir}/state", default="0")
             out.append({
@@ -314,8 +382,9 @@ class DeviceManager:
                 "frontend_state": _STATE_NAMES.get(_int(fe), fe),
                 "backend_state": _STATE_NAMES.get(_int(be), be),
                 "error": self.store.read(f"{d.be_dir}/error", default=""),
-                "requests": d.requests(), "kicks": d.kicks, "notifies": d.notifies,
-                "faults": d.faults, "segment": d.segment.name,
+                "requests": req, "outstanding": outstanding(req, rsp), "kicks": d.kicks,
+                "notifies": d.notifies, "faults": d.faults,
+                "failed_requests": d.failed_requests, "segment": d.segment.name,
             })
         return out
 

@@ -12,6 +12,12 @@ they go through one queue and are sent by the drivers thread alone (one pipe per
 Inline drivers (``isolation = "inline"``) run the same driver host in a thread of this process,
 reached over ``inproc://`` endpoints of the same ZeroMQ context; the host module is imported by
 name, never statically.
+
+Driver instances come and go (``docs/recovery.md``): a link is replaced by the next ``hello`` of
+the same name and dropped by ``driver_lost``.  Each thread's PUSH socket to an endpoint that no
+link uses any more is closed the next time that thread sends, so restarts do not leak sockets.
+The drivers thread also calls ``on_tick`` every :data:`TICK_S` seconds (the device layer's
+watchdog).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import importlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
@@ -34,28 +41,63 @@ INPROC_ENDPOINT: Final = "inproc://kernel-drivers"
 #: Module that hosts drivers (process and inline); loaded by name.
 HOST_MODULE: Final = "drivers.host"
 _SNDHWM: Final = 100_000
+#: Seconds between two calls of ``on_tick`` (the hang and flood checks).
+TICK_S: Final = 0.05
+#: Messages taken from the driver socket per wake-up before the tick gets a chance to run.
+_DRAIN: Final = 2000
+#: ``request_timeout_ms`` when a hello does not say.
+DEFAULT_REQUEST_TIMEOUT_MS: Final = 10_000
 
 Handler = Callable[[list[Any]], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class DriverLink:
-    """A connected driver instance."""
+    """A connected driver instance, and what the kernel watches about it.
+
+    ``last_seen`` is the monotonic time of the last message attributed to this instance;
+    the ``*_reported`` flags make the hang and flood events fire once per link; ``awaiting``
+    holds the device keys whose ``recovered`` report the kernel waits for since the hello.
+    """
 
     name: str
     endpoint: str
     pid: int
     module: str
     isolation: str
+    watchdog_ms: int = 0
+    request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
+    last_seen: float = field(default_factory=time.monotonic)
+    hang_reported: bool = False
+    flood_reported: bool = False
+    notify_window: float = 0.0
+    notify_count: int = 0
+    awaiting: set[int] = field(default_factory=set)
+    recovered: int = 0
+    replayed: int = 0
+    done_ns: int = 0
+    replay_reported: bool = False
+
+    def touch(self, now: float | None = None) -> None:
+        """Note a sign of life from this instance."""
+        self.last_seen = time.monotonic() if now is None else now
 
 
 class DriverHub:
+    """The driver channels: links by name, ordered control messages, and the receiving thread."""
+
     def __init__(self, ctx: zmq.Context, endpoints: list[str], on_message: Handler,
-                 on_hello: Callable[[DriverLink], None]) -> None:
+                 on_hello: Callable[[DriverLink], None],
+                 on_tick: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.on_message = on_message
         self.on_hello = on_hello
+        self.on_tick = on_tick
         self.links: dict[str, DriverLink] = {}
+        #: Every driver name that has ever said hello (a kick for one of them while it has no
+        #: link is dropped, not refused).
+        self.known: set[str] = set()
+        self._endpoints_version = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all_socks: list[zmq.Socket] = []
@@ -94,6 +136,8 @@ class DriverHub:
         socks: dict[str, zmq.Socket] | None = getattr(self._local, "socks", None)
         if socks is None:
             socks = self._local.socks = {}
+        if getattr(self._local, "version", 0) != self._endpoints_version:
+            self._prune(socks)
         sock = socks.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -109,6 +153,31 @@ class DriverHub:
             return False
         return True
 
+    def _prune(self, socks: dict[str, zmq.Socket]) -> None:
+        """Close this thread's sockets to endpoints no link uses any more."""
+        self._local.version = self._endpoints_version
+        live = {li.endpoint for li in list(self.links.values())} | {INPROC_ENDPOINT}
+        for endpoint in [e for e in socks if e not in live]:
+            sock = socks.pop(endpoint)
+            with self._lock:
+                if sock in self._all_socks:
+                    self._all_socks.remove(sock)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.close(0)
+
+    # -- links (any thread) ------------------------------------------------------------------
+    def drop(self, name: str, pid: int | None = None) -> DriverLink | None:
+        """Forget the link of ``name`` (only if its pid is ``pid``, when given); the link
+        dropped, or None."""
+        with self._lock:
+            link = self.links.get(name)
+            if link is None or (pid is not None and link.pid != pid):
+                return None
+            del self.links[name]
+            self._endpoints_version += 1
+        log.info("driver %s (pid %d) disconnected", name, link.pid)
+        return link
+
     # -- inline drivers ----------------------------------------------------------------------------
     def load_inline(self, name: str, module: str, options: dict[str, Any]) -> None:
         if name in self._inline:
@@ -121,18 +190,37 @@ class DriverHub:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
+        next_tick = time.monotonic() + TICK_S
         while self._running:
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             try:
-                if not poller.poll(200):
-                    continue
-                raw = self.pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
+                if poller.poll(wait_ms):
+                    self._receive_some()
             except zmq.ZMQError:
                 if not self._running:
                     return
                 raise
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self._tick()
+
+    def _receive_some(self) -> None:
+        """Dispatch the messages waiting (at most _DRAIN, so the tick is never starved)."""
+        for _ in range(_DRAIN):
+            try:
+                raw = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             self._dispatch(raw)
+
+    def _tick(self) -> None:
+        if self.on_tick is None:
+            return
+        try:
+            self.on_tick()
+        except Exception:
+            log.exception("driver channel: the periodic driver check failed")
 
     def _dispatch(self, raw: bytes) -> None:
         try:
@@ -148,7 +236,10 @@ class DriverHub:
             self._flush_control()
             return
         if msg[0] == "hello":
-            self._hello(msg)
+            try:
+                self._hello(msg)
+            except Exception:
+                log.exception("driver channel: error handling hello %.200r", msg)
             return
         # Other messages carry no sender: the device layer checks the device key (or the
         # store path) against the drivers it knows.
@@ -169,19 +260,19 @@ class DriverHub:
                             "draining)", name, msg[0])
 
     def _hello(self, msg: list[Any]) -> None:
-        info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
-        name, endpoint = info.get("name"), info.get("endpoint")
-        pid, module = info.get("pid"), info.get("module")
-        if not (isinstance(name, str) and isinstance(endpoint, str) and isinstance(pid, int)
-                and isinstance(module, str)):
-            log.warning("driver channel: malformed hello %.200r ignored (expected [\"hello\", "
-                        "{name, endpoint, pid, module}])", msg)
+        link = parse_hello(msg)
+        if link is None:
             return
-        isolation = "inline" if endpoint.startswith("inproc://") else "process"
-        link = DriverLink(name, endpoint, pid, module, isolation)
         with self._lock:
-            self.links[name] = link
-        log.info("driver %s connected: pid %d, %s, endpoint %s", name, pid, isolation, endpoint)
+            old = self.links.get(link.name)
+            self.links[link.name] = link
+            self.known.add(link.name)
+            if old is not None and old.endpoint != link.endpoint:
+                self._endpoints_version += 1
+        log.info("driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request "
+                 "timeout %d ms%s", link.name, link.pid, link.isolation, link.endpoint,
+                 link.watchdog_ms, link.request_timeout_ms,
+                 f" (replaces pid {old.pid})" if old is not None else "")
         self.on_hello(link)
 
     # -- teardown ------------------------------------------------------------------------------
@@ -204,4 +295,30 @@ class DriverHub:
 
 #: A message the kernel sends itself to make the drivers thread flush the control queue.
 _DOORBELL: Final = "_flush"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_hello(msg: list[Any]) -> DriverLink | None:
+    """The link a ``hello`` describes, or None (logged) if it is malformed."""
+    info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
+    name, endpoint = info.get("name"), info.get("endpoint")
+    pid, module = info.get("pid"), info.get("module")
+    if not (isinstance(name, str) and name and isinstance(endpoint, str) and endpoint
+            and _is_int(pid) and isinstance(module, str)):
+        log.warning("driver channel: malformed hello %.200r ignored (expected [\"hello\", "
+                    "{name, endpoint, pid, module}])", msg)
+        return None
+    watchdog = info.get("watchdog_ms", 0)
+    timeout = info.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
+    if not (_is_int(watchdog) and watchdog >= 0 and _is_int(timeout) and timeout >= 0):
+        log.warning("driver channel: malformed hello from driver %s ignored: watchdog_ms and "
+                    "request_timeout_ms must be integers >= 0 (0: no such check), got %r and "
+                    "%r", name, watchdog, timeout)
+        return None
+    isolation = "inline" if endpoint.startswith("inproc://") else "process"
+    return DriverLink(name, endpoint, pid, module, isolation, watchdog_ms=watchdog,
+                      request_timeout_ms=timeout)
 

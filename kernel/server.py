@@ -28,6 +28,7 @@ from ipc.store import Store, StoreError
 from isovisor.config import ConfigError, DomainConfig
 from kernel.devices import DeviceManager
 from kernel.drivers import DriverHub
+from kernel.failover import Recovery
 from kernel.hypervisor import Hypervisor
 
 log = logging.getLogger("isovisor.kernel")
@@ -105,7 +106,8 @@ class KernelServer:
                              emit=self.bus.emit)
         self.store = Store()
         self.hub = DriverHub(self.ctx, [drivers] if drivers else [],
-                             on_message=self._on_driver_message, on_hello=self._on_driver_hello)
+                             on_message=self._on_driver_message, on_hello=self._on_driver_hello,
+                             on_tick=self._on_driver_tick)
         self.hv.devices = DeviceManager(sched=self.hv.sched, emit=self.bus.emit,
                                         shm_prefix=shm_prefix, hub=self.hub, store=self.store)
         self.hub.start()
@@ -115,7 +117,8 @@ class KernelServer:
             "pause": self._pause, "unpause": self._unpause, "list": self._list,
             "console": self._console, "shutdown": self._shutdown, "sync": self._sync,
             "devices": self._devices, "drivers": self._drivers, "driver_load": self._driver_load,
-            "store": self._store,
+            "store": self._store, "driver_lost": self._driver_lost,
+            "driver_fail": self._driver_fail, "driver_inject": self._driver_inject,
         }
 
     def serve(self) -> None:
@@ -201,14 +204,49 @@ class KernelServer:
         assert self.hv.devices is not None
         self.hv.devices.on_hello(link)
 
+    def _on_driver_tick(self) -> None:
+        if self.hv.devices is not None:
+            self.hv.devices.on_tick()
+
+    @property
+    def _recovery(self) -> Recovery:
+        assert self.hv.devices is not None
+        return self.hv.devices.recovery
+
     def _devices(self, req: Request) -> dict[str, Any]:
         assert self.hv.devices is not None
         return {"devices": self.hv.devices.info()}
 
     def _drivers(self, req: Request) -> dict[str, Any]:
-        return {"drivers": [{"name": li.name, "pid": li.pid, "isolation": li.isolation,
-                             "module": li.module, "endpoint": li.endpoint}
-                            for li in sorted(self.hub.links.values(), key=lambda li: li.name)]}
+        """Every driver the kernel knows: connected ones, failing ones, and those whose
+        devices wait for a replacement instance (``connected`` tells them apart)."""
+        return {"drivers": self._recovery.rows()}
+
+    def _driver_name(self, req: Request) -> str:
+        name = prop(req, "name", str)
+        if not name:
+            raise ControlError(f"command {req.command!r}: property 'name' must name a driver "
+                               "(as in [driver.<name>] of supervisor.toml), got an empty string")
+        return name
+
+    def _driver_lost(self, req: Request) -> dict[str, Any]:
+        """The supervisor saw instance ``pid`` of driver ``name`` die: drop its link, unless a
+        newer instance holds it already."""
+        name, pid = self._driver_name(req), prop(req, "pid", int)
+        return {"dropped": self._recovery.lost(name, pid)}
+
+    def _driver_fail(self, req: Request) -> dict[str, Any]:
+        """The supervisor gave up on driver ``name``: the kernel answers its requests with
+        errors until a new instance says hello."""
+        name = self._driver_name(req)
+        reason = prop(req, "reason", str, "failed (no reason given)")
+        return self._recovery.fail(name, reason)
+
+    def _driver_inject(self, req: Request) -> dict[str, Any]:
+        """Have driver ``name`` fail on purpose (tests, fault campaigns)."""
+        name, kind = self._driver_name(req), prop(req, "kind", str)
+        self._recovery.inject(name, kind)
+        return {"name": name, "kind": kind}
 
     def _driver_load(self, req: Request) -> dict[str, Any]:
         """Run a driver inline: the same driver host, as a thread of this process."""

@@ -4,7 +4,10 @@ the guest's frontend (a FrontRing over the device region), against ``python -m d
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import msgpack
 import pytest
 import zmq
 
+from drivers.blk.backend import Backend
 from drivers.blk.storage import FileStorage, MemoryStorage, ReadOnlyError, StorageError
 from drivers.host import check_store_path, start_inline
 from ipc import blkif
@@ -34,7 +38,7 @@ from ipc.blkif import (
     decode_response,
     encode_request,
 )
-from ipc.ring import FrontRing, InflightLog, inflight_bytes, ring_bytes
+from ipc.ring import FrontRing, InflightLog, InflightRecord, inflight_bytes, ring_bytes
 from ipc.shm import Segment
 from isovisor.procs import reap
 
@@ -42,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFIX = f"isovisor-test.{os.getpid()}."
 DRIVER = "blk0"
 WAIT = 10.0
-SEGMENT_BYTES = blkif.INFLIGHT_OFFSET + (
-    (inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE) + 4095) & ~4095)
+INFLIGHT_BYTES = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
+SEGMENT_BYTES = blkif.INFLIGHT_OFFSET + ((INFLIGHT_BYTES + 4095) & ~4095)
 MiB = 1 << 20
 
 
@@ -62,6 +66,8 @@ class FakeKernel:
         self.notifies: Counter[int] = Counter()
         self.faults: list[tuple[int, str]] = []
         self.errors: list[tuple[int, str]] = []
+        self.recovered: list[tuple[int, int, int]] = []
+        self.poisons: list[tuple[int, int, str]] = []
         self.hello: dict[str, Any] | None = None
         self.log: list[list[Any]] = []
 
@@ -87,9 +93,18 @@ class FakeKernel:
             self.faults.append((msg[1], msg[2]))
         elif kind == "error":
             self.errors.append((msg[1], msg[2]))
+        elif kind == "recovered":
+            self.recovered.append((msg[1], msg[2], msg[3]))
+        elif kind == "poison":
+            self.poisons.append((msg[1], msg[2], msg[3]))
         else:
             raise AssertionError(f"unexpected message from the driver: {msg!r}")
         return True
+
+    def drain(self) -> None:
+        """Take whatever the driver has sent already (after it died, say)."""
+        while self._recv(0.05):
+            pass
 
     def wait(self, pred: Any, what: str, timeout: float = WAIT) -> None:
         """Take driver messages until ``pred()`` holds (the messages are the events)."""
@@ -139,6 +154,27 @@ class Device:
 
     def state(self) -> str | None:
         return self.kernel.store.get(f"{self.store}/state")
+
+    def inflight(self) -> InflightLog:
+        return InflightLog(self.view[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+                           blkif.RING_SLOTS, blkif.SLOT_SIZE)
+
+    def pending(self) -> list[InflightRecord]:
+        """What the in-flight log holds now (as a replacement driver would read it)."""
+        return self.inflight().pending()
+
+    def state_word(self, index: int) -> int:
+        """The raw state word of ``index``'s record: bit 0 executing, bits 8.. deaths."""
+        at = (blkif.INFLIGHT_OFFSET + (index % blkif.RING_SLOTS) * (24 + blkif.SLOT_SIZE)
+              + 16)
+        return int.from_bytes(self.view[at:at + 8], "little")
+
+    def resume(self) -> None:
+        """What the kernel does for a replacement driver: attach again, then tell it the
+        frontend is connected already."""
+        self.kernel.store[f"{self.store}/state"] = "1"  # the kernel resets the backend's state
+        self.attach()
+        self.kernel.send("fe_state", self.key, 4)
 
     def attach(self, expect: str = "2") -> None:
         self.kernel.send("attach", self.attach_msg)
@@ -277,6 +313,11 @@ class Rig:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def wait_exit(self, timeout: float = WAIT) -> int:
+        """The driver's exit status once it ends by itself (negative: killed by a signal)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def teardown(self) -> None:
         if self.proc is not None:
@@ -527,31 +568,163 @@ def test_replacement_driver_redoes_unfinished_requests_from_the_inflight_log(rig
             dev.request(OP_READ, 0, [(DATA_OFFSET + 0x3000, 4096)]),
             dev.request(OP_READ, 8, [(DATA_OFFSET + 0x5000, 4096)])]
     dev.submit(reqs)
-    log = InflightLog(dev.view[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + inflight_bytes(
-        blkif.RING_SLOTS, blkif.SLOT_SIZE)], blkif.RING_SLOTS, blkif.SLOT_SIZE)
+    log = dev.inflight()
+    # (the killed driver may have left request 0's record itself: it retires a record only
+    # after publishing the response, and the test may have killed it in between)
+    log.end(base - 1)
     log.begin(base - 1, dev.request(OP_WRITE, 100, [(DATA_OFFSET, 4096)]))  # stale
     for i in range(2):
         log.begin(base + i, reqs[i])
         slot = 64 + ((base + i) % blkif.RING_SLOTS) * blkif.SLOT_SIZE
         dev.view[slot:slot + blkif.SLOT_SIZE] = b"\xab" * blkif.SLOT_SIZE
+    log.mark_executing(base + 1)  # the driver died in the middle of request 2
     del log
 
-    rig.kernel.store[f"{dev.store}/state"] = "1"  # the kernel resets the backend's state
-    dev.attach()
-    rig.kernel.send("fe_state", dev.key, 4)  # the frontend is connected already
+    t0 = time.monotonic_ns()
+    dev.resume()
     res = dev.collect(3)
+    t1 = time.monotonic_ns()
     assert res == [(2, OP_WRITE, STATUS_OKAY), (3, OP_READ, STATUS_OKAY),
                    (4, OP_READ, STATUS_OKAY)]
-    assert dev.state() == "4"
+    rig.kernel.wait(lambda: dev.state() == "4", "backend state Connected")
+    # two requests redone (the third was never begun: it is simply served), reported with the
+    # CLOCK_MONOTONIC time their responses were published
+    rig.kernel.wait(lambda: rig.kernel.recovered, "recovered")
+    (key, replayed, done_ns), = rig.kernel.recovered
+    assert (key, replayed) == (dev.key, 2) and t0 < done_ns < t1
+    # a death was counted for the executing one (one of the 3 allowed: it was redone)
+    assert dev.state_word(base + 1) == 1 << 8 and dev.state_word(base) == 0
+    assert (f"the request at ring index {base + 1} was executing when the previous driver "
+            "instance died (1 death of 3 allowed)") in rig.driver_log()
+    assert rig.kernel.poisons == []
     assert bytes(dev.view[DATA_OFFSET + 0x3000:DATA_OFFSET + 0x4000]) == pattern(1, 4096)
     assert bytes(dev.view[DATA_OFFSET + 0x5000:DATA_OFFSET + 0x6000]) == pattern(2, 4096)
     with open(rig.image(), "rb") as f:
         f.seek(100 * 512)
         assert f.read(4096) == bytes(4096), "the stale record was redone"
     assert dev.read(8, 4096) == (STATUS_OKAY, pattern(2, 4096))
-    log = InflightLog(dev.view[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + inflight_bytes(
-        blkif.RING_SLOTS, blkif.SLOT_SIZE)], blkif.RING_SLOTS, blkif.SLOT_SIZE)
-    assert log.pending() == []
+    # everything before that read is retired (the read's own record may not be yet: the
+    # driver retires it just after publishing the response)
+    assert [r.index for r in dev.pending()] in ([], [base + 3])
+
+
+def fault_options(kind: str, sector: int = 40, **more: int) -> str:
+    return json.dumps({"fault_sector": sector, "fault_kind": kind, **more})
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig: Rig) -> None:
+    opts = fault_options("exit", poison_after=2)
+    rig.start(opts)
+    dev = rig.device(1, 1, file_disk(rig.image()))
+    assert dev.write(0, pattern(1, 4096)) == STATUS_OKAY  # sectors 0..7: no fault
+    front = dev.front
+    assert front is not None
+    base = front.req_prod_pvt
+    dev.view[DATA_OFFSET + 0x1000:DATA_OFFSET + 0x3000] = pattern(2, 8192)
+    good = dev.request(OP_WRITE, 16, [(DATA_OFFSET + 0x1000, 4096)])
+    poison = dev.request(OP_WRITE, 36, [(DATA_OFFSET + 0x2000, 4096)])  # 36..43 covers 40
+    after = dev.request(OP_READ, 0, [(DATA_OFFSET + 0x4000, 4096)])
+    dev.submit([good, poison, after])
+    assert rig.wait_exit() == 3  # died acting on the poison request
+    rec_good, rec_poison = dev.pending()
+    assert (rec_good.index, rec_good.executing, rec_good.deaths) == (base, False, 0)
+    assert (rec_poison.index, rec_poison.executing, rec_poison.deaths) == (base + 1, True, 0)
+    assert rec_poison.request[:len(poison)] == poison
+
+    # the second instance counts a death (1 < 2), redoes both, and dies on it again
+    rig.restart(opts)
+    dev.resume()
+    assert rig.wait_exit() == 3
+    assert [(r.executing, r.deaths) for r in dev.pending()] == [(False, 0), (True, 1)]
+    assert front.unconsumed_responses() == 0  # nothing published by the dead instances
+
+    # the third counts the second death: poison.  It redoes the other one, answers the
+    # poison request with an error, reports it, and goes on serving.
+    rig.restart(opts)
+    t0 = time.monotonic_ns()
+    dev.resume()
+    res = dev.collect(3)
+    assert res == [(2, OP_WRITE, STATUS_OKAY), (3, OP_WRITE, STATUS_ERROR),
+                   (4, OP_READ, STATUS_OKAY)]
+    rig.kernel.wait(lambda: rig.kernel.recovered and rig.kernel.poisons, "recovered, poison")
+    (key, index, description), = rig.kernel.poisons
+    assert (key, index) == (dev.key, base + 1)
+    assert description.startswith("write id=0x3 sector=36 nr_sectors=8 segments=[(0x3000, "
+                                  "4096)]: 2 driver instances died executing it")
+    (key, replayed, done_ns), = rig.kernel.recovered
+    assert (key, replayed) == (dev.key, 1) and done_ns > t0  # the poison one was not redone
+    assert rig.alive()
+    log = rig.driver_log()
+    assert f"poison request at ring index {base + 1}: write id=0x3 sector=36" in log
+    assert bytes(dev.view[DATA_OFFSET + 0x4000:DATA_OFFSET + 0x5000]) == pattern(1, 4096)
+    with open(rig.image(), "rb") as f:
+        f.seek(16 * 512)
+        assert f.read(4096) == pattern(2, 8192)[:4096]  # the good write was redone
+        f.seek(36 * 512)
+        assert f.read(4096) == bytes(4096)  # the poison write never happened
+    assert dev.read(16, 4096) == (STATUS_OKAY, pattern(2, 8192)[:4096])
+    # all three are retired (the read's own record may still be there: see the test above)
+    assert [r.index for r in dev.pending()] in ([], [base + 3])
+    assert rig.kernel.faults == []
+
+
+@pytest.mark.timeout(60)
+def test_a_backend_exception_exits_70_and_the_replacement_redoes_the_request(rig: Rig) -> None:
+    rig.start(fault_options("exception"))
+    dev = rig.device(1, 1, file_disk(rig.image()))
+    dev.view[DATA_OFFSET:DATA_OFFSET + 4096] = pattern(5, 4096)
+    dev.submit([dev.request(OP_WRITE, 40, [(DATA_OFFSET, 4096)])])
+    assert rig.wait_exit() == 70
+    rig.kernel.drain()
+    # a bug of the backend is not the guest's doing: no fault, the device is not broken
+    assert rig.kernel.faults == []
+    log = rig.driver_log()
+    assert "unhandled exception; exiting with status 70" in log and "InjectedFault" in log
+    (rec,) = dev.pending()
+    assert rec.executing and rec.deaths == 0
+
+    rig.restart()  # a replacement without the fault: the request is redone and succeeds
+    t0 = time.monotonic_ns()
+    dev.resume()
+    assert dev.collect(1) == [(1, OP_WRITE, STATUS_OKAY)]
+    rig.kernel.wait(lambda: rig.kernel.recovered, "recovered")
+    (key, replayed, done_ns), = rig.kernel.recovered
+    assert (key, replayed) == (dev.key, 1) and done_ns > t0
+    assert dev.read(40, 4096) == (STATUS_OKAY, pattern(5, 4096))
+
+    # a replacement with nothing to redo reports recovered too, with the connect time
+    rig.restart()
+    t0 = time.monotonic_ns()
+    dev.resume()
+    rig.kernel.wait(lambda: len(rig.kernel.recovered) == 2, "second recovered")
+    key, replayed, done_ns = rig.kernel.recovered[1]
+    assert (key, replayed) == (dev.key, 0) and done_ns > t0
+    assert dev.read(40, 4096) == (STATUS_OKAY, pattern(5, 4096))
+    assert rig.kernel.poisons == [] and rig.kernel.faults == []
+
+
+class _QuietHost:
+    name = DRIVER
+    log = logging.getLogger("test.blk")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
+    ({"poison_after": 101}, "poison_after must be an integer 1..100"),
+    ({"poison_after": True}, "poison_after must be an integer"),
+    ({"fault_sector": 3}, "give both or neither"),
+    ({"fault_kind": "exit"}, "give both or neither"),
+    ({"fault_sector": -1, "fault_kind": "exit"}, "fault_sector must be an integer"),
+    ({"fault_sector": 1, "fault_kind": "melt"}, "fault_kind must be one of exit, exception"),
+    ({"poison": 3}, "unknown block backend option(s) poison; allowed: max_batch"),
+])
+def test_recovery_options_are_checked(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Backend(_QuietHost(), options)  # type: ignore[arg-type]
+    b = Backend(_QuietHost(), {"poison_after": 100, "fault_sector": 0, "fault_kind": "leak"})
+    assert b.poison_after == 100 and b.fault is not None and b.fault.kind == "leak"
+    assert Backend(_QuietHost(), {}).poison_after == 3
 
 
 @pytest.mark.timeout(30)

@@ -142,3 +142,113 @@ def test_driver_tables_are_checked(tmp_path: Path) -> None:
                       ('[driver.b]\n', "missing required key 'module'")):
         with pytest.raises(ConfigError, match=msg):
             load_stack_config(write(tmp_path / "t.toml", text))
+
+
+# --- supervision keys of [driver.<name>] (docs/recovery.md) ------------------------------------
+
+def driver_stack(tmp_path: Path, body: str) -> Path:
+    return write(tmp_path / "s.toml", f'[driver.blk0]\nmodule = "drivers.blk"\n{body}\n')
+
+
+def test_driver_supervision_defaults(tmp_path: Path) -> None:
+    (d,) = load_stack_config(driver_stack(tmp_path, "")).drivers
+    assert (d.restart, d.intensity, d.period, d.backoff, d.backoff_max, d.start_secs) == (
+        "permanent", 10, 30.0, 0.0, 5.0, 1.0)
+    assert (d.watchdog_sec, d.request_timeout_sec, d.max_rss, d.max_cpu) == (2.0, 10.0, None,
+                                                                            None)
+    assert (d.graceful_timeout, d.spare, d.group, d.strategy, d.supervised) == (
+        5.0, True, None, "one_for_one", True)
+
+
+@pytest.mark.parametrize(("line", "attr", "value"), [
+    ('restart = "transient"', "restart", "transient"),
+    ('restart = "temporary"', "restart", "temporary"),
+    ("intensity = 0", "intensity", 0),
+    ("period = 60", "period", 60.0),
+    ("period = 0.5", "period", 0.5),
+    ("backoff = 0.25", "backoff", 0.25),
+    ("backoff_max = 30", "backoff_max", 30.0),
+    ("start_secs = 0", "start_secs", 0.0),
+    ("watchdog_sec = 0", "watchdog_sec", 0.0),
+    ("watchdog_sec = 0.25", "watchdog_sec", 0.25),
+    ("request_timeout_sec = 3", "request_timeout_sec", 3.0),
+    ('max_rss = "512M"', "max_rss", 512 << 20),
+    ('max_rss = "1GiB"', "max_rss", 1 << 30),
+    ("max_cpu = 80", "max_cpu", 80.0),
+    ("max_cpu = 12.5", "max_cpu", 12.5),
+    ("graceful_timeout = 0", "graceful_timeout", 0.0),
+    ("spare = false", "spare", False),
+    ('group = "storage"', "group", "storage"),
+])
+def test_driver_supervision_keys_accept_good_values(tmp_path: Path, line: str, attr: str,
+                                                     value: object) -> None:
+    (d,) = load_stack_config(driver_stack(tmp_path, line)).drivers
+    assert getattr(d, attr) == value
+    assert type(getattr(d, attr)) is type(value)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('restart = "always"', "key 'restart' = 'always' must be one of permanent, transient, "
+                           "temporary"),
+    ('restart = 1', "key 'restart' must be a string"),
+    ("intensity = -1", "key 'intensity' = -1 must be between 0 and 1000000"),
+    ("intensity = 2.5", "key 'intensity' must be an integer"),
+    ("period = 0", "key 'period' = 0 must be greater than 0"),
+    ('period = "30s"', "key 'period' must be a number"),
+    ("period = true", "key 'period' must be a number"),
+    ("backoff = -1", "key 'backoff' = -1 must be at least 0"),
+    ("backoff_max = -0.5", "key 'backoff_max' = -0.5 must be at least 0"),
+    ("backoff = 2\nbackoff_max = 1", "backoff_max = 1 is less than backoff = 2"),
+    ("start_secs = -1", "key 'start_secs' = -1 must be at least 0"),
+    ("watchdog_sec = 0.05", "key 'watchdog_sec' = 0.05 must be 0 (off) or at least 0.1"),
+    ("request_timeout_sec = 0", "key 'request_timeout_sec' = 0 must be at least 0.1"),
+    ('max_rss = "lots"', "key 'max_rss' = 'lots' is not a size"),
+    ("max_rss = 512", "key 'max_rss' must be a string"),
+    ('max_rss = "1M"', "key 'max_rss' = '1M' is below 16M"),
+    ("max_cpu = 0", "key 'max_cpu' = 0 must be more than 0 and at most 100"),
+    ("max_cpu = 150", "key 'max_cpu' = 150 must be more than 0 and at most 100"),
+    ("graceful_timeout = -1", "key 'graceful_timeout' = -1 must be at least 0"),
+    ('spare = "yes"', "key 'spare' must be true or false"),
+    ('group = "a b"', "key 'group' = 'a b' must start with a letter or digit"),
+    ('strategy = "one_for_one"', "key 'strategy' needs a 'group'"),
+    ('group = "g"\nstrategy = "all_for_one"', "key 'strategy' = 'all_for_one' must be one of "
+                                               "one_for_one, rest_for_one, one_for_all"),
+    ("restrat = 1", "unknown key 'restrat' (did you mean 'restart'?)"),
+])
+def test_driver_supervision_keys_reject_bad_values(tmp_path: Path, line: str,
+                                                    message: str) -> None:
+    p = driver_stack(tmp_path, line)
+    with pytest.raises(ConfigError) as e:
+        load_stack_config(p)
+    assert message in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"{p} [driver.blk0]: ")
+
+
+def test_inline_drivers_take_no_supervision_keys(tmp_path: Path) -> None:
+    p = driver_stack(tmp_path, 'isolation = "inline"\nspare = false\nintensity = 3')
+    with pytest.raises(ConfigError) as e:
+        load_stack_config(p)
+    msg = str(e.value)
+    assert "intensity, spare cannot be used with isolation = \"inline\"" in msg
+    assert "is not supervised" in msg
+    (d,) = load_stack_config(driver_stack(tmp_path, 'isolation = "inline"')).drivers
+    assert not d.supervised
+
+
+def test_a_group_must_agree_on_its_strategy(tmp_path: Path) -> None:
+    ok = write(tmp_path / "ok.toml",
+               '[driver.a]\nmodule = "m"\ngroup = "g"\nstrategy = "one_for_all"\n'
+               '[driver.b]\nmodule = "m"\ngroup = "g"\nstrategy = "one_for_all"\n'
+               '[driver.c]\nmodule = "m"\ngroup = "h"\n')
+    cfg = load_stack_config(ok)
+    assert [(d.group, d.strategy) for d in cfg.drivers] == [
+        ("g", "one_for_all"), ("g", "one_for_all"), ("h", "one_for_one")]
+    bad = write(tmp_path / "bad.toml",
+                '[driver.a]\nmodule = "m"\ngroup = "g"\nstrategy = "rest_for_one"\n'
+                '[driver.b]\nmodule = "m"\ngroup = "g"\n')
+    with pytest.raises(ConfigError) as e:
+        load_stack_config(bad)
+    assert str(e.value) == (
+        f"{bad} [driver.b]: strategy = 'one_for_one' differs from [driver.a] (strategy "
+        "'rest_for_one') in group 'g': the drivers of a group must agree; give each of them "
+        "the same strategy (default one_for_one)")

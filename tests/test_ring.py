@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipc.ring import (
+    EXECUTING,
     BackRing,
     FrontRing,
     InflightLog,
@@ -162,8 +163,87 @@ def test_inflight_log_replays_in_order(ends: list[bool]) -> None:
     assert [r.index for r in pend] == live
     assert [int.from_bytes(r.request[:4], "little") for r in pend] == live
     assert all(a.seq < b.seq for a, b in itertools.pairwise(pend))
+    assert not any(r.executing or r.deaths for r in pend)
     if live and len(live) < N:  # the next index's slot is free: its seq is newer than all
         assert again.begin(live[-1] + 1, b"z") > pend[-1].seq
+
+
+LOG_OPS = st.lists(st.tuples(st.sampled_from(["begin", "end", "mark", "clear", "death"]),
+                             st.integers(0, N - 1)), max_size=200)
+
+
+@given(LOG_OPS)
+def test_inflight_log_keeps_executing_flags_and_deaths(ops: list[tuple[str, int]]) -> None:
+    """Model: per live record (executing, deaths).  A replacement attaching to the same memory
+    at any point sees exactly the model."""
+    buf = memoryview(bytearray(inflight_bytes(N, SLOT)))
+    log = InflightLog(buf, N, SLOT)
+    model: dict[int, tuple[bool, int]] = {}  # slot -> (executing, deaths)
+    for op, slot in ops:
+        if op == "begin" and slot not in model:
+            log.begin(slot + N, bytes([slot]) * 3)  # a later lap of the ring: same slot
+            model[slot] = (False, 0)
+        elif op == "end" and slot in model:
+            log.end(slot + N)
+            del model[slot]
+        elif op == "mark" and slot in model:
+            log.mark_executing(slot + N)
+            model[slot] = (True, model[slot][1])
+        elif op == "clear" and slot in model:
+            log.clear_executing(slot + N)
+            model[slot] = (False, model[slot][1])
+        elif op == "death" and slot in model:
+            assert log.record_death(slot + N) == model[slot][1] + 1
+            model[slot] = (False, model[slot][1] + 1)
+        seen = {r.index - N: (r.executing, r.deaths) for r in InflightLog(buf, N, SLOT).pending()}
+        assert seen == model
+    for r in InflightLog(buf, N, SLOT).pending():
+        assert r.request[:3] == bytes([r.index - N]) * 3 and r.request[3:] == bytes(SLOT - 3)
+
+
+def test_inflight_record_layout() -> None:
+    """Three u64 header words (seq, index, state: bit 0 executing, bits 8.. deaths), then the
+    request; the kernel sizes the device segment from inflight_bytes()."""
+    assert inflight_bytes(N, SLOT) == N * (24 + SLOT)
+    buf = memoryview(bytearray(inflight_bytes(N, SLOT)))
+    log = InflightLog(buf, N, SLOT)
+    seq = log.begin(2**64 - 3, b"abc")  # slot 5 of 8
+    rec = 24 + SLOT
+    words = buf[5 * rec:5 * rec + 24].cast("Q")
+    assert list(words) == [seq, 2**64 - 3, 0]
+    assert bytes(buf[5 * rec + 24:6 * rec]) == b"abc" + bytes(SLOT - 3)
+    log.mark_executing(2**64 - 3)
+    assert words[2] == 1
+    assert log.record_death(2**64 - 3) == 1 and words[2] == 1 << 8
+    log.mark_executing(2**64 - 3)
+    assert words[2] == 1 << 8 | 1
+    assert log.record_death(2**64 - 3) == 2 and words[2] == 2 << 8
+    (r,) = log.pending()
+    assert (r.executing, r.deaths, r.index) == (False, 2, 2**64 - 3)
+    log.end(2**64 - 3)
+    assert words[0] == 0 and log.pending() == []
+    # the next request in that slot starts afresh: not executing, no deaths
+    log.begin(5, b"d")
+    (r,) = log.pending()
+    assert (r.executing, r.deaths) == (False, 0) and words[2] == 0
+    # the inlined hot path stores exactly what mark/clear store for a fresh record
+    w = log.state_words[5 % N]
+    log.words[w] = EXECUTING
+    assert log.pending()[0].executing
+    log.words[w] = 0
+    assert not log.pending()[0].executing
+    words.release()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        InflightLog(memoryview(bytearray(1024)), 4, 20)
+    with pytest.raises(ValueError, match="too small"):
+        InflightLog(memoryview(bytearray(inflight_bytes(N, SLOT) - 8)), N, SLOT)
+
+
+def test_inflight_slot_in_use_is_refused() -> None:
+    log = InflightLog(memoryview(bytearray(inflight_bytes(N, SLOT))), N, SLOT)
+    log.begin(3, b"x")
+    with pytest.raises(RingError, match="slot 3 is still in use"):
+        log.begin(3 + N, b"y")
 
 
 @pytest.mark.timeout(60)

@@ -43,8 +43,11 @@
  * Output: a first line with the parameters and the disk geometry, a line per
  * extra phase, the first mismatches in detail, and finally
  *   blkstress: ops=N errors=E reads=R writes=W bytes=B ns=T iops=I kicks=K waits=W upcalls=U
- * where ops/reads/writes/bytes/ns/iops/kicks/waits/upcalls cover the random
- * phase only (ns from time_ns; iops = ops * 1e9 / ns).  Exit code: 0 if no
+ *              max_gap_us=G gaps_1ms=A gaps_10ms=B
+ * (one line) where every figure covers the random phase only (ns from time_ns;
+ * iops = ops * 1e9 / ns); max_gap_us is the longest time between two polls
+ * that completed requests (the longest guest-visible I/O stall), gaps_1ms and
+ * gaps_10ms count the gaps longer than 1 and 10 ms.  Exit code: 0 if no
  * errors, 1 if errors, 2 if the disk cannot be opened or the parameters are
  * bad.
  */
@@ -87,6 +90,9 @@ static u64 seed, bs, qd, mix, nblocks, sectors_per_block;
 static u64 gen_counter, rng, inflight;
 static u64 errors, mismatches, status_errors;
 static u64 reads, writes, bytes_moved;
+/* random phase: the longest time between two polls that completed requests, and how many
+ * such gaps exceeded 1 ms and 10 ms (guest-visible I/O stalls) */
+static u64 last_completion_ns, max_gap_ns, gaps_1ms, gaps_10ms;
 
 /* --- the block format ----------------------------------------------------------- */
 
@@ -297,6 +303,19 @@ static void on_done(void *ctx, int tag, int status)
     }
 }
 
+static void note_completions(void)
+{
+    u64 now = time_ns();
+    if (last_completion_ns) {
+        u64 gap = now - last_completion_ns;
+        if (gap > max_gap_ns)
+            max_gap_ns = gap;
+        gaps_1ms += gap > 1000000;
+        gaps_10ms += gap > 10000000;
+    }
+    last_completion_ns = now;
+}
+
 /* Run a phase to completion: 0, or -1 if it had to stop (fault, timeout). */
 static int run_phase(struct phase *ph)
 {
@@ -313,6 +332,8 @@ static int run_phase(struct phase *ph)
         if (queued)
             blkfront_push(&bf);
         int n = blkfront_poll(&bf, on_done, ph);
+        if (n > 0 && ph->kind == PH_RANDOM)
+            note_completions();
         if (n < 0) {
             errors++;
             printf("blkstress: %s phase stopped: the driver broke the protocol (fault %d)\n",
@@ -427,6 +448,7 @@ int main(void)
     u64 k0 = bf.kicks, w0 = bf.waits;
     u64 u0 = evtchn_upcalls(bf.dev.port) - bf.upcalls_base;
     u64 t0 = time_ns();
+    last_completion_ns = t0;
     struct phase rnd = {PH_RANDOM, ops, 0, 0, 0, 0};
     if (!stopped && ops)
         stopped = run_phase(&rnd) < 0;
@@ -449,10 +471,11 @@ int main(void)
     u64 done = rnd.done;
     u64 iops = ns ? (u64)((unsigned __int128)done * 1000000000u / ns) : 0;
     printf("blkstress: ops=%lu errors=%lu reads=%lu writes=%lu bytes=%lu ns=%lu iops=%lu"
-           " kicks=%lu waits=%lu upcalls=%lu\n",
+           " kicks=%lu waits=%lu upcalls=%lu max_gap_us=%lu gaps_1ms=%lu gaps_10ms=%lu\n",
            (unsigned long)done, (unsigned long)errors, (unsigned long)reads,
            (unsigned long)writes, (unsigned long)bytes_moved, (unsigned long)ns,
            (unsigned long)iops, (unsigned long)kicks, (unsigned long)waits,
-           (unsigned long)upcalls);
+           (unsigned long)upcalls, (unsigned long)(max_gap_ns / 1000), (unsigned long)gaps_1ms,
+           (unsigned long)gaps_10ms);
     return errors ? 1 : 0;
 }

@@ -10,16 +10,28 @@ going idle.
 Guests are untrusted: a malformed request gets an error response; a broken ring index is a
 ``fault`` (the kernel crashes that domain) and the device is not served any more.  Nothing one
 device does can stop the backend serving the others.
+
+Recovery (docs/recovery.md): each request is flagged *executing* in its in-flight record while
+the backend acts on it.  Any exception other than a guest's ring violation is a bug of the
+backend, not the guest's doing: it escapes to the host, which exits (status 70) so the
+supervisor starts a replacement.  The replacement resumes each connected device: it counts a
+death for the record found executing, redoes the unfinished requests in ring order, answers
+with ``STATUS_ERROR`` (and reports ``poison``) a request that has killed ``poison_after``
+instances, and reports ``recovered`` with how many it redid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from drivers.host import INJECT_KINDS
 from ipc import blkif
 from ipc.blkif import (
     OP_DISCARD,
@@ -32,7 +44,15 @@ from ipc.blkif import (
     RequestError,
     decode_request,
 )
-from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
+from ipc.ring import (
+    EXECUTING,
+    BackRing,
+    InflightLog,
+    InflightRecord,
+    RingError,
+    inflight_bytes,
+    ring_bytes,
+)
 from ipc.shm import Segment
 from ipc.store import DevState
 
@@ -44,7 +64,16 @@ _pack_response = blkif.RESPONSE.pack
 OPTIONS: dict[str, str] = {
     "max_batch": "requests taken from a ring before responses are published (1..1024, "
                  "default 32)",
+    "poison_after": "a request that this many driver instances in a row died executing is "
+                    "answered with an error instead of being redone (1..100, default 3)",
+    "fault_sector": "tests only: a read, write or discard covering this sector triggers "
+                    "fault_kind while it executes (give both or neither)",
+    "fault_kind": "tests only: the fault fault_sector triggers: "
+                  "exit, exception, segv, abort, hang or leak",
 }
+#: What ``fault_kind`` may name (the host's ``inject`` carries them out).
+FAULT_KINDS: tuple[str, ...] = tuple(INJECT_KINDS)
+_FAULT_OPS = (OP_READ, OP_WRITE, OP_DISCARD)
 #: Requests one kick may serve before the device goes to the back of the queue.
 _TURN_REQUESTS = 256
 
@@ -58,6 +87,9 @@ class Host(Protocol):
     def fault(self, key: int, message: str) -> None: ...
     def error(self, key: int, message: str) -> None: ...
     def kick_again(self, key: int) -> None: ...
+    def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
+    def poison(self, key: int, index: int, description: str) -> None: ...
+    def inject(self, kind: str) -> None: ...
 
 
 @dataclass
@@ -96,6 +128,47 @@ def _field(dev: dict[str, Any], name: str, kind: type) -> Any:
     return v
 
 
+def _int_option(options: dict[str, Any], name: str, default: int | None, lo: int,
+                hi: int) -> int | None:
+    v = options.get(name, default)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """A test fault: a request covering ``sector`` makes the host inject ``kind``."""
+
+    sector: int
+    kind: str
+
+
+def _fault_option(options: dict[str, Any]) -> _Fault | None:
+    sector = _int_option(options, "fault_sector", None, 0, (1 << 64) - 1)
+    kind = options.get("fault_kind")
+    if (sector is None) != (kind is None):
+        raise ValueError("fault_sector and fault_kind go together: give both or neither")
+    if kind is None or sector is None:
+        return None
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"fault_kind must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+    return _Fault(sector, kind)
+
+
+def describe_request(raw: bytes, *, window: int, sectors: int) -> tuple[int, int, str]:
+    """(id, op, a one-line description) of a request as the in-flight log holds it."""
+    try:
+        req = decode_request(raw, window=window, sectors=sectors)
+    except RequestError as e:
+        return e.id, e.op, f"undecodable request id={e.id:#x} op={e.op} ({e})"
+    segs = ", ".join(f"({o:#x}, {n})" for o, n in req.segments)
+    return req.id, req.op, (f"{blkif.OP_NAMES[req.op]} id={req.id:#x} sector={req.sector} "
+                            f"nr_sectors={req.nr_sectors} segments=[{segs}]")
+
+
 def open_storage(disk: dict[str, Any]) -> Storage:
     """Open the disk an ``attach`` message describes (StorageError if impossible)."""
     if not isinstance(disk, dict):
@@ -129,13 +202,22 @@ class Backend:
             allowed = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
             raise ValueError(f"unknown block backend option(s) {', '.join(unknown)}; allowed: "
                              f"{allowed}")
-        mb = options.get("max_batch", 32)
-        if not isinstance(mb, int) or isinstance(mb, bool) or not 1 <= mb <= 1024:
-            raise ValueError(f"max_batch must be an integer 1..1024, got {mb!r}")
+        mb = _int_option(options, "max_batch", 32, 1, 1024)
+        poison_after = _int_option(options, "poison_after", 3, 1, 100)
+        assert mb is not None and poison_after is not None
+        self.fault = _fault_option(options)
         self.host = host
         self.log = host.log
         self.max_batch = mb
+        self.poison_after = poison_after
         self.devices: dict[int, _Device] = {}
+        #: Carries out one request (the faulty variant only when a test asks for it, so the
+        #: data path pays nothing for the feature).
+        self.perform: Callable[[_Device, bytes], bytes] = (
+            self._perform if self.fault is None else self._perform_with_fault)
+        if self.fault is not None:
+            self.log.warning("test fault armed: a request covering sector %d injects %r",
+                             self.fault.sector, self.fault.kind)
 
     # -- messages ------------------------------------------------------------------------------
     def attach(self, dev: dict[str, Any]) -> None:
@@ -269,52 +351,86 @@ class Backend:
         except (ValueError, RingError) as e:
             self._break(d, f"cannot attach the ring: {e}")
             return
-        redo = self._recover(d, ring, log) if resume else self._forget(d, log)
+        redo = self._recover(d, ring, log) if resume else self._forget(log)
         d.ring, d.inflight = ring, log
         d.state = "connected"
         self.host.store_write(f"{d.store}/state", str(int(DevState.CONNECTED)))
-        self.log.info("device %d (%s): connected%s", d.key, d.label,
-                      f", redoing {redo} unfinished requests" if redo else "")
-        if redo:
-            try:
-                self._redo(d, ring, log, redo)
-            except Exception as e:
-                self.log.exception("device %d (%s): redoing in-flight requests", d.key, d.label)
-                self._break(d, f"block backend error redoing in-flight requests: {e}")
-                return
+        self.log.info("device %d (%s): %s%s", d.key, d.label,
+                      "resumed" if resume else "connected",
+                      f", redoing {len(redo)} unfinished requests" if redo else "")
+        if resume:
+            # A backend bug while redoing escapes (the host exits): the record stays flagged
+            # executing, so the next instance counts a death for it.
+            replayed, done_ns = self._redo(d, ring, log, redo) if redo else (
+                0, time.monotonic_ns())
+            self.host.recovered(d.key, replayed, done_ns)
         self._service(d)
 
-    def _forget(self, d: _Device, log: InflightLog) -> int:
+    def _forget(self, log: InflightLog) -> list[InflightRecord]:
         """A freshly initialised ring has nothing outstanding: clear stale records."""
         for rec in log.pending():
             log.end(rec.index)
-        return 0
+        return []
 
-    def _recover(self, d: _Device, ring: BackRing, log: InflightLog) -> int:
+    def _recover(self, d: _Device, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
         """Keep the records of requests begun but not answered: a contiguous run from the
-        published rsp_prod.  Others (answered, or not in that run) are cleared.  Returns how
-        many to redo; ``ring.req_cons`` is moved past them."""
+        published rsp_prod.  Others (answered, or not in that run) are cleared.  Returns the
+        run in ring order, with a death counted for a record found executing;
+        ``ring.req_cons`` is moved past it."""
         start = ring.rsp_prod_pvt
         by_index = {rec.index: rec for rec in log.pending()}
-        count = 0
-        while ((start + count) & _MASK) in by_index and count < ring.nr_slots:
-            del by_index[(start + count) & _MASK]
-            count += 1
+        run: list[InflightRecord] = []
+        while len(run) < ring.nr_slots and ((start + len(run)) & _MASK) in by_index:
+            run.append(by_index.pop((start + len(run)) & _MASK))
         for index in by_index:
             log.end(index)
-        ring.req_cons = (start + count) & _MASK
-        return count
+        ring.req_cons = (start + len(run)) & _MASK
+        return [self._count_death(d, log, rec) for rec in run]
 
-    def _redo(self, d: _Device, ring: BackRing, log: InflightLog, count: int) -> None:
-        start = ring.rsp_prod_pvt
-        recs = {r.index: r for r in log.pending()}
-        for i in range(count):
-            index = (start + i) & _MASK
-            ring.put_response(self._perform(d, recs[index].request))
-        if ring.push_responses():
+    def _count_death(self, d: _Device, log: InflightLog, rec: InflightRecord) -> InflightRecord:
+        if not rec.executing:
+            return rec
+        deaths = log.record_death(rec.index)
+        self.log.warning("device %d (%s): the request at ring index %d was executing when the "
+                         "previous driver instance died (%d death%s of %d allowed)", d.key,
+                         d.label, rec.index, deaths, "" if deaths == 1 else "s",
+                         self.poison_after)
+        return dataclasses.replace(rec, executing=False, deaths=deaths)
+
+    def _redo(self, d: _Device, ring: BackRing, log: InflightLog,
+              recs: list[InflightRecord]) -> tuple[int, int]:
+        """Answer ``recs`` in ring order: redo each, or refuse it if it is poison.  Returns
+        (requests redone, CLOCK_MONOTONIC ns when their responses were published)."""
+        replayed = 0
+        for rec in recs:
+            if rec.deaths >= self.poison_after:
+                ring.put_response(self._poison(d, rec))
+                continue
+            log.mark_executing(rec.index)
+            rsp = self.perform(d, rec.request)
+            log.clear_executing(rec.index)
+            ring.put_response(rsp)
+            replayed += 1
+        d.stats.requests += len(recs)
+        notify = ring.push_responses()
+        done_ns = time.monotonic_ns()
+        if notify:
             self._notify(d)
-        for i in range(count):
-            log.end((start + i) & _MASK)
+        for rec in recs:
+            log.end(rec.index)
+        return replayed, done_ns
+
+    def _poison(self, d: _Device, rec: InflightRecord) -> bytes:
+        """Refuse a request that killed ``poison_after`` instances: log it, report it, and
+        return its STATUS_ERROR response."""
+        rid, op, what = describe_request(rec.request, window=d.window, sectors=d.sectors)
+        description = (f"{what}: {rec.deaths} driver instances died executing it; answered "
+                       "with an error instead of being redone")
+        self.log.error("device %d (%s): poison request at ring index %d: %s", d.key, d.label,
+                       rec.index, description)
+        d.stats.errors += 1
+        self.host.poison(d.key, rec.index, description)
+        return _pack_response(rid, op, 0, STATUS_ERROR, 0)
 
     def _break(self, d: _Device, message: str) -> None:
         d.state = "broken"
@@ -349,20 +465,20 @@ class Backend:
 
     # -- the data path -------------------------------------------------------------------------
     def _service(self, d: _Device) -> None:
+        """Serve the ring.  A guest's ring violation breaks the device (``fault``); any other
+        exception is a backend bug and escapes, with the request flagged executing."""
         try:
             self._service_ring(d)
         except RingError as e:
             self._break(d, str(e))
-        except Exception as e:
-            self.log.exception("device %d (%s): backend error", d.key, d.label)
-            self._break(d, f"block backend error: {type(e).__name__}: {e}")
 
     def _service_ring(self, d: _Device) -> None:
         ring = d.ring
         log = d.inflight
         assert ring is not None and log is not None
         get, put, begin, end = ring.get_request, ring.put_response, log.begin, log.end
-        perform = self._perform
+        words, state_words, nr_slots = log.words, log.state_words, log.nr_slots
+        perform = self.perform
         stats = d.stats
         max_batch = self.max_batch
         budget = _TURN_REQUESTS
@@ -374,8 +490,14 @@ class Backend:
                 first = ring.req_cons
                 for i in range(n):
                     raw = get()
-                    begin((first + i) & _MASK, raw)
-                    put(perform(d, raw))
+                    index = (first + i) & _MASK
+                    begin(index, raw)
+                    # mark_executing / clear_executing of a fresh record, inlined: two stores
+                    w = state_words[index % nr_slots]
+                    words[w] = EXECUTING
+                    rsp = perform(d, raw)
+                    words[w] = 0
+                    put(rsp)
                 stats.requests += n
                 stats.batches += 1
                 if ring.push_responses():
@@ -422,6 +544,21 @@ class Backend:
                                        f"error: {e}", req.id)
             return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
         return _pack_response(req.id, op, 0, STATUS_OKAY, 0)
+
+    def _perform_with_fault(self, d: _Device, raw: bytes) -> bytes:
+        """``_perform``, but a request covering ``fault_sector`` first injects ``fault_kind``
+        (tests only: this is how they make a poison request)."""
+        fault = self.fault
+        assert fault is not None
+        try:
+            req = decode_request(raw, window=d.window, sectors=d.sectors)
+        except RequestError:
+            return self._perform(d, raw)
+        if req.op in _FAULT_OPS and req.sector <= fault.sector < req.sector + req.nr_sectors:
+            self.log.warning("device %d (%s): request %#x covers fault_sector %d: injecting %s",
+                             d.key, d.label, req.id, fault.sector, fault.kind)
+            self.host.inject(fault.kind)
+        return self._perform(d, raw)
 
     def _bad(self, d: _Device, status: int, message: str, req_id: int) -> None:
         """Count a refused request; log the first 20 per device, then every 1000th."""

@@ -1,0 +1,464 @@
+"""The supervisor's driver runtime: processes, spares, failures and recovery (docs/recovery.md).
+
+:class:`DriverManager` acts on what :class:`isovisor.supervision.DriverSupervision` decides.
+The supervisor's event loop feeds it three things: a driver process's pidfd became readable
+(:meth:`on_exit_fd`), a kernel event (:meth:`on_kernel_event`) and the passing of time
+(:meth:`tick`, every loop round).  It never blocks, except in :meth:`stop_all` at teardown.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+
+from ipc.control import ControlError, NotFound
+from isovisor.config import DriverConfig, StackConfig
+from isovisor.driverproc import DriverProcess
+from isovisor.kernelproc import KernelProcess
+from isovisor.paths import RunDir
+from isovisor.supervision import (
+    LIVE,
+    NOT_COUNTED,
+    Action,
+    Decision,
+    DriverSupervision,
+    Policy,
+    State,
+    describe_exit,
+    group_restarts,
+)
+
+log = logging.getLogger("isovisor.supervisor")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+#: How often RSS, CPU and the stopped state of every driver process are checked.
+USAGE_CHECK_S: Final = 0.5
+#: A spare that dies on its own is started again after this, doubling up to SPARE_RETRY_MAX_S.
+SPARE_RETRY_S: Final = 0.5
+SPARE_RETRY_MAX_S: Final = 30.0
+KERNEL_CALL_TIMEOUT_S: Final = 5.0
+_MIB: Final = 1 << 20
+
+
+@dataclass
+class Pending:
+    """Why the supervisor is ending the active instance itself."""
+
+    reason: str  # hang, violation, stopped, rss, cpu (SIGKILL); manual, group, stop (SIGTERM)
+    detail: str
+    detected_ns: int | None  # None: the exit is the detection
+    kill_at: float | None = None  # SIGKILL then, if SIGTERM was not enough
+
+
+@dataclass
+class Recovery:
+    old_pid: int
+    reason: str
+    detected_ns: int
+
+
+class Slot:
+    """One supervised driver: its state machine and its processes."""
+
+    def __init__(self, cfg: DriverConfig, clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.sv = DriverSupervision(cfg.name, Policy.of(cfg), clock)
+        self.active: DriverProcess | None = None
+        self.spare: DriverProcess | None = None
+        self.spare_warm = False
+        self.spare_failures = 0
+        self.spare_due: float | None = None
+        self.pending: Pending | None = None
+        self.recovery: Recovery | None = None
+        self.instances = 0
+
+
+class DriverManager:
+    def __init__(self, cfg: StackConfig, run_dir: RunDir, kernel: KernelProcess,
+                 ctx: zmq.Context, poller: zmq.Poller, publish: EventSink,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.kernel = kernel
+        self.ctx = ctx
+        self.poller = poller
+        self.publish = publish
+        self.clock = clock
+        self.slots = {d.name: Slot(d, clock) for d in cfg.drivers if d.supervised}
+        self.inline = {d.name: d for d in cfg.drivers if not d.supervised}
+        self.inline_failure: dict[str, str] = {}
+        self._by_fd: dict[int, tuple[Slot, DriverProcess]] = {}
+        self._retiring: dict[DriverProcess, float] = {}  # -> SIGKILL time
+        self._next_usage = 0.0
+        self._warned: set[str] = set()
+
+    # -- start-up (the supervisor waits for the hello itself) -------------------------------
+    def start(self, name: str) -> DriverProcess:
+        slot = self.slots[name]
+        self._restart(slot)
+        assert slot.active is not None
+        return slot.active
+
+    def state(self, name: str) -> State:
+        return self.slots[name].sv.state
+
+    def start_failed(self, name: str, text: str) -> None:
+        """The first start did not come up: kill what is left, FATAL until started by hand."""
+        slot = self.slots[name]
+        for inst in (slot.active, slot.spare):
+            if inst is not None:
+                inst.signal(signal.SIGKILL)
+                if inst.proc is not None:
+                    inst.proc.wait()
+                self._forget(inst)
+        slot.active = slot.spare = None
+        slot.sv.start_failed(text)
+
+    # -- the event loop's inputs ------------------------------------------------------------
+    def on_exit_fd(self, fd: int) -> None:
+        """A driver process's pidfd is readable: it has died."""
+        entry = self._by_fd.get(fd)
+        if entry is None:
+            return
+        slot, inst = entry
+        code = inst.reap()
+        if code is None:  # the fd was closed and reused within one poll round: not dead
+            return
+        self._forget(inst)
+        if inst is slot.active:
+            self._active_ended(slot, inst, code)
+        elif inst is slot.spare:
+            self._spare_ended(slot, inst, code)
+        else:
+            self._retiring.pop(inst, None)
+
+    def on_kernel_event(self, topic: str, p: dict[str, Any]) -> None:
+        parts = topic.split(".")
+        if parts[0] != "driver" or len(parts) < 3:
+            return
+        slot = self.slots.get(".".join(parts[1:-1]))
+        if slot is None:
+            return
+        what, pid = parts[-1], p.get("pid")
+        active = slot.active
+        if what == "ready" and active is not None and active.pid == pid:
+            slot.sv.ready()
+            log.info("driver %s: pid %d said hello (instance %d)", slot.cfg.name, pid,
+                     active.instance)
+            self._ensure_spare(slot)
+        elif what == "spare" and slot.spare is not None and slot.spare.pid == pid:
+            slot.spare_warm = True
+            slot.spare_failures = 0
+        elif what == "replayed" and active is not None and active.pid == pid:
+            self._recovered(slot, p)
+        elif what in ("hang", "violation") and active is not None and active.pid == pid:
+            self._kill(slot, what, f"pid {pid}: {p.get('reason', what)}")
+
+    def tick(self) -> None:
+        """Timers: restarts after a backoff, SIGKILL after SIGTERM, spares, resource limits."""
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.sv.due():
+                self._restart(slot)
+            pend = slot.pending
+            if pend is not None and pend.kill_at is not None and now >= pend.kill_at:
+                pend.kill_at = None
+                if slot.active is not None:
+                    log.warning("driver %s: pid %d did not stop within graceful_timeout = %gs; "
+                                "sending SIGKILL", slot.cfg.name, slot.active.pid,
+                                slot.cfg.graceful_timeout)
+                    slot.active.signal(signal.SIGKILL)
+            if slot.spare_due is not None and now >= slot.spare_due:
+                slot.spare_due = None
+                self._ensure_spare(slot)
+        for inst, kill_at in list(self._retiring.items()):
+            if now >= kill_at:
+                inst.signal(signal.SIGKILL)
+                self._retiring[inst] = float("inf")
+        if now >= self._next_usage:
+            self._next_usage = now + USAGE_CHECK_S
+            self._check_usage(now)
+
+    # -- failures -------------------------------------------------------------------------
+    def _active_ended(self, slot: Slot, inst: DriverProcess, code: int) -> None:
+        name, pid, now_ns = slot.cfg.name, inst.pid, time.monotonic_ns()
+        info = describe_exit(code)
+        pend, slot.pending, slot.active = slot.pending, None, None
+        if pend is not None and pend.reason == "stop":
+            self._kernel("driver_lost", name=name, pid=pid)
+            slot.sv.stopped()
+            log.info("driver %s stopped (pid %d %s)", name, pid, info.text)
+            self.publish(f"driver.{name}.stopped", {"pid": pid, "status": info.status,
+                                                    "signal": info.signal})
+            return
+        reason = pend.reason if pend else info.reason
+        detail = pend.detail if pend else f"pid {pid} {info.text}"
+        detected = pend.detected_ns if pend and pend.detected_ns else now_ns
+        tail = inst.log_tail(8) if info.status not in (None, 0) and pend is None else ""
+        level = logging.INFO if reason in NOT_COUNTED else logging.ERROR
+        log.log(level, "driver %s ended: %s%s", name, detail,
+                f"; its log ends with:\n{tail}" if tail else "")
+        self.publish(f"driver.{name}.exit", {"pid": pid, "reason": reason,
+                                             "status": info.status, "signal": info.signal})
+        self._kernel("driver_lost", name=name, pid=pid)
+        d = slot.sv.failed(reason, detail, spare=slot.spare is not None)
+        if d.action == Action.RESTART:
+            slot.recovery = Recovery(pid, reason, detected)
+            if slot.sv.state == State.EXITED or slot.sv.due():
+                self._restart(slot)
+            else:
+                log.warning("driver %s: failed start (%s); next start in %.2fs", name, reason,
+                            d.delay)
+            if reason not in NOT_COUNTED:  # a sibling's group restart does not cascade
+                self._restart_group(slot)
+        elif d.action == Action.FATAL:
+            self._escalate(slot, d)
+        else:
+            log.error("driver %s is not restarted (restart = %s, %s)", name, slot.cfg.restart,
+                      reason)
+            self._give_up(slot, f"{name} ended ({slot.sv.last_failure}) and restart = "
+                                f"{slot.cfg.restart} does not restart it")
+
+    def _restart(self, slot: Slot) -> None:
+        """Activate the spare, or start a fresh process; the new instance is STARTING."""
+        if slot.spare is not None:
+            inst, slot.spare, slot.spare_warm = slot.spare, None, False
+            inst.activate(self.ctx)
+            log.info("driver %s: activating spare pid %d", slot.cfg.name, inst.pid)
+        else:
+            inst = self._spawn(slot, spare=False)
+        slot.active = inst
+        slot.sv.starting(inst.pid)
+
+    def _recovered(self, slot: Slot, p: dict[str, Any]) -> None:
+        rec, slot.recovery = slot.recovery, None
+        if rec is None or slot.active is None:
+            return
+        done = p.get("done_ns")
+        ms = (done - rec.detected_ns) / 1e6 if isinstance(done, int) else None
+        self.publish(f"driver.{slot.cfg.name}.recovered", {
+            "pid": slot.active.pid, "old_pid": rec.old_pid, "reason": rec.reason,
+            "replayed": p.get("replayed"), "devices": p.get("devices"), "recovery_ms": ms})
+
+    def _escalate(self, slot: Slot, d: Decision) -> None:
+        c, sv = slot.cfg, slot.sv
+        log.error("driver %s is FATAL: more than intensity = %d restarts within period = %gs "
+                  "(last: %s); its devices now fail every request. Start it again with "
+                  "`isovisor driver start %s`", c.name, c.intensity, c.period, sv.last_failure,
+                  c.name)
+        self.publish(f"driver.{c.name}.fatal", {"restarts": d.restarts_in_period,
+                                                "period": c.period,
+                                                "last_reason": sv.last_reason})
+        self._give_up(slot, f"{c.name} restarted {d.restarts_in_period} times within "
+                            f"{c.period:g}s; last failure: {sv.last_failure}")
+
+    def _give_up(self, slot: Slot, reason: str) -> None:
+        """No replacement comes: the kernel fails the devices' requests; the spare goes."""
+        slot.recovery = None
+        self._kernel("driver_fail", name=slot.cfg.name, reason=reason)
+        self._retire_spare(slot)
+
+    def _restart_group(self, slot: Slot) -> None:
+        c = slot.cfg
+        if c.group is None:
+            return
+        members = [s.cfg.name for s in self.slots.values() if s.cfg.group == c.group]
+        for sib in group_restarts(members, c.name, c.strategy):
+            other = self.slots[sib]
+            if other.active is not None and other.pending is None \
+                    and other.cfg.restart != "temporary":
+                log.warning("driver %s: restarting it with %s (group %s, %s)", sib, c.name,
+                            c.group, c.strategy)
+                self._terminate(other, "group", f"restarted with {c.name} (group {c.group}, "
+                                                f"{c.strategy})")
+
+    def _kill(self, slot: Slot, reason: str, detail: str) -> None:
+        """SIGKILL the active instance; recovery starts once its pidfd says it is gone."""
+        assert slot.active is not None
+        if slot.pending is None:
+            slot.pending = Pending(reason, detail, time.monotonic_ns())
+            log.error("driver %s: %s; killing it (reason %s)", slot.cfg.name, detail, reason)
+        slot.active.signal(signal.SIGKILL)
+
+    def _terminate(self, slot: Slot, reason: str, detail: str) -> None:
+        """SIGTERM the active instance, SIGKILL after graceful_timeout."""
+        assert slot.active is not None
+        slot.pending = Pending(reason, detail, None,
+                               self.clock() + slot.cfg.graceful_timeout)
+        slot.active.signal(signal.SIGTERM)
+
+    def _check_usage(self, now: float) -> None:
+        for slot in self.slots.values():
+            inst, c = slot.active, slot.cfg
+            if inst is None or slot.pending is not None:
+                continue
+            u = inst.usage(now)
+            if u is None:
+                continue
+            if u.stopped:
+                self._kill(slot, "stopped", f"pid {inst.pid} is stopped (SIGSTOP?)")
+            elif c.max_rss is not None and u.rss > c.max_rss:
+                self._kill(slot, "rss", f"pid {inst.pid} RSS {u.rss / _MIB:.0f} MiB is over "
+                                        f"max_rss {c.max_rss / _MIB:.0f} MiB")
+            elif c.max_cpu is not None and u.cpu_percent is not None \
+                    and u.cpu_percent > c.max_cpu:
+                self._kill(slot, "cpu", f"pid {inst.pid} used {u.cpu_percent:.0f}% CPU over "
+                                        f"5 s, more than max_cpu {c.max_cpu:g}%")
+
+    # -- spares -----------------------------------------------------------------------------
+    def _ensure_spare(self, slot: Slot) -> None:
+        if (slot.cfg.spare and slot.spare is None and slot.spare_due is None
+                and slot.sv.state == State.RUNNING):
+            slot.spare = self._spawn(slot, spare=True)
+            slot.spare_warm = False
+
+    def _spare_ended(self, slot: Slot, inst: DriverProcess, code: int) -> None:
+        info = describe_exit(code)
+        slot.spare, slot.spare_warm = None, False
+        slot.spare_failures += 1
+        wait = min(SPARE_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (slot.spare_failures - 1))
+        slot.spare_due = self.clock() + wait
+        log.warning("driver %s: spare pid %d %s; a new spare in %.1fs; its log ends with:\n%s",
+                    slot.cfg.name, inst.pid, info.text, wait, inst.log_tail(8))
+        self.publish(f"driver.{slot.cfg.name}.spare_exit", {
+            "pid": inst.pid, "reason": info.reason, "status": info.status,
+            "signal": info.signal})
+
+    def _retire_spare(self, slot: Slot) -> None:
+        if slot.spare is not None:
+            self._retire(slot.spare, slot.cfg.graceful_timeout)
+            slot.spare, slot.spare_warm = None, False
+        slot.spare_due = None
+
+    def _retire(self, inst: DriverProcess, grace: float) -> None:
+        inst.signal(signal.SIGTERM)
+        self._retiring[inst] = self.clock() + grace
+
+    # -- processes ----------------------------------------------------------------------------
+    def _spawn(self, slot: Slot, *, spare: bool) -> DriverProcess:
+        slot.instances += 1
+        inst = DriverProcess(slot.cfg, self.run_dir, slot.instances, spare=spare)
+        inst.start()
+        assert inst.pidfd is not None
+        self._by_fd[inst.pidfd] = (slot, inst)
+        self.poller.register(inst.pidfd, zmq.POLLIN)
+        self.publish(f"driver.{slot.cfg.name}.spawn", {"pid": inst.pid, "spare": spare,
+                                                       "instance": inst.instance})
+        return inst
+
+    def _forget(self, inst: DriverProcess) -> None:
+        if inst.pidfd is not None:
+            self._by_fd.pop(inst.pidfd, None)
+            self.poller.unregister(inst.pidfd)
+            inst.close_pidfd()
+        inst.remove_socket()
+
+    def _kernel(self, command: str, **props: Any) -> None:
+        if not self.kernel.alive():
+            return
+        try:
+            self.kernel.call(command, timeout=KERNEL_CALL_TIMEOUT_S, **props)
+        except ControlError as e:
+            level = logging.DEBUG if command in self._warned else logging.WARNING
+            self._warned.add(command)
+            log.log(level, "kernel command %s %s failed: %s", command, props, e.reason)
+
+    def stop_all(self) -> None:
+        """Teardown: SIGTERM every instance (active, spare, retiring), SIGKILL the rest."""
+        insts = [(s, i) for s in self.slots.values() for i in (s.active, s.spare) if i]
+        insts += [(None, i) for i in self._retiring]
+        grace = max((s.cfg.graceful_timeout for s in self.slots.values()), default=0.0)
+        for _, inst in insts:
+            inst.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, inst in insts:
+            if inst.proc is None:
+                continue
+            try:
+                inst.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("driver %s: pid %d did not stop on SIGTERM; killing it",
+                            inst.cfg.name, inst.pid)
+                inst.signal(signal.SIGKILL)
+                inst.proc.wait()
+            self._forget(inst)
+        for slot in self.slots.values():
+            slot.active = slot.spare = None
+            if slot.sv.state in LIVE:
+                slot.sv.stopped()
+        self._retiring.clear()
+
+    # -- commands ---------------------------------------------------------------------------
+    def command(self, action: str, name: str) -> dict[str, Any]:
+        if name in self.inline:
+            raise ControlError(f"driver {name} is inline (it runs inside the kernel process): "
+                               "it is not supervised and cannot be started, stopped or "
+                               "restarted on its own; use isolation = \"process\" for that")
+        slot = self.slots.get(name)
+        if slot is None:
+            known = ", ".join([*self.slots, *self.inline]) or "none"
+            raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
+                           "status`")
+        st = slot.sv.state
+        if st == State.STOPPING:
+            raise ControlError(f"driver {name} is STOPPING (pid {slot.sv.pid}); wait until "
+                               f"`isovisor status` shows it STOPPED, then {action} it")
+        if action == "start" and st in (State.STARTING, State.RUNNING):
+            raise ControlError(f"driver {name} is already {st} (pid {slot.sv.pid}); to replace "
+                               f"the process use `isovisor driver restart {name}`")
+        if action == "stop" and st == State.STOPPED:
+            raise ControlError(f"driver {name} is already STOPPED; start it with `isovisor "
+                               f"driver start {name}`")
+        if action in ("start", "restart") and slot.active is None:
+            log.info("driver %s: started by the operator (was %s)", name, st)
+            slot.sv.manual_start()
+            slot.spare_failures, slot.spare_due, slot.recovery = 0, None, None
+            self._restart(slot)
+        elif action == "restart":
+            log.info("driver %s: restart asked by the operator", name)
+            self._terminate(slot, "manual", "restarted by the operator")
+            slot.sv.stopping()
+        elif action == "stop":
+            log.info("driver %s: stop asked by the operator", name)
+            self._retire_spare(slot)
+            if slot.active is None:
+                slot.sv.stopped()
+            else:
+                self._terminate(slot, "stop", "stopped by the operator")
+                slot.sv.stopping()
+        else:
+            raise ControlError(f"unknown driver action {action!r}: use start, stop or restart")
+        return {"name": name, "state": str(slot.sv.state), "pid": slot.sv.pid}
+
+    def rows(self, connected: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per driver, in file order, for `status` and `drivers`."""
+        out = []
+        for d in self.cfg.drivers:
+            k = connected.get(d.name, {})
+            slot = self.slots.get(d.name)
+            if slot is not None:
+                row = slot.sv.row()
+                row["spare_pid"] = slot.spare.pid if slot.spare else None
+                row["spare_ready"] = slot.spare_warm
+            else:
+                failure = self.inline_failure.get(d.name)
+                row = {"name": d.name, "state": "FATAL" if failure else "RUNNING",
+                       "pid": k.get("pid"), "uptime_s": None, "restarts": 0,
+                       "restarts_by_reason": {}, "last_failure": failure,
+                       "last_reason": "start" if failure else None, "spare_pid": None,
+                       "spare_ready": False}
+            linked = bool(k.get("connected", bool(k))) and k.get("pid") is not None
+            row.update(module=d.module, isolation=d.isolation, supervised=d.supervised,
+                       connected=linked and k.get("pid") == row["pid"],
+                       devices=k.get("devices"), outstanding=k.get("outstanding"),
+                       failing=k.get("failing"), failing_reason=k.get("failing_reason"),
+                       last_seen_ms=k.get("last_seen_ms"))
+            out.append(row)
+        return out

@@ -1,0 +1,340 @@
+"""The driver host as a real process (``python -m drivers.host``) against a fake kernel: warm
+spares, heartbeats and injected faults (docs/recovery.md).  The test is the kernel: it binds
+the PULL socket the driver connects to and PUSHes to the driver's endpoint.  Every wait is on a
+message or on the process's exit, never a fixed sleep."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from drivers.host import EXIT_INJECTED, EXIT_SOFTWARE, start_inline
+from isovisor.procs import reap
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "drv0"
+MODULE = "drivers.blk"
+WAIT = 10.0
+MiB = 1 << 20
+
+
+class Peer:
+    """The kernel's side: a PULL for the driver's messages (all of them kept, with the time
+    they arrived) and a PUSH to the driver's endpoint."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(endpoint)
+        self.push: zmq.Socket[Any] | None = None
+        self.seen: list[tuple[float, list[Any]]] = []
+
+    def close(self) -> None:
+        self.pull.close(0)
+        if self.push is not None:
+            self.push.close(0)
+
+    def recv(self, timeout: float) -> list[Any] | None:
+        """The next message, or None if none arrives within ``timeout`` seconds."""
+        if not self.pull.poll(max(0, int(timeout * 1000))):
+            return None
+        msg = msgpack.unpackb(self.pull.recv())
+        assert isinstance(msg, list) and msg, msg
+        self.seen.append((time.monotonic(), msg))
+        return msg
+
+    def expect(self, kind: str, timeout: float = WAIT) -> list[Any]:
+        """Take messages until one of type ``kind`` arrives; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(deadline - time.monotonic())
+            if msg is None:
+                raise AssertionError(f"no {kind!r} message within {timeout}s; seen: "
+                                     f"{self.kinds()[-10:]}")
+            if msg[0] == kind:
+                return msg
+
+    def kinds(self) -> list[str]:
+        return [m[0] for _, m in self.seen]
+
+    def connect(self, endpoint: str) -> None:
+        if self.push is not None:
+            self.push.close(0)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(endpoint)
+
+    def send(self, *msg: Any) -> None:
+        assert self.push is not None
+        self.push.send(msgpack.packb(list(msg)))
+
+
+class Driver:
+    """One driver host process and its log file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, endpoint: str) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.endpoint = endpoint
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = WAIT) -> int:
+        """Its exit status (negative: the signal that killed it)."""
+        return self.proc.wait(timeout)
+
+
+class Harness:
+    """Starts driver processes against the peer; kills and reaps every one at the end."""
+
+    def __init__(self, tmp: Path, ctx: zmq.Context[Any]) -> None:
+        self.tmp = tmp
+        self.peer = Peer(ctx, f"ipc://{tmp}/kernel.sock")
+        self.drivers: list[Driver] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Driver:
+        n = len(self.drivers)
+        endpoint = f"ipc://{self.tmp}/driver-{NAME}.{n}.sock"
+        log_path = self.tmp / f"driver.{n}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "drivers.host", "--name", NAME, "--module", MODULE,
+                 "--kernel", self.peer.endpoint, "--listen", endpoint,
+                 "--parent-pid", str(os.getpid()), "--log-level", "INFO", *args],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+        d = Driver(proc, log_path, endpoint)
+        self.drivers.append(d)
+        return d
+
+    def start_active(self, *args: str, env: dict[str, str] | None = None
+                     ) -> tuple[Driver, dict[str, Any]]:
+        """Start a driver, wait for its hello and connect to it."""
+        d = self.start(*args, env=env)
+        hello = self.peer.expect("hello")[1]
+        assert hello["pid"] == d.proc.pid
+        self.peer.connect(hello["endpoint"])
+        return d, hello
+
+    def close(self) -> None:
+        reap([d.proc.pid for d in self.drivers])
+        for d in self.drivers:
+            d.proc.wait(5)
+        self.peer.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    tmp = Path(tempfile.mkdtemp(prefix="ivhost-", dir="/tmp"))  # short: ipc:// paths are limited
+    ctx: zmq.Context[Any] = zmq.Context()
+    h = Harness(tmp, ctx)
+    shm_before = set(Path("/dev/shm").iterdir())
+    try:
+        yield h
+    finally:
+        h.close()
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+        leaked = {p for p in set(Path("/dev/shm").iterdir()) - shm_before if NAME in p.name}
+        assert not leaked, f"shared-memory segments left behind: {leaked}"
+
+
+def heartbeats_until_silent(peer: Peer, silence: float) -> list[list[Any]]:
+    """Heartbeats taken until none arrives for ``silence`` seconds."""
+    got = []
+    while (msg := peer.recv(silence)) is not None:
+        assert msg[0] == "heartbeat", msg
+        got.append(msg)
+    return got
+
+
+# --- spares -----------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
+    peer = harness.peer
+    d = harness.start("--spare", "--watchdog-ms", "400", "--request-timeout-ms", "5000")
+    spare = peer.expect("spare")[1]
+    assert spare == {"name": NAME, "pid": d.proc.pid, "endpoint": d.endpoint, "module": MODULE}
+    peer.connect(spare["endpoint"])  # as the supervisor does
+    peer.send("kick", 1)  # anything before activate is ignored
+    peer.send("inject", "exit")
+    peer.send("activate")
+    hello = peer.expect("hello")[1]
+    assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000}
+    assert peer.kinds() == ["spare", "hello"]  # no heartbeat from a spare
+    assert peer.expect("heartbeat") == ["heartbeat", NAME, 1]  # an active driver beats
+    log = d.log()
+    assert "spare: ignoring ['kick', 1] before activation" in log
+    assert "spare: ignoring ['inject', 'exit'] before activation" in log
+    assert d.proc.poll() is None
+    d.proc.terminate()
+    assert d.wait() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_spare_stops_cleanly_on_sigterm(harness: Harness) -> None:
+    d = harness.start("--spare")
+    harness.peer.expect("spare")
+    d.proc.terminate()
+    assert d.wait() == 0
+    assert "hello" not in harness.peer.kinds()
+
+
+# --- heartbeats -------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_heartbeats_go_out_every_quarter_watchdog_even_when_idle(harness: Harness) -> None:
+    watchdog = 0.4
+    period = watchdog / 4
+    _, hello = harness.start_active("--watchdog-ms", "400")
+    assert hello["watchdog_ms"] == 400 and hello["request_timeout_ms"] == 10_000
+    t_hello = harness.peer.seen[-1][0]
+    beats = [harness.peer.expect("heartbeat", timeout=watchdog) for _ in range(12)]
+    assert [b[2] for b in beats] == list(range(1, 13))
+    assert all(b[1] == NAME for b in beats)
+    times = [t_hello] + [t for t, m in harness.peer.seen if m[0] == "heartbeat"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    mean = (times[-1] - times[0]) / len(gaps)
+    assert 0.8 * period < mean < 1.5 * period, gaps
+    assert max(gaps) < watchdog, gaps  # never late enough to look hung
+
+
+@pytest.mark.timeout(30)
+def test_no_heartbeats_without_a_watchdog(harness: Harness) -> None:
+    d, hello = harness.start_active()
+    assert hello["watchdog_ms"] == 0
+    harness.peer.send("inject", "exit")  # the next thing it does: no heartbeat in between
+    assert d.wait() == EXIT_INJECTED
+    assert harness.peer.recv(0.2) is None
+    assert harness.peer.kinds() == ["hello"]
+
+
+# --- injected faults ----------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("kind", "status"), [
+    ("segv", -11), ("abort", -6), ("exit", EXIT_INJECTED), ("exception", EXIT_SOFTWARE)])
+def test_injected_faults_end_the_process_as_they_would_for_real(harness: Harness, kind: str,
+                                                                status: int) -> None:
+    # faulthandler on (as a developer might have it) must not turn a crash into anything else
+    d, _ = harness.start_active("--watchdog-ms", "400", env={"PYTHONFAULTHANDLER": "1"})
+    harness.peer.send("inject", kind)
+    assert d.wait() == status
+    log = d.log()
+    assert f"injecting a fault: {kind}" in log
+    assert "Fatal Python error" not in log
+    if kind == "exception":
+        assert "inject('exception',) failed in the backend: unhandled exception; exiting " \
+               "with status 70" in log
+        assert "InjectedFault: injected fault" in log  # with its traceback
+
+
+@pytest.mark.timeout(30)
+def test_hang_stops_the_heartbeats(harness: Harness) -> None:
+    period = 0.1
+    d, _ = harness.start_active("--watchdog-ms", "400")
+    harness.peer.expect("heartbeat")
+    harness.peer.expect("heartbeat")
+    harness.peer.send("inject", "hang")
+    # at most one heartbeat already on its way, then silence: the loop is stuck
+    late = heartbeats_until_silent(harness.peer, 3 * period)
+    assert len(late) <= 1, late
+    assert harness.peer.recv(3 * period) is None
+    assert d.proc.poll() is None, "a hung driver is alive (the supervisor kills it)"
+    assert "injecting a fault: hang" in d.log()
+    d.proc.kill()
+    assert d.wait() == -9
+
+
+@pytest.mark.timeout(30)
+def test_leak_grows_the_rss_by_64_mib_per_message(harness: Harness) -> None:
+    d, _ = harness.start_active("--watchdog-ms", "400")
+    proc = psutil.Process(d.proc.pid)
+    harness.peer.expect("heartbeat")
+    rss0 = proc.memory_info().rss
+    harness.peer.send("inject", "leak")
+    harness.peer.send("inject", "leak")
+    deadline = time.monotonic() + WAIT
+    while proc.memory_info().rss < rss0 + 2 * 64 * MiB - 8 * MiB:
+        assert time.monotonic() < deadline, "the RSS did not grow by 128 MiB"
+        harness.peer.expect("heartbeat")  # the loop goes on: its heartbeats pace this check
+    assert d.proc.poll() is None
+    assert "leaked 128 MiB so far" in d.log()
+
+
+@pytest.mark.timeout(30)
+def test_unknown_injects_and_stray_activates_are_ignored(harness: Harness) -> None:
+    d, _ = harness.start_active()
+    harness.peer.send("inject", "melt")
+    harness.peer.send("inject", 5)
+    harness.peer.send("activate")
+    harness.peer.send("inject", "exit")  # messages are handled in order: this one comes last
+    assert d.wait() == EXIT_INJECTED
+    log = d.log()
+    assert "ignoring inject of unknown kind 'melt' (known: exit, exception, segv" in log
+    assert "ignoring a malformed inject message ['inject', 5]" in log
+    assert "ignoring activate: this driver is active already" in log
+
+
+@pytest.mark.timeout(30)
+def test_bad_watchdog_arguments_exit_with_status_2(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "drivers.host", "--name", NAME, "--module", MODULE,
+         "--kernel", f"ipc://{tmp_path}/k", "--listen", f"ipc://{tmp_path}/d",
+         "--watchdog-ms", "-5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=20,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "-5 is negative" in r.stderr, r.stderr
+
+
+# --- inline -------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    peer = Peer(ctx, f"inproc://kernel-{os.getpid()}")
+    drv = None
+    try:
+        drv = start_inline(NAME, MODULE, {}, ctx, peer.endpoint, f"inproc://{NAME}-{os.getpid()}")
+        hello = peer.expect("hello")[1]
+        assert hello["pid"] == os.getpid() and hello["watchdog_ms"] == 0
+        peer.connect(hello["endpoint"])
+        with caplog.at_level(logging.WARNING, logger=f"isovisor.driver.{NAME}"):
+            for kind in ("exit", "segv", "abort", "hang", "exception", "leak"):
+                peer.send("inject", kind)
+            peer.send("attach", {"key": 5})  # answered with an error: all of the above is done
+            assert peer.expect("error")[1] == 5
+        text = caplog.text
+        for kind, harm in (("exit", "kill"), ("segv", "kill"), ("abort", "kill"),
+                           ("hang", "stall")):
+            assert f"refusing to inject {kind!r}: this driver runs inline, so it would {harm} " \
+                   "the kernel" in text
+        assert "inject('exception',) failed in the backend; the driver goes on" in text
+        assert "leaked 64 MiB so far" in text
+        assert drv.alive
+        drv.stop()
+        assert not drv.alive
+    finally:
+        if drv is not None:
+            drv.stop()
+        peer.close()
+        ctx.term()
