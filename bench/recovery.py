@@ -4,7 +4,8 @@ noticed.
 A private stack (pcpus=2) runs ``[driver.blk0]`` (drivers.blk, its own process, warm spare on)
 and two ``blkstress`` guests at QD32 on their own image files.  Three measurements, one run:
 
-* **Recovery time** over many SIGKILLs (default 200) while both guests do verified I/O: from
+* **Recovery time** over many SIGKILLs (default 200) while both guests do verified I/O, each
+  once the replacement's own warm spare is ready (``spare_ready`` in ``status``): from
   just before ``os.kill`` to the moment the replacement published the responses of the requests
   it redid (``done_ns`` of the kernel's ``driver.blk0.replayed`` event; both are
   CLOCK_MONOTONIC, so one clock).  Before each kill the bench waits until both devices have
@@ -74,11 +75,17 @@ def _requests(s: Any) -> dict[str, int]:
     return {d["domain"]: d["requests"] for d in s.call("devices")["devices"]}
 
 
-def _driver_pid(s: Any) -> int:
-    for d in s.call("status")["drivers"]:
-        if d["name"] == "blk0" and isinstance(d.get("pid"), int):
-            return d["pid"]
-    raise RuntimeError("blk0 has no pid in status")
+def _driver_pid(s: Any, warm: bool = False, timeout: float = 30) -> int:
+    """The active instance's pid; with ``warm``, once its spare is ready too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for d in s.call("status")["drivers"]:
+            if (d["name"] == "blk0" and d.get("state") == "RUNNING"
+                    and isinstance(d.get("pid"), int) and (d.get("spare_ready") or not warm)):
+                return d["pid"]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"blk0 not running{' with a warm spare' if warm else ''}")
+        time.sleep(0.02)  # a status poll: spare readiness has its own event, but not its end
 
 
 def _finish(s: Any, sub: Subscriber, names: list[str]) -> list[dict[str, int]]:
@@ -106,8 +113,8 @@ def _wait_progress(s: Any, before: dict[str, int], need: int, timeout: float = 3
 
 
 def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
+    pid = _driver_pid(s, warm=True)
     _wait_progress(s, _requests(s), need)
-    pid = _driver_pid(s)
     t_kill = time.monotonic_ns()
     os.kill(pid, signal.SIGKILL)
     rep: dict[str, Any] | None = None
