@@ -133,8 +133,11 @@ def stack() -> Iterator[Stack]:
         assert not segs, f"shared-memory segments left behind: {segs}"
 
 
-def wait_until(pred: Any, timeout: float = 30, what: str = "condition") -> Any:
-    """Poll an observable condition (a status query, not a fixed delay) until it holds."""
+def wait_until(pred: Any, timeout: float = 30, what: str = "condition",
+               interval: float = 0.05) -> Any:
+    """Poll an observable condition (a status query, not a fixed delay) until it holds.
+
+    For state that no event announces (CPU time, counters, last-seen ages)."""
     import time
     deadline = time.monotonic() + timeout
     while True:
@@ -143,4 +146,4 @@ def wait_until(pred: Any, timeout: float = 30, what: str = "condition") -> Any:
             return val
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
+        time.sleep(interval)

@@ -52,6 +52,7 @@ from isovisor.config import DomainConfig
 from kernel.devices import SEGMENT_BYTES
 from kernel.drivers import DriverLink, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors
+from tests.conftest import wait_until as poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RING_BYTES = ring_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
@@ -214,12 +215,8 @@ class Events:
 
 
 def wait_until(pred: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll an observable state (a kernel query, a driver's record) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not (val := pred()):
-        assert time.monotonic() < deadline, f"{what}: not reached within {timeout}s"
-        time.sleep(0.02)
-    return val
+    """conftest.wait_until, polling every 20 ms (heartbeat ages change within 100s of ms)."""
+    return poll_until(pred, timeout=timeout, what=what, interval=0.02)
 
 
 def summary(console: str) -> dict[str, int]:
