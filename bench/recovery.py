@@ -89,13 +89,21 @@ def _driver_pid(s: Any, warm: bool = False, timeout: float = 30) -> int:
 
 
 def _finish(s: Any, sub: Subscriber, names: list[str]) -> list[dict[str, int]]:
+    """Wait until every guest of ``names`` has ended (their ends may come in any order), check
+    each finished cleanly, and destroy them."""
+    ends: dict[str, tuple[str, dict[str, Any]]] = {}
+    topics = {f"domain.{n}.{what}" for n in names for what in ("shutdown", "crashed")}
+    while len(ends) < len(names):
+        topic, p = wait_topic(sub, topics, 300)
+        ends.setdefault(topic.split(".")[1], (topic, p))
     out = []
     for n in names:
-        topic, p = wait_topic(sub, {f"domain.{n}.shutdown", f"domain.{n}.crashed"}, 300)
+        topic, p = ends[n]
         sm = _summary(s.call("console", name=n)["data"].decode())
         if topic.endswith("crashed") or p.get("code") != 0 or sm["errors"]:
             raise RuntimeError(f"guest {n} failed: {topic} {p} {sm}")
         out.append(sm)
+    for n in names:
         s.cli("destroy", n)
         wait_topic(sub, {f"domain.{n}.destroyed"}, 60)
     return out
@@ -135,7 +143,7 @@ def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, res: Result) -> None:
     kills = args.kills or (20 if args.quick else 200)
-    stall_runs = 5 if args.quick else 15
+    stall_runs = 5 if args.quick else 20
     hang_reps = 2 if args.quick else 5
     samples: list[dict[str, float]] = []
     stalls_kill: list[float] = []
@@ -160,9 +168,9 @@ def measure(args: argparse.Namespace, res: Result) -> None:
         # 2. guest-visible stall: one kill per run vs no kill
         for k in range(stall_runs):
             for with_kill in (False, True):
-                names = _guests(s, f"s{k}{int(with_kill)}-", ops=30_000)
+                names = _guests(s, f"s{k}{int(with_kill)}-", ops=10_000)
                 if with_kill:
-                    _wait_progress(s, {n: 0 for n in names}, 5_000)
+                    _wait_progress(s, {n: 0 for n in names}, 3_000)
                     _one_kill(s, sub, 0)
                 for sm in _finish(s, sub, names):
                     (stalls_kill if with_kill else stalls_none).append(sm["max_gap_us"] / 1e3)

@@ -80,6 +80,16 @@ INJECT_KINDS: dict[str, str] = {
     "hang": "the loop blocks forever and sends no more heartbeats",
     "leak": "allocate (and touch) 64 MiB more, kept until the process ends",
 }
+#: Kinds the backend carries out itself (``Backend.corrupt_next``): one bad response, the kind
+#: of driver bug a guest's frontend catches (docs/recovery.md, "Bad responses").
+RESPONSE_KINDS: dict[str, str] = {
+    "bad_id": "answer one request with an id that matches no request in flight",
+    "bad_status": "answer one request with a status that is not okay, error or unsupported",
+    "bad_op": "answer one request with another operation than the request's",
+    "bad_index": "publish rsp_prod three beyond the guest's req_prod, then stop serving that "
+                 "device",
+}
+INJECT_KINDS.update(RESPONSE_KINDS)
 #: Kinds that would kill or stall the kernel itself when the driver runs inline.
 _PROCESS_ONLY_KINDS = frozenset({"exit", "segv", "abort", "hang"})
 LEAK_BYTES = 64 << 20
@@ -169,6 +179,7 @@ class DriverHost:
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self._leaked: list[bytearray] = []
+        self._sender = f"{name}:{os.getpid()}".encode()
         self.backend: Backend | None = None
         factory = _backend_factory(module)
         self._pull = ctx.socket(zmq.PULL)
@@ -258,6 +269,14 @@ class DriverHost:
                            "kernel", kind, "stall" if kind == "hang" else "kill")
             return
         self.log.warning("injecting a fault: %s (%s)", kind, INJECT_KINDS[kind])
+        if kind in RESPONSE_KINDS:
+            corrupt = getattr(self.backend, "corrupt_next", None)
+            if corrupt is None:
+                self.log.error("cannot inject %r: backend %s gives no bad responses on request "
+                               "(it has no corrupt_next)", kind, self.module_name)
+                return
+            corrupt(kind)
+            return
         if kind == "leak":
             self._leaked.append(_touched_allocation(LEAK_BYTES))
             self.log.warning("leaked %d MiB so far", len(self._leaked) * LEAK_BYTES >> 20)
@@ -421,8 +440,9 @@ class DriverHost:
         self._send_raw(msgpack.packb(msg))
 
     def _send_raw(self, data: bytes) -> None:
+        """Send one message, after the ``name:pid`` frame that tells the kernel who sent it."""
         try:
-            self._push.send(data, zmq.NOBLOCK)
+            self._push.send_multipart((self._sender, data), zmq.NOBLOCK)
         except zmq.Again:
             self._send_failures += 1
             if self._send_failures <= 20 or self._send_failures % 1000 == 0:

@@ -204,6 +204,22 @@ class BackRing(_Side):
         """Publish queued responses; True if the frontend asked to be notified."""
         return self._push(_RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
 
+    # -- fault injection only: what a buggy backend does ----------------------------------------
+    def response_at(self, index: int) -> bytes:
+        """The slot of a queued response (``slot_size`` bytes)."""
+        return bytes(self._slot(index))
+
+    def rewrite_response(self, index: int, data: bytes) -> None:
+        """Overwrite a queued, not yet published response."""
+        self._write(index, data)
+
+    def publish_rsp_prod_beyond(self, extra: int) -> int:
+        """Publish rsp_prod ``extra`` past the guest's req_prod (an impossible index);
+        returns it."""
+        value = (self._idx[_REQ_PROD] + extra) & _MASK
+        self._idx[_RSP_PROD] = value
+        return value
+
 
 # --- in-flight log ------------------------------------------------------------------------------
 
@@ -325,6 +341,32 @@ class InflightLog:
     def end(self, index: int) -> None:
         """The request's response is published: free its record."""
         self._q[self._word(index, _SEQ)] = 0
+
+    def reopen(self, first: int, count: int) -> int:
+        """Make the records of ring indices ``first .. first+count-1`` pending again, in ring
+        order, for a replacement backend to redo: a record answered (ended) since is
+        re-begun from the copy it still holds, with its death count kept.  Only records whose
+        index word says they are that very request count (a slot whose record holds another
+        index was never taken).  ``count`` is at most the number of slots.  Call it only
+        while no backend uses the log.  Returns the number of records now pending in that
+        range."""
+        if not 0 <= count <= self.nr_slots:
+            raise ValueError(f"cannot reopen {count} records of a {self.nr_slots}-slot log")
+        q = self._q
+        seq = max((r.seq for r in self.pending()), default=0)
+        found = 0
+        for k in range(count):
+            index = (first + k) & _MASK
+            base = (index % self.nr_slots) * self._stride
+            if q[base + _INDEX] != index:
+                continue
+            seq += 1
+            if not q[base + _SEQ]:  # answered: its flag is clear; keep its deaths
+                q[base + _STATE] &= _NOT_EXECUTING
+            q[base + _SEQ] = seq
+            found += 1
+        self._next_seq = seq + 1
+        return found
 
     def pending(self) -> list[InflightRecord]:
         """Records begun and not ended, oldest first."""

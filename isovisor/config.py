@@ -362,6 +362,8 @@ _DRIVER_FIELDS: Final = {
                           _at_least(0)),
     "start_secs": _Field(_NUM, "seconds a driver must stay up after its hello to count as "
                                "started", _at_least(0)),
+    "start_timeout": _Field(_NUM, "seconds a started driver may take to say hello (its "
+                                  "handshake) before it is killed, at least 1", _at_least(1)),
     "watchdog_sec": _Field(_NUM, "heartbeat deadline in seconds, 0 = off",
                            lambda v: None if v == 0 or v >= 0.1
                            else "must be 0 (off) or at least 0.1"),
@@ -402,6 +404,7 @@ class DriverConfig:
     backoff: float = 0.0
     backoff_max: float = 5.0
     start_secs: float = 1.0
+    start_timeout: float = 20.0
     watchdog_sec: float = 2.0
     request_timeout_sec: float = 10.0
     max_rss: int | None = None  # bytes
@@ -489,7 +492,7 @@ def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:
             raise ConfigError(f"{here}: {', '.join(extra)} cannot be used with isolation = "
                               "\"inline\": an inline driver runs inside the kernel process and "
                               f"is not supervised; remove {them} or use isolation = \"process\"")
-    for key in ("period", "backoff", "backoff_max", "start_secs", "watchdog_sec",
+    for key in ("period", "backoff", "backoff_max", "start_secs", "start_timeout", "watchdog_sec",
                 "request_timeout_sec", "max_cpu", "graceful_timeout"):
         if key in vals:
             vals[key] = float(vals[key])

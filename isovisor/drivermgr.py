@@ -51,7 +51,7 @@ _MIB: Final = 1 << 20
 class Pending:
     """Why the supervisor is ending the active instance itself."""
 
-    reason: str  # hang, violation, stopped, rss, cpu (SIGKILL); manual, group, stop (SIGTERM)
+    reason: str  # hang, violation, handshake, stopped, rss, cpu (SIGKILL); manual, group, stop
     detail: str
     detected_ns: int | None  # None: the exit is the detection
     kill_at: float | None = None  # SIGKILL then, if SIGTERM was not enough
@@ -167,6 +167,7 @@ class DriverManager:
         for slot in self.slots.values():
             if slot.sv.due():
                 self._restart(slot)
+            self._check_handshake(slot, now)
             pend = slot.pending
             if pend is not None and pend.kill_at is not None and now >= pend.kill_at:
                 pend.kill_at = None
@@ -293,6 +294,15 @@ class DriverManager:
         slot.pending = Pending(reason, detail, None,
                                self.clock() + slot.cfg.graceful_timeout)
         slot.active.signal(signal.SIGTERM)
+
+    def _check_handshake(self, slot: Slot, now: float) -> None:
+        """Kill an instance that has not said hello within start_timeout."""
+        sv, inst = slot.sv, slot.active
+        if (sv.state != State.STARTING or inst is None or slot.pending is not None
+                or sv.started_at is None or now - sv.started_at < slot.cfg.start_timeout):
+            return
+        self._kill(slot, "handshake", f"pid {inst.pid} did not say hello within start_timeout "
+                                      f"= {slot.cfg.start_timeout:g}s")
 
     def _check_usage(self, now: float) -> None:
         for slot in self.slots.values():

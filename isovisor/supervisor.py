@@ -42,7 +42,7 @@ from isovisor.supervision import State
 log = logging.getLogger("isovisor.supervisor")
 
 EventSink = Callable[[str, dict[str, Any]], None]
-#: How long a driver may take from start to its hello reaching the kernel.
+#: How long an inline driver may take from driver_load to its hello.
 DRIVER_START_TIMEOUT_S = 20.0
 #: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM).
 LOOP_POLL_MS = 50
@@ -186,7 +186,8 @@ class Supervisor:
             self.kernel.call("driver_load", timeout=30.0, name=drv.name, module=drv.module,
                              options=drv.options)
             inst, pid = None, self.kernel.pid
-        deadline = time.monotonic() + DRIVER_START_TIMEOUT_S
+        limit = drv.start_timeout if drv.supervised else DRIVER_START_TIMEOUT_S
+        deadline = time.monotonic() + limit
         while True:
             left = deadline - time.monotonic()
             ev = self.ksub.recv(min(0.1, max(left, 0)))
@@ -202,7 +203,7 @@ class Supervisor:
                                    f"{inst.log_path} ends with:\n{inst.log_tail()}")
             if left <= 0:
                 raise ControlError(f"driver {drv.name} ({drv.module}) did not connect to the "
-                                   f"kernel within {DRIVER_START_TIMEOUT_S:g}s; see "
+                                   f"kernel within {limit:g}s (start_timeout); see "
                                    f"{self.run_dir.driver_log(drv.name)}")
         log.info("driver %s started (%s, pid %s)", drv.name, drv.isolation, pid)
 

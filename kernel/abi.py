@@ -100,8 +100,9 @@ HC_BLOCK: Final = 9  # (timeout_ns) -> unmask upcalls and sleep until an event (
 HC_EVTCHN_SEND: Final = 10  # (port) -> 0.  Notify the other end of a device's channel.
 HC_STORE_READ: Final = 11  # (path, path_len, buf, buf_len) -> value length
 HC_STORE_WRITE: Final = 12  # (path, path_len, value, value_len) -> 0
-HC_DEVICE_FAULT: Final = 13  # (port, code, msg, msg_len) -> 0.  Report a backend fault.
-HC_COUNT: Final = 14
+HC_DEVICE_FAULT: Final = 13  # (port, code, msg, msg_len, rsp_cons, flags) -> 0 or 1 (hold)
+HC_DEVICE_HELD: Final = 14  # (port) -> 1 while the device's responses are held, else 0
+HC_COUNT: Final = 15
 
 HYPERCALL_NAMES: Final[dict[int, str]] = {
     HC_NULL: "null",
@@ -118,6 +119,7 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     HC_STORE_READ: "store_read",
     HC_STORE_WRITE: "store_write",
     HC_DEVICE_FAULT: "device_fault",
+    HC_DEVICE_HELD: "device_held",
 }
 
 #: Limits of the store hypercalls (bytes).
@@ -130,6 +132,13 @@ FAULT_BAD_STATUS: Final = 2  # a status that is not OKAY / ERROR / EOPNOTSUPP
 FAULT_EXTRA_RESPONSE: Final = 3  # more responses published than requests outstanding
 FAULT_BAD_OP: Final = 4  # a response whose operation differs from its request's
 FAULT_HANDSHAKE: Final = 5  # the backend broke the connection handshake
+FAULT_BAD_RESPONSE: Final = 6  # non-zero reserved fields (e.g. a slot still holding a request)
+#: HC_DEVICE_FAULT flag: the frontend can hold its responses until the kernel has the
+#: requests from ``rsp_cons`` on redone by a replacement driver (docs/recovery.md).
+FAULT_F_HOLD: Final = 1
+#: Codes a hold can repair: a response (or the response index) was bad, not the handshake.
+FAULT_CODES_HOLDABLE: Final = (FAULT_UNKNOWN_ID, FAULT_BAD_STATUS, FAULT_EXTRA_RESPONSE,
+                               FAULT_BAD_OP, FAULT_BAD_RESPONSE)
 
 #: HC_POLL timeout meaning "wait forever".
 POLL_FOREVER: Final = 0xFFFF_FFFF_FFFF_FFFF

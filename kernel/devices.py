@@ -25,8 +25,8 @@ from ipc.store import DevState, Store, StoreError, Watch
 from isovisor.config import DiskSpec
 from kernel import abi
 from kernel.domain import Domain, Emit, Exit
-from kernel.drivers import DriverHub, DriverLink
-from kernel.failover import Recovery, outstanding, ring_indices
+from kernel.drivers import DriverHub, DriverLink, Malformed
+from kernel.failover import Hold, Recovery, outstanding, ring_indices
 
 if TYPE_CHECKING:
     from kernel.scheduler import Scheduler
@@ -57,6 +57,8 @@ class Device:
     announced: bool = False
     #: The driver reported the guest's ring broken (the guest is being crashed).
     broken: bool = False
+    #: Its frontend holds bad responses for the next driver instance to redo (failover.Hold).
+    hold: Hold | None = None
     #: The request-timeout check: rsp_prod last seen, and when it last moved.
     progress_rsp: int | None = None
     progress_at: float = 0.0
@@ -288,14 +290,19 @@ class DeviceManager:
     def guest_may_write(dom: Domain, path: str) -> bool:
         return path.startswith(f"/local/domain/{dom.domid}/device/")
 
-    def frontend_fault(self, dev: Device, code: int, message: str) -> None:
+    def frontend_fault(self, dev: Device, code: int, message: str,
+                       rsp_cons: int | None = None) -> bool:
+        """HC_DEVICE_FAULT: True if the frontend is to hold (see Recovery.frontend_fault)."""
         dev.faults += 1
         log.error("domain %s: its frontend reports that driver %s broke the protocol on %s "
                   "(code %d): %s", dev.dom.name, dev.spec.backend, dev.spec.vdev, code, message)
         self.emit(f"driver.{dev.spec.backend}.fault", {
             "domid": dev.dom.domid, "domain": dev.dom.name, "vdev": dev.spec.vdev,
             "code": code, "reason": message, "reporter": "frontend"})
-        self.recovery.frontend_fault(dev, code, message)
+        return self.recovery.frontend_fault(dev, code, message, rsp_cons)
+
+    def held(self, dev: Device) -> bool:
+        return self.recovery.held(dev)
 
     # -- driver messages (drivers thread) ----------------------------------------------------
     def on_hello(self, link: DriverLink) -> None:
@@ -320,9 +327,7 @@ class DeviceManager:
         elif kind == "store" and len(msg) == 3:
             path, value = msg[1], msg[2]
             if not (isinstance(path, str) and isinstance(value, str)):
-                log.warning("driver store write with non-string path or value ignored: %.200r",
-                            msg)
-                return
+                raise Malformed(f"store write with a non-string path or value: {msg!r:.200}")
             driver = path.split("/")[2] if path.startswith("/driver/") else ""
             if driver not in self.hub.links:
                 log.warning("driver store write outside /driver/<a connected driver>/ refused: "
@@ -339,7 +344,7 @@ class DeviceManager:
                 self.recovery.seen(dev.spec.backend)
                 self._driver_report(dev, kind, msg[2][:1000])
         else:
-            log.warning("driver channel: unknown or malformed message ignored: %.200r", msg)
+            raise Malformed(f"unknown or malformed message {msg!r:.200}")
 
     def _device(self, key: Any, kind: str) -> Device | None:
         dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) \

@@ -133,7 +133,7 @@ class Domain:
             None, self._hc_console_write, self._hc_yield, self._hc_poll, self._hc_time,
             self._hc_shutdown, self._hc_watchdog, self._hc_set_upcall, self._hc_upcall_return,
             self._hc_block, self._hc_evtchn_send, self._hc_store_read, self._hc_store_write,
-            self._hc_device_fault)
+            self._hc_device_fault, self._hc_device_held)
         assert len(self._handlers) == abi.HC_COUNT
 
     # -- set-up --------------------------------------------------------------------------------
@@ -387,8 +387,15 @@ class Domain:
         if isinstance(msg, int):
             return msg
         assert self.device_manager is not None
-        self.device_manager.frontend_fault(dev, self.arg(1), msg)
-        return 0
+        rsp_cons = self.arg(4) if self.arg(5) & abi.FAULT_F_HOLD else None
+        return int(self.device_manager.frontend_fault(dev, self.arg(1), msg, rsp_cons))
+
+    def _hc_device_held(self) -> int:
+        dev = self._device_arg("device_held")
+        if isinstance(dev, int):
+            return dev
+        assert self.device_manager is not None
+        return int(self.device_manager.held(dev))
 
     # -- console -------------------------------------------------------------------------------
     def console_append(self, data: bytes) -> None:

@@ -51,12 +51,17 @@ DEFAULT_REQUEST_TIMEOUT_MS: Final = 10_000
 Handler = Callable[[list[Any]], None]
 
 
+class Malformed(ValueError):
+    """A driver message of a known kind with the wrong shape.  Raised by the handlers; the
+    hub logs it and, if the message names its sender, reports a violation by that driver."""
+
+
 @dataclass(eq=False)
 class DriverLink:
     """A connected driver instance, and what the kernel watches about it.
 
     ``last_seen`` is the monotonic time of the last message attributed to this instance;
-    the ``*_reported`` flags make the hang and flood events fire once per link; ``awaiting``
+    the ``*_reported`` flags make the hang and violation events fire once per link; ``awaiting``
     holds the device keys whose ``recovered`` report the kernel waits for since the hello.
     """
 
@@ -69,7 +74,7 @@ class DriverLink:
     request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
     last_seen: float = field(default_factory=time.monotonic)
     hang_reported: bool = False
-    flood_reported: bool = False
+    violation_reported: bool = False
     notify_window: float = 0.0
     notify_count: int = 0
     awaiting: set[int] = field(default_factory=set)
@@ -88,11 +93,13 @@ class DriverHub:
 
     def __init__(self, ctx: zmq.Context, endpoints: list[str], on_message: Handler,
                  on_hello: Callable[[DriverLink], None],
-                 on_tick: Callable[[], None] | None = None) -> None:
+                 on_tick: Callable[[], None] | None = None,
+                 on_violation: Callable[[DriverLink, str], None] | None = None) -> None:
         self.ctx = ctx
         self.on_message = on_message
         self.on_hello = on_hello
         self.on_tick = on_tick
+        self.on_violation = on_violation
         self.links: dict[str, DriverLink] = {}
         #: Every driver name that has ever said hello (a kick for one of them while it has no
         #: link is dropped, not refused).
@@ -209,10 +216,10 @@ class DriverHub:
         """Dispatch the messages waiting (at most _DRAIN, so the tick is never starved)."""
         for _ in range(_DRAIN):
             try:
-                raw = self.pull.recv(zmq.NOBLOCK)
+                frames = self.pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._dispatch(raw)
+            self._dispatch(frames[-1], frames[0] if len(frames) == 2 else None)
 
     def _tick(self) -> None:
         if self.on_tick is None:
@@ -222,31 +229,47 @@ class DriverHub:
         except Exception:
             log.exception("driver channel: the periodic driver check failed")
 
-    def _dispatch(self, raw: bytes) -> None:
+    def _dispatch(self, raw: bytes, sender: bytes | None = None) -> None:
+        """Handle one message.  ``sender`` is the ``name:pid`` frame a driver host puts before
+        each message (None without one): a malformed message from a connected instance is a
+        protocol violation by it; an anonymous one can only be logged."""
         try:
             msg = msgpack.unpackb(raw)
         except Exception as e:
-            log.warning("driver channel: undecodable message (%d bytes) ignored: %s", len(raw), e)
+            self._malformed(sender, f"undecodable message ({len(raw)} bytes): {e}")
             return
         if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
-            log.warning("driver channel: message is not a [type, ...] list, ignored: %.200r",
-                        msg)
+            self._malformed(sender, f"message is not a [type, ...] list: {msg!r:.200}")
             return
         if msg[0] == _DOORBELL:
             self._flush_control()
             return
-        if msg[0] == "hello":
-            try:
-                self._hello(msg)
-            except Exception:
-                log.exception("driver channel: error handling hello %.200r", msg)
-            return
-        # Other messages carry no sender: the device layer checks the device key (or the
-        # store path) against the drivers it knows.
         try:
-            self.on_message(msg)
+            if msg[0] == "hello":
+                self._hello(msg)
+            else:  # the device layer checks the device key (or store path) it names
+                self.on_message(msg)
+        except Malformed as e:
+            self._malformed(sender, str(e))
         except Exception:
             log.exception("driver channel: error handling message %.200r", msg)
+
+    def sender_link(self, sender: bytes | None) -> DriverLink | None:
+        """The connected instance a ``name:pid`` sender frame names, if any."""
+        if sender is None:
+            return None
+        name, _, pid = sender.decode("utf-8", "replace").rpartition(":")
+        link = self.links.get(name)
+        return link if link is not None and str(link.pid) == pid else None
+
+    def _malformed(self, sender: bytes | None, reason: str) -> None:
+        link = self.sender_link(sender)
+        who = f"driver {link.name} (pid {link.pid})" if link else (
+            f"sender {sender[:80]!r} (no such connected instance)" if sender else
+            "an anonymous sender")
+        log.warning("driver channel: %s from %s ignored", reason, who)
+        if link is not None and self.on_violation is not None:
+            self.on_violation(link, f"malformed message: {reason}")
 
     def _flush_control(self) -> None:
         while True:
@@ -261,8 +284,6 @@ class DriverHub:
 
     def _hello(self, msg: list[Any]) -> None:
         link = parse_hello(msg)
-        if link is None:
-            return
         with self._lock:
             old = self.links.get(link.name)
             self.links[link.name] = link
@@ -301,23 +322,21 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_hello(msg: list[Any]) -> DriverLink | None:
-    """The link a ``hello`` describes, or None (logged) if it is malformed."""
+def parse_hello(msg: list[Any]) -> DriverLink:
+    """The link a ``hello`` describes; Malformed if it is not one."""
     info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
     name, endpoint = info.get("name"), info.get("endpoint")
     pid, module = info.get("pid"), info.get("module")
     if not (isinstance(name, str) and name and isinstance(endpoint, str) and endpoint
             and _is_int(pid) and isinstance(module, str)):
-        log.warning("driver channel: malformed hello %.200r ignored (expected [\"hello\", "
-                    "{name, endpoint, pid, module}])", msg)
-        return None
+        raise Malformed(f"malformed hello {msg!r:.200} (expected [\"hello\", {{name, "
+                        "endpoint, pid, module}])")
     watchdog = info.get("watchdog_ms", 0)
     timeout = info.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
     if not (_is_int(watchdog) and watchdog >= 0 and _is_int(timeout) and timeout >= 0):
-        log.warning("driver channel: malformed hello from driver %s ignored: watchdog_ms and "
-                    "request_timeout_ms must be integers >= 0 (0: no such check), got %r and "
-                    "%r", name, watchdog, timeout)
-        return None
+        raise Malformed(f"malformed hello from driver {name}: watchdog_ms and "
+                        "request_timeout_ms must be integers >= 0 (0: no such check), got "
+                        f"{watchdog!r} and {timeout!r}")
     isolation = "inline" if endpoint.startswith("inproc://") else "process"
     return DriverLink(name, endpoint, pid, module, isolation, watchdog_ms=watchdog,
                       request_timeout_ms=timeout)

@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ipc import blkif
@@ -31,8 +32,9 @@ from ipc.control import ControlError, NotFound
 from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import SegmentError
 from ipc.store import DevState
+from kernel import abi
 from kernel.domain import Exit
-from kernel.drivers import DriverLink
+from kernel.drivers import DriverLink, Malformed
 
 if TYPE_CHECKING:
     from kernel.devices import Device, DeviceManager
@@ -45,9 +47,11 @@ INFLIGHT_BYTES: Final = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
 #: More notifications than this from one driver within one second is a protocol violation.
 NOTIFY_FLOOD_PER_S: Final = 200_000
 #: What ``driver_inject`` accepts (the driver host implements them).
-INJECT_KINDS: Final = ("exit", "exception", "segv", "abort", "hang", "leak")
+INJECT_KINDS: Final = ("exit", "exception", "segv", "abort", "hang", "leak", "bad_id",
+                       "bad_status", "bad_op", "bad_index")
 _ID_OP: Final = struct.Struct("<QB")
 _RING_WORDS: Final = struct.Struct("<QQQ")  # req_prod, req_event, rsp_prod
+_RSP_PROD_OFFSET: Final = 16
 
 
 # --- rings and in-flight logs of a device segment --------------------------------------------
@@ -76,6 +80,26 @@ def clear_inflight(buf: Any) -> int:
     for rec in records:
         journal.end(rec.index)
     return len(records)
+
+
+def rewind(buf: Any, to: int, charge: bool) -> int:
+    """Take back the responses from ring index ``to`` on (a frontend found the one at ``to``
+    bad): ``rsp_prod`` goes back to ``to`` and the in-flight records of the requests from
+    there to ``req_prod`` are pending again, so the next backend redoes them in ring order.
+    With ``charge``, the request at ``to`` is counted a death (its response was bad, so a
+    request that keeps getting bad answers ends as poison).  Returns the records reopened.
+    Raises RingError if ``to`` is not within a ring's length behind ``req_prod``."""
+    req_prod, _, _ = _RING_WORDS.unpack_from(buf, 0)
+    n = (req_prod - to) & _MASK
+    if n > blkif.RING_SLOTS:
+        raise RingError(f"cannot take responses back from index {to}: req_prod is {req_prod}, "
+                        f"{n} requests away (the ring has {blkif.RING_SLOTS} slots)")
+    journal = _inflight_log(buf)
+    reopened = journal.reopen(to, n)
+    if charge and any(rec.index == to for rec in journal.pending()):
+        journal.record_death(to)
+    struct.pack_into("<Q", buf, _RSP_PROD_OFFSET, to)
+    return reopened
 
 
 def _id_op(raw: bytes, window: int, sectors: int) -> tuple[int, int]:
@@ -118,6 +142,16 @@ def answer_with_errors(buf: Any, window: int, sectors: int) -> tuple[int, bool]:
     return answered, notify
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A frontend holds its responses from ring index ``index`` on until a driver instance
+    other than ``pid`` (None: whichever comes next) has them redone."""
+
+    index: int
+    code: int
+    pid: int | None
+
+
 # --- the recovery duties -----------------------------------------------------------------------
 
 class Recovery:
@@ -144,6 +178,8 @@ class Recovery:
         resuming = set()
         for dev in devices:
             dev.progress_at, dev.progress_rsp = now, None
+            if dev.hold is not None and dev.hold.pid != link.pid:
+                self._release(dev, f"driver {link.name} pid {link.pid} said hello")
             self.hub.send_control(link.name, dev.attach_message())
             fe = self.dm.frontend_state(dev)
             if fe > int(DevState.INITIALISING):
@@ -215,8 +251,7 @@ class Recovery:
 
     def _heartbeat(self, msg: list[Any]) -> None:
         if not (len(msg) == 3 and isinstance(msg[1], str) and _is_int(msg[2])):
-            _malformed(msg, '["heartbeat", name:str, seq:int]')
-            return
+            raise _malformed(msg, '["heartbeat", name:str, seq:int]')
         link = self.hub.links.get(msg[1])
         if link is None:
             log.debug("heartbeat from driver %r, which has no link, ignored", msg[1])
@@ -229,16 +264,16 @@ class Recovery:
         endpoint, module = info.get("endpoint"), info.get("module")
         if not (isinstance(name, str) and name and _is_int(pid) and isinstance(endpoint, str)
                 and endpoint and isinstance(module, str)):
-            _malformed(msg, '["spare", {name:str, pid:int, endpoint:str, module:str}]')
-            return
+            raise _malformed(msg, '["spare", {name:str, pid:int, endpoint:str, '
+                                  'module:str}]')
         log.info("driver %s: spare instance ready (pid %d, %s)", name, pid, endpoint)
         self.emit(f"driver.{name}.spare", {"pid": pid, "endpoint": endpoint})
 
     def _recovered(self, msg: list[Any]) -> None:
         if not (len(msg) == 4 and _is_int(msg[1]) and _is_int(msg[2]) and msg[2] >= 0
                 and _is_int(msg[3]) and msg[3] >= 0):
-            _malformed(msg, '["recovered", key:int, replayed:int >= 0, done_ns:int >= 0]')
-            return
+            raise _malformed(msg, '["recovered", key:int, replayed:int >= 0, '
+                                  'done_ns:int >= 0]')
         dev = self.dm.device_of(msg[1], "recovered")
         if dev is None:
             return
@@ -255,8 +290,7 @@ class Recovery:
     def _poison(self, msg: list[Any]) -> None:
         if not (len(msg) == 4 and _is_int(msg[1]) and _is_int(msg[2]) and msg[2] >= 0
                 and isinstance(msg[3], str)):
-            _malformed(msg, '["poison", key:int, index:int >= 0, description:str]')
-            return
+            raise _malformed(msg, '["poison", key:int, index:int >= 0, description:str]')
         dev = self.dm.device_of(msg[1], "poison")
         if dev is None:
             return
@@ -292,23 +326,87 @@ class Recovery:
         if now - link.notify_window >= 1.0:
             link.notify_window, link.notify_count = now, 0
         link.notify_count += 1
-        if link.notify_count > NOTIFY_FLOOD_PER_S and not link.flood_reported:
-            link.flood_reported = True
-            reason = (f"notification flood: more than {NOTIFY_FLOOD_PER_S} notifications "
-                      "within one second")
-            log.error("driver %s (pid %d): protocol violation: %s", backend, link.pid, reason)
-            self.emit(f"driver.{backend}.violation", {"pid": link.pid, "reason": reason,
-                                                      "reporter": "kernel"})
+        if link.notify_count > NOTIFY_FLOOD_PER_S:
+            self.violation(link, f"notification flood: more than {NOTIFY_FLOOD_PER_S} "
+                                 "notifications within one second")
 
-    def frontend_fault(self, dev: Device, code: int, message: str) -> None:
-        """A frontend says its driver broke the protocol: a violation by that driver."""
+    def violation(self, link: DriverLink, reason: str) -> None:
+        """The kernel caught instance ``link`` breaking the protocol (a malformed message, a
+        flood): publish ``driver.<name>.violation`` once per link."""
+        if link.violation_reported:
+            return
+        link.violation_reported = True
+        log.error("driver %s (pid %d): protocol violation: %s", link.name, link.pid, reason)
+        self.emit(f"driver.{link.name}.violation", {"pid": link.pid, "reason": reason,
+                                                    "reporter": "kernel"})
+
+    def frontend_fault(self, dev: Device, code: int, message: str,
+                       rsp_cons: int | None) -> bool:
+        """A frontend says its driver broke the protocol: a violation by that driver.
+
+        With ``rsp_cons`` (the frontend can hold), a bad response is repaired rather than
+        passed on: the device is *held* until the next driver instance says hello, and then
+        :func:`rewind` has that instance redo every request from ``rsp_cons`` on.  True if
+        the frontend is to hold, False if it is to fail (an inline driver, which no
+        replacement follows; a handshake fault; impossible indices)."""
         backend = dev.spec.backend
         link = self.hub.links.get(backend)
+        hold = rsp_cons is not None and self._may_hold(dev, code, rsp_cons, link)
         self.emit(f"driver.{backend}.violation", {
             "pid": link.pid if link else None,
             "reason": f"the frontend of {dev.label} reports a bad response (code {code}): "
                       f"{message}",
-            "reporter": "frontend", "domain": dev.dom.name, "vdev": dev.spec.vdev})
+            "reporter": "frontend", "domain": dev.dom.name, "vdev": dev.spec.vdev,
+            "held": hold})
+        if not hold or rsp_cons is None:
+            return False
+        with dev.lock:
+            if dev.hold is None:
+                dev.hold = Hold(rsp_cons, code, link.pid if link else None)
+        log.warning("device %s: its responses from ring index %d on are held until a new "
+                    "instance of driver %s redoes them", dev.label, rsp_cons, backend)
+        if backend in self.failing:  # no instance is coming: answer from there with errors
+            self._release(dev, f"driver {backend} is failing")
+            self.answer(dev)
+        return True
+
+    def _may_hold(self, dev: Device, code: int, rsp_cons: int, link: DriverLink | None
+                  ) -> bool:
+        if code not in abi.FAULT_CODES_HOLDABLE or dev.gone or dev.broken:
+            return False
+        if link is not None and link.isolation == "inline":
+            return False  # nothing replaces it: the frontend fails as it would without holds
+        if link is None and dev.spec.backend not in self.hub.known:
+            return False
+        req_prod, _ = self.dm.ring_indices(dev)
+        if (req_prod - rsp_cons) & _MASK > blkif.RING_SLOTS:
+            log.error("device %s: its frontend asks to hold from ring index %d, but req_prod "
+                      "is %d: impossible, so it is not held", dev.label, rsp_cons, req_prod)
+            return False
+        return True
+
+    def held(self, dev: Device) -> bool:
+        """HC_DEVICE_HELD: are ``dev``'s responses held for a replacement driver?"""
+        return dev.hold is not None
+
+    def _release(self, dev: Device, why: str) -> None:
+        """Rewind a held device's ring for the next backend (the old one is gone) and wake
+        the frontend."""
+        with dev.lock:
+            hold, dev.hold = dev.hold, None
+            if hold is None or dev.gone:
+                return
+            charge = hold.code != abi.FAULT_EXTRA_RESPONSE  # a bad response of one request
+            reopened = self._guarded(dev, "taking back bad responses",
+                                     lambda d: rewind(d.segment.buf, hold.index, charge))
+        if reopened is None:
+            return
+        log.warning("device %s: %s; responses from ring index %d on taken back, %d request(s) "
+                    "to redo", dev.label, why, hold.index, reopened)
+        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.rewound", {
+            "domid": dev.dom.domid, "driver": dev.spec.backend, "index": hold.index,
+            "reopened": reopened, "code": hold.code})
+        self.dm.sched.notify(dev.dom, 1 << dev.port)
 
     def driver_fault(self, dev: Device) -> None:
         """The driver found the guest's ring broken: no hang checks or answers for it."""
@@ -416,6 +514,9 @@ class Recovery:
             self.failing[name] = reason
         link = self.hub.drop(name)
         devices = [d for d in self.dm.snapshot() if d.spec.backend == name and not d.gone]
+        for dev in devices:
+            if dev.hold is not None:
+                self._release(dev, f"driver {name} fails")
         answered = sum(self.answer(d) for d in devices)
         log.error("driver %s fails (%s): the kernel answers every request of its %d device(s) "
                   "with an error until a new instance says hello; %d outstanding request(s) "
@@ -472,6 +573,5 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _malformed(msg: list[Any], shape: str) -> None:
-    log.warning("driver channel: malformed %s message ignored: %.200r (expected %s)", msg[0],
-                msg, shape)
+def _malformed(msg: list[Any], shape: str) -> Malformed:
+    return Malformed(f"malformed {msg[0]} message {msg!r:.200} (expected {shape})")

@@ -107,7 +107,8 @@ class KernelServer:
         self.store = Store()
         self.hub = DriverHub(self.ctx, [drivers] if drivers else [],
                              on_message=self._on_driver_message, on_hello=self._on_driver_hello,
-                             on_tick=self._on_driver_tick)
+                             on_tick=self._on_driver_tick,
+                             on_violation=self._on_driver_violation)
         self.hv.devices = DeviceManager(sched=self.hv.sched, emit=self.bus.emit,
                                         shm_prefix=shm_prefix, hub=self.hub, store=self.store)
         self.hub.start()
@@ -203,6 +204,10 @@ class KernelServer:
     def _on_driver_hello(self, link: Any) -> None:
         assert self.hv.devices is not None
         self.hv.devices.on_hello(link)
+
+    def _on_driver_violation(self, link: Any, reason: str) -> None:
+        if self.hv.devices is not None:
+            self.hv.devices.recovery.violation(link, reason)
 
     def _on_driver_tick(self) -> None:
         if self.hv.devices is not None:

@@ -70,6 +70,7 @@ class FakeKernel:
         self.poisons: list[tuple[int, int, str]] = []
         self.hello: dict[str, Any] | None = None
         self.log: list[list[Any]] = []
+        self.senders: set[bytes] = set()  # the name:pid frame before each message
 
     def close(self) -> None:
         self.pull.close(0)
@@ -79,7 +80,9 @@ class FakeKernel:
     def _recv(self, timeout: float) -> bool:
         if not self.pull.poll(max(0, int(timeout * 1000))):
             return False
-        msg = msgpack.unpackb(self.pull.recv())
+        sender, raw = self.pull.recv_multipart()
+        msg = msgpack.unpackb(raw)
+        self.senders.add(sender)
         self.log.append(msg)
         kind = msg[0]
         if kind == "hello":

@@ -44,6 +44,7 @@ class Peer:
         self.pull.bind(endpoint)
         self.push: zmq.Socket[Any] | None = None
         self.seen: list[tuple[float, list[Any]]] = []
+        self.senders: set[bytes] = set()  # the name:pid frame before each message
 
     def close(self) -> None:
         self.pull.close(0)
@@ -54,8 +55,10 @@ class Peer:
         """The next message, or None if none arrives within ``timeout`` seconds."""
         if not self.pull.poll(max(0, int(timeout * 1000))):
             return None
-        msg = msgpack.unpackb(self.pull.recv())
+        sender, raw = self.pull.recv_multipart()
+        msg = msgpack.unpackb(raw)
         assert isinstance(msg, list) and msg, msg
+        self.senders.add(sender)
         self.seen.append((time.monotonic(), msg))
         return msg
 
@@ -181,6 +184,7 @@ def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000}
     assert peer.kinds() == ["spare", "hello"]  # no heartbeat from a spare
     assert peer.expect("heartbeat") == ["heartbeat", NAME, 1]  # an active driver beats
+    assert peer.senders == {f"{NAME}:{d.proc.pid}".encode()}  # every message says who sent it
     log = d.log()
     assert "spare: ignoring ['kick', 1] before activation" in log
     assert "spare: ignoring ['inject', 'exit'] before activation" in log

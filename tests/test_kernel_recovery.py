@@ -50,7 +50,7 @@ from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes
 from ipc.shm import Segment
 from isovisor.config import DomainConfig
 from kernel.devices import SEGMENT_BYTES
-from kernel.drivers import DriverLink, parse_hello
+from kernel.drivers import DriverLink, Malformed, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors
 from tests.conftest import wait_until as poll_until
 
@@ -750,16 +750,82 @@ def test_poison_spare_and_recovered_reports_and_malformed_ones_are_ignored(
 
 
 @pytest.mark.timeout(30)
-def test_a_bad_response_reported_by_the_frontend_is_a_violation(kernel: Kernel) -> None:
-    with kernel.subscribe(["driver.blkV.", "domain.v."]) as ev:
-        kernel.driver("blkV", 9501, bad_ids=True)
-        kernel.create("v", "blkprobe", "action=write sector=0 count=1", "blkV")
+def test_a_malformed_message_from_a_connected_instance_is_a_violation(kernel: Kernel) -> None:
+    """A message after a ``name:pid`` frame naming the connected instance is that instance's:
+    if malformed, it is a violation (once per instance).  Garbage naming another pid, or no
+    sender, can only be logged."""
+    kernel.driver("blkX", 9801)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(kernel.driver_endpoint)
+    try:
+        with kernel.subscribe(["driver.blkX."]) as ev:
+            push.send_multipart([b"blkX:1234", b"\xc1"])  # not the connected pid
+            push.send(msgpack.packb(["heartbeat", 5, 1]))  # anonymous
+            push.send_multipart([b"blkX:9801", msgpack.packb(["recovered", "k", 1, 2])])
+            v = ev.wait("driver.blkX.violation")
+            assert v["pid"] == 9801 and v["reporter"] == "kernel", v
+            assert v["reason"].startswith("malformed message: malformed recovered"), v
+            push.send_multipart([b"blkX:9801", b"\xc1"])
+            push.send_multipart([b"blkX:9801", msgpack.packb(["store", "/driver/blkX/a", "1"])])
+            wait_until(lambda: kernel.call("store", path="/driver/blkX")["nodes"].get(
+                "/driver/blkX/a") == "1", "the store write after them")
+            ev.drain()
+        assert [t for t, _ in ev.seen].count("driver.blkX.violation") == 1
+    finally:
+        push.close()
+    log = kernel.log()
+    assert "from sender b'blkX:1234' (no such connected instance)" in log, log
+    assert "from an anonymous sender" in log and "from driver blkX (pid 9801)" in log, log
+
+
+@pytest.mark.timeout(60)
+def test_bad_responses_are_held_taken_back_and_redone_by_the_next_instance(
+        kernel: Kernel) -> None:
+    """A driver answers with ids that match no request: the frontend reports a violation and
+    holds instead of failing; the next instance's hello makes the kernel take the bad
+    responses back, the new instance redoes those requests, and the guest verifies every
+    byte and finishes with no error."""
+    disks: dict[str, bytearray] = {}
+    with kernel.subscribe(["driver.blkV.", "device.v.", "domain.v."]) as ev:
+        a = kernel.driver("blkV", 9501, disks=disks, bad_ids=True)
+        kernel.create("v", "blkstress", "ops=2000 qd=8 mix=60 seed=3 blocks=128 timeout=30000",
+                      "blkV")
         v = ev.wait("driver.blkV.violation")
-        assert (v["pid"], v["reporter"], v["domain"], v["vdev"]) == (9501, "frontend", "v",
-                                                                    "xvda"), v
-        assert "bad response" in v["reason"], v
-        ev.wait("domain.v.shutdown")
-    assert "blkprobe: write status=-100" in kernel.console("v")
+        assert (v["pid"], v["reporter"], v["domain"], v["vdev"], v["held"]) == (
+            9501, "frontend", "v", "xvda", True), v
+        assert "bad response" in v["reason"] and "matches no request" in v["reason"], v
+        wait_until(lambda: "holding from response 0" in kernel.console("v"), "the hold")
+        a.stop()
+        assert kernel.call("driver_lost", name="blkV", pid=9501)["dropped"] is True
+
+        kernel.driver("blkV", 9502, disks=disks)
+        rew = ev.wait("device.v.xvda.rewound")
+        assert rew["index"] == 0 and rew["reopened"] >= 1 and rew["driver"] == "blkV", rew
+        rec = ev.wait("device.v.xvda.recovered")
+        assert rec["replayed"] == rew["reopened"], (rec, rew)
+        done = ev.wait("domain.v.shutdown", timeout=40)
+    con = kernel.console("v")
+    s = summary(con)
+    assert done["code"] == 0 and s["errors"] == 0 and s["ops"] == 2000, con
+    assert "resumed at response 0" in con, con
+
+
+@pytest.mark.timeout(30)
+def test_bad_responses_of_a_driver_that_is_failed_become_errors(kernel: Kernel) -> None:
+    """No instance follows (driver_fail): the held requests are answered with errors, so the
+    guest sees a clean error rather than waiting forever."""
+    with kernel.subscribe(["driver.blkW.", "device.w.", "domain.w."]) as ev:
+        a = kernel.driver("blkW", 9601, bad_ids=True)
+        kernel.create("w", "blkprobe", "action=write sector=0 count=1 timeout=20000", "blkW")
+        assert ev.wait("driver.blkW.violation")["held"] is True
+        a.stop()
+        kernel.call("driver_fail", name="blkW", reason="test gives up")
+        assert ev.wait("device.w.xvda.rewound")["index"] == 0
+        ev.wait("domain.w.shutdown")
+    con = kernel.console("w")
+    assert "blkprobe: write status=-1" in con and "resumed at response 0" in con, con
 
 
 # --- pure logic, in-process -----------------------------------------------------------------------
@@ -842,8 +908,10 @@ def test_a_notification_flood_is_a_violation_once_per_link() -> None:
 ])
 def test_hello_fields_are_checked(extra: dict[str, Any], ok: bool) -> None:
     info = {"name": "d", "pid": 7, "endpoint": "ipc:///d", "module": "m", **extra}
+    if not ok:
+        with pytest.raises(Malformed, match="malformed hello"):
+            parse_hello(["hello", info])
+        return
     link = parse_hello(["hello", info])
-    assert (link is not None) == ok
-    if link is not None:
-        assert link.watchdog_ms == extra.get("watchdog_ms", 0)
-        assert link.request_timeout_ms == extra.get("request_timeout_ms", 10_000)
+    assert link.watchdog_ms == extra.get("watchdog_ms", 0)
+    assert link.request_timeout_ms == extra.get("request_timeout_ms", 10_000)

@@ -159,6 +159,10 @@ def current_pid(stack: Stack) -> int:
     ("exit", "exit:3"),
     ("hang", "hang"),
     ("sigstop", "stopped"),
+    ("bad_id", "violation"),
+    ("bad_status", "violation"),
+    ("bad_op", "violation"),
+    ("bad_index", "violation"),
 ])
 def test_a_failed_driver_is_replaced_and_the_guests_never_notice(
         stack: Stack, how: str, reason: str) -> None:
@@ -173,8 +177,15 @@ def test_a_failed_driver_is_replaced_and_the_guests_never_notice(
         rec = assert_replaced(stack, events, old, reason)
         if how == "hang":
             events.wait("driver.blk0.hang", timeout=1)  # already seen: the kernel noticed
+        if how.startswith("bad_"):  # a frontend caught it, held, and got it redone
+            v = events.wait("driver.blk0.violation", timeout=1, pid=old)
+            assert v["reporter"] == "frontend" and v["held"] is True, v
+            events.wait(f"device.{v['domain']}.xvda.rewound", timeout=30)
         finish_and_verify(stack, events)
         assert rec["recovery_ms"] < 5000, rec
+        if how.startswith("bad_"):
+            cons = [stack.call("console", name=n)["data"].decode() for n in ("g1", "g2")]
+            assert sum("holding from response" in c for c in cons) == 1, cons
 
 
 def test_runaway_memory_gets_the_driver_replaced(stack: Stack) -> None:
@@ -184,6 +195,27 @@ def test_runaway_memory_gets_the_driver_replaced(stack: Stack) -> None:
             kernel_call(stack, "driver_inject", name="blk0", kind="leak")
         assert_replaced(stack, events, old, "rss")
         finish_and_verify(stack, events)
+
+
+def test_a_replacement_that_never_says_hello_is_killed_and_started_again(
+        stack: Stack) -> None:
+    """The first replacement is stuck before its hello: after start_timeout it is killed
+    (reason handshake) and the next one takes over; the guests never notice."""
+    gate = stack.dir / "start-gate"
+    driver = (DRIVER + "spare = false\nstart_timeout = 1.0\n[driver.blk0.options]\n"
+              f'start_gate = "{gate}"\n')
+    with two_guests(stack, driver) as events:
+        old = current_pid(stack)
+        gate.touch()
+        os.kill(old, signal.SIGKILL)
+        stuck = events.wait("driver.blk0.exit", timeout=30, reason="handshake")
+        assert stuck["pid"] != old and stuck["signal"] == "SIGKILL", stuck
+        gate.unlink()
+        rec = events.wait("driver.blk0.recovered", timeout=30)
+        assert rec["pid"] not in (old, stuck["pid"]), rec
+        finish_and_verify(stack, events)
+    by = driver_row(stack)["restarts_by_reason"]
+    assert by.get("signal:SIGKILL") == 1 and by.get("handshake", 0) >= 1, by
 
 
 def test_repeated_kills_in_a_row(stack: Stack) -> None:
@@ -227,6 +259,27 @@ def test_a_poison_request_gets_an_error_and_everything_else_is_served(stack: Sta
     assert (stack.dir / "p.img").read_bytes()[8 * 512:9 * 512] == b"\x5a" * 512
     by = driver_row(stack)["restarts_by_reason"]
     assert by.get("signal:SIGSEGV") == 3, by
+
+
+def test_a_request_that_always_gets_a_bad_response_ends_as_poison(stack: Stack) -> None:
+    """Each instance answers the same request with a bad status: the frontend holds, the
+    instance is replaced and the request redone, three times; then it is answered with a clean
+    error and the driver serves the rest."""
+    driver = DRIVER + '[driver.blk0.options]\nfault_sector = 800\nfault_kind = "bad_status"\n'
+    disk = "target=p.img, vdev=xvda, access=rw, backend=blk0, size=1M"
+    bad = stack.domain_config("p1", "blkprobe", memory=8, on_poweroff="preserve",
+                              extra="action=write sector=800 count=1", disk=[disk])
+    stack.up([], extra=driver)
+    with stack.subscribe(["domain.", "driver.", "device."]) as sub:
+        events = Events(sub, stack)
+        assert stack.cli("create", str(bad)).returncode == 0
+        events.wait("domain.p1.shutdown", timeout=60)
+        con = stack.call("console", name="p1")["data"].decode()
+        assert "blkprobe: write status=-1" in con and con.count("holding from response") == 3, (
+            con, [(t, p) for t, p in events.seen if t.startswith(("driver.", "device."))])
+        poison = events.wait("driver.blk0.poison", timeout=5)
+        assert poison["domain"] == "p1" and "sector=800" in poison["request"], poison
+    assert driver_row(stack)["restarts_by_reason"].get("violation") == 3
 
 
 def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(

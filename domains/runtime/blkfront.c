@@ -66,26 +66,69 @@ static volatile u64 *slot_words(struct blkfront *bf, u64 index)
 
 /* --- faults ------------------------------------------------------------------ */
 
-static int fault(struct blkfront *bf, u64 code, const char *fmt, ...) PRINTF_LIKE(3, 4);
-
-/* Report a backend fault (HC_DEVICE_FAULT), print it, fail the frontend. */
-static int fault(struct blkfront *bf, u64 code, const char *fmt, ...)
+static int report(struct blkfront *bf, u64 code, int may_hold, const char *fmt, va_list ap)
 {
     char msg[400];
-    va_list ap;
-    va_start(ap, fmt);
     int n = vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     if (n < 0)
         n = 0;
     if ((u64)n >= sizeof msg)
         n = sizeof msg - 1;
-    bf->failed = (int)code;
     printf("blkfront: %s: backend fault %lu: %s\n", bf->dev.name, (unsigned long)code, msg);
-    long r = hypercall4(HC_DEVICE_FAULT, bf->dev.port, code, (u64)(uintptr_t)msg, (u64)n);
+    long r = hypercall6(HC_DEVICE_FAULT, bf->dev.port, code, (u64)(uintptr_t)msg, (u64)n,
+                        bf->rsp_cons, may_hold ? FAULT_F_HOLD : 0);
     if (r < 0)
         printf("blkfront: %s: HC_DEVICE_FAULT failed (%ld)\n", bf->dev.name, r);
+    if (may_hold && r == 1) {
+        bf->held = 1;
+        bf->holds++;
+        printf("blkfront: %s: holding from response %lu until a new driver instance redoes "
+               "the requests\n", bf->dev.name, (unsigned long)bf->rsp_cons);
+        return 0;
+    }
+    bf->failed = (int)code;
     return BLKFRONT_E_FAILED;
+}
+
+static int fault(struct blkfront *bf, u64 code, const char *fmt, ...) PRINTF_LIKE(3, 4);
+static int bad_response(struct blkfront *bf, u64 code, const char *fmt, ...) PRINTF_LIKE(3, 4);
+
+/* Report a backend fault (HC_DEVICE_FAULT), print it, fail the frontend. */
+static int fault(struct blkfront *bf, u64 code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int r = report(bf, code, 0, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+/* A bad response at rsp_cons: report it; hold (0) if the kernel will have the requests from
+ * rsp_cons on redone by a new driver instance, else fail (BLKFRONT_E_FAILED). */
+static int bad_response(struct blkfront *bf, u64 code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int r = report(bf, code, 1, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+/* While held: has the kernel taken the bad responses back? 1 still held, 0 resumed, <0 the
+ * frontend failed. */
+static int still_held(struct blkfront *bf)
+{
+    long r = hypercall1(HC_DEVICE_HELD, bf->dev.port);
+    if (r < 0) {
+        printf("blkfront: %s: HC_DEVICE_HELD failed (%ld)\n", bf->dev.name, r);
+        bf->failed = -1;
+        return BLKFRONT_E_FAILED;
+    }
+    if (r)
+        return 1;
+    bf->held = 0;
+    printf("blkfront: %s: resumed at response %lu\n", bf->dev.name, (unsigned long)bf->rsp_cons);
+    return 0;
 }
 
 /* --- handshake ----------------------------------------------------------------- */
@@ -453,16 +496,28 @@ static int status_ok(i16 s)
     return s == BLKIF_STATUS_OKAY || s == BLKIF_STATUS_ERROR || s == BLKIF_STATUS_EOPNOTSUPP;
 }
 
+/* In blkfront_poll's loop: report a bad response; if held, return what was delivered. */
+#define BAD_RESPONSE(...)                                                                        \
+    do {                                                                                         \
+        int r_ = bad_response(bf, __VA_ARGS__);                                                  \
+        return r_ < 0 ? r_ : n;                                                                  \
+    } while (0)
+
 int blkfront_poll(struct blkfront *bf, blkfront_done_fn done, void *ctx)
 {
     if (bf->failed)
         return BLKFRONT_E_FAILED;
     bf->upcalls = evtchn_upcalls(bf->dev.port) - bf->upcalls_base;
+    if (bf->held) {
+        int h = still_held(bf);
+        if (h)
+            return h < 0 ? h : 0;
+    }
     u64 prod = __atomic_load_n(&bf->sring->rsp_prod, __ATOMIC_ACQUIRE);
     u64 avail = prod - bf->rsp_cons;
     u64 outstanding = bf->req_pushed - bf->rsp_cons;
     if (avail > outstanding)
-        return fault(bf, FAULT_EXTRA_RESPONSE,
+        return bad_response(bf, FAULT_EXTRA_RESPONSE,
                      "rsp_prod=%lu claims %lu responses after rsp_cons=%lu, but only %lu "
                      "requests are outstanding (req_prod=%lu)",
                      (unsigned long)prod, (unsigned long)avail, (unsigned long)bf->rsp_cons,
@@ -477,7 +532,7 @@ int blkfront_poll(struct blkfront *bf, blkfront_done_fn done, void *ctx)
         u64 tag = rsp.id & TAG_MASK;
         struct blkfront_tag *t = tag < bf->ntags ? &bf->tags[tag] : NULL;
         if (!t || t->in_use != BLKFRONT_TAG_INFLIGHT || t->id != rsp.id)
-            return fault(bf, FAULT_UNKNOWN_ID,
+            BAD_RESPONSE(FAULT_UNKNOWN_ID,
                          "response %lu has id 0x%lx (tag %lu, seq %lu), which matches no "
                          "request in flight%s",
                          (unsigned long)index, (unsigned long)rsp.id, (unsigned long)tag,
@@ -486,14 +541,20 @@ int blkfront_poll(struct blkfront *bf, blkfront_done_fn done, void *ctx)
                                                                   : "");
         if (rsp.op != t->op) {
             char a[8], b[8];
-            return fault(bf, FAULT_BAD_OP,
+            BAD_RESPONSE(FAULT_BAD_OP,
                          "response %lu (id 0x%lx) has op %u (%s) but its request was op %u (%s)",
                          (unsigned long)index, (unsigned long)rsp.id, (unsigned)rsp.op,
                          blkfront_op_name(rsp.op, a, sizeof a), (unsigned)t->op,
                          blkfront_op_name(t->op, b, sizeof b));
         }
+        if (rsp.reserved || rsp.reserved2)
+            BAD_RESPONSE(FAULT_BAD_RESPONSE,
+                         "response %lu (id 0x%lx) has non-zero reserved fields (0x%x, 0x%x): "
+                         "the slot may still hold the request",
+                         (unsigned long)index, (unsigned long)rsp.id, (unsigned)rsp.reserved,
+                         (unsigned)rsp.reserved2);
         if (!status_ok(rsp.status))
-            return fault(bf, FAULT_BAD_STATUS,
+            BAD_RESPONSE(FAULT_BAD_STATUS,
                          "response %lu (id 0x%lx) has status %d: want 0 (okay), -1 (error) or "
                          "-2 (not supported)",
                          (unsigned long)index, (unsigned long)rsp.id, (int)rsp.status);
@@ -511,6 +572,16 @@ int blkfront_wait(struct blkfront *bf)
 {
     if (bf->failed)
         return BLKFRONT_E_FAILED;
+    if (bf->held) { /* the kernel sends an event when it takes the bad responses back */
+        bf->waits++;
+        u64 got = evtchn_wait(bf->port_bit, bf->io_timeout_ns);
+        if (!got && bf->held && still_held(bf) > 0) {
+            printf("blkfront: %s: no new driver instance took over within the I/O timeout\n",
+                   bf->dev.name);
+            return BLKFRONT_E_TIMEOUT;
+        }
+        return 0;
+    }
     if (__atomic_load_n(&bf->sring->rsp_prod, __ATOMIC_ACQUIRE) != bf->rsp_cons)
         return 0;
     if (bf->req_pushed == bf->rsp_cons)

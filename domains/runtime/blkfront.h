@@ -18,8 +18,13 @@
  * Request ids are (seq << BLKFRONT_TAG_BITS) | tag with seq a per-request
  * counter starting at 1, so a stale or duplicated response never matches a
  * request in flight.  Every response is validated (count, id, op, status);
- * a violation is reported with HC_DEVICE_FAULT, printed, and leaves the
- * frontend failed: every later call returns BLKFRONT_E_FAILED.
+ * a violation is reported with HC_DEVICE_FAULT and printed.  If the kernel
+ * can have the requests redone by a new driver instance (a supervised
+ * process driver, docs/recovery.md), the frontend *holds*: it consumes
+ * nothing from the bad response on, until HC_DEVICE_HELD says the kernel
+ * has taken those responses back; then the redone responses arrive as if
+ * nothing had happened.  Otherwise the frontend is failed: every later call
+ * returns BLKFRONT_E_FAILED.
  *
  * Not reentrant: use a struct blkfront from the main flow of the guest only
  * (never from an upcall handler).
@@ -113,6 +118,7 @@ struct blkfront {
 
     int connected;
     int failed; /* 0, or the FAULT_* code that failed it (-1: failed otherwise) */
+    int held;   /* a bad response was reported; waiting for the kernel to take it back */
 
     struct blkfront_tag tags[BLKIF_RING_SLOTS];
     u64 req_prod_pvt; /* next ring index to fill */
@@ -131,6 +137,7 @@ struct blkfront {
     u64 waits;     /* times blkfront_wait slept */
     u64 upcalls;   /* upcalls that delivered this port since open */
     u64 upcalls_base;
+    u64 holds; /* bad responses held for a new driver instance to redo */
 };
 
 /* Called with a response: tag is still owned by the request during the call
@@ -173,7 +180,8 @@ long blkfront_kick(struct blkfront *bf);
 
 /* Consume the published responses, calling done (may be NULL) for each.
  * Returns how many were consumed, or BLKFRONT_E_FAILED on a backend fault
- * (reported with HC_DEVICE_FAULT; the responses before it were delivered). */
+ * (reported with HC_DEVICE_FAULT; the responses before it were delivered).
+ * While the frontend holds after a bad response, it returns 0. */
 int blkfront_poll(struct blkfront *bf, blkfront_done_fn done, void *ctx);
 /* Return when a response may be ready (RING_FINAL_CHECK_FOR_RESPONSES, then
  * sleep on the port): 0, BLKFRONT_E_TIMEOUT, BLKFRONT_E_FAILED, or

@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
-from drivers.host import INJECT_KINDS
+from drivers.host import INJECT_KINDS, RESPONSE_KINDS
 from ipc import blkif
 from ipc.blkif import (
     OP_DISCARD,
@@ -68,8 +69,10 @@ OPTIONS: dict[str, str] = {
                     "answered with an error instead of being redone (1..100, default 3)",
     "fault_sector": "tests only: a read, write or discard covering this sector triggers "
                     "fault_kind while it executes (give both or neither)",
-    "fault_kind": "tests only: the fault fault_sector triggers: "
-                  "exit, exception, segv, abort, hang or leak",
+    "start_gate": "tests only: a file; while it exists the backend does not finish starting, "
+                  "so the instance never says hello (a driver stuck in its handshake)",
+    "fault_kind": "tests only: the fault fault_sector triggers: exit, exception, segv, "
+                  "abort, hang, leak, or a bad response: bad_id, bad_status, bad_op, bad_index",
 }
 #: What ``fault_kind`` may name (the host's ``inject`` carries them out).
 FAULT_KINDS: tuple[str, ...] = tuple(INJECT_KINDS)
@@ -112,7 +115,7 @@ class _Device:
     mem: memoryview  # the whole segment
     region: memoryview  # the guest-visible window
     sectors: int
-    state: str = "waiting"  # waiting | connected | closed | broken
+    state: str = "waiting"  # waiting | connected | closed | broken | lost count (a test fault)
     ring: BackRing | None = None
     inflight: InflightLog | None = None
     stats: DeviceStats = field(default_factory=DeviceStats)
@@ -156,6 +159,30 @@ def _fault_option(options: dict[str, Any]) -> _Fault | None:
     if kind not in FAULT_KINDS:
         raise ValueError(f"fault_kind must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
     return _Fault(sector, kind)
+
+
+def _wait_at_gate(gate: object) -> None:
+    """The ``start_gate`` test option: block while that file exists."""
+    if gate is None:
+        return
+    if not isinstance(gate, str) or not gate:
+        raise ValueError(f"start_gate must be a file path, got {gate!r}")
+    while os.path.exists(gate):
+        time.sleep(0.05)  # a test stands in for a driver stuck before its hello
+
+
+def spoil_response(kind: str, rsp: bytes) -> bytes:
+    """``rsp`` made bad the way ``kind`` (bad_id, bad_status, bad_op) says."""
+    rid, op, pad, status, pad2 = blkif.RESPONSE.unpack_from(rsp)
+    if kind == "bad_id":
+        rid ^= 0x5EED << 40  # another sequence number: a stale or duplicate id
+    elif kind == "bad_status":
+        status = 7
+    elif kind == "bad_op":
+        op ^= 0x40
+    else:
+        raise ValueError(f"cannot spoil a response with {kind!r}")
+    return _pack_response(rid, op, pad, status, pad2) + rsp[blkif.RESPONSE.size:]
 
 
 def describe_request(raw: bytes, *, window: int, sectors: int) -> tuple[int, int, str]:
@@ -202,6 +229,7 @@ class Backend:
             allowed = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
             raise ValueError(f"unknown block backend option(s) {', '.join(unknown)}; allowed: "
                              f"{allowed}")
+        _wait_at_gate(options.get("start_gate"))
         mb = _int_option(options, "max_batch", 32, 1, 1024)
         poison_after = _int_option(options, "poison_after", 3, 1, 100)
         assert mb is not None and poison_after is not None
@@ -215,6 +243,8 @@ class Backend:
         #: data path pays nothing for the feature).
         self.perform: Callable[[_Device, bytes], bytes] = (
             self._perform if self.fault is None else self._perform_with_fault)
+        #: A bad response to give in the next batch (:meth:`corrupt_next`), or None.
+        self._spoil: str | None = None
         if self.fault is not None:
             self.log.warning("test fault armed: a request covering sector %d injects %r",
                              self.fault.sector, self.fault.kind)
@@ -500,17 +530,52 @@ class Backend:
                     put(rsp)
                 stats.requests += n
                 stats.batches += 1
+                if self._spoil is not None:
+                    self._spoil_batch(d, ring)
                 if ring.push_responses():
                     stats.notifications += 1
                     self.host.notify(d.key)
                 for i in range(n):
                     end((first + i) & _MASK)
+                if self._spoil == "bad_index":
+                    self._publish_bad_index(d, ring)
+                    return
                 budget -= n
                 if budget <= 0:
                     self.host.kick_again(d.key)  # let the other devices have a turn
                     return
             if not ring.final_check_for_requests():
                 return
+
+    # -- bad responses on request (fault injection) ------------------------------------------
+    def corrupt_next(self, kind: str) -> None:
+        """Give one bad response of ``kind`` (:data:`RESPONSE_KINDS`) in the next batch."""
+        if kind not in RESPONSE_KINDS:
+            raise ValueError(f"unknown response fault {kind!r}; choose one of "
+                             f"{', '.join(RESPONSE_KINDS)}")
+        self._spoil = kind
+
+    def _spoil_batch(self, d: _Device, ring: BackRing) -> None:
+        """Spoil the last response of the batch before it is published."""
+        kind = self._spoil
+        if kind == "bad_index":
+            return  # done once the batch is published: _publish_bad_index
+        self._spoil = None
+        index = (ring.rsp_prod_pvt - 1) & _MASK
+        ring.rewrite_response(index, spoil_response(kind or "", ring.response_at(index)))
+        self.log.warning("device %d (%s): fault injected: %s at ring index %d (%s)", d.key,
+                         d.label, kind, index, RESPONSE_KINDS[kind or ""])
+
+    def _publish_bad_index(self, d: _Device, ring: BackRing) -> None:
+        """Publish a bogus rsp_prod and stop serving the device, as a backend that lost count
+        would (its next push would otherwise hide the bogus index before the guest looks)."""
+        self._spoil = None
+        bogus = ring.publish_rsp_prod_beyond(3)
+        d.state = "lost count"
+        self.log.warning("device %d (%s): fault injected: bad_index, rsp_prod %d published "
+                         "and the device no longer served (%s)", d.key, d.label, bogus,
+                         RESPONSE_KINDS["bad_index"])
+        self._notify(d)
 
     def _perform(self, d: _Device, raw: bytes) -> bytes:
         """Carry out one request; returns its response."""
@@ -557,7 +622,12 @@ class Backend:
         if req.op in _FAULT_OPS and req.sector <= fault.sector < req.sector + req.nr_sectors:
             self.log.warning("device %d (%s): request %#x covers fault_sector %d: injecting %s",
                              d.key, d.label, req.id, fault.sector, fault.kind)
-            self.host.inject(fault.kind)
+            if fault.kind == "bad_index":
+                self._spoil = fault.kind
+            elif fault.kind in RESPONSE_KINDS:
+                return spoil_response(fault.kind, self._perform(d, raw))
+            else:
+                self.host.inject(fault.kind)
         return self._perform(d, raw)
 
     def _bad(self, d: _Device, status: int, message: str, req_id: int) -> None:
