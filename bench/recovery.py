@@ -127,18 +127,29 @@ def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
     os.kill(pid, signal.SIGKILL)
     rep: dict[str, Any] | None = None
     rec: dict[str, Any] | None = None
+    ready: dict[str, Any] | None = None
     deadline = time.monotonic() + 30
     while rep is None or rec is None:
         ev = sub.recv(max(0.0, deadline - time.monotonic()))
         if ev is None:
             raise RuntimeError(f"no recovery of pid {pid} within 30 s")
         topic, p = ev
-        if topic == "driver.blk0.replayed" and p.get("pid") != pid and rep is None:
+        if topic == "driver.blk0.ready" and p.get("pid") != pid and ready is None:
+            ready = p
+        elif topic == "driver.blk0.replayed" and p.get("pid") != pid and rep is None:
             rep = p
         elif topic == "driver.blk0.recovered" and p.get("old_pid") == pid:
             rec = p
+    hello_ns = ready["at_ns"] if ready and isinstance(ready.get("at_ns"), int) else None
+    detected_ns = rec.get("detected_ns")
     return {"kill_to_done_ms": (rep["done_ns"] - t_kill) / 1e6,
-            "detect_to_done_ms": float(rec["recovery_ms"]), "replayed": float(rep["replayed"])}
+            "detect_to_done_ms": float(rec["recovery_ms"]), "replayed": float(rep["replayed"]),
+            # the stages: kill -> supervisor sees the death -> the new hello reaches the
+            # kernel -> the redone responses are published
+            "kill_to_detect_ms": (detected_ns - t_kill) / 1e6 if detected_ns else -1.0,
+            "detect_to_hello_ms": (hello_ns - detected_ns) / 1e6
+            if hello_ns and detected_ns else -1.0,
+            "hello_to_done_ms": (rep["done_ns"] - hello_ns) / 1e6 if hello_ns else -1.0}
 
 
 def measure(args: argparse.Namespace, res: Result) -> None:
@@ -193,6 +204,10 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                     wait_topic(sub, {"driver.blk0.recovered"}, 30)
 
     k2d = [x["kill_to_done_ms"] for x in samples]
+
+    def stage(key: str) -> list[float]:
+        return [x[key] for x in samples if x[key] >= 0] or [0.0]
+
     d2d = [x["detect_to_done_ms"] for x in samples]
     rep = [x["replayed"] for x in samples]
     res.rows += [
@@ -200,6 +215,13 @@ def measure(args: argparse.Namespace, res: Result) -> None:
             f"{median(k2d):.2f} ms", f"p99 {pctl(k2d, 99):.2f} ms, max {max(k2d):.2f} ms, "
             f"{len(k2d)} kills; supervisor's detection -> done median {median(d2d):.2f} ms",
             "p99 <= 20 ms", pctl(k2d, 99) <= 20),
+        Row("recovery stages (medians)", f"{median(stage('kill_to_detect_ms')):.2f} + "
+            f"{median(stage('detect_to_hello_ms')):.2f} + "
+            f"{median(stage('hello_to_done_ms')):.2f} ms",
+            "kill -> supervisor sees it -> new hello at the kernel -> redone responses "
+            f"published; p99 of each: {pctl(stage('kill_to_detect_ms'), 99):.2f}, "
+            f"{pctl(stage('detect_to_hello_ms'), 99):.2f}, "
+            f"{pctl(stage('hello_to_done_ms'), 99):.2f} ms"),
         Row("requests redone per recovery (median)", f"{median(rep):.0f}",
             f"max {max(rep):.0f}; 0 when the kill fell between batches"),
         Row("guest-visible stall with one kill (median of runs' max gap)",
@@ -212,6 +234,8 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                             f"{median(xs):.0f} ms", f"{median(xs) / (wd * 1e3):.2f} x "
                             f"watchdog_sec; max {max(xs):.0f} ms over {len(xs)} hangs"))
     res.samples = {"kill_to_done_ms": k2d, "detect_to_done_ms": d2d, "replayed": rep,
+                   **{k: stage(k) for k in ("kill_to_detect_ms", "detect_to_hello_ms",
+                                            "hello_to_done_ms")},
                    "stall_kill_ms": stalls_kill, "stall_none_ms": stalls_none,
                    **{f"hang_ms_wd{wd:g}": xs for wd, xs in hang.items()}}
     res.notes.append("two blkstress guests (QD32, 60 % writes, 4 KiB, 1024-block working set, "

@@ -208,20 +208,25 @@ class DriverManager:
                 f"; its log ends with:\n{tail}" if tail else "")
         self.publish(f"driver.{name}.exit", {"pid": pid, "reason": reason,
                                              "status": info.status, "signal": info.signal})
-        self._kernel("driver_lost", name=name, pid=pid)
         d = slot.sv.failed(reason, detail, spare=slot.spare is not None)
         if d.action == Action.RESTART:
             slot.recovery = Recovery(pid, reason, detected)
             if slot.sv.state == State.EXITED or slot.sv.due():
+                # the spare first: its hello replaces the link anyway, and driver_lost (a
+                # round trip to the kernel) names the old pid, so it cannot drop the new link
                 self._restart(slot)
+                self._kernel("driver_lost", name=name, pid=pid)
             else:
+                self._kernel("driver_lost", name=name, pid=pid)
                 log.warning("driver %s: failed start (%s); next start in %.2fs", name, reason,
                             d.delay)
             if reason not in NOT_COUNTED:  # a sibling's group restart does not cascade
                 self._restart_group(slot)
         elif d.action == Action.FATAL:
+            self._kernel("driver_lost", name=name, pid=pid)
             self._escalate(slot, d)
         else:
+            self._kernel("driver_lost", name=name, pid=pid)
             log.error("driver %s is not restarted (restart = %s, %s)", name, slot.cfg.restart,
                       reason)
             self._give_up(slot, f"{name} ended ({slot.sv.last_failure}) and restart = "
@@ -246,7 +251,8 @@ class DriverManager:
         ms = (done - rec.detected_ns) / 1e6 if isinstance(done, int) else None
         self.publish(f"driver.{slot.cfg.name}.recovered", {
             "pid": slot.active.pid, "old_pid": rec.old_pid, "reason": rec.reason,
-            "replayed": p.get("replayed"), "devices": p.get("devices"), "recovery_ms": ms})
+            "replayed": p.get("replayed"), "devices": p.get("devices"), "recovery_ms": ms,
+            "detected_ns": rec.detected_ns})
 
     def _escalate(self, slot: Slot, d: Decision) -> None:
         c, sv = slot.cfg, slot.sv
@@ -356,6 +362,8 @@ class DriverManager:
         slot.instances += 1
         inst = DriverProcess(slot.cfg, self.run_dir, slot.instances, spare=spare)
         inst.start()
+        if spare:
+            inst.connect(self.ctx)
         assert inst.pidfd is not None
         self._by_fd[inst.pidfd] = (slot, inst)
         self.poller.register(inst.pidfd, zmq.POLLIN)
@@ -368,6 +376,7 @@ class DriverManager:
             self._by_fd.pop(inst.pidfd, None)
             self.poller.unregister(inst.pidfd)
             inst.close_pidfd()
+        inst.close_control()
         inst.remove_socket()
 
     def _kernel(self, command: str, **props: Any) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import zmq
@@ -61,6 +62,7 @@ class DriverProcess:
         self.pidfd: int | None = None
         self._ps: psutil.Process | None = None
         self._cpu = CpuMeter()
+        self._control: zmq.Socket[Any] | None = None
 
     @property
     def pid(self) -> int:
@@ -105,16 +107,36 @@ class DriverProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
 
+    def connect(self, ctx: zmq.Context) -> None:
+        """Open the supervisor's channel to this instance's endpoint now (a spare's, at
+        spawn), so that activating it later costs one send, not a connection."""
+        if self._control is None:
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)  # until the instance has bound it
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.connect(self.endpoint)
+            self._control = sock
+
+    def send(self, ctx: zmq.Context, msg: list[Any]) -> bool:
+        """Send ``msg`` to the instance (queued until it listens); False if its queue is
+        full."""
+        self.connect(ctx)
+        assert self._control is not None
+        try:
+            self._control.send(pack(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def activate(self, ctx: zmq.Context) -> None:
         """Tell a spare to take over: ``["activate"]`` on its own endpoint."""
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 1000)  # delivered in the background if not yet bound
-        sock.setsockopt(zmq.RECONNECT_IVL, 10)
-        sock.connect(self.endpoint)
-        try:
-            sock.send(pack(["activate"]), zmq.NOBLOCK)
-        finally:
-            sock.close()
+        self.send(ctx, ["activate"])
+
+    def close_control(self) -> None:
+        if self._control is not None:
+            self._control.close(0)
+            self._control = None
 
     def usage(self, now: float) -> Usage | None:
         """Status, RSS and CPU average (psutil); None if the process is gone."""

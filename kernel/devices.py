@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -306,7 +307,8 @@ class DeviceManager:
 
     # -- driver messages (drivers thread) ----------------------------------------------------
     def on_hello(self, link: DriverLink) -> None:
-        self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "isolation": link.isolation,
+        self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "at_ns": time.monotonic_ns(),
+                                                "isolation": link.isolation,
                                                 "module": link.module})
         self.recovery.on_hello(link)
 

@@ -105,6 +105,9 @@ class DriverHub:
         #: link is dropped, not refused).
         self.known: set[str] = set()
         self._endpoints_version = 0
+        #: The endpoint of each driver's warm spare, connected ahead of its hello so that the
+        #: first control message after a failover does not wait for a connection.
+        self._standby: dict[str, str] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all_socks: list[zmq.Socket] = []
@@ -127,7 +130,10 @@ class DriverHub:
         if name not in self.links:
             return False
         self._ctl.put((name, msg))
-        self._send_on(INPROC_ENDPOINT, [_DOORBELL])
+        if threading.current_thread() is self.thread:
+            self._flush_control()  # already on the sending thread: no doorbell round trip
+        else:
+            self._send_on(INPROC_ENDPOINT, [_DOORBELL])
         return True
 
     def send(self, name: str, msg: list[Any]) -> bool:
@@ -138,8 +144,18 @@ class DriverHub:
             return False
         return self._send_on(link.endpoint, msg)
 
-    def _send_on(self, endpoint: str, msg: list[Any]) -> bool:
-        """Send on this thread's PUSH socket to ``endpoint`` (created on first use)."""
+    def preconnect(self, name: str, endpoint: str) -> None:
+        """Driver ``name`` has a warm spare at ``endpoint``: connect the drivers thread's
+        socket to it now (call on the drivers thread)."""
+        with self._lock:
+            old = self._standby.get(name)
+            self._standby[name] = endpoint
+            if old is not None and old != endpoint:
+                self._endpoints_version += 1  # the previous spare's socket can go
+        self._socket_to(endpoint)
+
+    def _socket_to(self, endpoint: str) -> zmq.Socket:
+        """This thread's PUSH socket to ``endpoint`` (created and connected on first use)."""
         socks: dict[str, zmq.Socket] | None = getattr(self._local, "socks", None)
         if socks is None:
             socks = self._local.socks = {}
@@ -154,6 +170,11 @@ class DriverHub:
             socks[endpoint] = sock
             with self._lock:
                 self._all_socks.append(sock)
+        return sock
+
+    def _send_on(self, endpoint: str, msg: list[Any]) -> bool:
+        """Send on this thread's PUSH socket to ``endpoint`` (created on first use)."""
+        sock = self._socket_to(endpoint)
         try:
             sock.send(msgpack.packb(msg), zmq.NOBLOCK)
         except zmq.Again:
@@ -163,7 +184,8 @@ class DriverHub:
     def _prune(self, socks: dict[str, zmq.Socket]) -> None:
         """Close this thread's sockets to endpoints no link uses any more."""
         self._local.version = self._endpoints_version
-        live = {li.endpoint for li in list(self.links.values())} | {INPROC_ENDPOINT}
+        live = ({li.endpoint for li in list(self.links.values())} | {INPROC_ENDPOINT}
+                | set(self._standby.values()))
         for endpoint in [e for e in socks if e not in live]:
             sock = socks.pop(endpoint)
             with self._lock:
@@ -288,6 +310,8 @@ class DriverHub:
             old = self.links.get(link.name)
             self.links[link.name] = link
             self.known.add(link.name)
+            if self._standby.get(link.name) == link.endpoint:
+                del self._standby[link.name]
             if old is not None and old.endpoint != link.endpoint:
                 self._endpoints_version += 1
         log.info("driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request "

@@ -267,6 +267,7 @@ class Recovery:
             raise _malformed(msg, '["spare", {name:str, pid:int, endpoint:str, '
                                   'module:str}]')
         log.info("driver %s: spare instance ready (pid %d, %s)", name, pid, endpoint)
+        self.hub.preconnect(name, endpoint)
         self.emit(f"driver.{name}.spare", {"pid": pid, "endpoint": endpoint})
 
     def _recovered(self, msg: list[Any]) -> None:

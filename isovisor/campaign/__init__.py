@@ -1,0 +1,1 @@
+"""Fault-injection campaigns: plans, schedules, runs and reports (docs/campaigns.md)."""
