@@ -25,9 +25,11 @@ Design
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +45,11 @@ MAX_SLICE_NS: Final = 100_000_000
 #: A woken domain preempts a running one only after it has run this long (credit2 ratelimit).
 RATELIMIT_NS: Final = 1_000_000
 _TICK_MAX_NS: Final = 50_000_000
+#: Niceness of the pCPU threads (Linux allows a thread to lower its own priority).  Guest code
+#: is the bulk work; the threads that move I/O (the kernel's driver and control threads, ZeroMQ
+#: I/O threads, driver processes) wake briefly and should not queue behind it, or every hop of
+#: a request or of a driver failover waits for a time slice on a busy host.
+PCPU_NICE: Final = 5
 _ALL_PORTS: Final = (1 << abi.EVTCHN_PORTS) - 1
 
 
@@ -59,6 +66,8 @@ class PCpu:
 
     def _loop(self) -> None:
         sched = self.sched
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PCPU_NICE)
         while True:
             dom = sched.pick(self)
             if dom is None:

@@ -1,0 +1,426 @@
+"""Run a campaign: a private stack, verifying guests, the plan's faults on schedule, a journal.
+
+One fault at a time: before each injection the runner waits for its time in the schedule and
+for the driver to be RUNNING again (with its warm spare ready, if it has one); after it, it
+follows the stack's events until the fault is resolved (recovered, tolerated, answered as
+poison, ...) or a deadline passes.  Everything the stack publishes is attributed to the fault
+in progress; console lines in which a guest reports an I/O error or a data mismatch count as
+that fault's guest-visible errors.
+
+In ``inline`` isolation the driver runs inside the kernel, so an outside fault signals the
+kernel itself and an in-driver crash takes the kernel down; the runner counts that as a kernel
+crash, starts a fresh stack and goes on with the schedule.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+
+from ipc.control import ControlError
+from ipc.events import Subscriber
+from isovisor.campaign.plan import FaultEntry, Plan, ScheduledFault, schedule, schedule_to_json
+from isovisor.campaign.report import summarize, write_report
+from isovisor.privstack import PrivateStack
+
+#: Seconds a fault may take to resolve before the runner gives up on it.
+RESOLVE_S: Final = 15.0
+#: After a fault resolved, console errors arriving this much later are still its own.
+SETTLE_S: Final = 0.3
+#: Seconds between two throughput samples.
+SAMPLE_S: Final = 0.5
+_ERROR_LINE = re.compile(r"^blkstress: .*(failed|mismatch)", re.MULTILINE)
+_SUMMARY = re.compile(r"^blkstress: ops=.*$", re.MULTILINE)
+#: In-driver faults that end in a replacement when they fire.
+_REPLACED: Final = frozenset({"segv", "abort", "exception", "exit", "hang", "drop", "duplicate",
+                              "bad_id", "bad_status", "bad_op", "bad_index", "leak_mem",
+                              "leak_fd"})
+Progress = Callable[[int, int, float], None]  # (faults done, faults planned, seconds left)
+
+
+@dataclass
+class Record:
+    """What happened to one injected fault (a ``faults`` entry of the journal)."""
+
+    seq: int
+    at_s: float
+    type: str
+    driver: str
+    args: dict[str, Any]
+    target_pid: int | None = None
+    manifested: bool = False
+    detected: bool = False
+    detected_by: str | None = None
+    reason: str | None = None
+    recovered: bool = False
+    recovery_ms: float | None = None
+    replayed: int | None = None
+    new_pid: int | None = None
+    guest_errors: int = 0
+    data_mismatches: int = 0
+    poison: bool = False
+    kernel_crash: bool = False
+    outcome: str = "not_manifested"
+    notes: list[str] = field(default_factory=list)
+
+    def journal(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("poison", "kernel_crash")}
+        d["notes"] = "; ".join(self.notes)
+        return d
+
+
+class Campaign:
+    """``Campaign(plan, seed, out_dir).run()`` -> the journal (also written to out_dir)."""
+
+    def __init__(self, plan: Plan, seed: int, out_dir: Path, *, isolation: str | None = None,
+                 progress: Progress | None = None) -> None:
+        self.plan = plan
+        self.seed = seed
+        self.out = out_dir
+        self.isolation = isolation or plan.isolation
+        self.progress = progress
+        self.driver = plan.stack.driver
+        self.records: list[Record] = []
+        self.guests: list[dict[str, Any]] = []
+        self.throughput: list[list[float]] = []
+        self.kernel_crashes = 0
+        self.interrupted = False
+        self.schedule = schedule(plan, seed)
+        self._stacks = 0
+        self._stack: PrivateStack | None = None
+        self._sub: Subscriber | None = None
+        self._t0 = 0.0
+        self._console: dict[str, str] = {}
+        self._last_sample = (0.0, 0)
+        self._guest_names: list[str] = []
+
+    # -- the whole run ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_start = time.monotonic()
+        try:
+            self._start_stack()
+            self._t0 = time.monotonic()
+            for item in self.schedule:
+                self._inject_when_due(item)
+                if self.progress is not None:
+                    self.progress(item.seq, len(self.schedule), self._left())
+            self._finish_guests()
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self._stop_stack()
+        journal = self._journal(started, time.monotonic() - t_start)
+        (self.out / "journal.json").write_text(json.dumps(journal, indent=1) + "\n")
+        write_report(self.out, journal)
+        if self.interrupted:
+            raise KeyboardInterrupt
+        return journal
+
+    def _left(self) -> float:
+        end = self.schedule[-1].at_s if self.schedule else 0.0
+        return max(0.0, end - (time.monotonic() - self._t0))
+
+    # -- the stack ----------------------------------------------------------------------------
+    def _driver_toml(self) -> str:
+        s = self.plan.stack
+        lines = [f"[driver.{self.driver}]", 'module = "drivers.blk"',
+                 f'isolation = "{self.isolation}"']
+        if self.isolation == "process":
+            lines += [f"watchdog_sec = {s.watchdog_sec}",
+                      f"request_timeout_sec = {s.request_timeout_sec}",
+                      f'max_rss = "{s.max_rss}"', f"max_fds = {s.max_fds}",
+                      "intensity = 1000000", "period = 1.0", "start_secs = 0.2"]
+        return "\n".join(lines) + "\n"
+
+    def _run_seconds(self) -> float:
+        end = self.schedule[-1].at_s if self.schedule else 0.0
+        return max(self.plan.duration or 0.0, end) + 8.0
+
+    def _start_stack(self) -> None:
+        self._stacks += 1
+        st = PrivateStack(self.plan.stack.pcpus, extra_toml=self._driver_toml(),
+                          directory=self.out / f"stack{self._stacks}", name="campaign")
+        self._stack = st
+        st.up([])
+        self._sub = st.subscribe(["domain.", "driver.", "device.", "console."])
+        names = []
+        seconds = max(1, math.ceil(self._run_seconds() - (time.monotonic() - self._t0
+                                                            if self._t0 else 0.0)))
+        for k, w in enumerate(self.plan.workloads):
+            for i in range(w.domains):
+                name = f"w{k + 1}-{i + 1}" + (f"-{self._stacks}" if self._stacks > 1 else "")
+                disk = (f"target={name}.img, vdev=xvda, access=rw, backend={self.driver}, "
+                        f"size={w.disk_size}")
+                extra = (f"{w.extra} seed={len(names) + 1} ops=1000000000 seconds={seconds} "
+                         "timeout=60000").strip()
+                cfg = st.domain_config(name, w.image, 8, on_poweroff="preserve",
+                                       on_crash="preserve", extra=extra, disk=[disk])
+                st.call("create", path=str(cfg))
+                names.append(name)
+                self._console[name] = ""
+        self._guest_names += names
+        self._wait_for(lambda: self._requests() >= 200 * len(names), 60, "guest I/O to start")
+
+    def _stop_stack(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        if self._stack is not None:
+            self._stack.close()
+            for img in self._stack.dir.glob("*.img"):
+                img.unlink(missing_ok=True)  # the logs stay, the disk images are big
+            self._stack = None
+
+    def _call(self, command: str, **props: Any) -> dict[str, Any]:
+        assert self._stack is not None
+        return self._stack.call(command, **props)
+
+    def _kernel_alive(self) -> bool:
+        st = self._stack
+        return st is not None and st.kernel_pid is not None and psutil.pid_exists(
+            st.kernel_pid) and psutil.Process(st.kernel_pid).status() != psutil.STATUS_ZOMBIE
+
+    # -- events -------------------------------------------------------------------------------
+    def _pump(self, timeout: float, rec: Record | None = None) -> tuple[str, dict[str, Any]] | None:
+        """One event (attributed to ``rec``), and a throughput sample when one is due."""
+        self._sample()
+        assert self._sub is not None
+        ev = self._sub.recv(timeout)
+        if ev is None:
+            return None
+        topic, p = ev
+        if topic.startswith("console."):
+            name = topic.split(".", 1)[1]
+            text = bytes(p.get("data", b"")).decode(errors="replace")
+            self._console[name] = self._console.get(name, "") + text
+            if rec is not None:
+                for m in _ERROR_LINE.finditer(text):
+                    if "mismatch" in m.group(0):
+                        rec.data_mismatches += 1
+                    else:
+                        rec.guest_errors += 1
+        return ev
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sample[0] < SAMPLE_S or not self._kernel_alive():
+            return
+        try:
+            n = self._requests()
+        except ControlError:
+            return
+        t_prev, n_prev = self._last_sample
+        if t_prev:
+            self.throughput.append([round(now - self._t0, 3), (n - n_prev) / (now - t_prev)])
+        self._last_sample = (now, n)
+
+    def _requests(self) -> int:
+        return sum(d["requests"] for d in self._call("devices")["devices"])
+
+    def _wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"campaign: timed out waiting for {what}")
+            self._pump(0.02)
+
+    def _driver_row(self) -> dict[str, Any] | None:
+        for row in self._call("status")["drivers"]:
+            if row["name"] == self.driver:
+                return row
+        return None
+
+    def _ready(self) -> bool:
+        row = self._driver_row()
+        if row is None or row.get("state") != "RUNNING" or not isinstance(row.get("pid"), int):
+            return False
+        return self.isolation == "inline" or bool(row.get("spare_ready"))
+
+    # -- one fault ------------------------------------------------------------------------------
+    def _inject_when_due(self, item: ScheduledFault) -> None:
+        entry = self.plan.faults[item.fault]
+        while time.monotonic() - self._t0 < item.at_s:
+            self._pump(min(0.05, item.at_s - (time.monotonic() - self._t0)))
+        if not self._kernel_alive():
+            self._restart_after_crash()
+        self._wait_for(self._ready, 60, f"driver {self.driver} to be ready")
+        rec = Record(item.seq, round(time.monotonic() - self._t0, 3), item.type, self.driver,
+                     entry.args())
+        self.records.append(rec)
+        row = self._driver_row()
+        rec.target_pid = row["pid"] if row else None
+        try:
+            self._inject(entry, rec)
+            self._follow(entry, rec)
+        except ControlError as e:
+            rec.notes.append(f"control: {e}")
+        if not self._kernel_alive():
+            rec.kernel_crash = True
+            self.kernel_crashes += 1
+        rec.outcome = self._outcome(rec)
+
+    def _inject(self, entry: FaultEntry, rec: Record) -> None:
+        kind = entry.type
+        if kind in ("sigkill", "sigstop") and self.isolation == "process":
+            assert rec.target_pid is not None
+            os.kill(rec.target_pid, signal.SIGKILL if kind == "sigkill" else signal.SIGSTOP)
+            rec.manifested = True
+        elif kind in ("sigkill", "sigstop", "recovery_crash") and self.isolation == "inline":
+            st = self._stack
+            assert st is not None and st.kernel_pid is not None
+            rec.target_pid = st.kernel_pid  # the driver is part of the kernel process
+            os.kill(st.kernel_pid, signal.SIGSTOP if kind == "sigstop" else signal.SIGKILL)
+            rec.manifested = True
+        else:
+            spec: dict[str, Any] = {"type": kind, **entry.args()}
+            if kind == "poison":
+                spec.setdefault("times", -1)
+            elif kind in ("leak_mem", "leak_fd"):
+                spec.setdefault("times", -1)
+                spec.setdefault("interval", 2000)
+            if self.isolation == "inline" and kind not in ("recovery_crash",):
+                spec["really"] = True
+            self._call("fault", action="add", driver=self.driver, spec=spec)
+            if kind == "recovery_crash":
+                assert rec.target_pid is not None
+                os.kill(rec.target_pid, signal.SIGKILL)
+                rec.manifested = True
+
+    def _follow(self, entry: FaultEntry, rec: Record) -> None:
+        """Events until the fault is resolved (or RESOLVE_S passes)."""
+        kind = rec.type
+        name = self.driver
+        deadline = time.monotonic() + RESOLVE_S + (entry.latency_ms + entry.jitter_ms) / 1e3
+        quiet_until: float | None = None  # tolerated faults: resolved after a quiet spell
+        while True:
+            now = time.monotonic()
+            if now > deadline or (quiet_until is not None and now > quiet_until):
+                break
+            if self.isolation == "inline" and not self._kernel_alive():
+                rec.detected, rec.detected_by = True, "kernel died"
+                break
+            ev = self._pump(0.05, rec)
+            if ev is None:
+                continue
+            topic, p = ev
+            if topic == f"driver.{name}.fault_fired":
+                rec.manifested = True
+                if kind in ("slow", "corrupt_data") or (self.isolation == "inline"
+                                                          and kind not in _REPLACED):
+                    quiet_until = time.monotonic() + 1.0 + entry.latency_ms / 1e3
+                if kind == "poison":
+                    pass
+            elif topic in (f"driver.{name}.hang", f"driver.{name}.violation") and \
+                    p.get("pid") == rec.target_pid and not rec.detected:
+                rec.detected, rec.detected_by = True, topic.rsplit(".", 1)[1]
+                rec.reason = str(p.get("reason", ""))[:300]
+            elif topic == f"driver.{name}.exit" and p.get("pid") == rec.target_pid:
+                rec.manifested = True
+                if not rec.detected:
+                    rec.detected, rec.detected_by = True, "exit"
+                rec.reason = str(p.get("reason"))
+            elif topic == f"driver.{name}.poison":
+                rec.poison = True
+                rec.detected = True
+                rec.detected_by = rec.detected_by or "poison"
+                self._call("fault", action="reset", driver=name)
+                quiet_until = time.monotonic() + 1.0
+            elif topic == f"driver.{name}.recovered" and kind != "poison":
+                if p.get("old_pid") == rec.target_pid or kind == "recovery_crash":
+                    rec.recovered = True
+                    rec.recovery_ms = p.get("recovery_ms")
+                    rec.replayed = p.get("replayed")
+                    rec.new_pid = p.get("pid")
+                    if kind == "recovery_crash" and p.get("old_pid") == rec.target_pid:
+                        continue  # the crashed replacement's successor is what counts
+                    quiet_until = time.monotonic() + SETTLE_S
+            elif topic.startswith("domain.") and topic.endswith(".crashed"):
+                rec.notes.append(f"{topic}: {p.get('reason')}")
+        if self.isolation == "process" and kind not in ("sigkill", "sigstop", "recovery_crash"):
+            self._call("fault", action="reset", driver=name)
+
+    def _outcome(self, rec: Record) -> str:
+        if rec.kernel_crash:
+            return "kernel_crash"
+        if any(n.startswith("domain.") for n in rec.notes):
+            return "guest_lost"
+        if not rec.manifested:
+            return "not_manifested"
+        if rec.type == "corrupt_data" or rec.data_mismatches:
+            return "silent_corruption"
+        if rec.poison:
+            return "poison_error"
+        if rec.guest_errors:
+            return "guest_error"
+        if rec.recovered:
+            return "recovered"
+        if rec.type == "slow" or (rec.manifested and not rec.detected
+                                  and rec.type not in _REPLACED | {"sigkill", "sigstop"}):
+            return "tolerated"
+        return "guest_lost" if self.isolation == "inline" else "not_manifested"
+
+    def _restart_after_crash(self) -> None:
+        """The kernel died (inline): its guests are lost; a fresh stack takes over."""
+        for name in self._guest_names:
+            if not any(g["name"] == name for g in self.guests):
+                self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
+                                    "exit": "crash", "code": None})
+        self._stop_stack()
+        self._start_stack()
+
+    # -- the end --------------------------------------------------------------------------------
+    def _finish_guests(self) -> None:
+        if not self._kernel_alive():
+            self._restart_after_crash()
+        waiting = [n for n in self._guest_names if not any(g["name"] == n for g in self.guests)]
+        ends: dict[str, tuple[str, dict[str, Any]]] = {}
+        deadline = time.monotonic() + self._run_seconds() + 60
+        while len(ends) < len(waiting) and time.monotonic() < deadline:
+            ev = self._pump(0.1)
+            if ev is None:
+                continue
+            topic, p = ev
+            parts = topic.split(".")
+            if len(parts) == 3 and parts[0] == "domain" and parts[2] in ("shutdown", "crashed") \
+                    and parts[1] in waiting:
+                ends[parts[1]] = (parts[2], p)
+        for name in waiting:
+            con = self._call("console", name=name)["data"].decode(errors="replace")
+            m = _SUMMARY.findall(con)
+            sm = dict(re.findall(r"(\w+)=(-?\d+)", m[-1])) if m else {}
+            end = ends.get(name)
+            self.guests.append({
+                "name": name, "ops": int(sm.get("ops", 0)), "errors": int(sm.get("errors", 0)),
+                "mismatches": int(sm.get("mismatches", 0)),
+                "exit": "hung" if end is None else (
+                    "crash" if end[0] == "crashed" else "poweroff"),
+                "code": None if end is None else end[1].get("code")})
+
+    def _journal(self, started: str, duration: float) -> dict[str, Any]:
+        faults = [r.journal() for r in self.records]
+        summary = summarize(faults, self.guests, kernel_crashes=self.kernel_crashes)
+        return {
+            "campaign": {
+                "name": self.plan.name, "plan": str(self.plan.path), "seed": self.seed,
+                "isolation": self.isolation, "started": started,
+                "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "interrupted": self.interrupted, "duration_s": round(duration, 1),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
+            "schedule": schedule_to_json(self.schedule),
+            "faults": faults, "guests": self.guests, "throughput": self.throughput,
+            "summary": summary,
+        }
