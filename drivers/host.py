@@ -94,6 +94,8 @@ INJECT_KINDS.update(RESPONSE_KINDS)
 _PROCESS_ONLY_KINDS = frozenset({"exit", "segv", "abort", "hang"})
 LEAK_BYTES = 64 << 20
 _PAGE = 4096
+#: Faults to arm at start (a JSON list; isovisor.driverproc sets it).
+FAULTS_ENV = "ISOVISOR_DRIVER_FAULTS"
 _PR_SET_DUMPABLE = 4
 
 
@@ -127,6 +129,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "fe_state": ((_is_int, _is_int), '["fe_state", key:int, state:int]'),
     "inject": ((lambda v: isinstance(v, str),), '["inject", kind:str]'),
     "activate": ((), '["activate"]'),
+    "faults": ((lambda v: isinstance(v, list),), '["faults", [spec, ...]]'),
 }
 
 
@@ -179,6 +182,7 @@ class DriverHost:
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self._leaked: list[bytearray] = []
+        self._leaked_fds: list[int] = []
         self._sender = f"{name}:{os.getpid()}".encode()
         self.backend: Backend | None = None
         factory = _backend_factory(module)
@@ -193,6 +197,12 @@ class DriverHost:
         except BaseException:
             self._close_sockets()
             raise
+        faults = os.environ.get(FAULTS_ENV)
+        if faults:  # the supervisor's unlimited faults, armed before anything is served
+            try:
+                self._set_faults(json.loads(faults))
+            except ValueError as e:
+                self.log.error("%s is not a JSON list of faults: %s", FAULTS_ENV, e)
         if spare:
             self._send(["spare", self._identity()])
         else:
@@ -257,14 +267,15 @@ class DriverHost:
         """The request at ring ``index`` of device ``key`` was refused as poison."""
         self._send(["poison", key, index, description])
 
-    def inject(self, kind: str) -> None:
+    def inject(self, kind: str, *, really: bool = False) -> None:
         """Carry out the fault ``kind`` (``["inject", kind]``, or a backend's test fault).
-        Inline, the kinds that would kill or stall the kernel are refused."""
+        Inline, the kinds that would kill or stall the kernel are refused, unless ``really``
+        (a campaign's inline comparison, which wants to see the damage)."""
         if kind not in INJECT_KINDS:
             self.log.warning("ignoring inject of unknown kind %s (known: %s)", _short(kind),
                              ", ".join(INJECT_KINDS))
             return
-        if not self.process and kind in _PROCESS_ONLY_KINDS:
+        if not self.process and kind in _PROCESS_ONLY_KINDS and not really:
             self.log.error("refusing to inject %r: this driver runs inline, so it would %s the "
                            "kernel", kind, "stall" if kind == "hang" else "kill")
             return
@@ -283,6 +294,36 @@ class DriverHost:
             return
         _flush_logs()
         _INJECTORS[kind]()
+
+    def leak_fds(self, n: int) -> int:
+        """Open ``n`` more descriptors (of /dev/null), kept until the process ends; how many
+        are open now."""
+        for _ in range(n):
+            self._leaked_fds.append(os.open(os.devnull, os.O_RDONLY))
+        self.log.warning("leaked %d file descriptors so far", len(self._leaked_fds))
+        return len(self._leaked_fds)
+
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
+        """An armed fault (drivers/faults.py) fired on a request of ``device``."""
+        self.log.warning("fault %d (%s) fired on %s", fault_id, kind, device)
+        self._send(["fault_fired", {"name": self.name, "pid": os.getpid(), "id": fault_id,
+                                    "type": kind, "device": device}])
+
+    def _set_faults(self, specs: list[Any]) -> None:
+        """``["faults", [spec, ...]]``: the armed faults, from the supervisor's table."""
+        setter = getattr(self.backend, "set_faults", None)
+        if setter is None:
+            self.log.error("cannot arm %d fault(s): backend %s has no fault injection "
+                           "(set_faults)", len(specs), self.module_name)
+            return
+        try:
+            setter(specs)
+        except ValueError as e:
+            self.log.error("faults refused: %s", e)
+            return
+        self.log.warning("%d fault(s) armed: %s", len(specs),
+                         ", ".join(f"{s.get('id')}:{s.get('type')}" for s in specs
+                                   if isinstance(s, dict)) or "none")
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -356,6 +397,10 @@ class DriverHost:
                 self.spare = False
                 self._hello()
                 return True
+            if msg is not None and msg[0] == "faults" and len(msg) == 2 \
+                    and isinstance(msg[1], list):
+                self._set_faults(msg[1])  # armed before it takes over (the supervisor's table)
+                continue
             if msg is not None:
                 self.log.warning("spare: ignoring %s before activation", _short(msg))
         return False
@@ -413,6 +458,9 @@ class DriverHost:
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
+            if kind == "faults":
+                self._set_faults(msg[1])
+                continue
             fn = self.inject if kind == "inject" else getattr(backend, kind)
             self._call(kind, fn, *msg[1:])
         for key in kicked:

@@ -9,16 +9,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import psutil
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ipc.control import Client, ControlError
 from ipc.events import Subscriber, subscribe
+from isovisor.clicampaign import campaign_app, fault_app
+from isovisor.clicommon import (
+    EXIT_CRASHED,
+    EXIT_TIMEOUT,
+    RunDirOpt,
+    _call,
+    _client,
+    _run_dir,
+    err,
+    fail,
+    out,
+)
 from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
 from isovisor.kernelproc import KernelProcess, KernelStartError
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
@@ -26,50 +37,6 @@ from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="isovisor: run guests on a microkernel-style hypervisor.",
                   context_settings={"help_option_names": ["-h", "--help"]})
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-RunDirOpt = Annotated[Path | None, typer.Option(
-    "--run-dir", envvar="ISOVISOR_RUN_DIR", show_envvar=True,
-    help="The stack's run directory (sockets, logs). Default: /tmp/isovisor-$UID/default.")]
-
-EXIT_CRASHED = 125
-EXIT_TIMEOUT = 124
-
-
-def fail(msg: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]isovisor: error:[/] {escape(msg)}", markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _run_dir(opt: Path | None) -> RunDir:
-    """--run-dir / ISOVISOR_RUN_DIR, else ./supervisor.toml's run_dir, else the default."""
-    if opt is not None:
-        return RunDir(opt)
-    local = Path("supervisor.toml")
-    if "ISOVISOR_RUN_DIR" not in os.environ and local.is_file():
-        try:
-            cfg = load_stack_config(local)
-        except ConfigError:
-            cfg = None
-        if cfg is not None and cfg.run_dir:
-            return RunDir(Path(cfg.run_dir))
-    return RunDir(default_run_dir())
-
-
-def _client(rd: RunDir, timeout: float = 15.0) -> Client:
-    if rd.running_pid() is None:
-        fail(f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
-             "--run-dir / ISOVISOR_RUN_DIR of a running stack")
-    return Client(rd.control, timeout=timeout)
-
-
-def _call(rd: RunDir, command: str, **props: Any) -> dict[str, Any]:
-    with _client(rd) as c:
-        try:
-            return c.call(command, **props)
-        except ControlError as e:
-            fail(e.reason)
 
 
 class ConsolePrinter:
@@ -360,6 +327,8 @@ def _count(v: Any) -> str:
 driver_app = typer.Typer(no_args_is_help=True,
                          help="Start, stop or restart a supervised driver process.")
 app.add_typer(driver_app, name="driver")
+app.add_typer(fault_app, name="fault")
+app.add_typer(campaign_app, name="campaign")
 NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for the result.")]
 

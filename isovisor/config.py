@@ -370,6 +370,8 @@ _DRIVER_FIELDS: Final = {
     "request_timeout_sec": _Field(_NUM, "seconds a request may stay outstanding before the "
                                         "driver counts as hung, at least 0.1", _at_least(0.1)),
     "max_rss": _Field(str, 'RSS limit: a size with a K, M, G or T suffix, e.g. "512M"'),
+    "max_fds": _Field(int, "open file descriptors allowed (checked with psutil), 16..1048576",
+                      _range(16, 1_048_576)),
     "max_cpu": _Field(_NUM, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
                             "and at most 100", lambda v: None if 0 < v <= 100
                       else "must be more than 0 and at most 100"),
@@ -408,6 +410,7 @@ class DriverConfig:
     watchdog_sec: float = 2.0
     request_timeout_sec: float = 10.0
     max_rss: int | None = None  # bytes
+    max_fds: int | None = None
     max_cpu: float | None = None  # percent of one CPU
     graceful_timeout: float = 5.0
     spare: bool = True

@@ -21,6 +21,7 @@ import zmq
 from ipc.control import ControlError, NotFound
 from isovisor.config import DriverConfig, StackConfig
 from isovisor.driverproc import DriverProcess
+from isovisor.faulttable import FaultTable
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir
 from isovisor.supervision import (
@@ -51,7 +52,8 @@ _MIB: Final = 1 << 20
 class Pending:
     """Why the supervisor is ending the active instance itself."""
 
-    reason: str  # hang, violation, handshake, stopped, rss, cpu (SIGKILL); manual, group, stop
+    reason: str  # hang, violation, handshake, stopped, rss, fds, cpu (SIGKILL); manual, group,
+    # stop (SIGTERM)
     detail: str
     detected_ns: int | None  # None: the exit is the detection
     kill_at: float | None = None  # SIGKILL then, if SIGTERM was not enough
@@ -98,6 +100,8 @@ class DriverManager:
         self._retiring: dict[DriverProcess, float] = {}  # -> SIGKILL time
         self._next_usage = 0.0
         self._warned: set[str] = set()
+        self.faults = FaultTable()
+        self._armed: set[str] = set()  # drivers whose instance has (or had) faults armed
 
     # -- start-up (the supervisor waits for the hello itself) -------------------------------
     def start(self, name: str) -> DriverProcess:
@@ -152,11 +156,24 @@ class DriverManager:
             slot.sv.ready()
             log.info("driver %s: pid %d said hello (instance %d)", slot.cfg.name, pid,
                      active.instance)
+            crash = self.faults.pending_recovery_crash(slot.cfg.name)
+            if crash is not None and slot.recovery is not None:
+                self.faults.fired(slot.cfg.name, crash.id, pid)
+                self._kill(slot, "recovery_crash", f"fault {crash.id} (recovery_crash): "
+                                                   f"replacement pid {pid} killed right after "
+                                                   "its hello")
+                return
             self._ensure_spare(slot)
+            self._send_faults(slot.cfg.name)
+        elif what == "fault_fired":
+            row = self.faults.fired(slot.cfg.name, p.get("id", -1), pid)
+            if row is not None and not row.armed:
+                log.info("driver %s: fault %d (%s) spent", slot.cfg.name, row.id, row.type)
         elif what == "spare" and slot.spare is not None and slot.spare.pid == pid:
             slot.spare_warm = True
             slot.spare_failures = 0
-        elif what == "replayed" and active is not None and active.pid == pid:
+        elif what == "replayed" and active is not None and active.pid == pid \
+                and slot.pending is None:  # (an instance being killed has not recovered)
             self._recovered(slot, p)
         elif what in ("hang", "violation") and active is not None and active.pid == pid:
             self._kill(slot, what, f"pid {pid}: {p.get('reason', what)}")
@@ -234,12 +251,18 @@ class DriverManager:
 
     def _restart(self, slot: Slot) -> None:
         """Activate the spare, or start a fresh process; the new instance is STARTING."""
+        name = slot.cfg.name
         if slot.spare is not None:
             inst, slot.spare, slot.spare_warm = slot.spare, None, False
+            faults = self.faults.driver_specs(name, inst.pid)
+            if faults:  # armed before it redoes anything
+                inst.send(self.ctx, ["faults", faults])
             inst.activate(self.ctx)
-            log.info("driver %s: activating spare pid %d", slot.cfg.name, inst.pid)
+            log.info("driver %s: activating spare pid %d", name, inst.pid)
         else:
-            inst = self._spawn(slot, spare=False)
+            inst = self._spawn(slot, spare=False,
+                               faults=[s for s in self.faults.driver_specs(name)
+                                       if s.get("times") == -1])
         slot.active = inst
         slot.sv.starting(inst.pid)
 
@@ -323,6 +346,9 @@ class DriverManager:
             elif c.max_rss is not None and u.rss > c.max_rss:
                 self._kill(slot, "rss", f"pid {inst.pid} RSS {u.rss / _MIB:.0f} MiB is over "
                                         f"max_rss {c.max_rss / _MIB:.0f} MiB")
+            elif c.max_fds is not None and u.fds is not None and u.fds > c.max_fds:
+                self._kill(slot, "fds", f"pid {inst.pid} has {u.fds} open file descriptors, "
+                                        f"more than max_fds {c.max_fds}")
             elif c.max_cpu is not None and u.cpu_percent is not None \
                     and u.cpu_percent > c.max_cpu:
                 self._kill(slot, "cpu", f"pid {inst.pid} used {u.cpu_percent:.0f}% CPU over "
@@ -358,10 +384,11 @@ class DriverManager:
         self._retiring[inst] = self.clock() + grace
 
     # -- processes ----------------------------------------------------------------------------
-    def _spawn(self, slot: Slot, *, spare: bool) -> DriverProcess:
+    def _spawn(self, slot: Slot, *, spare: bool,
+               faults: list[dict[str, Any]] | None = None) -> DriverProcess:
         slot.instances += 1
         inst = DriverProcess(slot.cfg, self.run_dir, slot.instances, spare=spare)
-        inst.start()
+        inst.start(faults)
         if spare:
             inst.connect(self.ctx)
         assert inst.pidfd is not None
@@ -455,6 +482,64 @@ class DriverManager:
         else:
             raise ControlError(f"unknown driver action {action!r}: use start, stop or restart")
         return {"name": name, "state": str(slot.sv.state), "pid": slot.sv.pid}
+
+    # -- injected faults (isovisor fault ...) -------------------------------------------------
+    def fault_add(self, driver: str, spec: dict[str, Any]) -> dict[str, Any]:
+        if driver not in self.slots and driver not in self.inline:
+            known = ", ".join([*self.slots, *self.inline]) or "none"
+            raise NotFound(f"no driver named {driver!r} (drivers: {known})")
+        try:
+            row = self.faults.add(driver, spec)
+        except ValueError as e:
+            raise ControlError(f"fault add {driver}: {e}") from None
+        slot = self.slots.get(driver)
+        if row.type in ("sigkill", "sigstop"):
+            if slot is None or slot.active is None:
+                self.faults.remove(row.id)
+                raise ControlError(f"fault add {driver}: {row.type} needs a running driver "
+                                   "process (inline drivers run inside the kernel)")
+            pid = slot.active.pid
+            self.faults.fired(driver, row.id, pid)
+            log.warning("driver %s: fault %d: %s to pid %d", driver, row.id, row.type, pid)
+            slot.active.signal(signal.SIGKILL if row.type == "sigkill" else signal.SIGSTOP)
+        elif row.type == "recovery_crash":
+            if slot is None or slot.active is None:
+                self.faults.remove(row.id)
+                raise ControlError(f"fault add {driver}: recovery_crash needs a supervised "
+                                   "driver process")
+        else:
+            self._send_faults(driver)
+        log.warning("driver %s: fault %d added: %s", driver, row.id, row.view()["args"] or
+                    row.type)
+        return row.view()
+
+    def fault_remove(self, fault_id: int) -> dict[str, Any]:
+        try:
+            row = self.faults.remove(fault_id)
+        except KeyError as e:
+            raise NotFound(str(e.args[0])) from None
+        self._send_faults(row.driver)
+        return row.view()
+
+    def fault_reset(self, driver: str | None) -> dict[str, Any]:
+        gone = self.faults.reset(driver)
+        for name in {r.driver for r in gone}:
+            self._send_faults(name)
+        return {"removed": len(gone)}
+
+    def _send_faults(self, driver: str) -> None:
+        """Give the driver's current instance the faults still armed for it."""
+        slot = self.slots.get(driver)
+        if slot is not None and slot.sv.state != State.RUNNING:
+            return  # sent at its hello
+        pid = slot.active.pid if slot is not None and slot.active is not None else None
+        specs = self.faults.driver_specs(driver, pid)
+        if not specs and driver not in self._armed:
+            return  # nothing armed now or before: nothing to tell it
+        self._armed.discard(driver)
+        if specs:
+            self._armed.add(driver)
+        self._kernel("driver_faults", name=driver, faults=specs)
 
     def rows(self, connected: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """One row per driver, in file order, for `status` and `drivers`."""

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import zmq
 
+from drivers.host import FAULTS_ENV
 from ipc.control import pack
 from isovisor.config import DriverConfig
 from isovisor.paths import RunDir
@@ -44,6 +45,7 @@ class Usage:
     stopped: bool
     rss: int
     cpu_percent: float | None  # over the last 5 s, once known
+    fds: int | None = None  # open file descriptors
 
 
 class DriverProcess:
@@ -82,10 +84,15 @@ class DriverProcess:
                "--request-timeout-ms", str(round(c.request_timeout_sec * 1000))]
         return [*cmd, "--spare"] if self.spare else cmd
 
-    def start(self) -> None:
+    def start(self, faults: list[dict[str, Any]] | None = None) -> None:
+        """Start the process; ``faults`` are armed before it serves anything (the fault
+        table's unlimited faults: a poison request must kill every instance)."""
+        env = child_env()
+        if faults:
+            env[FAULTS_ENV] = json.dumps(faults)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=child_env(), start_new_session=True)
+                                         stderr=log, env=env, start_new_session=True)
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def alive(self) -> bool:
@@ -147,9 +154,11 @@ class DriverProcess:
                 status = self._ps.status()
                 rss = self._ps.memory_info().rss
                 t = self._ps.cpu_times()
+                fds = self._ps.num_fds()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
-        return Usage(status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system))
+        return Usage(status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system),
+                     fds)
 
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)

@@ -31,6 +31,9 @@ class Row:
     spec: dict[str, Any]  # the wire form (drivers.faults.Fault.to_dict) or {"type": outside}
     fired: int = 0
     pids: list[int] = field(default_factory=list)  # instances it fired in
+    #: The instance a fault with a limited ``times`` was given to; it is never given to
+    #: another (that instance may die of it before its report arrives).  None: not yet given.
+    bound_pid: int | None = None
 
     @property
     def type(self) -> str:
@@ -41,8 +44,10 @@ class Row:
         return self.spec.get("times", 1) != 0 if self.type in IN_DRIVER_TYPES else not self.fired
 
     def view(self) -> dict[str, Any]:
+        """For `fault list`: the knobs and filters that differ from the defaults."""
+        default = Fault(0, self.type).to_dict() if self.type in IN_DRIVER_TYPES else {}
         knobs = {k: v for k, v in self.spec.items()
-                 if k not in ("id", "type", "calls", "fired") and v not in (None, False)}
+                 if k not in ("id", "type", "calls", "fired") and default.get(k) != v}
         return {"id": self.id, "driver": self.driver, "type": self.type, "armed": self.armed,
                 "fired": self.fired, "pids": list(self.pids), "args": knobs}
 
@@ -91,10 +96,21 @@ class FaultTable:
     def for_driver(self, driver: str) -> list[Row]:
         return [r for r in self.rows.values() if r.driver == driver]
 
-    def driver_specs(self, driver: str) -> list[dict[str, Any]]:
-        """What the driver's instance must have armed: its in-driver faults still armed."""
-        return [dict(r.spec) for r in self.for_driver(driver)
-                if r.type in IN_DRIVER_TYPES and r.armed]
+    def driver_specs(self, driver: str, pid: int | None = None) -> list[dict[str, Any]]:
+        """What instance ``pid`` of the driver must have armed: the in-driver faults still
+        armed that are unlimited (``times = -1``, e.g. a poison request, which must kill every
+        instance) or not yet given to another instance; those are now bound to ``pid``."""
+        out = []
+        for r in self.for_driver(driver):
+            if r.type not in IN_DRIVER_TYPES or not r.armed:
+                continue
+            if r.spec.get("times") != -1:
+                if r.bound_pid is not None and r.bound_pid != pid:
+                    continue
+                if pid is not None:
+                    r.bound_pid = pid
+            out.append(dict(r.spec))
+        return out
 
     def fired(self, driver: str, fault_id: int, pid: int | None) -> Row | None:
         """The driver reports that fault ``fault_id`` fired once."""
@@ -104,6 +120,8 @@ class FaultTable:
         row.fired += 1
         if pid is not None and pid not in row.pids:
             row.pids.append(pid)
+        if row.type not in IN_DRIVER_TYPES:
+            return row
         times = row.spec.get("times", 1)
         if isinstance(times, int) and times > 0:
             row.spec["times"] = times - 1

@@ -67,7 +67,7 @@ class Supervisor:
             "console": self._forward, "destroy": self._forward, "pause": self._forward,
             "unpause": self._forward, "create": self._create, "down": self._down,
             "sync": self._sync, "devices": self._forward, "store": self._forward,
-            "drivers": self._drivers, "driver": self._driver,
+            "drivers": self._drivers, "driver": self._driver, "fault": self._fault,
         }
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -230,6 +230,25 @@ class Supervisor:
             raise ControlError(f"property 'action' of command 'driver' must be start, stop or "
                                f"restart, got {action!r}")
         return self.mgr.command(action, prop(req, "name", str))
+
+    def _fault(self, req: Request) -> dict[str, Any]:
+        """``isovisor fault add|list|remove|reset`` (docs/campaigns.md)."""
+        assert self.mgr is not None
+        action = prop(req, "action", str)
+        if action == "add":  # (wrapped: a reply's own "id" is the request id)
+            return {"fault": self.mgr.fault_add(prop(req, "driver", str),
+                                                prop(req, "spec", dict))}
+        if action == "list":
+            return {"faults": self.mgr.faults.list()}
+        if action == "remove":
+            return {"fault": self.mgr.fault_remove(prop(req, "fault_id", int))}
+        if action == "reset":
+            driver = req.properties.get("driver")
+            if driver is not None and not isinstance(driver, str):
+                raise ControlError("property 'driver' of command 'fault' must be a string")
+            return self.mgr.fault_reset(driver)
+        raise ControlError(f"property 'action' of command 'fault' must be add, list, remove or "
+                           f"reset, got {action!r}")
 
     def _check_disks(self, cfg: DomainConfig) -> None:
         declared = {d.name for d in self.cfg.drivers}

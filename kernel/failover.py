@@ -304,8 +304,21 @@ class Recovery:
             "pid": link.pid if link else None, "domain": dev.dom.name, "vdev": dev.spec.vdev,
             "index": msg[2], "request": description})
 
+    def _fault_fired(self, msg: list[Any]) -> None:
+        info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
+        name, pid, fid = info.get("name"), info.get("pid"), info.get("id")
+        kind, device = info.get("type"), info.get("device")
+        if not (isinstance(name, str) and _is_int(pid) and _is_int(fid)
+                and isinstance(kind, str) and isinstance(device, str)):
+            raise _malformed(msg, '["fault_fired", {name:str, pid:int, id:int, type:str, '
+                                  'device:str}]')
+        self.seen(name)
+        self.emit(f"driver.{name}.fault_fired", {"pid": pid, "id": fid, "type": kind,
+                                                 "device": device[:200]})
+
     _handlers: Final[dict[str, Callable[[Recovery, list[Any]], None]]] = {
         "heartbeat": _heartbeat, "spare": _spare, "recovered": _recovered, "poison": _poison,
+        "fault_fired": _fault_fired,
     }
 
     # -- signs of life and misbehaviour ------------------------------------------------------

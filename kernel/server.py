@@ -19,6 +19,7 @@ import zmq
 
 from ipc.control import (
     ControlError,
+    NotFound,
     Request,
     pack,
     prop,
@@ -120,6 +121,7 @@ class KernelServer:
             "devices": self._devices, "drivers": self._drivers, "driver_load": self._driver_load,
             "store": self._store, "driver_lost": self._driver_lost,
             "driver_fail": self._driver_fail, "driver_inject": self._driver_inject,
+            "driver_faults": self._driver_faults,
         }
 
     def serve(self) -> None:
@@ -252,6 +254,19 @@ class KernelServer:
         name, kind = self._driver_name(req), prop(req, "kind", str)
         self._recovery.inject(name, kind)
         return {"name": name, "kind": kind}
+
+    def _driver_faults(self, req: Request) -> dict[str, Any]:
+        """Arm these faults in driver ``name`` (the supervisor's fault table; checked by the
+        driver, which logs what it refuses)."""
+        name, faults = self._driver_name(req), prop(req, "faults", list)
+        if not all(isinstance(f, dict) for f in faults):
+            raise ControlError("driver_faults: faults must be a list of tables "
+                               "(drivers/faults.py)")
+        if not self.hub.send_control(name, ["faults", faults]):
+            known = ", ".join(sorted(self.hub.links)) or "none"
+            raise NotFound(f"driver_faults: driver {name!r} is not connected (connected "
+                           f"drivers: {known})")
+        return {"name": name, "faults": len(faults)}
 
     def _driver_load(self, req: Request) -> dict[str, Any]:
         """Run a driver inline: the same driver host, as a thread of this process."""

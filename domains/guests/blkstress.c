@@ -3,6 +3,8 @@
  * Params (the domain's `extra`):
  *   disk=NAME     the disk (default: the first block device in the device table)
  *   ops=N         random operations (default 2000)
+ *   seconds=S     end the random phase after S seconds even if fewer than ops
+ *                 were done (default 0: no time limit); for fault campaigns
  *   bs=BYTES      block size, a multiple of 512 up to 128K (default 4096)
  *   qd=N          requests kept in flight, 1..32 (default 32)
  *   mix=PCT       percentage of writes, 0..100 (default 50)
@@ -43,7 +45,7 @@
  * Output: a first line with the parameters and the disk geometry, a line per
  * extra phase, the first mismatches in detail, and finally
  *   blkstress: ops=N errors=E reads=R writes=W bytes=B ns=T iops=I kicks=K waits=W upcalls=U
- *              max_gap_us=G gaps_1ms=A gaps_10ms=B
+ *              max_gap_us=G gaps_1ms=A gaps_10ms=B mismatches=M
  * (one line) where every figure covers the random phase only (ns from time_ns;
  * iops = ops * 1e9 / ns); max_gap_us is the longest time between two polls
  * that completed requests (the longest guest-visible I/O stall), gaps_1ms and
@@ -317,9 +319,15 @@ static void note_completions(void)
 }
 
 /* Run a phase to completion: 0, or -1 if it had to stop (fault, timeout). */
+static u64 stop_at_ns; /* seconds=: the random phase issues nothing new after this */
+
 static int run_phase(struct phase *ph)
 {
+    u64 rounds = 0;
     while (ph->done < ph->total) {
+        if (stop_at_ns && ph->kind == PH_RANDOM && (++rounds & 63) == 0 &&
+            time_ns() >= stop_at_ns)
+            ph->total = ph->issued; /* time is up: finish what is in flight */
         int queued = 0;
         while (ph->issued < ph->total && inflight < qd) {
             issue_one(ph);
@@ -386,6 +394,7 @@ int main(void)
     char disk[DE_NAME_MAX];
     const char *want = param_str("disk", NULL, disk, sizeof disk);
     u64 ops = param_u64("ops", 2000);
+    u64 seconds = param_u64("seconds", 0);
     bs = param_u64("bs", 4096);
     qd = param_u64("qd", 32);
     mix = param_u64("mix", 50);
@@ -449,6 +458,8 @@ int main(void)
     u64 u0 = evtchn_upcalls(bf.dev.port) - bf.upcalls_base;
     u64 t0 = time_ns();
     last_completion_ns = t0;
+    if (seconds)
+        stop_at_ns = t0 + seconds * 1000000000ULL;
     struct phase rnd = {PH_RANDOM, ops, 0, 0, 0, 0};
     if (!stopped && ops)
         stopped = run_phase(&rnd) < 0;
@@ -471,11 +482,12 @@ int main(void)
     u64 done = rnd.done;
     u64 iops = ns ? (u64)((unsigned __int128)done * 1000000000u / ns) : 0;
     printf("blkstress: ops=%lu errors=%lu reads=%lu writes=%lu bytes=%lu ns=%lu iops=%lu"
-           " kicks=%lu waits=%lu upcalls=%lu max_gap_us=%lu gaps_1ms=%lu gaps_10ms=%lu\n",
+           " kicks=%lu waits=%lu upcalls=%lu max_gap_us=%lu gaps_1ms=%lu gaps_10ms=%lu"
+           " mismatches=%lu\n",
            (unsigned long)done, (unsigned long)errors, (unsigned long)reads,
            (unsigned long)writes, (unsigned long)bytes_moved, (unsigned long)ns,
            (unsigned long)iops, (unsigned long)kicks, (unsigned long)waits,
            (unsigned long)upcalls, (unsigned long)(max_gap_ns / 1000), (unsigned long)gaps_1ms,
-           (unsigned long)gaps_10ms);
+           (unsigned long)gaps_10ms, (unsigned long)mismatches);
     return errors ? 1 : 0;
 }

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from drivers.faults import Fault, Injector, RequestInfo
 from drivers.host import INJECT_KINDS, RESPONSE_KINDS
 from ipc import blkif
 from ipc.blkif import (
@@ -92,7 +93,9 @@ class Host(Protocol):
     def kick_again(self, key: int) -> None: ...
     def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
     def poison(self, key: int, index: int, description: str) -> None: ...
-    def inject(self, kind: str) -> None: ...
+    def inject(self, kind: str, *, really: bool = False) -> None: ...
+    def leak_fds(self, n: int) -> int: ...
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
 
 
 @dataclass
@@ -159,6 +162,10 @@ def _fault_option(options: dict[str, Any]) -> _Fault | None:
     if kind not in FAULT_KINDS:
         raise ValueError(f"fault_kind must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
     return _Fault(sector, kind)
+
+
+class _StopServing(Exception):
+    """An injected fault made the backend lose track of a device (``drop``)."""
 
 
 def _wait_at_gate(gate: object) -> None:
@@ -245,6 +252,9 @@ class Backend:
             self._perform if self.fault is None else self._perform_with_fault)
         #: A bad response to give in the next batch (:meth:`corrupt_next`), or None.
         self._spoil: str | None = None
+        #: Faults armed by the supervisor (drivers/faults.py; ``perform`` asks it only while
+        #: one is armed).
+        self.injector = Injector()
         if self.fault is not None:
             self.log.warning("test fault armed: a request covering sector %d injects %r",
                              self.fault.sector, self.fault.kind)
@@ -501,6 +511,13 @@ class Backend:
             self._service_ring(d)
         except RingError as e:
             self._break(d, str(e))
+        except _StopServing as e:
+            d.state = "lost count"
+            if d.inflight is not None:  # not a death: nothing died executing these
+                for rec in d.inflight.pending():
+                    d.inflight.clear_executing(rec.index)
+            self.log.warning("device %d (%s): %s; the device is no longer served", d.key,
+                             d.label, e)
 
     def _service_ring(self, d: _Device) -> None:
         ring = d.ring
@@ -531,7 +548,7 @@ class Backend:
                 stats.requests += n
                 stats.batches += 1
                 if self._spoil is not None:
-                    self._spoil_batch(d, ring)
+                    self._spoil_batch(d, ring, n)
                 if ring.push_responses():
                     stats.notifications += 1
                     self.host.notify(d.key)
@@ -547,6 +564,58 @@ class Backend:
             if not ring.final_check_for_requests():
                 return
 
+    # -- fault injection (drivers/faults.py) -------------------------------------------------
+    def set_faults(self, specs: list[dict[str, Any]]) -> None:
+        """``["faults", specs]``: arm these faults (ValueError if one is bad)."""
+        self.injector.load(specs)
+        self._choose_perform()
+
+    def _base_perform(self, d: _Device, raw: bytes) -> bytes:
+        return self._perform(d, raw) if self.fault is None else self._perform_with_fault(d, raw)
+
+    def _choose_perform(self) -> None:
+        self.perform = self._perform_injecting if self.injector.armed else (
+            self._perform if self.fault is None else self._perform_with_fault)
+
+    def _perform_injecting(self, d: _Device, raw: bytes) -> bytes:
+        """``perform`` while a fault is armed: ask the injector about this request."""
+        try:
+            req = decode_request(raw, window=d.window, sectors=d.sectors)
+        except RequestError:
+            return self._base_perform(d, raw)
+        domain, _, vdev = d.label.partition("/")
+        f = self.injector.pick(RequestInfo(domain, vdev, blkif.OP_NAMES.get(req.op, "?"),
+                                           req.sector, req.nr_sectors))
+        if f is None:
+            return self._base_perform(d, raw)
+        if not self.injector.armed:
+            self._choose_perform()  # from the next turn on: no more questions
+        self.host.fault_fired(f.id, f.type, d.label)
+        return self._carry_out(f, d, req, raw)
+
+    def _carry_out(self, f: Fault, d: _Device, req: Any, raw: bytes) -> bytes:
+        kind = f.type
+        if kind in ("segv", "abort", "exit", "hang", "exception", "poison"):
+            self.host.inject("segv" if kind == "poison" else kind, really=f.really)
+        elif kind == "slow":
+            time.sleep(self.injector.delay_s(f))
+        elif kind == "drop":
+            raise _StopServing(f"fault {f.id}: drop (request {req.id:#x} is never answered)")
+        elif kind in ("bad_id", "bad_status", "bad_op"):
+            return spoil_response(kind, self._base_perform(d, raw))
+        elif kind in ("duplicate", "bad_index"):
+            self._spoil = kind
+        elif kind == "leak_mem":
+            self.host.inject("leak")
+        elif kind == "leak_fd":
+            self.host.leak_fds(256)
+        rsp = self._base_perform(d, raw)
+        if kind == "corrupt_data" and req.op == OP_READ and req.segments and \
+                blkif.RESPONSE.unpack_from(rsp)[3] == STATUS_OKAY:
+            offset = req.segments[0][0]
+            d.region[offset] ^= 0xFF  # one wrong byte in a successful read
+        return rsp
+
     # -- bad responses on request (fault injection) ------------------------------------------
     def corrupt_next(self, kind: str) -> None:
         """Give one bad response of ``kind`` (:data:`RESPONSE_KINDS`) in the next batch."""
@@ -555,11 +624,21 @@ class Backend:
                              f"{', '.join(RESPONSE_KINDS)}")
         self._spoil = kind
 
-    def _spoil_batch(self, d: _Device, ring: BackRing) -> None:
+    def _spoil_batch(self, d: _Device, ring: BackRing, n: int) -> None:
         """Spoil the last response of the batch before it is published."""
         kind = self._spoil
         if kind == "bad_index":
             return  # done once the batch is published: _publish_bad_index
+        if kind == "duplicate":
+            if n < 2:
+                return  # needs a batch of two: the copy of one replaces the next
+            self._spoil = None
+            last = (ring.rsp_prod_pvt - 1) & _MASK
+            ring.rewrite_response(last, ring.response_at((last - 1) & _MASK))
+            self.log.warning("device %d (%s): fault injected: duplicate, the response at ring "
+                             "index %d published again at %d", d.key, d.label,
+                             (last - 1) & _MASK, last)
+            return
         self._spoil = None
         index = (ring.rsp_prod_pvt - 1) & _MASK
         ring.rewrite_response(index, spoil_response(kind or "", ring.response_at(index)))

@@ -14,12 +14,14 @@ crash, starts a fresh stack and goes on with the schedule.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -41,7 +43,11 @@ RESOLVE_S: Final = 15.0
 SETTLE_S: Final = 0.3
 #: Seconds between two throughput samples.
 SAMPLE_S: Final = 0.5
-_ERROR_LINE = re.compile(r"^blkstress: .*(failed|mismatch)", re.MULTILINE)
+#: What a verifying guest prints when it sees wrong data, and when a request fails.
+_MISMATCH_LINE = re.compile(r"^blkstress: MISMATCH ", re.MULTILINE)
+_ERROR_LINE = re.compile(r"^blkstress: .*(failed: status|phase stopped)", re.MULTILINE)
+#: Seconds each fault type is expected to take from injection to resolution (the guests'
+#: run length is planned from these; a fault that takes longer still gets RESOLVE_S).
 _SUMMARY = re.compile(r"^blkstress: ops=.*$", re.MULTILINE)
 #: In-driver faults that end in a replacement when they fire.
 _REPLACED: Final = frozenset({"segv", "abort", "exception", "exit", "hang", "drop", "duplicate",
@@ -146,14 +152,27 @@ class Campaign:
                       "intensity = 1000000", "period = 1.0", "start_secs = 0.2"]
         return "\n".join(lines) + "\n"
 
+    def _expected_s(self, entry: FaultEntry) -> float:
+        """How long a fault of this entry should take to resolve, roughly."""
+        st = self.plan.stack
+        return {"hang": st.watchdog_sec + 1.0, "drop": st.request_timeout_sec + 1.0,
+                "slow": 1.2 + (entry.latency_ms + entry.jitter_ms) / 1e3,
+                "corrupt_data": 1.2, "poison": 3.0, "recovery_crash": 1.5,
+                "leak_mem": 2.0, "leak_fd": 2.0}.get(entry.type, 0.8)
+
     def _run_seconds(self) -> float:
+        """How long the guests run: the schedule plus what resolving its faults should take
+        (the guests end by themselves; there is no way yet to tell one to stop early)."""
         end = self.schedule[-1].at_s if self.schedule else 0.0
-        return max(self.plan.duration or 0.0, end) + 8.0
+        busy = sum(self._expected_s(self.plan.faults[i.fault]) for i in self.schedule)
+        return max(self.plan.duration or 0.0, end) + busy + 5.0
 
     def _start_stack(self) -> None:
         self._stacks += 1
+        # a short private directory (socket paths are limited to ~100 bytes); the logs are
+        # copied to the output directory when the stack stops
         st = PrivateStack(self.plan.stack.pcpus, extra_toml=self._driver_toml(),
-                          directory=self.out / f"stack{self._stacks}", name="campaign")
+                          name="campaign", keep=True)
         self._stack = st
         st.up([])
         self._sub = st.subscribe(["domain.", "driver.", "device.", "console."])
@@ -179,10 +198,18 @@ class Campaign:
         if self._sub is not None:
             self._sub.close()
             self._sub = None
-        if self._stack is not None:
-            self._stack.close()
-            for img in self._stack.dir.glob("*.img"):
-                img.unlink(missing_ok=True)  # the logs stay, the disk images are big
+        st = self._stack
+        if st is not None:
+            keep = self.out / f"stack{self._stacks}"
+            try:
+                st.close()
+            finally:
+                keep.mkdir(parents=True, exist_ok=True)
+                for f in [*st.dir.glob("*.toml"), *st.dir.glob("*.console.txt"),
+                          *st.run_dir.glob("*.log")]:
+                    with contextlib.suppress(OSError):
+                        shutil.copy2(f, keep / f.name)
+                shutil.rmtree(st.dir, ignore_errors=True)
             self._stack = None
 
     def _call(self, command: str, **props: Any) -> dict[str, Any]:
@@ -208,11 +235,8 @@ class Campaign:
             text = bytes(p.get("data", b"")).decode(errors="replace")
             self._console[name] = self._console.get(name, "") + text
             if rec is not None:
-                for m in _ERROR_LINE.finditer(text):
-                    if "mismatch" in m.group(0):
-                        rec.data_mismatches += 1
-                    else:
-                        rec.guest_errors += 1
+                rec.data_mismatches += len(_MISMATCH_LINE.findall(text))
+                rec.guest_errors += len(_ERROR_LINE.findall(text))
         return ev
 
     def _sample(self) -> None:
@@ -398,8 +422,10 @@ class Campaign:
             if len(parts) == 3 and parts[0] == "domain" and parts[2] in ("shutdown", "crashed") \
                     and parts[1] in waiting:
                 ends[parts[1]] = (parts[2], p)
+        assert self._stack is not None
         for name in waiting:
             con = self._call("console", name=name)["data"].decode(errors="replace")
+            (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
             m = _SUMMARY.findall(con)
             sm = dict(re.findall(r"(\w+)=(-?\d+)", m[-1])) if m else {}
             end = ends.get(name)

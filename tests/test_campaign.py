@@ -1,0 +1,140 @@
+"""Fault injection at run time (`isovisor fault`) and campaigns (`isovisor campaign`), end to end.
+
+The first tests arm faults in a running stack through the CLI while two guests verify their
+I/O and check what a user would: the fault fired in the driver, the driver was replaced for the
+right reason (or not at all, for a fault that only slows it down), and the guests finished with
+no error.  The last runs the smoke campaign of examples/ and checks its journal for consistency.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from isovisor.campaign.plan import load_plan, schedule, schedule_to_json
+from tests.conftest import Stack
+from tests.test_recovery import (
+    DRIVER,
+    Events,
+    current_pid,
+    driver_row,
+    finish_and_verify,
+    two_guests,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_count(events: Events, topic: str, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+    """The first ``n`` events of ``topic``, waiting for them as needed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [p for t, p in events.seen if t == topic]
+        if len(got) >= n:
+            return got[:n]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(got)} of {n} {topic} events within {timeout}s")
+        events._take(0.1)
+
+
+@pytest.mark.timeout(180)
+def test_faults_added_at_run_time_fire_in_the_driver_and_are_recovered(stack: Stack) -> None:
+    with two_guests(stack, DRIVER + "max_fds = 200\n") as events:
+        # a fault that only slows three requests: it fires, nothing is replaced
+        r = stack.cli("fault", "add", "blk0", "-t", "slow", "-a", "latency_ms=30", "-a",
+                      "times=3", "-a", "op=write")
+        assert r.returncode == 0 and r.stdout.startswith("fault 1: slow on blk0"), r
+        old = current_pid(stack)
+        fired = wait_count(events, "driver.blk0.fault_fired", 3)
+        assert len(fired) == 3 and {p["pid"] for p in fired} == {old}, fired
+
+        # a bad response: held by the frontend, the driver replaced, the requests redone
+        r = stack.cli("fault", "add", "blk0", "-t", "duplicate")
+        assert r.returncode == 0, r
+        rec = events.wait("driver.blk0.recovered", timeout=30, old_pid=old)
+        assert rec["reason"] == "violation", rec
+
+        # leaking descriptors until max_fds: replaced for "fds"
+        old = current_pid(stack)
+        r = stack.cli("fault", "add", "blk0", "-t", "leak_fd", "-a", "times=-1", "-a",
+                      "interval=500")
+        assert r.returncode == 0, r
+        rec = events.wait("driver.blk0.recovered", timeout=30, old_pid=old)
+        assert rec["reason"] == "fds", rec
+        # the fault stays armed, so the new instance gets it too, until it is removed
+        listed = json.loads(stack.cli("fault", "list", "--json").stdout)
+        assert [(f["id"], f["type"], f["armed"]) for f in listed] == [
+            (1, "slow", False), (2, "duplicate", False), (3, "leak_fd", True)], listed
+        assert stack.cli("fault", "remove", "3").returncode == 0
+        finish_and_verify(stack, events)
+    by = driver_row(stack)["restarts_by_reason"]
+    assert by.get("violation") == 1 and by.get("fds", 0) >= 1, by
+
+
+@pytest.mark.timeout(120)
+def test_outside_faults_and_bad_fault_requests(stack: Stack) -> None:
+    stack.up([], extra=DRIVER)
+    with stack.subscribe(["driver."]) as sub:
+        events = Events(sub, stack)
+        old = current_pid(stack)
+        r = stack.cli("fault", "add", "blk0", "-t", "recovery_crash")
+        assert r.returncode == 0 and "recovery_crash" in r.stdout, r
+        r = stack.cli("fault", "add", "blk0", "-t", "sigkill")
+        assert r.returncode == 0 and "(done)" in r.stdout, r
+        first = events.wait("driver.blk0.exit", timeout=30, pid=old)
+        assert first["signal"] == "SIGKILL", first
+        # the replacement is killed right after its hello; the next one stays
+        ready = events.wait("driver.blk0.ready", timeout=30)
+        crashed = events.wait("driver.blk0.exit", timeout=30, pid=ready["pid"])
+        assert (crashed["signal"], crashed["reason"]) == ("SIGKILL", "recovery_crash"), crashed
+        rec = events.wait("driver.blk0.recovered", timeout=30)
+        assert rec["old_pid"] == ready["pid"] and rec["pid"] == current_pid(stack), rec
+        assert rec["pid"] not in (old, ready["pid"]) and psutil.pid_exists(rec["pid"])
+    for args, message in (
+            (["-t", "segfault"], "unknown fault type 'segfault'"),
+            (["-t", "slow", "-a", "latency_ms=-3"], "latency_ms must be a number from 0"),
+            (["-t", "exception", "-a", "nonsense"], "give key=value"),
+            (["-t", "sigkill", "-a", "op=read"], "takes no arguments, got op")):
+        r = stack.cli("fault", "add", "blk0", *args)
+        assert r.returncode != 0 and message in r.stderr.replace("\n", " "), (args, r.stderr)
+    r = stack.cli("fault", "add", "nosuch", "-t", "exit")
+    assert r.returncode != 0 and "no driver named 'nosuch'" in r.stderr, r.stderr
+    r = stack.cli("fault", "remove", "77")
+    assert r.returncode != 0 and "no fault with id 77" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(240)
+def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
+        stack: Stack, tmp_path: Path) -> None:
+    plan_path = ROOT / "examples" / "campaign-smoke.toml"
+    out = tmp_path / "smoke"
+    r = stack.cli("campaign", "run", str(plan_path), "--out", str(out), "--seed", "3",
+                  timeout=220)
+    assert r.returncode == 0, r.stdout + r.stderr
+    journal = json.loads((out / "journal.json").read_text())
+    plan = load_plan(plan_path)
+    assert journal["schedule"] == schedule_to_json(schedule(plan, 3))  # the seed decides
+    faults, sm = journal["faults"], journal["summary"]
+    assert {f["type"] for f in faults} == {e.type for e in plan.faults}
+    assert sm["injected"] == len(faults) == len(journal["schedule"])
+    outcomes = [f["outcome"] for f in faults]
+    assert sm["recovered"] == outcomes.count("recovered")
+    assert sm["manifested"] == len(faults) - outcomes.count("not_manifested")
+    assert (sm["kernel_crashes"], sm["guests_lost"]) == (0, 0), sm
+    assert sm["poison_clean"] == sm["poison_total"] == 1, sm
+    assert sm["silent_corruptions"] >= 1  # corrupt_data: the one class restarts cannot catch
+    by_type = {f["type"]: f for f in faults}
+    for kind in ("sigkill", "segv", "exception", "hang", "bad_id", "drop"):
+        assert by_type[kind]["outcome"] == "recovered", by_type[kind]
+    assert by_type["slow"]["outcome"] == "tolerated", by_type["slow"]
+    for g in journal["guests"]:
+        assert g["exit"] == "poweroff" and g["ops"] > 0, g
+    assert "Faults by type" in (out / "report.md").read_text()
+    assert (out / "report.html").read_text().count("<svg") >= 2
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(out) in " ".join(p.info["cmdline"] or ())]  # nothing left behind
