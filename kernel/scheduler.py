@@ -49,7 +49,7 @@ _TICK_MAX_NS: Final = 50_000_000
 #: is the bulk work; the threads that move I/O (the kernel's driver and control threads, ZeroMQ
 #: I/O threads, driver processes) wake briefly and should not queue behind it, or every hop of
 #: a request or of a driver failover waits for a time slice on a busy host.
-PCPU_NICE: Final = 5
+PCPU_NICE: Final = 10
 _ALL_PORTS: Final = (1 << abi.EVTCHN_PORTS) - 1
 
 
