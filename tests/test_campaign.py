@@ -128,10 +128,24 @@ def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
     assert (sm["kernel_crashes"], sm["guests_lost"]) == (0, 0), sm
     assert sm["poison_clean"] == sm["poison_total"] == 1, sm
     assert sm["silent_corruptions"] >= 1  # corrupt_data: the one class restarts cannot catch
+    # every type: how the stack noticed it, and what became of it
+    expected = {"sigkill": ("exit", "signal:SIGKILL"), "sigstop": ("exit", "stopped"),
+                "segv": ("exit", "signal:SIGSEGV"), "abort": ("exit", "signal:SIGABRT"),
+                "exception": ("exit", "exit:70"), "exit": ("exit", "exit:3"),
+                "hang": ("hang", "hang"), "drop": ("hang", "hang"),
+                "duplicate": ("violation", "violation"), "bad_id": ("violation", "violation"),
+                "bad_status": ("violation", "violation"), "bad_op": ("violation", "violation"),
+                "bad_index": ("violation", "violation"), "leak_mem": ("exit", "rss"),
+                "leak_fd": ("exit", "fds"), "recovery_crash": ("exit", "signal:SIGKILL")}
+    for f in faults:
+        if f["type"] in expected:
+            assert (f["detected_by"], f["reason"], f["outcome"]) == (
+                *expected[f["type"]], "recovered"), f
+            assert f["guest_errors"] == 0 and f["recovery_ms"] > 0, f
     by_type = {f["type"]: f for f in faults}
-    for kind in ("sigkill", "segv", "exception", "hang", "bad_id", "drop"):
-        assert by_type[kind]["outcome"] == "recovered", by_type[kind]
     assert by_type["slow"]["outcome"] == "tolerated", by_type["slow"]
+    assert by_type["poison"]["outcome"] == "poison_error", by_type["poison"]
+    assert by_type["corrupt_data"]["outcome"] == "silent_corruption", by_type["corrupt_data"]
     for g in journal["guests"]:
         assert g["exit"] == "poweroff" and g["ops"] > 0, g
     assert "Faults by type" in (out / "report.md").read_text()

@@ -21,21 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from drivers.faults import IN_DRIVER_TYPES
 from isovisor.config import ISOLATIONS, MIN_MAX_RSS, NAME_RE, parse_size
+from isovisor.faulttable import ALL_TYPES
+from isovisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
 from kernel import abi
 
-#: Fault types carried out from outside the driver (by the supervisor / the runner).
-OUTSIDE_TYPE_DESCRIPTIONS: Final[dict[str, str]] = {
-    "sigkill": "the driver process gets SIGKILL",
-    "sigstop": "the driver process gets SIGSTOP",
-    "recovery_crash": "the next replacement is killed right after its hello, before it "
-                      "finishes redoing",
-}
-#: Every fault type, with what it does (the in-driver ones are drivers.faults' own list).
-FAULT_TYPES: Final[dict[str, str]] = {**OUTSIDE_TYPE_DESCRIPTIONS, **IN_DRIVER_TYPES}
+#: Every fault type, with what it does (the supervisor's and the drivers' own lists).
+FAULT_TYPES: Final[dict[str, str]] = ALL_TYPES
 #: Carried out by the supervisor / the runner (a signal), not by the driver's injection layer.
-OUTSIDE_TYPES: Final = frozenset(OUTSIDE_TYPE_DESCRIPTIONS)
+OUTSIDE_TYPES: Final = frozenset(SUPERVISOR_TYPES)
 #: Knobs and filters that only mean something for a fault injected inside the driver.
 FILTER_KEYS: Final = ("domain", "vdev", "op", "sector", "probability", "interval", "times",
                       "fail_nth")
