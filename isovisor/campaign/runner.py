@@ -43,6 +43,8 @@ RESOLVE_S: Final = 15.0
 SETTLE_S: Final = 0.3
 #: Seconds between two throughput samples.
 SAMPLE_S: Final = 0.5
+#: Longest run of one workload guest; one that ends while faults remain is replaced.
+EPOCH_S: Final = 60
 #: What a verifying guest prints when it sees wrong data, and when a request fails.
 _MISMATCH_LINE = re.compile(r"^blkstress: MISMATCH ", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^blkstress: .*(failed: status|phase stopped)", re.MULTILINE)
@@ -54,6 +56,10 @@ _REPLACED: Final = frozenset({"segv", "abort", "exception", "exit", "hang", "dro
                               "bad_id", "bad_status", "bad_op", "bad_index", "leak_mem",
                               "leak_fd"})
 Progress = Callable[[int, int, float], None]  # (faults done, faults planned, seconds left)
+
+
+class _KernelGone(Exception):
+    """The kernel died or stopped (inline: the driver took it down)."""
 
 
 @dataclass
@@ -111,12 +117,16 @@ class Campaign:
         self._console: dict[str, str] = {}
         self._last_sample = (0.0, 0)
         self._guest_names: list[str] = []
+        self._live: dict[str, tuple[int, int, int]] = {}  # guest -> (workload, index, gen)
+        self._injecting = True
+        self._broken = False
 
     # -- the whole run ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.out.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()
+        failure: Exception | None = None
         try:
             self._start_stack()
             self._t0 = time.monotonic()
@@ -127,13 +137,19 @@ class Campaign:
             self._finish_guests()
         except KeyboardInterrupt:
             self.interrupted = True
+        except Exception as e:  # the journal of what ran is written all the same
+            failure = e
         finally:
             self._stop_stack()
         journal = self._journal(started, time.monotonic() - t_start)
+        if failure is not None:
+            journal["campaign"]["error"] = f"{type(failure).__name__}: {failure}"
         (self.out / "journal.json").write_text(json.dumps(journal, indent=1) + "\n")
         write_report(self.out, journal)
         if self.interrupted:
             raise KeyboardInterrupt
+        if failure is not None:
+            raise RuntimeError(f"{type(failure).__name__}: {failure}") from failure
         return journal
 
     def _left(self) -> float:
@@ -176,23 +192,50 @@ class Campaign:
         self._stack = st
         st.up([])
         self._sub = st.subscribe(["domain.", "driver.", "device.", "console."])
-        names = []
-        seconds = max(1, math.ceil(self._run_seconds() - (time.monotonic() - self._t0
-                                                            if self._t0 else 0.0)))
         for k, w in enumerate(self.plan.workloads):
             for i in range(w.domains):
-                name = f"w{k + 1}-{i + 1}" + (f"-{self._stacks}" if self._stacks > 1 else "")
-                disk = (f"target={name}.img, vdev=xvda, access=rw, backend={self.driver}, "
-                        f"size={w.disk_size}")
-                extra = (f"{w.extra} seed={len(names) + 1} ops=1000000000 seconds={seconds} "
-                         "timeout=60000").strip()
-                cfg = st.domain_config(name, w.image, 8, on_poweroff="preserve",
-                                       on_crash="preserve", extra=extra, disk=[disk])
-                st.call("create", path=str(cfg))
-                names.append(name)
-                self._console[name] = ""
-        self._guest_names += names
-        self._wait_for(lambda: self._requests() >= 200 * len(names), 60, "guest I/O to start")
+                self._create_guest(k, i, 1)
+        n = len(self._live)
+        self._wait_for(lambda: self._requests() >= 200 * n, 60, "guest I/O to start")
+
+    def _guest_seconds(self) -> int:
+        """A guest runs for at most EPOCH_S; one that ends while faults remain is replaced
+        (there is no way yet to tell a guest to stop early, so the last one ends by itself)."""
+        elapsed = time.monotonic() - self._t0 if self._t0 else 0.0
+        return max(15, min(EPOCH_S, math.ceil(self._run_seconds() - elapsed)))
+
+    def _create_guest(self, k: int, i: int, gen: int) -> None:
+        st = self._stack
+        assert st is not None
+        w = self.plan.workloads[k]
+        base = f"w{k + 1}-{i + 1}"
+        name = base + (f"-s{self._stacks}" if self._stacks > 1 else "") + (
+            f"-g{gen}" if gen > 1 else "")
+        disk = (f"target={base}.img, vdev=xvda, access=rw, backend={self.driver}, "
+                f"size={w.disk_size}")
+        seed = 1 + len(self._guest_names)
+        extra = (f"{w.extra} seed={seed} ops=1000000000 seconds={self._guest_seconds()} "
+                 "timeout=60000").strip()
+        cfg = st.domain_config(name, w.image, 8, on_poweroff="preserve", on_crash="preserve",
+                               extra=extra, disk=[disk])
+        st.call("create", path=str(cfg))
+        self._console[name] = ""
+        self._guest_names.append(name)
+        self._live[name] = (k, i, gen)
+
+    def _guest_ended(self, name: str, kind: str, p: dict[str, Any]) -> None:
+        """Record a guest that powered off or crashed; destroy it (its disk is free again)."""
+        self._live.pop(name, None)
+        con = self._call("console", name=name)["data"].decode(errors="replace")
+        assert self._stack is not None
+        (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
+        m = _SUMMARY.findall(con)
+        sm = dict(re.findall(r"(\w+)=(-?\d+)", m[-1])) if m else {}
+        self.guests.append({
+            "name": name, "ops": int(sm.get("ops", 0)), "errors": int(sm.get("errors", 0)),
+            "mismatches": int(sm.get("mismatches", 0)),
+            "exit": "crash" if kind == "crashed" else "poweroff", "code": p.get("code")})
+        self._call("destroy", name=name)
 
     def _stop_stack(self) -> None:
         if self._sub is not None:
@@ -217,9 +260,15 @@ class Campaign:
         return self._stack.call(command, **props)
 
     def _kernel_alive(self) -> bool:
+        """The kernel runs (a stopped kernel counts as gone: it serves nobody)."""
         st = self._stack
-        return st is not None and st.kernel_pid is not None and psutil.pid_exists(
-            st.kernel_pid) and psutil.Process(st.kernel_pid).status() != psutil.STATUS_ZOMBIE
+        if st is None or st.kernel_pid is None:
+            return False
+        try:
+            return psutil.Process(st.kernel_pid).status() not in (
+                psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_DEAD)
+        except psutil.Error:
+            return False
 
     # -- events -------------------------------------------------------------------------------
     def _pump(self, timeout: float, rec: Record | None = None) -> tuple[str, dict[str, Any]] | None:
@@ -230,6 +279,14 @@ class Campaign:
         if ev is None:
             return None
         topic, p = ev
+        parts = topic.split(".")
+        if len(parts) == 3 and parts[0] == "domain" and parts[1] in self._live and \
+                parts[2] in ("shutdown", "crashed"):
+            k, i, gen = self._live[parts[1]]
+            self._guest_ended(parts[1], parts[2], p)
+            if self._injecting:
+                self._create_guest(k, i, gen + 1)
+            return ev
         if topic.startswith("console."):
             name = topic.split(".", 1)[1]
             text = bytes(p.get("data", b"")).decode(errors="replace")
@@ -258,6 +315,8 @@ class Campaign:
     def _wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
+            if not self._kernel_alive():
+                raise _KernelGone(what)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"campaign: timed out waiting for {what}")
             self._pump(0.02)
@@ -269,7 +328,12 @@ class Campaign:
         return None
 
     def _ready(self) -> bool:
-        row = self._driver_row()
+        if not self._kernel_alive():
+            return False
+        try:
+            row = self._driver_row()
+        except ControlError:
+            return False
         if row is None or row.get("state") != "RUNNING" or not isinstance(row.get("pid"), int):
             return False
         return self.isolation == "inline" or bool(row.get("spare_ready"))
@@ -279,9 +343,15 @@ class Campaign:
         entry = self.plan.faults[item.fault]
         while time.monotonic() - self._t0 < item.at_s:
             self._pump(min(0.05, item.at_s - (time.monotonic() - self._t0)))
-        if not self._kernel_alive():
-            self._restart_after_crash()
-        self._wait_for(self._ready, 60, f"driver {self.driver} to be ready")
+        while True:
+            if not self._kernel_alive() or self._broken:
+                self._broken = False
+                self._restart_after_crash()
+            try:
+                self._wait_for(self._ready, 60, f"driver {self.driver} to be ready")
+                break
+            except _KernelGone:
+                continue
         rec = Record(item.seq, round(time.monotonic() - self._t0, 3), item.type, self.driver,
                      entry.args())
         self.records.append(rec)
@@ -291,11 +361,16 @@ class Campaign:
             self._inject(entry, rec)
             self._follow(entry, rec)
         except ControlError as e:
-            rec.notes.append(f"control: {e}")
+            if self._kernel_alive():
+                rec.notes.append(f"control: {e}")
         if not self._kernel_alive():
             rec.kernel_crash = True
             self.kernel_crashes += 1
         rec.outcome = self._outcome(rec)
+        # inline, a driver that hung or lost track of a device is not replaced: its guests
+        # are lost, and the next fault gets a fresh stack (as after a kernel crash)
+        self._broken = self.isolation == "inline" and rec.outcome in ("guest_lost",
+                                                                     "guest_error")
 
     def _inject(self, entry: FaultEntry, rec: Record) -> None:
         kind = entry.type
@@ -374,7 +449,7 @@ class Campaign:
                     quiet_until = time.monotonic() + SETTLE_S
             elif topic.startswith("domain.") and topic.endswith(".crashed"):
                 rec.notes.append(f"{topic}: {p.get('reason')}")
-        if self.isolation == "process" and kind not in ("sigkill", "sigstop", "recovery_crash"):
+        if kind not in ("sigkill", "sigstop", "recovery_crash") and self._kernel_alive():
             self._call("fault", action="reset", driver=name)
 
     def _outcome(self, rec: Record) -> str:
@@ -399,42 +474,26 @@ class Campaign:
 
     def _restart_after_crash(self) -> None:
         """The kernel died (inline): its guests are lost; a fresh stack takes over."""
-        for name in self._guest_names:
-            if not any(g["name"] == name for g in self.guests):
-                self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
-                                    "exit": "crash", "code": None})
+        for name in self._live:
+            self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
+                                "exit": "crash", "code": None})
+        self._live.clear()
         self._stop_stack()
         self._start_stack()
 
     # -- the end --------------------------------------------------------------------------------
     def _finish_guests(self) -> None:
+        """No more faults: let the guests end by themselves and record them."""
         if not self._kernel_alive():
             self._restart_after_crash()
-        waiting = [n for n in self._guest_names if not any(g["name"] == n for g in self.guests)]
-        ends: dict[str, tuple[str, dict[str, Any]]] = {}
-        deadline = time.monotonic() + self._run_seconds() + 60
-        while len(ends) < len(waiting) and time.monotonic() < deadline:
-            ev = self._pump(0.1)
-            if ev is None:
-                continue
-            topic, p = ev
-            parts = topic.split(".")
-            if len(parts) == 3 and parts[0] == "domain" and parts[2] in ("shutdown", "crashed") \
-                    and parts[1] in waiting:
-                ends[parts[1]] = (parts[2], p)
-        assert self._stack is not None
-        for name in waiting:
-            con = self._call("console", name=name)["data"].decode(errors="replace")
-            (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
-            m = _SUMMARY.findall(con)
-            sm = dict(re.findall(r"(\w+)=(-?\d+)", m[-1])) if m else {}
-            end = ends.get(name)
-            self.guests.append({
-                "name": name, "ops": int(sm.get("ops", 0)), "errors": int(sm.get("errors", 0)),
-                "mismatches": int(sm.get("mismatches", 0)),
-                "exit": "hung" if end is None else (
-                    "crash" if end[0] == "crashed" else "poweroff"),
-                "code": None if end is None else end[1].get("code")})
+        self._injecting = False
+        deadline = time.monotonic() + EPOCH_S + 60
+        while self._live and time.monotonic() < deadline:
+            self._pump(0.1)
+        for name in list(self._live):  # still running: hung
+            self._live.pop(name)
+            self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
+                                "exit": "hung", "code": None})
 
     def _journal(self, started: str, duration: float) -> dict[str, Any]:
         faults = [r.journal() for r in self.records]
