@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -108,6 +109,10 @@ def fault_reset(driver: Annotated[str | None, typer.Argument(
     out.print(f"removed {n} fault{'' if n == 1 else 's'}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 PlanArg = Annotated[Path, typer.Argument(help="Campaign plan (TOML, docs/campaigns.md).")]
 
 
@@ -145,6 +150,10 @@ def campaign_run(
     if s < 0:
         fail(f"--seed must be >= 0, got {s}", 2)
     target = out_dir or Path(f"campaign-{p.name}-{s}")
+    # Ctrl-C and SIGTERM both end the run cleanly: the stack is stopped, the journal written
+    # (SIGINT is restored too: a shell's background job starts with it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[left]}"), console=err, transient=True) as bar:

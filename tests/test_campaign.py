@@ -9,6 +9,9 @@ no error.  The last runs the smoke campaign of examples/ and checks its journal 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import psutil
 import pytest
 
 from isovisor.campaign.plan import load_plan, schedule, schedule_to_json
-from tests.conftest import Stack
+from isovisor.paths import shm_prefix_for
+from tests.conftest import Stack, wait_until
 from tests.test_recovery import (
     DRIVER,
     Events,
@@ -152,3 +156,41 @@ def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
     assert (out / "report.html").read_text().count("<svg") >= 2
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if str(out) in " ".join(p.info["cmdline"] or ())]  # nothing left behind
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_writes_the_journal_of_what_ran_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "isovisor.cli", "campaign", "run",
+                             str(ROOT / "examples" / "campaign-smoke.toml"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def stack_pids() -> list[int]:
+            return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "drivers.host" in " ".join(c.cmdline())]
+        wait_until(lambda: stack_pids(), timeout=60, what="the campaign's stack")
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        mine = {c.pid for c in kids}
+        sup = [c.pid for c in kids if "isovisor.supervisor" in " ".join(c.cmdline())]
+        assert len(sup) == 1, kids
+        segments = shm_prefix_for(sup[0]) + "*"
+        wait_until(lambda: list(Path("/dev/shm").glob(segments)), timeout=60,
+                   what="the guests' device segments")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:  # (a failed assertion above: still stop its stack cleanly)
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted: the journal of what ran is in" in " ".join(err.split()), err
+    journal = json.loads((out / "journal.json").read_text())
+    assert journal["campaign"]["interrupted"] is True
+    assert journal["summary"]["injected"] == len(journal["faults"]) < 20
+    assert not [p for p in mine if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], mine
+    assert not list(Path("/dev/shm").glob(segments))

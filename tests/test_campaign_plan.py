@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
@@ -523,3 +526,31 @@ def test_any_seed_honours_the_counts(entries: list[tuple[str, float, int | None]
     assert at[0] > 0 and all(b > a for a, b in pairwise(at))
     if not faults_mode:
         assert at[-1] < duration
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "isovisor.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_validate_accepts_the_example_plans() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for plan in ("campaign-smoke.toml", "campaign-default.toml"):
+        r = _cli("campaign", "validate", str(root / "examples" / plan))
+        assert r.returncode == 0 and ": OK — 2 workload guests (blkstress)" in r.stdout, r
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_cli_refuses_a_bad_plan_with_file_line_and_status_2(tmp_path: Path,
+                                                            command: str) -> None:
+    plan = tmp_path / "bad.toml"
+    plan.write_text('[campaign]\nfaults = 3\n\n[[workload]]\nimage = "blkstress"\n\n'
+                    '[[fault]]\ntype = "sigkil"\n')
+    r = _cli("campaign", command, str(plan), *(["--out", str(tmp_path / "o")]
+                                              if command == "run" else []))
+    assert r.returncode == 2, r
+    err = " ".join(r.stderr.split())
+    assert f"{plan}:8: [[fault]] #1: type = \"sigkil\" is not a fault type" in err, err
+    assert not (tmp_path / "o").exists()  # nothing was started
