@@ -140,10 +140,22 @@ def campaign_run(
                                                      "the reports go (default: "
                                                      "./campaign-<name>-<seed>).")] = None,
         isolation: Annotated[str | None, typer.Option(help="process or inline (default: the "
-                                                      "plan's).")] = None) -> None:
+                                                      "plan's).")] = None,
+        faults: Annotated[int | None, typer.Option(help="Inject this many faults instead of "
+                                                   "what the plan says (drawn by the plan's "
+                                                   "weights; counts are kept).")] = None
+        ) -> None:
     """Start a private stack, run the plan's guests and faults, write journal and reports."""
+    import dataclasses
+
     from isovisor.campaign.runner import Campaign
     p = _load(plan)
+    if faults is not None:
+        counted = sum(e.count or 0 for e in p.faults)
+        if faults < max(1, counted) or (all(e.count for e in p.faults) and faults != counted):
+            fail(f"--faults {faults}: the plan's counts need {counted}, and other totals only "
+                 "work when some [[fault]] has no count", 2)
+        p = dataclasses.replace(p, faults_total=faults, duration=None)
     if isolation not in (None, "process", "inline"):
         fail(f"--isolation must be process or inline, got {isolation!r}", 2)
     s = p.seed if seed is None else seed
@@ -173,3 +185,34 @@ def campaign_run(
     out.print(f"{sm['injected']} faults injected in {time.monotonic() - t0:.0f} s; "
               f"report: {target / 'report.md'} and {target / 'report.html'}")
     out.print(verdict(sm))
+
+
+@campaign_app.command("report")
+def campaign_report(
+        run: Annotated[Path, typer.Argument(help="Output directory of a campaign run.")],
+        compare: Annotated[Path | None, typer.Option(help="Another run's directory (e.g. the "
+                                                     "same plan with --isolation inline), "
+                                                     "shown side by side.")] = None,
+        out_dir: Annotated[Path | None, typer.Option("--out", help="Where report.md and "
+                                                     "report.html go (default: RUN).")] = None
+        ) -> None:
+    """Write report.md and report.html again from journal.json, optionally beside another."""
+    from isovisor.campaign.report import verdict, write_report
+    journal = _journal(run)
+    other = _journal(compare) if compare is not None else None
+    md, html = write_report(out_dir or run, journal, compare=other)
+    out.print(f"wrote {md} and {html}")
+    out.print(verdict(journal["summary"]))
+
+
+def _journal(run: Path) -> dict[str, Any]:
+    path = run / "journal.json" if run.is_dir() else run
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}; give the directory of a campaign run", 2)
+    except ValueError as e:
+        fail(f"{path} is not a campaign journal (JSON): {e}", 2)
+    if not isinstance(data, dict) or not isinstance(data.get("faults"), list):
+        fail(f"{path} is not a campaign journal: it has no list of faults", 2)
+    return data

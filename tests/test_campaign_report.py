@@ -5,7 +5,10 @@ Everything here works on synthetic journals: no processes are started.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -566,3 +569,23 @@ def test_write_report(tmp_path: Path) -> None:
     b = journal(mixed(), isolation="inline")
     md2, _ = write_report(tmp_path / "out", j, compare=b)
     assert "Side by side" in md2.read_text(encoding="utf-8")
+
+
+# --- isovisor campaign report ---------------------------------------------------------------------
+
+def test_the_report_command_rewrites_both_reports_side_by_side(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, iso, outcome in ((a, "process", "recovered"), (b, "inline", "kernel_crash")):
+        d.mkdir()
+        (d / "journal.json").write_text(json.dumps(journal([fault("segv", outcome)],
+                                                           isolation=iso)))
+    cli = [sys.executable, "-m", "isovisor.cli", "campaign", "report"]
+    r = subprocess.run([*cli, str(a), "--compare", str(b)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(f"wrote {a / 'report.md'}"), r
+    md = (a / "report.md").read_text()
+    assert "## Side by side: smoke (process) vs smoke (inline)" in md
+    assert "| `segv` | 1 / 1 | 1 / 0 |" in md, md
+    r = subprocess.run([*cli, str(tmp_path / "nothing")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "give the directory of a campaign run" in r.stderr, r
