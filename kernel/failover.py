@@ -366,19 +366,22 @@ class Recovery:
         backend = dev.spec.backend
         link = self.hub.links.get(backend)
         hold = rsp_cons is not None and self._may_hold(dev, code, rsp_cons, link)
+        if hold and rsp_cons is not None:
+            # before the event: the supervisor may kill the driver and the spare say hello
+            # within milliseconds, and that hello must find the hold to take it back
+            with dev.lock:
+                if dev.hold is None:
+                    dev.hold = Hold(rsp_cons, code, link.pid if link else None)
+            log.warning("device %s: its responses from ring index %d on are held until a new "
+                        "instance of driver %s redoes them", dev.label, rsp_cons, backend)
         self.emit(f"driver.{backend}.violation", {
             "pid": link.pid if link else None,
             "reason": f"the frontend of {dev.label} reports a bad response (code {code}): "
                       f"{message}",
             "reporter": "frontend", "domain": dev.dom.name, "vdev": dev.spec.vdev,
             "held": hold})
-        if not hold or rsp_cons is None:
+        if not hold:
             return False
-        with dev.lock:
-            if dev.hold is None:
-                dev.hold = Hold(rsp_cons, code, link.pid if link else None)
-        log.warning("device %s: its responses from ring index %d on are held until a new "
-                    "instance of driver %s redoes them", dev.label, rsp_cons, backend)
         if backend in self.failing:  # no instance is coming: answer from there with errors
             self._release(dev, f"driver {backend} is failing")
             self.answer(dev)

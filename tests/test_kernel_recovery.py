@@ -49,6 +49,7 @@ from ipc.events import Subscriber, subscribe
 from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import Segment
 from isovisor.config import DomainConfig
+from kernel import abi
 from kernel.devices import SEGMENT_BYTES
 from kernel.drivers import DriverLink, Malformed, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors
@@ -915,3 +916,22 @@ def test_hello_fields_are_checked(extra: dict[str, Any], ok: bool) -> None:
     link = parse_hello(["hello", info])
     assert link.watchdog_ms == extra.get("watchdog_ms", 0)
     assert link.request_timeout_ms == extra.get("request_timeout_ms", 10_000)
+
+
+def test_the_hold_exists_before_the_violation_is_published() -> None:
+    """The supervisor may kill the driver and the spare say hello within milliseconds of the
+    violation event: that hello must already find the hold (found by a 2,000-fault campaign,
+    where a spare's hello won the race and resumed from a bogus rsp_prod)."""
+    link = DriverLink("d", "ipc:///d", 42, "m", "process")
+    dev = SimpleNamespace(spec=SimpleNamespace(backend="d", vdev="xvda"), gone=False,
+                          broken=False, hold=None, lock=threading.Lock(), label="g/xvda",
+                          dom=SimpleNamespace(name="g"))
+    seen: list[Any] = []
+
+    def emit(topic: str, payload: dict[str, Any]) -> None:
+        seen.append((topic, dev.hold))
+    manager = SimpleNamespace(hub=SimpleNamespace(links={"d": link}, known={"d"}), emit=emit,
+                              ring_indices=lambda d: (105, 100))
+    rec = Recovery(manager)  # type: ignore[arg-type]
+    assert rec.frontend_fault(dev, abi.FAULT_UNKNOWN_ID, "bad id", 100) is True  # type: ignore[arg-type]
+    assert [(t, h.index if h else None) for t, h in seen] == [("driver.d.violation", 100)]
