@@ -497,22 +497,34 @@ def _labels(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
     return (f"{la} [A]", f"{lb} [B]") if la == lb else (la, lb)
 
 
+def _compare_cells(a: dict[str, Any], b: dict[str, Any]
+                   ) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The side-by-side table of two runs: its outcome columns, and per fault type the
+    ``"A / B"`` cells (injected, then each outcome)."""
+    cols = _outcome_columns(a, b)
+    ra = {r["type"]: r for r in per_type(_faults(a))}
+    rb = {r["type"]: r for r in per_type(_faults(b))}
+
+    def pair(key: str, outcome: str | None = None) -> str:
+        def get(r: dict[str, Any] | None) -> int:
+            if r is None:
+                return 0
+            return int(r[key] if outcome is None else r[key].get(outcome, 0))
+        return f"{get(x)} / {get(y)}"
+    cells = []
+    for t in _types(a, b):
+        x, y = ra.get(t), rb.get(t)
+        cells.append((t, [pair("injected"), *(pair("outcomes", o) for o in cols)]))
+    return cols, cells
+
+
 def _md_compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     la, lb = (_md(x) for x in _labels(a, b))
     sa, sb = journal_summary(a), journal_summary(b)
     out = [f"## Side by side: {la} vs {lb}", "",
            "Cells read `A / B` with A = " + la + " and B = " + lb + ".", ""]
-    cols = _outcome_columns(a, b)
-    ra = {r["type"]: r for r in per_type(_faults(a))}
-    rb = {r["type"]: r for r in per_type(_faults(b))}
-    rows = []
-    for t in _types(a, b):
-        x, y = ra.get(t), rb.get(t)
-        row = [_mdcode(t),
-               f"{x['injected'] if x else 0} / {y['injected'] if y else 0}"]
-        row += [f"{x['outcomes'].get(o, 0) if x else 0} / {y['outcomes'].get(o, 0) if y else 0}"
-                for o in cols]
-        rows.append(row)
+    cols, cells = _compare_cells(a, b)
+    rows = [[_mdcode(t), *counts] for t, counts in cells]
     if rows:
         out += _md_table(["Fault type", "Injected", *(_mdcode(o) for o in cols)], rows)
     else:
@@ -820,16 +832,8 @@ def _html_section(journal: dict[str, Any], heading: str | None) -> str:
 def _html_compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     la, lb = _labels(a, b)
     sa, sb = journal_summary(a), journal_summary(b)
-    cols = _outcome_columns(a, b)
-    ra = {r["type"]: r for r in per_type(_faults(a))}
-    rb = {r["type"]: r for r in per_type(_faults(b))}
-    rows = []
-    for t in _types(a, b):
-        x, y = ra.get(t), rb.get(t)
-        rows.append([f"<code>{_e(t)}</code>",
-                     f"{x['injected'] if x else 0} / {y['injected'] if y else 0}",
-                     *(f"{x['outcomes'].get(o, 0) if x else 0} / "
-                       f"{y['outcomes'].get(o, 0) if y else 0}" for o in cols)])
+    cols, cells = _compare_cells(a, b)
+    rows = [[f"<code>{_e(t)}</code>", *counts] for t, counts in cells]
     out = ['<section class="compare">', f"<h2>Side by side: {_e(la)} vs {_e(lb)}</h2>",
            f"<p>Cells read <code>A / B</code> with A = {_e(la)} and B = {_e(lb)}.</p>"]
     if rows:

@@ -114,7 +114,6 @@ class Campaign:
         self._stack: PrivateStack | None = None
         self._sub: Subscriber | None = None
         self._t0 = 0.0
-        self._console: dict[str, str] = {}
         self._last_sample = (0.0, 0)
         self._guest_names: list[str] = []
         self._live: dict[str, tuple[int, int, int]] = {}  # guest -> (workload, index, gen)
@@ -219,7 +218,6 @@ class Campaign:
         cfg = st.domain_config(name, w.image, 8, on_poweroff="preserve", on_crash="preserve",
                                extra=extra, disk=[disk])
         st.call("create", path=str(cfg))
-        self._console[name] = ""
         self._guest_names.append(name)
         self._live[name] = (k, i, gen)
 
@@ -287,13 +285,10 @@ class Campaign:
             if self._injecting:
                 self._create_guest(k, i, gen + 1)
             return ev
-        if topic.startswith("console."):
-            name = topic.split(".", 1)[1]
+        if topic.startswith("console.") and rec is not None:
             text = bytes(p.get("data", b"")).decode(errors="replace")
-            self._console[name] = self._console.get(name, "") + text
-            if rec is not None:
-                rec.data_mismatches += len(_MISMATCH_LINE.findall(text))
-                rec.guest_errors += len(_ERROR_LINE.findall(text))
+            rec.data_mismatches += len(_MISMATCH_LINE.findall(text))
+            rec.guest_errors += len(_ERROR_LINE.findall(text))
         return ev
 
     def _sample(self) -> None:
@@ -421,8 +416,6 @@ class Campaign:
                 if kind in ("slow", "corrupt_data") or (self.isolation == "inline"
                                                           and kind not in _REPLACED):
                     quiet_until = time.monotonic() + 1.0 + entry.latency_ms / 1e3
-                if kind == "poison":
-                    pass
             elif topic in (f"driver.{name}.hang", f"driver.{name}.violation") and \
                     p.get("pid") == rec.target_pid and not rec.detected:
                 rec.detected, rec.detected_by = True, topic.rsplit(".", 1)[1]
