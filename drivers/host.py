@@ -25,6 +25,17 @@ Supervision (docs/recovery.md):
 * ``--watchdog-ms N``: a ``["heartbeat", name, seq]`` every N/4 ms from the loop itself, so a
   loop stuck anywhere sends none.  hello carries ``watchdog_ms`` and ``request_timeout_ms``.
 * ``["inject", kind]``: a real fault, for tests and campaigns (see :data:`INJECT_KINDS`).
+* Hot swap (docs/hotswap.md): ``["drain"]`` makes an active host save its backend's state,
+  suspend it (every device let go) and say ``["saved", {name, pid, state}]``; it is then
+  *drained*: it serves nothing and sends no heartbeat.  ``["restore", state]`` makes a spare
+  (the new implementation) or a drained host (a rollback, with a fresh backend) restore that
+  state, say ``["restored", {name, pid, state}]`` (its state now) and hello; if the backend
+  refuses, ``["restore_failed", {name, pid, error, traceback}]``.
+
+``--module`` names the backend class: ``package.module`` (its ``Backend``),
+``package.module:Class``, ``/path/to/file.py`` (its ``Backend``, or its only backend class) or
+``/path/to/file.py:Class``.  With ``--report FILE``, a host that cannot start, or that ends by
+fail-stop, writes ``{"error", "traceback"}`` there as JSON (the supervisor shows it).
 
 A backend sees this API: ``host.name``, ``host.log``, ``host.notify(key)``,
 ``host.store_write(path, value)`` (only below ``/driver/<name>/``), ``host.fault(key, message)``,
@@ -40,7 +51,10 @@ import argparse
 import contextlib
 import ctypes
 import faulthandler
+import hashlib
 import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -51,12 +65,15 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import msgpack
 import zmq
 
+from drivers.state import BackendState
 from isovisor.procs import die_with_parent
 
 POLL_MS = 200
@@ -96,6 +113,10 @@ LEAK_BYTES = 64 << 20
 _PAGE = 4096
 #: Faults to arm at start (a JSON list; isovisor.driverproc sets it).
 FAULTS_ENV = "ISOVISOR_DRIVER_FAULTS"
+#: What every backend class has (the ``Backend`` protocol below).
+REQUIRED_METHODS = ("attach", "detach", "fe_state", "kick", "close")
+#: What a backend needs to be hot-swapped in or out (drivers.blk.backend.BlockBackend has them).
+SWAP_METHODS = ("save", "suspend", "restore")
 _PR_SET_DUMPABLE = 4
 
 
@@ -130,6 +151,9 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "inject": ((lambda v: isinstance(v, str),), '["inject", kind:str]'),
     "activate": ((), '["activate"]'),
     "faults": ((lambda v: isinstance(v, list),), '["faults", [spec, ...]]'),
+    "drain": ((), '["drain"]'),
+    "report": ((), '["report"]'),
+    "restore": ((lambda v: isinstance(v, dict),), '["restore", {state}]'),
 }
 
 
@@ -157,7 +181,8 @@ class DriverHost:
     def __init__(self, name: str, module: str, options: dict[str, Any], ctx: zmq.Context[Any],
                  kernel_endpoint: str, listen_endpoint: str, *, process: bool = False,
                  spare: bool = False, watchdog_ms: int = 0,
-                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
+                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+                 report: str | None = None) -> None:
         if not _NAME_RE.match(name):
             raise HostError(f"invalid driver name {name!r}: use 1-64 letters, digits, '_', '.', "
                             "'-'")
@@ -171,6 +196,11 @@ class DriverHost:
         self.endpoint = listen_endpoint
         self.process = process
         self.spare = spare
+        #: spare (waits for activate or restore), active (serves), drained (saved and
+        #: suspended for a hot swap: waits for restore or the end).
+        self.mode = "spare" if spare else "active"
+        self.report = report
+        self.options = options
         self.watchdog_ms = watchdog_ms
         self.request_timeout_ms = request_timeout_ms
         self.log = logging.getLogger(f"isovisor.driver.{name}")
@@ -185,7 +215,8 @@ class DriverHost:
         self._leaked_fds: list[int] = []
         self._sender = f"{name}:{os.getpid()}".encode()
         self.backend: Backend | None = None
-        factory = _backend_factory(module)
+        factory, self.implementation = load_backend(module, swappable=report is not None)
+        self._factory = factory
         self._pull = ctx.socket(zmq.PULL)
         self._push = ctx.socket(zmq.PUSH)
         try:
@@ -228,7 +259,9 @@ class DriverHost:
 
     def _hello(self) -> None:
         self._send(["hello", {**self._identity(), "watchdog_ms": self.watchdog_ms,
-                              "request_timeout_ms": self.request_timeout_ms}])
+                              "request_timeout_ms": self.request_timeout_ms,
+                              "statistics": callable(getattr(self.backend, "statistics",
+                                                             None))}])
         self._next_heartbeat = time.monotonic() + self._heartbeat_s
 
     # -- the API backends use ------------------------------------------------------------------
@@ -357,6 +390,8 @@ class DriverHost:
                 raise
             raws = self._drain() if ready else []
             self._dispatch(raws)
+            if self.mode != "active":
+                continue  # drained: no heartbeat (the next instance's link is not ours)
             if self._heartbeat_s:
                 self._heartbeat()
 
@@ -370,6 +405,21 @@ class DriverHost:
         left = self._next_heartbeat - time.monotonic()
         return max(0, min(POLL_MS, math.ceil(left * 1000)))
 
+    def _statistics(self) -> None:
+        """``["report"]``: answer ``["statistics", {name, pid, values}]`` (the backend's
+        ``statistics()``: at most 64 numbers or strings)."""
+        fn = getattr(self.backend, "statistics", None)
+        if fn is None:
+            return
+        try:
+            values = {str(k): v for k, v in fn().items()
+                      if isinstance(v, int | float | str) and not isinstance(v, bool)}
+        except Exception:
+            self.log.exception("statistics() failed; no statistics this time")
+            return
+        self._send(["statistics", {"name": self.name, "pid": os.getpid(),
+                                   "values": dict(list(values.items())[:64])}])
+
     def _heartbeat(self) -> None:
         now = time.monotonic()
         if now < self._next_heartbeat:
@@ -381,8 +431,10 @@ class DriverHost:
             self._next_heartbeat = now + self._heartbeat_s
 
     def _await_activation(self) -> bool:
-        """A spare waits here for ``["activate"]``, then says hello: True.  False if it was
-        stopped first.  Anything else that arrives meanwhile is logged and ignored."""
+        """A spare waits here for ``["activate"]`` (or ``["restore", state]``: it is the new
+        implementation of a hot swap), then says hello: True.  False if it was stopped first,
+        or if its backend refused the state.  Anything else that arrives meanwhile is logged
+        and ignored."""
         self.log.info("spare: waiting for activate at %s", self.endpoint)
         while not self._stop.is_set():
             if not self._pull.poll(POLL_MS):
@@ -395,15 +447,85 @@ class DriverHost:
             if msg is not None and msg[0] == "activate":
                 self.log.info("spare activated: saying hello")
                 self.spare = False
+                self.mode = "active"
                 self._hello()
                 return True
-            if msg is not None and msg[0] == "faults" and len(msg) == 2 \
-                    and isinstance(msg[1], list):
+            if msg is not None and msg[0] == "restore":
+                if self._restore(msg[1], fresh=False):
+                    self.spare = False
+                    return True
+                continue  # refused: the kernel rolls back; the supervisor ends us
+            if msg is not None and msg[0] == "faults":
                 self._set_faults(msg[1])  # armed before it takes over (the supervisor's table)
                 continue
             if msg is not None:
                 self.log.warning("spare: ignoring %s before activation", _short(msg))
         return False
+
+    # -- hot swap --------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """``["drain"]``: save the backend's state, suspend it, say ``saved``; drained."""
+        if self.mode != "active":
+            self.log.warning("ignoring drain: this host is %s", self.mode)
+            return
+        backend = self.backend
+        save, suspend = getattr(backend, "save", None), getattr(backend, "suspend", None)
+        if save is None or suspend is None:
+            self._send(["drain_failed", {
+                "name": self.name, "pid": os.getpid(),
+                "error": f"backend {self.implementation} cannot be drained: it has no "
+                         "save() and suspend() (subclass drivers.sdk.BlockBackend)"}])
+            return
+        started = time.monotonic_ns()
+        try:
+            state = save()
+            wire = state.to_wire()
+        except Exception as e:  # nothing was let go yet: the old backend goes on serving
+            self.log.exception("drain: save() failed; the backend goes on serving")
+            self._send(["drain_failed", {"name": self.name, "pid": os.getpid(),
+                                         "error": f"{type(e).__name__}: {e}",
+                                         "traceback": traceback.format_exc()}])
+            return
+        self._call("suspend", suspend)  # a failure here is fail-stop: recovery takes over
+        self.mode = "drained"
+        self._again.clear()
+        self.log.warning("drained for a hot swap in %.2f ms: state of %d device(s) saved",
+                         (time.monotonic_ns() - started) / 1e6, len(wire["devices"]))
+        self._send(["saved", {"name": self.name, "pid": os.getpid(), "state": wire}])
+
+    def _restore(self, wire: dict[str, Any], *, fresh: bool) -> bool:
+        """``["restore", state]``: restore it (into a new backend if ``fresh``), say
+        ``restored`` and hello: True.  If the backend refuses, say ``restore_failed``."""
+        try:
+            state = BackendState.from_wire(wire)
+            backend = self._factory(self, self.options) if fresh else self.backend
+            restore = getattr(backend, "restore", None)
+            if restore is None:
+                raise TypeError(f"backend {self.implementation} has no restore(state)")
+            restore(state)
+            now = backend.save().to_wire()  # type: ignore[union-attr]
+        except Exception as e:
+            self.log.error("restore refused: %s: %s", type(e).__name__, e, exc_info=True)
+            self._send(["restore_failed", {"name": self.name, "pid": os.getpid(),
+                                           "error": f"{type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()}])
+            return False
+        if fresh and self.backend is not backend:
+            self._close_backend()
+            self.backend = backend
+        self.mode = "active"
+        self.log.warning("restored the state of %s (version %s, %d device(s)): serving",
+                         state.implementation, state.version, len(state.devices))
+        self._send(["restored", {"name": self.name, "pid": os.getpid(), "state": now}])
+        self._hello()
+        return True
+
+    def _close_backend(self) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:
+                self.log.exception("closing the backend failed")
 
     def _drain(self) -> list[bytes]:
         out = []
@@ -442,27 +564,44 @@ class DriverHost:
         return msg
 
     def _dispatch(self, raws: list[bytes]) -> None:
-        backend = self.backend
-        assert backend is not None
         kicked, self._again = self._again, {}
         for raw in raws:
             msg = self._parse(raw)
             if msg is None:
                 continue
             kind = msg[0]
+            if kind == "faults":
+                self._set_faults(msg[1])
+                continue
+            if kind == "restore":
+                if self.mode == "active":
+                    self.log.warning("ignoring restore: this driver is serving already")
+                elif self._restore(msg[1], fresh=True):
+                    kicked.clear()
+                continue
+            if self.mode == "drained":
+                continue  # a rollback (restore) re-attaches everything afresh
             if kind == "kick":
                 kicked[msg[1]] = None
                 continue
             if kind == "activate":
                 self.log.warning("ignoring activate: this driver is active already")
                 continue
+            if kind == "drain":
+                self.drain()
+                kicked.clear()
+                continue
+            if kind == "report":
+                self._statistics()
+                continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
-            if kind == "faults":
-                self._set_faults(msg[1])
-                continue
-            fn = self.inject if kind == "inject" else getattr(backend, kind)
+            fn = self.inject if kind == "inject" else getattr(self.backend, kind)
             self._call(kind, fn, *msg[1:])
+        if self.mode != "active":
+            return
+        backend = self.backend
+        assert backend is not None
         for key in kicked:
             self._call("kick", backend.kick, key)
 
@@ -480,6 +619,7 @@ class DriverHost:
         in flight."""
         self.log.critical("%s: unhandled exception; exiting with status %d so that the "
                           "driver is replaced", what, EXIT_SOFTWARE, exc_info=True)
+        write_report(self.report, f"{what}: {_exception_line()}", traceback.format_exc())
         _flush_logs()
         os._exit(EXIT_SOFTWARE)
 
@@ -500,11 +640,7 @@ class DriverHost:
 
     # -- shutdown ------------------------------------------------------------------------------
     def _shutdown(self) -> None:
-        if self.backend is not None:
-            try:
-                self.backend.close()
-            except Exception:
-                self.log.exception("closing the backend failed")
+        self._close_backend()
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -512,15 +648,110 @@ class DriverHost:
             s.close(linger=0)
 
 
-def _backend_factory(module: str) -> Callable[[DriverHost, dict[str, Any]], Backend]:
+def load_backend(spec: str, *, swappable: bool = False
+                 ) -> tuple[Callable[[DriverHost, dict[str, Any]], Backend], str]:
+    """The backend class ``spec`` names (see the module docstring) and its canonical name
+    (``module:Class`` or ``/abs/file.py:Class``).  HostError says what is wrong: no such module
+    or file, a syntax error (with its line), no such class, or a class that lacks part of the
+    interface (``swappable``: also save, suspend and restore)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise HostError("the backend must be named: package.module[:Class] or "
+                        "/path/to/file.py[:Class]")
+    where, _, cls_name = spec.strip().rpartition(":") if ":" in spec else (spec, "", "")
+    if not where:
+        where, cls_name = spec, ""
+    is_file = where.endswith(".py") or "/" in where
+    mod = _import_file(where) if is_file else _import_module(where)
+    origin = str(Path(where).resolve()) if is_file else where
+    if cls_name:
+        cls = getattr(mod, cls_name, None)
+        if cls is None:
+            raise HostError(f"{origin} has no class {cls_name!r} (it defines: "
+                            f"{', '.join(_classes(mod)) or 'no classes'})")
+    else:
+        cls = getattr(mod, "Backend", None)
+        if cls is None:
+            own = [c for c in _classes(mod, own=True)
+                   if all(callable(getattr(getattr(mod, c), m, None)) for m in REQUIRED_METHODS)]
+            if len(own) != 1:
+                raise HostError(f"{origin} has no Backend class; name the class: "
+                                f"{origin}:<Class> (backend classes there: "
+                                f"{', '.join(own) or 'none'})")
+            cls_name = own[0]
+            cls = getattr(mod, cls_name)
+        else:
+            cls_name = "Backend"
+    name = f"{origin}:{cls_name}"
+    if not inspect.isclass(cls):
+        raise HostError(f"{name} is not a class but {type(cls).__name__}")
+    need = REQUIRED_METHODS + (SWAP_METHODS if swappable else ())
+    missing = [m for m in need if not callable(getattr(cls, m, None))]
+    if missing:
+        raise HostError(f"{name} does not implement the backend interface: it has no "
+                        f"{', '.join(missing)} (subclass drivers.sdk.BlockBackend; see "
+                        "docs/sdk.md)")
+    if inspect.isabstract(cls):
+        abstract = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise HostError(f"{name} does not implement the backend interface: it must define "
+                        f"{abstract} (see docs/sdk.md)")
+    return cls, name
+
+
+def _classes(mod: Any, own: bool = False) -> list[str]:
+    return [n for n, v in vars(mod).items() if inspect.isclass(v) and not n.startswith("_")
+            and (not own or v.__module__ == mod.__name__)]
+
+
+def _import_module(name: str) -> Any:
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            raise HostError(f"no module named {name!r}: check the name, or give a file with "
+                            "--to-file") from e
+        raise HostError(f"cannot import driver module {name!r}: {e}") from e
+    except SyntaxError as e:
+        raise HostError(f"cannot import driver module {name!r}: syntax error in "
+                        f"{e.filename}, line {e.lineno}: {e.msg}") from e
     except Exception as e:
-        raise HostError(f"cannot import driver module {module!r}: {e}") from e
-    factory = getattr(mod, "Backend", None)
-    if factory is None:
-        raise HostError(f"driver module {module!r} has no Backend class")
-    return factory
+        raise HostError(f"cannot import driver module {name!r}: {type(e).__name__}: {e}") from e
+
+
+def _import_file(path: str) -> Any:
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise HostError(f"backend file {p} does not exist")
+    # a fresh module name per path and content: a changed file is a new module (--watch)
+    digest = hashlib.sha1(str(p).encode() + p.read_bytes()).hexdigest()[:12]
+    modname = f"isovisor_backend_{re.sub(r'[^A-Za-z0-9_]', '_', p.stem)}_{digest}"
+    spec = importlib.util.spec_from_file_location(modname, p)
+    if spec is None or spec.loader is None:
+        raise HostError(f"cannot load {p} as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        sys.modules.pop(modname, None)
+        raise HostError(f"syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:
+        sys.modules.pop(modname, None)
+        raise HostError(f"importing {p} failed: {type(e).__name__}: {e}") from e
+    return mod
+
+
+def _exception_line() -> str:
+    """``Type: message`` of the exception being handled."""
+    t, v, _ = sys.exc_info()
+    return f"{t.__name__}: {v}" if t is not None else "unknown error"
+
+
+def write_report(path: str | None, error: str, tb: str) -> None:
+    """Tell the supervisor why this instance could not start or ended (``--report``)."""
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"error": error, "traceback": tb}))
 
 
 # --- fault injection ------------------------------------------------------------------------------
@@ -690,6 +921,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--request-timeout-ms", type=_non_negative_int,
                     default=DEFAULT_REQUEST_TIMEOUT_MS,
                     help="reported in hello: a request outstanding longer is a hang")
+    ap.add_argument("--report", default=None,
+                    help="write why this instance could not start or ended (JSON) here; the "
+                         "backend must also support hot swap (save, suspend, restore)")
     return ap
 
 
@@ -716,9 +950,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             host = DriverHost(args.name, args.module, options, ctx, args.kernel, args.listen,
                               process=True, spare=args.spare, watchdog_ms=args.watchdog_ms,
-                              request_timeout_ms=args.request_timeout_ms)
+                              request_timeout_ms=args.request_timeout_ms, report=args.report)
         except HostError as e:
             log.error("%s", e)
+            write_report(args.report, str(e), traceback.format_exc())
+            return 2
+        except Exception as e:  # the backend's own constructor failed
+            log.exception("driver %s: the backend %s failed to start", args.name, args.module)
+            write_report(args.report, f"the backend's constructor raised {type(e).__name__}: "
+                                      f"{e}", traceback.format_exc())
             return 2
         signal.signal(signal.SIGTERM, lambda *_: host.stop())
         log.info("driver %s (%s) listening at %s%s", args.name, args.module, args.listen,

@@ -30,6 +30,7 @@ from isovisor.clicommon import (
     fail,
     out,
 )
+from isovisor.cliswap import driver_stats, driver_swap
 from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
 from isovisor.kernelproc import KernelProcess, KernelStartError
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
@@ -294,7 +295,7 @@ def status(run_dir: RunDirOpt = None,
     t = Table(box=None, pad_edge=False)
     for col, just in (("Name", "left"), ("State", "left"), ("PID", "right"),
                       ("Uptime", "right"), ("Restarts", "left"), ("Last failure", "left"),
-                      ("Devices", "right"), ("In-flight", "right")):
+                      ("Devices", "right"), ("In-flight", "right"), ("Backend", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for d in drvs:
         live = d["state"] in ("STARTING", "RUNNING", "STOPPING")
@@ -306,8 +307,21 @@ def status(run_dir: RunDirOpt = None,
                   str(d["pid"]) if live and d.get("pid") else "-",
                   _uptime(d["uptime_s"]) if live and d.get("uptime_s") is not None else "-",
                   _restarts(d), escape(last), _count(d.get("devices")),
-                  _count(d.get("outstanding")))
+                  _count(d.get("outstanding")), escape(_backend(d)))
     out.print(t)
+
+
+def _backend(d: dict[str, Any]) -> str:
+    """The implementation, and its swaps: one under way, or how many and the last outcome."""
+    text = str(d.get("module") or "-")
+    if d.get("swap"):
+        return f"{text} (swap: {d['swap']})"
+    last = d.get("last_swap")
+    if last:
+        stall = last.get("stall_ms")
+        took = f", {stall:.0f} ms" if isinstance(stall, int | float) else ""
+        text += f" ({d.get('swaps')} swap(s), last {last.get('outcome')}{took})"
+    return text
 
 
 def _restarts(d: dict[str, Any]) -> str:
@@ -325,8 +339,10 @@ def _count(v: Any) -> str:
 
 
 driver_app = typer.Typer(no_args_is_help=True,
-                         help="Start, stop or restart a supervised driver process.")
+                         help="Start, stop, restart or hot-swap a supervised driver process.")
 app.add_typer(driver_app, name="driver")
+driver_app.command("swap")(driver_swap)
+driver_app.command("stats")(driver_stats)
 app.add_typer(fault_app, name="fault")
 app.add_typer(campaign_app, name="campaign")
 NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]

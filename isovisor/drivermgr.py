@@ -22,6 +22,7 @@ from ipc.control import ControlError, NotFound
 from isovisor.config import DriverConfig, StackConfig
 from isovisor.driverproc import DriverProcess
 from isovisor.faulttable import FaultTable
+from isovisor.hotswap import Swap, Swapper
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir
 from isovisor.supervision import (
@@ -80,6 +81,10 @@ class Slot:
         self.pending: Pending | None = None
         self.recovery: Recovery | None = None
         self.instances = 0
+        #: A hot swap under way (isovisor/hotswap.py), and the last outcomes.
+        self.swap: Swap | None = None
+        self.swaps: list[dict[str, Any]] = []
+        self.swap_count = 0
 
 
 class DriverManager:
@@ -102,6 +107,7 @@ class DriverManager:
         self._warned: set[str] = set()
         self.faults = FaultTable()
         self._armed: set[str] = set()  # drivers whose instance has (or had) faults armed
+        self.swapper = Swapper(self)
 
     # -- start-up (the supervisor waits for the hello itself) -------------------------------
     def start(self, name: str) -> DriverProcess:
@@ -137,10 +143,12 @@ class DriverManager:
             return
         self._forget(inst)
         if inst is slot.active:
-            self._active_ended(slot, inst, code)
+            if not self.swapper.active_ended(slot, inst, code):
+                self._active_ended(slot, inst, code)
         elif inst is slot.spare:
             self._spare_ended(slot, inst, code)
         else:
+            self.swapper.process_ended(slot, inst, code)
             self._retiring.pop(inst, None)
 
     def on_kernel_event(self, topic: str, p: dict[str, Any]) -> None:
@@ -151,6 +159,8 @@ class DriverManager:
         if slot is None:
             return
         what, pid = parts[-1], p.get("pid")
+        if self.swapper.on_kernel_event(slot, what, p):
+            return
         active = slot.active
         if what == "ready" and active is not None and active.pid == pid:
             slot.sv.ready()
@@ -196,6 +206,7 @@ class DriverManager:
             if slot.spare_due is not None and now >= slot.spare_due:
                 slot.spare_due = None
                 self._ensure_spare(slot)
+        self.swapper.tick(now)
         for inst, kill_at in list(self._retiring.items()):
             if now >= kill_at:
                 inst.signal(signal.SIGKILL)
@@ -388,15 +399,43 @@ class DriverManager:
                faults: list[dict[str, Any]] | None = None) -> DriverProcess:
         slot.instances += 1
         inst = DriverProcess(slot.cfg, self.run_dir, slot.instances, spare=spare)
+        self.adopt(slot, inst, faults)
+        return inst
+
+    def adopt(self, slot: Slot, inst: DriverProcess,
+              faults: list[dict[str, Any]] | None = None) -> None:
+        """Start ``inst`` (one of ``slot``'s processes) and watch for its death."""
         inst.start(faults)
-        if spare:
+        if inst.spare:
             inst.connect(self.ctx)
         assert inst.pidfd is not None
         self._by_fd[inst.pidfd] = (slot, inst)
         self.poller.register(inst.pidfd, zmq.POLLIN)
-        self.publish(f"driver.{slot.cfg.name}.spawn", {"pid": inst.pid, "spare": spare,
+        self.publish(f"driver.{slot.cfg.name}.spawn", {"pid": inst.pid, "spare": inst.spare,
                                                        "instance": inst.instance})
-        return inst
+
+    # -- what the hot swap (isovisor/hotswap.py) uses ----------------------------------------
+    def kernel_command(self, command: str, **props: Any) -> None:
+        self._kernel(command, **props)
+
+    def retire(self, inst: DriverProcess, grace: float) -> None:
+        self._retire(inst, grace)
+
+    def replace_spare(self, slot: Slot) -> None:
+        """The driver's module changed: a spare of the new one instead of the old one's."""
+        self._retire_spare(slot)
+        self._ensure_spare(slot)
+
+    def send_faults(self, driver: str) -> None:
+        self._send_faults(driver)
+
+    def kill_active(self, slot: Slot, reason: str, detail: str) -> None:
+        self._kill(slot, reason, detail)
+
+    def swap(self, name: str, target: str, probation: float | None,
+             timeout: float | None) -> dict[str, Any]:
+        """``isovisor driver swap``: see isovisor/hotswap.py."""
+        return self.swapper.begin(name, target, probation, timeout)
 
     def _forget(self, inst: DriverProcess) -> None:
         if inst.pidfd is not None:
@@ -417,8 +456,11 @@ class DriverManager:
             log.log(level, "kernel command %s %s failed: %s", command, props, e.reason)
 
     def stop_all(self) -> None:
-        """Teardown: SIGTERM every instance (active, spare, retiring), SIGKILL the rest."""
+        """Teardown: SIGTERM every instance (active, spare, swapping, retiring), SIGKILL the
+        rest."""
         insts = [(s, i) for s in self.slots.values() for i in (s.active, s.spare) if i]
+        insts += [(s, i) for s in self.slots.values() if s.swap is not None
+                  for i in (s.swap.cand, s.swap.old) if i not in (s.active, s.spare)]
         insts += [(None, i) for i in self._retiring]
         grace = max((s.cfg.graceful_timeout for s in self.slots.values()), default=0.0)
         for _, inst in insts:
@@ -436,7 +478,7 @@ class DriverManager:
                 inst.proc.wait()
             self._forget(inst)
         for slot in self.slots.values():
-            slot.active = slot.spare = None
+            slot.active = slot.spare = slot.swap = None
             if slot.sv.state in LIVE:
                 slot.sv.stopped()
         self._retiring.clear()
@@ -547,10 +589,16 @@ class DriverManager:
         for d in self.cfg.drivers:
             k = connected.get(d.name, {})
             slot = self.slots.get(d.name)
+            module = d.module
             if slot is not None:
                 row = slot.sv.row()
                 row["spare_pid"] = slot.spare.pid if slot.spare else None
                 row["spare_ready"] = slot.spare_warm
+                module = slot.cfg.module
+                row["swap"] = slot.swap.phase if slot.swap else None
+                row["swaps"] = slot.swap_count
+                row["last_swap"] = ({k: v for k, v in slot.swaps[-1].items()
+                                     if k != "traceback"} if slot.swaps else None)
             else:
                 failure = self.inline_failure.get(d.name)
                 row = {"name": d.name, "state": "FATAL" if failure else "RUNNING",
@@ -559,10 +607,11 @@ class DriverManager:
                        "last_reason": "start" if failure else None, "spare_pid": None,
                        "spare_ready": False}
             linked = bool(k.get("connected", bool(k))) and k.get("pid") is not None
-            row.update(module=d.module, isolation=d.isolation, supervised=d.supervised,
+            row.update(module=module, isolation=d.isolation, supervised=d.supervised,
                        connected=linked and k.get("pid") == row["pid"],
                        devices=k.get("devices"), outstanding=k.get("outstanding"),
                        failing=k.get("failing"), failing_reason=k.get("failing_reason"),
-                       last_seen_ms=k.get("last_seen_ms"))
+                       last_seen_ms=k.get("last_seen_ms"),
+                       statistics=k.get("statistics") or {})
             out.append(row)
         return out

@@ -52,7 +52,7 @@ class DriverProcess:
     """One instance of an ``isolation = "process"`` driver."""
 
     def __init__(self, cfg: DriverConfig, run_dir: RunDir, instance: int, *,
-                 spare: bool = False) -> None:
+                 spare: bool = False, report: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.instance = instance
@@ -60,6 +60,9 @@ class DriverProcess:
         self.endpoint = run_dir.driver_endpoint(cfg.name, instance)
         self.socket_path = run_dir.driver_socket(cfg.name, instance)
         self.log_path = run_dir.driver_log(cfg.name)
+        #: ``--report`` file (a hot swap's new implementation: it must support save/restore,
+        #: and says there why it failed), or None.
+        self.report_path = run_dir.driver_report(cfg.name, instance) if report else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self._ps: psutil.Process | None = None
@@ -82,6 +85,8 @@ class DriverProcess:
                "--options", json.dumps(c.options), "--parent-pid", str(os.getpid()),
                "--watchdog-ms", str(round(c.watchdog_sec * 1000)),
                "--request-timeout-ms", str(round(c.request_timeout_sec * 1000))]
+        if self.report_path is not None:
+            cmd += ["--report", str(self.report_path)]
         return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self, faults: list[dict[str, Any]] | None = None) -> None:
@@ -166,3 +171,18 @@ class DriverProcess:
     def remove_socket(self) -> None:
         """A killed instance cannot remove its socket file itself."""
         self.socket_path.unlink(missing_ok=True)
+
+    def take_report(self) -> dict[str, str] | None:
+        """What the instance wrote to its ``--report`` file (error, traceback), removing the
+        file; None if it wrote nothing."""
+        if self.report_path is None:
+            return None
+        try:
+            data = json.loads(self.report_path.read_text())
+        except (OSError, ValueError):
+            return None
+        finally:
+            self.report_path.unlink(missing_ok=True)
+        if not isinstance(data, dict):
+            return None
+        return {"error": str(data.get("error", "")), "traceback": str(data.get("traceback", ""))}

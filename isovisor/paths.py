@@ -47,6 +47,10 @@ class RunDir:
     def driver_endpoint(self, name: str, instance: int) -> str:
         return f"ipc://{self.driver_socket(name, instance)}"
 
+    def driver_report(self, name: str, instance: int) -> Path:
+        """Where an instance started with ``--report`` (a hot swap's) says why it failed."""
+        return self.path / f"driver-{name}.{instance}.report.json"
+
     def driver_log(self, name: str) -> Path:
         return self.path / f"driver-{name}.log"
 

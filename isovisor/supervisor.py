@@ -68,6 +68,7 @@ class Supervisor:
             "unpause": self._forward, "create": self._create, "down": self._down,
             "sync": self._sync, "devices": self._forward, "store": self._forward,
             "drivers": self._drivers, "driver": self._driver, "fault": self._fault,
+            "driver_swap": self._driver_swap,
         }
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -230,6 +231,18 @@ class Supervisor:
             raise ControlError(f"property 'action' of command 'driver' must be start, stop or "
                                f"restart, got {action!r}")
         return self.mgr.command(action, prop(req, "name", str))
+
+    def _driver_swap(self, req: Request) -> dict[str, Any]:
+        """``isovisor driver swap``: starts the swap and answers at once (``swap_id``); the
+        outcome is the event ``driver.<name>.swap`` (docs/hotswap.md)."""
+        assert self.mgr is not None
+        probation, timeout = req.properties.get("probation"), req.properties.get("timeout")
+        for what, v in (("probation", probation), ("timeout", timeout)):
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+                raise ControlError(f"property {what!r} of command 'driver_swap' must be a "
+                                   f"number of seconds, got {v!r}")
+        return {"swap": self.mgr.swap(prop(req, "name", str), prop(req, "target", str),
+                                      probation, timeout)}
 
     def _fault(self, req: Request) -> dict[str, Any]:
         """``isovisor fault add|list|remove|reset`` (docs/campaigns.md)."""

@@ -28,6 +28,7 @@ from kernel import abi
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
+from kernel.swap import Swaps
 
 if TYPE_CHECKING:
     from kernel.scheduler import Scheduler
@@ -38,6 +39,8 @@ _PAGE: Final = abi.PAGE_SIZE
 SEGMENT_BYTES: Final = blkif.INFLIGHT_OFFSET + (
     -(-inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE) // _PAGE) * _PAGE)
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
+#: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
+REPORT_S: Final = 1.0
 
 
 @dataclass(eq=False)
@@ -91,13 +94,19 @@ class Device:
     def label(self) -> str:
         return f"{self.dom.name}/{self.spec.vdev}"
 
+    @property
+    def scratch(self) -> str:
+        """A memory-disk name reserved for the backend's own use (e.g. a copy of the disk in
+        memory); the kernel removes it with the device."""
+        return f"{self.segment.name}.scratch"
+
     def attach_message(self) -> list[Any]:
         s = self.spec
         return ["attach", {
             "key": self.key, "domid": self.dom.domid, "domain": self.dom.name,
             "vdev": s.vdev, "devid": s.devid, "segment": self.segment.name,
             "window": self.window, "inflight_offset": blkif.INFLIGHT_OFFSET,
-            "store": self.be_dir,
+            "store": self.be_dir, "scratch": self.scratch,
             "disk": {"target": self.memory_disk if s.type == "memory" else s.target,
                      "type": s.type, "access": s.access, "size": s.size}}]
 
@@ -130,6 +139,10 @@ class DeviceManager:
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
         self.recovery = Recovery(self)
+        self.swaps = Swaps(self)
+        self.recovery.quiet = self.swaps.quiet
+        self.recovery.on_replayed = self.swaps.on_replayed
+        self._next_report = 0.0
 
     # -- lookups for the recovery code (any thread) ---------------------------------------------
     def snapshot(self) -> list[Device]:
@@ -237,8 +250,10 @@ class DeviceManager:
 
     @staticmethod
     def _free(dev: Device) -> None:
+        scratch = dev.scratch
         dev.segment.close()
         dev.segment.unlink()
+        (SHM_DIR / scratch).unlink(missing_ok=True)
         if dev.memory_disk:
             (SHM_DIR / dev.memory_disk).unlink(missing_ok=True)
 
@@ -310,11 +325,19 @@ class DeviceManager:
         self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "at_ns": time.monotonic_ns(),
                                                 "isolation": link.isolation,
                                                 "module": link.module})
+        self.swaps.on_hello(link)
         self.recovery.on_hello(link)
 
     def on_tick(self) -> None:
-        """Periodic check (drivers thread): hung drivers."""
+        """Periodic check (drivers thread): hung drivers, hot swaps, statistics requests."""
         self.recovery.tick()
+        self.swaps.tick()
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + REPORT_S
+            for link in list(self.hub.links.values()):
+                if link.reports:
+                    self.hub.send(link.name, ["report"])
 
     def on_message(self, msg: list[Any]) -> None:
         kind = msg[0]
@@ -324,8 +347,16 @@ class DeviceManager:
                 dev.notifies += 1
                 self.recovery.notified(dev.spec.backend)
                 self.sched.notify(dev.dom, 1 << dev.port)
-        elif self.recovery.handle(msg):
+        elif self.recovery.handle(msg) or self.swaps.handle(msg):
             return
+        elif kind == "statistics" and len(msg) == 2 and isinstance(msg[1], dict):
+            info = msg[1]
+            link = self.hub.links.get(info.get("name"))  # type: ignore[arg-type]
+            values = info.get("values")
+            if link is not None and link.pid == info.get("pid") and isinstance(values, dict):
+                link.statistics = {str(k)[:64]: v for k, v in list(values.items())[:64]
+                                   if isinstance(v, int | float | str)}
+                link.touch()
         elif kind == "store" and len(msg) == 3:
             path, value = msg[1], msg[2]
             if not (isinstance(path, str) and isinstance(value, str)):

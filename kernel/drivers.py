@@ -82,6 +82,9 @@ class DriverLink:
     replayed: int = 0
     done_ns: int = 0
     replay_reported: bool = False
+    #: The instance answers ``["report"]`` with its backend's statistics (said in hello).
+    reports: bool = False
+    statistics: dict[str, Any] = field(default_factory=dict)
 
     def touch(self, now: float | None = None) -> None:
         """Note a sign of life from this instance."""
@@ -116,7 +119,8 @@ class DriverHub:
         self.pull.setsockopt(zmq.LINGER, 0)
         for ep in [*endpoints, INPROC_ENDPOINT]:
             self.pull.bind(ep)
-        self._ctl: queue.SimpleQueue[tuple[str, list[Any]]] = queue.SimpleQueue()
+        #: (driver name, or None for an endpoint of its own, endpoint, message)
+        self._ctl: queue.SimpleQueue[tuple[str | None, str, list[Any]]] = queue.SimpleQueue()
         self._running = True
         self.thread = threading.Thread(target=self._loop, name="drivers", daemon=True)
 
@@ -129,12 +133,20 @@ class DriverHub:
         connected.  Sent by the drivers thread, in the order of these calls."""
         if name not in self.links:
             return False
-        self._ctl.put((name, msg))
+        self._queue_control(name, "", msg)
+        return True
+
+    def send_control_to(self, endpoint: str, msg: list[Any]) -> None:
+        """Queue a control message for the instance at ``endpoint``, whether or not it is a
+        driver's link (a hot swap's spare, or the drained instance of a rollback)."""
+        self._queue_control(None, endpoint, msg)
+
+    def _queue_control(self, name: str | None, endpoint: str, msg: list[Any]) -> None:
+        self._ctl.put((name, endpoint, msg))
         if threading.current_thread() is self.thread:
             self._flush_control()  # already on the sending thread: no doorbell round trip
         else:
             self._send_on(INPROC_ENDPOINT, [_DOORBELL])
-        return True
 
     def send(self, name: str, msg: list[Any]) -> bool:
         """Send a kick-like ``msg`` to driver ``name`` now, from this thread; False if it is
@@ -296,9 +308,14 @@ class DriverHub:
     def _flush_control(self) -> None:
         while True:
             try:
-                name, msg = self._ctl.get_nowait()
+                name, endpoint, msg = self._ctl.get_nowait()
             except queue.Empty:
                 return
+            if name is None:
+                if not self._send_on(endpoint, msg):
+                    log.warning("control message %r to %s not delivered (not draining)",
+                                msg[0], endpoint)
+                continue
             link = self.links.get(name)
             if link is None or not self._send_on(link.endpoint, msg):
                 log.warning("driver %s: control message %r not delivered (driver gone or not "
@@ -363,5 +380,5 @@ def parse_hello(msg: list[Any]) -> DriverLink:
                         f"{watchdog!r} and {timeout!r}")
     isolation = "inline" if endpoint.startswith("inproc://") else "process"
     return DriverLink(name, endpoint, pid, module, isolation, watchdog_ms=watchdog,
-                      request_timeout_ms=timeout)
+                      request_timeout_ms=timeout, reports=info.get("statistics") is True)
 

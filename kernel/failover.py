@@ -166,6 +166,10 @@ class Recovery:
         #: Driver names in failing mode, with the reason the supervisor gave.
         self.failing: dict[str, str] = {}
         self._lock = threading.Lock()
+        #: Is a driver's ring waiting on purpose (a hot swap)?  Then no hang checks.
+        self.quiet: Callable[[str], bool] = lambda name: False
+        #: Told when every device of a link has resumed (a hot swap's end).
+        self.on_replayed: Callable[[DriverLink, int], None] = lambda link, done_ns: None
 
     # -- hello (drivers thread) ----------------------------------------------------------------
     def on_hello(self, link: DriverLink) -> None:
@@ -219,6 +223,7 @@ class Recovery:
         self.emit(f"driver.{link.name}.replayed", {
             "pid": link.pid, "devices": link.recovered, "replayed": link.replayed,
             "done_ns": done_ns})
+        self.on_replayed(link, done_ns)
 
     def device_removed(self, dev: Device) -> None:
         """A device went away: stop waiting for its ``recovered`` report."""
@@ -441,7 +446,7 @@ class Recovery:
         now = self.clock()
         devices = self.dm.snapshot()
         for link in list(self.hub.links.values()):
-            if link.hang_reported:
+            if link.hang_reported or self.quiet(link.name):
                 continue
             found = self._watchdog_miss(link, now) or self._stuck_request(link, devices, now)
             if found is None:
@@ -583,6 +588,7 @@ class Recovery:
             "request_timeout_ms": link.request_timeout_ms if link else None,
             "failing": name in self.failing, "failing_reason": self.failing.get(name),
             "outstanding": busy, "devices": len(devices),
+            "statistics": dict(link.statistics) if link else {},
         }
 
 

@@ -121,7 +121,9 @@ class KernelServer:
             "devices": self._devices, "drivers": self._drivers, "driver_load": self._driver_load,
             "store": self._store, "driver_lost": self._driver_lost,
             "driver_fail": self._driver_fail, "driver_inject": self._driver_inject,
-            "driver_faults": self._driver_faults,
+            "driver_faults": self._driver_faults, "driver_swap": self._driver_swap,
+            "driver_swap_rollback": self._driver_swap_rollback,
+            "driver_swap_end": self._driver_swap_end,
         }
 
     def serve(self) -> None:
@@ -267,6 +269,23 @@ class KernelServer:
             raise NotFound(f"driver_faults: driver {name!r} is not connected (connected "
                            f"drivers: {known})")
         return {"name": name, "faults": len(faults)}
+
+    def _driver_swap(self, req: Request) -> dict[str, Any]:
+        """Hot swap (kernel/swap.py): drain driver ``name`` and hand its state to the spare
+        ``pid`` listening at ``endpoint``; roll back after ``timeout_ms`` without a hello."""
+        swaps = self.hv.devices.swaps
+        return swaps.begin(self._driver_name(req), prop(req, "pid", int),
+                           prop(req, "endpoint", str), prop(req, "timeout_ms", int, 5000))
+
+    def _driver_swap_rollback(self, req: Request) -> dict[str, Any]:
+        """The swap's new instance ``pid`` died in its first requests: back to the old one."""
+        swaps = self.hv.devices.swaps
+        return swaps.rollback(self._driver_name(req), prop(req, "pid", int),
+                              prop(req, "reason", str, "died"))
+
+    def _driver_swap_end(self, req: Request) -> dict[str, Any]:
+        """Forget driver ``name``'s swap (committed after its probation, or abandoned)."""
+        return self.hv.devices.swaps.end(self._driver_name(req))
 
     def _driver_load(self, req: Request) -> dict[str, Any]:
         """Run a driver inline: the same driver host, as a thread of this process."""

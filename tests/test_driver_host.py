@@ -181,7 +181,8 @@ def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     peer.send("inject", "exit")
     peer.send("activate")
     hello = peer.expect("hello")[1]
-    assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000}
+    assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000,
+                     "statistics": True}
     assert peer.kinds() == ["spare", "hello"]  # no heartbeat from a spare
     assert peer.expect("heartbeat") == ["heartbeat", NAME, 1]  # an active driver beats
     assert peer.senders == {f"{NAME}:{d.proc.pid}".encode()}  # every message says who sent it

@@ -18,22 +18,41 @@ supervisor starts a replacement.  The replacement resumes each connected device:
 death for the record found executing, redoes the unfinished requests in ring order, answers
 with ``STATUS_ERROR`` (and reports ``poison``) a request that has killed ``poison_after``
 instances, and reports ``recovered`` with how many it redid.
+
+Implementations (the driver SDK, docs/sdk.md): :class:`BlockBackend` is everything above, and
+a subclass says only how a device's disk is opened (:meth:`BlockBackend.open_disk`, which
+returns a :class:`~drivers.blk.storage.Storage`: read, write, flush, discard) and, if it keeps
+the data somewhere else than the configured disk, how it takes a device over from another
+implementation (:meth:`BlockBackend.restore_device`).  :class:`Backend` (``drivers.blk``)
+serves the configured disk itself; ``drivers.blk.ram`` keeps a copy in memory.  A hot swap
+(docs/hotswap.md) goes :meth:`~BlockBackend.save`, :meth:`~BlockBackend.suspend` on the old
+backend and :meth:`~BlockBackend.restore` on the new one.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import errno
 import gc
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from drivers.blk.storage import (
+    SHM_DIR,
+    FileStorage,
+    MemoryStorage,
+    Storage,
+    StorageError,
+    _FdStorage,
+)
 from drivers.faults import Fault, Injector, RequestInfo
 from drivers.host import INJECT_KINDS, RESPONSE_KINDS
+from drivers.state import BackendState, DeviceState, Medium, StateError, accept
 from ipc import blkif
 from ipc.blkif import (
     OP_DISCARD,
@@ -123,6 +142,8 @@ class _Device:
     inflight: InflightLog | None = None
     stats: DeviceStats = field(default_factory=DeviceStats)
     bad_logged: int = 0
+    #: The device as the SDK hooks see it (home, scratch, where its data is now).
+    info: DeviceState | None = None
 
 
 def _field(dev: dict[str, Any], name: str, kind: type) -> Any:
@@ -227,15 +248,89 @@ def open_storage(disk: dict[str, Any]) -> Storage:
     raise StorageError(f"disk type {kind!r} is neither 'file' nor 'memory'")
 
 
-class Backend:
-    """The block driver's backend (``drivers.host`` instantiates it)."""
+def open_medium(m: Medium) -> Storage:
+    """Open the disk ``m`` names (StorageError if impossible)."""
+    return open_storage(m.to_wire())
+
+
+def copy_medium(src: Medium, dst: Medium) -> int:
+    """Copy every byte of ``src`` over ``dst`` (a memory ``dst`` is created afresh, of the
+    same size); the bytes copied.  Both are locked while copying, as any open is."""
+    source = open_medium(Medium(src.type, src.target, None, "ro"))
+    try:
+        size = source.size
+        if dst.type == "memory":
+            (SHM_DIR / dst.target).unlink(missing_ok=True)
+        target = open_medium(Medium(dst.type, dst.target, size, "rw"))
+        try:
+            if target.size != size:
+                raise StorageError(f"cannot copy {src.target} ({size} bytes) over {dst.target} "
+                                   f"({target.size} bytes): the sizes differ")
+            assert isinstance(source, _FdStorage) and isinstance(target, _FdStorage)
+            _copy_fd(source.fd, target.fd, size, f"copying {src.target} to {dst.target}")
+            return size
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+_COPY_CHUNK = 4 << 20
+
+
+def _copy_fd(src: int, dst: int, size: int, what: str) -> None:
+    """Copy ``size`` bytes from offset 0 of ``src`` to ``dst``: in the kernel where it can
+    (copy_file_range), else through one buffer (across file systems on older kernels)."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n <= 0:
+                raise StorageError(f"{what}: unexpected end at byte {done} of {size}")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    buf = bytearray(min(_COPY_CHUNK, size))
+    view = memoryview(buf)
+    while done < size:
+        n = os.preadv(src, [view[:min(len(buf), size - done)]], done)
+        if n <= 0:
+            raise StorageError(f"{what}: unexpected end at byte {done} of {size}")
+        k = 0
+        while k < n:
+            k += os.pwrite(dst, view[k:n], done + k)
+        done += n
+
+
+class BlockBackend(abc.ABC):
+    """The block driver framework: rings, in-flight log, recovery, faults, save and restore.
+
+    Subclass it and implement :meth:`open_disk` (docs/sdk.md).  ``drivers.host`` instantiates
+    the class with ``(host, options)``; a subclass that takes options of its own lists them in
+    ``OPTIONS`` (``{**BlockBackend.OPTIONS, "name": "help"}``) and reads ``self.options``."""
+
+    #: Option name -> help, for the "unknown option" message.
+    OPTIONS: ClassVar[dict[str, str]] = OPTIONS
+    #: States of the same kind can be restored by each other's implementations.
+    state_kind: ClassVar[str] = "isovisor.blk"
+    #: This implementation's state layout; older states go through :meth:`upgrade_state`.
+    state_version: ClassVar[int] = 1
 
     def __init__(self, host: Host, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(OPTIONS))
+        allowed_options = type(self).OPTIONS
+        unknown = sorted(set(options) - set(allowed_options))
         if unknown:
-            allowed = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            allowed = "; ".join(f"{k}: {v}" for k, v in allowed_options.items())
             raise ValueError(f"unknown block backend option(s) {', '.join(unknown)}; allowed: "
                              f"{allowed}")
+        self.options = dict(options)
+        #: "module:Class" (the host says how it loaded us; else our own names).
+        self.implementation: str = getattr(host, "implementation", None) or \
+            f"{type(self).__module__}:{type(self).__qualname__}"
+        #: Devices restored (restore_device done) and not attached yet, by key.
+        self._restored: dict[int, DeviceState] = {}
         _wait_at_gate(options.get("start_gate"))
         mb = _int_option(options, "max_batch", 32, 1, 1024)
         poison_after = _int_option(options, "poison_after", 3, 1, 100)
@@ -259,6 +354,86 @@ class Backend:
             self.log.warning("test fault armed: a request covering sector %d injects %r",
                              self.fault.sector, self.fault.kind)
 
+    # -- what an implementation provides (docs/sdk.md) -----------------------------------------
+    @abc.abstractmethod
+    def open_disk(self, dev: DeviceState) -> Storage:
+        """Open the disk of a device being attached and return the Storage that serves its
+        requests.  ``dev.medium`` is where its data is now: ``dev.home`` (the configured disk)
+        unless :meth:`restore_device` moved it.  Raise StorageError with a clear message if it
+        cannot be opened (the device is then refused, and the guest sees it closed)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement open_disk(dev)")
+
+    def restore_device(self, saved: DeviceState) -> DeviceState:
+        """Take a device over from the backend that saved it (called by :meth:`restore`,
+        before the device is attached again); return it as it is now.  The default moves the
+        data home: if the saved medium is not ``saved.home`` (another implementation kept it
+        elsewhere), it is copied over the home disk."""
+        if saved.medium.same_place(saved.home):
+            return saved
+        n = copy_medium(saved.medium, saved.home)
+        self.log.info("device %d (%s): %d bytes moved from %s %s to its disk %s", saved.key,
+                      saved.label, n, saved.medium.type, saved.medium.target,
+                      saved.home.target)
+        return dataclasses.replace(saved, medium=saved.home)
+
+    def save_device(self, dev: DeviceState, storage: Storage) -> dict[str, Any]:
+        """Backend-specific data about a device for the next implementation (default none)."""
+        return {}
+
+    def medium_of(self, dev: DeviceState, storage: Storage) -> Medium:
+        """Where a device's data is while ``storage`` serves it (default: ``dev.medium``)."""
+        return dev.medium
+
+    def release_disk(self, dev: DeviceState, storage: Storage, *, handover: bool) -> None:
+        """Close a device's disk.  ``handover``: another implementation takes the device over
+        from the state just saved (do not tidy the data away); else the device is detached
+        for good.  The default closes ``storage``."""
+        storage.close()
+
+    def statistics(self) -> dict[str, int | float | str]:
+        """Counters for `isovisor driver stats` (numbers or short strings)."""
+        out: dict[str, int | float | str] = {"devices": len(self.devices)}
+        for f in dataclasses.fields(DeviceStats):
+            out[f.name] = sum(getattr(d.stats, f.name) for d in self.devices.values())
+        return out
+
+    @classmethod
+    def upgrade_state(cls, state: BackendState) -> BackendState:
+        """Turn a state of an older ``state_version`` into this one (override when the
+        layout changes; see docs/sdk.md).  The default refuses."""
+        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
+                         f"upgrade_state hook for version {state.version} states")
+
+    # -- save, suspend, restore (a hot swap) -------------------------------------------------
+    def save(self) -> BackendState:
+        """The state of every device (attached, or restored and not attached yet)."""
+        devices = dict(self._restored)
+        for d in self.devices.values():
+            if d.info is not None:
+                devices[d.key] = dataclasses.replace(
+                    d.info, medium=self.medium_of(d.info, d.storage),
+                    data=self.save_device(d.info, d.storage))
+        return BackendState(self.state_kind, self.state_version, self.implementation,
+                            tuple(devices[k] for k in sorted(devices)))
+
+    def suspend(self) -> None:
+        """Stop serving and let go of every device (for the next implementation): nothing is
+        in flight between two messages, so the rings keep what the guests queue meanwhile."""
+        for key in list(self.devices):
+            d = self.devices.pop(key)
+            self._close(d, handover=True)
+        self.log.info("suspended: every device released for the next implementation")
+
+    def restore(self, state: BackendState) -> None:
+        """Take over from ``state`` (StateError if it cannot): checked and upgraded, then
+        :meth:`restore_device` for each device before the kernel attaches them again."""
+        state = accept(state, kind=self.state_kind, version=self.state_version,
+                       who=self.implementation, upgrade=type(self).upgrade_state)
+        restored = {d.key: self.restore_device(d) for d in state.devices}
+        self._restored.update(restored)
+        self.log.info("restored %d device(s) from the state of %s (version %d)", len(restored),
+                      state.implementation, state.version)
+
     # -- messages ------------------------------------------------------------------------------
     def attach(self, dev: dict[str, Any]) -> None:
         key = dev.get("key")
@@ -274,6 +449,9 @@ class Backend:
             window = _field(dev, "window", int)
             inflight_offset = _field(dev, "inflight_offset", int)
             disk = _field(dev, "disk", dict)
+            scratch = dev.get("scratch", "")
+            if not isinstance(scratch, str):
+                raise ValueError(f"attach field 'scratch' is {scratch!r}, expected str")
         except ValueError as e:
             self._refuse(key, store, str(e))
             return
@@ -291,12 +469,14 @@ class Backend:
                        f"lie after the window {window:#x} inside segment {seg_name} of "
                        f"{segment.size:#x} bytes")
         storage: Storage | None = None
+        info: DeviceState | None = None
         if problem is None:
             try:
-                storage = open_storage(disk)
-            except StorageError as e:
+                info = self._device_state(key, label, disk, scratch)
+                storage = self.open_disk(info)
+            except (StorageError, StateError) as e:
                 problem = str(e)
-            except OSError as e:  # anything open_storage did not foresee
+            except OSError as e:  # anything open_disk did not foresee
                 problem = f"cannot open the disk: {e}"
         if problem is not None or storage is None:
             segment.close()
@@ -305,7 +485,7 @@ class Backend:
         mem = memoryview(segment.buf)
         d = _Device(key=key, label=label, store=store, segment=segment, storage=storage,
                     window=window, inflight_offset=inflight_offset, mem=mem,
-                    region=mem[:window], sectors=storage.sectors)
+                    region=mem[:window], sectors=storage.sectors, info=info)
         self.devices[key] = d
         try:
             w = self.host.store_write
@@ -322,6 +502,15 @@ class Backend:
             return
         self.log.info("device %d (%s): %r, %d sectors, waiting for the frontend", key, label,
                       storage, d.sectors)
+
+    def _device_state(self, key: int, label: str, disk: dict[str, Any],
+                      scratch: str) -> DeviceState:
+        """The device an attach names, with its data where a restore left it (if any)."""
+        home = Medium.from_wire(disk, "the attach message's disk")
+        restored = self._restored.pop(key, None)
+        if restored is None:
+            return DeviceState(key, label, home, scratch, home)
+        return dataclasses.replace(restored, label=label, home=home, scratch=scratch)
 
     def _refuse(self, key: object, store: object, message: str) -> None:
         """The device cannot be served: say so in the store (if we can) and to the kernel."""
@@ -377,6 +566,7 @@ class Backend:
     def close(self) -> None:
         for key in list(self.devices):
             self.detach(key)
+        self._restored.clear()
 
     def stats(self) -> dict[int, DeviceStats]:
         return {k: d.stats for k, d in self.devices.items()}
@@ -483,7 +673,7 @@ class Backend:
         d.stats.notifications += 1
         self.host.notify(d.key)
 
-    def _close(self, d: _Device) -> None:
+    def _close(self, d: _Device, *, handover: bool = False) -> None:
         d.state = "closed"
         d.ring = None
         d.inflight = None
@@ -499,8 +689,11 @@ class Backend:
                 self.log.error("device %d: segment %s is still referenced; it stays mapped "
                                "until those references go", d.key, d.segment.name)
         try:
-            d.storage.close()
-        except OSError as e:
+            if d.info is None:
+                d.storage.close()
+            else:
+                self.release_disk(d.info, d.storage, handover=handover)
+        except (OSError, StorageError) as e:
             self.log.error("device %d: closing the disk: %s", d.key, e)
 
     # -- the data path -------------------------------------------------------------------------
@@ -718,3 +911,12 @@ class Backend:
             self.log.warning("device %d (%s): request %#x refused (status %d): %s%s", d.key,
                              d.label, req_id, status, message,
                              f" [{k} refused so far]" if k > 20 else "")
+
+
+class Backend(BlockBackend):
+    """``drivers.blk``: serves each device's configured disk (an image file, or the kernel's
+    memory disk) directly; a device taken over from an implementation that kept its data
+    elsewhere is first copied home (:meth:`BlockBackend.restore_device`)."""
+
+    def open_disk(self, dev: DeviceState) -> Storage:
+        return open_medium(dev.medium)

@@ -1,0 +1,40 @@
+"""The driver SDK: everything a block backend implementation needs, in one import.
+
+::
+
+    from drivers.sdk import BlockBackend, DeviceState, FileStorage, Storage
+
+    class Backend(BlockBackend):
+        def open_disk(self, dev: DeviceState) -> Storage:
+            return FileStorage(dev.medium.target, dev.medium.size, dev.medium.access == "ro")
+
+The framework (:class:`BlockBackend`) serves the rings, keeps the in-flight log, recovers after
+a crash, injects faults and saves/restores state for hot swaps; an implementation says how a
+device's disk is opened (:meth:`BlockBackend.open_disk` returns a :class:`Storage`: read,
+write, flush, discard) and, optionally, where it keeps data (``restore_device``,
+``medium_of``, ``release_disk``), what it reports (``statistics``) and how it upgrades an older
+state (``upgrade_state``).  docs/sdk.md is the tutorial; the pytest plugin
+(``isovisor.testing``) starts a stack around a backend in a few lines.
+"""
+
+from drivers.blk.backend import Backend, BlockBackend, copy_medium, open_medium
+from drivers.blk.ram import RamBackend
+from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from drivers.state import BackendState, DeviceState, Medium, StateError, with_version
+
+__all__ = [
+    "Backend",
+    "BackendState",
+    "BlockBackend",
+    "DeviceState",
+    "FileStorage",
+    "Medium",
+    "MemoryStorage",
+    "RamBackend",
+    "StateError",
+    "Storage",
+    "StorageError",
+    "copy_medium",
+    "open_medium",
+    "with_version",
+]

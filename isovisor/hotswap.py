@@ -1,0 +1,324 @@
+"""The supervisor's part of a hot swap (docs/hotswap.md): the new process, its probation, the
+outcome.
+
+``isovisor driver swap NAME --to SPEC`` comes here as :meth:`Swapper.begin`:
+
+1. *loading*: the new implementation is started as a spare of NAME (``--spare --report``):
+   it imports the module, checks the class and builds the backend.  If any of that fails it
+   exits and its report (error and traceback) is the answer: **refused**, nothing was stopped.
+2. *swapping*: once it is ready the kernel runs the hand-over (kernel/swap.py): drain, save,
+   restore, hello, resume.  If the new backend refuses the state or misses the deadline, the
+   kernel gives the devices back to the old instance: **rolled back**.
+3. *probation*: the new instance serves; if it dies within ``probation`` seconds (its first
+   requests), the kernel rolls back to the old instance, which waited drained: **rolled
+   back** (with the report of why it died).
+4. After the probation: **swapped**.  The old instance is stopped, the driver's module is the
+   new one from now on (restarts and spares use it), and the spare is started again with it.
+
+Every outcome is published as ``driver.<name>.swap`` with the swap id, the old and new
+implementations, the stall (drain to resumed), the requests carried over and, if it failed,
+the error and traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ipc.control import ControlError, NotFound
+from isovisor.driverproc import DriverProcess
+from isovisor.supervision import State, describe_exit
+
+if TYPE_CHECKING:
+    from isovisor.drivermgr import DriverManager, Slot
+
+log = logging.getLogger("isovisor.supervisor")
+
+DEFAULT_PROBATION_S: Final = 1.0
+DEFAULT_TIMEOUT_S: Final = 5.0
+#: How many past swaps each driver's status keeps.
+HISTORY: Final = 10
+_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                               r"(:[A-Za-z_][A-Za-z0-9_]*)?$")
+_CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Swap:
+    """One swap under way."""
+
+    id: int
+    name: str
+    old_module: str
+    new_module: str
+    cand: DriverProcess
+    old: DriverProcess
+    probation_s: float
+    timeout_s: float
+    started: float
+    phase: str = "loading"  # loading, swapping, probation, rolling_back
+    phase_at: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    traceback: str = ""
+    reason: str = ""
+
+
+def check_target(target: str) -> str:
+    """The backend spec a ``--to`` or ``--to-file`` names, normalised; ControlError saying
+    what is wrong before anything starts."""
+    t = target.strip()
+    if not t:
+        raise ControlError("driver swap: name the new backend: --to package.module[:Class] "
+                           "or --to-file path/to/backend.py")
+    file_part, sep, cls = t.partition(".py:")
+    if sep or t.endswith(".py") or "/" in t:
+        file = Path(file_part + ".py") if sep else Path(t)
+        if not file.is_absolute():
+            raise ControlError(f"driver swap: the backend file {t!r} must be an absolute path "
+                               "(the CLI makes it one)")
+        if file.suffix != ".py":
+            raise ControlError(f"driver swap: {file} is not a Python file (*.py)")
+        if not file.is_file():
+            raise ControlError(f"driver swap: the backend file {file} does not exist")
+        if sep and not _CLASS_RE.match(cls):
+            raise ControlError(f"driver swap: {cls!r} is not a class name")
+        return f"{file}:{cls}" if sep else str(file)
+    if not _MODULE_RE.match(t):
+        raise ControlError(f"driver swap: {t!r} is not a backend name: use "
+                           "package.module[:Class] (e.g. drivers.blk.ram:RamBackend) or "
+                           "--to-file path/to/backend.py")
+    return t
+
+
+class Swapper:
+    """Hot swaps of the supervised drivers of one :class:`DriverManager`."""
+
+    def __init__(self, mgr: DriverManager) -> None:
+        self.mgr = mgr
+        self._ids = 0
+
+    # -- the command -----------------------------------------------------------------------
+    def begin(self, name: str, target: str, probation: float | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
+        mgr = self.mgr
+        if name in mgr.inline:
+            raise ControlError(f"driver {name} runs inline, inside the kernel process: it "
+                               "cannot be swapped; declare it with isolation = \"process\"")
+        slot = mgr.slots.get(name)
+        if slot is None:
+            known = ", ".join([*mgr.slots, *mgr.inline]) or "none"
+            raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
+                           "status`")
+        spec = check_target(target)
+        probation = DEFAULT_PROBATION_S if probation is None else probation
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        if not 0 <= probation <= 600:
+            raise ControlError(f"driver swap: probation must be 0..600 seconds, got "
+                               f"{probation:g}")
+        limit = slot.cfg.request_timeout_sec
+        if not 0.1 <= timeout < limit:
+            raise ControlError(f"driver swap: timeout must be at least 0.1 s and less than "
+                               f"driver {name}'s request_timeout_sec ({limit:g} s: guests "
+                               f"wait that long at most), got {timeout:g}")
+        if slot.swap is not None:
+            raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "
+                               f"({slot.swap.phase}); wait for its outcome")
+        if slot.sv.state != State.RUNNING or slot.active is None or slot.pending is not None \
+                or slot.recovery is not None:
+            raise ControlError(f"driver {name} is {slot.sv.state}"
+                               f"{' and recovering' if slot.recovery else ''}: only a RUNNING "
+                               "driver can be swapped; see `isovisor status`")
+        self._ids += 1
+        cfg = dataclasses.replace(slot.cfg, module=spec)
+        slot.instances += 1
+        cand = DriverProcess(cfg, mgr.run_dir, slot.instances, spare=True, report=True)
+        mgr.adopt(slot, cand)
+        now = mgr.clock()
+        job = Swap(self._ids, name, slot.cfg.module, spec, cand, slot.active, probation,
+                   timeout, now, phase_at=now)
+        slot.swap = job
+        log.warning("driver %s: swap %d: starting %s (pid %d) beside %s (pid %d)", name, job.id,
+                    spec, cand.pid, job.old_module, job.old.pid)
+        mgr.publish(f"driver.{name}.swap_started", self._view(job))
+        return self._view(job)
+
+    def _view(self, job: Swap) -> dict[str, Any]:
+        return {"swap_id": job.id, "name": job.name, "old": job.old_module,
+                "new": job.new_module, "pid": job.cand.pid, "old_pid": job.old.pid,
+                "phase": job.phase, "probation": job.probation_s, "timeout": job.timeout_s}
+
+    # -- what happens (the supervisor's event loop) ---------------------------------------
+    def on_kernel_event(self, slot: Slot, what: str, p: dict[str, Any]) -> bool:
+        """Act on a kernel event about ``slot``'s driver; True if it was the swap's alone."""
+        job = slot.swap
+        if job is None:
+            return False
+        pid = p.get("pid")
+        if what == "spare" and pid == job.cand.pid and job.phase == "loading":
+            self._hand_over(slot, job)
+            return True
+        if what == "ready" and pid == job.cand.pid and job.phase == "swapping":
+            slot.active = job.cand  # the new instance serves from here on
+            slot.sv.pid = job.cand.pid
+            return True
+        if what == "swap_resumed":
+            if p.get("rollback"):
+                if job.phase == "rolling_back":
+                    job.result.update(rollback_stall_ms=p.get("stall_ms"))
+                    self._finish(slot, job, "rolled_back")
+            elif pid == job.cand.pid and job.phase == "swapping":
+                job.result.update({k: p.get(k) for k in ("stall_ms", "carried", "replayed",
+                                                         "devices", "drained_ms")})
+                self._enter(job, "probation")
+                if job.probation_s == 0:
+                    self._commit(slot, job)
+            return True
+        if what == "swap_failed" and p.get("pid") == job.cand.pid:
+            if job.phase != "rolling_back":  # else: our own rollback request, echoed
+                self._kernel_rolled_back(slot, job, p)
+            return True
+        return False
+
+    def _hand_over(self, slot: Slot, job: Swap) -> None:
+        try:
+            self.mgr.kernel.call("driver_swap", timeout=5.0, name=job.name, pid=job.cand.pid,
+                                 endpoint=job.cand.endpoint,
+                                 timeout_ms=round(job.timeout_s * 1000))
+        except ControlError as e:
+            job.error = e.reason
+            self._discard_candidate(job)
+            self._finish(slot, job, "refused", "kernel")
+            return
+        self._enter(job, "swapping")
+
+    def _kernel_rolled_back(self, slot: Slot, job: Swap, p: dict[str, Any]) -> None:
+        reason = str(p.get("reason", "?"))
+        job.error = str(p.get("error", ""))
+        job.traceback = str(p.get("traceback", ""))
+        self._discard_candidate(job)
+        if reason == "drain":  # the old instance never stopped serving
+            self._finish(slot, job, "refused", "drain")
+        elif reason == "rollback":  # the old one refused its own state: nothing serves
+            slot.active = job.old
+            slot.sv.pid = job.old.pid
+            self._finish(slot, job, "failed", "rollback")
+            self.mgr.kill_active(slot, "swap", f"pid {job.old.pid} could not take its devices "
+                                               "back after a failed swap")
+        else:
+            job.reason = reason
+            slot.active = job.old
+            slot.sv.pid = job.old.pid
+            self._enter(job, "rolling_back")
+
+    def process_ended(self, slot: Slot, inst: DriverProcess, code: int) -> bool:
+        """A process of the swap (the new one, or the drained old one) ended; True if it was
+        one.  The new one ending while it serves is :meth:`active_ended`."""
+        job = slot.swap
+        if job is None or inst not in (job.cand, job.old):
+            return False
+        info = describe_exit(code)
+        if inst is job.old:
+            log.error("driver %s: swap %d: the old instance (pid %d) %s; no rollback is "
+                      "possible any more", job.name, job.id, inst.pid, info.text)
+            return True
+        report = inst.take_report() or {}
+        if job.phase == "loading":
+            job.error = report.get("error") or f"pid {inst.pid} {info.text} while loading; " \
+                f"its log ends with:\n{inst.log_tail(12)}"
+            job.traceback = report.get("traceback", "")
+            self._finish(slot, job, "refused", "load")
+        elif job.phase == "swapping":  # died restoring, before its hello
+            self._rollback(slot, job, "crash", info.text, report)
+        return True
+
+    def active_ended(self, slot: Slot, inst: DriverProcess, code: int) -> bool:
+        """The active instance ended: True if that was the swap's new instance in its first
+        requests (it is rolled back rather than restarted)."""
+        job = slot.swap
+        if job is None:
+            return False
+        if inst is job.old:  # the old one died before handing over: the swap is off
+            job.error = f"the running instance (pid {inst.pid}) {describe_exit(code).text} " \
+                        "before the hand-over"
+            self._discard_candidate(job)
+            self.mgr.kernel_command("driver_swap_end", name=job.name)
+            self._finish(slot, job, "failed", "old_died")
+            return False  # the usual recovery replaces it
+        if inst is not job.cand or job.phase not in ("swapping", "probation"):
+            return False
+        report = inst.take_report() or {}
+        self._rollback(slot, job, "crash", describe_exit(code).text, report)
+        return True
+
+    def _rollback(self, slot: Slot, job: Swap, reason: str, text: str,
+                  report: dict[str, str]) -> None:
+        job.reason = reason
+        job.error = f"the new instance (pid {job.cand.pid}) {text} during its first requests" \
+            + (f": {report['error']}" if report.get("error") else "")
+        job.traceback = report.get("traceback", "")
+        slot.active = job.old
+        slot.sv.pid = job.old.pid
+        self._enter(job, "rolling_back")
+        self.mgr.kernel_command("driver_swap_rollback", name=job.name, pid=job.cand.pid,
+                                reason=f"{text} (swap probation)")
+
+    def tick(self, now: float) -> None:
+        for slot in list(self.mgr.slots.values()):
+            job = slot.swap
+            if job is None:
+                continue
+            waited = now - job.phase_at
+            if job.phase == "loading" and waited > slot.cfg.start_timeout:
+                job.error = (f"the new implementation (pid {job.cand.pid}) did not finish "
+                             f"loading within start_timeout = {slot.cfg.start_timeout:g}s")
+                self._discard_candidate(job)
+                self._finish(slot, job, "refused", "handshake")
+            elif job.phase == "probation" and waited >= job.probation_s:
+                self._commit(slot, job)
+            elif job.phase in ("swapping", "rolling_back") and waited > 3 * job.timeout_s + 5:
+                job.error = f"no outcome from the kernel within {waited:.0f}s ({job.phase})"
+                self.mgr.kernel_command("driver_swap_end", name=job.name)
+                self._finish(slot, job, "failed", "timeout")
+
+    # -- endings --------------------------------------------------------------------------
+    def _enter(self, job: Swap, phase: str) -> None:
+        job.phase = phase
+        job.phase_at = self.mgr.clock()
+
+    def _discard_candidate(self, job: Swap) -> None:
+        job.cand.signal(signal.SIGKILL)
+
+    def _commit(self, slot: Slot, job: Swap) -> None:
+        mgr = self.mgr
+        mgr.kernel_command("driver_swap_end", name=job.name)
+        slot.cfg = dataclasses.replace(slot.cfg, module=job.new_module)
+        mgr.retire(job.old, slot.cfg.graceful_timeout)
+        mgr.replace_spare(slot)
+        self._finish(slot, job, "swapped")
+        mgr.send_faults(job.name)
+
+    def _finish(self, slot: Slot, job: Swap, outcome: str, reason: str = "") -> None:
+        slot.swap = None
+        reason = reason or job.reason
+        row = {**self._view(job), "outcome": outcome, "reason": reason or None,
+               "error": job.error or None, "traceback": job.traceback or None,
+               "stall_ms": job.result.get("stall_ms"), "carried": job.result.get("carried"),
+               "replayed": job.result.get("replayed"),
+               "drained_ms": job.result.get("drained_ms"),
+               "rollback_stall_ms": job.result.get("rollback_stall_ms"),
+               "seconds": round(self.mgr.clock() - job.started, 3)}
+        row.pop("phase", None)
+        slot.swaps.append(row)
+        slot.swap_count += 1
+        del slot.swaps[:-HISTORY]
+        level = logging.WARNING if outcome == "swapped" else logging.ERROR
+        log.log(level, "driver %s: swap %d %s (%s -> %s)%s%s", job.name, job.id, outcome,
+                job.old_module, job.new_module, f": {reason}" if reason else "",
+                f": {job.error}" if job.error else "")
+        self.mgr.publish(f"driver.{job.name}.swap", row)
