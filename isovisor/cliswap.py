@@ -128,8 +128,9 @@ def _watch(rd: RunDir, name: str, path: Path, probation: float | None,
     if not path.is_file():
         fail(f"--watch: {path} does not exist")
     target = str(path)
-    out.print(escape(f"watching {path}: driver {name} is swapped to it now and on every change "
-                     "(Ctrl-C to stop)"))
+    (err if as_json else out).print(escape(
+        f"watching {path}: driver {name} is swapped to it now and on every change (Ctrl-C to "
+        "stop)"))
     swaps = 0
     last = _fingerprint(path)
     try:

@@ -9,6 +9,9 @@ the outcome and its message, which process serves afterwards, both guests finish
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
-from tests.conftest import Stack, wait_until
+from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import driver_row, finish_and_verify, two_guests
 
 pytestmark = pytest.mark.timeout(180)
@@ -65,6 +68,9 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
             assert r["outcome"] == "swapped", r
             assert r["new"] == target and r["old_pid"] == pids[-1] and r["pid"] != pids[-1], r
             assert r["stall_ms"] is not None and r["stall_ms"] < 5000, r
+            assert isinstance(r["carried"], int) and r["carried"] >= 0, r
+            ev = events.wait("driver.blk0.swap", swap_id=r["swap_id"])  # the event stream
+            assert (ev["outcome"], ev["old"], ev["new"]) == ("swapped", r["old"], target), ev
             row = driver_row(stack)
             assert (row["pid"], row["module"], row["state"]) == (r["pid"], target, "RUNNING")
             assert row["last_swap"]["outcome"] == "swapped"
@@ -98,9 +104,15 @@ def test_rollback_when_the_new_backend_refuses_the_state(stack: Stack) -> None:
     """)
     with two_guests(stack, DRIVER, ops=OPS) as events:
         old = driver_row(stack)["pid"]
-        r = do_swap(stack, str(bad))
+        cli = stack.cli("driver", "swap", "blk0", "--to-file", str(bad))  # as a user would
+        assert cli.returncode == 1, cli
+        assert f"swap of blk0 to {bad} rolled back (restore)" in cli.stderr, cli.stderr
+        assert "cannot take the state over" in cli.stderr and "Traceback" in cli.stderr
+        assert f"drivers.blk (pid {old}) goes on serving" in cli.stderr, cli.stderr
+        r = driver_row(stack)["last_swap"]
         assert_rolled_back(r, stack, old, "restore", "cannot take the state over")
-        assert "Traceback" in r["traceback"] and "badrestore.py" in r["traceback"], r
+        status = stack.cli("status").stdout
+        assert "drivers.blk (1 swap(s), last rolled_back" in status, status
         more_io(stack)
         finish_and_verify(stack, events, ops=OPS)
 
@@ -176,3 +188,42 @@ def test_bad_requests_are_refused_at_once(stack: Stack) -> None:
     assert r.returncode != 0 and "no driver named 'nope'" in r.stderr, r.stderr
     r = stack.cli("driver", "swap", "blk0", "--to-file", str(stack.dir / "missing.py"))
     assert r.returncode != 0 and "does not exist" in r.stderr, r.stderr
+
+
+WATCHED = """
+from drivers.sdk import Backend as Base
+
+class Backend(Base):
+    def statistics(self):
+        return {**super().statistics(), "edition": "EDITION"}
+"""
+
+
+def test_watch_swaps_again_every_time_the_file_changes(stack: Stack) -> None:
+    """`--watch FILE`: swapped to the file at once, and again after each edit; the driver
+    then runs the edited code (its statistics say which edition) and the guests finish clean.
+    """
+    f = backend_file(stack, "dev.py", WATCHED.replace("EDITION", "first"))
+    with two_guests(stack, DRIVER, ops=OPS) as events:
+        env = dict(os.environ, ISOVISOR_RUN_DIR=str(stack.run_dir), COLUMNS="200")
+        proc = subprocess.Popen([*ISOVISOR, "driver", "swap", "blk0", "--watch", str(f),
+                                 "--probation", "0.2", "--max-swaps", "2", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=stack.dir)
+        try:
+            assert proc.stdout is not None
+            first = json.loads(proc.stdout.readline())
+            assert first["outcome"] == "swapped" and first["new"] == str(f), first
+            wait_until(lambda: driver_row(stack)["statistics"].get("edition") == "first",
+                       timeout=10, what="the first edition's statistics")
+            f.write_text(WATCHED.replace("EDITION", "second"))
+            second = json.loads(proc.stdout.readline())
+            assert second["outcome"] == "swapped" and second["old_pid"] == first["pid"], second
+            assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        wait_until(lambda: driver_row(stack)["statistics"].get("edition") == "second",
+                   timeout=10, what="the edited code serving")
+        finish_and_verify(stack, events, ops=OPS)
