@@ -746,6 +746,16 @@ def _exception_line() -> str:
     return f"{t.__name__}: {v}" if t is not None else "unknown error"
 
 
+def _user_traceback(e: HostError) -> str:
+    """The traceback worth showing for a start failure: that of an exception raised by the
+    backend's own code while it was imported; none for what the message already says all of
+    (no such module or class, a syntax error with its line, a missing method)."""
+    cause = e.__cause__
+    if cause is None or isinstance(cause, ModuleNotFoundError | SyntaxError):
+        return ""
+    return "".join(traceback.format_exception(cause))
+
+
 def write_report(path: str | None, error: str, tb: str) -> None:
     """Tell the supervisor why this instance could not start or ended (``--report``)."""
     if not path:
@@ -953,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                               request_timeout_ms=args.request_timeout_ms, report=args.report)
         except HostError as e:
             log.error("%s", e)
-            write_report(args.report, str(e), traceback.format_exc())
+            write_report(args.report, str(e), _user_traceback(e))
             return 2
         except Exception as e:  # the backend's own constructor failed
             log.exception("driver %s: the backend %s failed to start", args.name, args.module)
