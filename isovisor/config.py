@@ -386,7 +386,9 @@ _DRIVER_FIELDS: Final = {
 #: Keys that only mean something for a supervised (isolation = "process") driver.
 SUPERVISION_KEYS: Final = tuple(k for k in _DRIVER_FIELDS
                                 if k not in ("module", "isolation", "options"))
-_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                               r"(:[A-Za-z_][A-Za-z0-9_]*)?$")
+_CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -465,11 +467,11 @@ def load_stack_config(path: str | Path) -> StackConfig:
     if run_dir:
         run_dir = str((path.parent / run_dir).resolve())
     return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
-                       kernel=KernelConfig(**kern), drivers=_drivers(data, where),
+                       kernel=KernelConfig(**kern), drivers=_drivers(data, where, path.parent),
                        domains=tuple(start), source=str(path.resolve()))
 
 
-def _drivers(data: dict[str, Any], where: str) -> tuple[DriverConfig, ...]:
+def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig, ...]:
     out = []
     for name, table in data.get("driver", {}).items():
         here = f"{where} [driver.{name}]"
@@ -478,12 +480,29 @@ def _drivers(data: dict[str, Any], where: str) -> tuple[DriverConfig, ...]:
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: must be a table with module = \"...\"")
         _check_table(here, table, _DRIVER_FIELDS, required=("module",))
-        if not _MODULE_RE.match(table["module"]):
-            raise ConfigError(f"{here}: module = {table['module']!r} is not a Python module "
-                              "name (e.g. drivers.blk)")
+        table = {**table, "module": _backend_module(table["module"], here, base)}
         out.append(_driver(name, table, here))
     _check_groups(out, where)
     return tuple(out)
+
+
+def _backend_module(module: str, here: str, base: Path) -> str:
+    """``module`` as the driver host takes it: ``package.module[:Class]``, or a backend file
+    (``*.py[:Class]``, relative to the config file) made absolute."""
+    file_part, sep, cls = module.partition(".py:")
+    if sep or module.endswith(".py") or "/" in module:
+        p = (base / (file_part + ".py" if sep else module)).resolve()
+        if p.suffix != ".py" or not p.is_file():
+            raise ConfigError(f"{here}: module = {module!r}: no backend file {p} (a module "
+                              "is package.module[:Class], a file path/to/backend.py[:Class])")
+        if sep and not _CLASS_RE.match(cls):
+            raise ConfigError(f"{here}: module = {module!r}: {cls!r} is not a class name")
+        return f"{p}:{cls}" if sep else str(p)
+    if not _MODULE_RE.match(module):
+        raise ConfigError(f"{here}: module = {module!r} is not a Python module name (e.g. "
+                          "drivers.blk or drivers.blk.ram:RamBackend) nor a backend file "
+                          "(path/to/backend.py)")
+    return module
 
 
 def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:

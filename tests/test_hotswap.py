@@ -26,7 +26,7 @@ from tests.test_recovery import driver_row, finish_and_verify, two_guests
 
 pytestmark = pytest.mark.timeout(180)
 
-OPS = 40_000
+OPS = 60_000
 DRIVER = """[driver.blk0]
 module = "drivers.blk"
 watchdog_sec = 1.0
@@ -45,10 +45,16 @@ def requests_now(stack: Stack) -> int:
 
 
 def more_io(stack: Stack, n: int = 2000) -> None:
-    """Wait until the guests have issued ``n`` more requests (they are served again)."""
+    """Wait until the guests have issued ``n`` more requests (they are served again), or
+    have all finished (their summaries are checked at the end)."""
     start = requests_now(stack)
-    wait_until(lambda: requests_now(stack) > start + n, timeout=30,
+    wait_until(lambda: requests_now(stack) > start + n or guests_done(stack), timeout=30,
                what=f"{n} more requests after the swap")
+
+
+def guests_done(stack: Stack) -> bool:
+    return all("blkstress: ops=" in stack.call("console", name=n)["data"].decode()
+               for n in ("g1", "g2"))
 
 
 def backend_file(stack: Stack, name: str, body: str) -> Path:
@@ -79,6 +85,11 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
                        what="the old instance to stop")
             pids.append(r["pid"])
             more_io(stack)
+            if target.endswith("RamBackend"):  # its statistics say how much memory it holds
+                wait_until(lambda: driver_row(stack)["statistics"].get("memory_bytes") ==
+                           2 * (8 << 20), timeout=10, what="the memory backend's statistics")
+                stats = stack.cli("driver", "stats", "blk0")
+                assert "memory_bytes" in stats.stdout and target in stats.stdout, stats
         assert driver_row(stack)["swaps"] == 2
         finish_and_verify(stack, events, ops=OPS)
         stack.pids += pids
@@ -227,3 +238,23 @@ def test_watch_swaps_again_every_time_the_file_changes(stack: Stack) -> None:
         wait_until(lambda: driver_row(stack)["statistics"].get("edition") == "second",
                    timeout=10, what="the edited code serving")
         finish_and_verify(stack, events, ops=OPS)
+
+
+def test_a_backend_that_cannot_be_drained_is_not_swapped(stack: Stack) -> None:
+    """The running backend has no save(): the swap is refused (drain) and it goes on serving;
+    the new process is gone."""
+    old_style = backend_file(stack, "nosave.py", """
+        from drivers.blk.backend import Backend as Base
+
+        class Backend(Base):
+            save = None
+    """)
+    stack.up([], extra=DRIVER.replace('"drivers.blk"', f'"{old_style}"'))
+    old = driver_row(stack)["pid"]
+    r = do_swap(stack, "drivers.blk")
+    assert (r["outcome"], r["reason"]) == ("refused", "drain"), r
+    assert "cannot be drained: it has no save() and suspend()" in r["error"], r
+    assert driver_row(stack)["pid"] == old
+    wait_until(lambda: not psutil.pid_exists(r["pid"]) or
+               psutil.Process(r["pid"]).status() == "zombie", timeout=10,
+               what="the new process to be gone")
