@@ -67,12 +67,12 @@ def test_versions_same_older_newer_and_another_kind() -> None:
     assert up.version == 2 and up.data["upgraded"] is True
     with pytest.raises(StateError, match="version 3, newer than B understands"):
         accept(state(3), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade)
-    with pytest.raises(StateError, match="of kind 'isovisor.net'"):
+    with pytest.raises(StateError, match=r"of kind 'isovisor\.net'"):
         accept(state(1, "isovisor.net"), kind="isovisor.blk", version=1, who="B",
                upgrade=no_upgrade)
     with pytest.raises(StateError, match="no upgrade hook"):
         accept(state(1), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade)
-    with pytest.raises(StateError, match="must return a 'isovisor.blk' state of version 2"):
+    with pytest.raises(StateError, match=r"must return a 'isovisor\.blk' state of version 2"):
         accept(state(1), kind="isovisor.blk", version=2, who="B", upgrade=lambda s: s)
 
 
