@@ -495,6 +495,10 @@ class DriverManager:
             raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
                            "status`")
         st = slot.sv.state
+        if slot.swap is not None:
+            raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "
+                               f"({slot.swap.phase}); {action} it once `isovisor status` shows "
+                               "its outcome")
         if st == State.STOPPING:
             raise ControlError(f"driver {name} is STOPPING (pid {slot.sv.pid}); wait until "
                                f"`isovisor status` shows it STOPPED, then {action} it")

@@ -253,7 +253,9 @@ class Swapper:
         if inst is not job.cand or job.phase not in ("swapping", "probation"):
             return False
         report = inst.take_report() or {}
-        self._rollback(slot, job, "crash", describe_exit(code).text, report)
+        pend, slot.pending = slot.pending, None  # killed by us (hang, rss, ...): say so
+        text = describe_exit(code).text if pend is None else f"was killed ({pend.detail})"
+        self._rollback(slot, job, "crash" if pend is None else pend.reason, text, report)
         return True
 
     def _rollback(self, slot: Slot, job: Swap, reason: str, text: str,

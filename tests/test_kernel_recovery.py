@@ -255,7 +255,8 @@ class FakeDriver:
 
     def __init__(self, kernel: Kernel, name: str, pid: int, *,
                  disks: dict[str, bytearray] | None = None, stall: int | None = None,
-                 hello: dict[str, Any] | None = None, bad_ids: bool = False) -> None:
+                 hello: dict[str, Any] | None = None, bad_ids: bool = False,
+                 spare: bool = False, restore: str = "ok") -> None:
         self.kernel = kernel
         self.name = name
         self.pid = pid
@@ -265,6 +266,12 @@ class FakeDriver:
         self.bad_ids = bad_ids
         self.hello_extra = hello or {}
         self.paused = False
+        #: A hot swap's new instance: says "spare" and waits for ["restore", state].
+        self.spare = spare
+        #: What it does with a restore: "ok", "fail" (restore_failed) or "ignore" (hangs).
+        self.restore_mode = restore
+        self.drained = False
+        self.saved = {"saved_by": pid, "devices": 0}
         self.messages: list[list[Any]] = []
         self.devices: dict[int, FakeDevice] = {}
         self.cond = threading.Condition()
@@ -318,8 +325,10 @@ class FakeDriver:
         try:
             pull.bind(self.endpoint)
             push.connect(self.kernel.driver_endpoint)
-            self._send(["hello", {"name": self.name, "pid": self.pid, "endpoint": self.endpoint,
-                                  "module": "tests.fake", **self.hello_extra}])
+            self._send([
+                "spare" if self.spare else "hello",
+                {"name": self.name, "pid": self.pid, "endpoint": self.endpoint,
+                 "module": "tests.fake", **({} if self.spare else self.hello_extra)}])
             self._ready.set()
             while not self._stop.is_set():
                 self._flush_outbox()
@@ -363,7 +372,25 @@ class FakeDriver:
             self.messages.append(msg)
             self.cond.notify_all()
         kind = msg[0]
-        if kind == "attach":
+        me = {"name": self.name, "pid": self.pid}
+        if kind == "drain":
+            for dev in self.devices.values():
+                dev.close()
+            self.devices.clear()
+            self.drained = True
+            self.saved = {"saved_by": self.pid, "devices": len(self.disks)}
+            self._send(["saved", {**me, "state": self.saved}])
+        elif kind == "restore" and self.restore_mode == "fail":
+            self._send(["restore_failed", {**me, "error": "StateError: refused on purpose",
+                                           "traceback": "Traceback: fake"}])
+        elif kind == "restore" and self.restore_mode == "ok":
+            self.drained = self.spare = False
+            self._send(["restored", {**me, "state": {"saved_by": self.pid, "restored": msg[1]}}])
+            self._send(["hello", {**me, "endpoint": self.endpoint, "module": "tests.fake",
+                                  **self.hello_extra}])
+        elif self.drained or self.spare:
+            return
+        elif kind == "attach":
             self._attach(msg[1])
         elif kind == "detach":
             dev = self.devices.pop(msg[1], None)
