@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_kernel_recovery import (  # noqa: F401 (kernel: the fixture)
+from tests import test_kernel_recovery
+from tests.test_kernel_recovery import FakeDriver, Kernel, kinds, summary, wait_until
+
+kernel = test_kernel_recovery.kernel  # the fixture: a real kernel process
     FakeDriver,
     Kernel,
     kernel,
