@@ -11,13 +11,6 @@ from tests import test_kernel_recovery
 from tests.test_kernel_recovery import FakeDriver, Kernel, kinds, summary, wait_until
 
 kernel = test_kernel_recovery.kernel  # the fixture: a real kernel process
-    FakeDriver,
-    Kernel,
-    kernel,
-    kinds,
-    summary,
-    wait_until,
-)
 
 pytestmark = pytest.mark.timeout(60)
 GUEST = "ops=6000 qd=16 mix=60 seed=5 blocks=256 timeout=30000"
@@ -61,7 +54,8 @@ def test_a_swap_drains_the_old_instance_and_resumes_under_the_new_one(kernel: Ke
         assert 0 <= done["stall_ms"] < 3000 and done["carried"] >= 0, done
         restore = new.wait_for(lambda m: [x for x in m if x[0] == "restore"], "restore")[0]
         assert restore == ["restore", {"saved_by": 9101, "devices": 1}]
-        assert kinds(new.messages)[:3] == ["restore", "attach", "fe_state"]
+        got = [k for k in kinds(new.messages) if k != "kick"]  # kicks race the control queue
+        assert got[:3] == ["restore", "attach", "fe_state"], got
         assert kernel.driver_row("blkS")["pid"] == 9102
         end = kernel.call("driver_swap_end", name="blkS")
         assert (end["ended"], end["phase"]) == (True, "probation"), end
