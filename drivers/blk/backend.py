@@ -280,7 +280,7 @@ _COPY_CHUNK = 4 << 20
 
 def _copy_fd(src: int, dst: int, size: int, what: str) -> None:
     """Copy ``size`` bytes from offset 0 of ``src`` to ``dst``: in the kernel where it can
-    (copy_file_range), else through one buffer (across file systems on older kernels)."""
+    (copy_file_range; sendfile across file systems), else through one buffer."""
     done = 0
     try:
         while done < size:
@@ -291,6 +291,17 @@ def _copy_fd(src: int, dst: int, size: int, what: str) -> None:
         return
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    try:  # across file systems: sendfile still copies in the kernel
+        os.lseek(dst, done, os.SEEK_SET)
+        while done < size:
+            n = os.sendfile(dst, src, done, size - done)
+            if n <= 0:
+                raise StorageError(f"{what}: unexpected end at byte {done} of {size}")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
     buf = bytearray(min(_COPY_CHUNK, size))
     view = memoryview(buf)
