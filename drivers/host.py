@@ -153,6 +153,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "faults": ((lambda v: isinstance(v, list),), '["faults", [spec, ...]]'),
     "drain": ((), '["drain"]'),
     "report": ((), '["report"]'),
+    "committed": ((), '["committed"]'),
     "restore": ((lambda v: isinstance(v, dict),), '["restore", {state}]'),
 }
 
@@ -520,6 +521,17 @@ class DriverHost:
         self._hello()
         return True
 
+    def _restore_in_place(self, wire: dict[str, Any]) -> None:
+        """``["restore", state]`` to a serving instance, before its devices are attached: it
+        replaces both instances of a hot swap that died, and takes over from their newest
+        state.  A refusal escapes (fail-stop: the next instance tries again)."""
+        restore = getattr(self.backend, "restore", None)
+        if restore is None:
+            self.log.error("cannot restore a state: backend %s has no restore()",
+                           self.implementation)
+            return
+        restore(BackendState.from_wire(wire))
+
     def _close_backend(self) -> None:
         if self.backend is not None:
             try:
@@ -575,7 +587,7 @@ class DriverHost:
                 continue
             if kind == "restore":
                 if self.mode == "active":
-                    self.log.warning("ignoring restore: this driver is serving already")
+                    self._call("restore", self._restore_in_place, msg[1])
                 elif self._restore(msg[1], fresh=True):
                     kicked.clear()
                 continue
@@ -593,6 +605,11 @@ class DriverHost:
                 continue
             if kind == "report":
                 self._statistics()
+                continue
+            if kind == "committed":
+                hook = getattr(self.backend, "committed", None)
+                if hook is not None:
+                    self._call("committed", hook)
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)

@@ -67,6 +67,7 @@ class Swap:
     error: str = ""
     traceback: str = ""
     reason: str = ""
+    old_alive: bool = True
 
 
 def check_target(target: str) -> str:
@@ -224,6 +225,7 @@ class Swapper:
             return False
         info = describe_exit(code)
         if inst is job.old:
+            job.old_alive = False
             log.error("driver %s: swap %d: the old instance (pid %d) %s; no rollback is "
                       "possible any more", job.name, job.id, inst.pid, info.text)
             return True
@@ -253,6 +255,11 @@ class Swapper:
         if inst is not job.cand or job.phase not in ("swapping", "probation"):
             return False
         report = inst.take_report() or {}
+        if not job.old_alive:  # nothing to roll back to: an ordinary failure and recovery
+            job.error = (f"the new instance (pid {inst.pid}) {describe_exit(code).text} and the "
+                         "old one is gone too; the usual recovery replaces it")
+            self._finish(slot, job, "failed", "old_died")
+            return False
         pend, slot.pending = slot.pending, None  # killed by us (hang, rss, ...): say so
         text = describe_exit(code).text if pend is None else f"was killed ({pend.detail})"
         self._rollback(slot, job, "crash" if pend is None else pend.reason, text, report)

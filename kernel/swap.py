@@ -142,6 +142,8 @@ class Swaps:
         if job is None:
             return {"ended": False}
         log.info("driver %s: hot swap ended in phase %s", name, job.phase)
+        if job.phase == "probation":  # final: the new backend may tidy up what it took over
+            self.hub.send_control(name, ["committed"])
         return {"ended": True, "phase": job.phase}
 
     # -- driver messages (drivers thread) -----------------------------------------------------
@@ -252,6 +254,17 @@ class Swaps:
         """Before the devices are attached again: note what the rings carry over."""
         job = self.jobs.get(link.name)
         if job is None:
+            return
+        if link.pid not in (job.old_pid, job.new_pid):
+            # a third instance (both of the swap's died; the supervisor's recovery started
+            # another): it takes the devices over from the newest state, then the swap is over
+            with self._lock:
+                self.jobs.pop(link.name, None)
+            state = job.post or job.saved
+            if state is not None and job.phase != "draining":
+                log.warning("driver %s: pid %d replaces both instances of a hot swap; it "
+                            "restores the newest state first", link.name, link.pid)
+                self.hub.send_control(link.name, ["restore", state])
             return
         if link.pid == job.new_pid and job.phase == "restoring":
             job.phase = "resuming"

@@ -85,6 +85,13 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
                        what="the old instance to stop")
             pids.append(r["pid"])
             more_io(stack)
+            sup = stack.call("ping")["pid"]
+            scratch = sorted(Path("/dev/shm").glob(f"isovisor.{sup}.*.scratch"))
+            if target.endswith("RamBackend"):  # the disks are in memory ...
+                assert len(scratch) == 2, scratch
+            else:  # ... until the swap back is final: then the copies go
+                wait_until(lambda: not list(Path("/dev/shm").glob(f"isovisor.{sup}.*.scratch")),
+                           timeout=10, what="the memory copies removed after the commit")
             if target.endswith("RamBackend"):  # its statistics say how much memory it holds
                 wait_until(lambda: driver_row(stack)["statistics"].get("memory_bytes") ==
                            2 * (8 << 20), timeout=10, what="the memory backend's statistics")

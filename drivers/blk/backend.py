@@ -401,6 +401,21 @@ class BlockBackend(abc.ABC):
         for good.  The default closes ``storage``."""
         storage.close()
 
+    def committed(self) -> None:
+        """The hot swap that brought this backend in is final (no rollback can need what it
+        took the devices over from): a device's scratch memory disk that no longer holds its
+        data is removed.  Override to tidy up more."""
+        for d in self.devices.values():
+            if d.info is None or not d.info.scratch:
+                continue
+            scratch = Medium("memory", d.info.scratch)
+            if not self.medium_of(d.info, d.storage).same_place(scratch):
+                path = SHM_DIR / d.info.scratch
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    self.log.info("device %d (%s): the memory copy %s of the previous "
+                                  "implementation removed", d.key, d.label, d.info.scratch)
+
     def statistics(self) -> dict[str, int | float | str]:
         """Counters for `isovisor driver stats` (numbers or short strings)."""
         out: dict[str, int | float | str] = {"devices": len(self.devices)}
