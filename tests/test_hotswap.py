@@ -177,25 +177,27 @@ def test_rollback_when_the_new_backend_misses_its_handshake(stack: Stack) -> Non
         finish_and_verify(stack, events, ops=OPS)
 
 
-@pytest.mark.parametrize(("body", "words"), [
+BAD_BACKENDS = [
     ("import no_such_module_here\n", "No module named 'no_such_module_here'"),
     ("def broken(:\n", "syntax error in"),
     ("class Backend:\n    pass\n", "does not implement the backend interface"),
     ("from drivers.blk.backend import Backend as B\n\nclass Backend(B):\n"
      "    def __init__(self, host, options):\n        raise ValueError('no disks today')\n",
      "no disks today"),
-])
-def test_bad_backends_are_refused_before_anything_stops(stack: Stack, body: str,
-                                                        words: str) -> None:
+]
+
+
+def test_bad_backends_are_refused_before_anything_stops(stack: Stack) -> None:
     """An import error, a syntax error, a class without the interface, a constructor that
-    raises: `refused`, with the reason; the running process was never touched."""
-    p = backend_file(stack, "bad.py", body)
+    raises: each is `refused`, with the reason; the running process was never touched."""
     stack.up([], extra=DRIVER)
     old = driver_row(stack)["pid"]
-    r = do_swap(stack, str(p))
-    assert r["outcome"] == "refused" and r["reason"] == "load", r
-    assert words in r["error"], r
-    assert driver_row(stack)["pid"] == old
+    for i, (body, words) in enumerate(BAD_BACKENDS):
+        p = backend_file(stack, f"bad{i}.py", body)
+        r = do_swap(stack, str(p))
+        assert r["outcome"] == "refused" and r["reason"] == "load", r
+        assert words in r["error"], r
+        assert driver_row(stack)["pid"] == old
 
 
 def test_bad_requests_are_refused_at_once(stack: Stack) -> None:
