@@ -25,7 +25,7 @@ from pathlib import Path
 
 from _common import QUIET_PCT, ROOT, Result, fmt_load, fmt_other, machine_state, met_word
 
-BENCHES = ("guest_cpu", "hypercall", "weights", "create_latency", "blk", "recovery")
+BENCHES = ("guest_cpu", "hypercall", "weights", "create_latency", "blk", "recovery", "swap")
 HERE = Path(__file__).resolve().parent
 
 

@@ -192,8 +192,8 @@ class Swaps:
         job = self.jobs.get(info["name"])
         if job is None or not isinstance(state, dict):
             return
-        if info["pid"] in (job.new_pid, job.old_pid):
-            job.post = state if info["pid"] == job.new_pid else job.post
+        if info["pid"] == job.new_pid:  # what a rollback after its hello restores
+            job.post = state
 
     def _restore_failed(self, info: dict[str, Any]) -> None:
         job = self._job_for(info, "new")
