@@ -480,29 +480,40 @@ def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: must be a table with module = \"...\"")
         _check_table(here, table, _DRIVER_FIELDS, required=("module",))
-        table = {**table, "module": _backend_module(table["module"], here, base)}
+        try:
+            table = {**table, "module": backend_spec(table["module"], base)}
+        except ValueError as e:
+            raise ConfigError(f"{here}: module = {table['module']!r}: {e}") from None
         out.append(_driver(name, table, here))
     _check_groups(out, where)
     return tuple(out)
 
 
-def _backend_module(module: str, here: str, base: Path) -> str:
-    """``module`` as the driver host takes it: ``package.module[:Class]``, or a backend file
-    (``*.py[:Class]``, relative to the config file) made absolute."""
-    file_part, sep, cls = module.partition(".py:")
-    if sep or module.endswith(".py") or "/" in module:
-        p = (base / (file_part + ".py" if sep else module)).resolve()
-        if p.suffix != ".py" or not p.is_file():
-            raise ConfigError(f"{here}: module = {module!r}: no backend file {p} (a module "
-                              "is package.module[:Class], a file path/to/backend.py[:Class])")
+def backend_spec(text: str, base: Path | None) -> str:
+    """A backend as the driver host takes it: ``package.module[:Class]``, or a backend file
+    ``*.py[:Class]`` made absolute (relative to ``base``; None: it must be absolute already).
+    ValueError says what is wrong."""
+    t = text.strip()
+    file_part, sep, cls = t.partition(".py:")
+    if sep or t.endswith(".py") or "/" in t:
+        p = Path(file_part + ".py" if sep else t)
+        if not p.is_absolute():
+            if base is None:
+                raise ValueError(f"the backend file {t!r} must be an absolute path")
+            p = base / p
+        p = p.resolve()
+        if p.suffix != ".py":
+            raise ValueError(f"{p} is not a Python file (*.py)")
+        if not p.is_file():
+            raise ValueError(f"the backend file {p} does not exist")
         if sep and not _CLASS_RE.match(cls):
-            raise ConfigError(f"{here}: module = {module!r}: {cls!r} is not a class name")
+            raise ValueError(f"{cls!r} is not a class name")
         return f"{p}:{cls}" if sep else str(p)
-    if not _MODULE_RE.match(module):
-        raise ConfigError(f"{here}: module = {module!r} is not a Python module name (e.g. "
-                          "drivers.blk or drivers.blk.ram:RamBackend) nor a backend file "
-                          "(path/to/backend.py)")
-    return module
+    if not _MODULE_RE.match(t):
+        raise ValueError(f"{t!r} is neither a module (package.module[:Class], e.g. drivers.blk "
+                         "or drivers.blk.ram:RamBackend) nor a backend file "
+                         "(path/to/backend.py[:Class])")
+    return t
 
 
 def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:

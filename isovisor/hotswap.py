@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ipc.control import ControlError, NotFound
+from isovisor.config import backend_spec
 from isovisor.driverproc import DriverProcess
 from isovisor.supervision import State, describe_exit
 
@@ -43,9 +42,6 @@ DEFAULT_PROBATION_S: Final = 1.0
 DEFAULT_TIMEOUT_S: Final = 5.0
 #: How many past swaps each driver's status keeps.
 HISTORY: Final = 10
-_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-                               r"(:[A-Za-z_][A-Za-z0-9_]*)?$")
-_CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -73,28 +69,13 @@ class Swap:
 def check_target(target: str) -> str:
     """The backend spec a ``--to`` or ``--to-file`` names, normalised; ControlError saying
     what is wrong before anything starts."""
-    t = target.strip()
-    if not t:
+    if not target.strip():
         raise ControlError("driver swap: name the new backend: --to package.module[:Class] "
                            "or --to-file path/to/backend.py")
-    file_part, sep, cls = t.partition(".py:")
-    if sep or t.endswith(".py") or "/" in t:
-        file = Path(file_part + ".py") if sep else Path(t)
-        if not file.is_absolute():
-            raise ControlError(f"driver swap: the backend file {t!r} must be an absolute path "
-                               "(the CLI makes it one)")
-        if file.suffix != ".py":
-            raise ControlError(f"driver swap: {file} is not a Python file (*.py)")
-        if not file.is_file():
-            raise ControlError(f"driver swap: the backend file {file} does not exist")
-        if sep and not _CLASS_RE.match(cls):
-            raise ControlError(f"driver swap: {cls!r} is not a class name")
-        return f"{file}:{cls}" if sep else str(file)
-    if not _MODULE_RE.match(t):
-        raise ControlError(f"driver swap: {t!r} is not a backend name: use "
-                           "package.module[:Class] (e.g. drivers.blk.ram:RamBackend) or "
-                           "--to-file path/to/backend.py")
-    return t
+    try:
+        return backend_spec(target, None)
+    except ValueError as e:
+        raise ControlError(f"driver swap: {e}") from None
 
 
 class Swapper:

@@ -24,6 +24,7 @@ from ipc.control import Client  # noqa: E402
 from ipc.events import Subscriber, subscribe  # noqa: E402
 from isovisor.paths import RunDir  # noqa: E402
 from isovisor.procs import reap  # noqa: E402
+from isovisor.testing import wait_until as _plugin_wait_until  # noqa: E402
 
 ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
 
@@ -133,17 +134,6 @@ def stack() -> Iterator[Stack]:
         assert not segs, f"shared-memory segments left behind: {segs}"
 
 
-def wait_until(pred: Any, timeout: float = 30, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Poll an observable condition (a status query, not a fixed delay) until it holds.
-
-    For state that no event announces (CPU time, counters, last-seen ages)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
+# Poll an observable condition (a status query, not a fixed delay) until it holds, for state
+# that no event announces (CPU time, counters, last-seen ages): the plugin's, shared.
+wait_until = _plugin_wait_until

@@ -138,7 +138,7 @@ def test_driver_tables_are_checked(tmp_path: Path) -> None:
         ("blk0", "process", {}), ("blk1", "inline", {"max_batch": 8})]
     for text, msg in (('[driver.b]\nmodul = "x"\n', "unknown key 'modul'"),
                       ('[driver.b]\nmodule = "x"\nisolation = "vm"\n', "must be one of"),
-                      ('[driver.b]\nmodule = "x y"\n', "is not a Python module name"),
+                      ('[driver.b]\nmodule = "x y"\n', "is neither a module"),
                       ('[driver.b]\n', "missing required key 'module'")):
         with pytest.raises(ConfigError, match=msg):
             load_stack_config(write(tmp_path / "t.toml", text))

@@ -90,7 +90,8 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
             if target.endswith("RamBackend"):  # the disks are in memory ...
                 assert len(scratch) == 2, scratch
             else:  # ... until the swap back is final: then the copies go
-                wait_until(lambda: not list(Path("/dev/shm").glob(f"isovisor.{sup}.*.scratch")),
+                pattern = f"isovisor.{sup}.*.scratch"
+                wait_until(lambda p=pattern: not list(Path("/dev/shm").glob(p)),
                            timeout=10, what="the memory copies removed after the commit")
             if target.endswith("RamBackend"):  # its statistics say how much memory it holds
                 wait_until(lambda: driver_row(stack)["statistics"].get("memory_bytes") ==
@@ -203,7 +204,7 @@ def test_bad_backends_are_refused_before_anything_stops(stack: Stack) -> None:
 def test_bad_requests_are_refused_at_once(stack: Stack) -> None:
     stack.up([], extra=DRIVER)
     r = stack.cli("driver", "swap", "blk0", "--to", "not a module")
-    assert r.returncode != 0 and "is not a backend name" in r.stderr, r.stderr
+    assert r.returncode != 0 and "is neither a module" in r.stderr, r.stderr
     r = stack.cli("driver", "swap", "nope", "--to", "drivers.blk")
     assert r.returncode != 0 and "no driver named 'nope'" in r.stderr, r.stderr
     r = stack.cli("driver", "swap", "blk0", "--to-file", str(stack.dir / "missing.py"))

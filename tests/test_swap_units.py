@@ -143,7 +143,7 @@ def test_swap_targets_are_checked_before_anything_starts(tmp_path: Path) -> None
     assert check_target("drivers.blk.ram:RamBackend") == "drivers.blk.ram:RamBackend"
     assert check_target(f"{f}:Mine") == f"{f}:Mine"
     assert check_target(str(f)) == str(f)
-    for bad, words in [("", "name the new backend"), ("not a module", "is not a backend name"),
+    for bad, words in [("", "name the new backend"), ("not a module", "is neither a module"),
                        ("b.py", "must be an absolute path"),
                        (str(tmp_path / "none.py"), "does not exist"),
                        (str(tmp_path), "is not a Python file"),
