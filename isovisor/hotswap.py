@@ -156,7 +156,8 @@ class Swapper:
                     self._finish(slot, job, "rolled_back")
             elif pid == job.cand.pid and job.phase == "swapping":
                 job.result.update({k: p.get(k) for k in ("stall_ms", "carried", "replayed",
-                                                         "devices", "drained_ms")})
+                                                         "devices", "drained_ms",
+                                                         "incomplete")})
                 self._enter(job, "probation")
                 if job.probation_s == 0:
                     self._commit(slot, job)
@@ -274,6 +275,10 @@ class Swapper:
             elif job.phase in ("swapping", "rolling_back") and waited > 3 * job.timeout_s + 5:
                 job.error = f"no outcome from the kernel within {waited:.0f}s ({job.phase})"
                 self.mgr.kernel_command("driver_swap_end", name=job.name)
+                if slot.active is job.cand:  # it said hello: it serves, so it stays
+                    self._adopt(slot, job)
+                else:
+                    self._discard_candidate(job)
                 self._finish(slot, job, "failed", "timeout")
 
     # -- endings --------------------------------------------------------------------------
@@ -285,13 +290,16 @@ class Swapper:
         job.cand.signal(signal.SIGKILL)
 
     def _commit(self, slot: Slot, job: Swap) -> None:
-        mgr = self.mgr
-        mgr.kernel_command("driver_swap_end", name=job.name)
-        slot.cfg = dataclasses.replace(slot.cfg, module=job.new_module)
-        mgr.retire(job.old, slot.cfg.graceful_timeout)
-        mgr.replace_spare(slot)
+        self.mgr.kernel_command("driver_swap_end", name=job.name)
+        self._adopt(slot, job)
         self._finish(slot, job, "swapped")
-        mgr.send_faults(job.name)
+        self.mgr.send_faults(job.name)
+
+    def _adopt(self, slot: Slot, job: Swap) -> None:
+        """The new implementation is the driver's from now on; the old process goes."""
+        slot.cfg = dataclasses.replace(slot.cfg, module=job.new_module)
+        self.mgr.retire(job.old, slot.cfg.graceful_timeout)
+        self.mgr.replace_spare(slot)
 
     def _finish(self, slot: Slot, job: Swap, outcome: str, reason: str = "") -> None:
         slot.swap = None
@@ -301,6 +309,7 @@ class Swapper:
                "stall_ms": job.result.get("stall_ms"), "carried": job.result.get("carried"),
                "replayed": job.result.get("replayed"),
                "drained_ms": job.result.get("drained_ms"),
+               "incomplete": job.result.get("incomplete"),
                "rollback_stall_ms": job.result.get("rollback_stall_ms"),
                "seconds": round(self.mgr.clock() - job.started, 3)}
         row.pop("phase", None)

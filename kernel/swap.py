@@ -276,8 +276,9 @@ class Swaps:
         job.carried = sum(outstanding(*self.dm.ring_indices(d)) for d in self.dm.snapshot()
                           if d.spec.backend == link.name and not d.gone)
 
-    def on_replayed(self, link: DriverLink, done_ns: int) -> None:
-        """Every device of ``link`` resumed: the swap (or its rollback) is through."""
+    def on_replayed(self, link: DriverLink, done_ns: int, incomplete: int = 0) -> None:
+        """Every device of ``link`` resumed (or, ``incomplete`` > 0, that many never said so
+        within the timeout): the swap (or its rollback) is through."""
         job = self.jobs.get(link.name)
         if job is None:
             return
@@ -288,7 +289,7 @@ class Swaps:
         payload = {"pid": link.pid, "old_pid": job.old_pid, "new_pid": job.new_pid,
                    "rollback": rollback, "stall_ms": round(stall_ms, 3),
                    "carried": job.carried, "replayed": link.replayed,
-                   "devices": link.recovered, **job.extra}
+                   "devices": link.recovered, "incomplete": incomplete, **job.extra}
         if rollback:
             with self._lock:
                 self.jobs.pop(link.name, None)
@@ -318,7 +319,14 @@ class Swaps:
                 self._roll_back(job, "handshake", f"pid {job.new_pid} did not restore the "
                                 f"state and say hello within {job.timeout_s:g}s", "")
             elif job.phase in ("resuming", "rolling_back"):
-                log.error("driver %s: %s not finished within %gs; the usual hang checks "
-                          "take over", job.name, job.phase, job.timeout_s)
-                with self._lock:
-                    self.jobs.pop(job.name, None)
+                # it said hello but not every device reported back: it serves anyway (the
+                # usual hang checks watch it from now on); say so rather than go quiet
+                link = self.hub.links.get(job.name)
+                waiting = len(link.awaiting) if link is not None else 0
+                log.error("driver %s: %s: %d device(s) not resumed within %gs", job.name,
+                          job.phase, waiting, job.timeout_s)
+                if link is not None and link.pid in (job.old_pid, job.new_pid):
+                    self.on_replayed(link, time.monotonic_ns(), incomplete=max(1, waiting))
+                if self.jobs.get(job.name) is job and job.phase != "probation":
+                    with self._lock:
+                        self.jobs.pop(job.name, None)
