@@ -484,16 +484,23 @@ class DriverManager:
         self._retiring.clear()
 
     # -- commands ---------------------------------------------------------------------------
-    def command(self, action: str, name: str) -> dict[str, Any]:
+    def supervised_slot(self, name: str, inline_refusal: str) -> Slot:
+        """The slot of supervised driver ``name``; ControlError with ``inline_refusal`` for an
+        inline driver, NotFound (listing the drivers) for an unknown name."""
         if name in self.inline:
-            raise ControlError(f"driver {name} is inline (it runs inside the kernel process): "
-                               "it is not supervised and cannot be started, stopped or "
-                               "restarted on its own; use isolation = \"process\" for that")
+            raise ControlError(inline_refusal)
         slot = self.slots.get(name)
         if slot is None:
             known = ", ".join([*self.slots, *self.inline]) or "none"
             raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
                            "status`")
+        return slot
+
+    def command(self, action: str, name: str) -> dict[str, Any]:
+        slot = self.supervised_slot(
+            name, f"driver {name} is inline (it runs inside the kernel process): it is not "
+                  "supervised and cannot be started, stopped or restarted on its own; use "
+                  "isolation = \"process\" for that")
         st = slot.sv.state
         if slot.swap is not None:
             raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "

@@ -28,7 +28,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ipc.control import ControlError, NotFound
+from ipc.control import ControlError
 from isovisor.config import backend_spec
 from isovisor.driverproc import DriverProcess
 from isovisor.supervision import State, describe_exit
@@ -89,14 +89,9 @@ class Swapper:
     def begin(self, name: str, target: str, probation: float | None = None,
               timeout: float | None = None) -> dict[str, Any]:
         mgr = self.mgr
-        if name in mgr.inline:
-            raise ControlError(f"driver {name} runs inline, inside the kernel process: it "
-                               "cannot be swapped; declare it with isolation = \"process\"")
-        slot = mgr.slots.get(name)
-        if slot is None:
-            known = ", ".join([*mgr.slots, *mgr.inline]) or "none"
-            raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
-                           "status`")
+        slot = mgr.supervised_slot(
+            name, f"driver {name} runs inline, inside the kernel process: it cannot be "
+                  "swapped; declare it with isolation = \"process\"")
         spec = check_target(target)
         probation = DEFAULT_PROBATION_S if probation is None else probation
         timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout

@@ -45,11 +45,12 @@ class RamBackend(BlockBackend):
 
     def open_disk(self, dev: DeviceState) -> Storage:
         ram = self._ram(dev)
-        fresh = dev.medium.same_place(dev.home) and not (SHM_DIR / ram.target).exists()
-        if not dev.medium.same_place(ram) and (fresh or not dev.medium.same_place(dev.home)):
+        in_memory = dev.medium.same_place(ram)  # restore_device put it there
+        # not restored, but a copy exists: an instance of ours died, and its copy is newer
+        # than the disk
+        left_by_crash = dev.medium.same_place(dev.home) and (SHM_DIR / ram.target).exists()
+        if not (in_memory or left_by_crash):
             copy_medium(dev.medium, ram)  # first attach: load the disk into memory
-        # else: restored into memory, or a replacement instance finding the copy of the one
-        # that died (the copy is newer than the disk)
         return open_medium(dataclasses.replace(ram, access=dev.home.access))
 
     def medium_of(self, dev: DeviceState, storage: Storage) -> Medium:
