@@ -46,9 +46,13 @@ def wait_count(events: Events, topic: str, n: int, timeout: float = 30) -> list[
         events._take(0.1)
 
 
+RUNTIME_OPS = 150_000
+
+
 @pytest.mark.timeout(180)
 def test_faults_added_at_run_time_fire_in_the_driver_and_are_recovered(stack: Stack) -> None:
-    with two_guests(stack, DRIVER + "max_fds = 200\n") as events:
+    # enough I/O that the guests are still running when the last fault needs requests
+    with two_guests(stack, DRIVER + "max_fds = 200\n", ops=RUNTIME_OPS) as events:
         # a fault that only slows three requests: it fires, nothing is replaced
         r = stack.cli("fault", "add", "blk0", "-t", "slow", "-a", "latency_ms=30", "-a",
                       "times=3", "-a", "op=write")
@@ -75,7 +79,7 @@ def test_faults_added_at_run_time_fire_in_the_driver_and_are_recovered(stack: St
         assert [(f["id"], f["type"], f["armed"]) for f in listed] == [
             (1, "slow", False), (2, "duplicate", False), (3, "leak_fd", True)], listed
         assert stack.cli("fault", "remove", "3").returncode == 0
-        finish_and_verify(stack, events)
+        finish_and_verify(stack, events, ops=RUNTIME_OPS)
     by = driver_row(stack)["restarts_by_reason"]
     assert by.get("violation") == 1 and by.get("fds", 0) >= 1, by
 
