@@ -553,6 +553,40 @@ def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
 
 
 @pytest.mark.timeout(60)
+def test_a_driver_flooding_notifications_is_reported_and_the_guest_still_runs(
+        kernel: Kernel) -> None:
+    """A connected instance sending ``notify`` for its device as fast as a process can: the
+    kernel keeps up, publishes one violation naming the flood, and the guest is unharmed."""
+    a = kernel.driver("blk0", 4101)
+    kernel.create("g", "blkstress", "ops=200 qd=4 mix=60 seed=3 blocks=64 timeout=30000",
+                  "blk0")
+    key = a.wait_for(lambda m: "attach" in kinds(m) and m, "attach")[0][1]["key"]
+    a.run(lambda: setattr(a, "paused", True))  # the guest waits for its driver meanwhile
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(kernel.driver_endpoint)
+    frames = [b"blk0:4101", msgpack.packb(["notify", key])]
+    try:
+        with kernel.subscribe(["driver.blk0.", "domain.g."]) as ev:
+            deadline = time.monotonic() + 20
+            while (not ev.count("driver.blk0.violation")
+                   and time.monotonic() < deadline):
+                for _ in range(2000):
+                    push.send_multipart(frames)
+                ev.drain()
+            v = ev.wait("driver.blk0.violation", timeout=5)
+        assert v["pid"] == 4101 and v["reporter"] == "kernel", v
+        assert v["reason"].startswith("notification flood: more than 50000"), v
+    finally:
+        push.close()
+    assert kernel.device("g")["notifies"] > 50_000
+    a.run(lambda: setattr(a, "paused", False))
+    a.run(a.serve_all)  # the driver still serves: the guest finishes its I/O
+    wait_until(lambda: "blkstress: ops=" in kernel.console("g"), "the guest's summary")
+    assert summary(kernel.console("g"))["errors"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_many_replacements_leak_no_kernel_sockets(kernel: Kernel) -> None:
     """Each instance has its own endpoint; the kernel's sockets to dead ones get closed."""
     assert kernel.proc is not None
