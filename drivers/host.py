@@ -382,19 +382,38 @@ class DriverHost:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
+        watched: set[int] = set()
         while not self._stop.is_set():
+            watched = self._watch_fds(poller, watched)
             try:
                 ready = poller.poll(self._poll_timeout())
             except zmq.ZMQError as e:
                 if e.errno == zmq.ETERM:
                     break
                 raise
-            raws = self._drain() if ready else []
+            raws = self._drain() if any(s is self._pull for s, _ in ready) else []
             self._dispatch(raws)
             if self.mode != "active":
                 continue  # drained: no heartbeat (the next instance's link is not ours)
+            backend = self.backend
+            for fd, _ in ready:
+                if isinstance(fd, int) and fd in watched and backend is not None:
+                    self._call("readable", backend.readable, fd)  # type: ignore[attr-defined]
             if self._heartbeat_s:
                 self._heartbeat()
+
+    def _watch_fds(self, poller: zmq.Poller, watched: set[int]) -> set[int]:
+        """Optional backend hook: ``fds()`` names file descriptors (e.g. a TAP device) the loop
+        waits on beside the kernel's messages; ``readable(fd)`` is called when one is."""
+        fds_fn = getattr(self.backend, "fds", None)
+        now: set[int] = set()
+        if fds_fn is not None and self.mode == "active":
+            now = set(fds_fn())
+        for fd in watched - now:
+            poller.unregister(fd)
+        for fd in now - watched:
+            poller.register(fd, zmq.POLLIN)
+        return now
 
     def _poll_timeout(self) -> int:
         """ms to wait for messages: none if a device wants another turn, else until the next

@@ -247,7 +247,8 @@ def list_(run_dir: RunDirOpt = None,
 def devices(run_dir: RunDirOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
             ) -> None:
-    """List virtual disks as `xl block-list` does, with their handshake state and counters."""
+    """List virtual disks and network interfaces (`xl block-list`, `xl network-list`) with their
+    handshake state and counters."""
     devs = _call(_run_dir(run_dir), "devices")["devices"]
     if as_json:
         print(json.dumps(devs, indent=2))
@@ -257,10 +258,13 @@ def devices(run_dir: RunDirOpt = None,
                 "Requests", "Kicks", "Notifies", "Error"):
         t.add_column(col)
     for d in devs:
+        if d.get("class") == "vif":  # Access/Sectors/Target: bridge, ip, mac
+            access, sectors, target = d["bridge"], d["ip"] or "-", d["mac"]
+        else:
+            access, sectors, target = d["access"], str(d["sectors"]), str(d["target"])
         t.add_row(d["domain"], d["vdev"], d["backend"], str(d["port"]),
-                  f"{d['frontend_state']}/{d['backend_state']}", d["access"],
-                  str(d["sectors"]), str(d["target"]), str(d["requests"]), str(d["kicks"]),
-                  str(d["notifies"]), d["error"])
+                  f"{d['frontend_state']}/{d['backend_state']}", access, sectors, target,
+                  str(d["requests"]), str(d["kicks"]), str(d["notifies"]), d["error"])
     out.print(t)
 
 
@@ -546,8 +550,8 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
         cfg = load_domain_config(config)
     except ConfigError as e:
         fail(str(e))
-    if cfg.disks:
-        fail(f"{config}: domain {cfg.name} has disks, which need driver backends; `run` starts "
+    if cfg.disks or cfg.vifs:
+        fail(f"{config}: domain {cfg.name} has devices, which need driver backends; `run` starts "
              "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
              "`isovisor create` and `isovisor console -f`")
     tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-", dir="/tmp"))

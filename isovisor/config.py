@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from isovisor.vifconfig import VifError, VifSpec, parse_vifs
 from kernel import abi
 
 ACTIONS: Final = ("destroy", "restart", "preserve")
@@ -115,6 +116,8 @@ _DOMAIN_FIELDS: Final = {
                     else "is too long"),
     "disk": _Field(list, 'virtual disks, xl.cfg style: ["target=data.img, vdev=xvda, '
                          'access=rw, backend=blk0, size=64M"]'),
+    "vif": _Field(list, 'virtual network interfaces, xl.cfg style: ["mac=02:00:00:00:00:01, '
+                        'bridge=br0, backend=net0, ip=198.18.0.2"]'),
 }
 
 # --- disks (xl-disk-configuration subset: key=value form only) ------------------------------
@@ -269,6 +272,7 @@ class DomainConfig:
     on_crash: str = "destroy"
     extra: str = ""
     disks: tuple[DiskSpec, ...] = ()
+    vifs: tuple[VifSpec, ...] = ()
     source: str = ""  # the file this came from, for messages
 
     @classmethod
@@ -284,12 +288,14 @@ class DomainConfig:
                 raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
         data = dict(data)
         disks = _parse_disks(data.pop("disk", []), where, base_dir)
-        return cls(**data, disks=disks, image_path=image_path, source=where)
+        vifs = _vifs(data.pop("vif", []), data["name"], where)
+        return cls(**data, disks=disks, vifs=vifs, image_path=image_path, source=where)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         wire["disk"] = [asdict(d) for d in self.disks]
-        del wire["disks"]
+        wire["vif"] = [asdict(v) for v in self.vifs]
+        del wire["disks"], wire["vifs"]
         return wire
 
     @classmethod
@@ -306,7 +312,16 @@ class DomainConfig:
             raise ConfigError("domain config 'source' must be a string")
         data = _validated(data, source)
         disks = _parse_disks(data.pop("disk", []), source, None)
-        return cls(**{**data, "disks": disks, "image_path": image_path, "source": source})
+        vifs = _vifs(data.pop("vif", []), data["name"], source)
+        return cls(**{**data, "disks": disks, "vifs": vifs, "image_path": image_path,
+                      "source": source})
+
+
+def _vifs(items: Any, domain: str, where: str) -> tuple[VifSpec, ...]:
+    try:
+        return parse_vifs(items, domain, where)
+    except VifError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validated(data: dict[str, Any], where: str) -> dict[str, Any]:

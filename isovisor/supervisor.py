@@ -265,12 +265,13 @@ class Supervisor:
 
     def _check_disks(self, cfg: DomainConfig) -> None:
         declared = {d.name for d in self.cfg.drivers}
-        for disk in cfg.disks:
-            if disk.backend not in declared:
+        for dev in (*cfg.disks, *cfg.vifs):
+            what = "vif" if dev in cfg.vifs else "disk"
+            if dev.backend not in declared:
                 raise ControlError(
-                    f"{cfg.source}: disk {disk.vdev} uses backend {disk.backend!r}, which "
+                    f"{cfg.source}: {what} {dev.vdev} uses backend {dev.backend!r}, which "
                     f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
-                    f"{', '.join(sorted(declared)) or 'none'}); add [driver.{disk.backend}] "
+                    f"{', '.join(sorted(declared)) or 'none'}); add [driver.{dev.backend}] "
                     "or fix backend=")
 
     # -- events --------------------------------------------------------------------------------

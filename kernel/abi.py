@@ -68,6 +68,8 @@ DE_REGION_SIZE: Final = 0x20  # u64: bytes of the region mapped into the guest
 DE_NAME: Final = 0x28  # char[24], NUL-terminated: "xvda"
 DE_NAME_MAX: Final = 24
 DEV_KIND_VBD: Final = 1
+DEV_KIND_VIF: Final = 2
+DEV_KIND_CONSOLE: Final = 3
 
 # --- device regions ----------------------------------------------------------
 #: Device regions are mapped far above guest RAM, one window per device.

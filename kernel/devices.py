@@ -1,9 +1,9 @@
 """Split devices: regions, ports, store nodes, and the messages to and from their drivers.
 
-For each ``disk`` of a domain the kernel creates a *device region* (a shared-memory segment of its
-own), maps its window into the guest's physical address space, gives it an event-channel port,
-writes the device-table entry and the store directories, and sends the driver an ``attach``
-naming that segment.  The driver is never told anything else about the guest.
+For each ``disk`` and ``vif`` of a domain the kernel creates a *device region* (a shared-memory
+segment of its own), maps its window into the guest's physical address space, gives it an
+event-channel port, writes the device-table entry and the store directories, and sends the driver
+an ``attach`` naming that segment.  The driver is never told anything else about the guest.
 ``docs/devices.md`` is the reference; ``kernel/failover.py`` adds what driver recovery needs
 (``docs/recovery.md``).
 """
@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ipc import blkif
 from ipc.control import ControlError
-from ipc.ring import inflight_bytes
 from ipc.shm import SHM_DIR, Segment, SegmentError
 from ipc.store import DevState, Store, StoreError, Watch
 from isovisor.config import DiskSpec
+from isovisor.vifconfig import VifSpec
 from kernel import abi
+from kernel.devclass import VBD, VIF, DeviceClass
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("isovisor.kernel")
 
-_PAGE: Final = abi.PAGE_SIZE
-SEGMENT_BYTES: Final = blkif.INFLIGHT_OFFSET + (
-    -(-inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE) // _PAGE) * _PAGE)
+SEGMENT_BYTES: Final = VBD.segment_bytes
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 #: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
 REPORT_S: Final = 1.0
@@ -47,10 +45,11 @@ REPORT_S: Final = 1.0
 class Device:
     key: int
     dom: Domain
-    spec: DiskSpec
+    spec: DiskSpec | VifSpec
     index: int
     segment: Segment
     memory_disk: str | None
+    cls: DeviceClass = VBD
     kicks: int = 0
     notifies: int = 0
     faults: int = 0
@@ -80,15 +79,21 @@ class Device:
 
     @property
     def window(self) -> int:
-        return blkif.WINDOW_BYTES
+        return self.cls.window
 
     @property
     def fe_dir(self) -> str:
-        return f"/local/domain/{self.dom.domid}/device/vbd/{self.spec.devid}"
+        return f"/local/domain/{self.dom.domid}/device/{self.cls.name}/{self.spec.devid}"
 
     @property
     def be_dir(self) -> str:
-        return f"/driver/{self.spec.backend}/vbd/{self.dom.domid}/{self.spec.devid}"
+        return (f"/driver/{self.spec.backend}/{self.cls.name}/{self.dom.domid}/"
+                f"{self.spec.devid}")
+
+    @property
+    def kind_word(self) -> str:
+        """"block device" or "network interface", for messages."""
+        return "network interface" if self.cls is VIF else "block device"
 
     @property
     def label(self) -> str:
@@ -102,13 +107,17 @@ class Device:
 
     def attach_message(self) -> list[Any]:
         s = self.spec
-        return ["attach", {
+        body: dict[str, Any] = {
             "key": self.key, "domid": self.dom.domid, "domain": self.dom.name,
             "vdev": s.vdev, "devid": s.devid, "segment": self.segment.name,
-            "window": self.window, "inflight_offset": blkif.INFLIGHT_OFFSET,
-            "store": self.be_dir, "scratch": self.scratch,
-            "disk": {"target": self.memory_disk if s.type == "memory" else s.target,
-                     "type": s.type, "access": s.access, "size": s.size}}]
+            "window": self.window, "inflight_offset": self.cls.inflight_offset,
+            "store": self.be_dir, "scratch": self.scratch, "class": self.cls.name}
+        if isinstance(s, VifSpec):
+            body["vif"] = {"mac": s.mac, "bridge": s.bridge, "ip": s.ip}
+        else:
+            body["disk"] = {"target": self.memory_disk if s.type == "memory" else s.target,
+                            "type": s.type, "access": s.access, "size": s.size}
+        return ["attach", body]
 
     def indices(self) -> tuple[int, int]:
         """(req_prod, rsp_prod) of the ring now; (0, 0) once the device is gone."""
@@ -116,7 +125,7 @@ class Device:
             if self.gone:
                 return 0, 0
             try:
-                return ring_indices(self.segment.buf)
+                return ring_indices(self.segment.buf)  # the request (tx) ring: offset 0
             except (SegmentError, ValueError):
                 return 0, 0
 
@@ -165,24 +174,42 @@ class DeviceManager:
         return dev.indices()
 
     # -- creation (control thread, before the domain first runs) ---------------------------------
-    def check_backends(self, disks: tuple[DiskSpec, ...], where: str) -> None:
-        for d in disks:
+    def check_backends(self, specs: tuple[DiskSpec | VifSpec, ...], where: str) -> None:
+        """Every device names a connected driver; a vif's MAC is not taken on its bridge."""
+        if len(specs) > abi.SI_MAX_DEVICES:
+            raise ControlError(f"{where}: {len(specs)} devices (disks and vifs together); a "
+                               f"domain has at most {abi.SI_MAX_DEVICES}")
+        for d in specs:
+            what = f"disk {d.vdev}" if isinstance(d, DiskSpec) else f"vif {d.vdev}"
             if d.backend not in self.hub.links:
                 known = ", ".join(sorted(self.hub.links)) or "none"
                 raise ControlError(
-                    f"{where}: disk {d.vdev} uses backend {d.backend!r}, which is not running "
+                    f"{where}: {what} uses backend {d.backend!r}, which is not running "
                     f"(connected drivers: {known}); declare [driver.{d.backend}] in "
                     "supervisor.toml or fix backend=")
+            if isinstance(d, VifSpec):
+                for o in self.snapshot():
+                    s = o.spec
+                    if (isinstance(s, VifSpec) and not o.gone and s.mac == d.mac
+                            and (s.backend, s.bridge) == (d.backend, d.bridge)):
+                        raise ControlError(
+                            f"{where}: vif {d.vdev} has mac {d.mac}, which domain "
+                            f"{o.dom.name!r} already uses on bridge {d.bridge} of {d.backend}; "
+                            "give each interface its own mac= (or leave it out to get one "
+                            "derived from the domain name)")
 
     def create(self, dom: Domain) -> None:
-        """Create, map and announce every disk of ``dom``; on failure undo all of it."""
+        """Create, map and announce every disk and vif of ``dom``; on failure undo all of it."""
         made: list[Device] = []
+        specs: list[DiskSpec | VifSpec] = [*dom.config.disks, *dom.config.vifs]
         try:
-            for i, spec in enumerate(dom.config.disks):
+            for i, spec in enumerate(specs):
+                cls = VIF if isinstance(spec, VifSpec) else VBD
                 name = f"{self.shm_prefix}dom{dom.domid}.{spec.vdev}"
-                seg = Segment(name, SEGMENT_BYTES, create=True)
-                dev = Device(next(self._keys), dom, spec, i, seg,
-                             f"{name}.disk" if spec.type == "memory" else None)
+                seg = Segment(name, cls.segment_bytes, create=True)
+                memory = (f"{name}.disk" if isinstance(spec, DiskSpec) and spec.type == "memory"
+                          else None)
+                dev = Device(next(self._keys), dom, spec, i, seg, memory, cls)
                 made.append(dev)
                 dom.vcpu.map_region(dev.gpa, dev.window, seg.address)
                 self._write_table_entry(dom, dev)
@@ -202,18 +229,12 @@ class DeviceManager:
         """Write the store directories, watch both states and send the drivers ``attach``."""
         for dev in dom.devices.values():
             dev.announced = True  # from now on a new driver instance gets it attached too
-            s = dev.spec
             st = self.store
-            for k, v in (("backend", dev.be_dir), ("backend-id", s.backend), ("vdev", s.vdev),
-                         ("port", str(dev.port)), ("state", "1")):
-                st.write(f"{dev.fe_dir}/{k}", v)
-            for k, v in (("frontend", dev.fe_dir), ("frontend-id", str(dom.domid)),
-                         ("params", dev.memory_disk or s.target or ""), ("type", s.type),
-                         ("mode", "r" if s.read_only else "w"), ("state", "1")):
-                st.write(f"{dev.be_dir}/{k}", v)
-            if not self.hub.send_control(s.backend, dev.attach_message()):
+            for k, v in _store_nodes(dev):
+                st.write(k, v)
+            if not self.hub.send_control(dev.spec.backend, dev.attach_message()):
                 log.warning("device %s: driver %s did not take the attach message", dev.label,
-                            s.backend)
+                            dev.spec.backend)
             dev.watches.append(st.watch(f"{dev.be_dir}/state", f"be:{dev.key}",
                                         self._be_state_changed))
             dev.watches.append(st.watch(f"{dev.fe_dir}/state", f"fe:{dev.key}",
@@ -222,7 +243,7 @@ class DeviceManager:
     def _write_table_entry(self, dom: Domain, dev: Device) -> None:
         base = abi.START_INFO_ADDR + abi.SI_DEVICES + dev.index * abi.DEV_ENTRY_SIZE
         w = dom.mem.words
-        for off, val in ((abi.DE_KIND, abi.DEV_KIND_VBD), (abi.DE_DEVID, dev.spec.devid),
+        for off, val in ((abi.DE_KIND, dev.cls.kind), (abi.DE_DEVID, dev.spec.devid),
                          (abi.DE_PORT, dev.port), (abi.DE_REGION, dev.gpa),
                          (abi.DE_REGION_SIZE, dev.window)):
             w[(base + off) // 8] = val
@@ -396,7 +417,7 @@ class DeviceManager:
                       {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
             return
         # The driver caught the guest's frontend breaking the protocol: a guest fault.
-        reason = f"block device {dev.spec.vdev}: driver {dev.spec.backend} reports: {message}"
+        reason = f"{dev.kind_word} {dev.spec.vdev}: driver {dev.spec.backend} reports: {message}"
         self.recovery.driver_fault(dev)
         self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
                   {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
@@ -411,20 +432,42 @@ class DeviceManager:
             req, rsp = d.indices()
             be = self.store.read(f"{d.be_dir}/state", default="0")
             fe = self.store.read(f"{d.fe_dir}/state", default="0")
-            out.append({
-                "domain": d.dom.name, "domid": d.dom.domid, "vdev": d.spec.vdev,
-                "devid": d.spec.devid, "backend": d.spec.backend, "port": d.port,
-                "type": d.spec.type, "target": d.spec.target or d.memory_disk,
-                "access": d.spec.access, "sectors": _int(self.store.read(f"{d.be_dir}/sectors",
-                                                                         default="0")),
+            row: dict[str, Any] = {
+                "class": d.cls.name, "domain": d.dom.name, "domid": d.dom.domid,
+                "vdev": d.spec.vdev, "devid": d.spec.devid, "backend": d.spec.backend,
+                "port": d.port,
                 "frontend_state": _STATE_NAMES.get(_int(fe), fe),
                 "backend_state": _STATE_NAMES.get(_int(be), be),
                 "error": self.store.read(f"{d.be_dir}/error", default=""),
-                "requests": req, "outstanding": outstanding(req, rsp), "kicks": d.kicks,
+                "requests": req, "outstanding": outstanding(req, rsp, d.cls), "kicks": d.kicks,
                 "notifies": d.notifies, "faults": d.faults,
                 "failed_requests": d.failed_requests, "segment": d.segment.name,
-            })
+            }
+            s = d.spec
+            if isinstance(s, VifSpec):
+                row.update(mac=s.mac, bridge=s.bridge, ip=s.ip)
+            else:
+                row.update(type=s.type, target=s.target or d.memory_disk, access=s.access,
+                           sectors=_int(self.store.read(f"{d.be_dir}/sectors", default="0")))
+            out.append(row)
         return out
+
+
+def _store_nodes(dev: Device) -> list[tuple[str, str]]:
+    """The frontend's and the backend's directory of a new device (XenStore's layout)."""
+    s, fe, be = dev.spec, dev.fe_dir, dev.be_dir
+    nodes = [(f"{fe}/{k}", v) for k, v in (
+        ("backend", be), ("backend-id", s.backend), ("vdev", s.vdev),
+        ("port", str(dev.port)), ("state", "1"))]
+    nodes += [(f"{be}/frontend", fe), (f"{be}/frontend-id", str(dev.dom.domid))]
+    if isinstance(s, VifSpec):
+        extra = [("mac", s.mac), ("bridge", s.bridge)] + ([("ip", s.ip)] if s.ip else [])
+        nodes += [(f"{fe}/{k}", v) for k, v in extra] + [(f"{be}/{k}", v) for k, v in extra]
+    else:
+        nodes += [(f"{be}/params", dev.memory_disk or s.target or ""), (f"{be}/type", s.type),
+                  (f"{be}/mode", "r" if s.read_only else "w")]
+    nodes.append((f"{be}/state", "1"))
+    return nodes
 
 
 def _int(text: str) -> int:

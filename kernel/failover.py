@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ipc import blkif
 from ipc.control import ControlError, NotFound
 from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import SegmentError
 from ipc.store import DevState
 from kernel import abi
+from kernel.devclass import VBD, DeviceClass
 from kernel.domain import Exit
 from kernel.drivers import DriverLink, Malformed
 
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("isovisor.kernel")
 
 _MASK: Final = (1 << 64) - 1
-RING_BYTES: Final = ring_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
-INFLIGHT_BYTES: Final = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
 #: More notifications than this from one driver within one second is a protocol violation.  A
 #: real backend sends a few thousand at most (one per batch of responses, only when the guest
 #: asked to be woken); the kernel's drivers thread absorbs about 120,000 per second on the
@@ -52,7 +50,6 @@ NOTIFY_FLOOD_PER_S: Final = 50_000
 #: What ``driver_inject`` accepts (the driver host implements them).
 INJECT_KINDS: Final = ("exit", "exception", "segv", "abort", "hang", "leak", "bad_id",
                        "bad_status", "bad_op", "bad_index")
-_ID_OP: Final = struct.Struct("<QB")
 _RING_WORDS: Final = struct.Struct("<QQQ")  # req_prod, req_event, rsp_prod
 _RSP_PROD_OFFSET: Final = 16
 
@@ -65,27 +62,28 @@ def ring_indices(buf: Any) -> tuple[int, int]:
     return req_prod, rsp_prod
 
 
-def outstanding(req_prod: int, rsp_prod: int) -> int:
+def outstanding(req_prod: int, rsp_prod: int, cls: DeviceClass = VBD) -> int:
     """Requests published and not answered; 0 for indices no valid ring can have."""
     n = (req_prod - rsp_prod) & _MASK
-    return n if n <= blkif.RING_SLOTS else 0
+    return n if n <= cls.ring_slots else 0
 
 
-def _inflight_log(buf: Any) -> InflightLog:
-    view = memoryview(buf)[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES]
-    return InflightLog(view, blkif.RING_SLOTS, blkif.SLOT_SIZE)
+def _inflight_log(buf: Any, cls: DeviceClass) -> InflightLog:
+    size = inflight_bytes(cls.ring_slots, cls.slot_size)
+    view = memoryview(buf)[cls.inflight_offset:cls.inflight_offset + size]
+    return InflightLog(view, cls.ring_slots, cls.slot_size)
 
 
-def clear_inflight(buf: Any) -> int:
+def clear_inflight(buf: Any, cls: DeviceClass = VBD) -> int:
     """Retire every record of the segment's in-flight log; how many there were."""
-    journal = _inflight_log(buf)
+    journal = _inflight_log(buf, cls)
     records = journal.pending()
     for rec in records:
         journal.end(rec.index)
     return len(records)
 
 
-def rewind(buf: Any, to: int, charge: bool) -> int:
+def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
     """Take back the responses from ring index ``to`` on (a frontend found the one at ``to``
     bad): ``rsp_prod`` goes back to ``to`` and the in-flight records of the requests from
     there to ``req_prod`` are pending again, so the next backend redoes them in ring order.
@@ -94,10 +92,10 @@ def rewind(buf: Any, to: int, charge: bool) -> int:
     Raises RingError if ``to`` is not within a ring's length behind ``req_prod``."""
     req_prod, _, _ = _RING_WORDS.unpack_from(buf, 0)
     n = (req_prod - to) & _MASK
-    if n > blkif.RING_SLOTS:
+    if n > cls.ring_slots:
         raise RingError(f"cannot take responses back from index {to}: req_prod is {req_prod}, "
-                        f"{n} requests away (the ring has {blkif.RING_SLOTS} slots)")
-    journal = _inflight_log(buf)
+                        f"{n} requests away (the ring has {cls.ring_slots} slots)")
+    journal = _inflight_log(buf, cls)
     reopened = journal.reopen(to, n)
     if charge and any(rec.index == to for rec in journal.pending()):
         journal.record_death(to)
@@ -105,18 +103,8 @@ def rewind(buf: Any, to: int, charge: bool) -> int:
     return reopened
 
 
-def _id_op(raw: bytes, window: int, sectors: int) -> tuple[int, int]:
-    """The id and operation a response to ``raw`` must echo."""
-    try:
-        req = blkif.decode_request(raw, window=window, sectors=sectors)
-    except blkif.RequestError as e:
-        return e.id, e.op
-    except ValueError:  # shorter than an id and op: cannot happen with whole slots
-        return _ID_OP.unpack_from(raw.ljust(_ID_OP.size, b"\0"))
-    return req.id, req.op
-
-
-def answer_with_errors(buf: Any, window: int, sectors: int) -> tuple[int, bool]:
+def answer_with_errors(buf: Any, window: int, sectors: int,
+                       cls: DeviceClass = VBD) -> tuple[int, bool]:
     """Answer every outstanding request of the segment's ring with ``STATUS_ERROR``.
 
     Requests from the published ``rsp_prod`` on are answered in ring order, each from its
@@ -125,8 +113,9 @@ def answer_with_errors(buf: Any, window: int, sectors: int) -> tuple[int, bool]:
     Returns (requests answered, whether the frontend asked to be notified).  Raises RingError
     if the guest's ``req_prod`` is impossible.
     """
-    ring = BackRing(memoryview(buf)[:RING_BYTES], blkif.RING_SLOTS, blkif.SLOT_SIZE)
-    journal = _inflight_log(buf)
+    ring = BackRing(memoryview(buf)[:ring_bytes(cls.ring_slots, cls.slot_size)],
+                    cls.ring_slots, cls.slot_size)
+    journal = _inflight_log(buf, cls)
     taken = {rec.index: rec.request for rec in journal.pending()}
     answered = 0
     notify = False
@@ -134,8 +123,7 @@ def answer_with_errors(buf: Any, window: int, sectors: int) -> tuple[int, bool]:
         while ring.unconsumed_requests():
             index = ring.req_cons
             raw = ring.get_request()
-            rid, op = _id_op(taken.get(index, raw), window, sectors)
-            ring.put_response(blkif.encode_response(rid, op, blkif.STATUS_ERROR))
+            ring.put_response(cls.error_response(taken.get(index, raw), window, sectors))
             answered += 1
         notify |= ring.push_responses()
         if not ring.final_check_for_requests():
@@ -210,8 +198,9 @@ class Recovery:
             if dev.spec.backend == name:
                 with dev.lock:
                     if not dev.gone:
-                        cleared += self._guarded(dev, "clearing the in-flight log",
-                                                 lambda d: clear_inflight(d.segment.buf)) or 0
+                        cleared += self._guarded(
+                            dev, "clearing the in-flight log",
+                            lambda d: clear_inflight(d.segment.buf, d.cls)) or 0
         with self._lock:
             self.failing.pop(name, None)
         log.warning("driver %s is back: failing mode (%s) ends; %d stale in-flight record(s) "
@@ -404,7 +393,7 @@ class Recovery:
         if link is None and dev.spec.backend not in self.hub.known:
             return False
         req_prod, _ = self.dm.ring_indices(dev)
-        if (req_prod - rsp_cons) & _MASK > blkif.RING_SLOTS:
+        if (req_prod - rsp_cons) & _MASK > dev.cls.ring_slots:
             log.error("device %s: its frontend asks to hold from ring index %d, but req_prod "
                       "is %d: impossible, so it is not held", dev.label, rsp_cons, req_prod)
             return False
@@ -423,7 +412,8 @@ class Recovery:
                 return
             charge = hold.code != abi.FAULT_EXTRA_RESPONSE  # a bad response of one request
             reopened = self._guarded(dev, "taking back bad responses",
-                                     lambda d: rewind(d.segment.buf, hold.index, charge))
+                                     lambda d: rewind(d.segment.buf, hold.index, charge,
+                                                               d.cls))
         if reopened is None:
             return
         log.warning("device %s: %s; responses from ring index %d on taken back, %d request(s) "
@@ -476,7 +466,7 @@ class Recovery:
                     or link.request_timeout_ms <= 0):
                 continue
             req, rsp = self.dm.ring_indices(dev)
-            waiting = outstanding(req, rsp)
+            waiting = outstanding(req, rsp, dev.cls)
             if not waiting or rsp != dev.progress_rsp:
                 dev.progress_rsp, dev.progress_at = rsp, now
                 continue
@@ -495,7 +485,7 @@ class Recovery:
             if dev.gone or dev.broken:
                 return 0
             result = self._guarded(dev, "answering its requests", lambda d: answer_with_errors(
-                d.segment.buf, d.window, sectors))
+                d.segment.buf, d.window, sectors, d.cls))
         if result is None:
             return 0
         answered, notify = result
@@ -511,7 +501,7 @@ class Recovery:
             return fn(dev)
         except RingError as e:
             dev.broken = True
-            reason = (f"block device {dev.spec.vdev}: the kernel, {what} for failed driver "
+            reason = (f"{dev.kind_word} {dev.spec.vdev}: the kernel, {what} for failed driver "
                       f"{dev.spec.backend}, found: {e}")
             log.error("device %s: %s", dev.label, reason)
             self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault", {
@@ -579,7 +569,7 @@ class Recovery:
 
     def _row(self, name: str, now: float, devices: list[Device]) -> dict[str, Any]:
         link = self.hub.links.get(name)
-        busy = sum(outstanding(*self.dm.ring_indices(d)) for d in devices)
+        busy = sum(outstanding(*self.dm.ring_indices(d), d.cls) for d in devices)
         return {
             "name": name, "connected": link is not None,
             "pid": link.pid if link else None,

@@ -62,10 +62,11 @@ class Hypervisor:
                 raise AlreadyExists(f"a domain named {config.name!r} already exists (id "
                                     f"{other.domid}); destroy it first or choose another name")
             dm = self.devices
-            if config.disks:
+            if config.disks or config.vifs:
                 if dm is None:
-                    raise ControlError("this kernel has no driver channel; disks are unavailable")
-                dm.check_backends(config.disks, config.source)
+                    raise ControlError("this kernel has no driver channel; disks and network "
+                                       "interfaces are unavailable")
+                dm.check_backends((*config.disks, *config.vifs), config.source)
             domid = self._next_domid
             self._next_domid += 1
             try:
@@ -76,7 +77,7 @@ class Hypervisor:
             except Exception as e:
                 log.exception("creating domain %s failed", config.name)
                 raise ControlError(f"cannot create domain {config.name!r}: {e}") from None
-            if config.disks:
+            if config.disks or config.vifs:
                 assert dm is not None
                 try:
                     dm.create(dom)

@@ -273,7 +273,8 @@ class Swaps:
         else:
             return
         job.deadline = self.clock() + job.timeout_s
-        job.carried = sum(outstanding(*self.dm.ring_indices(d)) for d in self.dm.snapshot()
+        job.carried = sum(outstanding(*self.dm.ring_indices(d), d.cls)
+                          for d in self.dm.snapshot()
                           if d.spec.backend == link.name and not d.gone)
 
     def on_replayed(self, link: DriverLink, done_ns: int, incomplete: int = 0) -> None:

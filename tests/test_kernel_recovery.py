@@ -50,6 +50,7 @@ from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes
 from ipc.shm import Segment
 from isovisor.config import DomainConfig
 from kernel import abi
+from kernel.devclass import VBD
 from kernel.devices import SEGMENT_BYTES
 from kernel.drivers import DriverLink, Malformed, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors
@@ -987,7 +988,7 @@ def test_the_hold_exists_before_the_violation_is_published() -> None:
     link = DriverLink("d", "ipc:///d", 42, "m", "process")
     dev = SimpleNamespace(spec=SimpleNamespace(backend="d", vdev="xvda"), gone=False,
                           broken=False, hold=None, lock=threading.Lock(), label="g/xvda",
-                          dom=SimpleNamespace(name="g"))
+                          dom=SimpleNamespace(name="g"), cls=VBD)
     seen: list[Any] = []
 
     def emit(topic: str, payload: dict[str, Any]) -> None:

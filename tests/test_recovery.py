@@ -97,6 +97,17 @@ class Events:
         while self._take(0) is not None:
             pass
 
+    def count(self, topic: str) -> int:
+        return sum(t == topic for t, _ in self.seen)
+
+    def wait_count(self, topic: str, n: int, timeout: float = 30) -> None:
+        """Wait until ``topic`` has been seen ``n`` times in all."""
+        deadline = time.monotonic() + timeout
+        while self.count(topic) < n:
+            if self._take(max(0.0, deadline - time.monotonic())) is None:
+                raise AssertionError(f"{topic!r} seen {self.count(topic)} times, not {n}, "
+                                     f"within {timeout}s")
+
 
 @contextmanager
 def two_guests(stack: Stack, driver: str = DRIVER, ops: int = OPS) -> Iterator[Events]:
