@@ -399,6 +399,9 @@ class DriverHost:
             for fd, _ in ready:
                 if isinstance(fd, int) and fd in watched and backend is not None:
                     self._call("readable", backend.readable, fd)  # type: ignore[attr-defined]
+            timer = getattr(backend, "timer", None)
+            if timer is not None:
+                self._call("timer", timer)
             if self._heartbeat_s:
                 self._heartbeat()
 
@@ -417,13 +420,20 @@ class DriverHost:
 
     def _poll_timeout(self) -> int:
         """ms to wait for messages: none if a device wants another turn, else until the next
-        heartbeat is due (at most POLL_MS, so stop() is seen)."""
+        heartbeat or the backend's own timed work is due (optional hook ``timer_ms() -> int |
+        None``, then ``timer()`` runs every round), at most POLL_MS so stop() is seen."""
         if self._again:
             return 0
+        wait = POLL_MS
+        timer_ms = getattr(self.backend, "timer_ms", None) if self.mode == "active" else None
+        if timer_ms is not None:
+            due = timer_ms()
+            if due is not None:
+                wait = max(0, min(wait, int(due)))
         if not self._heartbeat_s:
-            return POLL_MS
+            return wait
         left = self._next_heartbeat - time.monotonic()
-        return max(0, min(POLL_MS, math.ceil(left * 1000)))
+        return max(0, min(wait, math.ceil(left * 1000)))
 
     def _statistics(self) -> None:
         """``["report"]``: answer ``["statistics", {name, pid, values}]`` (the backend's

@@ -1,0 +1,1313 @@
+"""The net backend: a learning switch between the vifs of guests, with an optional TAP uplink.
+
+One driver process serves any number of vifs (one per ``attach`` key) of any number of guests.
+Each vif is a shared-memory segment laid out as ``ipc.netif`` says: a tx ring (the guest's
+frames), an rx ring (empty buffers the guest posts, filled here), their buffer areas, and,
+beyond the guest's window, the tx ring's in-flight log and the *delivery log*.  Vifs join
+bridges (``drivers.net.switch``); frames never cross bridges; the uplink (``drivers.net.tap``)
+is one more port of its bridge.
+
+Forwarding a tx request at ring index ``i`` of source vif S (``_forward``)::
+
+    InflightLog.begin(i); mark it executing
+    decode it (junk: tx response STATUS_ERROR, counted bad_frames)
+    copy the frame out of S's tx buffer (the guest may rewrite it meanwhile)
+    source MAC != S's MAC (or multicast): dropped, counted spoofed, tx response OKAY
+    learn the source, pick the ports (switch.Bridge.forward)
+    for each guest destination D: take one posted rx buffer; note the rx index k of its
+        response (junk rx requests are answered STATUS_ERROR and skipped, counted bad_frames);
+        no buffer, or frames already waiting for D: the entry is PENDING
+    write the delivery record (tag i+1 last) -- before any destination's rx ring is pushed
+    copy the frame into each reserved buffer, put the rx responses
+    write the frame to the TAP if the uplink is a destination (at most once)
+    tx response OKAY -- or, if some destination is PENDING, the request is *held*
+    ... at the end of the batch: push every rx ring, then the tx rings (each notification only
+    if the guest asked for it), then InflightLog.end
+
+A held request stays in flight (S takes no more tx requests, which is the backpressure) and
+waits in each PENDING destination's queue; when D posts buffers (its kick) the frame is put
+there, the record's entry is set to the rx index (one word), and once no destination is left
+the tx response goes out.  After ``rx_wait_ms`` a destination that still has no buffer is given
+up (counted rx_full_drops on it).  Frames from the uplink wait in the same queues (at most
+RX_QUEUE_FRAMES per vif), but nothing is held for them.
+
+Exactly once (docs/net.md, "Recovery"): a replacement resumes every vif: the rx ring from its
+published ``rsp_prod`` (unpublished work is redone), the tx ring from the in-flight log (records
+from ``rsp_prod`` on, in ring order; poison after ``poison_after`` deaths).  Redoing request i
+with a delivery record tagged i+1, a destination whose entry is not PENDING has the frame
+already; a PENDING one gets it; the uplink counts as sent.  Whether an entry written by the dead
+instance was delivered is decided once, when the replacement first maps both the source and the
+destination, by comparing its rx index with the destination's published rx ``rsp_prod`` at that
+moment (before this instance pushed anything there); entries not delivered are made PENDING in
+the shared record then, so the answer never depends on what this instance pushes afterwards.
+
+Guests are untrusted: a bad index in either ring is a ``fault`` for that vif (the kernel crashes
+that guest) and the vif is not served any more; nothing a guest writes stops the switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import ipaddress
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, Protocol
+
+from drivers.net import tap as tapmod
+from drivers.net.switch import (
+    MAX_PORTS,
+    UPLINK,
+    Bridge,
+    BridgeFull,
+    is_multicast,
+    source_problem,
+)
+from drivers.state import BackendState, StateError, accept
+from ipc import netif
+from ipc.netif import FrameError
+from ipc.ring import BackRing, InflightLog, InflightRecord, RingError, inflight_bytes
+from ipc.shm import Segment
+from ipc.store import DevState
+
+_MASK: Final = (1 << 64) - 1
+_HALF: Final = 1 << 63
+#: A delivery-record entry's rx index while the frame has not been put in that destination's
+#: ring (no buffer yet, or the entry was found undelivered after a crash).
+PENDING: Final = _MASK
+_SLOTS: Final = netif.RING_SLOTS
+_SLOT: Final = netif.SLOT_SIZE
+_INFLIGHT_BYTES: Final = inflight_bytes(_SLOTS, _SLOT)
+_REC_WORDS: Final = netif.DELIVERY_RECORD // 8
+_RX_RSP_PROD: Final = netif.RX_RING_OFFSET + 16
+#: Frames from the uplink that may wait for one vif's rx buffers before more are dropped.
+RX_QUEUE_FRAMES: Final = 256
+#: tx requests one kick may serve before the vif goes to the back of the queue.
+_TURN_FRAMES: Final = 256
+#: tx requests taken before the responses and rx rings are published.
+_MAX_BATCH: Final = 64
+#: Frames read from the TAP per readable().
+_UPLINK_READ: Final = 256
+#: Seconds between attempts to open the TAP after a failure.
+TAP_RETRY_S: Final = 1.0
+DEFAULT_HOST_ADDR: Final = "198.18.0.1/15"
+#: Where guest traffic may go (isovisor.vifconfig keeps guests inside the same ranges).
+ALLOWED_NETS: Final = (ipaddress.IPv4Network("198.18.0.0/15"),
+                       ipaddress.IPv4Network("169.254.0.0/16"))
+_BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
+_pack_tx_rsp = netif.encode_tx_response
+_pack_rx_rsp = netif.encode_rx_response
+_OKAY: Final = netif.STATUS_OKAY
+_ERROR: Final = netif.STATUS_ERROR
+
+OPTIONS: dict[str, str] = {
+    "uplink": '"none" (default): guests reach only each other; "tap": a TAP uplink in a '
+              "network namespace joins the bridge named by `bridge` (needs root)",
+    "tap": 'the TAP interface name (uplink = "tap"; default "iv" + the driver name; at most '
+           "15 characters)",
+    "netns": 'the network namespace of the TAP, a name under /run/netns (uplink = "tap"; '
+             'default "isovisor-" + the driver name; created if missing)',
+    "host_addr": f'the TAP\'s address in the namespace (uplink = "tap"; default '
+                 f"{DEFAULT_HOST_ADDR}; inside 198.18.0.0/15 or 169.254.0.0/16)",
+    "bridge": 'the bridge the uplink joins (uplink = "tap"; default "br0")',
+    "rx_wait_ms": "how long a frame waits for a destination guest to post rx buffers before "
+                  "it is dropped for that guest (0..60000, default 500; 0 = drop at once)",
+    "poison_after": "a tx request that this many driver instances in a row died executing is "
+                    "answered with an error instead of being redone (1..100, default 3)",
+    "mac_age_s": "seconds a learned MAC address is remembered after it was last seen as a "
+                 "source (1..86400, default 300)",
+}
+_UPLINK_ONLY: Final = ("tap", "netns", "host_addr", "bridge")
+
+
+class Host(Protocol):
+    name: str
+    log: logging.Logger
+
+    def notify(self, key: int) -> None: ...
+    def store_write(self, path: str, value: str) -> None: ...
+    def fault(self, key: int, message: str) -> None: ...
+    def error(self, key: int, message: str) -> None: ...
+    def kick_again(self, key: int) -> None: ...
+    def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
+    def poison(self, key: int, index: int, description: str) -> None: ...
+
+
+@dataclass
+class VifStats:
+    """Per-vif counters (``statistics()``; docs/net.md, "Counters")."""
+
+    tx_frames: int = 0
+    rx_frames: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    bad_frames: int = 0
+    spoofed: int = 0
+    rx_full_drops: int = 0
+    flooded: int = 0
+    uplink_tx: int = 0
+    uplink_rx: int = 0
+
+
+COUNTERS: Final = tuple(f.name for f in dataclasses.fields(VifStats))
+
+
+@dataclass
+class UplinkStats:
+    """Counters of the uplink port itself."""
+
+    frames_in: int = 0  # frames read from the TAP and switched
+    frames_out: int = 0  # frames written to the TAP
+    drops: int = 0  # frames for the TAP it did not take (queue full, down, not open)
+    bad: int = 0  # frames read from the TAP of a bad size or with a multicast source
+    spoofed: int = 0  # frames read from the TAP with a guest's MAC as their source
+
+
+def delivered(rsp_prod: int, index: int) -> bool:
+    """Is the response at rx ring ``index`` published when the ring's ``rsp_prod`` is this?"""
+    return ((rsp_prod - index - 1) & _MASK) < _HALF
+
+
+class DeliveryLog:
+    """The delivery log of one vif's tx ring (``netif.DELIVERY_OFFSET``): one record per tx
+    slot, ``DELIVERY_RECORD`` bytes of u64 words: tag (the tx request's ring index + 1; 0 =
+    none), count, then ``count`` pairs (destination key, rx index; key 0 = the uplink).  A
+    record is written tag-last after zeroing the tag, so a torn record has no valid tag; an
+    entry's rx index changes later by one whole-word store (PENDING -> the index)."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.words = buf[:_SLOTS * netif.DELIVERY_RECORD].cast("Q")
+
+    @staticmethod
+    def _base(index: int) -> int:
+        return (index % _SLOTS) * _REC_WORDS
+
+    def find(self, index: int) -> list[list[int]] | None:
+        """The entries ``[key, rx index]`` of the record for tx index ``index``, or None if
+        there is none (never written, torn, or another request's)."""
+        w, b = self.words, self._base(index)
+        if w[b] != (index + 1) & _MASK:
+            return None
+        n = w[b + 1]
+        if n > netif.MAX_DESTINATIONS:
+            return None
+        return [[w[b + 2 + 2 * j], w[b + 3 + 2 * j]] for j in range(n)]
+
+    def write(self, index: int, entries: list[list[int]]) -> None:
+        if len(entries) > netif.MAX_DESTINATIONS:
+            raise ValueError(f"{len(entries)} destinations do not fit a delivery record")
+        w, b = self.words, self._base(index)
+        w[b] = 0
+        w[b + 1] = len(entries)
+        for j, (key, k) in enumerate(entries):
+            w[b + 2 + 2 * j] = key
+            w[b + 3 + 2 * j] = k
+        w[b] = (index + 1) & _MASK  # last: a record with this tag is complete
+
+    def set_index(self, index: int, j: int, rx_index: int) -> None:
+        """Entry ``j`` of the record for ``index`` now has ``rx_index`` (one word)."""
+        self.words[self._base(index) + 3 + 2 * j] = rx_index
+
+    def clear(self) -> None:
+        for slot in range(_SLOTS):
+            self.words[slot * _REC_WORDS] = 0
+
+    def resolve(self, indices: Iterable[int], bases: dict[int, int]) -> int:
+        """For the records of tx ``indices``: an entry naming a key of ``bases`` (key ->
+        that destination's published rx rsp_prod, read before this instance pushed anything
+        there) whose rx index is not published is made PENDING.  Returns how many were."""
+        n = 0
+        for index in indices:
+            entries = self.find(index)
+            if entries is None:
+                continue
+            for j, (key, k) in enumerate(entries):
+                base = bases.get(key)
+                if key != UPLINK and base is not None and k != PENDING \
+                        and not delivered(base, k):
+                    self.set_index(index, j, PENDING)
+                    n += 1
+        return n
+
+    def release(self) -> None:
+        self.words.release()
+
+
+@dataclass(eq=False)
+class _Held:
+    """A tx request in flight until its PENDING destinations have the frame (or gave up)."""
+
+    source: _Vif
+    index: int
+    id: int
+    frame: bytes
+    #: destination key -> its entry in the delivery record
+    waiting: dict[int, int]
+    deadline: float
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A frame from the uplink waiting for a vif's rx buffers."""
+
+    frame: bytes
+    deadline: float
+
+
+@dataclass(eq=False)
+class _Vif:
+    key: int
+    label: str  # "domain/vdev" for messages
+    store: str
+    mac: bytes
+    bridge: str
+    segment: Segment
+    mem: memoryview  # the whole segment
+    region: memoryview  # the guest's window
+    dlog: DeliveryLog
+    #: tx indices pending in the in-flight log when this instance attached the vif
+    live: frozenset[int]
+    #: waiting (for the frontend) | connected | closed | broken
+    state: str = "waiting"
+    tx: BackRing | None = None
+    rx: BackRing | None = None
+    inflight: InflightLog | None = None
+    stats: VifStats = field(default_factory=VifStats)
+    #: frames for this vif waiting for rx buffers, oldest first
+    queue: deque[_Held | _Queued] = field(default_factory=deque)
+    queued_frames: int = 0  # _Queued items in queue
+    #: this vif's own tx request that waits for destinations (it takes no more meanwhile)
+    held: _Held | None = None
+    #: in-flight records a resumed vif still has to redo, in ring order
+    backlog: deque[InflightRecord] = field(default_factory=deque)
+    redo_left: set[int] = field(default_factory=set)
+    #: after a resume: rx slots before this index may hold the dead instance's unpublished
+    #: responses instead of the guest's requests (see _reread)
+    rx_reread_end: int | None = None
+    recovering: bool = False
+    replayed: int = 0
+    redo_done_ns: int = 0
+    notifications: int = 0
+    bad_logged: int = 0
+    spoof_logged: int = 0
+
+
+class _Batch:
+    """What one handler changed: rings to publish, records to retire, vifs to look at again."""
+
+    def __init__(self) -> None:
+        self.rx: dict[int, _Vif] = {}
+        self.tx: dict[int, _Vif] = {}
+        self.ended: list[tuple[_Vif, int]] = []
+        self.unblocked: dict[int, _Vif] = {}
+        self.starved: dict[int, _Vif] = {}
+
+
+def _field(dev: dict[str, Any], name: str, kind: type, where: str = "attach") -> Any:
+    if name not in dev:
+        raise ValueError(f"{where} message lacks {name!r}")
+    v = dev[name]
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
+        raise ValueError(f"{where} field {name!r} is {v!r:.60}, expected {kind.__name__}")
+    return v
+
+
+def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    v = options.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {v!r}")
+    return v
+
+
+def check_bridge(name: object, what: str = "bridge") -> str:
+    if not isinstance(name, str) or not _BRIDGE_RE.match(name):
+        raise ValueError(f"{what} must be a short lower-case name (a letter first, at most 15 "
+                         f"letters, digits, '_', '-'), e.g. br0; got {name!r}")
+    return name
+
+
+def check_host_addr(value: object) -> str:
+    """``value`` as ``address/prefix`` if it is one inside the guests' ranges."""
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"host_addr must be an IPv4 address with a prefix length, like "
+                         f"{DEFAULT_HOST_ADDR}; got {value!r}")
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValueError(f"host_addr {value!r} is not an IPv4 address with a prefix length, "
+                         f"like {DEFAULT_HOST_ADDR}") from None
+    if not any(iface.ip in net for net in ALLOWED_NETS):
+        raise ValueError(f"host_addr {value} is outside 198.18.0.0/15 and 169.254.0.0/16, the "
+                         "ranges guests use; guest traffic must never reach a real network")
+    return str(iface)
+
+
+def describe_tx(raw: bytes) -> tuple[int, str]:
+    """(id, a one-line description) of a tx request as the in-flight log holds it."""
+    try:
+        rid, off, size = netif.decode_tx(raw)
+    except FrameError as e:
+        return e.id, f"undecodable tx request id={e.id:#x} ({e})"
+    return rid, f"tx frame id={rid:#x} offset={off:#x} size={size}"
+
+
+class NetBackend:
+    """The switch (see the module docstring).  ``drivers.host`` builds it with ``(host,
+    options)``; :data:`OPTIONS` lists the options."""
+
+    OPTIONS: ClassVar[dict[str, str]] = OPTIONS
+    state_kind: ClassVar[str] = "isovisor.net"
+    state_version: ClassVar[int] = 1
+
+    def __init__(self, host: Host, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
+            raise ValueError(f"unknown net backend option(s) {', '.join(unknown)}; allowed: "
+                             f"{allowed}")
+        self.host = host
+        self.log = host.log
+        self.name = host.name
+        self.implementation: str = getattr(host, "implementation", None) or \
+            f"{type(self).__module__}:{type(self).__qualname__}"
+        self.options = dict(options)
+        uplink = options.get("uplink", "none")
+        if uplink not in ("none", "tap"):
+            raise ValueError(f'uplink must be "none" or "tap", got {uplink!r}')
+        self.uplink_mode: str = uplink
+        if uplink == "none":
+            given = [k for k in _UPLINK_ONLY if k in options]
+            if given:
+                raise ValueError(f"option(s) {', '.join(given)} apply only with uplink = "
+                                 '"tap" (uplink is "none")')
+        tap = options.get("tap", f"iv{host.name}")
+        if "tap" not in options and len(tap) > tapmod.IFNAME_MAX:
+            raise ValueError(f"the default TAP name {tap!r} (\"iv\" + the driver name) is "
+                             f"longer than {tapmod.IFNAME_MAX} characters: set option tap")
+        self.tap_name = tapmod.check_ifname(tap, "tap")
+        self.netns = tapmod.check_netns(options.get("netns", f"isovisor-{host.name}"), "netns")
+        self.host_addr = check_host_addr(options.get("host_addr", DEFAULT_HOST_ADDR))
+        self.uplink_bridge = check_bridge(options.get("bridge", "br0"))
+        self.rx_wait_s = _int_option(options, "rx_wait_ms", 500, 0, 60_000) / 1000
+        self.poison_after = _int_option(options, "poison_after", 3, 1, 100)
+        self.mac_age_s = float(_int_option(options, "mac_age_s", 300, 1, 86_400))
+        if uplink == "tap":
+            problem = tapmod.privilege_problem()
+            if problem is not None:
+                raise ValueError(f'uplink = "tap" cannot work in this driver: {problem}')
+        #: Seconds on a monotonic clock (tests replace it to make time pass).
+        self.clock: Callable[[], float] = time.monotonic
+        self.vifs: dict[int, _Vif] = {}
+        self.bridges: dict[str, Bridge] = {}
+        self.tap: tapmod.Tap | None = None
+        #: The namespace was created by this instance (cleanup() may remove it).
+        self.netns_created = False
+        self.uplink = UplinkStats()
+        self._tap_retry_at = 0.0
+        self._tap_failures = 0
+        self._uplink_logged = 0
+        #: (bridge, MAC) -> the vif that owns it
+        self._owners: dict[tuple[str, bytes], int] = {}
+        #: key -> the vif's published rx rsp_prod when this instance first mapped it
+        self._base: dict[int, int] = {}
+        #: (source, destination) pairs whose old delivery records were resolved
+        self._resolved: set[tuple[int, int]] = set()
+        #: counters carried over a hot swap, until the vif is attached again
+        self._carried: dict[int, dict[str, int]] = {}
+
+    # -- the host loop's hooks -------------------------------------------------------------------
+    def fds(self) -> list[int]:
+        """Descriptors the host loop polls for reading beside the kernel's messages."""
+        return [self.tap.fileno()] if self.tap is not None else []
+
+    def readable(self, fd: int) -> None:
+        """``fd`` (one of :meth:`fds`) can be read: switch what the TAP has."""
+        if self.tap is not None and fd == self.tap.fileno():
+            self._from_tap()
+
+    def timer_ms(self) -> int | None:
+        """Milliseconds until :meth:`timer` has something to do (a frame's wait ends, or the
+        TAP is to be tried again); None if nothing is due."""
+        due = [v.queue[0].deadline for v in self.vifs.values() if v.queue]
+        if self._tap_wanted():
+            due.append(self._tap_retry_at)
+        if not due:
+            return None
+        return max(0, math.ceil((min(due) - self.clock()) * 1000 - 1e-6))
+
+    def timer(self) -> None:
+        """Drop frames whose wait is over; retry the TAP.  Cheap when nothing is due."""
+        b = _Batch()
+        self._expire(b)
+        self._settle(b)
+        if self._tap_wanted() and self.clock() >= self._tap_retry_at:
+            self._open_tap()
+
+    # -- kernel messages -------------------------------------------------------------------------
+    def attach(self, dev: dict[str, Any]) -> None:
+        key = dev.get("key")
+        store = dev.get("store")
+        if isinstance(key, int) and key in self.vifs:
+            self.log.warning("vif %d attached again: dropping the old attachment", key)
+            self.detach(key)
+        try:
+            key = _field(dev, "key", int)
+            store = _field(dev, "store", str).rstrip("/")
+            if key == UPLINK or key < 0:
+                raise ValueError(f"device key {key} is not allowed (0 names the uplink)")
+            label = f"{dev.get('domain', '?')}/{dev.get('vdev', '?')}"
+            seg_name = _field(dev, "segment", str)
+            window = _field(dev, "window", int)
+            inflight_offset = _field(dev, "inflight_offset", int)
+            cls = dev.get("class", "vif")
+            if cls != "vif":
+                raise ValueError(f"attach class {cls!r}: this driver serves network "
+                                 "interfaces (class 'vif')")
+            if window != netif.WINDOW_BYTES:
+                raise ValueError(f"window {window:#x} is not a vif region's "
+                                 f"{netif.WINDOW_BYTES:#x} bytes")
+            if inflight_offset != netif.INFLIGHT_OFFSET:
+                raise ValueError(f"in-flight log offset {inflight_offset:#x} is not a vif "
+                                 f"region's {netif.INFLIGHT_OFFSET:#x}")
+            vif = _field(dev, "vif", dict)
+            mac_text = _field(vif, "mac", str, "attach vif")
+            mac = netif.parse_mac(mac_text)
+            bridge = check_bridge(vif.get("bridge", "br0"), "vif bridge")
+        except ValueError as e:
+            self._refuse(key, store, str(e))
+            return
+        owner = self._owners.get((bridge, mac))
+        if owner is not None:
+            self._refuse(key, store, f"MAC {netif.format_mac(mac)} is used on bridge {bridge} "
+                                     f"by {self.vifs[owner].label} already")
+            return
+        on_bridge = sum(1 for v in self.vifs.values() if v.bridge == bridge)
+        uplink_too = self.uplink_mode == "tap" and bridge == self.uplink_bridge
+        if on_bridge + uplink_too >= MAX_PORTS:
+            self._refuse(key, store, f"bridge {bridge} is full: {on_bridge} vifs"
+                                     f"{' and the uplink' if uplink_too else ''} already, and "
+                                     f"a frame flooded on a bridge reaches at most "
+                                     f"{netif.MAX_DESTINATIONS} other ports; put this vif on "
+                                     "another bridge")
+            return
+        try:
+            segment = Segment(seg_name, 0, create=False)
+        except Exception as e:
+            self._refuse(key, store, f"cannot map device segment {seg_name}: {e}")
+            return
+        if segment.size < netif.SEGMENT_END:
+            segment.close()
+            self._refuse(key, store, f"segment {seg_name} has {segment.size:#x} bytes; a vif "
+                                     f"region needs {netif.SEGMENT_END:#x}")
+            return
+        mem = memoryview(segment.buf)
+        if key not in self._base:
+            self._base[key] = int.from_bytes(mem[_RX_RSP_PROD:_RX_RSP_PROD + 8], "little")
+        log = InflightLog(mem[netif.INFLIGHT_OFFSET:netif.INFLIGHT_OFFSET + _INFLIGHT_BYTES],
+                          _SLOTS, _SLOT)
+        live = frozenset(r.index for r in log.pending())
+        del log
+        v = _Vif(key=key, label=label, store=store, mac=mac, bridge=bridge, segment=segment,
+                 mem=mem, region=mem[:netif.WINDOW_BYTES],
+                 dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET:netif.SEGMENT_END]), live=live)
+        carried = self._carried.pop(key, None)
+        if carried:
+            v.stats = VifStats(**{k: carried.get(k, 0) for k in COUNTERS})
+        self.vifs[key] = v
+        self._owners[(bridge, mac)] = key
+        self._resolve(v)
+        try:
+            self.host.store_write(f"{store}/mac", netif.format_mac(mac))
+            self.host.store_write(f"{store}/state", str(int(DevState.INIT_WAIT)))
+        except ValueError as e:
+            self._forget(v)
+            self._release(v)
+            self._refuse(key, None, f"cannot publish the vif parameters: {e}")
+            return
+        self.log.info("vif %d (%s): mac %s on bridge %s, waiting for the frontend", key, label,
+                      netif.format_mac(mac), bridge)
+        if self._tap_wanted():
+            self._open_tap()
+
+    def detach(self, key: int) -> None:
+        """The domain is gone: frames waiting for this vif are given up (their senders get
+        their tx responses), and its region is unmapped."""
+        v = self.vifs.get(key)
+        if v is None:
+            self.log.warning("detach of unknown vif %d", key)
+            return
+        b = _Batch()
+        self._leave(v, b, "closed")
+        self._forget(v)
+        self._settle(b)
+        s = v.stats
+        self.log.info("vif %d (%s) detached: %d frames sent, %d received, %d bad, %d spoofed, "
+                      "%d dropped for a full rx ring", key, v.label, s.tx_frames, s.rx_frames,
+                      s.bad_frames, s.spoofed, s.rx_full_drops)
+        self._release(v)
+
+    def fe_state(self, key: int, state: int) -> None:
+        v = self.vifs.get(key)
+        if v is None:
+            self.log.warning("frontend state %d for unknown vif %d", state, key)
+            return
+        if v.state == "broken":
+            return
+        if state == DevState.INITIALISED:
+            self._connect(v, resume=False)
+        elif state == DevState.CONNECTED and v.state == "waiting":
+            # A new driver instance learns that the frontend is connected already: resume both
+            # rings, redoing what the in-flight log says was unfinished.
+            self._connect(v, resume=True)
+        elif state in (DevState.CLOSING, DevState.CLOSED) and v.state != "closed":
+            b = _Batch()
+            self._leave(v, b, "closed")
+            self._settle(b)
+            self.host.store_write(f"{v.store}/state", str(int(DevState.CLOSED)))
+            self.log.info("vif %d (%s): frontend closed", key, v.label)
+
+    def kick(self, key: int) -> None:
+        """The guest notified: it may have queued frames, posted rx buffers, or both."""
+        v = self.vifs.get(key)
+        if v is None:
+            self.log.debug("kick for unknown vif %d", key)
+            return
+        if v.state != "connected":
+            return
+        b = _Batch()
+        self._expire(b)
+        self._drain_queue(v, b)
+        self._serve_tx(v, b)
+        self._settle(b)
+        if self._tap_wanted() and self.clock() >= self._tap_retry_at:
+            self._open_tap()
+
+    def close(self) -> None:
+        """The driver stops: let go of every vif without touching a ring (frames in flight stay
+        in the in-flight logs for the next instance) and close the TAP, which stays (with its
+        namespace) for that instance; :meth:`cleanup` removes them."""
+        for v in list(self.vifs.values()):
+            self._forget(v)
+            self._drop(v)
+            self._release(v)
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+
+    def cleanup(self) -> list[str]:
+        """:meth:`close`, then delete the TAP, and the namespace if this instance created it;
+        what was removed.  For a driver that goes away for good."""
+        self.close()
+        if self.uplink_mode != "tap":
+            return []
+        done = []
+        if tapmod.netns_exists(self.netns) and tapmod.delete_tap(self.netns, self.tap_name):
+            done.append(f"TAP {self.tap_name}")
+        if self.netns_created and tapmod.delete_netns(self.netns):
+            done.append(f"network namespace {self.netns}")
+            self.netns_created = False
+        return done
+
+    # -- hot swap ----------------------------------------------------------------------------------
+    def save(self) -> BackendState:
+        """The MAC tables and the counters (the vifs themselves are attached again by the
+        kernel, and the rings carry everything in flight)."""
+        now = self.clock()
+        vifs = {str(k): {"label": v.label, "mac": netif.format_mac(v.mac), "bridge": v.bridge,
+                         "counters": dataclasses.asdict(v.stats)}
+                for k, v in sorted(self.vifs.items())}
+        for k, counters in self._carried.items():
+            vifs.setdefault(str(k), {"counters": counters})
+        return BackendState(self.state_kind, self.state_version, self.implementation, (),
+                            {"bridges": {n: b.table.to_wire(now)
+                                         for n, b in sorted(self.bridges.items())},
+                             "vifs": vifs})
+
+    def suspend(self) -> None:
+        """Let go of every vif and the TAP for the next implementation; nothing is half-done
+        between two messages (every handler publishes what it did), and a request held for a
+        destination's buffers stays in the in-flight log, redone by the next one."""
+        self.close()
+        self.bridges.clear()
+        self._owners.clear()
+        self.log.info("suspended: every vif and the TAP released for the next implementation")
+
+    def restore(self, state: BackendState) -> None:
+        """Take over the MAC tables and counters of ``state`` (StateError if it cannot)."""
+        state = accept(state, kind=self.state_kind, version=self.state_version,
+                       who=self.implementation, upgrade=type(self).upgrade_state)
+        data = state.data
+        bridges = data.get("bridges", {})
+        vifs = data.get("vifs", {})
+        if not isinstance(bridges, dict):
+            raise StateError(f"state.data.bridges must be a map, got {bridges!r:.60}")
+        if not isinstance(vifs, dict):
+            raise StateError(f"state.data.vifs must be a map, got {vifs!r:.60}")
+        now = self.clock()
+        learned = 0
+        for name, rows in bridges.items():
+            try:
+                check_bridge(name, "state.data.bridges key")
+                learned += self._bridge(name).table.load(rows, now,
+                                                         f"state.data.bridges.{name}")
+            except ValueError as e:
+                raise StateError(str(e)) from None
+        for k, info in vifs.items():
+            where = f"state.data.vifs.{k}"
+            if not isinstance(k, str) or not k.isdigit() or not isinstance(info, dict):
+                raise StateError(f"{where} must be a map under a device key")
+            counters = info.get("counters", {})
+            if not isinstance(counters, dict) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                    for n in (counters.get(c, 0) for c in COUNTERS)):
+                raise StateError(f"{where}.counters must map counter names to integers >= 0")
+            self._carried[int(k)] = {c: int(counters.get(c, 0)) for c in COUNTERS}
+        self.log.info("restored %d MAC table entries on %d bridge(s) and the counters of %d "
+                      "vif(s) from the state of %s (version %d)", learned, len(bridges),
+                      len(vifs), state.implementation, state.version)
+
+    @classmethod
+    def upgrade_state(cls, state: BackendState) -> BackendState:
+        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
+                         f"upgrade_state hook for version {state.version} states")
+
+    # -- statistics ----------------------------------------------------------------------------
+    def statistics(self) -> dict[str, int | float | str]:
+        """Totals first, then the uplink's counters, then each vif's (``domain/vdev.name``);
+        the host passes on the first 64."""
+        vifs = list(self.vifs.values())
+        out: dict[str, int | float | str] = {
+            "vifs": len(vifs), "bridges": len(self.bridges),
+            "mac_entries": sum(len(b.table) for b in self.bridges.values())}
+        for c in COUNTERS:
+            out[c] = sum(getattr(v.stats, c) for v in vifs)
+        out["notifications"] = sum(v.notifications for v in vifs)
+        if self.uplink_mode == "tap":
+            out["uplink"] = (f"tap {self.tap_name} in {self.netns}" if self.tap is not None
+                             else f"tap {self.tap_name}: not open")
+        else:
+            out["uplink"] = "none"
+        for f in dataclasses.fields(UplinkStats):
+            out[f"uplink_{f.name}"] = getattr(self.uplink, f.name)
+        for v in vifs:
+            for c in COUNTERS:
+                out[f"{v.label}.{c}"] = getattr(v.stats, c)
+        return out
+
+    def stats(self) -> dict[int, VifStats]:
+        return {k: v.stats for k, v in self.vifs.items()}
+
+    # -- attaching -------------------------------------------------------------------------------
+    def _bridge(self, name: str) -> Bridge:
+        br = self.bridges.get(name)
+        if br is None:
+            br = self.bridges[name] = Bridge(name, self.mac_age_s)
+        return br
+
+    def _resolve(self, new: _Vif) -> None:
+        """Decide, for every pair of vifs mapped now that was not decided yet, which entries
+        of the source's old delivery records were delivered (see DeliveryLog.resolve).  Runs
+        when a vif is mapped, so before this instance can push anything into its rx ring."""
+        for s in self.vifs.values():
+            todo = {d.key: self._base[d.key] for d in self.vifs.values()
+                    if d is not s and (s.key, d.key) not in self._resolved}
+            if not todo:
+                continue
+            self._resolved.update((s.key, k) for k in todo)
+            if s.live:
+                n = s.dlog.resolve(s.live, todo)
+                if n:
+                    self.log.info("vif %d (%s): %d destination(s) of unfinished frames had not "
+                                  "got them yet", s.key, s.label, n)
+
+    def _refuse(self, key: object, store: object, message: str) -> None:
+        self.log.error("cannot attach vif %r: %s", key, message)
+        if isinstance(store, str):
+            try:
+                self.host.store_write(f"{store}/error", message[:1024])
+                self.host.store_write(f"{store}/state", str(int(DevState.CLOSED)))
+            except ValueError as e:
+                self.log.error("cannot report it in the store: %s", e)
+        if isinstance(key, int) and not isinstance(key, bool):
+            self.host.error(key, message)
+
+    def _connect(self, v: _Vif, *, resume: bool) -> None:
+        b = _Batch()
+        if v.state == "connected":  # the frontend set its rings up again
+            self._leave(v, b, "waiting")
+        try:
+            tx = BackRing(v.mem[:netif.RING_BYTES], _SLOTS, _SLOT)
+            rx = BackRing(v.mem[netif.RX_RING_OFFSET:netif.RX_RING_OFFSET + netif.RING_BYTES],
+                          _SLOTS, _SLOT)
+            log = InflightLog(v.mem[netif.INFLIGHT_OFFSET:netif.INFLIGHT_OFFSET
+                                    + _INFLIGHT_BYTES], _SLOTS, _SLOT)
+        except (ValueError, RingError) as e:
+            self._break(v, f"cannot attach the rings: {e}", b)
+            self._settle(b)
+            return
+        if resume:
+            redo = self._recover(v, tx, log)
+        else:
+            for rec in log.pending():  # a freshly initialised ring has nothing in flight
+                log.end(rec.index)
+            v.dlog.clear()
+            v.rx_reread_end = None
+            redo = []
+        v.tx, v.rx, v.inflight = tx, rx, log
+        try:
+            self._bridge(v.bridge).add_port(v.key)
+        except BridgeFull as e:  # attach counted the room; cannot happen
+            self._break(v, str(e), b)
+            self._settle(b)
+            return
+        v.state = "connected"
+        self.host.store_write(f"{v.store}/state", str(int(DevState.CONNECTED)))
+        self.log.info("vif %d (%s): %s%s", v.key, v.label, "resumed" if resume else "connected",
+                      f", redoing {len(redo)} unfinished tx requests" if redo else "")
+        if resume:
+            v.rx_reread_end = int.from_bytes(v.mem[netif.RX_RING_OFFSET:
+                                                   netif.RX_RING_OFFSET + 8], "little")
+            v.backlog = deque(redo)
+            v.redo_left = {r.index for r in redo}
+            v.replayed = 0
+            v.redo_done_ns = time.monotonic_ns()
+            v.recovering = True
+        self._drain_queue(v, b)  # frames a redo of another vif left waiting for this one
+        self._serve_tx(v, b)
+        self._settle(b)
+
+    def _recover(self, v: _Vif, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
+        """The records of tx requests begun and not answered: the contiguous run from the
+        published rsp_prod (others are cleared), in ring order, with a death counted for the
+        one found executing; ``ring.req_cons`` moves past the run."""
+        start = ring.rsp_prod_pvt
+        by_index = {rec.index: rec for rec in log.pending()}
+        run: list[InflightRecord] = []
+        while len(run) < ring.nr_slots and ((start + len(run)) & _MASK) in by_index:
+            run.append(by_index.pop((start + len(run)) & _MASK))
+        for index in by_index:
+            log.end(index)
+        ring.req_cons = (start + len(run)) & _MASK
+        out = []
+        for rec in run:
+            if rec.executing:
+                deaths = log.record_death(rec.index)
+                self.log.warning("vif %d (%s): the tx request at ring index %d was executing "
+                                 "when the previous driver instance died (%d death%s of %d "
+                                 "allowed)", v.key, v.label, rec.index, deaths,
+                                 "" if deaths == 1 else "s", self.poison_after)
+                rec = dataclasses.replace(rec, executing=False, deaths=deaths)
+            out.append(rec)
+        return out
+
+    # -- leaving -----------------------------------------------------------------------------------
+    def _leave(self, v: _Vif, b: _Batch, state: str) -> None:
+        """``v`` stops being a port: frames waiting for it are given up (a sender whose frame
+        waits for nothing else gets its tx response), its own held request is forgotten."""
+        br = self.bridges.get(v.bridge)
+        if br is not None:
+            br.remove_port(v.key)
+        queue, v.queue = v.queue, deque()
+        v.queued_frames = 0
+        for item in queue:
+            if isinstance(item, _Held):
+                item.waiting.pop(v.key, None)
+                if not item.waiting:
+                    self._complete(item, b)
+        self._drop(v)
+        v.state = state
+        v.tx = v.rx = None
+        v.inflight = None
+
+    def _drop(self, v: _Vif) -> None:
+        """Forget ``v``'s own held request and redo work (they stay in its in-flight log)."""
+        h = v.held
+        if h is not None:
+            for key in h.waiting:
+                d = self.vifs.get(key)
+                if d is not None and h in d.queue:
+                    d.queue.remove(h)
+            v.held = None
+        v.backlog.clear()
+        v.redo_left.clear()
+        v.recovering = False
+
+    def _forget(self, v: _Vif) -> None:
+        self.vifs.pop(v.key, None)
+        if self._owners.get((v.bridge, v.mac)) == v.key:
+            del self._owners[(v.bridge, v.mac)]
+        br = self.bridges.get(v.bridge)
+        if br is not None:
+            br.remove_port(v.key)
+
+    def _release(self, v: _Vif) -> None:
+        """Unmap the vif's segment (no ring is touched)."""
+        v.state = "closed"
+        v.tx = v.rx = None
+        v.inflight = None
+        v.queue.clear()
+        v.held = None
+        v.dlog.release()
+        v.region.release()
+        v.mem.release()
+        try:
+            v.segment.close()
+        except BufferError:
+            gc.collect()  # a view may sit in a reference cycle
+            try:
+                v.segment.close()
+            except BufferError:
+                self.log.error("vif %d: segment %s is still referenced; it stays mapped until "
+                               "those references go", v.key, v.segment.name)
+
+    def _break(self, v: _Vif, message: str, b: _Batch) -> None:
+        """The guest broke a ring of ``v``: fault it and serve it no more."""
+        self._leave(v, b, "broken")
+        self.host.fault(v.key, message)
+
+    # -- the data path ---------------------------------------------------------------------------
+    def _serve_tx(self, s: _Vif, b: _Batch) -> None:
+        """Forward ``s``'s tx requests (first those a resume must redo) until its ring is
+        empty, a request is held, or its turn is over."""
+        if s.state != "connected" or s.held is not None:
+            return
+        tx, log = s.tx, s.inflight
+        assert tx is not None and log is not None
+        budget = _TURN_FRAMES
+        try:
+            while s.held is None and s.state == "connected":
+                if s.backlog:
+                    self._redo(s, s.backlog.popleft(), b)
+                    budget -= 1
+                else:
+                    n = tx.unconsumed_requests()
+                    if not n:
+                        self._flush(b)
+                        if tx.final_check_for_requests():
+                            continue
+                        return
+                    first = tx.req_cons
+                    for j in range(min(n, _MAX_BATCH)):
+                        raw = tx.get_request()
+                        index = (first + j) & _MASK
+                        log.begin(index, raw)
+                        budget -= 1
+                        if not self._forward(s, index, raw, b, redo=False):
+                            break
+                self._flush(b)
+                if budget <= 0 and s.held is None and s.state == "connected":
+                    self.host.kick_again(s.key)  # let the other vifs have a turn
+                    return
+        except RingError as e:
+            self._break(s, f"tx ring: {e}", b)
+
+    def _redo(self, s: _Vif, rec: InflightRecord, b: _Batch) -> None:
+        if rec.deaths >= self.poison_after:
+            rid, what = describe_tx(rec.request)
+            description = (f"{what}: {rec.deaths} driver instances died executing it; "
+                           "answered with an error instead of being redone")
+            self.log.error("vif %d (%s): poison tx request at ring index %d: %s", s.key,
+                           s.label, rec.index, description)
+            s.stats.bad_frames += 1
+            self.host.poison(s.key, rec.index, description)
+            self._answer(s, rec.index, rid, _ERROR, b)
+            return
+        s.replayed += 1
+        self._forward(s, rec.index, rec.request, b, redo=True)
+
+    def _forward(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+        """Switch the tx request at ``index`` (see the module docstring).  True if it is
+        answered, False if it is held for destinations without rx buffers."""
+        log = s.inflight
+        assert log is not None
+        log.mark_executing(index)
+        try:
+            rid, off, size = netif.decode_tx(raw)
+        except FrameError as e:
+            self._bad(s, f"tx request refused: {e}", e.id)
+            return self._answer(s, index, e.id, _ERROR, b)
+        frame = bytes(s.region[off:off + size])
+        now = self.clock()
+        reserved: dict[int, tuple[int, int, int]] = {}
+        entries = s.dlog.find(index) if redo else None
+        to_uplink = False
+        if entries is None:  # first time (or its record was never completed: nothing went out)
+            problem = source_problem(frame, s.mac)
+            if problem is not None:
+                self._spoofed(s, problem)
+                return self._answer(s, index, rid, _OKAY, b)
+            bridge = self.bridges[s.bridge]
+            bridge.table.learn(frame[6:12], s.key, now)
+            fwd = bridge.forward(s.key, frame, now)
+            ports = fwd.ports
+            if redo and fwd.flooded:
+                # The kernel resumes the vifs one by one: one not resumed yet is a port too
+                # (the frame waits for it like for a full rx ring).
+                ports += tuple(k for k, d in self.vifs.items() if d.bridge == s.bridge
+                               and d.state == "waiting" and k != s.key)
+            st = s.stats
+            st.tx_frames += 1
+            st.tx_bytes += size
+            st.flooded += fwd.flooded
+            entries = []
+            for p in ports:
+                if p == UPLINK:
+                    to_uplink = True
+                    entries.append([UPLINK, 0])
+                    continue
+                d = self.vifs.get(p)
+                if d is None or d.state not in ("connected", "waiting"):
+                    continue
+                got = None if d.queue or d.state == "waiting" else self._take_buffer(d, b)
+                if d.state not in ("connected", "waiting"):  # its rx ring was broken
+                    continue
+                if got is not None:
+                    reserved[len(entries)] = got
+                entries.append([p, PENDING if got is None else got[0]])
+            if not entries:
+                return self._answer(s, index, rid, _OKAY, b)
+            s.dlog.write(index, entries)  # before any destination's rx ring is pushed
+        else:  # redo: destinations with an rx index have the frame, the uplink counts as sent
+            problem = source_problem(frame, s.mac)  # read from the guest's memory again
+            if problem is not None:
+                self._spoofed(s, problem)
+                return self._answer(s, index, rid, _OKAY, b)
+            for j, (key, k) in enumerate(entries):
+                if key == UPLINK or k != PENDING:
+                    continue
+                d = self.vifs.get(key)
+                if d is None or d.state != "connected" or d.queue:
+                    continue
+                got = self._take_buffer(d, b)
+                if got is not None and d.state == "connected":
+                    s.dlog.set_index(index, j, got[0])
+                    reserved[j] = got
+        waiting: dict[int, int] = {}
+        for j, (key, k) in enumerate(entries):
+            if key == UPLINK:
+                continue
+            d = self.vifs.get(key)
+            if d is None:
+                continue
+            got = reserved.get(j)
+            if got is not None:
+                self._put_frame(d, got, frame, b)
+            elif k == PENDING and d.state in ("connected", "waiting"):
+                waiting[key] = j
+        if to_uplink:
+            self._to_uplink(s, frame)
+        if waiting:
+            if self.rx_wait_s <= 0:
+                for key in waiting:
+                    self.vifs[key].stats.rx_full_drops += 1
+                return self._answer(s, index, rid, _OKAY, b)
+            held = _Held(s, index, rid, frame, waiting, now + self.rx_wait_s)
+            for key in waiting:
+                d = self.vifs[key]
+                d.queue.append(held)
+                b.starved[key] = d
+            s.held = held
+            log.clear_executing(index)
+            return False
+        return self._answer(s, index, rid, _OKAY, b)
+
+    def _answer(self, s: _Vif, index: int, rid: int, status: int, b: _Batch) -> bool:
+        """Queue the tx response for ``index`` (published, and its record retired, at the next
+        flush)."""
+        tx, log = s.tx, s.inflight
+        assert tx is not None and log is not None and tx.rsp_prod_pvt == index
+        tx.put_response(_pack_tx_rsp(rid, status))
+        log.clear_executing(index)
+        b.tx[s.key] = s
+        b.ended.append((s, index))
+        return True
+
+    def _take_buffer(self, d: _Vif, b: _Batch) -> tuple[int, int, int] | None:
+        """The next good rx buffer ``d`` posted, as (rx index, id, offset), or None if there is
+        none.  Junk rx requests are answered with STATUS_ERROR on the way; a bad index breaks
+        ``d``."""
+        rx = d.rx
+        assert rx is not None
+        try:
+            while rx.unconsumed_requests():
+                raw = rx.get_request()
+                k = (rx.req_cons - 1) & _MASK
+                try:
+                    rid, off, _ = netif.decode_rx(raw)
+                except FrameError as e:
+                    if d.rx_reread_end is not None and self._reread(d, k, raw):
+                        return k, e.id, netif.RX_REQUEST.unpack_from(raw)[1]
+                    _, roff, _, _ = netif.RX_REQUEST.unpack_from(raw)
+                    rx.put_response(_pack_rx_rsp(e.id, roff, 0, _ERROR))
+                    b.rx[d.key] = d
+                    self._bad(d, f"rx request refused: {e}", e.id)
+                    continue
+                return k, rid, off
+        except RingError as e:
+            self._break(d, f"rx ring: {e}", b)
+        return None
+
+    @staticmethod
+    def _reread(d: _Vif, k: int, raw: bytes) -> bool:
+        """Is the rx slot at ``k``, which does not decode as a request, a response the dead
+        instance wrote over a good request and never published?  A slot holds a request and
+        later its response; a replacement takes the rx ring back from the published rsp_prod,
+        so up to the guest's req_prod at the resume a slot may hold such a response.  An OKAY
+        response keeps the request's id and offset, and has its frame length where the
+        request had the capacity, and 0 (the status) where it had the flags: that buffer is
+        used again, with MAX_FRAME bytes (a good request had at least that).  An ERROR
+        response (status -1) answered a bad request, so it is refused again.  What a guest
+        could pass off this way is only a buffer of its own rx area that it made too short."""
+        end = d.rx_reread_end
+        if end is None or ((end - k - 1) & _MASK) >= _HALF:
+            d.rx_reread_end = None  # past the window: requests are the guest's own again
+            return False
+        _, off, size, flags = netif.RX_REQUEST.unpack_from(raw)
+        return (flags == _OKAY and size < netif.MAX_FRAME and off >= netif.RX_BUF_OFFSET
+                and off + netif.MAX_FRAME <= netif.WINDOW_BYTES)
+
+    def _put_frame(self, d: _Vif, got: tuple[int, int, int], frame: bytes, b: _Batch) -> None:
+        k, rid, off = got
+        rx = d.rx
+        assert rx is not None and rx.rsp_prod_pvt == k
+        n = len(frame)
+        d.region[off:off + n] = frame
+        rx.put_response(_pack_rx_rsp(rid, off, n, _OKAY))
+        b.rx[d.key] = d
+        st = d.stats
+        st.rx_frames += 1
+        st.rx_bytes += n
+
+    def _drain_queue(self, d: _Vif, b: _Batch) -> None:
+        """Put the frames waiting for ``d`` into the buffers it posted, oldest first; if some
+        still wait, ask for a kick when it posts more (the final check)."""
+        while d.queue and d.state == "connected":
+            got = self._take_buffer(d, b)
+            if got is None:
+                if d.state != "connected":
+                    return
+                rx = d.rx
+                assert rx is not None
+                try:
+                    if rx.final_check_for_requests():
+                        continue
+                except RingError as e:
+                    self._break(d, f"rx ring: {e}", b)
+                return
+            item = d.queue.popleft()
+            if isinstance(item, _Queued):
+                d.queued_frames -= 1
+                self._put_frame(d, got, item.frame, b)
+                d.stats.uplink_rx += 1
+                continue
+            s = item.source
+            j = item.waiting.pop(d.key)
+            log = s.inflight
+            assert log is not None
+            log.mark_executing(item.index)
+            s.dlog.set_index(item.index, j, got[0])  # before d's rx ring is pushed
+            self._put_frame(d, got, item.frame, b)
+            log.clear_executing(item.index)
+            if not item.waiting:
+                self._complete(item, b)
+
+    def _complete(self, held: _Held, b: _Batch) -> None:
+        """No destination of a held request waits any more: answer it; its vif may go on."""
+        s = held.source
+        if s.held is not held or s.state != "connected":
+            return
+        s.held = None
+        self._answer(s, held.index, held.id, _OKAY, b)
+        b.unblocked[s.key] = s
+
+    def _expire(self, b: _Batch) -> None:
+        """Give up frames that waited ``rx_wait_ms`` for a vif's rx buffers."""
+        now = self.clock()
+        for d in list(self.vifs.values()):
+            q = d.queue
+            while q and q[0].deadline <= now:
+                item = q.popleft()
+                d.stats.rx_full_drops += 1
+                if isinstance(item, _Queued):
+                    d.queued_frames -= 1
+                    continue
+                item.waiting.pop(d.key, None)
+                self.log.debug("vif %d (%s): a frame of vif %d waited %g s for an rx buffer: "
+                               "dropped for it", d.key, d.label, item.source.key, self.rx_wait_s)
+                if not item.waiting:
+                    self._complete(item, b)
+
+    def _push_rx(self, v: _Vif) -> bool:
+        rx = v.rx
+        return rx is not None and rx.push_responses()
+
+    def _push_tx(self, v: _Vif) -> bool:
+        tx = v.tx
+        return tx is not None and tx.push_responses()
+
+    def _flush(self, b: _Batch) -> None:
+        """Publish: every rx ring first, then the tx rings; notify each guest once if it
+        asked; then retire the answered requests' in-flight records."""
+        if not (b.rx or b.tx or b.ended):
+            return
+        notify: dict[int, _Vif] = {}
+        for v in b.rx.values():
+            if self._push_rx(v):
+                notify[v.key] = v
+        b.rx.clear()
+        for v in b.tx.values():
+            if self._push_tx(v):
+                notify[v.key] = v
+        b.tx.clear()
+        done_ns = time.monotonic_ns()
+        for v in notify.values():
+            v.notifications += 1
+            self.host.notify(v.key)
+        for v, index in b.ended:
+            if v.inflight is not None:
+                v.inflight.end(index)
+            if v.recovering and index in v.redo_left:
+                v.redo_left.discard(index)
+                v.redo_done_ns = done_ns
+        b.ended.clear()
+
+    def _settle(self, b: _Batch) -> None:
+        """Publish everything, and go on with vifs a completion unblocked and vifs that need
+        to ask for rx buffers, until nothing is left; then report finished resumptions."""
+        while True:
+            self._flush(b)
+            if b.unblocked:
+                key = next(iter(b.unblocked))
+                self._serve_tx(b.unblocked.pop(key), b)
+                continue
+            if b.starved:
+                starved = list(b.starved.values())
+                b.starved.clear()
+                for d in starved:
+                    self._drain_queue(d, b)
+                continue
+            break
+        for v in self.vifs.values():
+            if v.recovering and not v.backlog and not v.redo_left:
+                v.recovering = False
+                self.log.info("vif %d (%s): resumed, %d tx request(s) redone", v.key, v.label,
+                              v.replayed)
+                self.host.recovered(v.key, v.replayed, v.redo_done_ns)
+
+    # -- the uplink ----------------------------------------------------------------------------
+    def _tap_wanted(self) -> bool:
+        return self.uplink_mode == "tap" and self.tap is None and bool(self.vifs)
+
+    def _open_tap(self) -> None:
+        try:
+            tap, created = tapmod.Tap.open(self.tap_name, self.netns, self.host_addr)
+        except tapmod.TapError as e:
+            self._tap_failures += 1
+            self._tap_retry_at = self.clock() + TAP_RETRY_S
+            if self._tap_failures <= 3 or self._tap_failures % 60 == 0:
+                self.log.error("uplink: %s; trying again every %g s (%d attempts so far)", e,
+                               TAP_RETRY_S, self._tap_failures)
+            return
+        self.tap = tap
+        self.netns_created = self.netns_created or created
+        self._tap_failures = 0
+        self._bridge(self.uplink_bridge).add_port(UPLINK)
+        self.log.info("uplink: TAP %s in network namespace %s%s, address %s, on bridge %s",
+                      self.tap_name, self.netns, " (created)" if created else "",
+                      self.host_addr, self.uplink_bridge)
+
+    def _lose_tap(self, why: str) -> None:
+        self.log.error("uplink: %s; closing the TAP and trying again in %g s", why,
+                       TAP_RETRY_S)
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        br = self.bridges.get(self.uplink_bridge)
+        if br is not None:
+            br.remove_port(UPLINK)
+        self._tap_retry_at = self.clock() + TAP_RETRY_S
+
+    def _to_uplink(self, s: _Vif, frame: bytes) -> None:
+        """Mark-before-write (the delivery record names the uplink already): at most once."""
+        why = "the TAP is not open" if self.tap is None else self.tap.write(frame)
+        if why is None:
+            s.stats.uplink_tx += 1
+            self.uplink.frames_out += 1
+            return
+        self.uplink.drops += 1
+        self._uplink_logged += 1
+        if self._uplink_logged <= 20 or self._uplink_logged % 1000 == 0:
+            self.log.warning("uplink: a frame of vif %d dropped: %s [%d dropped so far]",
+                             s.key, why, self.uplink.drops)
+
+    def _from_tap(self) -> None:
+        tap = self.tap
+        assert tap is not None
+        try:
+            frames = tap.read_frames(_UPLINK_READ)
+        except tapmod.TapError as e:
+            self._lose_tap(str(e))
+            return
+        if not frames:
+            return
+        b = _Batch()
+        self._expire(b)
+        bridge = self._bridge(self.uplink_bridge)
+        now = self.clock()
+        for frame in frames:
+            self._uplink_frame(bridge, frame, now, b)
+        self._settle(b)
+
+    def _uplink_frame(self, bridge: Bridge, frame: bytes, now: float, b: _Batch) -> None:
+        up = self.uplink
+        if not netif.MIN_FRAME <= len(frame) <= netif.MAX_FRAME or is_multicast(frame[6:12]):
+            up.bad += 1
+            return
+        src = frame[6:12]
+        if (bridge.name, src) in self._owners:  # a guest's address: never learned off a guest
+            up.spoofed += 1
+            return
+        up.frames_in += 1
+        bridge.table.learn(src, UPLINK, now)
+        for p in bridge.forward(UPLINK, frame, now).ports:
+            d = self.vifs.get(p)
+            if d is None or d.state != "connected":
+                continue
+            got = None if d.queue else self._take_buffer(d, b)
+            if got is not None:
+                self._put_frame(d, got, frame, b)
+                d.stats.uplink_rx += 1
+            elif d.state == "connected":
+                if self.rx_wait_s <= 0 or d.queued_frames >= RX_QUEUE_FRAMES:
+                    d.stats.rx_full_drops += 1
+                    continue
+                d.queue.append(_Queued(frame, now + self.rx_wait_s))
+                d.queued_frames += 1
+                b.starved[p] = d
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _bad(self, v: _Vif, message: str, rid: int) -> None:
+        """Count a refused request; log the first 20 per vif, then every 1000th."""
+        v.stats.bad_frames += 1
+        v.bad_logged += 1
+        k = v.bad_logged
+        if k <= 20 or k % 1000 == 0:
+            self.log.warning("vif %d (%s): request %#x: %s%s", v.key, v.label, rid, message,
+                             f" [{k} refused so far]" if k > 20 else "")
+
+    def _spoofed(self, v: _Vif, problem: str) -> None:
+        v.stats.spoofed += 1
+        v.spoof_logged += 1
+        k = v.spoof_logged
+        if k <= 20 or k % 1000 == 0:
+            self.log.warning("vif %d (%s): frame dropped: %s%s", v.key, v.label, problem,
+                             f" [{k} dropped so far]" if k > 20 else "")
+
+
+#: ``python -m drivers.host --module drivers.net`` loads this.
+Backend = NetBackend
