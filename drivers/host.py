@@ -635,6 +635,12 @@ class DriverHost:
             if kind == "report":
                 self._statistics()
                 continue
+            if kind == "retire":  # the stack goes down: remove what outlives instances
+                hook = getattr(self.backend, "cleanup", None)
+                if hook is not None:
+                    self._call("cleanup", hook)
+                self.stop()
+                continue
             if kind == "committed":
                 hook = getattr(self.backend, "committed", None)
                 if hook is not None:

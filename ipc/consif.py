@@ -127,6 +127,9 @@ SEGMENT_BYTES: Final = JOURNAL_OFFSET + 0x1000
 
 #: The device's name in the device table and its store directory word.
 DEVICE_NAME: Final = "console"
+#: Socket file names of a console driver, in its socket_dir: live output (PUB) and input (PULL).
+PUB_NAME: Final = "console.pub"
+INPUT_NAME: Final = "console.in"
 CLASS_NAME: Final = "console"
 
 assert OUT_SIZE & (OUT_SIZE - 1) == 0 and IN_SIZE & (IN_SIZE - 1) == 0

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -456,9 +457,23 @@ def _uptime(s: float) -> str:
 def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
             follow: Annotated[bool, typer.Option("--follow", "-f",
                                                  help="Keep printing new output.")] = False,
+            interactive: Annotated[bool, typer.Option(
+                "--interactive", "-i",
+                help="Follow, and send what you type to the guest, a line at a time (needs a "
+                     "console driver; Ctrl-D or Ctrl-C ends).")] = False,
+            send: Annotated[str | None, typer.Option(
+                "--send", help="Send this text to the guest's console input and exit (a "
+                               "newline is added).")] = None,
             run_dir: RunDirOpt = None) -> None:
     """Print a domain's console (the last 64 KiB), and follow it with -f."""
     rd = _run_dir(run_dir)
+    if send is not None:
+        r = _call(rd, "console_input", name=name, data=(send + "\n").encode())
+        out.print(f"sent {r['bytes']} bytes to {r['name']}")
+        return
+    if interactive:
+        follow = True
+        threading.Thread(target=_type_into, args=(rd, name), daemon=True).start()
     with _client(rd) as c:
         sub = subscribe(rd.events, ["console.", "domain.", "supervisor.down"], c) \
             if follow else None
@@ -478,6 +493,18 @@ def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
         return
     finally:
         sub.close()
+
+
+def _type_into(rd: RunDir, name: str) -> None:
+    """Interactive console: each line typed goes to the guest's console input."""
+    with _client(rd) as c:
+        for line in sys.stdin:
+            try:
+                c.call("console_input", name=name, data=line.encode())
+            except ControlError as e:
+                err.print(f"isovisor: {e.reason}")
+                os._exit(1)
+    os._exit(0)  # Ctrl-D: done
 
 
 def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:

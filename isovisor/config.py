@@ -118,6 +118,11 @@ _DOMAIN_FIELDS: Final = {
                          'access=rw, backend=blk0, size=64M"]'),
     "vif": _Field(list, 'virtual network interfaces, xl.cfg style: ["mac=02:00:00:00:00:01, '
                         'bridge=br0, backend=net0, ip=198.18.0.2"]'),
+    "console": _Field(str, 'where the console goes: a console driver\'s name (e.g. "con0"), '
+                           '"kernel" for the kernel\'s built-in console, or empty for the '
+                           "stack's default ([domains] console)",
+                      lambda v: None if v in ("", "kernel") or _name(v) is None
+                      else "must be a driver name, \"kernel\" or empty"),
 }
 
 # --- disks (xl-disk-configuration subset: key=value form only) ------------------------------
@@ -273,7 +278,14 @@ class DomainConfig:
     extra: str = ""
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
+    #: A console driver's name, "kernel", or "" (the stack's default; the kernel's console
+    #: when the stack has none).  The kernel creates a console device for a driver name.
+    console: str = ""
     source: str = ""  # the file this came from, for messages
+
+    @property
+    def console_driver(self) -> str | None:
+        return None if self.console in ("", "kernel") else self.console
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str, base_dir: Path | None = None,
@@ -347,6 +359,11 @@ _KERNEL_FIELDS: Final = {
 }
 _DOMAINS_FIELDS: Final = {
     "start": _Field(list, "domain config files to create at start-up, relative to this file"),
+    "console": _Field(str, "the console driver every domain's console goes to unless its config "
+                           "says otherwise (a [driver.<name>] running drivers.console); "
+                           "\"kernel\" or empty: the kernel's built-in console",
+                      lambda v: None if v in ("", "kernel") or _name(v) is None
+                      else "must be a driver name or \"kernel\""),
 }
 _TOP_FIELDS: Final = {
     "supervisor": _Field(dict, "[supervisor] table"),
@@ -455,6 +472,8 @@ class StackConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     drivers: tuple[DriverConfig, ...] = ()
     domains: tuple[str, ...] = ()  # absolute paths of domain config files
+    #: The console driver for domains whose config leaves ``console`` empty ("" = the kernel's).
+    console: str = ""
     source: str = ""
 
 
@@ -481,9 +500,16 @@ def load_stack_config(path: str | Path) -> StackConfig:
     run_dir = sup.get("run_dir", "")
     if run_dir:
         run_dir = str((path.parent / run_dir).resolve())
+    drivers = _drivers(data, where, path.parent)
+    console = doms.get("console", "")
+    if console not in ("", "kernel") and console not in {d.name for d in drivers}:
+        raise ConfigError(f"{where} [domains]: console = {console!r} names no driver; declare "
+                          f"[driver.{console}] with module = \"drivers.console\", or use "
+                          "\"kernel\" for the kernel's built-in console")
     return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
-                       kernel=KernelConfig(**kern), drivers=_drivers(data, where, path.parent),
-                       domains=tuple(start), source=str(path.resolve()))
+                       kernel=KernelConfig(**kern), drivers=drivers,
+                       domains=tuple(start), console="" if console == "kernel" else console,
+                       source=str(path.resolve()))
 
 
 def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig, ...]:

@@ -8,6 +8,7 @@ The supervisor's event loop feeds it three things: a driver process's pidfd beca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -46,6 +47,8 @@ USAGE_CHECK_S: Final = 0.5
 SPARE_RETRY_S: Final = 0.5
 SPARE_RETRY_MAX_S: Final = 30.0
 KERNEL_CALL_TIMEOUT_S: Final = 5.0
+#: At teardown, how long an active instance gets to clean up after ["retire"] before SIGTERM.
+RETIRE_WAIT_S: Final = 3.0
 _MIB: Final = 1 << 20
 
 
@@ -463,6 +466,15 @@ class DriverManager:
                   for i in (s.swap.cand, s.swap.old) if i not in (s.active, s.spare)]
         insts += [(None, i) for i in self._retiring]
         grace = max((s.cfg.graceful_timeout for s in self.slots.values()), default=0.0)
+        # Active instances first get ["retire"]: a backend's cleanup() removes what outlives
+        # its instances (a TAP device, a network namespace), then the host stops.
+        active = [i for s, i in insts if s is not None and i is s.active and i.proc is not None]
+        for inst in active:
+            inst.send(self.ctx, ["retire"])
+        deadline = time.monotonic() + min(grace, RETIRE_WAIT_S)
+        for inst in active:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                inst.proc.wait(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
         for _, inst in insts:
             inst.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -12,6 +12,7 @@ its sockets and its pid file.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,6 +35,7 @@ from ipc.control import (
 )
 from ipc.events import Subscriber, subscribe
 from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig, load_domain_config
+from isovisor.consolerelay import ConsoleRelay
 from isovisor.drivermgr import DriverManager
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
@@ -64,7 +66,8 @@ class Supervisor:
         self.mgr: DriverManager | None = None
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
             "ping": self._ping, "status": self._status, "list": self._forward,
-            "console": self._forward, "destroy": self._forward, "pause": self._forward,
+            "console": self._console, "console_input": self._console_input,
+            "destroy": self._forward, "pause": self._forward,
             "unpause": self._forward, "create": self._create, "down": self._down,
             "sync": self._sync, "devices": self._forward, "store": self._forward,
             "drivers": self._drivers, "driver": self._driver, "fault": self._fault,
@@ -86,6 +89,9 @@ class Supervisor:
         for s in rd.sockets():
             s.unlink(missing_ok=True)
         rd.pidfile.write_text(f"{os.getpid()}\n")
+        # Stack processes (kernel, drivers) find the run dir here: a console driver keeps its
+        # log files and sockets below it (docs/console.md).
+        os.environ["ISOVISOR_RUN_DIR"] = str(rd.path)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -94,6 +100,7 @@ class Supervisor:
         self.ksub: Subscriber | None = None
         self.poller = zmq.Poller()
         self.mgr = DriverManager(self.cfg, rd, self.kernel, self.ctx, self.poller, self._publish)
+        self.consoles = ConsoleRelay(self.cfg, rd.path, self.ctx, self.poller, self._publish)
         old_int = signal.signal(signal.SIGINT, self._signalled)
         old_term = signal.signal(signal.SIGTERM, self._signalled)
         try:
@@ -151,6 +158,10 @@ class Supervisor:
                 self._relay_events()
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
+            for sock in self.consoles.sockets():
+                if sock in ready:
+                    self.consoles.on_ready(sock)
+            self.consoles.tick()
             mgr.tick()
             if not self.kernel.alive():
                 code = self.kernel.proc.returncode if self.kernel.proc else None
@@ -165,6 +176,7 @@ class Supervisor:
         if self.mgr is not None:
             self.mgr.stop_all()  # active instances and spares
         self._relay_events()
+        self.consoles.close()
         self._publish("supervisor.down", {"pid": os.getpid()})
         if self.ksub is not None:
             self.ksub.close()
@@ -265,6 +277,12 @@ class Supervisor:
 
     def _check_disks(self, cfg: DomainConfig) -> None:
         declared = {d.name for d in self.cfg.drivers}
+        if cfg.console_driver and cfg.console_driver not in declared:
+            raise ControlError(
+                f"{cfg.source}: console = {cfg.console_driver!r} names a driver that "
+                f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
+                f"{', '.join(sorted(declared)) or 'none'}); add [driver.{cfg.console_driver}] "
+                "with module = \"drivers.console\", or use console = \"kernel\"")
         for dev in (*cfg.disks, *cfg.vifs):
             what = "vif" if dev in cfg.vifs else "disk"
             if dev.backend not in declared:
@@ -284,6 +302,8 @@ class Supervisor:
     def _relay(self, topic: str, payload: dict[str, Any]) -> None:
         """Republish a kernel event, then let the driver supervision act on it."""
         self._publish(topic, payload)
+        if topic.startswith("domain."):
+            self.consoles.on_kernel_event(topic, payload)
         if self.mgr is not None:
             self.mgr.on_kernel_event(topic, payload)
 
@@ -323,9 +343,30 @@ class Supervisor:
             cfg = load_domain_config(path)
         except ConfigError as e:
             raise ControlError(str(e)) from None
+        if not cfg.console and self.cfg.console:
+            cfg = dataclasses.replace(cfg, console=self.cfg.console)  # the stack's default
         self._check_disks(cfg)
+        driver = cfg.console_driver
+        start = self.consoles.before_create(driver, cfg.name) if driver else 0
         reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire())
+        if driver:
+            self.consoles.created(driver, reply["name"], reply["domid"], start)
         return {"domid": reply["domid"], "name": reply["name"]}
+
+    def _console(self, req: Request) -> dict[str, Any]:
+        """A domain's console: from its console driver's log, else the kernel's."""
+        ref = req.properties.get("name")
+        life = self.consoles.find(str(ref)) if ref is not None else None
+        return self.consoles.history(life) if life is not None else self._forward(req)
+
+    def _console_input(self, req: Request) -> dict[str, Any]:
+        data = req.properties.get("data")
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, bytes):
+            raise ControlError("property 'data' of command 'console_input' must be bytes or a "
+                               "string")
+        return self.consoles.send_input(prop(req, "name", str), data)
 
     def _sync(self, req: Request) -> dict[str, Any]:
         token = prop(req, "token", str)

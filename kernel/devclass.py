@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from ipc import blkif, netif
+from ipc import blkif, consif, netif
 from ipc.ring import inflight_bytes
 from kernel import abi
 
@@ -43,6 +43,10 @@ class DeviceClass:
     slot_size: int
     #: (request bytes copied from the ring, window, disk sectors) -> an error response.
     error_response: Callable[[bytes, int, int], bytes]
+    #: The ring at offset 0 is a request ring with an ``ipc.ring.InflightLog``: the kernel may
+    #: answer its requests, take responses back and clear the log.  False for the console,
+    #: whose byte ring and log journal only its backend may touch.
+    requests: bool = True
 
 
 def _blk_error(raw: bytes, window: int, sectors: int) -> bytes:
@@ -68,3 +72,14 @@ VBD: Final = DeviceClass(
 VIF: Final = DeviceClass(
     "vif", abi.DEV_KIND_VIF, netif.WINDOW_BYTES, netif.INFLIGHT_OFFSET,
     _pages(netif.SEGMENT_END), netif.RING_SLOTS, netif.SLOT_SIZE, _net_error)
+
+
+def _no_error(raw: bytes, window: int, sectors: int) -> bytes:
+    raise TypeError("a console ring has no requests to answer")
+
+
+#: ``ring_slots`` is the out ring's byte count: "outstanding" is output waiting for the backend
+#: (out_prod and out_cons sit where a request ring has req_prod and rsp_prod).
+CONSOLE: Final = DeviceClass(
+    "console", abi.DEV_KIND_CONSOLE, consif.WINDOW_BYTES, consif.INFLIGHT_OFFSET,
+    consif.SEGMENT_BYTES, consif.OUT_SIZE, 8, _no_error, requests=False)

@@ -24,7 +24,7 @@ from ipc.store import DevState, Store, StoreError, Watch
 from isovisor.config import DiskSpec
 from isovisor.vifconfig import VifSpec
 from kernel import abi
-from kernel.devclass import VBD, VIF, DeviceClass
+from kernel.devclass import CONSOLE, VBD, VIF, DeviceClass
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
@@ -41,11 +41,23 @@ _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 REPORT_S: Final = 1.0
 
 
+@dataclass(frozen=True)
+class ConsoleSpec:
+    """A domain's console device, served by console driver ``backend``."""
+
+    backend: str
+    vdev: str = "console"
+    devid: int = 0
+
+
+DeviceSpec = DiskSpec | VifSpec | ConsoleSpec
+
+
 @dataclass(eq=False)
 class Device:
     key: int
     dom: Domain
-    spec: DiskSpec | VifSpec
+    spec: DeviceSpec
     index: int
     segment: Segment
     memory_disk: str | None
@@ -93,7 +105,8 @@ class Device:
     @property
     def kind_word(self) -> str:
         """"block device" or "network interface", for messages."""
-        return "network interface" if self.cls is VIF else "block device"
+        return {"vif": "network interface", "console": "console"}.get(self.cls.name,
+                                                                       "block device")
 
     @property
     def label(self) -> str:
@@ -114,7 +127,7 @@ class Device:
             "store": self.be_dir, "scratch": self.scratch, "class": self.cls.name}
         if isinstance(s, VifSpec):
             body["vif"] = {"mac": s.mac, "bridge": s.bridge, "ip": s.ip}
-        else:
+        elif isinstance(s, DiskSpec):
             body["disk"] = {"target": self.memory_disk if s.type == "memory" else s.target,
                             "type": s.type, "access": s.access, "size": s.size}
         return ["attach", body]
@@ -174,13 +187,14 @@ class DeviceManager:
         return dev.indices()
 
     # -- creation (control thread, before the domain first runs) ---------------------------------
-    def check_backends(self, specs: tuple[DiskSpec | VifSpec, ...], where: str) -> None:
+    def check_backends(self, specs: tuple[DeviceSpec, ...], where: str) -> None:
         """Every device names a connected driver; a vif's MAC is not taken on its bridge."""
         if len(specs) > abi.SI_MAX_DEVICES:
             raise ControlError(f"{where}: {len(specs)} devices (disks and vifs together); a "
                                f"domain has at most {abi.SI_MAX_DEVICES}")
         for d in specs:
-            what = f"disk {d.vdev}" if isinstance(d, DiskSpec) else f"vif {d.vdev}"
+            what = (f"disk {d.vdev}" if isinstance(d, DiskSpec) else f"vif {d.vdev}"
+                    if isinstance(d, VifSpec) else "the console")
             if d.backend not in self.hub.links:
                 known = ", ".join(sorted(self.hub.links)) or "none"
                 raise ControlError(
@@ -201,10 +215,11 @@ class DeviceManager:
     def create(self, dom: Domain) -> None:
         """Create, map and announce every disk and vif of ``dom``; on failure undo all of it."""
         made: list[Device] = []
-        specs: list[DiskSpec | VifSpec] = [*dom.config.disks, *dom.config.vifs]
+        specs = device_specs(dom.config)
         try:
             for i, spec in enumerate(specs):
-                cls = VIF if isinstance(spec, VifSpec) else VBD
+                cls = VIF if isinstance(spec, VifSpec) else VBD if isinstance(spec, DiskSpec) \
+                    else CONSOLE
                 name = f"{self.shm_prefix}dom{dom.domid}.{spec.vdev}"
                 seg = Segment(name, cls.segment_bytes, create=True)
                 memory = (f"{name}.disk" if isinstance(spec, DiskSpec) and spec.type == "memory"
@@ -446,11 +461,19 @@ class DeviceManager:
             s = d.spec
             if isinstance(s, VifSpec):
                 row.update(mac=s.mac, bridge=s.bridge, ip=s.ip)
-            else:
+            elif isinstance(s, DiskSpec):
                 row.update(type=s.type, target=s.target or d.memory_disk, access=s.access,
                            sectors=_int(self.store.read(f"{d.be_dir}/sectors", default="0")))
             out.append(row)
         return out
+
+
+def device_specs(config: Any) -> list[DeviceSpec]:
+    """A domain's devices in region order: disks, vifs, then its console (if a driver's)."""
+    specs: list[DeviceSpec] = [*config.disks, *config.vifs]
+    if config.console_driver:
+        specs.append(ConsoleSpec(config.console_driver))
+    return specs
 
 
 def _store_nodes(dev: Device) -> list[tuple[str, str]]:
@@ -463,7 +486,7 @@ def _store_nodes(dev: Device) -> list[tuple[str, str]]:
     if isinstance(s, VifSpec):
         extra = [("mac", s.mac), ("bridge", s.bridge)] + ([("ip", s.ip)] if s.ip else [])
         nodes += [(f"{fe}/{k}", v) for k, v in extra] + [(f"{be}/{k}", v) for k, v in extra]
-    else:
+    elif isinstance(s, DiskSpec):
         nodes += [(f"{be}/params", dev.memory_disk or s.target or ""), (f"{be}/type", s.type),
                   (f"{be}/mode", "r" if s.read_only else "w")]
     nodes.append((f"{be}/state", "1"))

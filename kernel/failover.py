@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from ipc import consif
 from ipc.control import ControlError, NotFound
 from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import SegmentError
@@ -101,6 +102,16 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
         journal.record_death(to)
     struct.pack_into("<Q", buf, _RSP_PROD_OFFSET, to)
     return reopened
+
+
+def _console_output(dev: Device) -> tuple[bytes, bool]:
+    """Consume what a console's out ring holds: (bytes, notify the guest)."""
+    ring = consif.ConsoleBack(memoryview(dev.segment.buf)[:consif.WINDOW_BYTES])
+    n = ring.out_available()
+    if not n:
+        return b"", False
+    data = ring.out_peek(ring.out_cons, n)
+    return data, ring.out_commit(ring.out_cons + n)
 
 
 def answer_with_errors(buf: Any, window: int, sectors: int,
@@ -195,7 +206,7 @@ class Recovery:
             return
         cleared = 0
         for dev in self.dm.snapshot():
-            if dev.spec.backend == name:
+            if dev.spec.backend == name and dev.cls.requests:
                 with dev.lock:
                     if not dev.gone:
                         cleared += self._guarded(
@@ -386,7 +397,8 @@ class Recovery:
 
     def _may_hold(self, dev: Device, code: int, rsp_cons: int, link: DriverLink | None
                   ) -> bool:
-        if code not in abi.FAULT_CODES_HOLDABLE or dev.gone or dev.broken:
+        if (code not in abi.FAULT_CODES_HOLDABLE or dev.gone or dev.broken
+                or not dev.cls.requests):
             return False
         if link is not None and link.isolation == "inline":
             return False  # nothing replaces it: the frontend fails as it would without holds
@@ -480,6 +492,8 @@ class Recovery:
     # -- kicks while a driver is missing or failing (pCPU threads) ---------------------------
     def answer(self, dev: Device) -> int:
         """Failing mode: answer what ``dev``'s ring holds with errors; how many."""
+        if not dev.cls.requests:
+            return self._take_console(dev)
         sectors = max(0, self.dm.disk_sectors(dev))
         with dev.lock:
             if dev.gone or dev.broken:
@@ -493,6 +507,21 @@ class Recovery:
         if notify:
             self.dm.sched.notify(dev.dom, 1 << dev.port)
         return answered
+
+    def _take_console(self, dev: Device) -> int:
+        """Failing mode for a console: the kernel takes the guest's output into its own console
+        (``isovisor console`` shows it), so a guest never blocks on a console nobody serves."""
+        with dev.lock:
+            if dev.gone or dev.broken:
+                return 0
+            result = self._guarded(dev, "taking its console output", _console_output)
+        if not result:
+            return 0
+        data, notify = result
+        dev.dom.console_append(data)
+        if notify:
+            self.dm.sched.notify(dev.dom, 1 << dev.port)
+        return len(data)
 
     def _guarded(self, dev: Device, what: str, fn: Callable[[Device], Any]) -> Any:
         """Run ``fn(dev)`` on the device's segment (lock held); a broken guest ring crashes

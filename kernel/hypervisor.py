@@ -15,7 +15,7 @@ from typing import Any, Final
 from ipc.control import AlreadyExists, ControlError, NotFound
 from ipc.shm import SegmentError
 from isovisor.config import DomainConfig
-from kernel.devices import DeviceManager
+from kernel.devices import DeviceManager, device_specs
 from kernel.domain import Domain, Emit, Exit, ImageError
 from kernel.scheduler import Scheduler
 
@@ -62,11 +62,12 @@ class Hypervisor:
                 raise AlreadyExists(f"a domain named {config.name!r} already exists (id "
                                     f"{other.domid}); destroy it first or choose another name")
             dm = self.devices
-            if config.disks or config.vifs:
+            specs = tuple(device_specs(config))
+            if specs:
                 if dm is None:
-                    raise ControlError("this kernel has no driver channel; disks and network "
-                                       "interfaces are unavailable")
-                dm.check_backends((*config.disks, *config.vifs), config.source)
+                    raise ControlError("this kernel has no driver channel; disks, network "
+                                       "interfaces and console drivers are unavailable")
+                dm.check_backends(specs, config.source)
             domid = self._next_domid
             self._next_domid += 1
             try:
@@ -77,7 +78,7 @@ class Hypervisor:
             except Exception as e:
                 log.exception("creating domain %s failed", config.name)
                 raise ControlError(f"cannot create domain {config.name!r}: {e}") from None
-            if config.disks or config.vifs:
+            if specs:
                 assert dm is not None
                 try:
                     dm.create(dom)

@@ -1,13 +1,64 @@
-/* isovisor guest runtime: buffered console and a small printf. */
+/* isovisor guest runtime: buffered console and a small printf.
+ *
+ * Output goes to the console device when the domain has one (a console
+ * driver process serves it: consfront.c), else to the kernel's console with
+ * HC_CONSOLE_WRITE.  If the device fails, output falls back to the kernel's
+ * console, so nothing the guest prints is dropped. */
 #include "isovisor.h"
+#include "consfront.h"
 
 #define CONSOLE_BUF 1024
 
 static char cbuf[CONSOLE_BUF];
 static u64 clen;
+static struct consfront con;
+static int con_on;
+
+void __isv_console_init(void)
+{
+    struct isv_device d;
+    if (device_find(CONSFRONT_DEVICE_NAME, &d) != 0 || d.kind != DEV_KIND_CONSOLE)
+        return;
+    if (consfront_open(&con, CONSFRONT_HANDSHAKE_TIMEOUT_NS) == 0)
+        con_on = 1; /* else consfront_open said why on the kernel's console */
+}
+
+long console_read(char *buf, u64 max)
+{
+    if (!con_on)
+        return -ISV_ENODEV;
+    return consfront_read(&con, buf, max > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)max);
+}
+
+int console_wait_input(u64 timeout_ns)
+{
+    if (!con_on)
+        return -ISV_ENODEV;
+    return consfront_wait_input(&con, timeout_ns);
+}
+
+static long hc_write(const char *buf, u64 len);
+
+/* To the console device while it works, then to the kernel's console. */
+static long raw_write(const char *buf, u64 len)
+{
+    u64 done = 0;
+    while (con_on && done < len) {
+        u64 chunk = len - done > 0x10000 ? 0x10000 : len - done;
+        long r = consfront_write(&con, buf + done, (u32)chunk);
+        if (r > 0)
+            done += (u64)r;
+        if (r < (long)chunk)
+            con_on = 0; /* failed or timed out: the kernel's console takes the rest */
+    }
+    if (done == len)
+        return (long)len;
+    long r = hc_write(buf + done, len - done);
+    return r < 0 ? (done ? (long)done : r) : (long)done + r;
+}
 
 /* One or more HC_CONSOLE_WRITE calls of at most CONSOLE_WRITE_MAX bytes. */
-static long raw_write(const char *buf, u64 len)
+static long hc_write(const char *buf, u64 len)
 {
     u64 done = 0;
     while (done < len) {

@@ -67,6 +67,15 @@ int snprintf(char *buf, size_t size, const char *fmt, ...) PRINTF_LIKE(3, 4);
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 /* Send buffered console output now. */
 void console_flush(void);
+/* Console input (only through a console driver: docs/console.md).  Takes up
+ * to max bytes, non-blocking: the number taken (0: none yet), or -ENODEV when
+ * the console is the kernel's (which has no input).  console_wait_input waits
+ * until input is there (1) or timeout_ns passes (0). */
+long console_read(char *buf, u64 max);
+int console_wait_input(u64 timeout_ns);
+/* Called once at start-up: route the console to the console device, if the
+ * domain has one (its driver serves the console, not the kernel). */
+void __isv_console_init(void);
 
 /* --- start info and parameters -------------------------------------------- */
 u64 domid(void);

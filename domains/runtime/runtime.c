@@ -49,6 +49,7 @@ void __isovisor_init(const void *si)
      * falls back to HC_BLOCK's returned bits, and blkfront_open reports it. */
     if (device_count())
         evtchn_init();
+    __isv_console_init();
 }
 
 /* Called by _start instead of zeroing .bss when .bss would overlap the stack.

@@ -77,8 +77,8 @@ OPTIONS: dict[str, str] = {
     "input_queue_bytes": "input waiting for room in a domain's ring, at most (0..16777216, "
                          "default 65536); more is dropped and counted",
 }
-PUB_NAME = "console.pub"
-INPUT_NAME = "console.in"
+PUB_NAME = consif.PUB_NAME
+INPUT_NAME = consif.INPUT_NAME
 #: Unix socket paths longer than this cannot be bound (isovisor.paths uses the same limit).
 MAX_SOCKET_PATH = 100
 #: Output bytes one kick moves before the other consoles get a turn.

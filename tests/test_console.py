@@ -1,0 +1,118 @@
+"""Consoles served by a console driver process, end to end (docs/console.md).
+
+A guest prints numbered lines through its console ring; the `drivers.console` process writes
+them to the domain's log file, and `isovisor console` shows them.  The driver is killed with
+SIGKILL while the guest prints: the log still holds every line exactly once, in order.  Input
+typed for the guest (`isovisor console NAME --send`) reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from tests.conftest import Stack, wait_until
+from tests.test_recovery import Events, driver_row
+
+pytestmark = pytest.mark.timeout(180)
+
+DRIVER = """[driver.con0]
+module = "drivers.console"
+watchdog_sec = 1.0
+intensity = 50
+period = 60.0
+"""
+PATTERN = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def check_lines(text: str, n: int) -> None:
+    """``text`` holds ``conecho: line i`` for i in 0..n-1, each once, in order."""
+    got = [int(m) for m in re.findall(r"^conecho: line (\d{9}) " + PATTERN + "$", text,
+                                      re.MULTILINE)]
+    assert got == list(range(n)), (
+        f"{len(got)} line(s); first differences: "
+        f"{[(i, g) for i, g in enumerate(got) if g != i][:5]}")
+
+
+def start(stack: Stack, name: str, extra: str) -> Events:
+    cfg = stack.domain_config(name, "conecho", memory=4, on_poweroff="preserve",
+                              console="con0", extra=extra)
+    stack.up([], extra=DRIVER)
+    sub = stack.subscribe(["domain.", "driver.", "console."])
+    events = Events(sub, stack)
+    r = stack.cli("create", str(cfg))
+    assert r.returncode == 0, r.stderr
+    return events
+
+
+def test_output_goes_through_the_driver_to_the_log_and_the_cli(stack: Stack) -> None:
+    events = start(stack, "c", "lines=600")
+
+    def relayed() -> str:
+        events.drain()
+        return b"".join(p["data"] for t, p in events.seen if t == "console.c").decode()
+    try:
+        events.wait("domain.c.shutdown", timeout=60)
+        text = wait_until(lambda: t if "conecho: done" in (t := relayed()) else None,
+                          timeout=30, what="every byte relayed")
+    finally:
+        events.sub.close()
+    check_lines(text, 600)  # `console -f` sees the same bytes as events, once each
+    log = (stack.run_dir / "consoles" / "c.log").read_text()
+    check_lines(log, 600)
+    assert "conecho: done lines=600 echoed=0" in log
+    shown = stack.cli("console", "c")
+    assert shown.returncode == 0, shown.stderr
+    check_lines(shown.stdout, 600)
+    row = next(d for d in stack.call("devices")["devices"] if d["domain"] == "c")
+    assert (row["class"], row["vdev"], row["backend"]) == ("console", "console", "con0"), row
+
+
+def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> None:
+    lines = 60_000
+    events = start(stack, "c", f"lines={lines}")
+    path = stack.run_dir / "consoles" / "c.log"
+    try:
+        for k in range(5):
+            least = (k + 1) * 300_000
+            wait_until(lambda least=least: path.exists() and path.stat().st_size > least,
+                       timeout=60, what=f"{least} bytes in the log")
+            before = events.count("driver.con0.recovered")
+            os.kill(driver_row(stack, "con0")["pid"], signal.SIGKILL)
+            events.wait_count("driver.con0.recovered", before + 1, timeout=30)
+        events.wait("domain.c.shutdown", timeout=120)
+    finally:
+        events.sub.close()
+    check_lines(path.read_text(), lines)
+    assert driver_row(stack, "con0")["restarts"] == 5
+
+
+def test_input_reaches_the_guest(stack: Stack) -> None:
+    events = start(stack, "c", "echo=1 timeout=30000")
+    try:
+        wait_until(lambda: "conecho: ready for input" in stack.cli("console", "c").stdout,
+                   timeout=30, what="conecho waiting for input")
+        for word in ("hello", "isovisor console"):
+            r = stack.cli("console", "c", "--send", word)
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: "conecho: got isovisor console" in stack.cli("console", "c").stdout,
+                   timeout=30, what="the echo")
+        assert stack.cli("console", "c", "--send", "quit").returncode == 0
+        events.wait("domain.c.shutdown", timeout=30)
+    finally:
+        events.sub.close()
+    out = stack.cli("console", "c").stdout
+    assert "conecho: got hello\nconecho: got isovisor console\n" in out, out
+    assert "conecho: done lines=0 echoed=2" in out, out
+
+
+def test_input_for_a_kernel_console_is_refused_with_the_reason(stack: Stack) -> None:
+    cfg = stack.domain_config("k", "conecho", memory=4, on_poweroff="preserve",
+                              extra="echo=1 timeout=1")
+    stack.up([cfg], extra=DRIVER)
+    r = stack.cli("console", "k", "--send", "hello")
+    assert r.returncode != 0
+    assert "has no console driver" in r.stderr, r.stderr
