@@ -182,11 +182,12 @@ class Recovery:
                    if d.spec.backend == link.name and d.announced and not d.gone]
         now = self.clock()
         resuming = set()
-        for dev in devices:
-            dev.progress_at, dev.progress_rsp = now, None
+        for dev in devices:  # every attach first: a backend sees all its devices before it
+            dev.progress_at, dev.progress_rsp = now, None  # resumes any (a switch needs that)
             if dev.hold is not None and dev.hold.pid != link.pid:
                 self._release(dev, f"driver {link.name} pid {link.pid} said hello")
             self.hub.send_control(link.name, dev.attach_message())
+        for dev in devices:
             fe = self.dm.frontend_state(dev)
             if fe > int(DevState.INITIALISING):
                 self.hub.send_control(link.name, ["fe_state", dev.key, fe])

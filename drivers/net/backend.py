@@ -274,6 +274,8 @@ class _Vif:
     live: frozenset[int]
     #: waiting (for the frontend) | connected | closed | broken
     state: str = "waiting"
+    #: its rings had been used when this instance attached it (it is resuming after a restart)
+    was_used: bool = False
     tx: BackRing | None = None
     rx: BackRing | None = None
     inflight: InflightLog | None = None
@@ -512,9 +514,12 @@ class NetBackend:
                           _SLOTS, _SLOT)
         live = frozenset(r.index for r in log.pending())
         del log
+        used = any(mem[o:o + 8] != bytes(8) for o in (netif.TX_RING_OFFSET,
+                                                        netif.RX_RING_OFFSET))
         v = _Vif(key=key, label=label, store=store, mac=mac, bridge=bridge, segment=segment,
                  mem=mem, region=mem[:netif.WINDOW_BYTES],
-                 dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET:netif.SEGMENT_END]), live=live)
+                 dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET:netif.SEGMENT_END]), live=live,
+                 was_used=used)
         carried = self._carried.pop(key, None)
         if carried:
             v.stats = VifStats(**{k: carried.get(k, 0) for k in COUNTERS})
@@ -945,11 +950,13 @@ class NetBackend:
             bridge.table.learn(frame[6:12], s.key, now)
             fwd = bridge.forward(s.key, frame, now)
             ports = fwd.ports
-            if redo and fwd.flooded:
-                # The kernel resumes the vifs one by one: one not resumed yet is a port too
-                # (the frame waits for it like for a full rx ring).
+            if fwd.flooded:
+                # After a restart the kernel resumes the vifs one by one, and the new MAC table
+                # knows nobody: a vif that served traffic before and is not resumed yet is a
+                # port too (the frame waits for it like for a full rx ring).  A vif whose guest
+                # never connected is not: frames are not held for a frontend that may never come.
                 ports += tuple(k for k, d in self.vifs.items() if d.bridge == s.bridge
-                               and d.state == "waiting" and k != s.key)
+                               and d.state == "waiting" and d.was_used and k != s.key)
             st = s.stats
             st.tx_frames += 1
             st.tx_bytes += size
