@@ -18,7 +18,7 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -98,9 +98,11 @@ class PingResult:
 
 
 def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float = 1.0,
-         timeout: float = 1.0, size: int = 56, ident: int | None = None) -> list[PingResult]:
+         timeout: float = 1.0, size: int = 56, ident: int | None = None,
+         on_reply: Callable[[int, float], None] | None = None) -> list[PingResult]:
     """ICMP echo requests to ``addr``, one every ``interval`` seconds; each reply matched by
-    identifier and sequence number (late replies to earlier requests are still credited)."""
+    identifier and sequence number (late replies within ``timeout`` still count).
+    ``on_reply(seq, rtt_ms)`` is called as each reply arrives."""
     ident = (os.getpid() if ident is None else ident) & 0xFFFF
     payload = bytes(range(256))[:size] if size <= 256 else bytes(size)
     sock = socket_in(netns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -139,6 +141,8 @@ def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float
                 if (typ == ICMP_ECHO_REPLY and rid == ident and rseq in sent
                         and rseq not in rtts and at - sent[rseq] <= timeout):
                     rtts[rseq] = (at - sent[rseq]) * 1000.0
+                    if on_reply is not None:
+                        on_reply(rseq, rtts[rseq])
     finally:
         sock.close()
     return [PingResult(s, rtts.get(s)) for s in range(count)]

@@ -14,6 +14,8 @@ import signal
 
 import pytest
 
+from isovisor.paths import RunDir
+from isovisor.swapclient import swap
 from tests.conftest import Stack, wait_until
 from tests.test_recovery import Events, driver_row
 
@@ -88,6 +90,27 @@ def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> N
         events.sub.close()
     check_lines(path.read_text(), lines)
     assert driver_row(stack, "con0")["restarts"] == 5
+
+
+def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) -> None:
+    lines = 40_000
+    events = start(stack, "c", f"lines={lines}")
+    path = stack.run_dir / "consoles" / "c.log"
+    try:
+        old = driver_row(stack, "con0")["pid"]
+        for k in range(2):
+            least = (k + 1) * 400_000
+            wait_until(lambda least=least: path.exists() and path.stat().st_size > least,
+                       timeout=60, what=f"{least} bytes in the log")
+            r = swap(RunDir(stack.run_dir), "con0", "drivers.console", wait=60, probation=0.3)
+            assert r["outcome"] == "swapped" and r["old_pid"] == old and r["pid"] != old, r
+            stack.pids.append(r["pid"])
+            old = r["pid"]
+        events.wait("domain.c.shutdown", timeout=120)
+    finally:
+        events.sub.close()
+    check_lines(path.read_text(), lines)
+    assert driver_row(stack, "con0")["swaps"] == 2
 
 
 def test_input_reaches_the_guest(stack: Stack) -> None:

@@ -12,13 +12,17 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from isovisor import nettools
+from isovisor.paths import RunDir
+from isovisor.swapclient import swap
 from tests.conftest import Stack, wait_until
 from tests.test_recovery import Events, driver_row
 
@@ -77,6 +81,24 @@ def test_two_guests_exchange_sequenced_frames_in_order(stack: Stack) -> None:
     assert devs["a"]["requests"] >= 3000 and devs["b"]["requests"] >= 3000, devs
 
 
+def test_a_hot_swap_of_the_switch_loses_and_duplicates_no_frame(stack: Stack) -> None:
+    """`isovisor driver swap net0 --to drivers.net` twice while the pair exchanges frames."""
+    count = 20_000
+    with pair(stack, count) as events:
+        old = driver_row(stack, "net0")["pid"]
+        for k in range(2):
+            least = 3000 * (k + 1)
+            wait_until(lambda least=least: all(d["requests"] > least
+                                               for d in stack.call("devices")["devices"]),
+                       timeout=60, what="both guests sending")
+            r = swap(RunDir(stack.run_dir), "net0", "drivers.net", wait=60, probation=0.3)
+            assert r["outcome"] == "swapped" and r["old_pid"] == old and r["pid"] != old, r
+            stack.pids.append(r["pid"])
+            old = r["pid"]
+        finish_pair(stack, events, count)
+    assert driver_row(stack, "net0")["swaps"] == 2
+
+
 def test_killing_the_switch_loses_and_duplicates_no_accepted_frame(stack: Stack) -> None:
     count = 40_000
     with pair(stack, count) as events:
@@ -106,12 +128,53 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, netns: str) -> None:
+def echo_guest(stack: Stack, netns: str) -> Path:
     cfg = stack.domain_config("echo", "netecho", memory=4, on_poweroff="preserve",
                               extra="port=7",
                               vif=["mac=02:00:00:00:01:02, bridge=br0, backend=net0, "
                                    "ip=198.18.0.2"])
     stack.up([], extra=driver(f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\n'))
+    return cfg
+
+
+def test_a_ping_every_10ms_loses_only_what_the_kill_stalls(stack: Stack, netns: str) -> None:
+    """Pings from the host every 10 ms across a SIGKILL of the switch: the ones lost are a
+    contiguous run at the kill (the stall), and every ping after the recovery is answered."""
+    cfg = echo_guest(stack, netns)
+    with stack.subscribe(["domain.", "driver."]) as sub:
+        events = Events(sub, stack)
+        assert stack.cli("create", str(cfg)).returncode == 0
+        wait_until(lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
+                   timeout=30, what="netecho up")
+        assert all(r.rtt_ms is not None for r in nettools.ping(
+            "198.18.0.2", netns=netns, count=5, interval=0.01, timeout=2.0))  # ARP settled
+        wait_until(lambda: driver_row(stack, "net0").get("spare_pid"), timeout=30,
+                   what="a warm spare")
+        result: list[nettools.PingResult] = []
+        replies: list[int] = []
+        pid = driver_row(stack, "net0")["pid"]
+        pinger = threading.Thread(target=lambda: result.extend(nettools.ping(
+            "198.18.0.2", netns=netns, count=300, interval=0.01, timeout=1.0,
+            on_reply=lambda seq, rtt: replies.append(seq))))
+        pinger.start()
+        try:
+            wait_until(lambda: len(replies) >= 50, timeout=10, what="50 ping replies")
+            killed_after = len(replies)
+            os.kill(pid, signal.SIGKILL)
+            events.wait("driver.net0.recovered", timeout=30)
+        finally:
+            pinger.join(30)
+    lost = [r.seq for r in result if r.rtt_ms is None]
+    assert len(result) == 300, result
+    assert len(lost) <= 30, f"{len(lost)} pings lost: {lost}"
+    if lost:  # one run, at the kill: none lost after the switch was back
+        assert lost == list(range(lost[0], lost[-1] + 1)), lost
+        assert lost[0] >= killed_after - 2 and lost[-1] < 290, (killed_after, lost)
+    assert driver_row(stack, "net0")["pid"] != pid
+
+
+def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, netns: str) -> None:
+    cfg = echo_guest(stack, netns)
     with stack.subscribe(["domain.", "console.echo"]) as sub:
         events = Events(sub, stack)
         assert stack.cli("create", str(cfg)).returncode == 0
