@@ -81,6 +81,30 @@ def test_two_guests_exchange_sequenced_frames_in_order(stack: Stack) -> None:
     assert devs["a"]["requests"] >= 3000 and devs["b"]["requests"] >= 3000, devs
 
 
+def test_a_hostile_guest_is_dropped_and_counted_and_harms_nobody(stack: Stack) -> None:
+    """A third guest on the bridge sends frames with another guest's MAC, tx requests with
+    bad sizes, offsets and flags, junk rx requests, and finally an impossible ring index:
+    the switch drops and counts all of it, the pair never sees one of those frames, the
+    switch process is never replaced, and only the hostile guest is stopped."""
+    junk = stack.domain_config("j", "netjunk", memory=4, on_crash="preserve",
+                               extra=f"victim={MAC_A} spoof=300 junk=200 rxjunk=16",
+                               vif=["mac=02:00:00:00:00:66, bridge=br0, backend=net0"])
+    with pair(stack, 5000) as events:
+        pid = driver_row(stack, "net0")["pid"]
+        assert stack.cli("create", str(junk)).returncode == 0
+        crashed = events.wait("domain.j.crashed", timeout=60)
+        finish_pair(stack, events, 5000)
+    assert "tx" in crashed["reason"] and "net0" in crashed["reason"], crashed
+    con = stack.call("console", name="j")["data"].decode()
+    assert "netjunk: spoofed=300 junk=200 rxjunk=16" in con, con
+    row = driver_row(stack, "net0")
+    assert row["pid"] == pid and row["restarts"] == 0, row
+    stats = wait_until(lambda: (st := driver_row(stack, "net0")["statistics"])
+                       .get("bad_frames", 0) >= 200 and st, timeout=10,
+                       what="the switch's counters")
+    assert stats["spoofed"] >= 300 and stats["bad_frames"] >= 200, stats
+
+
 def test_a_hot_swap_of_the_switch_loses_and_duplicates_no_frame(stack: Stack) -> None:
     """`isovisor driver swap net0 --to drivers.net` twice while the pair exchanges frames."""
     count = 20_000
