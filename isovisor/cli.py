@@ -261,6 +261,8 @@ def devices(run_dir: RunDirOpt = None,
     for d in devs:
         if d.get("class") == "vif":  # Access/Sectors/Target: bridge, ip, mac
             access, sectors, target = d["bridge"], d["ip"] or "-", d["mac"]
+        elif d.get("class") == "console":
+            access, sectors, target = "-", "-", "console ring"
         else:
             access, sectors, target = d["access"], str(d["sectors"]), str(d["target"])
         t.add_row(d["domain"], d["vdev"], d["backend"], str(d["port"]),

@@ -248,25 +248,35 @@ def test_foreground_up_shows_every_guests_output_and_stops_on_ctrl_c(stack: Stac
     assert out.rstrip().endswith("isovisor stack stopped")
 
 
-def test_the_default_stack_runs_its_domains_and_block_driver(stack: Stack) -> None:
-    """What README's `isovisor up` starts: every domain of ./supervisor.toml, and blk0."""
+def test_the_default_stack_runs_its_domains_and_drivers(stack: Stack) -> None:
+    """What README's `isovisor up` starts: every domain of ./supervisor.toml, and the block,
+    net and console drivers, each in its own process; every console goes through con0."""
     root = Path(__file__).resolve().parent.parent
     with_sub = stack.cli("up", "--detach", str(root / "supervisor.toml"))
     assert with_sub.returncode == 0, with_sub.stderr
     ping = stack.call("ping")
     stack.pids += [ping["pid"], ping["kernel_pid"]]
-    (drv,) = stack.call("drivers")["drivers"]
-    stack.pids.append(drv["pid"])
-    assert drv["name"] == "blk0" and drv["isolation"] == "process" and drv["connected"]
-    assert psutil.Process(drv["pid"]).ppid() == ping["pid"]
-    with stack.subscribe(["domain.blkstress."]) as sub:
-        if stack.domains()["blkstress"]["state"][3] != "s":
-            wait_event(sub, "domain.blkstress.shutdown", 60)
+    drvs = {d["name"]: d for d in stack.call("drivers")["drivers"]}
+    stack.pids += [d["pid"] for d in drvs.values()]
+    assert set(drvs) == {"blk0", "net0", "con0"}, drvs
+    for drv in drvs.values():
+        assert drv["isolation"] == "process" and drv["connected"], drv
+        assert psutil.Process(drv["pid"]).ppid() == ping["pid"]
+    names = ("blkstress", "netpair-a", "netpair-b")
+    with stack.subscribe([f"domain.{n}." for n in names]) as sub:
+        for n in names:
+            if stack.domains()[n]["state"][3] != "s":
+                wait_event(sub, f"domain.{n}.shutdown", 60)
     con = stack.cli("console", "blkstress").stdout
     assert "blkstress: ops=20000 errors=0" in con, con
-    assert {"hello", "crc32", "primes", "ticker", "blkstress"} <= set(stack.domains())
+    for n in names[1:]:
+        con = stack.cli("console", n).stdout
+        assert "netpair: sent=20000 received=20000 lost=0 dup=0 reordered=0 corrupt=0" in con
+    assert "Hello from hello" in (stack.run_dir / "consoles" / "hello.log").read_text()
+    assert {"hello", "crc32", "primes", "ticker", *names} <= set(stack.domains())
     table = stack.cli("devices").stdout
-    assert "blkstress" in table and "xvda" in table and "blk0" in table
+    assert "blkstress" in table and "xvda" in table and "blk0" in table and "eth0" in table
     assert stack.cli("down").returncode == 0
-    assert not psutil.pid_exists(drv["pid"]) or \
-        psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
+    for drv in drvs.values():
+        assert not psutil.pid_exists(drv["pid"]) or \
+            psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
