@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
-from tests.conftest import Stack, wait_until
+from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import Events, driver_row
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,6 +131,34 @@ def test_input_reaches_the_guest(stack: Stack) -> None:
     out = stack.cli("console", "c").stdout
     assert "conecho: got hello\nconecho: got isovisor console\n" in out, out
     assert "conecho: done lines=0 echoed=2" in out, out
+
+
+def test_the_interactive_console_follows_output_and_types_into_the_guest(stack: Stack) -> None:
+    """`isovisor console c -i`: what is typed reaches the guest, its answer is printed."""
+    events = start(stack, "c", "echo=1 timeout=30000")
+    env = {**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir), "COLUMNS": "200"}
+    proc = subprocess.Popen([*ISOVISOR, "console", "c", "-i"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    seen: list[str] = []
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        for line in proc.stdout:  # the history, then followed output
+            seen.append(line)
+            if line.startswith("conecho: ready for input"):
+                proc.stdin.write("typed by hand\n")
+                proc.stdin.flush()
+            if line.startswith("conecho: got typed by hand"):
+                proc.stdin.write("quit\n")
+                proc.stdin.flush()
+            if line.startswith("conecho: done"):
+                break
+        events.wait("domain.c.shutdown", timeout=30)
+    finally:
+        events.sub.close()
+        proc.kill()
+        proc.wait(10)
+    assert "conecho: got typed by hand\n" in seen, seen
+    assert "conecho: done lines=0 echoed=1\n" in seen, seen
 
 
 def test_input_for_a_kernel_console_is_refused_with_the_reason(stack: Stack) -> None:
