@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from isovisor.kvspec import parse_kv
 from isovisor.vifconfig import VifError, VifSpec, parse_vifs
 from kernel import abi
 
@@ -165,25 +166,11 @@ def parse_size(text: str) -> int | None:
 
 def parse_disk(spec: str, where: str, base_dir: Path | None) -> DiskSpec:
     """Parse one xl-style disk string; ``where`` names it in errors."""
-    fields: dict[str, str] = {}
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, val = part.partition("=")
-        key, val = key.strip(), val.strip()
-        if not eq:
-            raise ConfigError(f"{where}: {part!r} is not key=value; isovisor accepts only the "
-                              "key=value form, e.g. \"target=data.img, vdev=xvda, access=rw, "
-                              "backend=blk0, size=64M\"")
-        if key not in DISK_KEYS:
-            hint = difflib.get_close_matches(key, DISK_KEYS, n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{where}: unknown disk key {key!r}{did}; allowed: "
-                              f"{', '.join(DISK_KEYS)}")
-        if key in fields:
-            raise ConfigError(f"{where}: disk key {key!r} is given twice")
-        fields[key] = val
+    try:
+        fields = parse_kv(spec, DISK_KEYS, "disk", where,
+                          "target=data.img, vdev=xvda, access=rw, backend=blk0, size=64M")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     vdev = fields.get("vdev")
     if vdev is None:
         raise ConfigError(f"{where}: missing 'vdev' (the guest's device name, e.g. vdev=xvda)")

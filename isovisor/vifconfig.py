@@ -3,7 +3,6 @@ subset, key=value form), parsed and validated with errors that say what to write
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import ipaddress
 import re
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ipc.netif import format_mac, parse_mac
+from isovisor.kvspec import parse_kv
 
 VIF_KEYS: Final = ("mac", "bridge", "backend", "ip")
 MAX_VIFS: Final = 8
@@ -53,24 +53,11 @@ def default_mac(domain: str, index: int) -> str:
 def parse_vif(spec: str, index: int, domain: str, where: str) -> VifSpec:
     """Parse one xl-style vif string, e.g. ``"mac=02:00:00:00:00:01, bridge=br0,
     backend=net0, ip=198.18.0.2"``; ``where`` names it in errors."""
-    fields: dict[str, str] = {}
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, val = part.partition("=")
-        key, val = key.strip(), val.strip()
-        if not eq:
-            raise VifError(f"{where}: {part!r} is not key=value; write e.g. \"mac=02:00:00:00:00:"
-                           "01, bridge=br0, backend=net0, ip=198.18.0.2\"")
-        if key not in VIF_KEYS:
-            hint = difflib.get_close_matches(key, VIF_KEYS, n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise VifError(f"{where}: unknown vif key {key!r}{did}; allowed: "
-                           f"{', '.join(VIF_KEYS)}")
-        if key in fields:
-            raise VifError(f"{where}: vif key {key!r} is given twice")
-        fields[key] = val
+    try:
+        fields = parse_kv(spec, VIF_KEYS, "vif", where,
+                          "mac=02:00:00:00:00:01, bridge=br0, backend=net0, ip=198.18.0.2")
+    except ValueError as e:
+        raise VifError(str(e)) from None
     backend = fields.get("backend", "")
     if not _NAME_RE.match(backend):
         raise VifError(f"{where}: backend={backend!r} must name a net driver declared in "
