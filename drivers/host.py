@@ -153,6 +153,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "faults": ((lambda v: isinstance(v, list),), '["faults", [spec, ...]]'),
     "drain": ((), '["drain"]'),
     "report": ((), '["report"]'),
+    "retire": ((), '["retire"]'),
     "committed": ((), '["committed"]'),
     "restore": ((lambda v: isinstance(v, dict),), '["restore", {state}]'),
 }

@@ -8,8 +8,11 @@ console input to the driver.
 The log file is the truth: each live message carries the file offset of its bytes, so the relay
 drops bytes it has already relayed (a replacement driver may publish again what its
 predecessor had) and reads from the file whatever it missed (a driver that died between its
-write and its publish).  Offsets in events and replies count from the start of the domain's
-current life, as the kernel's do.
+write and its publish).  What such a domain writes to the kernel's console instead (the
+runtime's own messages, output taken by the kernel while the driver is failed) is merged into
+the same stream: the relay republishes the kernel's ``console.<name>`` events for it.  Offsets
+in events and replies count the merged stream from the start of the domain's current life, as
+the kernel's count its own; the newest HISTORY_BYTES are kept for the ``console`` command.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,6 +50,10 @@ class Life:
     start: int
     #: File offset up to which bytes have been relayed.
     relayed: int
+    #: Bytes relayed in this life (log file and kernel console merged): the next offset.
+    emitted: int = 0
+    #: The newest HISTORY_BYTES of them.
+    history: bytearray = field(default_factory=bytearray)
 
 
 class ConsoleRelay:
@@ -104,6 +111,8 @@ class ConsoleRelay:
             self._catch_up(life)
             life.domid = payload["domid"]
             life.start = life.relayed = _size(life.log_path)
+            life.emitted = 0
+            life.history.clear()
         elif parts[2] == "destroyed" and payload.get("domid") == life.domid:
             self._catch_up(life)
             del self.lives[life.name]
@@ -151,10 +160,27 @@ class ConsoleRelay:
         if data:
             self._emit(life, data)
 
-    def _emit(self, life: Life, data: bytes) -> None:
-        self.publish(f"console.{life.name}", {"domid": life.domid,
-                                              "offset": life.relayed - life.start, "data": data})
-        life.relayed += len(data)
+    def _emit(self, life: Life, data: bytes, *, from_file: bool = True) -> None:
+        self.publish(f"console.{life.name}", {"domid": life.domid, "offset": life.emitted,
+                                              "data": data})
+        life.emitted += len(data)
+        life.history += data
+        if len(life.history) > HISTORY_BYTES:
+            del life.history[:len(life.history) - HISTORY_BYTES]
+        if from_file:
+            life.relayed += len(data)
+
+    def kernel_console(self, name: str, payload: dict[str, Any]) -> bool:
+        """A kernel ``console.<name>`` event: for a domain whose console a driver serves,
+        merge its bytes into the relayed stream (True: the caller must not republish it)."""
+        life = self.lives.get(name)
+        if life is None or payload.get("domid") != life.domid:
+            return False
+        data = payload.get("data")
+        if isinstance(data, bytes) and data:
+            self._catch_up(life)  # the driver's bytes so far come first
+            self._emit(life, data, from_file=False)
+        return True
 
     # -- commands --------------------------------------------------------------------------------
     def find(self, ref: str) -> Life | None:
@@ -164,19 +190,12 @@ class ConsoleRelay:
 
     def history(self, life: Life) -> dict[str, Any]:
         """The ``console`` reply for a driver's console: the newest HISTORY_BYTES of this
-        life, read from the log file."""
+        life (the same offsets as the ``console.<name>`` events)."""
         self._catch_up(life)
-        end = _size(life.log_path)
-        first = max(life.start, end - HISTORY_BYTES)
-        try:
-            with open(life.log_path, "rb") as f:
-                f.seek(first)
-                data = f.read(end - first)
-        except FileNotFoundError:
-            data = b""
-        return {"domid": life.domid, "name": life.name, "start": first - life.start,
-                "end": first - life.start + len(data), "data": data,
-                "driver": life.driver, "log": str(life.log_path)}
+        data = bytes(life.history)
+        return {"domid": life.domid, "name": life.name, "start": life.emitted - len(data),
+                "end": life.emitted, "data": data, "driver": life.driver,
+                "log": str(life.log_path)}
 
     def send_input(self, ref: str, data: bytes) -> dict[str, Any]:
         life = self.find(ref)

@@ -301,6 +301,8 @@ class Supervisor:
 
     def _relay(self, topic: str, payload: dict[str, Any]) -> None:
         """Republish a kernel event, then let the driver supervision act on it."""
+        if topic.startswith("console.") and self.consoles.kernel_console(topic[8:], payload):
+            return  # merged into the console driver's stream of that domain
         self._publish(topic, payload)
         if topic.startswith("domain."):
             self.consoles.on_kernel_event(topic, payload)

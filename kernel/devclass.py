@@ -29,7 +29,7 @@ def _pages(n: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceClass:
-    #: The store directory word and the attach message's ``class``: "vbd" or "vif".
+    #: The store directory word and the attach message's ``class``: "vbd", "vif" or "console".
     name: str
     #: The device-table kind (abi.DEV_KIND_*).
     kind: int

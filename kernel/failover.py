@@ -105,13 +105,18 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
 
 
 def _console_output(dev: Device) -> tuple[bytes, bool]:
-    """Consume what a console's out ring holds: (bytes, notify the guest)."""
+    """Consume what a console's out ring holds: (bytes, notify the guest).  Re-arms
+    ``out_event`` before it returns, so the guest's next byte kicks again."""
     ring = consif.ConsoleBack(memoryview(dev.segment.buf)[:consif.WINDOW_BYTES])
-    n = ring.out_available()
-    if not n:
-        return b"", False
-    data = ring.out_peek(ring.out_cons, n)
-    return data, ring.out_commit(ring.out_cons + n)
+    data = bytearray()
+    notify = False
+    while True:
+        n = ring.out_available()
+        if n:
+            data += ring.out_peek(ring.out_cons, n)
+            notify |= ring.out_commit(ring.out_cons + n)
+        if not ring.out_final_check():
+            return bytes(data), notify
 
 
 def answer_with_errors(buf: Any, window: int, sectors: int,

@@ -18,7 +18,7 @@ import pytest
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
 from tests.conftest import ISOVISOR, Stack, wait_until
-from tests.test_recovery import Events, driver_row
+from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -83,9 +83,7 @@ def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> N
             least = (k + 1) * 300_000
             wait_until(lambda least=least: path.exists() and path.stat().st_size > least,
                        timeout=60, what=f"{least} bytes in the log")
-            before = events.count("driver.con0.recovered")
-            os.kill(driver_row(stack, "con0")["pid"], signal.SIGKILL)
-            events.wait_count("driver.con0.recovered", before + 1, timeout=30)
+            kill_with_a_warm_spare(stack, events, "con0")
         events.wait("domain.c.shutdown", timeout=120)
     finally:
         events.sub.close()
@@ -112,6 +110,28 @@ def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) ->
         events.sub.close()
     check_lines(path.read_text(), lines)
     assert driver_row(stack, "con0")["swaps"] == 2
+
+
+def test_a_failed_console_driver_never_blocks_the_guest(stack: Stack) -> None:
+    """A console driver that may not restart (intensity 0) is killed while the guest prints:
+    it becomes FATAL, the kernel takes the output over into its own console, the guest
+    finishes, and `isovisor console` shows the whole stream, the kernel's part merged in."""
+    cfg = stack.domain_config("c", "conecho", memory=4, on_poweroff="preserve",
+                              console="con0", extra="lines=20000")
+    stack.up([], extra=DRIVER.replace("intensity = 50", "intensity = 0"))
+    with stack.subscribe(["domain.", "driver."]) as sub:
+        events = Events(sub, stack)
+        assert stack.cli("create", str(cfg)).returncode == 0
+        path = stack.run_dir / "consoles" / "c.log"
+        wait_until(lambda: path.exists() and path.stat().st_size > 100_000, timeout=60,
+                   what="output in the log")
+        os.kill(driver_row(stack, "con0")["pid"], signal.SIGKILL)
+        events.wait("driver.con0.fatal", timeout=30)
+        done = events.wait("domain.c.shutdown", timeout=60)
+    assert done["code"] == 0
+    shown = stack.cli("console", "c").stdout
+    assert shown.rstrip().endswith("conecho: done lines=20000 echoed=0"), shown[-300:]
+    assert path.stat().st_size < 20000 * 60  # the rest went through the kernel
 
 
 def test_input_reaches_the_guest(stack: Stack) -> None:

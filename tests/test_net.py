@@ -24,7 +24,7 @@ from isovisor import nettools
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
 from tests.conftest import Stack, wait_until
-from tests.test_recovery import Events, driver_row
+from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -131,9 +131,7 @@ def test_killing_the_switch_loses_and_duplicates_no_accepted_frame(stack: Stack)
             wait_until(lambda least=least: all(d["requests"] > least
                                                for d in stack.call("devices")["devices"]),
                        timeout=60, what="both guests sending")
-            before = events.count("driver.net0.recovered")
-            os.kill(driver_row(stack, "net0")["pid"], signal.SIGKILL)
-            events.wait_count("driver.net0.recovered", before + 1, timeout=30)
+            kill_with_a_warm_spare(stack, events, "net0")
         finish_pair(stack, events, count)
     row = driver_row(stack, "net0")
     assert row["restarts"] >= 5, row
@@ -213,6 +211,8 @@ def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, net
         nettools.udp_echo("198.18.0.2", 7, [b"quit"], netns=netns, timeout=0.2)
         events.wait("domain.echo.shutdown", timeout=30)
     con = stack.call("console", name="echo")["data"].decode()
+    assert stack.cli("down").returncode == 0  # the switch removes the TAP and the namespace
+    assert not (nettools.NETNS_DIR / netns).exists(), "the namespace outlived the stack"
     line = [ln for ln in con.splitlines() if ln.startswith("netecho: arp=")]
     assert line, con
     s: dict[str, Any] = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", line[-1])}

@@ -130,6 +130,16 @@ def two_guests(stack: Stack, driver: str = DRIVER, ops: int = OPS) -> Iterator[E
         yield events
 
 
+def kill_with_a_warm_spare(stack: Stack, events: Events, name: str) -> None:
+    """SIGKILL driver ``name``'s active instance once its warm spare is ready, and wait for
+    the recovery to be reported."""
+    row = wait_until(lambda: (r := driver_row(stack, name))["spare_pid"] and
+                     r["state"] == "RUNNING" and r, timeout=30, what=f"{name} with a warm spare")
+    before = events.count(f"driver.{name}.recovered")
+    os.kill(row["pid"], signal.SIGKILL)
+    events.wait_count(f"driver.{name}.recovered", before + 1, timeout=30)
+
+
 def finish_and_verify(stack: Stack, events: Events, ops: int = OPS) -> None:
     """Both guests power off with errors=0 and every block they wrote is in their image."""
     for i, name in enumerate(("g1", "g2")):
