@@ -31,6 +31,7 @@ from isovisor.clicommon import (
     fail,
     out,
 )
+from isovisor.clinet import net_app
 from isovisor.cliswap import driver_stats, driver_swap
 from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
 from isovisor.kernelproc import KernelProcess, KernelStartError
@@ -352,6 +353,7 @@ driver_app.command("swap")(driver_swap)
 driver_app.command("stats")(driver_stats)
 app.add_typer(fault_app, name="fault")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(net_app, name="net")
 NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for the result.")]
 
@@ -579,7 +581,7 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
         cfg = load_domain_config(config)
     except ConfigError as e:
         fail(str(e))
-    if cfg.disks or cfg.vifs:
+    if cfg.disks or cfg.vifs or cfg.console_driver:
         fail(f"{config}: domain {cfg.name} has devices, which need driver backends; `run` starts "
              "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
              "`isovisor create` and `isovisor console -f`")

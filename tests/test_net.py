@@ -208,6 +208,10 @@ def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, net
         payloads = [f"datagram {i}".encode() * (i + 1) for i in range(20)]
         echoes = nettools.udp_echo("198.18.0.2", 7, payloads, netns=netns, timeout=2.0)
         assert [e[0] for e in echoes] == payloads
+        r = stack.cli("net", "ping", "198.18.0.2", "--netns", netns, "-c", "3", "-i", "0.01")
+        assert r.returncode == 0 and "3 sent, 3 received, 0.0% lost" in r.stdout, r
+        r = stack.cli("net", "udp", "198.18.0.2", "7", "hello", "world", "--netns", netns)
+        assert r.returncode == 0 and "'hello' in" in r.stdout and "'world' in" in r.stdout, r
         nettools.udp_echo("198.18.0.2", 7, [b"quit"], netns=netns, timeout=0.2)
         events.wait("domain.echo.shutdown", timeout=30)
     con = stack.call("console", name="echo")["data"].decode()

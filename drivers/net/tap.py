@@ -31,8 +31,9 @@ Privileges: CAP_NET_ADMIN (create the TAP, configure it) and CAP_SYS_ADMIN (``se
 netns add``): in practice root.  :func:`privilege_problem` says exactly what is missing.
 
 Clean-up: closing the backend keeps the TAP and the namespace (a restarted driver needs them).
-:func:`remove` deletes both, the namespace only if isovisor created it; the supervisor calls it
-at ``isovisor down`` for each net driver with ``uplink = "tap"``.
+:func:`remove` deletes both, the namespace only if isovisor created it: the backend's
+``cleanup()`` calls it when the driver host gets ``["retire"]``, which the supervisor sends at
+``isovisor down``.
 """
 
 from __future__ import annotations
@@ -290,17 +291,6 @@ class Tap:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self._fd, TUNSETPERSIST, 0)
         self.close()
-
-
-def uplink_names(driver: str, options: dict[str, object]) -> tuple[str, str] | None:
-    """(netns, tap) of the uplink a net driver called ``driver`` with these options sets up
-    (the defaults: ``isovisor-<driver>``, ``iv<driver>``), or None without ``uplink = "tap"``.
-    For the supervisor's :func:`remove` at ``isovisor down``; the names are not checked here
-    (the driver refused to start with bad ones)."""
-    if options.get("uplink", "none") != "tap":
-        return None
-    return (str(options.get("netns", f"isovisor-{driver}")),
-            str(options.get("tap", f"iv{driver}")))
 
 
 def delete_tap(netns: str, name: str) -> bool:
