@@ -7,6 +7,12 @@ matches the request's filters counts the request, then ``times``, ``fail_nth``, 
 and ``probability`` decide whether it fires.  What firing does is the backend's business,
 except for the kinds every driver host can carry out (``HOST_KINDS``).
 
+What a "request" is depends on the device class (:data:`FAULT_CLASSES`): a block request
+(``drivers.blk``), a tx request being switched (``drivers.net``), an append of console output to
+the log (``drivers.console``).  Each class says what the ``op`` filter names and what ``sector``
+selects, and refuses, with the reason, the types that mean nothing for it (a console has no
+responses to spoil).
+
 Faults arrive as ``["faults", [spec, ...]]`` from the supervisor, which keeps the table
 (``isovisor fault add|list|remove|reset``) and re-sends the faults still armed to each new
 instance; each firing is reported back (``fault_fired``) so the table's ``times`` stays true.
@@ -15,6 +21,7 @@ instance; each firing is reported back (``fault_fired``) so the table's ``times`
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -26,21 +33,109 @@ IN_DRIVER_TYPES: Final[dict[str, str]] = {
     "exit": "os._exit(3) while executing the request",
     "hang": "block forever while holding the request (no more heartbeats)",
     "slow": "delay the response by latency_ms +- jitter_ms",
-    "drop": "never publish the response and stop serving the device",
+    "drop": "never answer the request (never consume the output) and stop serving the device",
     "duplicate": "publish a response twice (the copy replaces the next response)",
     "bad_id": "answer with an id that matches no request in flight",
     "bad_status": "answer with a status that is not okay, error or unsupported",
     "bad_op": "answer with another operation than the request's",
     "bad_index": "publish rsp_prod beyond the guest's req_prod and stop serving the device",
-    "corrupt_data": "flip one byte of a successful read's data (silent corruption)",
+    "corrupt_data": "flip one byte of the data delivered: a successful read's, a frame's, the "
+                    "log's (silent corruption)",
     "leak_mem": "allocate and touch 64 MiB more, kept until the process ends",
     "leak_fd": "open 256 more file descriptors, kept until the process ends",
-    "poison": "die by SIGSEGV on every request covering `sector`, in every instance",
+    "poison": "die by SIGSEGV on every request covering `sector`, in every instance (until "
+              "the request is answered as poison)",
 }
 #: Kinds that end or stall the process: inline (inside the kernel) they are refused unless the
 #: fault says ``really`` (the inline comparison of a campaign wants to see the damage).
 PROCESS_KINDS: Final = frozenset({"segv", "abort", "exit", "hang", "poison"})
+#: The operations of block requests (the ``op`` filter of a block driver's faults).
 OPS: Final = ("read", "write", "flush", "discard")
+#: Types that spoil a response the guest's frontend checks.
+_RESPONSE_TYPES: Final = ("duplicate", "bad_id", "bad_status", "bad_op", "bad_index")
+
+
+@dataclass(frozen=True)
+class FaultClass:
+    """What fault injection means for one device class: the request a fault fires on, the
+    operations the ``op`` filter names, what ``sector`` selects, and the in-driver types its
+    backends cannot carry out, each with the reason (:meth:`check` refuses them)."""
+
+    #: The device class ("vbd", "vif", "console"); "any" when the driver is not known.
+    name: str
+    #: The driver, for messages: "block", "net", "console".
+    driver: str
+    #: What one request is.
+    request: str
+    #: What the ``op`` filter may name.
+    ops: tuple[str, ...]
+    #: What ``sector`` selects.
+    position: str
+    #: In-driver type -> why this class's backends cannot carry it out.
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The in-driver types this class carries out, in :data:`IN_DRIVER_TYPES` order."""
+        return tuple(t for t in IN_DRIVER_TYPES if t not in self.refused)
+
+    def refusal(self, kind: str, outside: Iterable[str] = ()) -> str | None:
+        """Why ``kind`` cannot be injected into this class's drivers, naming the types they
+        take (``outside``: the supervisor's own types, listed first); None if it can."""
+        why = self.refused.get(kind)
+        if why is None:
+            return None
+        return (f"fault type {kind!r} does not apply to a {self.driver} driver (device class "
+                f"{self.name}): {why}; a {self.driver} driver takes: "
+                f"{', '.join([*outside, *self.types])}")
+
+    def check(self, fault: Fault) -> None:
+        """ValueError if ``fault`` cannot be injected into this class's drivers."""
+        why = self.refusal(fault.type)
+        if why is not None:
+            raise ValueError(why)
+        if fault.op is not None and fault.op not in self.ops:
+            raise ValueError(f"op {fault.op!r} is not one of {', '.join(self.ops)}: the "
+                             f"operations of {self.request}")
+
+
+_NO_RESPONSES: Final = ("a console has no responses to spoil: the guest writes a byte stream, "
+                        "and all the backend gives back is how far it has consumed it")
+#: The device classes, by name (kernel/devclass.py), and ``any`` (a driver not known to be of
+#: one: every type and operation passes here, and the driver's own class decides).
+FAULT_CLASSES: Final[dict[str, FaultClass]] = {
+    "vbd": FaultClass("vbd", "block", "a block driver's requests", OPS,
+                      "the request's sectors cover this sector"),
+    "vif": FaultClass(
+        "vif", "net", "a net driver's requests (tx: a frame being switched)", ("tx",),
+        "the frame covers this byte offset of the vif's region (the guest's tx buffer k "
+        "starts at 8192 + 2048 * k)",
+        {"bad_op": "a tx response carries no operation, only the request's id and a status"}),
+    "console": FaultClass(
+        "console", "console", "a console driver's requests (write: an append of output to "
+        "the log)", ("write",),
+        "the append covers this byte of the domain's output stream (0 = its first byte)",
+        {**dict.fromkeys(_RESPONSE_TYPES, _NO_RESPONSES),
+         "poison": "the console backend never gives up an append (every byte reaches the log "
+                   "exactly once), so an append that kills every instance would do so for "
+                   "ever; there is no poison answer"}),
+}
+FAULT_CLASSES["any"] = FaultClass(
+    "any", "driver", "any driver's requests", tuple(dict.fromkeys(
+        op for c in FAULT_CLASSES.values() for op in c.ops)), "what the driver's class says")
+#: Driver modules whose device class is known (``module`` or ``module:Class``).
+MODULE_CLASSES: Final[dict[str, str]] = {
+    "drivers.blk": "vbd", "drivers.blk.ram": "vbd", "drivers.net": "vif",
+    "drivers.console": "console"}
+
+
+def class_of_module(module: str | None) -> FaultClass:
+    """The fault class of a driver module (``any`` for one not in :data:`MODULE_CLASSES`, e.g.
+    a backend loaded from a file: that driver's own injector checks its faults)."""
+    name = (module or "").partition(":")[0].strip()
+    return FAULT_CLASSES[MODULE_CLASSES.get(name, "any")]
+
+
 _KEYS: Final = frozenset({"id", "type", "probability", "interval", "times", "fail_nth",
                           "domain", "vdev", "op", "sector", "latency_ms", "jitter_ms",
                           "really"})
@@ -78,8 +173,9 @@ class Fault:
     fired: int = field(default=0, compare=False)
 
     @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> Fault:
-        """A fault from its wire form; ValueError naming the bad key otherwise."""
+    def from_dict(cls, spec: dict[str, Any], fclass: FaultClass | None = None) -> Fault:
+        """A fault from its wire form, for a driver of ``fclass`` (default: a block driver);
+        ValueError naming the bad key, or saying why the type does not apply, otherwise."""
         if not isinstance(spec, dict):
             raise ValueError(f"a fault is a table of keys, got {spec!r:.80}")
         unknown = sorted(set(spec) - _KEYS)
@@ -99,8 +195,7 @@ class Fault:
                 latency_ms=_num(spec, "latency_ms", 0.0, 0.0, 600_000.0),
                 jitter_ms=_num(spec, "jitter_ms", 0.0, 0.0, 600_000.0),
                 really=bool(spec.get("really", False)))
-        if f.op is not None and f.op not in OPS:
-            raise ValueError(f"op {f.op!r} is not one of {', '.join(OPS)}")
+        (fclass or FAULT_CLASSES["vbd"]).check(f)
         if f.type == "poison" and f.sector is None:
             raise ValueError("a poison fault needs `sector`: the request it always dies on")
         return f
@@ -143,16 +238,17 @@ class Fault:
 
 
 class Injector:
-    """The armed faults of one driver instance."""
+    """The armed faults of one driver instance, a driver of ``fclass`` (default: block)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, fclass: FaultClass | None = None) -> None:
         self.faults: dict[int, Fault] = {}
         self.rng = random.Random(seed)
+        self.fclass = fclass or FAULT_CLASSES["vbd"]
 
     def load(self, specs: list[dict[str, Any]]) -> list[Fault]:
         """Replace the table with ``specs`` (the supervisor's view); ValueError if any is
-        bad, leaving the table as it was."""
-        faults = [Fault.from_dict(s) for s in specs]
+        bad or does not apply to this driver's class, leaving the table as it was."""
+        faults = [Fault.from_dict(s, self.fclass) for s in specs]
         self.faults = {f.id: f for f in faults}
         return faults
 

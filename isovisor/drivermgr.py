@@ -108,7 +108,7 @@ class DriverManager:
         self._retiring: dict[DriverProcess, float] = {}  # -> SIGKILL time
         self._next_usage = 0.0
         self._warned: set[str] = set()
-        self.faults = FaultTable()
+        self.faults = FaultTable({d.name: d.module for d in cfg.drivers})
         self._armed: set[str] = set()  # drivers whose instance has (or had) faults armed
         self.swapper = Swapper(self)
 

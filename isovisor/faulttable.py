@@ -5,14 +5,19 @@ current instance, and again to every new instance while they are still armed; ea
 driver reports (``driver.<name>.fault_fired``) counts down ``times``.  The faults carried out
 from outside (``sigkill``, ``sigstop``, ``recovery_crash``) are done by the supervisor itself:
 the first two at once, the last at the next replacement's hello.
+
+An in-driver fault must make sense for the driver's device class (drivers/faults.py,
+``FAULT_CLASSES``): given the drivers' modules, :meth:`FaultTable.add` refuses, e.g., a bad
+response for a console driver, saying which types a console driver takes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from drivers.faults import IN_DRIVER_TYPES, Fault
+from drivers.faults import IN_DRIVER_TYPES, Fault, FaultClass, class_of_module
 
 #: Fault types the supervisor carries out itself.
 OUTSIDE_TYPES: Final[dict[str, str]] = {
@@ -53,14 +58,25 @@ class Row:
 
 
 class FaultTable:
-    def __init__(self) -> None:
+    """``modules``: each driver's module (``[driver.<name>] module``), which decides the fault
+    types and filters it takes; a driver not named there is checked by its own injector only
+    (the table then accepts what any driver class could take)."""
+
+    def __init__(self, modules: Mapping[str, str] | None = None) -> None:
         self.rows: dict[int, Row] = {}
         self._next = 1
+        self.modules: dict[str, str] = dict(modules or {})
+
+    def fault_class(self, driver: str) -> FaultClass:
+        return class_of_module(self.modules.get(driver))
 
     def add(self, driver: str, spec: dict[str, Any]) -> Row:
-        """Check ``spec`` (``{"type": ..., knobs...}``) and add it; ValueError saying what is
-        wrong."""
+        """Check ``spec`` (``{"type": ..., knobs...}``) for this driver and add it; ValueError
+        saying what is wrong."""
         kind = spec.get("type")
+        fclass = self.fault_class(driver)
+        if isinstance(kind, str) and (why := fclass.refusal(kind, OUTSIDE_TYPES)) is not None:
+            raise ValueError(why)
         if kind in OUTSIDE_TYPES:
             extra = sorted(set(spec) - {"type"})
             if extra:
@@ -68,7 +84,7 @@ class FaultTable:
                                  f"(a signal); it takes no arguments, got {', '.join(extra)}")
             wire: dict[str, Any] = {"type": kind}
         elif kind in IN_DRIVER_TYPES:
-            wire = Fault.from_dict({**spec, "id": self._next}).to_dict()
+            wire = Fault.from_dict({**spec, "id": self._next}, fclass).to_dict()
             wire.pop("calls", None)
             wire.pop("fired", None)
         else:

@@ -219,7 +219,7 @@ def test_header_lookalikes_inside_values_are_not_tables(tmp_path: Path) -> None:
      "latency_ms, jitter_ms"),
     ("stack", "# a small plan", "[stack]\ncpus = 2", 2,
      '[stack]: unknown key "cpus" (did you mean "pcpus"?); allowed keys: pcpus, driver, '
-     "watchdog_sec, request_timeout_sec, max_rss, max_fds"),
+     "module, watchdog_sec, request_timeout_sec, max_rss, max_fds"),
 ])
 def test_unknown_keys_list_the_allowed_ones(tmp_path: Path, table: str, old: str, new: str,
                                             line: int, start: str) -> None:

@@ -53,6 +53,9 @@ class FakeHost:
         self.errors: list[tuple[int, str]] = []
         self.recoveries: list[tuple[int, int, int]] = []
         self.again: set[int] = set()
+        self.fired: list[tuple[int, str, str]] = []  # injected faults that fired
+        self.injected: list[str] = []
+        self.fds = 0
 
     def notify(self, key: int) -> None:
         self.notifies[key] += 1
@@ -60,6 +63,19 @@ class FakeHost:
     def store_write(self, path: str, value: str) -> None:
         check_store_path(self.name, path)
         self.store[path] = value
+
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
+        self.fired.append((fault_id, kind, device))
+
+    def inject(self, kind: str, *, really: bool = False) -> None:
+        """A crash stops the instance here, as SIGKILL would (SimulatedCrash)."""
+        self.injected.append(kind)
+        if kind != "leak":
+            raise SimulatedCrash(f"injected {kind}")
+
+    def leak_fds(self, n: int) -> int:
+        self.fds += n
+        return self.fds
 
     def fault(self, key: int, message: str) -> None:
         self.faults.append((key, message))
@@ -1150,3 +1166,90 @@ def test_the_c_frontend_against_the_backend(rig: Rig, evil: bool) -> None:
     assert int(x[6]) < 60  # kicks: only when the backend asked
     assert rig.log("cguest") == pattern + b"echo:typed\n"
     assert host.faults == [] and not [x for x in lines if x.startswith("F ")]
+
+
+# --- fault injection (drivers/faults.py; docs/campaigns.md) ------------------------------------
+
+CONSOLE_TAKES = ("segv, abort, exception, exit, hang, slow, drop, corrupt_data, leak_mem, "
+                 "leak_fd")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("kind", ["duplicate", "bad_id", "bad_status", "bad_op", "bad_index",
+                                  "poison"])
+def test_a_console_driver_refuses_faults_it_cannot_carry_out(rig: Rig, kind: str) -> None:
+    b, _ = rig.backend()
+    with pytest.raises(ValueError) as e:
+        b.set_faults([{"id": 1, "type": kind, "sector": 0}])
+    assert str(e.value).startswith(f"fault type {kind!r} does not apply to a console driver "
+                                   "(device class console): ")
+    assert str(e.value).endswith(f"a console driver takes: {CONSOLE_TAKES}")
+    with pytest.raises(ValueError, match="op 'read' is not one of write"):
+        b.set_faults([{"id": 2, "type": "exit", "op": "read"}])
+    assert b._write == b._write_all  # nothing armed
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["exit", "segv", "abort", "hang", "exception"])
+def test_a_crash_fault_tears_an_append_and_the_next_instance_finishes_it(
+        rig: Rig, kind: str) -> None:
+    b1, host1 = rig.backend()
+    g = rig.guest(1, 5, "web")
+    connect(b1, host1, g)
+    first, second = b"first line\n" * 10, blob(1000, 7)
+    pour(b1, g, first)
+    b1.set_faults([{"id": 3, "type": kind, "op": "write", "sector": len(first) + 10}])
+    g.write(second)
+    with pytest.raises(SimulatedCrash):
+        b1.kick(g.key)
+    assert rig.log("web") == first + second[:500]  # half of the append reached the file
+    assert host1.fired == [(3, kind, "web/console")] and host1.injected == [kind]
+    abandon(b1)
+    b2, host2 = rig.backend()
+    resume(b2, host2, g)
+    assert rig.log("web") == first + second  # every byte once
+    assert [(k, r) for k, r, _ in host2.recoveries] == [(g.key, 500)]
+
+
+@pytest.mark.timeout(30)
+def test_drop_leaves_the_output_in_the_ring_for_the_next_instance(rig: Rig) -> None:
+    b1, host1 = rig.backend()
+    g = rig.guest(1, 5, "web")
+    connect(b1, host1, g)
+    b1.set_faults([{"id": 1, "type": "drop"}])
+    pour(b1, g, b"never consumed\n")
+    assert rig.log("web") == b"" and b1.devices[g.key].state == "lost count"
+    pour(b1, g, b"nor this\n")  # kicks change nothing: the kernel's request timeout will
+    assert rig.log("web") == b"" and g.front is not None and g.front.get("out_cons") == 0
+    abandon(b1)
+    b2, host2 = rig.backend()
+    resume(b2, host2, g)
+    assert rig.log("web") == b"never consumed\nnor this\n"
+
+
+@pytest.mark.timeout(30)
+def test_corrupt_data_flips_a_byte_in_the_log_only(rig: Rig) -> None:
+    b, host = rig.backend()
+    g = rig.guest(1, 5, "web")
+    connect(b, host, g)
+    b.set_faults([{"id": 1, "type": "corrupt_data"}])
+    data = b"0123456789\n"
+    pour(b, g, data)
+    assert rig.log("web") == data[:5] + bytes([data[5] ^ 0xFF]) + data[6:]
+    assert g.front is not None and g.front.get("out_cons") == len(data)
+    pour(b, g, b"fine again\n")  # spent: the driver asks nothing any more
+    assert rig.log("web").endswith(b"fine again\n") and b._write == b._write_all
+
+
+@pytest.mark.timeout(30)
+def test_slow_and_leaks_write_the_append_normally(rig: Rig) -> None:
+    b, host = rig.backend()
+    g = rig.guest(1, 5, "web")
+    connect(b, host, g)
+    b.set_faults([{"id": 1, "type": "slow", "latency_ms": 1}, {"id": 2, "type": "leak_mem"},
+                  {"id": 3, "type": "leak_fd"}])
+    for line in (b"one\n", b"two\n", b"three\n"):
+        pour(b, g, line)
+    assert rig.log("web") == b"one\ntwo\nthree\n"
+    assert [k for _, k, _ in host.fired] == ["slow", "leak_mem", "leak_fd"]
+    assert host.injected == ["leak"] and host.fds == 256

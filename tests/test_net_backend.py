@@ -41,7 +41,7 @@ from ipc.netif import (
     STATUS_OKAY,
     TX_BUF_OFFSET,
 )
-from ipc.ring import FrontRing, InflightLog, inflight_bytes
+from ipc.ring import FrontRing, InflightLog, RingError, inflight_bytes
 from ipc.shm import Segment
 from isovisor.testing import wait_until
 
@@ -66,6 +66,9 @@ class FakeHost:
         self.recoveries: list[tuple[int, int, int]] = []
         self.poisons: list[tuple[int, int, str]] = []
         self.again: set[int] = set()
+        self.fired: list[tuple[int, str, str]] = []  # injected faults that fired
+        self.injected: list[str] = []
+        self.fds = 0
 
     def notify(self, key: int) -> None:
         self.notifies[key] += 1
@@ -89,6 +92,19 @@ class FakeHost:
 
     def poison(self, key: int, index: int, description: str) -> None:
         self.poisons.append((key, index, description))
+
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
+        self.fired.append((fault_id, kind, device))
+
+    def inject(self, kind: str, *, really: bool = False) -> None:
+        """A crash stops the instance here (it is then abandoned, as after SIGKILL)."""
+        self.injected.append(kind)
+        if kind != "leak":
+            raise Crash(f"injected {kind}")
+
+    def leak_fds(self, n: int) -> int:
+        self.fds += n
+        return self.fds
 
 
 class Clock:
@@ -366,13 +382,6 @@ def test_the_default_tap_name_must_fit() -> None:
     with pytest.raises(ValueError, match=r"default TAP name 'iva-very-long-driver-name' .* "
                                          "longer than 15 characters: set option tap"):
         Backend(host, {})
-
-
-@pytest.mark.timeout(10)
-def test_uplink_names_for_the_supervisors_clean_up() -> None:
-    assert tapmod.uplink_names("net0", {"uplink": "tap"}) == ("isovisor-net0", "ivnet0")
-    assert tapmod.uplink_names("net0", {"uplink": "tap", "netns": "n", "tap": "t"}) == ("n", "t")
-    assert tapmod.uplink_names("net0", {}) is None
 
 
 @pytest.mark.timeout(10)
@@ -1026,11 +1035,13 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
     a.attach(be2)
     a.resume(be2)
     assert be2.tap is not None and not be2.netns_created
-    removed = be2.cleanup()  # it did not create the namespace: only the TAP goes
-    assert removed == [f"TAP {netns}"]
-    assert tapmod.netns_exists(netns)
-    assert tapmod.remove(netns, netns) == [f"network namespace {netns}"]
+    # At `isovisor down` (["retire"]) the instance then serving removes the TAP, and the
+    # namespace too, because isovisor created it (the marker), whichever instance did.
+    removed = be2.cleanup()
+    assert removed == [f"TAP {netns} in network namespace {netns}",
+                       f"network namespace {netns}"]
     assert not tapmod.netns_exists(netns)
+    assert tapmod.remove(netns, netns) == []
 
 
 @pytest.mark.timeout(60)
@@ -1039,7 +1050,8 @@ def test_cleanup_removes_what_the_instance_created(rig: Rig, netns: str) -> None
     a = rig.guest("a", MAC_A)
     a.attach(be)
     assert be.tap is not None and be.netns_created
-    assert be.cleanup() == [f"TAP {netns}", f"network namespace {netns}"]
+    assert be.cleanup() == [f"TAP {netns} in network namespace {netns}",
+                            f"network namespace {netns}"]
     assert not tapmod.netns_exists(netns) and not (tapmod.MARKER_DIR / netns).exists()
     assert tapmod.remove(netns, netns) == []  # nothing left: no error
 
@@ -1061,3 +1073,129 @@ def test_a_tap_held_elsewhere_is_retried(rig: Rig, netns: str) -> None:
     finally:
         holder.close()
 
+
+
+# --- fault injection (drivers/faults.py; docs/campaigns.md) ------------------------------------
+
+def faulty(rig: Rig, options: dict[str, Any] | None = None
+           ) -> tuple[NetBackend, Guest, Guest, Guest]:
+    be, a, b, c = three(rig, options)
+    learn_b(be, a, b)
+    return be, a, b, c
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"type": "bad_op"}, "fault type 'bad_op' does not apply to a net driver (device class vif)"
+                         ": a tx response carries no operation"),
+    ({"type": "exit", "op": "read"}, "op 'read' is not one of tx"),
+])
+def test_faults_a_net_driver_cannot_carry_out_are_refused(rig: Rig, spec: dict[str, Any],
+                                                          message: str) -> None:
+    be = rig.backend()
+    with pytest.raises(ValueError) as e:
+        be.set_faults([{"id": 1, **spec}])
+    assert message in str(e.value)
+    assert be.forward == be._forward  # nothing armed
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("kind", ["bad_id", "bad_status", "duplicate"])
+def test_a_spoiled_tx_response_and_nothing_else(rig: Rig, kind: str) -> None:
+    be, a, b, _ = faulty(rig)
+    be.set_faults([{"id": 7, "type": kind, "op": "tx", "domain": "a"}])
+    f, g = eth(MAC_B, MAC_A, b"one"), eth(MAC_B, MAC_A, b"two")
+    ids = a.send(be, f, g)
+    expected = {"bad_id": [(ids[0] ^ 0x5EED << 40, STATUS_OKAY), (ids[1], STATUS_OKAY)],
+                "bad_status": [(ids[0], 7), (ids[1], STATUS_OKAY)],
+                "duplicate": [(ids[0], STATUS_OKAY), (ids[0], STATUS_OKAY)]}[kind]
+    assert a.done() == expected
+    assert b.got()[-2:] == [f, g]  # the frames themselves went out once each
+    assert rig.host.fired == [(7, kind, "a/eth0")]
+    assert be.forward == be._forward  # spent: the switch asks nothing any more
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("kind", ["drop", "bad_index"])
+def test_drop_and_bad_index_stop_the_tx_ring_and_a_replacement_redoes_it(rig: Rig,
+                                                                       kind: str) -> None:
+    be, a, b, _ = faulty(rig)
+    be.set_faults([{"id": 1, "type": kind}])
+    f, g = eth(MAC_B, MAC_A, b"never answered"), eth(MAC_B, MAC_A, b"never taken")
+    a.send(be, f)
+    a.send(be, g)
+    assert b.got() == []
+    req_prod, rsp_prod = struct.unpack_from("<QxxxxxxxxQ", a.view, 0)
+    assert (req_prod, rsp_prod) == (2, 4 if kind == "bad_index" else 0)
+    if kind == "bad_index":  # the frontend sees it; the kernel rewinds to its rsp_cons
+        with pytest.raises(RingError, match="rsp_prod=4 but only 2 requests"):
+            a.done()
+        struct.pack_into("<Q", a.view, 16, 0)
+    assert a.done() == []
+    h = eth(MAC_A, MAC_B, b"rx still works")
+    b.send(be, h)
+    assert a.got()[-1] == h
+    rig.restart(be)
+    assert b.got()[-2:] == [f, g]  # once each
+    assert [s for _, s in a.done()] == [STATUS_OKAY, STATUS_OKAY]
+
+
+@pytest.mark.timeout(10)
+def test_corrupt_data_flips_a_byte_of_the_frame_every_destination_gets(rig: Rig) -> None:
+    be, a, b, c = faulty(rig)
+    be.set_faults([{"id": 1, "type": "corrupt_data"}])
+    f = eth(BROADCAST, MAC_A, b"payload")
+    a.send(be, f)
+    bad = f[:14] + bytes([f[14] ^ 0xFF]) + f[15:]
+    assert b.got()[-1] == bad and c.got()[-1] == bad
+    assert bytes(a.view[TX_BUF_OFFSET:TX_BUF_OFFSET + len(f)]) == f  # its buffer put right
+    assert a.done() == [(a.sent[-1], STATUS_OKAY)]
+
+
+@pytest.mark.timeout(10)
+def test_slow_and_leaks_serve_the_request_normally(rig: Rig) -> None:
+    be, a, b, _ = faulty(rig)
+    be.set_faults([{"id": 1, "type": "slow", "latency_ms": 1},
+                   {"id": 2, "type": "leak_mem"}, {"id": 3, "type": "leak_fd"}])
+    frames = [eth(MAC_B, MAC_A, bytes([i])) for i in range(3)]
+    a.send(be, *frames)
+    assert b.got()[-3:] == frames
+    assert [s for _, s in a.done()] == [STATUS_OKAY] * 3
+    assert [k for _, k, _ in rig.host.fired] == ["slow", "leak_mem", "leak_fd"]
+    assert rig.host.injected == ["leak"] and rig.host.fds == 256
+
+
+@pytest.mark.timeout(20)
+def test_a_poison_fault_kills_each_instance_until_the_frame_is_answered_as_poison(
+        rig: Rig) -> None:
+    opts = {"poison_after": 2}
+    be, a, b, _ = faulty(rig, opts)
+    # the frames a sends from its tx buffer 2: here the third one
+    spec = [{"id": 1, "type": "poison", "sector": TX_BUF_OFFSET + 2 * BUF_SIZE + 10,
+             "domain": "a", "times": -1}]
+    be.set_faults(spec)
+    frames = [eth(MAC_B, MAC_A, b"first"), eth(MAC_B, MAC_A, b"second")]
+    a.send(be, *frames)
+
+    def replacement(old: NetBackend) -> NetBackend:
+        """The next instance, armed before it resumes anything (as a spare is)."""
+        old.close()
+        new = rig.backend(opts)
+        new.set_faults(spec)
+        for g in rig.guests:
+            g.attach(new)
+        return new
+
+    with pytest.raises(Crash):
+        a.send(be, eth(MAC_B, MAC_A, b"deadly"))  # instance 1 dies executing it
+    be = replacement(be)
+    with pytest.raises(Crash):
+        a.resume(be)  # instance 2 dies redoing it
+    be = replacement(be)
+    for g in rig.guests:
+        g.resume(be)  # instance 3 answers it as poison
+    (key, _, description), = rig.host.poisons
+    assert key == a.key and "2 driver instances died executing it" in description
+    assert a.done()[-1] == (a.sent[-1], STATUS_ERROR)
+    assert b.got() == frames
+    assert [k for _, k, _ in rig.host.fired] == ["poison", "poison"]

@@ -45,6 +45,16 @@ The input socket is waited on through the host's ``fds()``/``readable(fd)`` hook
 Guests are untrusted: an ``out_prod`` that moves backwards or claims more than the ring holds, or
 an ``in_cons`` outside what was published, is a ``fault`` (the kernel crashes that domain) and
 that console is not served any more; the other consoles go on.
+
+Fault injection (drivers/faults.py, docs/campaigns.md): the request a fault fires on is an append
+of output to the log (``op`` = "write"; ``sector`` = a byte of the domain's output stream the
+append covers).  ``write_log`` writes through ``self._write``, which is ``_write_injecting`` while
+a fault is armed: it asks the injector about each append and carries out what fires
+(``_carry_out``): a crash half-way through the append's bytes (a torn append, which the journal
+exists for), a delay, a leak, the output never consumed again (``drop``: the kernel's request
+timeout sees the ring stuck), or one flipped byte in the file (``corrupt_data``; live readers get
+the right bytes).  The types that spoil a response are refused (a console has none), and so is
+``poison``: the backend never gives up an append, so there is no poison answer.
 """
 
 from __future__ import annotations
@@ -55,12 +65,14 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import zmq
 
+from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
 from drivers.state import BackendState, DeviceState, Medium, StateError, accept
 from ipc import consif
 from ipc.consif import ConsoleBack, Journal, JournalEntry, encode_offset
@@ -105,6 +117,9 @@ class Host(Protocol):
     def error(self, key: int, message: str) -> None: ...
     def kick_again(self, key: int) -> None: ...
     def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
+    def inject(self, kind: str, *, really: bool = False) -> None: ...
+    def leak_fds(self, n: int) -> int: ...
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
 
 
 @dataclass
@@ -138,7 +153,8 @@ class _Console:
     journal_view: memoryview
     log_path: Path
     fd: int
-    state: str = "waiting"  # waiting | connected | closed | broken
+    #: waiting | connected | closed | broken | lost count (an injected drop)
+    state: str = "waiting"
     ring: ConsoleBack | None = None
     journal: Journal | None = None
     stats: ConsoleStats = field(default_factory=ConsoleStats)
@@ -151,6 +167,14 @@ class _Console:
     @property
     def label(self) -> str:
         return f"{self.domain}/console"
+
+
+#: In-driver faults that end or stall the instance half-way through an append.
+_DYING = frozenset({"segv", "abort", "exit", "hang", "exception"})
+
+
+class _StopServing(Exception):
+    """An injected ``drop``: the backend loses track of a console and consumes no more."""
 
 
 class SimulatedCrash(BaseException):
@@ -251,6 +275,11 @@ class ConsoleBackend:
         self.malformed_input = 0
         self.faults = 0
         self.publish_errors = 0
+        #: Faults armed by the supervisor (drivers/faults.py).
+        self.injector = Injector(fclass=FAULT_CLASSES["console"])
+        #: Writes an append's bytes: ``_write_all``, or ``_write_injecting`` while a fault is
+        #: armed (so an unarmed driver pays nothing for the feature).
+        self._write: Callable[[_Console, bytes], None] = self._write_all
 
     # -- sockets -------------------------------------------------------------------------------
     def _ensure_sockets(self) -> None:
@@ -486,7 +515,11 @@ class ConsoleBackend:
 
     def write_log(self, d: _Console, data: bytes) -> None:
         """Append ``data`` to the console's log file (O_APPEND), however many writes it
-        takes.  OSError leaves a prefix in the file."""
+        takes.  OSError leaves a prefix in the file.  (Through the fault-injection layer while
+        a fault is armed.)"""
+        self._write(d, data)
+
+    def _write_all(self, d: _Console, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(d.fd, view)
@@ -518,6 +551,10 @@ class ConsoleBackend:
             self._break(d, str(e))
         except OSError as e:
             self._write_failed(d, e)
+        except _StopServing as e:
+            d.state = "lost count"
+            self.log.warning("console %d (%s): %s; the console is no longer served", d.key,
+                             d.label, e)
         else:
             if d.write_error is not None:
                 self.log.warning("console %d (%s): the log file can be written again", d.key,
@@ -730,6 +767,62 @@ class ConsoleBackend:
             except BufferError:
                 self.log.error("console %d: segment %s is still referenced; it stays mapped "
                                "until those references go", d.key, d.segment.name)
+
+    # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
+    def set_faults(self, specs: list[dict[str, Any]]) -> None:
+        """``["faults", specs]``: arm these faults (ValueError if one is bad, or is a type a
+        console driver cannot carry out: a bad response, poison)."""
+        self.injector.load(specs)
+        self._choose_write()
+
+    def _choose_write(self) -> None:
+        self._write = self._write_injecting if self.injector.armed else self._write_all
+
+    def _write_injecting(self, d: _Console, data: bytes) -> None:
+        """``_write`` while a fault is armed: ask the injector about this append."""
+        f = self.injector.pick(RequestInfo(d.domain, consif.DEVICE_NAME, "write",
+                                           self._position(d, len(data)), len(data)))
+        if f is None:
+            self._write_all(d, data)
+            return
+        self._choose_write()  # from the next append on: no more questions, if it is spent
+        self.host.fault_fired(f.id, f.type, d.label)
+        self._carry_out(f, d, data)
+
+    @staticmethod
+    def _position(d: _Console, n: int) -> int:
+        """Where in the domain's output stream the ``n`` bytes being written start: the end
+        of the append in progress (the journal's pending entry) less ``n``."""
+        ring, journal = d.ring, d.journal
+        entry = journal.pending(ring.out_cons) if ring is not None and journal is not None \
+            else None
+        return 0 if entry is None else (entry.cons_at + entry.length - n) & _MASK
+
+    def _carry_out(self, f: Fault, d: _Console, data: bytes) -> None:
+        """Write ``data`` (the bytes of an append) as fault ``f`` says."""
+        kind = f.type
+        if kind in _DYING:
+            half = len(data) // 2
+            self._write_all(d, data[:half])  # a torn append: the replacement finishes it
+            self.host.inject(kind, really=f.really)
+            data = data[half:]  # (inline, the kinds that would stop the kernel are refused)
+        elif kind == "slow":
+            time.sleep(self.injector.delay_s(f))
+        elif kind == "drop":
+            raise _StopServing(f"fault {f.id}: drop (an append of {len(data)} bytes is never "
+                               "written, and the output is not consumed any more)")
+        elif kind == "corrupt_data" and data:
+            spoiled = bytearray(data)
+            spoiled[len(data) // 2] ^= 0xFF
+            self.log.warning("console %d (%s): fault injected: corrupt_data, byte %d of an "
+                             "append of %d bytes flipped in the log", d.key, d.label,
+                             len(data) // 2, len(data))
+            data = bytes(spoiled)
+        elif kind == "leak_mem":
+            self.host.inject("leak")
+        elif kind == "leak_fd":
+            self.host.leak_fds(256)
+        self._write_all(d, data)
 
     # -- statistics ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, int | float | str]:

@@ -43,6 +43,15 @@ the shared record then, so the answer never depends on what this instance pushes
 
 Guests are untrusted: a bad index in either ring is a ``fault`` for that vif (the kernel crashes
 that guest) and the vif is not served any more; nothing a guest writes stops the switch.
+
+Fault injection (drivers/faults.py, docs/campaigns.md): the request a fault fires on is a tx
+request being switched (``op`` = "tx"; ``sector`` = a byte offset of the vif's region the frame
+covers).  While a fault is armed, ``forward`` is ``_forward_injecting``, which asks the injector
+about each tx request and carries out what fires (``_carry_out``): a crash with the request
+flagged executing (so ``poison`` ends as a poison answer), a delay, a leak, a tx response never
+given (``drop``, ``bad_index``: the vif's tx ring is no longer served), a spoiled tx response
+(``bad_id``, ``bad_status``, ``duplicate``), or one flipped byte in the frame every destination
+gets (``corrupt_data``).  ``bad_op`` is refused: tx responses carry no operation.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
+from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
 from drivers.net import tap as tapmod
 from drivers.net.switch import (
     MAX_PORTS,
@@ -136,6 +146,9 @@ class Host(Protocol):
     def kick_again(self, key: int) -> None: ...
     def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
     def poison(self, key: int, index: int, description: str) -> None: ...
+    def inject(self, kind: str, *, really: bool = False) -> None: ...
+    def leak_fds(self, n: int) -> int: ...
+    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
 
 
 @dataclass
@@ -299,6 +312,40 @@ class _Vif:
     spoof_logged: int = 0
 
 
+class _Forward(Protocol):
+    """Switches the tx request at ``index`` of vif ``s``: True if it is answered, False if it
+    is held (``NetBackend._forward``)."""
+
+    def __call__(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Spoil:
+    """A response fault due for a vif's next tx response (``bad_id``, ``bad_status``), or, for
+    ``duplicate``, the next two: the first is copied over the second."""
+
+    kind: str
+    copy: bytes | None = None
+
+
+#: In-driver faults that end or stall the instance while it executes the request.
+_DYING: Final = frozenset({"segv", "abort", "exit", "hang", "exception", "poison"})
+#: Ethernet header bytes: ``corrupt_data`` flips the first byte after them.
+_ETH_HEADER: Final = 14
+
+
+def spoil_tx_response(kind: str, rsp: bytes) -> bytes:
+    """The tx response ``rsp`` made bad the way ``kind`` (bad_id, bad_status) says."""
+    rid, status, r1, r2 = netif.TX_RESPONSE.unpack_from(rsp)
+    if kind == "bad_id":
+        rid ^= 0x5EED << 40  # another sequence number: a stale or duplicate id
+    elif kind == "bad_status":
+        status = 7
+    else:
+        raise ValueError(f"cannot spoil a tx response with {kind!r}")
+    return netif.TX_RESPONSE.pack(rid, status, r1, r2)
+
+
 class _Batch:
     """What one handler changed: rings to publish, records to retire, vifs to look at again."""
 
@@ -421,6 +468,12 @@ class NetBackend:
         self._resolved: set[tuple[int, int]] = set()
         #: counters carried over a hot swap, until the vif is attached again
         self._carried: dict[int, dict[str, int]] = {}
+        #: Faults armed by the supervisor (drivers/faults.py), and response faults due.
+        self.injector = Injector(fclass=FAULT_CLASSES["vif"])
+        self._spoil: dict[int, _Spoil] = {}
+        #: Switches one tx request: ``_forward``, or ``_forward_injecting`` while a fault is
+        #: armed or due (so an unarmed switch pays nothing for the feature).
+        self.forward: _Forward = self._forward
 
     # -- the host loop's hooks -------------------------------------------------------------------
     def fds(self) -> list[int]:
@@ -610,12 +663,11 @@ class NetBackend:
         self.close()
         if self.uplink_mode != "tap":
             return []
-        done = []
-        if tapmod.netns_exists(self.netns) and tapmod.delete_tap(self.netns, self.tap_name):
-            done.append(f"TAP {self.tap_name}")
-        if self.netns_created and tapmod.delete_netns(self.netns):
-            done.append(f"network namespace {self.netns}")
-            self.netns_created = False
+        # The namespace goes if isovisor created it (tap.py's marker), whichever instance did.
+        done = tapmod.remove(self.netns, self.tap_name)
+        self.netns_created = False
+        if done:
+            self.log.info("removed %s", ", ".join(done))
         return done
 
     # -- hot swap ----------------------------------------------------------------------------------
@@ -902,7 +954,7 @@ class NetBackend:
                         index = (first + j) & _MASK
                         log.begin(index, raw)
                         budget -= 1
-                        if not self._forward(s, index, raw, b, redo=False):
+                        if not self.forward(s, index, raw, b, redo=False):
                             break
                 self._flush(b)
                 if budget <= 0 and s.held is None and s.state == "connected":
@@ -923,7 +975,7 @@ class NetBackend:
             self._answer(s, rec.index, rid, _ERROR, b)
             return
         s.replayed += 1
-        self._forward(s, rec.index, rec.request, b, redo=True)
+        self.forward(s, rec.index, rec.request, b, redo=True)
 
     def _forward(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """Switch the tx request at ``index`` (see the module docstring).  True if it is
@@ -1296,6 +1348,119 @@ class NetBackend:
                 d.queue.append(_Queued(frame, now + self.rx_wait_s))
                 d.queued_frames += 1
                 b.starved[p] = d
+
+    # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
+    def set_faults(self, specs: list[dict[str, Any]]) -> None:
+        """``["faults", specs]``: arm these faults (ValueError if one is bad, or is a type a
+        net driver cannot carry out)."""
+        self.injector.load(specs)
+        self._choose_forward()
+
+    def _choose_forward(self) -> None:
+        self._spoil = {k: sp for k, sp in self._spoil.items() if k in self.vifs}
+        self.forward = self._forward_injecting if self.injector.armed or self._spoil else \
+            self._forward
+
+    def _forward_injecting(self, s: _Vif, index: int, raw: bytes, b: _Batch, *,
+                           redo: bool) -> bool:
+        """``forward`` while a fault is armed or due: ask the injector about this tx request
+        (a malformed one is left to ``_forward``, which refuses it)."""
+        try:
+            _, off, size = netif.decode_tx(raw)
+        except FrameError:
+            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+        domain, _, vdev = s.label.partition("/")
+        f = self.injector.pick(RequestInfo(domain, vdev, "tx", off, size))
+        if f is None:
+            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+        self._choose_forward()  # from the next request on: no more questions, if it is spent
+        self.host.fault_fired(f.id, f.type, s.label)
+        return self._carry_out(f, s, index, raw, b, redo=redo)
+
+    def _carry_out(self, f: Fault, s: _Vif, index: int, raw: bytes, b: _Batch, *,
+                   redo: bool) -> bool:
+        """Do to the tx request at ``index`` of ``s`` what ``f`` says; True if it is answered
+        (as ``_forward``)."""
+        kind = f.type
+        if kind in _DYING:
+            log = s.inflight
+            assert log is not None
+            log.mark_executing(index)  # it dies executing the request: a death, for poison
+            self.host.inject("segv" if kind == "poison" else kind, really=f.really)
+        elif kind == "slow":
+            time.sleep(self.injector.delay_s(f))
+        elif kind in ("drop", "bad_index"):
+            return self._stop_tx(s, index, raw, kind, b)
+        elif kind in ("bad_id", "bad_status", "duplicate"):
+            self._spoil[s.key] = _Spoil(kind)
+            self._choose_forward()
+        elif kind == "corrupt_data":
+            return self._forward_corrupted(s, index, raw, b, redo=redo)
+        elif kind == "leak_mem":
+            self.host.inject("leak")
+        elif kind == "leak_fd":
+            self.host.leak_fds(256)
+        return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+
+    def _spoiled(self, s: _Vif, index: int, answered: bool) -> bool:
+        """Apply the response fault due for ``s`` to the tx response just queued at ``index``
+        (not yet published): ``bad_id``/``bad_status`` spoil it; ``duplicate`` keeps a copy of
+        it and puts the copy in place of the vif's next response.  Returns ``answered``."""
+        sp = self._spoil.get(s.key)
+        tx = s.tx
+        if sp is None or not answered or tx is None:
+            return answered
+        rsp = tx.response_at(index)
+        if sp.kind == "duplicate" and sp.copy is None:
+            sp.copy = rsp
+            return answered
+        tx.rewrite_response(index, sp.copy if sp.copy is not None
+                            else spoil_tx_response(sp.kind, rsp))
+        del self._spoil[s.key]
+        self._choose_forward()
+        self.log.warning("vif %d (%s): fault injected: %s, the tx response at ring index %d%s",
+                         s.key, s.label, sp.kind, index,
+                         " is a copy of the previous one" if sp.kind == "duplicate" else "")
+        return answered
+
+    def _stop_tx(self, s: _Vif, index: int, raw: bytes, kind: str, b: _Batch) -> bool:
+        """``drop`` / ``bad_index``: the request is never answered and ``s`` takes no more tx
+        requests (its rx ring is still served), as a backend that lost track of it would.
+        ``bad_index`` first publishes what was answered, then a tx ``rsp_prod`` three past the
+        guest's ``req_prod``.  The kernel's request timeout (drop) or the frontend's check of
+        ``rsp_prod`` (bad_index) gets the instance replaced, and the next one redoes it."""
+        rid = netif.TX_REQUEST.unpack_from(raw)[0]
+        s.held = _Held(s, index, rid, b"", {}, math.inf)  # waits for nothing: never completes
+        what = "it is never answered"
+        if kind == "bad_index":
+            self._flush(b)
+            tx = s.tx
+            assert tx is not None
+            what = f"tx rsp_prod {tx.publish_rsp_prod_beyond(3)} published beyond req_prod"
+            s.notifications += 1
+            self.host.notify(s.key)
+        self.log.warning("vif %d (%s): fault injected: %s at tx ring index %d: %s; its tx ring "
+                         "is no longer served", s.key, s.label, kind, index, what)
+        return False
+
+    def _forward_corrupted(self, s: _Vif, index: int, raw: bytes, b: _Batch, *,
+                           redo: bool) -> bool:
+        """``corrupt_data``: switch the frame with its first byte after the Ethernet header
+        flipped, so every destination gets the wrong byte (the guest's buffer is put right
+        again at once)."""
+        _, off, size = netif.decode_tx(raw)
+        if size <= _ETH_HEADER:  # no payload to spoil
+            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+        at = off + _ETH_HEADER
+        region = s.region
+        region[at] ^= 0xFF
+        try:
+            answered = self._forward(s, index, raw, b, redo=redo)
+        finally:
+            region[at] ^= 0xFF
+        self.log.warning("vif %d (%s): fault injected: corrupt_data, byte %d of the frame at tx "
+                         "ring index %d flipped", s.key, s.label, _ETH_HEADER, index)
+        return self._spoiled(s, index, answered)
 
     # -- logging ---------------------------------------------------------------------------------
     def _bad(self, v: _Vif, message: str, rid: int) -> None:

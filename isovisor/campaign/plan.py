@@ -6,6 +6,11 @@ the line, the table, the key, what was found and what is allowed, e.g.
 (``#2`` counts array tables from 1, as a reader of the file does).  The schedule depends on the
 plan and the seed only: it uses ``random.Random(seed)``, never the global generator or the clock.
 See docs/campaigns.md for the file format and the fault types.
+
+``[stack] module`` names the driver (``drivers.blk`` by default, ``drivers.net``,
+``drivers.console``); its device class decides which workloads can run (each needs its own
+class: ``isovisor.campaign.workloads``), which fault types apply, and what the ``op`` and
+``vdev`` filters may name (drivers/faults.py, ``FAULT_CLASSES``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from drivers.faults import FAULT_CLASSES, MODULE_CLASSES, FaultClass
+from isovisor.campaign.workloads import CHECKERS
 from isovisor.config import ISOLATIONS, MIN_MAX_RSS, NAME_RE, parse_size
 from isovisor.faulttable import ALL_TYPES
 from isovisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
@@ -42,7 +49,13 @@ MAX_INJECTIONS: Final = 100_000
 MIN_SPACING_S: Final = 0.001
 #: The seeded jitter of an injection's time is at most this share of the spacing (± half).
 JITTER_SHARE: Final = 0.2
-_VDEV_RE: Final = re.compile(r"^xvd[a-z]$")
+#: The device names of each class: (pattern, what to use).
+_VDEVS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
+    "vbd": (re.compile(r"^xvd[a-z]$"), "use xvda .. xvdz"),
+    "vif": (re.compile(r"^eth[0-9]{1,2}$"), "use eth0, eth1, ..."),
+    "console": (re.compile(r"^console$"), 'a console is "console"'),
+}
+DEFAULT_MODULE: Final = "drivers.blk"
 
 
 class PlanError(Exception):
@@ -119,6 +132,7 @@ class StackSpec:
 
     pcpus: int = 2
     driver: str = "blk0"
+    module: str = DEFAULT_MODULE
     watchdog_sec: float = 0.5
     request_timeout_sec: float = 1.0
     max_rss: str = "256M"
@@ -127,6 +141,10 @@ class StackSpec:
     @property
     def max_rss_bytes(self) -> int:
         return parse_size(self.max_rss) or 0
+
+    @property
+    def fault_class(self) -> FaultClass:
+        return FAULT_CLASSES[MODULE_CLASSES[self.module.partition(":")[0]]]
 
 
 @dataclass(frozen=True)
@@ -184,10 +202,6 @@ def _name(v: str) -> str | None:
         "digits, '_', '.', '-'")
 
 
-def _vdev(v: str) -> str | None:
-    return None if _VDEV_RE.match(v) else "is not a device name: use xvda .. xvdz"
-
-
 def _extra(v: str) -> str | None:
     limit = abi.SI_CMDLINE_MAX - 1
     return None if len(v.encode()) <= limit else f"is too long: at most {limit} bytes"
@@ -222,6 +236,8 @@ _CAMPAIGN_KEYS: Final = {
 _STACK_KEYS: Final = {
     "pcpus": _Key("int", "physical CPU threads that run guests", _between(1, 64)),
     "driver": _Key("str", "the driver the faults go to", _name),
+    "module": _Key("str", "the driver's backend module", choices=tuple(MODULE_CLASSES),
+                   what="a driver module campaigns know"),
     "watchdog_sec": _Key("number", "heartbeat deadline in seconds, 0 = off", _watchdog),
     "request_timeout_sec": _Key("number", "seconds a request may stay outstanding",
                                 _at_least(0.1)),
@@ -248,8 +264,8 @@ _FAULT_KEYS: Final = {
     "fail_nth": _Key("int", "fire on exactly the n-th eligible request, 0 = off",
                      _at_least(0)),
     "domain": _Key("str", "only requests of this domain", _name),
-    "vdev": _Key("str", "only requests to this device", _vdev),
-    "op": _Key("str", "only requests of this operation", choices=OPS, what="an operation"),
+    "vdev": _Key("str", "only requests to this device", _nonempty),
+    "op": _Key("str", "only requests of this operation", _nonempty),
     "sector": _Key("int", "only requests covering this sector", _at_least(0)),
     "latency_ms": _Key("number", "delay of a slow response in ms", _at_least(0)),
     "jitter_ms": _Key("number", "± random part of the delay in ms", _at_least(0)),
@@ -410,11 +426,13 @@ class _Loader:
 
         self.check("campaign", 0, camp, _CAMPAIGN_KEYS)
         self.check("stack", 0, stack, _STACK_KEYS)
+        module = stack.get("module", DEFAULT_MODULE)
         for i, w in enumerate(workloads):
             self.check("workload", i, w, _WORKLOAD_KEYS, required=("image",))
+            self.check_workload(i, w, module)
         for i, f in enumerate(faults):
             self.check("fault", i, f, _FAULT_KEYS, required=("type",))
-            self.check_fault(i, f)
+            self.check_fault(i, f, module)
 
         entries = tuple(self.entry(i, f) for i, f in enumerate(faults))
         plan = Plan(
@@ -508,8 +526,54 @@ class _Loader:
                 raise self.error(table, index, None, f"missing required key \"{key}\" "
                                  f"({keys[key].help})")
 
-    def check_fault(self, i: int, f: dict[str, Any]) -> None:
+    def check_workload(self, i: int, w: dict[str, Any], module: str) -> None:
+        """The workload's program exists and suits the stack's driver."""
+        image = w["image"]
+        checker = CHECKERS.get(image)
+        if checker is None:
+            raise self.error("workload", i, "image", f"image = {_show(image)} is not a "
+                             f"campaign workload; choose one of: {', '.join(_images())}"
+                             f"{_did_you_mean(image, tuple(CHECKERS))}")
+        fclass = _class_of(module)
+        if checker.device_class != fclass.name:
+            need = FAULT_CLASSES[checker.device_class]
+            modules = " or ".join(f'"{m}"' for m, c in MODULE_CLASSES.items()
+                                  if c == need.name)
+            fits = ", ".join(c.image for c in CHECKERS.values()
+                             if c.device_class == fclass.name)
+            raise self.error("workload", i, "image", f"image = {_show(image)} needs a "
+                             f"{need.driver} driver ([stack] module = {modules}), but the "
+                             f"stack's driver is {_show(module)}, a {fclass.driver} driver; its "
+                             f"workloads: {fits}")
+        if "disk_size" in w and image != "blkstress":
+            raise self.error("workload", i, "disk_size", f"disk_size = {_show(w['disk_size'])} "
+                             f"only applies to image = \"blkstress\" (a disk for each guest), "
+                             f"not {_show(image)}; remove disk_size")
+        members = len(checker.members)
+        domains = w.get("domains", 1)
+        if domains % members:
+            raise self.error("workload", i, "domains", f"domains = {domains}: {image} guests "
+                             f"run in groups of {members} (each sends to the other); give a "
+                             f"multiple of {members}")
+
+    def check_fault(self, i: int, f: dict[str, Any], module: str) -> None:
         kind = f["type"]
+        fclass = _class_of(module)
+        if kind in fclass.refused:
+            raise self.error("fault", i, "type", f"type = \"{kind}\" does not apply to a "
+                             f"{fclass.driver} driver ([stack] module = {_show(module)}): "
+                             f"{fclass.refused[kind]}; a {fclass.driver} driver takes: "
+                             f"{', '.join([*SUPERVISOR_TYPES, *fclass.types])}")
+        if "op" in f and f["op"] not in fclass.ops:
+            raise self.error("fault", i, "op", f"op = {_show(f['op'])} is not an operation; "
+                             f"choose one of: {', '.join(fclass.ops)}"
+                             f"{_did_you_mean(f['op'], fclass.ops)} (the operations of "
+                             f"{fclass.request})")
+        pattern, use = _VDEVS[fclass.name]
+        if "vdev" in f and not pattern.match(f["vdev"]):
+            raise self.error("fault", i, "vdev", f"vdev = {_show(f['vdev'])} is not a device "
+                             f"name: {use}" + ("" if fclass.name == "vbd" else
+                                               f" (the devices of a {fclass.driver} driver)"))
         if kind in OUTSIDE_TYPES:
             for key in FILTER_KEYS:
                 if key in f:
@@ -525,7 +589,9 @@ class _Loader:
                                      f"to type = \"slow\", not \"{kind}\"; remove {key}")
         if kind == "poison" and "sector" not in f:
             raise self.error("fault", i, None, "type = \"poison\" needs sector = N (the "
-                             "sector whose requests kill the driver)")
+                             "sector whose requests kill the driver" + (
+                                 ")" if fclass.name == "vbd" else
+                                 f"; for a {fclass.driver} driver, {fclass.position})"))
 
     def entry(self, i: int, f: dict[str, Any]) -> FaultEntry:
         vals = {k: float(v) if k in ("weight", "probability", *SLOW_KEYS) else v
@@ -571,6 +637,15 @@ class _Loader:
                              f"only {fit} injections at gap = {plan.gap:g} s, but the [[fault]] "
                              f"counts add up to {counted}; raise duration, lower gap or lower "
                              "the counts")
+
+
+def _class_of(module: str) -> FaultClass:
+    return FAULT_CLASSES[MODULE_CLASSES[module.partition(":")[0]]]
+
+
+def _images() -> list[str]:
+    """The workloads, each with the driver it needs."""
+    return [f"{c.image} ({FAULT_CLASSES[c.device_class].driver})" for c in CHECKERS.values()]
 
 
 def _label(table: str, index: int) -> str:

@@ -4,8 +4,14 @@ One fault at a time: before each injection the runner waits for its time in the 
 for the driver to be RUNNING again (with its warm spare ready, if it has one); after it, it
 follows the stack's events until the fault is resolved (recovered, tolerated, answered as
 poison, ...) or a deadline passes.  Everything the stack publishes is attributed to the fault
-in progress; console lines in which a guest reports an I/O error or a data mismatch count as
-that fault's guest-visible errors.
+in progress; what a workload's checker (``isovisor.campaign.workloads``) finds meanwhile in the
+guests' output (an I/O error, a data mismatch, a missing console line) counts as that fault's
+guest-visible errors.
+
+The driver is ``[stack] module`` of the plan (``drivers.blk``, ``drivers.net``,
+``drivers.console``); the checkers set their guests up on it (a disk, a vif, the console) and
+read each guest's result when it ends.  A guest that ends while faults remain is replaced (a
+netpair pair once both have ended).
 
 In ``inline`` isolation the driver runs inside the kernel, so an outside fault signals the
 kernel itself and an in-driver crash takes the kernel down; the runner counts that as a kernel
@@ -20,7 +26,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import time
@@ -35,6 +40,7 @@ from ipc.control import ControlError
 from ipc.events import Subscriber
 from isovisor.campaign.plan import FaultEntry, Plan, ScheduledFault, schedule, schedule_to_json
 from isovisor.campaign.report import summarize, write_report
+from isovisor.campaign.workloads import CHECKERS, Checker, Tally, Unit
 from isovisor.privstack import PrivateStack
 
 #: Seconds a fault may take to resolve before the runner gives up on it.
@@ -43,14 +49,10 @@ RESOLVE_S: Final = 15.0
 SETTLE_S: Final = 0.3
 #: Seconds between two throughput samples.
 SAMPLE_S: Final = 0.5
-#: Longest run of one workload guest; one that ends while faults remain is replaced.
-EPOCH_S: Final = 60
-#: What a verifying guest prints when it sees wrong data, and when a request fails.
-_MISMATCH_LINE = re.compile(r"^blkstress: MISMATCH ", re.MULTILINE)
-_ERROR_LINE = re.compile(r"^blkstress: .*(failed: status|phase stopped)", re.MULTILINE)
-#: Seconds each fault type is expected to take from injection to resolution (the guests'
-#: run length is planned from these; a fault that takes longer still gets RESOLVE_S).
-_SUMMARY = re.compile(r"^blkstress: ops=.*$", re.MULTILINE)
+#: Seconds between two looks of the checkers at what they follow themselves (console logs).
+POLL_S: Final = 0.1
+#: Longest wait for a guest that ended to have all its results in (Checker.settled).
+SETTLE_GUEST_S: Final = 10.0
 #: In-driver faults that end in a replacement when they fire.
 _REPLACED: Final = frozenset({"segv", "abort", "exception", "exit", "hang", "drop", "duplicate",
                               "bad_id", "bad_status", "bad_op", "bad_index", "leak_mem",
@@ -116,7 +118,12 @@ class Campaign:
         self._t0 = 0.0
         self._last_sample = (0.0, 0)
         self._guest_names: list[str] = []
-        self._live: dict[str, tuple[int, int, int]] = {}  # guest -> (workload, index, gen)
+        self.checkers: list[Checker] = [CHECKERS[w.image](w, self.driver)
+                                        for w in plan.workloads]
+        self._live: dict[str, Unit] = {}  # running guests
+        self._ending: dict[str, tuple[Unit, str, dict[str, Any], float]] = {}  # ended: their
+        # unit, how (shutdown, crashed), the event, and until when their results may come
+        self._next_poll = 0.0
         self._injecting = True
         self._broken = False
 
@@ -158,7 +165,7 @@ class Campaign:
     # -- the stack ----------------------------------------------------------------------------
     def _driver_toml(self) -> str:
         s = self.plan.stack
-        lines = [f"[driver.{self.driver}]", 'module = "drivers.blk"',
+        lines = [f"[driver.{self.driver}]", f'module = "{s.module}"',
                  f'isolation = "{self.isolation}"']
         if self.isolation == "process":
             lines += [f"watchdog_sec = {s.watchdog_sec}",
@@ -190,48 +197,64 @@ class Campaign:
                           name="campaign", keep=True)
         self._stack = st
         st.up([])
-        self._sub = st.subscribe(["domain.", "driver.", "device.", "console."])
-        for k, w in enumerate(self.plan.workloads):
-            for i in range(w.domains):
-                self._create_guest(k, i, 1)
+        consoles = any(c.console_events for c in self.checkers)
+        self._sub = st.subscribe(["domain.", "driver.", "device."]
+                                 + (["console."] if consoles else []))
+        for k, checker in enumerate(self.checkers):
+            checker.start(st.run_dir)
+            for i in range(checker.units):
+                self._create_unit(Unit(k, i, 1, self._stacks))
         n = len(self._live)
         self._wait_for(lambda: self._requests() >= 200 * n, 60, "guest I/O to start")
 
-    def _guest_seconds(self) -> int:
-        """A guest runs for at most EPOCH_S; one that ends while faults remain is replaced
-        (there is no way yet to tell a guest to stop early, so the last one ends by itself)."""
+    def _guest_seconds(self, checker: Checker) -> int:
+        """A guest runs for at most its checker's epoch; one that ends while faults remain is
+        replaced (there is no way yet to tell a guest to stop early, so the last one ends by
+        itself)."""
         elapsed = time.monotonic() - self._t0 if self._t0 else 0.0
-        return max(15, min(EPOCH_S, math.ceil(self._run_seconds() - elapsed)))
+        return max(checker.min_s, min(checker.epoch_s, math.ceil(self._run_seconds() - elapsed)))
 
-    def _create_guest(self, k: int, i: int, gen: int) -> None:
+    def _create_unit(self, unit: Unit) -> None:
+        """Create the guests of ``unit`` (one, or a pair) as its checker sets them up."""
         st = self._stack
         assert st is not None
-        w = self.plan.workloads[k]
-        base = f"w{k + 1}-{i + 1}"
-        name = base + (f"-s{self._stacks}" if self._stacks > 1 else "") + (
-            f"-g{gen}" if gen > 1 else "")
-        disk = (f"target={base}.img, vdev=xvda, access=rw, backend={self.driver}, "
-                f"size={w.disk_size}")
-        seed = 1 + len(self._guest_names)
-        extra = (f"{w.extra} seed={seed} ops=1000000000 seconds={self._guest_seconds()} "
-                 "timeout=60000").strip()
-        cfg = st.domain_config(name, w.image, 8, on_poweroff="preserve", on_crash="preserve",
-                               extra=extra, disk=[disk])
-        st.call("create", path=str(cfg))
-        self._guest_names.append(name)
-        self._live[name] = (k, i, gen)
+        checker = self.checkers[unit.workload]
+        specs = checker.guests(unit, self._guest_seconds(checker), 1 + len(self._guest_names))
+        for g in specs:
+            cfg = st.domain_config(g.name, g.image, g.memory, on_poweroff="preserve",
+                                   on_crash="preserve", **g.keys)
+            st.call("create", path=str(cfg))
+            self._guest_names.append(g.name)
+            self._live[g.name] = unit
 
     def _guest_ended(self, name: str, kind: str, p: dict[str, Any]) -> None:
-        """Record a guest that powered off or crashed; destroy it (its disk is free again)."""
-        self._live.pop(name, None)
+        """A guest powered off or crashed: its results are recorded once its checker has them
+        all (:meth:`_settle_guests`)."""
+        unit = self._live.pop(name)
+        self._ending[name] = (unit, kind, p, time.monotonic() + SETTLE_GUEST_S)
+        self._settle_guests()
+
+    def _settle_guests(self) -> None:
+        """Record the guests that ended and have their results in (or waited long enough),
+        destroy them, and replace each unit none of whose guests runs any more."""
+        for name, (unit, kind, p, deadline) in list(self._ending.items()):
+            checker = self.checkers[unit.workload]
+            if not checker.settled(name) and time.monotonic() < deadline:
+                continue
+            del self._ending[name]
+            self._record_guest(name, unit, kind, p)
+            gone = unit not in [*self._live.values(), *(e[0] for e in self._ending.values())]
+            if gone and self._injecting:
+                self._create_unit(Unit(unit.workload, unit.index, unit.gen + 1, unit.stack))
+
+    def _record_guest(self, name: str, unit: Unit, kind: str, p: dict[str, Any]) -> None:
+        """A guest's result into the journal; destroy it (its disk is free again)."""
         con = self._call("console", name=name)["data"].decode(errors="replace")
         assert self._stack is not None
         (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
-        m = _SUMMARY.findall(con)
-        sm = dict(re.findall(r"(\w+)=(-?\d+)", m[-1])) if m else {}
+        r = self.checkers[unit.workload].result(name, con)
         self.guests.append({
-            "name": name, "ops": int(sm.get("ops", 0)), "errors": int(sm.get("errors", 0)),
-            "mismatches": int(sm.get("mismatches", 0)),
+            "name": name, "ops": r.ops, "errors": r.errors, "mismatches": r.mismatches,
             "exit": "crash" if kind == "crashed" else "poweroff", "code": p.get("code")})
         self._call("destroy", name=name)
 
@@ -270,8 +293,10 @@ class Campaign:
 
     # -- events -------------------------------------------------------------------------------
     def _pump(self, timeout: float, rec: Record | None = None) -> tuple[str, dict[str, Any]] | None:
-        """One event (attributed to ``rec``), and a throughput sample when one is due."""
+        """One event (attributed to ``rec``), and a throughput sample and a look of the
+        checkers when due."""
         self._sample()
+        self._look(rec)
         assert self._sub is not None
         ev = self._sub.recv(timeout)
         if ev is None:
@@ -280,16 +305,35 @@ class Campaign:
         parts = topic.split(".")
         if len(parts) == 3 and parts[0] == "domain" and parts[1] in self._live and \
                 parts[2] in ("shutdown", "crashed"):
-            k, i, gen = self._live[parts[1]]
             self._guest_ended(parts[1], parts[2], p)
-            if self._injecting:
-                self._create_guest(k, i, gen + 1)
             return ev
         if topic.startswith("console.") and rec is not None:
-            text = bytes(p.get("data", b"")).decode(errors="replace")
-            rec.data_mismatches += len(_MISMATCH_LINE.findall(text))
-            rec.guest_errors += len(_ERROR_LINE.findall(text))
+            name = topic[len("console."):]
+            unit = self._live.get(name) or (self._ending[name][0] if name in self._ending
+                                            else None)
+            if unit is not None:
+                text = bytes(p.get("data", b"")).decode(errors="replace")
+                self._attribute(rec, self.checkers[unit.workload].console(name, text))
         return ev
+
+    def _look(self, rec: Record | None) -> None:
+        """Every POLL_S: what the checkers follow themselves, and the guests that ended."""
+        now = time.monotonic()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + POLL_S
+        found = Tally()
+        for c in self.checkers:
+            found += c.poll()
+        if rec is not None:
+            self._attribute(rec, found)
+        if self._ending:
+            self._settle_guests()
+
+    @staticmethod
+    def _attribute(rec: Record, found: Tally) -> None:
+        rec.guest_errors += found.errors
+        rec.data_mismatches += found.mismatches
 
     def _sample(self) -> None:
         now = time.monotonic()
@@ -468,10 +512,11 @@ class Campaign:
 
     def _restart_after_crash(self) -> None:
         """The kernel died (inline): its guests are lost; a fresh stack takes over."""
-        for name in self._live:
+        for name in [*self._live, *self._ending]:
             self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
                                 "exit": "crash", "code": None})
         self._live.clear()
+        self._ending.clear()
         self._stop_stack()
         self._start_stack()
 
@@ -481,11 +526,12 @@ class Campaign:
         if not self._kernel_alive():
             self._restart_after_crash()
         self._injecting = False
-        deadline = time.monotonic() + EPOCH_S + 60
-        while self._live and time.monotonic() < deadline:
+        deadline = time.monotonic() + max(c.epoch_s for c in self.checkers) + 60
+        while (self._live or self._ending) and time.monotonic() < deadline:
             self._pump(0.1)
-        for name in list(self._live):  # still running: hung
-            self._live.pop(name)
+        for name in [*self._live, *self._ending]:  # still running (or its results never
+            self._live.pop(name, None)  # came): hung
+            self._ending.pop(name, None)
             self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
                                 "exit": "hung", "code": None})
 
