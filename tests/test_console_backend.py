@@ -871,10 +871,11 @@ def test_the_c_header_matches_the_protocol() -> None:
 
 
 # --- the C frontend against the backend ----------------------------------------------------
-# consfront.c compiled natively, with the runtime it calls (device table, store, event channels,
-# hypercalls) stubbed out to talk to this test over pipes, one line per call: the frontend runs
-# for real on the device segment and the backend serves it in lockstep.  Kicks are answered late
-# (when the frontend is about to sleep), as by a slow backend, so the ring does fill up.
+# consfront.c and devfront.c compiled natively, with the runtime they call (device table, store,
+# event channels, hypercalls) stubbed out to talk to this test over pipes, one line per call: the
+# frontend runs for real on the device segment and the backend serves it in lockstep.  Kicks are
+# answered late (when the frontend is about to sleep), as by a slow backend, so the ring does fill
+# up.
 
 _STUB_HYPERCALL_H = r"""
 #ifndef ISOVISOR_HYPERCALL_H
@@ -916,6 +917,10 @@ int device_find(const char *name, struct isv_device *out)
     memcpy(out->name, "console", 8);
     return 0;
 }
+
+u64 device_count(void) { return 1; }
+int device_get(u64 i, struct isv_device *out) { return i ? -ENOENT : device_find("console", out); }
+u64 evtchn_upcalls(u64 port) { (void)port; return 0; }
 
 long evtchn_init(void) { return 0; }
 
@@ -1077,7 +1082,8 @@ def _build_harness(tmp: Path) -> Path:
         pytest.skip("gcc is not installed")
     from domains.build import RUNTIME_DIR, generated_headers
 
-    for name in ("isovisor.h", "blkfront.h", "consfront.h", "consfront.c"):
+    for name in ("isovisor.h", "blkfront.h", "consfront.h", "consfront.c", "devfront.h",
+                 "devfront.c"):
         shutil.copy(RUNTIME_DIR / name, tmp / name)  # next to the stub hypercall.h
     for name, text in generated_headers().items():
         (tmp / name).write_text(text)
@@ -1087,7 +1093,8 @@ def _build_harness(tmp: Path) -> Path:
     (tmp / "host.c").write_text(_HOST_C)
     exe = tmp / "harness"
     cmd = [gcc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(tmp), "-o",
-           str(exe), str(tmp / "consfront.c"), str(tmp / "glue.c"), str(tmp / "host.c")]
+           str(exe), str(tmp / "consfront.c"), str(tmp / "devfront.c"), str(tmp / "glue.c"),
+           str(tmp / "host.c")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return exe

@@ -8,8 +8,12 @@
  * indices are read once into locals, responses are copied out of their slot
  * before they are checked, and the frontend's own view (req_pushed, rsp_cons,
  * tags) is never taken from shared memory.
+ *
+ * Finding the disk, the store handshake and the fault / hold / kick hypercalls
+ * are devfront.c's, shared with the other frontends.
  */
 #include "blkfront.h"
+#include "devfront.h"
 
 _Static_assert(sizeof(struct blkif_request) == BLKIF_REQUEST_BYTES, "request size");
 _Static_assert(__builtin_offsetof(struct blkif_request, op) == BLKIF_REQ_OP, "op");
@@ -34,15 +38,8 @@ _Static_assert(BLKIF_SLOT_SIZE % 8 == 0 && BLKIF_REQUEST_BYTES % 8 == 0, "slot w
 #define TAG_MASK (((u64)1 << BLKFRONT_TAG_BITS) - 1)
 #define BARRIER() __asm__ volatile("" ::: "memory")
 
-/* XenbusState numbers (ipc.store.DevState). */
-enum { ST_INIT_WAIT = 2, ST_CONNECTED = 4, ST_CLOSING = 5, ST_CLOSED = 6 };
-
-static const char *state_name(u64 s)
-{
-    static const char *const names[] = {"Unknown",     "Initialising", "InitWait", "Initialised",
-                                        "Connected",   "Closing",      "Closed"};
-    return s < sizeof names / sizeof names[0] ? names[s] : "invalid";
-}
+static const struct devfront_class blk_class = {
+    .who = "blkfront", .what = "block device", .dir = "vbd", .kind = DEV_KIND_VBD};
 
 const char *blkfront_op_name(u8 op, char *buf, u64 buflen)
 {
@@ -69,16 +66,9 @@ static volatile u64 *slot_words(struct blkfront *bf, u64 index)
 static int report(struct blkfront *bf, u64 code, int may_hold, const char *fmt, va_list ap)
 {
     char msg[400];
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
-    if (n < 0)
-        n = 0;
-    if ((u64)n >= sizeof msg)
-        n = sizeof msg - 1;
-    printf("blkfront: %s: backend fault %lu: %s\n", bf->dev.name, (unsigned long)code, msg);
-    long r = hypercall6(HC_DEVICE_FAULT, bf->dev.port, code, (u64)(uintptr_t)msg, (u64)n,
-                        bf->rsp_cons, may_hold ? FAULT_F_HOLD : 0);
-    if (r < 0)
-        printf("blkfront: %s: HC_DEVICE_FAULT failed (%ld)\n", bf->dev.name, r);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    long r = devfront_fault(&blk_class, &bf->dev, code, bf->rsp_cons, may_hold ? FAULT_F_HOLD : 0,
+                            msg);
     if (may_hold && r == 1) {
         bf->held = 1;
         bf->holds++;
@@ -118,9 +108,8 @@ static int bad_response(struct blkfront *bf, u64 code, const char *fmt, ...)
  * frontend failed. */
 static int still_held(struct blkfront *bf)
 {
-    long r = hypercall1(HC_DEVICE_HELD, bf->dev.port);
+    long r = devfront_held(&blk_class, &bf->dev);
     if (r < 0) {
-        printf("blkfront: %s: HC_DEVICE_HELD failed (%ld)\n", bf->dev.name, r);
         bf->failed = -1;
         return BLKFRONT_E_FAILED;
     }
@@ -132,49 +121,6 @@ static int still_held(struct blkfront *bf)
 }
 
 /* --- handshake ----------------------------------------------------------------- */
-
-static void print_backend_error(struct blkfront *bf, u64 state)
-{
-    char err[512];
-    long r = store_read_at(bf->backend, "error", err, sizeof err);
-    printf("blkfront: %s: backend %s is %s (state %lu): %s%s\n", bf->dev.name, bf->backend,
-           state_name(state), (unsigned long)state, r >= 0 ? err : "(no error node)",
-           r >= (long)sizeof err ? "..." : "");
-}
-
-/* Wait until the backend state is one of want_a/want_b: 0, or negative (printed). */
-static int wait_backend(struct blkfront *bf, u64 want_a, u64 want_b, u64 deadline, u64 *state)
-{
-    for (;;) {
-        u64 st = 0;
-        long r = store_read_u64_at(bf->backend, "state", &st);
-        if (r < 0 && r != -ENOENT) {
-            printf("blkfront: %s: cannot read %s/state: error %ld\n", bf->dev.name, bf->backend,
-                   r);
-            return (int)r;
-        }
-        if (r == 0) {
-            *state = st;
-            if (st == want_a || st == want_b)
-                return 0;
-            if (st == ST_CLOSING || st == ST_CLOSED) {
-                print_backend_error(bf, st);
-                return -ISV_ENODEV;
-            }
-        }
-        u64 now = time_ns();
-        if (now >= deadline) {
-            printf("blkfront: %s: gave up waiting for backend %s to become %s%s%s: its state "
-                   "is %s\n",
-                   bf->dev.name, bf->backend, state_name(want_a), want_a != want_b ? " or " : "",
-                   want_a != want_b ? state_name(want_b) : "",
-                   r == 0 ? state_name(st) : "missing");
-            return -ISV_ETIMEDOUT;
-        }
-        /* each backend state change raises the port */
-        evtchn_wait(bf->port_bit, deadline - now);
-    }
-}
 
 /* Read an optional 0/1-style parameter: value, or dflt if absent; <0 on error. */
 static long read_param(struct blkfront *bf, const char *node, u64 *out, int required)
@@ -218,40 +164,11 @@ int blkfront_open_timeout(struct blkfront *bf, const char *vdev, u64 timeout_ns)
     memset(bf, 0, sizeof *bf);
     bf->io_timeout_ns = POLL_FOREVER;
     bf->failed = -1; /* until connected */
-    const char *want = vdev && *vdev ? vdev : NULL;
-
-    int found = -1;
-    for (u64 i = 0; i < device_count(); i++) {
-        struct isv_device d;
-        device_get(i, &d);
-        if (want ? strcmp(d.name, want) == 0 : d.kind == DEV_KIND_VBD) {
-            bf->dev = d;
-            found = (int)i;
-            break;
-        }
-    }
-    if (found < 0) {
-        printf("blkfront: no block device%s%s in the device table (%lu devices:",
-               want ? " named " : "", want ? want : "", (unsigned long)device_count());
-        for (u64 i = 0; i < device_count(); i++) {
-            struct isv_device d;
-            device_get(i, &d);
-            printf(" %s", d.name);
-        }
-        printf(")\n");
-        return -ISV_ENODEV;
-    }
+    struct devfront df = DEVFRONT_INIT(&blk_class, bf);
+    int rc = devfront_find(&df, vdev);
+    if (rc < 0)
+        return rc;
     const char *name = bf->dev.name;
-    if (bf->dev.kind != DEV_KIND_VBD) {
-        printf("blkfront: %s is not a block device (kind %lu)\n", name,
-               (unsigned long)bf->dev.kind);
-        return -ISV_ENODEV;
-    }
-    if (bf->dev.port == 0 || bf->dev.port >= EVTCHN_PORTS) {
-        printf("blkfront: %s: bad event-channel port %lu in the device table\n", name,
-               (unsigned long)bf->dev.port);
-        return -EINVAL;
-    }
     if (!bf->dev.region || bf->dev.region_size < BLKIF_DATA_OFFSET + BLKIF_MAX_REQUEST_BYTES) {
         printf("blkfront: %s: region %p of %lu bytes cannot hold the ring and one buffer\n",
                name, bf->dev.region, (unsigned long)bf->dev.region_size);
@@ -265,32 +182,19 @@ int blkfront_open_timeout(struct blkfront *bf, const char *vdev, u64 timeout_ns)
         bf->ntags = BLKIF_RING_SLOTS;
     bf->port_bit = (u64)1 << bf->dev.port;
 
-    long r = evtchn_init();
-    if (r < 0)
-        printf("blkfront: %s: HC_SET_UPCALL failed (%ld); waiting without upcalls\n", name, r);
-    bf->upcalls_base = evtchn_upcalls(bf->dev.port);
-
-    u64 now = time_ns();
-    u64 deadline = now + timeout_ns < now ? POLL_FOREVER - 1 : now + timeout_ns;
-
-    /* 1. the backend directory */
-    if (store_path(bf->frontend, sizeof bf->frontend, "device/vbd/%lu",
-                   (unsigned long)bf->dev.devid))
-        return -E2BIG;
-    r = store_read_at(bf->frontend, "backend", bf->backend, sizeof bf->backend);
-    if (r < 0 || (u64)r >= sizeof bf->backend || r == 0) {
-        printf("blkfront: %s: cannot read %s/backend: %s %ld\n", name, bf->frontend,
-               r < 0 ? "error" : "bad length", r);
-        return r < 0 ? (int)r : -E2BIG;
-    }
+    /* 1. upcalls, the deadline, the backend directory */
+    rc = devfront_start(&df, timeout_ns);
+    bf->upcalls_base = df.upcalls_base;
+    if (rc < 0)
+        return rc;
 
     /* 2. wait for the backend to publish the disk (InitWait), or be Connected */
-    u64 st = 0;
-    int rc = wait_backend(bf, ST_INIT_WAIT, ST_CONNECTED, deadline, &st);
+    rc = devfront_wait_backend(&df, DEVFRONT_ST_INIT_WAIT, DEVFRONT_ST_CONNECTED);
     if (rc < 0)
         return rc;
 
     /* 3. the disk parameters */
+    long r;
     u64 sectors, ssize, info, flush, discard;
     if ((r = read_param(bf, "sectors", &sectors, 1)) < 0 ||
         (r = read_param(bf, "sector-size", &ssize, 1)) < 0 ||
@@ -317,22 +221,10 @@ int blkfront_open_timeout(struct blkfront *bf, const char *vdev, u64 timeout_ns)
     /* ring: req_prod = rsp_prod = 0, req_event = rsp_event = 1 */
     init_ring(bf);
 
-    /* 4. Initialised; the backend attaches its ring and goes Connected */
-    r = store_write_at(bf->frontend, "state", "3");
-    if (r < 0) {
-        printf("blkfront: %s: cannot write %s/state = 3: error %ld\n", name, bf->frontend, r);
-        return (int)r;
-    }
-    rc = wait_backend(bf, ST_CONNECTED, ST_CONNECTED, deadline, &st);
+    /* 4. Initialised; the backend attaches its ring and goes Connected; 5. Connected */
+    rc = devfront_connect(&df);
     if (rc < 0)
         return rc;
-
-    /* 5. Connected */
-    r = store_write_at(bf->frontend, "state", "4");
-    if (r < 0) {
-        printf("blkfront: %s: cannot write %s/state = 4: error %ld\n", name, bf->frontend, r);
-        return (int)r;
-    }
     bf->failed = 0;
     bf->connected = 1;
     return 0;
@@ -484,10 +376,8 @@ void blkfront_push(struct blkfront *bf)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     u64 event = __atomic_load_n(&bf->sring->req_event, __ATOMIC_ACQUIRE);
     if (new - event < new - old) {
-        long r = blkfront_kick(bf);
-        if (r < 0)
-            printf("blkfront: %s: HC_EVTCHN_SEND(%lu) failed (%ld)\n", bf->dev.name,
-                   (unsigned long)bf->dev.port, r);
+        bf->kicks++;
+        devfront_notify(&blk_class, &bf->dev);
     }
 }
 

@@ -9,6 +9,7 @@
  * (out_prod, in_cons) are never taken back from shared memory.
  */
 #include "consfront.h"
+#include "devfront.h"
 
 #if defined(__has_include)
 #if __has_include("isovisor_consif.h")
@@ -47,25 +48,14 @@ _Static_assert(CONSFRONT_IN_OFFSET + CONSFRONT_IN_SIZE <= CONSFRONT_WINDOW_BYTES
 #define CF_STORE(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
 #define CF_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
-/* XenbusState numbers (ipc.store.DevState). */
-enum { CF_INIT_WAIT = 2, CF_CONNECTED = 4, CF_CLOSING = 5, CF_CLOSED = 6 };
+/* Diagnostics go straight to the kernel console, never through printf (raw_console). */
+static const struct devfront_class cons_class = {.who = "consfront",
+                                                 .what = "console device",
+                                                 .dir = "console",
+                                                 .kind = DEV_KIND_CONSOLE,
+                                                 .raw_console = 1};
 
-/* --- diagnostics: straight to the kernel console, never through printf ------- */
-
-static void diag(const char *fmt, ...) PRINTF_LIKE(1, 2);
-static void diag(const char *fmt, ...)
-{
-    char msg[300];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if ((u64)n >= sizeof msg)
-        n = sizeof msg - 1;
-    hypercall2(HC_CONSOLE_WRITE, (u64)(uintptr_t)msg, (u64)n);
-}
+/* --- faults ----------------------------------------------------------------------- */
 
 /* The backend broke the rings: `what` (its index, value theirs) claims `apart` bytes
  * against the frontend's own index `ours`, more than the ring's `size`.  Report it (no
@@ -74,20 +64,12 @@ static long backend_fault(struct consfront *c, const char *what, u64 theirs, u64
                           u64 apart, u64 size)
 {
     char msg[200];
-    int n = snprintf(msg, sizeof msg,
-                     "console %s: backend %s=%lu is %lu bytes from the frontend's index %lu, "
-                     "more than the %lu-byte ring holds",
-                     c->dev.name, what, (unsigned long)theirs, (unsigned long)apart,
-                     (unsigned long)ours, (unsigned long)size);
-    if (n < 0)
-        n = 0;
-    if ((u64)n >= sizeof msg)
-        n = sizeof msg - 1;
-    diag("consfront: backend fault: %s\n", msg);
-    long r = hypercall6(HC_DEVICE_FAULT, c->dev.port, FAULT_EXTRA_RESPONSE, (u64)(uintptr_t)msg,
-                        (u64)n, 0, 0);
-    if (r < 0)
-        diag("consfront: %s: HC_DEVICE_FAULT failed (%ld)\n", c->dev.name, r);
+    snprintf(msg, sizeof msg,
+             "console %s: backend %s=%lu is %lu bytes from the frontend's index %lu, more than "
+             "the %lu-byte ring holds",
+             c->dev.name, what, (unsigned long)theirs, (unsigned long)apart, (unsigned long)ours,
+             (unsigned long)size);
+    devfront_fault(&cons_class, &c->dev, FAULT_EXTRA_RESPONSE, 0, 0, msg);
     c->failed = 1;
     return CONSFRONT_E_FAILED;
 }
@@ -95,45 +77,10 @@ static long backend_fault(struct consfront *c, const char *what, u64 theirs, u64
 static void kick(struct consfront *c)
 {
     c->kicks++;
-    long r = evtchn_send(c->dev.port);
-    if (r < 0)
-        diag("consfront: %s: HC_EVTCHN_SEND(%lu) failed (%ld)\n", c->dev.name,
-             (unsigned long)c->dev.port, r);
+    devfront_notify(&cons_class, &c->dev);
 }
 
 /* --- handshake ------------------------------------------------------------------ */
-
-static int wait_backend(struct consfront *c, u64 want_a, u64 want_b, u64 deadline)
-{
-    for (;;) {
-        u64 st = 0;
-        long r = store_read_u64_at(c->backend, "state", &st);
-        if (r < 0 && r != -ENOENT) {
-            diag("consfront: %s: cannot read %s/state: error %ld\n", c->dev.name, c->backend, r);
-            return (int)r;
-        }
-        if (r == 0) {
-            if (st == want_a || st == want_b)
-                return 0;
-            if (st == CF_CLOSING || st == CF_CLOSED) {
-                char err[200];
-                long e = store_read_at(c->backend, "error", err, sizeof err);
-                diag("consfront: %s: backend %s is closed%s%s\n", c->dev.name, c->backend,
-                     e > 0 ? ": " : "", e > 0 ? err : "");
-                return -ISV_ENODEV;
-            }
-        }
-        u64 now = time_ns();
-        if (now >= deadline) {
-            diag("consfront: %s: gave up waiting for backend %s to become state %lu (it is %s "
-                 "%lu)\n",
-                 c->dev.name, c->backend, (unsigned long)want_a, r == 0 ? "in state" : "missing",
-                 (unsigned long)st);
-            return -ISV_ETIMEDOUT;
-        }
-        evtchn_wait(c->port_bit, deadline - now); /* each backend state change raises the port */
-    }
-}
 
 static void init_page(struct consfront *c)
 {
@@ -154,24 +101,13 @@ int consfront_open(struct consfront *c, u64 timeout_ns)
     memset(c, 0, sizeof *c);
     c->write_timeout_ns = POLL_FOREVER;
     c->failed = 1; /* until connected */
-    if (device_find(CONSFRONT_DEVICE_NAME, &c->dev) < 0) {
-        diag("consfront: no device named \"%s\" in the device table\n", CONSFRONT_DEVICE_NAME);
-        return -ISV_ENODEV;
-    }
-    const char *name = c->dev.name;
-    if (c->dev.kind != DEV_KIND_CONSOLE) {
-        diag("consfront: %s is not a console device (kind %lu)\n", name,
-             (unsigned long)c->dev.kind);
-        return -ISV_ENODEV;
-    }
-    if (c->dev.port == 0 || c->dev.port >= EVTCHN_PORTS) {
-        diag("consfront: %s: bad event-channel port %lu in the device table\n", name,
-             (unsigned long)c->dev.port);
-        return -EINVAL;
-    }
+    struct devfront df = DEVFRONT_INIT(&cons_class, c);
+    int rc = devfront_find(&df, CONSFRONT_DEVICE_NAME);
+    if (rc < 0)
+        return rc;
     if (!c->dev.region || c->dev.region_size < CONSFRONT_WINDOW_BYTES) {
-        diag("consfront: %s: region %p of %lu bytes cannot hold the console page\n", name,
-             c->dev.region, (unsigned long)c->dev.region_size);
+        devfront_say(&cons_class, "%s: region %p of %lu bytes cannot hold the console page\n",
+                     c->dev.name, c->dev.region, (unsigned long)c->dev.region_size);
         return -EINVAL;
     }
     u8 *region = c->dev.region;
@@ -180,46 +116,22 @@ int consfront_open(struct consfront *c, u64 timeout_ns)
     c->in = region + CONSFRONT_IN_OFFSET;
     c->port_bit = (u64)1 << c->dev.port;
 
-    long r = evtchn_init();
-    if (r < 0)
-        diag("consfront: %s: HC_SET_UPCALL failed (%ld); waiting without upcalls\n", name, r);
-
-    u64 now = time_ns();
-    u64 deadline = now + timeout_ns < now ? POLL_FOREVER - 1 : now + timeout_ns;
-
-    /* 1. the backend directory */
-    if (store_path(c->frontend, sizeof c->frontend, "device/console/%lu",
-                   (unsigned long)c->dev.devid))
-        return -E2BIG;
-    r = store_read_at(c->frontend, "backend", c->backend, sizeof c->backend);
-    if (r <= 0 || (u64)r >= sizeof c->backend) {
-        diag("consfront: %s: cannot read %s/backend: %s %ld\n", name, c->frontend,
-             r < 0 ? "error" : "bad length", r);
-        return r < 0 ? (int)r : -E2BIG;
-    }
+    /* 1. upcalls, the deadline, the backend directory */
+    rc = devfront_start(&df, timeout_ns);
+    if (rc < 0)
+        return rc;
 
     /* 2. the backend is ready (InitWait), or Connected already */
-    int rc = wait_backend(c, CF_INIT_WAIT, CF_CONNECTED, deadline);
+    rc = devfront_wait_backend(&df, DEVFRONT_ST_INIT_WAIT, DEVFRONT_ST_CONNECTED);
     if (rc < 0)
         return rc;
 
-    /* 3. the page: indices 0, every event word 1; then Initialised */
+    /* 3. the page: indices 0, every event word 1; then Initialised, the backend attaches
+     * it and goes Connected; 4. Connected */
     init_page(c);
-    r = store_write_at(c->frontend, "state", "3");
-    if (r < 0) {
-        diag("consfront: %s: cannot write %s/state = 3: error %ld\n", name, c->frontend, r);
-        return (int)r;
-    }
-    rc = wait_backend(c, CF_CONNECTED, CF_CONNECTED, deadline);
+    rc = devfront_connect(&df);
     if (rc < 0)
         return rc;
-
-    /* 4. Connected */
-    r = store_write_at(c->frontend, "state", "4");
-    if (r < 0) {
-        diag("consfront: %s: cannot write %s/state = 4: error %ld\n", name, c->frontend, r);
-        return (int)r;
-    }
     c->failed = 0;
     c->connected = 1;
     return 0;

@@ -9,8 +9,12 @@
  * responses and frames are copied out before they are checked or used, and the
  * frontend's own view (indices, buffer states) is never taken from shared
  * memory.
+ *
+ * Finding the vif, the store handshake and the fault / hold / kick hypercalls
+ * are devfront.c's, shared with the other frontends.
  */
 #include "netfront.h"
+#include "devfront.h"
 
 _Static_assert(sizeof(struct netif_tx_request) == NETIF_SLOT_SIZE, "tx request size");
 _Static_assert(sizeof(struct netif_tx_response) == NETIF_SLOT_SIZE, "tx response size");
@@ -48,15 +52,8 @@ _Static_assert(NETIF_TX_BUF_OFFSET + NETIF_RING_SLOTS * NETIF_BUF_SIZE <= NETIF_
 /* Bad rx responses printed in full (then every 1000th). */
 #define RX_PRINT_LIMIT 5
 
-/* XenbusState numbers (ipc.store.DevState). */
-enum { ST_INIT_WAIT = 2, ST_CONNECTED = 4, ST_CLOSING = 5, ST_CLOSED = 6 };
-
-static const char *state_name(u64 s)
-{
-    static const char *const names[] = {"Unknown",     "Initialising", "InitWait", "Initialised",
-                                        "Connected",   "Closing",      "Closed"};
-    return s < sizeof names / sizeof names[0] ? names[s] : "invalid";
-}
+static const struct devfront_class net_class = {
+    .who = "netfront", .what = "network interface", .dir = "vif", .kind = DEV_KIND_VIF};
 
 static volatile u64 *slot_words(struct netfront_ring *r, u64 index)
 {
@@ -154,19 +151,8 @@ static long device_fault(struct netfront *nf, u64 code, u64 rsp_cons, u64 flags,
 {
     char msg[400];
     int n = snprintf(msg, sizeof msg, "%s ring: ", ring);
-    if (n < 0)
-        n = 0;
-    int m = vsnprintf(msg + n, sizeof msg - (u64)n, fmt, ap);
-    if (m > 0)
-        n += m;
-    if ((u64)n >= sizeof msg)
-        n = sizeof msg - 1;
-    printf("netfront: %s: backend fault %lu: %s\n", nf->dev.name, (unsigned long)code, msg);
-    long r = hypercall6(HC_DEVICE_FAULT, nf->dev.port, code, (u64)(uintptr_t)msg, (u64)n,
-                        rsp_cons, flags);
-    if (r < 0)
-        printf("netfront: %s: HC_DEVICE_FAULT failed (%ld)\n", nf->dev.name, r);
-    return r;
+    vsnprintf(msg + n, sizeof msg - (u64)n, fmt, ap);
+    return devfront_fault(&net_class, &nf->dev, code, rsp_cons, flags, msg);
 }
 
 static int tx_bad(struct netfront *nf, u64 code, const char *fmt, ...) PRINTF_LIKE(3, 4);
@@ -220,9 +206,8 @@ static void rx_bad(struct netfront *nf, u64 code, const char *fmt, ...)
  * the frontend failed. */
 static int still_held(struct netfront *nf)
 {
-    long r = hypercall1(HC_DEVICE_HELD, nf->dev.port);
+    long r = devfront_held(&net_class, &nf->dev);
     if (r < 0) {
-        printf("netfront: %s: HC_DEVICE_HELD failed (%ld)\n", nf->dev.name, r);
         nf->failed = -1;
         return NETFRONT_E_FAILED;
     }
@@ -267,10 +252,8 @@ static void push(struct netfront *nf)
     int notify = ring_push(&nf->tx, nf->txb);
     notify |= ring_push(&nf->rx, nf->rxb);
     if (notify) {
-        long r = netfront_kick(nf);
-        if (r < 0)
-            printf("netfront: %s: HC_EVTCHN_SEND(%lu) failed (%ld)\n", nf->dev.name,
-                   (unsigned long)nf->dev.port, r);
+        nf->kicks++;
+        devfront_notify(&net_class, &nf->dev);
     }
 }
 
@@ -300,48 +283,6 @@ static void post_rx(struct netfront *nf, u64 b)
 }
 
 /* --- handshake ------------------------------------------------------------------------- */
-
-static void print_backend_error(struct netfront *nf, u64 state)
-{
-    char err[512];
-    long r = store_read_at(nf->backend, "error", err, sizeof err);
-    printf("netfront: %s: backend %s is %s (state %lu): %s%s\n", nf->dev.name, nf->backend,
-           state_name(state), (unsigned long)state, r >= 0 ? err : "(no error node)",
-           r >= (long)sizeof err ? "..." : "");
-}
-
-/* Wait until the backend state is want_a or want_b: 0, or negative (printed). */
-static int wait_backend(struct netfront *nf, u64 want_a, u64 want_b, u64 deadline)
-{
-    for (;;) {
-        u64 st = 0;
-        long r = store_read_u64_at(nf->backend, "state", &st);
-        if (r < 0 && r != -ENOENT) {
-            printf("netfront: %s: cannot read %s/state: error %ld\n", nf->dev.name, nf->backend,
-                   r);
-            return (int)r;
-        }
-        if (r == 0) {
-            if (st == want_a || st == want_b)
-                return 0;
-            if (st == ST_CLOSING || st == ST_CLOSED) {
-                print_backend_error(nf, st);
-                return -ISV_ENODEV;
-            }
-        }
-        u64 now = time_ns();
-        if (now >= deadline) {
-            printf("netfront: %s: gave up waiting for backend %s to become %s%s%s: its state "
-                   "is %s\n",
-                   nf->dev.name, nf->backend, state_name(want_a), want_a != want_b ? " or " : "",
-                   want_a != want_b ? state_name(want_b) : "",
-                   r == 0 ? state_name(st) : "missing");
-            return -ISV_ETIMEDOUT;
-        }
-        /* each backend state change raises the port */
-        evtchn_wait(nf->port_bit, deadline - now);
-    }
-}
 
 /* Read node `mac` of dir into nf->mac: 0, -ENOENT (absent: not printed), or another
  * negative value (printed). */
@@ -416,41 +357,13 @@ int netfront_open(struct netfront *nf, const char *name, u64 timeout_ns)
 {
     memset(nf, 0, sizeof *nf);
     nf->failed = -1; /* until connected */
-    const char *want = name && *name ? name : NULL;
     if (!timeout_ns)
         timeout_ns = NETFRONT_HANDSHAKE_TIMEOUT_NS;
-
-    int found = 0;
-    for (u64 i = 0; i < device_count() && !found; i++) {
-        struct isv_device d;
-        device_get(i, &d);
-        if (want ? strcmp(d.name, want) == 0 : d.kind == DEV_KIND_VIF) {
-            nf->dev = d;
-            found = 1;
-        }
-    }
-    if (!found) {
-        printf("netfront: no network interface%s%s in the device table (%lu devices:",
-               want ? " named " : "", want ? want : "", (unsigned long)device_count());
-        for (u64 i = 0; i < device_count(); i++) {
-            struct isv_device d;
-            device_get(i, &d);
-            printf(" %s", d.name);
-        }
-        printf(")\n");
-        return -ISV_ENODEV;
-    }
+    struct devfront df = DEVFRONT_INIT(&net_class, nf);
+    int rc = devfront_find(&df, name);
+    if (rc < 0)
+        return rc;
     const char *dname = nf->dev.name;
-    if (nf->dev.kind != DEV_KIND_VIF) {
-        printf("netfront: %s is not a network interface (kind %lu)\n", dname,
-               (unsigned long)nf->dev.kind);
-        return -ISV_ENODEV;
-    }
-    if (nf->dev.port == 0 || nf->dev.port >= EVTCHN_PORTS) {
-        printf("netfront: %s: bad event-channel port %lu in the device table\n", dname,
-               (unsigned long)nf->dev.port);
-        return -EINVAL;
-    }
     if (!nf->dev.region || nf->dev.region_size < NETIF_WINDOW_BYTES) {
         printf("netfront: %s: region %p of %lu bytes cannot hold the rings and buffers (%d "
                "bytes)\n", dname, nf->dev.region, (unsigned long)nf->dev.region_size,
@@ -464,33 +377,20 @@ int netfront_open(struct netfront *nf, const char *name, u64 timeout_ns)
     nf->rx.slots = nf->region + NETIF_RX_RING_OFFSET + NETFRONT_RING_HEADER;
     nf->port_bit = (u64)1 << nf->dev.port;
 
-    long r = evtchn_init();
-    if (r < 0)
-        printf("netfront: %s: HC_SET_UPCALL failed (%ld); waiting without upcalls\n", dname, r);
-    nf->upcalls_base = evtchn_upcalls(nf->dev.port);
-
-    u64 now = time_ns();
-    u64 deadline = now + timeout_ns < now ? POLL_FOREVER - 1 : now + timeout_ns;
-
-    /* 1. the backend directory, the MAC and the address */
-    if (store_path(nf->frontend, sizeof nf->frontend, "device/vif/%lu",
-                   (unsigned long)nf->dev.devid))
-        return -E2BIG;
-    r = store_read_at(nf->frontend, "backend", nf->backend, sizeof nf->backend);
-    if (r < 0 || (u64)r >= sizeof nf->backend || r == 0) {
-        printf("netfront: %s: cannot read %s/backend: %s %ld\n", dname, nf->frontend,
-               r < 0 ? "error" : "bad length", r);
-        return r < 0 ? (int)r : -E2BIG;
-    }
+    /* 1. upcalls, the deadline, the backend directory; the MAC and the address */
+    rc = devfront_start(&df, timeout_ns);
+    nf->upcalls_base = df.upcalls_base;
+    if (rc < 0)
+        return rc;
     int mac_rc = read_mac(nf, nf->frontend);
     if (mac_rc < 0 && mac_rc != -ENOENT)
         return mac_rc;
-    int rc = read_ip(nf);
+    rc = read_ip(nf);
     if (rc < 0)
         return rc;
 
     /* 2. wait for the backend to be ready for the rings (InitWait), or Connected */
-    rc = wait_backend(nf, ST_INIT_WAIT, ST_CONNECTED, deadline);
+    rc = devfront_wait_backend(&df, DEVFRONT_ST_INIT_WAIT, DEVFRONT_ST_CONNECTED);
     if (rc < 0)
         return rc;
     if (mac_rc == -ENOENT) { /* no `mac` from the kernel: the backend's (it enforces it) */
@@ -506,22 +406,10 @@ int netfront_open(struct netfront *nf, const char *name, u64 timeout_ns)
     /* 3. both rings, every rx buffer posted */
     init_rings(nf);
 
-    /* 4. Initialised; the backend attaches its rings and goes Connected */
-    r = store_write_at(nf->frontend, "state", "3");
-    if (r < 0) {
-        printf("netfront: %s: cannot write %s/state = 3: error %ld\n", dname, nf->frontend, r);
-        return (int)r;
-    }
-    rc = wait_backend(nf, ST_CONNECTED, ST_CONNECTED, deadline);
+    /* 4. Initialised; the backend attaches its rings and goes Connected; 5. Connected */
+    rc = devfront_connect(&df);
     if (rc < 0)
         return rc;
-
-    /* 5. Connected */
-    r = store_write_at(nf->frontend, "state", "4");
-    if (r < 0) {
-        printf("netfront: %s: cannot write %s/state = 4: error %ld\n", dname, nf->frontend, r);
-        return (int)r;
-    }
     nf->failed = 0;
     nf->connected = 1;
     return 0;

@@ -1,8 +1,9 @@
 /* isovisor guest runtime: the network-interface frontend (ipc/netif.py, docs/net.md).
  *
  * One struct netfront per vif.  netfront_open finds the interface in the
- * device table, runs the store handshake (as blkfront does), initialises the
- * tx and rx rings in the device region and posts every rx buffer.  Then:
+ * device table and runs the store handshake (devfront.h, as blkfront does),
+ * initialises the tx and rx rings in the device region and posts every rx
+ * buffer.  Then:
  *
  *     int r = netfront_send(nf, frame, len);   // NETFRONT_E_BUSY: all tx buffers in flight
  *     netfront_push(nf);                        // publish the batch, kick if asked
