@@ -137,7 +137,13 @@ def kill_with_a_warm_spare(stack: Stack, events: Events, name: str) -> None:
                      r["state"] == "RUNNING" and r, timeout=30, what=f"{name} with a warm spare")
     before = events.count(f"driver.{name}.recovered")
     os.kill(row["pid"], signal.SIGKILL)
-    events.wait_count(f"driver.{name}.recovered", before + 1, timeout=30)
+    try:
+        events.wait_count(f"driver.{name}.recovered", before + 1, timeout=30)
+    except AssertionError as e:
+        seen = [f"{t} {p.get('pid')}" for t, p in events.seen if t.startswith("driver.")]
+        log = (stack.run_dir / f"driver-{name}.log").read_text()[-4000:]
+        raise AssertionError(f"{e}; killed pid {row['pid']}; driver events: {seen[-12:]}\n"
+                             f"--- driver log ---\n{log}") from None
 
 
 def finish_and_verify(stack: Stack, events: Events, ops: int = OPS) -> None:
