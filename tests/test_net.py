@@ -193,6 +193,11 @@ def test_a_ping_every_10ms_loses_only_what_the_kill_stalls(stack: Stack, netns: 
         assert lost == list(range(lost[0], lost[-1] + 1)), lost
         assert lost[0] >= killed_after - 2 and lost[-1] < 290, (killed_after, lost)
     assert driver_row(stack, "net0")["pid"] != pid
+    # The host knows the guest's MAC for good: a killed switch drops the TAP's carrier, which
+    # flushes learnt entries, and an ARP request lost then is only retried a second later.
+    neigh = subprocess.run(["ip", "-n", netns, "neigh", "show", "198.18.0.2"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "lladdr 02:00:00:00:01:02" in neigh and "PERMANENT" in neigh, neigh
 
 
 def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, netns: str) -> None:

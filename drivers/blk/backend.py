@@ -35,13 +35,13 @@ import abc
 import dataclasses
 import errno
 import gc
-import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
+from drivers.backendkit import Host, int_option, msg_field, refuse
 from drivers.blk.storage import (
     SHM_DIR,
     FileStorage,
@@ -101,22 +101,6 @@ _FAULT_OPS = (OP_READ, OP_WRITE, OP_DISCARD)
 _TURN_REQUESTS = 256
 
 
-class Host(Protocol):
-    name: str
-    log: logging.Logger
-
-    def notify(self, key: int) -> None: ...
-    def store_write(self, path: str, value: str) -> None: ...
-    def fault(self, key: int, message: str) -> None: ...
-    def error(self, key: int, message: str) -> None: ...
-    def kick_again(self, key: int) -> None: ...
-    def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
-    def poison(self, key: int, index: int, description: str) -> None: ...
-    def inject(self, kind: str, *, really: bool = False) -> None: ...
-    def leak_fds(self, n: int) -> int: ...
-    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
-
-
 @dataclass
 class DeviceStats:
     requests: int = 0
@@ -146,23 +130,12 @@ class _Device:
     info: DeviceState | None = None
 
 
-def _field(dev: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in dev:
-        raise ValueError(f"attach message lacks {name!r}")
-    v = dev[name]
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
-        raise ValueError(f"attach field {name!r} is {v!r}, expected {kind.__name__}")
-    return v
-
-
 def _int_option(options: dict[str, Any], name: str, default: int | None, lo: int,
                 hi: int) -> int | None:
-    v = options.get(name, default)
-    if v is None:
+    """As ``int_option``, with None (absent and no default) allowed."""
+    if options.get(name, default) is None:
         return None
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {v!r}")
-    return v
+    return int_option(options, name, default if default is not None else lo, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -468,13 +441,13 @@ class BlockBackend(abc.ABC):
             self.log.warning("device %d attached again: dropping the old attachment", key)
             self.detach(key)
         try:
-            key = _field(dev, "key", int)
-            store = _field(dev, "store", str).rstrip("/")
+            key = msg_field(dev, "key", int)
+            store = msg_field(dev, "store", str).rstrip("/")
             label = f"{dev.get('domain', '?')}/{dev.get('vdev', '?')}"
-            seg_name = _field(dev, "segment", str)
-            window = _field(dev, "window", int)
-            inflight_offset = _field(dev, "inflight_offset", int)
-            disk = _field(dev, "disk", dict)
+            seg_name = msg_field(dev, "segment", str)
+            window = msg_field(dev, "window", int)
+            inflight_offset = msg_field(dev, "inflight_offset", int)
+            disk = msg_field(dev, "disk", dict)
             scratch = dev.get("scratch", "")
             if not isinstance(scratch, str):
                 raise ValueError(f"attach field 'scratch' is {scratch!r}, expected str")
@@ -540,15 +513,7 @@ class BlockBackend(abc.ABC):
 
     def _refuse(self, key: object, store: object, message: str) -> None:
         """The device cannot be served: say so in the store (if we can) and to the kernel."""
-        self.log.error("cannot attach device %r: %s", key, message)
-        if isinstance(store, str):
-            try:
-                self.host.store_write(f"{store}/error", message[:1024])
-                self.host.store_write(f"{store}/state", str(int(DevState.CLOSED)))
-            except ValueError as e:
-                self.log.error("cannot report it in the store: %s", e)
-        if isinstance(key, int) and not isinstance(key, bool):
-            self.host.error(key, message)
+        refuse(self.host, self.log, "device", key, store, message)
 
     def detach(self, key: int) -> None:
         d = self.devices.pop(key, None)

@@ -61,17 +61,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import zmq
 
+from drivers.backendkit import Host, int_option, msg_field, refuse
 from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
 from drivers.state import BackendState, DeviceState, Medium, StateError, accept
 from ipc import consif
@@ -105,21 +105,6 @@ SNDHWM = 10_000
 RCVHWM = 10_000
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # isovisor.config.NAME_RE
 _MASK = (1 << 64) - 1
-
-
-class Host(Protocol):
-    name: str
-    log: logging.Logger
-
-    def notify(self, key: int) -> None: ...
-    def store_write(self, path: str, value: str) -> None: ...
-    def fault(self, key: int, message: str) -> None: ...
-    def error(self, key: int, message: str) -> None: ...
-    def kick_again(self, key: int) -> None: ...
-    def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
-    def inject(self, kind: str, *, really: bool = False) -> None: ...
-    def leak_fds(self, n: int) -> int: ...
-    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
 
 
 @dataclass
@@ -183,15 +168,6 @@ class SimulatedCrash(BaseException):
     it)."""
 
 
-def _field(dev: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in dev:
-        raise ValueError(f"attach message lacks {name!r}")
-    v = dev[name]
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
-        raise ValueError(f"attach field {name!r} is {v!r}, expected {kind.__name__}")
-    return v
-
-
 def _default_dir(options: dict[str, Any]) -> Path:
     run_dir = options.get("run_dir")
     if run_dir is None:
@@ -217,13 +193,6 @@ def _dir_option(options: dict[str, Any], name: str, default: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {path}: the directory is not writable")
     return path
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    v = options.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {v!r}")
-    return v
 
 
 class ConsoleBackend:
@@ -258,7 +227,7 @@ class ConsoleBackend:
                                  f"{MAX_SOCKET_PATH}; choose a shorter socket_dir or run_dir")
         self.pub_endpoint = f"ipc://{self.socket_dir / PUB_NAME}"
         self.input_endpoint = f"ipc://{self.socket_dir / INPUT_NAME}"
-        self.input_queue_bytes = _int_option(options, "input_queue_bytes", 64 * 1024, 0,
+        self.input_queue_bytes = int_option(options, "input_queue_bytes", 64 * 1024, 0,
                                              16 << 20)
         self.devices: dict[int, _Console] = {}
         self._by_domain: dict[str, int] = {}
@@ -334,13 +303,13 @@ class ConsoleBackend:
             self.log.warning("console %d attached again: dropping the old attachment", key)
             self.detach(key)
         try:
-            key = _field(dev, "key", int)
-            store = _field(dev, "store", str).rstrip("/")
-            domid = _field(dev, "domid", int)
-            domain = _field(dev, "domain", str)
-            seg_name = _field(dev, "segment", str)
-            window = _field(dev, "window", int)
-            journal_offset = _field(dev, "inflight_offset", int)
+            key = msg_field(dev, "key", int)
+            store = msg_field(dev, "store", str).rstrip("/")
+            domid = msg_field(dev, "domid", int)
+            domain = msg_field(dev, "domain", str)
+            seg_name = msg_field(dev, "segment", str)
+            window = msg_field(dev, "window", int)
+            journal_offset = msg_field(dev, "inflight_offset", int)
             scratch = dev.get("scratch", "")
             if not isinstance(scratch, str):
                 raise ValueError(f"attach field 'scratch' is {scratch!r}, expected str")
@@ -407,15 +376,7 @@ class ConsoleBackend:
 
     def _refuse(self, key: object, store: object, message: str) -> None:
         """The device cannot be served: say so in the store (if we can) and to the kernel."""
-        self.log.error("cannot attach console %r: %s", key, message)
-        if isinstance(store, str):
-            try:
-                self.host.store_write(f"{store}/error", message[:1024])
-                self.host.store_write(f"{store}/state", str(int(DevState.CLOSED)))
-            except ValueError as e:
-                self.log.error("cannot report it in the store: %s", e)
-        if isinstance(key, int) and not isinstance(key, bool):
-            self.host.error(key, message)
+        refuse(self.host, self.log, "console", key, store, message)
 
     def detach(self, key: int) -> None:
         d = self.devices.get(key)

@@ -59,15 +59,16 @@ from __future__ import annotations
 import dataclasses
 import gc
 import ipaddress
-import logging
 import math
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
+from drivers.backendkit import Host, int_option, msg_field, refuse
 from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
 from drivers.net import tap as tapmod
 from drivers.net.switch import (
@@ -133,22 +134,6 @@ OPTIONS: dict[str, str] = {
                  "source (1..86400, default 300)",
 }
 _UPLINK_ONLY: Final = ("tap", "netns", "host_addr", "bridge")
-
-
-class Host(Protocol):
-    name: str
-    log: logging.Logger
-
-    def notify(self, key: int) -> None: ...
-    def store_write(self, path: str, value: str) -> None: ...
-    def fault(self, key: int, message: str) -> None: ...
-    def error(self, key: int, message: str) -> None: ...
-    def kick_again(self, key: int) -> None: ...
-    def recovered(self, key: int, replayed: int, done_ns: int) -> None: ...
-    def poison(self, key: int, index: int, description: str) -> None: ...
-    def inject(self, kind: str, *, really: bool = False) -> None: ...
-    def leak_fds(self, n: int) -> int: ...
-    def fault_fired(self, fault_id: int, kind: str, device: str) -> None: ...
 
 
 @dataclass
@@ -289,6 +274,8 @@ class _Vif:
     state: str = "waiting"
     #: its rings had been used when this instance attached it (it is resuming after a restart)
     was_used: bool = False
+    #: the guest's IPv4 address (vif ip=), for the host's neighbour entry through the uplink
+    ip: str | None = None
     tx: BackRing | None = None
     rx: BackRing | None = None
     inflight: InflightLog | None = None
@@ -355,22 +342,6 @@ class _Batch:
         self.ended: list[tuple[_Vif, int]] = []
         self.unblocked: dict[int, _Vif] = {}
         self.starved: dict[int, _Vif] = {}
-
-
-def _field(dev: dict[str, Any], name: str, kind: type, where: str = "attach") -> Any:
-    if name not in dev:
-        raise ValueError(f"{where} message lacks {name!r}")
-    v = dev[name]
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
-        raise ValueError(f"{where} field {name!r} is {v!r:.60}, expected {kind.__name__}")
-    return v
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    v = options.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {v!r}")
-    return v
 
 
 def check_bridge(name: object, what: str = "bridge") -> str:
@@ -442,9 +413,9 @@ class NetBackend:
         self.netns = tapmod.check_netns(options.get("netns", f"isovisor-{host.name}"), "netns")
         self.host_addr = check_host_addr(options.get("host_addr", DEFAULT_HOST_ADDR))
         self.uplink_bridge = check_bridge(options.get("bridge", "br0"))
-        self.rx_wait_s = _int_option(options, "rx_wait_ms", 500, 0, 60_000) / 1000
-        self.poison_after = _int_option(options, "poison_after", 3, 1, 100)
-        self.mac_age_s = float(_int_option(options, "mac_age_s", 300, 1, 86_400))
+        self.rx_wait_s = int_option(options, "rx_wait_ms", 500, 0, 60_000) / 1000
+        self.poison_after = int_option(options, "poison_after", 3, 1, 100)
+        self.mac_age_s = float(int_option(options, "mac_age_s", 300, 1, 86_400))
         if uplink == "tap":
             problem = tapmod.privilege_problem()
             if problem is not None:
@@ -459,6 +430,8 @@ class NetBackend:
         self.uplink = UplinkStats()
         self._tap_retry_at = 0.0
         self._tap_failures = 0
+        #: ip -> mac of the permanent neighbour entries installed on the TAP (or being installed)
+        self._neighbors: dict[str, str] = {}
         self._uplink_logged = 0
         #: (bridge, MAC) -> the vif that owns it
         self._owners: dict[tuple[str, bytes], int] = {}
@@ -511,14 +484,14 @@ class NetBackend:
             self.log.warning("vif %d attached again: dropping the old attachment", key)
             self.detach(key)
         try:
-            key = _field(dev, "key", int)
-            store = _field(dev, "store", str).rstrip("/")
+            key = msg_field(dev, "key", int)
+            store = msg_field(dev, "store", str).rstrip("/")
             if key == UPLINK or key < 0:
                 raise ValueError(f"device key {key} is not allowed (0 names the uplink)")
             label = f"{dev.get('domain', '?')}/{dev.get('vdev', '?')}"
-            seg_name = _field(dev, "segment", str)
-            window = _field(dev, "window", int)
-            inflight_offset = _field(dev, "inflight_offset", int)
+            seg_name = msg_field(dev, "segment", str)
+            window = msg_field(dev, "window", int)
+            inflight_offset = msg_field(dev, "inflight_offset", int)
             cls = dev.get("class", "vif")
             if cls != "vif":
                 raise ValueError(f"attach class {cls!r}: this driver serves network "
@@ -529,10 +502,14 @@ class NetBackend:
             if inflight_offset != netif.INFLIGHT_OFFSET:
                 raise ValueError(f"in-flight log offset {inflight_offset:#x} is not a vif "
                                  f"region's {netif.INFLIGHT_OFFSET:#x}")
-            vif = _field(dev, "vif", dict)
-            mac_text = _field(vif, "mac", str, "attach vif")
+            vif = msg_field(dev, "vif", dict)
+            mac_text = msg_field(vif, "mac", str, "attach vif")
             mac = netif.parse_mac(mac_text)
             bridge = check_bridge(vif.get("bridge", "br0"), "vif bridge")
+            ip = vif.get("ip")
+            if ip is not None and (not isinstance(ip, str)
+                                   or ipaddress.ip_address(ip).version != 4):
+                raise ValueError(f"attach vif ip {ip!r} is not an IPv4 address")
         except ValueError as e:
             self._refuse(key, store, str(e))
             return
@@ -572,7 +549,7 @@ class NetBackend:
         v = _Vif(key=key, label=label, store=store, mac=mac, bridge=bridge, segment=segment,
                  mem=mem, region=mem[:netif.WINDOW_BYTES],
                  dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET:netif.SEGMENT_END]), live=live,
-                 was_used=used)
+                 was_used=used, ip=ip)
         carried = self._carried.pop(key, None)
         if carried:
             v.stats = VifStats(**{k: carried.get(k, 0) for k in COUNTERS})
@@ -591,6 +568,7 @@ class NetBackend:
                       netif.format_mac(mac), bridge)
         if self._tap_wanted():
             self._open_tap()
+        self._sync_neighbors()
 
     def detach(self, key: int) -> None:
         """The domain is gone: frames waiting for this vif are given up (their senders get
@@ -608,6 +586,7 @@ class NetBackend:
                       "%d dropped for a full rx ring", key, v.label, s.tx_frames, s.rx_frames,
                       s.bad_frames, s.spoofed, s.rx_full_drops)
         self._release(v)
+        self._sync_neighbors()
 
     def fe_state(self, key: int, state: int) -> None:
         v = self.vifs.get(key)
@@ -783,15 +762,7 @@ class NetBackend:
                                   "got them yet", s.key, s.label, n)
 
     def _refuse(self, key: object, store: object, message: str) -> None:
-        self.log.error("cannot attach vif %r: %s", key, message)
-        if isinstance(store, str):
-            try:
-                self.host.store_write(f"{store}/error", message[:1024])
-                self.host.store_write(f"{store}/state", str(int(DevState.CLOSED)))
-            except ValueError as e:
-                self.log.error("cannot report it in the store: %s", e)
-        if isinstance(key, int) and not isinstance(key, bool):
-            self.host.error(key, message)
+        refuse(self.host, self.log, "vif", key, store, message)
 
     def _connect(self, v: _Vif, *, resume: bool) -> None:
         b = _Batch()
@@ -1275,10 +1246,34 @@ class NetBackend:
         self.tap = tap
         self.netns_created = self.netns_created or created
         self._tap_failures = 0
+        self._neighbors.clear()  # a new TAP: (re)install every guest's entry
+        self._sync_neighbors()
         self._bridge(self.uplink_bridge).add_port(UPLINK)
         self.log.info("uplink: TAP %s in network namespace %s%s, address %s, on bridge %s",
                       self.tap_name, self.netns, " (created)" if created else "",
                       self.host_addr, self.uplink_bridge)
+
+    def _sync_neighbors(self) -> None:
+        """Install a permanent neighbour entry on the TAP for each guest with an ip on the
+        uplink's bridge, and remove those of guests that left (tap.set_neighbors says why).
+        The ``ip`` commands run on a thread of their own: they are not on the recovery path,
+        and the entries of a previous instance are still there."""
+        if self.tap is None:
+            return
+        want = {v.ip: netif.format_mac(v.mac) for v in self.vifs.values()
+                if v.ip and v.bridge == self.uplink_bridge}
+        add = [(ip, mac) for ip, mac in want.items() if self._neighbors.get(ip) != mac]
+        remove = [ip for ip in self._neighbors if ip not in want]
+        if not add and not remove:
+            return
+        self._neighbors = dict(want)
+        netns, tap, log = self.netns, self.tap_name, self.log
+
+        def run() -> None:
+            for problem in tapmod.set_neighbors(netns, tap, add, remove):
+                log.warning("uplink: cannot set a neighbour entry (the host will use ARP): %s",
+                            problem)
+        threading.Thread(target=run, name="neighbors", daemon=True).start()
 
     def _lose_tap(self, why: str) -> None:
         self.log.error("uplink: %s; closing the TAP and trying again in %g s", why,

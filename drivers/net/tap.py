@@ -137,6 +137,27 @@ def _ip(*args: str) -> None:
         raise TapError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
 
 
+def set_neighbors(netns: str, tap: str, add: list[tuple[str, str]],
+                  remove: list[str]) -> list[str]:
+    """Make the host side know each guest's MAC for good: a permanent neighbour entry
+    ``ip -> mac`` on ``tap`` for each of ``add``, none for each ip of ``remove``.  A TAP whose
+    last reader goes (a killed switch) loses carrier, and the kernel then flushes its learnt
+    entries; the host's next ARP request could go out before the replacement reads the TAP, and
+    the retry comes a second later.  Permanent entries survive that.  Errors, as phrases (the
+    uplink works without the entries, with ARP)."""
+    errors = []
+    for ip, mac in add:
+        try:
+            _ip("-n", netns, "neigh", "replace", ip, "lladdr", mac, "dev", tap, "nud",
+                "permanent")
+        except TapError as e:
+            errors.append(str(e))
+    for ip in remove:
+        with contextlib.suppress(TapError):
+            _ip("-n", netns, "neigh", "del", ip, "dev", tap)
+    return errors
+
+
 def netns_exists(netns: str) -> bool:
     return (NETNS_DIR / netns).exists()
 
