@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from drivers.net import tap as tapmod
 from isovisor import nettools
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
@@ -148,6 +149,7 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        (tapmod.MARKER_DIR / name).unlink(missing_ok=True)
 
 
 def echo_guest(stack: Stack, netns: str) -> Path:

@@ -642,8 +642,13 @@ class NetBackend:
         self.close()
         if self.uplink_mode != "tap":
             return []
+        self.uplink_mode = "none"  # retired: nothing opens the TAP (or its namespace) again
         # The namespace goes if isovisor created it (tap.py's marker), whichever instance did.
-        done = tapmod.remove(self.netns, self.tap_name)
+        try:
+            done = tapmod.remove(self.netns, self.tap_name)
+        except tapmod.TapError as e:
+            self.log.error("uplink: cannot remove the TAP or its namespace: %s", e)
+            return []
         self.netns_created = False
         if done:
             self.log.info("removed %s", ", ".join(done))
