@@ -1,11 +1,11 @@
 """Split devices: regions, ports, store nodes, and the messages to and from their drivers.
 
-For each ``disk`` and ``vif`` of a domain the kernel creates a *device region* (a shared-memory
-segment of its own), maps its window into the guest's physical address space, gives it an
-event-channel port, writes the device-table entry and the store directories, and sends the driver
-an ``attach`` naming that segment.  The driver is never told anything else about the guest.
-``docs/devices.md`` is the reference; ``kernel/failover.py`` adds what driver recovery needs
-(``docs/recovery.md``).
+For each ``disk`` and ``vif`` of a domain, and for its console if a console driver serves it,
+the kernel creates a *device region* (a shared-memory segment of its own), maps its window into
+the guest's physical address space, gives it an event-channel port, writes the device-table
+entry and the store directories, and sends the driver an ``attach`` naming that segment.  The
+driver is never told anything else about the guest.  ``docs/devices.md`` is the reference;
+``kernel/failover.py`` adds what driver recovery needs (``docs/recovery.md``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Device:
 
     @property
     def kind_word(self) -> str:
-        """"block device" or "network interface", for messages."""
+        """"block device", "network interface" or "console", for messages."""
         return {"vif": "network interface", "console": "console"}.get(self.cls.name,
                                                                        "block device")
 
@@ -190,8 +190,8 @@ class DeviceManager:
     def check_backends(self, specs: tuple[DeviceSpec, ...], where: str) -> None:
         """Every device names a connected driver; a vif's MAC is not taken on its bridge."""
         if len(specs) > abi.SI_MAX_DEVICES:
-            raise ControlError(f"{where}: {len(specs)} devices (disks and vifs together); a "
-                               f"domain has at most {abi.SI_MAX_DEVICES}")
+            raise ControlError(f"{where}: {len(specs)} devices (disks, vifs and a console "
+                               f"together); a domain has at most {abi.SI_MAX_DEVICES}")
         for d in specs:
             what = (f"disk {d.vdev}" if isinstance(d, DiskSpec) else f"vif {d.vdev}"
                     if isinstance(d, VifSpec) else "the console")
