@@ -63,8 +63,10 @@ typedef uint8_t u8;
 typedef uint16_t u16;
 typedef uint32_t u32;
 typedef uint64_t u64;
+#include "../runtime/netbytes.h"
 #else
 #include "netfront.h"
+#include "netbytes.h"
 /* Freestanding code gets no builtin memcpy: ask for it, so small fixed copies are inlined. */
 #define memcpy __builtin_memcpy
 #endif
@@ -87,23 +89,6 @@ typedef uint64_t u64;
 
 static const u8 BROADCAST[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 
-static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
-static u32 get32(const u8 *p)
-{
-    return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | (u32)p[3];
-}
-static void put16(u8 *p, u16 v)
-{
-    p[0] = (u8)(v >> 8);
-    p[1] = (u8)v;
-}
-static void put32(u8 *p, u32 v)
-{
-    p[0] = (u8)(v >> 24);
-    p[1] = (u8)(v >> 16);
-    p[2] = (u8)(v >> 8);
-    p[3] = (u8)v;
-}
 
 /* RFC 1071: add len bytes as big-endian 16-bit words (an odd last byte is the high half). */
 static u64 csum_add(u64 sum, const u8 *p, u32 len)

@@ -64,6 +64,7 @@
  * interface that cannot be opened.
  */
 #include "netfront.h"
+#include "netbytes.h"
 
 /* Freestanding code gets no builtin memcpy: ask for it, so 8-byte copies are single moves. */
 #define memcpy __builtin_memcpy
@@ -99,23 +100,6 @@ static u64 peer_received;  /* the arg of the peer's done */
 static u64 unacked;        /* data frames received since our last ack */
 static u64 errors;
 
-static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
-static u32 get32(const u8 *p)
-{
-    return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | (u32)p[3];
-}
-static void put16(u8 *p, u16 v)
-{
-    p[0] = (u8)(v >> 8);
-    p[1] = (u8)v;
-}
-static void put32(u8 *p, u32 v)
-{
-    p[0] = (u8)(v >> 24);
-    p[1] = (u8)(v >> 16);
-    p[2] = (u8)(v >> 8);
-    p[3] = (u8)v;
-}
 
 static u64 mac48(const u8 m[6])
 {
