@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import logging
 import os
 import random
 import re
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,66 +26,24 @@ import pytest
 import zmq
 
 from drivers.console.backend import MAX_SOCKET_PATH, ConsoleBackend, SimulatedCrash, _Console
-from drivers.host import check_store_path, start_inline
+from drivers.host import start_inline
 from drivers.state import BackendState, StateError
 from ipc import consif
 from ipc.consif import ConsoleFront, Follower, Journal, decode_offset
 from ipc.shm import Segment
 from isovisor.testing import wait_until
+from tests.fakehost import RecordingHost
 
 DRIVER = "cons0"
 PREFIX = f"isovisor-test-cons.{os.getpid()}."
 WAIT = 10.0
 
 
-class FakeHost:
-    """What drivers.host gives a backend, recording what the backend says."""
-
-    name = DRIVER
+class FakeHost(RecordingHost):
+    """The driver host's API, recording what the backend asks of it (tests/fakehost.py)."""
 
     def __init__(self) -> None:
-        self.log = logging.getLogger("test.console")
-        self.store: dict[str, str] = {}
-        self.notifies: Counter[int] = Counter()
-        self.faults: list[tuple[int, str]] = []
-        self.errors: list[tuple[int, str]] = []
-        self.recoveries: list[tuple[int, int, int]] = []
-        self.again: set[int] = set()
-        self.fired: list[tuple[int, str, str]] = []  # injected faults that fired
-        self.injected: list[str] = []
-        self.fds = 0
-
-    def notify(self, key: int) -> None:
-        self.notifies[key] += 1
-
-    def store_write(self, path: str, value: str) -> None:
-        check_store_path(self.name, path)
-        self.store[path] = value
-
-    def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
-        self.fired.append((fault_id, kind, device))
-
-    def inject(self, kind: str, *, really: bool = False) -> None:
-        """A crash stops the instance here, as SIGKILL would (SimulatedCrash)."""
-        self.injected.append(kind)
-        if kind != "leak":
-            raise SimulatedCrash(f"injected {kind}")
-
-    def leak_fds(self, n: int) -> int:
-        self.fds += n
-        return self.fds
-
-    def fault(self, key: int, message: str) -> None:
-        self.faults.append((key, message))
-
-    def error(self, key: int, message: str) -> None:
-        self.errors.append((key, message))
-
-    def kick_again(self, key: int) -> None:
-        self.again.add(key)
-
-    def recovered(self, key: int, replayed: int, done_ns: int) -> None:
-        self.recoveries.append((key, replayed, done_ns))
+        super().__init__(DRIVER, SimulatedCrash)
 
 
 class Guest:

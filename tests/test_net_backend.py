@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import os
 import re
 import socket
 import struct
 import subprocess
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from drivers.host import check_store_path
 from drivers.net import Backend
 from drivers.net import backend as netbackend
 from drivers.net import tap as tapmod
@@ -44,6 +41,7 @@ from ipc.netif import (
 from ipc.ring import FrontRing, InflightLog, RingError, inflight_bytes
 from ipc.shm import Segment
 from isovisor.testing import wait_until
+from tests.fakehost import RecordingHost
 
 PREFIX = f"isovisor-nettest.{os.getpid()}."
 DRIVER = "net0"
@@ -52,59 +50,11 @@ ETHERTYPE = 0x88B5  # IEEE local experimental
 INFLIGHT_BYTES = inflight_bytes(netif.RING_SLOTS, netif.SLOT_SIZE)
 
 
-class FakeHost:
-    """The driver host's API, recording what the backend asks of it."""
-
-    name = DRIVER
+class FakeHost(RecordingHost):
+    """The driver host's API, recording what the backend asks of it (tests/fakehost.py)."""
 
     def __init__(self) -> None:
-        self.log = logging.getLogger("isovisor.driver.net0.test")
-        self.store: dict[str, str] = {}
-        self.notifies: Counter[int] = Counter()
-        self.faults: list[tuple[int, str]] = []
-        self.errors: list[tuple[int, str]] = []
-        self.recoveries: list[tuple[int, int, int]] = []
-        self.poisons: list[tuple[int, int, str]] = []
-        self.again: set[int] = set()
-        self.fired: list[tuple[int, str, str]] = []  # injected faults that fired
-        self.injected: list[str] = []
-        self.fds = 0
-
-    def notify(self, key: int) -> None:
-        self.notifies[key] += 1
-
-    def store_write(self, path: str, value: str) -> None:
-        check_store_path(self.name, path)
-        assert isinstance(value, str)
-        self.store[path] = value
-
-    def fault(self, key: int, message: str) -> None:
-        self.faults.append((key, message))
-
-    def error(self, key: int, message: str) -> None:
-        self.errors.append((key, message))
-
-    def kick_again(self, key: int) -> None:
-        self.again.add(key)
-
-    def recovered(self, key: int, replayed: int, done_ns: int) -> None:
-        self.recoveries.append((key, replayed, done_ns))
-
-    def poison(self, key: int, index: int, description: str) -> None:
-        self.poisons.append((key, index, description))
-
-    def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
-        self.fired.append((fault_id, kind, device))
-
-    def inject(self, kind: str, *, really: bool = False) -> None:
-        """A crash stops the instance here (it is then abandoned, as after SIGKILL)."""
-        self.injected.append(kind)
-        if kind != "leak":
-            raise Crash(f"injected {kind}")
-
-    def leak_fds(self, n: int) -> int:
-        self.fds += n
-        return self.fds
+        super().__init__(DRIVER, Crash)
 
 
 class Clock:
