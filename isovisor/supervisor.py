@@ -40,6 +40,7 @@ from isovisor.drivermgr import DriverManager
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervision import State
+from isovisor.vifconfig import VifSpec
 
 log = logging.getLogger("isovisor.supervisor")
 
@@ -275,7 +276,7 @@ class Supervisor:
         raise ControlError(f"property 'action' of command 'fault' must be add, list, remove or "
                            f"reset, got {action!r}")
 
-    def _check_disks(self, cfg: DomainConfig) -> None:
+    def _check_devices(self, cfg: DomainConfig) -> None:
         declared = {d.name for d in self.cfg.drivers}
         if cfg.console_driver and cfg.console_driver not in declared:
             raise ControlError(
@@ -284,7 +285,7 @@ class Supervisor:
                 f"{', '.join(sorted(declared)) or 'none'}); add [driver.{cfg.console_driver}] "
                 "with module = \"drivers.console\", or use console = \"kernel\"")
         for dev in (*cfg.disks, *cfg.vifs):
-            what = "vif" if dev in cfg.vifs else "disk"
+            what = "vif" if isinstance(dev, VifSpec) else "disk"
             if dev.backend not in declared:
                 raise ControlError(
                     f"{cfg.source}: {what} {dev.vdev} uses backend {dev.backend!r}, which "
@@ -347,7 +348,7 @@ class Supervisor:
             raise ControlError(str(e)) from None
         if not cfg.console and self.cfg.console:
             cfg = dataclasses.replace(cfg, console=self.cfg.console)  # the stack's default
-        self._check_disks(cfg)
+        self._check_devices(cfg)
         driver = cfg.console_driver
         start = self.consoles.before_create(driver, cfg.name) if driver else 0
         reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire())
