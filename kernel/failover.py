@@ -453,9 +453,13 @@ class Recovery:
     # -- the periodic check (drivers thread) --------------------------------------------------
     def tick(self) -> None:
         """Report each link that missed its heartbeat or left a request unanswered too long
-        (once per link)."""
+        (once per link); drain the consoles of failed drivers."""
         now = self.clock()
         devices = self.dm.snapshot()
+        if self.failing:  # a console of a failed driver: take its output even without a kick,
+            for dev in devices:  # so a guest whose wake-up was lost in a race never waits
+                if not dev.cls.requests and dev.spec.backend in self.failing:
+                    self._take_console(dev)
         for link in list(self.hub.links.values()):
             if link.hang_reported or self.quiet(link.name):
                 continue

@@ -88,6 +88,8 @@ def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> N
                        timeout=60, what=f"{least} bytes in the log")
             kill_with_a_warm_spare(stack, events, "con0")
         events.wait("domain.c.shutdown", timeout=120)
+        wait_until(lambda: "conecho: done" in path.read_text(), timeout=30,
+                   what="the last line in the log")
     finally:
         events.sub.close()
     check_lines(path.read_text(), lines)
@@ -109,6 +111,10 @@ def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) ->
             stack.pids.append(r["pid"])
             old = r["pid"]
         events.wait("domain.c.shutdown", timeout=120)
+        # The guest's last lines may still be in its ring when it powers off: the driver
+        # appends them on its next turn.
+        wait_until(lambda: "conecho: done" in path.read_text(), timeout=30,
+                   what="the last line in the log")
     finally:
         events.sub.close()
     check_lines(path.read_text(), lines)
