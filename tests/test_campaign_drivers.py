@@ -155,8 +155,9 @@ def test_the_net_campaign_injects_every_net_fault_type(tmp_path: Path) -> None:
     assert poison["outcome"] == "poison_error" and poison["detected_by"] == "exit", poison
     assert sm["poison_clean"] == sm["poison_total"] == 1, sm
     # the only errors the guests saw: the frame refused as poison (its sender's tx error, and
-    # the frame its peer never got)
-    assert sm["guest_errors"] <= 2, journal["guests"]
+    # the frame its peer never got), and each frame corrupt_data spoiled, which netpair counts
+    # as an error of the guest that received it when that guest's life also ends with others
+    assert sm["guest_errors"] <= 2 + sm["silent_corruptions"], journal["guests"]
     assert all(g["code"] in (0, 1) for g in journal["guests"])
 
 
