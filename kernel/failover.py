@@ -300,6 +300,7 @@ class Recovery:
         self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.recovered", {
             "domid": dev.dom.domid, "driver": backend, "replayed": replayed,
             "done_ns": done_ns})
+        self._wake(dev)
         self._settle(dev, (replayed, done_ns))
 
     def _poison(self, msg: list[Any]) -> None:
@@ -533,6 +534,17 @@ class Recovery:
             self.dm.sched.notify(dev.dom, 1 << dev.port)
         return len(data)
 
+    def _wake(self, dev: Device) -> None:
+        """Raise ``dev``'s event for its guest, whatever the ring says.  A driver killed between
+        publishing an index and notifying took that notification with it: a guest that slept
+        on it (a console writer waiting for room the dead instance had made, a frontend waiting
+        for responses it had pushed) would sleep for good, as the ring then gives the next
+        instance, or the kernel in failing mode, nothing to notify for.  Xen's frontends get an
+        event on every reconnect for the same reason; a spurious one only makes the guest look
+        at its rings again."""
+        if not dev.gone and dev.dom.exit is None:
+            self.dm.sched.notify(dev.dom, 1 << dev.port)
+
     def _guarded(self, dev: Device, what: str, fn: Callable[[Device], Any]) -> Any:
         """Run ``fn(dev)`` on the device's segment (lock held); a broken guest ring crashes
         the guest, a vanished segment is logged.  None on failure."""
@@ -571,7 +583,10 @@ class Recovery:
         for dev in devices:
             if dev.hold is not None:
                 self._release(dev, f"driver {name} fails")
-        answered = sum(self.answer(d) for d in devices)
+        answered = 0
+        for dev in devices:
+            answered += self.answer(dev)
+            self._wake(dev)
         log.error("driver %s fails (%s): the kernel answers every request of its %d device(s) "
                   "with an error until a new instance says hello; %d outstanding request(s) "
                   "answered", name, reason, len(devices), answered)

@@ -30,7 +30,7 @@ import msgpack
 import pytest
 import zmq
 
-from ipc import blkif
+from ipc import blkif, consif
 from ipc.blkif import (
     OP_DISCARD,
     OP_FLUSH,
@@ -44,6 +44,7 @@ from ipc.blkif import (
     encode_request,
     encode_response,
 )
+from ipc.consif import ConsoleBack
 from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.events import Subscriber, subscribe
 from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes, ring_bytes
@@ -239,9 +240,13 @@ class FakeDevice:
     ring: BackRing | None = None
     journal: InflightLog | None = None
     records_at_connect: int | None = None
+    #: A console device (attach class "console"): its rings once connected, and what it took.
+    is_console: bool = False
+    console: ConsoleBack | None = None
+    output: bytearray = field(default_factory=bytearray)
 
     def close(self) -> None:
-        self.ring = self.journal = None
+        self.ring = self.journal = self.console = None
         self.mem.release()
         with contextlib.suppress(BufferError):
             self.segment.close()
@@ -252,12 +257,16 @@ class FakeDriver:
     every message it gets, runs the backend handshake, and serves rings from an in-memory disk
     (``disks``, shared with its successors) unless told to ``stall`` (take that many requests
     into the in-flight log and never answer) or it is ``paused``; ``bad_ids`` answers with
-    response ids that match no request."""
+    response ids that match no request.  A console device's output it takes into
+    ``FakeDevice.output``; with ``lose_wakeups`` it never notifies the guest that room came
+    (as an instance killed between consuming and notifying would), and with ``quiet`` it
+    resumes a console without writing its backend state (each write raises the guest's port)."""
 
     def __init__(self, kernel: Kernel, name: str, pid: int, *,
                  disks: dict[str, bytearray] | None = None, stall: int | None = None,
                  hello: dict[str, Any] | None = None, bad_ids: bool = False,
-                 spare: bool = False, restore: str = "ok") -> None:
+                 spare: bool = False, restore: str = "ok", lose_wakeups: bool = False,
+                 quiet: bool = False) -> None:
         self.kernel = kernel
         self.name = name
         self.pid = pid
@@ -265,6 +274,8 @@ class FakeDriver:
         self.disks = {} if disks is None else disks
         self.stall = stall
         self.bad_ids = bad_ids
+        self.lose_wakeups = lose_wakeups
+        self.quiet = quiet
         self.hello_extra = hello or {}
         self.paused = False
         #: A hot swap's new instance: says "spare" and waits for ["restore", state].
@@ -399,7 +410,7 @@ class FakeDriver:
                 dev.close()
         elif kind == "fe_state" and msg[1] in self.devices:
             dev = self.devices[msg[1]]
-            if msg[2] == 3 or (msg[2] == 4 and dev.ring is None):
+            if msg[2] == 3 or (msg[2] == 4 and dev.ring is None and dev.console is None):
                 self._connect(dev, resume=msg[2] == 4)
         elif kind == "kick" and msg[1] in self.devices and not self.paused:
             self.serve(self.devices[msg[1]])
@@ -408,6 +419,14 @@ class FakeDriver:
         old = self.devices.pop(a["key"], None)
         if old is not None:
             old.close()
+        if a["class"] == consif.CLASS_NAME:
+            seg = Segment(a["segment"], 0, create=False)
+            dev = FakeDevice(a["key"], a["store"], seg, bytearray(), memoryview(seg.buf),
+                             is_console=True)
+            self.devices[dev.key] = dev
+            if not self.quiet:
+                self._send(["store", f"{dev.store}/state", "2"])
+            return
         disk = self.disks.setdefault(a["disk"]["target"], bytearray(a["disk"]["size"]))
         seg = Segment(a["segment"], 0, create=False)
         dev = FakeDevice(a["key"], a["store"], seg, disk, memoryview(seg.buf))
@@ -417,6 +436,14 @@ class FakeDriver:
             self._send(["store", f"{dev.store}/{k}", v])
 
     def _connect(self, dev: FakeDevice, *, resume: bool) -> None:
+        if dev.is_console:
+            dev.console = ConsoleBack(dev.mem[:consif.WINDOW_BYTES])
+            if not (resume and self.quiet):
+                self._send(["store", f"{dev.store}/state", "4"])
+            if resume:
+                self._send(["recovered", dev.key, 0, time.monotonic_ns()])
+            self.serve(dev)
+            return
         dev.ring = BackRing(dev.mem[:RING_BYTES], blkif.RING_SLOTS, blkif.SLOT_SIZE)
         dev.journal = InflightLog(
             dev.mem[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
@@ -443,6 +470,9 @@ class FakeDriver:
     def serve(self, dev: FakeDevice) -> None:
         """Answer what the ring holds, then re-arm req_event (or, stalling, take requests
         into the in-flight log and answer nothing)."""
+        if dev.console is not None:
+            self._take_output(dev, dev.console)
+            return
         ring, journal = dev.ring, dev.journal
         if ring is None or journal is None:
             return
@@ -469,6 +499,18 @@ class FakeDriver:
                 journal.end(index)
             if not ring.final_check_for_requests():
                 return
+
+    def _take_output(self, dev: FakeDevice, ring: ConsoleBack) -> None:
+        notify = False
+        while True:
+            n = ring.out_available()
+            if n:
+                dev.output += ring.out_peek(ring.out_cons, n)
+                notify |= ring.out_commit(ring.out_cons + n)
+            if not ring.out_final_check():
+                break
+        if notify and not self.lose_wakeups:
+            self._send(["notify", dev.key])
 
     def serve_all(self) -> None:
         for dev in self.devices.values():
@@ -551,6 +593,66 @@ def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
     s = summary(con)
     assert done["code"] == 0 and s["errors"] == 0 and s["ops"] == 3000, con
     assert "HC_EVTCHN_SEND" not in con
+
+
+def console_waits_for_room_it_has(dev: FakeDevice) -> bool:
+    """The ring is empty and the backend's out_cons has passed the guest's out_cons_event
+    ("wake me when out_cons passes this"): with its domain blocked, a guest asleep on a
+    wake-up that never came."""
+    w = dev.mem[:consif.HEADER_BYTES].cast("Q")
+    try:
+        out_prod, out_cons, asked = (w[consif.OUT_PROD // 8], w[consif.OUT_CONS // 8],
+                                     w[consif.OUT_CONS_EVENT // 8])
+    finally:
+        w.release()
+    return out_prod == out_cons and (out_cons - asked) & _MASK < 1 << 63
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("then", ["a new instance", "failing mode"])
+def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
+                                                                then: str) -> None:
+    """A console driver consumes the guest's output and is killed before it notifies: the guest,
+    asleep until room comes, would sleep for good, since the ring is empty and neither the next
+    instance (one that rewrites no backend state) nor the kernel in failing mode has anything
+    to notify for.  The kernel raises the guest's event itself on each device's recovery and
+    on failing mode, and the guest prints every line exactly once."""
+    lines = 1000  # 61 KB: the kernel's console history (64 KiB) keeps all it takes over
+    with kernel.subscribe(["driver.conF.", "device.", "domain.c."]) as ev:
+        a = kernel.driver("conF", 6001, lose_wakeups=True)
+        cfg = DomainConfig.from_dict(
+            {"name": "c", "image": "conecho", "memory": 4, "on_poweroff": "preserve",
+             "on_crash": "preserve", "extra": f"lines={lines}", "console": "conF"},
+            str(kernel.dir / "c.toml"), base_dir=kernel.dir)
+        kernel.call("create", config=cfg.to_wire())
+        stuck: list[bool] = []
+
+        def probe() -> bool:
+            stuck.clear()
+            a.run(lambda: stuck.extend(console_waits_for_room_it_has(d)
+                                       for d in a.devices.values() if d.console is not None))
+            (dom,) = [d for d in kernel.call("list")["domains"] if d["name"] == "c"]
+            return stuck == [True] and dom["state"][1] == "b"
+        wait_until(probe, "the guest asleep on a wake-up the driver never sent")
+        taken: list[bytes] = []
+        a.run(lambda: taken.extend(bytes(d.output) for d in a.devices.values()))
+        a.stop()
+        assert kernel.call("driver_lost", name="conF", pid=6001)["dropped"] is True
+        if then == "a new instance":
+            b = kernel.driver("conF", 6002, quiet=True)
+            ev.wait("device.c.console.recovered")
+            done = ev.wait("domain.c.shutdown", timeout=40)
+            b.run(lambda: taken.extend(bytes(d.output) for d in b.devices.values()))
+        else:
+            kernel.call("driver_fail", name="conF", reason="restarted too often")
+            done = ev.wait("domain.c.shutdown", timeout=40)
+            taken.append(kernel.console("c").encode())
+    out = b"".join(taken).decode()
+    got = [ln for ln in out.splitlines() if ln.startswith("conecho: line ")]
+    assert done["code"] == 0, out[-2000:]
+    assert got == [f"conecho: line {i:09d} abcdefghijklmnopqrstuvwxyz0123456789"
+                   for i in range(lines)], (len(got), out[-2000:])
+    assert f"conecho: done lines={lines} echoed=0" in out, out[-2000:]
 
 
 @pytest.mark.timeout(60)
