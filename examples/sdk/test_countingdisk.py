@@ -74,7 +74,7 @@ def test_v1_to_v2_upgrades_the_state_and_v2_to_v1_is_refused(isovisor_stack: Min
     """countingdisk v1 -> v2 goes through v2's upgrade_state: the counters carry on in the new
     layout.  v2 -> v1 is refused by v1 (the state is newer than it understands) and rolled
     back: v2 goes on serving."""
-    s = isovisor_stack.start(V1, guests=1, ops=80_000)
+    s = isovisor_stack.start(V1, guests=1, ops=120_000)
     before = s.wait_statistics(lambda st: counted(st, "g1", "reads") > 1000)
     r = s.swap(V2)
     assert r["outcome"] == "swapped", r
