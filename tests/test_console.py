@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -77,39 +78,19 @@ def test_output_goes_through_the_driver_to_the_log_and_the_cli(stack: Stack) -> 
     assert (row["class"], row["vdev"], row["backend"]) == ("console", "console", "con0"), row
 
 
-def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> None:
-    lines = 60_000
+def print_through(stack: Stack, lines: int, step: int, times: int,
+                  disturb: Callable[[Events], None]) -> None:
+    """A conecho guest prints ``lines`` lines; each time the log has grown by another ``step``
+    bytes (``times`` times), ``disturb(events)``.  Then every line must reach the log once, in
+    order."""
     events = start(stack, "c", f"lines={lines}")
     path = stack.run_dir / "consoles" / "c.log"
     try:
-        for k in range(5):
-            least = (k + 1) * 300_000
+        for k in range(times):
+            least = (k + 1) * step
             wait_until(lambda least=least: path.exists() and path.stat().st_size > least,
                        timeout=60, what=f"{least} bytes in the log")
-            kill_with_a_warm_spare(stack, events, "con0")
-        events.wait("domain.c.shutdown", timeout=120)
-        wait_until(lambda: "conecho: done" in path.read_text(), timeout=30,
-                   what="the last line in the log")
-    finally:
-        events.sub.close()
-    check_lines(path.read_text(), lines)
-    assert driver_row(stack, "con0")["restarts"] == 5
-
-
-def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) -> None:
-    lines = 40_000
-    events = start(stack, "c", f"lines={lines}")
-    path = stack.run_dir / "consoles" / "c.log"
-    try:
-        old = driver_row(stack, "con0")["pid"]
-        for k in range(2):
-            least = (k + 1) * 400_000
-            wait_until(lambda least=least: path.exists() and path.stat().st_size > least,
-                       timeout=60, what=f"{least} bytes in the log")
-            r = swap(RunDir(stack.run_dir), "con0", "drivers.console", wait=60, probation=0.3)
-            assert r["outcome"] == "swapped" and r["old_pid"] == old and r["pid"] != old, r
-            stack.pids.append(r["pid"])
-            old = r["pid"]
+            disturb(events)
         events.wait("domain.c.shutdown", timeout=120)
         # The guest's last lines may still be in its ring when it powers off: the driver
         # appends them on its next turn.
@@ -118,7 +99,26 @@ def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) ->
     finally:
         events.sub.close()
     check_lines(path.read_text(), lines)
-    assert driver_row(stack, "con0")["swaps"] == 2
+
+
+def test_killing_the_console_driver_loses_and_repeats_no_byte(stack: Stack) -> None:
+    print_through(stack, 60_000, 300_000, 5,
+                  lambda events: kill_with_a_warm_spare(stack, events, "con0"))
+    assert driver_row(stack, "con0")["restarts"] == 5
+
+
+def test_a_hot_swap_of_the_console_driver_keeps_every_byte_once(stack: Stack) -> None:
+    pids: list[int] = []  # each swap's new instance, the old one of the next swap
+
+    def hot_swap(_: Events) -> None:
+        old = pids[-1] if pids else driver_row(stack, "con0")["pid"]
+        r = swap(RunDir(stack.run_dir), "con0", "drivers.console", wait=60, probation=0.3)
+        assert r["outcome"] == "swapped" and r["old_pid"] == old and r["pid"] != old, r
+        stack.pids.append(r["pid"])
+        pids.append(r["pid"])
+    print_through(stack, 40_000, 400_000, 2, hot_swap)
+    row = driver_row(stack, "con0")
+    assert (row["swaps"], row["restarts"]) == (2, 0), row
 
 
 def test_a_failed_console_driver_never_blocks_the_guest(stack: Stack) -> None:
