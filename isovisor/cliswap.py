@@ -45,8 +45,9 @@ def driver_swap(
             "--probation", help="Seconds the new backend must serve without dying before the "
                                 "swap is final (default 1).")] = None,
         timeout: Annotated[float | None, typer.Option(
-            "--timeout", help="Seconds the new backend has to restore the state and say hello "
-                              "(default 5; less than the driver's request_timeout_sec).")]
+            "--timeout", help="Seconds each step (drain, restore and hello) may take; less "
+                              "than the driver's request_timeout_sec (default: 5, or half "
+                              "of request_timeout_sec when that is shorter).")]
         = None,
         max_swaps: Annotated[int, typer.Option(
             "--max-swaps", help="With --watch: stop after this many swaps (0: never).")] = 0,

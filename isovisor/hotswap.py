@@ -39,7 +39,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("isovisor.supervisor")
 
 DEFAULT_PROBATION_S: Final = 1.0
+#: The swap timeout when none is given: this, or half the driver's request_timeout_sec when
+#: that is shorter (a guest waits request_timeout_sec at most, so the swap must fit in it).
 DEFAULT_TIMEOUT_S: Final = 5.0
+MIN_TIMEOUT_S: Final = 0.1
+
+
+def default_timeout(request_timeout_sec: float) -> float:
+    """The swap timeout used for a driver whose requests may stay out ``request_timeout_sec``."""
+    return max(MIN_TIMEOUT_S, min(DEFAULT_TIMEOUT_S, request_timeout_sec / 2))
 #: How many past swaps each driver's status keeps.
 HISTORY: Final = 10
 
@@ -94,15 +102,19 @@ class Swapper:
                   "swapped; declare it with isolation = \"process\"")
         spec = check_target(target)
         probation = DEFAULT_PROBATION_S if probation is None else probation
-        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
         if not 0 <= probation <= 600:
             raise ControlError(f"driver swap: probation must be 0..600 seconds, got "
                                f"{probation:g}")
         limit = slot.cfg.request_timeout_sec
-        if not 0.1 <= timeout < limit:
-            raise ControlError(f"driver swap: timeout must be at least 0.1 s and less than "
-                               f"driver {name}'s request_timeout_sec ({limit:g} s: guests "
-                               f"wait that long at most), got {timeout:g}")
+        given = timeout is not None
+        timeout = default_timeout(limit) if timeout is None else timeout
+        if not MIN_TIMEOUT_S <= timeout < limit:
+            what = (f"--timeout must be at least {MIN_TIMEOUT_S:g} s and less than"
+                    if given else f"the default swap timeout ({timeout:g} s) must be less than")
+            raise ControlError(f"driver swap: {what} driver {name}'s request_timeout_sec "
+                               f"({limit:g} s: guests wait that long at most), got "
+                               f"{timeout:g}; give a --timeout in range, or raise "
+                               f"request_timeout_sec in [driver.{name}]")
         if slot.swap is not None:
             raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "
                                f"({slot.swap.phase}); wait for its outcome")

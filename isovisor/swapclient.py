@@ -44,8 +44,10 @@ def swap(rd: RunDir, name: str, target: str, *, probation: float | None = None,
     (bad input, a driver that is not RUNNING, ...); SwapTimeout after ``wait`` seconds."""
     topic = f"driver.{name}.swap"
     with Client(rd.control, timeout=15) as c, subscribe(rd.events, [topic], c) as sub:
-        reply = c.call("driver_swap", name=name, target=target, probation=probation,
-                       timeout=timeout)
+        # ``request``, not ``call``: ``call`` takes ``timeout`` as its own reply deadline, and
+        # the swap's timeout then never reached the supervisor.
+        reply = c.request("driver_swap", {"name": name, "target": target,
+                                          "probation": probation, "timeout": timeout})
         sid = reply["swap"]["swap_id"]
         deadline = time.monotonic() + wait
         while True:

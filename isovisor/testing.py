@@ -360,7 +360,8 @@ class MiniStack:
         file) and return the ``driver.blk0.swap`` event: ``outcome`` (swapped, rolled_back,
         refused, failed), ``reason``, ``error``, ``traceback``, ``stall_ms``, ``carried``,
         ``pid``, ``old_pid``, ``old``, ``new``.  ``probation``: seconds the new backend must
-        serve without dying; ``timeout``: seconds it has to restore the state (default 5)."""
+        serve without dying; ``timeout``: seconds each step (drain, restore and hello) may
+        take (default: 5, or half the driver's request_timeout_sec when that is shorter)."""
         r = _swap(self._ps.rd, DRIVER, _spec(target), probation=probation, timeout=timeout,
                   wait=wait)
         for k in ("pid", "old_pid"):

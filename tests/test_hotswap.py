@@ -268,3 +268,52 @@ def test_a_backend_that_cannot_be_drained_is_not_swapped(stack: Stack) -> None:
     wait_until(lambda: not psutil.pid_exists(r["pid"]) or
                psutil.Process(r["pid"]).status() == "zombie", timeout=10,
                what="the new process to be gone")
+
+
+README_IMAGES = [Path(f"/tmp/isovisor-blk-recovery-{g}.img") for g in ("g1", "g2")]
+
+
+def test_the_readme_swap_commands_on_the_example_stack(stack: Stack) -> None:
+    """README.md's hot swap, as written, on examples/blk-recovery.toml: `isovisor driver swap
+    blk0 --to drivers.blk.ram:RamBackend` and back with `--to drivers.blk` both go through
+    (that stack's request_timeout_sec is 5 s, the old fixed default swap timeout, which was
+    refused), `--timeout` reaches the supervisor (an out-of-range one is refused and one in
+    range is the swap's), and the guests go on without an error."""
+    root = Path(__file__).resolve().parent.parent
+    made = [p for p in README_IMAGES if not p.exists()]  # the example keeps its images
+    try:
+        up = stack.cli("up", "--detach", str(root / "examples" / "blk-recovery.toml"))
+        assert up.returncode == 0, up.stdout + up.stderr
+        ping = stack.call("ping")
+        stack.pids += [ping["pid"], ping["kernel_pid"]]
+        stack.pids += [d["pid"] for d in stack.call("drivers")["drivers"] if d["pid"]]
+        more_io(stack, 2000)
+        steps = [("drivers.blk.ram:RamBackend", [], None),
+                 ("drivers.blk", [], None),
+                 ("drivers.blk.ram:RamBackend", ["--timeout", "3"], 3.0)]
+        for target, extra, timeout in steps:
+            old = driver_row(stack)["pid"]
+            r = stack.cli("driver", "swap", "blk0", "--to", target, *extra, timeout=90)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "swapped blk0: " in r.stdout and f"-> {target}; pid {old} -> " in r.stdout, \
+                r.stdout
+            row = driver_row(stack)
+            stack.pids.append(row["pid"])
+            assert (row["module"], row["state"]) == (target, "RUNNING"), row
+            assert row["last_swap"]["timeout"] == (timeout or 2.5), row["last_swap"]
+            more_io(stack, 2000)
+        bad = stack.cli("driver", "swap", "blk0", "--to", "drivers.blk", "--timeout", "0.01")
+        assert bad.returncode == 1, bad
+        assert "--timeout must be at least 0.1 s and less than driver blk0's " \
+               "request_timeout_sec (5 s" in bad.stderr, bad.stderr
+        assert driver_row(stack)["module"] == "drivers.blk.ram:RamBackend"  # nothing happened
+        for g in ("g1", "g2"):
+            con = stack.cli("console", g).stdout
+            assert "blkstress: disk=" in con, con
+            for word in ("failed", "MISMATCH", "stopped", "error"):
+                assert word not in con, con
+        down = stack.cli("down", timeout=60)
+        assert down.returncode == 0, down.stdout + down.stderr
+    finally:
+        for p in made:
+            p.unlink(missing_ok=True)
