@@ -7,9 +7,10 @@ matches the request's filters counts the request, then ``times``, ``fail_nth``, 
 and ``probability`` decide whether it fires.  What firing does is the backend's business,
 except for the kinds every driver host can carry out (``HOST_KINDS``).
 
-What a "request" is depends on the device class (:data:`FAULT_CLASSES`): a block request
-(``drivers.blk``), a tx request being switched (``drivers.net``), an append of console output to
-the log (``drivers.console``).  Each class says what the ``op`` filter names and what ``sector``
+What a "request" is depends on the device class (:func:`fault_classes`; each class declares its
+:class:`FaultClass` in its module of ``devices/``): a block request (``drivers.blk``), a tx
+request being switched (``drivers.net``), an append of console output to the log
+(``drivers.console``).  Each class says what the ``op`` filter names and what ``sector``
 selects, and refuses, with the reason, the types that mean nothing for it (a console has no
 responses to spoil).
 
@@ -20,6 +21,7 @@ instance; each firing is reported back (``fault_fired``) so the table's ``times`
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -52,7 +54,7 @@ PROCESS_KINDS: Final = frozenset({"segv", "abort", "exit", "hang", "poison"})
 #: The operations of block requests (the ``op`` filter of a block driver's faults).
 OPS: Final = ("read", "write", "flush", "discard")
 #: Types that spoil a response the guest's frontend checks.
-_RESPONSE_TYPES: Final = ("duplicate", "bad_id", "bad_status", "bad_op", "bad_index")
+RESPONSE_TYPES: Final = ("duplicate", "bad_id", "bad_status", "bad_op", "bad_index")
 
 
 @dataclass(frozen=True)
@@ -99,41 +101,30 @@ class FaultClass:
                              f"operations of {self.request}")
 
 
-_NO_RESPONSES: Final = ("a console has no responses to spoil: the guest writes a byte stream, "
-                        "and all the backend gives back is how far it has consumed it")
-#: The device classes, by name (kernel/devclass.py), and ``any`` (a driver not known to be of
-#: one: every type and operation passes here, and the driver's own class decides).
-FAULT_CLASSES: Final[dict[str, FaultClass]] = {
-    "vbd": FaultClass("vbd", "block", "a block driver's requests", OPS,
-                      "the request's sectors cover this sector"),
-    "vif": FaultClass(
-        "vif", "net", "a net driver's requests (tx: a frame being switched)", ("tx",),
-        "the frame covers this byte offset of the vif's region (the guest's tx buffer k "
-        "starts at 8192 + 2048 * k)",
-        {"bad_op": "a tx response carries no operation, only the request's id and a status"}),
-    "console": FaultClass(
-        "console", "console", "a console driver's requests (write: an append of output to "
-        "the log)", ("write",),
-        "the append covers this byte of the domain's output stream (0 = its first byte)",
-        {**dict.fromkeys(_RESPONSE_TYPES, _NO_RESPONSES),
-         "poison": "the console backend never gives up an append (every byte reaches the log "
-                   "exactly once), so an append that kills every instance would do so for "
-                   "ever; there is no poison answer"}),
-}
-FAULT_CLASSES["any"] = FaultClass(
-    "any", "driver", "any driver's requests", tuple(dict.fromkeys(
-        op for c in FAULT_CLASSES.values() for op in c.ops)), "what the driver's class says")
-#: Driver modules whose device class is known (``module`` or ``module:Class``).
-MODULE_CLASSES: Final[dict[str, str]] = {
-    "drivers.blk": "vbd", "drivers.blk.ram": "vbd", "drivers.net": "vif",
-    "drivers.console": "console"}
+_ANY_CLASS: Final = "any"
+
+
+@functools.cache
+def fault_classes() -> dict[str, FaultClass]:
+    """The fault class of each device class (``devices/``: each class declares its own), by
+    class name, and ``any`` (a driver not known to be of one: every type and operation passes
+    here, and the driver's own class decides)."""
+    import devices  # here, not at the top: the class declarations import this module
+
+    classes = {c.name: c.faults() for c in devices.CLASSES}
+    classes[_ANY_CLASS] = FaultClass(
+        _ANY_CLASS, "driver", "any driver's requests", tuple(dict.fromkeys(
+            op for c in classes.values() for op in c.ops)), "what the driver's class says")
+    return classes
 
 
 def class_of_module(module: str | None) -> FaultClass:
-    """The fault class of a driver module (``any`` for one not in :data:`MODULE_CLASSES`, e.g.
-    a backend loaded from a file: that driver's own injector checks its faults)."""
-    name = (module or "").partition(":")[0].strip()
-    return FAULT_CLASSES[MODULE_CLASSES.get(name, "any")]
+    """The fault class of a driver module (``any`` for one whose device class is not known,
+    e.g. a backend loaded from a file: that driver's own injector checks its faults)."""
+    import devices
+
+    cls = devices.of_module(module)
+    return fault_classes()[cls.name if cls is not None else _ANY_CLASS]
 
 
 _KEYS: Final = frozenset({"id", "type", "probability", "interval", "times", "fail_nth",
@@ -195,7 +186,7 @@ class Fault:
                 latency_ms=_num(spec, "latency_ms", 0.0, 0.0, 600_000.0),
                 jitter_ms=_num(spec, "jitter_ms", 0.0, 0.0, 600_000.0),
                 really=bool(spec.get("really", False)))
-        (fclass or FAULT_CLASSES["vbd"]).check(f)
+        (fclass or fault_classes()["vbd"]).check(f)
         if f.type == "poison" and f.sector is None:
             raise ValueError("a poison fault needs `sector`: the request it always dies on")
         return f
@@ -243,7 +234,7 @@ class Injector:
     def __init__(self, seed: int = 0, fclass: FaultClass | None = None) -> None:
         self.faults: dict[int, Fault] = {}
         self.rng = random.Random(seed)
-        self.fclass = fclass or FAULT_CLASSES["vbd"]
+        self.fclass = fclass or fault_classes()["vbd"]
 
     def load(self, specs: list[dict[str, Any]]) -> list[Fault]:
         """Replace the table with ``specs`` (the supervisor's view); ValueError if any is

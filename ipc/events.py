@@ -58,7 +58,7 @@ class Subscriber:
 def subscribe(endpoint: str, topics: list[str], control: Client, *,
               timeout: float = 10.0) -> Subscriber:
     """Subscribe to ``topics`` (prefixes; "" = all) on ``endpoint``, fully established."""
-    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     token = uuid.uuid4().hex

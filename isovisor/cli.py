@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+import devices as devclasses
 from ipc.control import Client, ControlError
 from ipc.events import Subscriber, subscribe
 from isovisor.clicampaign import campaign_app, fault_app
@@ -260,12 +261,10 @@ def devices(run_dir: RunDirOpt = None,
                 "Requests", "Kicks", "Notifies", "Error"):
         t.add_column(col)
     for d in devs:
-        if d.get("class") == "vif":  # Access/Sectors/Target: bridge, ip, mac
-            access, sectors, target = d["bridge"], d["ip"] or "-", d["mac"]
-        elif d.get("class") == "console":
-            access, sectors, target = "-", "-", "console ring"
-        else:
-            access, sectors, target = d["access"], str(d["sectors"]), str(d["target"])
+        try:  # Access/Sectors/Target: what the class puts there (a vif: bridge, ip, mac)
+            access, sectors, target = devclasses.by_name(d.get("class", "")).cells(d)
+        except KeyError:  # a class this CLI does not know (a newer kernel)
+            access, sectors, target = "?", "?", "?"
         t.add_row(d["domain"], d["vdev"], d["backend"], str(d["port"]),
                   f"{d['frontend_state']}/{d['backend_state']}", access, sectors, target,
                   str(d["requests"]), str(d["kicks"]), str(d["notifies"]), d["error"])
@@ -377,7 +376,7 @@ def driver_restart(name: NameArg, run_dir: RunDirOpt = None, wait: WaitOpt = 30.
 
 
 def _driver_row(rd: RunDir, name: str) -> dict[str, Any]:
-    rows = {d["name"]: d for d in _call(rd, "status")["drivers"]}
+    rows: dict[str, dict[str, Any]] = {d["name"]: d for d in _call(rd, "status")["drivers"]}
     return rows.get(name, {})
 
 
@@ -581,7 +580,7 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
         cfg = load_domain_config(config)
     except ConfigError as e:
         fail(str(e))
-    if cfg.disks or cfg.vifs or cfg.console_driver:
+    if cfg.devices:
         fail(f"{config}: domain {cfg.name} has devices, which need driver backends; `run` starts "
              "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
              "`isovisor create` and `isovisor console -f`")

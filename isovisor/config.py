@@ -8,17 +8,19 @@ Keys follow xl.cfg where one exists.  Every loader rejects unknown keys and wron
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from isovisor.kvspec import parse_kv
-from isovisor.vifconfig import VifError, VifSpec, parse_vifs
+import devices
+from devices import DeviceSpec, SpecError
+from devices.kvspec import parse_size
 from kernel import abi
 
 ACTIONS: Final = ("destroy", "restart", "preserve")
@@ -115,138 +117,9 @@ _DOMAIN_FIELDS: Final = {
     "extra": _Field(str, f"parameters passed to the guest, at most {abi.SI_CMDLINE_MAX - 1} "
                          "bytes", lambda v: None if len(v.encode()) < abi.SI_CMDLINE_MAX
                     else "is too long"),
-    "disk": _Field(list, 'virtual disks, xl.cfg style: ["target=data.img, vdev=xvda, '
-                         'access=rw, backend=blk0, size=64M"]'),
-    "vif": _Field(list, 'virtual network interfaces, xl.cfg style: ["mac=02:00:00:00:00:01, '
-                        'bridge=br0, backend=net0, ip=198.18.0.2"]'),
-    "console": _Field(str, 'where the console goes: a console driver\'s name (e.g. "con0"), '
-                           '"kernel" for the kernel\'s built-in console, or empty for the '
-                           "stack's default ([domains] console)",
-                      lambda v: None if v in ("", "kernel") or _name(v) is None
-                      else "must be a driver name, \"kernel\" or empty"),
+    # each device class's key ("disk", "vif", "console", ...): devices/
+    **{c.config_key: _Field(c.config_type, c.config_help) for c in devices.CLASSES},
 }
-
-# --- disks (xl-disk-configuration subset: key=value form only) ------------------------------
-
-DISK_KEYS: Final = ("target", "vdev", "access", "backend", "size", "type", "format")
-_VDEV_RE: Final = re.compile(r"^xvd([a-z])$")
-_SIZE_RE: Final = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
-_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-MAX_DISKS: Final = 15
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """One ``disk = [...]`` entry: a virtual block device served by a driver."""
-
-    vdev: str
-    backend: str
-    type: str = "file"  # file | memory
-    target: str | None = None  # absolute image path (file disks)
-    access: str = "rw"  # rw | ro
-    size: int | None = None  # bytes
-
-    @property
-    def devid(self) -> int:
-        """Xen's device number: xvda = 202 << 8, xvdb = (202 << 8) + 16, ..."""
-        return (202 << 8) + (ord(self.vdev[3]) - ord("a")) * 16
-
-    @property
-    def read_only(self) -> bool:
-        return self.access == "ro"
-
-
-def parse_size(text: str) -> int | None:
-    """``64M`` -> 67108864 (binary units K, M, G, T; plain digits are bytes)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        return None
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-
-
-def parse_disk(spec: str, where: str, base_dir: Path | None) -> DiskSpec:
-    """Parse one xl-style disk string; ``where`` names it in errors."""
-    try:
-        fields = parse_kv(spec, DISK_KEYS, "disk", where,
-                          "target=data.img, vdev=xvda, access=rw, backend=blk0, size=64M")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    vdev = fields.get("vdev")
-    if vdev is None:
-        raise ConfigError(f"{where}: missing 'vdev' (the guest's device name, e.g. vdev=xvda)")
-    if not _VDEV_RE.match(vdev):
-        raise ConfigError(f"{where}: vdev={vdev!r} is not supported: use xvda .. xvdz")
-    access = {"rw": "rw", "w": "rw", "ro": "ro", "r": "ro"}.get(fields.get("access", "rw"))
-    if access is None:
-        raise ConfigError(f"{where}: access={fields['access']!r} must be rw (w) or ro (r)")
-    backend = fields.get("backend", "")
-    if not backend or _name(backend) is not None:
-        raise ConfigError(f"{where}: backend={backend!r} must name a driver declared in "
-                          "supervisor.toml as [driver.<name>], e.g. backend=blk0")
-    fmt = fields.get("format", "raw")
-    if fmt != "raw":
-        raise ConfigError(f"{where}: format={fmt!r} is not supported; only raw images are")
-    kind = fields.get("type", "file")
-    if kind not in ("file", "memory"):
-        raise ConfigError(f"{where}: type={kind!r} must be file or memory")
-    size = None
-    if "size" in fields:
-        size = parse_size(fields["size"])
-        if size is None or size <= 0 or size % 512:
-            raise ConfigError(f"{where}: size={fields['size']!r} must be a positive number of "
-                              "bytes with an optional K, M, G or T suffix and a multiple of 512")
-    target = fields.get("target")
-    if kind == "memory":
-        if target:
-            raise ConfigError(f"{where}: a type=memory disk has no target; remove target=")
-        if size is None:
-            raise ConfigError(f"{where}: a type=memory disk needs size=, e.g. size=16M")
-    else:
-        if not target:
-            raise ConfigError(f"{where}: missing 'target' (the image file, e.g. "
-                              "target=data.img; relative paths are relative to the config)")
-        path = Path(target).expanduser()
-        if not path.is_absolute():
-            path = (base_dir or Path.cwd()) / path
-        target = str(path.resolve())
-        if size is None and not Path(target).exists():
-            raise ConfigError(f"{where}: image {target} does not exist; give size= to have it "
-                              "created (sparse), e.g. size=64M")
-    return DiskSpec(vdev=vdev, backend=backend, type=kind, target=target, access=access,
-                    size=size)
-
-
-def _parse_disks(items: list[Any], where: str, base_dir: Path | None) -> tuple[DiskSpec, ...]:
-    if len(items) > MAX_DISKS:
-        raise ConfigError(f"{where}: {len(items)} disks; at most {MAX_DISKS} are supported")
-    disks: list[DiskSpec] = []
-    for i, item in enumerate(items):
-        here = f"{where}: disk[{i}]"
-        if isinstance(item, dict):  # from the wire: already parsed once
-            try:
-                d = DiskSpec(**item)
-            except TypeError as e:
-                raise ConfigError(f"{here}: {e}") from None
-            parse_disk(_disk_string(d), here, base_dir)  # re-validate every field
-        elif isinstance(item, str):
-            d = parse_disk(item, here, base_dir)
-        else:
-            raise ConfigError(f"{here} must be a string like \"target=data.img, vdev=xvda\", "
-                              f"got {item!r}")
-        if any(o.vdev == d.vdev for o in disks):
-            raise ConfigError(f"{here}: vdev {d.vdev} is used twice")
-        disks.append(d)
-    return tuple(disks)
-
-
-def _disk_string(d: DiskSpec) -> str:
-    parts = [f"vdev={d.vdev}", f"backend={d.backend}", f"type={d.type}", f"access={d.access}"]
-    if d.target:
-        parts.append(f"target={d.target}")
-    if d.size is not None:
-        parts.append(f"size={d.size}")
-    return ", ".join(parts)
-
 
 @dataclass(frozen=True)
 class DomainConfig:
@@ -263,16 +136,29 @@ class DomainConfig:
     on_reboot: str = "restart"
     on_crash: str = "destroy"
     extra: str = ""
-    disks: tuple[DiskSpec, ...] = ()
-    vifs: tuple[VifSpec, ...] = ()
-    #: A console driver's name, "kernel", or "" (the stack's default; the kernel's console
-    #: when the stack has none).  The kernel creates a console device for a driver name.
+    #: Every device, of every class (devices/), in region order: each class's config key
+    #: ("disk", "vif", ...) parsed by its class.
+    devices: tuple[DeviceSpec, ...] = ()
+    #: The ``console`` key as written: a console driver's name, "kernel", or "" (the stack's
+    #: default; the kernel's console when the stack has none).  A driver's name is also a
+    #: console device in ``devices``.
     console: str = ""
     source: str = ""  # the file this came from, for messages
 
     @property
     def console_driver(self) -> str | None:
         return None if self.console in ("", "kernel") else self.console
+
+    def with_console(self, console: str) -> DomainConfig:
+        """This config with ``console`` set (the stack's default for one that left it empty)."""
+        raw = {c.config_key: c.to_wire(self.of_class(c.name)) for c in devices.CLASSES}
+        raw["console"] = console
+        return dataclasses.replace(self, console=console,
+                                   devices=_devices(raw, self.name, self.source, None))
+
+    def of_class(self, name: str) -> tuple[DeviceSpec, ...]:
+        """The devices of class ``name`` ("vbd", "vif", ...), in config order."""
+        return tuple(d for d in self.devices if d.device_class == name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str, base_dir: Path | None = None,
@@ -286,15 +172,16 @@ class DomainConfig:
             except BuildError as e:
                 raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
         data = dict(data)
-        disks = _parse_disks(data.pop("disk", []), where, base_dir)
-        vifs = _vifs(data.pop("vif", []), data["name"], where)
-        return cls(**data, disks=disks, vifs=vifs, image_path=image_path, source=where)
+        specs = _devices(data, data["name"], where, base_dir)
+        return cls(**_without_devices(data), devices=specs, image_path=image_path,
+                   source=where)
 
     def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        wire["disk"] = [asdict(d) for d in self.disks]
-        wire["vif"] = [asdict(v) for v in self.vifs]
-        del wire["disks"], wire["vifs"]
+        wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "devices"}
+        for c in devices.CLASSES:
+            if c.config_key not in wire:  # ("console" is a field already: kept as written)
+                wire[c.config_key] = c.to_wire(self.of_class(c.name))
         return wire
 
     @classmethod
@@ -310,17 +197,29 @@ class DomainConfig:
         if not isinstance(source, str):
             raise ConfigError("domain config 'source' must be a string")
         data = _validated(data, source)
-        disks = _parse_disks(data.pop("disk", []), source, None)
-        vifs = _vifs(data.pop("vif", []), data["name"], source)
-        return cls(**{**data, "disks": disks, "vifs": vifs, "image_path": image_path,
+        specs = _devices(data, data["name"], source, None)
+        return cls(**{**_without_devices(data), "devices": specs, "image_path": image_path,
                       "source": source})
 
 
-def _vifs(items: Any, domain: str, where: str) -> tuple[VifSpec, ...]:
+def _devices(data: dict[str, Any], domain: str, where: str,
+             base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    """Every device a domain config's keys declare, class by class (devices/)."""
+    specs: list[DeviceSpec] = []
     try:
-        return parse_vifs(items, domain, where)
-    except VifError as e:
+        for c in devices.CLASSES:
+            if c.config_key in data:
+                specs += c.parse(data[c.config_key], domain, where, base_dir)
+    except SpecError as e:
         raise ConfigError(str(e)) from None
+    return tuple(specs)
+
+
+def _without_devices(data: dict[str, Any]) -> dict[str, Any]:
+    """The keys that are DomainConfig fields (a device key is one only if it is a field too,
+    as ``console`` is)."""
+    fields = {f.name for f in dataclasses.fields(DomainConfig)}
+    return {k: v for k, v in data.items() if k in fields}
 
 
 def _validated(data: dict[str, Any], where: str) -> dict[str, Any]:

@@ -461,7 +461,8 @@ class DriverManager:
     def stop_all(self) -> None:
         """Teardown: SIGTERM every instance (active, spare, swapping, retiring), SIGKILL the
         rest."""
-        insts = [(s, i) for s in self.slots.values() for i in (s.active, s.spare) if i]
+        insts: list[tuple[Slot | None, DriverProcess]] = [
+            (s, i) for s in self.slots.values() for i in (s.active, s.spare) if i]
         insts += [(s, i) for s in self.slots.values() if s.swap is not None
                   for i in (s.swap.cand, s.swap.old) if i not in (s.active, s.spare)]
         insts += [(None, i) for i in self._retiring]

@@ -98,7 +98,8 @@ def backoff_delay(policy: Policy, n: int) -> float:
     if n <= 1:
         return 0.0
     base = policy.backoff or MIN_BACKOFF
-    return min(policy.backoff_max, base * 2 ** (n - 2))
+    delay: float = base * 2 ** (n - 2)
+    return min(policy.backoff_max, delay)
 
 
 def group_restarts(members: Sequence[str], failed: str, strategy: str) -> list[str]:

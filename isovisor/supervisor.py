@@ -12,7 +12,6 @@ its sockets and its pid file.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 
 import zmq
 
+import devices
 from ipc.control import (
     ControlError,
     Request,
@@ -40,7 +40,6 @@ from isovisor.drivermgr import DriverManager
 from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervision import State
-from isovisor.vifconfig import VifSpec
 
 log = logging.getLogger("isovisor.supervisor")
 
@@ -184,8 +183,8 @@ class Supervisor:
         for s in (self.router, self.pub):
             s.close()
         self.ctx.term()
-        for s in self.run_dir.sockets():
-            s.unlink(missing_ok=True)
+        for path in self.run_dir.sockets():
+            path.unlink(missing_ok=True)
         self.run_dir.pidfile.unlink(missing_ok=True)
         log.info("stack stopped")
 
@@ -277,21 +276,18 @@ class Supervisor:
                            f"reset, got {action!r}")
 
     def _check_devices(self, cfg: DomainConfig) -> None:
+        """Every device of ``cfg`` names a driver this stack declares."""
         declared = {d.name for d in self.cfg.drivers}
-        if cfg.console_driver and cfg.console_driver not in declared:
+        for dev in cfg.devices:
+            if dev.backend in declared:
+                continue
+            cls = devices.of_spec(dev)
             raise ControlError(
-                f"{cfg.source}: console = {cfg.console_driver!r} names a driver that "
+                f"{cfg.source}: {cls.what(dev)} uses backend {dev.backend!r}, which "
                 f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
-                f"{', '.join(sorted(declared)) or 'none'}); add [driver.{cfg.console_driver}] "
-                "with module = \"drivers.console\", or use console = \"kernel\"")
-        for dev in (*cfg.disks, *cfg.vifs):
-            what = "vif" if isinstance(dev, VifSpec) else "disk"
-            if dev.backend not in declared:
-                raise ControlError(
-                    f"{cfg.source}: {what} {dev.vdev} uses backend {dev.backend!r}, which "
-                    f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
-                    f"{', '.join(sorted(declared)) or 'none'}); add [driver.{dev.backend}] "
-                    "or fix backend=")
+                f"{', '.join(sorted(declared)) or 'none'}); add [driver.{dev.backend}] with "
+                f"module = \"{cls.modules[0]}\", or fix {cls.config_key} = in the domain's "
+                "config")
 
     # -- events --------------------------------------------------------------------------------
     def _relay_events(self) -> None:
@@ -347,7 +343,7 @@ class Supervisor:
         except ConfigError as e:
             raise ControlError(str(e)) from None
         if not cfg.console and self.cfg.console:
-            cfg = dataclasses.replace(cfg, console=self.cfg.console)  # the stack's default
+            cfg = cfg.with_console(self.cfg.console)  # the stack's default
         self._check_devices(cfg)
         driver = cfg.console_driver
         start = self.consoles.before_create(driver, cfg.name) if driver else 0

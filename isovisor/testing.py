@@ -38,9 +38,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import psutil
 import pytest
@@ -50,6 +50,9 @@ from isovisor.procs import log_tail
 from isovisor.swapclient import swap as _swap
 from isovisor.swapclient import target_of
 
+if TYPE_CHECKING:
+    from pluggy import Result
+
 __all__ = ["DRIVER", "MiniStack", "backend_class", "check_image", "isovisor_stack",
            "wait_until"]
 
@@ -58,7 +61,7 @@ DRIVER: Final = "blk0"
 T = TypeVar("T")
 
 
-def wait_until(pred: Callable[[], T], timeout: float = 30, what: str = "condition",
+def wait_until(pred: Callable[[], T | None], timeout: float = 30, what: str = "condition",
                interval: float = 0.05) -> T:
     """Poll ``pred`` until it returns something true and return that; AssertionError after
     ``timeout`` seconds.  For state no event announces (counters, statistics, status rows)."""
@@ -262,7 +265,7 @@ class MiniStack:
     def driver(self) -> dict[str, Any]:
         """``blk0``'s row of ``isovisor status``: ``pid``, ``module``, ``state``, ``swaps``,
         ``last_swap``, ``statistics`` (the backend's statistics(), refreshed every second) ..."""
-        rows = {d["name"]: d for d in self.call("status")["drivers"]}
+        rows: dict[str, dict[str, Any]] = {d["name"]: d for d in self.call("status")["drivers"]}
         row = rows[DRIVER]
         if isinstance(row.get("pid"), int):
             self._pids.add(row["pid"])
@@ -323,7 +326,7 @@ class MiniStack:
             pass
 
     def _take(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
-        ev = self._sub.recv(timeout)
+        ev: tuple[str, dict[str, Any]] | None = self._sub.recv(timeout)
         if ev is not None:
             self.seen.append(ev)
             pid = ev[1].get("pid")
@@ -481,7 +484,7 @@ _FAILED = pytest.StashKey[bool]()
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Iterator[None]:
+                              ) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     rep = outcome.get_result()
     if rep.failed:

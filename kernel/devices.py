@@ -18,13 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+import devices
+from devices import DeviceClass, DeviceSpec, Medium
 from ipc.control import ControlError
 from ipc.shm import SHM_DIR, Segment, SegmentError
 from ipc.store import DevState, Store, StoreError, Watch
-from isovisor.config import DiskSpec
-from isovisor.vifconfig import VifSpec
 from kernel import abi
-from kernel.devclass import CONSOLE, VBD, VIF, DeviceClass
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
@@ -35,22 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("isovisor.kernel")
 
-SEGMENT_BYTES: Final = VBD.segment_bytes
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 #: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
 REPORT_S: Final = 1.0
-
-
-@dataclass(frozen=True)
-class ConsoleSpec:
-    """A domain's console device, served by console driver ``backend``."""
-
-    backend: str
-    vdev: str = "console"
-    devid: int = 0
-
-
-DeviceSpec = DiskSpec | VifSpec | ConsoleSpec
 
 
 @dataclass(eq=False)
@@ -60,8 +46,9 @@ class Device:
     spec: DeviceSpec
     index: int
     segment: Segment
-    memory_disk: str | None
-    cls: DeviceClass = VBD
+    #: A shared-memory file reserved for the device besides its region (a memory disk).
+    medium: Medium | None
+    cls: DeviceClass
     kicks: int = 0
     notifies: int = 0
     faults: int = 0
@@ -91,7 +78,7 @@ class Device:
 
     @property
     def window(self) -> int:
-        return self.cls.window
+        return self.cls.region.window
 
     @property
     def fe_dir(self) -> str:
@@ -104,9 +91,8 @@ class Device:
 
     @property
     def kind_word(self) -> str:
-        """"block device", "network interface" or "console", for messages."""
-        return {"vif": "network interface", "console": "console"}.get(self.cls.name,
-                                                                       "block device")
+        """"block device", "network interface", "console", ..., for messages."""
+        return self.cls.noun
 
     @property
     def label(self) -> str:
@@ -123,13 +109,9 @@ class Device:
         body: dict[str, Any] = {
             "key": self.key, "domid": self.dom.domid, "domain": self.dom.name,
             "vdev": s.vdev, "devid": s.devid, "segment": self.segment.name,
-            "window": self.window, "inflight_offset": self.cls.inflight_offset,
-            "store": self.be_dir, "scratch": self.scratch, "class": self.cls.name}
-        if isinstance(s, VifSpec):
-            body["vif"] = {"mac": s.mac, "bridge": s.bridge, "ip": s.ip}
-        elif isinstance(s, DiskSpec):
-            body["disk"] = {"target": self.memory_disk if s.type == "memory" else s.target,
-                            "type": s.type, "access": s.access, "size": s.size}
+            "window": self.window, "inflight_offset": self.cls.region.inflight_offset,
+            "store": self.be_dir, "scratch": self.scratch, "class": self.cls.name,
+            **self.cls.attach_body(s, self.medium)}
         return ["attach", body]
 
     def indices(self) -> tuple[int, int]:
@@ -193,24 +175,18 @@ class DeviceManager:
             raise ControlError(f"{where}: {len(specs)} devices (disks, vifs and a console "
                                f"together); a domain has at most {abi.SI_MAX_DEVICES}")
         for d in specs:
-            what = (f"disk {d.vdev}" if isinstance(d, DiskSpec) else f"vif {d.vdev}"
-                    if isinstance(d, VifSpec) else "the console")
+            cls = devices.of_spec(d)
+            what = cls.what(d)
             if d.backend not in self.hub.links:
                 known = ", ".join(sorted(self.hub.links)) or "none"
                 raise ControlError(
                     f"{where}: {what} uses backend {d.backend!r}, which is not running "
                     f"(connected drivers: {known}); declare [driver.{d.backend}] in "
                     "supervisor.toml or fix backend=")
-            if isinstance(d, VifSpec):
-                for o in self.snapshot():
-                    s = o.spec
-                    if (isinstance(s, VifSpec) and not o.gone and s.mac == d.mac
-                            and (s.backend, s.bridge) == (d.backend, d.bridge)):
-                        raise ControlError(
-                            f"{where}: vif {d.vdev} has mac {d.mac}, which domain "
-                            f"{o.dom.name!r} already uses on bridge {d.bridge} of {d.backend}; "
-                            "give each interface its own mac= (or leave it out to get one "
-                            "derived from the domain name)")
+            for o in self.snapshot():
+                why = None if o.gone else cls.conflict(d, o.spec, o.dom.name)
+                if why is not None:
+                    raise ControlError(f"{where}: {why}")
 
     def create(self, dom: Domain) -> None:
         """Create, map and announce every disk and vif of ``dom``; on failure undo all of it."""
@@ -218,13 +194,10 @@ class DeviceManager:
         specs = device_specs(dom.config)
         try:
             for i, spec in enumerate(specs):
-                cls = VIF if isinstance(spec, VifSpec) else VBD if isinstance(spec, DiskSpec) \
-                    else CONSOLE
+                cls = devices.of_spec(spec)
                 name = f"{self.shm_prefix}dom{dom.domid}.{spec.vdev}"
-                seg = Segment(name, cls.segment_bytes, create=True)
-                memory = (f"{name}.disk" if isinstance(spec, DiskSpec) and spec.type == "memory"
-                          else None)
-                dev = Device(next(self._keys), dom, spec, i, seg, memory, cls)
+                seg = Segment(name, cls.region.segment_bytes, create=True)
+                dev = Device(next(self._keys), dom, spec, i, seg, cls.medium(spec, name), cls)
                 made.append(dev)
                 dom.vcpu.map_region(dev.gpa, dev.window, seg.address)
                 self._write_table_entry(dom, dev)
@@ -290,8 +263,8 @@ class DeviceManager:
         dev.segment.close()
         dev.segment.unlink()
         (SHM_DIR / scratch).unlink(missing_ok=True)
-        if dev.memory_disk:
-            (SHM_DIR / dev.memory_disk).unlink(missing_ok=True)
+        if dev.medium is not None:
+            (SHM_DIR / dev.medium.name).unlink(missing_ok=True)
 
     # -- watches ---------------------------------------------------------------------------------
     def _be_state_changed(self, path: str, token: str) -> None:
@@ -457,23 +430,18 @@ class DeviceManager:
                 "requests": req, "outstanding": outstanding(req, rsp, d.cls), "kicks": d.kicks,
                 "notifies": d.notifies, "faults": d.faults,
                 "failed_requests": d.failed_requests, "segment": d.segment.name,
+                **d.cls.info(d.spec, d.medium, lambda key, d=d: self.store.read(
+                    f"{d.be_dir}/{key}", default="")),
             }
-            s = d.spec
-            if isinstance(s, VifSpec):
-                row.update(mac=s.mac, bridge=s.bridge, ip=s.ip)
-            elif isinstance(s, DiskSpec):
-                row.update(type=s.type, target=s.target or d.memory_disk, access=s.access,
-                           sectors=_int(self.store.read(f"{d.be_dir}/sectors", default="0")))
             out.append(row)
         return out
 
 
 def device_specs(config: Any) -> list[DeviceSpec]:
-    """A domain's devices in region order: disks, vifs, then its console (if a driver's)."""
-    specs: list[DeviceSpec] = [*config.disks, *config.vifs]
-    if config.console_driver:
-        specs.append(ConsoleSpec(config.console_driver))
-    return specs
+    """A domain's devices in region order: class by class as the registry lists them, each
+    class's in config order."""
+    order = {c.name: i for i, c in enumerate(devices.CLASSES)}
+    return sorted(config.devices, key=lambda d: order[d.device_class])
 
 
 def _store_nodes(dev: Device) -> list[tuple[str, str]]:
@@ -483,12 +451,9 @@ def _store_nodes(dev: Device) -> list[tuple[str, str]]:
         ("backend", be), ("backend-id", s.backend), ("vdev", s.vdev),
         ("port", str(dev.port)), ("state", "1"))]
     nodes += [(f"{be}/frontend", fe), (f"{be}/frontend-id", str(dev.dom.domid))]
-    if isinstance(s, VifSpec):
-        extra = [("mac", s.mac), ("bridge", s.bridge)] + ([("ip", s.ip)] if s.ip else [])
-        nodes += [(f"{fe}/{k}", v) for k, v in extra] + [(f"{be}/{k}", v) for k, v in extra]
-    elif isinstance(s, DiskSpec):
-        nodes += [(f"{be}/params", dev.memory_disk or s.target or ""), (f"{be}/type", s.type),
-                  (f"{be}/mode", "r" if s.read_only else "w")]
+    fe_nodes, be_nodes = dev.cls.store_nodes(s, dev.medium)
+    nodes += [(f"{fe}/{k}", v) for k, v in fe_nodes.items()]
+    nodes += [(f"{be}/{k}", v) for k, v in be_nodes.items()]
     nodes.append((f"{be}/state", "1"))
     return nodes
 

@@ -25,15 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ipc import consif
+from devices import DeviceClass
 from ipc.control import ControlError, NotFound
 from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import SegmentError
 from ipc.store import DevState
 from kernel import abi
-from kernel.devclass import VBD, DeviceClass
 from kernel.domain import Exit
 from kernel.drivers import DriverLink, Malformed
 
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from kernel.devices import Device, DeviceManager
 
 log = logging.getLogger("isovisor.kernel")
+_T = TypeVar("_T")
 
 _MASK: Final = (1 << 64) - 1
 #: More notifications than this from one driver within one second is a protocol violation.  A
@@ -63,19 +63,20 @@ def ring_indices(buf: Any) -> tuple[int, int]:
     return req_prod, rsp_prod
 
 
-def outstanding(req_prod: int, rsp_prod: int, cls: DeviceClass = VBD) -> int:
+def outstanding(req_prod: int, rsp_prod: int, cls: DeviceClass) -> int:
     """Requests published and not answered; 0 for indices no valid ring can have."""
     n = (req_prod - rsp_prod) & _MASK
-    return n if n <= cls.ring_slots else 0
+    return n if n <= cls.region.ring_slots else 0
 
 
 def _inflight_log(buf: Any, cls: DeviceClass) -> InflightLog:
-    size = inflight_bytes(cls.ring_slots, cls.slot_size)
-    view = memoryview(buf)[cls.inflight_offset:cls.inflight_offset + size]
-    return InflightLog(view, cls.ring_slots, cls.slot_size)
+    r = cls.region
+    size = inflight_bytes(r.ring_slots, r.slot_size)
+    view = memoryview(buf)[r.inflight_offset:r.inflight_offset + size]
+    return InflightLog(view, r.ring_slots, r.slot_size)
 
 
-def clear_inflight(buf: Any, cls: DeviceClass = VBD) -> int:
+def clear_inflight(buf: Any, cls: DeviceClass) -> int:
     """Retire every record of the segment's in-flight log; how many there were."""
     journal = _inflight_log(buf, cls)
     records = journal.pending()
@@ -84,7 +85,7 @@ def clear_inflight(buf: Any, cls: DeviceClass = VBD) -> int:
     return len(records)
 
 
-def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
+def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass) -> int:
     """Take back the responses from ring index ``to`` on (a frontend found the one at ``to``
     bad): ``rsp_prod`` goes back to ``to`` and the in-flight records of the requests from
     there to ``req_prod`` are pending again, so the next backend redoes them in ring order.
@@ -93,9 +94,9 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
     Raises RingError if ``to`` is not within a ring's length behind ``req_prod``."""
     req_prod, _, _ = _RING_WORDS.unpack_from(buf, 0)
     n = (req_prod - to) & _MASK
-    if n > cls.ring_slots:
+    if n > cls.region.ring_slots:
         raise RingError(f"cannot take responses back from index {to}: req_prod is {req_prod}, "
-                        f"{n} requests away (the ring has {cls.ring_slots} slots)")
+                        f"{n} requests away (the ring has {cls.region.ring_slots} slots)")
     journal = _inflight_log(buf, cls)
     reopened = journal.reopen(to, n)
     if charge and any(rec.index == to for rec in journal.pending()):
@@ -104,23 +105,8 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass = VBD) -> int:
     return reopened
 
 
-def _console_output(dev: Device) -> tuple[bytes, bool]:
-    """Consume what a console's out ring holds: (bytes, notify the guest).  Re-arms
-    ``out_event`` before it returns, so the guest's next byte kicks again."""
-    ring = consif.ConsoleBack(memoryview(dev.segment.buf)[:consif.WINDOW_BYTES])
-    data = bytearray()
-    notify = False
-    while True:
-        n = ring.out_available()
-        if n:
-            data += ring.out_peek(ring.out_cons, n)
-            notify |= ring.out_commit(ring.out_cons + n)
-        if not ring.out_final_check():
-            return bytes(data), notify
-
-
 def answer_with_errors(buf: Any, window: int, sectors: int,
-                       cls: DeviceClass = VBD) -> tuple[int, bool]:
+                       cls: DeviceClass) -> tuple[int, bool]:
     """Answer every outstanding request of the segment's ring with ``STATUS_ERROR``.
 
     Requests from the published ``rsp_prod`` on are answered in ring order, each from its
@@ -129,8 +115,9 @@ def answer_with_errors(buf: Any, window: int, sectors: int,
     Returns (requests answered, whether the frontend asked to be notified).  Raises RingError
     if the guest's ``req_prod`` is impossible.
     """
-    ring = BackRing(memoryview(buf)[:ring_bytes(cls.ring_slots, cls.slot_size)],
-                    cls.ring_slots, cls.slot_size)
+    r = cls.region
+    ring = BackRing(memoryview(buf)[:ring_bytes(r.ring_slots, r.slot_size)], r.ring_slots,
+                    r.slot_size)
     journal = _inflight_log(buf, cls)
     taken = {rec.index: rec.request for rec in journal.pending()}
     answered = 0
@@ -412,7 +399,7 @@ class Recovery:
         if link is None and dev.spec.backend not in self.hub.known:
             return False
         req_prod, _ = self.dm.ring_indices(dev)
-        if (req_prod - rsp_cons) & _MASK > dev.cls.ring_slots:
+        if (req_prod - rsp_cons) & _MASK > dev.cls.region.ring_slots:
             log.error("device %s: its frontend asks to hold from ring index %d, but req_prod "
                       "is %d: impossible, so it is not held", dev.label, rsp_cons, req_prod)
             return False
@@ -457,10 +444,10 @@ class Recovery:
         (once per link); drain the consoles of failed drivers."""
         now = self.clock()
         devices = self.dm.snapshot()
-        if self.failing:  # a console of a failed driver: take its output even without a kick,
-            for dev in devices:  # so a guest whose wake-up was lost in a race never waits
+        if self.failing:  # a byte stream of a failed driver (a console): take its output even
+            for dev in devices:  # without a kick, so a guest whose wake-up was lost never waits
                 if not dev.cls.requests and dev.spec.backend in self.failing:
-                    self._take_console(dev)
+                    self._take_output(dev)
         for link in list(self.hub.links.values()):
             if link.hang_reported or self.quiet(link.name):
                 continue
@@ -504,7 +491,7 @@ class Recovery:
     def answer(self, dev: Device) -> int:
         """Failing mode: answer what ``dev``'s ring holds with errors; how many."""
         if not dev.cls.requests:
-            return self._take_console(dev)
+            return self._take_output(dev)
         sectors = max(0, self.dm.disk_sectors(dev))
         with dev.lock:
             if dev.gone or dev.broken:
@@ -519,13 +506,15 @@ class Recovery:
             self.dm.sched.notify(dev.dom, 1 << dev.port)
         return answered
 
-    def _take_console(self, dev: Device) -> int:
-        """Failing mode for a console: the kernel takes the guest's output into its own console
-        (``isovisor console`` shows it), so a guest never blocks on a console nobody serves."""
+    def _take_output(self, dev: Device) -> int:
+        """Failing mode for a byte stream (``WhileFailed.TAKE_OUTPUT``, a console): the kernel
+        takes the guest's output into its own console of the domain (``isovisor console`` shows
+        it), so a guest never blocks on a device nobody serves."""
         with dev.lock:
             if dev.gone or dev.broken:
                 return 0
-            result = self._guarded(dev, "taking its console output", _console_output)
+            result = self._guarded(dev, "taking its output",
+                                   lambda d: d.cls.take_output(d.segment.buf))
         if not result:
             return 0
         data, notify = result
@@ -545,7 +534,7 @@ class Recovery:
         if not dev.gone and dev.dom.exit is None:
             self.dm.sched.notify(dev.dom, 1 << dev.port)
 
-    def _guarded(self, dev: Device, what: str, fn: Callable[[Device], Any]) -> Any:
+    def _guarded(self, dev: Device, what: str, fn: Callable[[Device], _T]) -> _T | None:
         """Run ``fn(dev)`` on the device's segment (lock held); a broken guest ring crashes
         the guest, a vanished segment is logged.  None on failure."""
         try:

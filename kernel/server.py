@@ -171,7 +171,8 @@ class KernelServer:
         return {"domid": dom.domid, "name": dom.name}
 
     def _ref(self, req: Request) -> str | int:
-        return prop(req, "name", (str, int))
+        ref: str | int = prop(req, "name", (str, int))
+        return ref
 
     def _destroy(self, req: Request) -> dict[str, Any]:
         dom = self.hv.find(self._ref(req))
@@ -232,7 +233,7 @@ class KernelServer:
         return {"drivers": self._recovery.rows()}
 
     def _driver_name(self, req: Request) -> str:
-        name = prop(req, "name", str)
+        name: str = prop(req, "name", str)
         if not name:
             raise ControlError(f"command {req.command!r}: property 'name' must name a driver "
                                "(as in [driver.<name>] of supervisor.toml), got an empty string")
@@ -273,18 +274,21 @@ class KernelServer:
     def _driver_swap(self, req: Request) -> dict[str, Any]:
         """Hot swap (kernel/swap.py): drain driver ``name`` and hand its state to the spare
         ``pid`` listening at ``endpoint``; roll back after ``timeout_ms`` without a hello."""
+        assert self.hv.devices is not None
         swaps = self.hv.devices.swaps
         return swaps.begin(self._driver_name(req), prop(req, "pid", int),
                            prop(req, "endpoint", str), prop(req, "timeout_ms", int, 5000))
 
     def _driver_swap_rollback(self, req: Request) -> dict[str, Any]:
         """The swap's new instance ``pid`` died in its first requests: back to the old one."""
+        assert self.hv.devices is not None
         swaps = self.hv.devices.swaps
         return swaps.rollback(self._driver_name(req), prop(req, "pid", int),
                               prop(req, "reason", str, "died"))
 
     def _driver_swap_end(self, req: Request) -> dict[str, Any]:
         """Forget driver ``name``'s swap (committed after its probation, or abandoned)."""
+        assert self.hv.devices is not None
         return self.hv.devices.swaps.end(self._driver_name(req))
 
     def _driver_load(self, req: Request) -> dict[str, Any]:

@@ -65,7 +65,9 @@ class VCpu:
         self.mem = mem
         self.fault: str | None = None
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.ctl_set_tcg_buffer_size(TCG_BUFFER_BYTES)
+        # unicorn's __init__ picks its py2/py3 Uc by ``_sys.version_info.major``, which mypy
+        # does not evaluate: it sees the py2 class, which lacks this (py3-only) method
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER_BYTES)  # type: ignore[attr-defined]
         uc.mem_map_ptr(abi.NULL_GUARD_END, mem.size - abi.NULL_GUARD_END, UC_PROT_ALL,
                        mem.host_address + abi.NULL_GUARD_END)
         self._mapped = True

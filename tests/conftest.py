@@ -137,3 +137,24 @@ def stack() -> Iterator[Stack]:
 # Poll an observable condition (a status query, not a fixed delay) until it holds, for state
 # that no event announces (CPU time, counters, last-seen ages): the plugin's, shared.
 wait_until = _plugin_wait_until
+
+
+# Fixtures that start processes (a stack, a kernel, driver processes) or run guests: a test
+# using one is end-to-end (marker ``e2e``; ``pytest -m "not e2e"`` runs the unit tests alone).
+# Modules that are end-to-end throughout say so themselves (``pytestmark``), as do single tests
+# that run the CLI or a driver as a subprocess.
+E2E_FIXTURES: frozenset[str] = frozenset({
+    "stack",           # conftest: a detached stack in a private run dir
+    "isovisor_stack",  # the SDK plugin's (isovisor/testing.py) stack
+    "kernel",          # test_kernel_recovery, test_vcpu_stop: a kernel running guests
+    "harness",         # test_driver_host: driver processes
+    "images",          # test_guests_bare: guests built and run under unicorn
+    "user_cache",      # test_guests_bare: guests built (cc) into a private cache, and run
+    "netns",           # test_net*, test_net_backend: a network namespace and a TAP device
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

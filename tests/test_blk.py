@@ -17,7 +17,7 @@ import pytest
 from tests.blkdata import check_image, fnv1a32
 from tests.conftest import Stack, wait_event
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 DRIVER = '[driver.blk0]\nmodule = "drivers.blk"\n'
 INLINE = '[driver.blk0]\nmodule = "drivers.blk"\nisolation = "inline"\n'

@@ -356,6 +356,7 @@ def file_disk(path: Path, size: int | None = 4 * MiB, access: str = "rw") -> dic
 
 # --- tests --------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
     rig.start()
@@ -412,6 +413,7 @@ def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
     assert "device 1 (dom1/xvda) detached: 129 requests, 0 errors" in rig.driver_log()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     rig.start('{"max_batch": 4}')
@@ -458,6 +460,7 @@ def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     assert rig.alive()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_bad_disks_are_refused_in_the_store_with_an_error(rig: Rig) -> None:
     rig.start()
@@ -479,6 +482,7 @@ def test_bad_disks_are_refused_in_the_store_with_an_error(rig: Rig) -> None:
     assert rig.alive()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_garbage_requests_and_messages_are_answered_and_others_keep_working(rig: Rig) -> None:
     rig.start()
@@ -518,6 +522,7 @@ def test_garbage_requests_and_messages_are_answered_and_others_keep_working(rig:
     assert rig.alive()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_hostile_ring_indices_fault_only_that_device(rig: Rig) -> None:
     rig.start()
@@ -553,6 +558,7 @@ def test_hostile_ring_indices_fault_only_that_device(rig: Rig) -> None:
     assert rig.alive()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_replacement_driver_redoes_unfinished_requests_from_the_inflight_log(rig: Rig) -> None:
     rig.start()
@@ -615,6 +621,7 @@ def fault_options(kind: str, sector: int = 40, **more: int) -> str:
     return json.dumps({"fault_sector": sector, "fault_kind": kind, **more})
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig: Rig) -> None:
     opts = fault_options("exit", poison_after=2)
@@ -672,6 +679,7 @@ def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig
     assert rig.kernel.faults == []
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_a_backend_exception_exits_70_and_the_replacement_redoes_the_request(rig: Rig) -> None:
     rig.start(fault_options("exception"))
@@ -730,6 +738,7 @@ def test_recovery_options_are_checked(options: dict[str, Any], message: str) -> 
     assert Backend(_QuietHost(), {}).poison_after == 3
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_driver_maps_only_its_device_segment(rig: Rig) -> None:
     ram = Segment(f"{PREFIX}guest-ram", MiB, create=True)  # fake guest RAM, never mentioned
@@ -753,6 +762,7 @@ def test_driver_maps_only_its_device_segment(rig: Rig) -> None:
         ram.unlink()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_bad_options_exit_with_status_2(tmp_path: Path) -> None:
     r = subprocess.run(

@@ -31,6 +31,8 @@ from tests.test_recovery import (
     two_guests,
 )
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

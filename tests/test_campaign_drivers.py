@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-from drivers.faults import FAULT_CLASSES, Injector
+from drivers.faults import Injector, fault_classes
 from isovisor.campaign.plan import PlanError, injection_count, load_plan, schedule, schedule_to_json
 from isovisor.faulttable import FaultTable
 from tests.conftest import Stack, cli, wait_until, write
@@ -145,6 +145,7 @@ def check_journal(plan_path: Path, out: Path, seed: int) -> dict[str, Any]:
     return journal
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(200)
 def test_the_net_campaign_injects_every_net_fault_type(tmp_path: Path) -> None:
     out = tmp_path / "net"
@@ -161,6 +162,7 @@ def test_the_net_campaign_injects_every_net_fault_type(tmp_path: Path) -> None:
     assert all(g["code"] in (0, 1) for g in journal["guests"])
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(200)
 def test_the_console_campaign_keeps_every_line_exactly_once(tmp_path: Path) -> None:
     out = tmp_path / "console"
@@ -201,6 +203,7 @@ def test_a_console_plan_refuses_types_without_meaning_for_it(tmp_path: Path, kin
     assert str(e.value).endswith(f"a console driver takes: {CONSOLE_TAKES}")
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_plan_errors_name_the_line_and_what_the_driver_allows(tmp_path: Path) -> None:
     def error(text: str) -> str:
@@ -258,7 +261,7 @@ def test_the_fault_table_and_the_driver_refuse_them_too() -> None:
     assert table.add("net0", {"type": "poison", "sector": 8192}).spec["sector"] == 8192
     # a console driver's own injector (tests/test_console_backend.py: its set_faults)
     with pytest.raises(ValueError, match="does not apply to a console driver"):
-        Injector(fclass=FAULT_CLASSES["console"]).load([{"id": 1, "type": "bad_status"}])
+        Injector(fclass=fault_classes()["console"]).load([{"id": 1, "type": "bad_status"}])
 
 
 @pytest.mark.timeout(60)

@@ -310,7 +310,7 @@ def test_unknown_table_and_top_level_key(tmp_path: Path) -> None:
     # type-specific rules
     ('type = "segv"', 'type = "poison"', 14,
      '[[fault]] #2: type = "poison" needs sector = N (the sector whose requests kill the '
-     "driver)"),
+     "driver; for a block driver, the request's sectors cover this sector)"),
     ('type = "segv"', 'type = "segv"\nlatency_ms = 5', 16,
      '[[fault]] #2: latency_ms = 5 only applies to type = "slow", not "segv"; remove latency_ms'),
     ('type = "segv"', 'type = "slow"\njitter_ms = -1', 16,
@@ -535,6 +535,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.e2e
 def test_cli_validate_accepts_the_example_plans() -> None:
     root = Path(__file__).resolve().parents[1]
     for plan in ("campaign-smoke.toml", "campaign-default.toml"):
@@ -542,6 +543,7 @@ def test_cli_validate_accepts_the_example_plans() -> None:
         assert r.returncode == 0 and ": OK — 2 workload guests (blkstress)" in r.stdout, r
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_cli_refuses_a_bad_plan_with_file_line_and_status_2(tmp_path: Path,
                                                             command: str) -> None:

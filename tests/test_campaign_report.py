@@ -573,6 +573,7 @@ def test_write_report(tmp_path: Path) -> None:
 
 # --- isovisor campaign report ---------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_the_report_command_rewrites_both_reports_side_by_side(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for d, iso, outcome in ((a, "process", "recovered"), (b, "inline", "kernel_crash")):

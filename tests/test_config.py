@@ -78,6 +78,7 @@ def test_default_supervisor_toml_is_valid() -> None:
     assert {"hello", "crc32", "ticker"} <= names
 
 
+@pytest.mark.e2e
 def test_cli_reports_config_errors(tmp_path: Path) -> None:
     p = write(tmp_path / "dom.toml", 'name = "a"\nimage = "hello"\nmemroy = 4\n')
     r = cli("run", str(p))
@@ -88,6 +89,7 @@ def test_cli_reports_config_errors(tmp_path: Path) -> None:
     assert r.returncode == 1 and "timeslice_ms" in r.stderr and "between 1 and 1000" in r.stderr
 
 
+@pytest.mark.e2e
 def test_cli_usage_errors() -> None:
     r = cli("frobnicate")
     assert r.returncode == 2 and "No such command 'frobnicate'" in r.stderr
@@ -117,7 +119,8 @@ def test_disks_parse_and_survive_the_wire(tmp_path: Path) -> None:
               '"target=img/a.img, vdev=xvda, access=ro, backend=blk0, size=64M", '
               '"vdev=xvdb, type=memory, size=16M, backend=blk0"]\n')
     cfg = load_domain_config(p)
-    a, b = cfg.disks
+    a, b = cfg.of_class("vbd")
+    assert cfg.devices == (a, b)
     assert (a.target, a.size, a.read_only, a.devid) == (str(tmp_path / "img/a.img"), 64 << 20,
                                                         True, 51712)
     assert (b.type, b.target, b.size, b.devid) == ("memory", None, 16 << 20, 51728)

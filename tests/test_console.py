@@ -21,7 +21,7 @@ from isovisor.swapclient import swap
 from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 DRIVER = """[driver.con0]
 module = "drivers.console"

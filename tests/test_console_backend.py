@@ -1056,6 +1056,7 @@ def _build_harness(tmp: Path) -> Path:
     return exe
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("evil", [False, True])
 def test_the_c_frontend_against_the_backend(rig: Rig, evil: bool) -> None:

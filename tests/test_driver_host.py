@@ -299,6 +299,7 @@ def test_unknown_injects_and_stray_activates_are_ignored(harness: Harness) -> No
     assert "ignoring activate: this driver is active already" in log
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_bad_watchdog_arguments_exit_with_status_2(tmp_path: Path) -> None:
     r = subprocess.run(

@@ -24,7 +24,7 @@ from isovisor.swapclient import swap
 from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import driver_row, finish_and_verify, two_guests
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 OPS = 60_000
 DRIVER = """[driver.blk0]

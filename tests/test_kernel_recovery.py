@@ -30,6 +30,7 @@ import msgpack
 import pytest
 import zmq
 
+from devices.vbd import CLASS as VBD
 from ipc import blkif, consif
 from ipc.blkif import (
     OP_DISCARD,
@@ -51,8 +52,6 @@ from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes
 from ipc.shm import Segment
 from isovisor.config import DomainConfig
 from kernel import abi
-from kernel.devclass import VBD
-from kernel.devices import SEGMENT_BYTES
 from kernel.drivers import DriverLink, Malformed, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors
 from tests.conftest import wait_until as poll_until
@@ -1008,7 +1007,7 @@ def _requests(front: FrontRing, ids: list[int]) -> list[bytes]:
 
 
 def test_answer_with_errors_answers_from_rsp_prod_in_ring_order_and_clears_the_log() -> None:
-    buf = bytearray(SEGMENT_BYTES)
+    buf = bytearray(VBD.region.segment_bytes)
     mv = memoryview(buf)
     front = FrontRing(mv[:RING_BYTES], blkif.RING_SLOTS, blkif.SLOT_SIZE)
     reqs = _requests(front, [10, 11, 12, 13, 14, 15])
@@ -1025,7 +1024,7 @@ def test_answer_with_errors_answers_from_rsp_prod_in_ring_order_and_clears_the_l
     assert not front.final_check_for_responses()  # the guest now waits for a notification
     front._slot(1)[:8] = (999).to_bytes(8, "little")  # the guest scribbles on a taken slot
 
-    answered, notify = answer_with_errors(buf, blkif.WINDOW_BYTES, sectors=2048)
+    answered, notify = answer_with_errors(buf, blkif.WINDOW_BYTES, 2048, VBD)
     assert (answered, notify) == (5, True)
     got = [decode_response(front.get_response()) for _ in range(5)]
     assert got == [(11, OP_WRITE, STATUS_ERROR), (12, OP_FLUSH, STATUS_ERROR),
@@ -1035,10 +1034,10 @@ def test_answer_with_errors_answers_from_rsp_prod_in_ring_order_and_clears_the_l
     assert journal.pending() == []
     words = mv[:32].cast("Q")
     assert words[1] == words[0] + 1  # req_event re-armed: the guest's next request kicks
-    assert answer_with_errors(buf, blkif.WINDOW_BYTES, sectors=2048) == (0, False)
+    assert answer_with_errors(buf, blkif.WINDOW_BYTES, 2048, VBD) == (0, False)
     words[0] = words[2] + 1000  # a hostile req_prod
     with pytest.raises(RingError, match="req_prod"):
-        answer_with_errors(buf, blkif.WINDOW_BYTES, sectors=2048)
+        answer_with_errors(buf, blkif.WINDOW_BYTES, 2048, VBD)
     del words, front, back, journal, reqs
 
 

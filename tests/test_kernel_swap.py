@@ -12,7 +12,7 @@ from tests.test_kernel_recovery import FakeDriver, Kernel, kinds, summary, wait_
 
 kernel = test_kernel_recovery.kernel  # the fixture: a real kernel process
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 GUEST = "ops=6000 qd=16 mix=60 seed=5 blocks=256 timeout=30000"
 
 

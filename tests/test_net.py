@@ -27,7 +27,7 @@ from isovisor.swapclient import swap
 from tests.conftest import Stack, wait_until
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 MAC_A = "02:00:00:00:00:0a"
 MAC_B = "02:00:00:00:00:0b"

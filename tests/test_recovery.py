@@ -28,7 +28,7 @@ from isovisor.paths import RunDir
 from tests.blkdata import check_image
 from tests.conftest import Stack, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 DRIVER = """[driver.blk0]
 module = "drivers.blk"

@@ -246,6 +246,7 @@ def test_inflight_slot_in_use_is_refused() -> None:
         log.begin(3 + N, b"y")
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_backend_in_another_process_over_shared_memory() -> None:
     n, count = 16, 2000

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import cli, domain_toml, write
 from tests.guestdata import xorshift_bytes
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 
 def run(tmp_path: Path, name: str, image: str, *args: str, **keys: object):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import Stack, wait_event, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def cpu(stack: Stack) -> dict[str, float]:

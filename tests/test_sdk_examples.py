@@ -43,6 +43,7 @@ def test_there_are_example_tests() -> None:
     assert len(_example_tests()) >= 4, _example_tests()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", _example_tests())
 def test_example(name: str) -> None:

@@ -14,7 +14,7 @@ import zmq
 from isovisor.paths import RunDir
 from tests.conftest import Stack, shm_segments, wait_event
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def test_up_list_console_down_leaves_nothing_behind(stack: Stack) -> None:

@@ -16,7 +16,7 @@ import fcntl
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ipc.blkif import SECTOR_SIZE
@@ -36,7 +36,7 @@ class ReadOnlyError(StorageError):
     """A write or discard on a read-only disk."""
 
 
-def _fallocate_function():  # type: ignore[no-untyped-def]
+def _fallocate_function() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.fallocate

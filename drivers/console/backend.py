@@ -72,7 +72,7 @@ from typing import Any, ClassVar
 import zmq
 
 from drivers.backendkit import Host, int_option, msg_field, refuse
-from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
+from drivers.faults import Fault, Injector, RequestInfo, fault_classes
 from drivers.state import BackendState, DeviceState, Medium, StateError, accept
 from ipc import consif
 from ipc.consif import ConsoleBack, Journal, JournalEntry, encode_offset
@@ -245,7 +245,7 @@ class ConsoleBackend:
         self.faults = 0
         self.publish_errors = 0
         #: Faults armed by the supervisor (drivers/faults.py).
-        self.injector = Injector(fclass=FAULT_CLASSES["console"])
+        self.injector = Injector(fclass=fault_classes()["console"])
         #: Writes an append's bytes: ``_write_all``, or ``_write_injecting`` while a fault is
         #: armed (so an unarmed driver pays nothing for the feature).
         self._write: Callable[[_Console, bytes], None] = self._write_all

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
 from drivers.backendkit import Host, int_option, msg_field, refuse
-from drivers.faults import FAULT_CLASSES, Fault, Injector, RequestInfo
+from drivers.faults import Fault, Injector, RequestInfo, fault_classes
 from drivers.net import tap as tapmod
 from drivers.net.switch import (
     MAX_PORTS,
@@ -107,7 +107,7 @@ _UPLINK_READ: Final = 256
 #: Seconds between attempts to open the TAP after a failure.
 TAP_RETRY_S: Final = 1.0
 DEFAULT_HOST_ADDR: Final = "198.18.0.1/15"
-#: Where guest traffic may go (isovisor.vifconfig keeps guests inside the same ranges).
+#: Where guest traffic may go (devices/vif.py keeps guests inside the same ranges).
 ALLOWED_NETS: Final = (ipaddress.IPv4Network("198.18.0.0/15"),
                        ipaddress.IPv4Network("169.254.0.0/16"))
 _BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
@@ -442,7 +442,7 @@ class NetBackend:
         #: counters carried over a hot swap, until the vif is attached again
         self._carried: dict[int, dict[str, int]] = {}
         #: Faults armed by the supervisor (drivers/faults.py), and response faults due.
-        self.injector = Injector(fclass=FAULT_CLASSES["vif"])
+        self.injector = Injector(fclass=fault_classes()["vif"])
         self._spoil: dict[int, _Spoil] = {}
         #: Switches one tx request: ``_forward``, or ``_forward_injecting`` while a fault is
         #: armed or due (so an unarmed switch pays nothing for the feature).
@@ -1103,8 +1103,8 @@ class NetBackend:
             d.rx_reread_end = None  # past the window: requests are the guest's own again
             return False
         _, off, size, flags = netif.RX_REQUEST.unpack_from(raw)
-        return (flags == _OKAY and size < netif.MAX_FRAME and off >= netif.RX_BUF_OFFSET
-                and off + netif.MAX_FRAME <= netif.WINDOW_BYTES)
+        return bool(flags == _OKAY and size < netif.MAX_FRAME and off >= netif.RX_BUF_OFFSET
+                    and off + netif.MAX_FRAME <= netif.WINDOW_BYTES)
 
     def _put_frame(self, d: _Vif, got: tuple[int, int, int], frame: bytes, b: _Batch) -> None:
         k, rid, off = got

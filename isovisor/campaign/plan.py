@@ -10,7 +10,8 @@ See docs/campaigns.md for the file format and the fault types.
 ``[stack] module`` names the driver (``drivers.blk`` by default, ``drivers.net``,
 ``drivers.console``); its device class decides which workloads can run (each needs its own
 class: ``isovisor.campaign.workloads``), which fault types apply, and what the ``op`` and
-``vdev`` filters may name (drivers/faults.py, ``FAULT_CLASSES``).
+``vdev`` filters may name (each class's :class:`~drivers.faults.FaultClass`, declared in
+``devices/``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from drivers.faults import FAULT_CLASSES, MODULE_CLASSES, FaultClass
+import devices
+from devices.kvspec import parse_size
+from drivers.faults import FaultClass, fault_classes
 from isovisor.campaign.workloads import CHECKERS
-from isovisor.config import ISOLATIONS, MIN_MAX_RSS, NAME_RE, parse_size
+from isovisor.config import ISOLATIONS, MIN_MAX_RSS, NAME_RE
 from isovisor.faulttable import ALL_TYPES
 from isovisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
 from kernel import abi
@@ -49,12 +52,6 @@ MAX_INJECTIONS: Final = 100_000
 MIN_SPACING_S: Final = 0.001
 #: The seeded jitter of an injection's time is at most this share of the spacing (± half).
 JITTER_SHARE: Final = 0.2
-#: The device names of each class: (pattern, what to use).
-_VDEVS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
-    "vbd": (re.compile(r"^xvd[a-z]$"), "use xvda .. xvdz"),
-    "vif": (re.compile(r"^eth[0-9]{1,2}$"), "use eth0, eth1, ..."),
-    "console": (re.compile(r"^console$"), 'a console is "console"'),
-}
 DEFAULT_MODULE: Final = "drivers.blk"
 
 
@@ -144,7 +141,7 @@ class StackSpec:
 
     @property
     def fault_class(self) -> FaultClass:
-        return FAULT_CLASSES[MODULE_CLASSES[self.module.partition(":")[0]]]
+        return _class_of(self.module)
 
 
 @dataclass(frozen=True)
@@ -236,7 +233,7 @@ _CAMPAIGN_KEYS: Final = {
 _STACK_KEYS: Final = {
     "pcpus": _Key("int", "physical CPU threads that run guests", _between(1, 64)),
     "driver": _Key("str", "the driver the faults go to", _name),
-    "module": _Key("str", "the driver's backend module", choices=tuple(MODULE_CLASSES),
+    "module": _Key("str", "the driver's backend module", choices=devices.modules(),
                    what="a driver module campaigns know"),
     "watchdog_sec": _Key("number", "heartbeat deadline in seconds, 0 = off", _watchdog),
     "request_timeout_sec": _Key("number", "seconds a request may stay outstanding",
@@ -435,13 +432,14 @@ class _Loader:
             self.check_fault(i, f, module)
 
         entries = tuple(self.entry(i, f) for i, f in enumerate(faults))
+        spec: dict[str, Any] = {k: float(v) if k.endswith("_sec") else v
+                                for k, v in stack.items()}
         plan = Plan(
             path=self.path, name=camp.get("name", self.path.stem), seed=camp.get("seed", 1),
             duration=float(camp["duration"]) if "duration" in camp else None,
             faults_total=camp.get("faults"), gap=float(camp.get("gap", 0.3)),
             isolation=camp.get("isolation", "process"),
-            stack=StackSpec(**{k: float(v) if k.endswith("_sec") else v
-                               for k, v in stack.items()}),
+            stack=StackSpec(**spec),
             workloads=tuple(Workload(**w, line=self.lines.line_of("workload", i))
                             for i, w in enumerate(workloads)),
             faults=entries)
@@ -536,9 +534,8 @@ class _Loader:
                              f"{_did_you_mean(image, tuple(CHECKERS))}")
         fclass = _class_of(module)
         if checker.device_class != fclass.name:
-            need = FAULT_CLASSES[checker.device_class]
-            modules = " or ".join(f'"{m}"' for m, c in MODULE_CLASSES.items()
-                                  if c == need.name)
+            need = fault_classes()[checker.device_class]
+            modules = " or ".join(f'"{m}"' for m in devices.by_name(need.name).modules)
             fits = ", ".join(c.image for c in CHECKERS.values()
                              if c.device_class == fclass.name)
             raise self.error("workload", i, "image", f"image = {_show(image)} needs a "
@@ -569,11 +566,11 @@ class _Loader:
                              f"choose one of: {', '.join(fclass.ops)}"
                              f"{_did_you_mean(f['op'], fclass.ops)} (the operations of "
                              f"{fclass.request})")
-        pattern, use = _VDEVS[fclass.name]
-        if "vdev" in f and not pattern.match(f["vdev"]):
+        dclass = devices.by_name(fclass.name)
+        if "vdev" in f and not dclass.vdev_re.match(f["vdev"]):
             raise self.error("fault", i, "vdev", f"vdev = {_show(f['vdev'])} is not a device "
-                             f"name: {use}" + ("" if fclass.name == "vbd" else
-                                               f" (the devices of a {fclass.driver} driver)"))
+                             f"name: {dclass.vdev_hint} (the devices of a {fclass.driver} "
+                             "driver)")
         if kind in OUTSIDE_TYPES:
             for key in FILTER_KEYS:
                 if key in f:
@@ -589,13 +586,12 @@ class _Loader:
                                      f"to type = \"slow\", not \"{kind}\"; remove {key}")
         if kind == "poison" and "sector" not in f:
             raise self.error("fault", i, None, "type = \"poison\" needs sector = N (the "
-                             "sector whose requests kill the driver" + (
-                                 ")" if fclass.name == "vbd" else
-                                 f"; for a {fclass.driver} driver, {fclass.position})"))
+                             f"sector whose requests kill the driver; for a {fclass.driver} "
+                             f"driver, {fclass.position})")
 
     def entry(self, i: int, f: dict[str, Any]) -> FaultEntry:
-        vals = {k: float(v) if k in ("weight", "probability", *SLOW_KEYS) else v
-                for k, v in f.items()}
+        vals: dict[str, Any] = {k: float(v) if k in ("weight", "probability", *SLOW_KEYS)
+                                else v for k, v in f.items()}
         return FaultEntry(index=i, **vals, line=self.lines.line_of("fault", i))
 
     def check_campaign(self, camp: dict[str, Any], plan: Plan) -> None:
@@ -640,12 +636,15 @@ class _Loader:
 
 
 def _class_of(module: str) -> FaultClass:
-    return FAULT_CLASSES[MODULE_CLASSES[module.partition(":")[0]]]
+    """The fault class of a module campaigns know (the plan's checks made sure it is one)."""
+    cls = devices.of_module(module)
+    assert cls is not None, module
+    return fault_classes()[cls.name]
 
 
 def _images() -> list[str]:
     """The workloads, each with the driver it needs."""
-    return [f"{c.image} ({FAULT_CLASSES[c.device_class].driver})" for c in CHECKERS.values()]
+    return [f"{c.image} ({fault_classes()[c.device_class].driver})" for c in CHECKERS.values()]
 
 
 def _label(table: str, index: int) -> str:

@@ -90,7 +90,7 @@ def _type(f: dict[str, Any]) -> str:
 
 def _is_manifested(f: dict[str, Any]) -> bool:
     """A fault manifested unless its outcome says otherwise (the flag decides without one)."""
-    o = f.get("outcome")
+    o: object = f.get("outcome")
     if o:
         return o != "not_manifested"
     return bool(f.get("manifested"))
@@ -548,7 +548,7 @@ def _colour(outcome: str) -> str:
 
 def _nice_step(span: float, target: int = 5) -> float:
     raw = span / target if span > 0 else 1.0
-    mag = 10 ** math.floor(math.log10(raw))
+    mag: float = 10 ** math.floor(math.log10(raw))
     for m in (1, 2, 5):
         if raw <= m * mag * (1 + 1e-9):
             return m * mag

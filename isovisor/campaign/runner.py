@@ -361,7 +361,8 @@ class Campaign:
             self._pump(0.02)
 
     def _driver_row(self) -> dict[str, Any] | None:
-        for row in self._call("status")["drivers"]:
+        rows: list[dict[str, Any]] = self._call("status")["drivers"]
+        for row in rows:
             if row["name"] == self.driver:
                 return row
         return None

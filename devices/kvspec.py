@@ -1,9 +1,11 @@
 """xl-style device strings (``"key=value, key=value"``): split and check the keys, with errors
-that name the entry, the key, and the nearest allowed key."""
+that name the entry, the key, and the nearest allowed key; and sizes like ``64M``."""
 
 from __future__ import annotations
 
 import difflib
+import re
+from typing import Final
 
 
 def parse_kv(spec: str, keys: tuple[str, ...], what: str, where: str,
@@ -30,3 +32,15 @@ def parse_kv(spec: str, keys: tuple[str, ...], what: str, where: str,
             raise ValueError(f"{where}: {what} key {key!r} is given twice")
         fields[key] = val
     return fields
+
+
+_SIZE_RE: Final = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int | None:
+    """``64M`` -> 67108864 (binary units K, M, G, T; plain digits are bytes)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        return None
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
