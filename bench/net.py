@@ -82,9 +82,9 @@ from swap import RunLoad
 
 from drivers.net import tap as tapmod
 from ipc.events import Subscriber
+from ipc.lifetime import die_with_parent
 from isovisor import nettools
 from isovisor.privstack import PrivateStack
-from isovisor.procs import die_with_parent
 
 NAME = "net"
 TITLE = ("Network: UDP echo and frame rates through the net driver vs a host Python UDP echo; "

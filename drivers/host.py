@@ -74,7 +74,7 @@ import msgpack
 import zmq
 
 from drivers.state import BackendState
-from isovisor.procs import die_with_parent
+from ipc.lifetime import die_with_parent
 
 POLL_MS = 200
 #: Messages taken per round at most (so a flood cannot keep the loop from acting).

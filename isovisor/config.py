@@ -1,261 +1,54 @@
-"""Typed configuration: ``supervisor.toml`` and domain configs.
+"""Typed configuration of a stack: ``supervisor.toml`` (domain configs: ``domains/config.py``).
 
-Keys follow xl.cfg where one exists.  Every loader rejects unknown keys and wrong types with a
-:class:`ConfigError` naming the file, the key and what is allowed (Firecracker's
-``deny_unknown_fields``).  Domain configs travel to the kernel as plain dicts
-(:meth:`DomainConfig.to_wire`) and are re-validated there (:meth:`DomainConfig.from_wire`).
+Every loader rejects unknown keys and wrong types with a :class:`ConfigError` naming the file,
+the key and what is allowed (``ipc/schema.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
-import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import devices
-from devices import DeviceSpec, SpecError
 from devices.kvspec import parse_size
-from kernel import abi
-
-ACTIONS: Final = ("destroy", "restart", "preserve")
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-class ConfigError(Exception):
-    """A configuration file or value is wrong; the message says where and what to do."""
-
-
-# --- small typed field checker -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Field:
-    kind: type | tuple[type, ...]
-    help: str
-    check: Callable[[Any], str | None] | None = None
-
-
-def _range(lo: int, hi: int) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
-
-
-def _at_least(lo: float, *, exclusive: bool = False) -> Callable[[Any], str | None]:
-    if exclusive:
-        return lambda v: None if v > lo else f"must be greater than {lo:g}"
-    return lambda v: None if v >= lo else f"must be at least {lo:g}"
-
-
-def _name(v: str) -> str | None:
-    return None if NAME_RE.match(v) else (
-        "must start with a letter or digit and contain only letters, digits, '_', '.', '-' "
-        "(at most 63 characters)")
-
-
-def _check_table(where: str, table: dict[str, Any], fields: dict[str, _Field],
-                 required: tuple[str, ...] = ()) -> None:
-    for key, val in table.items():
-        f = fields.get(key)
-        if f is None:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{did}; allowed keys: "
-                              f"{', '.join(sorted(fields))}")
-        kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
-        if not isinstance(val, kinds) or (isinstance(val, bool) and bool not in kinds):
-            words = [k for k in kinds if not (k is int and float in kinds)]  # "a number"
-            want = " or ".join(_type_word(k) for k in words)
-            raise ConfigError(f"{where}: key {key!r} must be {want} ({f.help}), "
-                              f"got {_type_word(type(val))} {val!r}")
-        if f.check is not None and (msg := f.check(val)) is not None:
-            raise ConfigError(f"{where}: key {key!r} = {val!r} {msg} ({f.help})")
-    for key in required:
-        if key not in table:
-            raise ConfigError(f"{where}: missing required key {key!r} ({fields[key].help})")
-
-
-def _type_word(t: type) -> str:
-    return {int: "an integer", str: "a string", bool: "true or false", list: "a list",
-            dict: "a table", float: "a number"}.get(t, t.__name__)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-
-
-# --- domain configs --------------------------------------------------------------------------
-
-_DOMAIN_FIELDS: Final = {
-    "name": _Field(str, "the domain's unique name", _name),
-    "image": _Field(str, "a built-in guest program name, a .c file, or a flat binary"),
-    "memory": _Field(int, f"guest RAM in MiB, {abi.MIN_MEMORY_MIB}..{abi.MAX_MEMORY_MIB}",
-                     _range(abi.MIN_MEMORY_MIB, abi.MAX_MEMORY_MIB)),
-    "vcpus": _Field(int, "number of virtual CPUs; only 1 is supported", _range(1, 1)),
-    "weight": _Field(int, "scheduler weight, 1..65535, default 256", _range(1, 65535)),
-    "cap": _Field(int, "CPU cap in percent of one CPU, 0 = no cap", _range(0, 100)),
-    "on_poweroff": _Field(str, "action when the guest powers off", _choice(ACTIONS)),
-    "on_reboot": _Field(str, "action when the guest reboots", _choice(ACTIONS)),
-    "on_crash": _Field(str, "action when the guest crashes", _choice(ACTIONS)),
-    "extra": _Field(str, f"parameters passed to the guest, at most {abi.SI_CMDLINE_MAX - 1} "
-                         "bytes", lambda v: None if len(v.encode()) < abi.SI_CMDLINE_MAX
-                    else "is too long"),
-    # each device class's key ("disk", "vif", "console", ...): devices/
-    **{c.config_key: _Field(c.config_type, c.config_help) for c in devices.CLASSES},
-}
-
-@dataclass(frozen=True)
-class DomainConfig:
-    """One domain, as xl.cfg would describe it."""
-
-    name: str
-    image: str
-    image_path: str = ""  # resolved absolute path of the flat binary
-    memory: int = 16
-    vcpus: int = 1
-    weight: int = 256
-    cap: int = 0
-    on_poweroff: str = "destroy"
-    on_reboot: str = "restart"
-    on_crash: str = "destroy"
-    extra: str = ""
-    #: Every device, of every class (devices/), in region order: each class's config key
-    #: ("disk", "vif", ...) parsed by its class.
-    devices: tuple[DeviceSpec, ...] = ()
-    #: The ``console`` key as written: a console driver's name, "kernel", or "" (the stack's
-    #: default; the kernel's console when the stack has none).  A driver's name is also a
-    #: console device in ``devices``.
-    console: str = ""
-    source: str = ""  # the file this came from, for messages
-
-    @property
-    def console_driver(self) -> str | None:
-        return None if self.console in ("", "kernel") else self.console
-
-    def with_console(self, console: str) -> DomainConfig:
-        """This config with ``console`` set (the stack's default for one that left it empty)."""
-        raw = {c.config_key: c.to_wire(self.of_class(c.name)) for c in devices.CLASSES}
-        raw["console"] = console
-        return dataclasses.replace(self, console=console,
-                                   devices=_devices(raw, self.name, self.source, None))
-
-    def of_class(self, name: str) -> tuple[DeviceSpec, ...]:
-        """The devices of class ``name`` ("vbd", "vif", ...), in config order."""
-        return tuple(d for d in self.devices if d.device_class == name)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str, base_dir: Path | None = None,
-                  resolve: bool = True) -> DomainConfig:
-        _check_table(where, data, _DOMAIN_FIELDS, required=("name", "image"))
-        image_path = ""
-        if resolve:
-            from domains.build import BuildError, resolve_image
-            try:
-                image_path = str(resolve_image(data["image"], base_dir or Path.cwd()))
-            except BuildError as e:
-                raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
-        data = dict(data)
-        specs = _devices(data, data["name"], where, base_dir)
-        return cls(**_without_devices(data), devices=specs, image_path=image_path,
-                   source=where)
-
-    def to_wire(self) -> dict[str, Any]:
-        wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "devices"}
-        for c in devices.CLASSES:
-            if c.config_key not in wire:  # ("console" is a field already: kept as written)
-                wire[c.config_key] = c.to_wire(self.of_class(c.name))
-        return wire
-
-    @classmethod
-    def from_wire(cls, data: Any) -> DomainConfig:
-        """Re-validate a config received over the control socket (no image building)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"domain config must be a map, got {type(data).__name__}")
-        data = dict(data)
-        image_path = data.pop("image_path", "")
-        source = data.pop("source", "") or "control message"
-        if not isinstance(image_path, str) or not image_path:
-            raise ConfigError(f"{source}: domain config has no resolved 'image_path'")
-        if not isinstance(source, str):
-            raise ConfigError("domain config 'source' must be a string")
-        data = _validated(data, source)
-        specs = _devices(data, data["name"], source, None)
-        return cls(**{**_without_devices(data), "devices": specs, "image_path": image_path,
-                      "source": source})
-
-
-def _devices(data: dict[str, Any], domain: str, where: str,
-             base_dir: Path | None) -> tuple[DeviceSpec, ...]:
-    """Every device a domain config's keys declare, class by class (devices/)."""
-    specs: list[DeviceSpec] = []
-    try:
-        for c in devices.CLASSES:
-            if c.config_key in data:
-                specs += c.parse(data[c.config_key], domain, where, base_dir)
-    except SpecError as e:
-        raise ConfigError(str(e)) from None
-    return tuple(specs)
-
-
-def _without_devices(data: dict[str, Any]) -> dict[str, Any]:
-    """The keys that are DomainConfig fields (a device key is one only if it is a field too,
-    as ``console`` is)."""
-    fields = {f.name for f in dataclasses.fields(DomainConfig)}
-    return {k: v for k, v in data.items() if k in fields}
-
-
-def _validated(data: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_table(where, data, _DOMAIN_FIELDS, required=("name", "image"))
-    return data
-
-
-def load_domain_config(path: str | Path, *, resolve: bool = True) -> DomainConfig:
-    path = Path(path).resolve() if Path(path).exists() else Path(path)
-    data = _read_toml(path)
-    return DomainConfig.from_dict(data, str(path), base_dir=path.parent, resolve=resolve)
-
+from domains.config import ACTIONS, DomainConfig, load_domain_config
+from ipc.schema import (
+    NAME_RE,
+    ConfigError,
+    Field,
+    at_least,
+    check_name,
+    check_table,
+    in_range,
+    one_of,
+    read_toml,
+)
 
 # --- supervisor.toml -----------------------------------------------------------------------
 
 _SUPERVISOR_FIELDS: Final = {
-    "name": _Field(str, "the stack's name, shown by the CLI and in logs", _name),
-    "run_dir": _Field(str, "directory for sockets, logs and the pid file"),
+    "name": Field(str, "the stack's name, shown by the CLI and in logs", check_name),
+    "run_dir": Field(str, "directory for sockets, logs and the pid file"),
 }
 _KERNEL_FIELDS: Final = {
-    "pcpus": _Field(int, "physical CPU threads that run guests, 1..64", _range(1, 64)),
-    "timeslice_ms": _Field(int, "scheduler time slice in ms, 1..1000", _range(1, 1000)),
+    "pcpus": Field(int, "physical CPU threads that run guests, 1..64", in_range(1, 64)),
+    "timeslice_ms": Field(int, "scheduler time slice in ms, 1..1000", in_range(1, 1000)),
 }
 _DOMAINS_FIELDS: Final = {
-    "start": _Field(list, "domain config files to create at start-up, relative to this file"),
-    "console": _Field(str, "the console driver every domain's console goes to unless its config "
+    "start": Field(list, "domain config files to create at start-up, relative to this file"),
+    "console": Field(str, "the console driver every domain's console goes to unless its config "
                            "says otherwise (a [driver.<name>] running drivers.console); "
                            "\"kernel\" or empty: the kernel's built-in console",
-                      lambda v: None if v in ("", "kernel") or _name(v) is None
+                      lambda v: None if v in ("", "kernel") or check_name(v) is None
                       else "must be a driver name or \"kernel\""),
 }
 _TOP_FIELDS: Final = {
-    "supervisor": _Field(dict, "[supervisor] table"),
-    "kernel": _Field(dict, "[kernel] table"),
-    "driver": _Field(dict, "[driver.<name>] tables: driver backends"),
-    "domains": _Field(dict, "[domains] table"),
+    "supervisor": Field(dict, "[supervisor] table"),
+    "kernel": Field(dict, "[kernel] table"),
+    "driver": Field(dict, "[driver.<name>] tables: driver backends"),
+    "domains": Field(dict, "[domains] table"),
 }
 ISOLATIONS: Final = ("process", "inline")
 RESTART_POLICIES: Final = ("permanent", "transient", "temporary")
@@ -264,42 +57,42 @@ _NUM: Final = (float, int)
 #: Smallest max_rss accepted: a driver process alone is larger (Python, ZeroMQ, the backend).
 MIN_MAX_RSS: Final = 16 << 20
 _DRIVER_FIELDS: Final = {
-    "module": _Field(str, "Python module of the backend, e.g. drivers.blk"),
-    "isolation": _Field(str, "process (own OS process, the default) or inline (a thread of the "
-                             "kernel process, for comparison)", _choice(ISOLATIONS)),
-    "options": _Field(dict, "backend options, passed to the driver"),
-    "restart": _Field(str, "when a failed driver is restarted: permanent (always), transient "
+    "module": Field(str, "Python module of the backend, e.g. drivers.blk"),
+    "isolation": Field(str, "process (own OS process, the default) or inline (a thread of the "
+                             "kernel process, for comparison)", one_of(ISOLATIONS)),
+    "options": Field(dict, "backend options, passed to the driver"),
+    "restart": Field(str, "when a failed driver is restarted: permanent (always), transient "
                            "(only after an abnormal exit) or temporary (never)",
-                      _choice(RESTART_POLICIES)),
-    "intensity": _Field(int, "restarts allowed within 'period' seconds before the driver "
-                             "becomes FATAL, 0..1000000", _range(0, 1_000_000)),
-    "period": _Field(_NUM, "the window in seconds for 'intensity'", _at_least(0, exclusive=True)),
-    "backoff": _Field(_NUM, "seconds before the 2nd restart in a row without a stable run, "
-                            "doubling for each further one; 0 = start at 0.05 s", _at_least(0)),
-    "backoff_max": _Field(_NUM, "the longest delay before a restart, in seconds",
-                          _at_least(0)),
-    "start_secs": _Field(_NUM, "seconds a driver must stay up after its hello to count as "
-                               "started", _at_least(0)),
-    "start_timeout": _Field(_NUM, "seconds a started driver may take to say hello (its "
-                                  "handshake) before it is killed, at least 1", _at_least(1)),
-    "watchdog_sec": _Field(_NUM, "heartbeat deadline in seconds, 0 = off",
+                      one_of(RESTART_POLICIES)),
+    "intensity": Field(int, "restarts allowed within 'period' seconds before the driver "
+                             "becomes FATAL, 0..1000000", in_range(0, 1_000_000)),
+    "period": Field(_NUM, "the window in seconds for 'intensity'", at_least(0, exclusive=True)),
+    "backoff": Field(_NUM, "seconds before the 2nd restart in a row without a stable run, "
+                            "doubling for each further one; 0 = start at 0.05 s", at_least(0)),
+    "backoff_max": Field(_NUM, "the longest delay before a restart, in seconds",
+                          at_least(0)),
+    "start_secs": Field(_NUM, "seconds a driver must stay up after its hello to count as "
+                               "started", at_least(0)),
+    "start_timeout": Field(_NUM, "seconds a started driver may take to say hello (its "
+                                  "handshake) before it is killed, at least 1", at_least(1)),
+    "watchdog_sec": Field(_NUM, "heartbeat deadline in seconds, 0 = off",
                            lambda v: None if v == 0 or v >= 0.1
                            else "must be 0 (off) or at least 0.1"),
-    "request_timeout_sec": _Field(_NUM, "seconds a request may stay outstanding before the "
-                                        "driver counts as hung, at least 0.1", _at_least(0.1)),
-    "max_rss": _Field(str, 'RSS limit: a size with a K, M, G or T suffix, e.g. "512M"'),
-    "max_fds": _Field(int, "open file descriptors allowed (checked with psutil), 16..1048576",
-                      _range(16, 1_048_576)),
-    "max_cpu": _Field(_NUM, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
+    "request_timeout_sec": Field(_NUM, "seconds a request may stay outstanding before the "
+                                        "driver counts as hung, at least 0.1", at_least(0.1)),
+    "max_rss": Field(str, 'RSS limit: a size with a K, M, G or T suffix, e.g. "512M"'),
+    "max_fds": Field(int, "open file descriptors allowed (checked with psutil), 16..1048576",
+                      in_range(16, 1_048_576)),
+    "max_cpu": Field(_NUM, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
                             "and at most 100", lambda v: None if 0 < v <= 100
                       else "must be more than 0 and at most 100"),
-    "graceful_timeout": _Field(_NUM, "seconds from SIGTERM to SIGKILL when stopping",
-                               _at_least(0)),
-    "spare": _Field(bool, "keep a warm spare process ready"),
-    "group": _Field(str, "restart group: drivers that share it restart together per "
-                         "'strategy'", _name),
-    "strategy": _Field(str, "which drivers of the group restart when one fails",
-                       _choice(STRATEGIES)),
+    "graceful_timeout": Field(_NUM, "seconds from SIGTERM to SIGKILL when stopping",
+                               at_least(0)),
+    "spare": Field(bool, "keep a warm spare process ready"),
+    "group": Field(str, "restart group: drivers that share it restart together per "
+                         "'strategy'", check_name),
+    "strategy": Field(str, "which drivers of the group restart when one fails",
+                       one_of(STRATEGIES)),
 }
 #: Keys that only mean something for a supervised (isolation = "process") driver.
 SUPERVISION_KEYS: Final = tuple(k for k in _DRIVER_FIELDS
@@ -365,15 +158,15 @@ class StackConfig:
 
 def load_stack_config(path: str | Path) -> StackConfig:
     path = Path(path)
-    data = _read_toml(path)
+    data = read_toml(path)
     where = str(path)
-    _check_table(where, data, _TOP_FIELDS)
+    check_table(where, data, _TOP_FIELDS)
     sup = data.get("supervisor", {})
-    _check_table(f"{where} [supervisor]", sup, _SUPERVISOR_FIELDS)
+    check_table(f"{where} [supervisor]", sup, _SUPERVISOR_FIELDS)
     kern = data.get("kernel", {})
-    _check_table(f"{where} [kernel]", kern, _KERNEL_FIELDS)
+    check_table(f"{where} [kernel]", kern, _KERNEL_FIELDS)
     doms = data.get("domains", {})
-    _check_table(f"{where} [domains]", doms, _DOMAINS_FIELDS)
+    check_table(f"{where} [domains]", doms, _DOMAINS_FIELDS)
     start: list[str] = []
     for i, item in enumerate(doms.get("start", [])):
         if not isinstance(item, str):
@@ -402,11 +195,11 @@ def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig
     out = []
     for name, table in data.get("driver", {}).items():
         here = f"{where} [driver.{name}]"
-        if (msg := _name(name)) is not None:
+        if (msg := check_name(name)) is not None:
             raise ConfigError(f"{here}: the driver name {msg}")
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: must be a table with module = \"...\"")
-        _check_table(here, table, _DRIVER_FIELDS, required=("module",))
+        check_table(here, table, _DRIVER_FIELDS, required=("module",))
         try:
             table = {**table, "module": backend_spec(table["module"], base)}
         except ValueError as e:
@@ -499,3 +292,8 @@ def default_run_dir() -> Path:
     if env:
         return Path(env)
     return Path(f"/tmp/isovisor-{os.getuid()}") / "default"
+
+
+__all__ = ["ACTIONS", "ISOLATIONS", "MIN_MAX_RSS", "NAME_RE", "ConfigError", "DomainConfig",
+           "DriverConfig", "KernelConfig", "StackConfig", "backend_spec", "default_run_dir",
+           "load_domain_config", "load_stack_config"]

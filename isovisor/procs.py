@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import signal
 from pathlib import Path
 
 import psutil
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask the OS for SIGTERM when our parent dies, so no stack process outlives its stack."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def log_tail(path: Path, lines: int = 20) -> str:

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from isovisor.procs import die_with_parent
+from ipc.lifetime import die_with_parent
 from kernel.server import KernelServer
 from kernel.ucstop import UnsupportedUnicorn, check_engine
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RIP, UC_X86_REG_RSP
 
+from domains.config import DomainConfig
 from ipc.store import StoreError
-from isovisor.config import DomainConfig
 from kernel import abi
 from kernel.memory import GuestMemory
 from kernel.vcpu import VCpu

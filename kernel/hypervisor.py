@@ -12,9 +12,9 @@ import time
 from collections import deque
 from typing import Any, Final
 
+from domains.config import DomainConfig
 from ipc.control import AlreadyExists, ControlError, NotFound
 from ipc.shm import SegmentError
-from isovisor.config import DomainConfig
 from kernel.devices import DeviceManager, device_specs
 from kernel.domain import Domain, Emit, Exit, ImageError
 from kernel.scheduler import Scheduler

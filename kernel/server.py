@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from domains.config import DomainConfig
 from ipc.control import (
     ControlError,
     NotFound,
@@ -25,8 +26,8 @@ from ipc.control import (
     prop,
     serve_one,
 )
+from ipc.schema import ConfigError
 from ipc.store import Store, StoreError
-from isovisor.config import ConfigError, DomainConfig
 from kernel.devices import DeviceManager
 from kernel.drivers import DriverHub
 from kernel.failover import Recovery

@@ -31,6 +31,7 @@ import pytest
 import zmq
 
 from devices.vbd import CLASS as VBD
+from domains.config import DomainConfig
 from ipc import blkif, consif
 from ipc.blkif import (
     OP_DISCARD,
@@ -50,7 +51,6 @@ from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.events import Subscriber, subscribe
 from ipc.ring import BackRing, FrontRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import Segment
-from isovisor.config import DomainConfig
 from kernel import abi
 from kernel.drivers import DriverLink, Malformed, parse_hello
 from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery, answer_with_errors

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from domains import build
-from isovisor.config import DomainConfig
+from domains.config import DomainConfig
 from kernel import ucstop, vcpu
 from kernel.domain import Domain
 from kernel.hypervisor import Hypervisor

@@ -103,7 +103,7 @@ MAX_INPUT_MESSAGES = 10_000
 RETRY_S = 1.0
 SNDHWM = 10_000
 RCVHWM = 10_000
-_DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # isovisor.config.NAME_RE
+_DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # ipc.schema.NAME_RE
 _MASK = (1 << 64) - 1
 
 
