@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from devices import console, vbd, vif
+from devices import console, rng, vbd, vif
 from devices.base import DeviceClass, DeviceSpec, Medium, Region, SpecError, WhileFailed
 
 #: The registry: one entry per class, in region order.
-CLASSES: Final[tuple[DeviceClass, ...]] = (vbd.CLASS, vif.CLASS, console.CLASS)
+CLASSES: Final[tuple[DeviceClass, ...]] = (vbd.CLASS, vif.CLASS, console.CLASS, rng.CLASS)
 
 _BY_NAME: Final = {c.name: c for c in CLASSES}
 _BY_MODULE: Final = {m: c for c in CLASSES for m in c.modules}

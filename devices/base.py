@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from devices.workload import Checker
     from drivers.faults import FaultClass
 
 #: A driver's name as ``backend=`` gives it (the same rule as ``[driver.<name>]``).
@@ -120,6 +121,8 @@ class DeviceClass:
     #: The ``vdev`` names of this class's devices, and how to say so in an error.
     vdev_re: ClassVar[re.Pattern[str]]
     vdev_hint: ClassVar[str]
+    #: The campaign workloads that exercise this class (devices/workload.py).
+    checkers: ClassVar[tuple[type[Checker], ...]] = ()
 
     # -- config ----------------------------------------------------------------------------
     def parse(self, value: Any, domain: str, where: str,
@@ -173,6 +176,12 @@ class DeviceClass:
         whether the guest asked to be notified).  Leaves the ring armed so the guest's next
         byte kicks again."""
         raise TypeError(f"a {self.noun} has no output the kernel takes")
+
+    # -- the guest runtime -------------------------------------------------------------------
+    def c_headers(self) -> dict[str, str]:
+        """Generated C headers of the class's protocol, by file name (``domains/build.py``
+        puts them beside the guest runtime)."""
+        return {}
 
     # -- reporting --------------------------------------------------------------------------
     def info(self, spec: DeviceSpec, medium: Medium | None,

@@ -8,13 +8,24 @@ name makes a device.
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from devices.base import NAME_RE, DeviceClass, DeviceSpec, Region, SpecError, WhileFailed
+from devices.workload import (
+    Checker,
+    GuestSpec,
+    Result,
+    Tally,
+    Unit,
+    WorkloadSpec,
+)
 from ipc import consif
+from ipc.schema import show
 from kernel import abi
 
 if TYPE_CHECKING:
@@ -35,6 +46,139 @@ class ConsoleSpec:
     devid: int = 0
 
 
+# --- the campaign workload ------------------------------------------------------------
+_PATTERN: Final = b"abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@dataclass
+class _LogCheck:
+    """What one conecho guest's log file held so far (read incrementally)."""
+
+    path: Path
+    lines: int  # the lines the guest was asked to print
+    offset: int = 0
+    partial: bytes = b""
+    next: int = 0  # the line number expected next
+    ok: int = 0
+    missing: int = 0
+    repeated: int = 0
+    corrupt: int = 0
+    #: mangled lines since the last good one: each stands for the numbered line(s) in it
+    suspect: int = 0
+    done: int | None = None  # lines= of the done line, once seen
+    ended_at: float | None = None  # when the guest ended (monotonic)
+    size_at: tuple[float, int] = (0.0, -1)  # (when, size) the size was last seen to change
+
+
+class ConEcho(Checker):
+    """Guests whose console is the driver; each prints numbered lines, and the checker reads
+    the domain's log file ``<run_dir>/consoles/<name>.log`` as it grows."""
+
+    image = "conecho"
+    device_class = "console"
+    epoch_s = 6
+    min_s = 3
+    console_events = False
+    #: Lines a guest prints per second, about (the count is planned from it).
+    LINES_PER_S: Final = 12000
+    #: A guest that ended has its results in once the done line is in its log, or the log has
+    #: not grown for this long (the driver drained the ring).
+    QUIET_S: Final = 1.0
+    _LINE: Final = re.compile(rb"conecho: line (\d{9}) " + _PATTERN)
+    _DONE: Final = re.compile(rb"conecho: done lines=(\d+) echoed=\d+")
+    #: conecho's other lines (input, with echo=1)
+    _OTHER: Final = re.compile(rb"conecho: (ready for input|got .*|no input within \d+ ms|"
+                               rb"no console input .*)")
+    _LINES: Final = re.compile(r"(?:^|\s)lines=(\d+)(?=\s|$)")
+
+    def __init__(self, workload: WorkloadSpec, driver: str) -> None:
+        super().__init__(workload, driver)
+        self.logs: dict[str, _LogCheck] = {}
+
+    def start(self, run_dir: Path) -> None:
+        super().start(run_dir)
+        self.logs.clear()  # (the guests of a stack that died are recorded as lost)
+
+    def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
+        extra = f"lines={self.LINES_PER_S * seconds} {self.workload.extra}".strip()
+        name = unit.name()
+        asked = self._LINES.findall(extra)  # the guest takes the last one
+        assert self.run_dir is not None
+        self.logs[name] = _LogCheck(self.run_dir / "consoles" / f"{name}.log", int(asked[-1]))
+        return [GuestSpec(name, self.image, 4, {"extra": extra, "console": self.driver})]
+
+    def poll(self) -> Tally:
+        total = Tally()
+        for c in self.logs.values():
+            total += self._read(c)
+        return total
+
+    def settled(self, name: str) -> bool:
+        c = self.logs.get(name)
+        if c is None:
+            return True
+        self._read(c)
+        now = time.monotonic()
+        if c.ended_at is None:
+            c.ended_at = now
+        return c.done is not None or now - max(c.ended_at, c.size_at[0]) >= self.QUIET_S
+
+    def result(self, name: str, console: str) -> Result:
+        c = self.logs.pop(name, None)
+        if c is None:
+            return Result(0, 0, 0)
+        self._read(c)
+        if c.partial:  # a last line without its newline: mangled
+            self._line(c, c.partial)
+        expected = c.done if c.done is not None else c.lines
+        tail = max(0, expected - c.next - c.suspect)
+        return Result(c.ok, c.missing + c.repeated + tail + int(c.done is None), c.corrupt)
+
+    def _read(self, c: _LogCheck) -> Tally:
+        """Check the lines added to the log since the last look."""
+        try:
+            with open(c.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == c.offset:
+                    return Tally()
+                f.seek(c.offset)
+                data = f.read(size - c.offset)
+        except FileNotFoundError:
+            return Tally()
+        c.offset += len(data)
+        c.size_at = (time.monotonic(), c.offset)
+        *lines, c.partial = (c.partial + data).split(b"\n")
+        total = Tally()
+        for line in lines:
+            total += self._line(c, line)
+        return total
+
+    def _line(self, c: _LogCheck, line: bytes) -> Tally:
+        m = self._LINE.fullmatch(line)
+        if m is not None:
+            n = int(m.group(1))
+            if n < c.next:
+                c.repeated += 1
+                return Tally(errors=1)
+            gap = n - c.next
+            lost = max(0, gap - c.suspect)  # a mangled line stands for the one it was
+            c.missing += lost
+            c.next, c.suspect = n + 1, 0
+            c.ok += 1
+            return Tally(errors=lost)
+        d = self._DONE.fullmatch(line)
+        if d is not None:
+            c.done = int(d.group(1))
+            return Tally()
+        if self._OTHER.fullmatch(line) is None and (
+                b"line" in line or b"conecho" in line or not line.isascii()
+                or not line.decode("ascii").isprintable()):
+            c.corrupt += 1
+            c.suspect += max(1, line.count(b"line "))
+            return Tally(mismatches=1)
+        return Tally()  # some other output of the guest's
+
+
 class Console(DeviceClass):
     name = consif.CLASS_NAME
     kind = abi.DEV_KIND_CONSOLE
@@ -52,13 +196,14 @@ class Console(DeviceClass):
     modules = ("drivers.console",)
     vdev_re = re.compile(r"^console$")
     vdev_hint = 'a console is "console"'
+    checkers = (ConEcho,)
 
     def parse(self, value: Any, domain: str, where: str,
               base_dir: Path | None) -> tuple[DeviceSpec, ...]:
         if value is None or value in NO_DRIVER:
             return ()
         if not isinstance(value, str) or not NAME_RE.match(value):
-            raise SpecError(f"{where}: key 'console' = {value!r} must be a driver name, "
+            raise SpecError(f"{where}: console = {show(value)} must be a driver name, "
                             f"\"kernel\" or empty ({self.config_help})")
         return (ConsoleSpec(value),)
 
@@ -83,6 +228,9 @@ class Console(DeviceClass):
     @staticmethod
     def cells(row: dict[str, Any]) -> tuple[str, str, str]:
         return "-", "-", "console ring"
+
+    def c_headers(self) -> dict[str, str]:
+        return {"isovisor_consif.h": consif.c_header()}
 
     def faults(self) -> FaultClass:
         from drivers.faults import RESPONSE_TYPES, FaultClass

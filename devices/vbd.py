@@ -20,6 +20,7 @@ from devices.base import (
     pages,
 )
 from devices.kvspec import parse_kv, parse_size
+from devices.workload import Checker, GuestSpec, Result, Tally, Unit, summary
 from ipc import blkif
 from ipc.ring import inflight_bytes
 from kernel import abi
@@ -115,6 +116,30 @@ def disk_string(d: DiskSpec) -> str:
     return ", ".join(parts)
 
 
+# --- the campaign workload ------------------------------------------------------------
+class BlkStress(Checker):
+    image = "blkstress"
+    device_class = "vbd"
+    _MISMATCH: Final = re.compile(r"^blkstress: MISMATCH ", re.MULTILINE)
+    _ERROR: Final = re.compile(r"^blkstress: .*(failed: status|phase stopped)", re.MULTILINE)
+    _SUMMARY: Final = re.compile(r"^blkstress: ops=.*$", re.MULTILINE)
+
+    def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
+        w = self.workload
+        disk = (f"target={unit.base}.img, vdev=xvda, access=rw, backend={self.driver}, "
+                f"size={w.disk_size}")
+        extra = (f"{w.extra} seed={seed} ops=1000000000 seconds={seconds} "
+                 "timeout=60000").strip()
+        return [GuestSpec(unit.name(), self.image, 8, {"extra": extra, "disk": [disk]})]
+
+    def console(self, name: str, text: str) -> Tally:
+        return Tally(len(self._ERROR.findall(text)), len(self._MISMATCH.findall(text)))
+
+    def result(self, name: str, console: str) -> Result:
+        s = summary(self._SUMMARY, console)
+        return Result(s.get("ops", 0), s.get("errors", 0), s.get("mismatches", 0))
+
+
 class Vbd(DeviceClass):
     name = "vbd"
     kind = abi.DEV_KIND_VBD
@@ -129,6 +154,7 @@ class Vbd(DeviceClass):
     modules = ("drivers.blk", "drivers.blk.ram")
     vdev_re = re.compile(r"^xvd[a-z]$")
     vdev_hint = "use xvda .. xvdz"
+    checkers = (BlkStress,)
 
     def parse(self, value: Any, domain: str, where: str,
               base_dir: Path | None) -> tuple[DeviceSpec, ...]:
@@ -193,6 +219,9 @@ class Vbd(DeviceClass):
     @staticmethod
     def cells(row: dict[str, Any]) -> tuple[str, str, str]:
         return str(row.get("access")), str(row.get("sectors")), str(row.get("target"))
+
+    def c_headers(self) -> dict[str, str]:
+        return {"isovisor_blkif.h": blkif.c_header()}
 
     def faults(self) -> FaultClass:
         from drivers.faults import OPS, FaultClass

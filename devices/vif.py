@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from devices.base import DeviceClass, DeviceSpec, Medium, Region, SpecError, check_backend, pages
 from devices.kvspec import parse_kv
+from devices.workload import Checker, GuestSpec, Result, Tally, Unit, summary
 from ipc import netif
 from ipc.netif import format_mac, parse_mac
 from kernel import abi
@@ -128,6 +129,58 @@ def parse_vifs(items: Any, domain: str, where: str) -> tuple[VifSpec, ...]:
     return tuple(out)
 
 
+# --- the campaign workload ------------------------------------------------------------
+class NetPair(Checker):
+    """Pairs of guests on bridge br0 of the driver; each names the other's MAC as its peer."""
+
+    image = "netpair"
+    device_class = "vif"
+    members = ("a", "b")
+    epoch_s = 6
+    min_s = 3
+    #: Data frames one side sends per second, about (the count is planned from it).
+    FRAMES_PER_S: Final = 5000
+    _MISMATCH: Final = re.compile(r"^netpair: corrupt frame ", re.MULTILINE)
+    #: (Not "presumably lost": netpair says so when its window has been shut for a second,
+    #: which a stalled tx ring does too; whether frames were lost, its summary says.)
+    _ERROR: Final = re.compile(r"^netpair: (the frontend failed|send failed)", re.MULTILINE)
+    _SUMMARY: Final = re.compile(r"^netpair: sent=.*$", re.MULTILINE)
+
+    @staticmethod
+    def mac(unit: Unit, member: int) -> str:
+        """A unicast, locally administered MAC no other guest of the campaign has."""
+        return (f"02:{unit.workload & 0xFF:02x}:{unit.index & 0xFF:02x}:"
+                f"{unit.stack & 0xFF:02x}:{unit.gen & 0xFF:02x}:{member:02x}")
+
+    def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
+        macs = [self.mac(unit, m) for m in range(2)]
+        count = self.FRAMES_PER_S * seconds
+        out = []
+        for m, member in enumerate(self.members):
+            # the plan's extra may set count, size, window, timeout; never the peer
+            extra = " ".join(p for p in (f"count={count} timeout=10000", self.workload.extra,
+                                         f"peer={macs[1 - m]}") if p)
+            vif = f"mac={macs[m]}, bridge=br0, backend={self.driver}"
+            out.append(GuestSpec(unit.name(member), self.image, 4,
+                                 {"extra": extra, "vif": [vif]}))
+        return out
+
+    def console(self, name: str, text: str) -> Tally:
+        return Tally(len(self._ERROR.findall(text)), len(self._MISMATCH.findall(text)))
+
+    def result(self, name: str, console: str) -> Result:
+        """ops: frames sent and received; mismatches: corrupt frames; errors: frontend
+        errors, duplicates, frames out of order, and lost frames beyond the corrupt ones (a
+        corrupt frame is also missing from what was received intact)."""
+        s = summary(self._SUMMARY, console)
+        if not s:
+            return Result(0, 0, 0)
+        corrupt = s.get("corrupt", 0)
+        errors = (s.get("errors", 0) + s.get("dup", 0) + s.get("reordered", 0)
+                  + max(0, s.get("lost", 0) - corrupt))
+        return Result(s.get("sent", 0) + s.get("received", 0), errors, corrupt)
+
+
 class Vif(DeviceClass):
     name = "vif"
     kind = abi.DEV_KIND_VIF
@@ -140,6 +193,7 @@ class Vif(DeviceClass):
     modules = ("drivers.net",)
     vdev_re = re.compile(r"^eth[0-9]{1,2}$")
     vdev_hint = "use eth0, eth1, ..."
+    checkers = (NetPair,)
 
     def parse(self, value: Any, domain: str, where: str,
               base_dir: Path | None) -> tuple[DeviceSpec, ...]:
@@ -176,6 +230,9 @@ class Vif(DeviceClass):
     @staticmethod
     def cells(row: dict[str, Any]) -> tuple[str, str, str]:
         return str(row.get("bridge")), row.get("ip") or "-", str(row.get("mac"))
+
+    def c_headers(self) -> dict[str, str]:
+        return {"isovisor_netif.h": netif.c_header()}
 
     def faults(self) -> FaultClass:
         from drivers.faults import FaultClass

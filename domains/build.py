@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipc import blkif, consif, netif
+import devices
 from kernel import abi
 
 DOMAINS_DIR = Path(__file__).resolve().parent
@@ -44,9 +44,6 @@ RUNTIME_DIR = DOMAINS_DIR / "runtime"
 GUESTS_DIR = DOMAINS_DIR / "guests"
 LINKER_SCRIPT = RUNTIME_DIR / "guest.ld"
 HEADER_NAME = "isovisor_abi.h"
-BLKIF_HEADER_NAME = "isovisor_blkif.h"
-NETIF_HEADER_NAME = "isovisor_netif.h"
-CONSIF_HEADER_NAME = "isovisor_consif.h"
 
 #: Bump when the build procedure changes in a way the hash would not see.
 BUILD_FORMAT = "isovisor-guest-build-1"
@@ -207,9 +204,12 @@ def abi_header() -> str:
 
 
 def generated_headers() -> dict[str, str]:
-    """Every generated header, by file name: the kernel ABI and the device protocols."""
-    return {HEADER_NAME: abi.c_header(), BLKIF_HEADER_NAME: blkif.c_header(),
-            NETIF_HEADER_NAME: netif.c_header(), CONSIF_HEADER_NAME: consif.c_header()}
+    """Every generated header, by file name: the kernel ABI and each device class's protocol
+    (``devices/``)."""
+    headers = {HEADER_NAME: abi.c_header()}
+    for c in devices.CLASSES:
+        headers.update(c.c_headers())
+    return headers
 
 
 def runtime_sources() -> list[Path]:

@@ -15,10 +15,21 @@ from typing import Any, Final
 
 import devices
 from devices import DeviceSpec, SpecError
-from ipc.schema import ConfigError, Field, check_name, check_table, in_range, one_of, read_toml
+from ipc.schema import (
+    ConfigError,
+    Field,
+    at_most_bytes,
+    check_name,
+    check_table,
+    in_range,
+    read_toml,
+    show,
+)
 from kernel import abi
 
 ACTIONS: Final = ("destroy", "restart", "preserve")
+#: Longest ``extra`` (the guest's command line, without its NUL), in bytes.
+EXTRA_MAX: Final = abi.SI_CMDLINE_MAX - 1
 
 
 _DOMAIN_FIELDS: Final = {
@@ -29,12 +40,12 @@ _DOMAIN_FIELDS: Final = {
     "vcpus": Field(int, "number of virtual CPUs; only 1 is supported", in_range(1, 1)),
     "weight": Field(int, "scheduler weight, 1..65535, default 256", in_range(1, 65535)),
     "cap": Field(int, "CPU cap in percent of one CPU, 0 = no cap", in_range(0, 100)),
-    "on_poweroff": Field(str, "action when the guest powers off", one_of(ACTIONS)),
-    "on_reboot": Field(str, "action when the guest reboots", one_of(ACTIONS)),
-    "on_crash": Field(str, "action when the guest crashes", one_of(ACTIONS)),
-    "extra": Field(str, f"parameters passed to the guest, at most {abi.SI_CMDLINE_MAX - 1} "
-                         "bytes", lambda v: None if len(v.encode()) < abi.SI_CMDLINE_MAX
-                    else "is too long"),
+    "on_poweroff": Field(str, "action when the guest powers off", choices=ACTIONS,
+                         what="an action"),
+    "on_reboot": Field(str, "action when the guest reboots", choices=ACTIONS, what="an action"),
+    "on_crash": Field(str, "action when the guest crashes", choices=ACTIONS, what="an action"),
+    "extra": Field(str, f"parameters passed to the guest, at most {EXTRA_MAX} bytes",
+                   at_most_bytes(EXTRA_MAX)),
     # each device class's key ("disk", "vif", "console", ...): devices/
     **{c.config_key: Field(c.config_type, c.config_help) for c in devices.CLASSES},
 }
@@ -88,7 +99,7 @@ class DomainConfig:
             try:
                 image_path = str(resolve_image(data["image"], base_dir or Path.cwd()))
             except BuildError as e:
-                raise ConfigError(f"{where}: key 'image' = {data['image']!r}: {e}") from None
+                raise ConfigError(f"{where}: image = {show(data['image'])}: {e}") from None
         data = dict(data)
         specs = _devices(data, data["name"], where, base_dir)
         return cls(**_without_devices(data), devices=specs, image_path=image_path,

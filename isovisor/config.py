@@ -16,14 +16,16 @@ from devices.kvspec import parse_size
 from domains.config import ACTIONS, DomainConfig, load_domain_config
 from ipc.schema import (
     NAME_RE,
+    NUMBER,
     ConfigError,
     Field,
     at_least,
     check_name,
     check_table,
     in_range,
-    one_of,
     read_toml,
+    show,
+    typed,
 )
 
 # --- supervisor.toml -----------------------------------------------------------------------
@@ -32,9 +34,11 @@ _SUPERVISOR_FIELDS: Final = {
     "name": Field(str, "the stack's name, shown by the CLI and in logs", check_name),
     "run_dir": Field(str, "directory for sockets, logs and the pid file"),
 }
-_KERNEL_FIELDS: Final = {
+KERNEL_FIELDS: Final = {
+    # pcpus: no default here; KernelConfig takes min(2, the host's CPUs)
     "pcpus": Field(int, "physical CPU threads that run guests, 1..64", in_range(1, 64)),
-    "timeslice_ms": Field(int, "scheduler time slice in ms, 1..1000", in_range(1, 1000)),
+    "timeslice_ms": Field(int, "scheduler time slice in ms, 1..1000", in_range(1, 1000),
+                          default=10),
 }
 _DOMAINS_FIELDS: Final = {
     "start": Field(list, "domain config files to create at start-up, relative to this file"),
@@ -53,50 +57,78 @@ _TOP_FIELDS: Final = {
 ISOLATIONS: Final = ("process", "inline")
 RESTART_POLICIES: Final = ("permanent", "transient", "temporary")
 STRATEGIES: Final = ("one_for_one", "rest_for_one", "one_for_all")
-_NUM: Final = (float, int)
 #: Smallest max_rss accepted: a driver process alone is larger (Python, ZeroMQ, the backend).
 MIN_MAX_RSS: Final = 16 << 20
-_DRIVER_FIELDS: Final = {
+
+
+def _watchdog(v: float) -> str | None:
+    return None if v == 0 or v >= 0.1 else "must be 0 (off) or at least 0.1"
+
+
+def _max_cpu(v: float) -> str | None:
+    return None if 0 < v <= 100 else "must be more than 0 and at most 100"
+
+
+def _max_rss(v: str) -> str | None:
+    size = parse_size(v)
+    if size is None:
+        return ("is not a size: give a number with an optional K, M, G or T suffix (binary "
+                "units), e.g. \"512M\"")
+    if size < MIN_MAX_RSS:
+        return ("is below 16M: a driver process alone uses more, so it would be replaced over "
+                "and over; raise it (e.g. \"256M\") or remove the key")
+    return None
+
+
+#: The keys of ``[driver.<name>]``, with their defaults (:class:`DriverConfig` takes them from
+#: here).  A campaign plan's ``[stack]`` takes its driver keys from here too, with defaults of
+#: its own (``isovisor/campaign/plan.py``).
+DRIVER_FIELDS: Final = {
     "module": Field(str, "Python module of the backend, e.g. drivers.blk"),
-    "isolation": Field(str, "process (own OS process, the default) or inline (a thread of the "
-                             "kernel process, for comparison)", one_of(ISOLATIONS)),
+    "isolation": Field(str, "how the driver runs: process (its own OS process) or inline (a "
+                             "thread of the kernel process, for comparison)",
+                        choices=ISOLATIONS, what="an isolation", default="process"),
     "options": Field(dict, "backend options, passed to the driver"),
     "restart": Field(str, "when a failed driver is restarted: permanent (always), transient "
                            "(only after an abnormal exit) or temporary (never)",
-                      one_of(RESTART_POLICIES)),
+                      choices=RESTART_POLICIES, what="a restart policy", default="permanent"),
     "intensity": Field(int, "restarts allowed within 'period' seconds before the driver "
-                             "becomes FATAL, 0..1000000", in_range(0, 1_000_000)),
-    "period": Field(_NUM, "the window in seconds for 'intensity'", at_least(0, exclusive=True)),
-    "backoff": Field(_NUM, "seconds before the 2nd restart in a row without a stable run, "
-                            "doubling for each further one; 0 = start at 0.05 s", at_least(0)),
-    "backoff_max": Field(_NUM, "the longest delay before a restart, in seconds",
-                          at_least(0)),
-    "start_secs": Field(_NUM, "seconds a driver must stay up after its hello to count as "
-                               "started", at_least(0)),
-    "start_timeout": Field(_NUM, "seconds a started driver may take to say hello (its "
-                                  "handshake) before it is killed, at least 1", at_least(1)),
-    "watchdog_sec": Field(_NUM, "heartbeat deadline in seconds, 0 = off",
-                           lambda v: None if v == 0 or v >= 0.1
-                           else "must be 0 (off) or at least 0.1"),
-    "request_timeout_sec": Field(_NUM, "seconds a request may stay outstanding before the "
-                                        "driver counts as hung, at least 0.1", at_least(0.1)),
-    "max_rss": Field(str, 'RSS limit: a size with a K, M, G or T suffix, e.g. "512M"'),
+                             "becomes FATAL, 0..1000000", in_range(0, 1_000_000), default=10),
+    "period": Field(NUMBER, "the window in seconds for 'intensity'",
+                    at_least(0, exclusive=True), default=30.0),
+    "backoff": Field(NUMBER, "seconds before the 2nd restart in a row without a stable run, "
+                             "doubling for each further one; 0 = start at 0.05 s", at_least(0),
+                     default=0.0),
+    "backoff_max": Field(NUMBER, "the longest delay before a restart, in seconds",
+                         at_least(0), default=5.0),
+    "start_secs": Field(NUMBER, "seconds a driver must stay up after its hello to count as "
+                                "started", at_least(0), default=1.0),
+    "start_timeout": Field(NUMBER, "seconds a started driver may take to say hello (its "
+                                   "handshake) before it is killed, at least 1", at_least(1),
+                           default=20.0),
+    "watchdog_sec": Field(NUMBER, "heartbeat deadline in seconds, 0 = off", _watchdog,
+                          default=2.0),
+    "request_timeout_sec": Field(NUMBER, "seconds a request may stay outstanding before the "
+                                         "driver counts as hung, at least 0.1", at_least(0.1),
+                                 default=10.0),
+    "max_rss": Field(str, 'RSS limit: a size with a K, M, G or T suffix, at least 16M, e.g. '
+                          '"512M"', _max_rss),
     "max_fds": Field(int, "open file descriptors allowed (checked with psutil), 16..1048576",
-                      in_range(16, 1_048_576)),
-    "max_cpu": Field(_NUM, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
-                            "and at most 100", lambda v: None if 0 < v <= 100
-                      else "must be more than 0 and at most 100"),
-    "graceful_timeout": Field(_NUM, "seconds from SIGTERM to SIGKILL when stopping",
-                               at_least(0)),
-    "spare": Field(bool, "keep a warm spare process ready"),
+                     in_range(16, 1_048_576)),
+    "max_cpu": Field(NUMBER, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
+                             "and at most 100", _max_cpu),
+    "graceful_timeout": Field(NUMBER, "seconds from SIGTERM to SIGKILL when stopping",
+                              at_least(0), default=5.0),
+    "spare": Field(bool, "keep a warm spare process ready", default=True),
     "group": Field(str, "restart group: drivers that share it restart together per "
-                         "'strategy'", check_name),
+                        "'strategy'", check_name),
     "strategy": Field(str, "which drivers of the group restart when one fails",
-                       one_of(STRATEGIES)),
+                      choices=STRATEGIES, what="a restart strategy", default="one_for_one"),
 }
 #: Keys that only mean something for a supervised (isolation = "process") driver.
-SUPERVISION_KEYS: Final = tuple(k for k in _DRIVER_FIELDS
+SUPERVISION_KEYS: Final = tuple(k for k in DRIVER_FIELDS
                                 if k not in ("module", "isolation", "options"))
+_DRIVER_DEFAULTS: Final = {k: f.default for k, f in DRIVER_FIELDS.items()}
 _MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                                r"(:[A-Za-z_][A-Za-z0-9_]*)?$")
 _CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -106,29 +138,30 @@ _CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class DriverConfig:
     """One ``[driver.<name>]`` table: a backend the supervisor starts before any domain.
 
-    The supervision keys are documented in docs/recovery.md and docs/configuration.md.
+    The supervision keys are documented in docs/recovery.md and docs/configuration.md; the
+    defaults are :data:`DRIVER_FIELDS`'.
     """
 
     name: str
     module: str
-    isolation: str = "process"
+    isolation: str = _DRIVER_DEFAULTS["isolation"]
     options: dict[str, Any] = field(default_factory=dict)
-    restart: str = "permanent"
-    intensity: int = 10
-    period: float = 30.0
-    backoff: float = 0.0
-    backoff_max: float = 5.0
-    start_secs: float = 1.0
-    start_timeout: float = 20.0
-    watchdog_sec: float = 2.0
-    request_timeout_sec: float = 10.0
-    max_rss: int | None = None  # bytes
-    max_fds: int | None = None
-    max_cpu: float | None = None  # percent of one CPU
-    graceful_timeout: float = 5.0
-    spare: bool = True
-    group: str | None = None
-    strategy: str = "one_for_one"
+    restart: str = _DRIVER_DEFAULTS["restart"]
+    intensity: int = _DRIVER_DEFAULTS["intensity"]
+    period: float = _DRIVER_DEFAULTS["period"]
+    backoff: float = _DRIVER_DEFAULTS["backoff"]
+    backoff_max: float = _DRIVER_DEFAULTS["backoff_max"]
+    start_secs: float = _DRIVER_DEFAULTS["start_secs"]
+    start_timeout: float = _DRIVER_DEFAULTS["start_timeout"]
+    watchdog_sec: float = _DRIVER_DEFAULTS["watchdog_sec"]
+    request_timeout_sec: float = _DRIVER_DEFAULTS["request_timeout_sec"]
+    max_rss: int | None = None  # bytes (the key is a size: "512M")
+    max_fds: int | None = _DRIVER_DEFAULTS["max_fds"]
+    max_cpu: float | None = _DRIVER_DEFAULTS["max_cpu"]  # percent of one CPU
+    graceful_timeout: float = _DRIVER_DEFAULTS["graceful_timeout"]
+    spare: bool = _DRIVER_DEFAULTS["spare"]
+    group: str | None = _DRIVER_DEFAULTS["group"]
+    strategy: str = _DRIVER_DEFAULTS["strategy"]
 
     @property
     def supervised(self) -> bool:
@@ -139,7 +172,7 @@ class DriverConfig:
 @dataclass(frozen=True)
 class KernelConfig:
     pcpus: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
-    timeslice_ms: int = 10
+    timeslice_ms: int = KERNEL_FIELDS["timeslice_ms"].default
 
 
 @dataclass(frozen=True)
@@ -164,17 +197,17 @@ def load_stack_config(path: str | Path) -> StackConfig:
     sup = data.get("supervisor", {})
     check_table(f"{where} [supervisor]", sup, _SUPERVISOR_FIELDS)
     kern = data.get("kernel", {})
-    check_table(f"{where} [kernel]", kern, _KERNEL_FIELDS)
+    check_table(f"{where} [kernel]", kern, KERNEL_FIELDS)
     doms = data.get("domains", {})
     check_table(f"{where} [domains]", doms, _DOMAINS_FIELDS)
     start: list[str] = []
     for i, item in enumerate(doms.get("start", [])):
         if not isinstance(item, str):
-            raise ConfigError(f"{where} [domains]: start[{i}] must be a string path, "
-                              f"got {item!r}")
+            raise ConfigError(f"{where} [domains]: start[{i}] = {show(item)} must be a string "
+                              "(the path of a domain config)")
         p = (path.parent / item).resolve()
         if not p.is_file():
-            raise ConfigError(f"{where} [domains]: start[{i}] = {item!r}: no such file {p}")
+            raise ConfigError(f"{where} [domains]: start[{i}] = {show(item)}: no such file {p}")
         start.append(str(p))
     run_dir = sup.get("run_dir", "")
     if run_dir:
@@ -182,8 +215,8 @@ def load_stack_config(path: str | Path) -> StackConfig:
     drivers = _drivers(data, where, path.parent)
     console = doms.get("console", "")
     if console not in ("", "kernel") and console not in {d.name for d in drivers}:
-        raise ConfigError(f"{where} [domains]: console = {console!r} names no driver; declare "
-                          f"[driver.{console}] with module = \"drivers.console\", or use "
+        raise ConfigError(f"{where} [domains]: console = {show(console)} names no driver; "
+                          f"declare [driver.{console}] with module = \"drivers.console\", or use "
                           "\"kernel\" for the kernel's built-in console")
     return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
                        kernel=KernelConfig(**kern), drivers=drivers,
@@ -199,11 +232,11 @@ def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig
             raise ConfigError(f"{here}: the driver name {msg}")
         if not isinstance(table, dict):
             raise ConfigError(f"{here}: must be a table with module = \"...\"")
-        check_table(here, table, _DRIVER_FIELDS, required=("module",))
+        check_table(here, table, DRIVER_FIELDS, required=("module",))
         try:
             table = {**table, "module": backend_spec(table["module"], base)}
         except ValueError as e:
-            raise ConfigError(f"{here}: module = {table['module']!r}: {e}") from None
+            raise ConfigError(f"{here}: module = {show(table['module'])}: {e}") from None
         out.append(_driver(name, table, here))
     _check_groups(out, where)
     return tuple(out)
@@ -237,7 +270,7 @@ def backend_spec(text: str, base: Path | None) -> str:
 
 
 def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:
-    vals = dict(table)
+    vals = typed(table, DRIVER_FIELDS)
     if vals.get("isolation") == "inline":
         extra = [k for k in SUPERVISION_KEYS if k in vals]
         if extra:
@@ -245,30 +278,18 @@ def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:
             raise ConfigError(f"{here}: {', '.join(extra)} cannot be used with isolation = "
                               "\"inline\": an inline driver runs inside the kernel process and "
                               f"is not supervised; remove {them} or use isolation = \"process\"")
-    for key in ("period", "backoff", "backoff_max", "start_secs", "start_timeout", "watchdog_sec",
-                "request_timeout_sec", "max_cpu", "graceful_timeout"):
-        if key in vals:
-            vals[key] = float(vals[key])
     if "max_rss" in vals:
-        text = vals["max_rss"]
-        size = parse_size(text)
-        if size is None:
-            raise ConfigError(f"{here}: key 'max_rss' = {text!r} is not a size: give a number "
-                              "with an optional K, M, G or T suffix (binary units), e.g. "
-                              "max_rss = \"512M\"")
-        if size < MIN_MAX_RSS:
-            raise ConfigError(f"{here}: key 'max_rss' = {text!r} is below 16M: a driver "
-                              "process alone uses more, so it would be replaced over and over; "
-                              "raise it (e.g. \"256M\") or remove the key")
-        vals["max_rss"] = size
-    backoff, cap = vals.get("backoff", 0.0), vals.get("backoff_max", 5.0)
+        vals["max_rss"] = parse_size(vals["max_rss"])  # DRIVER_FIELDS checked it
+    backoff = vals.get("backoff", _DRIVER_DEFAULTS["backoff"])
+    cap = vals.get("backoff_max", _DRIVER_DEFAULTS["backoff_max"])
     if cap < backoff:
         raise ConfigError(f"{here}: backoff_max = {cap:g} is less than backoff = {backoff:g}; "
                           "backoff_max caps the delays that start at backoff: raise "
                           "backoff_max or lower backoff")
     if "strategy" in vals and "group" not in vals:
-        raise ConfigError(f"{here}: key 'strategy' needs a 'group' (the drivers that restart "
-                          "together); add group = \"<name>\" or remove strategy")
+        raise ConfigError(f"{here}: strategy = {show(vals['strategy'])} needs a group (the "
+                          "drivers that restart together); add group = \"<name>\" or remove "
+                          "strategy")
     return DriverConfig(name=name, **vals)
 
 
@@ -280,9 +301,9 @@ def _check_groups(drivers: list[DriverConfig], where: str) -> None:
         if d.group in first and first[d.group].strategy != d.strategy:
             o = first[d.group]
             raise ConfigError(
-                f"{where} [driver.{d.name}]: strategy = {d.strategy!r} differs from "
-                f"[driver.{o.name}] (strategy {o.strategy!r}) in group {d.group!r}: the drivers "
-                "of a group must agree; give each of them the same strategy (default "
+                f"{where} [driver.{d.name}]: strategy = {show(d.strategy)} differs from "
+                f"[driver.{o.name}] (strategy {show(o.strategy)}) in group {show(d.group)}: the "
+                "drivers of a group must agree; give each of them the same strategy (default "
                 "one_for_one)")
         first.setdefault(d.group, d)
 
@@ -294,6 +315,6 @@ def default_run_dir() -> Path:
     return Path(f"/tmp/isovisor-{os.getuid()}") / "default"
 
 
-__all__ = ["ACTIONS", "ISOLATIONS", "MIN_MAX_RSS", "NAME_RE", "ConfigError", "DomainConfig",
-           "DriverConfig", "KernelConfig", "StackConfig", "backend_spec", "default_run_dir",
-           "load_domain_config", "load_stack_config"]
+__all__ = ["ACTIONS", "DRIVER_FIELDS", "ISOLATIONS", "KERNEL_FIELDS", "MIN_MAX_RSS", "NAME_RE",
+           "ConfigError", "DomainConfig", "DriverConfig", "KernelConfig", "StackConfig",
+           "backend_spec", "default_run_dir", "load_domain_config", "load_stack_config"]

@@ -50,11 +50,16 @@ def test_cap_holds_next_to_an_uncapped_neighbour(stack: Stack) -> None:
     capped = stack.domain_config("capped", "busy", cap=25)
     hog = stack.domain_config("hog", "busy")
     stack.up([capped, hog], pcpus=1)
-    d, _ = cpu_delta(stack, warm=0.3, measure=2.0)
+    d, wall = cpu_delta(stack, warm=0.3, measure=2.0)
     share = d["capped"] / (d["capped"] + d["hog"])
-    # 25 % of the one pCPU: no more (the cap), and no less (the refill preempts the hog; it
-    # did not once, and the capped guest got 20 %).
-    assert 0.22 <= share <= 0.28, d
+    # A cap is a share of wall-clock time (25 % of one CPU), and no more: while the host lends
+    # the pCPU thread less than a whole core (other processes on a loaded 2-core box), the
+    # hog gets less and the capped guest's share of what was handed out rises above 25 %
+    # (CI once saw 32 %: capped 0.88 s and hog 1.84 s in a window of about 3.5 s).  And no
+    # less than its share of what was handed out (the refill preempts the hog; it did not
+    # once, and the capped guest got 20 %).
+    assert d["capped"] / wall <= 0.28, (d, wall)
+    assert share >= 0.22, (d, wall)
 
 
 def test_blocked_guests_use_no_cpu(stack: Stack) -> None:

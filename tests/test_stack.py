@@ -99,7 +99,7 @@ def test_verbs_on_unknown_domain_and_duplicate_names(stack: Stack) -> None:
     bad = stack.dir / "bad.toml"
     bad.write_text('name = "x"\nimage = "hello"\nmemory = "lots"\n')
     r = stack.cli("create", str(bad))
-    assert r.returncode == 1 and "key 'memory' must be an integer" in r.stderr
+    assert r.returncode == 1 and 'memory = "lots" must be an integer' in r.stderr
 
 
 def test_malformed_control_messages_get_errors(stack: Stack) -> None:

@@ -3,8 +3,11 @@
 A plan is checked completely before anything starts.  Every :class:`PlanError` names the file,
 the line, the table, the key, what was found and what is allowed, e.g.
 ``plan.toml:14: [[fault]] #2: type = "sigkil" is not a fault type; choose one of: ...``
-(``#2`` counts array tables from 1, as a reader of the file does).  The schedule depends on the
-plan and the seed only: it uses ``random.Random(seed)``, never the global generator or the clock.
+(``#2`` counts array tables from 1, as a reader of the file does).  The keys are declared and
+checked with ``ipc/schema.py``, as supervisor.toml's and domain configs' are; ``[stack]`` takes
+its keys from supervisor.toml's (``isovisor/config.py``), so a bad value reads the same in both
+files.  The schedule depends on the plan and the seed only: it uses ``random.Random(seed)``,
+never the global generator or the clock.
 See docs/campaigns.md for the file format and the fault types.
 
 ``[stack] module`` names the driver (``drivers.blk`` by default, ``drivers.net``,
@@ -16,25 +19,35 @@ class: ``isovisor.campaign.workloads``), which fault types apply, and what the `
 
 from __future__ import annotations
 
-import difflib
-import json
+import dataclasses
 import math
 import random
 import re
 import tomllib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import devices
 from devices.kvspec import parse_size
+from domains.config import EXTRA_MAX
 from drivers.faults import FaultClass, fault_classes
+from ipc.schema import (
+    NUMBER,
+    Field,
+    at_least,
+    at_most_bytes,
+    check_name,
+    did_you_mean,
+    in_range,
+    show,
+    table_problem,
+    typed,
+)
 from isovisor.campaign.workloads import CHECKERS
-from isovisor.config import ISOLATIONS, MIN_MAX_RSS, NAME_RE
+from isovisor.config import DRIVER_FIELDS, KERNEL_FIELDS
 from isovisor.faulttable import ALL_TYPES
 from isovisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
-from kernel import abi
 
 #: Every fault type, with what it does (the supervisor's and the drivers' own lists).
 FAULT_TYPES: Final[dict[str, str]] = ALL_TYPES
@@ -68,6 +81,95 @@ class PlanError(Exception):
         super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
+# --- the keys ----------------------------------------------------------------------------------
+# One declaration per key (ipc/schema.py's Field; the dataclasses below take their defaults from
+# it).  [stack]'s keys and [campaign] isolation are supervisor.toml's ([kernel] pcpus,
+# [driver.<name>] module, watchdog_sec, ...: isovisor/config.py), with the same type, help and
+# check; only some defaults differ, on purpose (_STACK_KEYS).
+
+def _times(v: int) -> str | None:
+    return None if v == -1 or v >= 1 else "must be -1 (unlimited) or at least 1"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _disk_size(v: str) -> str | None:
+    size = parse_size(v)
+    if size is None or size <= 0 or size % 512:
+        return "is not a size: give a positive multiple of 512 bytes with an optional K, M, G " \
+               "or T suffix, e.g. \"8M\""
+    return None
+
+
+_CAMPAIGN_KEYS: Final = {
+    "name": Field(str, "free text, shown in the report"),
+    "seed": Field(int, "the default seed; --seed overrides", at_least(0), default=1),
+    "duration": Field(NUMBER, "seconds of injection", at_least(0, exclusive=True)),
+    "faults": Field(int, f"stop after this many injections, at most {MAX_INJECTIONS}",
+                    in_range(1, MAX_INJECTIONS)),
+    "gap": Field(NUMBER, "seconds between two injections, at least", at_least(0),
+                 default=0.3),
+    "isolation": DRIVER_FIELDS["isolation"],
+}
+
+
+def _campaign_default(key: str, value: Any) -> Field:
+    """A supervisor.toml key with the default a campaign's stack uses instead of the stack's."""
+    base = KERNEL_FIELDS.get(key) or DRIVER_FIELDS[key]
+    return dataclasses.replace(base, default=value)
+
+
+#: A campaign's stack departs from a stack's defaults (DRIVER_FIELDS) on purpose, and only here:
+#: watchdog_sec 0.5 s (a stack: 2 s) and request_timeout_sec 1 s (a stack: 10 s), so a hang is
+#: found quickly and many more injections fit into a campaign; max_rss "256M" and max_fds 512 (a
+#: stack: no limit), so the leak_mem and leak_fd faults are caught; pcpus 2 (a stack: 2, or 1 on
+#: a one-CPU host).  docs/campaigns.md says so too, and a test holds the two to it.
+_STACK_KEYS: Final = {
+    "pcpus": _campaign_default("pcpus", 2),
+    "driver": Field(str, "the driver the faults go to", check_name, default="blk0"),
+    "module": dataclasses.replace(DRIVER_FIELDS["module"], choices=devices.modules(),
+                                  what="a driver module campaigns know",
+                                  default=DEFAULT_MODULE),
+    "watchdog_sec": _campaign_default("watchdog_sec", 0.5),
+    "request_timeout_sec": _campaign_default("request_timeout_sec", 1.0),
+    "max_rss": _campaign_default("max_rss", "256M"),
+    "max_fds": _campaign_default("max_fds", 512),
+}
+_WORKLOAD_KEYS: Final = {
+    "image": Field(str, "a guest program with end-to-end verification, e.g. \"blkstress\"",
+                   _nonempty),
+    "domains": Field(int, "how many guests run it", in_range(1, 16), default=1),
+    "extra": Field(str, "parameters passed to each guest", at_most_bytes(EXTRA_MAX),
+                   default=""),
+    "disk_size": Field(str, "each guest's disk, e.g. \"8M\"", _disk_size, default="8M"),
+}
+_FAULT_KEYS: Final = {
+    "type": Field(str, "what to inject", choices=tuple(FAULT_TYPES), what="a fault type"),
+    "weight": Field(NUMBER, "relative share of the injections", at_least(0, exclusive=True),
+                    default=1.0),
+    "count": Field(int, "exactly this many injections of this fault",
+                   in_range(1, MAX_INJECTIONS)),
+    "probability": Field(NUMBER, "percent: the chance that an eligible request fails",
+                         in_range(0, 100), default=100.0),
+    "interval": Field(int, "only every interval-th eligible request is considered",
+                      at_least(1), default=1),
+    "times": Field(int, "how many times the fault fires before it disarms", _times,
+                   default=1),
+    "fail_nth": Field(int, "fire on exactly the n-th eligible request, 0 = off", at_least(0),
+                      default=0),
+    "domain": Field(str, "only requests of this domain", check_name),
+    "vdev": Field(str, "only requests to this device", _nonempty),
+    "op": Field(str, "only requests of this operation", _nonempty),
+    "sector": Field(int, "only requests covering this sector", at_least(0)),
+    "latency_ms": Field(NUMBER, "delay of a slow response in ms", at_least(0), default=0.0),
+    "jitter_ms": Field(NUMBER, "± random part of the delay in ms", at_least(0), default=0.0),
+}
+_TOP_KEYS: Final = ("campaign", "stack", "workload", "fault")
+_ARRAYS: Final = ("workload", "fault")
+
+
 # --- the plan ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -76,18 +178,18 @@ class FaultEntry:
 
     index: int
     type: str
-    weight: float = 1.0
-    count: int | None = None
-    probability: float = 100.0
-    interval: int = 1
-    times: int = 1
-    fail_nth: int = 0
-    domain: str | None = None
-    vdev: str | None = None
-    op: str | None = None
-    sector: int | None = None
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
+    weight: float = _FAULT_KEYS["weight"].default
+    count: int | None = _FAULT_KEYS["count"].default
+    probability: float = _FAULT_KEYS["probability"].default
+    interval: int = _FAULT_KEYS["interval"].default
+    times: int = _FAULT_KEYS["times"].default
+    fail_nth: int = _FAULT_KEYS["fail_nth"].default
+    domain: str | None = _FAULT_KEYS["domain"].default
+    vdev: str | None = _FAULT_KEYS["vdev"].default
+    op: str | None = _FAULT_KEYS["op"].default
+    sector: int | None = _FAULT_KEYS["sector"].default
+    latency_ms: float = _FAULT_KEYS["latency_ms"].default
+    jitter_ms: float = _FAULT_KEYS["jitter_ms"].default
     line: int = 0  # the [[fault]] header line
 
     @property
@@ -113,9 +215,9 @@ class Workload:
     """One ``[[workload]]`` table: ``domains`` guests running ``image``."""
 
     image: str
-    domains: int = 1
-    extra: str = ""
-    disk_size: str = "8M"
+    domains: int = _WORKLOAD_KEYS["domains"].default
+    extra: str = _WORKLOAD_KEYS["extra"].default
+    disk_size: str = _WORKLOAD_KEYS["disk_size"].default
     line: int = 0  # the [[workload]] header line
 
     @property
@@ -127,13 +229,13 @@ class Workload:
 class StackSpec:
     """The optional ``[stack]`` table: the private stack a campaign starts."""
 
-    pcpus: int = 2
-    driver: str = "blk0"
-    module: str = DEFAULT_MODULE
-    watchdog_sec: float = 0.5
-    request_timeout_sec: float = 1.0
-    max_rss: str = "256M"
-    max_fds: int = 512
+    pcpus: int = _STACK_KEYS["pcpus"].default
+    driver: str = _STACK_KEYS["driver"].default
+    module: str = _STACK_KEYS["module"].default
+    watchdog_sec: float = _STACK_KEYS["watchdog_sec"].default
+    request_timeout_sec: float = _STACK_KEYS["request_timeout_sec"].default
+    max_rss: str = _STACK_KEYS["max_rss"].default
+    max_fds: int = _STACK_KEYS["max_fds"].default
 
     @property
     def max_rss_bytes(self) -> int:
@@ -150,166 +252,14 @@ class Plan:
 
     path: Path
     name: str
-    seed: int = 1
+    seed: int = _CAMPAIGN_KEYS["seed"].default
     duration: float | None = None  # seconds of injection
-    faults_total: int | None = None  # or: this many injections
-    gap: float = 0.3  # seconds between two injections, at least
-    isolation: str = "process"
+    faults_total: int | None = None  # or: this many injections ([campaign] faults)
+    gap: float = _CAMPAIGN_KEYS["gap"].default  # seconds between two injections, at least
+    isolation: str = _CAMPAIGN_KEYS["isolation"].default
     stack: StackSpec = field(default_factory=StackSpec)
     workloads: tuple[Workload, ...] = ()
     faults: tuple[FaultEntry, ...] = ()
-
-
-# --- key checking ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Key:
-    kind: str  # "int" | "number" | "str"
-    help: str
-    check: Callable[[Any], str | None] | None = None
-    choices: tuple[str, ...] = ()
-    what: str = ""  # "a fault type": for "is not a fault type; choose one of: ..."
-
-
-def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
-
-
-def _at_least(lo: float, *, exclusive: bool = False) -> Callable[[Any], str | None]:
-    if exclusive:
-        return lambda v: None if v > lo else f"must be more than {lo:g}"
-    return lambda v: None if v >= lo else f"must be at least {lo:g}"
-
-
-def _times(v: int) -> str | None:
-    return None if v == -1 or v >= 1 else "must be -1 (unlimited) or at least 1"
-
-
-def _watchdog(v: float) -> str | None:
-    return None if v == 0 or v >= 0.1 else "must be 0 (off) or at least 0.1"
-
-
-def _nonempty(v: str) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def _name(v: str) -> str | None:
-    return None if NAME_RE.match(v) else (
-        "is not a name: it must start with a letter or digit and contain only letters, "
-        "digits, '_', '.', '-'")
-
-
-def _extra(v: str) -> str | None:
-    limit = abi.SI_CMDLINE_MAX - 1
-    return None if len(v.encode()) <= limit else f"is too long: at most {limit} bytes"
-
-
-def _disk_size(v: str) -> str | None:
-    size = parse_size(v)
-    if size is None or size <= 0 or size % 512:
-        return "is not a size: give a positive multiple of 512 bytes with an optional K, M, G " \
-               "or T suffix, e.g. \"8M\""
-    return None
-
-
-def _rss(v: str) -> str | None:
-    size = parse_size(v)
-    if size is None:
-        return "is not a size: give a number with an optional K, M, G or T suffix, e.g. \"256M\""
-    if size < MIN_MAX_RSS:
-        return "is below 16M: a driver process alone uses more"
-    return None
-
-
-_CAMPAIGN_KEYS: Final = {
-    "name": _Key("str", "free text, shown in the report"),
-    "seed": _Key("int", "the default seed; --seed overrides", _at_least(0)),
-    "duration": _Key("number", "seconds of injection", _at_least(0, exclusive=True)),
-    "faults": _Key("int", f"stop after this many injections, at most {MAX_INJECTIONS}",
-                   _between(1, MAX_INJECTIONS)),
-    "gap": _Key("number", "seconds between two injections, at least", _at_least(0)),
-    "isolation": _Key("str", "how the driver runs", choices=ISOLATIONS, what="an isolation"),
-}
-_STACK_KEYS: Final = {
-    "pcpus": _Key("int", "physical CPU threads that run guests", _between(1, 64)),
-    "driver": _Key("str", "the driver the faults go to", _name),
-    "module": _Key("str", "the driver's backend module", choices=devices.modules(),
-                   what="a driver module campaigns know"),
-    "watchdog_sec": _Key("number", "heartbeat deadline in seconds, 0 = off", _watchdog),
-    "request_timeout_sec": _Key("number", "seconds a request may stay outstanding",
-                                _at_least(0.1)),
-    "max_rss": _Key("str", "the driver's RSS limit, e.g. \"256M\"", _rss),
-    "max_fds": _Key("int", "the driver's open file descriptor limit", _at_least(16)),
-}
-_WORKLOAD_KEYS: Final = {
-    "image": _Key("str", "a guest program with end-to-end verification, e.g. \"blkstress\"",
-                  _nonempty),
-    "domains": _Key("int", "how many guests run it", _between(1, 16)),
-    "extra": _Key("str", "parameters passed to each guest", _extra),
-    "disk_size": _Key("str", "each guest's disk, e.g. \"8M\"", _disk_size),
-}
-_FAULT_KEYS: Final = {
-    "type": _Key("str", "what to inject", choices=tuple(FAULT_TYPES), what="a fault type"),
-    "weight": _Key("number", "relative share of the injections", _at_least(0, exclusive=True)),
-    "count": _Key("int", "exactly this many injections of this fault",
-                  _between(1, MAX_INJECTIONS)),
-    "probability": _Key("number", "percent: the chance that an eligible request fails",
-                        _between(0, 100)),
-    "interval": _Key("int", "only every interval-th eligible request is considered",
-                     _at_least(1)),
-    "times": _Key("int", "how many times the fault fires before it disarms", _times),
-    "fail_nth": _Key("int", "fire on exactly the n-th eligible request, 0 = off",
-                     _at_least(0)),
-    "domain": _Key("str", "only requests of this domain", _name),
-    "vdev": _Key("str", "only requests to this device", _nonempty),
-    "op": _Key("str", "only requests of this operation", _nonempty),
-    "sector": _Key("int", "only requests covering this sector", _at_least(0)),
-    "latency_ms": _Key("number", "delay of a slow response in ms", _at_least(0)),
-    "jitter_ms": _Key("number", "± random part of the delay in ms", _at_least(0)),
-}
-_TOP_KEYS: Final = ("campaign", "stack", "workload", "fault")
-_ARRAYS: Final = ("workload", "fault")
-
-
-def _kind_ok(kind: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    if kind == "int":
-        return isinstance(v, int)
-    if kind == "number":
-        return isinstance(v, int | float)
-    return isinstance(v, str)
-
-
-def _kind_word(kind: str) -> str:
-    return {"int": "an integer", "number": "a number", "str": "a string"}[kind]
-
-
-def _got_word(v: Any) -> str:
-    if isinstance(v, bool):
-        return "a boolean"
-    return {int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(type(v), "a date/time")
-
-
-def _show(v: Any) -> str:
-    """A value as TOML would spell it."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_show(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_show(x)}" for k, x in v.items()) + " }"
-    return str(v)
-
-
-def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
-    hint = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean \"{hint[0]}\"?)" if hint else ""
 
 
 # --- line numbers --------------------------------------------------------------------------------
@@ -415,7 +365,7 @@ class _Loader:
                 line = self.lines.line_of(top)
                 allowed = "[campaign], [stack], [[workload]], [[fault]]"
                 raise PlanError(self.path, line, f"unknown {kind} \"{top}\""
-                                f"{_did_you_mean(top, _TOP_KEYS)}; allowed: {allowed}")
+                                f"{did_you_mean(top, _TOP_KEYS)}; allowed: {allowed}")
         camp = self.table(data, "campaign", required=True)
         stack = self.table(data, "stack", required=False)
         workloads = self.array(data, "workload", "image = \"blkstress\"")
@@ -423,7 +373,7 @@ class _Loader:
 
         self.check("campaign", 0, camp, _CAMPAIGN_KEYS)
         self.check("stack", 0, stack, _STACK_KEYS)
-        module = stack.get("module", DEFAULT_MODULE)
+        module = stack.get("module", _STACK_KEYS["module"].default)
         for i, w in enumerate(workloads):
             self.check("workload", i, w, _WORKLOAD_KEYS, required=("image",))
             self.check_workload(i, w, module)
@@ -432,14 +382,12 @@ class _Loader:
             self.check_fault(i, f, module)
 
         entries = tuple(self.entry(i, f) for i, f in enumerate(faults))
-        spec: dict[str, Any] = {k: float(v) if k.endswith("_sec") else v
-                                for k, v in stack.items()}
+        head = typed(camp, _CAMPAIGN_KEYS)
+        head.setdefault("name", self.path.stem)
+        if "faults" in head:
+            head["faults_total"] = head.pop("faults")
         plan = Plan(
-            path=self.path, name=camp.get("name", self.path.stem), seed=camp.get("seed", 1),
-            duration=float(camp["duration"]) if "duration" in camp else None,
-            faults_total=camp.get("faults"), gap=float(camp.get("gap", 0.3)),
-            isolation=camp.get("isolation", "process"),
-            stack=StackSpec(**spec),
+            path=self.path, **head, stack=StackSpec(**typed(stack, _STACK_KEYS)),
             workloads=tuple(Workload(**w, line=self.lines.line_of("workload", i))
                             for i, w in enumerate(workloads)),
             faults=entries)
@@ -479,7 +427,7 @@ class _Loader:
                             f"[[{name}]] must be a single table: write [{name}], not [[{name}]]")
         if not isinstance(val, dict):
             raise PlanError(self.path, self.lines.line_of("", 0, name),
-                            f"{name} = {_show(val)} must be a table: write [{name}] and its "
+                            f"{name} = {show(val)} must be a table: write [{name}] and its "
                             "keys below it")
         return val
 
@@ -495,57 +443,38 @@ class _Loader:
                             f"one per entry")
         if not isinstance(val, list) or not all(isinstance(x, dict) for x in val):
             raise PlanError(self.path, self.lines.line_of("", 0, name),
-                            f"{name} = {_show(val)} must be [[{name}]] tables")
+                            f"{name} = {show(val)} must be [[{name}]] tables")
         return val
 
-    def check(self, table: str, index: int, data: dict[str, Any], keys: dict[str, _Key],
+    def check(self, table: str, index: int, data: dict[str, Any], keys: dict[str, Field],
               required: tuple[str, ...] = ()) -> None:
-        for key, val in data.items():
-            spec = keys.get(key)
-            if spec is None:
-                raise self.error(table, index, key, f"unknown key \"{key}\""
-                                 f"{_did_you_mean(key, tuple(keys))}; allowed keys: "
-                                 f"{', '.join(keys)}")
-            shown = f"{key} = {_show(val)}"
-            if not _kind_ok(spec.kind, val):
-                raise self.error(table, index, key, f"{shown} must be {_kind_word(spec.kind)} "
-                                 f"({spec.help}), got {_got_word(val)}")
-            if isinstance(val, float) and not math.isfinite(val):
-                raise self.error(table, index, key, f"{shown} must be a finite number "
-                                 f"({spec.help})")
-            if spec.choices and val not in spec.choices:
-                raise self.error(table, index, key, f"{shown} is not {spec.what}; choose one "
-                                 f"of: {', '.join(spec.choices)}"
-                                 f"{_did_you_mean(val, spec.choices)}")
-            if spec.check is not None and (msg := spec.check(val)) is not None:
-                raise self.error(table, index, key, f"{shown} {msg} ({spec.help})")
-        for key in required:
-            if key not in data:
-                raise self.error(table, index, None, f"missing required key \"{key}\" "
-                                 f"({keys[key].help})")
+        """The table's first mistake, as ipc/schema.py words it, at its line."""
+        if (problem := table_problem(data, keys, required)) is not None:
+            key, message = problem
+            raise self.error(table, index, key, message)
 
     def check_workload(self, i: int, w: dict[str, Any], module: str) -> None:
         """The workload's program exists and suits the stack's driver."""
         image = w["image"]
         checker = CHECKERS.get(image)
         if checker is None:
-            raise self.error("workload", i, "image", f"image = {_show(image)} is not a "
+            raise self.error("workload", i, "image", f"image = {show(image)} is not a "
                              f"campaign workload; choose one of: {', '.join(_images())}"
-                             f"{_did_you_mean(image, tuple(CHECKERS))}")
+                             f"{did_you_mean(image, tuple(CHECKERS))}")
         fclass = _class_of(module)
         if checker.device_class != fclass.name:
             need = fault_classes()[checker.device_class]
             modules = " or ".join(f'"{m}"' for m in devices.by_name(need.name).modules)
             fits = ", ".join(c.image for c in CHECKERS.values()
                              if c.device_class == fclass.name)
-            raise self.error("workload", i, "image", f"image = {_show(image)} needs a "
+            raise self.error("workload", i, "image", f"image = {show(image)} needs a "
                              f"{need.driver} driver ([stack] module = {modules}), but the "
-                             f"stack's driver is {_show(module)}, a {fclass.driver} driver; its "
+                             f"stack's driver is {show(module)}, a {fclass.driver} driver; its "
                              f"workloads: {fits}")
         if "disk_size" in w and image != "blkstress":
-            raise self.error("workload", i, "disk_size", f"disk_size = {_show(w['disk_size'])} "
+            raise self.error("workload", i, "disk_size", f"disk_size = {show(w['disk_size'])} "
                              f"only applies to image = \"blkstress\" (a disk for each guest), "
-                             f"not {_show(image)}; remove disk_size")
+                             f"not {show(image)}; remove disk_size")
         members = len(checker.members)
         domains = w.get("domains", 1)
         if domains % members:
@@ -558,23 +487,23 @@ class _Loader:
         fclass = _class_of(module)
         if kind in fclass.refused:
             raise self.error("fault", i, "type", f"type = \"{kind}\" does not apply to a "
-                             f"{fclass.driver} driver ([stack] module = {_show(module)}): "
+                             f"{fclass.driver} driver ([stack] module = {show(module)}): "
                              f"{fclass.refused[kind]}; a {fclass.driver} driver takes: "
                              f"{', '.join([*SUPERVISOR_TYPES, *fclass.types])}")
         if "op" in f and f["op"] not in fclass.ops:
-            raise self.error("fault", i, "op", f"op = {_show(f['op'])} is not an operation; "
+            raise self.error("fault", i, "op", f"op = {show(f['op'])} is not an operation; "
                              f"choose one of: {', '.join(fclass.ops)}"
-                             f"{_did_you_mean(f['op'], fclass.ops)} (the operations of "
+                             f"{did_you_mean(f['op'], fclass.ops)} (the operations of "
                              f"{fclass.request})")
         dclass = devices.by_name(fclass.name)
         if "vdev" in f and not dclass.vdev_re.match(f["vdev"]):
-            raise self.error("fault", i, "vdev", f"vdev = {_show(f['vdev'])} is not a device "
+            raise self.error("fault", i, "vdev", f"vdev = {show(f['vdev'])} is not a device "
                              f"name: {dclass.vdev_hint} (the devices of a {fclass.driver} "
                              "driver)")
         if kind in OUTSIDE_TYPES:
             for key in FILTER_KEYS:
                 if key in f:
-                    raise self.error("fault", i, key, f"{key} = {_show(f[key])} cannot be used "
+                    raise self.error("fault", i, key, f"{key} = {show(f[key])} cannot be used "
                                      f"with type = \"{kind}\": it is carried out from outside "
                                      "the driver (a signal), not in a request, so the knobs "
                                      f"and filters {', '.join(FILTER_KEYS)} do not apply; "
@@ -582,7 +511,7 @@ class _Loader:
         if kind != "slow":
             for key in SLOW_KEYS:
                 if key in f:
-                    raise self.error("fault", i, key, f"{key} = {_show(f[key])} only applies "
+                    raise self.error("fault", i, key, f"{key} = {show(f[key])} only applies "
                                      f"to type = \"slow\", not \"{kind}\"; remove {key}")
         if kind == "poison" and "sector" not in f:
             raise self.error("fault", i, None, "type = \"poison\" needs sector = N (the "
@@ -590,8 +519,7 @@ class _Loader:
                              f"driver, {fclass.position})")
 
     def entry(self, i: int, f: dict[str, Any]) -> FaultEntry:
-        vals: dict[str, Any] = {k: float(v) if k in ("weight", "probability", *SLOW_KEYS)
-                                else v for k, v in f.items()}
+        vals = typed(f, _FAULT_KEYS)
         return FaultEntry(index=i, **vals, line=self.lines.line_of("fault", i))
 
     def check_campaign(self, camp: dict[str, Any], plan: Plan) -> None:

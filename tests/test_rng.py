@@ -1,0 +1,112 @@
+"""The entropy device (class ``rng``, drivers.rng) end to end: two `rngtest` guests read random
+bytes continuously through one driver process while it is killed with SIGKILL, stopped with
+SIGSTOP (a hang), hot-swapped, and given faults.  What it gets from the framework, with no code
+of its own: every request answered exactly once (a lost one would stall a guest, a doubled one
+is a frontend fault), the guests finishing with errors=0, and its rows in `isovisor devices`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from isovisor.paths import RunDir
+from isovisor.swapclient import swap
+from tests.conftest import Stack, wait_until
+from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+DRIVER = """[driver.rng0]
+module = "drivers.rng"
+watchdog_sec = 1.0
+request_timeout_sec = 3.0
+intensity = 20
+period = 60.0
+"""
+READS = 40_000
+
+
+def summary(console: str) -> dict[str, int]:
+    line = [ln for ln in console.splitlines() if ln.startswith("rngtest: reads=")]
+    assert line, f"no rngtest summary line in:\n{console}"
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", line[-1])}
+
+
+def requests(stack: Stack) -> int:
+    return sum(d["requests"] for d in stack.call("devices")["devices"])
+
+
+@contextmanager
+def two_guests(stack: Stack, reads: int = READS) -> Iterator[Events]:
+    cfgs = [stack.domain_config(n, "rngtest", memory=4, on_poweroff="preserve",
+                                on_crash="preserve", extra=f"reads={reads} size=64",
+                                rng=["backend=rng0"]) for n in ("r1", "r2")]
+    stack.up([], extra=DRIVER)
+    with stack.subscribe(["domain.", "driver.", "device."]) as sub:
+        events = Events(sub, stack)
+        for cfg in cfgs:
+            r = stack.cli("create", str(cfg))
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: len(stack.call("devices")["devices"]) == 2 and requests(stack) > 500,
+                   timeout=60, what="both guests reading random bytes")
+        yield events
+
+
+def more(stack: Stack, n: int = 500) -> None:
+    start = requests(stack)
+    wait_until(lambda: requests(stack) > start + n, timeout=30,
+               what=f"{n} more requests served")
+
+
+def finish(stack: Stack, events: Events, reads: int = READS) -> None:
+    for name in ("r1", "r2"):
+        p = events.wait(f"domain.{name}.shutdown", timeout=120)
+        con = stack.call("console", name=name)["data"].decode()
+        s = summary(con)
+        assert p["code"] == 0, con
+        assert (s["reads"], s["errors"], s["constant"], s["repeated"]) == (reads, 0, 0, 0), con
+
+
+def test_sigkill_sigstop_and_a_hot_swap_lose_and_repeat_no_request(stack: Stack) -> None:
+    with two_guests(stack) as events:
+        for _ in range(3):
+            before = driver_row(stack, "rng0")["pid"]
+            kill_with_a_warm_spare(stack, events, "rng0")
+            assert driver_row(stack, "rng0")["pid"] != before
+            more(stack)
+        row = wait_until(lambda: (r := driver_row(stack, "rng0"))["spare_pid"] and
+                         r["state"] == "RUNNING" and r, timeout=30, what="a warm spare")
+        os.kill(row["pid"], signal.SIGSTOP)  # the supervisor sees it stopped and replaces it
+        rec = events.wait("driver.rng0.recovered", timeout=30, old_pid=row["pid"])
+        assert rec["reason"].startswith("stopped"), rec  # seen stopped (SIGSTOP), not a hang
+        more(stack)
+        r = do_swap_rng(stack)
+        assert r["outcome"] == "swapped" and r["pid"] != rec["pid"], r
+        more(stack)
+        table = stack.cli("devices").stdout
+        assert "rng0" in table and "getrandom" in table, table
+        by = driver_row(stack, "rng0")["restarts_by_reason"]
+        assert sum(by.values()) == 4, by
+        finish(stack, events)
+
+
+def do_swap_rng(stack: Stack) -> dict[str, Any]:
+    return swap(RunDir(stack.run_dir), "rng0", "drivers.rng:Backend", probation=0.3, wait=60)
+
+
+def test_a_response_fault_crashes_only_the_guest_that_saw_it(stack: Stack) -> None:
+    """A bad_id response is caught by the guest's frontend: the kernel holds it and the next
+    instance redoes the request, so the guests still finish with errors=0."""
+    with two_guests(stack) as events:
+        r = stack.cli("fault", "add", "rng0", "-t", "bad_id", "-a", "times=1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        events.wait("driver.rng0.fault", timeout=30)
+        more(stack)
+        finish(stack, events)
+
