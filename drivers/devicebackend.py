@@ -469,7 +469,7 @@ class DeviceBackend:
                 stats.requests += n
                 stats.batches += 1
                 stats.peak_batch = max(stats.peak_batch, n)
-                if self._spoil == "duplicate" and n >= 2:
+                if self._spoil == "duplicate":
                     self._duplicate_last(d, ring)
                 if ring.push_responses():
                     self._notify(d)
@@ -556,9 +556,14 @@ class DeviceBackend:
         return rsp
 
     def _duplicate_last(self, d: Device, ring: BackRing) -> None:
-        """The copy of the batch's second-last response replaces its last one."""
-        self._spoil = None
+        """The copy of the response before the batch's last one replaces it.  That response
+        may be of the previous batch (a guest with one request in flight has batches of one),
+        whose slot still holds it unless the guest has put a new request there: either way
+        the guest finds a response it must refuse."""
         last = (ring.rsp_prod_pvt - 1) & _MASK
+        if last == 0:
+            return  # the ring's first response has none before it: the next batch does it
+        self._spoil = None
         ring.rewrite_response(last, ring.response_at((last - 1) & _MASK))
         self.log.warning("device %d (%s): fault injected: duplicate, the response at ring "
                          "index %d published again at %d", d.key, d.label, (last - 1) & _MASK,

@@ -6,18 +6,22 @@ is a frontend fault), the guests finishing with errors=0, and its rows in `isovi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from isovisor.campaign.plan import load_plan
 from isovisor.paths import RunDir
 from isovisor.swapclient import swap
-from tests.conftest import Stack, wait_until
+from tests.conftest import ROOT, Stack, wait_until
+from tests.test_campaign_drivers import run_campaign
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -30,6 +34,7 @@ intensity = 20
 period = 60.0
 """
 READS = 40_000
+RNG_PLAN = ROOT / "examples" / "campaign-rng.toml"
 
 
 def summary(console: str) -> dict[str, int]:
@@ -110,3 +115,23 @@ def test_a_response_fault_crashes_only_the_guest_that_saw_it(stack: Stack) -> No
         more(stack)
         finish(stack, events)
 
+
+
+@pytest.mark.timeout(200)
+def test_the_rng_campaign_recovers_every_fault_it_can_transparently(tmp_path: Path) -> None:
+    """examples/campaign-rng.toml: every fault type an rng driver takes, once.  Each one that
+    needs a replacement gets it without a guest seeing an error; the poison request is the
+    only error any guest sees; no guest is lost and no buffer is bad."""
+    out = tmp_path / "rng"
+    run_campaign(RNG_PLAN, out, seed=3, timeout=150)
+    journal = json.loads((out / "journal.json").read_text())
+    faults, sm = journal["faults"], journal["summary"]
+    assert sorted(f["type"] for f in faults) == sorted(e.type for e in load_plan(RNG_PLAN).faults)
+    assert (sm["kernel_crashes"], sm["guests_lost"]) == (0, 0), sm
+    assert sm["transparent_recovered"] == sm["transparent_eligible"] >= 14, sm
+    by_type = {f["type"]: f for f in faults}
+    assert by_type["poison"]["outcome"] == "poison_error", by_type["poison"]
+    assert by_type["slow"]["outcome"] == "tolerated", by_type["slow"]
+    assert by_type["duplicate"]["detected_by"] == "violation", by_type["duplicate"]
+    assert sum(g["errors"] for g in journal["guests"]) <= 1, journal["guests"]
+    assert all(g["mismatches"] == 0 for g in journal["guests"]), journal["guests"]

@@ -187,6 +187,22 @@ def test_response_faults_spoil_exactly_one_response(guest: Guest, kind: str,
     b.close()
 
 
+def test_a_duplicate_response_repeats_the_previous_one_even_one_request_at_a_time(
+        guest: Guest) -> None:
+    """A guest with one request in flight gets batches of one: the fault copies the previous
+    batch's response over the new one, so the guest sees an id it already had answered."""
+    b, host = start(guest)
+    first = guest.ask(8)
+    b.kick(guest.key)
+    assert guest.answers() == [(first, 0, 8)]
+    b.set_faults([{"id": 1, "type": "duplicate", "times": 1}])
+    guest.ask(8)
+    b.kick(guest.key)
+    assert guest.answers() == [(first, 0, 8)]  # the second request's answer is lost
+    assert host.fired == [(1, "duplicate", "g/rng0")]
+    b.close()
+
+
 def test_faults_the_class_cannot_carry_out_are_refused_with_the_reason() -> None:
     b = RngBackend(RecordingHost("rng0", Crash), {})
     with pytest.raises(ValueError, match=r"corrupt_data.*random bytes have no right value"):
