@@ -34,6 +34,7 @@ from isovisor.privstack import ISOVISOR, PrivateStack, domain_toml  # noqa: E402
 
 # --- statistics --------------------------------------------------------------------------------
 
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -55,6 +56,7 @@ def parse_kv(line: str) -> dict[str, str]:
 
 
 # --- results -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -109,22 +111,32 @@ class Pairs:
         q = self.quiet()
         n = len(self.runs)
         if len(q) == n:
-            return q, (f"all {n} pairs (in none did other processes use {QUIET_PCT}% of a "
-                       "CPU or more)")
+            return q, (
+                f"all {n} pairs (in none did other processes use {QUIET_PCT}% of a CPU or more)"
+            )
         if len(q) >= min(want, 3):
-            return q, (f"the {len(q)} quiet pairs of the {n} run (in the other {n - len(q)}, "
-                       f"other processes used {QUIET_PCT}% of a CPU or more during a run, so "
-                       "they are left out)")
-        return self.runs, (f"all {n} pairs: only {len(q)} ran with other processes below "
-                           f"{QUIET_PCT}% CPU, so disturbed pairs are included")
+            return q, (
+                f"the {len(q)} quiet pairs of the {n} run (in the other {n - len(q)}, "
+                f"other processes used {QUIET_PCT}% of a CPU or more during a run, so "
+                "they are left out)"
+            )
+        return self.runs, (
+            f"all {n} pairs: only {len(q)} ran with other processes below "
+            f"{QUIET_PCT}% CPU, so disturbed pairs are included"
+        )
 
-    def values(self, pairs: list[dict[str, dict[str, Any]]], kind: str, key: str = "value"
-               ) -> list[float]:
+    def values(
+        self, pairs: list[dict[str, dict[str, Any]]], kind: str, key: str = "value"
+    ) -> list[float]:
         return [p[kind][key] for p in pairs]
 
 
-def run_pairs(want: int, one: Callable[[str, int], dict[str, Any]],
-              pids: Callable[[], list[int]], max_pairs: int) -> Pairs:
+def run_pairs(
+    want: int,
+    one: Callable[[str, int], dict[str, Any]],
+    pids: Callable[[], list[int]],
+    max_pairs: int,
+) -> Pairs:
     """Run bare/stack pairs (order alternating) until ``want`` quiet pairs, or ``max_pairs``
     pairs, or -- once the wait budget is spent -- ``want`` pairs of any kind."""
     out = Pairs()
@@ -134,13 +146,15 @@ def run_pairs(want: int, one: Callable[[str, int], dict[str, Any]],
             break
         GATE.wait()
         pair: dict[str, dict[str, Any]] = {}
-        for kind in (("bare", "stack") if i % 2 == 0 else ("stack", "bare")):
+        for kind in ("bare", "stack") if i % 2 == 0 else ("stack", "bare"):
             load = OtherLoad(pids())
             r = one(kind, i)
             r["other"] = round(load.percent())
             pair[kind] = r
-            print(f"  pair {i + 1} {kind:5}: {r['show']}, other processes {r['other']}% CPU",
-                  file=sys.stderr)
+            print(
+                f"  pair {i + 1} {kind:5}: {r['show']}, other processes {r['other']}% CPU",
+                file=sys.stderr,
+            )
         out.runs.append(pair)
         i += 1
     return out
@@ -153,20 +167,29 @@ def met_word(met: bool | None) -> str:
 def print_result(res: Result) -> None:
     from rich.console import Console
     from rich.table import Table
+
     t = Table(title=res.title, title_justify="left")
     for col in ("Metric", "Value", "Same-run comparison", "Target", "Met"):
         t.add_column(col)
     for r in res.rows:
         style = {True: "green", False: "bold red", None: ""}[r.met]
-        t.add_row(r.metric, r.value, r.comparison, r.target,
-                  f"[{style}]{met_word(r.met)}[/]" if style else met_word(r.met))
+        t.add_row(
+            r.metric,
+            r.value,
+            r.comparison,
+            r.target,
+            f"[{style}]{met_word(r.met)}[/]" if style else met_word(r.met),
+        )
     con = Console(highlight=False, width=max(120, shutil.get_terminal_size().columns))
     con.print(t)
     for n in res.notes:
         con.print(f"  note: {n}", markup=False)
-    con.print(f"  load average before/after: {fmt_load(res.load_before)} / "
-              f"{fmt_load(res.load_after)}; other processes' CPU during the run: "
-              f"{fmt_other(res.other_cpu_pct)}; {res.seconds:.1f} s", markup=False)
+    con.print(
+        f"  load average before/after: {fmt_load(res.load_before)} / "
+        f"{fmt_load(res.load_after)}; other processes' CPU during the run: "
+        f"{fmt_other(res.other_cpu_pct)}; {res.seconds:.1f} s",
+        markup=False,
+    )
 
 
 def fmt_load(la: tuple[float, float, float] | list[float]) -> str:
@@ -233,8 +256,7 @@ class QuietGate:
     whatever the load (and the per-run "other CPU" figures say how busy it was).
     """
 
-    def __init__(self, budget_s: float, extra_pids: Callable[[], list[int]] | None = None
-                 ) -> None:
+    def __init__(self, budget_s: float, extra_pids: Callable[[], list[int]] | None = None) -> None:
         self.left = budget_s
         self.waited = 0.0
         self.extra_pids = extra_pids or (lambda: [])
@@ -250,30 +272,45 @@ class QuietGate:
                 return
             self.left -= spent
             self.waited += spent
-            print(f"  (machine busy: other processes at {pct:.0f}% CPU; waiting, "
-                  f"{max(0.0, self.left):.0f} s of waiting left)", file=sys.stderr)
+            print(
+                f"  (machine busy: other processes at {pct:.0f}% CPU; waiting, "
+                f"{max(0.0, self.left):.0f} s of waiting left)",
+                file=sys.stderr,
+            )
 
 
 GATE = QuietGate(0)
 
 
-def bench_main(name: str, title: str, measure: Callable[[argparse.Namespace, Result], None],
-               add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: list[str] | None = None) -> int:
+def bench_main(
+    name: str,
+    title: str,
+    measure: Callable[[argparse.Namespace, Result], None],
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
     """Argument parsing, timing, signal handling and output shared by every benchmark."""
     ap = argparse.ArgumentParser(description=title)
     ap.add_argument("--quick", action="store_true", help="fast smoke run (fewer, shorter runs)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each measurement wait until other processes use < "
-                         f"{QUIET_PCT}%% of a CPU, at most S seconds in total (default 0)")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each measurement wait until other processes use < "
+        f"{QUIET_PCT}%% of a CPU, at most S seconds in total (default 0)",
+    )
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)
     # SIGTERM (e.g. from run_all being stopped) unwinds like Ctrl-C, so every finally runs.
     signal.signal(signal.SIGTERM, _term_to_interrupt)
-    cmd = (f"python3 bench/{name}.py" + (" --quick" if args.quick else "")
-           + (f" --wait-quiet {args.wait_quiet:g}" if args.wait_quiet else ""))
+    cmd = (
+        f"python3 bench/{name}.py"
+        + (" --quick" if args.quick else "")
+        + (f" --wait-quiet {args.wait_quiet:g}" if args.wait_quiet else "")
+    )
     res = Result(name=name, title=title, command=cmd)
     GATE.left = args.wait_quiet
     res.load_before = os.getloadavg()
@@ -300,6 +337,7 @@ def _term_to_interrupt(signum: int, frame: object) -> None:
 
 # --- machine state -----------------------------------------------------------------------------
 
+
 def machine_state() -> dict[str, str]:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -308,6 +346,7 @@ def machine_state() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     import unicorn
+
     mem = psutil.virtual_memory()
     return {
         "nproc": str(os.cpu_count()),
@@ -322,16 +361,23 @@ def machine_state() -> dict[str, str]:
 
 # --- images ------------------------------------------------------------------------------------
 
+
 def guest_image(name: str) -> Path:
     from domains.build import resolve_image
+
     return resolve_image(name, ROOT)
 
 
 # --- private stacks ----------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def private_stack(pcpus: int, domains: list[tuple[str, str, dict[str, Any]]] = (),  # type: ignore[assignment]
-                  timeslice_ms: int = 10, extra_toml: str = "") -> Iterator[PrivateStack]:
+def private_stack(
+    pcpus: int,
+    domains: list[tuple[str, str, dict[str, Any]]] = (),  # type: ignore[assignment]
+    timeslice_ms: int = 10,
+    extra_toml: str = "",
+) -> Iterator[PrivateStack]:
     """``with private_stack(2, [("a", "busy", {"weight": 512})]) as s: ...``
 
     ``extra_toml`` is appended to the stack's supervisor.toml (e.g. ``[driver.blk0]`` tables).
@@ -357,6 +403,7 @@ def wait_topic(sub: Subscriber, topics: set[str], timeout: float) -> tuple[str, 
 
 # --- one guest to completion, two ways ---------------------------------------------------------
 
+
 @dataclass
 class GuestRun:
     output: str
@@ -367,8 +414,15 @@ class GuestRun:
     run_s: float
 
 
-def run_in_stack(stack: PrivateStack, sub: Subscriber, name: str, image: str, memory: int,
-                 extra: str, timeout: float = 300) -> GuestRun:
+def run_in_stack(
+    stack: PrivateStack,
+    sub: Subscriber,
+    name: str,
+    image: str,
+    memory: int,
+    extra: str,
+    timeout: float = 300,
+) -> GuestRun:
     """Create a domain in a running stack, wait for it to power off, read it, destroy it."""
     cfg = stack.domain_config(name, image, memory, extra=extra, on_poweroff="preserve")
     done = {f"domain.{name}.shutdown", f"domain.{name}.crashed"}
@@ -397,10 +451,18 @@ def run_bare_guest(image: Path, memory: int, extra: str, timeout: float = 300) -
     ``timeout=``: unicorn implements it with a thread that wakes every few microseconds
     (~15-19k context switches per second measured here), which slowed the bare baseline.
     """
-    cmd = [sys.executable, str(ROOT / "bench" / "bare_unicorn.py"), str(image),
-           "--mem", str(memory), "--extra", extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bare_unicorn.py"),
+        str(image),
+        "--mem",
+        str(memory),
+        "--extra",
+        extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:

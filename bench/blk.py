@@ -91,6 +91,7 @@ CASES = (
 
 # --- the image and the baseline ------------------------------------------------------------------
 
+
 def write_image(path: Path) -> None:
     chunk = 4 << 20
     with open(path, "wb") as f:
@@ -141,6 +142,7 @@ def baseline(path: Path, quick: bool, seed: int) -> dict[str, float]:
 
 # --- guest runs ----------------------------------------------------------------------------------
 
+
 def driver_toml(isolation: str) -> str:
     return f'[driver.blk0]\nmodule = "drivers.blk"\nisolation = "{isolation}"\n'
 
@@ -187,17 +189,22 @@ def destroy_and_wait(s: PrivateStack, sub: Subscriber, name: str) -> None:
     raise TimeoutError(f"{name}: no destroyed event after {attempt + 1} destroys")
 
 
-def run_guest(s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Case, ops: int,
-              seed: int) -> dict[str, Any]:
+def run_guest(
+    s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Case, ops: int, seed: int
+) -> dict[str, Any]:
     """One blkstress domain to completion; its final line and its device counters (or, if it
     crashed, ``{"crashed": reason}``)."""
-    extra = (f"ops={ops} bs={case.bs} qd={case.qd} mix={case.mix} blocks={case.blocks} "
-             f"verify_all=0 seed={seed}")
+    extra = (
+        f"ops={ops} bs={case.bs} qd={case.qd} mix={case.mix} blocks={case.blocks} "
+        f"verify_all=0 seed={seed}"
+    )
     disk = f"target={image}, vdev=xvda, access=rw, backend=blk0"
     cfg = s.dir / f"{name}.toml"
-    cfg.write_text(f'name = "{name}"\nimage = "blkstress"\nmemory = 16\n'
-                   f'on_poweroff = "preserve"\non_crash = "preserve"\n'
-                   f'disk = {json.dumps([disk])}\nextra = "{extra}"\n')
+    cfg.write_text(
+        f'name = "{name}"\nimage = "blkstress"\nmemory = 16\n'
+        f'on_poweroff = "preserve"\non_crash = "preserve"\n'
+        f'disk = {json.dumps([disk])}\nextra = "{extra}"\n'
+    )
     wait_unlocked(image)
     s.call("create", path=str(cfg))
     out = ""
@@ -215,11 +222,16 @@ def run_guest(s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Ca
         return {"crashed": f"{name}: {why}; devices {devs}; console ends {last}"}
     kv = line_with(out, "blkstress: ops=")
     dev = devs[0]
-    g = {k: int(kv[k]) for k in ("ops", "errors", "reads", "writes", "bytes", "ns", "kicks",
-                                 "waits", "upcalls")}
+    g = {
+        k: int(kv[k])
+        for k in ("ops", "errors", "reads", "writes", "bytes", "ns", "kicks", "waits", "upcalls")
+    }
     return {
-        "iops": g["ops"] * 1e9 / g["ns"], "mbs": g["bytes"] * 1e3 / g["ns"],
-        "errors": g["errors"], "exit_code": p.get("code"), "guest": g,
+        "iops": g["ops"] * 1e9 / g["ns"],
+        "mbs": g["bytes"] * 1e3 / g["ns"],
+        "errors": g["errors"],
+        "exit_code": p.get("code"),
+        "guest": g,
         "dev": {k: dev[k] for k in ("requests", "kicks", "notifies", "faults")},
         "kernel_per_req": (dev["kicks"] + dev["notifies"]) / max(1, dev["requests"]),
         "guest_per_op": (g["kicks"] + g["upcalls"]) / max(1, g["ops"]),
@@ -227,6 +239,7 @@ def run_guest(s: PrivateStack, sub: Subscriber, name: str, image: Path, case: Ca
 
 
 # --- the benchmark -------------------------------------------------------------------------------
+
 
 def measure(args: argparse.Namespace, res: Result) -> None:
     reps = 1 if args.quick else 3
@@ -246,15 +259,15 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     _report(res, reps, args.quick, base, runs, crashes)
 
 
-def _measure(quick: bool, reps: int, image: Path,
-             stacks: dict[str, tuple[PrivateStack, Subscriber]]
-             ) -> tuple[list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]],
-                        list[str]]:
+def _measure(
+    quick: bool, reps: int, image: Path, stacks: dict[str, tuple[PrivateStack, Subscriber]]
+) -> tuple[list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
     """Returns the baseline rounds, the guest runs by mode and case, and the crashes."""
     base: list[dict[str, float]] = []
     crashes: list[str] = []
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {c.key: [] for c in CASES}
-                                                         for m in MODES}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        m: {c.key: [] for c in CASES} for m in MODES
+    }
     # an untimed warm-up in each stack: builds/loads the guest, first attach of the image
     warm = Case("warm", "warm-up", 4096, 32, 0, 16384, 500)
     for mode, (s, sub) in stacks.items():
@@ -268,10 +281,12 @@ def _measure(quick: bool, reps: int, image: Path,
         b = baseline(image, quick, seed=rep + 1)
         b["other"] = round(load.percent())
         base.append(b)
-        print(f"  rep {rep + 1} pread loop: 4K read {b['read_4k_iops']:.0f} IOPS, write "
-              f"{b['write_4k_iops']:.0f} IOPS; 128K seq read {b['read_128k_mbs']:.0f} MB/s, "
-              f"write {b['write_128k_mbs']:.0f} MB/s; other processes {b['other']}% CPU",
-              file=sys.stderr)
+        print(
+            f"  rep {rep + 1} pread loop: 4K read {b['read_4k_iops']:.0f} IOPS, write "
+            f"{b['write_4k_iops']:.0f} IOPS; 128K seq read {b['read_128k_mbs']:.0f} MB/s, "
+            f"write {b['write_128k_mbs']:.0f} MB/s; other processes {b['other']}% CPU",
+            file=sys.stderr,
+        )
         order = MODES if rep % 2 == 0 else MODES[::-1]
         for case in CASES:
             GATE.wait()
@@ -279,25 +294,36 @@ def _measure(quick: bool, reps: int, image: Path,
             for mode in order:
                 s, sub = stacks[mode]
                 load = OtherLoad(pids)
-                r = run_guest(s, sub, f"{mode[0]}-{case.key}-{rep + 1}", image, case, ops,
-                              seed=rep + 1)
+                r = run_guest(
+                    s, sub, f"{mode[0]}-{case.key}-{rep + 1}", image, case, ops, seed=rep + 1
+                )
                 other = round(load.percent())
                 if "crashed" in r:
                     crashes.append(r["crashed"])
-                    print(f"  rep {rep + 1} {mode:7} {case.label:18}: CRASHED {r['crashed']}",
-                          file=sys.stderr)
+                    print(
+                        f"  rep {rep + 1} {mode:7} {case.label:18}: CRASHED {r['crashed']}",
+                        file=sys.stderr,
+                    )
                     continue
                 r["other"] = other
                 runs[mode][case.key].append(r)
-                print(f"  rep {rep + 1} {mode:7} {case.label:18}: {r['iops']:8.0f} IOPS "
-                      f"{r['mbs']:7.1f} MB/s, errors {r['errors']}, notif/req "
-                      f"{r['kernel_per_req']:.3f}, other processes {r['other']}% CPU",
-                      file=sys.stderr)
+                print(
+                    f"  rep {rep + 1} {mode:7} {case.label:18}: {r['iops']:8.0f} IOPS "
+                    f"{r['mbs']:7.1f} MB/s, errors {r['errors']}, notif/req "
+                    f"{r['kernel_per_req']:.3f}, other processes {r['other']}% CPU",
+                    file=sys.stderr,
+                )
     return base, runs, crashes
 
 
-def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
-            runs: dict[str, dict[str, list[dict[str, Any]]]], crashes: list[str]) -> None:
+def _report(
+    res: Result,
+    reps: int,
+    quick: bool,
+    base: list[dict[str, float]],
+    runs: dict[str, dict[str, list[dict[str, Any]]]],
+    crashes: list[str],
+) -> None:
     def med(mode: str, key: str, field: str) -> float:
         xs = [r[field] for r in runs[mode][key]]
         return median(xs) if xs else math.nan
@@ -309,65 +335,118 @@ def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
         case = next(c for c in CASES if c.key == key)
         p, i = med("process", key, "iops"), med("inline", key, "iops")
         ceiling = bmed(f"{what}_4k_iops")
-        res.rows.append(Row(
-            f"{case.label} IOPS, process", f"{p:,.0f}",
-            f"vs inline {i:,.0f} ({p / i:.2f}x), vs p{what} loop {ceiling:,.0f} "
-            f"({p / ceiling:.3f}x)",
-            f">= {MIN_IOPS:,} and >= {MIN_RATIO} x inline",
-            p >= MIN_IOPS and p >= MIN_RATIO * i))
+        res.rows.append(
+            Row(
+                f"{case.label} IOPS, process",
+                f"{p:,.0f}",
+                f"vs inline {i:,.0f} ({p / i:.2f}x), vs p{what} loop {ceiling:,.0f} "
+                f"({p / ceiling:.3f}x)",
+                f">= {MIN_IOPS:,} and >= {MIN_RATIO} x inline",
+                p >= MIN_IOPS and p >= MIN_RATIO * i,
+            )
+        )
     for key in ("rr1", "rw1"):
         case = next(c for c in CASES if c.key == key)
         p, i = med("process", key, "iops"), med("inline", key, "iops")
-        res.rows.append(Row(
-            f"{case.label} IOPS, process", f"{p:,.0f} ({1e6 / p:.0f} µs/op)",
-            f"inline {i:,.0f} ({1e6 / i:.0f} µs/op); process/inline {p / i:.2f}x"))
+        res.rows.append(
+            Row(
+                f"{case.label} IOPS, process",
+                f"{p:,.0f} ({1e6 / p:.0f} µs/op)",
+                f"inline {i:,.0f} ({1e6 / i:.0f} µs/op); process/inline {p / i:.2f}x",
+            )
+        )
     for key, what in (("sr", "read"), ("sw", "write")):
         case = next(c for c in CASES if c.key == key)
         p, i = med("process", key, "mbs"), med("inline", key, "mbs")
         ceiling = bmed(f"{what}_128k_mbs")
-        res.rows.append(Row(
-            f"{case.label} MB/s, process", f"{p:,.0f} MB/s",
-            f"inline {i:,.0f} MB/s ({p / i:.2f}x); p{what} loop 128K sequential "
-            f"{ceiling:,.0f} MB/s"))
+        res.rows.append(
+            Row(
+                f"{case.label} MB/s, process",
+                f"{p:,.0f} MB/s",
+                f"inline {i:,.0f} MB/s ({p / i:.2f}x); p{what} loop 128K sequential "
+                f"{ceiling:,.0f} MB/s",
+            )
+        )
     for key in ("rr32", "rw32"):
         case = next(c for c in CASES if c.key == key)
         k = med("process", key, "kernel_per_req")
         g, ki = med("process", key, "guest_per_op"), med("inline", key, "kernel_per_req")
-        res.rows.append(Row(
-            f"notifications per request, {case.label}, process", f"{k:.3f}",
-            f"(kicks+notifies)/requests from the kernel; guest (kicks+upcalls)/ops {g:.3f}; "
-            f"inline {ki:.3f}",
-            f"< {MAX_NOTIFY}", k < MAX_NOTIFY))
+        res.rows.append(
+            Row(
+                f"notifications per request, {case.label}, process",
+                f"{k:.3f}",
+                f"(kicks+notifies)/requests from the kernel; guest (kicks+upcalls)/ops {g:.3f}; "
+                f"inline {ki:.3f}",
+                f"< {MAX_NOTIFY}",
+                k < MAX_NOTIFY,
+            )
+        )
     nruns = sum(len(v) for m in runs.values() for v in m.values())
     errors = sum(r["errors"] for m in runs.values() for v in m.values() for r in v)
     bad_exit = sum(1 for m in runs.values() for v in m.values() for r in v if r["exit_code"])
-    res.rows.append(Row("blkstress errors", f"{errors} in {nruns} runs",
-                        f"{bad_exit} runs with a non-zero exit code; {len(crashes)} crashed "
-                        "domains (left out of the figures)", "0 errors, 0 crashes",
-                        errors == 0 and bad_exit == 0 and not crashes))
-    res.rows.append(Row(
-        "pread/pwrite loop (the Python ceiling)",
-        f"4K rand read {bmed('read_4k_iops'):,.0f} / write {bmed('write_4k_iops'):,.0f} IOPS",
-        f"128K sequential read {bmed('read_128k_mbs'):,.0f} / write "
-        f"{bmed('write_128k_mbs'):,.0f} MB/s"))
-    others = [b["other"] for b in base] + [r["other"] for m in runs.values()
-                                          for v in m.values() for r in v]
-    res.rows.append(Row("other processes' CPU during the measurements",
-                        f"{median(others):.0f} % (median)",
-                        f"max {max(others):.0f} % of one CPU, over {len(others)} timed runs"))
+    res.rows.append(
+        Row(
+            "blkstress errors",
+            f"{errors} in {nruns} runs",
+            f"{bad_exit} runs with a non-zero exit code; {len(crashes)} crashed "
+            "domains (left out of the figures)",
+            "0 errors, 0 crashes",
+            errors == 0 and bad_exit == 0 and not crashes,
+        )
+    )
+    res.rows.append(
+        Row(
+            "pread/pwrite loop (the Python ceiling)",
+            f"4K rand read {bmed('read_4k_iops'):,.0f} / write {bmed('write_4k_iops'):,.0f} IOPS",
+            f"128K sequential read {bmed('read_128k_mbs'):,.0f} / write "
+            f"{bmed('write_128k_mbs'):,.0f} MB/s",
+        )
+    )
+    others = [b["other"] for b in base] + [
+        r["other"] for m in runs.values() for v in m.values() for r in v
+    ]
+    res.rows.append(
+        Row(
+            "other processes' CPU during the measurements",
+            f"{median(others):.0f} % (median)",
+            f"max {max(others):.0f} % of one CPU, over {len(others)} timed runs",
+        )
+    )
 
     res.samples = {
         "baseline": base,
-        "runs": {m: {k: [{"iops": r["iops"], "mbs": r["mbs"], "errors": r["errors"],
-                          "kernel_per_req": r["kernel_per_req"],
-                          "guest_per_op": r["guest_per_op"], "dev": r["dev"],
-                          "guest": r["guest"], "other": r["other"]} for r in v]
-                     for k, v in cases.items()} for m, cases in runs.items()},
+        "runs": {
+            m: {
+                k: [
+                    {
+                        "iops": r["iops"],
+                        "mbs": r["mbs"],
+                        "errors": r["errors"],
+                        "kernel_per_req": r["kernel_per_req"],
+                        "guest_per_op": r["guest_per_op"],
+                        "dev": r["dev"],
+                        "guest": r["guest"],
+                        "other": r["other"],
+                    }
+                    for r in v
+                ]
+                for k, v in cases.items()
+            }
+            for m, cases in runs.items()
+        },
         "crashes": crashes,
         "destroy_retries": DESTROY_RETRIES,
-        "cases": {c.key: {"label": c.label, "bs": c.bs, "qd": c.qd, "mix": c.mix,
-                          "blocks": c.blocks, "ops": c.ops // 4 if quick else c.ops}
-                  for c in CASES},
+        "cases": {
+            c.key: {
+                "label": c.label,
+                "bs": c.bs,
+                "qd": c.qd,
+                "mix": c.mix,
+                "blocks": c.blocks,
+                "ops": c.ops // 4 if quick else c.ops,
+            }
+            for c in CASES
+        },
     }
     res.notes += [
         f"one 64 MiB image in /tmp (random bytes, synced and read once, so the page cache is "
@@ -396,7 +475,8 @@ def _report(res: Result, reps: int, quick: bool, base: list[dict[str, float]],
             f"{len(DESTROY_RETRIES)} destroy(s) of a just-stopped domain had to be repeated "
             "(no destroyed event within 2 s): a destroy sent between the kernel's shutdown "
             "event and its marking the domain preserved returns without destroying it; "
-            f"domains: {', '.join(dict.fromkeys(DESTROY_RETRIES))}")
+            f"domains: {', '.join(dict.fromkeys(DESTROY_RETRIES))}"
+        )
 
 
 if __name__ == "__main__":

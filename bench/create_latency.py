@@ -50,8 +50,9 @@ def measure(args: argparse.Namespace, res: Result) -> None:
             t_reply = time.perf_counter()
             if reply.get("name") != name:
                 raise RuntimeError(f"unexpected create reply {reply}")
-            topic, p = wait_topic(sub, {f"console.{name}", f"domain.{name}.crashed",
-                                        f"domain.{name}.destroyed"}, 30)
+            topic, p = wait_topic(
+                sub, {f"console.{name}", f"domain.{name}.crashed", f"domain.{name}.destroyed"}, 30
+            )
             t_first = time.perf_counter()
             if not topic.startswith("console."):
                 raise RuntimeError(f"{name}: {topic} before any console output: {p}")
@@ -63,9 +64,11 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                 reply_ms.append((t_reply - t0) * 1e3)
                 first_ms.append((t_first - t0) * 1e3)
                 gone_ms.append((t_gone - t0) * 1e3)
-                print(f"  {name}: reply {reply_ms[-1]:6.2f} ms, first byte "
-                      f"{first_ms[-1]:6.2f} ms, destroyed {gone_ms[-1]:6.2f} ms",
-                      file=sys.stderr)
+                print(
+                    f"  {name}: reply {reply_ms[-1]:6.2f} ms, first byte "
+                    f"{first_ms[-1]:6.2f} ms, destroyed {gone_ms[-1]:6.2f} ms",
+                    file=sys.stderr,
+                )
 
         # Same run, one hop less: create straight on the kernel's control socket (config
         # loaded here), to split the reply time into supervisor and kernel parts.
@@ -85,25 +88,46 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                 wait_topic(sub, {f"domain.{name}.destroyed"}, 30)
 
     res.rows += [
-        Row("create -> first console byte (median)", f"{median(first_ms):.2f} ms",
-            f"p90 {pctl(first_ms, 90):.2f} ms, min {min(first_ms):.2f}, "
-            f"max {max(first_ms):.2f}"),
-        Row("create reply alone (median)", f"{median(reply_ms):.2f} ms",
+        Row(
+            "create -> first console byte (median)",
+            f"{median(first_ms):.2f} ms",
+            f"p90 {pctl(first_ms, 90):.2f} ms, min {min(first_ms):.2f}, max {max(first_ms):.2f}",
+        ),
+        Row(
+            "create reply alone (median)",
+            f"{median(reply_ms):.2f} ms",
             f"p90 {pctl(reply_ms, 90):.2f} ms; first byte - reply "
-            f"{median(first_ms) - median(reply_ms):.2f} ms"),
-        Row("  kernel-direct create reply (median)", f"{median(kdirect):.2f} ms",
+            f"{median(first_ms) - median(reply_ms):.2f} ms",
+        ),
+        Row(
+            "  kernel-direct create reply (median)",
+            f"{median(kdirect):.2f} ms",
             f"p90 {pctl(kdirect, 90):.2f} ms; supervisor hop + config load "
-            f"{median(reply_ms) - median(kdirect):.2f} ms"),
-        Row("  kernel-direct create -> first byte (median)", f"{median(kfirst):.2f} ms",
-            f"p90 {pctl(kfirst, 90):.2f} ms"),
-        Row("create -> destroyed event (median)", f"{median(gone_ms):.2f} ms",
-            f"p90 {pctl(gone_ms, 90):.2f} ms"),
+            f"{median(reply_ms) - median(kdirect):.2f} ms",
+        ),
+        Row(
+            "  kernel-direct create -> first byte (median)",
+            f"{median(kfirst):.2f} ms",
+            f"p90 {pctl(kfirst, 90):.2f} ms",
+        ),
+        Row(
+            "create -> destroyed event (median)",
+            f"{median(gone_ms):.2f} ms",
+            f"p90 {pctl(gone_ms, 90):.2f} ms",
+        ),
     ]
-    res.samples = {"first_byte_ms": first_ms, "reply_ms": reply_ms, "destroyed_ms": gone_ms,
-                   "kernel_direct_reply_ms": kdirect, "kernel_direct_first_byte_ms": kfirst}
-    res.notes.append(f"{reps} creates of the hello guest (4 MiB) with unique names after one "
-                     "untimed warm-up; supervisor control client; events from the "
-                     "supervisor's PUB socket; private stack pcpus=2")
+    res.samples = {
+        "first_byte_ms": first_ms,
+        "reply_ms": reply_ms,
+        "destroyed_ms": gone_ms,
+        "kernel_direct_reply_ms": kdirect,
+        "kernel_direct_first_byte_ms": kfirst,
+    }
+    res.notes.append(
+        f"{reps} creates of the hello guest (4 MiB) with unique names after one "
+        "untimed warm-up; supervisor control client; events from the "
+        "supervisor's PUB socket; private stack pcpus=2"
+    )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,15 @@ TARGET = 0.95
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--reps", type=int, default=None,
-                    help="quiet bare/stack pairs wanted (default 10, quick 2)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="CRC rounds over 4 MiB (default 32, about 1-1.5 s; quick 8)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="quiet bare/stack pairs wanted (default 10, quick 2)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="CRC rounds over 4 MiB (default 32, about 1-1.5 s; quick 8)",
+    )
 
 
 def measure(args: argparse.Namespace, res: Result) -> None:
@@ -91,35 +96,63 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     per_pair = [b / s for b, s in zip(bare_ns, stack_ns, strict=True)]
     all_b, all_s = pairs.values(pairs.runs, "bare"), pairs.values(pairs.runs, "stack")
     res.rows += [
-        Row("crc32 guest ns (median, bare)", f"{mb / 1e6:.1f} ms",
-            f"{work_mb / mb * 1e9:.1f} MB/s"),
-        Row("crc32 guest ns (median, full stack)", f"{ms / 1e6:.1f} ms",
-            f"{work_mb / ms * 1e9:.1f} MB/s"),
-        Row("speed ratio stack/bare (median ns)", f"{ratio:.3f}",
-            f"per pair: median {median(per_pair):.3f}, "
-            f"{min(per_pair):.3f}..{max(per_pair):.3f}", f">= {TARGET}", ratio >= TARGET),
-        Row("  same, over all pairs incl. disturbed", f"{median(all_b) / median(all_s):.3f}",
+        Row(
+            "crc32 guest ns (median, bare)", f"{mb / 1e6:.1f} ms", f"{work_mb / mb * 1e9:.1f} MB/s"
+        ),
+        Row(
+            "crc32 guest ns (median, full stack)",
+            f"{ms / 1e6:.1f} ms",
+            f"{work_mb / ms * 1e9:.1f} MB/s",
+        ),
+        Row(
+            "speed ratio stack/bare (median ns)",
+            f"{ratio:.3f}",
+            f"per pair: median {median(per_pair):.3f}, {min(per_pair):.3f}..{max(per_pair):.3f}",
+            f">= {TARGET}",
+            ratio >= TARGET,
+        ),
+        Row(
+            "  same, over all pairs incl. disturbed",
+            f"{median(all_b) / median(all_s):.3f}",
             f"{len(all_b)} pairs; bare {work_mb / max(all_b) * 1e9:.0f}.."
             f"{work_mb / min(all_b) * 1e9:.0f} MB/s, stack {work_mb / max(all_s) * 1e9:.0f}.."
-            f"{work_mb / min(all_s) * 1e9:.0f} MB/s"),
-        Row("  best run each (min ns) ratio", f"{min(all_b) / min(all_s):.3f}",
+            f"{work_mb / min(all_s) * 1e9:.0f} MB/s",
+        ),
+        Row(
+            "  best run each (min ns) ratio",
+            f"{min(all_b) / min(all_s):.3f}",
             f"bare {min(all_b) / 1e6:.1f} ms, stack {min(all_s) / 1e6:.1f} ms (noise only "
-            "adds time)"),
-        Row("wall, bare: the one emu_start call (median)",
-            f"{median(pairs.values(chosen, 'bare', 'wall')):.3f} s"),
-        Row("wall, stack create -> shutdown event (median)",
+            "adds time)",
+        ),
+        Row(
+            "wall, bare: the one emu_start call (median)",
+            f"{median(pairs.values(chosen, 'bare', 'wall')):.3f} s",
+        ),
+        Row(
+            "wall, stack create -> shutdown event (median)",
             f"{median(pairs.values(chosen, 'stack', 'wall')):.3f} s",
-            "includes domain set-up and the event hop"),
-        Row("stack domain cpu_time (median)",
-            f"{median(pairs.values(chosen, 'stack', 'cpu')):.3f} s"),
+            "includes domain set-up and the event hop",
+        ),
+        Row(
+            "stack domain cpu_time (median)",
+            f"{median(pairs.values(chosen, 'stack', 'cpu')):.3f} s",
+        ),
     ]
-    res.samples = {"pairs": [{k: {f: v for f, v in r.items() if f != "show"}
-                              for k, r in p.items()} for p in pairs.runs],
-                   "extra": extra, "memory_mib": MEMORY_MIB, "crc": crcs.pop()}
-    res.notes.append(f"crc32 {extra} in {MEMORY_MIB} MiB ({work_mb:.0f} MB hashed per run); "
-                     "bare and stack runs alternate (order swapped every pair); private stack "
-                     "pcpus=2, timeslice 10 ms; bare = bench/bare_unicorn.py in a fresh process, "
-                     "one emu_start")
+    res.samples = {
+        "pairs": [
+            {k: {f: v for f, v in r.items() if f != "show"} for k, r in p.items()}
+            for p in pairs.runs
+        ],
+        "extra": extra,
+        "memory_mib": MEMORY_MIB,
+        "crc": crcs.pop(),
+    }
+    res.notes.append(
+        f"crc32 {extra} in {MEMORY_MIB} MiB ({work_mb:.0f} MB hashed per run); "
+        "bare and stack runs alternate (order swapped every pair); private stack "
+        "pcpus=2, timeslice 10 ms; bare = bench/bare_unicorn.py in a fresh process, "
+        "one emu_start"
+    )
     res.notes.append(f"headline uses {which}")
 
 

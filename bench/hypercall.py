@@ -36,10 +36,12 @@ TARGET_NS = 2000.0
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--reps", type=int, default=None,
-                    help="quiet bare/stack pairs wanted (default 5, quick 2)")
-    ap.add_argument("--calls", type=int, default=None,
-                    help="hypercalls per run (default 2000000, quick 500000)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="quiet bare/stack pairs wanted (default 5, quick 2)"
+    )
+    ap.add_argument(
+        "--calls", type=int, default=None, help="hypercalls per run (default 2000000, quick 500000)"
+    )
 
 
 def measure(args: argparse.Namespace, res: Result) -> None:
@@ -72,19 +74,36 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     all_s = pairs.values(pairs.runs, "stack")
     res.rows += [
         Row("HC_NULL round trip, bare (median)", f"{mb:.0f} ns"),
-        Row("HC_NULL round trip, full kernel (median)", f"{ms:.0f} ns",
-            f"stack/bare {ms / mb:.2f}x ({ms - mb:+.0f} ns)", f"<= {TARGET_NS:.0f} ns",
-            ms <= TARGET_NS),
-        Row("  full kernel over all pairs incl. disturbed", f"{median(all_s):.0f} ns",
-            f"{len(all_s)} runs, {min(all_s):.0f}..{max(all_s):.0f} ns"),
-        Row("calls per second, full kernel", f"{1e9 / ms / 1e3:.0f} k/s",
-            f"bare {1e9 / mb / 1e3:.0f} k/s"),
+        Row(
+            "HC_NULL round trip, full kernel (median)",
+            f"{ms:.0f} ns",
+            f"stack/bare {ms / mb:.2f}x ({ms - mb:+.0f} ns)",
+            f"<= {TARGET_NS:.0f} ns",
+            ms <= TARGET_NS,
+        ),
+        Row(
+            "  full kernel over all pairs incl. disturbed",
+            f"{median(all_s):.0f} ns",
+            f"{len(all_s)} runs, {min(all_s):.0f}..{max(all_s):.0f} ns",
+        ),
+        Row(
+            "calls per second, full kernel",
+            f"{1e9 / ms / 1e3:.0f} k/s",
+            f"bare {1e9 / mb / 1e3:.0f} k/s",
+        ),
     ]
-    res.samples = {"pairs": [{k: {f: v for f, v in r.items() if f != "show"}
-                              for k, r in p.items()} for p in pairs.runs], "calls": calls}
-    res.notes.append(f"hcbench calls={calls}, bare and stack runs alternating; private stack "
-                     "pcpus=2; ns_per_call is the guest's own figure (hypercall loop minus "
-                     "empty loop, guest clock)")
+    res.samples = {
+        "pairs": [
+            {k: {f: v for f, v in r.items() if f != "show"} for k, r in p.items()}
+            for p in pairs.runs
+        ],
+        "calls": calls,
+    }
+    res.notes.append(
+        f"hcbench calls={calls}, bare and stack runs alternating; private stack "
+        "pcpus=2; ns_per_call is the guest's own figure (hypercall loop minus "
+        "empty loop, guest clock)"
+    )
     res.notes.append(f"headline uses {which}")
 
 

@@ -87,10 +87,12 @@ from isovisor import nettools
 from isovisor.privstack import PrivateStack
 
 NAME = "net"
-TITLE = ("Network: UDP echo and frame rates through the net driver vs a host Python UDP echo; "
-         "pings across SIGKILLs of the switch")
+TITLE = (
+    "Network: UDP echo and frame rates through the net driver vs a host Python UDP echo; "
+    "pings across SIGKILLs of the switch"
+)
 
-SRV_IP = "198.18.1.2"   # the guest echo server for guest clients (br1)
+SRV_IP = "198.18.1.2"  # the guest echo server for guest clients (br1)
 SRV_MAC = "02:00:00:00:01:02"
 CLI_IP = "198.18.1.3"
 CLI_MAC = "02:00:00:00:01:03"
@@ -106,27 +108,45 @@ UDP_HEADERS = 14 + 20 + 8  # Ethernet + IPv4 + UDP
 
 
 def driver_toml(netns: str | None, tap: str) -> str:
-    t = ("[driver.net0]\nmodule = \"drivers.net\"\nintensity = 100000\nperiod = 1.0\n"
-         "watchdog_sec = 1.0\n")
+    t = (
+        '[driver.net0]\nmodule = "drivers.net"\nintensity = 100000\nperiod = 1.0\n'
+        "watchdog_sec = 1.0\n"
+    )
     if netns is not None:
-        t += (f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\ntap = "{tap}"\n'
-              'bridge = "br0"\n')
+        t += (
+            f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\ntap = "{tap}"\n'
+            'bridge = "br0"\n'
+        )
     return t
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--reps", type=int, default=None,
-                    help="repetitions of each latency/throughput run (default 10, quick 3)")
-    ap.add_argument("--count", type=int, default=None,
-                    help="UDP round trips per run (default 2000, quick 300)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions of each latency/throughput run (default 10, quick 3)",
+    )
+    ap.add_argument(
+        "--count", type=int, default=None, help="UDP round trips per run (default 2000, quick 300)"
+    )
     ap.add_argument("--size", type=int, default=64, help="UDP payload bytes (default 64)")
-    ap.add_argument("--pair-count", type=int, default=None,
-                    help="netpair frames each way per run (default 5000, quick 1000)")
-    ap.add_argument("--kills", type=int, default=None,
-                    help="SIGKILLs of the net driver during the pings (default 100, quick 5)")
+    ap.add_argument(
+        "--pair-count",
+        type=int,
+        default=None,
+        help="netpair frames each way per run (default 5000, quick 1000)",
+    )
+    ap.add_argument(
+        "--kills",
+        type=int,
+        default=None,
+        help="SIGKILLs of the net driver during the pings (default 100, quick 5)",
+    )
 
 
 # --- helper processes (this file run as `net.py _pinger ...` / `net.py _echo`) ----------------
+
 
 def _echo_server_main() -> int:
     """A plain UDP echo server on 127.0.0.1 (the ceiling): prints its port, echoes every
@@ -207,8 +227,17 @@ def _pinger_main(netns: str, addr: str, interval_s: float, grace_s: float) -> in
         if stop_at is None and now >= next_t:
             seq = len(sent)
             head = struct.pack("!BBHHH", nettools.ICMP_ECHO_REQUEST, 0, 0, ident, seq & 0xFFFF)
-            pkt = struct.pack("!BBHHH", nettools.ICMP_ECHO_REQUEST, 0,
-                              nettools.checksum(head + payload), ident, seq & 0xFFFF) + payload
+            pkt = (
+                struct.pack(
+                    "!BBHHH",
+                    nettools.ICMP_ECHO_REQUEST,
+                    0,
+                    nettools.checksum(head + payload),
+                    ident,
+                    seq & 0xFFFF,
+                )
+                + payload
+            )
             sent.append(time.monotonic_ns())
             recv.append(None)
             try:
@@ -221,8 +250,9 @@ def _pinger_main(netns: str, addr: str, interval_s: float, grace_s: float) -> in
         if stop_at is not None and now >= stop_at:
             break
         wake = stop_at if stop_at is not None else next_t
-        ready, _, _ = select.select([sock, stdin] if stop_at is None else [sock], [], [],
-                                    max(0.0, wake - time.monotonic()))
+        ready, _, _ = select.select(
+            [sock, stdin] if stop_at is None else [sock], [], [], max(0.0, wake - time.monotonic())
+        )
         while True:
             try:
                 data = sock.recv(65535)
@@ -249,8 +279,12 @@ def _pinger_main(netns: str, addr: str, interval_s: float, grace_s: float) -> in
 @contextlib.contextmanager
 def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
     """This file run as a helper process; killed and reaped whatever happens."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield proc
     finally:
@@ -265,6 +299,7 @@ def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
 
 # --- the stack ---------------------------------------------------------------------------------
 
+
 def _net_row(s: PrivateStack) -> dict[str, Any]:
     return next(d for d in s.call("status")["drivers"] if d["name"] == "net0")
 
@@ -274,8 +309,11 @@ def _net_pid(s: PrivateStack, warm: bool = False, timeout: float = 30) -> int:
     deadline = time.monotonic() + timeout
     while True:
         d = _net_row(s)
-        if (d.get("state") == "RUNNING" and isinstance(d.get("pid"), int)
-                and (d.get("spare_ready") or not warm)):
+        if (
+            d.get("state") == "RUNNING"
+            and isinstance(d.get("pid"), int)
+            and (d.get("spare_ready") or not warm)
+        ):
             return int(d["pid"])
         if time.monotonic() > deadline:
             raise RuntimeError(f"net0 not running{' with a warm spare' if warm else ''}: {d}")
@@ -294,9 +332,15 @@ def _last_line(console: str, prefix: str) -> dict[str, str]:
 
 
 def _server(s: PrivateStack, name: str, mac: str, bridge: str, ip: str) -> None:
-    cfg = s.domain_config(name, "netecho", 4, on_poweroff="preserve", on_crash="preserve",
-                          extra="port=7", vif=[f"mac={mac}, bridge={bridge}, backend=net0, "
-                                               f"ip={ip}"])
+    cfg = s.domain_config(
+        name,
+        "netecho",
+        4,
+        on_poweroff="preserve",
+        on_crash="preserve",
+        extra="port=7",
+        vif=[f"mac={mac}, bridge={bridge}, backend=net0, ip={ip}"],
+    )
     s.call("create", path=str(cfg))
 
 
@@ -309,8 +353,13 @@ def _wait_up(s: PrivateStack, names: list[str], timeout: float = 60) -> None:
             time.sleep(0.05)
 
 
-def _run_guests(s: PrivateStack, sub: Subscriber, cfgs: dict[str, Path], marks: dict[str, str],
-                timeout: float = 300) -> tuple[dict[str, str], dict[str, float]]:
+def _run_guests(
+    s: PrivateStack,
+    sub: Subscriber,
+    cfgs: dict[str, Path],
+    marks: dict[str, str],
+    timeout: float = 300,
+) -> tuple[dict[str, str], dict[str, float]]:
     """Create the guests, wait until every one has shut down, destroy them.  Returns each
     guest's console and, per console marker in ``marks`` (``name:text`` -> text), the
     monotonic time at which the line holding it had fully arrived (console events)."""
@@ -318,15 +367,17 @@ def _run_guests(s: PrivateStack, sub: Subscriber, cfgs: dict[str, Path], marks: 
     buf = {n: "" for n in cfgs}
     seen: dict[str, float] = {}
     topics = {f"console.{n}" for n in cfgs} | {
-        f"domain.{n}.{w}" for n in cfgs for w in ("shutdown", "crashed")}
+        f"domain.{n}.{w}" for n in cfgs for w in ("shutdown", "crashed")
+    }
     for cfg in cfgs.values():
         s.call("create", path=str(cfg))
     deadline = time.monotonic() + timeout
     while len(ends) < len(cfgs):
         ev = sub.recv(max(0.0, deadline - time.monotonic()))
         if ev is None:
-            raise RuntimeError(f"guests {sorted(set(cfgs) - set(ends))} did not end within "
-                               f"{timeout:g} s")
+            raise RuntimeError(
+                f"guests {sorted(set(cfgs) - set(ends))} did not end within {timeout:g} s"
+            )
         topic, p = ev
         if topic not in topics:
             continue
@@ -354,20 +405,32 @@ def _run_guests(s: PrivateStack, sub: Subscriber, cfgs: dict[str, Path], marks: 
 
 def _g2g(s: PrivateStack, sub: Subscriber, count: int, size: int) -> dict[str, Any]:
     """One netecho client guest run against the br1 server."""
-    cfg = s.domain_config("cli", "netecho", 4, on_poweroff="preserve", on_crash="preserve",
-                          extra=f"mode=client peer={SRV_IP} count={count} size={size} "
-                                "timeout=1000",
-                          vif=[f"mac={CLI_MAC}, bridge=br1, backend=net0, ip={CLI_IP}"])
-    cons, seen = _run_guests(s, sub, {"cli": cfg}, {"cli:a": "netecho: client peer=",
-                                                    "cli:b": "netecho: client sent="})
+    cfg = s.domain_config(
+        "cli",
+        "netecho",
+        4,
+        on_poweroff="preserve",
+        on_crash="preserve",
+        extra=f"mode=client peer={SRV_IP} count={count} size={size} timeout=1000",
+        vif=[f"mac={CLI_MAC}, bridge=br1, backend=net0, ip={CLI_IP}"],
+    )
+    cons, seen = _run_guests(
+        s, sub, {"cli": cfg}, {"cli:a": "netecho: client peer=", "cli:b": "netecho: client sent="}
+    )
     sm = {k: int(v) for k, v in _last_line(cons["cli"], "netecho: client sent=").items()}
     wall = seen["cli:b"] - seen["cli:a"] if "cli:a" in seen and "cli:b" in seen else None
-    return {"median_us": float(sm["rtt_us_median"]), "p99_us": float(sm["rtt_us_p99"]),
-            "lost": sm["lost"], "errors": sm["errors"], "received": sm["received"],
-            "wall_s": wall, "per_s": count / wall if wall else None,
-            "show": f"median {sm['rtt_us_median']} us, p99 {sm['rtt_us_p99']} us, lost "
-                    f"{sm['lost']}, errors {sm['errors']}"
-                    + (f", {count / wall:,.0f}/s host-observed" if wall else "")}
+    return {
+        "median_us": float(sm["rtt_us_median"]),
+        "p99_us": float(sm["rtt_us_p99"]),
+        "lost": sm["lost"],
+        "errors": sm["errors"],
+        "received": sm["received"],
+        "wall_s": wall,
+        "per_s": count / wall if wall else None,
+        "show": f"median {sm['rtt_us_median']} us, p99 {sm['rtt_us_p99']} us, lost "
+        f"{sm['lost']}, errors {sm['errors']}"
+        + (f", {count / wall:,.0f}/s host-observed" if wall else ""),
+    }
 
 
 def _pair(s: PrivateStack, sub: Subscriber, count: int, frame: int) -> dict[str, Any]:
@@ -375,9 +438,14 @@ def _pair(s: PrivateStack, sub: Subscriber, count: int, frame: int) -> dict[str,
     cfgs = {}
     for i, name in enumerate(("pa", "pb")):
         cfgs[name] = s.domain_config(
-            name, "netpair", 4, on_poweroff="preserve", on_crash="preserve",
+            name,
+            "netpair",
+            4,
+            on_poweroff="preserve",
+            on_crash="preserve",
             extra=f"peer={PAIR_MACS[1 - i]} count={count} size={frame} timeout=5000",
-            vif=[f"mac={PAIR_MACS[i]}, bridge=br2, backend=net0"])
+            vif=[f"mac={PAIR_MACS[i]}, bridge=br2, backend=net0"],
+        )
     cons, _ = _run_guests(s, sub, cfgs, {})
     active_s = []
     bad = 0
@@ -389,8 +457,11 @@ def _pair(s: PrivateStack, sub: Subscriber, count: int, frame: int) -> dict[str,
         active_s.append((int(fe["ns"]) - up_ms * 1_000_000) / 1e9)
         bad += sm["lost"] + sm["dup"] + sm["reordered"] + sm["corrupt"] + sm["errors"]
     rate = 2 * count / max(active_s)
-    return {"frames_s": rate, "bad": bad, "show": f"{rate:,.0f} frames/s both ways, "
-            f"lost+dup+reordered+corrupt+errors {bad}"}
+    return {
+        "frames_s": rate,
+        "bad": bad,
+        "show": f"{rate:,.0f} frames/s both ways, lost+dup+reordered+corrupt+errors {bad}",
+    }
 
 
 def _hostpair(count: int, size: int) -> dict[str, Any]:
@@ -414,8 +485,11 @@ def _hostpair(count: int, size: int) -> dict[str, Any]:
         raise RuntimeError(f"host pair failed: {ra} {rb}")
     lost = 2 * count - ra[2] - rb[2]
     rate = 2 * count / ((max(ra[1], rb[1]) - min(ra[0], rb[0])) / 1e9)
-    return {"frames_s": rate, "lost": lost,
-            "show": f"{rate:,.0f} datagrams/s both ways, lost {lost}"}
+    return {
+        "frames_s": rate,
+        "lost": lost,
+        "show": f"{rate:,.0f} datagrams/s both ways, lost {lost}",
+    }
 
 
 def _udp(addr: str, port: int, count: int, size: int, netns: str | None) -> dict[str, Any]:
@@ -428,13 +502,19 @@ def _udp(addr: str, port: int, count: int, size: int, netns: str | None) -> dict
     lost = count - len(rtts)
     if not rtts:
         raise RuntimeError(f"no UDP echo from {addr}:{port}")
-    return {"median_us": median(rtts), "p99_us": pctl(rtts, 99), "lost": lost,
-            "per_s": count / wall, "rtts_us": [round(x, 1) for x in rtts],
-            "show": f"median {median(rtts):.0f} us, p99 {pctl(rtts, 99):.0f} us, lost {lost}, "
-                    f"{count / wall:,.0f}/s"}
+    return {
+        "median_us": median(rtts),
+        "p99_us": pctl(rtts, 99),
+        "lost": lost,
+        "per_s": count / wall,
+        "rtts_us": [round(x, 1) for x in rtts],
+        "show": f"median {median(rtts):.0f} us, p99 {pctl(rtts, 99):.0f} us, lost {lost}, "
+        f"{count / wall:,.0f}/s",
+    }
 
 
 # --- part 4: kills during pings ---------------------------------------------------------------
+
 
 def _one_kill(s: PrivateStack, sub: Subscriber) -> dict[str, Any]:
     pid = _net_pid(s, warm=True)
@@ -452,10 +532,15 @@ def _one_kill(s: PrivateStack, sub: Subscriber) -> dict[str, Any]:
             rep = p
         elif topic == "driver.net0.recovered" and p.get("old_pid") == pid:
             rec = p
-    return {"pid": pid, "kill_ns": t_kill, "done_ns": int(rep["done_ns"]),
-            "kill_to_done_ms": (int(rep["done_ns"]) - t_kill) / 1e6,
-            "detect_to_done_ms": rec.get("recovery_ms"), "replayed": rep.get("replayed"),
-            "detected_ns": rec.get("detected_ns")}
+    return {
+        "pid": pid,
+        "kill_ns": t_kill,
+        "done_ns": int(rep["done_ns"]),
+        "kill_to_done_ms": (int(rep["done_ns"]) - t_kill) / 1e6,
+        "detect_to_done_ms": rec.get("recovery_ms"),
+        "replayed": rep.get("replayed"),
+        "detected_ns": rec.get("detected_ns"),
+    }
 
 
 def _pinger(netns: str) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
@@ -467,8 +552,9 @@ def _ping_results(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _analyse_kills(kills: list[dict[str, Any]], pings: dict[str, Any], end_ns: int
-                   ) -> list[dict[str, Any]]:
+def _analyse_kills(
+    kills: list[dict[str, Any]], pings: dict[str, Any], end_ns: int
+) -> list[dict[str, Any]]:
     sent: list[int] = pings["sent"]
     recv: list[int | None] = pings["recv"]
     for k, kl in enumerate(kills):
@@ -477,17 +563,26 @@ def _analyse_kills(kills: list[dict[str, Any]], pings: dict[str, Any], end_ns: i
         mine = [i for i, t in enumerate(sent) if lo <= t < hi]
         lost = [i for i in mine if recv[i] is None]
         after = [i for i in lost if sent[i] > kl["done_ns"]]
-        first = min((r for i, r in enumerate(recv) if r is not None and sent[i] > kl["kill_ns"]),
-                    default=None)
-        kl.update(pings=len(mine), lost=len(lost),
-                  lost_after_recovery=len(after),
-                  lost_after_detail=[{"sent_after_done_ms": (sent[i] - kl["done_ns"]) / 1e6,
-                                      "sent_after_kill_ms": (sent[i] - kl["kill_ns"]) / 1e6}
-                                     for i in after],
-                  stall_ms=(first - kl["kill_ns"]) / 1e6 if first is not None else None,
-                  contiguous=not lost or lost[-1] - lost[0] + 1 == len(lost),
-                  lost_first_ms=(sent[lost[0]] - kl["kill_ns"]) / 1e6 if lost else None,
-                  lost_last_ms=(sent[lost[-1]] - kl["kill_ns"]) / 1e6 if lost else None)
+        first = min(
+            (r for i, r in enumerate(recv) if r is not None and sent[i] > kl["kill_ns"]),
+            default=None,
+        )
+        kl.update(
+            pings=len(mine),
+            lost=len(lost),
+            lost_after_recovery=len(after),
+            lost_after_detail=[
+                {
+                    "sent_after_done_ms": (sent[i] - kl["done_ns"]) / 1e6,
+                    "sent_after_kill_ms": (sent[i] - kl["kill_ns"]) / 1e6,
+                }
+                for i in after
+            ],
+            stall_ms=(first - kl["kill_ns"]) / 1e6 if first is not None else None,
+            contiguous=not lost or lost[-1] - lost[0] + 1 == len(lost),
+            lost_first_ms=(sent[lost[0]] - kl["kill_ns"]) / 1e6 if lost else None,
+            lost_last_ms=(sent[lost[-1]] - kl["kill_ns"]) / 1e6 if lost else None,
+        )
     return kills
 
 
@@ -509,8 +604,10 @@ def _count_window(pings: dict[str, Any], lo: int, hi: int) -> tuple[int, int, li
 def _signals_held() -> Iterator[None]:
     """Ctrl-C / SIGTERM wait until the body (a clean-up) is done, then take effect."""
     held: list[int] = []
-    old = {sig: signal.signal(sig, lambda n, _f: held.append(n))
-           for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {
+        sig: signal.signal(sig, lambda n, _f: held.append(n))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -527,16 +624,21 @@ def _remove_uplink(netns: str, tap: str) -> list[str]:
         left = []
         if tapmod.netns_exists(netns):
             left.append(f"network namespace {netns}")
-            if subprocess.run(["ip", "-n", netns, "link", "show", "dev", tap],
-                              capture_output=True, check=False).returncode == 0:
+            if (
+                subprocess.run(
+                    ["ip", "-n", netns, "link", "show", "dev", tap],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            ):
                 left.append(f"TAP {tap}")
         if (tapmod.MARKER_DIR / netns).exists():
             left.append(f"marker {tapmod.MARKER_DIR / netns}")
         try:
             tapmod.remove(netns, tap)
         except Exception as e:  # the plain way below still runs
-            print(f"net: drivers.net.tap.remove({netns!r}, {tap!r}) failed: {e}",
-                  file=sys.stderr)
+            print(f"net: drivers.net.tap.remove({netns!r}, {tap!r}) failed: {e}", file=sys.stderr)
         if tapmod.netns_exists(netns):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
         (tapmod.MARKER_DIR / netns).unlink(missing_ok=True)
@@ -546,6 +648,7 @@ def _remove_uplink(netns: str, tap: str) -> list[str]:
 
 
 # --- the measurement --------------------------------------------------------------------------
+
 
 class _Load:
     """CPU used by processes other than this bench (and its helpers) and its stack during one
@@ -569,13 +672,17 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     if not 8 <= size <= 1472:
         raise SystemExit("--size must be 8..1472 (netecho's UDP payload limits)")
     ms = machine_state()
-    print(f"machine at start: nproc {ms['nproc']}, load average {ms['loadavg']}, "
-          f"{ms['cpu_model']}, {ms['memory']}, Linux {ms['kernel']}, Python {ms['python']}",
-          file=sys.stderr)
+    print(
+        f"machine at start: nproc {ms['nproc']}, load average {ms['loadavg']}, "
+        f"{ms['cpu_model']}, {ms['memory']}, Linux {ms['kernel']}, Python {ms['python']}",
+        file=sys.stderr,
+    )
     problem = nettools.privilege_problem()
     if problem is not None:
-        print(f"SKIP host -> guest UDP echo and the kills during pings (parts 2 and 4): {problem}",
-              file=sys.stderr)
+        print(
+            f"SKIP host -> guest UDP echo and the kills during pings (parts 2 and 4): {problem}",
+            file=sys.stderr,
+        )
     netns = f"ivb-net-{os.getpid()}" if problem is None else None
     tap = f"ivb{os.getpid()}"[:15]
     runs: list[dict[str, Any]] = []
@@ -583,9 +690,11 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     base_ping: dict[str, Any] = {}
     kill_ping: dict[str, Any] = {}
     try:
-        with private_stack(2, extra_toml=driver_toml(netns, tap)) as s, \
-                s.subscribe(["domain.", "console.", "driver.net0."]) as sub, \
-                _child(["_echo"]) as echo:
+        with (
+            private_stack(2, extra_toml=driver_toml(netns, tap)) as s,
+            s.subscribe(["domain.", "console.", "driver.net0."]) as sub,
+            _child(["_echo"]) as echo,
+        ):
             GATE.extra_pids = lambda: s.pids
             assert echo.stdout is not None
             port = int(echo.stdout.readline())
@@ -604,7 +713,7 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                 kinds.remove("h2g")
             for rep in range(reps):
                 GATE.wait()
-                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
                 for kind in order:
                     load = _Load(s)
                     if kind == "g2g":
@@ -620,8 +729,11 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                         r = _hostpair(pair_count, size)
                     r.update(rep=rep, kind=kind, other_pct=load.percent())
                     runs.append(r)
-                    print(f"  rep {rep + 1}/{reps} {kind:4}: {r['show']}; other processes "
-                          f"{r['other_pct']:.0f}% CPU", file=sys.stderr)
+                    print(
+                        f"  rep {rep + 1}/{reps} {kind:4}: {r['show']}; other processes "
+                        f"{r['other_pct']:.0f}% CPU",
+                        file=sys.stderr,
+                    )
 
             if netns and n_kills:
                 GATE.wait()
@@ -637,9 +749,11 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                                 time.sleep(wait)
                         kills.append(_one_kill(s, sub))
                         if len(kills) % 10 == 0 or len(kills) == n_kills:
-                            print(f"  {len(kills)} kills: median kill -> done "
-                                  f"{median([k['kill_to_done_ms'] for k in kills]):.1f} ms",
-                                  file=sys.stderr)
+                            print(
+                                f"  {len(kills)} kills: median kill -> done "
+                                f"{median([k['kill_to_done_ms'] for k in kills]):.1f} ms",
+                                file=sys.stderr,
+                            )
                     _net_pid(s, warm=True)
                     t_last = max(time.monotonic_ns(), kills[-1]["done_ns"] + int(SETTLE_S * 1e9))
                     time.sleep(max(0.0, t_last / 1e9 - time.monotonic()))
@@ -655,19 +769,33 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                     pings = _ping_results(pinger)
                 _analyse_kills(kills, pings, t1)
                 n, lost, rtts = _count_window(pings, t0 - ATTRIBUTE_NS, t1)
-                kill_ping = {"t0": t0, "t1": t1, "sent": n, "lost": lost, "rtts_ms": rtts,
-                             "send_errors": pings["send_errors"], "other_pct": kill_other}
+                kill_ping = {
+                    "t0": t0,
+                    "t1": t1,
+                    "sent": n,
+                    "lost": lost,
+                    "rtts_ms": rtts,
+                    "send_errors": pings["send_errors"],
+                    "other_pct": kill_other,
+                }
                 n, lost, rtts = _count_window(pings, b0, b1)
                 base_ping = {"sent": n, "lost": lost, "rtts_ms": rtts, "other_pct": base_other}
-                print(f"  kills: {kill_ping['sent']} pings, {kill_ping['lost']} lost; "
-                      f"without kills: {n} pings, {lost} lost", file=sys.stderr)
+                print(
+                    f"  kills: {kill_ping['sent']} pings, {kill_ping['lost']} lost; "
+                    f"without kills: {n} pings, {lost} lost",
+                    file=sys.stderr,
+                )
 
             for n in servers:  # end the servers cleanly, their summaries say what they saw
                 if n == "srv":
-                    cfg = s.domain_config("cliq", "netecho", 4, on_poweroff="preserve",
-                                          extra=f"mode=client peer={SRV_IP} count=1 quit=1",
-                                          vif=[f"mac={CLI_MAC}, bridge=br1, backend=net0, "
-                                               f"ip={CLI_IP}"])
+                    cfg = s.domain_config(
+                        "cliq",
+                        "netecho",
+                        4,
+                        on_poweroff="preserve",
+                        extra=f"mode=client peer={SRV_IP} count=1 quit=1",
+                        vif=[f"mac={CLI_MAC}, bridge=br1, backend=net0, ip={CLI_IP}"],
+                    )
                     _run_guests(s, sub, {"cliq": cfg}, {})
                 else:
                     assert netns is not None
@@ -676,23 +804,34 @@ def measure(args: argparse.Namespace, res: Result) -> None:
                 while "netecho: arp=" not in _console(s, n) and time.monotonic() < deadline:
                     time.sleep(0.05)
                 with contextlib.suppress(RuntimeError):
-                    res.samples.setdefault("servers", {})[n] = _last_line(_console(s, n),
-                                                                          "netecho: arp=")
+                    res.samples.setdefault("servers", {})[n] = _last_line(
+                        _console(s, n), "netecho: arp="
+                    )
     finally:
         if netns is not None:
             left = _remove_uplink(netns, tap)
             if left:
-                res.notes.append(f"still there after `isovisor down`, removed by the bench: "
-                                 f"{', '.join(left)}")
-    _report(res, runs, kills, kill_ping, base_ping, args, reps, count, pair_count, n_kills,
-            problem)
+                res.notes.append(
+                    f"still there after `isovisor down`, removed by the bench: {', '.join(left)}"
+                )
+    _report(res, runs, kills, kill_ping, base_ping, args, reps, count, pair_count, n_kills, problem)
     ms = machine_state()
     print(f"machine at end: nproc {ms['nproc']}, load average {ms['loadavg']}", file=sys.stderr)
 
 
-def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]],
-            kill_ping: dict[str, Any], base_ping: dict[str, Any], args: argparse.Namespace,
-            reps: int, count: int, pair_count: int, n_kills: int, problem: str | None) -> None:
+def _report(
+    res: Result,
+    runs: list[dict[str, Any]],
+    kills: list[dict[str, Any]],
+    kill_ping: dict[str, Any],
+    base_ping: dict[str, Any],
+    args: argparse.Namespace,
+    reps: int,
+    count: int,
+    pair_count: int,
+    n_kills: int,
+    problem: str | None,
+) -> None:
     size = args.size
     # repetitions with other processes at >= QUIET_PCT % of a CPU in any of their runs are left
     # out of the figures if at least half the repetitions remain
@@ -701,14 +840,22 @@ def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]]
     use = set(quiet_reps) if 2 * len(quiet_reps) >= reps else set(range(reps))
 
     def of(kind: str, key: str) -> list[float]:
-        return [float(r[key]) for r in runs if r["kind"] == kind and r["rep"] in use
-                and r.get(key) is not None]
+        return [
+            float(r[key])
+            for r in runs
+            if r["kind"] == kind and r["rep"] in use and r.get(key) is not None
+        ]
 
     def per_rep_ratio(kind: str, key: str, base: str = "ceil") -> list[float]:
         by = {(r["rep"], r["kind"]): r for r in runs}
-        return [float(by[(i, kind)][key]) / float(by[(i, base)][key]) for i in sorted(use)
-                if (i, kind) in by and (i, base) in by and by[(i, kind)].get(key)
-                and by[(i, base)].get(key)]
+        return [
+            float(by[(i, kind)][key]) / float(by[(i, base)][key])
+            for i in sorted(use)
+            if (i, kind) in by
+            and (i, base) in by
+            and by[(i, kind)].get(key)
+            and by[(i, base)].get(key)
+        ]
 
     def lat_row(label: str, kind: str) -> list[Row]:
         med, p99 = of(kind, "median_us"), of(kind, "p99_us")
@@ -716,23 +863,37 @@ def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]]
             return []
         cmed, cp99 = of("ceil", "median_us"), of("ceil", "p99_us")
         rmed, rp99 = per_rep_ratio(kind, "median_us"), per_rep_ratio(kind, "p99_us")
-        return [Row(f"{label}: RTT median", f"{median(med):,.0f} us",
-                    f"ceiling {median(cmed):,.0f} us; isovisor/ceiling {median(rmed):.1f}x "
-                    f"(per-rep {min(rmed):.1f}..{max(rmed):.1f}x); runs' medians "
-                    f"{min(med):,.0f}..{max(med):,.0f} us"),
-                Row(f"{label}: RTT p99", f"{median(p99):,.0f} us",
-                    f"ceiling {median(cp99):,.0f} us; isovisor/ceiling {median(rp99):.1f}x; "
-                    f"largest run p99 {max(p99):,.0f} us (ceiling {max(cp99):,.0f} us)")]
+        return [
+            Row(
+                f"{label}: RTT median",
+                f"{median(med):,.0f} us",
+                f"ceiling {median(cmed):,.0f} us; isovisor/ceiling {median(rmed):.1f}x "
+                f"(per-rep {min(rmed):.1f}..{max(rmed):.1f}x); runs' medians "
+                f"{min(med):,.0f}..{max(med):,.0f} us",
+            ),
+            Row(
+                f"{label}: RTT p99",
+                f"{median(p99):,.0f} us",
+                f"ceiling {median(cp99):,.0f} us; isovisor/ceiling {median(rp99):.1f}x; "
+                f"largest run p99 {max(p99):,.0f} us (ceiling {max(cp99):,.0f} us)",
+            ),
+        ]
 
-    def rate_row(label: str, kind: str, key: str = "per_s", base: str = "ceil",
-                 base_what: str = "ceiling") -> list[Row]:
+    def rate_row(
+        label: str, kind: str, key: str = "per_s", base: str = "ceil", base_what: str = "ceiling"
+    ) -> list[Row]:
         xs, cs = of(kind, key), of(base, key)
         if not xs or not cs:
             return []
         rs = per_rep_ratio(kind, key, base)
-        return [Row(label, f"{median(xs):,.0f}/s",
-                    f"{base_what} {median(cs):,.0f}/s; isovisor/ceiling {median(rs):.3f}x; "
-                    f"runs {min(xs):,.0f}..{max(xs):,.0f}/s")]
+        return [
+            Row(
+                label,
+                f"{median(xs):,.0f}/s",
+                f"{base_what} {median(cs):,.0f}/s; isovisor/ceiling {median(rs):.3f}x; "
+                f"runs {min(xs):,.0f}..{max(xs):,.0f}/s",
+            )
+        ]
 
     lost_g = sum(int(r["lost"]) for r in runs if r["kind"] in ("g2g", "h2g", "ceil", "hpair"))
     err_g = sum(int(r.get("errors", 0)) for r in runs if r["kind"] == "g2g")
@@ -740,38 +901,66 @@ def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]]
     g2g_wall = [w / count * 1e6 for w in of("g2g", "wall_s")]
     res.rows += [
         *lat_row(f"guest -> guest UDP echo ({size} B, guest clock)", "g2g"),
-        *([Row("guest -> guest: host-observed wall per round trip", f"{median(g2g_wall):,.0f} us",
-               "console line before the first request -> summary line, / count (mean, incl. "
-               "the console event hop)")] if g2g_wall else []),
+        *(
+            [
+                Row(
+                    "guest -> guest: host-observed wall per round trip",
+                    f"{median(g2g_wall):,.0f} us",
+                    "console line before the first request -> summary line, / count (mean, incl. "
+                    "the console event hop)",
+                )
+            ]
+            if g2g_wall
+            else []
+        ),
         *rate_row("guest -> guest echoes/s (one at a time, host-observed)", "g2g"),
-        *rate_row(f"guest <-> guest frames/s (netpair, {size + UDP_HEADERS} B frames, both "
-                  "ways, window 32)", "pair", key="frames_s", base="hpair",
-                  base_what=f"host Python pair ({size} B UDP datagrams, both ways, same "
-                            "window and acks)"),
+        *rate_row(
+            f"guest <-> guest frames/s (netpair, {size + UDP_HEADERS} B frames, both "
+            "ways, window 32)",
+            "pair",
+            key="frames_s",
+            base="hpair",
+            base_what=f"host Python pair ({size} B UDP datagrams, both ways, same window and acks)",
+        ),
         *lat_row(f"host -> guest UDP echo through the TAP ({size} B)", "h2g"),
         *rate_row("host -> guest echoes/s", "h2g"),
     ]
     cm, cp, cr = of("ceil", "median_us"), of("ceil", "p99_us"), of("ceil", "per_s")
     if cm:
-        res.rows.append(Row(f"ceiling: host <-> host Python UDP echo, 127.0.0.1 ({size} B)",
-                            f"median {median(cm):,.0f} us",
-                            f"p99 {median(cp):,.0f} us; {median(cr):,.0f} echoes/s; same "
-                            "client code (nettools.udp_echo), same count and size"))
+        res.rows.append(
+            Row(
+                f"ceiling: host <-> host Python UDP echo, 127.0.0.1 ({size} B)",
+                f"median {median(cm):,.0f} us",
+                f"p99 {median(cp):,.0f} us; {median(cr):,.0f} echoes/s; same "
+                "client code (nettools.udp_echo), same count and size",
+            )
+        )
     hp = of("hpair", "frames_s")
     if hp:
-        res.rows.append(Row("ceiling: host <-> host Python datagram pair, 127.0.0.1",
-                            f"{median(hp):,.0f} datagrams/s",
-                            f"{pair_count} each way, window 32, acks every 8 (netpair's flow "
-                            f"control); runs {min(hp):,.0f}..{max(hp):,.0f}/s"))
+        res.rows.append(
+            Row(
+                "ceiling: host <-> host Python datagram pair, 127.0.0.1",
+                f"{median(hp):,.0f} datagrams/s",
+                f"{pair_count} each way, window 32, acks every 8 (netpair's flow "
+                f"control); runs {min(hp):,.0f}..{max(hp):,.0f}/s",
+            )
+        )
     srv = res.samples.get("servers", {})
     err_s = sum(int(v.get("errors", 0)) + int(v.get("bad", 0)) for v in srv.values())
-    res.rows.append(Row("lost echoes / client errors / netpair faults / server errors",
-                        f"{lost_g} / {err_g} / {bad_pair} / {err_s}",
-                        f"over {len(runs)} runs (lost: echoes and host pair datagrams; netpair: "
-                        "lost+dup+reordered+corrupt+errors; servers: errors+bad frames, "
-                        + ", ".join(f"{n} answered udp={v.get('udp')} icmp={v.get('icmp')}"
-                                    for n, v in srv.items()) + ")",
-                        "0", lost_g == 0 and err_g == 0 and bad_pair == 0 and err_s == 0))
+    res.rows.append(
+        Row(
+            "lost echoes / client errors / netpair faults / server errors",
+            f"{lost_g} / {err_g} / {bad_pair} / {err_s}",
+            f"over {len(runs)} runs (lost: echoes and host pair datagrams; netpair: "
+            "lost+dup+reordered+corrupt+errors; servers: errors+bad frames, "
+            + ", ".join(
+                f"{n} answered udp={v.get('udp')} icmp={v.get('icmp')}" for n, v in srv.items()
+            )
+            + ")",
+            "0",
+            lost_g == 0 and err_g == 0 and bad_pair == 0 and err_s == 0,
+        )
+    )
     if problem is not None:
         res.rows.append(Row("host -> guest and kills during pings", "skipped", problem))
     elif kills:
@@ -779,51 +968,84 @@ def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]]
         after = sum(int(k["lost_after_recovery"]) for k in kills)
         stalls = [float(k["stall_ms"]) for k in kills if k["stall_ms"] is not None]
         k2d = [float(k["kill_to_done_ms"]) for k in kills]
-        d2d = [float(k["detect_to_done_ms"]) for k in kills
-               if k["detect_to_done_ms"] is not None]
+        d2d = [float(k["detect_to_done_ms"]) for k in kills if k["detect_to_done_ms"] is not None]
         rt = kill_ping["rtts_ms"]
         first_l = [float(k["lost_first_ms"]) for k in kills if k["lost_first_ms"] is not None]
         last_l = [float(k["lost_last_ms"]) for k in kills if k["lost_last_ms"] is not None]
         res.rows += [
-            Row(f"pings every {PING_INTERVAL_S * 1e3:g} ms across {len(kills)} SIGKILLs: lost",
+            Row(
+                f"pings every {PING_INTERVAL_S * 1e3:g} ms across {len(kills)} SIGKILLs: lost",
                 f"{kill_ping['lost']} of {kill_ping['sent']}",
                 f"same-length run without kills: {base_ping['lost']} of {base_ping['sent']} "
                 f"lost; ping RTT median {median(rt):.2f} ms (without kills "
-                f"{median(base_ping['rtts_ms']):.2f} ms)" if base_ping.get("rtts_ms") else ""),
-            Row("pings lost per kill", f"median {median(lost_k):.0f}",
-                f"max {max(lost_k):.0f}, min {min(lost_k):.0f}"),
-            Row("pings lost after the recovery (sent after the replacement's done_ns)",
-                str(after), f"{sum(1 for k in kills if k['lost_after_recovery'])} kills with "
-                "any", "0", after == 0),
-            Row("when the lost pings were sent (relative to the kill)",
+                f"{median(base_ping['rtts_ms']):.2f} ms)"
+                if base_ping.get("rtts_ms")
+                else "",
+            ),
+            Row(
+                "pings lost per kill",
+                f"median {median(lost_k):.0f}",
+                f"max {max(lost_k):.0f}, min {min(lost_k):.0f}",
+            ),
+            Row(
+                "pings lost after the recovery (sent after the replacement's done_ns)",
+                str(after),
+                f"{sum(1 for k in kills if k['lost_after_recovery'])} kills with any",
+                "0",
+                after == 0,
+            ),
+            Row(
+                "when the lost pings were sent (relative to the kill)",
                 f"{min(first_l):+.1f} .. {max(last_l):+.1f} ms" if first_l else "-",
                 "earliest .. latest over all kills; per kill the lost pings were "
-                + ("one contiguous run" if all(k["contiguous"] for k in kills) else
-                   "NOT always one contiguous run")),
-            Row("stall: kill -> first reply to a ping sent after it",
+                + (
+                    "one contiguous run"
+                    if all(k["contiguous"] for k in kills)
+                    else "NOT always one contiguous run"
+                ),
+            ),
+            Row(
+                "stall: kill -> first reply to a ping sent after it",
                 f"median {median(stalls):.1f} ms" if stalls else "-",
                 f"p99 {pctl(stalls, 99):.1f} ms, max {max(stalls):.1f} ms over {len(stalls)} "
-                "kills (10 ms ping spacing)" if stalls else "no reply after a kill"),
-            Row("recovery: kill -> redone frames published (driver.net0.replayed done_ns)",
-                f"median {median(k2d):.1f} ms", f"p99 {pctl(k2d, 99):.1f} ms, max "
+                "kills (10 ms ping spacing)"
+                if stalls
+                else "no reply after a kill",
+            ),
+            Row(
+                "recovery: kill -> redone frames published (driver.net0.replayed done_ns)",
+                f"median {median(k2d):.1f} ms",
+                f"p99 {pctl(k2d, 99):.1f} ms, max "
                 f"{max(k2d):.1f} ms; supervisor's detection -> done (driver.net0.recovered) "
-                + (f"median {median(d2d):.1f} ms, p99 {pctl(d2d, 99):.1f} ms" if d2d else "n/a")),
+                + (f"median {median(d2d):.1f} ms, p99 {pctl(d2d, 99):.1f} ms" if d2d else "n/a"),
+            ),
         ]
-    res.samples.update({"runs": [{k: v for k, v in r.items() if k != "rtts_us"} for r in runs],
-                        "kills": kills, "kill_pings": {k: v for k, v in kill_ping.items()
-                                                       if k != "rtts_ms"},
-                        "base_pings": {k: v for k, v in base_ping.items() if k != "rtts_ms"}})
+    res.samples.update(
+        {
+            "runs": [{k: v for k, v in r.items() if k != "rtts_us"} for r in runs],
+            "kills": kills,
+            "kill_pings": {k: v for k, v in kill_ping.items() if k != "rtts_ms"},
+            "base_pings": {k: v for k, v in base_ping.items() if k != "rtts_ms"},
+        }
+    )
     n_use = len(use)
     res.notes += [
         f"{reps} repetitions of {count} UDP echo round trips ({size} B payload, "
         f"{size + UDP_HEADERS} B frames) per kind, kinds interleaved and rotated; netpair "
         f"{pair_count} frames each way per repetition; private stack pcpus=2, [driver.net0] "
         "with a warm spare; every guest on its own vif of one drivers.net process",
-        (f"figures from the {n_use} repetitions in which other processes used < {QUIET_PCT} % "
-         f"of a CPU in every run" if n_use < reps else
-         f"figures from all {reps} repetitions" + (
-             "" if not noisy else f" ({len(noisy)} of them ran with other processes at >= "
-             f"{QUIET_PCT} % of a CPU: MEASURED UNDER LOAD)")),
+        (
+            f"figures from the {n_use} repetitions in which other processes used < {QUIET_PCT} % "
+            f"of a CPU in every run"
+            if n_use < reps
+            else f"figures from all {reps} repetitions"
+            + (
+                ""
+                if not noisy
+                else f" ({len(noisy)} of them ran with other processes at >= "
+                f"{QUIET_PCT} % of a CPU: MEASURED UNDER LOAD)"
+            )
+        ),
         "latency figures: median over repetitions of each run's median / p99; ratios per "
         "repetition (same conditions), then their median",
     ]
@@ -832,9 +1054,9 @@ def _report(res: Result, runs: list[dict[str, Any]], kills: list[dict[str, Any]]
             f"{len(kills)} kills (wanted {n_kills}); other processes "
             f"{kill_ping['other_pct']:.0f} % of a CPU during the kills, "
             f"{base_ping['other_pct']:.0f} % during the run without; ping send errors "
-            f"{kill_ping['send_errors']} (counted lost)")
-    res.notes.append(f"load average at the end {fmt_load(os.getloadavg())}, nproc "
-                     f"{os.cpu_count()}")
+            f"{kill_ping['send_errors']} (counted lost)"
+        )
+    res.notes.append(f"load average at the end {fmt_load(os.getloadavg())}, nproc {os.cpu_count()}")
 
 
 def _helper_main(argv: list[str]) -> int:

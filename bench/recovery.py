@@ -42,13 +42,19 @@ TITLE = "Driver recovery: SIGKILL of the block driver under QD32 I/O, stalls, ha
 
 
 def driver_toml(watchdog_sec: float = 1.0) -> str:
-    return ("[driver.blk0]\nmodule = \"drivers.blk\"\nintensity = 100000\nperiod = 1.0\n"
-            f"watchdog_sec = {watchdog_sec}\n")
+    return (
+        '[driver.blk0]\nmodule = "drivers.blk"\nintensity = 100000\nperiod = 1.0\n'
+        f"watchdog_sec = {watchdog_sec}\n"
+    )
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--kills", type=int, default=None, help="SIGKILLs for the recovery time "
-                    "(default 200, quick 20)")
+    ap.add_argument(
+        "--kills",
+        type=int,
+        default=None,
+        help="SIGKILLs for the recovery time (default 200, quick 20)",
+    )
 
 
 def _summary(console: str) -> dict[str, int]:
@@ -63,9 +69,14 @@ def _guests(s: Any, tag: str, ops: int) -> list[str]:
     for i in range(2):
         name = f"{tag}{i}"
         disk = f"target={name}.img, vdev=xvda, access=rw, backend=blk0, size=8M"
-        cfg = s.domain_config(name, "blkstress", memory=8, on_poweroff="preserve",
-                              extra=f"ops={ops} qd=32 mix=60 seed={i + 1} blocks=1024 "
-                                    "timeout=30000", disk=[disk])
+        cfg = s.domain_config(
+            name,
+            "blkstress",
+            memory=8,
+            on_poweroff="preserve",
+            extra=f"ops={ops} qd=32 mix=60 seed={i + 1} blocks=1024 timeout=30000",
+            disk=[disk],
+        )
         s.call("create", path=str(cfg))
         names.append(name)
     return names
@@ -80,8 +91,12 @@ def _driver_pid(s: Any, warm: bool = False, timeout: float = 30) -> int:
     deadline = time.monotonic() + timeout
     while True:
         for d in s.call("status")["drivers"]:
-            if (d["name"] == "blk0" and d.get("state") == "RUNNING"
-                    and isinstance(d.get("pid"), int) and (d.get("spare_ready") or not warm)):
+            if (
+                d["name"] == "blk0"
+                and d.get("state") == "RUNNING"
+                and isinstance(d.get("pid"), int)
+                and (d.get("spare_ready") or not warm)
+            ):
                 return d["pid"]
         if time.monotonic() > deadline:
             raise RuntimeError(f"blk0 not running{' with a warm spare' if warm else ''}")
@@ -142,14 +157,16 @@ def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
             rec = p
     hello_ns = ready["at_ns"] if ready and isinstance(ready.get("at_ns"), int) else None
     detected_ns = rec.get("detected_ns")
-    return {"kill_to_done_ms": (rep["done_ns"] - t_kill) / 1e6,
-            "detect_to_done_ms": float(rec["recovery_ms"]), "replayed": float(rep["replayed"]),
-            # the stages: kill -> supervisor sees the death -> the new hello reaches the
-            # kernel -> the redone responses are published
-            "kill_to_detect_ms": (detected_ns - t_kill) / 1e6 if detected_ns else -1.0,
-            "detect_to_hello_ms": (hello_ns - detected_ns) / 1e6
-            if hello_ns and detected_ns else -1.0,
-            "hello_to_done_ms": (rep["done_ns"] - hello_ns) / 1e6 if hello_ns else -1.0}
+    return {
+        "kill_to_done_ms": (rep["done_ns"] - t_kill) / 1e6,
+        "detect_to_done_ms": float(rec["recovery_ms"]),
+        "replayed": float(rep["replayed"]),
+        # the stages: kill -> supervisor sees the death -> the new hello reaches the
+        # kernel -> the redone responses are published
+        "kill_to_detect_ms": (detected_ns - t_kill) / 1e6 if detected_ns else -1.0,
+        "detect_to_hello_ms": (hello_ns - detected_ns) / 1e6 if hello_ns and detected_ns else -1.0,
+        "hello_to_done_ms": (rep["done_ns"] - hello_ns) / 1e6 if hello_ns else -1.0,
+    }
 
 
 def measure(args: argparse.Namespace, res: Result) -> None:
@@ -159,8 +176,10 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     samples: list[dict[str, float]] = []
     stalls_kill: list[float] = []
     stalls_none: list[float] = []
-    with private_stack(2, extra_toml=driver_toml()) as s, \
-            s.subscribe(["domain.", "driver."]) as sub:
+    with (
+        private_stack(2, extra_toml=driver_toml()) as s,
+        s.subscribe(["domain.", "driver."]) as sub,
+    ):
         GATE.extra_pids = lambda: s.pids
         # 1. recovery time: many kills during two long guest runs (new guests when they end)
         round_no = 0
@@ -168,13 +187,14 @@ def measure(args: argparse.Namespace, res: Result) -> None:
             names = _guests(s, f"r{round_no}-", ops=400_000)
             round_no += 1
             _wait_progress(s, {n: 0 for n in names}, 300)
-            while len(samples) < kills and all(
-                    v < 350_000 for v in _requests(s).values()):
+            while len(samples) < kills and all(v < 350_000 for v in _requests(s).values()):
                 samples.append(_one_kill(s, sub, 300))
                 if len(samples) % 20 == 0:
-                    print(f"  {len(samples)} kills: median kill->done "
-                          f"{median([x['kill_to_done_ms'] for x in samples]):.2f} ms",
-                          file=sys.stderr)
+                    print(
+                        f"  {len(samples)} kills: median kill->done "
+                        f"{median([x['kill_to_done_ms'] for x in samples]):.2f} ms",
+                        file=sys.stderr,
+                    )
             _finish(s, sub, names)
         # 2. guest-visible stall: one kill per run vs no kill
         for k in range(stall_runs):
@@ -188,8 +208,7 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     # 3. hang detection latency, per watchdog_sec (a fresh stack each: watchdog is static)
     hang: dict[float, list[float]] = {}
     for wd in (0.25, 0.5, 1.0, 2.0):
-        with private_stack(2, extra_toml=driver_toml(wd)) as s, \
-                s.subscribe(["driver."]) as sub:
+        with private_stack(2, extra_toml=driver_toml(wd)) as s, s.subscribe(["driver."]) as sub:
             for _ in range(hang_reps):
                 pid = _driver_pid(s)
                 with Client(s.rd.kernel_control, timeout=15) as kc:
@@ -211,36 +230,60 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     d2d = [x["detect_to_done_ms"] for x in samples]
     rep = [x["replayed"] for x in samples]
     res.rows += [
-        Row("recovery, SIGKILL -> redone requests published (median)",
-            f"{median(k2d):.2f} ms", f"p99 {pctl(k2d, 99):.2f} ms, max {max(k2d):.2f} ms, "
+        Row(
+            "recovery, SIGKILL -> redone requests published (median)",
+            f"{median(k2d):.2f} ms",
+            f"p99 {pctl(k2d, 99):.2f} ms, max {max(k2d):.2f} ms, "
             f"{len(k2d)} kills; supervisor's detection -> done median {median(d2d):.2f} ms",
-            "p99 <= 20 ms", pctl(k2d, 99) <= 20),
-        Row("recovery stages (medians)", f"{median(stage('kill_to_detect_ms')):.2f} + "
+            "p99 <= 20 ms",
+            pctl(k2d, 99) <= 20,
+        ),
+        Row(
+            "recovery stages (medians)",
+            f"{median(stage('kill_to_detect_ms')):.2f} + "
             f"{median(stage('detect_to_hello_ms')):.2f} + "
             f"{median(stage('hello_to_done_ms')):.2f} ms",
             "kill -> supervisor sees it -> new hello at the kernel -> redone responses "
             f"published; p99 of each: {pctl(stage('kill_to_detect_ms'), 99):.2f}, "
             f"{pctl(stage('detect_to_hello_ms'), 99):.2f}, "
-            f"{pctl(stage('hello_to_done_ms'), 99):.2f} ms"),
-        Row("requests redone per recovery (median)", f"{median(rep):.0f}",
-            f"max {max(rep):.0f}; 0 when the kill fell between batches"),
-        Row("guest-visible stall with one kill (median of runs' max gap)",
-            f"{median(stalls_kill):.1f} ms", f"p99 {pctl(stalls_kill, 99):.1f} ms over "
+            f"{pctl(stage('hello_to_done_ms'), 99):.2f} ms",
+        ),
+        Row(
+            "requests redone per recovery (median)",
+            f"{median(rep):.0f}",
+            f"max {max(rep):.0f}; 0 when the kill fell between batches",
+        ),
+        Row(
+            "guest-visible stall with one kill (median of runs' max gap)",
+            f"{median(stalls_kill):.1f} ms",
+            f"p99 {pctl(stalls_kill, 99):.1f} ms over "
             f"{len(stalls_kill)} guest runs; without a kill: median {median(stalls_none):.1f} "
-            f"ms, max {max(stalls_none):.1f} ms"),
+            f"ms, max {max(stalls_none):.1f} ms",
+        ),
     ]
     for wd, xs in hang.items():
-        res.rows.append(Row(f"hang detection, watchdog_sec = {wd:g} (median)",
-                            f"{median(xs):.0f} ms", f"{median(xs) / (wd * 1e3):.2f} x "
-                            f"watchdog_sec; max {max(xs):.0f} ms over {len(xs)} hangs"))
-    res.samples = {"kill_to_done_ms": k2d, "detect_to_done_ms": d2d, "replayed": rep,
-                   **{k: stage(k) for k in ("kill_to_detect_ms", "detect_to_hello_ms",
-                                            "hello_to_done_ms")},
-                   "stall_kill_ms": stalls_kill, "stall_none_ms": stalls_none,
-                   **{f"hang_ms_wd{wd:g}": xs for wd, xs in hang.items()}}
-    res.notes.append("two blkstress guests (QD32, 60 % writes, 4 KiB, 1024-block working set, "
-                     "verify on) on their own 8 MiB image files; [driver.blk0] with a warm "
-                     "spare; every guest finished with errors=0 (else the run fails)")
+        res.rows.append(
+            Row(
+                f"hang detection, watchdog_sec = {wd:g} (median)",
+                f"{median(xs):.0f} ms",
+                f"{median(xs) / (wd * 1e3):.2f} x "
+                f"watchdog_sec; max {max(xs):.0f} ms over {len(xs)} hangs",
+            )
+        )
+    res.samples = {
+        "kill_to_done_ms": k2d,
+        "detect_to_done_ms": d2d,
+        "replayed": rep,
+        **{k: stage(k) for k in ("kill_to_detect_ms", "detect_to_hello_ms", "hello_to_done_ms")},
+        "stall_kill_ms": stalls_kill,
+        "stall_none_ms": stalls_none,
+        **{f"hang_ms_wd{wd:g}": xs for wd, xs in hang.items()},
+    }
+    res.notes.append(
+        "two blkstress guests (QD32, 60 % writes, 4 KiB, 1024-block working set, "
+        "verify on) on their own 8 MiB image files; [driver.blk0] with a warm "
+        "spare; every guest finished with errors=0 (else the run fails)"
+    )
 
 
 if __name__ == "__main__":

@@ -75,25 +75,43 @@ FILE2 = "drivers.blk.backend:Backend"  # the same class under another name
 RAM = "drivers.blk.ram:RamBackend"
 TARGET_MS = 50.0
 #: kind -> (implementation before, implementation after); ``none`` and ``kill`` keep FILE
-SWAPS: dict[str, tuple[str, str]] = {"file->ram": (FILE, RAM), "ram->file": (RAM, FILE),
-                                     "file->file": (FILE, FILE2), "file2->file": (FILE2, FILE)}
+SWAPS: dict[str, tuple[str, str]] = {
+    "file->ram": (FILE, RAM),
+    "ram->file": (RAM, FILE),
+    "file->file": (FILE, FILE2),
+    "file2->file": (FILE2, FILE),
+}
 ROUND = ("none", "file->ram", "ram->file", "none", "file->file", "file2->file")
 #: what the ``spawn`` runs start: the imports of a driver process (drivers/host.py + backends)
 SPAWN = "import drivers.host, drivers.blk, drivers.blk.ram"
-DRIVER_TOML = ("[driver.blk0]\nmodule = \"drivers.blk\"\nintensity = 100000\nperiod = 1.0\n"
-               "watchdog_sec = 1.0\nrequest_timeout_sec = 10.0\n")
+DRIVER_TOML = (
+    '[driver.blk0]\nmodule = "drivers.blk"\nintensity = 100000\nperiod = 1.0\n'
+    "watchdog_sec = 1.0\nrequest_timeout_sec = 10.0\n"
+)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--rounds", type=int, default=None,
-                    help=f"rounds of {', '.join(ROUND)} (default 50: 100 swaps of each kind; "
-                         "quick 3)")
-    ap.add_argument("--seconds", type=float, default=None,
-                    help="length of each run's random phase (default 3, quick 2)")
-    ap.add_argument("--probation", type=float, default=0.2,
-                    help="the swaps' probation in seconds (default 0.2)")
-    ap.add_argument("--lead", type=int, default=1500,
-                    help="requests each device completes in a run before the swap (default 1500)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"rounds of {', '.join(ROUND)} (default 50: 100 swaps of each kind; quick 3)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="length of each run's random phase (default 3, quick 2)",
+    )
+    ap.add_argument(
+        "--probation", type=float, default=0.2, help="the swaps' probation in seconds (default 0.2)"
+    )
+    ap.add_argument(
+        "--lead",
+        type=int,
+        default=1500,
+        help="requests each device completes in a run before the swap (default 1500)",
+    )
 
 
 def _guests(s: Any, tag: str, seconds: float, seed: int) -> list[str]:
@@ -103,10 +121,15 @@ def _guests(s: Any, tag: str, seconds: float, seed: int) -> list[str]:
     for i in range(2):
         name = f"{tag}-{i}"
         disk = f"target=g{i}.img, vdev=xvda, access=rw, backend=blk0, size=4M"
-        cfg = s.domain_config(name, "blkstress", memory=8, on_poweroff="preserve",
-                              extra=f"ops=1000000000 seconds={seconds:g} qd=32 mix=60 "
-                                    f"seed={seed + i} blocks=1024 timeout=30000",
-                              disk=[disk])
+        cfg = s.domain_config(
+            name,
+            "blkstress",
+            memory=8,
+            on_poweroff="preserve",
+            extra=f"ops=1000000000 seconds={seconds:g} qd=32 mix=60 "
+            f"seed={seed + i} blocks=1024 timeout=30000",
+            disk=[disk],
+        )
         s.call("create", path=str(cfg))
         names.append(name)
     return names
@@ -148,14 +171,16 @@ def _kill(s: Any, sub: Subscriber) -> dict[str, Any]:
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:
-        _topic, p = wait_topic(sub, {"driver.blk0.recovered"},
-                               max(0.0, deadline - time.monotonic()))
+        _topic, p = wait_topic(
+            sub, {"driver.blk0.recovered"}, max(0.0, deadline - time.monotonic())
+        )
         if p.get("old_pid") == pid:
             return {"outcome": "recovered", "stall_ms": float(p["recovery_ms"])}
 
 
-def _one_run(s: Any, sub: Subscriber, no: int, kind: str, args: argparse.Namespace,
-             seconds: float) -> dict[str, Any]:
+def _one_run(
+    s: Any, sub: Subscriber, no: int, kind: str, args: argparse.Namespace, seconds: float
+) -> dict[str, Any]:
     _driver_pid(s, warm=True)  # the previous run's spare is up: it does not start meanwhile
     if kind in SWAPS:
         module = _driver_row(s)["module"]
@@ -178,17 +203,26 @@ def _one_run(s: Any, sub: Subscriber, no: int, kind: str, args: argparse.Namespa
     sms = _finish(s, sub, names)
     other_pct = other.percent()
     gaps = [sm["max_gap_us"] / 1e3 for sm in sms]
-    return {"run": no, "kind": kind, "stall_ms": max(gaps), "gaps_ms": gaps,
-            "gaps_10ms": sum(sm.get("gaps_10ms", 0) for sm in sms),
-            "ops": [sm["ops"] for sm in sms],
-            "errors": sum(sm["errors"] for sm in sms),
-            "mismatches": sum(sm.get("mismatches", 0) for sm in sms),
-            # the swap / recovery was over while both random phases still went on
-            "landed": all(sm["ops"] > after.get(n, 0) for sm, n in zip(sms, names, strict=True)),
-            "outcome": ev.get("outcome"), "kernel_stall_ms": ev.get("stall_ms"),
-            "drained_ms": ev.get("drained_ms"), "carried": ev.get("carried"),
-            "swap_s": ev.get("seconds"), "error": ev.get("error"), "load1": load,
-            "other_pct": round(other_pct, 1)}
+    return {
+        "run": no,
+        "kind": kind,
+        "stall_ms": max(gaps),
+        "gaps_ms": gaps,
+        "gaps_10ms": sum(sm.get("gaps_10ms", 0) for sm in sms),
+        "ops": [sm["ops"] for sm in sms],
+        "errors": sum(sm["errors"] for sm in sms),
+        "mismatches": sum(sm.get("mismatches", 0) for sm in sms),
+        # the swap / recovery was over while both random phases still went on
+        "landed": all(sm["ops"] > after.get(n, 0) for sm, n in zip(sms, names, strict=True)),
+        "outcome": ev.get("outcome"),
+        "kernel_stall_ms": ev.get("stall_ms"),
+        "drained_ms": ev.get("drained_ms"),
+        "carried": ev.get("carried"),
+        "swap_s": ev.get("seconds"),
+        "error": ev.get("error"),
+        "load1": load,
+        "other_pct": round(other_pct, 1),
+    }
 
 
 class RunLoad:
@@ -234,8 +268,7 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     rounds = args.rounds or (3 if args.quick else 50)
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     runs: list[dict[str, Any]] = []
-    with private_stack(2, extra_toml=DRIVER_TOML) as s, \
-            s.subscribe(["domain.", "driver."]) as sub:
+    with private_stack(2, extra_toml=DRIVER_TOML) as s, s.subscribe(["domain.", "driver."]) as sub:
         GATE.extra_pids = lambda: s.pids
         for rnd in range(rounds):
             GATE.wait()
@@ -243,18 +276,25 @@ def measure(args: argparse.Namespace, res: Result) -> None:
             for kind in kinds:
                 r = _one_run(s, sub, len(runs), kind, args, seconds)
                 runs.append(r)
-                bad = (r["errors"] or r["mismatches"] or not r["landed"]
-                       or (kind in SWAPS and r["outcome"] != "swapped"))
+                bad = (
+                    r["errors"]
+                    or r["mismatches"]
+                    or not r["landed"]
+                    or (kind in SWAPS and r["outcome"] != "swapped")
+                )
                 if bad:
                     print(f"  run {r['run']} {kind}: {r}", file=sys.stderr)
             done = [r for r in runs if r["kind"] in SWAPS]
-            print(f"  round {rnd + 1}/{rounds}: {len(done)} swaps, stall median "
-                  f"{median([r['stall_ms'] for r in done]):.1f} ms, max "
-                  f"{max(r['stall_ms'] for r in done):.1f} ms; no swap median "
-                  f"{median([r['stall_ms'] for r in runs if r['kind'] == 'none']):.1f} ms; "
-                  f"load {os.getloadavg()[0]:.2f}, other processes "
-                  f"{median([r['other_pct'] for r in runs[-len(kinds):]]):.0f} % of a CPU "
-                  "(median of the round's runs)", file=sys.stderr)
+            print(
+                f"  round {rnd + 1}/{rounds}: {len(done)} swaps, stall median "
+                f"{median([r['stall_ms'] for r in done]):.1f} ms, max "
+                f"{max(r['stall_ms'] for r in done):.1f} ms; no swap median "
+                f"{median([r['stall_ms'] for r in runs if r['kind'] == 'none']):.1f} ms; "
+                f"load {os.getloadavg()[0]:.2f}, other processes "
+                f"{median([r['other_pct'] for r in runs[-len(kinds) :]]):.0f} % of a CPU "
+                "(median of the round's runs)",
+                file=sys.stderr,
+            )
         final_module = _driver_row(s)["module"]
 
     # Runs during which other processes used >= QUIET_PCT % of a CPU are left out of the
@@ -263,15 +303,22 @@ def measure(args: argparse.Namespace, res: Result) -> None:
         return r["other_pct"] < QUIET_PCT
 
     kinds_run = {r["kind"] for r in runs}
-    only_quiet = all(2 * sum(quiet(r) for r in runs if r["kind"] == k)
-                     >= sum(r["kind"] == k for r in runs) for k in kinds_run)
+    only_quiet = all(
+        2 * sum(quiet(r) for r in runs if r["kind"] == k) >= sum(r["kind"] == k for r in runs)
+        for k in kinds_run
+    )
     n_quiet = sum(quiet(r) for r in runs)
 
     def sel(*kinds: str, key: str = "stall_ms") -> list[float]:
-        return [float(r[key]) for r in runs
-                if r["kind"] in kinds and r["landed"] and r[key] is not None
-                and (quiet(r) or not only_quiet)
-                and (r["kind"] not in SWAPS or r["outcome"] == "swapped")]
+        return [
+            float(r[key])
+            for r in runs
+            if r["kind"] in kinds
+            and r["landed"]
+            and r[key] is not None
+            and (quiet(r) or not only_quiet)
+            and (r["kind"] not in SWAPS or r["outcome"] == "swapped")
+        ]
 
     base = sel("none")
     bmed = median(base)
@@ -287,68 +334,134 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     mism = sum(r["mismatches"] for r in runs)
 
     def ratio(xs: list[float]) -> str:
-        return (f"{median(xs) / bmed:.2f}x the no-swap median, p99 "
-                f"{pctl(xs, 99) / pctl(base, 99):.2f}x the no-swap p99") if xs else ""
+        return (
+            (
+                f"{median(xs) / bmed:.2f}x the no-swap median, p99 "
+                f"{pctl(xs, 99) / pctl(base, 99):.2f}x the no-swap p99"
+            )
+            if xs
+            else ""
+        )
 
     def row(label: str, xs: list[float], n_what: str) -> Row:
-        return Row(label, f"median {median(xs):.1f} ms" if xs else "-",
-                   f"p99 {pctl(xs, 99):.1f} ms, max {max(xs):.1f} ms over {len(xs)} {n_what}; "
-                   + ratio(xs) if xs else "no samples",
-                   f"p99 <= {TARGET_MS:g} ms", bool(xs) and pctl(xs, 99) <= TARGET_MS)
+        return Row(
+            label,
+            f"median {median(xs):.1f} ms" if xs else "-",
+            f"p99 {pctl(xs, 99):.1f} ms, max {max(xs):.1f} ms over {len(xs)} {n_what}; " + ratio(xs)
+            if xs
+            else "no samples",
+            f"p99 <= {TARGET_MS:g} ms",
+            bool(xs) and pctl(xs, 99) <= TARGET_MS,
+        )
 
     res.rows += [
-        row("guest-visible stall, all swaps (longest gap between completions)", all_swaps,
-            "swaps"),
+        row("guest-visible stall, all swaps (longest gap between completions)", all_swaps, "swaps"),
         row("  file <-> memory (drivers.blk <-> drivers.blk.ram, data moved)", fr, "swaps"),
         row("  file <-> file (same class, another name: state only)", ff, "swaps"),
-        Row("baseline: same runs without a swap", f"median {bmed:.1f} ms",
+        Row(
+            "baseline: same runs without a swap",
+            f"median {bmed:.1f} ms",
             f"p99 {pctl(base, 99):.1f} ms, max {max(base):.1f} ms over {len(base)} runs "
-            "(equal windows, interleaved)"),
-        Row("comparison: crash recovery (SIGKILL, warm spare)",
+            "(equal windows, interleaved)",
+        ),
+        Row(
+            "comparison: crash recovery (SIGKILL, warm spare)",
             f"median {median(kills):.1f} ms" if kills else "-",
-            (f"p99 {pctl(kills, 99):.1f} ms, max {max(kills):.1f} ms over {len(kills)} kills; "
-             + ratio(kills)) if kills else "no samples"),
-        Row("diagnostic: no swap, one driver-process start during the run",
+            (
+                f"p99 {pctl(kills, 99):.1f} ms, max {max(kills):.1f} ms over {len(kills)} kills; "
+                + ratio(kills)
+            )
+            if kills
+            else "no samples",
+        ),
+        Row(
+            "diagnostic: no swap, one driver-process start during the run",
             f"median {median(spawns):.1f} ms" if spawns else "-",
-            (f"p99 {pctl(spawns, 99):.1f} ms, max {max(spawns):.1f} ms over {len(spawns)} "
-             f"runs; {ratio(spawns)}; the process took median "
-             f"{median(sel('spawn', key='swap_s')):.2f} s") if spawns else "no samples"),
-        Row("gaps > 10 ms per run (median, two guests)",
+            (
+                f"p99 {pctl(spawns, 99):.1f} ms, max {max(spawns):.1f} ms over {len(spawns)} "
+                f"runs; {ratio(spawns)}; the process took median "
+                f"{median(sel('spawn', key='swap_s')):.2f} s"
+            )
+            if spawns
+            else "no samples",
+        ),
+        Row(
+            "gaps > 10 ms per run (median, two guests)",
             f"{median(sel(*SWAPS, key='gaps_10ms')):.0f} with a swap" if all_swaps else "-",
-            "; ".join(f"{median(xs):.0f} {what}" for what, xs in (
-                ("without", sel("none", key="gaps_10ms")),
-                ("with a kill", sel("kill", key="gaps_10ms")),
-                ("with a process start", sel("spawn", key="gaps_10ms"))) if xs)),
-        Row("kernel's stall (drain -> every device resumed), file <-> memory",
+            "; ".join(
+                f"{median(xs):.0f} {what}"
+                for what, xs in (
+                    ("without", sel("none", key="gaps_10ms")),
+                    ("with a kill", sel("kill", key="gaps_10ms")),
+                    ("with a process start", sel("spawn", key="gaps_10ms")),
+                )
+                if xs
+            ),
+        ),
+        Row(
+            "kernel's stall (drain -> every device resumed), file <-> memory",
             f"median {median(sel('file->ram', 'ram->file', key='kernel_stall_ms')):.1f} ms"
-            if fr else "-",
-            _stats(sel("file->ram", "ram->file", key="kernel_stall_ms")) + "; drain alone "
-            + _stats(sel("file->ram", "ram->file", key="drained_ms"))),
-        Row("kernel's stall (drain -> every device resumed), file <-> file",
+            if fr
+            else "-",
+            _stats(sel("file->ram", "ram->file", key="kernel_stall_ms"))
+            + "; drain alone "
+            + _stats(sel("file->ram", "ram->file", key="drained_ms")),
+        ),
+        Row(
+            "kernel's stall (drain -> every device resumed), file <-> file",
             f"median {median(sel('file->file', 'file2->file', key='kernel_stall_ms')):.1f} ms"
-            if ff else "-",
-            _stats(sel("file->file", "file2->file", key="kernel_stall_ms")) + "; drain alone "
-            + _stats(sel("file->file", "file2->file", key="drained_ms"))),
-        Row("requests carried over a swap",
+            if ff
+            else "-",
+            _stats(sel("file->file", "file2->file", key="kernel_stall_ms"))
+            + "; drain alone "
+            + _stats(sel("file->file", "file2->file", key="drained_ms")),
+        ),
+        Row(
+            "requests carried over a swap",
             f"median {median(sel(*SWAPS, key='carried')):.0f}" if all_swaps else "-",
-            f"max {max(sel(*SWAPS, key='carried')):.0f}" if all_swaps else ""),
-        Row("swap command -> outcome (incl. loading and probation)",
+            f"max {max(sel(*SWAPS, key='carried')):.0f}" if all_swaps else "",
+        ),
+        Row(
+            "swap command -> outcome (incl. loading and probation)",
             f"median {median(sel(*SWAPS, key='swap_s')):.2f} s" if all_swaps else "-",
             f"max {max(sel(*SWAPS, key='swap_s')):.2f} s; probation {args.probation:g} s"
-            if all_swaps else ""),
-        Row("swaps swapped", f"{swapped} of {len(swap_runs)}",
-            "others rolled back / refused / failed" if swapped < len(swap_runs) else
-            "none rolled back", "all", swapped == len(swap_runs)),
-        Row("guest errors / mismatches", f"{errors} / {mism}",
-            f"over {2 * len(runs)} guest runs ({len(runs)} runs of two guests)", "0",
-            errors == 0 and mism == 0),
+            if all_swaps
+            else "",
+        ),
+        Row(
+            "swaps swapped",
+            f"{swapped} of {len(swap_runs)}",
+            "others rolled back / refused / failed"
+            if swapped < len(swap_runs)
+            else "none rolled back",
+            "all",
+            swapped == len(swap_runs),
+        ),
+        Row(
+            "guest errors / mismatches",
+            f"{errors} / {mism}",
+            f"over {2 * len(runs)} guest runs ({len(runs)} runs of two guests)",
+            "0",
+            errors == 0 and mism == 0,
+        ),
     ]
     if not_landed:
-        res.rows.append(Row("runs left out (swap over after a random phase ended)",
-                            str(len(not_landed)), f"runs {not_landed[:20]}"))
-    res.samples = {"runs": runs, "stall_swap_ms": all_swaps, "stall_file_ram_ms": fr,
-                   "stall_file_file_ms": ff, "stall_none_ms": base, "stall_kill_ms": kills,
-                   "stall_spawn_ms": spawns}
+        res.rows.append(
+            Row(
+                "runs left out (swap over after a random phase ended)",
+                str(len(not_landed)),
+                f"runs {not_landed[:20]}",
+            )
+        )
+    res.samples = {
+        "runs": runs,
+        "stall_swap_ms": all_swaps,
+        "stall_file_ram_ms": fr,
+        "stall_file_file_ms": ff,
+        "stall_none_ms": base,
+        "stall_kill_ms": kills,
+        "stall_spawn_ms": spawns,
+    }
     res.notes += [
         f"{rounds} rounds of {', '.join(ROUND)}, then a SIGKILL run (even rounds) or a "
         "driver-process start (odd rounds); "
@@ -358,11 +471,15 @@ def measure(args: argparse.Namespace, res: Result) -> None:
         "stall of a run = the larger of the two guests' max_gap_us (the longest time between "
         "two polls that completed requests); the ratio is against the no-swap runs' median",
         f"blk0 ended on {final_module}",
-        (f"figures from the {n_quiet} quiet runs of {len(runs)} (in the other "
-         f"{len(runs) - n_quiet}, processes outside the bench and its stack used "
-         f"{QUIET_PCT} % of a CPU or more)" if only_quiet else
-         f"figures from all {len(runs)} runs: only {n_quiet} ran with other processes below "
-         f"{QUIET_PCT} % of a CPU, so disturbed runs are included")
+        (
+            f"figures from the {n_quiet} quiet runs of {len(runs)} (in the other "
+            f"{len(runs) - n_quiet}, processes outside the bench and its stack used "
+            f"{QUIET_PCT} % of a CPU or more)"
+            if only_quiet
+            else f"figures from all {len(runs)} runs: only {n_quiet} ran with other processes "
+            f"below "
+            f"{QUIET_PCT} % of a CPU, so disturbed runs are included"
+        )
         + "; outcomes and errors always count every run",
     ]
 

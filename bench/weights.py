@@ -35,8 +35,12 @@ WARM_CPU_S = 0.5
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--seconds", type=float, default=None,
-                    help="measurement window per scenario (default 5, quick 1.5)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="measurement window per scenario (default 5, quick 1.5)",
+    )
 
 
 class Window:
@@ -45,8 +49,11 @@ class Window:
     def __init__(self, stack: PrivateStack) -> None:
         self.stack = stack
         self.kernel = psutil.Process(stack.kernel_pid)
-        self.ours = [psutil.Process(p) for p in (stack.supervisor_pid, stack.kernel_pid,
-                                                 os.getpid()) if p is not None]
+        self.ours = [
+            psutil.Process(p)
+            for p in (stack.supervisor_pid, stack.kernel_pid, os.getpid())
+            if p is not None
+        ]
 
     def _cpu(self) -> dict[str, float]:
         return {n: d["cpu_time"] for n, d in self.stack.domains().items()}
@@ -71,8 +78,10 @@ class Window:
             d = self._measure(seconds)
             if d["_other_pct"] < QUIET_PCT or GATE.left <= 0:
                 return d
-            print(f"  window disturbed (other processes {d['_other_pct']:.0f}% CPU); again",
-                  file=sys.stderr)
+            print(
+                f"  window disturbed (other processes {d['_other_pct']:.0f}% CPU); again",
+                file=sys.stderr,
+            )
         return self._measure(seconds)
 
     def _measure(self, seconds: float) -> dict[str, float]:
@@ -99,14 +108,21 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     samples: dict[str, dict[str, float]] = {}
 
     # 1. weights 512 vs 256 on one pCPU
-    with private_stack(1, [("heavy", "busy", {"weight": 512}),
-                           ("light", "busy", {"weight": 256})]) as s:
+    with private_stack(
+        1, [("heavy", "busy", {"weight": 512}), ("light", "busy", {"weight": 256})]
+    ) as s:
         d = Window(s).measure(secs)
     samples["weights"] = d
     ratio = d["heavy"] / d["light"]
-    res.rows.append(Row("weight 512 : 256 CPU ratio (pcpus=1)", f"{ratio:.3f}",
-                        f"heavy {d['heavy']:.2f} s, light {d['light']:.2f} s in "
-                        f"{d['_wall']:.1f} s wall", "2.0 +/- 10%", abs(ratio - 2.0) <= 0.2))
+    res.rows.append(
+        Row(
+            "weight 512 : 256 CPU ratio (pcpus=1)",
+            f"{ratio:.3f}",
+            f"heavy {d['heavy']:.2f} s, light {d['light']:.2f} s in {d['_wall']:.1f} s wall",
+            "2.0 +/- 10%",
+            abs(ratio - 2.0) <= 0.2,
+        )
+    )
     print(f"  weights: {d}", file=sys.stderr)
 
     # 2. cap 25 next to an uncapped guest on one pCPU
@@ -115,26 +131,41 @@ def measure(args: argparse.Namespace, res: Result) -> None:
     samples["cap"] = d
     share = d["capped"] / d["_wall"] * 100
     free = d["free"] / d["_wall"] * 100
-    res.rows.append(Row("cap=25 guest's share of one CPU (pcpus=1)", f"{share:.1f} %",
-                        f"uncapped neighbour {free:.1f} %, sum {share + free:.1f} %",
-                        "25 % +/- 10%", abs(share - 25) <= 2.5))
+    res.rows.append(
+        Row(
+            "cap=25 guest's share of one CPU (pcpus=1)",
+            f"{share:.1f} %",
+            f"uncapped neighbour {free:.1f} %, sum {share + free:.1f} %",
+            "25 % +/- 10%",
+            abs(share - 25) <= 2.5,
+        )
+    )
     print(f"  cap: {d}", file=sys.stderr)
 
     # 2b. diagnostics for the cap figure: the same pair with a 1 ms timeslice, and the capped
     # guest alone (both informational; see RESULTS.md for why they differ from 2.)
     if not args.quick:
-        with private_stack(1, [("capped", "busy", {"cap": 25}), ("free", "busy", {})],
-                           timeslice_ms=1) as s:
+        with private_stack(
+            1, [("capped", "busy", {"cap": 25}), ("free", "busy", {})], timeslice_ms=1
+        ) as s:
             d = Window(s).measure(secs)
         samples["cap_timeslice_1ms"] = d
-        res.rows.append(Row("  diagnostic: same pair, timeslice_ms=1",
-                            f"{d['capped'] / d['_wall'] * 100:.1f} %",
-                            f"uncapped neighbour {d['free'] / d['_wall'] * 100:.1f} %"))
+        res.rows.append(
+            Row(
+                "  diagnostic: same pair, timeslice_ms=1",
+                f"{d['capped'] / d['_wall'] * 100:.1f} %",
+                f"uncapped neighbour {d['free'] / d['_wall'] * 100:.1f} %",
+            )
+        )
         with private_stack(1, [("capped", "busy", {"cap": 25})]) as s:
             d = Window(s).measure(secs)
         samples["cap_alone"] = d
-        res.rows.append(Row("  diagnostic: cap=25 guest alone, timeslice_ms=10",
-                            f"{d['capped'] / d['_wall'] * 100:.1f} %"))
+        res.rows.append(
+            Row(
+                "  diagnostic: cap=25 guest alone, timeslice_ms=10",
+                f"{d['capped'] / d['_wall'] * 100:.1f} %",
+            )
+        )
         print(f"  cap diagnostics: {samples['cap_timeslice_1ms']} {d}", file=sys.stderr)
 
     # 3. two busy guests on two pCPUs
@@ -142,25 +173,40 @@ def measure(args: argparse.Namespace, res: Result) -> None:
         d = Window(s).measure(secs, retries=3)
     samples["two_pcpus"] = d
     cores = (d["a"] + d["b"]) / d["_wall"]
-    res.rows.append(Row("two guests on pcpus=2: aggregate guest CPU", f"{cores:.2f} cores",
-                        f"a {d['a'] / d['_wall']:.2f} + b {d['b'] / d['_wall']:.2f}; "
-                        f"kernel process (psutil) {d['_kernel_pct']:.0f} %", ">= 1.8 cores",
-                        cores >= 1.8))
+    res.rows.append(
+        Row(
+            "two guests on pcpus=2: aggregate guest CPU",
+            f"{cores:.2f} cores",
+            f"a {d['a'] / d['_wall']:.2f} + b {d['b'] / d['_wall']:.2f}; "
+            f"kernel process (psutil) {d['_kernel_pct']:.0f} %",
+            ">= 1.8 cores",
+            cores >= 1.8,
+        )
+    )
     ncpu = psutil.cpu_count() or 1
     avail = max(0.0, ncpu - d["_other_pct"] / 100)
-    res.rows.append(Row("  other processes' CPU in that window", f"{d['_other_pct']:.0f} %",
-                        f"of {ncpu * 100} %; guests got {cores / avail * 100 if avail else 0:.0f}"
-                        f" % of the {avail:.2f} cores left"))
+    res.rows.append(
+        Row(
+            "  other processes' CPU in that window",
+            f"{d['_other_pct']:.0f} %",
+            f"of {ncpu * 100} %; guests got {cores / avail * 100 if avail else 0:.0f}"
+            f" % of the {avail:.2f} cores left",
+        )
+    )
     print(f"  two pcpus: {d}", file=sys.stderr)
 
     res.samples = samples
-    res.notes.append(f"each scenario: warm-up until the guests had {WARM_CPU_S}s of CPU, then "
-                     f"cpu_time read twice {secs:g} s apart via the supervisor's list command; "
-                     "timeslice 10 ms")
+    res.notes.append(
+        f"each scenario: warm-up until the guests had {WARM_CPU_S}s of CPU, then "
+        f"cpu_time read twice {secs:g} s apart via the supervisor's list command; "
+        "timeslice 10 ms"
+    )
     for key in ("weights", "cap"):
-        res.notes.append(f"{key}: other processes used {samples[key]['_other_pct']:.0f}% of "
-                         f"one CPU during the window; kernel process "
-                         f"{samples[key]['_kernel_pct']:.0f}%")
+        res.notes.append(
+            f"{key}: other processes used {samples[key]['_other_pct']:.0f}% of "
+            f"one CPU during the window; kernel process "
+            f"{samples[key]['_kernel_pct']:.0f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def by_name(name: str) -> DeviceClass:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise KeyError(f"no device class {name!r}; the classes are "
-                       f"{', '.join(_BY_NAME)}") from None
+        raise KeyError(f"no device class {name!r}; the classes are {', '.join(_BY_NAME)}") from None
 
 
 def of_spec(spec: DeviceSpec) -> DeviceClass:
@@ -49,5 +48,16 @@ def modules() -> tuple[str, ...]:
     return tuple(_BY_MODULE)
 
 
-__all__ = ["CLASSES", "DeviceClass", "DeviceSpec", "Medium", "Region", "SpecError",
-           "WhileFailed", "by_name", "modules", "of_module", "of_spec"]
+__all__ = [
+    "CLASSES",
+    "DeviceClass",
+    "DeviceSpec",
+    "Medium",
+    "Region",
+    "SpecError",
+    "WhileFailed",
+    "by_name",
+    "modules",
+    "of_module",
+    "of_spec",
+]

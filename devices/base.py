@@ -125,8 +125,9 @@ class DeviceClass:
     checkers: ClassVar[tuple[type[Checker], ...]] = ()
 
     # -- config ----------------------------------------------------------------------------
-    def parse(self, value: Any, domain: str, where: str,
-              base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    def parse(
+        self, value: Any, domain: str, where: str, base_dir: Path | None
+    ) -> tuple[DeviceSpec, ...]:
         """The devices one domain-config value declares (a file's value, or :meth:`to_wire`'s
         output coming back over the control socket: re-validated).  SpecError if wrong."""
         raise NotImplementedError
@@ -154,8 +155,9 @@ class DeviceClass:
         """The class's part of the ``attach`` message (the common fields are the kernel's)."""
         return {}
 
-    def store_nodes(self, spec: DeviceSpec,
-                    medium: Medium | None) -> tuple[dict[str, str], dict[str, str]]:
+    def store_nodes(
+        self, spec: DeviceSpec, medium: Medium | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
         """(frontend, backend) store nodes of the class, besides the common ones."""
         return {}, {}
 
@@ -184,8 +186,7 @@ class DeviceClass:
         return {}
 
     # -- reporting --------------------------------------------------------------------------
-    def info(self, spec: DeviceSpec, medium: Medium | None,
-             backend_node: Any) -> dict[str, Any]:
+    def info(self, spec: DeviceSpec, medium: Medium | None, backend_node: Any) -> dict[str, Any]:
         """The class's columns of a ``devices`` row; ``backend_node(key)`` reads a node of the
         device's backend directory ("" if absent)."""
         return {}
@@ -204,6 +205,8 @@ class DeviceClass:
 def check_backend(backend: str, where: str, kind: str, example: str) -> str:
     """``backend=`` of a device entry: a driver's name, or SpecError saying what to write."""
     if not backend or not NAME_RE.match(backend):
-        raise SpecError(f"{where}: backend={backend!r} must name a {kind} declared in "
-                        f"supervisor.toml as [driver.<name>], e.g. backend={example}")
+        raise SpecError(
+            f"{where}: backend={backend!r} must name a {kind} declared in "
+            f"supervisor.toml as [driver.<name>], e.g. backend={example}"
+        )
     return backend

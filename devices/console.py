@@ -87,8 +87,10 @@ class ConEcho(Checker):
     _LINE: Final = re.compile(rb"conecho: line (\d{9}) " + _PATTERN)
     _DONE: Final = re.compile(rb"conecho: done lines=(\d+) echoed=\d+")
     #: conecho's other lines (input, with echo=1)
-    _OTHER: Final = re.compile(rb"conecho: (ready for input|got .*|no input within \d+ ms|"
-                               rb"no console input .*)")
+    _OTHER: Final = re.compile(
+        rb"conecho: (ready for input|got .*|no input within \d+ ms|"
+        rb"no console input .*)"
+    )
     _LINES: Final = re.compile(r"(?:^|\s)lines=(\d+)(?=\s|$)")
 
     def __init__(self, workload: WorkloadSpec, driver: str) -> None:
@@ -171,8 +173,11 @@ class ConEcho(Checker):
             c.done = int(d.group(1))
             return Tally()
         if self._OTHER.fullmatch(line) is None and (
-                b"line" in line or b"conecho" in line or not line.isascii()
-                or not line.decode("ascii").isprintable()):
+            b"line" in line
+            or b"conecho" in line
+            or not line.isascii()
+            or not line.decode("ascii").isprintable()
+        ):
             c.corrupt += 1
             c.suspect += max(1, line.count(b"line "))
             return Tally(mismatches=1)
@@ -185,30 +190,36 @@ class Console(DeviceClass):
     noun = "console"
     config_key = "console"
     config_type = str
-    config_help = ('where the console goes: a console driver\'s name (e.g. "con0"), "kernel" '
-                   "for the kernel's built-in console, or empty for the stack's default "
-                   "([domains] console)")
+    config_help = (
+        'where the console goes: a console driver\'s name (e.g. "con0"), "kernel" '
+        "for the kernel's built-in console, or empty for the stack's default "
+        "([domains] console)"
+    )
     #: ``ring_slots`` is the out ring's byte count: "outstanding" is output waiting for the
     #: backend (out_prod and out_cons sit where a request ring has req_prod and rsp_prod).
-    region = Region(consif.WINDOW_BYTES, consif.INFLIGHT_OFFSET, consif.SEGMENT_BYTES,
-                    consif.OUT_SIZE, 8)
+    region = Region(
+        consif.WINDOW_BYTES, consif.INFLIGHT_OFFSET, consif.SEGMENT_BYTES, consif.OUT_SIZE, 8
+    )
     while_failed = WhileFailed.TAKE_OUTPUT
     modules = ("drivers.console",)
     vdev_re = re.compile(r"^console$")
     vdev_hint = 'a console is "console"'
     checkers = (ConEcho,)
 
-    def parse(self, value: Any, domain: str, where: str,
-              base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    def parse(
+        self, value: Any, domain: str, where: str, base_dir: Path | None
+    ) -> tuple[DeviceSpec, ...]:
         if value is None or value in NO_DRIVER:
             return ()
         if not isinstance(value, str) or not NAME_RE.match(value):
-            raise SpecError(f"{where}: console = {show(value)} must be a driver name, "
-                            f"\"kernel\" or empty ({self.config_help})")
+            raise SpecError(
+                f"{where}: console = {show(value)} must be a driver name, "
+                f'"kernel" or empty ({self.config_help})'
+            )
         return (ConsoleSpec(value),)
 
     def take_output(self, buf: Any) -> tuple[bytes, bool]:
-        ring = consif.ConsoleBack(memoryview(buf)[:consif.WINDOW_BYTES])
+        ring = consif.ConsoleBack(memoryview(buf)[: consif.WINDOW_BYTES])
         data = bytearray()
         notify = False
         while True:
@@ -234,16 +245,24 @@ class Console(DeviceClass):
 
     def faults(self) -> FaultClass:
         from drivers.faults import RESPONSE_TYPES, FaultClass
-        no_responses = ("a console has no responses to spoil: the guest writes a byte stream, "
-                        "and all the backend gives back is how far it has consumed it")
+
+        no_responses = (
+            "a console has no responses to spoil: the guest writes a byte stream, "
+            "and all the backend gives back is how far it has consumed it"
+        )
         return FaultClass(
-            "console", "console", "a console driver's requests (write: an append of output "
-            "to the log)", ("write",),
+            "console",
+            "console",
+            "a console driver's requests (write: an append of output to the log)",
+            ("write",),
             "the append covers this byte of the domain's output stream (0 = its first byte)",
-            {**dict.fromkeys(RESPONSE_TYPES, no_responses),
-             "poison": "the console backend never gives up an append (every byte reaches the "
-                       "log exactly once), so an append that kills every instance would do so "
-                       "for ever; there is no poison answer"})
+            {
+                **dict.fromkeys(RESPONSE_TYPES, no_responses),
+                "poison": "the console backend never gives up an append (every byte reaches the "
+                "log exactly once), so an append that kills every instance would do so "
+                "for ever; there is no poison answer",
+            },
+        )
 
 
 CLASS: Final = Console()

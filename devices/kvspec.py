@@ -8,8 +8,9 @@ import re
 from typing import Final
 
 
-def parse_kv(spec: str, keys: tuple[str, ...], what: str, where: str,
-             example: str) -> dict[str, str]:
+def parse_kv(
+    spec: str, keys: tuple[str, ...], what: str, where: str, example: str
+) -> dict[str, str]:
     """``"target=a.img, vdev=xvda"`` -> ``{"target": "a.img", "vdev": "xvda"}``.  ValueError
     for a part that is not key=value, an unknown key (with a did-you-mean) or a repeated
     one; ``what`` ("disk", "vif") and ``example`` go into the messages."""
@@ -21,13 +22,16 @@ def parse_kv(spec: str, keys: tuple[str, ...], what: str, where: str,
         key, eq, val = part.partition("=")
         key, val = key.strip(), val.strip()
         if not eq:
-            raise ValueError(f"{where}: {part!r} is not key=value; isovisor accepts only the "
-                             f"key=value form, e.g. \"{example}\"")
+            raise ValueError(
+                f"{where}: {part!r} is not key=value; isovisor accepts only the "
+                f'key=value form, e.g. "{example}"'
+            )
         if key not in keys:
             hint = difflib.get_close_matches(key, keys, n=1)
             did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"{where}: unknown {what} key {key!r}{did}; allowed: "
-                             f"{', '.join(keys)}")
+            raise ValueError(
+                f"{where}: unknown {what} key {key!r}{did}; allowed: {', '.join(keys)}"
+            )
         if key in fields:
             raise ValueError(f"{where}: {what} key {key!r} is given twice")
         fields[key] = val

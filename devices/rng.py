@@ -94,11 +94,17 @@ def decode_request(raw: bytes) -> Request:
     area or asks for no bytes or too many."""
     rid, offset, length = REQUEST.unpack_from(raw.ljust(REQUEST.size, b"\0"))
     if not 1 <= length <= MAX_REQUEST_BYTES:
-        raise RequestError(rid, f"request {rid:#x} asks for {length} bytes; 1.."
-                                f"{MAX_REQUEST_BYTES} may be asked at once")
+        raise RequestError(
+            rid,
+            f"request {rid:#x} asks for {length} bytes; 1.."
+            f"{MAX_REQUEST_BYTES} may be asked at once",
+        )
     if not (offset >= DATA_OFFSET and offset + length <= WINDOW_BYTES):
-        raise RequestError(rid, f"request {rid:#x} points at {offset:#x}+{length}, outside the "
-                                f"data area {DATA_OFFSET:#x}..{WINDOW_BYTES:#x}")
+        raise RequestError(
+            rid,
+            f"request {rid:#x} points at {offset:#x}+{length}, outside the "
+            f"data area {DATA_OFFSET:#x}..{WINDOW_BYTES:#x}",
+        )
     return Request(rid, offset, length)
 
 
@@ -108,10 +114,16 @@ def encode_response(rid: int, status: int, length: int) -> bytes:
 
 def c_header() -> str:
     """The protocol constants as a C header for the guest runtime."""
-    names = [n for n, v in globals().items() if n.isupper() and not n.startswith("_")
-             and isinstance(v, int) and not isinstance(v, bool)]
-    lines = ["/* Generated from devices/rng.py by domains/build.py -- do not edit. */",
-             "#ifndef ISOVISOR_RNGIF_H", "#define ISOVISOR_RNGIF_H"]
+    names = [
+        n
+        for n, v in globals().items()
+        if n.isupper() and not n.startswith("_") and isinstance(v, int) and not isinstance(v, bool)
+    ]
+    lines = [
+        "/* Generated from devices/rng.py by domains/build.py -- do not edit. */",
+        "#ifndef ISOVISOR_RNGIF_H",
+        "#define ISOVISOR_RNGIF_H",
+    ]
     lines += [f"#define RNGIF_{n} ({globals()[n]})" for n in names]
     lines.append("#endif")
     return "\n".join(lines) + "\n"
@@ -128,22 +140,27 @@ class RngTest(Checker):
     #: 64-byte reads a guest makes per second, about (the count is planned from it).
     READS_PER_S: Final = 4000
     _MISMATCH: Final = re.compile(r"^rngtest: (read \d+: |byte 0x)", re.MULTILINE)
-    _ERROR: Final = re.compile(r"^rngtest: (read \d+ of \d+ bytes failed|stopped: )",
-                               re.MULTILINE)
+    _ERROR: Final = re.compile(r"^rngtest: (read \d+ of \d+ bytes failed|stopped: )", re.MULTILINE)
     _SUMMARY: Final = re.compile(r"^rngtest: reads=.*$", re.MULTILINE)
 
     def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
         extra = f"reads={self.READS_PER_S * seconds} size=64 {self.workload.extra}".strip()
-        return [GuestSpec(unit.name(), self.image, 4,
-                          {"extra": extra, "rng": [f"backend={self.driver}"]})]
+        return [
+            GuestSpec(
+                unit.name(), self.image, 4, {"extra": extra, "rng": [f"backend={self.driver}"]}
+            )
+        ]
 
     def console(self, name: str, text: str) -> Tally:
         return Tally(len(self._ERROR.findall(text)), len(self._MISMATCH.findall(text)))
 
     def result(self, name: str, console: str) -> Result:
         s = summary(self._SUMMARY, console)
-        return Result(s.get("reads", 0), s.get("errors", 0),
-                      s.get("constant", 0) + s.get("repeated", 0) + s.get("skewed", 0))
+        return Result(
+            s.get("reads", 0),
+            s.get("errors", 0),
+            s.get("constant", 0) + s.get("repeated", 0) + s.get("skewed", 0),
+        )
 
 
 # --- the class --------------------------------------------------------------------------------
@@ -186,8 +203,9 @@ class Rng(DeviceClass):
     vdev_hint = "use rng0, rng1, ..."
     checkers = (RngTest,)
 
-    def parse(self, value: Any, domain: str, where: str,
-              base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    def parse(
+        self, value: Any, domain: str, where: str, base_dir: Path | None
+    ) -> tuple[DeviceSpec, ...]:
         if not isinstance(value, list):
             raise SpecError(f"{where}: 'rng' must be a list of strings like \"{_EXAMPLE}\"")
         if len(value) > MAX_RNGS:
@@ -198,13 +216,14 @@ class Rng(DeviceClass):
             if isinstance(item, dict):  # from the wire: already parsed once
                 item = f"backend={item.get('backend', '')}"
             if not isinstance(item, str):
-                raise SpecError(f"{here} must be a string like \"{_EXAMPLE}\", got {item!r}")
+                raise SpecError(f'{here} must be a string like "{_EXAMPLE}", got {item!r}')
             out.append(parse_rng(item, i, here))
         return tuple(out)
 
     def error_response(self, raw: bytes, window: int, sectors: int) -> bytes:
-        return encode_response(REQUEST.unpack_from(raw.ljust(REQUEST.size, b"\0"))[0],
-                               STATUS_ERROR, 0)
+        return encode_response(
+            REQUEST.unpack_from(raw.ljust(REQUEST.size, b"\0"))[0], STATUS_ERROR, 0
+        )
 
     def c_headers(self) -> dict[str, str]:
         return {"isovisor_rngif.h": c_header()}
@@ -215,13 +234,20 @@ class Rng(DeviceClass):
 
     def faults(self) -> FaultClass:
         from drivers.faults import FaultClass
+
         return FaultClass(
-            "rng", "rng", "an rng driver's requests (read: a request for random bytes)",
-            ("read",), "the request's index in its ring (0 = the device's first request)",
-            {"bad_op": "an rng response carries no operation, only the request's id, a status "
-                       "and a length",
-             "corrupt_data": "random bytes have no right value a guest could check, so a "
-                             "flipped byte is not an error anyone can see"})
+            "rng",
+            "rng",
+            "an rng driver's requests (read: a request for random bytes)",
+            ("read",),
+            "the request's index in its ring (0 = the device's first request)",
+            {
+                "bad_op": "an rng response carries no operation, only the request's id, a status "
+                "and a length",
+                "corrupt_data": "random bytes have no right value a guest could check, so a "
+                "flipped byte is not an error anyone can see",
+            },
+        )
 
 
 CLASS: Final = Rng()

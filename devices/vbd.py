@@ -83,8 +83,10 @@ def parse_disk(spec: str, where: str, base_dir: Path | None) -> DiskSpec:
     if "size" in fields:
         size = parse_size(fields["size"])
         if size is None or size <= 0 or size % 512:
-            raise SpecError(f"{where}: size={fields['size']!r} must be a positive number of "
-                            "bytes with an optional K, M, G or T suffix and a multiple of 512")
+            raise SpecError(
+                f"{where}: size={fields['size']!r} must be a positive number of "
+                "bytes with an optional K, M, G or T suffix and a multiple of 512"
+            )
     target = fields.get("target")
     if kind == "memory":
         if target:
@@ -93,17 +95,20 @@ def parse_disk(spec: str, where: str, base_dir: Path | None) -> DiskSpec:
             raise SpecError(f"{where}: a type=memory disk needs size=, e.g. size=16M")
     else:
         if not target:
-            raise SpecError(f"{where}: missing 'target' (the image file, e.g. "
-                            "target=data.img; relative paths are relative to the config)")
+            raise SpecError(
+                f"{where}: missing 'target' (the image file, e.g. "
+                "target=data.img; relative paths are relative to the config)"
+            )
         path = Path(target).expanduser()
         if not path.is_absolute():
             path = (base_dir or Path.cwd()) / path
         target = str(path.resolve())
         if size is None and not Path(target).exists():
-            raise SpecError(f"{where}: image {target} does not exist; give size= to have it "
-                            "created (sparse), e.g. size=64M")
-    return DiskSpec(vdev=vdev, backend=backend, type=kind, target=target, access=access,
-                    size=size)
+            raise SpecError(
+                f"{where}: image {target} does not exist; give size= to have it "
+                "created (sparse), e.g. size=64M"
+            )
+    return DiskSpec(vdev=vdev, backend=backend, type=kind, target=target, access=access, size=size)
 
 
 def disk_string(d: DiskSpec) -> str:
@@ -126,10 +131,11 @@ class BlkStress(Checker):
 
     def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
         w = self.workload
-        disk = (f"target={unit.base}.img, vdev=xvda, access=rw, backend={self.driver}, "
-                f"size={w.disk_size}")
-        extra = (f"{w.extra} seed={seed} ops=1000000000 seconds={seconds} "
-                 "timeout=60000").strip()
+        disk = (
+            f"target={unit.base}.img, vdev=xvda, access=rw, backend={self.driver}, "
+            f"size={w.disk_size}"
+        )
+        extra = (f"{w.extra} seed={seed} ops=1000000000 seconds={seconds} timeout=60000").strip()
         return [GuestSpec(unit.name(), self.image, 8, {"extra": extra, "disk": [disk]})]
 
     def console(self, name: str, text: str) -> Tally:
@@ -147,17 +153,21 @@ class Vbd(DeviceClass):
     config_key = "disk"
     config_type = list
     config_help = f'virtual disks, xl.cfg style: ["{_EXAMPLE}"]'
-    region = Region(blkif.WINDOW_BYTES, blkif.INFLIGHT_OFFSET,
-                    blkif.INFLIGHT_OFFSET + pages(inflight_bytes(blkif.RING_SLOTS,
-                                                                 blkif.SLOT_SIZE)),
-                    blkif.RING_SLOTS, blkif.SLOT_SIZE)
+    region = Region(
+        blkif.WINDOW_BYTES,
+        blkif.INFLIGHT_OFFSET,
+        blkif.INFLIGHT_OFFSET + pages(inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)),
+        blkif.RING_SLOTS,
+        blkif.SLOT_SIZE,
+    )
     modules = ("drivers.blk", "drivers.blk.ram")
     vdev_re = re.compile(r"^xvd[a-z]$")
     vdev_hint = "use xvda .. xvdz"
     checkers = (BlkStress,)
 
-    def parse(self, value: Any, domain: str, where: str,
-              base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    def parse(
+        self, value: Any, domain: str, where: str, base_dir: Path | None
+    ) -> tuple[DeviceSpec, ...]:
         if not isinstance(value, list):
             raise SpecError(f"{where}: 'disk' must be a list of strings like \"{_EXAMPLE}\"")
         if len(value) > MAX_DISKS:
@@ -174,8 +184,9 @@ class Vbd(DeviceClass):
             elif isinstance(item, str):
                 d = parse_disk(item, here, base_dir)
             else:
-                raise SpecError(f"{here} must be a string like \"target=data.img, vdev=xvda\", "
-                                f"got {item!r}")
+                raise SpecError(
+                    f'{here} must be a string like "target=data.img, vdev=xvda", got {item!r}'
+                )
             if any(o.vdev == d.vdev for o in disks):
                 raise SpecError(f"{here}: vdev {d.vdev} is used twice")
             disks.append(d)
@@ -187,14 +198,24 @@ class Vbd(DeviceClass):
 
     def attach_body(self, spec: DeviceSpec, medium: Medium | None) -> dict[str, Any]:
         assert isinstance(spec, DiskSpec)
-        return {"disk": {"target": medium.name if medium else spec.target, "type": spec.type,
-                         "access": spec.access, "size": spec.size}}
+        return {
+            "disk": {
+                "target": medium.name if medium else spec.target,
+                "type": spec.type,
+                "access": spec.access,
+                "size": spec.size,
+            }
+        }
 
-    def store_nodes(self, spec: DeviceSpec,
-                    medium: Medium | None) -> tuple[dict[str, str], dict[str, str]]:
+    def store_nodes(
+        self, spec: DeviceSpec, medium: Medium | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
         assert isinstance(spec, DiskSpec)
-        return {}, {"params": medium.name if medium else spec.target or "", "type": spec.type,
-                    "mode": "r" if spec.read_only else "w"}
+        return {}, {
+            "params": medium.name if medium else spec.target or "",
+            "type": spec.type,
+            "mode": "r" if spec.read_only else "w",
+        }
 
     def error_response(self, raw: bytes, window: int, sectors: int) -> bytes:
         try:
@@ -206,15 +227,18 @@ class Vbd(DeviceClass):
             rid, op = _ID_OP.unpack_from(raw.ljust(_ID_OP.size, b"\0"))
         return blkif.encode_response(rid, op, blkif.STATUS_ERROR)
 
-    def info(self, spec: DeviceSpec, medium: Medium | None,
-             backend_node: Any) -> dict[str, Any]:
+    def info(self, spec: DeviceSpec, medium: Medium | None, backend_node: Any) -> dict[str, Any]:
         assert isinstance(spec, DiskSpec)
         try:
             sectors = int(backend_node("sectors") or 0)
         except ValueError:
             sectors = -1
-        return {"type": spec.type, "target": spec.target or (medium and medium.name),
-                "access": spec.access, "sectors": sectors}
+        return {
+            "type": spec.type,
+            "target": spec.target or (medium and medium.name),
+            "access": spec.access,
+            "sectors": sectors,
+        }
 
     @staticmethod
     def cells(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -225,8 +249,14 @@ class Vbd(DeviceClass):
 
     def faults(self) -> FaultClass:
         from drivers.faults import OPS, FaultClass
-        return FaultClass("vbd", "block", "a block driver's requests", OPS,
-                          "the request's sectors cover this sector")
+
+        return FaultClass(
+            "vbd",
+            "block",
+            "a block driver's requests",
+            OPS,
+            "the request's sectors cover this sector",
+        )
 
 
 CLASS: Final = Vbd()

@@ -26,12 +26,13 @@ if TYPE_CHECKING:
 VIF_KEYS: Final = ("mac", "bridge", "backend", "ip")
 MAX_VIFS: Final = 8
 #: Guest addresses stay off every real network: the benchmarking range and link-local only.
-ALLOWED_NETS: Final = (ipaddress.IPv4Network("198.18.0.0/15"),
-                       ipaddress.IPv4Network("169.254.0.0/16"))
+ALLOWED_NETS: Final = (
+    ipaddress.IPv4Network("198.18.0.0/15"),
+    ipaddress.IPv4Network("169.254.0.0/16"),
+)
 _BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 _ID: Final = struct.Struct("<Q")
 _EXAMPLE: Final = "mac=02:00:00:00:00:01, bridge=br0, backend=net0, ip=198.18.0.2"
-
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ def parse_vif(spec: str, index: int, domain: str, where: str) -> VifSpec:
     backend = check_backend(fields.get("backend", ""), where, "net driver", "net0")
     bridge = fields.get("bridge", "br0")
     if not _BRIDGE_RE.match(bridge):
-        raise SpecError(f"{where}: bridge={bridge!r} must be a short lower-case name (letter "
-                       "first, at most 15 characters), e.g. bridge=br0")
+        raise SpecError(
+            f"{where}: bridge={bridge!r} must be a short lower-case name (letter "
+            "first, at most 15 characters), e.g. bridge=br0"
+        )
     if "mac" in fields:
         try:
             mac = format_mac(parse_mac(fields["mac"]))
@@ -87,9 +90,11 @@ def parse_vif(spec: str, index: int, domain: str, where: str) -> VifSpec:
         except ValueError:
             raise SpecError(f"{where}: ip={ip!r} is not an IPv4 address like 198.18.0.2") from None
         if not any(addr in net for net in ALLOWED_NETS):
-            raise SpecError(f"{where}: ip={ip} is outside the ranges guests may use "
-                           "(198.18.0.0/15, the benchmarking range, or 169.254.0.0/16, "
-                           "link-local); guest traffic must never reach a real network")
+            raise SpecError(
+                f"{where}: ip={ip} is outside the ranges guests may use "
+                "(198.18.0.0/15, the benchmarking range, or 169.254.0.0/16, "
+                "link-local); guest traffic must never reach a real network"
+            )
         ip = str(addr)
     return VifSpec(index=index, mac=mac, backend=backend, bridge=bridge, ip=ip)
 
@@ -105,8 +110,10 @@ def parse_vifs(items: Any, domain: str, where: str) -> tuple[VifSpec, ...]:
     """All ``vif`` entries of a domain: strings from a config file, or maps from the wire
     (re-validated).  Each MAC once per domain."""
     if not isinstance(items, list):
-        raise SpecError(f"{where}: 'vif' must be a list of strings like "
-                       "[\"mac=02:00:00:00:00:01, bridge=br0, backend=net0\"]")
+        raise SpecError(
+            f"{where}: 'vif' must be a list of strings like "
+            '["mac=02:00:00:00:00:01, bridge=br0, backend=net0"]'
+        )
     if len(items) > MAX_VIFS:
         raise SpecError(f"{where}: {len(items)} vifs; at most {MAX_VIFS} are supported")
     out: list[VifSpec] = []
@@ -121,8 +128,9 @@ def parse_vifs(items: Any, domain: str, where: str) -> tuple[VifSpec, ...]:
         elif isinstance(item, str):
             v = parse_vif(item, i, domain, here)
         else:
-            raise SpecError(f"{here} must be a string like \"mac=02:00:00:00:00:01, "
-                           f"backend=net0\", got {item!r}")
+            raise SpecError(
+                f'{here} must be a string like "mac=02:00:00:00:00:01, backend=net0", got {item!r}'
+            )
         if any(o.mac == v.mac for o in out):
             raise SpecError(f"{here}: mac {v.mac} is used twice")
         out.append(v)
@@ -149,8 +157,10 @@ class NetPair(Checker):
     @staticmethod
     def mac(unit: Unit, member: int) -> str:
         """A unicast, locally administered MAC no other guest of the campaign has."""
-        return (f"02:{unit.workload & 0xFF:02x}:{unit.index & 0xFF:02x}:"
-                f"{unit.stack & 0xFF:02x}:{unit.gen & 0xFF:02x}:{member:02x}")
+        return (
+            f"02:{unit.workload & 0xFF:02x}:{unit.index & 0xFF:02x}:"
+            f"{unit.stack & 0xFF:02x}:{unit.gen & 0xFF:02x}:{member:02x}"
+        )
 
     def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
         macs = [self.mac(unit, m) for m in range(2)]
@@ -158,11 +168,17 @@ class NetPair(Checker):
         out = []
         for m, member in enumerate(self.members):
             # the plan's extra may set count, size, window, timeout; never the peer
-            extra = " ".join(p for p in (f"count={count} timeout=10000", self.workload.extra,
-                                         f"peer={macs[1 - m]}") if p)
+            extra = " ".join(
+                p
+                for p in (
+                    f"count={count} timeout=10000",
+                    self.workload.extra,
+                    f"peer={macs[1 - m]}",
+                )
+                if p
+            )
             vif = f"mac={macs[m]}, bridge=br0, backend={self.driver}"
-            out.append(GuestSpec(unit.name(member), self.image, 4,
-                                 {"extra": extra, "vif": [vif]}))
+            out.append(GuestSpec(unit.name(member), self.image, 4, {"extra": extra, "vif": [vif]}))
         return out
 
     def console(self, name: str, text: str) -> Tally:
@@ -176,8 +192,12 @@ class NetPair(Checker):
         if not s:
             return Result(0, 0, 0)
         corrupt = s.get("corrupt", 0)
-        errors = (s.get("errors", 0) + s.get("dup", 0) + s.get("reordered", 0)
-                  + max(0, s.get("lost", 0) - corrupt))
+        errors = (
+            s.get("errors", 0)
+            + s.get("dup", 0)
+            + s.get("reordered", 0)
+            + max(0, s.get("lost", 0) - corrupt)
+        )
         return Result(s.get("sent", 0) + s.get("received", 0), errors, corrupt)
 
 
@@ -188,42 +208,54 @@ class Vif(DeviceClass):
     config_key = "vif"
     config_type = list
     config_help = f'virtual network interfaces, xl.cfg style: ["{_EXAMPLE}"]'
-    region = Region(netif.WINDOW_BYTES, netif.INFLIGHT_OFFSET, pages(netif.SEGMENT_END),
-                    netif.RING_SLOTS, netif.SLOT_SIZE)
+    region = Region(
+        netif.WINDOW_BYTES,
+        netif.INFLIGHT_OFFSET,
+        pages(netif.SEGMENT_END),
+        netif.RING_SLOTS,
+        netif.SLOT_SIZE,
+    )
     modules = ("drivers.net",)
     vdev_re = re.compile(r"^eth[0-9]{1,2}$")
     vdev_hint = "use eth0, eth1, ..."
     checkers = (NetPair,)
 
-    def parse(self, value: Any, domain: str, where: str,
-              base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+    def parse(
+        self, value: Any, domain: str, where: str, base_dir: Path | None
+    ) -> tuple[DeviceSpec, ...]:
         return parse_vifs(value, domain, where)
 
     def conflict(self, spec: DeviceSpec, other: DeviceSpec, owner: str) -> str | None:
         assert isinstance(spec, VifSpec)
-        if (isinstance(other, VifSpec) and other.mac == spec.mac
-                and (other.backend, other.bridge) == (spec.backend, spec.bridge)):
-            return (f"vif {spec.vdev} has mac {spec.mac}, which domain {owner!r} already uses "
-                    f"on bridge {spec.bridge} of {spec.backend}; give each interface its own "
-                    "mac= (or leave it out to get one derived from the domain name)")
+        if (
+            isinstance(other, VifSpec)
+            and other.mac == spec.mac
+            and (other.backend, other.bridge) == (spec.backend, spec.bridge)
+        ):
+            return (
+                f"vif {spec.vdev} has mac {spec.mac}, which domain {owner!r} already uses "
+                f"on bridge {spec.bridge} of {spec.backend}; give each interface its own "
+                "mac= (or leave it out to get one derived from the domain name)"
+            )
         return None
 
     def attach_body(self, spec: DeviceSpec, medium: Medium | None) -> dict[str, Any]:
         assert isinstance(spec, VifSpec)
         return {"vif": {"mac": spec.mac, "bridge": spec.bridge, "ip": spec.ip}}
 
-    def store_nodes(self, spec: DeviceSpec,
-                    medium: Medium | None) -> tuple[dict[str, str], dict[str, str]]:
+    def store_nodes(
+        self, spec: DeviceSpec, medium: Medium | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
         assert isinstance(spec, VifSpec)
         nodes = {"mac": spec.mac, "bridge": spec.bridge} | ({"ip": spec.ip} if spec.ip else {})
         return nodes, dict(nodes)
 
     def error_response(self, raw: bytes, window: int, sectors: int) -> bytes:
-        return netif.encode_tx_response(_ID.unpack_from(raw.ljust(_ID.size, b"\0"))[0],
-                                        netif.STATUS_ERROR)
+        return netif.encode_tx_response(
+            _ID.unpack_from(raw.ljust(_ID.size, b"\0"))[0], netif.STATUS_ERROR
+        )
 
-    def info(self, spec: DeviceSpec, medium: Medium | None,
-             backend_node: Any) -> dict[str, Any]:
+    def info(self, spec: DeviceSpec, medium: Medium | None, backend_node: Any) -> dict[str, Any]:
         assert isinstance(spec, VifSpec)
         return {"mac": spec.mac, "bridge": spec.bridge, "ip": spec.ip}
 
@@ -236,12 +268,16 @@ class Vif(DeviceClass):
 
     def faults(self) -> FaultClass:
         from drivers.faults import FaultClass
+
         return FaultClass(
-            "vif", "net", "a net driver's requests (tx: a frame being switched)", ("tx",),
+            "vif",
+            "net",
+            "a net driver's requests (tx: a frame being switched)",
+            ("tx",),
             "the frame covers this byte offset of the vif's region (the guest's tx buffer k "
             "starts at 8192 + 2048 * k)",
-            {"bad_op": "a tx response carries no operation, only the request's id and a "
-                       "status"})
+            {"bad_op": "a tx response carries no operation, only the request's id and a status"},
+        )
 
 
 CLASS: Final = Vif()

@@ -60,8 +60,11 @@ class Unit:
         return f"w{self.workload + 1}-{self.index + 1}"
 
     def name(self, member: str = "") -> str:
-        return (f"{self.base}{member}" + (f"-s{self.stack}" if self.stack > 1 else "")
-                + (f"-g{self.gen}" if self.gen > 1 else ""))
+        return (
+            f"{self.base}{member}"
+            + (f"-s{self.stack}" if self.stack > 1 else "")
+            + (f"-g{self.gen}" if self.gen > 1 else "")
+        )
 
 
 @dataclass(frozen=True)

@@ -35,20 +35,26 @@ EXTRA_MAX: Final = abi.SI_CMDLINE_MAX - 1
 _DOMAIN_FIELDS: Final = {
     "name": Field(str, "the domain's unique name", check_name),
     "image": Field(str, "a built-in guest program name, a .c file, or a flat binary"),
-    "memory": Field(int, f"guest RAM in MiB, {abi.MIN_MEMORY_MIB}..{abi.MAX_MEMORY_MIB}",
-                     in_range(abi.MIN_MEMORY_MIB, abi.MAX_MEMORY_MIB)),
+    "memory": Field(
+        int,
+        f"guest RAM in MiB, {abi.MIN_MEMORY_MIB}..{abi.MAX_MEMORY_MIB}",
+        in_range(abi.MIN_MEMORY_MIB, abi.MAX_MEMORY_MIB),
+    ),
     "vcpus": Field(int, "number of virtual CPUs; only 1 is supported", in_range(1, 1)),
     "weight": Field(int, "scheduler weight, 1..65535, default 256", in_range(1, 65535)),
     "cap": Field(int, "CPU cap in percent of one CPU, 0 = no cap", in_range(0, 100)),
-    "on_poweroff": Field(str, "action when the guest powers off", choices=ACTIONS,
-                         what="an action"),
+    "on_poweroff": Field(
+        str, "action when the guest powers off", choices=ACTIONS, what="an action"
+    ),
     "on_reboot": Field(str, "action when the guest reboots", choices=ACTIONS, what="an action"),
     "on_crash": Field(str, "action when the guest crashes", choices=ACTIONS, what="an action"),
-    "extra": Field(str, f"parameters passed to the guest, at most {EXTRA_MAX} bytes",
-                   at_most_bytes(EXTRA_MAX)),
+    "extra": Field(
+        str, f"parameters passed to the guest, at most {EXTRA_MAX} bytes", at_most_bytes(EXTRA_MAX)
+    ),
     # each device class's key ("disk", "vif", "console", ...): devices/
     **{c.config_key: Field(c.config_type, c.config_help) for c in devices.CLASSES},
 }
+
 
 @dataclass(frozen=True)
 class DomainConfig:
@@ -82,32 +88,35 @@ class DomainConfig:
         """This config with ``console`` set (the stack's default for one that left it empty)."""
         raw = {c.config_key: c.to_wire(self.of_class(c.name)) for c in devices.CLASSES}
         raw["console"] = console
-        return dataclasses.replace(self, console=console,
-                                   devices=_devices(raw, self.name, self.source, None))
+        return dataclasses.replace(
+            self, console=console, devices=_devices(raw, self.name, self.source, None)
+        )
 
     def of_class(self, name: str) -> tuple[DeviceSpec, ...]:
         """The devices of class ``name`` ("vbd", "vif", ...), in config order."""
         return tuple(d for d in self.devices if d.device_class == name)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str, base_dir: Path | None = None,
-                  resolve: bool = True) -> DomainConfig:
+    def from_dict(
+        cls, data: dict[str, Any], where: str, base_dir: Path | None = None, resolve: bool = True
+    ) -> DomainConfig:
         check_table(where, data, _DOMAIN_FIELDS, required=("name", "image"))
         image_path = ""
         if resolve:
             from domains.build import BuildError, resolve_image
+
             try:
                 image_path = str(resolve_image(data["image"], base_dir or Path.cwd()))
             except BuildError as e:
                 raise ConfigError(f"{where}: image = {show(data['image'])}: {e}") from None
         data = dict(data)
         specs = _devices(data, data["name"], where, base_dir)
-        return cls(**_without_devices(data), devices=specs, image_path=image_path,
-                   source=where)
+        return cls(**_without_devices(data), devices=specs, image_path=image_path, source=where)
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "devices"}
+        wire = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "devices"
+        }
         for c in devices.CLASSES:
             if c.config_key not in wire:  # ("console" is a field already: kept as written)
                 wire[c.config_key] = c.to_wire(self.of_class(c.name))
@@ -127,12 +136,19 @@ class DomainConfig:
             raise ConfigError("domain config 'source' must be a string")
         data = _validated(data, source)
         specs = _devices(data, data["name"], source, None)
-        return cls(**{**_without_devices(data), "devices": specs, "image_path": image_path,
-                      "source": source})
+        return cls(
+            **{
+                **_without_devices(data),
+                "devices": specs,
+                "image_path": image_path,
+                "source": source,
+            }
+        )
 
 
-def _devices(data: dict[str, Any], domain: str, where: str,
-             base_dir: Path | None) -> tuple[DeviceSpec, ...]:
+def _devices(
+    data: dict[str, Any], domain: str, where: str, base_dir: Path | None
+) -> tuple[DeviceSpec, ...]:
     """Every device a domain config's keys declare, class by class (devices/)."""
     specs: list[DeviceSpec] = []
     try:

@@ -48,8 +48,9 @@ def int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: in
     return v
 
 
-def refuse(host: Host, log: logging.Logger, what: str, key: object, store: object,
-           message: str) -> None:
+def refuse(
+    host: Host, log: logging.Logger, what: str, key: object, store: object, message: str
+) -> None:
     """Device ``key`` (a ``what``: "device", "vif", "console") cannot be served: say so in its
     backend directory (``error``, state Closed) if there is one, and to the kernel."""
     log.error("cannot attach %s %r: %s", what, key, message)

@@ -63,10 +63,9 @@ TURN_REQUESTS: Final = 256
 _DYING: Final = ("segv", "abort", "exit", "hang", "exception", "poison")
 
 OPTIONS: Final[dict[str, str]] = {
-    "max_batch": "requests taken from a ring before responses are published, 1..1024 "
-                 "(default 32)",
+    "max_batch": "requests taken from a ring before responses are published, 1..1024 (default 32)",
     "poison_after": "driver instances that may die executing one request before it is "
-                    "answered with an error, 1..100 (default 3)",
+    "answered with an error, 1..100 (default 3)",
 }
 
 
@@ -113,12 +112,20 @@ class Attach:
         scratch = dev.get("scratch", "")
         if not isinstance(scratch, str):
             raise ValueError(f"attach field 'scratch' is {scratch!r:.60}, expected str")
-        return cls(msg_field(dev, "key", int), msg_field(dev, "domid", int),
-                   msg_field(dev, "domain", str), msg_field(dev, "vdev", str),
-                   msg_field(dev, "devid", int), msg_field(dev, "segment", str),
-                   msg_field(dev, "window", int), msg_field(dev, "inflight_offset", int),
-                   msg_field(dev, "store", str).rstrip("/"), scratch,
-                   msg_field(dev, "class", str), dev)
+        return cls(
+            msg_field(dev, "key", int),
+            msg_field(dev, "domid", int),
+            msg_field(dev, "domain", str),
+            msg_field(dev, "vdev", str),
+            msg_field(dev, "devid", int),
+            msg_field(dev, "segment", str),
+            msg_field(dev, "window", int),
+            msg_field(dev, "inflight_offset", int),
+            msg_field(dev, "store", str).rstrip("/"),
+            scratch,
+            msg_field(dev, "class", str),
+            dev,
+        )
 
 
 @dataclass
@@ -184,13 +191,17 @@ class DeviceBackend:
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
-            raise ValueError(f"unknown {self.device_class.name} backend option(s) "
-                             f"{', '.join(unknown)}; allowed: {allowed}")
+            raise ValueError(
+                f"unknown {self.device_class.name} backend option(s) "
+                f"{', '.join(unknown)}; allowed: {allowed}"
+            )
         self.host = host
         self.log = host.log
         self.options = dict(options)
-        self.implementation: str = getattr(host, "implementation", None) or \
-            f"{type(self).__module__}:{type(self).__qualname__}"
+        self.implementation: str = (
+            getattr(host, "implementation", None)
+            or f"{type(self).__module__}:{type(self).__qualname__}"
+        )
         self.max_batch = int_option(options, "max_batch", 32, 1, 1024)
         self.poison_after = int_option(options, "poison_after", 3, 1, 100)
         self.devices: dict[int, Device] = {}
@@ -254,8 +265,12 @@ class DeviceBackend:
             self._refuse(key, store, str(e))
             return
         if a.cls != self.device_class.name:
-            self._refuse(a.key, a.store, f"attach field 'class' is {a.cls!r}: this driver "
-                                         f"serves {self.device_class.name!r} devices only")
+            self._refuse(
+                a.key,
+                a.store,
+                f"attach field 'class' is {a.cls!r}: this driver "
+                f"serves {self.device_class.name!r} devices only",
+            )
             return
         try:
             segment = Segment(a.segment, 0, create=False)
@@ -265,19 +280,24 @@ class DeviceBackend:
         r = self.device_class.region
         problem = None
         if not self._ring_bytes <= a.window <= segment.size or a.window != r.window:
-            problem = (f"window {a.window:#x} is not the {self.device_class.noun}'s "
-                       f"{r.window:#x} bytes inside segment {a.segment} of {segment.size:#x}")
-        elif (a.inflight_offset < a.window
-              or a.inflight_offset + self._inflight_bytes > segment.size):
-            problem = (f"in-flight log at {a.inflight_offset:#x} ({self._inflight_bytes} "
-                       f"bytes) must lie after the window {a.window:#x} inside segment "
-                       f"{a.segment} of {segment.size:#x} bytes")
+            problem = (
+                f"window {a.window:#x} is not the {self.device_class.noun}'s "
+                f"{r.window:#x} bytes inside segment {a.segment} of {segment.size:#x}"
+            )
+        elif (
+            a.inflight_offset < a.window or a.inflight_offset + self._inflight_bytes > segment.size
+        ):
+            problem = (
+                f"in-flight log at {a.inflight_offset:#x} ({self._inflight_bytes} "
+                f"bytes) must lie after the window {a.window:#x} inside segment "
+                f"{a.segment} of {segment.size:#x} bytes"
+            )
         if problem is not None:
             segment.close()
             self._refuse(a.key, a.store, problem)
             return
         mem = memoryview(segment.buf)
-        d = Device(a, segment, mem, mem[:a.window])
+        d = Device(a, segment, mem, mem[: a.window])
         try:
             self.open_device(d)
         except ValueError as e:
@@ -295,8 +315,9 @@ class DeviceBackend:
             self._close(d)
             self._refuse(a.key, None, f"cannot write the backend state: {e}")
             return
-        self.log.info("%s %d (%s) attached, waiting for the frontend",
-                      self.device_class.noun, a.key, a.label)
+        self.log.info(
+            "%s %d (%s) attached, waiting for the frontend", self.device_class.noun, a.key, a.label
+        )
 
     def detach(self, key: int) -> None:
         d = self.devices.pop(key, None)
@@ -304,8 +325,14 @@ class DeviceBackend:
             self.log.warning("detach of unknown device %d", key)
             return
         s = d.stats
-        self.log.info("device %d (%s) detached: %d requests, %d errors, %d notifications",
-                      key, d.label, s.requests, s.errors, s.notifications)
+        self.log.info(
+            "device %d (%s) detached: %d requests, %d errors, %d notifications",
+            key,
+            d.label,
+            s.requests,
+            s.errors,
+            s.notifications,
+        )
         self._close(d)
 
     def fe_state(self, key: int, state: int) -> None:
@@ -343,22 +370,25 @@ class DeviceBackend:
         r = self.device_class.region
         off = d.attach.inflight_offset
         try:
-            ring = BackRing(d.mem[:self._ring_bytes], r.ring_slots, r.slot_size)
-            log = InflightLog(d.mem[off:off + self._inflight_bytes], r.ring_slots, r.slot_size)
+            ring = BackRing(d.mem[: self._ring_bytes], r.ring_slots, r.slot_size)
+            log = InflightLog(d.mem[off : off + self._inflight_bytes], r.ring_slots, r.slot_size)
         except (ValueError, RingError) as e:
             self._break(d, f"cannot attach the ring: {e}")
             return
         redo = self._recover(d, ring, log) if resume else self._forget(log)
         d.ring, d.inflight, d.state = ring, log, Lifecycle.CONNECTED
         self.host.store_write(f"{d.attach.store}/state", str(int(DevState.CONNECTED)))
-        self.log.info("device %d (%s): %s%s", d.key, d.label,
-                      "resumed" if resume else "connected",
-                      f", redoing {len(redo)} unfinished requests" if redo else "")
+        self.log.info(
+            "device %d (%s): %s%s",
+            d.key,
+            d.label,
+            "resumed" if resume else "connected",
+            f", redoing {len(redo)} unfinished requests" if redo else "",
+        )
         if resume:
             # A bug while redoing escapes (the host exits): the record stays flagged
             # executing, so the next instance counts a death for it.
-            replayed, done_ns = self._redo(d, ring, log, redo) if redo else (
-                0, time.monotonic_ns())
+            replayed, done_ns = self._redo(d, ring, log, redo) if redo else (0, time.monotonic_ns())
             self.host.recovered(d.key, replayed, done_ns)
         self._service(d)
 
@@ -385,15 +415,22 @@ class DeviceBackend:
         for rec in run:
             if rec.executing:
                 deaths = log.record_death(rec.index)
-                self.log.warning("device %d (%s): the request at ring index %d was executing "
-                                 "when the previous instance died (%d of %d deaths allowed)",
-                                 d.key, d.label, rec.index, deaths, self.poison_after)
+                self.log.warning(
+                    "device %d (%s): the request at ring index %d was executing "
+                    "when the previous instance died (%d of %d deaths allowed)",
+                    d.key,
+                    d.label,
+                    rec.index,
+                    deaths,
+                    self.poison_after,
+                )
                 rec = dataclasses.replace(rec, executing=False, deaths=deaths)
             out.append(rec)
         return out
 
-    def _redo(self, d: Device, ring: BackRing, log: InflightLog,
-              recs: list[InflightRecord]) -> tuple[int, int]:
+    def _redo(
+        self, d: Device, ring: BackRing, log: InflightLog, recs: list[InflightRecord]
+    ) -> tuple[int, int]:
         """Answer ``recs`` in ring order: redo each, or refuse a poison one.  Returns
         (requests redone, CLOCK_MONOTONIC ns when their responses were published)."""
         replayed = 0
@@ -419,10 +456,17 @@ class DeviceBackend:
 
     def _poison(self, d: Device, rec: InflightRecord) -> bytes:
         what = self.describe(rec.request)
-        description = (f"{what}: {rec.deaths} driver instances died executing it; answered "
-                       "with an error instead of being redone")
-        self.log.error("device %d (%s): poison request at ring index %d: %s", d.key, d.label,
-                       rec.index, description)
+        description = (
+            f"{what}: {rec.deaths} driver instances died executing it; answered "
+            "with an error instead of being redone"
+        )
+        self.log.error(
+            "device %d (%s): poison request at ring index %d: %s",
+            d.key,
+            d.label,
+            rec.index,
+            description,
+        )
         d.stats.errors += 1
         d.stats.poisoned += 1
         self.host.poison(d.key, rec.index, description)
@@ -441,8 +485,9 @@ class DeviceBackend:
             if d.inflight is not None:  # not a death: nothing died executing these
                 for rec in d.inflight.pending():
                     d.inflight.clear_executing(rec.index)
-            self.log.warning("device %d (%s): %s; the device is no longer served", d.key,
-                             d.label, e)
+            self.log.warning(
+                "device %d (%s): %s; the device is no longer served", d.key, d.label, e
+            )
 
     def _serve_ring(self, d: Device) -> None:
         ring, log = d.ring, d.inflight
@@ -514,8 +559,12 @@ class DeviceBackend:
             try:
                 d.segment.close()
             except BufferError:
-                self.log.error("device %d: segment %s is still referenced; it stays mapped "
-                               "until those references go", d.key, d.segment.name)
+                self.log.error(
+                    "device %d: segment %s is still referenced; it stays mapped "
+                    "until those references go",
+                    d.key,
+                    d.segment.name,
+                )
 
     # -- faults (drivers/faults.py) ------------------------------------------------------------
     def set_faults(self, specs: list[dict[str, Any]]) -> None:
@@ -565,9 +614,14 @@ class DeviceBackend:
             return  # the ring's first response has none before it: the next batch does it
         self._spoil = None
         ring.rewrite_response(last, ring.response_at((last - 1) & _MASK))
-        self.log.warning("device %d (%s): fault injected: duplicate, the response at ring "
-                         "index %d published again at %d", d.key, d.label, (last - 1) & _MASK,
-                         last)
+        self.log.warning(
+            "device %d (%s): fault injected: duplicate, the response at ring "
+            "index %d published again at %d",
+            d.key,
+            d.label,
+            (last - 1) & _MASK,
+            last,
+        )
 
     def _publish_bad_index(self, d: Device, ring: BackRing) -> None:
         """Publish a bogus rsp_prod and stop serving the device, as a backend that lost
@@ -575,8 +629,13 @@ class DeviceBackend:
         self._spoil = None
         bogus = ring.publish_rsp_prod_beyond(3)
         d.state = Lifecycle.STOPPED
-        self.log.warning("device %d (%s): fault injected: bad_index, rsp_prod %d published "
-                         "and the device no longer served", d.key, d.label, bogus)
+        self.log.warning(
+            "device %d (%s): fault injected: bad_index, rsp_prod %d published "
+            "and the device no longer served",
+            d.key,
+            d.label,
+            bogus,
+        )
         self._notify(d)
 
     # -- statistics ----------------------------------------------------------------------------
@@ -601,11 +660,24 @@ class DeviceBackend:
             if d.state in (Lifecycle.CLOSED, Lifecycle.BROKEN):
                 continue
             here = Medium("memory", d.attach.scratch or d.attach.segment)  # no medium: its name
-            out.append(DeviceState(d.key, d.label, here, d.attach.scratch, here, {
-                "stats": dataclasses.asdict(d.stats), "class": self.device_data(d)}))
+            out.append(
+                DeviceState(
+                    d.key,
+                    d.label,
+                    here,
+                    d.attach.scratch,
+                    here,
+                    {"stats": dataclasses.asdict(d.stats), "class": self.device_data(d)},
+                )
+            )
         out += self._restored.values()  # restored, not attached again yet: passed on as is
-        return BackendState(self.state_kind, self.state_version, self.implementation,
-                            tuple(sorted(out, key=lambda s: s.key)), {})
+        return BackendState(
+            self.state_kind,
+            self.state_version,
+            self.implementation,
+            tuple(sorted(out, key=lambda s: s.key)),
+            {},
+        )
 
     def suspend(self) -> None:
         """Let every device go for the next implementation; the rings and in-flight logs stay
@@ -616,14 +688,21 @@ class DeviceBackend:
 
     @classmethod
     def upgrade_state(cls, state: BackendState) -> BackendState:
-        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
-                         f"upgrade_state hook for version {state.version} states")
+        raise StateError(
+            f"{cls.__name__} (state version {cls.state_version}) has no "
+            f"upgrade_state hook for version {state.version} states"
+        )
 
     def restore(self, state: BackendState) -> None:
         """Take over from ``state`` (StateError if it cannot): applied to each device when the
         kernel attaches it again."""
-        state = accept(state, kind=self.state_kind, version=self.state_version,
-                       who=self.implementation, upgrade=type(self).upgrade_state)
+        state = accept(
+            state,
+            kind=self.state_kind,
+            version=self.state_version,
+            who=self.implementation,
+            upgrade=type(self).upgrade_state,
+        )
         for dev in state.devices:
             where = f"state of device {dev.key} ({dev.label})"
             stats, data = dev.data.get("stats", {}), dev.data.get("class", {})
@@ -632,11 +711,16 @@ class DeviceBackend:
             for f in fields(DeviceStats):
                 v = stats.get(f.name, 0)
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise StateError(f"{where}: data.stats.{f.name} must be an integer >= 0, "
-                                     f"got {v!r:.40}")
+                    raise StateError(
+                        f"{where}: data.stats.{f.name} must be an integer >= 0, got {v!r:.40}"
+                    )
             self._restored[dev.key] = dev
-        self.log.info("restored %d device(s) from the state of %s (version %d)",
-                      len(state.devices), state.implementation, state.version)
+        self.log.info(
+            "restored %d device(s) from the state of %s (version %d)",
+            len(state.devices),
+            state.implementation,
+            state.version,
+        )
 
     def _restore_device(self, d: Device, saved: DeviceState) -> None:
         stats = saved.data.get("stats", {})
@@ -645,5 +729,12 @@ class DeviceBackend:
         self.restore_data(d, saved.data.get("class", {}))
 
 
-__all__ = ["OPTIONS", "Attach", "Device", "DeviceBackend", "DeviceStats", "Lifecycle",
-           "StopServing"]
+__all__ = [
+    "OPTIONS",
+    "Attach",
+    "Device",
+    "DeviceBackend",
+    "DeviceStats",
+    "Lifecycle",
+    "StopServing",
+]

@@ -42,11 +42,11 @@ IN_DRIVER_TYPES: Final[dict[str, str]] = {
     "bad_op": "answer with another operation than the request's",
     "bad_index": "publish rsp_prod beyond the guest's req_prod and stop serving the device",
     "corrupt_data": "flip one byte of the data delivered: a successful read's, a frame's, the "
-                    "log's (silent corruption)",
+    "log's (silent corruption)",
     "leak_mem": "allocate and touch 64 MiB more, kept until the process ends",
     "leak_fd": "open 256 more file descriptors, kept until the process ends",
     "poison": "die by SIGSEGV on every request covering `sector`, in every instance (until "
-              "the request is answered as poison)",
+    "the request is answered as poison)",
 }
 #: Kinds that end or stall the process: inline (inside the kernel) they are refused unless the
 #: fault says ``really`` (the inline comparison of a campaign wants to see the damage).
@@ -87,9 +87,11 @@ class FaultClass:
         why = self.refused.get(kind)
         if why is None:
             return None
-        return (f"fault type {kind!r} does not apply to a {self.driver} driver (device class "
-                f"{self.name}): {why}; a {self.driver} driver takes: "
-                f"{', '.join([*outside, *self.types])}")
+        return (
+            f"fault type {kind!r} does not apply to a {self.driver} driver (device class "
+            f"{self.name}): {why}; a {self.driver} driver takes: "
+            f"{', '.join([*outside, *self.types])}"
+        )
 
     def check(self, fault: Fault) -> None:
         """ValueError if ``fault`` cannot be injected into this class's drivers."""
@@ -97,8 +99,10 @@ class FaultClass:
         if why is not None:
             raise ValueError(why)
         if fault.op is not None and fault.op not in self.ops:
-            raise ValueError(f"op {fault.op!r} is not one of {', '.join(self.ops)}: the "
-                             f"operations of {self.request}")
+            raise ValueError(
+                f"op {fault.op!r} is not one of {', '.join(self.ops)}: the "
+                f"operations of {self.request}"
+            )
 
 
 _ANY_CLASS: Final = "any"
@@ -113,8 +117,12 @@ def fault_classes() -> dict[str, FaultClass]:
 
     classes = {c.name: c.faults() for c in devices.CLASSES}
     classes[_ANY_CLASS] = FaultClass(
-        _ANY_CLASS, "driver", "any driver's requests", tuple(dict.fromkeys(
-            op for c in classes.values() for op in c.ops)), "what the driver's class says")
+        _ANY_CLASS,
+        "driver",
+        "any driver's requests",
+        tuple(dict.fromkeys(op for c in classes.values() for op in c.ops)),
+        "what the driver's class says",
+    )
     return classes
 
 
@@ -127,9 +135,23 @@ def class_of_module(module: str | None) -> FaultClass:
     return fault_classes()[cls.name if cls is not None else _ANY_CLASS]
 
 
-_KEYS: Final = frozenset({"id", "type", "probability", "interval", "times", "fail_nth",
-                          "domain", "vdev", "op", "sector", "latency_ms", "jitter_ms",
-                          "really"})
+_KEYS: Final = frozenset(
+    {
+        "id",
+        "type",
+        "probability",
+        "interval",
+        "times",
+        "fail_nth",
+        "domain",
+        "vdev",
+        "op",
+        "sector",
+        "latency_ms",
+        "jitter_ms",
+        "really",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -171,21 +193,31 @@ class Fault:
             raise ValueError(f"a fault is a table of keys, got {spec!r:.80}")
         unknown = sorted(set(spec) - _KEYS)
         if unknown:
-            raise ValueError(f"unknown fault key(s) {', '.join(map(str, unknown))}; allowed: "
-                             f"{', '.join(sorted(_KEYS))}")
+            raise ValueError(
+                f"unknown fault key(s) {', '.join(map(str, unknown))}; allowed: "
+                f"{', '.join(sorted(_KEYS))}"
+            )
         kind = spec.get("type")
         if kind not in IN_DRIVER_TYPES:
-            raise ValueError(f"type {kind!r} is not a fault a driver carries out; choose one "
-                             f"of {', '.join(IN_DRIVER_TYPES)}")
-        f = cls(id=_int(spec, "id", 0, 0), type=kind,
-                probability=_num(spec, "probability", 100.0, 0.0, 100.0),
-                interval=_int(spec, "interval", 1, 1), times=_times(spec),
-                fail_nth=_int(spec, "fail_nth", 0, 0),
-                domain=_str(spec, "domain"), vdev=_str(spec, "vdev"), op=_str(spec, "op"),
-                sector=_opt_int(spec, "sector"),
-                latency_ms=_num(spec, "latency_ms", 0.0, 0.0, 600_000.0),
-                jitter_ms=_num(spec, "jitter_ms", 0.0, 0.0, 600_000.0),
-                really=bool(spec.get("really", False)))
+            raise ValueError(
+                f"type {kind!r} is not a fault a driver carries out; choose one "
+                f"of {', '.join(IN_DRIVER_TYPES)}"
+            )
+        f = cls(
+            id=_int(spec, "id", 0, 0),
+            type=kind,
+            probability=_num(spec, "probability", 100.0, 0.0, 100.0),
+            interval=_int(spec, "interval", 1, 1),
+            times=_times(spec),
+            fail_nth=_int(spec, "fail_nth", 0, 0),
+            domain=_str(spec, "domain"),
+            vdev=_str(spec, "vdev"),
+            op=_str(spec, "op"),
+            sector=_opt_int(spec, "sector"),
+            latency_ms=_num(spec, "latency_ms", 0.0, 0.0, 600_000.0),
+            jitter_ms=_num(spec, "jitter_ms", 0.0, 0.0, 600_000.0),
+            really=bool(spec.get("really", False)),
+        )
         (fclass or fault_classes()["vbd"]).check(f)
         if f.type == "poison" and f.sector is None:
             raise ValueError("a poison fault needs `sector`: the request it always dies on")
@@ -201,8 +233,7 @@ class Fault:
             return False
         if self.op is not None and req.op != self.op:
             return False
-        return self.sector is None or (
-            req.sector <= self.sector < req.sector + max(1, req.sectors))
+        return self.sector is None or (req.sector <= self.sector < req.sector + max(1, req.sectors))
 
     def _eligible(self, rng: random.Random) -> bool:
         """``interval`` and ``probability`` (when there is no ``fail_nth``)."""

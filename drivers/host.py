@@ -91,7 +91,7 @@ DEFAULT_REQUEST_TIMEOUT_MS = 10_000
 INJECT_KINDS: dict[str, str] = {
     "exit": f"exit at once with status {EXIT_INJECTED}",
     "exception": f"raise an exception, as a backend bug would (a process exits with status "
-                 f"{EXIT_SOFTWARE})",
+    f"{EXIT_SOFTWARE})",
     "segv": "a real invalid memory access: the process dies by SIGSEGV",
     "abort": "abort(): the process dies by SIGABRT",
     "hang": "the loop blocks forever and sends no more heartbeats",
@@ -104,7 +104,7 @@ RESPONSE_KINDS: dict[str, str] = {
     "bad_status": "answer one request with a status that is not okay, error or unsupported",
     "bad_op": "answer one request with another operation than the request's",
     "bad_index": "publish rsp_prod three beyond the guest's req_prod, then stop serving that "
-                 "device",
+    "device",
 }
 INJECT_KINDS.update(RESPONSE_KINDS)
 #: Kinds that would kill or stall the kernel itself when the driver runs inline.
@@ -180,14 +180,25 @@ class DriverHost:
     injectable fault allowed); ``spare`` makes it wait for ``["activate"]`` before it says
     hello; ``watchdog_ms`` > 0 makes the loop send a heartbeat every ``watchdog_ms / 4``."""
 
-    def __init__(self, name: str, module: str, options: dict[str, Any], ctx: zmq.Context[Any],
-                 kernel_endpoint: str, listen_endpoint: str, *, process: bool = False,
-                 spare: bool = False, watchdog_ms: int = 0,
-                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
-                 report: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        options: dict[str, Any],
+        ctx: zmq.Context[Any],
+        kernel_endpoint: str,
+        listen_endpoint: str,
+        *,
+        process: bool = False,
+        spare: bool = False,
+        watchdog_ms: int = 0,
+        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        report: str | None = None,
+    ) -> None:
         if not _NAME_RE.match(name):
-            raise HostError(f"invalid driver name {name!r}: use 1-64 letters, digits, '_', '.', "
-                            "'-'")
+            raise HostError(
+                f"invalid driver name {name!r}: use 1-64 letters, digits, '_', '.', '-'"
+            )
         if not isinstance(options, dict):
             raise HostError(f"driver options must be a mapping, got {type(options).__name__}")
         for what, v in (("watchdog_ms", watchdog_ms), ("request_timeout_ms", request_timeout_ms)):
@@ -256,14 +267,25 @@ class DriverHost:
             raise HostError(f"cannot connect to the kernel at {kernel_endpoint}: {e}") from e
 
     def _identity(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": os.getpid(), "endpoint": self.endpoint,
-                "module": self.module_name}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "endpoint": self.endpoint,
+            "module": self.module_name,
+        }
 
     def _hello(self) -> None:
-        self._send(["hello", {**self._identity(), "watchdog_ms": self.watchdog_ms,
-                              "request_timeout_ms": self.request_timeout_ms,
-                              "statistics": callable(getattr(self.backend, "statistics",
-                                                             None))}])
+        self._send(
+            [
+                "hello",
+                {
+                    **self._identity(),
+                    "watchdog_ms": self.watchdog_ms,
+                    "request_timeout_ms": self.request_timeout_ms,
+                    "statistics": callable(getattr(self.backend, "statistics", None)),
+                },
+            ]
+        )
         self._next_heartbeat = time.monotonic() + self._heartbeat_s
 
     # -- the API backends use ------------------------------------------------------------------
@@ -276,8 +298,7 @@ class DriverHost:
     def store_write(self, path: str, value: str) -> None:
         check_store_path(self.name, path)
         if not isinstance(value, str):
-            raise ValueError(f"store value for {path} must be a string, got "
-                             f"{type(value).__name__}")
+            raise ValueError(f"store value for {path} must be a string, got {type(value).__name__}")
         self._send(["store", path, value])
 
     def fault(self, key: int, message: str) -> None:
@@ -307,19 +328,29 @@ class DriverHost:
         Inline, the kinds that would kill or stall the kernel are refused, unless ``really``
         (a campaign's inline comparison, which wants to see the damage)."""
         if kind not in INJECT_KINDS:
-            self.log.warning("ignoring inject of unknown kind %s (known: %s)", _short(kind),
-                             ", ".join(INJECT_KINDS))
+            self.log.warning(
+                "ignoring inject of unknown kind %s (known: %s)",
+                _short(kind),
+                ", ".join(INJECT_KINDS),
+            )
             return
         if not self.process and kind in _PROCESS_ONLY_KINDS and not really:
-            self.log.error("refusing to inject %r: this driver runs inline, so it would %s the "
-                           "kernel", kind, "stall" if kind == "hang" else "kill")
+            self.log.error(
+                "refusing to inject %r: this driver runs inline, so it would %s the kernel",
+                kind,
+                "stall" if kind == "hang" else "kill",
+            )
             return
         self.log.warning("injecting a fault: %s (%s)", kind, INJECT_KINDS[kind])
         if kind in RESPONSE_KINDS:
             corrupt = getattr(self.backend, "corrupt_next", None)
             if corrupt is None:
-                self.log.error("cannot inject %r: backend %s gives no bad responses on request "
-                               "(it has no corrupt_next)", kind, self.module_name)
+                self.log.error(
+                    "cannot inject %r: backend %s gives no bad responses on request "
+                    "(it has no corrupt_next)",
+                    kind,
+                    self.module_name,
+                )
                 return
             corrupt(kind)
             return
@@ -341,24 +372,40 @@ class DriverHost:
     def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
         """An armed fault (drivers/faults.py) fired on a request of ``device``."""
         self.log.warning("fault %d (%s) fired on %s", fault_id, kind, device)
-        self._send(["fault_fired", {"name": self.name, "pid": os.getpid(), "id": fault_id,
-                                    "type": kind, "device": device}])
+        self._send(
+            [
+                "fault_fired",
+                {
+                    "name": self.name,
+                    "pid": os.getpid(),
+                    "id": fault_id,
+                    "type": kind,
+                    "device": device,
+                },
+            ]
+        )
 
     def _set_faults(self, specs: list[Any]) -> None:
         """``["faults", [spec, ...]]``: the armed faults, from the supervisor's table."""
         setter = getattr(self.backend, "set_faults", None)
         if setter is None:
-            self.log.error("cannot arm %d fault(s): backend %s has no fault injection "
-                           "(set_faults)", len(specs), self.module_name)
+            self.log.error(
+                "cannot arm %d fault(s): backend %s has no fault injection (set_faults)",
+                len(specs),
+                self.module_name,
+            )
             return
         try:
             setter(specs)
         except ValueError as e:
             self.log.error("faults refused: %s", e)
             return
-        self.log.warning("%d fault(s) armed: %s", len(specs),
-                         ", ".join(f"{s.get('id')}:{s.get('type')}" for s in specs
-                                   if isinstance(s, dict)) or "none")
+        self.log.warning(
+            "%d fault(s) armed: %s",
+            len(specs),
+            ", ".join(f"{s.get('id')}:{s.get('type')}" for s in specs if isinstance(s, dict))
+            or "none",
+        )
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -443,13 +490,20 @@ class DriverHost:
         if fn is None:
             return
         try:
-            values = {str(k): v for k, v in fn().items()
-                      if isinstance(v, int | float | str) and not isinstance(v, bool)}
+            values = {
+                str(k): v
+                for k, v in fn().items()
+                if isinstance(v, int | float | str) and not isinstance(v, bool)
+            }
         except Exception:
             self.log.exception("statistics() failed; no statistics this time")
             return
-        self._send(["statistics", {"name": self.name, "pid": os.getpid(),
-                                   "values": dict(list(values.items())[:64])}])
+        self._send(
+            [
+                "statistics",
+                {"name": self.name, "pid": os.getpid(), "values": dict(list(values.items())[:64])},
+            ]
+        )
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -502,10 +556,17 @@ class DriverHost:
         backend = self.backend
         save, suspend = getattr(backend, "save", None), getattr(backend, "suspend", None)
         if save is None or suspend is None:
-            self._send(["drain_failed", {
-                "name": self.name, "pid": os.getpid(),
-                "error": f"backend {self.implementation} cannot be drained: it has no "
-                         "save() and suspend() (subclass drivers.sdk.BlockBackend)"}])
+            self._send(
+                [
+                    "drain_failed",
+                    {
+                        "name": self.name,
+                        "pid": os.getpid(),
+                        "error": f"backend {self.implementation} cannot be drained: it has no "
+                        "save() and suspend() (subclass drivers.sdk.BlockBackend)",
+                    },
+                ]
+            )
             return
         started = time.monotonic_ns()
         try:
@@ -513,15 +574,26 @@ class DriverHost:
             wire = state.to_wire()
         except Exception as e:  # nothing was let go yet: the old backend goes on serving
             self.log.exception("drain: save() failed; the backend goes on serving")
-            self._send(["drain_failed", {"name": self.name, "pid": os.getpid(),
-                                         "error": f"{type(e).__name__}: {e}",
-                                         "traceback": traceback.format_exc()}])
+            self._send(
+                [
+                    "drain_failed",
+                    {
+                        "name": self.name,
+                        "pid": os.getpid(),
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    },
+                ]
+            )
             return
         self._call("suspend", suspend)  # a failure here is fail-stop: recovery takes over
         self.mode = "drained"
         self._again.clear()
-        self.log.warning("drained for a hot swap in %.2f ms: state of %d device(s) saved",
-                         (time.monotonic_ns() - started) / 1e6, len(wire["devices"]))
+        self.log.warning(
+            "drained for a hot swap in %.2f ms: state of %d device(s) saved",
+            (time.monotonic_ns() - started) / 1e6,
+            len(wire["devices"]),
+        )
         self._send(["saved", {"name": self.name, "pid": os.getpid(), "state": wire}])
 
     def _restore(self, wire: dict[str, Any], *, fresh: bool) -> bool:
@@ -537,16 +609,28 @@ class DriverHost:
             now = backend.save().to_wire()  # type: ignore[union-attr]
         except Exception as e:
             self.log.error("restore refused: %s: %s", type(e).__name__, e, exc_info=True)
-            self._send(["restore_failed", {"name": self.name, "pid": os.getpid(),
-                                           "error": f"{type(e).__name__}: {e}",
-                                           "traceback": traceback.format_exc()}])
+            self._send(
+                [
+                    "restore_failed",
+                    {
+                        "name": self.name,
+                        "pid": os.getpid(),
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    },
+                ]
+            )
             return False
         if fresh and self.backend is not backend:
             self._close_backend()
             self.backend = backend
         self.mode = "active"
-        self.log.warning("restored the state of %s (version %s, %d device(s)): serving",
-                         state.implementation, state.version, len(state.devices))
+        self.log.warning(
+            "restored the state of %s (version %s, %d device(s)): serving",
+            state.implementation,
+            state.version,
+            len(state.devices),
+        )
         self._send(["restored", {"name": self.name, "pid": os.getpid(), "state": now}])
         self._hello()
         return True
@@ -557,8 +641,9 @@ class DriverHost:
         state.  A refusal escapes (fail-stop: the next instance tries again)."""
         restore = getattr(self.backend, "restore", None)
         if restore is None:
-            self.log.error("cannot restore a state: backend %s has no restore()",
-                           self.implementation)
+            self.log.error(
+                "cannot restore a state: backend %s has no restore()", self.implementation
+            )
             return
         restore(BackendState.from_wire(wire))
 
@@ -583,25 +668,30 @@ class DriverHost:
         try:
             msg = msgpack.unpackb(raw)
         except Exception as e:
-            self.log.warning("ignoring a message that is not msgpack (%s): %r",
-                             f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
-                             raw[:64])
+            self.log.warning(
+                "ignoring a message that is not msgpack (%s): %r",
+                f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                raw[:64],
+            )
             return None
         if not isinstance(msg, list) or not msg:
-            self.log.warning("ignoring a message that is not a non-empty list: %s",
-                             _short(msg))
+            self.log.warning("ignoring a message that is not a non-empty list: %s", _short(msg))
             return None
         kind = msg[0]
         sig = _SIGNATURES.get(kind) if isinstance(kind, str) else None
         if sig is None:
-            self.log.warning("ignoring a message of unknown type %s (known: %s)", _short(kind),
-                             ", ".join(_SIGNATURES))
+            self.log.warning(
+                "ignoring a message of unknown type %s (known: %s)",
+                _short(kind),
+                ", ".join(_SIGNATURES),
+            )
             return None
         checks, shape = sig
         args = msg[1:]
         if len(args) != len(checks) or not all(c(a) for c, a in zip(checks, args, strict=True)):
-            self.log.warning("ignoring a malformed %s message %s: expected %s", kind,
-                             _short(msg), shape)
+            self.log.warning(
+                "ignoring a malformed %s message %s: expected %s", kind, _short(msg), shape
+            )
             return None
         return msg
 
@@ -670,8 +760,12 @@ class DriverHost:
         """Fail-stop: log the exception being handled and end the process (status 70) without
         any clean-up; the supervisor replaces the driver and the replacement redoes what was
         in flight."""
-        self.log.critical("%s: unhandled exception; exiting with status %d so that the "
-                          "driver is replaced", what, EXIT_SOFTWARE, exc_info=True)
+        self.log.critical(
+            "%s: unhandled exception; exiting with status %d so that the driver is replaced",
+            what,
+            EXIT_SOFTWARE,
+            exc_info=True,
+        )
         write_report(self.report, f"{what}: {_exception_line()}", traceback.format_exc())
         _flush_logs()
         os._exit(EXIT_SOFTWARE)
@@ -687,9 +781,12 @@ class DriverHost:
         except zmq.Again:
             self._send_failures += 1
             if self._send_failures <= 20 or self._send_failures % 1000 == 0:
-                self.log.error("the kernel is not taking messages (%d queued): dropped %r "
-                               "(%d dropped so far)", SNDHWM, msgpack.unpackb(data)[:2],
-                               self._send_failures)
+                self.log.error(
+                    "the kernel is not taking messages (%d queued): dropped %r (%d dropped so far)",
+                    SNDHWM,
+                    msgpack.unpackb(data)[:2],
+                    self._send_failures,
+                )
 
     # -- shutdown ------------------------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -701,15 +798,17 @@ class DriverHost:
             s.close(linger=0)
 
 
-def load_backend(spec: str, *, swappable: bool = False
-                 ) -> tuple[Callable[[DriverHost, dict[str, Any]], Backend], str]:
+def load_backend(
+    spec: str, *, swappable: bool = False
+) -> tuple[Callable[[DriverHost, dict[str, Any]], Backend], str]:
     """The backend class ``spec`` names (see the module docstring) and its canonical name
     (``module:Class`` or ``/abs/file.py:Class``).  HostError says what is wrong: no such module
     or file, a syntax error (with its line), no such class, or a class that lacks part of the
     interface (``swappable``: also save, suspend and restore)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise HostError("the backend must be named: package.module[:Class] or "
-                        "/path/to/file.py[:Class]")
+        raise HostError(
+            "the backend must be named: package.module[:Class] or /path/to/file.py[:Class]"
+        )
     where, _, cls_name = spec.strip().rpartition(":") if ":" in spec else (spec, "", "")
     if not where:
         where, cls_name = spec, ""
@@ -719,17 +818,24 @@ def load_backend(spec: str, *, swappable: bool = False
     if cls_name:
         cls = getattr(mod, cls_name, None)
         if cls is None:
-            raise HostError(f"{origin} has no class {cls_name!r} (it defines: "
-                            f"{', '.join(_classes(mod)) or 'no classes'})")
+            raise HostError(
+                f"{origin} has no class {cls_name!r} (it defines: "
+                f"{', '.join(_classes(mod)) or 'no classes'})"
+            )
     else:
         cls = getattr(mod, "Backend", None)
         if cls is None:
-            own = [c for c in _classes(mod, own=True)
-                   if all(callable(getattr(getattr(mod, c), m, None)) for m in REQUIRED_METHODS)]
+            own = [
+                c
+                for c in _classes(mod, own=True)
+                if all(callable(getattr(getattr(mod, c), m, None)) for m in REQUIRED_METHODS)
+            ]
             if len(own) != 1:
-                raise HostError(f"{origin} has no Backend class; name the class: "
-                                f"{origin}:<Class> (backend classes there: "
-                                f"{', '.join(own) or 'none'})")
+                raise HostError(
+                    f"{origin} has no Backend class; name the class: "
+                    f"{origin}:<Class> (backend classes there: "
+                    f"{', '.join(own) or 'none'})"
+                )
             cls_name = own[0]
             cls = getattr(mod, cls_name)
         else:
@@ -740,20 +846,29 @@ def load_backend(spec: str, *, swappable: bool = False
     need = REQUIRED_METHODS + (SWAP_METHODS if swappable else ())
     missing = [m for m in need if not callable(getattr(cls, m, None))]
     if missing:
-        raise HostError(f"{name} does not implement the backend interface: it has no "
-                        f"{', '.join(missing)} (subclass drivers.sdk.BlockBackend; see "
-                        "docs/sdk.md)")
+        raise HostError(
+            f"{name} does not implement the backend interface: it has no "
+            f"{', '.join(missing)} (subclass drivers.sdk.BlockBackend; see "
+            "docs/sdk.md)"
+        )
     if inspect.isabstract(cls):
         abstract = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
-        raise HostError(f"{name} does not implement the backend interface: it must define "
-                        f"{abstract} (see docs/sdk.md)")
+        raise HostError(
+            f"{name} does not implement the backend interface: it must define "
+            f"{abstract} (see docs/sdk.md)"
+        )
     # the checks above stand in for the static type: a class with the backend interface
     return cast("Callable[[DriverHost, dict[str, Any]], Backend]", cls), name
 
 
 def _classes(mod: Any, own: bool = False) -> list[str]:
-    return [n for n, v in vars(mod).items() if inspect.isclass(v) and not n.startswith("_")
-            and (not own or v.__module__ == mod.__name__)]
+    return [
+        n
+        for n, v in vars(mod).items()
+        if inspect.isclass(v)
+        and not n.startswith("_")
+        and (not own or v.__module__ == mod.__name__)
+    ]
 
 
 def _import_module(name: str) -> Any:
@@ -761,12 +876,15 @@ def _import_module(name: str) -> Any:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and name.startswith(e.name):
-            raise HostError(f"no module named {name!r}: check the name, or give a file with "
-                            "--to-file") from e
+            raise HostError(
+                f"no module named {name!r}: check the name, or give a file with --to-file"
+            ) from e
         raise HostError(f"cannot import driver module {name!r}: {e}") from e
     except SyntaxError as e:
-        raise HostError(f"cannot import driver module {name!r}: syntax error in "
-                        f"{e.filename}, line {e.lineno}: {e.msg}") from e
+        raise HostError(
+            f"cannot import driver module {name!r}: syntax error in "
+            f"{e.filename}, line {e.lineno}: {e.msg}"
+        ) from e
     except Exception as e:
         raise HostError(f"cannot import driver module {name!r}: {type(e).__name__}: {e}") from e
 
@@ -819,6 +937,7 @@ def write_report(path: str | None, error: str, tb: str) -> None:
 
 
 # --- fault injection ------------------------------------------------------------------------------
+
 
 def _flush_logs() -> None:
     """Push out what was logged before the process ends without clean-up."""
@@ -901,11 +1020,13 @@ def _short(v: object, limit: int = 120) -> str:
 
 # --- in-process drivers ---------------------------------------------------------------------------
 
+
 class InlineDriver:
     """A driver host running in a daemon thread of this process."""
 
-    def __init__(self, name: str, endpoint: str, thread: threading.Thread,
-                 host: DriverHost) -> None:
+    def __init__(
+        self, name: str, endpoint: str, thread: threading.Thread, host: DriverHost
+    ) -> None:
         self.name = name
         self.endpoint = endpoint
         self.thread = thread
@@ -924,9 +1045,17 @@ class InlineDriver:
                 raise TimeoutError(f"driver {self.name} did not stop within {timeout}s")
 
 
-def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Context[Any],
-                 kernel_endpoint: str, listen_endpoint: str, *, watchdog_ms: int = 0,
-                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> InlineDriver:
+def start_inline(
+    name: str,
+    module: str,
+    options: dict[str, Any],
+    ctx: zmq.Context[Any],
+    kernel_endpoint: str,
+    listen_endpoint: str,
+    *,
+    watchdog_ms: int = 0,
+    request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+) -> InlineDriver:
     """Run a driver host in a daemon thread sharing ``ctx``; returns once it listens and has
     said hello, or raises HostError if it cannot start.  An inline driver is not fail-stop (an
     exception in its backend is logged and it goes on) and refuses the injected faults that
@@ -936,8 +1065,16 @@ def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Conte
 
     def main() -> None:
         try:
-            host = DriverHost(name, module, options, ctx, kernel_endpoint, listen_endpoint,
-                              watchdog_ms=watchdog_ms, request_timeout_ms=request_timeout_ms)
+            host = DriverHost(
+                name,
+                module,
+                options,
+                ctx,
+                kernel_endpoint,
+                listen_endpoint,
+                watchdog_ms=watchdog_ms,
+                request_timeout_ms=request_timeout_ms,
+            )
         except BaseException as e:
             box["error"] = e
             ready.set()
@@ -958,6 +1095,7 @@ def start_inline(name: str, module: str, options: dict[str, Any], ctx: zmq.Conte
 
 # --- process mode ---------------------------------------------------------------------------------
 
+
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -969,8 +1107,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m drivers.host",
-                                 description="isovisor driver host process")
+    ap = argparse.ArgumentParser(
+        prog="python -m drivers.host", description="isovisor driver host process"
+    )
     ap.add_argument("--name", required=True, help="driver name (store: /driver/<name>/)")
     ap.add_argument("--module", required=True, help="backend module, e.g. drivers.blk")
     ap.add_argument("--kernel", required=True, help="the kernel's driver endpoint (PUSH to it)")
@@ -978,24 +1117,39 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--options", default="{}", help="backend options as a JSON object")
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
-    ap.add_argument("--spare", action="store_true",
-                    help='start as a warm spare: say "spare", wait for ["activate"], then hello')
-    ap.add_argument("--watchdog-ms", type=_non_negative_int, default=0,
-                    help="heartbeat deadline; a heartbeat goes out every N/4 ms (0: none)")
-    ap.add_argument("--request-timeout-ms", type=_non_negative_int,
-                    default=DEFAULT_REQUEST_TIMEOUT_MS,
-                    help="reported in hello: a request outstanding longer is a hang")
-    ap.add_argument("--report", default=None,
-                    help="write why this instance could not start or ended (JSON) here; the "
-                         "backend must also support hot swap (save, suspend, restore)")
+    ap.add_argument(
+        "--spare",
+        action="store_true",
+        help='start as a warm spare: say "spare", wait for ["activate"], then hello',
+    )
+    ap.add_argument(
+        "--watchdog-ms",
+        type=_non_negative_int,
+        default=0,
+        help="heartbeat deadline; a heartbeat goes out every N/4 ms (0: none)",
+    )
+    ap.add_argument(
+        "--request-timeout-ms",
+        type=_non_negative_int,
+        default=DEFAULT_REQUEST_TIMEOUT_MS,
+        help="reported in hello: a request outstanding longer is a hang",
+    )
+    ap.add_argument(
+        "--report",
+        default=None,
+        help="write why this instance could not start or ended (JSON) here; the "
+        "backend must also support hot swap (save, suspend, restore)",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s driver {args.name}[%(process)d] %(levelname)s "
-                               "%(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s driver {args.name}[%(process)d] %(levelname)s %(message)s",
+    )
     log = logging.getLogger(f"isovisor.driver.{args.name}")
     die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
@@ -1012,21 +1166,39 @@ def main(argv: list[str] | None = None) -> int:
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         try:
-            host = DriverHost(args.name, args.module, options, ctx, args.kernel, args.listen,
-                              process=True, spare=args.spare, watchdog_ms=args.watchdog_ms,
-                              request_timeout_ms=args.request_timeout_ms, report=args.report)
+            host = DriverHost(
+                args.name,
+                args.module,
+                options,
+                ctx,
+                args.kernel,
+                args.listen,
+                process=True,
+                spare=args.spare,
+                watchdog_ms=args.watchdog_ms,
+                request_timeout_ms=args.request_timeout_ms,
+                report=args.report,
+            )
         except HostError as e:
             log.error("%s", e)
             write_report(args.report, str(e), _user_traceback(e))
             return 2
         except Exception as e:  # the backend's own constructor failed
             log.exception("driver %s: the backend %s failed to start", args.name, args.module)
-            write_report(args.report, f"the backend's constructor raised {type(e).__name__}: "
-                                      f"{e}", traceback.format_exc())
+            write_report(
+                args.report,
+                f"the backend's constructor raised {type(e).__name__}: {e}",
+                traceback.format_exc(),
+            )
             return 2
         signal.signal(signal.SIGTERM, lambda *_: host.stop())
-        log.info("driver %s (%s) listening at %s%s", args.name, args.module, args.listen,
-                 " as a spare" if args.spare else "")
+        log.info(
+            "driver %s (%s) listening at %s%s",
+            args.name,
+            args.module,
+            args.listen,
+            " as a spare" if args.spare else "",
+        )
         host.run()
         log.info("driver %s stopped", args.name)
         return 0

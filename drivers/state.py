@@ -44,8 +44,7 @@ class Medium:
     access: str = "rw"
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.type, "target": self.target, "size": self.size,
-                "access": self.access}
+        return {"type": self.type, "target": self.target, "size": self.size, "access": self.access}
 
     @classmethod
     def from_wire(cls, v: object, where: str) -> Medium:
@@ -54,14 +53,13 @@ class Medium:
         kind, target, size = v.get("type"), v.get("target"), v.get("size")
         access = v.get("access", "rw")
         if kind not in MEDIUM_TYPES:
-            raise StateError(f"{where}.type must be one of {', '.join(MEDIUM_TYPES)}, "
-                             f"got {kind!r:.40}")
+            raise StateError(
+                f"{where}.type must be one of {', '.join(MEDIUM_TYPES)}, got {kind!r:.40}"
+            )
         if not isinstance(target, str) or not target:
             raise StateError(f"{where}.target must be a non-empty string, got {target!r:.80}")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                                 or size <= 0):
-            raise StateError(f"{where}.size must be a positive integer or absent, got "
-                             f"{size!r:.40}")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise StateError(f"{where}.size must be a positive integer or absent, got {size!r:.40}")
         if access not in ("rw", "ro"):
             raise StateError(f"{where}.access must be 'rw' or 'ro', got {access!r:.40}")
         return cls(kind, target, size, access)
@@ -88,15 +86,25 @@ class DeviceState:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "home": self.home.to_wire(),
-                "scratch": self.scratch, "medium": self.medium.to_wire(), "data": self.data}
+        return {
+            "key": self.key,
+            "label": self.label,
+            "home": self.home.to_wire(),
+            "scratch": self.scratch,
+            "medium": self.medium.to_wire(),
+            "data": self.data,
+        }
 
     @classmethod
     def from_wire(cls, v: object, where: str) -> DeviceState:
         if not isinstance(v, dict):
             raise StateError(f"{where} must be a map, got {v!r:.80}")
-        key, label, scratch, data = v.get("key"), v.get("label"), v.get("scratch"), \
-            v.get("data", {})
+        key, label, scratch, data = (
+            v.get("key"),
+            v.get("label"),
+            v.get("scratch"),
+            v.get("data", {}),
+        )
         if not isinstance(key, int) or isinstance(key, bool) or key < 0:
             raise StateError(f"{where}.key must be an integer >= 0, got {key!r:.40}")
         if not isinstance(label, str):
@@ -105,8 +113,14 @@ class DeviceState:
             raise StateError(f"{where}.scratch must be a string, got {scratch!r:.40}")
         if not isinstance(data, dict):
             raise StateError(f"{where}.data must be a map, got {data!r:.80}")
-        return cls(key, label, Medium.from_wire(v.get("home"), f"{where}.home"), scratch,
-                   Medium.from_wire(v.get("medium"), f"{where}.medium"), data)
+        return cls(
+            key,
+            label,
+            Medium.from_wire(v.get("home"), f"{where}.home"),
+            scratch,
+            Medium.from_wire(v.get("medium"), f"{where}.medium"),
+            data,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,17 +137,24 @@ class BackendState:
         return next((d for d in self.devices if d.key == key), None)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"format": WIRE_FORMAT, "kind": self.kind, "version": self.version,
-                "implementation": self.implementation,
-                "devices": [d.to_wire() for d in self.devices], "data": self.data}
+        return {
+            "format": WIRE_FORMAT,
+            "kind": self.kind,
+            "version": self.version,
+            "implementation": self.implementation,
+            "devices": [d.to_wire() for d in self.devices],
+            "data": self.data,
+        }
 
     @classmethod
     def from_wire(cls, v: object) -> BackendState:
         if not isinstance(v, dict):
             raise StateError(f"a saved state must be a map, got {type(v).__name__}")
         if v.get("format") != WIRE_FORMAT:
-            raise StateError(f"saved state format {v.get('format')!r:.20} is not "
-                             f"{WIRE_FORMAT}: it was written by another isovisor version")
+            raise StateError(
+                f"saved state format {v.get('format')!r:.20} is not "
+                f"{WIRE_FORMAT}: it was written by another isovisor version"
+            )
         kind, version, impl = v.get("kind"), v.get("version"), v.get("implementation")
         devices, data = v.get("devices"), v.get("data", {})
         if not isinstance(kind, str) or not kind:
@@ -146,23 +167,32 @@ class BackendState:
             raise StateError(f"state.devices must be a list, got {devices!r:.80}")
         if not isinstance(data, dict):
             raise StateError(f"state.data must be a map, got {data!r:.80}")
-        devs = tuple(DeviceState.from_wire(d, f"state.devices[{i}]")
-                     for i, d in enumerate(devices))
+        devs = tuple(DeviceState.from_wire(d, f"state.devices[{i}]") for i, d in enumerate(devices))
         return cls(kind, version, impl, devs, data)
 
 
-def accept(state: BackendState, *, kind: str, version: int, who: str,
-           upgrade: Callable[[BackendState], BackendState]) -> BackendState:
+def accept(
+    state: BackendState,
+    *,
+    kind: str,
+    version: int,
+    who: str,
+    upgrade: Callable[[BackendState], BackendState],
+) -> BackendState:
     """``state`` as backend ``who`` (of ``kind``, ``version``) can restore it: upgraded if
     older, else StateError saying why it is refused."""
     if state.kind != kind:
-        raise StateError(f"{who} restores states of kind {kind!r}, but this state is of kind "
-                         f"{state.kind!r} (saved by {state.implementation}): these backends "
-                         "serve different device classes and cannot take over from each other")
+        raise StateError(
+            f"{who} restores states of kind {kind!r}, but this state is of kind "
+            f"{state.kind!r} (saved by {state.implementation}): these backends "
+            "serve different device classes and cannot take over from each other"
+        )
     if state.version > version:
-        raise StateError(f"the state saved by {state.implementation} is version "
-                         f"{state.version}, newer than {who} understands (version {version}); "
-                         "swap to an implementation that knows this version")
+        raise StateError(
+            f"the state saved by {state.implementation} is version "
+            f"{state.version}, newer than {who} understands (version {version}); "
+            "swap to an implementation that knows this version"
+        )
     if state.version == version:
         return state
     try:
@@ -170,12 +200,15 @@ def accept(state: BackendState, *, kind: str, version: int, who: str,
     except StateError:
         raise
     except Exception as e:
-        raise StateError(f"{who}.upgrade_state failed on a version {state.version} state: "
-                         f"{type(e).__name__}: {e}") from e
+        raise StateError(
+            f"{who}.upgrade_state failed on a version {state.version} state: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if not isinstance(up, BackendState) or up.version != version or up.kind != kind:
         got = f"version {up.version}" if isinstance(up, BackendState) else type(up).__name__
-        raise StateError(f"{who}.upgrade_state must return a {kind!r} state of version "
-                         f"{version}, returned {got}")
+        raise StateError(
+            f"{who}.upgrade_state must return a {kind!r} state of version {version}, returned {got}"
+        )
     return up
 
 

@@ -95,8 +95,12 @@ RESPONSE: Final = struct.Struct("<QBBhI")  # id, op, reserved, status, reserved
 assert REQUEST_HEAD.size == REQ_SEGMENTS and RESPONSE.size == RESPONSE_BYTES
 assert REQUEST_BYTES <= SLOT_SIZE and 64 + RING_SLOTS * SLOT_SIZE <= DATA_OFFSET
 
-OP_NAMES: Final[dict[int, str]] = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush",
-                                   OP_DISCARD: "discard"}
+OP_NAMES: Final[dict[int, str]] = {
+    OP_READ: "read",
+    OP_WRITE: "write",
+    OP_FLUSH: "flush",
+    OP_DISCARD: "discard",
+}
 
 
 # --- decoding and encoding ---------------------------------------------------------------------
@@ -141,9 +145,12 @@ class Request:
 def _check_range(id: int, op: int, sector: int, count: int, sectors: int) -> None:
     # Python integers do not overflow, but compare without forming sector + count anyway.
     if sector > sectors or count > sectors - sector:
-        raise RequestError(id, op, STATUS_ERROR,
-                           f"sector {sector} + {count} sectors is beyond the disk's "
-                           f"{sectors} sectors")
+        raise RequestError(
+            id,
+            op,
+            STATUS_ERROR,
+            f"sector {sector} + {count} sectors is beyond the disk's {sectors} sectors",
+        )
 
 
 def decode_request(raw: bytes, *, window: int, sectors: int) -> Request:
@@ -155,70 +162,107 @@ def decode_request(raw: bytes, *, window: int, sectors: int) -> Request:
     ValueError if ``raw`` is shorter than 16 bytes (not even an id and op to answer).
     """
     if len(raw) < RESPONSE_BYTES:
-        raise ValueError(f"a request needs at least {RESPONSE_BYTES} bytes to carry its id and "
-                         f"op; got {len(raw)}")
+        raise ValueError(
+            f"a request needs at least {RESPONSE_BYTES} bytes to carry its id and "
+            f"op; got {len(raw)}"
+        )
     if len(raw) < REQ_SEGMENTS:
         id, op = _ID_OP.unpack_from(raw)
-        raise RequestError(id, op, STATUS_ERROR,
-                           f"request is only {len(raw)} bytes; its header needs {REQ_SEGMENTS}")
+        raise RequestError(
+            id,
+            op,
+            STATUS_ERROR,
+            f"request is only {len(raw)} bytes; its header needs {REQ_SEGMENTS}",
+        )
     id, op, nseg, _, nr_sectors, sector = _unpack_head(raw)
     if op in (OP_READ, OP_WRITE):
         if not 0 < nseg <= MAX_SEGMENTS:
             if nseg == 0:
-                raise RequestError(id, op, STATUS_ERROR,
-                                   f"{OP_NAMES[op]} request with nr_segments 0: it must carry "
-                                   f"1..{MAX_SEGMENTS} segments")
-            raise RequestError(id, op, STATUS_ERROR,
-                               f"nr_segments {nseg} exceeds the maximum of {MAX_SEGMENTS}")
+                raise RequestError(
+                    id,
+                    op,
+                    STATUS_ERROR,
+                    f"{OP_NAMES[op]} request with nr_segments 0: it must carry "
+                    f"1..{MAX_SEGMENTS} segments",
+                )
+            raise RequestError(
+                id, op, STATUS_ERROR, f"nr_segments {nseg} exceeds the maximum of {MAX_SEGMENTS}"
+            )
         if len(raw) < REQ_SEGMENTS + nseg * SEGMENT_SIZE:
-            raise RequestError(id, op, STATUS_ERROR,
-                               f"request is only {len(raw)} bytes; {nseg} segments need "
-                               f"{REQ_SEGMENTS + nseg * SEGMENT_SIZE}")
+            raise RequestError(
+                id,
+                op,
+                STATUS_ERROR,
+                f"request is only {len(raw)} bytes; {nseg} segments need "
+                f"{REQ_SEGMENTS + nseg * SEGMENT_SIZE}",
+            )
         flat = _SEGMENT_TABLES[nseg].unpack_from(raw, REQ_SEGMENTS)
         segments = []
         total = 0
         for i in range(nseg):
             off = flat[2 * i]
             length = flat[2 * i + 1]
-            if (off < DATA_OFFSET or length > window - off or not length
-                    or (off | length) & (SECTOR_SIZE - 1)):
+            if (
+                off < DATA_OFFSET
+                or length > window - off
+                or not length
+                or (off | length) & (SECTOR_SIZE - 1)
+            ):
                 if not length:
                     what = "has length 0"
                 elif (off | length) & (SECTOR_SIZE - 1):
                     what = f"is not aligned to the {SECTOR_SIZE}-byte sector size"
                 else:
-                    what = (f"lies outside the data area {DATA_OFFSET:#x}..{window:#x} of the "
-                            "region")
-                raise RequestError(id, op, STATUS_ERROR,
-                                   f"segment {i} (offset {off:#x}, length {length}) {what}")
+                    what = f"lies outside the data area {DATA_OFFSET:#x}..{window:#x} of the region"
+                raise RequestError(
+                    id, op, STATUS_ERROR, f"segment {i} (offset {off:#x}, length {length}) {what}"
+                )
             total += length
             segments.append((off, length))
         if total > MAX_REQUEST_BYTES:
-            raise RequestError(id, op, STATUS_ERROR,
-                               f"segments total {total} bytes, more than the maximum request of "
-                               f"{MAX_REQUEST_BYTES} bytes")
+            raise RequestError(
+                id,
+                op,
+                STATUS_ERROR,
+                f"segments total {total} bytes, more than the maximum request of "
+                f"{MAX_REQUEST_BYTES} bytes",
+            )
         count = total // SECTOR_SIZE
         _check_range(id, op, sector, count, sectors)
         return Request(id, op, sector, count, tuple(segments))
     if op in (OP_FLUSH, OP_DISCARD):
         if nseg:
-            raise RequestError(id, op, STATUS_ERROR,
-                               f"{OP_NAMES[op]} request with nr_segments {nseg}: it must carry "
-                               "none")
+            raise RequestError(
+                id,
+                op,
+                STATUS_ERROR,
+                f"{OP_NAMES[op]} request with nr_segments {nseg}: it must carry none",
+            )
         if op == OP_FLUSH:  # its sector field means nothing: report 0
             return Request(id, op, 0, 0, ())
         if not nr_sectors:
             raise RequestError(id, op, STATUS_ERROR, "discard of 0 sectors (nr_sectors 0)")
         _check_range(id, op, sector, nr_sectors, sectors)
         return Request(id, op, sector, nr_sectors, ())
-    raise RequestError(id, op, STATUS_EOPNOTSUPP,
-                       f"unknown operation {op} (supported: "
-                       + ", ".join(f"{v} {n}" for v, n in OP_NAMES.items()) + ")")
+    raise RequestError(
+        id,
+        op,
+        STATUS_EOPNOTSUPP,
+        f"unknown operation {op} (supported: "
+        + ", ".join(f"{v} {n}" for v, n in OP_NAMES.items())
+        + ")",
+    )
 
 
-def encode_request(id: int, op: int, sector: int = 0,
-                   segments: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (), *,
-                   nr_sectors: int = 0, nr_segments: int | None = None) -> bytes:
+def encode_request(
+    id: int,
+    op: int,
+    sector: int = 0,
+    segments: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (),
+    *,
+    nr_sectors: int = 0,
+    nr_segments: int | None = None,
+) -> bytes:
     """Build a request (REQUEST_BYTES long).  ``nr_segments`` overrides the count written into
     the header, to build malformed requests in tests; at most MAX_SEGMENTS are encoded."""
     if len(segments) > MAX_SEGMENTS:
@@ -243,10 +287,16 @@ def decode_response(raw: bytes) -> tuple[int, int, int]:
 
 def c_header() -> str:
     """Render the protocol constants as a C header for the guest runtime."""
-    names = [n for n, v in globals().items()
-             if n.isupper() and isinstance(v, int) and not isinstance(v, bool)]
-    lines = ["/* Generated from ipc/blkif.py by domains/build.py -- do not edit. */",
-             "#ifndef ISOVISOR_BLKIF_H", "#define ISOVISOR_BLKIF_H"]
+    names = [
+        n
+        for n, v in globals().items()
+        if n.isupper() and isinstance(v, int) and not isinstance(v, bool)
+    ]
+    lines = [
+        "/* Generated from ipc/blkif.py by domains/build.py -- do not edit. */",
+        "#ifndef ISOVISOR_BLKIF_H",
+        "#define ISOVISOR_BLKIF_H",
+    ]
     for n in names:
         v = globals()[n]
         lines.append(f"#define BLKIF_{n} ({v})" if v < 0 else f"#define BLKIF_{n} {v}")

@@ -140,10 +140,19 @@ assert JOURNAL_OFFSET + JOURNAL_BYTES <= SEGMENT_BYTES
 # (No module-level upper-case integers below this line: c_header() exports every one of them.)
 
 _MASK: Final = (1 << 64) - 1
-_W: Final = {name: off // 8 for name, off in (
-    ("out_prod", OUT_PROD), ("out_event", OUT_EVENT), ("out_cons", OUT_CONS),
-    ("out_cons_event", OUT_CONS_EVENT), ("in_prod", IN_PROD), ("in_event", IN_EVENT),
-    ("in_cons", IN_CONS), ("in_cons_event", IN_CONS_EVENT))}
+_W: Final = {
+    name: off // 8
+    for name, off in (
+        ("out_prod", OUT_PROD),
+        ("out_event", OUT_EVENT),
+        ("out_cons", OUT_CONS),
+        ("out_cons_event", OUT_CONS_EVENT),
+        ("in_prod", IN_PROD),
+        ("in_event", IN_EVENT),
+        ("in_cons", IN_CONS),
+        ("in_cons_event", IN_CONS_EVENT),
+    )
+}
 _OFFSET: Final = struct.Struct("<Q")
 
 
@@ -162,14 +171,14 @@ def _copy_out(ring: memoryview, size: int, start: int, n: int) -> bytes:
     """``n`` bytes of a ring of ``size`` bytes from free-running index ``start``."""
     i = start % size
     first = min(n, size - i)
-    return bytes(ring[i:i + first]) + bytes(ring[:n - first])
+    return bytes(ring[i : i + first]) + bytes(ring[: n - first])
 
 
 def _copy_in(ring: memoryview, size: int, start: int, data: bytes) -> None:
     i = start % size
     first = min(len(data), size - i)
-    ring[i:i + first] = data[:first]
-    ring[:len(data) - first] = data[first:]
+    ring[i : i + first] = data[:first]
+    ring[: len(data) - first] = data[first:]
 
 
 class ConsoleBack:
@@ -182,17 +191,19 @@ class ConsoleBack:
 
     def __init__(self, buf: memoryview) -> None:
         self._idx = _check_region(buf)
-        self._out = buf[OUT_OFFSET:OUT_OFFSET + OUT_SIZE]
-        self._in = buf[IN_OFFSET:IN_OFFSET + IN_SIZE]
+        self._out = buf[OUT_OFFSET : OUT_OFFSET + OUT_SIZE]
+        self._in = buf[IN_OFFSET : IN_OFFSET + IN_SIZE]
         idx = self._idx
         self.out_cons = idx[_W["out_cons"]]
         self.out_prod_seen = self.out_cons
         self.in_prod = idx[_W["in_prod"]]
         self.in_cons_seen = idx[_W["in_cons"]]
         if (self.in_prod - self.in_cons_seen) & _MASK > IN_SIZE:
-            raise RingError(f"console in ring: in_prod={self.in_prod} and frontend "
-                            f"in_cons={self.in_cons_seen} are more than the ring's {IN_SIZE} "
-                            "bytes apart")
+            raise RingError(
+                f"console in ring: in_prod={self.in_prod} and frontend "
+                f"in_cons={self.in_cons_seen} are more than the ring's {IN_SIZE} "
+                "bytes apart"
+            )
 
     # -- out: guest -> backend -----------------------------------------------------------------
     def out_available(self) -> int:
@@ -200,12 +211,16 @@ class ConsoleBack:
         prod = self._idx[_W["out_prod"]]
         avail = (prod - self.out_cons) & _MASK
         if avail > OUT_SIZE:
-            raise RingError(f"console out ring: frontend out_prod={prod} claims {avail} bytes "
-                            f"after out_cons={self.out_cons}, more than the ring's {OUT_SIZE} "
-                            "(the index moved backwards or past the ring size)")
+            raise RingError(
+                f"console out ring: frontend out_prod={prod} claims {avail} bytes "
+                f"after out_cons={self.out_cons}, more than the ring's {OUT_SIZE} "
+                "(the index moved backwards or past the ring size)"
+            )
         if avail < (self.out_prod_seen - self.out_cons) & _MASK:
-            raise RingError(f"console out ring: frontend out_prod moved backwards from "
-                            f"{self.out_prod_seen} to {prod}")
+            raise RingError(
+                f"console out ring: frontend out_prod moved backwards from "
+                f"{self.out_prod_seen} to {prod}"
+            )
         self.out_prod_seen = prod
         return avail
 
@@ -232,11 +247,15 @@ class ConsoleBack:
         """Bytes of input the ring can take now, after validating the guest's ``in_cons``."""
         cons = self._idx[_W["in_cons"]]
         used = (self.in_prod - cons) & _MASK
-        if used > IN_SIZE or (cons - self.in_cons_seen) & _MASK > \
-                (self.in_prod - self.in_cons_seen) & _MASK:
-            raise RingError(f"console in ring: frontend in_cons={cons} is invalid: input is "
-                            f"published up to in_prod={self.in_prod} and was consumed up to "
-                            f"{self.in_cons_seen} (it moved backwards or past in_prod)")
+        if (
+            used > IN_SIZE
+            or (cons - self.in_cons_seen) & _MASK > (self.in_prod - self.in_cons_seen) & _MASK
+        ):
+            raise RingError(
+                f"console in ring: frontend in_cons={cons} is invalid: input is "
+                f"published up to in_prod={self.in_prod} and was consumed up to "
+                f"{self.in_cons_seen} (it moved backwards or past in_prod)"
+            )
         self.in_cons_seen = cons
         return IN_SIZE - used
 
@@ -273,8 +292,8 @@ class ConsoleFront:
 
     def __init__(self, buf: memoryview, *, init: bool = True) -> None:
         self._idx = _check_region(buf)
-        self._out = buf[OUT_OFFSET:OUT_OFFSET + OUT_SIZE]
-        self._in = buf[IN_OFFSET:IN_OFFSET + IN_SIZE]
+        self._out = buf[OUT_OFFSET : OUT_OFFSET + OUT_SIZE]
+        self._in = buf[IN_OFFSET : IN_OFFSET + IN_SIZE]
         if init:
             for w in _W.values():
                 self._idx[w] = 0
@@ -322,6 +341,7 @@ class ConsoleFront:
 
 # --- the journal ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class JournalEntry:
     cons_at: int
@@ -336,8 +356,7 @@ class Journal:
 
     def __init__(self, buf: memoryview) -> None:
         if len(buf) < JOURNAL_BYTES:
-            raise ValueError(f"{len(buf)} bytes cannot hold a console journal of "
-                             f"{JOURNAL_BYTES}")
+            raise ValueError(f"{len(buf)} bytes cannot hold a console journal of {JOURNAL_BYTES}")
         self._q = buf[:JOURNAL_BYTES].cast("Q")
 
     @property
@@ -376,18 +395,29 @@ class Journal:
         q = self._q
         if not self.valid or q[J_CONS_AT // 8] != out_cons or not q[J_LENGTH // 8]:
             return None
-        return JournalEntry(q[J_CONS_AT // 8], q[J_LENGTH // 8], q[J_SIZE_AT // 8],
-                            q[J_FILE_DEV // 8], q[J_FILE_INO // 8])
+        return JournalEntry(
+            q[J_CONS_AT // 8],
+            q[J_LENGTH // 8],
+            q[J_SIZE_AT // 8],
+            q[J_FILE_DEV // 8],
+            q[J_FILE_INO // 8],
+        )
 
     def words(self) -> dict[str, int]:
         q = self._q
-        return {"magic": q[J_MAGIC // 8], "cons_at": q[J_CONS_AT // 8],
-                "length": q[J_LENGTH // 8], "size_at": q[J_SIZE_AT // 8],
-                "file_dev": q[J_FILE_DEV // 8], "file_ino": q[J_FILE_INO // 8],
-                "appends": q[J_APPENDS // 8]}
+        return {
+            "magic": q[J_MAGIC // 8],
+            "cons_at": q[J_CONS_AT // 8],
+            "length": q[J_LENGTH // 8],
+            "size_at": q[J_SIZE_AT // 8],
+            "file_dev": q[J_FILE_DEV // 8],
+            "file_ino": q[J_FILE_INO // 8],
+            "appends": q[J_APPENDS // 8],
+        }
 
 
 # --- live readers ---------------------------------------------------------------------------------
+
 
 def encode_offset(offset: int) -> bytes:
     return _OFFSET.pack(offset)
@@ -411,8 +441,9 @@ class Follower:
     message comes within the timeout it looks at the file once more, so nothing is missed
     even if messages are."""
 
-    def __init__(self, ctx: Any, endpoint: str, log_path: str | os.PathLike[str], domain: str,
-                 start: int = 0) -> None:
+    def __init__(
+        self, ctx: Any, endpoint: str, log_path: str | os.PathLike[str], domain: str, start: int = 0
+    ) -> None:
         import zmq
 
         self._zmq = zmq
@@ -471,13 +502,20 @@ class Follower:
 
 def c_header() -> str:
     """Render the protocol constants as a C header for the guest runtime."""
-    names = [n for n, v in globals().items() if n.isupper() and not n.startswith("_")
-             and isinstance(v, int) and not isinstance(v, bool)]
-    lines = ["/* Generated from ipc/consif.py by domains/build.py -- do not edit. */",
-             "#ifndef ISOVISOR_CONSIF_H", "#define ISOVISOR_CONSIF_H"]
+    names = [
+        n
+        for n, v in globals().items()
+        if n.isupper() and not n.startswith("_") and isinstance(v, int) and not isinstance(v, bool)
+    ]
+    lines = [
+        "/* Generated from ipc/consif.py by domains/build.py -- do not edit. */",
+        "#ifndef ISOVISOR_CONSIF_H",
+        "#define ISOVISOR_CONSIF_H",
+    ]
     for n in names:
         v = globals()[n]
-        lines.append(f"#define CONSIF_{n} {v:#x}ULL" if v > 0x7FFFFFFF else
-                     f"#define CONSIF_{n} {v}")
+        lines.append(
+            f"#define CONSIF_{n} {v:#x}ULL" if v > 0x7FFFFFFF else f"#define CONSIF_{n} {v}"
+        )
     lines.append("#endif")
     return "\n".join(lines) + "\n"

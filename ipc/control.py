@@ -33,8 +33,13 @@ class ControlError(Exception):
         self.code = code
 
     def to_reply(self, msg_id: Any = None) -> dict[str, Any]:
-        return {"status": "error", "id": msg_id, "reason": self.reason,
-                "errno": self.errno, "code": self.code}
+        return {
+            "status": "error",
+            "id": msg_id,
+            "reason": self.reason,
+            "errno": self.errno,
+            "code": self.code,
+        }
 
 
 class NotFound(ControlError):
@@ -77,14 +82,18 @@ def decode_request(data: bytes) -> Request:
     try:
         msg = unpack(data)
     except Exception as e:  # msgpack raises several unrelated types
-        raise ControlError(f"control message is not valid msgpack ({type(e).__name__}: {e}); "
-                           "send a msgpack map {command, properties, id}") from None
+        raise ControlError(
+            f"control message is not valid msgpack ({type(e).__name__}: {e}); "
+            "send a msgpack map {command, properties, id}"
+        ) from None
     if not isinstance(msg, dict):
         raise ControlError(f"control message must be a msgpack map, got {type(msg).__name__}")
     unknown = set(msg) - {"command", "properties", "id"}
     if unknown:
-        raise ControlError(f"unknown field(s) {sorted(map(str, unknown))} in control message; "
-                           "allowed: command, properties, id")
+        raise ControlError(
+            f"unknown field(s) {sorted(map(str, unknown))} in control message; "
+            "allowed: command, properties, id"
+        )
     cmd = msg.get("command")
     if not isinstance(cmd, str) or not cmd:
         raise ControlError("control message has no 'command' string")
@@ -92,8 +101,9 @@ def decode_request(data: bytes) -> Request:
     if props is None:
         props = {}
     if not isinstance(props, dict):
-        raise ControlError(f"'properties' of command {cmd!r} must be a map, "
-                           f"got {type(props).__name__}")
+        raise ControlError(
+            f"'properties' of command {cmd!r} must be a map, got {type(props).__name__}"
+        )
     return Request(cmd, props, msg.get("id"))
 
 
@@ -106,8 +116,9 @@ def prop(req: Request, key: str, kind: type | tuple[type, ...], default: Any = .
     val = req.properties[key]
     if not isinstance(val, kind) or (isinstance(val, bool) and bool not in _as_tuple(kind)):
         want = " or ".join(t.__name__ for t in _as_tuple(kind))
-        raise ControlError(f"property {key!r} of command {req.command!r} must be {want}, "
-                           f"got {type(val).__name__}")
+        raise ControlError(
+            f"property {key!r} of command {req.command!r} must be {want}, got {type(val).__name__}"
+        )
     return val
 
 
@@ -118,8 +129,9 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 class Client:
     """A synchronous control client (DEALER) with a per-call timeout."""
 
-    def __init__(self, endpoint: str, *, timeout: float = 10.0,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, *, timeout: float = 10.0, context: zmq.Context | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
@@ -131,19 +143,23 @@ class Client:
         """Send a command; return the ok reply or raise ControlError with the server's reason."""
         return self.request(command, properties, timeout)
 
-    def request(self, command: str, properties: dict[str, Any],
-                timeout: float | None = None) -> dict[str, Any]:
+    def request(
+        self, command: str, properties: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`call`, with the properties as a dict (any names, e.g. "timeout")."""
         msg_id = uuid.uuid4().hex
-        self._sock.send_multipart([b"", pack({"command": command, "properties": properties,
-                                              "id": msg_id})])
+        self._sock.send_multipart(
+            [b"", pack({"command": command, "properties": properties, "id": msg_id})]
+        )
         deadline_ms = int((self.timeout if timeout is None else timeout) * 1000)
         while True:
             if not self._sock.poll(deadline_ms, zmq.POLLIN):
                 # The socket may now hold a late reply; replace it so the next call is clean.
                 self._reset()
-                raise ServerUnreachable(f"no reply to {command!r} from {self.endpoint} within "
-                                        f"{deadline_ms / 1000:g}s: is the stack running?")
+                raise ServerUnreachable(
+                    f"no reply to {command!r} from {self.endpoint} within "
+                    f"{deadline_ms / 1000:g}s: is the stack running?"
+                )
             frames = self._sock.recv_multipart()
             reply = unpack(frames[-1])
             if isinstance(reply, dict) and reply.get("id") not in (msg_id, None):
@@ -152,8 +168,11 @@ class Client:
         if not isinstance(reply, dict) or reply.get("status") not in ("ok", "error"):
             raise ControlError(f"malformed reply from {self.endpoint}: {reply!r}")
         if reply["status"] == "error":
-            raise ControlError(str(reply.get("reason")), int(reply.get("errno", _errno.EIO)),
-                               str(reply.get("code", "error")))
+            raise ControlError(
+                str(reply.get("reason")),
+                int(reply.get("errno", _errno.EIO)),
+                str(reply.get("code", "error")),
+            )
         return reply
 
     def _reset(self) -> None:
@@ -175,8 +194,13 @@ class Client:
 Handler = Callable[[Request], dict[str, Any]]
 
 
-def serve_one(sock: zmq.Socket, frames: list[bytes], commands: dict[str, Handler],
-              server: str, log: logging.Logger) -> None:
+def serve_one(
+    sock: zmq.Socket,
+    frames: list[bytes],
+    commands: dict[str, Handler],
+    server: str,
+    log: logging.Logger,
+) -> None:
     """Answer one ROUTER message: dispatch it to ``commands`` and always send a reply.
 
     Garbage gets a precise error; an exception inside a handler becomes an ``internal`` error
@@ -189,13 +213,15 @@ def serve_one(sock: zmq.Socket, frames: list[bytes], commands: dict[str, Handler
         msg_id = req.id
         fn = commands.get(req.command)
         if fn is None:
-            raise ControlError(f"unknown {server} command {req.command!r}; known: "
-                               f"{', '.join(sorted(commands))}")
+            raise ControlError(
+                f"unknown {server} command {req.command!r}; known: {', '.join(sorted(commands))}"
+            )
         reply = {"status": "ok", "id": msg_id, **fn(req)}
     except ControlError as e:
         reply = e.to_reply(msg_id)
     except Exception as e:
         log.exception("%s command failed", server)
-        reply = ControlError(f"internal {server} error: {type(e).__name__}: {e}",
-                             code="internal").to_reply(msg_id)
+        reply = ControlError(
+            f"internal {server} error: {type(e).__name__}: {e}", code="internal"
+        ).to_reply(msg_id)
     sock.send_multipart([*envelope, pack(reply)])

@@ -55,8 +55,9 @@ class Subscriber:
         self.close()
 
 
-def subscribe(endpoint: str, topics: list[str], control: Client, *,
-              timeout: float = 10.0) -> Subscriber:
+def subscribe(
+    endpoint: str, topics: list[str], control: Client, *, timeout: float = 10.0
+) -> Subscriber:
     """Subscribe to ``topics`` (prefixes; "" = all) on ``endpoint``, fully established."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
@@ -72,8 +73,9 @@ def subscribe(endpoint: str, topics: list[str], control: Client, *,
         control.call("sync", token=token)
         # Read for one round of 50 ms (by the clock: busy topics must not starve the re-sync).
         round_end = time.monotonic() + 0.05
-        while (left := round_end - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1,
-                                                                      zmq.POLLIN):
+        while (left := round_end - time.monotonic()) > 0 and sock.poll(
+            int(left * 1000) + 1, zmq.POLLIN
+        ):
             frames = sock.recv_multipart()
             topic = frames[0].decode(errors="replace")
             if topic == sync_topic:
@@ -81,5 +83,4 @@ def subscribe(endpoint: str, topics: list[str], control: Client, *,
             if not topic.startswith("sync."):
                 pending.append((topic, unpack(frames[1])))
     sock.close(0)
-    raise ServerUnreachable(f"could not establish a subscription to {endpoint} within "
-                            f"{timeout:g}s")
+    raise ServerUnreachable(f"could not establish a subscription to {endpoint} within {timeout:g}s")

@@ -122,11 +122,13 @@ def decode_tx(raw: bytes) -> tuple[int, int, int]:
     if flags:
         raise FrameError(id, f"tx request flags {flags:#x}: must be 0")
     if not MIN_FRAME <= size <= MAX_FRAME:
-        raise FrameError(id, f"tx frame of {size} bytes: frames are {MIN_FRAME}..{MAX_FRAME} "
-                             "bytes")
+        raise FrameError(id, f"tx frame of {size} bytes: frames are {MIN_FRAME}..{MAX_FRAME} bytes")
     if offset < TX_BUF_OFFSET or offset + size > RX_BUF_OFFSET:
-        raise FrameError(id, f"tx frame at offset {offset:#x} ({size} bytes) lies outside the "
-                             f"tx buffer area {TX_BUF_OFFSET:#x}..{RX_BUF_OFFSET:#x}")
+        raise FrameError(
+            id,
+            f"tx frame at offset {offset:#x} ({size} bytes) lies outside the "
+            f"tx buffer area {TX_BUF_OFFSET:#x}..{RX_BUF_OFFSET:#x}",
+        )
     return id, offset, size
 
 
@@ -139,8 +141,11 @@ def decode_rx(raw: bytes) -> tuple[int, int, int]:
     if size < MAX_FRAME:
         raise FrameError(id, f"rx buffer of {size} bytes: it must hold {MAX_FRAME}")
     if offset < RX_BUF_OFFSET or offset + size > WINDOW_BYTES:
-        raise FrameError(id, f"rx buffer at offset {offset:#x} ({size} bytes) lies outside the "
-                             f"rx buffer area {RX_BUF_OFFSET:#x}..{WINDOW_BYTES:#x}")
+        raise FrameError(
+            id,
+            f"rx buffer at offset {offset:#x} ({size} bytes) lies outside the "
+            f"rx buffer area {RX_BUF_OFFSET:#x}..{WINDOW_BYTES:#x}",
+        )
     return id, offset, size
 
 
@@ -164,15 +169,18 @@ def parse_mac(text: str) -> bytes:
     """``"02:00:00:00:00:01"`` -> 6 bytes; ValueError naming what is wrong."""
     parts = text.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"MAC address {text!r} is not six two-digit hex bytes like "
-                         "02:00:00:00:00:01")
+        raise ValueError(
+            f"MAC address {text!r} is not six two-digit hex bytes like 02:00:00:00:00:01"
+        )
     try:
         mac = bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ValueError(f"MAC address {text!r} has a byte that is not hexadecimal") from None
     if mac[0] & 1:
-        raise ValueError(f"MAC address {text} is a multicast address: a vif needs a unicast "
-                         "one (even first byte, e.g. 02:...)")
+        raise ValueError(
+            f"MAC address {text} is a multicast address: a vif needs a unicast "
+            "one (even first byte, e.g. 02:...)"
+        )
     return mac
 
 
@@ -182,10 +190,16 @@ def format_mac(mac: bytes) -> str:
 
 def c_header() -> str:
     """Render the protocol constants as a C header for the guest runtime."""
-    names = [n for n, v in globals().items()
-             if n.isupper() and isinstance(v, int) and not isinstance(v, bool)]
-    lines = ["/* Generated from ipc/netif.py by domains/build.py -- do not edit. */",
-             "#ifndef ISOVISOR_NETIF_H", "#define ISOVISOR_NETIF_H"]
+    names = [
+        n
+        for n, v in globals().items()
+        if n.isupper() and isinstance(v, int) and not isinstance(v, bool)
+    ]
+    lines = [
+        "/* Generated from ipc/netif.py by domains/build.py -- do not edit. */",
+        "#ifndef ISOVISOR_NETIF_H",
+        "#define ISOVISOR_NETIF_H",
+    ]
     for n in names:
         v = globals()[n]
         lines.append(f"#define NETIF_{n} ({v})" if v < 0 else f"#define NETIF_{n} {v}")

@@ -78,14 +78,14 @@ class _Side:
 
     def _slot(self, index: int) -> memoryview:
         off = HEADER_BYTES + (index % self.nr_slots) * self.slot_size
-        return self._buf[off:off + self.slot_size]
+        return self._buf[off : off + self.slot_size]
 
     def _write(self, index: int, data: bytes) -> None:
         if len(data) > self.slot_size:
             raise ValueError(f"{len(data)} bytes do not fit a {self.slot_size}-byte slot")
         slot = self._slot(index)
-        slot[:len(data)] = data
-        slot[len(data):] = bytes(self.slot_size - len(data))
+        slot[: len(data)] = data
+        slot[len(data) :] = bytes(self.slot_size - len(data))
 
     def _push(self, prod: int, event: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new`` as the producer index at word
@@ -98,15 +98,15 @@ class _Side:
         return notify
 
     def statistics(self) -> RingStatistics:
-        return RingStatistics(self.pushed, self.consumed, self.notifications,
-                              self.peak_outstanding)
+        return RingStatistics(self.pushed, self.consumed, self.notifications, self.peak_outstanding)
 
 
 class FrontRing(_Side):
     """The requesting side (a guest's frontend; Python for tests and tools)."""
 
-    def __init__(self, buf: memoryview, nr_slots: int, slot_size: int, *,
-                 init: bool = True) -> None:
+    def __init__(
+        self, buf: memoryview, nr_slots: int, slot_size: int, *, init: bool = True
+    ) -> None:
         super().__init__(buf, nr_slots, slot_size)
         if init:  # SHARED_RING_INIT + FRONT_RING_INIT
             self._idx[_REQ_PROD] = self._idx[_RSP_PROD] = 0
@@ -120,8 +120,10 @@ class FrontRing(_Side):
 
     def put_request(self, data: bytes) -> None:
         if self.free_slots() <= 0:
-            raise RingError("ring full: a frontend never has more than ring-size requests "
-                            "outstanding; wait for responses")
+            raise RingError(
+                "ring full: a frontend never has more than ring-size requests "
+                "outstanding; wait for responses"
+            )
         self._write(self.req_prod_pvt, data)
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
         out = (self.req_prod_pvt - self.rsp_cons) & _MASK
@@ -134,9 +136,11 @@ class FrontRing(_Side):
     def unconsumed_responses(self) -> int:
         n = (self._idx[_RSP_PROD] - self.rsp_cons) & _MASK
         if n > ((self.req_prod_pvt - self.rsp_cons) & _MASK):
-            raise RingError(f"backend published rsp_prod={self._idx[_RSP_PROD]} but only "
-                            f"{(self.req_prod_pvt - self.rsp_cons) & _MASK} requests are "
-                            f"outstanding from rsp_cons={self.rsp_cons}")
+            raise RingError(
+                f"backend published rsp_prod={self._idx[_RSP_PROD]} but only "
+                f"{(self.req_prod_pvt - self.rsp_cons) & _MASK} requests are "
+                f"outstanding from rsp_cons={self.rsp_cons}"
+            )
         return n
 
     def get_response(self) -> bytes:
@@ -158,8 +162,15 @@ class FrontRing(_Side):
 class BackRing(_Side):
     """The serving side (a driver backend), hardened against a hostile frontend."""
 
-    def __init__(self, buf: memoryview, nr_slots: int, slot_size: int, *,
-                 req_cons: int | None = None, rsp_prod_pvt: int | None = None) -> None:
+    def __init__(
+        self,
+        buf: memoryview,
+        nr_slots: int,
+        slot_size: int,
+        *,
+        req_cons: int | None = None,
+        rsp_prod_pvt: int | None = None,
+    ) -> None:
         super().__init__(buf, nr_slots, slot_size)
         # A replacement backend resumes from the published response index.
         self.rsp_prod_pvt = self._idx[_RSP_PROD] if rsp_prod_pvt is None else rsp_prod_pvt
@@ -174,7 +185,8 @@ class BackRing(_Side):
             raise RingError(
                 f"frontend req_prod={prod} is invalid: it claims {avail} new requests after "
                 f"req_cons={self.req_cons}, but only {room} slots can hold unanswered "
-                "requests (the index moved backwards or past the ring size)")
+                "requests (the index moved backwards or past the ring size)"
+            )
         return avail
 
     def get_request(self) -> bytes:
@@ -278,8 +290,10 @@ class InflightLog:
 
     def __init__(self, buf: memoryview, nr_slots: int, slot_size: int) -> None:
         if nr_slots < 1 or slot_size < 8 or slot_size % 8:
-            raise ValueError(f"in-flight log geometry {nr_slots} x {slot_size}: need at least "
-                             "one slot and a slot size that is a positive multiple of 8")
+            raise ValueError(
+                f"in-flight log geometry {nr_slots} x {slot_size}: need at least "
+                "one slot and a slot size that is a positive multiple of 8"
+            )
         size = inflight_bytes(nr_slots, slot_size)
         if len(buf) < size:
             raise ValueError("buffer too small for the in-flight log")
@@ -306,11 +320,12 @@ class InflightLog:
         slot = index % self.nr_slots
         q, base = self._q, slot * self._stride
         if q[base + _SEQ]:
-            raise RingError(f"in-flight record for slot {slot} is still in use "
-                            f"(seq {q[base + _SEQ]})")
+            raise RingError(
+                f"in-flight record for slot {slot} is still in use (seq {q[base + _SEQ]})"
+            )
         off = slot * self._rec + _REC_HEADER
-        self._buf[off:off + len(request)] = request
-        self._buf[off + len(request):off + self.slot_size] = bytes(self.slot_size - len(request))
+        self._buf[off : off + len(request)] = request
+        self._buf[off + len(request) : off + self.slot_size] = bytes(self.slot_size - len(request))
         q[base + _INDEX] = index
         q[base + _STATE] = 0
         seq = self._next_seq
@@ -378,7 +393,13 @@ class InflightLog:
             if seq:
                 off = slot * self._rec + _REC_HEADER
                 state = q[base + _STATE]
-                out.append(InflightRecord(seq, q[base + _INDEX],
-                                          bytes(self._buf[off:off + self.slot_size]),
-                                          bool(state & _EXECUTING), state >> _DEATH_SHIFT))
+                out.append(
+                    InflightRecord(
+                        seq,
+                        q[base + _INDEX],
+                        bytes(self._buf[off : off + self.slot_size]),
+                        bool(state & _EXECUTING),
+                        state >> _DEATH_SHIFT,
+                    )
+                )
         return sorted(out, key=lambda r: r.seq)

@@ -73,6 +73,7 @@ class Field:
 
 # --- checks: each returns what is wrong with a value, or None ----------------------------------
 
+
 def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -92,12 +93,18 @@ def at_most_bytes(limit: int) -> Callable[[str], str | None]:
 
 
 def check_name(v: str) -> str | None:
-    return None if NAME_RE.match(v) else (
-        "must start with a letter or digit and contain only letters, digits, '_', '.', '-' "
-        "(at most 63 characters)")
+    return (
+        None
+        if NAME_RE.match(v)
+        else (
+            "must start with a letter or digit and contain only letters, digits, '_', '.', '-' "
+            "(at most 63 characters)"
+        )
+    )
 
 
 # --- messages ----------------------------------------------------------------------------------
+
 
 def show(v: Any) -> str:
     """A value as TOML would spell it."""
@@ -122,25 +129,35 @@ def show_key(key: str) -> str:
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """`` (did you mean "x"?)`` for the closest of ``options``, or ""."""
     hint = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean \"{hint[0]}\"?)" if hint else ""
+    return f' (did you mean "{hint[0]}"?)' if hint else ""
 
 
 def _want_word(f: Field) -> str:
     if f.is_number:
-        return "a number" + "".join(f" or {_WANT[k]}" for k in f.kinds
-                                    if k not in (float, int))
+        return "a number" + "".join(f" or {_WANT[k]}" for k in f.kinds if k not in (float, int))
     return " or ".join(_WANT.get(k, k.__name__) for k in f.kinds)
 
 
-_WANT: Final[dict[type, str]] = {int: "an integer", float: "a number", str: "a string",
-                                 bool: "true or false", list: "an array", dict: "a table"}
+_WANT: Final[dict[type, str]] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "an array",
+    dict: "a table",
+}
 
 
 def _got_word(v: Any) -> str:
     if isinstance(v, bool):
         return "a boolean"
-    return {int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(type(v), "a date/time")
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), "a date/time")
 
 
 def value_problem(key: str, val: Any, f: Field) -> str | None:
@@ -153,31 +170,33 @@ def value_problem(key: str, val: Any, f: Field) -> str | None:
         return f"{shown} must be a finite number ({f.help})"
     if f.choices and val not in f.choices:
         hint = did_you_mean(val, f.choices) if isinstance(val, str) else ""
-        return (f"{shown} is not {f.what}; choose one of: {', '.join(f.choices)}{hint} "
-                f"({f.help})")
+        return f"{shown} is not {f.what}; choose one of: {', '.join(f.choices)}{hint} ({f.help})"
     if f.check is not None and (msg := f.check(val)) is not None:
         return f"{shown} {msg} ({f.help})"
     return None
 
 
-def table_problem(table: dict[str, Any], fields: dict[str, Field],
-                  required: tuple[str, ...] = ()) -> tuple[str | None, str] | None:
+def table_problem(
+    table: dict[str, Any], fields: dict[str, Field], required: tuple[str, ...] = ()
+) -> tuple[str | None, str] | None:
     """The first thing wrong with ``table``: (the key it is about, or None; the sentence)."""
     for key, val in table.items():
         f = fields.get(key)
         if f is None:
-            return key, (f"unknown key \"{key}\"{did_you_mean(key, fields)}; allowed keys: "
-                         f"{', '.join(fields)}")
+            return key, (
+                f'unknown key "{key}"{did_you_mean(key, fields)}; allowed keys: {", ".join(fields)}'
+            )
         if (msg := value_problem(key, val, f)) is not None:
             return key, msg
     for key in required:
         if key not in table:
-            return None, f"missing required key \"{key}\" ({fields[key].help})"
+            return None, f'missing required key "{key}" ({fields[key].help})'
     return None
 
 
-def check_table(where: str, table: dict[str, Any], fields: dict[str, Field],
-                required: tuple[str, ...] = ()) -> None:
+def check_table(
+    where: str, table: dict[str, Any], fields: dict[str, Field], required: tuple[str, ...] = ()
+) -> None:
     """Raise :class:`ConfigError` ``where: <what is wrong>`` for the table's first mistake."""
     if (problem := table_problem(table, fields, required)) is not None:
         raise ConfigError(f"{where}: {problem[1]}")

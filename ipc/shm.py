@@ -59,7 +59,8 @@ class Segment:
             raise SegmentError(
                 f"cannot allocate {size // (1024 * 1024)} MiB of shared memory for {self.path}: "
                 f"{e.strerror} ({free.f_bavail * free.f_frsize // (1024 * 1024)} MiB free in "
-                f"{SHM_DIR}); lower the domain's memory or enlarge {SHM_DIR}") from None
+                f"{SHM_DIR}); lower the domain's memory or enlarge {SHM_DIR}"
+            ) from None
         os.close(fd)
         self.size = size
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)

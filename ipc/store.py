@@ -47,10 +47,18 @@ class DevState(enum.IntEnum):
 
 _ALLOWED: Final = {
     DevState.UNKNOWN: {DevState.INITIALISING},
-    DevState.INITIALISING: {DevState.INIT_WAIT, DevState.INITIALISED, DevState.CLOSING,
-                            DevState.CLOSED},
-    DevState.INIT_WAIT: {DevState.INITIALISED, DevState.CONNECTED, DevState.CLOSING,
-                         DevState.CLOSED},
+    DevState.INITIALISING: {
+        DevState.INIT_WAIT,
+        DevState.INITIALISED,
+        DevState.CLOSING,
+        DevState.CLOSED,
+    },
+    DevState.INIT_WAIT: {
+        DevState.INITIALISED,
+        DevState.CONNECTED,
+        DevState.CLOSING,
+        DevState.CLOSED,
+    },
     DevState.INITIALISED: {DevState.CONNECTED, DevState.CLOSING, DevState.CLOSED},
     DevState.CONNECTED: {DevState.CLOSING, DevState.CLOSED},
     DevState.CLOSING: {DevState.CLOSED},
@@ -84,8 +92,10 @@ def split(path: str) -> list[str]:
     parts = path[1:].split("/")
     for p in parts:
         if not _SEGMENT.match(p):
-            raise StoreError(f"store path {path!r} has an invalid segment {p!r}: use 1-64 "
-                             "letters, digits, '_', '.', '-'")
+            raise StoreError(
+                f"store path {path!r} has an invalid segment {p!r}: use 1-64 "
+                "letters, digits, '_', '.', '-'"
+            )
     return parts
 
 
@@ -131,8 +141,7 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
     def write(self, path: str, value: str) -> None:
         if not isinstance(value, str):
-            raise StoreError(f"store value for {path} must be a string, got "
-                             f"{type(value).__name__}")
+            raise StoreError(f"store value for {path} must be a string, got {type(value).__name__}")
         if len(value.encode()) > MAX_VALUE_BYTES:
             raise StoreError(f"store value for {path} exceeds {MAX_VALUE_BYTES} bytes")
         parts = split(path)
@@ -236,6 +245,8 @@ def switch_state(store: Store, path: str, new: DevState) -> None:
         raise StoreError(f"{path} holds {raw!r}, not a device state (0-6)") from None
     if new != old and new not in _ALLOWED[old]:
         allowed = ", ".join(s.name for s in sorted(_ALLOWED[old]))
-        raise StoreError(f"{path}: illegal state change {old.name} -> {new.name}; from "
-                         f"{old.name} a device may go to {allowed}")
+        raise StoreError(
+            f"{path}: illegal state change {old.name} -> {new.name}; from "
+            f"{old.name} a device may go to {allowed}"
+        )
     store.write(path, str(int(new)))

@@ -38,9 +38,12 @@ from isovisor.config import ConfigError, default_run_dir, load_domain_config, lo
 from isovisor.kernelproc import KernelProcess, KernelStartError
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="isovisor: run guests on a microkernel-style hypervisor.",
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="isovisor: run guests on a microkernel-style hypervisor.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 class ConsolePrinter:
@@ -66,8 +69,9 @@ class ConsolePrinter:
         *lines, rest = buf.split(b"\n")
         self._partial[name] = rest
         for line in lines:
-            out.print(self._tag(name) + escape(line.decode(errors="replace")), markup=True,
-                      soft_wrap=True)
+            out.print(
+                self._tag(name) + escape(line.decode(errors="replace")), markup=True, soft_wrap=True
+            )
 
     def flush(self, name: str) -> None:
         rest = self._partial.pop(name, b"")
@@ -76,7 +80,7 @@ class ConsolePrinter:
 
     def event(self, topic: str, payload: dict[str, Any]) -> None:
         if topic.startswith("console."):
-            self.feed(topic[len("console."):], payload.get("data", b""))
+            self.feed(topic[len("console.") :], payload.get("data", b""))
             return
         parts = topic.split(".")
         if parts[0] == "domain" and len(parts) >= 3:
@@ -86,24 +90,41 @@ class ConsolePrinter:
             msg = _describe(what, payload)
             if msg:
                 style = "red" if what == "crashed" else "dim"
-                out.print(self._tag(name) + f"[{style}]{escape(msg)}[/]", markup=True,
-                          soft_wrap=True)
+                out.print(
+                    self._tag(name) + f"[{style}]{escape(msg)}[/]", markup=True, soft_wrap=True
+                )
         elif topic == "supervisor.domain.failed":
-            out.print(f"[red]cannot create {payload['path']}: {escape(payload['reason'])}[/]",
-                      markup=True, soft_wrap=True)
+            out.print(
+                f"[red]cannot create {payload['path']}: {escape(payload['reason'])}[/]",
+                markup=True,
+                soft_wrap=True,
+            )
         elif topic == "supervisor.kernel.exited":
-            out.print(f"[red]kernel exited unexpectedly (status {payload.get('status')})[/]",
-                      markup=True)
+            out.print(
+                f"[red]kernel exited unexpectedly (status {payload.get('status')})[/]", markup=True
+            )
         elif parts[0] == "driver" and parts[-1] in _DRIVER_NEWS:
             name, what = ".".join(parts[1:-1]), parts[-1]
             style = "red" if what in ("exit", "fatal", "hang", "violation", "poison") else "dim"
-            out.print(self._tag(name) + f"[{style}]-- driver {escape(what)}: "
-                      f"{escape(_fields(payload))}[/]", markup=True, soft_wrap=True)
+            out.print(
+                self._tag(name) + f"[{style}]-- driver {escape(what)}: "
+                f"{escape(_fields(payload))}[/]",
+                markup=True,
+                soft_wrap=True,
+            )
 
 
 #: Driver events the foreground `up` prints (spawn, ready, spare and replayed are routine).
-_DRIVER_NEWS = ("exit", "recovered", "fatal", "hang", "violation", "poison", "stopped",
-                "spare_exit")
+_DRIVER_NEWS = (
+    "exit",
+    "recovered",
+    "fatal",
+    "hang",
+    "violation",
+    "poison",
+    "stopped",
+    "spare_exit",
+)
 
 
 def _fields(payload: dict[str, Any]) -> str:
@@ -134,11 +155,13 @@ def _describe(what: str, p: dict[str, Any]) -> str:
 
 # --- up / down ---------------------------------------------------------------------------------
 
+
 @app.command()
 def up(
     config: Annotated[Path, typer.Argument(help="Stack file.")] = Path("supervisor.toml"),
-    detach: Annotated[bool, typer.Option("--detach", "-d",
-                                         help="Return once the stack is up.")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Return once the stack is up.")
+    ] = False,
     run_dir: RunDirOpt = None,
 ) -> None:
     """Start the supervisor, the kernel and the domains listed in CONFIG."""
@@ -155,19 +178,26 @@ def up(
     except RunDirError as e:
         fail(str(e))
     if (pid := rd.running_pid()) is not None:
-        fail(f"a stack is already running in {rd.path} (supervisor pid {pid}); stop it with "
-             "`isovisor down` or use another --run-dir")
+        fail(
+            f"a stack is already running in {rd.path} (supervisor pid {pid}); stop it with "
+            "`isovisor down` or use another --run-dir"
+        )
     if detach:
         _up_detached(config, rd)
         return
     import logging
 
     from isovisor.supervisor import Supervisor
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="supervisor: %(levelname)s %(message)s")
+
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="supervisor: %(levelname)s %(message)s"
+    )
     printer = ConsolePrinter(prefix=True)
-    out.print(f"[bold]isovisor[/] stack {cfg.name!r} starting from {config} "
-              f"(run dir {rd.path}); Ctrl-C stops it", markup=True)
+    out.print(
+        f"[bold]isovisor[/] stack {cfg.name!r} starting from {config} "
+        f"(run dir {rd.path}); Ctrl-C stops it",
+        markup=True,
+    )
     try:
         status = Supervisor(cfg, rd, on_event=printer.event).run()
     except ControlError as e:
@@ -183,17 +213,23 @@ def _up_detached(config: Path, rd: RunDir) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     with open(rd.log, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "isovisor.supervisor",
-                                 str(config.resolve()), str(rd.path)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "isovisor.supervisor", str(config.resolve()), str(rd.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 60
     with Client(rd.control, timeout=0.5) as c:
         while True:
             if proc.poll() is not None:
                 tail = "\n".join(rd.log.read_text(errors="replace").splitlines()[-15:])
-                fail(f"the supervisor exited with status {proc.returncode} while starting; "
-                     f"log {rd.log}:\n{tail}")
+                fail(
+                    f"the supervisor exited with status {proc.returncode} while starting; "
+                    f"log {rd.log}:\n{tail}"
+                )
             try:
                 reply = c.call("ping")
                 break
@@ -201,13 +237,17 @@ def _up_detached(config: Path, rd: RunDir) -> None:
                 if time.monotonic() > deadline:
                     proc.kill()
                     fail(f"the stack did not come up within 60s; see {rd.log}")
-    out.print(f"stack up: supervisor pid {reply['pid']}, kernel pid {reply['kernel_pid']}, "
-              f"run dir {rd.path}")
+    out.print(
+        f"stack up: supervisor pid {reply['pid']}, kernel pid {reply['kernel_pid']}, "
+        f"run dir {rd.path}"
+    )
 
 
 @app.command()
-def down(run_dir: RunDirOpt = None,
-         timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0) -> None:
+def down(
+    run_dir: RunDirOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0,
+) -> None:
     """Stop every domain, the kernel and the supervisor; remove their resources."""
     rd = _run_dir(run_dir)
     pid = rd.running_pid()
@@ -225,31 +265,52 @@ def down(run_dir: RunDirOpt = None,
 
 # --- domains -----------------------------------------------------------------------------------
 
+
 @app.command("list")
-def list_(run_dir: RunDirOpt = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def list_(
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """List domains as `xl list` does."""
     doms = _call(_run_dir(run_dir), "list")["domains"]
     if as_json:
         print(json.dumps(doms, indent=2))
         return
     t = Table(box=None, pad_edge=False)
-    for col, just in (("Name", "left"), ("ID", "right"), ("Mem", "right"),
-                      ("VCPUs", "right"), ("State", "left"), ("Time(s)", "right"),
-                      ("Weight", "right"), ("Cap", "right"), ("Uptime", "right"),
-                      ("Note", "left")):
+    for col, just in (
+        ("Name", "left"),
+        ("ID", "right"),
+        ("Mem", "right"),
+        ("VCPUs", "right"),
+        ("State", "left"),
+        ("Time(s)", "right"),
+        ("Weight", "right"),
+        ("Cap", "right"),
+        ("Uptime", "right"),
+        ("Note", "left"),
+    ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for d in doms:
-        t.add_row(d["name"], str(d["id"]), str(d["memory"]), str(d["vcpus"]), d["state"],
-                  f"{d['cpu_time']:.1f}", str(d["weight"]), str(d["cap"]),
-                  _uptime(d["uptime"]), d["reason"] or "")
+        t.add_row(
+            d["name"],
+            str(d["id"]),
+            str(d["memory"]),
+            str(d["vcpus"]),
+            d["state"],
+            f"{d['cpu_time']:.1f}",
+            str(d["weight"]),
+            str(d["cap"]),
+            _uptime(d["uptime"]),
+            d["reason"] or "",
+        )
     out.print(t)
 
 
 @app.command()
-def devices(run_dir: RunDirOpt = None,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-            ) -> None:
+def devices(
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """List virtual disks and network interfaces (`xl block-list`, `xl network-list`) with their
     handshake state and counters."""
     devs = _call(_run_dir(run_dir), "devices")["devices"]
@@ -257,24 +318,48 @@ def devices(run_dir: RunDirOpt = None,
         print(json.dumps(devs, indent=2))
         return
     t = Table(box=None, pad_edge=False)
-    for col in ("Domain", "Vdev", "BE", "Port", "State(fe/be)", "Access", "Sectors", "Target",
-                "Requests", "Kicks", "Notifies", "Error"):
+    for col in (
+        "Domain",
+        "Vdev",
+        "BE",
+        "Port",
+        "State(fe/be)",
+        "Access",
+        "Sectors",
+        "Target",
+        "Requests",
+        "Kicks",
+        "Notifies",
+        "Error",
+    ):
         t.add_column(col)
     for d in devs:
         try:  # Access/Sectors/Target: what the class puts there (a vif: bridge, ip, mac)
             access, sectors, target = devclasses.by_name(d.get("class", "")).cells(d)
         except KeyError:  # a class this CLI does not know (a newer kernel)
             access, sectors, target = "?", "?", "?"
-        t.add_row(d["domain"], d["vdev"], d["backend"], str(d["port"]),
-                  f"{d['frontend_state']}/{d['backend_state']}", access, sectors, target,
-                  str(d["requests"]), str(d["kicks"]), str(d["notifies"]), d["error"])
+        t.add_row(
+            d["domain"],
+            d["vdev"],
+            d["backend"],
+            str(d["port"]),
+            f"{d['frontend_state']}/{d['backend_state']}",
+            access,
+            sectors,
+            target,
+            str(d["requests"]),
+            str(d["kicks"]),
+            str(d["notifies"]),
+            d["error"],
+        )
     out.print(t)
 
 
 @app.command()
-def drivers(run_dir: RunDirOpt = None,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-            ) -> None:
+def drivers(
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """List the stack's driver backends: isolation, process id, state."""
     drvs = _call(_run_dir(run_dir), "drivers")["drivers"]
     if as_json:
@@ -285,36 +370,59 @@ def drivers(run_dir: RunDirOpt = None,
         t.add_column(col)
     for d in drvs:
         live = d["state"] in ("STARTING", "RUNNING", "STOPPING")
-        t.add_row(d["name"], d["module"], d["isolation"], str(d["pid"] if live else "-"),
-                  d["state"], "yes" if d["connected"] else "no")
+        t.add_row(
+            d["name"],
+            d["module"],
+            d["isolation"],
+            str(d["pid"] if live else "-"),
+            d["state"],
+            "yes" if d["connected"] else "no",
+        )
     out.print(t)
 
 
 @app.command()
-def status(run_dir: RunDirOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Print the driver list as "
-                                                 "JSON.")] = False) -> None:
+def status(
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the driver list as JSON.")] = False,
+) -> None:
     """Supervised drivers: state, process, uptime, restarts by reason, last failure, load."""
     drvs = _call(_run_dir(run_dir), "status")["drivers"]
     if as_json:
         print(json.dumps(drvs, indent=2))
         return
     t = Table(box=None, pad_edge=False)
-    for col, just in (("Name", "left"), ("State", "left"), ("PID", "right"),
-                      ("Uptime", "right"), ("Restarts", "left"), ("Last failure", "left"),
-                      ("Devices", "right"), ("In-flight", "right"), ("Backend", "left")):
+    for col, just in (
+        ("Name", "left"),
+        ("State", "left"),
+        ("PID", "right"),
+        ("Uptime", "right"),
+        ("Restarts", "left"),
+        ("Last failure", "left"),
+        ("Devices", "right"),
+        ("In-flight", "right"),
+        ("Backend", "left"),
+    ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for d in drvs:
         live = d["state"] in ("STARTING", "RUNNING", "STOPPING")
-        style = {"RUNNING": "green", "FATAL": "bold red", "BACKOFF": "yellow",
-                 "EXITED": "red"}.get(d["state"], "")
-        last = d.get("last_failure") or ("-" if d.get("supervised", True)
-                                         else "inline: not supervised")
-        t.add_row(d["name"], f"[{style}]{d['state']}[/]" if style else d["state"],
-                  str(d["pid"]) if live and d.get("pid") else "-",
-                  _uptime(d["uptime_s"]) if live and d.get("uptime_s") is not None else "-",
-                  _restarts(d), escape(last), _count(d.get("devices")),
-                  _count(d.get("outstanding")), escape(_backend(d)))
+        style = {"RUNNING": "green", "FATAL": "bold red", "BACKOFF": "yellow", "EXITED": "red"}.get(
+            d["state"], ""
+        )
+        last = d.get("last_failure") or (
+            "-" if d.get("supervised", True) else "inline: not supervised"
+        )
+        t.add_row(
+            d["name"],
+            f"[{style}]{d['state']}[/]" if style else d["state"],
+            str(d["pid"]) if live and d.get("pid") else "-",
+            _uptime(d["uptime_s"]) if live and d.get("uptime_s") is not None else "-",
+            _restarts(d),
+            escape(last),
+            _count(d.get("devices")),
+            _count(d.get("outstanding")),
+            escape(_backend(d)),
+        )
     out.print(t)
 
 
@@ -345,8 +453,9 @@ def _count(v: Any) -> str:
     return str(len(v)) if isinstance(v, list | dict) else str(v)
 
 
-driver_app = typer.Typer(no_args_is_help=True,
-                         help="Start, stop, restart or hot-swap a supervised driver process.")
+driver_app = typer.Typer(
+    no_args_is_help=True, help="Start, stop, restart or hot-swap a supervised driver process."
+)
 app.add_typer(driver_app, name="driver")
 driver_app.command("swap")(driver_swap)
 driver_app.command("stats")(driver_stats)
@@ -399,19 +508,25 @@ def _driver_action(action: str, name: str, run_dir: Path | None, wait: float) ->
         if action != "stop" and state in ("FATAL", "EXITED"):
             fail(f"driver {name} is {state}: {row.get('last_failure')}")
         if time.monotonic() > deadline:
-            fail(f"driver {name} is still {state} after {wait:g}s (asked: {action}, reply "
-                 f"state {r.get('state')}); see `isovisor status` and "
-                 f"{rd.driver_log(name)}")
+            fail(
+                f"driver {name} is still {state} after {wait:g}s (asked: {action}, reply "
+                f"state {r.get('state')}); see `isovisor status` and "
+                f"{rd.driver_log(name)}"
+            )
         time.sleep(0.05)  # a status poll: the reply comes before the process is up
 
 
 @app.command()
-def events(prefixes: Annotated[list[str] | None, typer.Argument(
-               help="Topic prefixes, e.g. driver. or domain.g1. (default: every event).")]
-           = None,
-           as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: "
-                                                 "ts, topic, payload.")] = False,
-           run_dir: RunDirOpt = None) -> None:
+def events(
+    prefixes: Annotated[
+        list[str] | None,
+        typer.Argument(help="Topic prefixes, e.g. driver. or domain.g1. (default: every event)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line: ts, topic, payload.")
+    ] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
     """Print the stack's events as they happen, one per line, until Ctrl-C or `down`."""
     rd = _run_dir(run_dir)
     topics = prefixes or [""]
@@ -442,9 +557,10 @@ def events(prefixes: Annotated[list[str] | None, typer.Argument(
 def _print_event(topic: str, payload: dict[str, Any], as_json: bool) -> None:
     now = time.time()
     if as_json:
-        line = json.dumps({"ts": round(now, 6), "topic": topic, "payload": payload},
-                          default=lambda v: v.decode(errors="replace")
-                          if isinstance(v, bytes) else str(v))
+        line = json.dumps(
+            {"ts": round(now, 6), "topic": topic, "payload": payload},
+            default=lambda v: v.decode(errors="replace") if isinstance(v, bytes) else str(v),
+        )
     else:
         stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         line = f"{stamp} {topic} {_fields(payload)}"
@@ -457,17 +573,29 @@ def _uptime(s: float) -> str:
 
 
 @app.command()
-def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
-            follow: Annotated[bool, typer.Option("--follow", "-f",
-                                                 help="Keep printing new output.")] = False,
-            interactive: Annotated[bool, typer.Option(
-                "--interactive", "-i",
-                help="Follow, and send what you type to the guest, a line at a time (needs a "
-                     "console driver; Ctrl-D or Ctrl-C ends).")] = False,
-            send: Annotated[str | None, typer.Option(
-                "--send", help="Send this text to the guest's console input and exit (a "
-                               "newline is added).")] = None,
-            run_dir: RunDirOpt = None) -> None:
+def console(
+    name: Annotated[str, typer.Argument(help="Domain name or id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            "-i",
+            help="Follow, and send what you type to the guest, a line at a time (needs a "
+            "console driver; Ctrl-D or Ctrl-C ends).",
+        ),
+    ] = False,
+    send: Annotated[
+        str | None,
+        typer.Option(
+            "--send",
+            help="Send this text to the guest's console input and exit (a newline is added).",
+        ),
+    ] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
     """Print a domain's console (the last 64 KiB), and follow it with -f."""
     rd = _run_dir(run_dir)
     if send is not None:
@@ -478,8 +606,9 @@ def console(name: Annotated[str, typer.Argument(help="Domain name or id.")],
         follow = True
         threading.Thread(target=_type_into, args=(rd, name), daemon=True).start()
     with _client(rd) as c:
-        sub = subscribe(rd.events, ["console.", "domain.", "supervisor.down"], c) \
-            if follow else None
+        sub = (
+            subscribe(rd.events, ["console.", "domain.", "supervisor.down"], c) if follow else None
+        )
         try:
             hist = c.call("console", name=name)
         except ControlError as e:
@@ -519,15 +648,14 @@ def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:
         topic, p = ev
         if topic == "supervisor.down":
             return
-        if p.get("domid", -1) > domid and topic in (f"console.{name}",
-                                                    f"domain.{name}.restarted"):
+        if p.get("domid", -1) > domid and topic in (f"console.{name}", f"domain.{name}.restarted"):
             domid, pos, restarting = p["domid"], 0, False  # ids only grow: a restart
         if p.get("domid") != domid:
             continue
         if topic == f"console.{name}":
             data, off = p["data"], p["offset"]
             if off + len(data) > pos:
-                sys.stdout.write(data[max(0, pos - off):].decode(errors="replace"))
+                sys.stdout.write(data[max(0, pos - off) :].decode(errors="replace"))
                 sys.stdout.flush()
                 pos = off + len(data)
         elif topic in (f"domain.{name}.shutdown", f"domain.{name}.crashed"):
@@ -540,8 +668,9 @@ def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:
 
 
 @app.command()
-def create(config: Annotated[Path, typer.Argument(help="Domain config file.")],
-           run_dir: RunDirOpt = None) -> None:
+def create(
+    config: Annotated[Path, typer.Argument(help="Domain config file.")], run_dir: RunDirOpt = None
+) -> None:
     """Create a domain from a config file in the running stack."""
     try:
         load_domain_config(config)  # report config errors locally, with local paths
@@ -552,10 +681,12 @@ def create(config: Annotated[Path, typer.Argument(help="Domain config file.")],
 
 
 def _domain_verb(verb: str, past: str):
-    def cmd(name: Annotated[str, typer.Argument(help="Domain name or id.")],
-            run_dir: RunDirOpt = None) -> None:
+    def cmd(
+        name: Annotated[str, typer.Argument(help="Domain name or id.")], run_dir: RunDirOpt = None
+    ) -> None:
         r = _call(_run_dir(run_dir), verb, name=name)
         out.print(f"{past} domain {name} (id {r['domid']})")
+
     cmd.__doc__ = f"{verb.capitalize()} a domain."
     return cmd
 
@@ -567,11 +698,15 @@ app.command("unpause")(_domain_verb("unpause", "unpaused"))
 
 # --- run ---------------------------------------------------------------------------------------
 
+
 @app.command()
-def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
-        timeout: Annotated[float | None, typer.Option(
-            help="Give up after this many seconds (exit 124).")] = None,
-        pcpus: Annotated[int, typer.Option(min=1, max=64)] = 1) -> None:
+def run(
+    config: Annotated[Path, typer.Argument(help="Domain config file.")],
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds (exit 124).")
+    ] = None,
+    pcpus: Annotated[int, typer.Option(min=1, max=64)] = 1,
+) -> None:
     """Run one domain to completion in a private kernel; exit with the guest's exit code.
 
     Exit status: the guest's code when it powers off, 125 if it crashed, 124 on --timeout.
@@ -581,9 +716,11 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
     except ConfigError as e:
         fail(str(e))
     if cfg.devices:
-        fail(f"{config}: domain {cfg.name} has devices, which need driver backends; `run` starts "
-             "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
-             "`isovisor create` and `isovisor console -f`")
+        fail(
+            f"{config}: domain {cfg.name} has devices, which need driver backends; `run` starts "
+            "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
+            "`isovisor create` and `isovisor console -f`"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-", dir="/tmp"))
     rd = RunDir(tmp)
     try:
@@ -591,16 +728,16 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
     except RunDirError as e:
         tmp.rmdir()
         fail(str(e))
-    kernel = KernelProcess(rd, shm_prefix=shm_prefix_for(os.getpid()), pcpus=pcpus,
-                           timeslice_ms=10)
+    kernel = KernelProcess(rd, shm_prefix=shm_prefix_for(os.getpid()), pcpus=pcpus, timeslice_ms=10)
     printer = ConsolePrinter(prefix=False)
     code = 0
     sub: Subscriber | None = None
     try:
         kernel.start()
         assert kernel.client is not None
-        sub = subscribe(rd.kernel_events, [f"console.{cfg.name}", f"domain.{cfg.name}."],
-                        kernel.client)
+        sub = subscribe(
+            rd.kernel_events, [f"console.{cfg.name}", f"domain.{cfg.name}."], kernel.client
+        )
         try:
             kernel.call("create", config=cfg.to_wire())
         except ControlError as e:
@@ -621,19 +758,22 @@ def run(config: Annotated[Path, typer.Argument(help="Domain config file.")],
     raise typer.Exit(code)
 
 
-def _stream_until_exit(sub: Subscriber, name: str, printer: ConsolePrinter,
-                       deadline: float | None, kernel: KernelProcess) -> int:
+def _stream_until_exit(
+    sub: Subscriber,
+    name: str,
+    printer: ConsolePrinter,
+    deadline: float | None,
+    kernel: KernelProcess,
+) -> int:
     while True:
         wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
         ev = sub.recv(wait)
         if ev is None:
             if deadline is not None and time.monotonic() >= deadline:
-                err.print(f"isovisor: domain {name} still running after the timeout; "
-                          "destroying it")
+                err.print(f"isovisor: domain {name} still running after the timeout; destroying it")
                 return EXIT_TIMEOUT
             if not kernel.alive():
-                err.print("isovisor: the kernel exited unexpectedly; "
-                          f"log:\n{kernel.log_tail()}")
+                err.print(f"isovisor: the kernel exited unexpectedly; log:\n{kernel.log_tail()}")
                 return 1
             continue
         topic, p = ev

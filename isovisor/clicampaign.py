@@ -17,8 +17,9 @@ from isovisor.clicommon import RunDirOpt, _call, _run_dir, err, fail, out
 from isovisor.faulttable import ALL_TYPES
 
 fault_app = typer.Typer(no_args_is_help=True, help="Inject faults into a running stack's drivers.")
-campaign_app = typer.Typer(no_args_is_help=True,
-                           help="Run fault-injection campaigns from a plan file.")
+campaign_app = typer.Typer(
+    no_args_is_help=True, help="Run fault-injection campaigns from a plan file."
+)
 
 
 def _value(text: str) -> Any:
@@ -46,21 +47,34 @@ def _args(pairs: list[str]) -> dict[str, Any]:
 
 @fault_app.command("add")
 def fault_add(
-        driver: Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")],
-        type_: Annotated[str, typer.Option("--type", "-t", help="Fault type: " +
-                                           ", ".join(ALL_TYPES))],
-        arg: Annotated[list[str] | None, typer.Option(
-            "--arg", "-a", help="key=value: probability, interval, times (-1 unlimited), "
-            "fail_nth, domain, vdev, op, sector, latency_ms, jitter_ms.")] = None,
-        run_dir: RunDirOpt = None) -> None:
+    driver: Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")],
+    type_: Annotated[str, typer.Option("--type", "-t", help="Fault type: " + ", ".join(ALL_TYPES))],
+    arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arg",
+            "-a",
+            help="key=value: probability, interval, times (-1 unlimited), "
+            "fail_nth, domain, vdev, op, sector, latency_ms, jitter_ms.",
+        ),
+    ] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
     """Arm a fault in a driver (or, for sigkill/sigstop, carry it out now); prints its id."""
     if type_ not in ALL_TYPES:
         fail(f"unknown fault type {type_!r}; choose one of {', '.join(ALL_TYPES)}")
-    row = _call(_run_dir(run_dir), "fault", action="add", driver=driver,
-                spec={"type": type_, **_args(arg or [])})["fault"]
-    out.print(f"fault {row['id']}: {row['type']} on {row['driver']}"
-              + (f" ({_fmt_args(row['args'])})" if row["args"] else "")
-              + ("" if row["armed"] else " (done)"))
+    row = _call(
+        _run_dir(run_dir),
+        "fault",
+        action="add",
+        driver=driver,
+        spec={"type": type_, **_args(arg or [])},
+    )["fault"]
+    out.print(
+        f"fault {row['id']}: {row['type']} on {row['driver']}"
+        + (f" ({_fmt_args(row['args'])})" if row["args"] else "")
+        + ("" if row["armed"] else " (done)")
+    )
 
 
 def _fmt_args(args: dict[str, Any]) -> str:
@@ -68,9 +82,10 @@ def _fmt_args(args: dict[str, Any]) -> str:
 
 
 @fault_app.command("list")
-def fault_list(run_dir: RunDirOpt = None,
-               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-               ) -> None:
+def fault_list(
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """The faults of the stack: armed or spent, how often each fired, in which processes."""
     rows = _call(_run_dir(run_dir), "fault", action="list")["faults"]
     if as_json:
@@ -83,24 +98,35 @@ def fault_list(run_dir: RunDirOpt = None,
     for col in ("ID", "Driver", "Type", "State", "Fired", "In pids", "Arguments"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["id"]), r["driver"], r["type"], "armed" if r["armed"] else "spent",
-                  str(r["fired"]), ", ".join(map(str, r["pids"])) or "-",
-                  escape(_fmt_args(r["args"])) or "-")
+        t.add_row(
+            str(r["id"]),
+            r["driver"],
+            r["type"],
+            "armed" if r["armed"] else "spent",
+            str(r["fired"]),
+            ", ".join(map(str, r["pids"])) or "-",
+            escape(_fmt_args(r["args"])) or "-",
+        )
     out.print(t)
 
 
 @fault_app.command("remove")
-def fault_remove(fault_id: Annotated[int, typer.Argument(help="The id `fault list` shows.")],
-                 run_dir: RunDirOpt = None) -> None:
+def fault_remove(
+    fault_id: Annotated[int, typer.Argument(help="The id `fault list` shows.")],
+    run_dir: RunDirOpt = None,
+) -> None:
     """Disarm and forget one fault."""
     row = _call(_run_dir(run_dir), "fault", action="remove", fault_id=fault_id)["fault"]
     out.print(f"removed fault {row['id']} ({row['type']} on {row['driver']})")
 
 
 @fault_app.command("reset")
-def fault_reset(driver: Annotated[str | None, typer.Argument(
-        help="Only this driver's faults (default: all).")] = None,
-        run_dir: RunDirOpt = None) -> None:
+def fault_reset(
+    driver: Annotated[
+        str | None, typer.Argument(help="Only this driver's faults (default: all).")
+    ] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
     """Disarm and forget every fault (of one driver)."""
     props: dict[str, Any] = {"action": "reset"}
     if driver is not None:
@@ -118,6 +144,7 @@ PlanArg = Annotated[Path, typer.Argument(help="Campaign plan (TOML, docs/campaig
 
 def _load(plan_path: Path) -> Any:
     from isovisor.campaign.plan import PlanError, load_plan
+
     try:
         return load_plan(plan_path)
     except PlanError as e:
@@ -128,33 +155,49 @@ def _load(plan_path: Path) -> Any:
 def campaign_validate(plan: PlanArg) -> None:
     """Check a plan completely (every key, every value) without running anything."""
     from isovisor.campaign.plan import describe
+
     out.print(describe(_load(plan)))
 
 
 @campaign_app.command("run")
 def campaign_run(
-        plan: PlanArg,
-        seed: Annotated[int | None, typer.Option(help="Seed of the schedule (default: the "
-                                                 "plan's).")] = None,
-        out_dir: Annotated[Path | None, typer.Option("--out", help="Where journal.json and "
-                                                     "the reports go (default: "
-                                                     "./campaign-<name>-<seed>).")] = None,
-        isolation: Annotated[str | None, typer.Option(help="process or inline (default: the "
-                                                      "plan's).")] = None,
-        faults: Annotated[int | None, typer.Option(help="Inject this many faults instead of "
-                                                   "what the plan says (drawn by the plan's "
-                                                   "weights; counts are kept).")] = None
-        ) -> None:
+    plan: PlanArg,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the schedule (default: the plan's).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where journal.json and the reports go (default: ./campaign-<name>-<seed>).",
+        ),
+    ] = None,
+    isolation: Annotated[
+        str | None, typer.Option(help="process or inline (default: the plan's).")
+    ] = None,
+    faults: Annotated[
+        int | None,
+        typer.Option(
+            help="Inject this many faults instead of "
+            "what the plan says (drawn by the plan's "
+            "weights; counts are kept)."
+        ),
+    ] = None,
+) -> None:
     """Start a private stack, run the plan's guests and faults, write journal and reports."""
     import dataclasses
 
     from isovisor.campaign.runner import Campaign
+
     p = _load(plan)
     if faults is not None:
         counted = sum(e.count or 0 for e in p.faults)
         if faults < max(1, counted) or (all(e.count for e in p.faults) and faults != counted):
-            fail(f"--faults {faults}: the plan's counts need {counted}, and other totals only "
-                 "work when some [[fault]] has no count", 2)
+            fail(
+                f"--faults {faults}: the plan's counts need {counted}, and other totals only "
+                "work when some [[fault]] has no count",
+                2,
+            )
         p = dataclasses.replace(p, faults_total=faults, duration=None)
     if isolation not in (None, "process", "inline"):
         fail(f"--isolation must be process or inline, got {isolation!r}", 2)
@@ -167,13 +210,19 @@ def campaign_run(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[left]}"), console=err, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[left]}"),
+        console=err,
+        transient=True,
+    ) as bar:
         task = bar.add_task(f"{p.name} (seed {s})", total=None, left="starting the stack")
 
         def progress(done: int, total: int, left: float) -> None:
-            bar.update(task, completed=done, total=total,
-                       left=f"~{left:.0f} s of injections left")
+            bar.update(task, completed=done, total=total, left=f"~{left:.0f} s of injections left")
+
         try:
             journal = Campaign(p, s, target, isolation=isolation, progress=progress).run()
         except KeyboardInterrupt:
@@ -181,23 +230,34 @@ def campaign_run(
         except RuntimeError as e:
             fail(f"campaign failed: {e}; the stack's logs are in {target}")
     from isovisor.campaign.report import verdict
+
     sm = journal["summary"]
-    out.print(f"{sm['injected']} faults injected in {time.monotonic() - t0:.0f} s; "
-              f"report: {target / 'report.md'} and {target / 'report.html'}")
+    out.print(
+        f"{sm['injected']} faults injected in {time.monotonic() - t0:.0f} s; "
+        f"report: {target / 'report.md'} and {target / 'report.html'}"
+    )
     out.print(verdict(sm))
 
 
 @campaign_app.command("report")
 def campaign_report(
-        run: Annotated[Path, typer.Argument(help="Output directory of a campaign run.")],
-        compare: Annotated[Path | None, typer.Option(help="Another run's directory (e.g. the "
-                                                     "same plan with --isolation inline), "
-                                                     "shown side by side.")] = None,
-        out_dir: Annotated[Path | None, typer.Option("--out", help="Where report.md and "
-                                                     "report.html go (default: RUN).")] = None
-        ) -> None:
+    run: Annotated[Path, typer.Argument(help="Output directory of a campaign run.")],
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            help="Another run's directory (e.g. the "
+            "same plan with --isolation inline), "
+            "shown side by side."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where report.md and report.html go (default: RUN)."),
+    ] = None,
+) -> None:
     """Write report.md and report.html again from journal.json, optionally beside another."""
     from isovisor.campaign.report import verdict, write_report
+
     journal = _journal(run)
     other = _journal(compare) if compare is not None else None
     md, html = write_report(out_dir or run, journal, compare=other)

@@ -17,9 +17,15 @@ from isovisor.paths import RunDir
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-RunDirOpt = Annotated[Path | None, typer.Option(
-    "--run-dir", envvar="ISOVISOR_RUN_DIR", show_envvar=True,
-    help="The stack's run directory (sockets, logs). Default: /tmp/isovisor-$UID/default.")]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--run-dir",
+        envvar="ISOVISOR_RUN_DIR",
+        show_envvar=True,
+        help="The stack's run directory (sockets, logs). Default: /tmp/isovisor-$UID/default.",
+    ),
+]
 
 EXIT_CRASHED = 125
 EXIT_TIMEOUT = 124
@@ -47,8 +53,10 @@ def _run_dir(opt: Path | None) -> RunDir:
 
 def _client(rd: RunDir, timeout: float = 15.0) -> Client:
     if rd.running_pid() is None:
-        fail(f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
-             "--run-dir / ISOVISOR_RUN_DIR of a running stack")
+        fail(
+            f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
+            "--run-dir / ISOVISOR_RUN_DIR of a running stack"
+        )
     return Client(rd.control, timeout=timeout)
 
 

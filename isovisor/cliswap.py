@@ -28,34 +28,58 @@ NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>]
 
 
 def driver_swap(
-        name: NameArg,
-        to: Annotated[str | None, typer.Option(
-            "--to", metavar="MODULE[:CLASS]",
+    name: NameArg,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="MODULE[:CLASS]",
             help="The new backend class, e.g. drivers.blk.ram:RamBackend (a module alone "
-                 "means its Backend class).")] = None,
-        to_file: Annotated[Path | None, typer.Option(
-            "--to-file", metavar="FILE.py[:CLASS]",
+            "means its Backend class).",
+        ),
+    ] = None,
+    to_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--to-file",
+            metavar="FILE.py[:CLASS]",
             help="The new backend from a Python file (its Backend class, or its only backend "
-                 "class).")] = None,
-        watch: Annotated[Path | None, typer.Option(
-            "--watch", metavar="FILE.py",
-            help="Swap to this file now and again every time it changes, until Ctrl-C.")]
-        = None,
-        probation: Annotated[float | None, typer.Option(
-            "--probation", help="Seconds the new backend must serve without dying before the "
-                                "swap is final (default 1).")] = None,
-        timeout: Annotated[float | None, typer.Option(
-            "--timeout", help="Seconds each step (drain, restore and hello) may take; less "
-                              "than the driver's request_timeout_sec (default: 5, or half "
-                              "of request_timeout_sec when that is shorter).")]
-        = None,
-        max_swaps: Annotated[int, typer.Option(
-            "--max-swaps", help="With --watch: stop after this many swaps (0: never).")] = 0,
-        wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for an outcome.")]
-        = 60.0,
-        as_json: Annotated[bool, typer.Option("--json", help="Print each outcome as JSON.")]
-        = False,
-        run_dir: RunDirOpt = None) -> None:
+            "class).",
+        ),
+    ] = None,
+    watch: Annotated[
+        Path | None,
+        typer.Option(
+            "--watch",
+            metavar="FILE.py",
+            help="Swap to this file now and again every time it changes, until Ctrl-C.",
+        ),
+    ] = None,
+    probation: Annotated[
+        float | None,
+        typer.Option(
+            "--probation",
+            help="Seconds the new backend must serve without dying before the "
+            "swap is final (default 1).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            help="Seconds each step (drain, restore and hello) may take; less "
+            "than the driver's request_timeout_sec (default: 5, or half "
+            "of request_timeout_sec when that is shorter).",
+        ),
+    ] = None,
+    max_swaps: Annotated[
+        int,
+        typer.Option("--max-swaps", help="With --watch: stop after this many swaps (0: never)."),
+    ] = 0,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for an outcome.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each outcome as JSON.")] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
     """Replace a driver's backend implementation under running guests (hot swap).
 
     The new backend is loaded beside the running one first; if it cannot be loaded the swap
@@ -67,8 +91,10 @@ def driver_swap(
         fail("give exactly one of --to MODULE[:CLASS], --to-file FILE.py or --watch FILE.py")
     rd = _run_dir(run_dir)
     if rd.running_pid() is None:
-        fail(f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
-             "--run-dir / ISOVISOR_RUN_DIR of a running stack")
+        fail(
+            f"no stack is running in {rd.path}: start one with `isovisor up`, or pass "
+            "--run-dir / ISOVISOR_RUN_DIR of a running stack"
+        )
     if watch is not None:
         _watch(rd, name, watch, probation, timeout, wait, max_swaps, as_json)
         return
@@ -81,8 +107,9 @@ def driver_swap(
         raise typer.Exit(1)
 
 
-def _swap_once(rd: RunDir, name: str, target: str, probation: float | None,
-               timeout: float | None, wait: float) -> dict[str, Any]:
+def _swap_once(
+    rd: RunDir, name: str, target: str, probation: float | None, timeout: float | None, wait: float
+) -> dict[str, Any]:
     try:
         return swap(rd, name, target, probation=probation, timeout=timeout, wait=wait)
     except ControlError as e:
@@ -95,17 +122,23 @@ def _print_outcome(r: dict[str, Any], stamp: bool = False) -> None:
     when = f"[{datetime.datetime.now():%H:%M:%S}] " if stamp else ""
     name, new, old = r.get("name"), r.get("new"), r.get("old")
     if r["outcome"] == "swapped":
-        out.print(escape(f"{when}swapped {name}: {old} -> {new}; pid {r.get('old_pid')} -> "
-                         f"{r.get('pid')}; stall {_ms(r.get('stall_ms'))}, "
-                         f"{r.get('carried') or 0} request(s) carried over"))
+        out.print(
+            escape(
+                f"{when}swapped {name}: {old} -> {new}; pid {r.get('old_pid')} -> "
+                f"{r.get('pid')}; stall {_ms(r.get('stall_ms'))}, "
+                f"{r.get('carried') or 0} request(s) carried over"
+            )
+        )
         return
     verb = {"rolled_back": "rolled back", "refused": "refused", "failed": "failed"}.get(
-        r["outcome"], r["outcome"])
+        r["outcome"], r["outcome"]
+    )
     why = f" ({r['reason']})" if r.get("reason") else ""
-    kept = f"; {old} (pid {r.get('old_pid')}) goes on serving" if r["outcome"] != "failed" \
-        else ""
-    err.print(escape(f"{when}swap of {name} to {new} {verb}{why}: {r.get('error') or '?'}"
-                     f"{kept}"), style="bold red" if r["outcome"] == "failed" else "red")
+    kept = f"; {old} (pid {r.get('old_pid')}) goes on serving" if r["outcome"] != "failed" else ""
+    err.print(
+        escape(f"{when}swap of {name} to {new} {verb}{why}: {r.get('error') or '?'}{kept}"),
+        style="bold red" if r["outcome"] == "failed" else "red",
+    )
     if r.get("rollback_stall_ms") is not None:
         err.print(escape(f"{when}guests paused {_ms(r['rollback_stall_ms'])} in all"))
     if r.get("traceback"):
@@ -123,15 +156,26 @@ def _fingerprint(p: Path) -> str | None:
         return None
 
 
-def _watch(rd: RunDir, name: str, path: Path, probation: float | None,
-           timeout: float | None, wait: float, max_swaps: int, as_json: bool) -> None:
+def _watch(
+    rd: RunDir,
+    name: str,
+    path: Path,
+    probation: float | None,
+    timeout: float | None,
+    wait: float,
+    max_swaps: int,
+    as_json: bool,
+) -> None:
     path = path.expanduser().resolve()
     if not path.is_file():
         fail(f"--watch: {path} does not exist")
     target = str(path)
-    (err if as_json else out).print(escape(
-        f"watching {path}: driver {name} is swapped to it now and on every change (Ctrl-C to "
-        "stop)"))
+    (err if as_json else out).print(
+        escape(
+            f"watching {path}: driver {name} is swapped to it now and on every change (Ctrl-C to "
+            "stop)"
+        )
+    )
     swaps = 0
     last = _fingerprint(path)
     try:
@@ -163,9 +207,11 @@ def _wait_for_change(rd: RunDir, path: Path, last: str | None) -> str | None:
             return now
 
 
-def driver_stats(name: NameArg,
-                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-                 run_dir: RunDirOpt = None) -> None:
+def driver_stats(
+    name: NameArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
     """A driver's statistics, as its backend reports them (statistics(), refreshed every
     second), with its implementation and recent swaps."""
     rows = {d["name"]: d for d in _call(_run_dir(run_dir), "status")["drivers"]}
@@ -173,11 +219,22 @@ def driver_stats(name: NameArg,
     if row is None:
         fail(f"no driver named {name!r} (drivers: {', '.join(rows) or 'none'})")
     if as_json:
-        print(json.dumps({k: row.get(k) for k in ("name", "module", "pid", "statistics",
-                                                  "swaps", "last_swap")}, indent=2))
+        print(
+            json.dumps(
+                {
+                    k: row.get(k)
+                    for k in ("name", "module", "pid", "statistics", "swaps", "last_swap")
+                },
+                indent=2,
+            )
+        )
         return
-    out.print(escape(f"driver {name}: {row.get('module')} (pid {row.get('pid')}), "
-                     f"{row.get('swaps') or 0} swap(s)"))
+    out.print(
+        escape(
+            f"driver {name}: {row.get('module')} (pid {row.get('pid')}), "
+            f"{row.get('swaps') or 0} swap(s)"
+        )
+    )
     t = Table(box=None, pad_edge=False)
     t.add_column("Statistic")
     t.add_column("Value", justify="right")
@@ -186,5 +243,9 @@ def driver_stats(name: NameArg,
     out.print(t)
     last = row.get("last_swap")
     if last:
-        out.print(escape(f"last swap: {last.get('outcome')} {last.get('old')} -> "
-                         f"{last.get('new')}, stall {_ms(last.get('stall_ms'))}"))
+        out.print(
+            escape(
+                f"last swap: {last.get('outcome')} {last.get('old')} -> "
+                f"{last.get('new')}, stall {_ms(last.get('stall_ms'))}"
+            )
+        )

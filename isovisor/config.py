@@ -37,16 +37,23 @@ _SUPERVISOR_FIELDS: Final = {
 KERNEL_FIELDS: Final = {
     # pcpus: no default here; KernelConfig takes min(2, the host's CPUs)
     "pcpus": Field(int, "physical CPU threads that run guests, 1..64", in_range(1, 64)),
-    "timeslice_ms": Field(int, "scheduler time slice in ms, 1..1000", in_range(1, 1000),
-                          default=10),
+    "timeslice_ms": Field(
+        int, "scheduler time slice in ms, 1..1000", in_range(1, 1000), default=10
+    ),
 }
 _DOMAINS_FIELDS: Final = {
     "start": Field(list, "domain config files to create at start-up, relative to this file"),
-    "console": Field(str, "the console driver every domain's console goes to unless its config "
-                           "says otherwise (a [driver.<name>] running drivers.console); "
-                           "\"kernel\" or empty: the kernel's built-in console",
-                      lambda v: None if v in ("", "kernel") or check_name(v) is None
-                      else "must be a driver name or \"kernel\""),
+    "console": Field(
+        str,
+        "the console driver every domain's console goes to unless its config "
+        "says otherwise (a [driver.<name>] running drivers.console); "
+        '"kernel" or empty: the kernel\'s built-in console',
+        lambda v: (
+            None
+            if v in ("", "kernel") or check_name(v) is None
+            else 'must be a driver name or "kernel"'
+        ),
+    ),
 }
 _TOP_FIELDS: Final = {
     "supervisor": Field(dict, "[supervisor] table"),
@@ -72,11 +79,15 @@ def _max_cpu(v: float) -> str | None:
 def _max_rss(v: str) -> str | None:
     size = parse_size(v)
     if size is None:
-        return ("is not a size: give a number with an optional K, M, G or T suffix (binary "
-                "units), e.g. \"512M\"")
+        return (
+            "is not a size: give a number with an optional K, M, G or T suffix (binary "
+            'units), e.g. "512M"'
+        )
     if size < MIN_MAX_RSS:
-        return ("is below 16M: a driver process alone uses more, so it would be replaced over "
-                "and over; raise it (e.g. \"256M\") or remove the key")
+        return (
+            "is below 16M: a driver process alone uses more, so it would be replaced over "
+            'and over; raise it (e.g. "256M") or remove the key'
+        )
     return None
 
 
@@ -85,52 +96,99 @@ def _max_rss(v: str) -> str | None:
 #: its own (``isovisor/campaign/plan.py``).
 DRIVER_FIELDS: Final = {
     "module": Field(str, "Python module of the backend, e.g. drivers.blk"),
-    "isolation": Field(str, "how the driver runs: process (its own OS process) or inline (a "
-                             "thread of the kernel process, for comparison)",
-                        choices=ISOLATIONS, what="an isolation", default="process"),
+    "isolation": Field(
+        str,
+        "how the driver runs: process (its own OS process) or inline (a "
+        "thread of the kernel process, for comparison)",
+        choices=ISOLATIONS,
+        what="an isolation",
+        default="process",
+    ),
     "options": Field(dict, "backend options, passed to the driver"),
-    "restart": Field(str, "when a failed driver is restarted: permanent (always), transient "
-                           "(only after an abnormal exit) or temporary (never)",
-                      choices=RESTART_POLICIES, what="a restart policy", default="permanent"),
-    "intensity": Field(int, "restarts allowed within 'period' seconds before the driver "
-                             "becomes FATAL, 0..1000000", in_range(0, 1_000_000), default=10),
-    "period": Field(NUMBER, "the window in seconds for 'intensity'",
-                    at_least(0, exclusive=True), default=30.0),
-    "backoff": Field(NUMBER, "seconds before the 2nd restart in a row without a stable run, "
-                             "doubling for each further one; 0 = start at 0.05 s", at_least(0),
-                     default=0.0),
-    "backoff_max": Field(NUMBER, "the longest delay before a restart, in seconds",
-                         at_least(0), default=5.0),
-    "start_secs": Field(NUMBER, "seconds a driver must stay up after its hello to count as "
-                                "started", at_least(0), default=1.0),
-    "start_timeout": Field(NUMBER, "seconds a started driver may take to say hello (its "
-                                   "handshake) before it is killed, at least 1", at_least(1),
-                           default=20.0),
-    "watchdog_sec": Field(NUMBER, "heartbeat deadline in seconds, 0 = off", _watchdog,
-                          default=2.0),
-    "request_timeout_sec": Field(NUMBER, "seconds a request may stay outstanding before the "
-                                         "driver counts as hung, at least 0.1", at_least(0.1),
-                                 default=10.0),
-    "max_rss": Field(str, 'RSS limit: a size with a K, M, G or T suffix, at least 16M, e.g. '
-                          '"512M"', _max_rss),
-    "max_fds": Field(int, "open file descriptors allowed (checked with psutil), 16..1048576",
-                     in_range(16, 1_048_576)),
-    "max_cpu": Field(NUMBER, "CPU limit in percent of one CPU, averaged over 5 s, more than 0 "
-                             "and at most 100", _max_cpu),
-    "graceful_timeout": Field(NUMBER, "seconds from SIGTERM to SIGKILL when stopping",
-                              at_least(0), default=5.0),
+    "restart": Field(
+        str,
+        "when a failed driver is restarted: permanent (always), transient "
+        "(only after an abnormal exit) or temporary (never)",
+        choices=RESTART_POLICIES,
+        what="a restart policy",
+        default="permanent",
+    ),
+    "intensity": Field(
+        int,
+        "restarts allowed within 'period' seconds before the driver becomes FATAL, 0..1000000",
+        in_range(0, 1_000_000),
+        default=10,
+    ),
+    "period": Field(
+        NUMBER, "the window in seconds for 'intensity'", at_least(0, exclusive=True), default=30.0
+    ),
+    "backoff": Field(
+        NUMBER,
+        "seconds before the 2nd restart in a row without a stable run, "
+        "doubling for each further one; 0 = start at 0.05 s",
+        at_least(0),
+        default=0.0,
+    ),
+    "backoff_max": Field(
+        NUMBER, "the longest delay before a restart, in seconds", at_least(0), default=5.0
+    ),
+    "start_secs": Field(
+        NUMBER,
+        "seconds a driver must stay up after its hello to count as started",
+        at_least(0),
+        default=1.0,
+    ),
+    "start_timeout": Field(
+        NUMBER,
+        "seconds a started driver may take to say hello (its "
+        "handshake) before it is killed, at least 1",
+        at_least(1),
+        default=20.0,
+    ),
+    "watchdog_sec": Field(NUMBER, "heartbeat deadline in seconds, 0 = off", _watchdog, default=2.0),
+    "request_timeout_sec": Field(
+        NUMBER,
+        "seconds a request may stay outstanding before the driver counts as hung, at least 0.1",
+        at_least(0.1),
+        default=10.0,
+    ),
+    "max_rss": Field(
+        str, 'RSS limit: a size with a K, M, G or T suffix, at least 16M, e.g. "512M"', _max_rss
+    ),
+    "max_fds": Field(
+        int,
+        "open file descriptors allowed (checked with psutil), 16..1048576",
+        in_range(16, 1_048_576),
+    ),
+    "max_cpu": Field(
+        NUMBER,
+        "CPU limit in percent of one CPU, averaged over 5 s, more than 0 and at most 100",
+        _max_cpu,
+    ),
+    "graceful_timeout": Field(
+        NUMBER, "seconds from SIGTERM to SIGKILL when stopping", at_least(0), default=5.0
+    ),
     "spare": Field(bool, "keep a warm spare process ready", default=True),
-    "group": Field(str, "restart group: drivers that share it restart together per "
-                        "'strategy'", check_name),
-    "strategy": Field(str, "which drivers of the group restart when one fails",
-                      choices=STRATEGIES, what="a restart strategy", default="one_for_one"),
+    "group": Field(
+        str, "restart group: drivers that share it restart together per 'strategy'", check_name
+    ),
+    "strategy": Field(
+        str,
+        "which drivers of the group restart when one fails",
+        choices=STRATEGIES,
+        what="a restart strategy",
+        default="one_for_one",
+    ),
 }
 #: Keys that only mean something for a supervised (isolation = "process") driver.
-SUPERVISION_KEYS: Final = tuple(k for k in DRIVER_FIELDS
-                                if k not in ("module", "isolation", "options"))
+SUPERVISION_KEYS: Final = tuple(
+    k for k in DRIVER_FIELDS if k not in ("module", "isolation", "options")
+)
 _DRIVER_DEFAULTS: Final = {k: f.default for k, f in DRIVER_FIELDS.items()}
-_MODULE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-                               r"(:[A-Za-z_][A-Za-z0-9_]*)?$")
+_MODULE_RE: Final = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    r"(:[A-Za-z_][A-Za-z0-9_]*)?$"
+)
 _CLASS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -203,8 +261,10 @@ def load_stack_config(path: str | Path) -> StackConfig:
     start: list[str] = []
     for i, item in enumerate(doms.get("start", [])):
         if not isinstance(item, str):
-            raise ConfigError(f"{where} [domains]: start[{i}] = {show(item)} must be a string "
-                              "(the path of a domain config)")
+            raise ConfigError(
+                f"{where} [domains]: start[{i}] = {show(item)} must be a string "
+                "(the path of a domain config)"
+            )
         p = (path.parent / item).resolve()
         if not p.is_file():
             raise ConfigError(f"{where} [domains]: start[{i}] = {show(item)}: no such file {p}")
@@ -215,13 +275,20 @@ def load_stack_config(path: str | Path) -> StackConfig:
     drivers = _drivers(data, where, path.parent)
     console = doms.get("console", "")
     if console not in ("", "kernel") and console not in {d.name for d in drivers}:
-        raise ConfigError(f"{where} [domains]: console = {show(console)} names no driver; "
-                          f"declare [driver.{console}] with module = \"drivers.console\", or use "
-                          "\"kernel\" for the kernel's built-in console")
-    return StackConfig(name=sup.get("name", "default"), run_dir=run_dir,
-                       kernel=KernelConfig(**kern), drivers=drivers,
-                       domains=tuple(start), console="" if console == "kernel" else console,
-                       source=str(path.resolve()))
+        raise ConfigError(
+            f"{where} [domains]: console = {show(console)} names no driver; "
+            f'declare [driver.{console}] with module = "drivers.console", or use '
+            '"kernel" for the kernel\'s built-in console'
+        )
+    return StackConfig(
+        name=sup.get("name", "default"),
+        run_dir=run_dir,
+        kernel=KernelConfig(**kern),
+        drivers=drivers,
+        domains=tuple(start),
+        console="" if console == "kernel" else console,
+        source=str(path.resolve()),
+    )
 
 
 def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig, ...]:
@@ -231,7 +298,7 @@ def _drivers(data: dict[str, Any], where: str, base: Path) -> tuple[DriverConfig
         if (msg := check_name(name)) is not None:
             raise ConfigError(f"{here}: the driver name {msg}")
         if not isinstance(table, dict):
-            raise ConfigError(f"{here}: must be a table with module = \"...\"")
+            raise ConfigError(f'{here}: must be a table with module = "..."')
         check_table(here, table, DRIVER_FIELDS, required=("module",))
         try:
             table = {**table, "module": backend_spec(table["module"], base)}
@@ -263,9 +330,11 @@ def backend_spec(text: str, base: Path | None) -> str:
             raise ValueError(f"{cls!r} is not a class name")
         return f"{p}:{cls}" if sep else str(p)
     if not _MODULE_RE.match(t):
-        raise ValueError(f"{t!r} is neither a module (package.module[:Class], e.g. drivers.blk "
-                         "or drivers.blk.ram:RamBackend) nor a backend file "
-                         "(path/to/backend.py[:Class])")
+        raise ValueError(
+            f"{t!r} is neither a module (package.module[:Class], e.g. drivers.blk "
+            "or drivers.blk.ram:RamBackend) nor a backend file "
+            "(path/to/backend.py[:Class])"
+        )
     return t
 
 
@@ -275,21 +344,27 @@ def _driver(name: str, table: dict[str, Any], here: str) -> DriverConfig:
         extra = [k for k in SUPERVISION_KEYS if k in vals]
         if extra:
             them = "them" if len(extra) > 1 else "it"
-            raise ConfigError(f"{here}: {', '.join(extra)} cannot be used with isolation = "
-                              "\"inline\": an inline driver runs inside the kernel process and "
-                              f"is not supervised; remove {them} or use isolation = \"process\"")
+            raise ConfigError(
+                f"{here}: {', '.join(extra)} cannot be used with isolation = "
+                '"inline": an inline driver runs inside the kernel process and '
+                f'is not supervised; remove {them} or use isolation = "process"'
+            )
     if "max_rss" in vals:
         vals["max_rss"] = parse_size(vals["max_rss"])  # DRIVER_FIELDS checked it
     backoff = vals.get("backoff", _DRIVER_DEFAULTS["backoff"])
     cap = vals.get("backoff_max", _DRIVER_DEFAULTS["backoff_max"])
     if cap < backoff:
-        raise ConfigError(f"{here}: backoff_max = {cap:g} is less than backoff = {backoff:g}; "
-                          "backoff_max caps the delays that start at backoff: raise "
-                          "backoff_max or lower backoff")
+        raise ConfigError(
+            f"{here}: backoff_max = {cap:g} is less than backoff = {backoff:g}; "
+            "backoff_max caps the delays that start at backoff: raise "
+            "backoff_max or lower backoff"
+        )
     if "strategy" in vals and "group" not in vals:
-        raise ConfigError(f"{here}: strategy = {show(vals['strategy'])} needs a group (the "
-                          "drivers that restart together); add group = \"<name>\" or remove "
-                          "strategy")
+        raise ConfigError(
+            f"{here}: strategy = {show(vals['strategy'])} needs a group (the "
+            'drivers that restart together); add group = "<name>" or remove '
+            "strategy"
+        )
     return DriverConfig(name=name, **vals)
 
 
@@ -304,7 +379,8 @@ def _check_groups(drivers: list[DriverConfig], where: str) -> None:
                 f"{where} [driver.{d.name}]: strategy = {show(d.strategy)} differs from "
                 f"[driver.{o.name}] (strategy {show(o.strategy)}) in group {show(d.group)}: the "
                 "drivers of a group must agree; give each of them the same strategy (default "
-                "one_for_one)")
+                "one_for_one)"
+            )
         first.setdefault(d.group, d)
 
 
@@ -315,6 +391,20 @@ def default_run_dir() -> Path:
     return Path(f"/tmp/isovisor-{os.getuid()}") / "default"
 
 
-__all__ = ["ACTIONS", "DRIVER_FIELDS", "ISOLATIONS", "KERNEL_FIELDS", "MIN_MAX_RSS", "NAME_RE",
-           "ConfigError", "DomainConfig", "DriverConfig", "KernelConfig", "StackConfig",
-           "backend_spec", "default_run_dir", "load_domain_config", "load_stack_config"]
+__all__ = [
+    "ACTIONS",
+    "DRIVER_FIELDS",
+    "ISOLATIONS",
+    "KERNEL_FIELDS",
+    "MIN_MAX_RSS",
+    "NAME_RE",
+    "ConfigError",
+    "DomainConfig",
+    "DriverConfig",
+    "KernelConfig",
+    "StackConfig",
+    "backend_spec",
+    "default_run_dir",
+    "load_domain_config",
+    "load_stack_config",
+]

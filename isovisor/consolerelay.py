@@ -57,8 +57,14 @@ class Life:
 
 
 class ConsoleRelay:
-    def __init__(self, stack: StackConfig, run_dir: Path, ctx: zmq.Context[Any],
-                 poller: zmq.Poller, publish: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        stack: StackConfig,
+        run_dir: Path,
+        ctx: zmq.Context[Any],
+        poller: zmq.Poller,
+        publish: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         self.stack = stack
         self.run_dir = run_dir
         self.ctx = ctx
@@ -73,8 +79,14 @@ class ConsoleRelay:
         for d in self.stack.drivers:
             if d.name == driver and isinstance(d.options.get(key), str):
                 return Path(d.options[key]).expanduser().resolve()
-        base = next((d.options.get("run_dir") for d in self.stack.drivers if d.name == driver
-                     and isinstance(d.options.get("run_dir"), str)), None)
+        base = next(
+            (
+                d.options.get("run_dir")
+                for d in self.stack.drivers
+                if d.name == driver and isinstance(d.options.get("run_dir"), str)
+            ),
+            None,
+        )
         return (Path(base).expanduser().resolve() if base else self.run_dir) / "consoles"
 
     def log_path(self, driver: str, name: str) -> Path:
@@ -161,12 +173,13 @@ class ConsoleRelay:
             self._emit(life, data)
 
     def _emit(self, life: Life, data: bytes, *, from_file: bool = True) -> None:
-        self.publish(f"console.{life.name}", {"domid": life.domid, "offset": life.emitted,
-                                              "data": data})
+        self.publish(
+            f"console.{life.name}", {"domid": life.domid, "offset": life.emitted, "data": data}
+        )
         life.emitted += len(data)
         life.history += data
         if len(life.history) > HISTORY_BYTES:
-            del life.history[:len(life.history) - HISTORY_BYTES]
+            del life.history[: len(life.history) - HISTORY_BYTES]
         if from_file:
             life.relayed += len(data)
 
@@ -193,19 +206,28 @@ class ConsoleRelay:
         life (the same offsets as the ``console.<name>`` events)."""
         self._catch_up(life)
         data = bytes(life.history)
-        return {"domid": life.domid, "name": life.name, "start": life.emitted - len(data),
-                "end": life.emitted, "data": data, "driver": life.driver,
-                "log": str(life.log_path)}
+        return {
+            "domid": life.domid,
+            "name": life.name,
+            "start": life.emitted - len(data),
+            "end": life.emitted,
+            "data": data,
+            "driver": life.driver,
+            "log": str(life.log_path),
+        }
 
     def send_input(self, ref: str, data: bytes) -> dict[str, Any]:
         life = self.find(ref)
         if life is None:
-            raise NotFound(f"domain {ref!r} has no console driver (its console is the kernel's, "
-                           "which takes no input); give it console = \"<driver>\" or set "
-                           "[domains] console in supervisor.toml")
+            raise NotFound(
+                f"domain {ref!r} has no console driver (its console is the kernel's, "
+                'which takes no input); give it console = "<driver>" or set '
+                "[domains] console in supervisor.toml"
+            )
         if len(data) > MAX_INPUT_BYTES:
-            raise ControlError(f"console input of {len(data)} bytes: at most {MAX_INPUT_BYTES} "
-                               "per command")
+            raise ControlError(
+                f"console input of {len(data)} bytes: at most {MAX_INPUT_BYTES} per command"
+            )
         sock = self._inputs.get(life.driver)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -216,8 +238,10 @@ class ConsoleRelay:
         try:
             sock.send_multipart([life.name.encode(), data], zmq.NOBLOCK)
         except zmq.Again:
-            raise ControlError(f"console driver {life.driver} is not taking input (it is not "
-                               "running, or its queue is full); try again") from None
+            raise ControlError(
+                f"console driver {life.driver} is not taking input (it is not "
+                "running, or its queue is full); try again"
+            ) from None
         return {"name": life.name, "domid": life.domid, "bytes": len(data)}
 
     def close(self) -> None:

@@ -91,9 +91,16 @@ class Slot:
 
 
 class DriverManager:
-    def __init__(self, cfg: StackConfig, run_dir: RunDir, kernel: KernelProcess,
-                 ctx: zmq.Context, poller: zmq.Poller, publish: EventSink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: StackConfig,
+        run_dir: RunDir,
+        kernel: KernelProcess,
+        ctx: zmq.Context,
+        poller: zmq.Poller,
+        publish: EventSink,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.kernel = kernel
@@ -167,14 +174,19 @@ class DriverManager:
         active = slot.active
         if what == "ready" and active is not None and active.pid == pid:
             slot.sv.ready()
-            log.info("driver %s: pid %d said hello (instance %d)", slot.cfg.name, pid,
-                     active.instance)
+            log.info(
+                "driver %s: pid %d said hello (instance %d)", slot.cfg.name, pid, active.instance
+            )
             crash = self.faults.pending_recovery_crash(slot.cfg.name)
             if crash is not None and slot.recovery is not None:
                 self.faults.fired(slot.cfg.name, crash.id, pid)
-                self._kill(slot, "recovery_crash", f"fault {crash.id} (recovery_crash): "
-                                                   f"replacement pid {pid} killed right after "
-                                                   "its hello")
+                self._kill(
+                    slot,
+                    "recovery_crash",
+                    f"fault {crash.id} (recovery_crash): "
+                    f"replacement pid {pid} killed right after "
+                    "its hello",
+                )
                 return
             self._ensure_spare(slot)
             self._send_faults(slot.cfg.name)
@@ -185,8 +197,9 @@ class DriverManager:
         elif what == "spare" and slot.spare is not None and slot.spare.pid == pid:
             slot.spare_warm = True
             slot.spare_failures = 0
-        elif what == "replayed" and active is not None and active.pid == pid \
-                and slot.pending is None:  # (an instance being killed has not recovered)
+        elif (
+            what == "replayed" and active is not None and active.pid == pid and slot.pending is None
+        ):  # (an instance being killed has not recovered)
             self._recovered(slot, p)
         elif what in ("hang", "violation") and active is not None and active.pid == pid:
             self._kill(slot, what, f"pid {pid}: {p.get('reason', what)}")
@@ -202,9 +215,13 @@ class DriverManager:
             if pend is not None and pend.kill_at is not None and now >= pend.kill_at:
                 pend.kill_at = None
                 if slot.active is not None:
-                    log.warning("driver %s: pid %d did not stop within graceful_timeout = %gs; "
-                                "sending SIGKILL", slot.cfg.name, slot.active.pid,
-                                slot.cfg.graceful_timeout)
+                    log.warning(
+                        "driver %s: pid %d did not stop within graceful_timeout = %gs; "
+                        "sending SIGKILL",
+                        slot.cfg.name,
+                        slot.active.pid,
+                        slot.cfg.graceful_timeout,
+                    )
                     slot.active.signal(signal.SIGKILL)
             if slot.spare_due is not None and now >= slot.spare_due:
                 slot.spare_due = None
@@ -227,18 +244,26 @@ class DriverManager:
             self._kernel("driver_lost", name=name, pid=pid)
             slot.sv.stopped()
             log.info("driver %s stopped (pid %d %s)", name, pid, info.text)
-            self.publish(f"driver.{name}.stopped", {"pid": pid, "status": info.status,
-                                                    "signal": info.signal})
+            self.publish(
+                f"driver.{name}.stopped", {"pid": pid, "status": info.status, "signal": info.signal}
+            )
             return
         reason = pend.reason if pend else info.reason
         detail = pend.detail if pend else f"pid {pid} {info.text}"
         detected = pend.detected_ns if pend and pend.detected_ns else now_ns
         tail = inst.log_tail(8) if info.status not in (None, 0) and pend is None else ""
         level = logging.INFO if reason in NOT_COUNTED else logging.ERROR
-        log.log(level, "driver %s ended: %s%s", name, detail,
-                f"; its log ends with:\n{tail}" if tail else "")
-        self.publish(f"driver.{name}.exit", {"pid": pid, "reason": reason,
-                                             "status": info.status, "signal": info.signal})
+        log.log(
+            level,
+            "driver %s ended: %s%s",
+            name,
+            detail,
+            f"; its log ends with:\n{tail}" if tail else "",
+        )
+        self.publish(
+            f"driver.{name}.exit",
+            {"pid": pid, "reason": reason, "status": info.status, "signal": info.signal},
+        )
         d = slot.sv.failed(reason, detail, spare=slot.spare is not None)
         if d.action == Action.RESTART:
             slot.recovery = Recovery(pid, reason, detected)
@@ -249,8 +274,9 @@ class DriverManager:
                 self._kernel("driver_lost", name=name, pid=pid)
             else:
                 self._kernel("driver_lost", name=name, pid=pid)
-                log.warning("driver %s: failed start (%s); next start in %.2fs", name, reason,
-                            d.delay)
+                log.warning(
+                    "driver %s: failed start (%s); next start in %.2fs", name, reason, d.delay
+                )
             if reason not in NOT_COUNTED:  # a sibling's group restart does not cascade
                 self._restart_group(slot)
         elif d.action == Action.FATAL:
@@ -258,10 +284,14 @@ class DriverManager:
             self._escalate(slot, d)
         else:
             self._kernel("driver_lost", name=name, pid=pid)
-            log.error("driver %s is not restarted (restart = %s, %s)", name, slot.cfg.restart,
-                      reason)
-            self._give_up(slot, f"{name} ended ({slot.sv.last_failure}) and restart = "
-                                f"{slot.cfg.restart} does not restart it")
+            log.error(
+                "driver %s is not restarted (restart = %s, %s)", name, slot.cfg.restart, reason
+            )
+            self._give_up(
+                slot,
+                f"{name} ended ({slot.sv.last_failure}) and restart = "
+                f"{slot.cfg.restart} does not restart it",
+            )
 
     def _restart(self, slot: Slot) -> None:
         """Activate the spare, or start a fresh process; the new instance is STARTING."""
@@ -274,9 +304,11 @@ class DriverManager:
             inst.activate(self.ctx)
             log.info("driver %s: activating spare pid %d", name, inst.pid)
         else:
-            inst = self._spawn(slot, spare=False,
-                               faults=[s for s in self.faults.driver_specs(name)
-                                       if s.get("times") == -1])
+            inst = self._spawn(
+                slot,
+                spare=False,
+                faults=[s for s in self.faults.driver_specs(name) if s.get("times") == -1],
+            )
         slot.active = inst
         slot.sv.starting(inst.pid)
 
@@ -286,22 +318,40 @@ class DriverManager:
             return
         done = p.get("done_ns")
         ms = (done - rec.detected_ns) / 1e6 if isinstance(done, int) else None
-        self.publish(f"driver.{slot.cfg.name}.recovered", {
-            "pid": slot.active.pid, "old_pid": rec.old_pid, "reason": rec.reason,
-            "replayed": p.get("replayed"), "devices": p.get("devices"), "recovery_ms": ms,
-            "detected_ns": rec.detected_ns})
+        self.publish(
+            f"driver.{slot.cfg.name}.recovered",
+            {
+                "pid": slot.active.pid,
+                "old_pid": rec.old_pid,
+                "reason": rec.reason,
+                "replayed": p.get("replayed"),
+                "devices": p.get("devices"),
+                "recovery_ms": ms,
+                "detected_ns": rec.detected_ns,
+            },
+        )
 
     def _escalate(self, slot: Slot, d: Decision) -> None:
         c, sv = slot.cfg, slot.sv
-        log.error("driver %s is FATAL: more than intensity = %d restarts within period = %gs "
-                  "(last: %s); its devices now fail every request. Start it again with "
-                  "`isovisor driver start %s`", c.name, c.intensity, c.period, sv.last_failure,
-                  c.name)
-        self.publish(f"driver.{c.name}.fatal", {"restarts": d.restarts_in_period,
-                                                "period": c.period,
-                                                "last_reason": sv.last_reason})
-        self._give_up(slot, f"{c.name} restarted {d.restarts_in_period} times within "
-                            f"{c.period:g}s; last failure: {sv.last_failure}")
+        log.error(
+            "driver %s is FATAL: more than intensity = %d restarts within period = %gs "
+            "(last: %s); its devices now fail every request. Start it again with "
+            "`isovisor driver start %s`",
+            c.name,
+            c.intensity,
+            c.period,
+            sv.last_failure,
+            c.name,
+        )
+        self.publish(
+            f"driver.{c.name}.fatal",
+            {"restarts": d.restarts_in_period, "period": c.period, "last_reason": sv.last_reason},
+        )
+        self._give_up(
+            slot,
+            f"{c.name} restarted {d.restarts_in_period} times within "
+            f"{c.period:g}s; last failure: {sv.last_failure}",
+        )
 
     def _give_up(self, slot: Slot, reason: str) -> None:
         """No replacement comes: the kernel fails the devices' requests; the spare goes."""
@@ -316,12 +366,21 @@ class DriverManager:
         members = [s.cfg.name for s in self.slots.values() if s.cfg.group == c.group]
         for sib in group_restarts(members, c.name, c.strategy):
             other = self.slots[sib]
-            if other.active is not None and other.pending is None \
-                    and other.cfg.restart != "temporary":
-                log.warning("driver %s: restarting it with %s (group %s, %s)", sib, c.name,
-                            c.group, c.strategy)
-                self._terminate(other, "group", f"restarted with {c.name} (group {c.group}, "
-                                                f"{c.strategy})")
+            if (
+                other.active is not None
+                and other.pending is None
+                and other.cfg.restart != "temporary"
+            ):
+                log.warning(
+                    "driver %s: restarting it with %s (group %s, %s)",
+                    sib,
+                    c.name,
+                    c.group,
+                    c.strategy,
+                )
+                self._terminate(
+                    other, "group", f"restarted with {c.name} (group {c.group}, {c.strategy})"
+                )
 
     def _kill(self, slot: Slot, reason: str, detail: str) -> None:
         """SIGKILL the active instance; recovery starts once its pidfd says it is gone."""
@@ -334,18 +393,25 @@ class DriverManager:
     def _terminate(self, slot: Slot, reason: str, detail: str) -> None:
         """SIGTERM the active instance, SIGKILL after graceful_timeout."""
         assert slot.active is not None
-        slot.pending = Pending(reason, detail, None,
-                               self.clock() + slot.cfg.graceful_timeout)
+        slot.pending = Pending(reason, detail, None, self.clock() + slot.cfg.graceful_timeout)
         slot.active.signal(signal.SIGTERM)
 
     def _check_handshake(self, slot: Slot, now: float) -> None:
         """Kill an instance that has not said hello within start_timeout."""
         sv, inst = slot.sv, slot.active
-        if (sv.state != State.STARTING or inst is None or slot.pending is not None
-                or sv.started_at is None or now - sv.started_at < slot.cfg.start_timeout):
+        if (
+            sv.state != State.STARTING
+            or inst is None
+            or slot.pending is not None
+            or sv.started_at is None
+            or now - sv.started_at < slot.cfg.start_timeout
+        ):
             return
-        self._kill(slot, "handshake", f"pid {inst.pid} did not say hello within start_timeout "
-                                      f"= {slot.cfg.start_timeout:g}s")
+        self._kill(
+            slot,
+            "handshake",
+            f"pid {inst.pid} did not say hello within start_timeout = {slot.cfg.start_timeout:g}s",
+        )
 
     def _check_usage(self, now: float) -> None:
         for slot in self.slots.values():
@@ -358,20 +424,35 @@ class DriverManager:
             if u.stopped:
                 self._kill(slot, "stopped", f"pid {inst.pid} is stopped (SIGSTOP?)")
             elif c.max_rss is not None and u.rss > c.max_rss:
-                self._kill(slot, "rss", f"pid {inst.pid} RSS {u.rss / _MIB:.0f} MiB is over "
-                                        f"max_rss {c.max_rss / _MIB:.0f} MiB")
+                self._kill(
+                    slot,
+                    "rss",
+                    f"pid {inst.pid} RSS {u.rss / _MIB:.0f} MiB is over "
+                    f"max_rss {c.max_rss / _MIB:.0f} MiB",
+                )
             elif c.max_fds is not None and u.fds is not None and u.fds > c.max_fds:
-                self._kill(slot, "fds", f"pid {inst.pid} has {u.fds} open file descriptors, "
-                                        f"more than max_fds {c.max_fds}")
-            elif c.max_cpu is not None and u.cpu_percent is not None \
-                    and u.cpu_percent > c.max_cpu:
-                self._kill(slot, "cpu", f"pid {inst.pid} used {u.cpu_percent:.0f}% CPU over "
-                                        f"5 s, more than max_cpu {c.max_cpu:g}%")
+                self._kill(
+                    slot,
+                    "fds",
+                    f"pid {inst.pid} has {u.fds} open file descriptors, "
+                    f"more than max_fds {c.max_fds}",
+                )
+            elif c.max_cpu is not None and u.cpu_percent is not None and u.cpu_percent > c.max_cpu:
+                self._kill(
+                    slot,
+                    "cpu",
+                    f"pid {inst.pid} used {u.cpu_percent:.0f}% CPU over "
+                    f"5 s, more than max_cpu {c.max_cpu:g}%",
+                )
 
     # -- spares -----------------------------------------------------------------------------
     def _ensure_spare(self, slot: Slot) -> None:
-        if (slot.cfg.spare and slot.spare is None and slot.spare_due is None
-                and slot.sv.state == State.RUNNING):
+        if (
+            slot.cfg.spare
+            and slot.spare is None
+            and slot.spare_due is None
+            and slot.sv.state == State.RUNNING
+        ):
             slot.spare = self._spawn(slot, spare=True)
             slot.spare_warm = False
 
@@ -381,11 +462,18 @@ class DriverManager:
         slot.spare_failures += 1
         wait = min(SPARE_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (slot.spare_failures - 1))
         slot.spare_due = self.clock() + wait
-        log.warning("driver %s: spare pid %d %s; a new spare in %.1fs; its log ends with:\n%s",
-                    slot.cfg.name, inst.pid, info.text, wait, inst.log_tail(8))
-        self.publish(f"driver.{slot.cfg.name}.spare_exit", {
-            "pid": inst.pid, "reason": info.reason, "status": info.status,
-            "signal": info.signal})
+        log.warning(
+            "driver %s: spare pid %d %s; a new spare in %.1fs; its log ends with:\n%s",
+            slot.cfg.name,
+            inst.pid,
+            info.text,
+            wait,
+            inst.log_tail(8),
+        )
+        self.publish(
+            f"driver.{slot.cfg.name}.spare_exit",
+            {"pid": inst.pid, "reason": info.reason, "status": info.status, "signal": info.signal},
+        )
 
     def _retire_spare(self, slot: Slot) -> None:
         if slot.spare is not None:
@@ -398,15 +486,17 @@ class DriverManager:
         self._retiring[inst] = self.clock() + grace
 
     # -- processes ----------------------------------------------------------------------------
-    def _spawn(self, slot: Slot, *, spare: bool,
-               faults: list[dict[str, Any]] | None = None) -> DriverProcess:
+    def _spawn(
+        self, slot: Slot, *, spare: bool, faults: list[dict[str, Any]] | None = None
+    ) -> DriverProcess:
         slot.instances += 1
         inst = DriverProcess(slot.cfg, self.run_dir, slot.instances, spare=spare)
         self.adopt(slot, inst, faults)
         return inst
 
-    def adopt(self, slot: Slot, inst: DriverProcess,
-              faults: list[dict[str, Any]] | None = None) -> None:
+    def adopt(
+        self, slot: Slot, inst: DriverProcess, faults: list[dict[str, Any]] | None = None
+    ) -> None:
         """Start ``inst`` (one of ``slot``'s processes) and watch for its death."""
         inst.start(faults)
         if inst.spare:
@@ -414,8 +504,10 @@ class DriverManager:
         assert inst.pidfd is not None
         self._by_fd[inst.pidfd] = (slot, inst)
         self.poller.register(inst.pidfd, zmq.POLLIN)
-        self.publish(f"driver.{slot.cfg.name}.spawn", {"pid": inst.pid, "spare": inst.spare,
-                                                       "instance": inst.instance})
+        self.publish(
+            f"driver.{slot.cfg.name}.spawn",
+            {"pid": inst.pid, "spare": inst.spare, "instance": inst.instance},
+        )
 
     # -- what the hot swap (isovisor/hotswap.py) uses ----------------------------------------
     def kernel_command(self, command: str, **props: Any) -> None:
@@ -435,8 +527,9 @@ class DriverManager:
     def kill_active(self, slot: Slot, reason: str, detail: str) -> None:
         self._kill(slot, reason, detail)
 
-    def swap(self, name: str, target: str, probation: float | None,
-             timeout: float | None) -> dict[str, Any]:
+    def swap(
+        self, name: str, target: str, probation: float | None, timeout: float | None
+    ) -> dict[str, Any]:
         """``isovisor driver swap``: see isovisor/hotswap.py."""
         return self.swapper.begin(name, target, probation, timeout)
 
@@ -462,9 +555,15 @@ class DriverManager:
         """Teardown: SIGTERM every instance (active, spare, swapping, retiring), SIGKILL the
         rest."""
         insts: list[tuple[Slot | None, DriverProcess]] = [
-            (s, i) for s in self.slots.values() for i in (s.active, s.spare) if i]
-        insts += [(s, i) for s in self.slots.values() if s.swap is not None
-                  for i in (s.swap.cand, s.swap.old) if i not in (s.active, s.spare)]
+            (s, i) for s in self.slots.values() for i in (s.active, s.spare) if i
+        ]
+        insts += [
+            (s, i)
+            for s in self.slots.values()
+            if s.swap is not None
+            for i in (s.swap.cand, s.swap.old)
+            if i not in (s.active, s.spare)
+        ]
         insts += [(None, i) for i in self._retiring]
         grace = max((s.cfg.graceful_timeout for s in self.slots.values()), default=0.0)
         # Active instances first get ["retire"]: a backend's cleanup() removes what outlives
@@ -485,8 +584,9 @@ class DriverManager:
             try:
                 inst.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("driver %s: pid %d did not stop on SIGTERM; killing it",
-                            inst.cfg.name, inst.pid)
+                log.warning(
+                    "driver %s: pid %d did not stop on SIGTERM; killing it", inst.cfg.name, inst.pid
+                )
                 inst.signal(signal.SIGKILL)
                 inst.proc.wait()
             self._forget(inst)
@@ -505,29 +605,37 @@ class DriverManager:
         slot = self.slots.get(name)
         if slot is None:
             known = ", ".join([*self.slots, *self.inline]) or "none"
-            raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor "
-                           "status`")
+            raise NotFound(f"no driver named {name!r} (drivers: {known}); see `isovisor status`")
         return slot
 
     def command(self, action: str, name: str) -> dict[str, Any]:
         slot = self.supervised_slot(
-            name, f"driver {name} is inline (it runs inside the kernel process): it is not "
-                  "supervised and cannot be started, stopped or restarted on its own; use "
-                  "isolation = \"process\" for that")
+            name,
+            f"driver {name} is inline (it runs inside the kernel process): it is not "
+            "supervised and cannot be started, stopped or restarted on its own; use "
+            'isolation = "process" for that',
+        )
         st = slot.sv.state
         if slot.swap is not None:
-            raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "
-                               f"({slot.swap.phase}); {action} it once `isovisor status` shows "
-                               "its outcome")
+            raise ControlError(
+                f"driver {name}: swap {slot.swap.id} is under way "
+                f"({slot.swap.phase}); {action} it once `isovisor status` shows "
+                "its outcome"
+            )
         if st == State.STOPPING:
-            raise ControlError(f"driver {name} is STOPPING (pid {slot.sv.pid}); wait until "
-                               f"`isovisor status` shows it STOPPED, then {action} it")
+            raise ControlError(
+                f"driver {name} is STOPPING (pid {slot.sv.pid}); wait until "
+                f"`isovisor status` shows it STOPPED, then {action} it"
+            )
         if action == "start" and st in (State.STARTING, State.RUNNING):
-            raise ControlError(f"driver {name} is already {st} (pid {slot.sv.pid}); to replace "
-                               f"the process use `isovisor driver restart {name}`")
+            raise ControlError(
+                f"driver {name} is already {st} (pid {slot.sv.pid}); to replace "
+                f"the process use `isovisor driver restart {name}`"
+            )
         if action == "stop" and st == State.STOPPED:
-            raise ControlError(f"driver {name} is already STOPPED; start it with `isovisor "
-                               f"driver start {name}`")
+            raise ControlError(
+                f"driver {name} is already STOPPED; start it with `isovisor driver start {name}`"
+            )
         if action in ("start", "restart") and slot.active is None:
             log.info("driver %s: started by the operator (was %s)", name, st)
             slot.sv.manual_start()
@@ -562,8 +670,10 @@ class DriverManager:
         if row.type in ("sigkill", "sigstop"):
             if slot is None or slot.active is None:
                 self.faults.remove(row.id)
-                raise ControlError(f"fault add {driver}: {row.type} needs a running driver "
-                                   "process (inline drivers run inside the kernel)")
+                raise ControlError(
+                    f"fault add {driver}: {row.type} needs a running driver "
+                    "process (inline drivers run inside the kernel)"
+                )
             pid = slot.active.pid
             self.faults.fired(driver, row.id, pid)
             log.warning("driver %s: fault %d: %s to pid %d", driver, row.id, row.type, pid)
@@ -571,12 +681,12 @@ class DriverManager:
         elif row.type == "recovery_crash":
             if slot is None or slot.active is None:
                 self.faults.remove(row.id)
-                raise ControlError(f"fault add {driver}: recovery_crash needs a supervised "
-                                   "driver process")
+                raise ControlError(
+                    f"fault add {driver}: recovery_crash needs a supervised driver process"
+                )
         else:
             self._send_faults(driver)
-        log.warning("driver %s: fault %d added: %s", driver, row.id, row.view()["args"] or
-                    row.type)
+        log.warning("driver %s: fault %d added: %s", driver, row.id, row.view()["args"] or row.type)
         return row.view()
 
     def fault_remove(self, fault_id: int) -> dict[str, Any]:
@@ -621,21 +731,37 @@ class DriverManager:
                 module = slot.cfg.module
                 row["swap"] = slot.swap.phase if slot.swap else None
                 row["swaps"] = slot.swap_count
-                row["last_swap"] = ({k: v for k, v in slot.swaps[-1].items()
-                                     if k != "traceback"} if slot.swaps else None)
+                row["last_swap"] = (
+                    {k: v for k, v in slot.swaps[-1].items() if k != "traceback"}
+                    if slot.swaps
+                    else None
+                )
             else:
                 failure = self.inline_failure.get(d.name)
-                row = {"name": d.name, "state": "FATAL" if failure else "RUNNING",
-                       "pid": k.get("pid"), "uptime_s": None, "restarts": 0,
-                       "restarts_by_reason": {}, "last_failure": failure,
-                       "last_reason": "start" if failure else None, "spare_pid": None,
-                       "spare_ready": False}
+                row = {
+                    "name": d.name,
+                    "state": "FATAL" if failure else "RUNNING",
+                    "pid": k.get("pid"),
+                    "uptime_s": None,
+                    "restarts": 0,
+                    "restarts_by_reason": {},
+                    "last_failure": failure,
+                    "last_reason": "start" if failure else None,
+                    "spare_pid": None,
+                    "spare_ready": False,
+                }
             linked = bool(k.get("connected", bool(k))) and k.get("pid") is not None
-            row.update(module=module, isolation=d.isolation, supervised=d.supervised,
-                       connected=linked and k.get("pid") == row["pid"],
-                       devices=k.get("devices"), outstanding=k.get("outstanding"),
-                       failing=k.get("failing"), failing_reason=k.get("failing_reason"),
-                       last_seen_ms=k.get("last_seen_ms"),
-                       statistics=k.get("statistics") or {})
+            row.update(
+                module=module,
+                isolation=d.isolation,
+                supervised=d.supervised,
+                connected=linked and k.get("pid") == row["pid"],
+                devices=k.get("devices"),
+                outstanding=k.get("outstanding"),
+                failing=k.get("failing"),
+                failing_reason=k.get("failing_reason"),
+                last_seen_ms=k.get("last_seen_ms"),
+                statistics=k.get("statistics") or {},
+            )
             out.append(row)
         return out

@@ -51,8 +51,15 @@ class Usage:
 class DriverProcess:
     """One instance of an ``isolation = "process"`` driver."""
 
-    def __init__(self, cfg: DriverConfig, run_dir: RunDir, instance: int, *,
-                 spare: bool = False, report: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: DriverConfig,
+        run_dir: RunDir,
+        instance: int,
+        *,
+        spare: bool = False,
+        report: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.instance = instance
@@ -80,11 +87,27 @@ class DriverProcess:
 
     def command(self) -> list[str]:
         c, rd = self.cfg, self.run_dir
-        cmd = [sys.executable, "-m", "drivers.host", "--name", c.name, "--module", c.module,
-               "--kernel", rd.kernel_drivers, "--listen", self.endpoint,
-               "--options", json.dumps(c.options), "--parent-pid", str(os.getpid()),
-               "--watchdog-ms", str(round(c.watchdog_sec * 1000)),
-               "--request-timeout-ms", str(round(c.request_timeout_sec * 1000))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "drivers.host",
+            "--name",
+            c.name,
+            "--module",
+            c.module,
+            "--kernel",
+            rd.kernel_drivers,
+            "--listen",
+            self.endpoint,
+            "--options",
+            json.dumps(c.options),
+            "--parent-pid",
+            str(os.getpid()),
+            "--watchdog-ms",
+            str(round(c.watchdog_sec * 1000)),
+            "--request-timeout-ms",
+            str(round(c.request_timeout_sec * 1000)),
+        ]
         if self.report_path is not None:
             cmd += ["--report", str(self.report_path)]
         return [*cmd, "--spare"] if self.spare else cmd
@@ -96,8 +119,14 @@ class DriverProcess:
         if faults:
             env[FAULTS_ENV] = json.dumps(faults)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def alive(self) -> bool:
@@ -162,8 +191,9 @@ class DriverProcess:
                 fds = self._ps.num_fds()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
-        return Usage(status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system),
-                     fds)
+        return Usage(
+            status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system), fds
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)

@@ -24,7 +24,7 @@ OUTSIDE_TYPES: Final[dict[str, str]] = {
     "sigkill": "SIGKILL the driver's process now",
     "sigstop": "SIGSTOP the driver's process now",
     "recovery_crash": "SIGKILL the next replacement right after its hello, before it has redone "
-                      "its requests",
+    "its requests",
 }
 ALL_TYPES: Final[dict[str, str]] = {**OUTSIDE_TYPES, **IN_DRIVER_TYPES}
 
@@ -51,10 +51,20 @@ class Row:
     def view(self) -> dict[str, Any]:
         """For `fault list`: the knobs and filters that differ from the defaults."""
         default = Fault(0, self.type).to_dict() if self.type in IN_DRIVER_TYPES else {}
-        knobs = {k: v for k, v in self.spec.items()
-                 if k not in ("id", "type", "calls", "fired") and default.get(k) != v}
-        return {"id": self.id, "driver": self.driver, "type": self.type, "armed": self.armed,
-                "fired": self.fired, "pids": list(self.pids), "args": knobs}
+        knobs = {
+            k: v
+            for k, v in self.spec.items()
+            if k not in ("id", "type", "calls", "fired") and default.get(k) != v
+        }
+        return {
+            "id": self.id,
+            "driver": self.driver,
+            "type": self.type,
+            "armed": self.armed,
+            "fired": self.fired,
+            "pids": list(self.pids),
+            "args": knobs,
+        }
 
 
 class FaultTable:
@@ -80,16 +90,17 @@ class FaultTable:
         if kind in OUTSIDE_TYPES:
             extra = sorted(set(spec) - {"type"})
             if extra:
-                raise ValueError(f"fault type {kind} is carried out from outside the driver "
-                                 f"(a signal); it takes no arguments, got {', '.join(extra)}")
+                raise ValueError(
+                    f"fault type {kind} is carried out from outside the driver "
+                    f"(a signal); it takes no arguments, got {', '.join(extra)}"
+                )
             wire: dict[str, Any] = {"type": kind}
         elif kind in IN_DRIVER_TYPES:
             wire = Fault.from_dict({**spec, "id": self._next}, fclass).to_dict()
             wire.pop("calls", None)
             wire.pop("fired", None)
         else:
-            raise ValueError(f"unknown fault type {kind!r}; choose one of "
-                             f"{', '.join(ALL_TYPES)}")
+            raise ValueError(f"unknown fault type {kind!r}; choose one of {', '.join(ALL_TYPES)}")
         row = Row(self._next, driver, wire)
         self.rows[row.id] = row
         self._next += 1
@@ -99,8 +110,9 @@ class FaultTable:
         row = self.rows.pop(fault_id, None)
         if row is None:
             known = ", ".join(str(i) for i in self.rows) or "none"
-            raise KeyError(f"no fault with id {fault_id} (faults: {known}); see `isovisor "
-                           "fault list`")
+            raise KeyError(
+                f"no fault with id {fault_id} (faults: {known}); see `isovisor fault list`"
+            )
         return row
 
     def reset(self, driver: str | None = None) -> list[Row]:
@@ -146,8 +158,9 @@ class FaultTable:
         return row
 
     def pending_recovery_crash(self, driver: str) -> Row | None:
-        return next((r for r in self.for_driver(driver)
-                     if r.type == "recovery_crash" and r.armed), None)
+        return next(
+            (r for r in self.for_driver(driver) if r.type == "recovery_crash" and r.armed), None
+        )
 
     def list(self) -> list[dict[str, Any]]:
         return [r.view() for r in sorted(self.rows.values(), key=lambda r: r.id)]

@@ -48,6 +48,8 @@ MIN_TIMEOUT_S: Final = 0.1
 def default_timeout(request_timeout_sec: float) -> float:
     """The swap timeout used for a driver whose requests may stay out ``request_timeout_sec``."""
     return max(MIN_TIMEOUT_S, min(DEFAULT_TIMEOUT_S, request_timeout_sec / 2))
+
+
 #: How many past swaps each driver's status keeps.
 HISTORY: Final = 10
 
@@ -78,8 +80,10 @@ def check_target(target: str) -> str:
     """The backend spec a ``--to`` or ``--to-file`` names, normalised; ControlError saying
     what is wrong before anything starts."""
     if not target.strip():
-        raise ControlError("driver swap: name the new backend: --to package.module[:Class] "
-                           "or --to-file path/to/backend.py")
+        raise ControlError(
+            "driver swap: name the new backend: --to package.module[:Class] "
+            "or --to-file path/to/backend.py"
+        )
     try:
         return backend_spec(target, None)
     except ValueError as e:
@@ -94,53 +98,93 @@ class Swapper:
         self._ids = 0
 
     # -- the command -----------------------------------------------------------------------
-    def begin(self, name: str, target: str, probation: float | None = None,
-              timeout: float | None = None) -> dict[str, Any]:
+    def begin(
+        self, name: str, target: str, probation: float | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
         mgr = self.mgr
         slot = mgr.supervised_slot(
-            name, f"driver {name} runs inline, inside the kernel process: it cannot be "
-                  "swapped; declare it with isolation = \"process\"")
+            name,
+            f"driver {name} runs inline, inside the kernel process: it cannot be "
+            'swapped; declare it with isolation = "process"',
+        )
         spec = check_target(target)
         probation = DEFAULT_PROBATION_S if probation is None else probation
         if not 0 <= probation <= 600:
-            raise ControlError(f"driver swap: probation must be 0..600 seconds, got "
-                               f"{probation:g}")
+            raise ControlError(f"driver swap: probation must be 0..600 seconds, got {probation:g}")
         limit = slot.cfg.request_timeout_sec
         given = timeout is not None
         timeout = default_timeout(limit) if timeout is None else timeout
         if not MIN_TIMEOUT_S <= timeout < limit:
-            what = (f"--timeout must be at least {MIN_TIMEOUT_S:g} s and less than"
-                    if given else f"the default swap timeout ({timeout:g} s) must be less than")
-            raise ControlError(f"driver swap: {what} driver {name}'s request_timeout_sec "
-                               f"({limit:g} s: guests wait that long at most), got "
-                               f"{timeout:g}; give a --timeout in range, or raise "
-                               f"request_timeout_sec in [driver.{name}]")
+            what = (
+                f"--timeout must be at least {MIN_TIMEOUT_S:g} s and less than"
+                if given
+                else f"the default swap timeout ({timeout:g} s) must be less than"
+            )
+            raise ControlError(
+                f"driver swap: {what} driver {name}'s request_timeout_sec "
+                f"({limit:g} s: guests wait that long at most), got "
+                f"{timeout:g}; give a --timeout in range, or raise "
+                f"request_timeout_sec in [driver.{name}]"
+            )
         if slot.swap is not None:
-            raise ControlError(f"driver {name}: swap {slot.swap.id} is under way "
-                               f"({slot.swap.phase}); wait for its outcome")
-        if slot.sv.state != State.RUNNING or slot.active is None or slot.pending is not None \
-                or slot.recovery is not None:
-            raise ControlError(f"driver {name} is {slot.sv.state}"
-                               f"{' and recovering' if slot.recovery else ''}: only a RUNNING "
-                               "driver can be swapped; see `isovisor status`")
+            raise ControlError(
+                f"driver {name}: swap {slot.swap.id} is under way "
+                f"({slot.swap.phase}); wait for its outcome"
+            )
+        if (
+            slot.sv.state != State.RUNNING
+            or slot.active is None
+            or slot.pending is not None
+            or slot.recovery is not None
+        ):
+            raise ControlError(
+                f"driver {name} is {slot.sv.state}"
+                f"{' and recovering' if slot.recovery else ''}: only a RUNNING "
+                "driver can be swapped; see `isovisor status`"
+            )
         self._ids += 1
         cfg = dataclasses.replace(slot.cfg, module=spec)
         slot.instances += 1
         cand = DriverProcess(cfg, mgr.run_dir, slot.instances, spare=True, report=True)
         mgr.adopt(slot, cand)
         now = mgr.clock()
-        job = Swap(self._ids, name, slot.cfg.module, spec, cand, slot.active, probation,
-                   timeout, now, phase_at=now)
+        job = Swap(
+            self._ids,
+            name,
+            slot.cfg.module,
+            spec,
+            cand,
+            slot.active,
+            probation,
+            timeout,
+            now,
+            phase_at=now,
+        )
         slot.swap = job
-        log.warning("driver %s: swap %d: starting %s (pid %d) beside %s (pid %d)", name, job.id,
-                    spec, cand.pid, job.old_module, job.old.pid)
+        log.warning(
+            "driver %s: swap %d: starting %s (pid %d) beside %s (pid %d)",
+            name,
+            job.id,
+            spec,
+            cand.pid,
+            job.old_module,
+            job.old.pid,
+        )
         mgr.publish(f"driver.{name}.swap_started", self._view(job))
         return self._view(job)
 
     def _view(self, job: Swap) -> dict[str, Any]:
-        return {"swap_id": job.id, "name": job.name, "old": job.old_module,
-                "new": job.new_module, "pid": job.cand.pid, "old_pid": job.old.pid,
-                "phase": job.phase, "probation": job.probation_s, "timeout": job.timeout_s}
+        return {
+            "swap_id": job.id,
+            "name": job.name,
+            "old": job.old_module,
+            "new": job.new_module,
+            "pid": job.cand.pid,
+            "old_pid": job.old.pid,
+            "phase": job.phase,
+            "probation": job.probation_s,
+            "timeout": job.timeout_s,
+        }
 
     # -- what happens (the supervisor's event loop) ---------------------------------------
     def on_kernel_event(self, slot: Slot, what: str, p: dict[str, Any]) -> bool:
@@ -162,9 +206,19 @@ class Swapper:
                     job.result.update(rollback_stall_ms=p.get("stall_ms"))
                     self._finish(slot, job, "rolled_back")
             elif pid == job.cand.pid and job.phase == "swapping":
-                job.result.update({k: p.get(k) for k in ("stall_ms", "carried", "replayed",
-                                                         "devices", "drained_ms",
-                                                         "incomplete")})
+                job.result.update(
+                    {
+                        k: p.get(k)
+                        for k in (
+                            "stall_ms",
+                            "carried",
+                            "replayed",
+                            "devices",
+                            "drained_ms",
+                            "incomplete",
+                        )
+                    }
+                )
                 self._enter(job, "probation")
                 if job.probation_s == 0:
                     self._commit(slot, job)
@@ -177,9 +231,14 @@ class Swapper:
 
     def _hand_over(self, slot: Slot, job: Swap) -> None:
         try:
-            self.mgr.kernel.call("driver_swap", timeout=5.0, name=job.name, pid=job.cand.pid,
-                                 endpoint=job.cand.endpoint,
-                                 timeout_ms=round(job.timeout_s * 1000))
+            self.mgr.kernel.call(
+                "driver_swap",
+                timeout=5.0,
+                name=job.name,
+                pid=job.cand.pid,
+                endpoint=job.cand.endpoint,
+                timeout_ms=round(job.timeout_s * 1000),
+            )
         except ControlError as e:
             job.error = e.reason
             self._discard_candidate(job)
@@ -198,8 +257,11 @@ class Swapper:
             slot.active = job.old
             slot.sv.pid = job.old.pid
             self._finish(slot, job, "failed", "rollback")
-            self.mgr.kill_active(slot, "swap", f"pid {job.old.pid} could not take its devices "
-                                               "back after a failed swap")
+            self.mgr.kill_active(
+                slot,
+                "swap",
+                f"pid {job.old.pid} could not take its devices back after a failed swap",
+            )
         else:
             job.reason = reason
             slot.active = job.old
@@ -215,13 +277,22 @@ class Swapper:
         info = describe_exit(code)
         if inst is job.old:
             job.old_alive = False
-            log.error("driver %s: swap %d: the old instance (pid %d) %s; no rollback is "
-                      "possible any more", job.name, job.id, inst.pid, info.text)
+            log.error(
+                "driver %s: swap %d: the old instance (pid %d) %s; no rollback is "
+                "possible any more",
+                job.name,
+                job.id,
+                inst.pid,
+                info.text,
+            )
             return True
         report = inst.take_report() or {}
         if job.phase == "loading":
-            job.error = report.get("error") or f"pid {inst.pid} {info.text} while loading; " \
+            job.error = (
+                report.get("error")
+                or f"pid {inst.pid} {info.text} while loading; "
                 f"its log ends with:\n{inst.log_tail(12)}"
+            )
             job.traceback = report.get("traceback", "")
             self._finish(slot, job, "refused", "load")
         elif job.phase == "swapping":  # died restoring, before its hello
@@ -235,8 +306,10 @@ class Swapper:
         if job is None:
             return False
         if inst is job.old:  # the old one died before handing over: the swap is off
-            job.error = f"the running instance (pid {inst.pid}) {describe_exit(code).text} " \
-                        "before the hand-over"
+            job.error = (
+                f"the running instance (pid {inst.pid}) {describe_exit(code).text} "
+                "before the hand-over"
+            )
             self._discard_candidate(job)
             self.mgr.kernel_command("driver_swap_end", name=job.name)
             self._finish(slot, job, "failed", "old_died")
@@ -245,8 +318,10 @@ class Swapper:
             return False
         report = inst.take_report() or {}
         if not job.old_alive:  # nothing to roll back to: an ordinary failure and recovery
-            job.error = (f"the new instance (pid {inst.pid}) {describe_exit(code).text} and the "
-                         "old one is gone too; the usual recovery replaces it")
+            job.error = (
+                f"the new instance (pid {inst.pid}) {describe_exit(code).text} and the "
+                "old one is gone too; the usual recovery replaces it"
+            )
             self._finish(slot, job, "failed", "old_died")
             return False
         pend, slot.pending = slot.pending, None  # killed by us (hang, rss, ...): say so
@@ -254,17 +329,23 @@ class Swapper:
         self._rollback(slot, job, "crash" if pend is None else pend.reason, text, report)
         return True
 
-    def _rollback(self, slot: Slot, job: Swap, reason: str, text: str,
-                  report: dict[str, str]) -> None:
+    def _rollback(
+        self, slot: Slot, job: Swap, reason: str, text: str, report: dict[str, str]
+    ) -> None:
         job.reason = reason
-        job.error = f"the new instance (pid {job.cand.pid}) {text} during its first requests" \
-            + (f": {report['error']}" if report.get("error") else "")
+        job.error = f"the new instance (pid {job.cand.pid}) {text} during its first requests" + (
+            f": {report['error']}" if report.get("error") else ""
+        )
         job.traceback = report.get("traceback", "")
         slot.active = job.old
         slot.sv.pid = job.old.pid
         self._enter(job, "rolling_back")
-        self.mgr.kernel_command("driver_swap_rollback", name=job.name, pid=job.cand.pid,
-                                reason=f"{text} (swap probation)")
+        self.mgr.kernel_command(
+            "driver_swap_rollback",
+            name=job.name,
+            pid=job.cand.pid,
+            reason=f"{text} (swap probation)",
+        )
 
     def tick(self, now: float) -> None:
         for slot in list(self.mgr.slots.values()):
@@ -273,8 +354,10 @@ class Swapper:
                 continue
             waited = now - job.phase_at
             if job.phase == "loading" and waited > slot.cfg.start_timeout:
-                job.error = (f"the new implementation (pid {job.cand.pid}) did not finish "
-                             f"loading within start_timeout = {slot.cfg.start_timeout:g}s")
+                job.error = (
+                    f"the new implementation (pid {job.cand.pid}) did not finish "
+                    f"loading within start_timeout = {slot.cfg.start_timeout:g}s"
+                )
                 self._discard_candidate(job)
                 self._finish(slot, job, "refused", "handshake")
             elif job.phase == "probation" and waited >= job.probation_s:
@@ -311,20 +394,34 @@ class Swapper:
     def _finish(self, slot: Slot, job: Swap, outcome: str, reason: str = "") -> None:
         slot.swap = None
         reason = reason or job.reason
-        row = {**self._view(job), "outcome": outcome, "reason": reason or None,
-               "error": job.error or None, "traceback": job.traceback or None,
-               "stall_ms": job.result.get("stall_ms"), "carried": job.result.get("carried"),
-               "replayed": job.result.get("replayed"),
-               "drained_ms": job.result.get("drained_ms"),
-               "incomplete": job.result.get("incomplete"),
-               "rollback_stall_ms": job.result.get("rollback_stall_ms"),
-               "seconds": round(self.mgr.clock() - job.started, 3)}
+        row = {
+            **self._view(job),
+            "outcome": outcome,
+            "reason": reason or None,
+            "error": job.error or None,
+            "traceback": job.traceback or None,
+            "stall_ms": job.result.get("stall_ms"),
+            "carried": job.result.get("carried"),
+            "replayed": job.result.get("replayed"),
+            "drained_ms": job.result.get("drained_ms"),
+            "incomplete": job.result.get("incomplete"),
+            "rollback_stall_ms": job.result.get("rollback_stall_ms"),
+            "seconds": round(self.mgr.clock() - job.started, 3),
+        }
         row.pop("phase", None)
         slot.swaps.append(row)
         slot.swap_count += 1
         del slot.swaps[:-HISTORY]
         level = logging.WARNING if outcome == "swapped" else logging.ERROR
-        log.log(level, "driver %s: swap %d %s (%s -> %s)%s%s", job.name, job.id, outcome,
-                job.old_module, job.new_module, f": {reason}" if reason else "",
-                f": {job.error}" if job.error else "")
+        log.log(
+            level,
+            "driver %s: swap %d %s (%s -> %s)%s%s",
+            job.name,
+            job.id,
+            outcome,
+            job.old_module,
+            job.new_module,
+            f": {reason}" if reason else "",
+            f": {job.error}" if job.error else "",
+        )
         self.mgr.publish(f"driver.{job.name}.swap", row)

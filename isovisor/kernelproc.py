@@ -29,8 +29,15 @@ class KernelStartError(Exception):
 class KernelProcess:
     """One kernel process of a stack (or of an `isovisor run`)."""
 
-    def __init__(self, run_dir: RunDir, *, shm_prefix: str, pcpus: int, timeslice_ms: int,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: RunDir,
+        *,
+        shm_prefix: str,
+        pcpus: int,
+        timeslice_ms: int,
+        log_path: Path | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.shm_prefix = shm_prefix
         self.pcpus = pcpus
@@ -44,30 +51,52 @@ class KernelProcess:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "kernel", "--control", self.run_dir.kernel_control,
-               "--events", self.run_dir.kernel_events, "--drivers", self.run_dir.kernel_drivers,
-               "--shm-prefix", self.shm_prefix,
-               "--pcpus", str(self.pcpus), "--timeslice-ms", str(self.timeslice_ms),
-               "--parent-pid", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kernel",
+            "--control",
+            self.run_dir.kernel_control,
+            "--events",
+            self.run_dir.kernel_events,
+            "--drivers",
+            self.run_dir.kernel_drivers,
+            "--shm-prefix",
+            self.shm_prefix,
+            "--pcpus",
+            str(self.pcpus),
+            "--timeslice-ms",
+            str(self.timeslice_ms),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         env = child_env()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
         self.client = Client(self.run_dir.kernel_control, timeout=10.0)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
-                raise KernelStartError(f"kernel exited with status {self.proc.returncode} "
-                                       f"while starting; see {self.log_path}:\n"
-                                       + self.log_tail())
+                raise KernelStartError(
+                    f"kernel exited with status {self.proc.returncode} "
+                    f"while starting; see {self.log_path}:\n" + self.log_tail()
+                )
             try:
                 self.client.call("ping", timeout=0.5)
                 return
             except ServerUnreachable:
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise KernelStartError(f"kernel did not answer within {START_TIMEOUT_S:g}s;"
-                                           f" see {self.log_path}") from None
+                    raise KernelStartError(
+                        f"kernel did not answer within {START_TIMEOUT_S:g}s; see {self.log_path}"
+                    ) from None
 
     def call(self, command: str, timeout: float | None = None, **props: Any) -> dict[str, Any]:
         if self.client is None:

@@ -59,8 +59,11 @@ def entered(netns: str) -> Iterator[None]:
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise NetnsError(2, f"network namespace {netns!r} does not exist ({path}); is the "
-                            "stack with its net driver running?") from None
+        raise NetnsError(
+            2,
+            f"network namespace {netns!r} does not exist ({path}); is the "
+            "stack with its net driver running?",
+        ) from None
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target)
@@ -97,9 +100,17 @@ class PingResult:
     rtt_ms: float | None  # None: no reply within the timeout
 
 
-def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float = 1.0,
-         timeout: float = 1.0, size: int = 56, ident: int | None = None,
-         on_reply: Callable[[int, float], None] | None = None) -> list[PingResult]:
+def ping(
+    addr: str,
+    *,
+    netns: str | None = None,
+    count: int = 4,
+    interval: float = 1.0,
+    timeout: float = 1.0,
+    size: int = 56,
+    ident: int | None = None,
+    on_reply: Callable[[int, float], None] | None = None,
+) -> list[PingResult]:
     """ICMP echo requests to ``addr``, one every ``interval`` seconds; each reply matched by
     identifier and sequence number (late replies within ``timeout`` still count).
     ``on_reply(seq, rtt_ms)`` is called as each reply arrives."""
@@ -117,8 +128,12 @@ def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float
             now = time.monotonic()
             if seq < count and now >= next_send:
                 head = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-                pkt = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum(head + payload),
-                                  ident, seq) + payload
+                pkt = (
+                    struct.pack(
+                        "!BBHHH", ICMP_ECHO_REQUEST, 0, checksum(head + payload), ident, seq
+                    )
+                    + payload
+                )
                 sent[seq] = time.monotonic()
                 sock.sendto(pkt, (addr, 0))
                 seq += 1
@@ -126,8 +141,7 @@ def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float
                 deadline_last = sent[seq - 1] + timeout
             if seq >= count and (now >= deadline_last or len(rtts) == count):
                 break
-            _await(sock, max(0.0, (next_send if seq < count else deadline_last)
-                             - time.monotonic()))
+            _await(sock, max(0.0, (next_send if seq < count else deadline_last) - time.monotonic()))
             while True:
                 try:
                     data, _ = sock.recvfrom(65535)
@@ -138,8 +152,13 @@ def ping(addr: str, *, netns: str | None = None, count: int = 4, interval: float
                 if len(data) < ihl + 8:
                     continue
                 typ, _, _, rid, rseq = struct.unpack_from("!BBHHH", data, ihl)
-                if (typ == ICMP_ECHO_REPLY and rid == ident and rseq in sent
-                        and rseq not in rtts and at - sent[rseq] <= timeout):
+                if (
+                    typ == ICMP_ECHO_REPLY
+                    and rid == ident
+                    and rseq in sent
+                    and rseq not in rtts
+                    and at - sent[rseq] <= timeout
+                ):
                     rtts[rseq] = (at - sent[rseq]) * 1000.0
                     if on_reply is not None:
                         on_reply(rseq, rtts[rseq])
@@ -152,8 +171,9 @@ def _await(sock: socket.socket, seconds: float) -> None:
     select.select([sock], [], [], seconds)
 
 
-def udp_echo(addr: str, port: int, payloads: list[bytes], *, netns: str | None = None,
-             timeout: float = 1.0) -> list[tuple[bytes | None, float | None]]:
+def udp_echo(
+    addr: str, port: int, payloads: list[bytes], *, netns: str | None = None, timeout: float = 1.0
+) -> list[tuple[bytes | None, float | None]]:
     """Send each payload to ``addr:port`` and wait for its echo: (reply, rtt ms) per payload,
     (None, None) when none came within ``timeout``."""
     sock = socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM)

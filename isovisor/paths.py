@@ -68,16 +68,26 @@ class RunDir:
 
     def sockets(self) -> list[Path]:
         """Every socket file of the stack (including drivers' that exist now)."""
-        fixed = [self.path / n for n in ("control.sock", "events.sock", "kernel.sock",
-                                         "kernel-events.sock", "kernel-drivers.sock")]
+        fixed = [
+            self.path / n
+            for n in (
+                "control.sock",
+                "events.sock",
+                "kernel.sock",
+                "kernel-events.sock",
+                "kernel-drivers.sock",
+            )
+        ]
         return fixed + sorted(self.path.glob("driver-*.sock"))
 
     def prepare(self) -> None:
         longest = max(len(str(p)) for p in self.sockets())
         if longest > _MAX_SOCKET_PATH:
-            raise RunDirError(f"run directory {self.path} is too long for Unix sockets "
-                              f"({longest} > {_MAX_SOCKET_PATH} bytes): choose a shorter "
-                              "--run-dir or ISOVISOR_RUN_DIR")
+            raise RunDirError(
+                f"run directory {self.path} is too long for Unix sockets "
+                f"({longest} > {_MAX_SOCKET_PATH} bytes): choose a shorter "
+                "--run-dir or ISOVISOR_RUN_DIR"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
@@ -88,9 +98,11 @@ class RunDir:
         for name in names:
             longest = len(str(self.driver_socket(name, 99999)))
             if longest > _MAX_SOCKET_PATH:
-                raise RunDirError(f"driver name {name!r} is too long for a socket in "
-                                  f"{self.path} ({longest} > {_MAX_SOCKET_PATH} bytes): choose "
-                                  "a shorter driver name or a shorter --run-dir")
+                raise RunDirError(
+                    f"driver name {name!r} is too long for a socket in "
+                    f"{self.path} ({longest} > {_MAX_SOCKET_PATH} bytes): choose "
+                    "a shorter driver name or a shorter --run-dir"
+                )
 
     def running_pid(self) -> int | None:
         """The pid of a live supervisor using this run dir, if any."""

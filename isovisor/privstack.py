@@ -43,9 +43,17 @@ class PrivateStack:
     shared-memory segments and deletes the directory.
     """
 
-    def __init__(self, pcpus: int, timeslice_ms: int = 10, extra_toml: str = "", *,
-                 directory: Path | None = None, keep: bool = False, name: str = "bench",
-                 on_cpu: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        pcpus: int,
+        timeslice_ms: int = 10,
+        extra_toml: str = "",
+        *,
+        directory: Path | None = None,
+        keep: bool = False,
+        name: str = "bench",
+        on_cpu: Callable[[float], None] | None = None,
+    ) -> None:
         """``directory``: where the stack lives (default: a new short /tmp directory, which
         :meth:`close` deletes unless ``keep``); ``on_cpu`` gets the CPU seconds of each stack
         process at close (the benchmarks' load accounting)."""
@@ -76,15 +84,24 @@ class PrivateStack:
         env["ISOVISOR_RUN_DIR"] = str(self.run_dir)
         env["COLUMNS"] = "200"
         # own session: a Ctrl-C meant for the benchmark must not kill `isovisor down` midway
-        return subprocess.run([*ISOVISOR, *args], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=self.dir, start_new_session=True)
+        return subprocess.run(
+            [*ISOVISOR, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=self.dir,
+            start_new_session=True,
+        )
 
     def up(self, domains: list[Path] = ()) -> None:  # type: ignore[assignment]
         start = ", ".join(f'"{p.name}"' for p in domains)
         toml = self.dir / "supervisor.toml"
-        toml.write_text(f'[supervisor]\nname = "{self.name}"\n[kernel]\npcpus = {self.pcpus}\n'
-                        f"timeslice_ms = {self.timeslice_ms}\n[domains]\nstart = [{start}]\n"
-                        + (f"{self.extra_toml.strip()}\n" if self.extra_toml else ""))
+        toml.write_text(
+            f'[supervisor]\nname = "{self.name}"\n[kernel]\npcpus = {self.pcpus}\n'
+            f"timeslice_ms = {self.timeslice_ms}\n[domains]\nstart = [{start}]\n"
+            + (f"{self.extra_toml.strip()}\n" if self.extra_toml else "")
+        )
         try:
             r = self.cli("up", "--detach", str(toml), timeout=90)
         finally:
@@ -133,8 +150,10 @@ class PrivateStack:
     def close(self) -> None:
         """Stop the stack.  Ctrl-C or SIGTERM during the clean-up is held until it is done."""
         held: list[int] = []
-        handlers = {sig: signal.signal(sig, lambda n, _f: held.append(n))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {
+            sig: signal.signal(sig, lambda n, _f: held.append(n))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             self._close()
         finally:
@@ -164,13 +183,13 @@ class PrivateStack:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         if leaked:
-            print(f"isovisor: killed stack processes that outlived `isovisor down`: {leaked}",
-                  file=sys.stderr)
+            print(
+                f"isovisor: killed stack processes that outlived `isovisor down`: {leaked}",
+                file=sys.stderr,
+            )
 
     def __enter__(self) -> PrivateStack:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-

@@ -53,8 +53,9 @@ class Policy:
 
     @classmethod
     def of(cls, cfg: DriverConfig) -> Policy:
-        return cls(cfg.restart, cfg.intensity, cfg.period, cfg.backoff, cfg.backoff_max,
-                   cfg.start_secs)
+        return cls(
+            cfg.restart, cfg.intensity, cfg.period, cfg.backoff, cfg.backoff_max, cfg.start_secs
+        )
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def group_restarts(members: Sequence[str], failed: str, strategy: str) -> list[s
         return []
     i = members.index(failed)
     if strategy == "rest_for_one":
-        return list(members[i + 1:])
+        return list(members[i + 1 :])
     return [m for m in members if m != failed]  # one_for_all
 
 
@@ -182,8 +183,7 @@ class DriverSupervision:
 
     def stable(self) -> bool:
         """Has the current instance been up for start_secs since its hello?"""
-        return (self.hello_at is not None
-                and self.clock() - self.hello_at >= self.policy.start_secs)
+        return self.hello_at is not None and self.clock() - self.hello_at >= self.policy.start_secs
 
     def failed(self, reason: str, detail: str = "", *, spare: bool = False) -> Decision:
         """The current instance ended for ``reason``; decide what comes next.
@@ -223,8 +223,11 @@ class DriverSupervision:
     # -- questions ------------------------------------------------------------------------
     def due(self) -> bool:
         """BACKOFF and its delay is over."""
-        return (self.state == State.BACKOFF and self.retry_at is not None
-                and self.clock() >= self.retry_at)
+        return (
+            self.state == State.BACKOFF
+            and self.retry_at is not None
+            and self.clock() >= self.retry_at
+        )
 
     def restarts_in_period(self) -> int:
         now = self.clock()
@@ -236,10 +239,16 @@ class DriverSupervision:
         return 0.0
 
     def row(self) -> dict[str, Any]:
-        return {"name": self.name, "state": str(self.state), "pid": self.pid,
-                "uptime_s": round(self.uptime(), 3), "restarts": self.restarts,
-                "restarts_by_reason": dict(self.by_reason), "last_failure": self.last_failure,
-                "last_reason": self.last_reason}
+        return {
+            "name": self.name,
+            "state": str(self.state),
+            "pid": self.pid,
+            "uptime_s": round(self.uptime(), 3),
+            "restarts": self.restarts,
+            "restarts_by_reason": dict(self.by_reason),
+            "last_failure": self.last_failure,
+            "last_reason": self.last_reason,
+        }
 
 
 class CpuMeter:

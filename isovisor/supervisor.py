@@ -53,24 +53,38 @@ _UNLOGGED = ("console.", "sync.")
 
 
 class Supervisor:
-    def __init__(self, cfg: StackConfig, run_dir: RunDir, *, on_event: EventSink | None = None
-                 ) -> None:
+    def __init__(
+        self, cfg: StackConfig, run_dir: RunDir, *, on_event: EventSink | None = None
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.on_event = on_event
-        self.kernel = KernelProcess(run_dir, shm_prefix=shm_prefix_for(os.getpid()),
-                                    pcpus=cfg.kernel.pcpus,
-                                    timeslice_ms=cfg.kernel.timeslice_ms)
+        self.kernel = KernelProcess(
+            run_dir,
+            shm_prefix=shm_prefix_for(os.getpid()),
+            pcpus=cfg.kernel.pcpus,
+            timeslice_ms=cfg.kernel.timeslice_ms,
+        )
         self._running = True
         self.exit_status = 0
         self.mgr: DriverManager | None = None
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
-            "ping": self._ping, "status": self._status, "list": self._forward,
-            "console": self._console, "console_input": self._console_input,
-            "destroy": self._forward, "pause": self._forward,
-            "unpause": self._forward, "create": self._create, "down": self._down,
-            "sync": self._sync, "devices": self._forward, "store": self._forward,
-            "drivers": self._drivers, "driver": self._driver, "fault": self._fault,
+            "ping": self._ping,
+            "status": self._status,
+            "list": self._forward,
+            "console": self._console,
+            "console_input": self._console_input,
+            "destroy": self._forward,
+            "pause": self._forward,
+            "unpause": self._forward,
+            "create": self._create,
+            "down": self._down,
+            "sync": self._sync,
+            "devices": self._forward,
+            "store": self._forward,
+            "drivers": self._drivers,
+            "driver": self._driver,
+            "fault": self._fault,
             "driver_swap": self._driver_swap,
         }
 
@@ -84,8 +98,10 @@ class Supervisor:
             raise ControlError(str(e)) from None
         other = rd.running_pid()
         if other is not None and other != os.getpid():
-            raise ControlError(f"a stack is already running in {rd.path} (supervisor pid "
-                               f"{other}); stop it with `isovisor down` or use another --run-dir")
+            raise ControlError(
+                f"a stack is already running in {rd.path} (supervisor pid "
+                f"{other}); stop it with `isovisor down` or use another --run-dir"
+            )
         for s in rd.sockets():
             s.unlink(missing_ok=True)
         rd.pidfile.write_text(f"{os.getpid()}\n")
@@ -165,8 +181,11 @@ class Supervisor:
             mgr.tick()
             if not self.kernel.alive():
                 code = self.kernel.proc.returncode if self.kernel.proc else None
-                log.error("kernel exited unexpectedly (status %s); stopping the stack.\n%s",
-                          code, self.kernel.log_tail())
+                log.error(
+                    "kernel exited unexpectedly (status %s); stopping the stack.\n%s",
+                    code,
+                    self.kernel.log_tail(),
+                )
                 self._publish("supervisor.kernel.exited", {"status": code})
                 self.exit_status = 1
                 self._running = False
@@ -196,8 +215,9 @@ class Supervisor:
             inst = self.mgr.start(drv.name)
             pid: int | None = inst.pid
         else:
-            self.kernel.call("driver_load", timeout=30.0, name=drv.name, module=drv.module,
-                             options=drv.options)
+            self.kernel.call(
+                "driver_load", timeout=30.0, name=drv.name, module=drv.module, options=drv.options
+            )
             inst, pid = None, self.kernel.pid
         limit = drv.start_timeout if drv.supervised else DRIVER_START_TIMEOUT_S
         deadline = time.monotonic() + limit
@@ -211,13 +231,17 @@ class Supervisor:
             if inst is not None and self.mgr.state(drv.name) == State.RUNNING:
                 break
             if inst is not None and not inst.alive():
-                raise ControlError(f"driver {drv.name} ({drv.module}) exited with status "
-                                   f"{inst.returncode} while starting; its log "
-                                   f"{inst.log_path} ends with:\n{inst.log_tail()}")
+                raise ControlError(
+                    f"driver {drv.name} ({drv.module}) exited with status "
+                    f"{inst.returncode} while starting; its log "
+                    f"{inst.log_path} ends with:\n{inst.log_tail()}"
+                )
             if left <= 0:
-                raise ControlError(f"driver {drv.name} ({drv.module}) did not connect to the "
-                                   f"kernel within {limit:g}s (start_timeout); see "
-                                   f"{self.run_dir.driver_log(drv.name)}")
+                raise ControlError(
+                    f"driver {drv.name} ({drv.module}) did not connect to the "
+                    f"kernel within {limit:g}s (start_timeout); see "
+                    f"{self.run_dir.driver_log(drv.name)}"
+                )
         log.info("driver %s started (%s, pid %s)", drv.name, drv.isolation, pid)
 
     def _kernel_drivers(self) -> dict[str, dict[str, Any]]:
@@ -240,8 +264,10 @@ class Supervisor:
         assert self.mgr is not None
         action = prop(req, "action", str)
         if action not in ("start", "stop", "restart"):
-            raise ControlError(f"property 'action' of command 'driver' must be start, stop or "
-                               f"restart, got {action!r}")
+            raise ControlError(
+                f"property 'action' of command 'driver' must be start, stop or "
+                f"restart, got {action!r}"
+            )
         return self.mgr.command(action, prop(req, "name", str))
 
     def _driver_swap(self, req: Request) -> dict[str, Any]:
@@ -251,18 +277,22 @@ class Supervisor:
         probation, timeout = req.properties.get("probation"), req.properties.get("timeout")
         for what, v in (("probation", probation), ("timeout", timeout)):
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
-                raise ControlError(f"property {what!r} of command 'driver_swap' must be a "
-                                   f"number of seconds, got {v!r}")
-        return {"swap": self.mgr.swap(prop(req, "name", str), prop(req, "target", str),
-                                      probation, timeout)}
+                raise ControlError(
+                    f"property {what!r} of command 'driver_swap' must be a "
+                    f"number of seconds, got {v!r}"
+                )
+        return {
+            "swap": self.mgr.swap(
+                prop(req, "name", str), prop(req, "target", str), probation, timeout
+            )
+        }
 
     def _fault(self, req: Request) -> dict[str, Any]:
         """``isovisor fault add|list|remove|reset`` (docs/campaigns.md)."""
         assert self.mgr is not None
         action = prop(req, "action", str)
         if action == "add":  # (wrapped: a reply's own "id" is the request id)
-            return {"fault": self.mgr.fault_add(prop(req, "driver", str),
-                                                prop(req, "spec", dict))}
+            return {"fault": self.mgr.fault_add(prop(req, "driver", str), prop(req, "spec", dict))}
         if action == "list":
             return {"faults": self.mgr.faults.list()}
         if action == "remove":
@@ -272,8 +302,10 @@ class Supervisor:
             if driver is not None and not isinstance(driver, str):
                 raise ControlError("property 'driver' of command 'fault' must be a string")
             return self.mgr.fault_reset(driver)
-        raise ControlError(f"property 'action' of command 'fault' must be add, list, remove or "
-                           f"reset, got {action!r}")
+        raise ControlError(
+            f"property 'action' of command 'fault' must be add, list, remove or "
+            f"reset, got {action!r}"
+        )
 
     def _check_devices(self, cfg: DomainConfig) -> None:
         """Every device of ``cfg`` names a driver this stack declares."""
@@ -286,8 +318,9 @@ class Supervisor:
                 f"{cfg.source}: {cls.what(dev)} uses backend {dev.backend!r}, which "
                 f"{self.cfg.source or 'supervisor.toml'} does not declare (drivers: "
                 f"{', '.join(sorted(declared)) or 'none'}); add [driver.{dev.backend}] with "
-                f"module = \"{cls.modules[0]}\", or fix {cls.config_key} = in the domain's "
-                "config")
+                f'module = "{cls.modules[0]}", or fix {cls.config_key} = in the domain\'s '
+                "config"
+            )
 
     # -- events --------------------------------------------------------------------------------
     def _relay_events(self) -> None:
@@ -309,8 +342,12 @@ class Supervisor:
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         self.pub.send_multipart([topic.encode(), pack(payload)])
         if not topic.startswith(_UNLOGGED):
-            log.info("event %s %s", topic, " ".join(f"{k}={v}" for k, v in payload.items()),
-                     extra={"event": topic, "fields": payload})
+            log.info(
+                "event %s %s",
+                topic,
+                " ".join(f"{k}={v}" for k, v in payload.items()),
+                extra={"event": topic, "fields": payload},
+            )
         if self.on_event is not None:
             try:
                 self.on_event(topic, payload)
@@ -322,8 +359,13 @@ class Supervisor:
         serve_one(self.router, frames, self._commands, "supervisor", log)
 
     def _ping(self, req: Request) -> dict[str, Any]:
-        return {"pid": os.getpid(), "kernel_pid": self.kernel.pid, "name": self.cfg.name,
-                "config": self.cfg.source, "run_dir": str(self.run_dir.path)}
+        return {
+            "pid": os.getpid(),
+            "kernel_pid": self.kernel.pid,
+            "name": self.cfg.name,
+            "config": self.cfg.source,
+            "run_dir": str(self.run_dir.path),
+        }
 
     def _forward(self, req: Request) -> dict[str, Any]:
         if self.kernel.client is None:
@@ -363,8 +405,9 @@ class Supervisor:
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, bytes):
-            raise ControlError("property 'data' of command 'console_input' must be bytes or a "
-                               "string")
+            raise ControlError(
+                "property 'data' of command 'console_input' must be bytes or a string"
+            )
         return self.consoles.send_input(prop(req, "name", str), data)
 
     def _sync(self, req: Request) -> dict[str, Any]:
@@ -391,9 +434,12 @@ class LogFormatter(logging.Formatter):
         if not self.json_lines:
             return super().format(record)
         ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        out: dict[str, Any] = {"ts": ts.isoformat(timespec="milliseconds"),
-                               "level": record.levelname, "logger": record.name,
-                               "msg": record.getMessage()}
+        out: dict[str, Any] = {
+            "ts": ts.isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         event = getattr(record, "event", None)
         if event is not None:
             out["event"] = event
@@ -422,6 +468,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m isovisor.supervisor CONFIG RUN_DIR``: the detached daemon."""
     from isovisor.config import load_stack_config
+
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m isovisor.supervisor CONFIG RUN_DIR", file=sys.stderr)

@@ -37,8 +37,15 @@ def target_of(to: str | None = None, to_file: str | Path | None = None) -> str:
     return f"{file}:{cls}" if sep else str(file)
 
 
-def swap(rd: RunDir, name: str, target: str, *, probation: float | None = None,
-         timeout: float | None = None, wait: float = 60.0) -> dict[str, Any]:
+def swap(
+    rd: RunDir,
+    name: str,
+    target: str,
+    *,
+    probation: float | None = None,
+    timeout: float | None = None,
+    wait: float = 60.0,
+) -> dict[str, Any]:
     """Swap driver ``name`` to ``target`` and return the ``driver.<name>.swap`` payload
     (``outcome`` is one of :data:`OUTCOMES`).  ControlError if the supervisor refuses at once
     (bad input, a driver that is not RUNNING, ...); SwapTimeout after ``wait`` seconds."""
@@ -46,17 +53,21 @@ def swap(rd: RunDir, name: str, target: str, *, probation: float | None = None,
     with Client(rd.control, timeout=15) as c, subscribe(rd.events, [topic], c) as sub:
         # ``request``, not ``call``: ``call`` takes ``timeout`` as its own reply deadline, and
         # the swap's timeout then never reached the supervisor.
-        reply = c.request("driver_swap", {"name": name, "target": target,
-                                          "probation": probation, "timeout": timeout})
+        reply = c.request(
+            "driver_swap",
+            {"name": name, "target": target, "probation": probation, "timeout": timeout},
+        )
         sid = reply["swap"]["swap_id"]
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
             ev = sub.recv(max(0.0, left)) if left > 0 else None
             if ev is None:
-                raise SwapTimeout(f"no outcome of swap {sid} of driver {name} within "
-                                  f"{wait:g}s; see `isovisor status` and `isovisor events "
-                                  f"driver.{name}.`")
+                raise SwapTimeout(
+                    f"no outcome of swap {sid} of driver {name} within "
+                    f"{wait:g}s; see `isovisor status` and `isovisor events "
+                    f"driver.{name}.`"
+                )
             if ev[0] == topic and ev[1].get("swap_id") == sid:
                 return ev[1]
 

@@ -53,16 +53,19 @@ from isovisor.swapclient import target_of
 if TYPE_CHECKING:
     from pluggy import Result
 
-__all__ = ["DRIVER", "MiniStack", "backend_class", "check_image", "isovisor_stack",
-           "wait_until"]
+__all__ = ["DRIVER", "MiniStack", "backend_class", "check_image", "isovisor_stack", "wait_until"]
 
 #: The driver the stack declares; every guest's disk names it (``backend=blk0``).
 DRIVER: Final = "blk0"
 T = TypeVar("T")
 
 
-def wait_until(pred: Callable[[], T | None], timeout: float = 30, what: str = "condition",
-               interval: float = 0.05) -> T:
+def wait_until(
+    pred: Callable[[], T | None],
+    timeout: float = 30,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> T:
     """Poll ``pred`` until it returns something true and return that; AssertionError after
     ``timeout`` seconds.  For state no event announces (counters, statistics, status rows)."""
     deadline = time.monotonic() + timeout
@@ -118,8 +121,9 @@ def _expected_block(seed: int, block: int, gen: int, bs: int) -> bytes:
     return _HEADER.pack(_MAGIC, block, gen, (h ^ (h >> 32)) & 0xFFFFFFFF, bs) + body
 
 
-def check_image(image: bytes | memoryview, seed: int, blocks: int,
-                bs: int = 4096) -> dict[int, int | None]:
+def check_image(
+    image: bytes | memoryview, seed: int, blocks: int, bs: int = 4096
+) -> dict[int, int | None]:
     """Check the first ``blocks`` blocks of an image a blkstress run with ``seed`` wrote:
     {block: generation}, None for a block that is all zeroes (never written).  AssertionError
     naming the first bad block otherwise (wrong place, torn, or corrupted)."""
@@ -128,19 +132,23 @@ def check_image(image: bytes | memoryview, seed: int, blocks: int,
         raise AssertionError(f"image of {len(mv)} bytes is smaller than {blocks} blocks of {bs}")
     out: dict[int, int | None] = {}
     for b in range(blocks):
-        data = bytes(mv[b * bs:(b + 1) * bs])
+        data = bytes(mv[b * bs : (b + 1) * bs])
         if not any(data):
             out[b] = None
             continue
         magic, block, gen, _, hbs = _HEADER.unpack_from(data)
         if magic != _MAGIC or block != b or hbs != bs or gen == 0:
-            raise AssertionError(f"block {b}: header magic={magic:#x} block={block} gen={gen} "
-                                 f"bs={hbs}: not a block blkstress wrote here")
+            raise AssertionError(
+                f"block {b}: header magic={magic:#x} block={block} gen={gen} "
+                f"bs={hbs}: not a block blkstress wrote here"
+            )
         want = _expected_block(seed, b, gen, bs)
         if data != want:
             off = next(i for i, (x, y) in enumerate(zip(data, want, strict=True)) if x != y)
-            raise AssertionError(f"block {b} gen {gen}: wrong data from byte {off} on "
-                                 f"(got {data[off]:#04x}, expected {want[off]:#04x})")
+            raise AssertionError(
+                f"block {b} gen {gen}: wrong data from byte {off} on "
+                f"(got {data[off]:#04x}, expected {want[off]:#04x})"
+            )
         out[b] = gen
     return out
 
@@ -182,10 +190,21 @@ class MiniStack:
         self._closed = False
 
     # -- starting ---------------------------------------------------------------------------
-    def start(self, backend: str | os.PathLike[str] = "drivers.blk", *, guests: int = 1,
-              ops: int = 4000, qd: int = 32, mix: int = 60, blocks: int = 256,
-              bs: int = 4096, seed: int = 11, options: dict[str, Any] | None = None,
-              driver: dict[str, Any] | None = None, wait_io: bool = True) -> MiniStack:
+    def start(
+        self,
+        backend: str | os.PathLike[str] = "drivers.blk",
+        *,
+        guests: int = 1,
+        ops: int = 4000,
+        qd: int = 32,
+        mix: int = 60,
+        blocks: int = 256,
+        bs: int = 4096,
+        seed: int = 11,
+        options: dict[str, Any] | None = None,
+        driver: dict[str, Any] | None = None,
+        wait_io: bool = True,
+    ) -> MiniStack:
         """Start the stack with ``backend`` serving ``blk0`` and ``guests`` blkstress guests.
 
         ``backend``: ``"drivers.blk"``, ``"pkg.mod:Class"`` or ``"/path/file.py[:Class]"``.
@@ -201,8 +220,10 @@ class MiniStack:
         if not 1 <= guests <= 8:
             raise ValueError(f"guests must be 1..8, got {guests}")
         if bs % 512 or not 512 <= bs <= 128 * 1024 or blocks < 1:
-            raise ValueError(f"bs must be a multiple of 512 up to 128K and blocks >= 1, got "
-                             f"bs={bs} blocks={blocks}")
+            raise ValueError(
+                f"bs must be a multiple of 512 up to 128K and blocks >= 1, got "
+                f"bs={bs} blocks={blocks}"
+            )
         spec = _spec(backend)
         backend_class(spec)  # a clear error here, before anything starts
         self._io = {"ops": ops, "blocks": blocks, "bs": bs, "seed": seed}
@@ -216,19 +237,31 @@ class MiniStack:
         cfgs = []
         for i in range(1, guests + 1):
             name = f"g{i}"
-            extra = (f"ops={ops} qd={qd} mix={mix} seed={seed + i - 1} blocks={blocks} bs={bs} "
-                     "timeout=30000")
+            extra = (
+                f"ops={ops} qd={qd} mix={mix} seed={seed + i - 1} blocks={blocks} bs={bs} "
+                "timeout=30000"
+            )
             disk = f"target={name}.img, vdev=xvda, access=rw, backend={DRIVER}, size={mib}M"
-            cfgs.append(self._ps.domain_config(name, "blkstress", memory=8,
-                                               on_poweroff="preserve", on_crash="preserve",
-                                               extra=extra, disk=[disk]))
+            cfgs.append(
+                self._ps.domain_config(
+                    name,
+                    "blkstress",
+                    memory=8,
+                    on_poweroff="preserve",
+                    on_crash="preserve",
+                    extra=extra,
+                    disk=[disk],
+                )
+            )
             self.guests.append(name)
             self.images.append(self.dir / f"{name}.img")
         try:
             self._ps.up([])
         except RuntimeError as e:
-            raise RuntimeError(f"{e}\n--- {self._ps.rd.driver_log(DRIVER)} ---\n"
-                               f"{log_tail(self._ps.rd.driver_log(DRIVER), 30)}") from None
+            raise RuntimeError(
+                f"{e}\n--- {self._ps.rd.driver_log(DRIVER)} ---\n"
+                f"{log_tail(self._ps.rd.driver_log(DRIVER), 30)}"
+            ) from None
         self._note_pids()
         self._sub = self._ps.subscribe(["domain.", "driver.", "supervisor."])
         for cfg in cfgs:
@@ -236,9 +269,12 @@ class MiniStack:
             if r.returncode != 0:
                 raise RuntimeError(f"isovisor create {cfg.name} failed: {r.stderr.strip()}")
         if wait_io:
-            wait_until(lambda: self._all_doing_io(), timeout=60,
-                       what=f"every guest's disk connected and doing I/O "
-                            f"(devices: {self._device_rows_text()})")
+            wait_until(
+                lambda: self._all_doing_io(),
+                timeout=60,
+                what=f"every guest's disk connected and doing I/O "
+                f"(devices: {self._device_rows_text()})",
+            )
         return self
 
     def _all_doing_io(self) -> bool:
@@ -247,9 +283,14 @@ class MiniStack:
 
     def _device_rows_text(self) -> str:
         try:
-            return ", ".join(f"{d['domain']}: {d['backend_state']} {d['requests']} requests"
-                             f"{' ' + d['error'] if d['error'] else ''}"
-                             for d in self.devices()) or "none"
+            return (
+                ", ".join(
+                    f"{d['domain']}: {d['backend_state']} {d['requests']} requests"
+                    f"{' ' + d['error'] if d['error'] else ''}"
+                    for d in self.devices()
+                )
+                or "none"
+            )
         except Exception as e:  # only for a message
             return f"? ({e})"
 
@@ -275,8 +316,12 @@ class MiniStack:
         """The backend's latest statistics, as ``isovisor driver stats blk0`` shows them."""
         return dict(self.driver().get("statistics") or {})
 
-    def wait_statistics(self, pred: Callable[[dict[str, Any]], object], timeout: float = 20,
-                        what: str = "statistics") -> dict[str, Any]:
+    def wait_statistics(
+        self,
+        pred: Callable[[dict[str, Any]], object],
+        timeout: float = 20,
+        what: str = "statistics",
+    ) -> dict[str, Any]:
         """Poll the statistics until ``pred(stats)`` holds (they are refreshed every second
         and only by the process serving now); returns them."""
         last: dict[str, Any] = {}
@@ -306,11 +351,16 @@ class MiniStack:
 
         def done() -> bool:
             self.drain()
-            ended = [t for t, _ in self.seen if t.startswith("domain.")
-                     and t.rsplit(".", 1)[-1] in ("shutdown", "crashed")]
+            ended = [
+                t
+                for t, _ in self.seen
+                if t.startswith("domain.") and t.rsplit(".", 1)[-1] in ("shutdown", "crashed")
+            ]
             if ended:
-                raise AssertionError(f"waiting for {n} more requests, but {ended[0]}: the "
-                                     "guests finished too early; start them with more ops")
+                raise AssertionError(
+                    f"waiting for {n} more requests, but {ended[0]}: the "
+                    "guests finished too early; start them with more ops"
+                )
             return self.requests() >= start + n
 
         wait_until(done, timeout=timeout, what=f"{n} more guest requests")
@@ -351,22 +401,30 @@ class MiniStack:
             ev = self._take(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 got = sorted({t for t, _ in self.seen})
-                raise AssertionError(f"no {topic!r} {match or ''} event within {timeout:g}s; "
-                                     f"saw: {got}")
+                raise AssertionError(
+                    f"no {topic!r} {match or ''} event within {timeout:g}s; saw: {got}"
+                )
             if hit(*ev):
                 return ev[1]
 
     # -- acting ---------------------------------------------------------------------------
-    def swap(self, target: str | os.PathLike[str], *, probation: float | None = 0.3,
-             timeout: float | None = None, wait: float = 60) -> dict[str, Any]:
+    def swap(
+        self,
+        target: str | os.PathLike[str],
+        *,
+        probation: float | None = 0.3,
+        timeout: float | None = None,
+        wait: float = 60,
+    ) -> dict[str, Any]:
         """Hot-swap ``blk0`` to ``target`` (as ``isovisor driver swap``: a module spec or a
         file) and return the ``driver.blk0.swap`` event: ``outcome`` (swapped, rolled_back,
         refused, failed), ``reason``, ``error``, ``traceback``, ``stall_ms``, ``carried``,
         ``pid``, ``old_pid``, ``old``, ``new``.  ``probation``: seconds the new backend must
         serve without dying; ``timeout``: seconds each step (drain, restore and hello) may
         take (default: 5, or half the driver's request_timeout_sec when that is shorter)."""
-        r = _swap(self._ps.rd, DRIVER, _spec(target), probation=probation, timeout=timeout,
-                  wait=wait)
+        r = _swap(
+            self._ps.rd, DRIVER, _spec(target), probation=probation, timeout=timeout, wait=wait
+        )
         for k in ("pid", "old_pid"):
             if isinstance(r.get(k), int):
                 self._pids.add(r[k])
@@ -388,10 +446,12 @@ class MiniStack:
             p, ended = self._wait_end(name, max(1.0, deadline - time.monotonic()))
             con = self.console(name)
             s = _summary(con)
-            assert ended == "shutdown" and s is not None, \
+            assert ended == "shutdown" and s is not None, (
                 f"guest {name} {ended}: {p.get('reason')}\n{con}"
-            assert (p.get("code"), s.get("errors"), s.get("mismatches")) == (0, 0, 0), \
+            )
+            assert (p.get("code"), s.get("errors"), s.get("mismatches")) == (0, 0, 0), (
                 f"guest {name}: exit code {p.get('code')}, summary {s}\n{con}"
+            )
             assert s.get("ops") == self._io["ops"], f"guest {name} did {s.get('ops')} ops\n{con}"
             summaries.append(s)
         self._summaries = summaries
@@ -404,8 +464,9 @@ class MiniStack:
         summaries = self.wait_guests(timeout)
         self.stop()
         for i, (name, image) in enumerate(zip(self.guests, self.images, strict=True)):
-            gens = check_image(image.read_bytes(), self._io["seed"] + i, self._io["blocks"],
-                               self._io["bs"])
+            gens = check_image(
+                image.read_bytes(), self._io["seed"] + i, self._io["blocks"], self._io["bs"]
+            )
             assert any(g is not None for g in gens.values()), f"{name}: no block was written"
         return summaries
 
@@ -417,8 +478,10 @@ class MiniStack:
         while True:
             ev = self._take(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                raise AssertionError(f"guest {name} did not power off within {timeout:.0f}s; "
-                                     f"console:\n{self.console(name)}")
+                raise AssertionError(
+                    f"guest {name} did not power off within {timeout:.0f}s; "
+                    f"console:\n{self.console(name)}"
+                )
             if ev[0] in (f"domain.{name}.shutdown", f"domain.{name}.crashed"):
                 return ev[1], ev[0].rsplit(".", 1)[1]
 
@@ -459,7 +522,8 @@ class MiniStack:
                 with contextlib.suppress(psutil.Error):
                     p = psutil.Process(pid)
                     if p.status() != psutil.STATUS_ZOMBIE and str(self.dir) in " ".join(
-                            p.cmdline()):
+                        p.cmdline()
+                    ):
                         left.append(f"process {pid}: {' '.join(p.cmdline())[:120]}")
             if self._ps.supervisor_pid is not None:
                 from isovisor.paths import shm_prefix_for
@@ -474,17 +538,20 @@ class MiniStack:
     def log_tails(self, lines: int = 40) -> str:
         """The end of the driver and kernel logs (for a failure report)."""
         rd = self._ps.rd
-        return "\n".join(f"--- {p.name} ---\n{log_tail(p, n)}"
-                         for p, n in ((rd.driver_log(DRIVER), lines), (rd.kernel_log, lines // 2))
-                         if p.exists())
+        return "\n".join(
+            f"--- {p.name} ---\n{log_tail(p, n)}"
+            for p, n in ((rd.driver_log(DRIVER), lines), (rd.kernel_log, lines // 2))
+            if p.exists()
+        )
 
 
 _FAILED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, Result[pytest.TestReport], None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     rep = outcome.get_result()
     if rep.failed:

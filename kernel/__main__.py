@@ -17,16 +17,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernel", description="isovisor kernel process")
     ap.add_argument("--control", required=True, help="ZeroMQ endpoint to bind for commands")
     ap.add_argument("--events", required=True, help="ZeroMQ endpoint to bind for events")
-    ap.add_argument("--drivers", default=None,
-                    help="ZeroMQ endpoint to bind for driver messages (docs/devices.md)")
+    ap.add_argument(
+        "--drivers",
+        default=None,
+        help="ZeroMQ endpoint to bind for driver messages (docs/devices.md)",
+    )
     ap.add_argument("--shm-prefix", required=True, help="name prefix of shared-memory segments")
     ap.add_argument("--pcpus", type=int, default=2)
     ap.add_argument("--timeslice-ms", type=int, default=10)
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s kernel[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s kernel[%(process)d] %(levelname)s %(message)s",
+    )
     die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
@@ -36,12 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     except UnsupportedUnicorn as e:
         logging.getLogger("isovisor.kernel").error("%s", e)
         return 2
-    server = KernelServer(control=args.control, events=args.events, pcpus=args.pcpus,
-                          timeslice_ms=args.timeslice_ms, shm_prefix=args.shm_prefix,
-                          drivers=args.drivers)
+    server = KernelServer(
+        control=args.control,
+        events=args.events,
+        pcpus=args.pcpus,
+        timeslice_ms=args.timeslice_ms,
+        shm_prefix=args.shm_prefix,
+        drivers=args.drivers,
+    )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    logging.getLogger("isovisor.kernel").info("kernel up: %d pCPUs, %d ms slices", args.pcpus,
-                                              args.timeslice_ms)
+    logging.getLogger("isovisor.kernel").info(
+        "kernel up: %d pCPUs, %d ms slices", args.pcpus, args.timeslice_ms
+    )
     server.serve()
     return 0
 

@@ -139,8 +139,13 @@ FAULT_BAD_RESPONSE: Final = 6  # non-zero reserved fields (e.g. a slot still hol
 #: requests from ``rsp_cons`` on redone by a replacement driver (docs/recovery.md).
 FAULT_F_HOLD: Final = 1
 #: Codes a hold can repair: a response (or the response index) was bad, not the handshake.
-FAULT_CODES_HOLDABLE: Final = (FAULT_UNKNOWN_ID, FAULT_BAD_STATUS, FAULT_EXTRA_RESPONSE,
-                               FAULT_BAD_OP, FAULT_BAD_RESPONSE)
+FAULT_CODES_HOLDABLE: Final = (
+    FAULT_UNKNOWN_ID,
+    FAULT_BAD_STATUS,
+    FAULT_EXTRA_RESPONSE,
+    FAULT_BAD_OP,
+    FAULT_BAD_RESPONSE,
+)
 
 #: HC_POLL timeout meaning "wait forever".
 POLL_FOREVER: Final = 0xFFFF_FFFF_FFFF_FFFF

@@ -86,12 +86,11 @@ class Device:
 
     @property
     def be_dir(self) -> str:
-        return (f"/driver/{self.spec.backend}/{self.cls.name}/{self.dom.domid}/"
-                f"{self.spec.devid}")
+        return f"/driver/{self.spec.backend}/{self.cls.name}/{self.dom.domid}/{self.spec.devid}"
 
     @property
     def kind_word(self) -> str:
-        """"block device", "network interface", "console", ..., for messages."""
+        """ "block device", "network interface", "console", ..., for messages."""
         return self.cls.noun
 
     @property
@@ -107,11 +106,19 @@ class Device:
     def attach_message(self) -> list[Any]:
         s = self.spec
         body: dict[str, Any] = {
-            "key": self.key, "domid": self.dom.domid, "domain": self.dom.name,
-            "vdev": s.vdev, "devid": s.devid, "segment": self.segment.name,
-            "window": self.window, "inflight_offset": self.cls.region.inflight_offset,
-            "store": self.be_dir, "scratch": self.scratch, "class": self.cls.name,
-            **self.cls.attach_body(s, self.medium)}
+            "key": self.key,
+            "domid": self.dom.domid,
+            "domain": self.dom.name,
+            "vdev": s.vdev,
+            "devid": s.devid,
+            "segment": self.segment.name,
+            "window": self.window,
+            "inflight_offset": self.cls.region.inflight_offset,
+            "store": self.be_dir,
+            "scratch": self.scratch,
+            "class": self.cls.name,
+            **self.cls.attach_body(s, self.medium),
+        }
         return ["attach", body]
 
     def indices(self) -> tuple[int, int]:
@@ -132,8 +139,9 @@ class Device:
 class DeviceManager:
     """All devices of all domains, the store, and the driver hub's message handlers."""
 
-    def __init__(self, *, sched: Scheduler, emit: Emit, shm_prefix: str, hub: DriverHub,
-                 store: Store) -> None:
+    def __init__(
+        self, *, sched: Scheduler, emit: Emit, shm_prefix: str, hub: DriverHub, store: Store
+    ) -> None:
         self.sched = sched
         self.emit = emit
         self.shm_prefix = shm_prefix
@@ -172,8 +180,10 @@ class DeviceManager:
     def check_backends(self, specs: tuple[DeviceSpec, ...], where: str) -> None:
         """Every device names a connected driver; a vif's MAC is not taken on its bridge."""
         if len(specs) > abi.SI_MAX_DEVICES:
-            raise ControlError(f"{where}: {len(specs)} devices (disks, vifs and a console "
-                               f"together); a domain has at most {abi.SI_MAX_DEVICES}")
+            raise ControlError(
+                f"{where}: {len(specs)} devices (disks, vifs and a console "
+                f"together); a domain has at most {abi.SI_MAX_DEVICES}"
+            )
         for d in specs:
             cls = devices.of_spec(d)
             what = cls.what(d)
@@ -182,7 +192,8 @@ class DeviceManager:
                 raise ControlError(
                     f"{where}: {what} uses backend {d.backend!r}, which is not running "
                     f"(connected drivers: {known}); declare [driver.{d.backend}] in "
-                    "supervisor.toml or fix backend=")
+                    "supervisor.toml or fix backend="
+                )
             for o in self.snapshot():
                 why = None if o.gone else cls.conflict(d, o.spec, o.dom.name)
                 if why is not None:
@@ -221,19 +232,28 @@ class DeviceManager:
             for k, v in _store_nodes(dev):
                 st.write(k, v)
             if not self.hub.send_control(dev.spec.backend, dev.attach_message()):
-                log.warning("device %s: driver %s did not take the attach message", dev.label,
-                            dev.spec.backend)
-            dev.watches.append(st.watch(f"{dev.be_dir}/state", f"be:{dev.key}",
-                                        self._be_state_changed))
-            dev.watches.append(st.watch(f"{dev.fe_dir}/state", f"fe:{dev.key}",
-                                        self._fe_state_changed))
+                log.warning(
+                    "device %s: driver %s did not take the attach message",
+                    dev.label,
+                    dev.spec.backend,
+                )
+            dev.watches.append(
+                st.watch(f"{dev.be_dir}/state", f"be:{dev.key}", self._be_state_changed)
+            )
+            dev.watches.append(
+                st.watch(f"{dev.fe_dir}/state", f"fe:{dev.key}", self._fe_state_changed)
+            )
 
     def _write_table_entry(self, dom: Domain, dev: Device) -> None:
         base = abi.START_INFO_ADDR + abi.SI_DEVICES + dev.index * abi.DEV_ENTRY_SIZE
         w = dom.mem.words
-        for off, val in ((abi.DE_KIND, dev.cls.kind), (abi.DE_DEVID, dev.spec.devid),
-                         (abi.DE_PORT, dev.port), (abi.DE_REGION, dev.gpa),
-                         (abi.DE_REGION_SIZE, dev.window)):
+        for off, val in (
+            (abi.DE_KIND, dev.cls.kind),
+            (abi.DE_DEVID, dev.spec.devid),
+            (abi.DE_PORT, dev.port),
+            (abi.DE_REGION, dev.gpa),
+            (abi.DE_REGION_SIZE, dev.window),
+        ):
             w[(base + off) // 8] = val
         dom.mem.write(base + abi.DE_NAME, dev.spec.vdev.encode() + b"\0")
 
@@ -272,9 +292,14 @@ class DeviceManager:
         if dev is None or not path.endswith("/state"):
             return
         state = self.store.read(path, default="")
-        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.state",
-                  {"domid": dev.dom.domid, "end": "backend",
-                   "state": _STATE_NAMES.get(_int(state), state)})
+        self.emit(
+            f"device.{dev.dom.name}.{dev.spec.vdev}.state",
+            {
+                "domid": dev.dom.domid,
+                "end": "backend",
+                "state": _STATE_NAMES.get(_int(state), state),
+            },
+        )
         self.sched.notify(dev.dom, 1 << dev.port)  # the frontend waits on its port
 
     def _fe_state_changed(self, path: str, token: str) -> None:
@@ -283,9 +308,14 @@ class DeviceManager:
             return
         state = _int(self.store.read(path, default=""))
         if state > int(DevState.INITIALISING):
-            self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.state",
-                      {"domid": dev.dom.domid, "end": "frontend",
-                       "state": _STATE_NAMES.get(state, str(state))})
+            self.emit(
+                f"device.{dev.dom.name}.{dev.spec.vdev}.state",
+                {
+                    "domid": dev.dom.domid,
+                    "end": "frontend",
+                    "state": _STATE_NAMES.get(state, str(state)),
+                },
+            )
             self.hub.send_control(dev.spec.backend, ["fe_state", dev.key, state])
 
     def _by_token(self, token: str) -> Device | None:
@@ -315,15 +345,30 @@ class DeviceManager:
     def guest_may_write(dom: Domain, path: str) -> bool:
         return path.startswith(f"/local/domain/{dom.domid}/device/")
 
-    def frontend_fault(self, dev: Device, code: int, message: str,
-                       rsp_cons: int | None = None) -> bool:
+    def frontend_fault(
+        self, dev: Device, code: int, message: str, rsp_cons: int | None = None
+    ) -> bool:
         """HC_DEVICE_FAULT: True if the frontend is to hold (see Recovery.frontend_fault)."""
         dev.faults += 1
-        log.error("domain %s: its frontend reports that driver %s broke the protocol on %s "
-                  "(code %d): %s", dev.dom.name, dev.spec.backend, dev.spec.vdev, code, message)
-        self.emit(f"driver.{dev.spec.backend}.fault", {
-            "domid": dev.dom.domid, "domain": dev.dom.name, "vdev": dev.spec.vdev,
-            "code": code, "reason": message, "reporter": "frontend"})
+        log.error(
+            "domain %s: its frontend reports that driver %s broke the protocol on %s (code %d): %s",
+            dev.dom.name,
+            dev.spec.backend,
+            dev.spec.vdev,
+            code,
+            message,
+        )
+        self.emit(
+            f"driver.{dev.spec.backend}.fault",
+            {
+                "domid": dev.dom.domid,
+                "domain": dev.dom.name,
+                "vdev": dev.spec.vdev,
+                "code": code,
+                "reason": message,
+                "reporter": "frontend",
+            },
+        )
         return self.recovery.frontend_fault(dev, code, message, rsp_cons)
 
     def held(self, dev: Device) -> bool:
@@ -331,9 +376,15 @@ class DeviceManager:
 
     # -- driver messages (drivers thread) ----------------------------------------------------
     def on_hello(self, link: DriverLink) -> None:
-        self.emit(f"driver.{link.name}.ready", {"pid": link.pid, "at_ns": time.monotonic_ns(),
-                                                "isolation": link.isolation,
-                                                "module": link.module})
+        self.emit(
+            f"driver.{link.name}.ready",
+            {
+                "pid": link.pid,
+                "at_ns": time.monotonic_ns(),
+                "isolation": link.isolation,
+                "module": link.module,
+            },
+        )
         self.swaps.on_hello(link)
         self.recovery.on_hello(link)
 
@@ -363,8 +414,11 @@ class DeviceManager:
             link = self.hub.links.get(info.get("name"))  # type: ignore[arg-type]
             values = info.get("values")
             if link is not None and link.pid == info.get("pid") and isinstance(values, dict):
-                link.statistics = {str(k)[:64]: v for k, v in list(values.items())[:64]
-                                   if isinstance(v, int | float | str)}
+                link.statistics = {
+                    str(k)[:64]: v
+                    for k, v in list(values.items())[:64]
+                    if isinstance(v, int | float | str)
+                }
                 link.touch()
         elif kind == "store" and len(msg) == 3:
             path, value = msg[1], msg[2]
@@ -372,8 +426,9 @@ class DeviceManager:
                 raise Malformed(f"store write with a non-string path or value: {msg!r:.200}")
             driver = path.split("/")[2] if path.startswith("/driver/") else ""
             if driver not in self.hub.links:
-                log.warning("driver store write outside /driver/<a connected driver>/ refused: "
-                            "%s", path)
+                log.warning(
+                    "driver store write outside /driver/<a connected driver>/ refused: %s", path
+                )
                 return
             self.recovery.seen(driver)
             try:
@@ -389,8 +444,7 @@ class DeviceManager:
             raise Malformed(f"unknown or malformed message {msg!r:.200}")
 
     def _device(self, key: Any, kind: str) -> Device | None:
-        dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) \
-            else None
+        dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) else None
         if dev is None or dev.gone:
             log.debug("driver %s message for unknown device %r ignored", kind, key)
             return None
@@ -399,16 +453,21 @@ class DeviceManager:
     def _driver_report(self, dev: Device, kind: str, message: str) -> None:
         if kind == "error":  # the backend cannot serve the disk (e.g. cannot open the image)
             self.recovery.driver_error(dev)
-            log.error("device %s: driver %s cannot serve it: %s", dev.label, dev.spec.backend,
-                      message)
-            self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.error",
-                      {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
+            log.error(
+                "device %s: driver %s cannot serve it: %s", dev.label, dev.spec.backend, message
+            )
+            self.emit(
+                f"device.{dev.dom.name}.{dev.spec.vdev}.error",
+                {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message},
+            )
             return
         # The driver caught the guest's frontend breaking the protocol: a guest fault.
         reason = f"{dev.kind_word} {dev.spec.vdev}: driver {dev.spec.backend} reports: {message}"
         self.recovery.driver_fault(dev)
-        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
-                  {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message})
+        self.emit(
+            f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
+            {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": message},
+        )
         self.sched.request_exit(dev.dom, Exit("crash", reason))
 
     # -- reporting ---------------------------------------------------------------------------
@@ -421,17 +480,28 @@ class DeviceManager:
             be = self.store.read(f"{d.be_dir}/state", default="0")
             fe = self.store.read(f"{d.fe_dir}/state", default="0")
             row: dict[str, Any] = {
-                "class": d.cls.name, "domain": d.dom.name, "domid": d.dom.domid,
-                "vdev": d.spec.vdev, "devid": d.spec.devid, "backend": d.spec.backend,
+                "class": d.cls.name,
+                "domain": d.dom.name,
+                "domid": d.dom.domid,
+                "vdev": d.spec.vdev,
+                "devid": d.spec.devid,
+                "backend": d.spec.backend,
                 "port": d.port,
                 "frontend_state": _STATE_NAMES.get(_int(fe), fe),
                 "backend_state": _STATE_NAMES.get(_int(be), be),
                 "error": self.store.read(f"{d.be_dir}/error", default=""),
-                "requests": req, "outstanding": outstanding(req, rsp, d.cls), "kicks": d.kicks,
-                "notifies": d.notifies, "faults": d.faults,
-                "failed_requests": d.failed_requests, "segment": d.segment.name,
-                **d.cls.info(d.spec, d.medium, lambda key, d=d: self.store.read(
-                    f"{d.be_dir}/{key}", default="")),
+                "requests": req,
+                "outstanding": outstanding(req, rsp, d.cls),
+                "kicks": d.kicks,
+                "notifies": d.notifies,
+                "faults": d.faults,
+                "failed_requests": d.failed_requests,
+                "segment": d.segment.name,
+                **d.cls.info(
+                    d.spec,
+                    d.medium,
+                    lambda key, d=d: self.store.read(f"{d.be_dir}/{key}", default=""),
+                ),
             }
             out.append(row)
         return out
@@ -447,9 +517,16 @@ def device_specs(config: Any) -> list[DeviceSpec]:
 def _store_nodes(dev: Device) -> list[tuple[str, str]]:
     """The frontend's and the backend's directory of a new device (XenStore's layout)."""
     s, fe, be = dev.spec, dev.fe_dir, dev.be_dir
-    nodes = [(f"{fe}/{k}", v) for k, v in (
-        ("backend", be), ("backend-id", s.backend), ("vdev", s.vdev),
-        ("port", str(dev.port)), ("state", "1"))]
+    nodes = [
+        (f"{fe}/{k}", v)
+        for k, v in (
+            ("backend", be),
+            ("backend-id", s.backend),
+            ("vdev", s.vdev),
+            ("port", str(dev.port)),
+            ("state", "1"),
+        )
+    ]
     nodes += [(f"{be}/frontend", fe), (f"{be}/frontend-id", str(dev.dom.domid))]
     fe_nodes, be_nodes = dev.cls.store_nodes(s, dev.medium)
     nodes += [(f"{fe}/{k}", v) for k, v in fe_nodes.items()]

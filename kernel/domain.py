@@ -63,8 +63,15 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 
 class Domain:
-    def __init__(self, domid: int, config: DomainConfig, shm_name: str, sched: Scheduler,
-                 emit: Emit, restarts: int = 0) -> None:
+    def __init__(
+        self,
+        domid: int,
+        config: DomainConfig,
+        shm_name: str,
+        sched: Scheduler,
+        emit: Emit,
+        restarts: int = 0,
+    ) -> None:
         self.domid = domid
         self.config = config
         self.name = config.name
@@ -80,7 +87,8 @@ class Domain:
                 f"image {config.image_path} ({len(image)} bytes) does not fit in domain "
                 f"{config.name!r} with memory = {config.memory} MiB: it needs at least {need} "
                 f"MiB (image at {abi.IMAGE_BASE:#x} plus {abi.MIN_STACK_BYTES // 1024} KiB of "
-                f"stack); raise 'memory' in {config.source}")
+                f"stack); raise 'memory' in {config.source}"
+            )
         self.mem = GuestMemory(shm_name, mem_bytes)
         try:
             self.mem.write(abi.IMAGE_BASE, image)
@@ -130,21 +138,38 @@ class Domain:
         self._upcall_saved: tuple[Any, bytes] | None = None
         self._upcall_return = False
         self._handlers: tuple[Callable[[], Any] | None, ...] = (
-            None, self._hc_console_write, self._hc_yield, self._hc_poll, self._hc_time,
-            self._hc_shutdown, self._hc_watchdog, self._hc_set_upcall, self._hc_upcall_return,
-            self._hc_block, self._hc_evtchn_send, self._hc_store_read, self._hc_store_write,
-            self._hc_device_fault, self._hc_device_held)
+            None,
+            self._hc_console_write,
+            self._hc_yield,
+            self._hc_poll,
+            self._hc_time,
+            self._hc_shutdown,
+            self._hc_watchdog,
+            self._hc_set_upcall,
+            self._hc_upcall_return,
+            self._hc_block,
+            self._hc_evtchn_send,
+            self._hc_store_read,
+            self._hc_store_write,
+            self._hc_device_fault,
+            self._hc_device_held,
+        )
         assert len(self._handlers) == abi.HC_COUNT
 
     # -- set-up --------------------------------------------------------------------------------
     def _write_start_info(self, image_size: int) -> None:
         w = self.mem.words
         base = abi.START_INFO_ADDR // 8
-        for off, val in ((abi.SI_MAGIC, abi.START_INFO_MAGIC), (abi.SI_ABI_VERSION,
-                         abi.ABI_VERSION), (abi.SI_DOMID, self.domid),
-                         (abi.SI_MEM_BYTES, self.mem.size), (abi.SI_IMAGE_BASE, abi.IMAGE_BASE),
-                         (abi.SI_IMAGE_SIZE, image_size), (abi.SI_STACK_TOP, self.mem.size),
-                         (abi.SI_HCALL_BLOCK, abi.HCALL_BLOCK_ADDR)):
+        for off, val in (
+            (abi.SI_MAGIC, abi.START_INFO_MAGIC),
+            (abi.SI_ABI_VERSION, abi.ABI_VERSION),
+            (abi.SI_DOMID, self.domid),
+            (abi.SI_MEM_BYTES, self.mem.size),
+            (abi.SI_IMAGE_BASE, abi.IMAGE_BASE),
+            (abi.SI_IMAGE_SIZE, image_size),
+            (abi.SI_STACK_TOP, self.mem.size),
+            (abi.SI_HCALL_BLOCK, abi.HCALL_BLOCK_ADDR),
+        ):
             w[base + off // 8] = val
         name = self.name.encode()[: abi.SI_NAME_MAX - 1] + b"\0"
         self.mem.write(abi.START_INFO_ADDR + abi.SI_NAME, name)
@@ -172,8 +197,10 @@ class Domain:
             ret = handler()
         except Exception as e:  # a kernel bug must end this guest, not the kernel
             log.exception("domain %s: internal error in hypercall %d", self.name, nr)
-            self.sched.request_exit(self, Exit("crash", f"kernel error in hypercall "
-                                               f"{abi.HYPERCALL_NAMES.get(nr, nr)}: {e}"))
+            self.sched.request_exit(
+                self,
+                Exit("crash", f"kernel error in hypercall {abi.HYPERCALL_NAMES.get(nr, nr)}: {e}"),
+            )
             ret = -abi.EINVAL
         if ret is not NO_RESULT:
             w[_W_RET] = ret & U64
@@ -186,21 +213,30 @@ class Domain:
         self.bad_calls += 1
         n = self.bad_calls
         if n <= _BAD_CALLS_LOGGED or n % 1000 == 0:
-            log.warning("domain %s (id %d): %s -> returned %d%s", self.name, self.domid, what,
-                        ret, " (further ones logged every 1000th)" if n == _BAD_CALLS_LOGGED
-                        else "")
+            log.warning(
+                "domain %s (id %d): %s -> returned %d%s",
+                self.name,
+                self.domid,
+                what,
+                ret,
+                " (further ones logged every 1000th)" if n == _BAD_CALLS_LOGGED else "",
+            )
         self._w[_W_RET] = ret & U64
         return ret
 
     def _hc_console_write(self) -> int:
         ptr, length = self.arg(0), self.arg(1)
         if length > abi.CONSOLE_WRITE_MAX:
-            return self.bad_call(f"console_write of {length} bytes exceeds the maximum of "
-                                 f"{abi.CONSOLE_WRITE_MAX} per call", -abi.EMSGSIZE)
+            return self.bad_call(
+                f"console_write of {length} bytes exceeds the maximum of "
+                f"{abi.CONSOLE_WRITE_MAX} per call",
+                -abi.EMSGSIZE,
+            )
         if not self.mem.check(ptr, length):
-            return self.bad_call(f"console_write buffer {ptr:#x}+{length} is outside guest RAM",
-                                 -abi.EFAULT)
-        data = bytes(self.mem.bytes[ptr:ptr + length])
+            return self.bad_call(
+                f"console_write buffer {ptr:#x}+{length} is outside guest RAM", -abi.EFAULT
+            )
+        data = bytes(self.mem.bytes[ptr : ptr + length])
         self.console_append(data)
         return length
 
@@ -217,15 +253,22 @@ class Domain:
 
     def _hc_shutdown(self) -> int:
         reason, code = self.arg(0), self.arg(1)
-        kinds = {abi.SHUTDOWN_POWEROFF: "poweroff", abi.SHUTDOWN_REBOOT: "reboot",
-                 abi.SHUTDOWN_CRASH: "crash"}
+        kinds = {
+            abi.SHUTDOWN_POWEROFF: "poweroff",
+            abi.SHUTDOWN_REBOOT: "reboot",
+            abi.SHUTDOWN_CRASH: "crash",
+        }
         kind = kinds.get(reason)
         if kind is None:
-            return self.bad_call(f"shutdown with unknown reason {reason} (0 poweroff, "
-                                 "1 reboot, 2 crash)", -abi.EINVAL)
-        text = {"poweroff": f"guest powered off with code {code & 0xFF}",
-                "reboot": "guest asked to reboot",
-                "crash": "guest reported a crash"}[kind]
+            return self.bad_call(
+                f"shutdown with unknown reason {reason} (0 poweroff, 1 reboot, 2 crash)",
+                -abi.EINVAL,
+            )
+        text = {
+            "poweroff": f"guest powered off with code {code & 0xFF}",
+            "reboot": "guest asked to reboot",
+            "crash": "guest reported a crash",
+        }[kind]
         self.sched.request_exit(self, Exit(kind, text, code & 0xFF))
         return 0
 
@@ -243,8 +286,9 @@ class Domain:
     def _hc_set_upcall(self) -> int:
         handler = self.arg(0)
         if handler and not self.mem.check(handler, 1):
-            return self.bad_call(f"set_upcall handler {handler:#x} is outside guest RAM",
-                                 -abi.EFAULT)
+            return self.bad_call(
+                f"set_upcall handler {handler:#x} is outside guest RAM", -abi.EFAULT
+            )
         self.upcall_handler = handler
         return 0
 
@@ -278,11 +322,20 @@ class Domain:
         rsp = uc.reg_read(UC_X86_REG_RSP)
         frame = ((rsp - _RED_ZONE) & ~15) - 8
         if not self.mem.check(frame, 8):
-            self.sched.request_exit(self, Exit("crash", f"cannot deliver an upcall: the stack "
-                                                        f"pointer {rsp:#x} is outside guest RAM"))
+            self.sched.request_exit(
+                self,
+                Exit(
+                    "crash",
+                    f"cannot deliver an upcall: the stack pointer {rsp:#x} is outside guest RAM",
+                ),
+            )
             return
-        self._upcall_saved = (uc.context_save(), bytes(
-            self.mem.bytes[abi.HCALL_BLOCK_ADDR:abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE]))
+        self._upcall_saved = (
+            uc.context_save(),
+            bytes(
+                self.mem.bytes[abi.HCALL_BLOCK_ADDR : abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE]
+            ),
+        )
         w = self._w
         w[_W_PENDING] |= bits
         w[_W_UPCALL_MASK] = 1
@@ -301,7 +354,7 @@ class Domain:
         assert saved is not None and uc is not None
         ctx, block = saved
         uc.context_restore(ctx)
-        self.mem.bytes[abi.HCALL_BLOCK_ADDR:abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE] = block
+        self.mem.bytes[abi.HCALL_BLOCK_ADDR : abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE] = block
         self._w[_W_UPCALL_MASK] = 0
         self.in_upcall = False
         self.vcpu.rip = uc.reg_read(UC_X86_REG_RIP)
@@ -312,8 +365,9 @@ class Domain:
         dev = self.devices.get(port)
         if dev is None:
             ports = ", ".join(str(p) for p in sorted(self.devices)) or "none"
-            return self.bad_call(f"{what} on port {port}, which is not bound (ports: {ports})",
-                                 -abi.EINVAL)
+            return self.bad_call(
+                f"{what} on port {port}, which is not bound (ports: {ports})", -abi.EINVAL
+            )
         return dev
 
     def _hc_evtchn_send(self) -> int:
@@ -329,7 +383,7 @@ class Domain:
         if not self.mem.check(ptr, length):
             return self.bad_call(f"{what} {ptr:#x}+{length} is outside guest RAM", -abi.EFAULT)
         try:
-            return bytes(self.mem.bytes[ptr:ptr + length]).decode()
+            return bytes(self.mem.bytes[ptr : ptr + length]).decode()
         except UnicodeDecodeError:
             return self.bad_call(f"{what} is not UTF-8", -abi.EINVAL)
 
@@ -350,8 +404,9 @@ class Domain:
             return -abi.EACCES
         buf, size = self.arg(2), self.arg(3)
         if not self.mem.check(buf, size):
-            return self.bad_call(f"store_read buffer {buf:#x}+{size} is outside guest RAM",
-                                 -abi.EFAULT)
+            return self.bad_call(
+                f"store_read buffer {buf:#x}+{size} is outside guest RAM", -abi.EFAULT
+            )
         try:
             if not dm.store.exists(path):
                 return -abi.ENOENT
@@ -359,7 +414,7 @@ class Domain:
         except StoreError as e:  # a malformed path
             return self.bad_call(f"store_read: {e}", -abi.EINVAL)
         n = min(size, len(value))
-        self.mem.bytes[buf:buf + n] = value[:n]
+        self.mem.bytes[buf : buf + n] = value[:n]
         return len(value)
 
     def _hc_store_write(self) -> int:
@@ -371,8 +426,11 @@ class Domain:
             return value
         dm = self.device_manager
         if dm is None or not dm.guest_may_write(self, path):
-            return self.bad_call(f"store_write to {path}: a guest may write only below "
-                                 f"/local/domain/{self.domid}/device/", -abi.EACCES)
+            return self.bad_call(
+                f"store_write to {path}: a guest may write only below "
+                f"/local/domain/{self.domid}/device/",
+                -abi.EACCES,
+            )
         try:
             dm.store.write(path, value)
         except StoreError as e:
@@ -416,28 +474,38 @@ class Domain:
     def state_letters(self) -> str:
         """The six-letter state of ``xl list``: r b p s c d."""
         e = self.exit
-        return "".join((
-            "r" if self.on_cpu and e is None else "-",
-            "b" if not self.runnable and not self.on_cpu and e is None else "-",
-            "p" if self.paused else "-",
-            "s" if e is not None and e.kind in ("poweroff", "reboot") else "-",
-            "c" if e is not None and e.kind == "crash" else "-",
-            "d" if self.action is not None and e is None else "-",
-        ))
+        return "".join(
+            (
+                "r" if self.on_cpu and e is None else "-",
+                "b" if not self.runnable and not self.on_cpu and e is None else "-",
+                "p" if self.paused else "-",
+                "s" if e is not None and e.kind in ("poweroff", "reboot") else "-",
+                "c" if e is not None and e.kind == "crash" else "-",
+                "d" if self.action is not None and e is None else "-",
+            )
+        )
 
     def info(self, now: int | None = None) -> dict[str, Any]:
         now = time.monotonic_ns() if now is None else now
         e = self.exit
         return {
-            "name": self.name, "id": self.domid, "state": self.state_letters(),
-            "memory": self.config.memory, "vcpus": self.config.vcpus,
-            "weight": self.config.weight, "cap": self.config.cap,
+            "name": self.name,
+            "id": self.domid,
+            "state": self.state_letters(),
+            "memory": self.config.memory,
+            "vcpus": self.config.vcpus,
+            "weight": self.config.weight,
+            "cap": self.config.cap,
             "cpu_time": round(self.cpu_ns / 1e9, 3),
             "uptime": round(((self.exited_ns or now) - self.created_ns) / 1e9, 3),
-            "restarts": self.restarts, "image": self.config.image,
-            "exit_kind": e.kind if e else None, "reason": e.reason if e else None,
-            "exit_code": e.code if e else None, "bad_hypercalls": self.bad_calls,
-            "devices": [d.spec.vdev for d in self.devices.values()], "upcalls": self.upcalls,
+            "restarts": self.restarts,
+            "image": self.config.image,
+            "exit_kind": e.kind if e else None,
+            "reason": e.reason if e else None,
+            "exit_code": e.code if e else None,
+            "bad_hypercalls": self.bad_calls,
+            "devices": [d.spec.vdev for d in self.devices.values()],
+            "upcalls": self.upcalls,
         }
 
     # -- teardown ------------------------------------------------------------------------------
@@ -458,5 +526,7 @@ def _read_image(config: DomainConfig) -> bytes:
         with open(config.image_path, "rb") as f:
             return f.read(abi.MAX_MEMORY_MIB * 1024 * 1024 + 1)
     except OSError as e:
-        raise ImageError(f"cannot read image {config.image_path} of domain {config.name!r} "
-                         f"({config.source}): {e.strerror}") from None
+        raise ImageError(
+            f"cannot read image {config.image_path} of domain {config.name!r} "
+            f"({config.source}): {e.strerror}"
+        ) from None

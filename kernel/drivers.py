@@ -94,10 +94,15 @@ class DriverLink:
 class DriverHub:
     """The driver channels: links by name, ordered control messages, and the receiving thread."""
 
-    def __init__(self, ctx: zmq.Context, endpoints: list[str], on_message: Handler,
-                 on_hello: Callable[[DriverLink], None],
-                 on_tick: Callable[[], None] | None = None,
-                 on_violation: Callable[[DriverLink, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoints: list[str],
+        on_message: Handler,
+        on_hello: Callable[[DriverLink], None],
+        on_tick: Callable[[], None] | None = None,
+        on_violation: Callable[[DriverLink, str], None] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.on_message = on_message
         self.on_hello = on_hello
@@ -196,8 +201,11 @@ class DriverHub:
     def _prune(self, socks: dict[str, zmq.Socket]) -> None:
         """Close this thread's sockets to endpoints no link uses any more."""
         self._local.version = self._endpoints_version
-        live = ({li.endpoint for li in list(self.links.values())} | {INPROC_ENDPOINT}
-                | set(self._standby.values()))
+        live = (
+            {li.endpoint for li in list(self.links.values())}
+            | {INPROC_ENDPOINT}
+            | set(self._standby.values())
+        )
         for endpoint in [e for e in socks if e not in live]:
             sock = socks.pop(endpoint)
             with self._lock:
@@ -224,8 +232,9 @@ class DriverHub:
         if name in self._inline:
             raise ValueError(f"an inline driver named {name!r} is already loaded")
         host = importlib.import_module(HOST_MODULE)
-        self._inline[name] = host.start_inline(name, module, options, self.ctx,
-                                               INPROC_ENDPOINT, f"inproc://driver-{name}")
+        self._inline[name] = host.start_inline(
+            name, module, options, self.ctx, INPROC_ENDPOINT, f"inproc://driver-{name}"
+        )
 
     # -- receiving (the drivers thread) -----------------------------------------------------------
     def _loop(self) -> None:
@@ -298,9 +307,15 @@ class DriverHub:
 
     def _malformed(self, sender: bytes | None, reason: str) -> None:
         link = self.sender_link(sender)
-        who = f"driver {link.name} (pid {link.pid})" if link else (
-            f"sender {sender[:80]!r} (no such connected instance)" if sender else
-            "an anonymous sender")
+        who = (
+            f"driver {link.name} (pid {link.pid})"
+            if link
+            else (
+                f"sender {sender[:80]!r} (no such connected instance)"
+                if sender
+                else "an anonymous sender"
+            )
+        )
         log.warning("driver channel: %s from %s ignored", reason, who)
         if link is not None and self.on_violation is not None:
             self.on_violation(link, f"malformed message: {reason}")
@@ -313,13 +328,17 @@ class DriverHub:
                 return
             if name is None:
                 if not self._send_on(endpoint, msg):
-                    log.warning("control message %r to %s not delivered (not draining)",
-                                msg[0], endpoint)
+                    log.warning(
+                        "control message %r to %s not delivered (not draining)", msg[0], endpoint
+                    )
                 continue
             link = self.links.get(name)
             if link is None or not self._send_on(link.endpoint, msg):
-                log.warning("driver %s: control message %r not delivered (driver gone or not "
-                            "draining)", name, msg[0])
+                log.warning(
+                    "driver %s: control message %r not delivered (driver gone or not draining)",
+                    name,
+                    msg[0],
+                )
 
     def _hello(self, msg: list[Any]) -> None:
         link = parse_hello(msg)
@@ -331,10 +350,16 @@ class DriverHub:
                 del self._standby[link.name]
             if old is not None and old.endpoint != link.endpoint:
                 self._endpoints_version += 1
-        log.info("driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request "
-                 "timeout %d ms%s", link.name, link.pid, link.isolation, link.endpoint,
-                 link.watchdog_ms, link.request_timeout_ms,
-                 f" (replaces pid {old.pid})" if old is not None else "")
+        log.info(
+            "driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request timeout %d ms%s",
+            link.name,
+            link.pid,
+            link.isolation,
+            link.endpoint,
+            link.watchdog_ms,
+            link.request_timeout_ms,
+            f" (replaces pid {old.pid})" if old is not None else "",
+        )
         self.on_hello(link)
 
     # -- teardown ------------------------------------------------------------------------------
@@ -368,17 +393,33 @@ def parse_hello(msg: list[Any]) -> DriverLink:
     info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
     name, endpoint = info.get("name"), info.get("endpoint")
     pid, module = info.get("pid"), info.get("module")
-    if not (isinstance(name, str) and name and isinstance(endpoint, str) and endpoint
-            and _is_int(pid) and isinstance(module, str)):
-        raise Malformed(f"malformed hello {msg!r:.200} (expected [\"hello\", {{name, "
-                        "endpoint, pid, module}])")
+    if not (
+        isinstance(name, str)
+        and name
+        and isinstance(endpoint, str)
+        and endpoint
+        and _is_int(pid)
+        and isinstance(module, str)
+    ):
+        raise Malformed(
+            f'malformed hello {msg!r:.200} (expected ["hello", {{name, endpoint, pid, module}}])'
+        )
     watchdog = info.get("watchdog_ms", 0)
     timeout = info.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)
     if not (_is_int(watchdog) and watchdog >= 0 and _is_int(timeout) and timeout >= 0):
-        raise Malformed(f"malformed hello from driver {name}: watchdog_ms and "
-                        "request_timeout_ms must be integers >= 0 (0: no such check), got "
-                        f"{watchdog!r} and {timeout!r}")
+        raise Malformed(
+            f"malformed hello from driver {name}: watchdog_ms and "
+            "request_timeout_ms must be integers >= 0 (0: no such check), got "
+            f"{watchdog!r} and {timeout!r}"
+        )
     isolation = "inline" if endpoint.startswith("inproc://") else "process"
-    return DriverLink(name, endpoint, pid, module, isolation, watchdog_ms=watchdog,
-                      request_timeout_ms=timeout, reports=info.get("statistics") is True)
-
+    return DriverLink(
+        name,
+        endpoint,
+        pid,
+        module,
+        isolation,
+        watchdog_ms=watchdog,
+        request_timeout_ms=timeout,
+        reports=info.get("statistics") is True,
+    )

@@ -49,13 +49,24 @@ _MASK: Final = (1 << 64) - 1
 #: reference 2-core box, so the limit must sit well below that to be reachable at all.
 NOTIFY_FLOOD_PER_S: Final = 50_000
 #: What ``driver_inject`` accepts (the driver host implements them).
-INJECT_KINDS: Final = ("exit", "exception", "segv", "abort", "hang", "leak", "bad_id",
-                       "bad_status", "bad_op", "bad_index")
+INJECT_KINDS: Final = (
+    "exit",
+    "exception",
+    "segv",
+    "abort",
+    "hang",
+    "leak",
+    "bad_id",
+    "bad_status",
+    "bad_op",
+    "bad_index",
+)
 _RING_WORDS: Final = struct.Struct("<QQQ")  # req_prod, req_event, rsp_prod
 _RSP_PROD_OFFSET: Final = 16
 
 
 # --- rings and in-flight logs of a device segment --------------------------------------------
+
 
 def ring_indices(buf: Any) -> tuple[int, int]:
     """(req_prod, rsp_prod) of the ring at the start of a device segment."""
@@ -72,7 +83,7 @@ def outstanding(req_prod: int, rsp_prod: int, cls: DeviceClass) -> int:
 def _inflight_log(buf: Any, cls: DeviceClass) -> InflightLog:
     r = cls.region
     size = inflight_bytes(r.ring_slots, r.slot_size)
-    view = memoryview(buf)[r.inflight_offset:r.inflight_offset + size]
+    view = memoryview(buf)[r.inflight_offset : r.inflight_offset + size]
     return InflightLog(view, r.ring_slots, r.slot_size)
 
 
@@ -95,8 +106,10 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass) -> int:
     req_prod, _, _ = _RING_WORDS.unpack_from(buf, 0)
     n = (req_prod - to) & _MASK
     if n > cls.region.ring_slots:
-        raise RingError(f"cannot take responses back from index {to}: req_prod is {req_prod}, "
-                        f"{n} requests away (the ring has {cls.region.ring_slots} slots)")
+        raise RingError(
+            f"cannot take responses back from index {to}: req_prod is {req_prod}, "
+            f"{n} requests away (the ring has {cls.region.ring_slots} slots)"
+        )
     journal = _inflight_log(buf, cls)
     reopened = journal.reopen(to, n)
     if charge and any(rec.index == to for rec in journal.pending()):
@@ -105,8 +118,7 @@ def rewind(buf: Any, to: int, charge: bool, cls: DeviceClass) -> int:
     return reopened
 
 
-def answer_with_errors(buf: Any, window: int, sectors: int,
-                       cls: DeviceClass) -> tuple[int, bool]:
+def answer_with_errors(buf: Any, window: int, sectors: int, cls: DeviceClass) -> tuple[int, bool]:
     """Answer every outstanding request of the segment's ring with ``STATUS_ERROR``.
 
     Requests from the published ``rsp_prod`` on are answered in ring order, each from its
@@ -116,8 +128,9 @@ def answer_with_errors(buf: Any, window: int, sectors: int,
     if the guest's ``req_prod`` is impossible.
     """
     r = cls.region
-    ring = BackRing(memoryview(buf)[:ring_bytes(r.ring_slots, r.slot_size)], r.ring_slots,
-                    r.slot_size)
+    ring = BackRing(
+        memoryview(buf)[: ring_bytes(r.ring_slots, r.slot_size)], r.ring_slots, r.slot_size
+    )
     journal = _inflight_log(buf, cls)
     taken = {rec.index: rec.request for rec in journal.pending()}
     answered = 0
@@ -148,11 +161,11 @@ class Hold:
 
 # --- the recovery duties -----------------------------------------------------------------------
 
+
 class Recovery:
     """Per-driver recovery state and handlers, for one :class:`DeviceManager`."""
 
-    def __init__(self, manager: DeviceManager, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, manager: DeviceManager, clock: Callable[[], float] = time.monotonic) -> None:
         self.dm = manager
         self.hub = manager.hub
         self.emit = manager.emit
@@ -170,8 +183,11 @@ class Recovery:
         """A driver instance connected: end failing mode, re-attach its devices, and start
         waiting for their ``recovered`` reports."""
         self._end_failing(link.name)
-        devices = [d for d in self.dm.snapshot()
-                   if d.spec.backend == link.name and d.announced and not d.gone]
+        devices = [
+            d
+            for d in self.dm.snapshot()
+            if d.spec.backend == link.name and d.announced and not d.gone
+        ]
         now = self.clock()
         resuming = set()
         for dev in devices:  # every attach first: a backend sees all its devices before it
@@ -186,8 +202,13 @@ class Recovery:
             if fe == int(DevState.CONNECTED):  # the backend resumes it, then reports
                 resuming.add(dev.key)
         if devices:
-            log.info("driver %s (pid %d): re-attached %d device(s): %s", link.name, link.pid,
-                     len(devices), ", ".join(d.label for d in devices))
+            log.info(
+                "driver %s (pid %d): re-attached %d device(s): %s",
+                link.name,
+                link.pid,
+                len(devices),
+                ", ".join(d.label for d in devices),
+            )
         with self._lock:
             link.awaiting = resuming
             self._check_replayed(link)
@@ -202,13 +223,22 @@ class Recovery:
             if dev.spec.backend == name and dev.cls.requests:
                 with dev.lock:
                     if not dev.gone:
-                        cleared += self._guarded(
-                            dev, "clearing the in-flight log",
-                            lambda d: clear_inflight(d.segment.buf, d.cls)) or 0
+                        cleared += (
+                            self._guarded(
+                                dev,
+                                "clearing the in-flight log",
+                                lambda d: clear_inflight(d.segment.buf, d.cls),
+                            )
+                            or 0
+                        )
         with self._lock:
             self.failing.pop(name, None)
-        log.warning("driver %s is back: failing mode (%s) ends; %d stale in-flight record(s) "
-                    "cleared", name, reason, cleared)
+        log.warning(
+            "driver %s is back: failing mode (%s) ends; %d stale in-flight record(s) cleared",
+            name,
+            reason,
+            cleared,
+        )
 
     def _check_replayed(self, link: DriverLink) -> None:
         """Publish ``driver.<name>.replayed`` once nothing is awaited any more (lock held)."""
@@ -216,9 +246,15 @@ class Recovery:
             return
         link.replay_reported = True
         done_ns = link.done_ns if link.recovered else time.monotonic_ns()
-        self.emit(f"driver.{link.name}.replayed", {
-            "pid": link.pid, "devices": link.recovered, "replayed": link.replayed,
-            "done_ns": done_ns})
+        self.emit(
+            f"driver.{link.name}.replayed",
+            {
+                "pid": link.pid,
+                "devices": link.recovered,
+                "replayed": link.replayed,
+                "done_ns": done_ns,
+            },
+        )
         self.on_replayed(link, done_ns)
 
     def device_removed(self, dev: Device) -> None:
@@ -263,63 +299,103 @@ class Recovery:
         info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
         name, pid = info.get("name"), info.get("pid")
         endpoint, module = info.get("endpoint"), info.get("module")
-        if not (isinstance(name, str) and name and _is_int(pid) and isinstance(endpoint, str)
-                and endpoint and isinstance(module, str)):
-            raise _malformed(msg, '["spare", {name:str, pid:int, endpoint:str, '
-                                  'module:str}]')
+        if not (
+            isinstance(name, str)
+            and name
+            and _is_int(pid)
+            and isinstance(endpoint, str)
+            and endpoint
+            and isinstance(module, str)
+        ):
+            raise _malformed(msg, '["spare", {name:str, pid:int, endpoint:str, module:str}]')
         log.info("driver %s: spare instance ready (pid %d, %s)", name, pid, endpoint)
         self.hub.preconnect(name, endpoint)
         self.emit(f"driver.{name}.spare", {"pid": pid, "endpoint": endpoint})
 
     def _recovered(self, msg: list[Any]) -> None:
-        if not (len(msg) == 4 and _is_int(msg[1]) and _is_int(msg[2]) and msg[2] >= 0
-                and _is_int(msg[3]) and msg[3] >= 0):
-            raise _malformed(msg, '["recovered", key:int, replayed:int >= 0, '
-                                  'done_ns:int >= 0]')
+        if not (
+            len(msg) == 4
+            and _is_int(msg[1])
+            and _is_int(msg[2])
+            and msg[2] >= 0
+            and _is_int(msg[3])
+            and msg[3] >= 0
+        ):
+            raise _malformed(msg, '["recovered", key:int, replayed:int >= 0, done_ns:int >= 0]')
         dev = self.dm.device_of(msg[1], "recovered")
         if dev is None:
             return
         replayed, done_ns = msg[2], msg[3]
         backend = dev.spec.backend
         self.seen(backend)
-        log.info("device %s: driver %s recovered it, %d request(s) redone", dev.label, backend,
-                 replayed)
-        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.recovered", {
-            "domid": dev.dom.domid, "driver": backend, "replayed": replayed,
-            "done_ns": done_ns})
+        log.info(
+            "device %s: driver %s recovered it, %d request(s) redone", dev.label, backend, replayed
+        )
+        self.emit(
+            f"device.{dev.dom.name}.{dev.spec.vdev}.recovered",
+            {"domid": dev.dom.domid, "driver": backend, "replayed": replayed, "done_ns": done_ns},
+        )
         self._wake(dev)
         self._settle(dev, (replayed, done_ns))
 
     def _poison(self, msg: list[Any]) -> None:
-        if not (len(msg) == 4 and _is_int(msg[1]) and _is_int(msg[2]) and msg[2] >= 0
-                and isinstance(msg[3], str)):
+        if not (
+            len(msg) == 4
+            and _is_int(msg[1])
+            and _is_int(msg[2])
+            and msg[2] >= 0
+            and isinstance(msg[3], str)
+        ):
             raise _malformed(msg, '["poison", key:int, index:int >= 0, description:str]')
         dev = self.dm.device_of(msg[1], "poison")
         if dev is None:
             return
         backend, description = dev.spec.backend, msg[3][:1000]
         link = self.seen(backend)
-        log.error("device %s: driver %s refused poison request at ring index %d (it was being "
-                  "executed when driver instances died): %s", dev.label, backend, msg[2],
-                  description)
-        self.emit(f"driver.{backend}.poison", {
-            "pid": link.pid if link else None, "domain": dev.dom.name, "vdev": dev.spec.vdev,
-            "index": msg[2], "request": description})
+        log.error(
+            "device %s: driver %s refused poison request at ring index %d (it was being "
+            "executed when driver instances died): %s",
+            dev.label,
+            backend,
+            msg[2],
+            description,
+        )
+        self.emit(
+            f"driver.{backend}.poison",
+            {
+                "pid": link.pid if link else None,
+                "domain": dev.dom.name,
+                "vdev": dev.spec.vdev,
+                "index": msg[2],
+                "request": description,
+            },
+        )
 
     def _fault_fired(self, msg: list[Any]) -> None:
         info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else {}
         name, pid, fid = info.get("name"), info.get("pid"), info.get("id")
         kind, device = info.get("type"), info.get("device")
-        if not (isinstance(name, str) and _is_int(pid) and _is_int(fid)
-                and isinstance(kind, str) and isinstance(device, str)):
-            raise _malformed(msg, '["fault_fired", {name:str, pid:int, id:int, type:str, '
-                                  'device:str}]')
+        if not (
+            isinstance(name, str)
+            and _is_int(pid)
+            and _is_int(fid)
+            and isinstance(kind, str)
+            and isinstance(device, str)
+        ):
+            raise _malformed(
+                msg, '["fault_fired", {name:str, pid:int, id:int, type:str, device:str}]'
+            )
         self.seen(name)
-        self.emit(f"driver.{name}.fault_fired", {"pid": pid, "id": fid, "type": kind,
-                                                 "device": device[:200]})
+        self.emit(
+            f"driver.{name}.fault_fired",
+            {"pid": pid, "id": fid, "type": kind, "device": device[:200]},
+        )
 
     _handlers: Final[dict[str, Callable[[Recovery, list[Any]], None]]] = {
-        "heartbeat": _heartbeat, "spare": _spare, "recovered": _recovered, "poison": _poison,
+        "heartbeat": _heartbeat,
+        "spare": _spare,
+        "recovered": _recovered,
+        "poison": _poison,
         "fault_fired": _fault_fired,
     }
 
@@ -343,8 +419,11 @@ class Recovery:
             link.notify_window, link.notify_count = now, 0
         link.notify_count += 1
         if link.notify_count > NOTIFY_FLOOD_PER_S:
-            self.violation(link, f"notification flood: more than {NOTIFY_FLOOD_PER_S} "
-                                 "notifications within one second")
+            self.violation(
+                link,
+                f"notification flood: more than {NOTIFY_FLOOD_PER_S} "
+                "notifications within one second",
+            )
 
     def violation(self, link: DriverLink, reason: str) -> None:
         """The kernel caught instance ``link`` breaking the protocol (a malformed message, a
@@ -353,11 +432,12 @@ class Recovery:
             return
         link.violation_reported = True
         log.error("driver %s (pid %d): protocol violation: %s", link.name, link.pid, reason)
-        self.emit(f"driver.{link.name}.violation", {"pid": link.pid, "reason": reason,
-                                                    "reporter": "kernel"})
+        self.emit(
+            f"driver.{link.name}.violation",
+            {"pid": link.pid, "reason": reason, "reporter": "kernel"},
+        )
 
-    def frontend_fault(self, dev: Device, code: int, message: str,
-                       rsp_cons: int | None) -> bool:
+    def frontend_fault(self, dev: Device, code: int, message: str, rsp_cons: int | None) -> bool:
         """A frontend says its driver broke the protocol: a violation by that driver.
 
         With ``rsp_cons`` (the frontend can hold), a bad response is repaired rather than
@@ -374,14 +454,25 @@ class Recovery:
             with dev.lock:
                 if dev.hold is None:
                     dev.hold = Hold(rsp_cons, code, link.pid if link else None)
-            log.warning("device %s: its responses from ring index %d on are held until a new "
-                        "instance of driver %s redoes them", dev.label, rsp_cons, backend)
-        self.emit(f"driver.{backend}.violation", {
-            "pid": link.pid if link else None,
-            "reason": f"the frontend of {dev.label} reports a bad response (code {code}): "
-                      f"{message}",
-            "reporter": "frontend", "domain": dev.dom.name, "vdev": dev.spec.vdev,
-            "held": hold})
+            log.warning(
+                "device %s: its responses from ring index %d on are held until a new "
+                "instance of driver %s redoes them",
+                dev.label,
+                rsp_cons,
+                backend,
+            )
+        self.emit(
+            f"driver.{backend}.violation",
+            {
+                "pid": link.pid if link else None,
+                "reason": f"the frontend of {dev.label} reports a bad response (code {code}): "
+                f"{message}",
+                "reporter": "frontend",
+                "domain": dev.dom.name,
+                "vdev": dev.spec.vdev,
+                "held": hold,
+            },
+        )
         if not hold:
             return False
         if backend in self.failing:  # no instance is coming: answer from there with errors
@@ -389,10 +480,8 @@ class Recovery:
             self.answer(dev)
         return True
 
-    def _may_hold(self, dev: Device, code: int, rsp_cons: int, link: DriverLink | None
-                  ) -> bool:
-        if (code not in abi.FAULT_CODES_HOLDABLE or dev.gone or dev.broken
-                or not dev.cls.requests):
+    def _may_hold(self, dev: Device, code: int, rsp_cons: int, link: DriverLink | None) -> bool:
+        if code not in abi.FAULT_CODES_HOLDABLE or dev.gone or dev.broken or not dev.cls.requests:
             return False
         if link is not None and link.isolation == "inline":
             return False  # nothing replaces it: the frontend fails as it would without holds
@@ -400,8 +489,13 @@ class Recovery:
             return False
         req_prod, _ = self.dm.ring_indices(dev)
         if (req_prod - rsp_cons) & _MASK > dev.cls.region.ring_slots:
-            log.error("device %s: its frontend asks to hold from ring index %d, but req_prod "
-                      "is %d: impossible, so it is not held", dev.label, rsp_cons, req_prod)
+            log.error(
+                "device %s: its frontend asks to hold from ring index %d, but req_prod "
+                "is %d: impossible, so it is not held",
+                dev.label,
+                rsp_cons,
+                req_prod,
+            )
             return False
         return True
 
@@ -417,16 +511,30 @@ class Recovery:
             if hold is None or dev.gone:
                 return
             charge = hold.code != abi.FAULT_EXTRA_RESPONSE  # a bad response of one request
-            reopened = self._guarded(dev, "taking back bad responses",
-                                     lambda d: rewind(d.segment.buf, hold.index, charge,
-                                                               d.cls))
+            reopened = self._guarded(
+                dev,
+                "taking back bad responses",
+                lambda d: rewind(d.segment.buf, hold.index, charge, d.cls),
+            )
         if reopened is None:
             return
-        log.warning("device %s: %s; responses from ring index %d on taken back, %d request(s) "
-                    "to redo", dev.label, why, hold.index, reopened)
-        self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.rewound", {
-            "domid": dev.dom.domid, "driver": dev.spec.backend, "index": hold.index,
-            "reopened": reopened, "code": hold.code})
+        log.warning(
+            "device %s: %s; responses from ring index %d on taken back, %d request(s) to redo",
+            dev.label,
+            why,
+            hold.index,
+            reopened,
+        )
+        self.emit(
+            f"device.{dev.dom.name}.{dev.spec.vdev}.rewound",
+            {
+                "domid": dev.dom.domid,
+                "driver": dev.spec.backend,
+                "index": hold.index,
+                "reopened": reopened,
+                "code": hold.code,
+            },
+        )
         self.dm.sched.notify(dev.dom, 1 << dev.port)
 
     def driver_fault(self, dev: Device) -> None:
@@ -457,23 +565,33 @@ class Recovery:
             reason, since = found
             link.hang_reported = True
             log.error("driver %s (pid %d) hangs: %s", link.name, link.pid, reason)
-            self.emit(f"driver.{link.name}.hang", {"pid": link.pid, "reason": reason,
-                                                   "since_ms": int(since * 1000)})
+            self.emit(
+                f"driver.{link.name}.hang",
+                {"pid": link.pid, "reason": reason, "since_ms": int(since * 1000)},
+            )
 
     @staticmethod
     def _watchdog_miss(link: DriverLink, now: float) -> tuple[str, float] | None:
         quiet = now - link.last_seen
         if link.watchdog_ms <= 0 or quiet * 1000 < link.watchdog_ms:
             return None
-        return (f"no heartbeat or other message for {quiet * 1000:.0f} ms (watchdog "
-                f"{link.watchdog_ms} ms)", quiet)
+        return (
+            f"no heartbeat or other message for {quiet * 1000:.0f} ms (watchdog "
+            f"{link.watchdog_ms} ms)",
+            quiet,
+        )
 
-    def _stuck_request(self, link: DriverLink, devices: list[Device], now: float
-                       ) -> tuple[str, float] | None:
+    def _stuck_request(
+        self, link: DriverLink, devices: list[Device], now: float
+    ) -> tuple[str, float] | None:
         stuck: tuple[str, float] | None = None
         for dev in devices:
-            if (dev.spec.backend != link.name or dev.broken or dev.dom.exit is not None
-                    or link.request_timeout_ms <= 0):
+            if (
+                dev.spec.backend != link.name
+                or dev.broken
+                or dev.dom.exit is not None
+                or link.request_timeout_ms <= 0
+            ):
                 continue
             req, rsp = self.dm.ring_indices(dev)
             waiting = outstanding(req, rsp, dev.cls)
@@ -482,9 +600,12 @@ class Recovery:
                 continue
             idle = now - dev.progress_at
             if stuck is None and idle * 1000 >= link.request_timeout_ms:
-                stuck = (f"device {dev.label} has {waiting} request(s) outstanding and no "
-                         f"response for {idle * 1000:.0f} ms (request timeout "
-                         f"{link.request_timeout_ms} ms)", idle)
+                stuck = (
+                    f"device {dev.label} has {waiting} request(s) outstanding and no "
+                    f"response for {idle * 1000:.0f} ms (request timeout "
+                    f"{link.request_timeout_ms} ms)",
+                    idle,
+                )
         return stuck
 
     # -- kicks while a driver is missing or failing (pCPU threads) ---------------------------
@@ -496,8 +617,11 @@ class Recovery:
         with dev.lock:
             if dev.gone or dev.broken:
                 return 0
-            result = self._guarded(dev, "answering its requests", lambda d: answer_with_errors(
-                d.segment.buf, d.window, sectors, d.cls))
+            result = self._guarded(
+                dev,
+                "answering its requests",
+                lambda d: answer_with_errors(d.segment.buf, d.window, sectors, d.cls),
+            )
         if result is None:
             return 0
         answered, notify = result
@@ -513,8 +637,9 @@ class Recovery:
         with dev.lock:
             if dev.gone or dev.broken:
                 return 0
-            result = self._guarded(dev, "taking its output",
-                                   lambda d: d.cls.take_output(d.segment.buf))
+            result = self._guarded(
+                dev, "taking its output", lambda d: d.cls.take_output(d.segment.buf)
+            )
         if not result:
             return 0
         data, notify = result
@@ -541,15 +666,20 @@ class Recovery:
             return fn(dev)
         except RingError as e:
             dev.broken = True
-            reason = (f"{dev.kind_word} {dev.spec.vdev}: the kernel, {what} for failed driver "
-                      f"{dev.spec.backend}, found: {e}")
+            reason = (
+                f"{dev.kind_word} {dev.spec.vdev}: the kernel, {what} for failed driver "
+                f"{dev.spec.backend}, found: {e}"
+            )
             log.error("device %s: %s", dev.label, reason)
-            self.emit(f"device.{dev.dom.name}.{dev.spec.vdev}.fault", {
-                "domid": dev.dom.domid, "driver": dev.spec.backend, "reason": str(e)})
+            self.emit(
+                f"device.{dev.dom.name}.{dev.spec.vdev}.fault",
+                {"domid": dev.dom.domid, "driver": dev.spec.backend, "reason": str(e)},
+            )
             self.dm.sched.request_exit(dev.dom, Exit("crash", reason))
         except (SegmentError, ValueError) as e:
-            log.error("device %s: %s for driver %s failed: %s", dev.label, what,
-                      dev.spec.backend, e)
+            log.error(
+                "device %s: %s for driver %s failed: %s", dev.label, what, dev.spec.backend, e
+            )
         return None
 
     # -- commands (control thread) ---------------------------------------------------------
@@ -558,8 +688,12 @@ class Recovery:
         link = self.hub.drop(name, pid)
         if link is None:
             current = self.hub.links.get(name)
-            log.info("driver_lost %s pid %d: %s", name, pid,
-                     f"the link is pid {current.pid}, kept" if current else "no link")
+            log.info(
+                "driver_lost %s pid %d: %s",
+                name,
+                pid,
+                f"the link is pid {current.pid}, kept" if current else "no link",
+            )
             return False
         return True
 
@@ -576,27 +710,38 @@ class Recovery:
         for dev in devices:
             answered += self.answer(dev)
             self._wake(dev)
-        log.error("driver %s fails (%s): the kernel answers every request of its %d device(s) "
-                  "with an error until a new instance says hello; %d outstanding request(s) "
-                  "answered", name, reason, len(devices), answered)
+        log.error(
+            "driver %s fails (%s): the kernel answers every request of its %d device(s) "
+            "with an error until a new instance says hello; %d outstanding request(s) "
+            "answered",
+            name,
+            reason,
+            len(devices),
+            answered,
+        )
         self.emit(f"driver.{name}.failing", {"reason": reason})
         return {"dropped": link is not None, "devices": len(devices), "answered": answered}
 
     def inject(self, name: str, kind: str) -> None:
         """``driver_inject``: ask driver ``name`` to fail in the way ``kind`` says."""
         if kind not in INJECT_KINDS:
-            raise ControlError(f"driver_inject: unknown kind {kind!r}; choose one of "
-                               f"{', '.join(INJECT_KINDS)}")
+            raise ControlError(
+                f"driver_inject: unknown kind {kind!r}; choose one of {', '.join(INJECT_KINDS)}"
+            )
         link = self.hub.links.get(name)
         if link is None:
             known = ", ".join(sorted(self.hub.links)) or "none"
-            raise NotFound(f"driver_inject: driver {name!r} is not connected (connected "
-                           f"drivers: {known}); start it first, e.g. `isovisor driver start "
-                           f"{name}`")
+            raise NotFound(
+                f"driver_inject: driver {name!r} is not connected (connected "
+                f"drivers: {known}); start it first, e.g. `isovisor driver start "
+                f"{name}`"
+            )
         if link.isolation == "inline":
-            raise ControlError(f"driver_inject: driver {name!r} runs inline, inside the kernel "
-                               "process, so an injected fault would take the kernel down; "
-                               "declare it with isolation = \"process\" to test recovery")
+            raise ControlError(
+                f"driver_inject: driver {name!r} runs inline, inside the kernel "
+                "process, so an injected fault would take the kernel down; "
+                'declare it with isolation = "process" to test recovery'
+            )
         if not self.hub.send_control(name, ["inject", kind]):
             raise ControlError(f"driver_inject: driver {name!r} disconnected meanwhile")
         log.warning("driver %s (pid %d): fault %r injected on request", name, link.pid, kind)
@@ -605,16 +750,22 @@ class Recovery:
         """One row per driver name the kernel knows: its link, health and load."""
         now = self.clock()
         devices = self.dm.snapshot()
-        names = set(self.hub.links) | set(self.failing) | {
-            d.spec.backend for d in devices if d.spec.backend in self.hub.known}
-        return [self._row(name, now, [d for d in devices if d.spec.backend == name])
-                for name in sorted(names)]
+        names = (
+            set(self.hub.links)
+            | set(self.failing)
+            | {d.spec.backend for d in devices if d.spec.backend in self.hub.known}
+        )
+        return [
+            self._row(name, now, [d for d in devices if d.spec.backend == name])
+            for name in sorted(names)
+        ]
 
     def _row(self, name: str, now: float, devices: list[Device]) -> dict[str, Any]:
         link = self.hub.links.get(name)
         busy = sum(outstanding(*self.dm.ring_indices(d), d.cls) for d in devices)
         return {
-            "name": name, "connected": link is not None,
+            "name": name,
+            "connected": link is not None,
             "pid": link.pid if link else None,
             "isolation": link.isolation if link else None,
             "module": link.module if link else None,
@@ -622,8 +773,10 @@ class Recovery:
             "last_seen_ms": int((now - link.last_seen) * 1000) if link else None,
             "watchdog_ms": link.watchdog_ms if link else 0,
             "request_timeout_ms": link.request_timeout_ms if link else None,
-            "failing": name in self.failing, "failing_reason": self.failing.get(name),
-            "outstanding": busy, "devices": len(devices),
+            "failing": name in self.failing,
+            "failing_reason": self.failing.get(name),
+            "outstanding": busy,
+            "devices": len(devices),
             "statistics": dict(link.statistics) if link else {},
         }
 

@@ -50,8 +50,9 @@ class Hypervisor:
                     if d.domid == int(ref):
                         return d
             names = ", ".join(sorted(self.domains)) or "none"
-        raise NotFound(f"no domain named or numbered {ref!r} (domains: {names}); "
-                       "see `isovisor list`")
+        raise NotFound(
+            f"no domain named or numbered {ref!r} (domains: {names}); see `isovisor list`"
+        )
 
     # -- create / destroy ----------------------------------------------------------------------
     def create(self, config: DomainConfig, restarted_from: Domain | None = None) -> Domain:
@@ -59,20 +60,30 @@ class Hypervisor:
         with self._lock:
             if config.name in self.domains:
                 other = self.domains[config.name]
-                raise AlreadyExists(f"a domain named {config.name!r} already exists (id "
-                                    f"{other.domid}); destroy it first or choose another name")
+                raise AlreadyExists(
+                    f"a domain named {config.name!r} already exists (id "
+                    f"{other.domid}); destroy it first or choose another name"
+                )
             dm = self.devices
             specs = tuple(device_specs(config))
             if specs:
                 if dm is None:
-                    raise ControlError("this kernel has no driver channel; disks, network "
-                                       "interfaces and console drivers are unavailable")
+                    raise ControlError(
+                        "this kernel has no driver channel; disks, network "
+                        "interfaces and console drivers are unavailable"
+                    )
                 dm.check_backends(specs, config.source)
             domid = self._next_domid
             self._next_domid += 1
             try:
-                dom = Domain(domid, config, f"{self.shm_prefix}dom{domid}.ram", self.sched,
-                             self.emit, restarts)
+                dom = Domain(
+                    domid,
+                    config,
+                    f"{self.shm_prefix}dom{domid}.ram",
+                    self.sched,
+                    self.emit,
+                    restarts,
+                )
             except (ImageError, SegmentError) as e:
                 raise ControlError(str(e)) from None
             except Exception as e:
@@ -89,13 +100,25 @@ class Hypervisor:
         if dom.devices:
             assert self.devices is not None
             self.devices.connect(dom)
-        log.info("domain %s (id %d) created: %s, %d MiB, weight %d, cap %d", config.name, domid,
-                 config.image, config.memory, config.weight, config.cap)
+        log.info(
+            "domain %s (id %d) created: %s, %d MiB, weight %d, cap %d",
+            config.name,
+            domid,
+            config.image,
+            config.memory,
+            config.weight,
+            config.cap,
+        )
         self.emit(f"domain.{config.name}.created", {"domid": domid, "restarts": restarts})
         if restarted_from is not None:  # announced before the new domain can print anything
-            self.emit(f"domain.{config.name}.restarted", {
-                "domid": domid, "old": restarted_from.domid,
-                "reason": restarted_from.exit.reason if restarted_from.exit else ""})
+            self.emit(
+                f"domain.{config.name}.restarted",
+                {
+                    "domid": domid,
+                    "old": restarted_from.domid,
+                    "reason": restarted_from.exit.reason if restarted_from.exit else "",
+                },
+            )
         self.sched.add(dom)
         return dom
 
@@ -130,24 +153,46 @@ class Hypervisor:
             self._restart_times.pop(dom.name, None)
             self._finish(dom, exit)
             return
-        action = {"poweroff": dom.config.on_poweroff, "reboot": dom.config.on_reboot,
-                  "crash": dom.config.on_crash}[exit.kind]
+        action = {
+            "poweroff": dom.config.on_poweroff,
+            "reboot": dom.config.on_reboot,
+            "crash": dom.config.on_crash,
+        }[exit.kind]
         note = ""
         if action == "restart" and not self._restart_allowed(dom.name):
             action = "destroy"
-            note = (f"; restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s, "
-                    "not restarting again")
+            note = (
+                f"; restarted {RESTART_LIMIT} times within {RESTART_WINDOW_S:g}s, "
+                "not restarting again"
+            )
         if action == "preserve":
             # Before the event: a `destroy` sent by someone who saw it must find it preserved.
             dom.preserved = True
         level = logging.ERROR if exit.kind == "crash" else logging.INFO
-        log.log(level, "domain %s (id %d) %s: %s; on_%s = %s%s", dom.name, dom.domid,
-                "crashed" if exit.kind == "crash" else "shut down", exit.reason, exit.kind,
-                action, note)
+        log.log(
+            level,
+            "domain %s (id %d) %s: %s; on_%s = %s%s",
+            dom.name,
+            dom.domid,
+            "crashed" if exit.kind == "crash" else "shut down",
+            exit.reason,
+            exit.kind,
+            action,
+            note,
+        )
         event = "crashed" if exit.kind == "crash" else "shutdown"
-        self.emit(f"domain.{dom.name}.{event}", {
-            "domid": dom.domid, "kind": exit.kind, "reason": exit.reason, "code": exit.code,
-            "policy": f"on_{exit.kind}", "action": action, "note": note.lstrip("; ")})
+        self.emit(
+            f"domain.{dom.name}.{event}",
+            {
+                "domid": dom.domid,
+                "kind": exit.kind,
+                "reason": exit.reason,
+                "code": exit.code,
+                "policy": f"on_{exit.kind}",
+                "action": action,
+                "note": note.lstrip("; "),
+            },
+        )
         if action == "preserve":  # keep RAM and console for inspection until `destroy`
             dom.gone.set()  # nothing more will happen to it on its own
             return
@@ -157,8 +202,9 @@ class Hypervisor:
                 self.create(dom.config, restarted_from=dom)
             except ControlError as e:
                 log.error("domain %s: restart failed: %s", dom.name, e)
-                self.emit(f"domain.{dom.name}.restart_failed", {"domid": dom.domid,
-                                                                "reason": str(e)})
+                self.emit(
+                    f"domain.{dom.name}.restart_failed", {"domid": dom.domid, "reason": str(e)}
+                )
 
     def _restart_allowed(self, name: str) -> bool:
         now = time.monotonic()
@@ -180,9 +226,15 @@ class Hypervisor:
         if dom.devices and self.devices is not None:
             self.devices.remove(dom)
         # kind/code: what ended the domain (e.g. crash); reason: why it is now freed.
-        self.emit(f"domain.{dom.name}.destroyed", {"domid": dom.domid, "reason": exit.reason,
-                                                   "kind": dom.exit.kind,
-                                                   "code": dom.exit.code})
+        self.emit(
+            f"domain.{dom.name}.destroyed",
+            {
+                "domid": dom.domid,
+                "reason": exit.reason,
+                "kind": dom.exit.kind,
+                "code": dom.exit.code,
+            },
+        )
 
     # -- reporting -----------------------------------------------------------------------------
     def list(self) -> list[dict[str, Any]]:

@@ -29,18 +29,17 @@ class GuestMemory:
 
     def check(self, gpa: int, length: int) -> bool:
         """True if [gpa, gpa+length) lies inside guest RAM (excluding the NULL guard page)."""
-        return (length >= 0 and gpa >= abi.NULL_GUARD_END
-                and gpa + length <= self.size)
+        return length >= 0 and gpa >= abi.NULL_GUARD_END and gpa + length <= self.size
 
     def read(self, gpa: int, length: int) -> bytes:
         if not self.check(gpa, length):
             raise IndexError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
-        return bytes(self.bytes[gpa:gpa + length])
+        return bytes(self.bytes[gpa : gpa + length])
 
     def write(self, gpa: int, data: bytes) -> None:
         if not self.check(gpa, len(data)):
             raise IndexError(f"guest range {gpa:#x}+{len(data):#x} is outside guest RAM")
-        self.bytes[gpa:gpa + len(data)] = data
+        self.bytes[gpa : gpa + len(data)] = data
 
     def close(self) -> None:
         """Release the mapping and remove the segment.  Unicorn must have unmapped it first."""

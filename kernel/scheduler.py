@@ -91,8 +91,9 @@ class PCpu:
 
 
 class Scheduler:
-    def __init__(self, pcpus: int, timeslice_ns: int,
-                 on_exit: Callable[[Domain, Exit], None]) -> None:
+    def __init__(
+        self, pcpus: int, timeslice_ns: int, on_exit: Callable[[Domain, Exit], None]
+    ) -> None:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.timeslice_ns = timeslice_ns
@@ -245,8 +246,13 @@ class Scheduler:
             if dom.polling and not dom.runnable:
                 if dom.pending & dom.poll_mask:
                     self._wake(dom, time.monotonic_ns())
-            elif (dom.on_cpu and dom.upcall_handler and not dom.in_upcall
-                  and dom.exit is None and not dom.upcalls_masked()):
+            elif (
+                dom.on_cpu
+                and dom.upcall_handler
+                and not dom.in_upcall
+                and dom.exit is None
+                and not dom.upcalls_masked()
+            ):
                 dom.vcpu.stop()
 
     def arm_watchdog(self, dom: Domain, timeout_ns: int) -> None:
@@ -280,8 +286,11 @@ class Scheduler:
             return
         victim = max(self.pcpus, key=lambda p: p.current.vruntime if p.current else -1)
         cur = victim.current
-        if (cur is not None and cur.vruntime > dom.vruntime
-                and now - victim.slice_start >= RATELIMIT_NS):
+        if (
+            cur is not None
+            and cur.vruntime > dom.vruntime
+            and now - victim.slice_start >= RATELIMIT_NS
+        ):
             cur.vcpu.stop()
 
     def _eligible(self, dom: Domain) -> bool:
@@ -289,8 +298,7 @@ class Scheduler:
             return False
         if dom.action is not None:
             return True
-        return (dom.runnable and not dom.paused
-                and (dom.config.cap == 0 or dom.budget_ns > 0))
+        return dom.runnable and not dom.paused and (dom.config.cap == 0 or dom.budget_ns > 0)
 
     def pick(self, pcpu: PCpu) -> Domain | None:
         with self.lock:
@@ -409,8 +417,11 @@ class Scheduler:
             if d.watchdog_deadline and d.action is None and not d.paused:
                 left = d.watchdog_deadline - d.vtime_ns(now)
                 if left <= 0:
-                    d.action = Exit("crash", f"watchdog expired: the guest did not re-arm it "
-                                             f"within {d.watchdog_ns // 1_000_000} ms")
+                    d.action = Exit(
+                        "crash",
+                        f"watchdog expired: the guest did not re-arm it "
+                        f"within {d.watchdog_ns // 1_000_000} ms",
+                    )
                     d.watchdog_deadline = 0
                     if d.on_cpu:
                         d.vcpu.stop()

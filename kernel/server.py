@@ -92,8 +92,16 @@ class EventBus:
 
 
 class KernelServer:
-    def __init__(self, *, control: str, events: str, pcpus: int, timeslice_ms: int,
-                 shm_prefix: str, drivers: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        control: str,
+        events: str,
+        pcpus: int,
+        timeslice_ms: int,
+        shm_prefix: str,
+        drivers: str | None = None,
+    ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -104,25 +112,46 @@ class KernelServer:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(_INPROC)
         self.bus = EventBus(self.ctx)
-        self.hv = Hypervisor(pcpus=pcpus, timeslice_ms=timeslice_ms, shm_prefix=shm_prefix,
-                             emit=self.bus.emit)
+        self.hv = Hypervisor(
+            pcpus=pcpus, timeslice_ms=timeslice_ms, shm_prefix=shm_prefix, emit=self.bus.emit
+        )
         self.store = Store()
-        self.hub = DriverHub(self.ctx, [drivers] if drivers else [],
-                             on_message=self._on_driver_message, on_hello=self._on_driver_hello,
-                             on_tick=self._on_driver_tick,
-                             on_violation=self._on_driver_violation)
-        self.hv.devices = DeviceManager(sched=self.hv.sched, emit=self.bus.emit,
-                                        shm_prefix=shm_prefix, hub=self.hub, store=self.store)
+        self.hub = DriverHub(
+            self.ctx,
+            [drivers] if drivers else [],
+            on_message=self._on_driver_message,
+            on_hello=self._on_driver_hello,
+            on_tick=self._on_driver_tick,
+            on_violation=self._on_driver_violation,
+        )
+        self.hv.devices = DeviceManager(
+            sched=self.hv.sched,
+            emit=self.bus.emit,
+            shm_prefix=shm_prefix,
+            hub=self.hub,
+            store=self.store,
+        )
         self.hub.start()
         self._running = True
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
-            "ping": self._ping, "create": self._create, "destroy": self._destroy,
-            "pause": self._pause, "unpause": self._unpause, "list": self._list,
-            "console": self._console, "shutdown": self._shutdown, "sync": self._sync,
-            "devices": self._devices, "drivers": self._drivers, "driver_load": self._driver_load,
-            "store": self._store, "driver_lost": self._driver_lost,
-            "driver_fail": self._driver_fail, "driver_inject": self._driver_inject,
-            "driver_faults": self._driver_faults, "driver_swap": self._driver_swap,
+            "ping": self._ping,
+            "create": self._create,
+            "destroy": self._destroy,
+            "pause": self._pause,
+            "unpause": self._unpause,
+            "list": self._list,
+            "console": self._console,
+            "shutdown": self._shutdown,
+            "sync": self._sync,
+            "devices": self._devices,
+            "drivers": self._drivers,
+            "driver_load": self._driver_load,
+            "store": self._store,
+            "driver_lost": self._driver_lost,
+            "driver_fail": self._driver_fail,
+            "driver_inject": self._driver_inject,
+            "driver_faults": self._driver_faults,
+            "driver_swap": self._driver_swap,
             "driver_swap_rollback": self._driver_swap_rollback,
             "driver_swap_end": self._driver_swap_end,
         }
@@ -160,8 +189,11 @@ class KernelServer:
 
     # -- commands ------------------------------------------------------------------------------
     def _ping(self, req: Request) -> dict[str, Any]:
-        return {"pid": os.getpid(), "domains": len(self.hv.domains),
-                "events_dropped": self.bus.dropped}
+        return {
+            "pid": os.getpid(),
+            "domains": len(self.hv.domains),
+            "events_dropped": self.bus.dropped,
+        }
 
     def _create(self, req: Request) -> dict[str, Any]:
         try:
@@ -200,8 +232,13 @@ class KernelServer:
     def _console(self, req: Request) -> dict[str, Any]:
         dom = self.hv.find(self._ref(req))
         start, data = dom.console_history()
-        return {"domid": dom.domid, "name": dom.name, "start": start, "end": start + len(data),
-                "data": data}
+        return {
+            "domid": dom.domid,
+            "name": dom.name,
+            "start": start,
+            "end": start + len(data),
+            "data": data,
+        }
 
     def _on_driver_message(self, msg: list[Any]) -> None:
         assert self.hv.devices is not None
@@ -236,8 +273,10 @@ class KernelServer:
     def _driver_name(self, req: Request) -> str:
         name: str = prop(req, "name", str)
         if not name:
-            raise ControlError(f"command {req.command!r}: property 'name' must name a driver "
-                               "(as in [driver.<name>] of supervisor.toml), got an empty string")
+            raise ControlError(
+                f"command {req.command!r}: property 'name' must name a driver "
+                "(as in [driver.<name>] of supervisor.toml), got an empty string"
+            )
         return name
 
     def _driver_lost(self, req: Request) -> dict[str, Any]:
@@ -264,12 +303,12 @@ class KernelServer:
         driver, which logs what it refuses)."""
         name, faults = self._driver_name(req), prop(req, "faults", list)
         if not all(isinstance(f, dict) for f in faults):
-            raise ControlError("driver_faults: faults must be a list of tables "
-                               "(drivers/faults.py)")
+            raise ControlError("driver_faults: faults must be a list of tables (drivers/faults.py)")
         if not self.hub.send_control(name, ["faults", faults]):
             known = ", ".join(sorted(self.hub.links)) or "none"
-            raise NotFound(f"driver_faults: driver {name!r} is not connected (connected "
-                           f"drivers: {known})")
+            raise NotFound(
+                f"driver_faults: driver {name!r} is not connected (connected drivers: {known})"
+            )
         return {"name": name, "faults": len(faults)}
 
     def _driver_swap(self, req: Request) -> dict[str, Any]:
@@ -277,15 +316,20 @@ class KernelServer:
         ``pid`` listening at ``endpoint``; roll back after ``timeout_ms`` without a hello."""
         assert self.hv.devices is not None
         swaps = self.hv.devices.swaps
-        return swaps.begin(self._driver_name(req), prop(req, "pid", int),
-                           prop(req, "endpoint", str), prop(req, "timeout_ms", int, 5000))
+        return swaps.begin(
+            self._driver_name(req),
+            prop(req, "pid", int),
+            prop(req, "endpoint", str),
+            prop(req, "timeout_ms", int, 5000),
+        )
 
     def _driver_swap_rollback(self, req: Request) -> dict[str, Any]:
         """The swap's new instance ``pid`` died in its first requests: back to the old one."""
         assert self.hv.devices is not None
         swaps = self.hv.devices.swaps
-        return swaps.rollback(self._driver_name(req), prop(req, "pid", int),
-                              prop(req, "reason", str, "died"))
+        return swaps.rollback(
+            self._driver_name(req), prop(req, "pid", int), prop(req, "reason", str, "died")
+        )
 
     def _driver_swap_end(self, req: Request) -> dict[str, Any]:
         """Forget driver ``name``'s swap (committed after its probation, or abandoned)."""
@@ -319,4 +363,3 @@ class KernelServer:
     def _shutdown(self, req: Request) -> dict[str, Any]:
         self._running = False
         return {"domains": len(self.hv.domains)}
-

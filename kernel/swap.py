@@ -75,8 +75,7 @@ def _is_int(v: object) -> bool:
 class Swaps:
     """Hot swaps under way, by driver name."""
 
-    def __init__(self, manager: DeviceManager, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, manager: DeviceManager, clock: Callable[[], float] = time.monotonic) -> None:
         self.dm = manager
         self.hub = manager.hub
         self.emit = manager.emit
@@ -100,8 +99,9 @@ class Swaps:
         if link is None:
             raise NotFound(f"driver_swap: driver {name!r} is not connected; start it first")
         if link.isolation != "process":
-            raise ControlError(f"driver_swap: driver {name!r} runs inline; only process "
-                               "drivers can be swapped")
+            raise ControlError(
+                f"driver_swap: driver {name!r} runs inline; only process drivers can be swapped"
+            )
         if link.pid == pid:
             raise ControlError(f"driver_swap: pid {pid} is already driver {name}'s instance")
         if not 100 <= timeout_ms <= 600_000:
@@ -109,10 +109,20 @@ class Swaps:
         now = self.clock()
         with self._lock:
             if name in self.jobs:
-                raise ControlError(f"driver_swap: a swap of driver {name!r} is already under "
-                                   f"way ({self.jobs[name].phase})")
-            job = SwapJob(name, link.pid, link.endpoint, pid, endpoint, timeout_ms / 1000,
-                          time.monotonic_ns(), now + timeout_ms / 1000)
+                raise ControlError(
+                    f"driver_swap: a swap of driver {name!r} is already under "
+                    f"way ({self.jobs[name].phase})"
+                )
+            job = SwapJob(
+                name,
+                link.pid,
+                link.endpoint,
+                pid,
+                endpoint,
+                timeout_ms / 1000,
+                time.monotonic_ns(),
+                now + timeout_ms / 1000,
+            )
             self.jobs[name] = job
         if not self.hub.send_control(name, ["drain"]):
             with self._lock:
@@ -154,8 +164,10 @@ class Swaps:
             return False
         info = msg[1] if len(msg) == 2 and isinstance(msg[1], dict) else None
         if info is None or not isinstance(info.get("name"), str) or not _is_int(info.get("pid")):
-            raise Malformed(f"malformed {msg[0]} message {msg!r:.200} (expected "
-                            f"[\"{msg[0]}\", {{name, pid, ...}}])")
+            raise Malformed(
+                f"malformed {msg[0]} message {msg!r:.200} (expected "
+                f'["{msg[0]}", {{name, pid, ...}}])'
+            )
         handler(self, info)
         return True
 
@@ -174,16 +186,25 @@ class Swaps:
             # a drain that finished after the swap was abandoned: serve again at once
             link = self.hub.links.get(info["name"])
             if link is not None and link.pid == info["pid"]:
-                log.warning("driver %s: pid %d drained after its swap was abandoned; it "
-                            "restores its own state", info["name"], info["pid"])
+                log.warning(
+                    "driver %s: pid %d drained after its swap was abandoned; it "
+                    "restores its own state",
+                    info["name"],
+                    info["pid"],
+                )
                 self.hub.send_control_to(link.endpoint, ["restore", state])
             return
         job.saved = state
         job.phase = "restoring"
         job.deadline = self.clock() + job.timeout_s
         drained_ms = (time.monotonic_ns() - job.started_ns) / 1e6
-        log.warning("driver %s: pid %d drained in %.1f ms; restoring its state in pid %d",
-                    job.name, job.old_pid, drained_ms, job.new_pid)
+        log.warning(
+            "driver %s: pid %d drained in %.1f ms; restoring its state in pid %d",
+            job.name,
+            job.old_pid,
+            drained_ms,
+            job.new_pid,
+        )
         job.extra["drained_ms"] = round(drained_ms, 3)
         self.hub.send_control_to(job.new_endpoint, ["restore", state])
 
@@ -202,13 +223,25 @@ class Swaps:
         if job is None:
             job = self._job_for(info, "old")
             if job is not None:  # the rollback itself failed: nothing else to go back to
-                log.critical("driver %s: the old implementation (pid %d) refused its own state "
-                             "on rollback: %s", job.name, job.old_pid, error)
+                log.critical(
+                    "driver %s: the old implementation (pid %d) refused its own state "
+                    "on rollback: %s",
+                    job.name,
+                    job.old_pid,
+                    error,
+                )
                 with self._lock:
                     self.jobs.pop(job.name, None)
-                self.emit(f"driver.{job.name}.swap_failed", {
-                    "pid": job.new_pid, "old_pid": job.old_pid, "reason": "rollback",
-                    "error": error, "traceback": tb})
+                self.emit(
+                    f"driver.{job.name}.swap_failed",
+                    {
+                        "pid": job.new_pid,
+                        "old_pid": job.old_pid,
+                        "reason": "rollback",
+                        "error": error,
+                        "traceback": tb,
+                    },
+                )
             return
         if job.phase != "restoring":
             return
@@ -221,14 +254,27 @@ class Swaps:
         with self._lock:
             self.jobs.pop(job.name, None)
         error = str(info.get("error", "?"))[:2000]
-        log.error("driver %s: pid %d could not be drained (%s); it goes on serving", job.name,
-                  job.old_pid, error)
-        self.emit(f"driver.{job.name}.swap_failed", {
-            "pid": job.new_pid, "old_pid": job.old_pid, "reason": "drain", "error": error,
-            "traceback": str(info.get("traceback", ""))[-_TB_LIMIT:]})
+        log.error(
+            "driver %s: pid %d could not be drained (%s); it goes on serving",
+            job.name,
+            job.old_pid,
+            error,
+        )
+        self.emit(
+            f"driver.{job.name}.swap_failed",
+            {
+                "pid": job.new_pid,
+                "old_pid": job.old_pid,
+                "reason": "drain",
+                "error": error,
+                "traceback": str(info.get("traceback", ""))[-_TB_LIMIT:],
+            },
+        )
 
     _handlers: Final[dict[str, Callable[[Swaps, dict[str, Any]], None]]] = {
-        "saved": _saved, "restored": _restored, "restore_failed": _restore_failed,
+        "saved": _saved,
+        "restored": _restored,
+        "restore_failed": _restore_failed,
         "drain_failed": _drain_failed,
     }
 
@@ -238,14 +284,27 @@ class Swaps:
         job.phase = "rolling_back"
         job.reason = reason
         job.deadline = self.clock() + job.timeout_s
-        log.error("driver %s: hot swap to pid %d rolled back (%s): %s", job.name, job.new_pid,
-                  reason, error)
-        self.emit(f"driver.{job.name}.swap_failed", {
-            "pid": job.new_pid, "old_pid": job.old_pid, "reason": reason, "error": error,
-            "traceback": tb})
+        log.error(
+            "driver %s: hot swap to pid %d rolled back (%s): %s",
+            job.name,
+            job.new_pid,
+            reason,
+            error,
+        )
+        self.emit(
+            f"driver.{job.name}.swap_failed",
+            {
+                "pid": job.new_pid,
+                "old_pid": job.old_pid,
+                "reason": reason,
+                "error": error,
+                "traceback": tb,
+            },
+        )
         if state is None:
-            log.error("driver %s: no state to roll back with (the old instance never "
-                      "saved one)", job.name)
+            log.error(
+                "driver %s: no state to roll back with (the old instance never saved one)", job.name
+            )
             return
         self.hub.send_control_to(job.old_endpoint, ["restore", state])
 
@@ -262,8 +321,12 @@ class Swaps:
                 self.jobs.pop(link.name, None)
             state = job.post or job.saved
             if state is not None and job.phase != "draining":
-                log.warning("driver %s: pid %d replaces both instances of a hot swap; it "
-                            "restores the newest state first", link.name, link.pid)
+                log.warning(
+                    "driver %s: pid %d replaces both instances of a hot swap; it "
+                    "restores the newest state first",
+                    link.name,
+                    link.pid,
+                )
                 self.hub.send_control(link.name, ["restore", state])
             return
         if link.pid == job.new_pid and job.phase == "restoring":
@@ -273,9 +336,11 @@ class Swaps:
         else:
             return
         job.deadline = self.clock() + job.timeout_s
-        job.carried = sum(outstanding(*self.dm.ring_indices(d), d.cls)
-                          for d in self.dm.snapshot()
-                          if d.spec.backend == link.name and not d.gone)
+        job.carried = sum(
+            outstanding(*self.dm.ring_indices(d), d.cls)
+            for d in self.dm.snapshot()
+            if d.spec.backend == link.name and not d.gone
+        )
 
     def on_replayed(self, link: DriverLink, done_ns: int, incomplete: int = 0) -> None:
         """Every device of ``link`` resumed (or, ``incomplete`` > 0, that many never said so
@@ -287,19 +352,33 @@ class Swaps:
         if not rollback and not (link.pid == job.new_pid and job.phase == "resuming"):
             return
         stall_ms = max(0.0, (done_ns - job.started_ns) / 1e6)
-        payload = {"pid": link.pid, "old_pid": job.old_pid, "new_pid": job.new_pid,
-                   "rollback": rollback, "stall_ms": round(stall_ms, 3),
-                   "carried": job.carried, "replayed": link.replayed,
-                   "devices": link.recovered, "incomplete": incomplete, **job.extra}
+        payload = {
+            "pid": link.pid,
+            "old_pid": job.old_pid,
+            "new_pid": job.new_pid,
+            "rollback": rollback,
+            "stall_ms": round(stall_ms, 3),
+            "carried": job.carried,
+            "replayed": link.replayed,
+            "devices": link.recovered,
+            "incomplete": incomplete,
+            **job.extra,
+        }
         if rollback:
             with self._lock:
                 self.jobs.pop(link.name, None)
         else:
             job.phase = "probation"
-        log.warning("driver %s: %s pid %d resumed %d device(s) %.1f ms after the drain; %d "
-                    "request(s) carried over", link.name,
-                    "rolled back to" if rollback else "swapped to", link.pid, link.recovered,
-                    stall_ms, job.carried)
+        log.warning(
+            "driver %s: %s pid %d resumed %d device(s) %.1f ms after the drain; %d "
+            "request(s) carried over",
+            link.name,
+            "rolled back to" if rollback else "swapped to",
+            link.pid,
+            link.recovered,
+            stall_ms,
+            job.carried,
+        )
         self.emit(f"driver.{link.name}.swap_resumed", payload)
 
     # -- the periodic check (drivers thread) --------------------------------------------------
@@ -311,21 +390,37 @@ class Swaps:
             if job.phase == "draining":
                 with self._lock:
                     self.jobs.pop(job.name, None)
-                self.emit(f"driver.{job.name}.swap_failed", {
-                    "pid": job.new_pid, "old_pid": job.old_pid, "reason": "drain",
-                    "error": f"pid {job.old_pid} did not drain within {job.timeout_s:g}s",
-                    "traceback": ""})
+                self.emit(
+                    f"driver.{job.name}.swap_failed",
+                    {
+                        "pid": job.new_pid,
+                        "old_pid": job.old_pid,
+                        "reason": "drain",
+                        "error": f"pid {job.old_pid} did not drain within {job.timeout_s:g}s",
+                        "traceback": "",
+                    },
+                )
             elif job.phase == "restoring":
                 self.hub.drop(job.name, job.new_pid)
-                self._roll_back(job, "handshake", f"pid {job.new_pid} did not restore the "
-                                f"state and say hello within {job.timeout_s:g}s", "")
+                self._roll_back(
+                    job,
+                    "handshake",
+                    f"pid {job.new_pid} did not restore the "
+                    f"state and say hello within {job.timeout_s:g}s",
+                    "",
+                )
             elif job.phase in ("resuming", "rolling_back"):
                 # it said hello but not every device reported back: it serves anyway (the
                 # usual hang checks watch it from now on); say so rather than go quiet
                 link = self.hub.links.get(job.name)
                 waiting = len(link.awaiting) if link is not None else 0
-                log.error("driver %s: %s: %d device(s) not resumed within %gs", job.name,
-                          job.phase, waiting, job.timeout_s)
+                log.error(
+                    "driver %s: %s: %d device(s) not resumed within %gs",
+                    job.name,
+                    job.phase,
+                    waiting,
+                    job.timeout_s,
+                )
                 if link is not None and link.pid in (job.old_pid, job.new_pid):
                     self.on_replayed(link, time.monotonic_ns(), incomplete=max(1, waiting))
                 if self.jobs.get(job.name) is job and job.phase != "probation":

@@ -57,7 +57,8 @@ def _fail(why: str) -> UnsupportedUnicorn:
         f"unicorn {UNICORN_VERSION}: {why}. isovisor needs to switch off unicorn's per-access "
         "exit checks so that preempting a guest never re-runs half an instruction "
         "(see kernel/ucstop.py); install a supported release with "
-        "`pip install 'unicorn>=2.1.0,<2.2'`")
+        "`pip install 'unicorn>=2.1.0,<2.2'`"
+    )
 
 
 def stop_only_between_instructions(uc: Uc) -> None:
@@ -79,9 +80,15 @@ def stop_only_between_instructions(uc: Uc) -> None:
     while at != -1:
         icache, mode, state = struct.unpack_from("<iiI", raw, at + 24)
         header = cpu_state - state
-        if (0 < icache <= 1024 and mode == _UC_CTL_CONTEXT_CPU and header in _CONTEXT_HEADERS
-                and raw[at + _INIT_DONE_AT] == 1 and raw[at + _NO_EXIT_REQUEST_AT] in (0, 1)
-                and raw[at + 48] in (0, 1) and raw[at + 49] in (0, 1)):
+        if (
+            0 < icache <= 1024
+            and mode == _UC_CTL_CONTEXT_CPU
+            and header in _CONTEXT_HEADERS
+            and raw[at + _INIT_DONE_AT] == 1
+            and raw[at + _NO_EXIT_REQUEST_AT] in (0, 1)
+            and raw[at + 48] in (0, 1)
+            and raw[at + 49] in (0, 1)
+        ):
             hits.append(at)
         at = raw.find(head, at + 1)
     if len(hits) != 1:

@@ -48,11 +48,21 @@ STOP_ADDRESS: Final = 0xFFFF_8000_DEAD_0000
 TCG_BUFFER_BYTES: Final = 32 * 1024 * 1024
 
 _EXCEPTIONS: Final = {
-    0: "divide error (#DE)", 1: "debug trap (#DB)", 3: "breakpoint (#BP)",
-    4: "overflow (#OF)", 5: "bound range (#BR)", 6: "invalid opcode (#UD)",
-    7: "device not available (#NM)", 8: "double fault (#DF)", 10: "invalid TSS (#TS)",
-    11: "segment not present (#NP)", 12: "stack fault (#SS)", 13: "general protection (#GP)",
-    14: "page fault (#PF)", 16: "x87 error (#MF)", 17: "alignment check (#AC)",
+    0: "divide error (#DE)",
+    1: "debug trap (#DB)",
+    3: "breakpoint (#BP)",
+    4: "overflow (#OF)",
+    5: "bound range (#BR)",
+    6: "invalid opcode (#UD)",
+    7: "device not available (#NM)",
+    8: "double fault (#DF)",
+    10: "invalid TSS (#TS)",
+    11: "segment not present (#NP)",
+    12: "stack fault (#SS)",
+    13: "general protection (#GP)",
+    14: "page fault (#PF)",
+    16: "x87 error (#MF)",
+    17: "alignment check (#AC)",
     19: "SIMD error (#XM)",
 }
 
@@ -60,24 +70,34 @@ _EXCEPTIONS: Final = {
 class VCpu:
     """One vCPU of a domain; not thread-safe except :meth:`stop`."""
 
-    def __init__(self, mem: GuestMemory, entry: int,
-                 on_hypercall: Callable[[Any, Any], None]) -> None:
+    def __init__(
+        self, mem: GuestMemory, entry: int, on_hypercall: Callable[[Any, Any], None]
+    ) -> None:
         self.mem = mem
         self.fault: str | None = None
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # unicorn's __init__ picks its py2/py3 Uc by ``_sys.version_info.major``, which mypy
         # does not evaluate: it sees the py2 class, which lacks this (py3-only) method
         uc.ctl_set_tcg_buffer_size(TCG_BUFFER_BYTES)  # type: ignore[attr-defined]
-        uc.mem_map_ptr(abi.NULL_GUARD_END, mem.size - abi.NULL_GUARD_END, UC_PROT_ALL,
-                       mem.host_address + abi.NULL_GUARD_END)
+        uc.mem_map_ptr(
+            abi.NULL_GUARD_END,
+            mem.size - abi.NULL_GUARD_END,
+            UC_PROT_ALL,
+            mem.host_address + abi.NULL_GUARD_END,
+        )
         self._mapped = True
         stop_only_between_instructions(uc)  # before any code is translated
         self._regions: list[tuple[int, int]] = []
         # The hypercall handler is registered directly: one Python frame per hypercall.
         uc.hook_add(UC_HOOK_INSN, on_hypercall, None, 1, 0, UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INTR, self._intr_hook)
-        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
-                    | UC_HOOK_MEM_FETCH_UNMAPPED | UC_HOOK_MEM_FETCH_PROT, self._unmapped_hook)
+        uc.hook_add(
+            UC_HOOK_MEM_READ_UNMAPPED
+            | UC_HOOK_MEM_WRITE_UNMAPPED
+            | UC_HOOK_MEM_FETCH_UNMAPPED
+            | UC_HOOK_MEM_FETCH_PROT,
+            self._unmapped_hook,
+        )
         uc.reg_write(UC_X86_REG_RSP, mem.size)
         uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
         self.rip = entry
@@ -87,14 +107,20 @@ class VCpu:
     def _intr_hook(self, uc: Uc, intno: int, _data: object) -> None:
         what = _EXCEPTIONS.get(intno, f"interrupt/exception vector {intno}")
         rip = uc.reg_read(UC_X86_REG_RIP)
-        self.fault = (f"unhandled {what} at rip={rip:#x}: the guest has no exception handlers, "
-                      "so this is a triple fault")
+        self.fault = (
+            f"unhandled {what} at rip={rip:#x}: the guest has no exception handlers, "
+            "so this is a triple fault"
+        )
         uc.emu_stop()
 
-    def _unmapped_hook(self, uc: Uc, access: int, address: int, size: int, value: int,
-                       _data: object) -> bool:
-        kind = {UC_MEM_WRITE_UNMAPPED: "write to", UC_MEM_FETCH_UNMAPPED: "instruction fetch from",
-                UC_MEM_FETCH_PROT: "instruction fetch from"}.get(access, "read from")
+    def _unmapped_hook(
+        self, uc: Uc, access: int, address: int, size: int, value: int, _data: object
+    ) -> bool:
+        kind = {
+            UC_MEM_WRITE_UNMAPPED: "write to",
+            UC_MEM_FETCH_UNMAPPED: "instruction fetch from",
+            UC_MEM_FETCH_PROT: "instruction fetch from",
+        }.get(access, "read from")
         rip = uc.reg_read(UC_X86_REG_RIP)
         if address < abi.NULL_GUARD_END:
             where = "the NULL guard page"
@@ -122,7 +148,7 @@ class VCpu:
         except UcError as e:
             if self.fault is None:
                 rip = uc.reg_read(UC_X86_REG_RIP)
-                what = ("invalid opcode (#UD)" if e.errno == UC_ERR_INSN_INVALID else str(e))
+                what = "invalid opcode (#UD)" if e.errno == UC_ERR_INSN_INVALID else str(e)
                 self.fault = f"{what} at rip={rip:#x}"
         self.rip = uc.reg_read(UC_X86_REG_RIP)
         if self.rip == STOP_ADDRESS and self.fault is None:

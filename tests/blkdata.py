@@ -64,8 +64,10 @@ def word_sum(data: bytes | bytearray | memoryview) -> int:
 
 def _check_bs(bs: int) -> None:
     if bs < SECTOR_SIZE or bs % SECTOR_SIZE or bs > MAX_BLOCK_BYTES:
-        raise ValueError(f"block size {bs} is not a multiple of {SECTOR_SIZE} in "
-                         f"{SECTOR_SIZE}..{MAX_BLOCK_BYTES}")
+        raise ValueError(
+            f"block size {bs} is not a multiple of {SECTOR_SIZE} in "
+            f"{SECTOR_SIZE}..{MAX_BLOCK_BYTES}"
+        )
 
 
 def payload(seed: int, block: int, gen: int, bs: int) -> bytes:
@@ -97,8 +99,9 @@ def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, i
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                min(len(a), len(b)))
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def check_block(data: bytes | bytearray | memoryview, seed: int, block: int, bs: int) -> int:
@@ -111,12 +114,15 @@ def check_block(data: bytes | bytearray | memoryview, seed: int, block: int, bs:
     if hdr is None:
         magic = struct.unpack_from("<Q", data)[0] if len(data) >= 8 else None
         zero = not any(data)
-        raise AssertionError(f"block {block}: bad magic {magic:#018x}, expected {MAGIC:#018x}"
-                             + (" (the block is all zeroes: never written?)" if zero else ""))
+        raise AssertionError(
+            f"block {block}: bad magic {magic:#018x}, expected {MAGIC:#018x}"
+            + (" (the block is all zeroes: never written?)" if zero else "")
+        )
     _, hblock, gen, checksum, hbs = hdr
     if hblock != block:
-        raise AssertionError(f"block {block}: header names block {hblock} (gen {gen}): "
-                             "written to the wrong place?")
+        raise AssertionError(
+            f"block {block}: header names block {hblock} (gen {gen}): written to the wrong place?"
+        )
     if hbs != bs:
         raise AssertionError(f"block {block}: header block size {hbs}, expected {bs}")
     if gen == 0:
@@ -129,12 +135,14 @@ def check_block(data: bytes | bytearray | memoryview, seed: int, block: int, bs:
             f"block {block} gen {gen}: first difference at byte {off} (got {data[off]:#04x}, "
             f"expected {want[off]:#04x}); {sum(x != y for x, y in zip(data, want, strict=True))}"
             f" bytes differ; stored checksum {checksum:#010x}, payload checksum {actual:#010x}, "
-            f"expected {word_sum(want[HEADER_BYTES:]):#010x}")
+            f"expected {word_sum(want[HEADER_BYTES:]):#010x}"
+        )
     return gen
 
 
-def check_image(image: bytes | bytearray | memoryview, seed: int, bs: int,
-                blocks: int) -> dict[int, int | None]:
+def check_image(
+    image: bytes | bytearray | memoryview, seed: int, bs: int, blocks: int
+) -> dict[int, int | None]:
     """Check the first ``blocks`` blocks of a disk image: {block: generation}, None for a
     block that is all zeroes (never written).  Raises AssertionError for anything else."""
     mv = memoryview(image)
@@ -142,7 +150,7 @@ def check_image(image: bytes | bytearray | memoryview, seed: int, bs: int,
         raise AssertionError(f"image of {len(mv)} bytes is smaller than {blocks} blocks of {bs}")
     out: dict[int, int | None] = {}
     for b in range(blocks):
-        chunk = mv[b * bs:(b + 1) * bs]
+        chunk = mv[b * bs : (b + 1) * bs]
         out[b] = None if not any(chunk) else check_block(chunk, seed, b, bs)
     return out
 

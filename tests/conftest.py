@@ -29,16 +29,18 @@ from isovisor.testing import wait_until as _plugin_wait_until  # noqa: E402
 ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
 
 
-def cli(*args: str, run_dir: Path | None = None, timeout: float = 60,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, run_dir: Path | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the isovisor CLI as a user would; returns the completed process."""
     env = dict(os.environ)
     env.pop("ISOVISOR_RUN_DIR", None)
     if run_dir is not None:
         env["ISOVISOR_RUN_DIR"] = str(run_dir)
     env["COLUMNS"] = "200"
-    return subprocess.run([*ISOVISOR, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [*ISOVISOR, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
 
 
 def write(path: Path, text: str) -> Path:
@@ -86,21 +88,28 @@ class Stack:
 
     def up(self, domains: list[Path] = (), pcpus: int = 2, extra: str = "") -> None:  # type: ignore[assignment]
         start = ", ".join(f'"{p.name}"' for p in domains)
-        write(self.dir / "supervisor.toml",
-              f'[supervisor]\nname = "test"\n[kernel]\npcpus = {pcpus}\n{extra}\n'
-              f"[domains]\nstart = [{start}]\n")
+        write(
+            self.dir / "supervisor.toml",
+            f'[supervisor]\nname = "test"\n[kernel]\npcpus = {pcpus}\n{extra}\n'
+            f"[domains]\nstart = [{start}]\n",
+        )
         r = self.cli("up", "--detach", str(self.dir / "supervisor.toml"))
         assert r.returncode == 0, f"up failed: {r.stdout}{r.stderr}"
         ping = self.call("ping")
         self.pids += [ping["pid"], ping["kernel_pid"]]
-        self.pids += [d["pid"] for d in self.call("drivers")["drivers"]
-                      if d["isolation"] == "process" and d["pid"]]
+        self.pids += [
+            d["pid"]
+            for d in self.call("drivers")["drivers"]
+            if d["isolation"] == "process" and d["pid"]
+        ]
 
 
-def wait_event(sub: Subscriber, topic: str, timeout: float = 30,
-               match: dict[str, Any] | None = None) -> dict[str, Any]:
+def wait_event(
+    sub: Subscriber, topic: str, timeout: float = 30, match: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Wait for an event on ``topic`` (exact); fail the test after ``timeout`` seconds."""
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         ev = sub.recv(max(0.0, deadline - time.monotonic()))
@@ -143,15 +152,17 @@ wait_until = _plugin_wait_until
 # using one is end-to-end (marker ``e2e``; ``pytest -m "not e2e"`` runs the unit tests alone).
 # Modules that are end-to-end throughout say so themselves (``pytestmark``), as do single tests
 # that run the CLI or a driver as a subprocess.
-E2E_FIXTURES: frozenset[str] = frozenset({
-    "stack",           # conftest: a detached stack in a private run dir
-    "isovisor_stack",  # the SDK plugin's (isovisor/testing.py) stack
-    "kernel",          # test_kernel_recovery, test_vcpu_stop: a kernel running guests
-    "harness",         # test_driver_host: driver processes
-    "images",          # test_guests_bare: guests built and run under unicorn
-    "user_cache",      # test_guests_bare: guests built (cc) into a private cache, and run
-    "netns",           # test_net*, test_net_backend: a network namespace and a TAP device
-})
+E2E_FIXTURES: frozenset[str] = frozenset(
+    {
+        "stack",  # conftest: a detached stack in a private run dir
+        "isovisor_stack",  # the SDK plugin's (isovisor/testing.py) stack
+        "kernel",  # test_kernel_recovery, test_vcpu_stop: a kernel running guests
+        "harness",  # test_driver_host: driver processes
+        "images",  # test_guests_bare: guests built and run under unicorn
+        "user_cache",  # test_guests_bare: guests built (cc) into a private cache, and run
+        "netns",  # test_net*, test_net_backend: a network namespace and a TAP device
+    }
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,8 +23,9 @@ DRIVER = '[driver.blk0]\nmodule = "drivers.blk"\n'
 INLINE = '[driver.blk0]\nmodule = "drivers.blk"\nisolation = "inline"\n'
 
 
-def disk(target: str = "", vdev: str = "xvda", access: str = "rw", size: str = "",
-         kind: str = "file") -> str:
+def disk(
+    target: str = "", vdev: str = "xvda", access: str = "rw", size: str = "", kind: str = "file"
+) -> str:
     parts = [f"vdev={vdev}", f"access={access}", "backend=blk0", f"type={kind}"]
     if target:
         parts.append(f"target={target}")
@@ -33,11 +34,18 @@ def disk(target: str = "", vdev: str = "xvda", access: str = "rw", size: str = "
     return ", ".join(parts)
 
 
-def guest(stack: Stack, name: str, image: str, disks: list[str], extra: str,
-          memory: int = 8) -> Path:
-    return stack.domain_config(name, image, memory=memory, on_poweroff="preserve",
-                               on_crash="preserve",
-                               extra=extra, disk=disks)
+def guest(
+    stack: Stack, name: str, image: str, disks: list[str], extra: str, memory: int = 8
+) -> Path:
+    return stack.domain_config(
+        name,
+        image,
+        memory=memory,
+        on_poweroff="preserve",
+        on_crash="preserve",
+        extra=extra,
+        disk=disks,
+    )
 
 
 def run_guest(stack: Stack, cfg: Path, name: str, timeout: float = 60) -> tuple[str, dict]:
@@ -51,6 +59,7 @@ def run_guest(stack: Stack, cfg: Path, name: str, timeout: float = 60) -> tuple[
 
 def _wait_stop(sub: Any, name: str, timeout: float) -> dict[str, Any]:
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         ev = sub.recv(max(0.0, deadline - time.monotonic()))
@@ -73,12 +82,27 @@ def driver_pid(stack: Stack) -> int:
 
 def test_guests_write_and_verify_through_the_driver_process(stack: Stack) -> None:
     d = stack.dir
-    g1 = guest(stack, "g1", "blkstress", [disk("a.img", size="8M")],
-               "ops=1500 qd=32 mix=60 seed=11 blocks=512")
-    g2 = guest(stack, "g2", "blkstress", [disk(kind="memory", size="4M")],
-               "ops=800 qd=4 mix=50 seed=22 blocks=256")
-    g3 = guest(stack, "g3", "blkstress", [disk("c.img", size="2M", vdev="xvdb")],
-               "ops=300 qd=1 mix=50 seed=33 bs=8192 blocks=128")
+    g1 = guest(
+        stack,
+        "g1",
+        "blkstress",
+        [disk("a.img", size="8M")],
+        "ops=1500 qd=32 mix=60 seed=11 blocks=512",
+    )
+    g2 = guest(
+        stack,
+        "g2",
+        "blkstress",
+        [disk(kind="memory", size="4M")],
+        "ops=800 qd=4 mix=50 seed=22 blocks=256",
+    )
+    g3 = guest(
+        stack,
+        "g3",
+        "blkstress",
+        [disk("c.img", size="2M", vdev="xvdb")],
+        "ops=300 qd=1 mix=50 seed=33 bs=8192 blocks=128",
+    )
     stack.up([], extra=DRIVER)
     pid = driver_pid(stack)
     with stack.subscribe(["domain."]) as sub:
@@ -94,7 +118,7 @@ def test_guests_write_and_verify_through_the_driver_process(stack: Stack) -> Non
     # the data written is in the image file, block by block, at the right offsets
     gens = check_image((d / "a.img").read_bytes(), seed=11, bs=4096, blocks=512)
     assert sum(g is not None for g in gens.values()) > 300
-    assert not any((d / "a.img").read_bytes()[512 * 4096:])  # nothing beyond the working set
+    assert not any((d / "a.img").read_bytes()[512 * 4096 :])  # nothing beyond the working set
     assert (d / "a.img").stat().st_size == 8 << 20
     gens3 = check_image((d / "c.img").read_bytes(), seed=33, bs=8192, blocks=128)
     assert any(g is not None for g in gens3.values())
@@ -143,13 +167,13 @@ def test_read_only_flush_discard_and_a_region_bound_backend(stack: Stack) -> Non
     con = probe("w", "rw.img", "rw", "action=write sector=10 count=3 byte=0xC3")
     assert "blkprobe: write status=0" in con
     img = (d / "rw.img").read_bytes()
-    assert img[10 * 512:13 * 512] == b"\xc3" * 1536
-    assert img[:10 * 512] == b"\x11" * 5120 and img[13 * 512:14 * 512] == b"\x11" * 512
+    assert img[10 * 512 : 13 * 512] == b"\xc3" * 1536
+    assert img[: 10 * 512] == b"\x11" * 5120 and img[13 * 512 : 14 * 512] == b"\x11" * 512
     assert "blkprobe: flush status=0" in probe("f", "rw.img", "rw", "action=flush")
     con = probe("dis", "rw.img", "rw", "action=discard sector=16 count=8")
     assert "blkprobe: discard status=0" in con
     img = (d / "rw.img").read_bytes()
-    assert img[16 * 512:24 * 512] == bytes(4096) and img[24 * 512] == 0x11
+    assert img[16 * 512 : 24 * 512] == bytes(4096) and img[24 * 512] == 0x11
     # A request naming memory outside the device region is refused: the backend cannot reach
     # the guest's RAM, where the secret is.
     con = probe("secret", "rw.img", "rw", "action=secret sector=100")
@@ -158,12 +182,16 @@ def test_read_only_flush_discard_and_a_region_bound_backend(stack: Stack) -> Non
     assert b"ISOVISOR-SECRET" not in (d / "rw.img").read_bytes()
 
 
-def test_garbage_requests_get_errors_and_a_broken_ring_stops_only_its_guest(
-        stack: Stack) -> None:
+def test_garbage_requests_get_errors_and_a_broken_ring_stops_only_its_guest(stack: Stack) -> None:
     stack.up([], extra=DRIVER)
     pid = driver_pid(stack)
-    worker = guest(stack, "worker", "blkstress", [disk("w.img", size="4M")],
-                   "ops=3000 qd=16 mix=50 seed=5 blocks=256")
+    worker = guest(
+        stack,
+        "worker",
+        "blkstress",
+        [disk("w.img", size="4M")],
+        "ops=3000 qd=16 mix=50 seed=5 blocks=256",
+    )
     with stack.subscribe(["domain.worker."]) as sub:
         assert stack.cli("create", str(worker)).returncode == 0
         bad = guest(stack, "bad", "blkprobe", [disk("b.img", size="1M")], "action=badreq")
@@ -184,8 +212,13 @@ def test_garbage_requests_get_errors_and_a_broken_ring_stops_only_its_guest(
 
 
 def test_inline_isolation_runs_the_same_driver_inside_the_kernel(stack: Stack) -> None:
-    g = guest(stack, "g", "blkstress", [disk("i.img", size="4M")],
-              "ops=1000 qd=32 mix=50 seed=9 blocks=256")
+    g = guest(
+        stack,
+        "g",
+        "blkstress",
+        [disk("i.img", size="4M")],
+        "ops=1000 qd=32 mix=50 seed=9 blocks=256",
+    )
     stack.up([], extra=INLINE)
     (drv,) = stack.call("drivers")["drivers"]
     kernel_pid = stack.pids[1]
@@ -200,13 +233,13 @@ def test_disk_errors_are_reported_not_crashes(stack: Stack) -> None:
     (stack.dir / "adir").mkdir()
     stack.up([], extra=DRIVER)
     # a backend that is not declared: refused before anything is created
-    cfg = stack.domain_config("nob", "blkstress", disk=["target=x.img, vdev=xvda, "
-                                                       "backend=blk9, size=1M"])
+    cfg = stack.domain_config(
+        "nob", "blkstress", disk=["target=x.img, vdev=xvda, backend=blk9, size=1M"]
+    )
     r = stack.cli("create", str(cfg))
     assert r.returncode == 1 and "backend 'blk9'" in r.stderr and "[driver.blk9]" in r.stderr
     # a typo in a disk key names the key and the likely fix
-    cfg = stack.domain_config("typo", "blkstress", disk=["tagret=x.img, vdev=xvda, "
-                                                        "backend=blk0"])
+    cfg = stack.domain_config("typo", "blkstress", disk=["tagret=x.img, vdev=xvda, backend=blk0"])
     r = stack.cli("create", str(cfg))
     assert r.returncode == 1 and "unknown disk key 'tagret' (did you mean 'target'?)" in r.stderr
     # an image the driver cannot open: the guest is told why and exits; nothing crashes
@@ -224,24 +257,36 @@ def test_garbage_from_a_driver_is_refused_and_the_kernel_carries_on(stack: Stack
     import zmq
 
     from isovisor.paths import RunDir
+
     g = guest(stack, "g", "blkstress", [disk("g.img", size="2M")], "ops=400 qd=8 seed=3")
     stack.up([], extra=DRIVER)
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(RunDir(stack.run_dir).kernel_drivers)
-    for junk in (b"\xc1not msgpack", msgpack.packb({"a": 1}), msgpack.packb([]),
-                 msgpack.packb(["notify", "seven"]), msgpack.packb(["notify", 99999]),
-                 msgpack.packb(["store", "/local/domain/1/device/x", "1"]),
-                 msgpack.packb(["fault", 1]), msgpack.packb(["hello", {"name": 5}]),
-                 msgpack.packb(["frobnicate", 1, 2])):
+    for junk in (
+        b"\xc1not msgpack",
+        msgpack.packb({"a": 1}),
+        msgpack.packb([]),
+        msgpack.packb(["notify", "seven"]),
+        msgpack.packb(["notify", 99999]),
+        msgpack.packb(["store", "/local/domain/1/device/x", "1"]),
+        msgpack.packb(["fault", 1]),
+        msgpack.packb(["hello", {"name": 5}]),
+        msgpack.packb(["frobnicate", 1, 2]),
+    ):
         push.send(junk)
     push.close()
     ctx.term()
     con, p = run_guest(stack, g, "g")
     assert p["code"] == 0 and summary(con)["errors"] == 0, con
     log = RunDir(stack.run_dir).kernel_log.read_text()
-    for what in ("undecodable message", "not a [type, ...] list", "malformed hello",
-                 "store write outside /driver/", "unknown or malformed message"):
+    for what in (
+        "undecodable message",
+        "not a [type, ...] list",
+        "malformed hello",
+        "store write outside /driver/",
+        "unknown or malformed message",
+    ):
         assert what in log, what
     assert stack.call("ping")["pid"] == stack.pids[0]

@@ -115,8 +115,9 @@ class FakeKernel:
         while not pred():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"{what}: not seen within {timeout}s; last messages: "
-                                     f"{self.log[-10:]!r}")
+                raise AssertionError(
+                    f"{what}: not seen within {timeout}s; last messages: {self.log[-10:]!r}"
+                )
             self._recv(left)
 
     def connect_driver(self) -> None:
@@ -140,8 +141,9 @@ class FakeKernel:
 class Device:
     """One virtual disk: its segment (created as the kernel would) and a Python frontend."""
 
-    def __init__(self, kernel: FakeKernel, key: int, domid: int, disk: dict[str, Any],
-                 vdev: str = "xvda") -> None:
+    def __init__(
+        self, kernel: FakeKernel, key: int, domid: int, disk: dict[str, Any], vdev: str = "xvda"
+    ) -> None:
         self.kernel = kernel
         self.key = key
         self.devid = 51712 + 16 * (ord(vdev[-1]) - ord("a"))
@@ -151,16 +153,27 @@ class Device:
         self.front: FrontRing | None = None
         self.next_id = 1
         self.attach_msg = {
-            "key": key, "domid": domid, "domain": f"dom{domid}", "vdev": vdev,
-            "devid": self.devid, "segment": self.segment.name, "window": blkif.WINDOW_BYTES,
-            "inflight_offset": blkif.INFLIGHT_OFFSET, "store": self.store, "disk": disk}
+            "key": key,
+            "domid": domid,
+            "domain": f"dom{domid}",
+            "vdev": vdev,
+            "devid": self.devid,
+            "segment": self.segment.name,
+            "window": blkif.WINDOW_BYTES,
+            "inflight_offset": blkif.INFLIGHT_OFFSET,
+            "store": self.store,
+            "disk": disk,
+        }
 
     def state(self) -> str | None:
         return self.kernel.store.get(f"{self.store}/state")
 
     def inflight(self) -> InflightLog:
-        return InflightLog(self.view[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
-                           blkif.RING_SLOTS, blkif.SLOT_SIZE)
+        return InflightLog(
+            self.view[blkif.INFLIGHT_OFFSET : blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+            blkif.RING_SLOTS,
+            blkif.SLOT_SIZE,
+        )
 
     def pending(self) -> list[InflightRecord]:
         """What the in-flight log holds now (as a replacement driver would read it)."""
@@ -168,9 +181,8 @@ class Device:
 
     def state_word(self, index: int) -> int:
         """The raw state word of ``index``'s record: bit 0 executing, bits 8.. deaths."""
-        at = (blkif.INFLIGHT_OFFSET + (index % blkif.RING_SLOTS) * (24 + blkif.SLOT_SIZE)
-              + 16)
-        return int.from_bytes(self.view[at:at + 8], "little")
+        at = blkif.INFLIGHT_OFFSET + (index % blkif.RING_SLOTS) * (24 + blkif.SLOT_SIZE) + 16
+        return int.from_bytes(self.view[at : at + 8], "little")
 
     def resume(self) -> None:
         """What the kernel does for a replacement driver: attach again, then tell it the
@@ -184,12 +196,17 @@ class Device:
         self.kernel.wait(lambda: self.state() in ("2", "6"), f"device {self.key} attach")
         assert self.state() == expect, self.kernel.store
         if expect == "6":  # a refused disk is reported as an error (after the store writes)
-            self.kernel.wait(lambda: any(k == self.key for k, _ in self.kernel.errors),
-                             f"error for device {self.key}")
+            self.kernel.wait(
+                lambda: any(k == self.key for k, _ in self.kernel.errors),
+                f"error for device {self.key}",
+            )
 
     def connect(self) -> None:
-        self.front = FrontRing(self.view[:ring_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)],
-                               blkif.RING_SLOTS, blkif.SLOT_SIZE)
+        self.front = FrontRing(
+            self.view[: ring_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)],
+            blkif.RING_SLOTS,
+            blkif.SLOT_SIZE,
+        )
         self.kernel.send("fe_state", self.key, 3)
         self.kernel.wait(lambda: self.state() == "4", f"device {self.key} connected")
 
@@ -220,8 +237,9 @@ class Device:
                 out.append(decode_response(front.get_response()))
             if len(out) == count or front.final_check_for_responses():
                 continue
-            self.kernel.wait(lambda: self.kernel.notifies[self.key] > 0,
-                             f"notification for device {self.key}")
+            self.kernel.wait(
+                lambda: self.kernel.notifies[self.key] > 0, f"notification for device {self.key}"
+            )
             self.kernel.notifies[self.key] -= 1
         return out
 
@@ -240,23 +258,24 @@ class Device:
                 out += self.collect(len(reqs) - len(out))
         return out
 
-    def request(self, op: int, sector: int = 0, segs: list[tuple[int, int]] | None = None,
-                **kw: Any) -> bytes:
+    def request(
+        self, op: int, sector: int = 0, segs: list[tuple[int, int]] | None = None, **kw: Any
+    ) -> bytes:
         rid = self.next_id
         self.next_id += 1
         return encode_request(rid, op, sector, segs or [], **kw)
 
     def write(self, sector: int, data: bytes, at: int = DATA_OFFSET) -> int:
-        self.view[at:at + len(data)] = data
-        (_, op, status), = self.run([self.request(OP_WRITE, sector, [(at, len(data))])])
+        self.view[at : at + len(data)] = data
+        ((_, op, status),) = self.run([self.request(OP_WRITE, sector, [(at, len(data))])])
         assert op == OP_WRITE
         return status
 
     def read(self, sector: int, nbytes: int, at: int = DATA_OFFSET) -> tuple[int, bytes]:
-        self.view[at:at + nbytes] = b"\xee" * nbytes  # no stale data can pass for a good read
-        (_, op, status), = self.run([self.request(OP_READ, sector, [(at, nbytes)])])
+        self.view[at : at + nbytes] = b"\xee" * nbytes  # no stale data can pass for a good read
+        ((_, op, status),) = self.run([self.request(OP_READ, sector, [(at, nbytes)])])
         assert op == OP_READ
-        return status, bytes(self.view[at:at + nbytes])
+        return status, bytes(self.view[at : at + nbytes])
 
 
 def pattern(tag: int, n: int) -> bytes:
@@ -279,11 +298,30 @@ class Rig:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "drivers.host", "--name", DRIVER, "--module",
-                 "drivers.blk", "--kernel", self.kernel.endpoint, "--listen",
-                 f"ipc://{self.tmp}/driver.sock", "--options", options,
-                 "--parent-pid", str(os.getpid()), "--log-level", "INFO"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "drivers.host",
+                    "--name",
+                    DRIVER,
+                    "--module",
+                    "drivers.blk",
+                    "--kernel",
+                    self.kernel.endpoint,
+                    "--listen",
+                    f"ipc://{self.tmp}/driver.sock",
+                    "--options",
+                    options,
+                    "--parent-pid",
+                    str(os.getpid()),
+                    "--log-level",
+                    "INFO",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.kernel.connect_driver()
         assert self.kernel.hello is not None
         assert self.kernel.hello["pid"] == self.proc.pid
@@ -298,8 +336,15 @@ class Rig:
         self.kernel.hello = None
         return self.start(options)
 
-    def device(self, key: int, domid: int, disk: dict[str, Any], vdev: str = "xvda",
-               attach: str | None = "2", connect: bool = True) -> Device:
+    def device(
+        self,
+        key: int,
+        domid: int,
+        disk: dict[str, Any],
+        vdev: str = "xvda",
+        attach: str | None = "2",
+        connect: bool = True,
+    ) -> Device:
         d = Device(self.kernel, key, domid, disk, vdev)
         self.devices.append(d)
         if attach is not None:
@@ -356,6 +401,7 @@ def file_disk(path: Path, size: int | None = 4 * MiB, access: str = "rw") -> dic
 
 # --- tests --------------------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 @pytest.mark.timeout(30)
 def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
@@ -373,18 +419,21 @@ def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
 
     # 64 writes of 4 KiB at scattered sectors, 32 in flight, each from its own buffer
     sectors = [(i * 7919) % (64 * MiB // 512 - 8) for i in range(64)]
-    assert len(set(sectors)) == 64 and all(abs(a - b) >= 8 for a in sectors for b in sectors
-                                            if a != b)
-    reqs = [dev.request(OP_WRITE, s, [(DATA_OFFSET + (i % 32) * 4096, 4096)])
-            for i, s in enumerate(sectors)]
+    assert len(set(sectors)) == 64 and all(
+        abs(a - b) >= 8 for a in sectors for b in sectors if a != b
+    )
+    reqs = [
+        dev.request(OP_WRITE, s, [(DATA_OFFSET + (i % 32) * 4096, 4096)])
+        for i, s in enumerate(sectors)
+    ]
     # buffers are reused after 32: issue in two rounds so each write reads its own buffer
     for i in range(32):
         at = DATA_OFFSET + i * 4096
-        dev.view[at:at + 4096] = pattern(i, 4096)
+        dev.view[at : at + 4096] = pattern(i, 4096)
     res = dev.run(reqs[:32])
     for i in range(32, 64):
         at = DATA_OFFSET + (i % 32) * 4096
-        dev.view[at:at + 4096] = pattern(i, 4096)
+        dev.view[at : at + 4096] = pattern(i, 4096)
     res += dev.run(reqs[32:])
     assert [r[2] for r in res] == [STATUS_OKAY] * 64
     assert [r[0] for r in res] == list(range(1, 65))
@@ -395,10 +444,11 @@ def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
         assert status == STATUS_OKAY and data == pattern(i, 4096), f"sector {s}"
     # a multi-segment read gathers consecutive sectors into scattered buffers
     segs = [(DATA_OFFSET + 0x40000, 1024), (DATA_OFFSET + 0x10000, 3072)]
-    (_, _, status), = dev.run([dev.request(OP_READ, sectors[5], segs)])
+    ((_, _, status),) = dev.run([dev.request(OP_READ, sectors[5], segs)])
     assert status == STATUS_OKAY
-    got = bytes(dev.view[segs[0][0]:segs[0][0] + 1024]) + bytes(
-        dev.view[segs[1][0]:segs[1][0] + 3072])
+    got = bytes(dev.view[segs[0][0] : segs[0][0] + 1024]) + bytes(
+        dev.view[segs[1][0] : segs[1][0] + 3072]
+    )
     assert got == pattern(5, 4096)
 
     with open(img, "rb") as f:
@@ -422,9 +472,9 @@ def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     ro_img.write_bytes(original)
     ro = rig.device(1, 1, file_disk(ro_img, MiB, "ro"))
     assert rig.kernel.store[f"{ro.store}/info"] == "1"
-    assert ro.read(16, 4096) == (STATUS_OKAY, original[16 * 512:16 * 512 + 4096])
+    assert ro.read(16, 4096) == (STATUS_OKAY, original[16 * 512 : 16 * 512 + 4096])
     assert ro.write(16, b"\x01" * 4096) == STATUS_ERROR
-    (_, op, status), = ro.run([ro.request(OP_DISCARD, 0, nr_sectors=8)])
+    ((_, op, status),) = ro.run([ro.request(OP_DISCARD, 0, nr_sectors=8)])
     assert (op, status) == (OP_DISCARD, STATUS_ERROR)
     assert ro_img.read_bytes() == original
 
@@ -435,12 +485,11 @@ def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     assert [(op, s) for _, op, s in res] == [(OP_FLUSH, STATUS_OKAY), (OP_DISCARD, STATUS_OKAY)]
     status, back = rw.read(0, len(data))
     assert status == STATUS_OKAY
-    assert back == data[:8 * 512] + bytes(8 * 512) + data[16 * 512:]
+    assert back == data[: 8 * 512] + bytes(8 * 512) + data[16 * 512 :]
 
     mem_name = f"{PREFIX}mem0"
     rig.extra_shm.append(Path("/dev/shm") / mem_name)
-    mem = rig.device(3, 2, {"target": mem_name, "type": "memory", "access": "rw",
-                            "size": 2 * MiB})
+    mem = rig.device(3, 2, {"target": mem_name, "type": "memory", "access": "rw", "size": 2 * MiB})
     assert rig.kernel.store[f"{mem.store}/sectors"] == str(2 * MiB // 512)
     reqs, expect = [], []
     for i in range(40):  # more than max_batch and more than the ring: several batches
@@ -448,7 +497,7 @@ def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
         if i == 32:
             assert [s for _, _, s in mem.run(reqs)] == [STATUS_OKAY] * 32
             reqs = []
-        mem.view[at:at + 4096] = pattern(100 + i, 4096)
+        mem.view[at : at + 4096] = pattern(100 + i, 4096)
         reqs.append(mem.request(OP_WRITE, i * 8, [(at, 4096)]))
         expect.append(pattern(100 + i, 4096))
     assert [s for _, _, s in mem.run(reqs)] == [STATUS_OKAY] * 8
@@ -456,7 +505,7 @@ def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     for i in range(40):
         assert mem.read(i * 8, 4096) == (STATUS_OKAY, expect[i])
     shm_file = Path("/dev/shm") / mem_name
-    assert shm_file.read_bytes()[:40 * 4096] == b"".join(expect)
+    assert shm_file.read_bytes()[: 40 * 4096] == b"".join(expect)
     assert rig.alive()
 
 
@@ -471,8 +520,10 @@ def test_bad_disks_are_refused_in_the_store_with_an_error(rig: Rig) -> None:
     wrong = rig.image("small.img")
     wrong.write_bytes(bytes(4096))
     bad = rig.device(2, 1, file_disk(wrong, MiB), vdev="xvdb", attach="6")
-    assert "is 4096 bytes but the disk is configured with size 1048576" in \
-        rig.kernel.store[f"{bad.store}/error"]
+    assert (
+        "is 4096 bytes but the disk is configured with size 1048576"
+        in rig.kernel.store[f"{bad.store}/error"]
+    )
     assert rig.kernel.errors[-1][0] == 2
     # one image cannot be written by two devices at once
     shared = rig.image("shared.img")
@@ -501,22 +552,36 @@ def test_garbage_requests_and_messages_are_answered_and_others_keep_working(rig:
     ]
     res = victim.run([g for g, _ in garbage])
     assert [(rid, status) for rid, _, status in res] == [
-        (i + 1, want) for i, (_, want) in enumerate(garbage)]
+        (i + 1, want) for i, (_, want) in enumerate(garbage)
+    ]
     assert res[4][1] == 7  # the op is echoed
     # the kernel sends nonsense: logged and ignored
-    for raw in (b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([]),
-                msgpack.packb(["bogus", 1]), msgpack.packb(["kick", "x"]),
-                msgpack.packb(["fe_state", 1]), msgpack.packb(["attach", 5]),
-                msgpack.packb(["kick", 99]), msgpack.packb(["detach", 98]),
-                msgpack.packb(["attach", {"key": "k"}])):
+    for raw in (
+        b"\xc1",
+        msgpack.packb({"a": 1}),
+        msgpack.packb([]),
+        msgpack.packb(["bogus", 1]),
+        msgpack.packb(["kick", "x"]),
+        msgpack.packb(["fe_state", 1]),
+        msgpack.packb(["attach", 5]),
+        msgpack.packb(["kick", 99]),
+        msgpack.packb(["detach", 98]),
+        msgpack.packb(["attach", {"key": "k"}]),
+    ):
         rig.kernel.send_raw(raw)
     assert victim.write(0, pattern(2, 4096)) == STATUS_OKAY
     assert victim.read(0, 4096) == (STATUS_OKAY, pattern(2, 4096))
     assert other.read(3, 4096) == (STATUS_OKAY, pattern(1, 4096))
     log = rig.driver_log()
-    for what in ("not msgpack", "not a non-empty list", "unknown type 'bogus'",
-                 "malformed kick message", "malformed fe_state message",
-                 "malformed attach message", "request 0x1 refused (status -1): sector"):
+    for what in (
+        "not msgpack",
+        "not a non-empty list",
+        "unknown type 'bogus'",
+        "malformed kick message",
+        "malformed fe_state message",
+        "malformed attach message",
+        "request 0x1 refused (status -1): sector",
+    ):
         assert what in log, f"{what!r} not in the driver log:\n{log}"
     assert rig.kernel.faults == []
     assert rig.alive()
@@ -572,10 +637,12 @@ def test_replacement_driver_redoes_unfinished_requests_from_the_inflight_log(rig
     # begun in the in-flight log and their slots already overwritten by (unpublished)
     # responses, 3 not taken yet; plus a stale record for request 0, answered but not retired.
     base = front.req_prod_pvt  # = rsp_prod: request 0 (the write above) is answered
-    dev.view[DATA_OFFSET + 0x1000:DATA_OFFSET + 0x2000] = pattern(2, 4096)
-    reqs = [dev.request(OP_WRITE, 8, [(DATA_OFFSET + 0x1000, 4096)]),
-            dev.request(OP_READ, 0, [(DATA_OFFSET + 0x3000, 4096)]),
-            dev.request(OP_READ, 8, [(DATA_OFFSET + 0x5000, 4096)])]
+    dev.view[DATA_OFFSET + 0x1000 : DATA_OFFSET + 0x2000] = pattern(2, 4096)
+    reqs = [
+        dev.request(OP_WRITE, 8, [(DATA_OFFSET + 0x1000, 4096)]),
+        dev.request(OP_READ, 0, [(DATA_OFFSET + 0x3000, 4096)]),
+        dev.request(OP_READ, 8, [(DATA_OFFSET + 0x5000, 4096)]),
+    ]
     dev.submit(reqs)
     log = dev.inflight()
     # (the killed driver may have left request 0's record itself: it retires a record only
@@ -585,7 +652,7 @@ def test_replacement_driver_redoes_unfinished_requests_from_the_inflight_log(rig
     for i in range(2):
         log.begin(base + i, reqs[i])
         slot = 64 + ((base + i) % blkif.RING_SLOTS) * blkif.SLOT_SIZE
-        dev.view[slot:slot + blkif.SLOT_SIZE] = b"\xab" * blkif.SLOT_SIZE
+        dev.view[slot : slot + blkif.SLOT_SIZE] = b"\xab" * blkif.SLOT_SIZE
     log.mark_executing(base + 1)  # the driver died in the middle of request 2
     del log
 
@@ -593,21 +660,22 @@ def test_replacement_driver_redoes_unfinished_requests_from_the_inflight_log(rig
     dev.resume()
     res = dev.collect(3)
     t1 = time.monotonic_ns()
-    assert res == [(2, OP_WRITE, STATUS_OKAY), (3, OP_READ, STATUS_OKAY),
-                   (4, OP_READ, STATUS_OKAY)]
+    assert res == [(2, OP_WRITE, STATUS_OKAY), (3, OP_READ, STATUS_OKAY), (4, OP_READ, STATUS_OKAY)]
     rig.kernel.wait(lambda: dev.state() == "4", "backend state Connected")
     # two requests redone (the third was never begun: it is simply served), reported with the
     # CLOCK_MONOTONIC time their responses were published
     rig.kernel.wait(lambda: rig.kernel.recovered, "recovered")
-    (key, replayed, done_ns), = rig.kernel.recovered
+    ((key, replayed, done_ns),) = rig.kernel.recovered
     assert (key, replayed) == (dev.key, 2) and t0 < done_ns < t1
     # a death was counted for the executing one (one of the 3 allowed: it was redone)
     assert dev.state_word(base + 1) == 1 << 8 and dev.state_word(base) == 0
-    assert (f"the request at ring index {base + 1} was executing when the previous driver "
-            "instance died (1 death of 3 allowed)") in rig.driver_log()
+    assert (
+        f"the request at ring index {base + 1} was executing when the previous driver "
+        "instance died (1 death of 3 allowed)"
+    ) in rig.driver_log()
     assert rig.kernel.poisons == []
-    assert bytes(dev.view[DATA_OFFSET + 0x3000:DATA_OFFSET + 0x4000]) == pattern(1, 4096)
-    assert bytes(dev.view[DATA_OFFSET + 0x5000:DATA_OFFSET + 0x6000]) == pattern(2, 4096)
+    assert bytes(dev.view[DATA_OFFSET + 0x3000 : DATA_OFFSET + 0x4000]) == pattern(1, 4096)
+    assert bytes(dev.view[DATA_OFFSET + 0x5000 : DATA_OFFSET + 0x6000]) == pattern(2, 4096)
     with open(rig.image(), "rb") as f:
         f.seek(100 * 512)
         assert f.read(4096) == bytes(4096), "the stale record was redone"
@@ -631,7 +699,7 @@ def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig
     front = dev.front
     assert front is not None
     base = front.req_prod_pvt
-    dev.view[DATA_OFFSET + 0x1000:DATA_OFFSET + 0x3000] = pattern(2, 8192)
+    dev.view[DATA_OFFSET + 0x1000 : DATA_OFFSET + 0x3000] = pattern(2, 8192)
     good = dev.request(OP_WRITE, 16, [(DATA_OFFSET + 0x1000, 4096)])
     poison = dev.request(OP_WRITE, 36, [(DATA_OFFSET + 0x2000, 4096)])  # 36..43 covers 40
     after = dev.request(OP_READ, 0, [(DATA_OFFSET + 0x4000, 4096)])
@@ -640,7 +708,7 @@ def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig
     rec_good, rec_poison = dev.pending()
     assert (rec_good.index, rec_good.executing, rec_good.deaths) == (base, False, 0)
     assert (rec_poison.index, rec_poison.executing, rec_poison.deaths) == (base + 1, True, 0)
-    assert rec_poison.request[:len(poison)] == poison
+    assert rec_poison.request[: len(poison)] == poison
 
     # the second instance counts a death (1 < 2), redoes both, and dies on it again
     rig.restart(opts)
@@ -655,19 +723,24 @@ def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig
     t0 = time.monotonic_ns()
     dev.resume()
     res = dev.collect(3)
-    assert res == [(2, OP_WRITE, STATUS_OKAY), (3, OP_WRITE, STATUS_ERROR),
-                   (4, OP_READ, STATUS_OKAY)]
+    assert res == [
+        (2, OP_WRITE, STATUS_OKAY),
+        (3, OP_WRITE, STATUS_ERROR),
+        (4, OP_READ, STATUS_OKAY),
+    ]
     rig.kernel.wait(lambda: rig.kernel.recovered and rig.kernel.poisons, "recovered, poison")
-    (key, index, description), = rig.kernel.poisons
+    ((key, index, description),) = rig.kernel.poisons
     assert (key, index) == (dev.key, base + 1)
-    assert description.startswith("write id=0x3 sector=36 nr_sectors=8 segments=[(0x3000, "
-                                  "4096)]: 2 driver instances died executing it")
-    (key, replayed, done_ns), = rig.kernel.recovered
+    assert description.startswith(
+        "write id=0x3 sector=36 nr_sectors=8 segments=[(0x3000, "
+        "4096)]: 2 driver instances died executing it"
+    )
+    ((key, replayed, done_ns),) = rig.kernel.recovered
     assert (key, replayed) == (dev.key, 1) and done_ns > t0  # the poison one was not redone
     assert rig.alive()
     log = rig.driver_log()
     assert f"poison request at ring index {base + 1}: write id=0x3 sector=36" in log
-    assert bytes(dev.view[DATA_OFFSET + 0x4000:DATA_OFFSET + 0x5000]) == pattern(1, 4096)
+    assert bytes(dev.view[DATA_OFFSET + 0x4000 : DATA_OFFSET + 0x5000]) == pattern(1, 4096)
     with open(rig.image(), "rb") as f:
         f.seek(16 * 512)
         assert f.read(4096) == pattern(2, 8192)[:4096]  # the good write was redone
@@ -684,7 +757,7 @@ def test_a_request_that_kills_poison_after_drivers_is_answered_with_an_error(rig
 def test_a_backend_exception_exits_70_and_the_replacement_redoes_the_request(rig: Rig) -> None:
     rig.start(fault_options("exception"))
     dev = rig.device(1, 1, file_disk(rig.image()))
-    dev.view[DATA_OFFSET:DATA_OFFSET + 4096] = pattern(5, 4096)
+    dev.view[DATA_OFFSET : DATA_OFFSET + 4096] = pattern(5, 4096)
     dev.submit([dev.request(OP_WRITE, 40, [(DATA_OFFSET, 4096)])])
     assert rig.wait_exit() == 70
     rig.kernel.drain()
@@ -700,7 +773,7 @@ def test_a_backend_exception_exits_70_and_the_replacement_redoes_the_request(rig
     dev.resume()
     assert dev.collect(1) == [(1, OP_WRITE, STATUS_OKAY)]
     rig.kernel.wait(lambda: rig.kernel.recovered, "recovered")
-    (key, replayed, done_ns), = rig.kernel.recovered
+    ((key, replayed, done_ns),) = rig.kernel.recovered
     assert (key, replayed) == (dev.key, 1) and done_ns > t0
     assert dev.read(40, 4096) == (STATUS_OKAY, pattern(5, 4096))
 
@@ -720,16 +793,19 @@ class _QuietHost:
     log = logging.getLogger("test.blk")
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
-    ({"poison_after": 101}, "poison_after must be an integer 1..100"),
-    ({"poison_after": True}, "poison_after must be an integer"),
-    ({"fault_sector": 3}, "give both or neither"),
-    ({"fault_kind": "exit"}, "give both or neither"),
-    ({"fault_sector": -1, "fault_kind": "exit"}, "fault_sector must be an integer"),
-    ({"fault_sector": 1, "fault_kind": "melt"}, "fault_kind must be one of exit, exception"),
-    ({"poison": 3}, "unknown block backend option(s) poison; allowed: max_batch"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
+        ({"poison_after": 101}, "poison_after must be an integer 1..100"),
+        ({"poison_after": True}, "poison_after must be an integer"),
+        ({"fault_sector": 3}, "give both or neither"),
+        ({"fault_kind": "exit"}, "give both or neither"),
+        ({"fault_sector": -1, "fault_kind": "exit"}, "fault_sector must be an integer"),
+        ({"fault_sector": 1, "fault_kind": "melt"}, "fault_kind must be one of exit, exception"),
+        ({"poison": 3}, "unknown block backend option(s) poison; allowed: max_batch"),
+    ],
+)
 def test_recovery_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         Backend(_QuietHost(), options)  # type: ignore[arg-type]
@@ -766,11 +842,27 @@ def test_driver_maps_only_its_device_segment(rig: Rig) -> None:
 @pytest.mark.timeout(30)
 def test_bad_options_exit_with_status_2(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "drivers.host", "--name", DRIVER, "--module", "drivers.blk",
-         "--kernel", f"ipc://{tmp_path}/k", "--listen", f"ipc://{tmp_path}/d",
-         "--options", '{"max_batch": 4, "bogus": 1}'],
-        cwd=ROOT, capture_output=True, text=True, timeout=20,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        [
+            sys.executable,
+            "-m",
+            "drivers.host",
+            "--name",
+            DRIVER,
+            "--module",
+            "drivers.blk",
+            "--kernel",
+            f"ipc://{tmp_path}/k",
+            "--listen",
+            f"ipc://{tmp_path}/d",
+            "--options",
+            '{"max_batch": 4, "bogus": 1}',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 2, r.stderr
     assert "unknown block backend option(s) bogus" in r.stderr and "max_batch" in r.stderr
 
@@ -822,8 +914,14 @@ def test_storage_edges(tmp_path: Path) -> None:
 
 def test_store_paths_are_confined_to_the_driver() -> None:
     assert check_store_path("blk0", "/driver/blk0/vbd/1/51712/state")
-    for bad in ("/driver/blk1/x", "/driver/blk0/", "/local/domain/1/x", "/driver/blk0/../x",
-                "/driver/blk0//x", 5):
+    for bad in (
+        "/driver/blk1/x",
+        "/driver/blk0/",
+        "/local/domain/1/x",
+        "/driver/blk0/../x",
+        "/driver/blk0//x",
+        5,
+    ):
         with pytest.raises(ValueError):
             check_store_path("blk0", bad)  # type: ignore[arg-type]
 
@@ -836,8 +934,14 @@ def test_inline_driver_shares_the_kernels_context() -> None:
     drv = None
     dev = None
     try:
-        drv = start_inline(DRIVER, "drivers.blk", {"max_batch": 8}, ctx, kernel.endpoint,
-                           f"inproc://{DRIVER}-{os.getpid()}")
+        drv = start_inline(
+            DRIVER,
+            "drivers.blk",
+            {"max_batch": 8},
+            ctx,
+            kernel.endpoint,
+            f"inproc://{DRIVER}-{os.getpid()}",
+        )
         kernel.connect_driver()
         assert kernel.hello is not None and kernel.hello["pid"] == os.getpid()
         dev = Device(kernel, 7, 1, file_disk(tmp / "inline.img"))

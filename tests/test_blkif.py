@@ -78,48 +78,98 @@ BAD = [
     (encode_request(1, 7), STATUS_EOPNOTSUPP, r"unknown operation 7"),
     (encode_request(1, 255, nr_segments=3), STATUS_EOPNOTSUPP, r"unknown operation 255"),
     (encode_request(1, OP_READ), STATUS_ERROR, r"read request with nr_segments 0"),
-    (encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 512)], nr_segments=9), STATUS_ERROR,
-     r"nr_segments 9 exceeds the maximum of 8"),
-    (encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512)], nr_segments=255), STATUS_ERROR,
-     r"nr_segments 255 exceeds"),
-    (encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512), (0x800, 512)]), STATUS_ERROR,
-     r"segment 1 \(offset 0x800, length 512\) lies outside the data area 0x1000\.\.0x401000"),
-    (encode_request(1, OP_READ, 0, [(WINDOW - 512, 1024)]), STATUS_ERROR,
-     r"segment 0 \(offset 0x400e00, length 1024\) lies outside the data area"),
-    (encode_request(1, OP_READ, 0, [(0xFFFFFE00, 0x400)]), STATUS_ERROR,
-     r"segment 0 \(offset 0xfffffe00, length 1024\) lies outside"),
-    (encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 0)]), STATUS_ERROR,
-     r"segment 0 \(offset 0x1000, length 0\) has length 0"),
-    (encode_request(1, OP_WRITE, 0, [(DATA_OFFSET + 1, 512)]), STATUS_ERROR,
-     r"segment 0 \(offset 0x1001, length 512\) is not aligned"),
-    (encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 4096), (DATA_OFFSET, 100)]), STATUS_ERROR,
-     r"segment 1 .* is not aligned to the 512-byte sector size"),
-    (encode_request(1, OP_READ, 0, [(DATA_OFFSET, 65536)] * 3), STATUS_ERROR,
-     r"segments total 196608 bytes, more than the maximum request of 131072"),
-    (encode_request(1, OP_READ, 999, [(DATA_OFFSET, 4096)]), STATUS_ERROR,
-     r"sector 999 \+ 8 sectors is beyond the disk's 100 sectors"),
-    (encode_request(1, OP_READ, 93, [(DATA_OFFSET, 4096)]), STATUS_ERROR,
-     r"sector 93 \+ 8 sectors is beyond"),
-    (encode_request(1, OP_WRITE, 2**64 - 1, [(DATA_OFFSET, 512)]), STATUS_ERROR,
-     r"sector 18446744073709551615 \+ 1 sectors is beyond"),
-    (encode_request(1, OP_FLUSH, 0, [(DATA_OFFSET, 512)]), STATUS_ERROR,
-     r"flush request with nr_segments 1: it must carry none"),
+    (
+        encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 512)], nr_segments=9),
+        STATUS_ERROR,
+        r"nr_segments 9 exceeds the maximum of 8",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512)], nr_segments=255),
+        STATUS_ERROR,
+        r"nr_segments 255 exceeds",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512), (0x800, 512)]),
+        STATUS_ERROR,
+        r"segment 1 \(offset 0x800, length 512\) lies outside the data area 0x1000\.\.0x401000",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(WINDOW - 512, 1024)]),
+        STATUS_ERROR,
+        r"segment 0 \(offset 0x400e00, length 1024\) lies outside the data area",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(0xFFFFFE00, 0x400)]),
+        STATUS_ERROR,
+        r"segment 0 \(offset 0xfffffe00, length 1024\) lies outside",
+    ),
+    (
+        encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 0)]),
+        STATUS_ERROR,
+        r"segment 0 \(offset 0x1000, length 0\) has length 0",
+    ),
+    (
+        encode_request(1, OP_WRITE, 0, [(DATA_OFFSET + 1, 512)]),
+        STATUS_ERROR,
+        r"segment 0 \(offset 0x1001, length 512\) is not aligned",
+    ),
+    (
+        encode_request(1, OP_WRITE, 0, [(DATA_OFFSET, 4096), (DATA_OFFSET, 100)]),
+        STATUS_ERROR,
+        r"segment 1 .* is not aligned to the 512-byte sector size",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(DATA_OFFSET, 65536)] * 3),
+        STATUS_ERROR,
+        r"segments total 196608 bytes, more than the maximum request of 131072",
+    ),
+    (
+        encode_request(1, OP_READ, 999, [(DATA_OFFSET, 4096)]),
+        STATUS_ERROR,
+        r"sector 999 \+ 8 sectors is beyond the disk's 100 sectors",
+    ),
+    (
+        encode_request(1, OP_READ, 93, [(DATA_OFFSET, 4096)]),
+        STATUS_ERROR,
+        r"sector 93 \+ 8 sectors is beyond",
+    ),
+    (
+        encode_request(1, OP_WRITE, 2**64 - 1, [(DATA_OFFSET, 512)]),
+        STATUS_ERROR,
+        r"sector 18446744073709551615 \+ 1 sectors is beyond",
+    ),
+    (
+        encode_request(1, OP_FLUSH, 0, [(DATA_OFFSET, 512)]),
+        STATUS_ERROR,
+        r"flush request with nr_segments 1: it must carry none",
+    ),
     (encode_request(1, OP_DISCARD, 0), STATUS_ERROR, r"discard of 0 sectors"),
-    (encode_request(1, OP_DISCARD, 50, nr_sectors=51), STATUS_ERROR,
-     r"sector 50 \+ 51 sectors is beyond the disk's 100 sectors"),
-    (encode_request(1, OP_DISCARD, 2**64 - 1, nr_sectors=2**32 - 1), STATUS_ERROR,
-     r"is beyond the disk"),
-    (encode_request(1, OP_DISCARD, 0, [(DATA_OFFSET, 512)], nr_sectors=1), STATUS_ERROR,
-     r"discard request with nr_segments 1"),
-    (encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512)] * 4)[:40], STATUS_ERROR,
-     r"request is only 40 bytes; 4 segments need 56"),
+    (
+        encode_request(1, OP_DISCARD, 50, nr_sectors=51),
+        STATUS_ERROR,
+        r"sector 50 \+ 51 sectors is beyond the disk's 100 sectors",
+    ),
+    (
+        encode_request(1, OP_DISCARD, 2**64 - 1, nr_sectors=2**32 - 1),
+        STATUS_ERROR,
+        r"is beyond the disk",
+    ),
+    (
+        encode_request(1, OP_DISCARD, 0, [(DATA_OFFSET, 512)], nr_sectors=1),
+        STATUS_ERROR,
+        r"discard request with nr_segments 1",
+    ),
+    (
+        encode_request(1, OP_READ, 0, [(DATA_OFFSET, 512)] * 4)[:40],
+        STATUS_ERROR,
+        r"request is only 40 bytes; 4 segments need 56",
+    ),
     (encode_request(1, OP_READ)[:20], STATUS_ERROR, r"request is only 20 bytes; its header"),
 ]
 
 
 @pytest.mark.parametrize(("raw", "status", "pattern"), BAD)
-def test_garbage_gets_the_right_status_and_says_why(raw: bytes, status: int,
-                                                    pattern: str) -> None:
+def test_garbage_gets_the_right_status_and_says_why(raw: bytes, status: int, pattern: str) -> None:
     with pytest.raises(RequestError, match=pattern) as exc:
         decode(raw)
     assert exc.value.status == status
@@ -151,8 +201,7 @@ def _check_accepted(req: Request, window: int, sectors: int) -> None:
 
 
 @settings(max_examples=500)
-@given(st.binary(max_size=120), st.integers(DATA_OFFSET + 1, 2**33),
-       st.integers(0, 2**64 + 5))
+@given(st.binary(max_size=120), st.integers(DATA_OFFSET + 1, 2**33), st.integers(0, 2**64 + 5))
 def test_random_bytes_never_crash_the_decoder(raw: bytes, window: int, sectors: int) -> None:
     try:
         req = decode_request(raw, window=window, sectors=sectors)
@@ -167,20 +216,34 @@ def test_random_bytes_never_crash_the_decoder(raw: bytes, window: int, sectors: 
     _check_accepted(req, window, sectors)
 
 
-_U32 = st.one_of(st.integers(0, 2**32 - 1),
-                 st.sampled_from([0, 512, DATA_OFFSET, DATA_OFFSET - 512, WINDOW - 512, WINDOW,
-                                  2**32 - 512]))
-_U64 = st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 200),
-                 st.sampled_from([2**64 - 1, 2**63, 2**32]))
+_U32 = st.one_of(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 512, DATA_OFFSET, DATA_OFFSET - 512, WINDOW - 512, WINDOW, 2**32 - 512]),
+)
+_U64 = st.one_of(
+    st.integers(0, 2**64 - 1), st.integers(0, 200), st.sampled_from([2**64 - 1, 2**63, 2**32])
+)
 
 
 @settings(max_examples=300)
-@given(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2, 3, 4, 5, 6, 255]),
-       st.integers(0, 10), _U32, _U64, st.lists(st.tuples(_U32, _U32), max_size=9),
-       st.integers(0, 300))
+@given(
+    st.integers(0, 2**64 - 1),
+    st.sampled_from([0, 1, 2, 3, 4, 5, 6, 255]),
+    st.integers(0, 10),
+    _U32,
+    _U64,
+    st.lists(st.tuples(_U32, _U32), max_size=9),
+    st.integers(0, 300),
+)
 def test_structured_garbage_never_escapes_the_region_or_the_disk(
-        id: int, op: int, nseg: int, nr_sectors: int, sector: int,
-        segs: list[tuple[int, int]], sectors: int) -> None:
+    id: int,
+    op: int,
+    nseg: int,
+    nr_sectors: int,
+    sector: int,
+    segs: list[tuple[int, int]],
+    sectors: int,
+) -> None:
     raw = bytearray(blkif.SLOT_SIZE)
     blkif.REQUEST_HEAD.pack_into(raw, 0, id, op, nseg, 0, nr_sectors, sector)
     for i, (off, length) in enumerate(segs):
@@ -196,8 +259,10 @@ def test_structured_garbage_never_escapes_the_region_or_the_disk(
 
 
 @settings(max_examples=300)
-@given(st.lists(st.integers(0, 2**64 - 1), min_size=4, max_size=4),
-       st.lists(st.sampled_from(["take", "answer", "publish", "final"]), max_size=80))
+@given(
+    st.lists(st.integers(0, 2**64 - 1), min_size=4, max_size=4),
+    st.lists(st.sampled_from(["take", "answer", "publish", "final"]), max_size=80),
+)
 def test_back_ring_over_random_indices(words: list[int], ops: list[str]) -> None:
     n = blkif.RING_SLOTS
     buf = memoryview(bytearray(ring_bytes(n, blkif.SLOT_SIZE)))

@@ -56,8 +56,19 @@ def test_faults_added_at_run_time_fire_in_the_driver_and_are_recovered(stack: St
     # enough I/O that the guests are still running when the last fault needs requests
     with two_guests(stack, DRIVER + "max_fds = 200\n", ops=RUNTIME_OPS) as events:
         # a fault that only slows three requests: it fires, nothing is replaced
-        r = stack.cli("fault", "add", "blk0", "-t", "slow", "-a", "latency_ms=30", "-a",
-                      "times=3", "-a", "op=write")
+        r = stack.cli(
+            "fault",
+            "add",
+            "blk0",
+            "-t",
+            "slow",
+            "-a",
+            "latency_ms=30",
+            "-a",
+            "times=3",
+            "-a",
+            "op=write",
+        )
         assert r.returncode == 0 and r.stdout.startswith("fault 1: slow on blk0"), r
         old = current_pid(stack)
         fired = wait_count(events, "driver.blk0.fault_fired", 3)
@@ -71,15 +82,19 @@ def test_faults_added_at_run_time_fire_in_the_driver_and_are_recovered(stack: St
 
         # leaking descriptors until max_fds: replaced for "fds"
         old = current_pid(stack)
-        r = stack.cli("fault", "add", "blk0", "-t", "leak_fd", "-a", "times=-1", "-a",
-                      "interval=500")
+        r = stack.cli(
+            "fault", "add", "blk0", "-t", "leak_fd", "-a", "times=-1", "-a", "interval=500"
+        )
         assert r.returncode == 0, r
         rec = events.wait("driver.blk0.recovered", timeout=30, old_pid=old)
         assert rec["reason"] == "fds", rec
         # the fault stays armed, so the new instance gets it too, until it is removed
         listed = json.loads(stack.cli("fault", "list", "--json").stdout)
         assert [(f["id"], f["type"], f["armed"]) for f in listed] == [
-            (1, "slow", False), (2, "duplicate", False), (3, "leak_fd", True)], listed
+            (1, "slow", False),
+            (2, "duplicate", False),
+            (3, "leak_fd", True),
+        ], listed
         assert stack.cli("fault", "remove", "3").returncode == 0
         finish_and_verify(stack, events, ops=RUNTIME_OPS)
     by = driver_row(stack)["restarts_by_reason"]
@@ -106,10 +121,11 @@ def test_outside_faults_and_bad_fault_requests(stack: Stack) -> None:
         assert rec["old_pid"] == ready["pid"] and rec["pid"] == current_pid(stack), rec
         assert rec["pid"] not in (old, ready["pid"]) and psutil.pid_exists(rec["pid"])
     for args, message in (
-            (["-t", "segfault"], "unknown fault type 'segfault'"),
-            (["-t", "slow", "-a", "latency_ms=-3"], "latency_ms must be a number from 0"),
-            (["-t", "exception", "-a", "nonsense"], "give key=value"),
-            (["-t", "sigkill", "-a", "op=read"], "takes no arguments, got op")):
+        (["-t", "segfault"], "unknown fault type 'segfault'"),
+        (["-t", "slow", "-a", "latency_ms=-3"], "latency_ms must be a number from 0"),
+        (["-t", "exception", "-a", "nonsense"], "give key=value"),
+        (["-t", "sigkill", "-a", "op=read"], "takes no arguments, got op"),
+    ):
         r = stack.cli("fault", "add", "blk0", *args)
         assert r.returncode != 0 and message in r.stderr.replace("\n", " "), (args, r.stderr)
     r = stack.cli("fault", "add", "nosuch", "-t", "exit")
@@ -120,11 +136,11 @@ def test_outside_faults_and_bad_fault_requests(stack: Stack) -> None:
 
 @pytest.mark.timeout(240)
 def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     plan_path = ROOT / "examples" / "campaign-smoke.toml"
     out = tmp_path / "smoke"
-    r = stack.cli("campaign", "run", str(plan_path), "--out", str(out), "--seed", "3",
-                  timeout=220)
+    r = stack.cli("campaign", "run", str(plan_path), "--out", str(out), "--seed", "3", timeout=220)
     assert r.returncode == 0, r.stdout + r.stderr
     journal = json.loads((out / "journal.json").read_text())
     plan = load_plan(plan_path)
@@ -139,18 +155,30 @@ def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
     assert sm["poison_clean"] == sm["poison_total"] == 1, sm
     assert sm["silent_corruptions"] >= 1  # corrupt_data: the one class restarts cannot catch
     # every type: how the stack noticed it, and what became of it
-    expected = {"sigkill": ("exit", "signal:SIGKILL"), "sigstop": ("exit", "stopped"),
-                "segv": ("exit", "signal:SIGSEGV"), "abort": ("exit", "signal:SIGABRT"),
-                "exception": ("exit", "exit:70"), "exit": ("exit", "exit:3"),
-                "hang": ("hang", "hang"), "drop": ("hang", "hang"),
-                "duplicate": ("violation", "violation"), "bad_id": ("violation", "violation"),
-                "bad_status": ("violation", "violation"), "bad_op": ("violation", "violation"),
-                "bad_index": ("violation", "violation"), "leak_mem": ("exit", "rss"),
-                "leak_fd": ("exit", "fds"), "recovery_crash": ("exit", "signal:SIGKILL")}
+    expected = {
+        "sigkill": ("exit", "signal:SIGKILL"),
+        "sigstop": ("exit", "stopped"),
+        "segv": ("exit", "signal:SIGSEGV"),
+        "abort": ("exit", "signal:SIGABRT"),
+        "exception": ("exit", "exit:70"),
+        "exit": ("exit", "exit:3"),
+        "hang": ("hang", "hang"),
+        "drop": ("hang", "hang"),
+        "duplicate": ("violation", "violation"),
+        "bad_id": ("violation", "violation"),
+        "bad_status": ("violation", "violation"),
+        "bad_op": ("violation", "violation"),
+        "bad_index": ("violation", "violation"),
+        "leak_mem": ("exit", "rss"),
+        "leak_fd": ("exit", "fds"),
+        "recovery_crash": ("exit", "signal:SIGKILL"),
+    }
     for f in faults:
         if f["type"] in expected:
             assert (f["detected_by"], f["reason"], f["outcome"]) == (
-                *expected[f["type"]], "recovered"), f
+                *expected[f["type"]],
+                "recovered",
+            ), f
             assert f["guest_errors"] == 0 and f["recovery_ms"] > 0, f
     by_type = {f["type"]: f for f in faults}
     assert by_type["slow"]["outcome"] == "tolerated", by_type["slow"]
@@ -160,28 +188,49 @@ def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
         assert g["exit"] == "poweroff" and g["ops"] > 0, g
     assert "Faults by type" in (out / "report.md").read_text()
     assert (out / "report.html").read_text().count("<svg") >= 2
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if str(out) in " ".join(p.info["cmdline"] or ())]  # nothing left behind
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or ())
+    ]  # nothing left behind
 
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_writes_the_journal_of_what_ran_and_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "isovisor.cli", "campaign", "run",
-                             str(ROOT / "examples" / "campaign-smoke.toml"), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "isovisor.cli",
+            "campaign",
+            "run",
+            str(ROOT / "examples" / "campaign-smoke.toml"),
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def stack_pids() -> list[int]:
-            return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
-                    if "drivers.host" in " ".join(c.cmdline())]
+            return [
+                c.pid
+                for c in psutil.Process(proc.pid).children(recursive=True)
+                if "drivers.host" in " ".join(c.cmdline())
+            ]
+
         wait_until(lambda: stack_pids(), timeout=60, what="the campaign's stack")
         kids = psutil.Process(proc.pid).children(recursive=True)
         mine = {c.pid for c in kids}
         sup = [c.pid for c in kids if "isovisor.supervisor" in " ".join(c.cmdline())]
         assert len(sup) == 1, kids
         segments = shm_prefix_for(sup[0]) + "*"
-        wait_until(lambda: list(Path("/dev/shm").glob(segments)), timeout=60,
-                   what="the guests' device segments")
+        wait_until(
+            lambda: list(Path("/dev/shm").glob(segments)),
+            timeout=60,
+            what="the guests' device segments",
+        )
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
@@ -197,6 +246,9 @@ def test_ctrl_c_writes_the_journal_of_what_ran_and_leaves_nothing_behind(tmp_pat
     journal = json.loads((out / "journal.json").read_text())
     assert journal["campaign"]["interrupted"] is True
     assert journal["summary"]["injected"] == len(journal["faults"]) < 20
-    assert not [p for p in mine if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], mine
+    assert not [
+        p
+        for p in mine
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ], mine
     assert not list(Path("/dev/shm").glob(segments))

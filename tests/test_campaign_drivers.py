@@ -30,19 +30,30 @@ from tests.conftest import Stack, cli, wait_until, write
 ROOT = Path(__file__).resolve().parents[1]
 NET_PLAN = ROOT / "examples" / "campaign-net.toml"
 CONSOLE_PLAN = ROOT / "examples" / "campaign-console.toml"
-CONSOLE_TAKES = ("sigkill, sigstop, recovery_crash, segv, abort, exception, exit, hang, slow, "
-                 "drop, corrupt_data, leak_mem, leak_fd")
+CONSOLE_TAKES = (
+    "sigkill, sigstop, recovery_crash, segv, abort, exception, exit, hang, slow, "
+    "drop, corrupt_data, leak_mem, leak_fd"
+)
 REFUSED_BY_CONSOLE = ("duplicate", "bad_id", "bad_status", "bad_op", "bad_index", "poison")
 
 #: How each type is noticed, and the reason recorded, for a fault that needs a replacement.
 DETECTION = {
-    "sigkill": ("exit", "signal:SIGKILL"), "sigstop": ("exit", "stopped"),
-    "segv": ("exit", "signal:SIGSEGV"), "abort": ("exit", "signal:SIGABRT"),
-    "exception": ("exit", "exit:70"), "exit": ("exit", "exit:3"), "hang": ("hang", "hang"),
-    "drop": ("hang", "hang"), "duplicate": ("violation", "violation"),
-    "bad_id": ("violation", "violation"), "bad_status": ("violation", "violation"),
-    "bad_index": ("violation", "violation"), "leak_mem": ("exit", "rss"),
-    "leak_fd": ("exit", "fds"), "recovery_crash": ("exit", "signal:SIGKILL")}
+    "sigkill": ("exit", "signal:SIGKILL"),
+    "sigstop": ("exit", "stopped"),
+    "segv": ("exit", "signal:SIGSEGV"),
+    "abort": ("exit", "signal:SIGABRT"),
+    "exception": ("exit", "exit:70"),
+    "exit": ("exit", "exit:3"),
+    "hang": ("hang", "hang"),
+    "drop": ("hang", "hang"),
+    "duplicate": ("violation", "violation"),
+    "bad_id": ("violation", "violation"),
+    "bad_status": ("violation", "violation"),
+    "bad_index": ("violation", "violation"),
+    "leak_mem": ("exit", "rss"),
+    "leak_fd": ("exit", "fds"),
+    "recovery_crash": ("exit", "signal:SIGKILL"),
+}
 
 
 def run_campaign(plan: Path, out: Path, seed: int, timeout: float) -> None:
@@ -52,9 +63,24 @@ def run_campaign(plan: Path, out: Path, seed: int, timeout: float) -> None:
     log = out.parent / f"{out.name}.cli.txt"
     seen: dict[int, float] = {}  # pid -> its start time (a pid may be reused)
     with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "isovisor.cli", "campaign", "run",
-                                 str(plan), "--out", str(out), "--seed", str(seed)],
-                                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=out.parent)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "isovisor.cli",
+                "campaign",
+                "run",
+                str(plan),
+                "--out",
+                str(out),
+                "--seed",
+                str(seed),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=out.parent,
+        )
         try:
             deadline = timeout
             while proc.poll() is None and deadline > 0:
@@ -130,7 +156,9 @@ def check_journal(plan_path: Path, out: Path, seed: int) -> dict[str, Any]:
     for f in faults:
         if f["type"] in DETECTION:
             assert (f["detected_by"], f["reason"], f["outcome"]) == (
-                *DETECTION[f["type"]], "recovered"), f
+                *DETECTION[f["type"]],
+                "recovered",
+            ), f
             assert f["guest_errors"] == 0 and f["data_mismatches"] == 0, f
             assert f["recovery_ms"] > 0 and f["new_pid"] != f["target_pid"], f
     by_type = {f["type"]: f for f in faults}
@@ -198,8 +226,10 @@ def test_a_console_plan_refuses_types_without_meaning_for_it(tmp_path: Path, kin
     with pytest.raises(PlanError) as e:
         load_plan(p)
     assert e.value.line == 12, str(e.value)
-    assert f'[[fault]] #1: type = "{kind}" does not apply to a console driver ([stack] module = ' \
-           f'"drivers.console"): ' in str(e.value)
+    assert (
+        f'[[fault]] #1: type = "{kind}" does not apply to a console driver ([stack] module = '
+        f'"drivers.console"): ' in str(e.value)
+    )
     assert str(e.value).endswith(f"a console driver takes: {CONSOLE_TAKES}")
 
 
@@ -216,33 +246,47 @@ def test_plan_errors_name_the_line_and_what_the_driver_allows(tmp_path: Path) ->
     assert error(CONSOLE_HEAD.replace("conecho", "netpair") + 'type = "exit"\n') == (
         '9: [[workload]] #1: image = "netpair" needs a net driver ([stack] module = '
         '"drivers.net"), but the stack\'s driver is "drivers.console", a console driver; its '
-        "workloads: conecho")
-    net = CONSOLE_HEAD.replace("con0", "net0").replace("drivers.console", "drivers.net") \
+        "workloads: conecho"
+    )
+    net = (
+        CONSOLE_HEAD.replace("con0", "net0")
+        .replace("drivers.console", "drivers.net")
         .replace('"conecho"', '"netpair"\ndomains = 2')
+    )
     assert error(net + 'type = "bad_op"\n').startswith(
         '13: [[fault]] #1: type = "bad_op" does not apply to a net driver ([stack] module = '
-        '"drivers.net"): a tx response carries no operation')
+        '"drivers.net"): a tx response carries no operation'
+    )
     assert error(net + 'type = "exit"\nop = "read"\n') == (
         '14: [[fault]] #1: op = "read" is not an operation; choose one of: tx (the operations '
-        "of a net driver's requests (tx: a frame being switched))")
+        "of a net driver's requests (tx: a frame being switched))"
+    )
     assert error(net + 'type = "exit"\nvdev = "xvda"\n') == (
         '14: [[fault]] #1: vdev = "xvda" is not a device name: use eth0, eth1, ... (the '
-        "devices of a net driver)")
+        "devices of a net driver)"
+    )
     assert error(net.replace("domains = 2", "domains = 3") + 'type = "exit"\n') == (
         "10: [[workload]] #1: domains = 3: netpair guests run in groups of 2 (each sends to the "
-        "other); give a multiple of 2")
+        "other); give a multiple of 2"
+    )
     assert error(net.replace("domains = 2", 'disk_size = "8M"') + 'type = "exit"\n') == (
         '10: [[workload]] #1: disk_size = "8M" only applies to image = "blkstress" (a disk for '
-        'each guest), not "netpair"; remove disk_size')
-    assert error(CONSOLE_HEAD.replace("drivers.console", "drivers.nic") + 'type = "exit"\n') \
-        .startswith('6: [stack]: module = "drivers.nic" is not a driver module campaigns know; '
-                    "choose one of: drivers.blk, drivers.blk.ram, drivers.net, drivers.console")
+        'each guest), not "netpair"; remove disk_size'
+    )
+    assert error(
+        CONSOLE_HEAD.replace("drivers.console", "drivers.nic") + 'type = "exit"\n'
+    ).startswith(
+        '6: [stack]: module = "drivers.nic" is not a driver module campaigns know; '
+        "choose one of: drivers.blk, drivers.blk.ram, drivers.net, drivers.console"
+    )
     # the CLI says the same, with the file and line, and exits with status 2
     p = write(tmp_path / "bad.toml", CONSOLE_HEAD + 'type = "bad_index"\n')
     r = cli("campaign", "validate", str(p), cwd=tmp_path)
     assert r.returncode == 2, r
-    assert f'{p}:12: [[fault]] #1: type = "bad_index" does not apply to a console driver' in \
-        " ".join(r.stderr.split()), r.stderr
+    assert (
+        f'{p}:12: [[fault]] #1: type = "bad_index" does not apply to a console driver'
+        in " ".join(r.stderr.split())
+    ), r.stderr
 
 
 @pytest.mark.timeout(30)
@@ -251,8 +295,9 @@ def test_the_fault_table_and_the_driver_refuse_them_too() -> None:
     for kind in REFUSED_BY_CONSOLE:
         with pytest.raises(ValueError) as e:
             table.add("con0", {"type": kind, "sector": 1})
-        assert str(e.value).startswith(f"fault type {kind!r} does not apply to a console driver "
-                                       "(device class console): "), e.value
+        assert str(e.value).startswith(
+            f"fault type {kind!r} does not apply to a console driver (device class console): "
+        ), e.value
         assert str(e.value).endswith(f"a console driver takes: {CONSOLE_TAKES}")
     assert table.rows == {}
     assert table.add("con0", {"type": "corrupt_data", "op": "write"}).spec["op"] == "write"
@@ -271,7 +316,8 @@ def test_fault_add_refuses_a_bad_response_for_a_console_driver(stack: Stack) -> 
     assert r.returncode != 0, (
         "the supervisor's fault table took a bad response for a console driver: it must know "
         "each driver's module (isovisor/drivermgr.py: FaultTable({d.name: d.module for d in "
-        "cfg.drivers}))")
+        "cfg.drivers}))"
+    )
     said = " ".join(r.stderr.split())
     assert "fault type 'bad_id' does not apply to a console driver" in said, r.stderr
     assert f"a console driver takes: {CONSOLE_TAKES}" in said, r.stderr

@@ -35,47 +35,80 @@ ROOT = Path(__file__).resolve().parent.parent
 _DETECTED = {"recovered", "poison_error", "guest_error", "guest_lost", "kernel_crash"}
 
 
-def fault(type_: str = "sigkill", outcome: str = "recovered", *, seq: int = 0,
-          at_s: float = 1.0, **kw: Any) -> dict[str, Any]:
+def fault(
+    type_: str = "sigkill",
+    outcome: str = "recovered",
+    *,
+    seq: int = 0,
+    at_s: float = 1.0,
+    **kw: Any,
+) -> dict[str, Any]:
     """A fault entry shaped like the journal's, consistent with its outcome."""
     f: dict[str, Any] = {
-        "seq": seq, "at_s": at_s, "type": type_, "driver": "blk0", "args": {},
-        "target_pid": 1234, "manifested": outcome != "not_manifested",
-        "detected": outcome in _DETECTED, "detected_by": "exit" if outcome in _DETECTED else None,
-        "reason": "", "recovered": outcome == "recovered",
-        "recovery_ms": 10.0 if outcome == "recovered" else None, "replayed": 0,
-        "new_pid": None, "guest_errors": 1 if outcome == "guest_error" else 0,
-        "data_mismatches": 1 if outcome == "silent_corruption" else 0, "outcome": outcome,
+        "seq": seq,
+        "at_s": at_s,
+        "type": type_,
+        "driver": "blk0",
+        "args": {},
+        "target_pid": 1234,
+        "manifested": outcome != "not_manifested",
+        "detected": outcome in _DETECTED,
+        "detected_by": "exit" if outcome in _DETECTED else None,
+        "reason": "",
+        "recovered": outcome == "recovered",
+        "recovery_ms": 10.0 if outcome == "recovered" else None,
+        "replayed": 0,
+        "new_pid": None,
+        "guest_errors": 1 if outcome == "guest_error" else 0,
+        "data_mismatches": 1 if outcome == "silent_corruption" else 0,
+        "outcome": outcome,
     }
     f.update(kw)
     return f
 
 
 def guest(name: str = "w1", exit: str | None = "poweroff", errors: int = 0) -> dict[str, Any]:
-    g: dict[str, Any] = {"name": name, "ops": 1000, "errors": errors, "mismatches": 0,
-                         "code": 0}
+    g: dict[str, Any] = {"name": name, "ops": 1000, "errors": errors, "mismatches": 0, "code": 0}
     if exit is not None:
         g["exit"] = exit
     return g
 
 
-def journal(faults: list[dict[str, Any]], guests: list[dict[str, Any]] | None = None, *,
-            name: str = "smoke", isolation: str = "process", seed: int = 7,
-            throughput: list[list[float]] | None = None, kernel_crashes: int = 0,
-            interrupted: bool = False) -> dict[str, Any]:
+def journal(
+    faults: list[dict[str, Any]],
+    guests: list[dict[str, Any]] | None = None,
+    *,
+    name: str = "smoke",
+    isolation: str = "process",
+    seed: int = 7,
+    throughput: list[list[float]] | None = None,
+    kernel_crashes: int = 0,
+    interrupted: bool = False,
+) -> dict[str, Any]:
     for i, f in enumerate(faults, 1):
         f["seq"] = f["seq"] or i
     return {
-        "campaign": {"name": name, "plan": "plans/smoke.toml", "seed": seed,
-                     "isolation": isolation, "started": "2024-01-01T00:00:00",
-                     "finished": "2024-01-01T00:00:41", "interrupted": interrupted,
-                     "duration_s": 41.2, "machine": {"cpus": 2, "python": "3.11.7"}},
-        "schedule": [{"seq": f["seq"], "at_s": f["at_s"], "fault": 0, "type": f["type"]}
-                     for f in faults],
+        "campaign": {
+            "name": name,
+            "plan": "plans/smoke.toml",
+            "seed": seed,
+            "isolation": isolation,
+            "started": "2024-01-01T00:00:00",
+            "finished": "2024-01-01T00:00:41",
+            "interrupted": interrupted,
+            "duration_s": 41.2,
+            "machine": {"cpus": 2, "python": "3.11.7"},
+        },
+        "schedule": [
+            {"seq": f["seq"], "at_s": f["at_s"], "fault": 0, "type": f["type"]} for f in faults
+        ],
         "faults": faults,
         "guests": [guest()] if guests is None else guests,
-        "throughput": ([[0.5 * i, 20000.0 + 100 * (i % 7)] for i in range(1, 80)]
-                       if throughput is None else throughput),
+        "throughput": (
+            [[0.5 * i, 20000.0 + 100 * (i % 7)] for i in range(1, 80)]
+            if throughput is None
+            else throughput
+        ),
         "summary": {"kernel_crashes": kernel_crashes},
     }
 
@@ -98,6 +131,7 @@ def mixed() -> list[dict[str, Any]]:
 
 # --- the summary -----------------------------------------------------------------------------
 
+
 def test_outcomes_are_the_documented_ones() -> None:
     doc = (ROOT / "docs" / "campaigns.md").read_text()
     section = doc.split("`outcome` is one of:", 1)[1].split("##", 1)[0]
@@ -108,13 +142,13 @@ def test_summary_counts_on_a_mixed_journal() -> None:
     faults = mixed()
     s = summarize(faults, [guest("w1"), guest("w2", "crash", errors=4)], kernel_crashes=0)
     assert s["injected"] == 10
-    assert s["manifested"] == 9                     # all but the not_manifested hang
-    assert s["detected"] == 7                       # 3 recovered, poison, guest_error, lost, crash
+    assert s["manifested"] == 9  # all but the not_manifested hang
+    assert s["detected"] == 7  # 3 recovered, poison, guest_error, lost, crash
     assert s["recovered"] == 3
-    assert s["guest_errors"] == 4                   # the guests' own count
+    assert s["guest_errors"] == 4  # the guests' own count
     assert s["guests_lost"] == 1
-    assert s["kernel_crashes"] == 1                 # from the kernel_crash outcome
-    assert s["silent_corruptions"] == 1             # faults, not mismatches
+    assert s["kernel_crashes"] == 1  # from the kernel_crash outcome
+    assert s["silent_corruptions"] == 1  # faults, not mismatches
     assert (s["poison_clean"], s["poison_total"]) == (1, 1)
     # eligible: 3 sigkill, exception, segv, abort (not slow/tolerated, not hang/not manifested,
     # not poison, not corrupt_data)
@@ -124,17 +158,37 @@ def test_summary_counts_on_a_mixed_journal() -> None:
     assert s["recovery_ms_median"] == 18.0
     assert s["recovery_ms_p99"] == 40.0
     assert s["recovery_ms_max"] == 40.0
-    documented = {"injected", "manifested", "detected", "recovered", "guest_errors",
-                  "guests_lost", "kernel_crashes", "silent_corruptions", "poison_clean",
-                  "poison_total", "recovery_ms_median", "recovery_ms_p99", "recovery_ms_max",
-                  "transparent_rate"}
+    documented = {
+        "injected",
+        "manifested",
+        "detected",
+        "recovered",
+        "guest_errors",
+        "guests_lost",
+        "kernel_crashes",
+        "silent_corruptions",
+        "poison_clean",
+        "poison_total",
+        "recovery_ms_median",
+        "recovery_ms_p99",
+        "recovery_ms_max",
+        "transparent_rate",
+    }
     assert documented <= set(s)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["sigkill", "slow", "poison", "corrupt_data", "hang"]),
-                          st.sampled_from(OUTCOMES), st.booleans(), st.integers(0, 2)),
-                max_size=40))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["sigkill", "slow", "poison", "corrupt_data", "hang"]),
+            st.sampled_from(OUTCOMES),
+            st.booleans(),
+            st.integers(0, 2),
+        ),
+        max_size=40,
+    )
+)
 def test_summary_counts_add_up(spec: list[tuple[str, str, bool, int]]) -> None:
     faults = [fault(t, o, detected=d, data_mismatches=m) for t, o, d, m in spec]
     s = summarize(faults, [guest()])
@@ -151,17 +205,20 @@ def test_summary_counts_add_up(spec: list[tuple[str, str, bool, int]]) -> None:
         assert 0.0 <= s["transparent_rate"] <= 1.0
 
 
-@pytest.mark.parametrize(("values", "p", "expected"), [
-    (list(range(1, 101)), 50, 50),
-    (list(range(1, 101)), 99, 99),
-    (list(range(1, 101)), 100, 100),
-    ([10.0, 20.0, 30.0, 40.0], 50, 20.0),
-    ([40.0, 10.0, 30.0, 20.0], 99, 40.0),
-    ([3.0, 1.0, 2.0], 50, 2.0),
-    ([7.5], 50, 7.5),
-    ([7.5], 99, 7.5),
-    ([5.0, 1.0], 0, 1.0),
-])
+@pytest.mark.parametrize(
+    ("values", "p", "expected"),
+    [
+        (list(range(1, 101)), 50, 50),
+        (list(range(1, 101)), 99, 99),
+        (list(range(1, 101)), 100, 100),
+        ([10.0, 20.0, 30.0, 40.0], 50, 20.0),
+        ([40.0, 10.0, 30.0, 20.0], 99, 40.0),
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        ([7.5], 50, 7.5),
+        ([7.5], 99, 7.5),
+        ([5.0, 1.0], 0, 1.0),
+    ],
+)
 def test_percentile_nearest_rank(values: list[float], p: float, expected: float) -> None:
     assert percentile(values, p) == expected
 
@@ -179,16 +236,19 @@ def test_recovery_stats_on_known_data() -> None:
 
 
 def test_recovery_stats_none_without_times() -> None:
-    s = summarize([fault("slow", "tolerated"), fault("sigkill", "recovered", recovery_ms=None)],
-                  [])
+    s = summarize([fault("slow", "tolerated"), fault("sigkill", "recovered", recovery_ms=None)], [])
     assert s["recovery_ms_median"] is None
     assert s["recovery_ms_p99"] is None
     assert s["recovery_ms_max"] is None
 
 
 def test_transparent_rate_denominator() -> None:
-    excluded = [fault("poison", "poison_error"), fault("corrupt_data", "silent_corruption"),
-                fault("slow", "tolerated"), fault("hang", "not_manifested")]
+    excluded = [
+        fault("poison", "poison_error"),
+        fault("corrupt_data", "silent_corruption"),
+        fault("slow", "tolerated"),
+        fault("hang", "not_manifested"),
+    ]
     assert summarize(excluded, [])["transparent_rate"] is None
     assert summarize([], [])["transparent_rate"] is None
 
@@ -204,14 +264,17 @@ def test_transparent_rate_denominator() -> None:
     assert s["transparent_rate"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize(("guests", "lost"), [
-    ([guest("a"), guest("b", "reboot")], 0),
-    ([guest("a", "crash"), guest("b")], 1),
-    ([guest("a", "hung"), guest("b", "crash")], 2),
-    ([guest("a", None), guest("b")], 1),          # no exit recorded
-    ([{**guest("a"), "exit": None}], 1),
-    ([{**guest("a"), "exit": ""}], 1),
-])
+@pytest.mark.parametrize(
+    ("guests", "lost"),
+    [
+        ([guest("a"), guest("b", "reboot")], 0),
+        ([guest("a", "crash"), guest("b")], 1),
+        ([guest("a", "hung"), guest("b", "crash")], 2),
+        ([guest("a", None), guest("b")], 1),  # no exit recorded
+        ([{**guest("a"), "exit": None}], 1),
+        ([{**guest("a"), "exit": ""}], 1),
+    ],
+)
 def test_guests_lost(guests: list[dict[str, Any]], lost: int) -> None:
     assert summarize([fault()], guests)["guests_lost"] == lost
 
@@ -228,30 +291,40 @@ def test_kernel_crashes_from_argument_and_outcome() -> None:
 
 
 def test_silent_corruptions_count_faults() -> None:
-    faults = [fault("corrupt_data", "silent_corruption", data_mismatches=5),
-              fault("sigkill", "guest_error", data_mismatches=1),
-              fault("sigkill", "recovered", data_mismatches=0)]
+    faults = [
+        fault("corrupt_data", "silent_corruption", data_mismatches=5),
+        fault("sigkill", "guest_error", data_mismatches=1),
+        fault("sigkill", "recovered", data_mismatches=0),
+    ]
     assert summarize(faults, [])["silent_corruptions"] == 2
 
 
 def test_poison_counts() -> None:
-    faults = [fault("poison", "poison_error"), fault("poison", "guest_error"),
-              fault("poison", "not_manifested")]
+    faults = [
+        fault("poison", "poison_error"),
+        fault("poison", "guest_error"),
+        fault("poison", "not_manifested"),
+    ]
     s = summarize(faults, [])
     assert (s["poison_clean"], s["poison_total"]) == (1, 2)
 
 
 def test_guest_errors_are_the_guests_count() -> None:
-    s = summarize([fault("exit", "guest_error", guest_errors=2)],
-                  [guest("a", errors=3), guest("b", errors=1)])
+    s = summarize(
+        [fault("exit", "guest_error", guest_errors=2)], [guest("a", errors=3), guest("b", errors=1)]
+    )
     assert s["guest_errors"] == 4
 
 
 # --- the verdict -----------------------------------------------------------------------------
 
+
 def _good() -> list[dict[str, Any]]:
-    return [*(fault("sigkill", "recovered", recovery_ms=10.0 + i) for i in range(38)),
-            fault("poison", "poison_error"), fault("slow", "tolerated")]
+    return [
+        *(fault("sigkill", "recovered", recovery_ms=10.0 + i) for i in range(38)),
+        fault("poison", "poison_error"),
+        fault("slow", "tolerated"),
+    ]
 
 
 def test_verdict_pass() -> None:
@@ -276,7 +349,7 @@ def test_verdict_fails_on_a_kernel_crash() -> None:
 
 def test_verdict_rate_threshold() -> None:
     at = [*(fault("sigkill", "recovered") for _ in range(999)), fault("sigkill", "guest_error")]
-    assert verdict(summarize(at, [guest()])).startswith("PASS: ")           # exactly 99.9%
+    assert verdict(summarize(at, [guest()])).startswith("PASS: ")  # exactly 99.9%
     below = [*at[:998], fault("sigkill", "guest_error"), fault("sigkill", "guest_error")]
     v = verdict(summarize(below, [guest()]))
     assert v.startswith("FAIL: ")
@@ -284,8 +357,10 @@ def test_verdict_rate_threshold() -> None:
 
 
 def test_verdict_rate_is_rounded_down() -> None:
-    faults = [*(fault("sigkill", "recovered") for _ in range(1999)),
-              fault("sigkill", "guest_error")]
+    faults = [
+        *(fault("sigkill", "recovered") for _ in range(1999)),
+        fault("sigkill", "guest_error"),
+    ]
     v = verdict(summarize(faults, [guest()]))
     assert v.startswith("PASS: ") and "(99.9%)" in v and "100.0%" not in v
 
@@ -311,25 +386,48 @@ def test_verdict_without_eligible_faults() -> None:
 
 
 def test_verdict_on_a_stored_summary_without_the_extra_keys() -> None:
-    stored = {"injected": 40, "manifested": 38, "detected": 37, "recovered": 36,
-              "guest_errors": 1, "guests_lost": 0, "kernel_crashes": 0,
-              "silent_corruptions": 1, "poison_clean": 1, "poison_total": 1,
-              "recovery_ms_median": 12.0, "recovery_ms_p99": 19.0, "recovery_ms_max": 31.0,
-              "transparent_rate": 0.9737}
+    stored = {
+        "injected": 40,
+        "manifested": 38,
+        "detected": 37,
+        "recovered": 36,
+        "guest_errors": 1,
+        "guests_lost": 0,
+        "kernel_crashes": 0,
+        "silent_corruptions": 1,
+        "poison_clean": 1,
+        "poison_total": 1,
+        "recovery_ms_median": 12.0,
+        "recovery_ms_p99": 19.0,
+        "recovery_ms_max": 31.0,
+        "transparent_rate": 0.9737,
+    }
     v = verdict(stored)
     assert v.startswith("FAIL: ") and "97.3%" in v and "recovery p99 19.0 ms" in v
 
 
 # --- per type and markdown -------------------------------------------------------------------
 
+
 def test_per_type_rows_in_first_appearance_order() -> None:
     rows = per_type(mixed())
-    assert [r["type"] for r in rows] == ["sigkill", "slow", "hang", "poison", "exception",
-                                         "corrupt_data", "segv", "abort"]
+    assert [r["type"] for r in rows] == [
+        "sigkill",
+        "slow",
+        "hang",
+        "poison",
+        "exception",
+        "corrupt_data",
+        "segv",
+        "abort",
+    ]
     sk = rows[0]
     assert (sk["injected"], sk["manifested"], sk["detected"], sk["recovered"]) == (3, 3, 3, 3)
     assert (sk["recovery_ms_median"], sk["recovery_ms_p99"], sk["recovery_ms_max"]) == (
-        15.0, 18.0, 18.0)
+        15.0,
+        18.0,
+        18.0,
+    )
     assert rows[1]["tolerated"] == 1 and rows[1]["detected"] == 0
     assert rows[2]["manifested"] == 0
     assert rows[4]["guest_errors"] == 3
@@ -352,11 +450,26 @@ def _md_rows(md: str, section: str) -> dict[str, list[str]]:
 def test_markdown_has_one_row_per_type_with_the_right_numbers() -> None:
     md = render_markdown(journal(mixed(), [guest(), guest("w2", "crash", errors=4)]))
     rows = _md_rows(md, "## Faults by type")
-    assert list(rows) == ["Fault type", "sigkill", "slow", "hang", "poison", "exception",
-                          "corrupt_data", "segv", "abort", "Total"]
-    assert rows["Fault type"][:6] == ["Injected", "Manifested", "Detected",
-                                      "Recovered transparently", "Guest-visible errors",
-                                      "Silent corruptions"]
+    assert list(rows) == [
+        "Fault type",
+        "sigkill",
+        "slow",
+        "hang",
+        "poison",
+        "exception",
+        "corrupt_data",
+        "segv",
+        "abort",
+        "Total",
+    ]
+    assert rows["Fault type"][:6] == [
+        "Injected",
+        "Manifested",
+        "Detected",
+        "Recovered transparently",
+        "Guest-visible errors",
+        "Silent corruptions",
+    ]
     assert rows["sigkill"] == ["3", "3", "3", "3", "0", "0", "15.0", "18.0", "18.0"]
     assert rows["exception"] == ["1", "1", "1", "0", "3", "0", "22.0", "22.0", "22.0"]
     assert rows["slow"][6:] == ["–", "–", "–"]
@@ -393,13 +506,14 @@ def test_markdown_with_no_faults() -> None:
 
 def test_compare_section_only_with_compare() -> None:
     a = journal(_good())
-    b = journal([*_good()[:30], fault("sigkill", "kernel_crash")], isolation="inline",
-                kernel_crashes=1)
+    b = journal(
+        [*_good()[:30], fault("sigkill", "kernel_crash")], isolation="inline", kernel_crashes=1
+    )
     assert "Side by side" not in render_markdown(a)
     md = render_markdown(a, compare=b)
     assert "## Side by side: smoke (process) vs smoke (inline)" in md
     cmp_rows = _md_rows(md, "## Side by side")
-    assert cmp_rows["sigkill"][:2] == ["38 / 31", "38 / 30"]       # injected, recovered
+    assert cmp_rows["sigkill"][:2] == ["38 / 31", "38 / 30"]  # injected, recovered
     totals = _md_rows(md, "### Key totals")
     assert totals["kernel crashes"] == ["0", "1"]
     assert totals["guests lost"] == ["0", "0"]
@@ -414,8 +528,21 @@ def test_compare_labels_are_told_apart() -> None:
 
 # --- HTML ------------------------------------------------------------------------------------
 
-_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-         "track", "wbr"}
+_VOID = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "source",
+    "track",
+    "wbr",
+}
 
 
 class _Checker(HTMLParser):
@@ -498,9 +625,19 @@ def test_html_per_type_table_rows() -> None:
     table = page.split("<h3>Faults by type</h3>", 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table)
     cells = [re.findall(r"<t[dh]>(.*?)</t[dh]>", r) for r in rows]
-    assert len(cells) == 1 + 8 + 1                 # head, one per type, total
-    assert cells[1] == ["<code>sigkill</code>", "3", "3", "3", "3", "0", "0", "15.0", "18.0",
-                        "18.0"]
+    assert len(cells) == 1 + 8 + 1  # head, one per type, total
+    assert cells[1] == [
+        "<code>sigkill</code>",
+        "3",
+        "3",
+        "3",
+        "3",
+        "0",
+        "0",
+        "15.0",
+        "18.0",
+        "18.0",
+    ]
     assert cells[-1][:5] == ["Total", "10", "9", "7", "3"]
 
 
@@ -520,11 +657,14 @@ def test_html_linear_axis_for_a_narrow_range() -> None:
     assert "20" in c.text
 
 
-@pytest.mark.parametrize("faults", [
-    [],
-    [fault("sigkill", "recovered", recovery_ms=None), fault("slow", "tolerated")],
-    [fault("hang", "not_manifested", at_s=None)],
-])
+@pytest.mark.parametrize(
+    "faults",
+    [
+        [],
+        [fault("sigkill", "recovered", recovery_ms=None), fault("slow", "tolerated")],
+        [fault("hang", "not_manifested", at_s=None)],
+    ],
+)
 def test_html_renders_degenerate_journals(faults: list[dict[str, Any]]) -> None:
     page = render_html(journal(faults, [], throughput=[]))
     c = check_html(page)
@@ -554,11 +694,12 @@ def test_html_compare_section_only_with_compare() -> None:
     page = render_html(a, compare=b)
     c = check_html(page)
     assert "Side by side: smoke (process) vs smoke (inline)" in page
-    assert c.counts["svg"] == 4                    # both plots for each run
+    assert c.counts["svg"] == 4  # both plots for each run
     assert "Key totals" in page
 
 
 # --- files -----------------------------------------------------------------------------------
+
 
 def test_write_report(tmp_path: Path) -> None:
     j = journal(mixed())
@@ -573,20 +714,24 @@ def test_write_report(tmp_path: Path) -> None:
 
 # --- isovisor campaign report ---------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_the_report_command_rewrites_both_reports_side_by_side(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for d, iso, outcome in ((a, "process", "recovered"), (b, "inline", "kernel_crash")):
         d.mkdir()
-        (d / "journal.json").write_text(json.dumps(journal([fault("segv", outcome)],
-                                                           isolation=iso)))
+        (d / "journal.json").write_text(
+            json.dumps(journal([fault("segv", outcome)], isolation=iso))
+        )
     cli = [sys.executable, "-m", "isovisor.cli", "campaign", "report"]
-    r = subprocess.run([*cli, str(a), "--compare", str(b)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [*cli, str(a), "--compare", str(b)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.startswith(f"wrote {a / 'report.md'}"), r
     md = (a / "report.md").read_text()
     assert "## Side by side: smoke (process) vs smoke (inline)" in md
     assert "| `segv` | 1 / 1 | 1 / 0 |" in md, md
-    r = subprocess.run([*cli, str(tmp_path / "nothing")], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [*cli, str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "give the directory of a campaign run" in r.stderr, r

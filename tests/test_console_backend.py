@@ -65,14 +65,22 @@ class Guest:
         return f"/driver/{DRIVER}/console/{self.domid}/0"
 
     def attach_message(self) -> dict[str, Any]:
-        return {"key": self.key, "domid": self.domid, "domain": self.domain,
-                "vdev": "console", "devid": 0, "segment": self.segment.name,
-                "window": consif.WINDOW_BYTES, "inflight_offset": consif.INFLIGHT_OFFSET,
-                "store": self.store, "scratch": f"{self.segment.name}.scratch",
-                "class": "console"}
+        return {
+            "key": self.key,
+            "domid": self.domid,
+            "domain": self.domain,
+            "vdev": "console",
+            "devid": 0,
+            "segment": self.segment.name,
+            "window": consif.WINDOW_BYTES,
+            "inflight_offset": consif.INFLIGHT_OFFSET,
+            "store": self.store,
+            "scratch": f"{self.segment.name}.scratch",
+            "class": "console",
+        }
 
     def init(self) -> ConsoleFront:
-        self.front = ConsoleFront(self.mem[:consif.WINDOW_BYTES], init=True)
+        self.front = ConsoleFront(self.mem[: consif.WINDOW_BYTES], init=True)
         return self.front
 
     def write(self, data: bytes) -> tuple[int, bool]:
@@ -105,8 +113,12 @@ class Rig:
     def log_dir(self) -> Path:
         return self.dir / "logs"
 
-    def backend(self, cls: type[ConsoleBackend] = ConsoleBackend, host: FakeHost | None = None,
-                **options: Any) -> tuple[ConsoleBackend, FakeHost]:
+    def backend(
+        self,
+        cls: type[ConsoleBackend] = ConsoleBackend,
+        host: FakeHost | None = None,
+        **options: Any,
+    ) -> tuple[ConsoleBackend, FakeHost]:
         host = host or FakeHost()
         opts = {"log_dir": str(self.log_dir), "socket_dir": str(self.dir / "s"), **options}
         b = cls(host, opts)  # type: ignore[arg-type]
@@ -199,6 +211,7 @@ def blob(n: int, seed: int) -> bytes:
 
 # --- the data path ------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
 def test_output_reaches_the_log_in_order_with_hold_off(rig: Rig) -> None:
     b, host = rig.backend()
@@ -278,17 +291,23 @@ def test_live_readers_get_offsets_that_stitch_with_the_file(rig: Rig) -> None:
         wait_until(received, WAIT, "every append published")
         log = rig.log("web")
         for (off, chunk), nxt in itertools.pairwise(got):
-            assert log[off:off + len(chunk)] == chunk
+            assert log[off : off + len(chunk)] == chunk
             assert nxt[0] == off + len(chunk)  # contiguous: no gap, no overlap
         assert log.endswith(data)
         # the follower: the file first, then live data, each byte once
         text = bytearray()
-        wait_until(lambda: text.extend(follower.read(50)) or bytes(text) == log, WAIT,
-                   "follower caught up with the file")
+        wait_until(
+            lambda: text.extend(follower.read(50)) or bytes(text) == log,
+            WAIT,
+            "follower caught up with the file",
+        )
         more = blob(3000, 3)
         pour(b, g, more)
-        wait_until(lambda: text.extend(follower.read(50)) or bytes(text) == log + more, WAIT,
-                   "follower got the live data")
+        wait_until(
+            lambda: text.extend(follower.read(50)) or bytes(text) == log + more,
+            WAIT,
+            "follower got the live data",
+        )
         # a message the reader never sees (a full queue, a crash before publishing): the
         # next message's offset shows the gap, which the follower reads from the file
         publish = b._publish
@@ -296,8 +315,11 @@ def test_live_readers_get_offsets_that_stitch_with_the_file(rig: Rig) -> None:
         pour(b, g, b"lost on the wire\n")
         b._publish = publish  # type: ignore[method-assign]
         pour(b, g, b"seen live\n")
-        wait_until(lambda: text.extend(follower.read(50)) or bytes(text) == rig.log("web"),
-                   WAIT, "follower filled the gap")
+        wait_until(
+            lambda: text.extend(follower.read(50)) or bytes(text) == rig.log("web"),
+            WAIT,
+            "follower filled the gap",
+        )
         assert bytes(text).endswith(b"lost on the wire\nseen live\n")
         assert b"not for web readers" not in text
     finally:
@@ -337,14 +359,17 @@ def test_input_reaches_the_in_ring_bounded_with_drops_counted(rig: Rig) -> None:
             assert chunk, "the backend should have refilled the ring"
             if kick:  # the backend set in_cons_event: it has input waiting for this room
                 b.kick(g.key)
-        assert bytes(received) == data[:consif.IN_SIZE + 2000]
+        assert bytes(received) == data[: consif.IN_SIZE + 2000]
         assert b.statistics()["in_bytes"] == 6 + consif.IN_SIZE + 2000
         # input for no such domain, and malformed messages, are counted and dropped
         push.send_multipart([b"nosuch", b"abc"])
         push.send_multipart([b"web", b"x", b"extra frame"])
         push.send_multipart([b"\xff\xfe", b"x"])
-        wait_until(lambda: b.readable(fd) or b.statistics()["malformed_input"] == 2, WAIT,
-                   "malformed input counted")
+        wait_until(
+            lambda: b.readable(fd) or b.statistics()["malformed_input"] == 2,
+            WAIT,
+            "malformed input counted",
+        )
         assert b.statistics()["unknown_input"] == 3
         assert host.faults == []
     finally:
@@ -363,8 +388,9 @@ def test_input_queued_before_the_guest_connects_is_delivered_on_connect(rig: Rig
     push.connect(b.input_endpoint)
     try:
         push.send_multipart([b"web", b"early\n"])
-        wait_until(lambda: b.readable(b.fds()[0]) or b.statistics()["in_queued"] == 6, WAIT,
-                   "queued")
+        wait_until(
+            lambda: b.readable(b.fds()[0]) or b.statistics()["in_queued"] == 6, WAIT, "queued"
+        )
         g.init()
         b.fe_state(g.key, 3)
         assert g.read_all() == b"early\n"
@@ -374,6 +400,7 @@ def test_input_queued_before_the_guest_connects_is_delivered_on_connect(rig: Rig
 
 
 # --- exactly once across a crash -----------------------------------------------------------------
+
 
 class CrashAt(ConsoleBackend):
     """Dies at ``point`` of its ``nth`` append: a checkpoint name, or ``mid-append`` (only
@@ -395,7 +422,7 @@ class CrashAt(ConsoleBackend):
 
     def write_log(self, d: _Console, data: bytes) -> None:
         if self.point == "mid-append" and self.appends == self.nth:
-            super().write_log(d, data[:self.part])
+            super().write_log(d, data[: self.part])
             raise SimulatedCrash("mid-append")
         super().write_log(d, data)
 
@@ -405,14 +432,18 @@ def crashing(point: str, nth: int = 1, part: int = 0) -> type[ConsoleBackend]:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("point", "replayed"), [
-    ("journaled", 1500),  # the entry is written, nothing appended
-    ("mid-append", 1500 - 600),  # 600 of the 1500 bytes reached the file
-    ("appended", 0),  # every byte in the file, out_cons not advanced
-    ("published", 0),  # readers have them too
-])
-def test_a_new_instance_finishes_the_append_exactly_once(rig: Rig, point: str,
-                                                         replayed: int) -> None:
+@pytest.mark.parametrize(
+    ("point", "replayed"),
+    [
+        ("journaled", 1500),  # the entry is written, nothing appended
+        ("mid-append", 1500 - 600),  # 600 of the 1500 bytes reached the file
+        ("appended", 0),  # every byte in the file, out_cons not advanced
+        ("published", 0),  # readers have them too
+    ],
+)
+def test_a_new_instance_finishes_the_append_exactly_once(
+    rig: Rig, point: str, replayed: int
+) -> None:
     b1, host1 = rig.backend(crashing(point, nth=2, part=600))
     g = rig.guest(1, 5, "web")
     connect(b1, host1, g)
@@ -423,7 +454,8 @@ def test_a_new_instance_finishes_the_append_exactly_once(rig: Rig, point: str,
         b1.kick(g.key)
     assert g.front is not None and g.front.get("out_cons") == len(first)  # not committed
     expected_file = {"journaled": first, "mid-append": first + second[:600]}.get(
-        point, first + second)
+        point, first + second
+    )
     assert rig.log("web") == expected_file
     abandon(b1)
     g.write(third)  # the kick would be dropped by the kernel: no backend runs
@@ -442,8 +474,9 @@ def test_a_new_instance_finishes_the_append_exactly_once(rig: Rig, point: str,
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("first_append", [True, False])
 @pytest.mark.parametrize("stores", range(7))
-def test_dying_while_the_journal_entry_is_written(rig: Rig, first_append: bool,
-                                                  stores: int) -> None:
+def test_dying_while_the_journal_entry_is_written(
+    rig: Rig, first_append: bool, stores: int
+) -> None:
     """The entry's stores stop after ``stores`` words (6 is all of them): whatever the mix of
     old and new words, the new instance appends every byte once.  The first append after a
     fresh journal is the case where the old entry's cons_at already equals the new one."""
@@ -548,6 +581,7 @@ def _crash_at(point: str) -> Callable[[str], None]:
     def checkpoint(where: str) -> None:
         if where == point:
             raise SimulatedCrash(where)
+
     return checkpoint
 
 
@@ -555,6 +589,7 @@ def _partial_write(b: ConsoleBackend, part: int) -> Callable[[_Console, bytes], 
     def write_log(d: _Console, data: bytes) -> None:
         ConsoleBackend.write_log(b, d, data[:part])
         raise SimulatedCrash("mid-append")
+
     return write_log
 
 
@@ -602,14 +637,19 @@ def test_a_failed_write_keeps_the_output_in_the_ring_and_retries(rig: Rig) -> No
 
 # --- hostile guests -------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("tamper", "message"), [
-    (lambda f: f.set("out_prod", consif.OUT_SIZE + 1), "claims 2049 bytes after out_cons=0"),
-    (lambda f: f.set("out_prod", (1 << 64) - 3), "claims 18446744073709551613 bytes"),
-    (lambda f: f.set("in_cons", 5), "in_cons=5 is invalid"),
-])
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda f: f.set("out_prod", consif.OUT_SIZE + 1), "claims 2049 bytes after out_cons=0"),
+        (lambda f: f.set("out_prod", (1 << 64) - 3), "claims 18446744073709551613 bytes"),
+        (lambda f: f.set("in_cons", 5), "in_cons=5 is invalid"),
+    ],
+)
 def test_garbage_indices_are_a_fault_and_the_others_keep_working(
-        rig: Rig, tamper: Callable[[ConsoleFront], None], message: str) -> None:
+    rig: Rig, tamper: Callable[[ConsoleFront], None], message: str
+) -> None:
     b, host = rig.backend()
     bad, good = rig.guest(1, 5, "evil"), rig.guest(2, 6, "fine")
     connect(b, host, bad)
@@ -668,22 +708,27 @@ def test_out_prod_moving_backwards_is_refused(rig: Rig) -> None:
     assert host4.errors and host4.faults == []
     g3.front.set("out_prod", 60)
     b4.kick(g3.key)
-    assert host4.faults == [(g3.key, "console out ring: frontend out_prod moved backwards "
-                                     "from 100 to 60")]
+    assert host4.faults == [
+        (g3.key, "console out ring: frontend out_prod moved backwards from 100 to 60")
+    ]
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("change", "message"), [
-    ({"domain": "../etc"}, "domain name '../etc' cannot name a log file"),
-    ({"window": 0x800}, "window 0x800 must hold the console page"),
-    ({"inflight_offset": 0x800}, "journal at 0x800 (64 bytes) must lie after the window"),
-    ({"inflight_offset": consif.SEGMENT_BYTES}, "must lie after the window"),
-    ({"class": "vbd"}, "attach field 'class' is 'vbd'"),
-    ({"segment": "no-such-segment"}, "cannot map device segment no-such-segment"),
-    ({"key": "1"}, "attach field 'key' is '1', expected int"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"domain": "../etc"}, "domain name '../etc' cannot name a log file"),
+        ({"window": 0x800}, "window 0x800 must hold the console page"),
+        ({"inflight_offset": 0x800}, "journal at 0x800 (64 bytes) must lie after the window"),
+        ({"inflight_offset": consif.SEGMENT_BYTES}, "must lie after the window"),
+        ({"class": "vbd"}, "attach field 'class' is 'vbd'"),
+        ({"segment": "no-such-segment"}, "cannot map device segment no-such-segment"),
+        ({"key": "1"}, "attach field 'key' is '1', expected int"),
+    ],
+)
 def test_bad_attach_messages_are_refused_with_a_clear_error(
-        rig: Rig, change: dict[str, Any], message: str) -> None:
+    rig: Rig, change: dict[str, Any], message: str
+) -> None:
     b, host = rig.backend()
     g = rig.guest(1, 5, "web")
     b.attach({**g.attach_message(), **change})
@@ -700,11 +745,13 @@ def test_one_console_per_domain(rig: Rig) -> None:
     g1, g2 = rig.guest(1, 5, "web"), rig.guest(2, 6, "web")
     connect(b, host, g1)
     b.attach(g2.attach_message())
-    assert host.errors == [(2, "domain web already has console device 1 attached (one "
-                               "console per domain)")]
+    assert host.errors == [
+        (2, "domain web already has console device 1 attached (one console per domain)")
+    ]
 
 
 # --- options, hot swap, the real host loop -------------------------------------------------
+
 
 @pytest.mark.timeout(30)
 def test_options_are_checked(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -773,9 +820,14 @@ def test_the_real_host_loop_serves_input_through_the_fds_hook(rig: Rig) -> None:
     kernel = ctx.socket(zmq.PULL)
     kernel.setsockopt(zmq.LINGER, 0)
     kernel.bind(f"inproc://kernel-cons-{os.getpid()}")
-    drv = start_inline(DRIVER, "drivers.console",
-                       {"log_dir": str(rig.log_dir), "socket_dir": str(rig.dir / "s")}, ctx,
-                       f"inproc://kernel-cons-{os.getpid()}", f"inproc://cons-{os.getpid()}")
+    drv = start_inline(
+        DRIVER,
+        "drivers.console",
+        {"log_dir": str(rig.log_dir), "socket_dir": str(rig.dir / "s")},
+        ctx,
+        f"inproc://kernel-cons-{os.getpid()}",
+        f"inproc://cons-{os.getpid()}",
+    )
     to_driver = ctx.socket(zmq.PUSH)
     to_driver.setsockopt(zmq.LINGER, 0)
     to_driver.connect(f"inproc://cons-{os.getpid()}")
@@ -1038,8 +1090,14 @@ def _build_harness(tmp: Path) -> Path:
         pytest.skip("gcc is not installed")
     from domains.build import RUNTIME_DIR, generated_headers
 
-    for name in ("isovisor.h", "blkfront.h", "consfront.h", "consfront.c", "devfront.h",
-                 "devfront.c"):
+    for name in (
+        "isovisor.h",
+        "blkfront.h",
+        "consfront.h",
+        "consfront.c",
+        "devfront.h",
+        "devfront.c",
+    ):
         shutil.copy(RUNTIME_DIR / name, tmp / name)  # next to the stub hypercall.h
     for name, text in generated_headers().items():
         (tmp / name).write_text(text)
@@ -1048,9 +1106,22 @@ def _build_harness(tmp: Path) -> Path:
     (tmp / "glue.c").write_text(_GLUE_C)
     (tmp / "host.c").write_text(_HOST_C)
     exe = tmp / "harness"
-    cmd = [gcc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(tmp), "-o",
-           str(exe), str(tmp / "consfront.c"), str(tmp / "devfront.c"), str(tmp / "glue.c"),
-           str(tmp / "host.c")]
+    cmd = [
+        gcc,
+        "-std=gnu11",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-I",
+        str(tmp),
+        "-o",
+        str(exe),
+        str(tmp / "consfront.c"),
+        str(tmp / "devfront.c"),
+        str(tmp / "glue.c"),
+        str(tmp / "host.c"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return exe
@@ -1064,10 +1135,15 @@ def test_the_c_frontend_against_the_backend(rig: Rig, evil: bool) -> None:
     b, host = rig.backend()
     g = rig.guest(1, 5, "cguest")
     b.attach(g.attach_message())
-    shared = ConsoleFront(g.mem[:consif.WINDOW_BYTES], init=False)  # for the evil backend
+    shared = ConsoleFront(g.mem[: consif.WINDOW_BYTES], init=False)  # for the evil backend
     fe_store = {"device/console/0/backend": g.store}
-    proc = subprocess.Popen([str(exe), str(g.segment.path), str(consif.SEGMENT_BYTES)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [str(exe), str(g.segment.path), str(consif.SEGMENT_BYTES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     lines: list[str] = []
     kick_pending = False
@@ -1134,19 +1210,20 @@ def test_the_c_frontend_against_the_backend(rig: Rig, evil: bool) -> None:
 
 # --- fault injection (drivers/faults.py; docs/campaigns.md) ------------------------------------
 
-CONSOLE_TAKES = ("segv, abort, exception, exit, hang, slow, drop, corrupt_data, leak_mem, "
-                 "leak_fd")
+CONSOLE_TAKES = "segv, abort, exception, exit, hang, slow, drop, corrupt_data, leak_mem, leak_fd"
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("kind", ["duplicate", "bad_id", "bad_status", "bad_op", "bad_index",
-                                  "poison"])
+@pytest.mark.parametrize(
+    "kind", ["duplicate", "bad_id", "bad_status", "bad_op", "bad_index", "poison"]
+)
 def test_a_console_driver_refuses_faults_it_cannot_carry_out(rig: Rig, kind: str) -> None:
     b, _ = rig.backend()
     with pytest.raises(ValueError) as e:
         b.set_faults([{"id": 1, "type": kind, "sector": 0}])
-    assert str(e.value).startswith(f"fault type {kind!r} does not apply to a console driver "
-                                   "(device class console): ")
+    assert str(e.value).startswith(
+        f"fault type {kind!r} does not apply to a console driver (device class console): "
+    )
     assert str(e.value).endswith(f"a console driver takes: {CONSOLE_TAKES}")
     with pytest.raises(ValueError, match="op 'read' is not one of write"):
         b.set_faults([{"id": 2, "type": "exit", "op": "read"}])
@@ -1156,7 +1233,8 @@ def test_a_console_driver_refuses_faults_it_cannot_carry_out(rig: Rig, kind: str
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["exit", "segv", "abort", "hang", "exception"])
 def test_a_crash_fault_tears_an_append_and_the_next_instance_finishes_it(
-        rig: Rig, kind: str) -> None:
+    rig: Rig, kind: str
+) -> None:
     b1, host1 = rig.backend()
     g = rig.guest(1, 5, "web")
     connect(b1, host1, g)
@@ -1210,8 +1288,13 @@ def test_slow_and_leaks_write_the_append_normally(rig: Rig) -> None:
     b, host = rig.backend()
     g = rig.guest(1, 5, "web")
     connect(b, host, g)
-    b.set_faults([{"id": 1, "type": "slow", "latency_ms": 1}, {"id": 2, "type": "leak_mem"},
-                  {"id": 3, "type": "leak_fd"}])
+    b.set_faults(
+        [
+            {"id": 1, "type": "slow", "latency_ms": 1},
+            {"id": 2, "type": "leak_mem"},
+            {"id": 3, "type": "leak_fd"},
+        ]
+    )
     for line in (b"one\n", b"two\n", b"three\n"):
         pour(b, g, line)
     assert rig.log("web") == b"one\ntwo\nthree\n"

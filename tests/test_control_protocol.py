@@ -17,13 +17,16 @@ def test_valid_request() -> None:
     assert (req.command, req.properties, req.id) == ("list", {"a": 1}, "x")
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    (b"\xc1garbage", "not valid msgpack"),
-    (pack([1, 2]), "must be a msgpack map"),
-    (pack({"properties": {}}), "no 'command' string"),
-    (pack({"command": "x", "properties": 3}), "'properties' of command 'x' must be a map"),
-    (pack({"command": "x", "extra": 1}), "unknown field(s) ['extra']"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\xc1garbage", "not valid msgpack"),
+        (pack([1, 2]), "must be a msgpack map"),
+        (pack({"properties": {}}), "no 'command' string"),
+        (pack({"command": "x", "properties": 3}), "'properties' of command 'x' must be a map"),
+        (pack({"command": "x", "extra": 1}), "unknown field(s) ['extra']"),
+    ],
+)
 def test_malformed_requests(data: bytes, fragment: str) -> None:
     with pytest.raises(ControlError) as e:
         decode_request(data)
@@ -36,9 +39,13 @@ def test_random_bytes_never_escape_as_other_errors(data: bytes) -> None:
         decode_request(data)
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text()
-                    | st.binary(),
-                    lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+        max_leaves=10,
+    )
+)
 def test_random_msgpack_values(value: object) -> None:
     try:
         req = decode_request(msgpack.packb(value))

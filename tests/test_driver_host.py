@@ -68,8 +68,9 @@ class Peer:
         while True:
             msg = self.recv(deadline - time.monotonic())
             if msg is None:
-                raise AssertionError(f"no {kind!r} message within {timeout}s; seen: "
-                                     f"{self.kinds()[-10:]}")
+                raise AssertionError(
+                    f"no {kind!r} message within {timeout}s; seen: {self.kinds()[-10:]}"
+                )
             if msg[0] == kind:
                 return msg
 
@@ -118,17 +119,36 @@ class Harness:
         log_path = self.tmp / f"driver.{n}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "drivers.host", "--name", NAME, "--module", MODULE,
-                 "--kernel", self.peer.endpoint, "--listen", endpoint,
-                 "--parent-pid", str(os.getpid()), "--log-level", "INFO", *args],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+                [
+                    sys.executable,
+                    "-m",
+                    "drivers.host",
+                    "--name",
+                    NAME,
+                    "--module",
+                    MODULE,
+                    "--kernel",
+                    self.peer.endpoint,
+                    "--listen",
+                    endpoint,
+                    "--parent-pid",
+                    str(os.getpid()),
+                    "--log-level",
+                    "INFO",
+                    *args,
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+            )
         d = Driver(proc, log_path, endpoint)
         self.drivers.append(d)
         return d
 
-    def start_active(self, *args: str, env: dict[str, str] | None = None
-                     ) -> tuple[Driver, dict[str, Any]]:
+    def start_active(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[Driver, dict[str, Any]]:
         """Start a driver, wait for its hello and connect to it."""
         d = self.start(*args, env=env)
         hello = self.peer.expect("hello")[1]
@@ -170,6 +190,7 @@ def heartbeats_until_silent(peer: Peer, silence: float) -> list[list[Any]]:
 
 # --- spares -----------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
 def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     peer = harness.peer
@@ -181,8 +202,7 @@ def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     peer.send("inject", "exit")
     peer.send("activate")
     hello = peer.expect("hello")[1]
-    assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000,
-                     "statistics": True}
+    assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000, "statistics": True}
     assert peer.kinds() == ["spare", "hello"]  # no heartbeat from a spare
     assert peer.expect("heartbeat") == ["heartbeat", NAME, 1]  # an active driver beats
     assert peer.senders == {f"{NAME}:{d.proc.pid}".encode()}  # every message says who sent it
@@ -204,6 +224,7 @@ def test_a_spare_stops_cleanly_on_sigterm(harness: Harness) -> None:
 
 
 # --- heartbeats -------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(30)
 def test_heartbeats_go_out_every_quarter_watchdog_even_when_idle(harness: Harness) -> None:
@@ -234,11 +255,15 @@ def test_no_heartbeats_without_a_watchdog(harness: Harness) -> None:
 
 # --- injected faults ----------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("kind", "status"), [
-    ("segv", -11), ("abort", -6), ("exit", EXIT_INJECTED), ("exception", EXIT_SOFTWARE)])
-def test_injected_faults_end_the_process_as_they_would_for_real(harness: Harness, kind: str,
-                                                                status: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("segv", -11), ("abort", -6), ("exit", EXIT_INJECTED), ("exception", EXIT_SOFTWARE)],
+)
+def test_injected_faults_end_the_process_as_they_would_for_real(
+    harness: Harness, kind: str, status: int
+) -> None:
     # faulthandler on (as a developer might have it) must not turn a crash into anything else
     d, _ = harness.start_active("--watchdog-ms", "400", env={"PYTHONFAULTHANDLER": "1"})
     harness.peer.send("inject", kind)
@@ -247,8 +272,10 @@ def test_injected_faults_end_the_process_as_they_would_for_real(harness: Harness
     assert f"injecting a fault: {kind}" in log
     assert "Fatal Python error" not in log
     if kind == "exception":
-        assert "inject('exception',) failed in the backend: unhandled exception; exiting " \
-               "with status 70" in log
+        assert (
+            "inject('exception',) failed in the backend: unhandled exception; exiting "
+            "with status 70" in log
+        )
         assert "InjectedFault: injected fault" in log  # with its traceback
 
 
@@ -303,19 +330,37 @@ def test_unknown_injects_and_stray_activates_are_ignored(harness: Harness) -> No
 @pytest.mark.timeout(30)
 def test_bad_watchdog_arguments_exit_with_status_2(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "drivers.host", "--name", NAME, "--module", MODULE,
-         "--kernel", f"ipc://{tmp_path}/k", "--listen", f"ipc://{tmp_path}/d",
-         "--watchdog-ms", "-5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=20,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        [
+            sys.executable,
+            "-m",
+            "drivers.host",
+            "--name",
+            NAME,
+            "--module",
+            MODULE,
+            "--kernel",
+            f"ipc://{tmp_path}/k",
+            "--listen",
+            f"ipc://{tmp_path}/d",
+            "--watchdog-ms",
+            "-5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 2 and "-5 is negative" in r.stderr, r.stderr
 
 
 # --- inline -------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
 def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
     peer = Peer(ctx, f"inproc://kernel-{os.getpid()}")
     drv = None
@@ -330,10 +375,16 @@ def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
             peer.send("attach", {"key": 5})  # answered with an error: all of the above is done
             assert peer.expect("error")[1] == 5
         text = caplog.text
-        for kind, harm in (("exit", "kill"), ("segv", "kill"), ("abort", "kill"),
-                           ("hang", "stall")):
-            assert f"refusing to inject {kind!r}: this driver runs inline, so it would {harm} " \
-                   "the kernel" in text
+        for kind, harm in (
+            ("exit", "kill"),
+            ("segv", "kill"),
+            ("abort", "kill"),
+            ("hang", "stall"),
+        ):
+            assert (
+                f"refusing to inject {kind!r}: this driver runs inline, so it would {harm} "
+                "the kernel" in text
+            )
         assert "inject('exception',) failed in the backend; the driver goes on" in text
         assert "leaked 64 MiB so far" in text
         assert drv.alive

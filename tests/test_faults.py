@@ -48,15 +48,18 @@ def test_the_same_seed_gives_the_same_firings(seed: int, times: int) -> None:
     assert a == b and len(a) <= times
 
 
-@pytest.mark.parametrize("filters,read,write", [
-    ({}, True, True),
-    ({"domain": "g1"}, True, False),
-    ({"vdev": "xvdb"}, False, True),
-    ({"op": "write"}, False, True),
-    ({"sector": 807}, False, True),
-    ({"sector": 808}, False, False),
-    ({"sector": 100, "op": "read", "domain": "g1"}, True, False),
-])
+@pytest.mark.parametrize(
+    "filters,read,write",
+    [
+        ({}, True, True),
+        ({"domain": "g1"}, True, False),
+        ({"vdev": "xvdb"}, False, True),
+        ({"op": "write"}, False, True),
+        ({"sector": 807}, False, True),
+        ({"sector": 808}, False, False),
+        ({"sector": 100, "op": "read", "domain": "g1"}, True, False),
+    ],
+)
 def test_filters(filters: dict[str, Any], read: bool, write: bool) -> None:
     f = Fault.from_dict({"id": 1, "type": "exception", **filters})
     assert (f.matches(READ), f.matches(WRITE)) == (read, write)
@@ -64,11 +67,18 @@ def test_filters(filters: dict[str, Any], read: bool, write: bool) -> None:
 
 def test_the_injector_picks_the_first_matching_fault_that_fires() -> None:
     inj = Injector(seed=1)
-    inj.load([{"id": 2, "type": "slow", "latency_ms": 5, "times": -1},
-              {"id": 1, "type": "bad_id", "op": "write", "times": 1}])
+    inj.load(
+        [
+            {"id": 2, "type": "slow", "latency_ms": 5, "times": -1},
+            {"id": 1, "type": "bad_id", "op": "write", "times": 1},
+        ]
+    )
     assert inj.armed
-    assert [f.type if f else None for f in (inj.pick(WRITE), inj.pick(WRITE), inj.pick(READ))
-            ] == ["bad_id", "slow", "slow"]
+    assert [f.type if f else None for f in (inj.pick(WRITE), inj.pick(WRITE), inj.pick(READ))] == [
+        "bad_id",
+        "slow",
+        "slow",
+    ]
     assert inj.faults[1].times == 0 and inj.faults[1].fired == 1
     inj.load([{"id": 3, "type": "exception"}])
     assert list(inj.faults) == [3]
@@ -82,18 +92,21 @@ def test_slow_delays_stay_within_the_jitter() -> None:
     assert min(delays) >= 0.015 and max(delays) <= 0.025 and len(set(delays)) > 100
 
 
-@pytest.mark.parametrize("spec,message", [
-    ({"type": "sigkill"}, "type 'sigkill' is not a fault a driver carries out"),
-    ({"type": "segv", "probability": 101}, "probability must be a number from 0 to 100"),
-    ({"type": "segv", "interval": 0}, "interval must be an integer >= 1"),
-    ({"type": "segv", "times": 0}, "times must be -1 (unlimited) or an integer >= 1"),
-    ({"type": "segv", "fail_nth": -1}, "fail_nth must be an integer >= 0"),
-    ({"type": "segv", "op": "trim"}, "op 'trim' is not one of read, write, flush, discard"),
-    ({"type": "segv", "colour": "red"}, "unknown fault key(s) colour"),
-    ({"type": "poison"}, "a poison fault needs `sector`"),
-    ({"type": "segv", "domain": ""}, "domain must be a non-empty string"),
-    ("segv", "a fault is a table of keys"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"type": "sigkill"}, "type 'sigkill' is not a fault a driver carries out"),
+        ({"type": "segv", "probability": 101}, "probability must be a number from 0 to 100"),
+        ({"type": "segv", "interval": 0}, "interval must be an integer >= 1"),
+        ({"type": "segv", "times": 0}, "times must be -1 (unlimited) or an integer >= 1"),
+        ({"type": "segv", "fail_nth": -1}, "fail_nth must be an integer >= 0"),
+        ({"type": "segv", "op": "trim"}, "op 'trim' is not one of read, write, flush, discard"),
+        ({"type": "segv", "colour": "red"}, "unknown fault key(s) colour"),
+        ({"type": "poison"}, "a poison fault needs `sector`"),
+        ({"type": "segv", "domain": ""}, "domain must be a non-empty string"),
+        ("segv", "a fault is a table of keys"),
+    ],
+)
 def test_bad_specs_are_refused_with_the_key_named(spec: Any, message: str) -> None:
     with pytest.raises(ValueError) as e:
         Fault.from_dict(spec)

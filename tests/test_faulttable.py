@@ -50,11 +50,14 @@ def test_outside_faults_take_no_arguments_and_are_never_sent_to_the_driver() -> 
         t.add("blk0", {"type": "sigkill", "op": "read"})
 
 
-@pytest.mark.parametrize("spec,message", [
-    ({"type": "segfault"}, "unknown fault type 'segfault'; choose one of sigkill, sigstop"),
-    ({"type": "slow", "latency_ms": -1}, "latency_ms must be a number from 0"),
-    ({"type": "poison"}, "a poison fault needs `sector`"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"type": "segfault"}, "unknown fault type 'segfault'; choose one of sigkill, sigstop"),
+        ({"type": "slow", "latency_ms": -1}, "latency_ms must be a number from 0"),
+        ({"type": "poison"}, "a poison fault needs `sector`"),
+    ],
+)
 def test_bad_faults_are_refused(spec: dict[str, object], message: str) -> None:
     t = FaultTable()
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -17,8 +17,19 @@ from domains.build import GUEST_PROGRAMS, BuildError
 from kernel import abi
 from tests.guestdata import xorshift_bytes
 
-EXPECTED_PROGRAMS = {"hello", "crc32", "primes", "ticker", "busy", "hcbench", "crash", "badcalls",
-                     "blkstress", "blkprobe", "rmwcount"}
+EXPECTED_PROGRAMS = {
+    "hello",
+    "crc32",
+    "primes",
+    "ticker",
+    "busy",
+    "hcbench",
+    "crash",
+    "badcalls",
+    "blkstress",
+    "blkprobe",
+    "rmwcount",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +55,6 @@ def run(image: Path, extra: str = "", mem_mib: int = 4, name: str = "bare") -> B
     res = run_bare(image, mem_mib, extra, name=name, timeout_s=20)
     assert res.error is None, f"{res.error}\n{res.output}"
     return res
-
-
 
 
 # --- building ---------------------------------------------------------------

@@ -48,13 +48,17 @@ def more_io(stack: Stack, n: int = 2000) -> None:
     """Wait until the guests have issued ``n`` more requests (they are served again), or
     have all finished (their summaries are checked at the end)."""
     start = requests_now(stack)
-    wait_until(lambda: requests_now(stack) > start + n or guests_done(stack), timeout=30,
-               what=f"{n} more requests after the swap")
+    wait_until(
+        lambda: requests_now(stack) > start + n or guests_done(stack),
+        timeout=30,
+        what=f"{n} more requests after the swap",
+    )
 
 
 def guests_done(stack: Stack) -> bool:
-    return all("blkstress: ops=" in stack.call("console", name=n)["data"].decode()
-               for n in ("g1", "g2"))
+    return all(
+        "blkstress: ops=" in stack.call("console", name=n)["data"].decode() for n in ("g1", "g2")
+    )
 
 
 def backend_file(stack: Stack, name: str, body: str) -> Path:
@@ -80,9 +84,13 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
             row = driver_row(stack)
             assert (row["pid"], row["module"], row["state"]) == (r["pid"], target, "RUNNING")
             assert row["last_swap"]["outcome"] == "swapped"
-            wait_until(lambda: not psutil.pid_exists(pids[-1]) or
-                       psutil.Process(pids[-1]).status() == "zombie", timeout=10,
-                       what="the old instance to stop")
+            wait_until(
+                lambda: (
+                    not psutil.pid_exists(pids[-1]) or psutil.Process(pids[-1]).status() == "zombie"
+                ),
+                timeout=10,
+                what="the old instance to stop",
+            )
             pids.append(r["pid"])
             more_io(stack)
             sup = stack.call("ping")["pid"]
@@ -91,11 +99,17 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
                 assert len(scratch) == 2, scratch
             else:  # ... until the swap back is final: then the copies go
                 pattern = f"isovisor.{sup}.*.scratch"
-                wait_until(lambda p=pattern: not list(Path("/dev/shm").glob(p)),
-                           timeout=10, what="the memory copies removed after the commit")
+                wait_until(
+                    lambda p=pattern: not list(Path("/dev/shm").glob(p)),
+                    timeout=10,
+                    what="the memory copies removed after the commit",
+                )
             if target.endswith("RamBackend"):  # its statistics say how much memory it holds
-                wait_until(lambda: driver_row(stack)["statistics"].get("memory_bytes") ==
-                           2 * (8 << 20), timeout=10, what="the memory backend's statistics")
+                wait_until(
+                    lambda: driver_row(stack)["statistics"].get("memory_bytes") == 2 * (8 << 20),
+                    timeout=10,
+                    what="the memory backend's statistics",
+                )
                 stats = stack.cli("driver", "stats", "blk0")
                 assert "memory_bytes" in stats.stdout and target in stats.stdout, stats
         assert driver_row(stack)["swaps"] == 2
@@ -103,8 +117,9 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
         stack.pids += pids
 
 
-def assert_rolled_back(r: dict[str, Any], stack: Stack, old_pid: int, reason: str,
-                       words: str) -> None:
+def assert_rolled_back(
+    r: dict[str, Any], stack: Stack, old_pid: int, reason: str, words: str
+) -> None:
     assert r["outcome"] == "rolled_back" and r["reason"] == reason, r
     assert words in (r["error"] or ""), r
     row = driver_row(stack)
@@ -114,13 +129,17 @@ def assert_rolled_back(r: dict[str, Any], stack: Stack, old_pid: int, reason: st
 def test_rollback_when_the_new_backend_refuses_the_state(stack: Stack) -> None:
     """A backend whose restore() raises: rolled back with the error and traceback; the old
     process serves again and the guests never notice."""
-    bad = backend_file(stack, "badrestore.py", """
+    bad = backend_file(
+        stack,
+        "badrestore.py",
+        """
         from drivers.blk.backend import Backend as Base
 
         class Backend(Base):
             def restore(self, state):
                 raise RuntimeError("this backend cannot take the state over")
-    """)
+    """,
+    )
     with two_guests(stack, DRIVER, ops=OPS) as events:
         old = driver_row(stack)["pid"]
         cli = stack.cli("driver", "swap", "blk0", "--to-file", str(bad))  # as a user would
@@ -139,7 +158,10 @@ def test_rollback_when_the_new_backend_refuses_the_state(stack: Stack) -> None:
 def test_rollback_when_the_new_backend_crashes_in_its_first_requests(stack: Stack) -> None:
     """A backend that dies on its 50th request after the swap: rolled back (reason crash),
     the requests it took are redone by the old implementation, nothing is lost."""
-    bad = backend_file(stack, "crashy.py", """
+    bad = backend_file(
+        stack,
+        "crashy.py",
+        """
         from drivers.blk.backend import Backend as Base
 
         class Backend(Base):
@@ -150,7 +172,8 @@ def test_rollback_when_the_new_backend_crashes_in_its_first_requests(stack: Stac
                 if Backend.served == 50:
                     raise RuntimeError("crashy backend: request 50")
                 return super()._perform(d, raw)
-    """)
+    """,
+    )
     with two_guests(stack, DRIVER, ops=OPS) as events:
         old = driver_row(stack)["pid"]
         r = do_swap(stack, str(bad), probation=3.0)
@@ -162,14 +185,18 @@ def test_rollback_when_the_new_backend_crashes_in_its_first_requests(stack: Stac
 
 def test_rollback_when_the_new_backend_misses_its_handshake(stack: Stack) -> None:
     """restore() that never returns: after the swap's timeout the old instance takes over."""
-    slow = backend_file(stack, "stuck.py", """
+    slow = backend_file(
+        stack,
+        "stuck.py",
+        """
         import threading
         from drivers.blk.backend import Backend as Base
 
         class Backend(Base):
             def restore(self, state):
                 threading.Event().wait()
-    """)
+    """,
+    )
     with two_guests(stack, DRIVER, ops=OPS) as events:
         old = driver_row(stack)["pid"]
         r = do_swap(stack, str(slow), timeout=1.0)
@@ -182,9 +209,11 @@ BAD_BACKENDS = [
     ("import no_such_module_here\n", "No module named 'no_such_module_here'"),
     ("def broken(:\n", "syntax error in"),
     ("class Backend:\n    pass\n", "does not implement the backend interface"),
-    ("from drivers.blk.backend import Backend as B\n\nclass Backend(B):\n"
-     "    def __init__(self, host, options):\n        raise ValueError('no disks today')\n",
-     "no disks today"),
+    (
+        "from drivers.blk.backend import Backend as B\n\nclass Backend(B):\n"
+        "    def __init__(self, host, options):\n        raise ValueError('no disks today')\n",
+        "no disks today",
+    ),
 ]
 
 
@@ -227,16 +256,35 @@ def test_watch_swaps_again_every_time_the_file_changes(stack: Stack) -> None:
     f = backend_file(stack, "dev.py", WATCHED.replace("EDITION", "first"))
     with two_guests(stack, DRIVER, ops=OPS) as events:
         env = dict(os.environ, ISOVISOR_RUN_DIR=str(stack.run_dir), COLUMNS="200")
-        proc = subprocess.Popen([*ISOVISOR, "driver", "swap", "blk0", "--watch", str(f),
-                                 "--probation", "0.2", "--max-swaps", "2", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env, cwd=stack.dir)
+        proc = subprocess.Popen(
+            [
+                *ISOVISOR,
+                "driver",
+                "swap",
+                "blk0",
+                "--watch",
+                str(f),
+                "--probation",
+                "0.2",
+                "--max-swaps",
+                "2",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=stack.dir,
+        )
         try:
             assert proc.stdout is not None
             first = json.loads(proc.stdout.readline())
             assert first["outcome"] == "swapped" and first["new"] == str(f), first
-            wait_until(lambda: driver_row(stack)["statistics"].get("edition") == "first",
-                       timeout=10, what="the first edition's statistics")
+            wait_until(
+                lambda: driver_row(stack)["statistics"].get("edition") == "first",
+                timeout=10,
+                what="the first edition's statistics",
+            )
             f.write_text(WATCHED.replace("EDITION", "second"))
             second = json.loads(proc.stdout.readline())
             assert second["outcome"] == "swapped" and second["old_pid"] == first["pid"], second
@@ -245,29 +293,38 @@ def test_watch_swaps_again_every_time_the_file_changes(stack: Stack) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        wait_until(lambda: driver_row(stack)["statistics"].get("edition") == "second",
-                   timeout=10, what="the edited code serving")
+        wait_until(
+            lambda: driver_row(stack)["statistics"].get("edition") == "second",
+            timeout=10,
+            what="the edited code serving",
+        )
         finish_and_verify(stack, events, ops=OPS)
 
 
 def test_a_backend_that_cannot_be_drained_is_not_swapped(stack: Stack) -> None:
     """The running backend has no save(): the swap is refused (drain) and it goes on serving;
     the new process is gone."""
-    old_style = backend_file(stack, "nosave.py", """
+    old_style = backend_file(
+        stack,
+        "nosave.py",
+        """
         from drivers.blk.backend import Backend as Base
 
         class Backend(Base):
             save = None
-    """)
+    """,
+    )
     stack.up([], extra=DRIVER.replace('"drivers.blk"', f'"{old_style}"'))
     old = driver_row(stack)["pid"]
     r = do_swap(stack, "drivers.blk")
     assert (r["outcome"], r["reason"]) == ("refused", "drain"), r
     assert "cannot be drained: it has no save() and suspend()" in r["error"], r
     assert driver_row(stack)["pid"] == old
-    wait_until(lambda: not psutil.pid_exists(r["pid"]) or
-               psutil.Process(r["pid"]).status() == "zombie", timeout=10,
-               what="the new process to be gone")
+    wait_until(
+        lambda: not psutil.pid_exists(r["pid"]) or psutil.Process(r["pid"]).status() == "zombie",
+        timeout=10,
+        what="the new process to be gone",
+    )
 
 
 README_IMAGES = [Path(f"/tmp/isovisor-blk-recovery-{g}.img") for g in ("g1", "g2")]
@@ -288,15 +345,18 @@ def test_the_readme_swap_commands_on_the_example_stack(stack: Stack) -> None:
         stack.pids += [ping["pid"], ping["kernel_pid"]]
         stack.pids += [d["pid"] for d in stack.call("drivers")["drivers"] if d["pid"]]
         more_io(stack, 2000)
-        steps = [("drivers.blk.ram:RamBackend", [], None),
-                 ("drivers.blk", [], None),
-                 ("drivers.blk.ram:RamBackend", ["--timeout", "3"], 3.0)]
+        steps = [
+            ("drivers.blk.ram:RamBackend", [], None),
+            ("drivers.blk", [], None),
+            ("drivers.blk.ram:RamBackend", ["--timeout", "3"], 3.0),
+        ]
         for target, extra, timeout in steps:
             old = driver_row(stack)["pid"]
             r = stack.cli("driver", "swap", "blk0", "--to", target, *extra, timeout=90)
             assert r.returncode == 0, r.stdout + r.stderr
-            assert "swapped blk0: " in r.stdout and f"-> {target}; pid {old} -> " in r.stdout, \
+            assert "swapped blk0: " in r.stdout and f"-> {target}; pid {old} -> " in r.stdout, (
                 r.stdout
+            )
             row = driver_row(stack)
             stack.pids.append(row["pid"])
             assert (row["module"], row["state"]) == (target, "RUNNING"), row
@@ -304,8 +364,10 @@ def test_the_readme_swap_commands_on_the_example_stack(stack: Stack) -> None:
             more_io(stack, 2000)
         bad = stack.cli("driver", "swap", "blk0", "--to", "drivers.blk", "--timeout", "0.01")
         assert bad.returncode == 1, bad
-        assert "--timeout must be at least 0.1 s and less than driver blk0's " \
-               "request_timeout_sec (5 s" in bad.stderr, bad.stderr
+        assert (
+            "--timeout must be at least 0.1 s and less than driver blk0's "
+            "request_timeout_sec (5 s" in bad.stderr
+        ), bad.stderr
         assert driver_row(stack)["module"] == "drivers.blk.ram:RamBackend"  # nothing happened
         for g in ("g1", "g2"):
             con = stack.cli("console", g).stdout

@@ -65,6 +65,7 @@ _MASK = (1 << 64) - 1
 
 # --- a kernel process --------------------------------------------------------------------------
 
+
 @dataclass
 class Kernel:
     """One kernel process in a private directory, and the fake drivers talking to it."""
@@ -91,12 +92,27 @@ class Kernel:
         return self.dir / "kernel.log"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "kernel", "--control", self.control, "--events",
-               self.events, "--drivers", self.driver_endpoint, "--shm-prefix", self.prefix,
-               "--pcpus", "2", "--parent-pid", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kernel",
+            "--control",
+            self.control,
+            "--events",
+            self.events,
+            "--drivers",
+            self.driver_endpoint,
+            "--shm-prefix",
+            self.prefix,
+            "--pcpus",
+            "2",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=out)
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
         deadline = time.monotonic() + WAIT
         while True:
             assert self.proc.poll() is None, f"kernel exited at start:\n{self.log()}"
@@ -122,15 +138,22 @@ class Kernel:
         drv = FakeDriver(self, name, pid, **kw)
         self.drivers.append(drv)
         drv.start()
-        wait_until(lambda: (self.driver_row(name) or {}).get("pid") == pid,
-                   f"driver {name} (pid {pid}) connected")
+        wait_until(
+            lambda: (self.driver_row(name) or {}).get("pid") == pid,
+            f"driver {name} (pid {pid}) connected",
+        )
         return drv
 
-    def create(self, name: str, image: str, extra: str, backend: str,
-               size: str = "4M") -> None:
-        data = {"name": name, "image": image, "memory": 8, "on_poweroff": "preserve",
-                "on_crash": "preserve", "extra": extra,
-                "disk": [f"vdev=xvda, backend={backend}, type=memory, size={size}"]}
+    def create(self, name: str, image: str, extra: str, backend: str, size: str = "4M") -> None:
+        data = {
+            "name": name,
+            "image": image,
+            "memory": 8,
+            "on_poweroff": "preserve",
+            "on_crash": "preserve",
+            "extra": extra,
+            "disk": [f"vdev=xvda, backend={backend}, type=memory, size={size}"],
+        }
         cfg = DomainConfig.from_dict(data, str(self.dir / f"{name}.toml"), base_dir=self.dir)
         self.call("create", config=cfg.to_wire())
 
@@ -202,8 +225,9 @@ class Events:
         while True:
             ev = self.sub.recv(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                raise AssertionError(f"no {topic} {match} within {timeout}s; saw "
-                                     f"{[t for t, _ in self.seen]}")
+                raise AssertionError(
+                    f"no {topic} {match} within {timeout}s; saw {[t for t, _ in self.seen]}"
+                )
             self.seen.append(ev)
             if ev[0] == topic and all(ev[1].get(k) == v for k, v in match.items()):
                 return ev[1]
@@ -228,6 +252,7 @@ def summary(console: str) -> dict[str, int]:
 
 
 # --- a driver played by the test ----------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class FakeDevice:
@@ -262,11 +287,22 @@ class FakeDriver:
     notifying would), and with ``quiet`` it resumes a console without writing its backend state
     (each write raises the guest's port)."""
 
-    def __init__(self, kernel: Kernel, name: str, pid: int, *,
-                 disks: dict[str, bytearray] | None = None, stall: int | None = None,
-                 hello: dict[str, Any] | None = None, bad_ids: bool = False,
-                 spare: bool = False, restore: str = "ok", lose_wakeups: bool = False,
-                 quiet: bool = False, paused: bool = False) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        name: str,
+        pid: int,
+        *,
+        disks: dict[str, bytearray] | None = None,
+        stall: int | None = None,
+        hello: dict[str, Any] | None = None,
+        bad_ids: bool = False,
+        spare: bool = False,
+        restore: str = "ok",
+        lose_wakeups: bool = False,
+        quiet: bool = False,
+        paused: bool = False,
+    ) -> None:
         self.kernel = kernel
         self.name = name
         self.pid = pid
@@ -316,11 +352,13 @@ class FakeDriver:
                 fn()
             finally:
                 done.set()
+
         self._outbox.put(call)
         assert done.wait(WAIT), "the fake driver's thread did not run the call"
 
-    def wait_for(self, pred: Callable[[list[list[Any]]], Any], what: str,
-                 timeout: float = WAIT) -> Any:
+    def wait_for(
+        self, pred: Callable[[list[list[Any]]], Any], what: str, timeout: float = WAIT
+    ) -> Any:
         with self.cond:
             val = self.cond.wait_for(lambda: pred(self.messages) or self._error, timeout)
         assert self._error is None, f"fake driver failed: {self._error!r}"
@@ -337,10 +375,18 @@ class FakeDriver:
         try:
             pull.bind(self.endpoint)
             push.connect(self.kernel.driver_endpoint)
-            self._send([
-                "spare" if self.spare else "hello",
-                {"name": self.name, "pid": self.pid, "endpoint": self.endpoint,
-                 "module": "tests.fake", **({} if self.spare else self.hello_extra)}])
+            self._send(
+                [
+                    "spare" if self.spare else "hello",
+                    {
+                        "name": self.name,
+                        "pid": self.pid,
+                        "endpoint": self.endpoint,
+                        "module": "tests.fake",
+                        **({} if self.spare else self.hello_extra),
+                    },
+                ]
+            )
             self._ready.set()
             while not self._stop.is_set():
                 self._flush_outbox()
@@ -393,13 +439,25 @@ class FakeDriver:
             self.saved = {"saved_by": self.pid, "devices": len(self.disks)}
             self._send(["saved", {**me, "state": self.saved}])
         elif kind == "restore" and self.restore_mode == "fail":
-            self._send(["restore_failed", {**me, "error": "StateError: refused on purpose",
-                                           "traceback": "Traceback: fake"}])
+            self._send(
+                [
+                    "restore_failed",
+                    {
+                        **me,
+                        "error": "StateError: refused on purpose",
+                        "traceback": "Traceback: fake",
+                    },
+                ]
+            )
         elif kind == "restore" and self.restore_mode == "ok":
             self.drained = self.spare = False
             self._send(["restored", {**me, "state": {"saved_by": self.pid, "restored": msg[1]}}])
-            self._send(["hello", {**me, "endpoint": self.endpoint, "module": "tests.fake",
-                                  **self.hello_extra}])
+            self._send(
+                [
+                    "hello",
+                    {**me, "endpoint": self.endpoint, "module": "tests.fake", **self.hello_extra},
+                ]
+            )
         elif self.drained or self.spare:
             return
         elif kind == "attach":
@@ -421,8 +479,9 @@ class FakeDriver:
             old.close()
         if a["class"] == consif.CLASS_NAME:
             seg = Segment(a["segment"], 0, create=False)
-            dev = FakeDevice(a["key"], a["store"], seg, bytearray(), memoryview(seg.buf),
-                             is_console=True)
+            dev = FakeDevice(
+                a["key"], a["store"], seg, bytearray(), memoryview(seg.buf), is_console=True
+            )
             self.devices[dev.key] = dev
             if not self.quiet:
                 self._send(["store", f"{dev.store}/state", "2"])
@@ -431,13 +490,19 @@ class FakeDriver:
         seg = Segment(a["segment"], 0, create=False)
         dev = FakeDevice(a["key"], a["store"], seg, disk, memoryview(seg.buf))
         self.devices[dev.key] = dev
-        for k, v in (("sectors", str(len(disk) // 512)), ("sector-size", "512"), ("info", "0"),
-                     ("feature-flush-cache", "1"), ("feature-discard", "1"), ("state", "2")):
+        for k, v in (
+            ("sectors", str(len(disk) // 512)),
+            ("sector-size", "512"),
+            ("info", "0"),
+            ("feature-flush-cache", "1"),
+            ("feature-discard", "1"),
+            ("state", "2"),
+        ):
             self._send(["store", f"{dev.store}/{k}", v])
 
     def _connect(self, dev: FakeDevice, *, resume: bool) -> None:
         if dev.is_console:
-            dev.console = ConsoleBack(dev.mem[:consif.WINDOW_BYTES])
+            dev.console = ConsoleBack(dev.mem[: consif.WINDOW_BYTES])
             if not (resume and self.quiet):
                 self._send(["store", f"{dev.store}/state", "4"])
             if resume:
@@ -446,12 +511,17 @@ class FakeDriver:
             return
         dev.ring = BackRing(dev.mem[:RING_BYTES], blkif.RING_SLOTS, blkif.SLOT_SIZE)
         dev.journal = InflightLog(
-            dev.mem[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
-            blkif.RING_SLOTS, blkif.SLOT_SIZE)
+            dev.mem[blkif.INFLIGHT_OFFSET : blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+            blkif.RING_SLOTS,
+            blkif.SLOT_SIZE,
+        )
         records = dev.journal.pending()
         dev.records_at_connect = len(records)
-        redo = [r for r in records if (r.index - dev.ring.rsp_prod_pvt) & _MASK
-                < blkif.RING_SLOTS] if resume else []
+        redo = (
+            [r for r in records if (r.index - dev.ring.rsp_prod_pvt) & _MASK < blkif.RING_SLOTS]
+            if resume
+            else []
+        )
         for rec in records:
             if rec not in redo:
                 dev.journal.end(rec.index)
@@ -488,8 +558,9 @@ class FakeDriver:
                 if self.stall is None:
                     rsp = self._perform(dev, raw)
                     if self.bad_ids:  # a buggy driver: the response names no request
-                        rsp = (int.from_bytes(rsp[:8], "little") ^ 0xDEAD).to_bytes(8, "little") \
-                            + rsp[8:]
+                        rsp = (int.from_bytes(rsp[:8], "little") ^ 0xDEAD).to_bytes(
+                            8, "little"
+                        ) + rsp[8:]
                     ring.put_response(rsp)
             if self.stall is not None:
                 return
@@ -525,12 +596,12 @@ class FakeDriver:
         pos = req.sector * 512
         for off, length in req.segments:
             if req.op == OP_READ:
-                dev.mem[off:off + length] = dev.disk[pos:pos + length]
+                dev.mem[off : off + length] = dev.disk[pos : pos + length]
             elif req.op == OP_WRITE:
-                dev.disk[pos:pos + length] = dev.mem[off:off + length]
+                dev.disk[pos : pos + length] = dev.mem[off : off + length]
             pos += length
         if req.op == OP_DISCARD:
-            dev.disk[pos:pos + req.nr_sectors * 512] = bytes(req.nr_sectors * 512)
+            dev.disk[pos : pos + req.nr_sectors * 512] = bytes(req.nr_sectors * 512)
         return encode_response(req.id, req.op, STATUS_OKAY)
 
 
@@ -540,9 +611,9 @@ def kinds(msgs: list[list[Any]]) -> list[str]:
 
 # --- a driver is replaced while a guest does I/O ----------------------------------------------
 
+
 @pytest.mark.timeout(60)
-def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
-        kernel: Kernel) -> None:
+def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(kernel: Kernel) -> None:
     """driver_lost with a stale pid keeps the link; with the right one it drops it, and the
     guest's kicks are dropped (0), not refused; the next hello re-attaches the device with the
     frontend's state, the new instance redoes the request its predecessor died on and resumes
@@ -552,8 +623,9 @@ def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
         a = kernel.driver("blk0", 4001, disks=disks)
         first = ev.wait("driver.blk0.replayed", pid=4001)  # no device yet: at once
         assert (first["devices"], first["replayed"]) == (0, 0), first
-        kernel.create("g", "blkstress", "ops=3000 qd=8 mix=60 seed=7 blocks=256 timeout=30000",
-                      "blk0")
+        kernel.create(
+            "g", "blkstress", "ops=3000 qd=8 mix=60 seed=7 blocks=256 timeout=30000", "blk0"
+        )
         wait_until(lambda: kernel.device("g")["requests"] > 200, "the guest doing I/O")
         a.run(lambda: setattr(a, "paused", True))  # from now on it serves no kick
 
@@ -573,6 +645,7 @@ def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
         def die_during_a_request() -> None:  # it takes one of the new requests, then dies
             a.stall = 1
             a.serve_all()
+
         a.run(die_during_a_request)
         a.stop()
         assert kernel.device("g")["outstanding"] > 0
@@ -597,10 +670,9 @@ def test_a_new_instance_gets_every_device_back_and_the_guest_never_notices(
 
 def console_out_indices(dev: FakeDevice) -> tuple[int, int, int]:
     """A console device's (out_prod, out_cons, out_cons_event), as its page holds them."""
-    w = dev.mem[:consif.HEADER_BYTES].cast("Q")
+    w = dev.mem[: consif.HEADER_BYTES].cast("Q")
     try:
-        return (w[consif.OUT_PROD // 8], w[consif.OUT_CONS // 8],
-                w[consif.OUT_CONS_EVENT // 8])
+        return (w[consif.OUT_PROD // 8], w[consif.OUT_CONS // 8], w[consif.OUT_CONS_EVENT // 8])
     finally:
         w.release()
 
@@ -615,8 +687,7 @@ def console_waits_for_room_it_has(dev: FakeDevice) -> bool:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("then", ["a new instance", "failing mode"])
-def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
-                                                                then: str) -> None:
+def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel, then: str) -> None:
     """A console driver consumes the guest's output and is killed before it notifies: the guest,
     asleep until room comes, would sleep for good, since the ring is empty and neither the next
     instance (one that rewrites no backend state) nor the kernel in failing mode has anything
@@ -630,9 +701,18 @@ def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
         # the guest ever waited for room was up to the host's scheduler.
         a = kernel.driver("conF", 6001, lose_wakeups=True, paused=True)
         cfg = DomainConfig.from_dict(
-            {"name": "c", "image": "conecho", "memory": 4, "on_poweroff": "preserve",
-             "on_crash": "preserve", "extra": f"lines={lines}", "console": "conF"},
-            str(kernel.dir / "c.toml"), base_dir=kernel.dir)
+            {
+                "name": "c",
+                "image": "conecho",
+                "memory": 4,
+                "on_poweroff": "preserve",
+                "on_crash": "preserve",
+                "extra": f"lines={lines}",
+                "console": "conF",
+            },
+            str(kernel.dir / "c.toml"),
+            base_dir=kernel.dir,
+        )
         kernel.call("create", config=cfg.to_wire())
         served: list[int] = []  # out_prod when the driver last took the guest's output
         stuck: list[bool] = []
@@ -657,9 +737,15 @@ def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
             (dom,) = [d for d in kernel.call("list")["domains"] if d["name"] == "c"]
             asleep = dom["state"][1] == "b"
             stuck.clear()
-            a.run(lambda: stuck.extend(take_output_once_asleep(d, asleep)
-                                       for d in a.devices.values() if d.console is not None))
+            a.run(
+                lambda: stuck.extend(
+                    take_output_once_asleep(d, asleep)
+                    for d in a.devices.values()
+                    if d.console is not None
+                )
+            )
             return stuck == [True] and asleep
+
         wait_until(probe, "the guest asleep on a wake-up the driver never sent")
         taken: list[bytes] = []
         a.run(lambda: taken.extend(bytes(d.output) for d in a.devices.values()))
@@ -677,19 +763,20 @@ def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
     out = b"".join(taken).decode()
     got = [ln for ln in out.splitlines() if ln.startswith("conecho: line ")]
     assert done["code"] == 0, out[-2000:]
-    assert got == [f"conecho: line {i:09d} abcdefghijklmnopqrstuvwxyz0123456789"
-                   for i in range(lines)], (len(got), out[-2000:])
+    assert got == [
+        f"conecho: line {i:09d} abcdefghijklmnopqrstuvwxyz0123456789" for i in range(lines)
+    ], (len(got), out[-2000:])
     assert f"conecho: done lines={lines} echoed=0" in out, out[-2000:]
 
 
 @pytest.mark.timeout(60)
 def test_a_driver_flooding_notifications_is_reported_and_the_guest_still_runs(
-        kernel: Kernel) -> None:
+    kernel: Kernel,
+) -> None:
     """A connected instance sending ``notify`` for its device as fast as a process can: the
     kernel keeps up, publishes one violation naming the flood, and the guest is unharmed."""
     a = kernel.driver("blk0", 4101)
-    kernel.create("g", "blkstress", "ops=200 qd=4 mix=60 seed=3 blocks=64 timeout=30000",
-                  "blk0")
+    kernel.create("g", "blkstress", "ops=200 qd=4 mix=60 seed=3 blocks=64 timeout=30000", "blk0")
     key = a.wait_for(lambda m: "attach" in kinds(m) and m, "attach")[0][1]["key"]
     a.run(lambda: setattr(a, "paused", True))  # the guest waits for its driver meanwhile
     push = zmq.Context.instance().socket(zmq.PUSH)
@@ -699,8 +786,7 @@ def test_a_driver_flooding_notifications_is_reported_and_the_guest_still_runs(
     try:
         with kernel.subscribe(["driver.blk0.", "domain.g."]) as ev:
             deadline = time.monotonic() + 20
-            while (not ev.count("driver.blk0.violation")
-                   and time.monotonic() < deadline):
+            while not ev.count("driver.blk0.violation") and time.monotonic() < deadline:
                 for _ in range(2000):
                     push.send_multipart(frames)
                 ev.drain()
@@ -723,8 +809,9 @@ def test_many_replacements_leak_no_kernel_sockets(kernel: Kernel) -> None:
     fd_dir = Path(f"/proc/{kernel.proc.pid}/fd")
     disks: dict[str, bytearray] = {}
     drv = kernel.driver("blkR", 3000, disks=disks)
-    kernel.create("r", "blkstress", "ops=1000000 qd=4 mix=50 seed=5 blocks=64 timeout=30000",
-                  "blkR")
+    kernel.create(
+        "r", "blkstress", "ops=1000000 qd=4 mix=50 seed=5 blocks=64 timeout=30000", "blkR"
+    )
     fds: list[int] = []
     for i in range(1, 16):
         before = kernel.device("r")["requests"]
@@ -741,16 +828,20 @@ def test_many_replacements_leak_no_kernel_sockets(kernel: Kernel) -> None:
 
 # --- commands -----------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
-def test_driver_lost_checks_the_pid_and_driver_inject_checks_its_arguments(
-        kernel: Kernel) -> None:
+def test_driver_lost_checks_the_pid_and_driver_inject_checks_its_arguments(kernel: Kernel) -> None:
     a = kernel.driver("blkC", 8001)
     wait_until(lambda: kernel.driver_row("blkC"), "the driver connected")
     assert kernel.call("driver_lost", name="blkC", pid=8000)["dropped"] is False
     row = kernel.driver_row("blkC")
     assert row is not None and row["connected"] and row["pid"] == 8001, row
     assert (row["failing"], row["devices"], row["outstanding"], row["watchdog_ms"]) == (
-        False, 0, 0, 0), row
+        False,
+        0,
+        0,
+        0,
+    ), row
     assert 0 <= row["last_seen_ms"] < 10_000, row
 
     with pytest.raises(ControlError) as e:
@@ -774,6 +865,7 @@ def test_driver_lost_checks_the_pid_and_driver_inject_checks_its_arguments(
 
 
 # --- hangs ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(30)
 def test_a_silent_driver_is_reported_hung_once_per_instance(kernel: Kernel) -> None:
@@ -831,24 +923,29 @@ def test_an_unanswered_request_is_a_hang_and_driver_fail_answers_it(kernel: Kern
 
 # --- failing mode ---------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(40)
-def test_driver_fail_answers_every_request_with_an_error_until_a_new_hello(
-        kernel: Kernel) -> None:
+def test_driver_fail_answers_every_request_with_an_error_until_a_new_hello(kernel: Kernel) -> None:
     """Requests the dead driver had taken (in the in-flight log) and those it never saw are
     answered with errors, then every later request on its kick; blkstress finishes with
     errors instead of waiting forever.  A new instance ends it, with the logs cleared."""
     with kernel.subscribe(["driver.blkF.", "domain.s."]) as ev:
         a = kernel.driver("blkF", 5001, stall=3)
-        kernel.create("s", "blkstress", "ops=200 qd=8 mix=50 seed=3 blocks=64 timeout=30000",
-                      "blkF")
+        kernel.create(
+            "s", "blkstress", "ops=200 qd=8 mix=50 seed=3 blocks=64 timeout=30000", "blkF"
+        )
         wait_until(lambda: kernel.device("s")["outstanding"] == 8, "8 requests outstanding")
         taken: list[int] = []
-        a.run(lambda: taken.extend(len(d.journal.pending()) for d in a.devices.values()
-                                   if d.journal is not None))
+        a.run(
+            lambda: taken.extend(
+                len(d.journal.pending()) for d in a.devices.values() if d.journal is not None
+            )
+        )
         assert taken == [3], taken  # 3 taken by the driver, 5 never seen by it
         key = a.wait_for(lambda m: [x[1]["key"] for x in m if x[0] == "attach"], "attach")[0]
-        segment = a.wait_for(lambda m: [x[1]["segment"] for x in m if x[0] == "attach"],
-                             "attach")[0]
+        segment = a.wait_for(lambda m: [x[1]["segment"] for x in m if x[0] == "attach"], "attach")[
+            0
+        ]
         a.stop()
         assert kernel.call("driver_lost", name="blkF", pid=5001)["dropped"] is True
 
@@ -863,16 +960,19 @@ def test_driver_fail_answers_every_request_with_an_error_until_a_new_hello(
         dev = kernel.device("s")
         assert dev["failed_requests"] >= 200 and dev["outstanding"] == 0, dev
         row = kernel.driver_row("blkF")
-        assert row is not None and row["failing"] and row["failing_reason"] == \
-            "restarted too often", row
+        assert (
+            row is not None and row["failing"] and row["failing_reason"] == "restarted too often"
+        ), row
 
         # a late write of the dead instance leaves a record behind; the next hello clears it
         stale = Segment(segment, 0, create=False)
         try:
             view = memoryview(stale.buf)
             journal = InflightLog(
-                view[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
-                blkif.RING_SLOTS, blkif.SLOT_SIZE)
+                view[blkif.INFLIGHT_OFFSET : blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+                blkif.RING_SLOTS,
+                blkif.SLOT_SIZE,
+            )
             journal.begin(int.from_bytes(view[16:24], "little"), b"\0" * 16)
             del journal
             view.release()
@@ -891,52 +991,107 @@ def test_driver_fail_answers_every_request_with_an_error_until_a_new_hello(
 
 # --- driver messages ------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(30)
-def test_poison_spare_and_recovered_reports_and_malformed_ones_are_ignored(
-        kernel: Kernel) -> None:
+def test_poison_spare_and_recovered_reports_and_malformed_ones_are_ignored(kernel: Kernel) -> None:
     with kernel.subscribe(["driver.", "device.m.", "domain.m."]) as ev:
         a = kernel.driver("blkM", 9001)
         kernel.create("m", "blkprobe", "action=info", "blkM")
         ev.wait("domain.m.shutdown")
         key = a.wait_for(lambda m: [x[1]["key"] for x in m if x[0] == "attach"], "attach")[0]
         junk: list[Any] = [
-            b"\xc1", ["heartbeat"], ["heartbeat", 5, 1], ["heartbeat", "blkM", "one"],
+            b"\xc1",
+            ["heartbeat"],
+            ["heartbeat", 5, 1],
+            ["heartbeat", "blkM", "one"],
             ["heartbeat", "nosuch", 1],
-            ["spare"], ["spare", 3], ["spare", {"name": "blkS", "pid": "1", "endpoint": "x",
-                                                "module": "m"}],
-            ["recovered", "k", 1, 2], ["recovered", key, -1, 0], ["recovered", key, 1],
-            ["recovered", 99999, 0, 0], ["recovered", True, 0, 0],
-            ["poison", key, "x", "y"], ["poison", key, 0, 5], ["poison", key, -2, "y"],
+            ["spare"],
+            ["spare", 3],
+            ["spare", {"name": "blkS", "pid": "1", "endpoint": "x", "module": "m"}],
+            ["recovered", "k", 1, 2],
+            ["recovered", key, -1, 0],
+            ["recovered", key, 1],
+            ["recovered", 99999, 0, 0],
+            ["recovered", True, 0, 0],
+            ["poison", key, "x", "y"],
+            ["poison", key, 0, 5],
+            ["poison", key, -2, "y"],
             ["poison", 99999, 0, "y"],
-            ["hello", {"name": "blkBad", "pid": 1, "endpoint": "ipc:///nowhere", "module": "m",
-                       "watchdog_ms": -1}],
-            ["hello", {"name": "blkBad", "pid": 1, "endpoint": "ipc:///nowhere", "module": "m",
-                       "request_timeout_ms": "10s"}],
-            ["hello", {"name": "blkBad", "pid": 1, "endpoint": "ipc:///nowhere", "module": "m",
-                       "watchdog_ms": True}],
+            [
+                "hello",
+                {
+                    "name": "blkBad",
+                    "pid": 1,
+                    "endpoint": "ipc:///nowhere",
+                    "module": "m",
+                    "watchdog_ms": -1,
+                },
+            ],
+            [
+                "hello",
+                {
+                    "name": "blkBad",
+                    "pid": 1,
+                    "endpoint": "ipc:///nowhere",
+                    "module": "m",
+                    "request_timeout_ms": "10s",
+                },
+            ],
+            [
+                "hello",
+                {
+                    "name": "blkBad",
+                    "pid": 1,
+                    "endpoint": "ipc:///nowhere",
+                    "module": "m",
+                    "watchdog_ms": True,
+                },
+            ],
         ]
         for msg in junk:
             a.send(msg)
         a.send(["poison", key, 5, "write sector 800, 1 segment, id 7"])
         poison = ev.wait("driver.blkM.poison")
-        assert poison == {"pid": 9001, "domain": "m", "vdev": "xvda", "index": 5,
-                          "request": "write sector 800, 1 segment, id 7"}, poison
+        assert poison == {
+            "pid": 9001,
+            "domain": "m",
+            "vdev": "xvda",
+            "index": 5,
+            "request": "write sector 800, 1 segment, id 7",
+        }, poison
         a.send(["recovered", key, 2, 12345])
         rec = ev.wait("device.m.xvda.recovered")
-        assert rec == {"domid": rec["domid"], "driver": "blkM", "replayed": 2,
-                       "done_ns": 12345}, rec
-        a.send(["spare", {"name": "blkS", "pid": 9100, "endpoint": "ipc:///spare.sock",
-                          "module": "drivers.blk"}])
+        assert rec == {"domid": rec["domid"], "driver": "blkM", "replayed": 2, "done_ns": 12345}, (
+            rec
+        )
+        a.send(
+            [
+                "spare",
+                {
+                    "name": "blkS",
+                    "pid": 9100,
+                    "endpoint": "ipc:///spare.sock",
+                    "module": "drivers.blk",
+                },
+            ]
+        )
         assert ev.wait("driver.blkS.spare") == {"pid": 9100, "endpoint": "ipc:///spare.sock"}
         ev.drain()
     names = {r["name"] for r in kernel.call("drivers")["drivers"]}
     assert names == {"blkM"}, names  # neither the spare nor a malformed hello got a link
     assert [t for t, _ in ev.seen if t.startswith("driver.blkM.")].count(
-        "driver.blkM.replayed") == 1  # the one after the first hello, not one per report
+        "driver.blkM.replayed"
+    ) == 1  # the one after the first hello, not one per report
     assert kernel.call("ping")["status"] == "ok"
     log = kernel.log()
-    for what in ("undecodable message", "malformed heartbeat", "malformed spare",
-                 "malformed recovered", "malformed poison", "malformed hello from driver blkBad"):
+    for what in (
+        "undecodable message",
+        "malformed heartbeat",
+        "malformed spare",
+        "malformed recovered",
+        "malformed poison",
+        "malformed hello from driver blkBad",
+    ):
         assert what in log, what
     assert "Traceback" not in log, log
 
@@ -962,8 +1117,10 @@ def test_a_malformed_message_from_a_connected_instance_is_a_violation(kernel: Ke
             push.send_multipart([b"blkX:9801", b"\xc1"])
             push.send_multipart([b"blkX:9801", msgpack.packb(["store", "/driver/blkX/a", "1"])])
             # Query the root, which always exists: /driver/blkX may not exist until the write lands.
-            wait_until(lambda: kernel.call("store", path="/")["nodes"].get(
-                "/driver/blkX/a") == "1", "the store write after them")
+            wait_until(
+                lambda: kernel.call("store", path="/")["nodes"].get("/driver/blkX/a") == "1",
+                "the store write after them",
+            )
             ev.drain()
         assert [t for t, _ in ev.seen].count("driver.blkX.violation") == 1
     finally:
@@ -974,8 +1131,7 @@ def test_a_malformed_message_from_a_connected_instance_is_a_violation(kernel: Ke
 
 
 @pytest.mark.timeout(60)
-def test_bad_responses_are_held_taken_back_and_redone_by_the_next_instance(
-        kernel: Kernel) -> None:
+def test_bad_responses_are_held_taken_back_and_redone_by_the_next_instance(kernel: Kernel) -> None:
     """A driver answers with ids that match no request: the frontend reports a violation and
     holds instead of failing; the next instance's hello makes the kernel take the bad
     responses back, the new instance redoes those requests, and the guest verifies every
@@ -983,11 +1139,17 @@ def test_bad_responses_are_held_taken_back_and_redone_by_the_next_instance(
     disks: dict[str, bytearray] = {}
     with kernel.subscribe(["driver.blkV.", "device.v.", "domain.v."]) as ev:
         a = kernel.driver("blkV", 9501, disks=disks, bad_ids=True)
-        kernel.create("v", "blkstress", "ops=2000 qd=8 mix=60 seed=3 blocks=128 timeout=30000",
-                      "blkV")
+        kernel.create(
+            "v", "blkstress", "ops=2000 qd=8 mix=60 seed=3 blocks=128 timeout=30000", "blkV"
+        )
         v = ev.wait("driver.blkV.violation")
         assert (v["pid"], v["reporter"], v["domain"], v["vdev"], v["held"]) == (
-            9501, "frontend", "v", "xvda", True), v
+            9501,
+            "frontend",
+            "v",
+            "xvda",
+            True,
+        ), v
         assert "bad response" in v["reason"] and "matches no request" in v["reason"], v
         wait_until(lambda: "holding from response 0" in kernel.console("v"), "the hold")
         a.stop()
@@ -1023,11 +1185,12 @@ def test_bad_responses_of_a_driver_that_is_failed_become_errors(kernel: Kernel) 
 
 # --- pure logic, in-process -----------------------------------------------------------------------
 
+
 def _requests(front: FrontRing, ids: list[int]) -> list[bytes]:
-    reqs = [encode_request(i, op, 8, [(blkif.DATA_OFFSET, 512)] if op in (OP_READ, OP_WRITE)
-                           else [])
-            for i, op in zip(ids, [OP_READ, OP_WRITE, OP_FLUSH, 9, OP_READ, OP_WRITE],
-                             strict=False)]
+    reqs = [
+        encode_request(i, op, 8, [(blkif.DATA_OFFSET, 512)] if op in (OP_READ, OP_WRITE) else [])
+        for i, op in zip(ids, [OP_READ, OP_WRITE, OP_FLUSH, 9, OP_READ, OP_WRITE], strict=False)
+    ]
     for r in reqs:
         front.put_request(r)
     front.push_requests()
@@ -1042,8 +1205,11 @@ def test_answer_with_errors_answers_from_rsp_prod_in_ring_order_and_clears_the_l
     # the dead backend: answered and published #0 but died before retiring its record, and
     # had taken #1 and #2
     back = BackRing(mv[:RING_BYTES], blkif.RING_SLOTS, blkif.SLOT_SIZE)
-    journal = InflightLog(mv[blkif.INFLIGHT_OFFSET:blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
-                          blkif.RING_SLOTS, blkif.SLOT_SIZE)
+    journal = InflightLog(
+        mv[blkif.INFLIGHT_OFFSET : blkif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+        blkif.RING_SLOTS,
+        blkif.SLOT_SIZE,
+    )
     for i in range(3):
         journal.begin(i, back.get_request())
     back.put_response(encode_response(10, OP_READ, STATUS_OKAY))
@@ -1055,9 +1221,13 @@ def test_answer_with_errors_answers_from_rsp_prod_in_ring_order_and_clears_the_l
     answered, notify = answer_with_errors(buf, blkif.WINDOW_BYTES, 2048, VBD)
     assert (answered, notify) == (5, True)
     got = [decode_response(front.get_response()) for _ in range(5)]
-    assert got == [(11, OP_WRITE, STATUS_ERROR), (12, OP_FLUSH, STATUS_ERROR),
-                   (13, 9, STATUS_ERROR), (14, OP_READ, STATUS_ERROR),
-                   (15, OP_WRITE, STATUS_ERROR)]  # #1 from its record, not the scribble
+    assert got == [
+        (11, OP_WRITE, STATUS_ERROR),
+        (12, OP_FLUSH, STATUS_ERROR),
+        (13, 9, STATUS_ERROR),
+        (14, OP_READ, STATUS_ERROR),
+        (15, OP_WRITE, STATUS_ERROR),
+    ]  # #1 from its record, not the scribble
     assert not front.unconsumed_responses()
     assert journal.pending() == []
     words = mv[:32].cast("Q")
@@ -1092,13 +1262,21 @@ def test_a_notification_flood_is_a_violation_once_per_link() -> None:
     assert link.last_seen == now[0]
 
 
-@pytest.mark.parametrize("extra,ok", [
-    ({}, True), ({"watchdog_ms": 0, "request_timeout_ms": 1}, True),
-    ({"watchdog_ms": 250, "request_timeout_ms": 0}, True),
-    ({"watchdog_ms": -1}, False), ({"watchdog_ms": 1.5}, False), ({"watchdog_ms": True}, False),
-    ({"request_timeout_ms": -5}, False), ({"request_timeout_ms": "10"}, False),
-    ({"pid": "7"}, False), ({"name": ""}, False),
-])
+@pytest.mark.parametrize(
+    "extra,ok",
+    [
+        ({}, True),
+        ({"watchdog_ms": 0, "request_timeout_ms": 1}, True),
+        ({"watchdog_ms": 250, "request_timeout_ms": 0}, True),
+        ({"watchdog_ms": -1}, False),
+        ({"watchdog_ms": 1.5}, False),
+        ({"watchdog_ms": True}, False),
+        ({"request_timeout_ms": -5}, False),
+        ({"request_timeout_ms": "10"}, False),
+        ({"pid": "7"}, False),
+        ({"name": ""}, False),
+    ],
+)
 def test_hello_fields_are_checked(extra: dict[str, Any], ok: bool) -> None:
     info = {"name": "d", "pid": 7, "endpoint": "ipc:///d", "module": "m", **extra}
     if not ok:
@@ -1115,15 +1293,26 @@ def test_the_hold_exists_before_the_violation_is_published() -> None:
     violation event: that hello must already find the hold (found by a 2,000-fault campaign,
     where a spare's hello won the race and resumed from a bogus rsp_prod)."""
     link = DriverLink("d", "ipc:///d", 42, "m", "process")
-    dev = SimpleNamespace(spec=SimpleNamespace(backend="d", vdev="xvda"), gone=False,
-                          broken=False, hold=None, lock=threading.Lock(), label="g/xvda",
-                          dom=SimpleNamespace(name="g"), cls=VBD)
+    dev = SimpleNamespace(
+        spec=SimpleNamespace(backend="d", vdev="xvda"),
+        gone=False,
+        broken=False,
+        hold=None,
+        lock=threading.Lock(),
+        label="g/xvda",
+        dom=SimpleNamespace(name="g"),
+        cls=VBD,
+    )
     seen: list[Any] = []
 
     def emit(topic: str, payload: dict[str, Any]) -> None:
         seen.append((topic, dev.hold))
-    manager = SimpleNamespace(hub=SimpleNamespace(links={"d": link}, known={"d"}), emit=emit,
-                              ring_indices=lambda d: (105, 100))
+
+    manager = SimpleNamespace(
+        hub=SimpleNamespace(links={"d": link}, known={"d"}),
+        emit=emit,
+        ring_indices=lambda d: (105, 100),
+    )
     rec = Recovery(manager)  # type: ignore[arg-type]
     assert rec.frontend_fault(dev, abi.FAULT_UNKNOWN_ID, "bad id", 100) is True  # type: ignore[arg-type]
     assert [(t, h.index if h else None) for t, h in seen] == [("driver.d.violation", 100)]

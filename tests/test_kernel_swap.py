@@ -23,10 +23,12 @@ def spare(kernel: Kernel, name: str, pid: int, **kw: object) -> FakeDriver:
     return drv
 
 
-def start_swap(kernel: Kernel, old: FakeDriver, new: FakeDriver, timeout_ms: int = 3000
-               ) -> dict[str, object]:
-    return kernel.call("driver_swap", name=old.name, pid=new.pid, endpoint=new.endpoint,
-                       timeout_ms=timeout_ms)
+def start_swap(
+    kernel: Kernel, old: FakeDriver, new: FakeDriver, timeout_ms: int = 3000
+) -> dict[str, object]:
+    return kernel.call(
+        "driver_swap", name=old.name, pid=new.pid, endpoint=new.endpoint, timeout_ms=timeout_ms
+    )
 
 
 def guest_finishes(kernel: Kernel, ev: object, name: str = "s") -> None:
@@ -51,7 +53,11 @@ def test_a_swap_drains_the_old_instance_and_resumes_under_the_new_one(kernel: Ke
         assert ev.wait("driver.blkS.draining") == {"pid": 9101, "new_pid": 9102}
         done = ev.wait("driver.blkS.swap_resumed")
         assert (done["pid"], done["old_pid"], done["rollback"], done["devices"]) == (
-            9102, 9101, False, 1), done
+            9102,
+            9101,
+            False,
+            1,
+        ), done
         assert 0 <= done["stall_ms"] < 3000 and done["carried"] >= 0, done
         restore = new.wait_for(lambda m: [x for x in m if x[0] == "restore"], "restore")[0]
         assert restore == ["restore", {"saved_by": 9101, "devices": 1}]
@@ -61,7 +67,7 @@ def test_a_swap_drains_the_old_instance_and_resumes_under_the_new_one(kernel: Ke
         end = kernel.call("driver_swap_end", name="blkS")
         assert (end["ended"], end["phase"]) == (True, "probation"), end
         guest_finishes(kernel, ev)
-    after = kinds(old.messages[old.messages.index(["drain"]) + 1:])
+    after = kinds(old.messages[old.messages.index(["drain"]) + 1 :])
     assert set(after) <= {"kick"}, after  # kicks until the new hello (a drained host drops them)
 
 
@@ -78,7 +84,10 @@ def test_a_refused_state_rolls_back_to_the_old_instance(kernel: Kernel) -> None:
         start_swap(kernel, old, new)
         failed = ev.wait("driver.blkS.swap_failed")
         assert (failed["pid"], failed["reason"], failed["traceback"]) == (
-            9202, "restore", "Traceback: fake"), failed
+            9202,
+            "restore",
+            "Traceback: fake",
+        ), failed
         assert "refused on purpose" in failed["error"]
         back = ev.wait("driver.blkS.swap_resumed")
         assert (back["pid"], back["rollback"]) == (9201, True), back
@@ -89,7 +98,8 @@ def test_a_refused_state_rolls_back_to_the_old_instance(kernel: Kernel) -> None:
 
 
 def test_a_silent_new_instance_is_rolled_back_after_the_timeout_without_a_hang(
-        kernel: Kernel) -> None:
+    kernel: Kernel,
+) -> None:
     """The new instance never answers the restore: after timeout_ms the old one takes over
     again (swap_failed: handshake).  Meanwhile the old link's request timeout (200 ms) passes
     many times over, but the rings wait on purpose: no hang is reported."""
@@ -123,8 +133,12 @@ def test_a_rollback_after_the_hello_restores_the_new_instances_state(kernel: Ker
         start_swap(kernel, old, new)
         ev.wait("driver.blkS.swap_resumed", pid=9402)
         new.stop()  # dies in its probation
-        assert kernel.call("driver_swap_rollback", name="blkS", pid=9402,
-                           reason="killed by SIGKILL")["phase"] == "rolling_back"
+        assert (
+            kernel.call("driver_swap_rollback", name="blkS", pid=9402, reason="killed by SIGKILL")[
+                "phase"
+            ]
+            == "rolling_back"
+        )
         back = ev.wait("driver.blkS.swap_resumed", pid=9401)
         assert back["rollback"] is True
         state = [m for m in old.messages if m[0] == "restore"][-1][1]
@@ -135,12 +149,18 @@ def test_a_rollback_after_the_hello_restores_the_new_instances_state(kernel: Ker
 def test_swap_commands_refuse_bad_requests(kernel: Kernel) -> None:
     old = kernel.driver("blkS", 9501)
     for props, words in [
-        ({"name": "nope", "pid": 1, "endpoint": "ipc:///x", "timeout_ms": 1000},
-         "driver 'nope' is not connected"),
-        ({"name": "blkS", "pid": 9501, "endpoint": old.endpoint, "timeout_ms": 1000},
-         "already driver blkS's instance"),
-        ({"name": "blkS", "pid": 2, "endpoint": "ipc:///x", "timeout_ms": 5},
-         "timeout_ms must be 100..600000"),
+        (
+            {"name": "nope", "pid": 1, "endpoint": "ipc:///x", "timeout_ms": 1000},
+            "driver 'nope' is not connected",
+        ),
+        (
+            {"name": "blkS", "pid": 9501, "endpoint": old.endpoint, "timeout_ms": 1000},
+            "already driver blkS's instance",
+        ),
+        (
+            {"name": "blkS", "pid": 2, "endpoint": "ipc:///x", "timeout_ms": 5},
+            "timeout_ms must be 100..600000",
+        ),
     ]:
         with pytest.raises(Exception, match=words):
             kernel.call("driver_swap", **props)

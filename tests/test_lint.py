@@ -22,13 +22,35 @@ def test_ruff_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.timeout(120)
+def test_ruff_format_clean() -> None:
+    """Every Python file is as `ruff format` writes it (run `ruff format .` to fix)."""
+    ruff = shutil.which("ruff")
+    assert ruff is not None, "ruff is in the [test] extra"
+    r = subprocess.run([ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.timeout(300)
 def test_mypy_clean() -> None:
     """0 errors on every package below the CLI and on the CLI and supervisor (mypy is in the
     [test] extra, so the README's test command always has it)."""
-    r = subprocess.run([sys.executable, "-m", "mypy", "kernel", "ipc", "drivers", "devices",
-                        "domains", "isovisor"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "kernel",
+            "ipc",
+            "drivers",
+            "devices",
+            "domains",
+            "isovisor",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -42,8 +64,16 @@ def test_nothing_below_the_supervisor_imports_the_cli_or_the_supervisor() -> Non
             if "build" in path.relative_to(ROOT).parts[1:2]:
                 continue  # domains/build/: generated
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
-                              if n == "isovisor" or n.startswith("isovisor.")]
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                offenders += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                    for n in names
+                    if n == "isovisor" or n.startswith("isovisor.")
+                ]
     assert not offenders, "\n".join(offenders)

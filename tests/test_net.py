@@ -35,8 +35,10 @@ PRIVILEGE = nettools.privilege_problem()
 
 
 def driver(options: str = "") -> str:
-    return ("[driver.net0]\nmodule = \"drivers.net\"\nwatchdog_sec = 1.0\nintensity = 50\n"
-            f"period = 60.0\n{options}")
+    return (
+        '[driver.net0]\nmodule = "drivers.net"\nwatchdog_sec = 1.0\nintensity = 50\n'
+        f"period = 60.0\n{options}"
+    )
 
 
 def pair_line(console: str) -> dict[str, int]:
@@ -50,10 +52,17 @@ def pair(stack: Stack, count: int) -> Iterator[Events]:
     """The stack with net0 and two netpair guests on br0; yields once both are running."""
     cfgs = []
     for name, mine, peer in (("a", MAC_A, MAC_B), ("b", MAC_B, MAC_A)):
-        cfgs.append(stack.domain_config(
-            name, "netpair", memory=4, on_poweroff="preserve", on_crash="preserve",
-            extra=f"peer={peer} count={count} size=600 timeout=20000",
-            vif=[f"mac={mine}, bridge=br0, backend=net0"]))
+        cfgs.append(
+            stack.domain_config(
+                name,
+                "netpair",
+                memory=4,
+                on_poweroff="preserve",
+                on_crash="preserve",
+                extra=f"peer={peer} count={count} size=600 timeout=20000",
+                vif=[f"mac={mine}, bridge=br0, backend=net0"],
+            )
+        )
     stack.up([], extra=driver())
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
@@ -68,10 +77,18 @@ def finish_pair(stack: Stack, events: Events, count: int) -> None:
         p = events.wait(f"domain.{name}.shutdown", timeout=120)
         con = stack.call("console", name=name)["data"].decode()
         s = pair_line(con)
-        assert p["code"] == 0, con + "\n--- driver log ---\n" + (
-            stack.run_dir / "driver-net0.log").read_text()[-6000:]
-        assert (s["sent"], s["received"], s["lost"], s["dup"], s["reordered"], s["corrupt"],
-                s["errors"]) == (count, count, 0, 0, 0, 0, 0), con
+        assert p["code"] == 0, (
+            con + "\n--- driver log ---\n" + (stack.run_dir / "driver-net0.log").read_text()[-6000:]
+        )
+        assert (
+            s["sent"],
+            s["received"],
+            s["lost"],
+            s["dup"],
+            s["reordered"],
+            s["corrupt"],
+            s["errors"],
+        ) == (count, count, 0, 0, 0, 0, 0), con
 
 
 def test_two_guests_exchange_sequenced_frames_in_order(stack: Stack) -> None:
@@ -87,9 +104,14 @@ def test_a_hostile_guest_is_dropped_and_counted_and_harms_nobody(stack: Stack) -
     bad sizes, offsets and flags, junk rx requests, and finally an impossible ring index:
     the switch drops and counts all of it, the pair never sees one of those frames, the
     switch process is never replaced, and only the hostile guest is stopped."""
-    junk = stack.domain_config("j", "netjunk", memory=4, on_crash="preserve",
-                               extra=f"victim={MAC_A} spoof=300 junk=200 rxjunk=16",
-                               vif=["mac=02:00:00:00:00:66, bridge=br0, backend=net0"])
+    junk = stack.domain_config(
+        "j",
+        "netjunk",
+        memory=4,
+        on_crash="preserve",
+        extra=f"victim={MAC_A} spoof=300 junk=200 rxjunk=16",
+        vif=["mac=02:00:00:00:00:66, bridge=br0, backend=net0"],
+    )
     with pair(stack, 5000) as events:
         pid = driver_row(stack, "net0")["pid"]
         assert stack.cli("create", str(junk)).returncode == 0
@@ -100,9 +122,11 @@ def test_a_hostile_guest_is_dropped_and_counted_and_harms_nobody(stack: Stack) -
     assert "netjunk: spoofed=300 junk=200 rxjunk=16" in con, con
     row = driver_row(stack, "net0")
     assert row["pid"] == pid and row["restarts"] == 0, row
-    stats = wait_until(lambda: (st := driver_row(stack, "net0")["statistics"])
-                       .get("bad_frames", 0) >= 200 and st, timeout=10,
-                       what="the switch's counters")
+    stats = wait_until(
+        lambda: (st := driver_row(stack, "net0")["statistics"]).get("bad_frames", 0) >= 200 and st,
+        timeout=10,
+        what="the switch's counters",
+    )
     assert stats["spoofed"] >= 300 and stats["bad_frames"] >= 200, stats
 
 
@@ -113,9 +137,13 @@ def test_a_hot_swap_of_the_switch_loses_and_duplicates_no_frame(stack: Stack) ->
         old = driver_row(stack, "net0")["pid"]
         for k in range(2):
             least = 3000 * (k + 1)
-            wait_until(lambda least=least: all(d["requests"] > least
-                                               for d in stack.call("devices")["devices"]),
-                       timeout=60, what="both guests sending")
+            wait_until(
+                lambda least=least: all(
+                    d["requests"] > least for d in stack.call("devices")["devices"]
+                ),
+                timeout=60,
+                what="both guests sending",
+            )
             r = swap(RunDir(stack.run_dir), "net0", "drivers.net", wait=60, probation=0.3)
             assert r["outcome"] == "swapped" and r["old_pid"] == old and r["pid"] != old, r
             stack.pids.append(r["pid"])
@@ -129,9 +157,13 @@ def test_killing_the_switch_loses_and_duplicates_no_accepted_frame(stack: Stack)
     with pair(stack, count) as events:
         for k in range(5):
             least = 2000 * (k + 1)
-            wait_until(lambda least=least: all(d["requests"] > least
-                                               for d in stack.call("devices")["devices"]),
-                       timeout=60, what="both guests sending")
+            wait_until(
+                lambda least=least: all(
+                    d["requests"] > least for d in stack.call("devices")["devices"]
+                ),
+                timeout=60,
+                what="both guests sending",
+            )
             kill_with_a_warm_spare(stack, events, "net0")
         finish_pair(stack, events, count)
     row = driver_row(stack, "net0")
@@ -139,6 +171,7 @@ def test_killing_the_switch_loses_and_duplicates_no_accepted_frame(stack: Stack)
 
 
 # --- the host reaches guests through the TAP uplink ----------------------------------------------
+
 
 @pytest.fixture
 def netns() -> Iterator[str]:
@@ -153,10 +186,14 @@ def netns() -> Iterator[str]:
 
 
 def echo_guest(stack: Stack, netns: str) -> Path:
-    cfg = stack.domain_config("echo", "netecho", memory=4, on_poweroff="preserve",
-                              extra="port=7",
-                              vif=["mac=02:00:00:00:01:02, bridge=br0, backend=net0, "
-                                   "ip=198.18.0.2"])
+    cfg = stack.domain_config(
+        "echo",
+        "netecho",
+        memory=4,
+        on_poweroff="preserve",
+        extra="port=7",
+        vif=["mac=02:00:00:00:01:02, bridge=br0, backend=net0, ip=198.18.0.2"],
+    )
     stack.up([], extra=driver(f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\n'))
     return cfg
 
@@ -168,18 +205,33 @@ def test_a_ping_every_10ms_loses_only_what_the_kill_stalls(stack: Stack, netns: 
     with stack.subscribe(["domain.", "driver."]) as sub:
         events = Events(sub, stack)
         assert stack.cli("create", str(cfg)).returncode == 0
-        wait_until(lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
-                   timeout=30, what="netecho up")
-        assert all(r.rtt_ms is not None for r in nettools.ping(
-            "198.18.0.2", netns=netns, count=5, interval=0.01, timeout=2.0))  # ARP settled
-        wait_until(lambda: driver_row(stack, "net0").get("spare_pid"), timeout=30,
-                   what="a warm spare")
+        wait_until(
+            lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
+            timeout=30,
+            what="netecho up",
+        )
+        assert all(
+            r.rtt_ms is not None
+            for r in nettools.ping("198.18.0.2", netns=netns, count=5, interval=0.01, timeout=2.0)
+        )  # ARP settled
+        wait_until(
+            lambda: driver_row(stack, "net0").get("spare_pid"), timeout=30, what="a warm spare"
+        )
         result: list[nettools.PingResult] = []
         replies: list[int] = []
         pid = driver_row(stack, "net0")["pid"]
-        pinger = threading.Thread(target=lambda: result.extend(nettools.ping(
-            "198.18.0.2", netns=netns, count=300, interval=0.01, timeout=1.0,
-            on_reply=lambda seq, rtt: replies.append(seq))))
+        pinger = threading.Thread(
+            target=lambda: result.extend(
+                nettools.ping(
+                    "198.18.0.2",
+                    netns=netns,
+                    count=300,
+                    interval=0.01,
+                    timeout=1.0,
+                    on_reply=lambda seq, rtt: replies.append(seq),
+                )
+            )
+        )
         pinger.start()
         try:
             wait_until(lambda: len(replies) >= 50, timeout=10, what="50 ping replies")
@@ -197,8 +249,12 @@ def test_a_ping_every_10ms_loses_only_what_the_kill_stalls(stack: Stack, netns: 
     assert driver_row(stack, "net0")["pid"] != pid
     # The host knows the guest's MAC for good: a killed switch drops the TAP's carrier, which
     # flushes learnt entries, and an ARP request lost then is only retried a second later.
-    neigh = subprocess.run(["ip", "-n", netns, "neigh", "show", "198.18.0.2"],
-                           capture_output=True, text=True, check=True).stdout
+    neigh = subprocess.run(
+        ["ip", "-n", netns, "neigh", "show", "198.18.0.2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "lladdr 02:00:00:00:01:02" in neigh and "PERMANENT" in neigh, neigh
 
 
@@ -207,8 +263,11 @@ def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, net
     with stack.subscribe(["domain.", "console.echo"]) as sub:
         events = Events(sub, stack)
         assert stack.cli("create", str(cfg)).returncode == 0
-        wait_until(lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
-                   timeout=30, what="netecho up")
+        wait_until(
+            lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
+            timeout=30,
+            what="netecho up",
+        )
         got = nettools.ping("198.18.0.2", netns=netns, count=20, interval=0.01, timeout=2.0)
         lost = [r.seq for r in got if r.rtt_ms is None]
         assert not lost, f"pings without a reply: {lost}"

@@ -72,8 +72,9 @@ def mac(text: str) -> bytes:
     return bytes(int(p, 16) for p in text.split(":"))
 
 
-def eth(dst: str | bytes, src: str | bytes, payload: bytes = b"", ethertype: int = ETHERTYPE
-        ) -> bytes:
+def eth(
+    dst: str | bytes, src: str | bytes, payload: bytes = b"", ethertype: int = ETHERTYPE
+) -> bytes:
     d = mac(dst) if isinstance(dst, str) else dst
     s = mac(src) if isinstance(src, str) else src
     return d + s + struct.pack("!H", ethertype) + payload
@@ -94,11 +95,19 @@ class Guest:
         self.segment = Segment(f"{PREFIX}{name}", netif.SEGMENT_END, create=True)
         self.view = memoryview(self.segment.buf)
         self.attach_msg: dict[str, Any] = {
-            "key": key, "domid": key, "domain": name, "vdev": "eth0", "devid": 0,
-            "segment": self.segment.name, "window": netif.WINDOW_BYTES,
-            "inflight_offset": netif.INFLIGHT_OFFSET, "store": self.store,
-            "scratch": f"{self.segment.name}.scratch", "class": "vif",
-            "vif": {"mac": mac_text, "bridge": bridge, "ip": None}}
+            "key": key,
+            "domid": key,
+            "domain": name,
+            "vdev": "eth0",
+            "devid": 0,
+            "segment": self.segment.name,
+            "window": netif.WINDOW_BYTES,
+            "inflight_offset": netif.INFLIGHT_OFFSET,
+            "store": self.store,
+            "scratch": f"{self.segment.name}.scratch",
+            "class": "vif",
+            "vif": {"mac": mac_text, "bridge": bridge, "ip": None},
+        }
         self.tx: FrontRing | None = None
         self.rx: FrontRing | None = None
         self.next_id = 1
@@ -113,9 +122,10 @@ class Guest:
     # -- handshake -------------------------------------------------------------------------
     def init_rings(self) -> None:
         v = self.view
-        self.tx = FrontRing(v[:netif.RING_BYTES], netif.RING_SLOTS, netif.SLOT_SIZE)
-        self.rx = FrontRing(v[RX_RING_OFFSET:RX_RING_OFFSET + netif.RING_BYTES],
-                            netif.RING_SLOTS, netif.SLOT_SIZE)
+        self.tx = FrontRing(v[: netif.RING_BYTES], netif.RING_SLOTS, netif.SLOT_SIZE)
+        self.rx = FrontRing(
+            v[RX_RING_OFFSET : RX_RING_OFFSET + netif.RING_BYTES], netif.RING_SLOTS, netif.SLOT_SIZE
+        )
 
     def attach(self, be: NetBackend) -> None:
         be.attach(self.attach_msg)
@@ -135,7 +145,7 @@ class Guest:
         assert self.tx is not None
         off = TX_BUF_OFFSET + (self.tx_slot % netif.RING_SLOTS) * BUF_SIZE
         self.tx_slot += 1
-        self.view[off:off + len(frame)] = frame
+        self.view[off : off + len(frame)] = frame
         return self.queue_raw(netif.encode_tx(self._id(), off, len(frame)))
 
     def queue_raw(self, req: bytes) -> int:
@@ -184,7 +194,7 @@ class Guest:
             rid, off, size, status = netif.RX_RESPONSE.unpack(self.rx.get_response())
             if status == STATUS_OKAY:
                 assert off >= RX_BUF_OFFSET and off + size <= netif.WINDOW_BYTES
-                self.frames.append(bytes(self.view[off:off + size]))
+                self.frames.append(bytes(self.view[off : off + size]))
             else:
                 assert status == STATUS_ERROR and size == 0
                 self.rx_errors.append((rid, off))
@@ -225,8 +235,12 @@ class Rig:
         self.guests.append(g)
         return g
 
-    def restart(self, old: NetBackend, options: dict[str, Any] | None = None,
-                order: list[Guest] | None = None) -> NetBackend:
+    def restart(
+        self,
+        old: NetBackend,
+        options: dict[str, Any] | None = None,
+        order: list[Guest] | None = None,
+    ) -> NetBackend:
         """``old`` died: a new instance gets attach for every vif, then fe_state Connected
         (in ``order``)."""
         old.close()
@@ -257,8 +271,9 @@ def rig() -> Iterator[Rig]:
         assert not left, f"shared-memory segments left behind: {left}"
 
 
-def three(rig: Rig, options: dict[str, Any] | None = None, *, bridge_c: str = "br0",
-          buffers: int = 16) -> tuple[NetBackend, Guest, Guest, Guest]:
+def three(
+    rig: Rig, options: dict[str, Any] | None = None, *, bridge_c: str = "br0", buffers: int = 16
+) -> tuple[NetBackend, Guest, Guest, Guest]:
     be = rig.backend(options)
     a, b, c = rig.guest("a", MAC_A), rig.guest("b", MAC_B), rig.guest("c", MAC_C, bridge_c)
     for g in (a, b, c):
@@ -273,8 +288,9 @@ class Crash(Exception):
 
 
 @contextlib.contextmanager
-def crash_at(monkeypatch: pytest.MonkeyPatch, target: Any, name: str,
-             after: int = 0) -> Iterator[list[int]]:
+def crash_at(
+    monkeypatch: pytest.MonkeyPatch, target: Any, name: str, after: int = 0
+) -> Iterator[list[int]]:
     """Make ``target.name`` raise Crash on its call number ``after`` + 1 (the calls before
     run normally); the patch is gone when the block ends.  Yields the call counter."""
     real = getattr(target, name)
@@ -293,32 +309,39 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, target: Any, name: str,
 
 # --- options and the handshake -----------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("options", "message"), [
-    ({"uplink": "bridge"}, 'uplink must be "none" or "tap", got \'bridge\''),
-    ({"netns": "x"}, 'option(s) netns apply only with uplink = "tap" (uplink is "none")'),
-    ({"tap": "t", "bridge": "br1"}, "option(s) tap, bridge apply only with uplink"),
-    ({"rx_wait_ms": -1}, "rx_wait_ms must be an integer 0..60000, got -1"),
-    ({"rx_wait_ms": "500"}, "rx_wait_ms must be an integer 0..60000, got '500'"),
-    ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
-    ({"mac_age_s": True}, "mac_age_s must be an integer 1..86400, got True"),
-    ({"mtu": 9000}, "unknown net backend option(s) mtu; allowed: uplink:"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"uplink": "bridge"}, 'uplink must be "none" or "tap", got \'bridge\''),
+        ({"netns": "x"}, 'option(s) netns apply only with uplink = "tap" (uplink is "none")'),
+        ({"tap": "t", "bridge": "br1"}, "option(s) tap, bridge apply only with uplink"),
+        ({"rx_wait_ms": -1}, "rx_wait_ms must be an integer 0..60000, got -1"),
+        ({"rx_wait_ms": "500"}, "rx_wait_ms must be an integer 0..60000, got '500'"),
+        ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
+        ({"mac_age_s": True}, "mac_age_s must be an integer 1..86400, got True"),
+        ({"mtu": 9000}, "unknown net backend option(s) mtu; allowed: uplink:"),
+    ],
+)
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         Backend(FakeHost(), options)
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("options", "message"), [
-    ({"tap": "a-name-of-16-chr"}, "tap must be an interface name of 1-15 letters"),
-    ({"tap": "bad/name"}, "tap must be an interface name of 1-15 letters"),
-    ({"netns": "../etc"}, "netns must be a network namespace name of 1-64 letters"),
-    ({"host_addr": "198.18.0.1"}, "host_addr must be an IPv4 address with a prefix length"),
-    ({"host_addr": "10.0.0.1/8"}, "host_addr 10.0.0.1/8 is outside 198.18.0.0/15"),
-    ({"host_addr": "198.18.0.300/15"}, "is not an IPv4 address with a prefix length"),
-    ({"bridge": "Br0"}, "bridge must be a short lower-case name"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tap": "a-name-of-16-chr"}, "tap must be an interface name of 1-15 letters"),
+        ({"tap": "bad/name"}, "tap must be an interface name of 1-15 letters"),
+        ({"netns": "../etc"}, "netns must be a network namespace name of 1-64 letters"),
+        ({"host_addr": "198.18.0.1"}, "host_addr must be an IPv4 address with a prefix length"),
+        ({"host_addr": "10.0.0.1/8"}, "host_addr 10.0.0.1/8 is outside 198.18.0.0/15"),
+        ({"host_addr": "198.18.0.300/15"}, "is not an IPv4 address with a prefix length"),
+        ({"bridge": "Br0"}, "bridge must be a short lower-case name"),
+    ],
+)
 def test_uplink_options_are_checked(options: dict[str, Any], message: str) -> None:
     # Name checks come before the privilege check, so they hold for every user.
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -329,8 +352,11 @@ def test_uplink_options_are_checked(options: dict[str, Any], message: str) -> No
 def test_the_default_tap_name_must_fit() -> None:
     host = FakeHost()
     host.name = "a-very-long-driver-name"
-    with pytest.raises(ValueError, match=r"default TAP name 'iva-very-long-driver-name' .* "
-                                         "longer than 15 characters: set option tap"):
+    with pytest.raises(
+        ValueError,
+        match=r"default TAP name 'iva-very-long-driver-name' .* "
+        "longer than 15 characters: set option tap",
+    ):
         Backend(host, {})
 
 
@@ -352,15 +378,18 @@ def test_handshake_mac_and_state_in_the_store(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("change", "message"), [
-    ({"window": 4096}, "window 0x1000 is not a vif region's 0x42000 bytes"),
-    ({"inflight_offset": 0}, "in-flight log offset 0x0 is not a vif region's"),
-    ({"class": "vbd"}, "attach class 'vbd': this driver serves network interfaces"),
-    ({"vif": {"mac": "01:00:5e:00:00:01", "bridge": "br0"}}, "is a multicast address"),
-    ({"vif": {"mac": "02:00:00:00:00:0a", "bridge": "BR"}}, "vif bridge must be a short"),
-    ({"vif": {"bridge": "br0"}}, "attach vif message lacks 'mac'"),
-    ({"segment": "no-such-segment"}, "cannot map device segment no-such-segment"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"window": 4096}, "window 0x1000 is not a vif region's 0x42000 bytes"),
+        ({"inflight_offset": 0}, "in-flight log offset 0x0 is not a vif region's"),
+        ({"class": "vbd"}, "attach class 'vbd': this driver serves network interfaces"),
+        ({"vif": {"mac": "01:00:5e:00:00:01", "bridge": "br0"}}, "is a multicast address"),
+        ({"vif": {"mac": "02:00:00:00:00:0a", "bridge": "BR"}}, "vif bridge must be a short"),
+        ({"vif": {"bridge": "br0"}}, "attach vif message lacks 'mac'"),
+        ({"segment": "no-such-segment"}, "cannot map device segment no-such-segment"),
+    ],
+)
 def test_bad_attach_messages_are_refused(rig: Rig, change: dict[str, Any], message: str) -> None:
     be = rig.backend()
     a = rig.guest("a", MAC_A)
@@ -378,13 +407,16 @@ def test_a_mac_is_taken_once_per_bridge(rig: Rig) -> None:
     a.attach(be)
     b.attach(be)
     assert rig.host.store[f"{b.store}/state"] == "6"
-    assert "MAC 02:00:00:00:00:0a is used on bridge br0 by a/eth0 already" in \
-        rig.host.store[f"{b.store}/error"]
+    assert (
+        "MAC 02:00:00:00:00:0a is used on bridge br0 by a/eth0 already"
+        in rig.host.store[f"{b.store}/error"]
+    )
     other.attach(be)  # another bridge: fine
     assert rig.host.store[f"{other.store}/state"] == "2"
 
 
 # --- switching -----------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 def test_frames_flow_only_within_their_bridge(rig: Rig) -> None:
@@ -445,9 +477,12 @@ def test_broadcast_and_multicast_reach_every_other_port(rig: Rig) -> None:
 @pytest.mark.timeout(10)
 def test_spoofed_and_multicast_sources_are_dropped_and_counted(rig: Rig) -> None:
     be, a, b, c = three(rig)
-    ids = a.send(be, eth(BROADCAST, MAC_B, b"pretends to be b"),
-                 eth(BROADCAST, "03:00:00:00:00:0a", b"multicast source"),
-                 eth(BROADCAST, MAC_A, b"honest"))
+    ids = a.send(
+        be,
+        eth(BROADCAST, MAC_B, b"pretends to be b"),
+        eth(BROADCAST, "03:00:00:00:00:0a", b"multicast source"),
+        eth(BROADCAST, MAC_A, b"honest"),
+    )
     assert a.done() == [(i, STATUS_OKAY) for i in ids]  # a wire drops silently
     assert b.got() == [eth(BROADCAST, MAC_A, b"honest")]
     st = be.stats()[a.key]
@@ -462,13 +497,15 @@ def test_malformed_tx_requests_are_answered_with_errors(rig: Rig) -> None:
     be, a, b, _ = three(rig)
     off = TX_BUF_OFFSET
     good = eth(BROADCAST, MAC_A, b"fine")
-    a.view[off:off + len(good)] = good
-    bad = [netif.encode_tx(901, off, netif.MAX_FRAME + 1),  # oversized
-           netif.encode_tx(902, off, netif.MIN_FRAME - 1),  # undersized
-           netif.encode_tx(903, RX_BUF_OFFSET, 64),  # in the rx buffer area
-           netif.encode_tx(904, 0, 64),  # over the rings
-           netif.encode_tx(905, RX_BUF_OFFSET - 10, 64),  # runs past the tx area
-           netif.encode_tx(906, off, 64, flags=1)]
+    a.view[off : off + len(good)] = good
+    bad = [
+        netif.encode_tx(901, off, netif.MAX_FRAME + 1),  # oversized
+        netif.encode_tx(902, off, netif.MIN_FRAME - 1),  # undersized
+        netif.encode_tx(903, RX_BUF_OFFSET, 64),  # in the rx buffer area
+        netif.encode_tx(904, 0, 64),  # over the rings
+        netif.encode_tx(905, RX_BUF_OFFSET - 10, 64),  # runs past the tx area
+        netif.encode_tx(906, off, 64, flags=1),
+    ]
     for r in bad:
         a.queue_raw(r)
     a.queue_raw(netif.encode_tx(907, off, len(good)))
@@ -526,7 +563,7 @@ def test_a_batch_is_published_with_one_notification_per_guest(rig: Rig) -> None:
 @pytest.mark.timeout(10)
 def test_a_guest_breaking_its_ring_is_faulted_and_the_others_go_on(rig: Rig) -> None:
     be, a, b, c = three(rig)
-    words = b.view[RX_RING_OFFSET:RX_RING_OFFSET + 64].cast("Q")
+    words = b.view[RX_RING_OFFSET : RX_RING_OFFSET + 64].cast("Q")
     words[0] = 10_000  # b's rx req_prod: far more buffers than the ring holds
     del words
     f = eth(BROADCAST, MAC_A, b"b is broken now")
@@ -545,6 +582,7 @@ def test_a_guest_breaking_its_ring_is_faulted_and_the_others_go_on(rig: Rig) -> 
 
 
 # --- full rx rings ---------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 def test_a_full_rx_ring_holds_the_sender_until_buffers_come(rig: Rig) -> None:
@@ -610,6 +648,7 @@ def test_detaching_a_destination_releases_its_senders(rig: Rig) -> None:
 
 # --- recovery: exactly once -------------------------------------------------------------------
 
+
 def learn_b(be: NetBackend, a: Guest, b: Guest) -> None:
     b.send(be, eth(MAC_A, MAC_B, b"b announces itself"))
     a.got()
@@ -629,7 +668,8 @@ POINTS: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize("point", list(POINTS))
 @pytest.mark.parametrize("order", ["source first", "destination first"])
 def test_a_frame_accepted_before_a_crash_is_delivered_exactly_once(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch, point: str, order: str) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, point: str, order: str
+) -> None:
     be, a, b, c = three(rig)
     learn_b(be, a, b)
     f = eth(MAC_B, MAC_A, b"exactly once, please")
@@ -655,7 +695,8 @@ def test_a_frame_accepted_before_a_crash_is_delivered_exactly_once(
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("pushed", [0, 1])
 def test_a_broadcast_cut_short_reaches_every_port_exactly_once(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch, pushed: int) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, pushed: int
+) -> None:
     be, a, b, c = three(rig)
     f = eth(BROADCAST, MAC_A, b"to b and c")
     with crash_at(monkeypatch, NetBackend, "_push_rx", after=pushed), pytest.raises(Crash):
@@ -667,7 +708,8 @@ def test_a_broadcast_cut_short_reaches_every_port_exactly_once(
 
 @pytest.mark.timeout(20)
 def test_two_senders_redone_in_any_order_each_arrive_once(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Frames of a and c wait for b's buffers; both are put in b's ring and the instance dies
     before publishing it.  The replacement redoes c first: putting c's frame in b's ring moves
     b's rsp_prod past the index a's record names, and a's frame must still count as not
@@ -708,7 +750,8 @@ def test_a_held_frame_survives_the_instance_that_held_it(rig: Rig) -> None:
 
 @pytest.mark.timeout(20)
 def test_dying_again_during_the_redo_still_delivers_once(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     be, a, b, _ = three(rig)
     learn_b(be, a, b)
     f = eth(MAC_B, MAC_A, b"survives two deaths")
@@ -726,7 +769,8 @@ def test_dying_again_during_the_redo_still_delivers_once(
 
 @pytest.mark.timeout(20)
 def test_a_frame_that_kills_poison_after_instances_is_refused(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     opts = {"poison_after": 2}
     be, a, b, c = three(rig, opts)
     f = eth(BROADCAST, MAC_A, b"deadly")
@@ -736,16 +780,17 @@ def test_a_frame_that_kills_poison_after_instances_is_refused(
     with crash_at(monkeypatch, netbackend, "source_problem"), pytest.raises(Crash):
         rig.restart(be, opts)
     be = rig.backends[-1]
-    words = a.view[netif.INFLIGHT_OFFSET:netif.INFLIGHT_OFFSET + INFLIGHT_BYTES].cast("Q")
+    words = a.view[netif.INFLIGHT_OFFSET : netif.INFLIGHT_OFFSET + INFLIGHT_BYTES].cast("Q")
     assert words[2] >> 8 == 1  # the first death is counted; the second instance is executing
     del words
     rig.restart(be, opts)
     assert a.done() == [(17, STATUS_ERROR)]  # ids 1..16 went to its rx buffers
     assert b.got() == [] and c.got() == []
-    (key, index, description), = rig.host.poisons
+    ((key, index, description),) = rig.host.poisons
     assert (key, index) == (a.key, 0)
-    assert "tx frame id=0x11" in description and "2 driver instances died executing it" in \
-        description
+    assert (
+        "tx frame id=0x11" in description and "2 driver instances died executing it" in description
+    )
     assert {k: n for k, n, _ in rig.host.recoveries}[a.key] == 0
 
 
@@ -757,7 +802,7 @@ def test_a_redo_checks_the_source_again(rig: Rig, monkeypatch: pytest.MonkeyPatc
     f = eth(BROADCAST, MAC_A, b"b gets it, then the switch dies")
     with crash_at(monkeypatch, NetBackend, "_push_rx", after=1), pytest.raises(Crash):
         a.send(be, f)
-    a.view[TX_BUF_OFFSET + 6:TX_BUF_OFFSET + 12] = mac(MAC_B)
+    a.view[TX_BUF_OFFSET + 6 : TX_BUF_OFFSET + 12] = mac(MAC_B)
     be2 = rig.restart(be)
     assert b.got() == [f] and c.got() == []
     assert [s for _, s in a.done()] == [STATUS_OKAY]
@@ -766,7 +811,8 @@ def test_a_redo_checks_the_source_again(rig: Rig, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.timeout(20)
 def test_unpublished_rx_work_is_redone_from_the_published_index(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Junk rx requests answered but not published before a crash are answered again."""
     be, a, b, _ = three(rig, buffers=0)
     b.post(be, 1, junk=True)
@@ -779,6 +825,7 @@ def test_unpublished_rx_work_is_redone_from_the_published_index(
 
 
 # --- the delivery log and the switch, directly ------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 def test_delivery_records_torn_and_resolved() -> None:
@@ -823,8 +870,7 @@ def test_switch_tables_and_ports() -> None:
         br.add_port(99)
     assert len(br.forward(1, BROADCAST + mac(MAC_A), 0.0).ports) == 30
     assert source_problem(eth(BROADCAST, MAC_A), mac(MAC_A)) is None
-    assert "is not the interface's" in (source_problem(eth(BROADCAST, MAC_B), mac(MAC_A))
-                                        or "")
+    assert "is not the interface's" in (source_problem(eth(BROADCAST, MAC_B), mac(MAC_A)) or "")
 
 
 @pytest.mark.timeout(10)
@@ -839,6 +885,7 @@ def test_a_full_bridge_refuses_another_vif(rig: Rig) -> None:
 
 
 # --- hot swap ----------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(20)
 def test_save_suspend_restore_carries_tables_counters_and_held_frames(rig: Rig) -> None:
@@ -892,8 +939,7 @@ HOST_IP, GUEST_IP = "198.18.0.1", "198.18.0.2"
 @pytest.fixture
 def netns() -> Iterator[str]:
     if PRIVILEGE is not None:
-        pytest.skip(f"the TAP uplink tests need a network namespace and a TAP device: "
-                    f"{PRIVILEGE}")
+        pytest.skip(f"the TAP uplink tests need a network namespace and a TAP device: {PRIVILEGE}")
     name = f"ivnt{os.getpid()}"
     try:
         yield name
@@ -909,11 +955,23 @@ def ip_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def udp_frame(dst_mac: str, src_mac: str, src: str, dst: str, sport: int, dport: int,
-              payload: bytes) -> bytes:
+def udp_frame(
+    dst_mac: str, src_mac: str, src: str, dst: str, sport: int, dport: int, payload: bytes
+) -> bytes:
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
-                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    head = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        1,
+        0x4000,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
     head = head[:10] + struct.pack("!H", ip_checksum(head)) + head[12:]
     return eth(dst_mac, src_mac, head + udp, 0x0800)
 
@@ -924,7 +982,7 @@ def udp_payload(frame: bytes, dport: int) -> bytes | None:
         return None
     ihl = (frame[14] & 0x0F) * 4
     _, port, length, _ = struct.unpack_from("!HHHH", frame, 14 + ihl)
-    return frame[14 + ihl + 8:14 + ihl + length] if port == dport else None
+    return frame[14 + ihl + 8 : 14 + ihl + length] if port == dport else None
 
 
 @pytest.mark.timeout(60)
@@ -935,13 +993,17 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
     a.connect(be)
     a.post(be, 16)
     assert be.tap is not None and be.netns_created, "the TAP did not open (see the log)"
-    fd, = be.fds()
+    (fd,) = be.fds()
     host_mac = tapmod.link_mac(netns, netns)
-    assert f"inet {HOST_IP}/15" in subprocess.run(
-        ["ip", "-n", netns, "addr", "show", "dev", netns], capture_output=True,
-        text=True).stdout
-    subprocess.run(["ip", "-n", netns, "neigh", "replace", GUEST_IP, "lladdr", MAC_A, "dev",
-                    netns], check=True)
+    assert (
+        f"inet {HOST_IP}/15"
+        in subprocess.run(
+            ["ip", "-n", netns, "addr", "show", "dev", netns], capture_output=True, text=True
+        ).stdout
+    )
+    subprocess.run(
+        ["ip", "-n", netns, "neigh", "replace", GUEST_IP, "lladdr", MAC_A, "dev", netns], check=True
+    )
     with tapmod.in_netns(netns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -955,8 +1017,10 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
             be.readable(fd)
             return next((p for f in a.got() if (p := udp_payload(f, 9999)) is not None), None)
 
-        assert wait_until(arrived, timeout=10, what="the datagram in the guest's rx ring") \
+        assert (
+            wait_until(arrived, timeout=10, what="the datagram in the guest's rx ring")
             == b"hello guest"
+        )
         frame = next(f for f in a.got() if udp_payload(f, 9999) is not None)
         assert frame[:6] == mac(MAC_A) and frame[6:12] == mac(host_mac)
         st = be.stats()[a.key]
@@ -975,8 +1039,11 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
             raw.send(eth(BROADCAST, MAC_A, b"spoofed from the host side"))
         finally:
             raw.close()
-        wait_until(lambda: (be.readable(fd), be.uplink.spoofed)[1], timeout=10,
-                   what="the spoofed frame counted")
+        wait_until(
+            lambda: (be.readable(fd), be.uplink.spoofed)[1],
+            timeout=10,
+            what="the spoofed frame counted",
+        )
     finally:
         sock.close()
     # a replacement instance attaches to the same (persistent) TAP by name
@@ -988,8 +1055,7 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
     # At `isovisor down` (["retire"]) the instance then serving removes the TAP, and the
     # namespace too, because isovisor created it (the marker), whichever instance did.
     removed = be2.cleanup()
-    assert removed == [f"TAP {netns} in network namespace {netns}",
-                       f"network namespace {netns}"]
+    assert removed == [f"TAP {netns} in network namespace {netns}", f"network namespace {netns}"]
     assert not tapmod.netns_exists(netns)
     assert tapmod.remove(netns, netns) == []
 
@@ -1000,8 +1066,10 @@ def test_cleanup_removes_what_the_instance_created(rig: Rig, netns: str) -> None
     a = rig.guest("a", MAC_A)
     a.attach(be)
     assert be.tap is not None and be.netns_created
-    assert be.cleanup() == [f"TAP {netns} in network namespace {netns}",
-                            f"network namespace {netns}"]
+    assert be.cleanup() == [
+        f"TAP {netns} in network namespace {netns}",
+        f"network namespace {netns}",
+    ]
     assert not tapmod.netns_exists(netns) and not (tapmod.MARKER_DIR / netns).exists()
     assert tapmod.remove(netns, netns) == []  # nothing left: no error
 
@@ -1024,24 +1092,32 @@ def test_a_tap_held_elsewhere_is_retried(rig: Rig, netns: str) -> None:
         holder.close()
 
 
-
 # --- fault injection (drivers/faults.py; docs/campaigns.md) ------------------------------------
 
-def faulty(rig: Rig, options: dict[str, Any] | None = None
-           ) -> tuple[NetBackend, Guest, Guest, Guest]:
+
+def faulty(
+    rig: Rig, options: dict[str, Any] | None = None
+) -> tuple[NetBackend, Guest, Guest, Guest]:
     be, a, b, c = three(rig, options)
     learn_b(be, a, b)
     return be, a, b, c
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"type": "bad_op"}, "fault type 'bad_op' does not apply to a net driver (device class vif)"
-                         ": a tx response carries no operation"),
-    ({"type": "exit", "op": "read"}, "op 'read' is not one of tx"),
-])
-def test_faults_a_net_driver_cannot_carry_out_are_refused(rig: Rig, spec: dict[str, Any],
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"type": "bad_op"},
+            "fault type 'bad_op' does not apply to a net driver (device class vif)"
+            ": a tx response carries no operation",
+        ),
+        ({"type": "exit", "op": "read"}, "op 'read' is not one of tx"),
+    ],
+)
+def test_faults_a_net_driver_cannot_carry_out_are_refused(
+    rig: Rig, spec: dict[str, Any], message: str
+) -> None:
     be = rig.backend()
     with pytest.raises(ValueError) as e:
         be.set_faults([{"id": 1, **spec}])
@@ -1056,9 +1132,11 @@ def test_a_spoiled_tx_response_and_nothing_else(rig: Rig, kind: str) -> None:
     be.set_faults([{"id": 7, "type": kind, "op": "tx", "domain": "a"}])
     f, g = eth(MAC_B, MAC_A, b"one"), eth(MAC_B, MAC_A, b"two")
     ids = a.send(be, f, g)
-    expected = {"bad_id": [(ids[0] ^ 0x5EED << 40, STATUS_OKAY), (ids[1], STATUS_OKAY)],
-                "bad_status": [(ids[0], 7), (ids[1], STATUS_OKAY)],
-                "duplicate": [(ids[0], STATUS_OKAY), (ids[0], STATUS_OKAY)]}[kind]
+    expected = {
+        "bad_id": [(ids[0] ^ 0x5EED << 40, STATUS_OKAY), (ids[1], STATUS_OKAY)],
+        "bad_status": [(ids[0], 7), (ids[1], STATUS_OKAY)],
+        "duplicate": [(ids[0], STATUS_OKAY), (ids[0], STATUS_OKAY)],
+    }[kind]
     assert a.done() == expected
     assert b.got()[-2:] == [f, g]  # the frames themselves went out once each
     assert rig.host.fired == [(7, kind, "a/eth0")]
@@ -1067,8 +1145,9 @@ def test_a_spoiled_tx_response_and_nothing_else(rig: Rig, kind: str) -> None:
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("kind", ["drop", "bad_index"])
-def test_drop_and_bad_index_stop_the_tx_ring_and_a_replacement_redoes_it(rig: Rig,
-                                                                       kind: str) -> None:
+def test_drop_and_bad_index_stop_the_tx_ring_and_a_replacement_redoes_it(
+    rig: Rig, kind: str
+) -> None:
     be, a, b, _ = faulty(rig)
     be.set_faults([{"id": 1, "type": kind}])
     f, g = eth(MAC_B, MAC_A, b"never answered"), eth(MAC_B, MAC_A, b"never taken")
@@ -1098,15 +1177,20 @@ def test_corrupt_data_flips_a_byte_of_the_frame_every_destination_gets(rig: Rig)
     a.send(be, f)
     bad = f[:14] + bytes([f[14] ^ 0xFF]) + f[15:]
     assert b.got()[-1] == bad and c.got()[-1] == bad
-    assert bytes(a.view[TX_BUF_OFFSET:TX_BUF_OFFSET + len(f)]) == f  # its buffer put right
+    assert bytes(a.view[TX_BUF_OFFSET : TX_BUF_OFFSET + len(f)]) == f  # its buffer put right
     assert a.done() == [(a.sent[-1], STATUS_OKAY)]
 
 
 @pytest.mark.timeout(10)
 def test_slow_and_leaks_serve_the_request_normally(rig: Rig) -> None:
     be, a, b, _ = faulty(rig)
-    be.set_faults([{"id": 1, "type": "slow", "latency_ms": 1},
-                   {"id": 2, "type": "leak_mem"}, {"id": 3, "type": "leak_fd"}])
+    be.set_faults(
+        [
+            {"id": 1, "type": "slow", "latency_ms": 1},
+            {"id": 2, "type": "leak_mem"},
+            {"id": 3, "type": "leak_fd"},
+        ]
+    )
     frames = [eth(MAC_B, MAC_A, bytes([i])) for i in range(3)]
     a.send(be, *frames)
     assert b.got()[-3:] == frames
@@ -1116,13 +1200,19 @@ def test_slow_and_leaks_serve_the_request_normally(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_a_poison_fault_kills_each_instance_until_the_frame_is_answered_as_poison(
-        rig: Rig) -> None:
+def test_a_poison_fault_kills_each_instance_until_the_frame_is_answered_as_poison(rig: Rig) -> None:
     opts = {"poison_after": 2}
     be, a, b, _ = faulty(rig, opts)
     # the frames a sends from its tx buffer 2: here the third one
-    spec = [{"id": 1, "type": "poison", "sector": TX_BUF_OFFSET + 2 * BUF_SIZE + 10,
-             "domain": "a", "times": -1}]
+    spec = [
+        {
+            "id": 1,
+            "type": "poison",
+            "sector": TX_BUF_OFFSET + 2 * BUF_SIZE + 10,
+            "domain": "a",
+            "times": -1,
+        }
+    ]
     be.set_faults(spec)
     frames = [eth(MAC_B, MAC_A, b"first"), eth(MAC_B, MAC_A, b"second")]
     a.send(be, *frames)
@@ -1144,7 +1234,7 @@ def test_a_poison_fault_kills_each_instance_until_the_frame_is_answered_as_poiso
     be = replacement(be)
     for g in rig.guests:
         g.resume(be)  # instance 3 answers it as poison
-    (key, _, description), = rig.host.poisons
+    ((key, _, description),) = rig.host.poisons
     assert key == a.key and "2 driver instances died executing it" in description
     assert a.done()[-1] == (a.sent[-1], STATUS_ERROR)
     assert b.got() == frames

@@ -87,8 +87,7 @@ class Events:
             ev = self._take(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 got = sorted({t for t, _ in self.seen if not t.startswith("console.")})
-                raise AssertionError(f"no {topic!r} {match or ''} within {timeout}s; "
-                                     f"saw: {got}")
+                raise AssertionError(f"no {topic!r} {match or ''} within {timeout}s; saw: {got}")
             t, p = ev
             if t == topic and all(p.get(k) == v for k, v in match.items()):
                 return p
@@ -105,8 +104,9 @@ class Events:
         deadline = time.monotonic() + timeout
         while self.count(topic) < n:
             if self._take(max(0.0, deadline - time.monotonic())) is None:
-                raise AssertionError(f"{topic!r} seen {self.count(topic)} times, not {n}, "
-                                     f"within {timeout}s")
+                raise AssertionError(
+                    f"{topic!r} seen {self.count(topic)} times, not {n}, within {timeout}s"
+                )
 
 
 @contextmanager
@@ -115,26 +115,42 @@ def two_guests(stack: Stack, driver: str = DRIVER, ops: int = OPS) -> Iterator[E
     cfgs = []
     for i, name in enumerate(("g1", "g2")):
         disk = f"target={name}.img, vdev=xvda, access=rw, backend=blk0, size=8M"
-        cfgs.append(stack.domain_config(name, "blkstress", memory=8, on_poweroff="preserve",
-                                        on_crash="preserve", extra=guest_extra(11 + i, ops),
-                                        disk=[disk]))
+        cfgs.append(
+            stack.domain_config(
+                name,
+                "blkstress",
+                memory=8,
+                on_poweroff="preserve",
+                on_crash="preserve",
+                extra=guest_extra(11 + i, ops),
+                disk=[disk],
+            )
+        )
     stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:
             r = stack.cli("create", str(cfg))
             assert r.returncode == 0, r.stderr
-        wait_until(lambda: all(d["requests"] > 2000 for d in stack.call("devices")["devices"])
-                   and len(stack.call("devices")["devices"]) == 2, timeout=60,
-                   what="both guests doing I/O")
+        wait_until(
+            lambda: (
+                all(d["requests"] > 2000 for d in stack.call("devices")["devices"])
+                and len(stack.call("devices")["devices"]) == 2
+            ),
+            timeout=60,
+            what="both guests doing I/O",
+        )
         yield events
 
 
 def kill_with_a_warm_spare(stack: Stack, events: Events, name: str) -> None:
     """SIGKILL driver ``name``'s active instance once its warm spare is ready, and wait for
     the recovery to be reported."""
-    row = wait_until(lambda: (r := driver_row(stack, name))["spare_pid"] and
-                     r["state"] == "RUNNING" and r, timeout=30, what=f"{name} with a warm spare")
+    row = wait_until(
+        lambda: (r := driver_row(stack, name))["spare_pid"] and r["state"] == "RUNNING" and r,
+        timeout=30,
+        what=f"{name} with a warm spare",
+    )
     before = events.count(f"driver.{name}.recovered")
     os.kill(row["pid"], signal.SIGKILL)
     try:
@@ -142,8 +158,9 @@ def kill_with_a_warm_spare(stack: Stack, events: Events, name: str) -> None:
     except AssertionError as e:
         seen = [f"{t} {p.get('pid')}" for t, p in events.seen if t.startswith("driver.")]
         log = (stack.run_dir / f"driver-{name}.log").read_text()[-4000:]
-        raise AssertionError(f"{e}; killed pid {row['pid']}; driver events: {seen[-12:]}\n"
-                             f"--- driver log ---\n{log}") from None
+        raise AssertionError(
+            f"{e}; killed pid {row['pid']}; driver events: {seen[-12:]}\n--- driver log ---\n{log}"
+        ) from None
 
 
 def finish_and_verify(stack: Stack, events: Events, ops: int = OPS) -> None:
@@ -178,21 +195,26 @@ def current_pid(stack: Stack) -> int:
 
 # --- one test per failure class -------------------------------------------------------------
 
-@pytest.mark.parametrize("how,reason", [
-    ("sigkill", "signal:SIGKILL"),
-    ("segv", "signal:SIGSEGV"),
-    ("abort", "signal:SIGABRT"),
-    ("exception", "exit:70"),
-    ("exit", "exit:3"),
-    ("hang", "hang"),
-    ("sigstop", "stopped"),
-    ("bad_id", "violation"),
-    ("bad_status", "violation"),
-    ("bad_op", "violation"),
-    ("bad_index", "violation"),
-])
+
+@pytest.mark.parametrize(
+    "how,reason",
+    [
+        ("sigkill", "signal:SIGKILL"),
+        ("segv", "signal:SIGSEGV"),
+        ("abort", "signal:SIGABRT"),
+        ("exception", "exit:70"),
+        ("exit", "exit:3"),
+        ("hang", "hang"),
+        ("sigstop", "stopped"),
+        ("bad_id", "violation"),
+        ("bad_status", "violation"),
+        ("bad_op", "violation"),
+        ("bad_index", "violation"),
+    ],
+)
 def test_a_failed_driver_is_replaced_and_the_guests_never_notice(
-        stack: Stack, how: str, reason: str) -> None:
+    stack: Stack, how: str, reason: str
+) -> None:
     with two_guests(stack) as events:
         old = current_pid(stack)
         if how == "sigkill":
@@ -224,13 +246,14 @@ def test_runaway_memory_gets_the_driver_replaced(stack: Stack) -> None:
         finish_and_verify(stack, events)
 
 
-def test_a_replacement_that_never_says_hello_is_killed_and_started_again(
-        stack: Stack) -> None:
+def test_a_replacement_that_never_says_hello_is_killed_and_started_again(stack: Stack) -> None:
     """The first replacement is stuck before its hello: after start_timeout it is killed
     (reason handshake) and the next one takes over; the guests never notice."""
     gate = stack.dir / "start-gate"
-    driver = (DRIVER + "spare = false\nstart_timeout = 1.0\n[driver.blk0.options]\n"
-              f'start_gate = "{gate}"\n')
+    driver = (
+        DRIVER + "spare = false\nstart_timeout = 1.0\n[driver.blk0.options]\n"
+        f'start_gate = "{gate}"\n'
+    )
     with two_guests(stack, driver) as events:
         old = current_pid(stack)
         gate.touch()
@@ -254,8 +277,9 @@ def test_repeated_kills_in_a_row(stack: Stack) -> None:
             os.kill(old, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while len([1 for t, _ in events.seen if t == "driver.blk0.recovered"]) == n:
-                assert events._take(max(0.0, deadline - time.monotonic())) is not None, \
+                assert events._take(max(0.0, deadline - time.monotonic())) is not None, (
                     f"kill {k + 1}: no recovery"
+                )
         assert driver_row(stack)["restarts"] == 10
         finish_and_verify(stack, events, ops=120_000)
 
@@ -265,10 +289,22 @@ def test_a_poison_request_gets_an_error_and_everything_else_is_served(stack: Sta
     poison_after (3) deaths; the driver then serves other requests."""
     driver = DRIVER + '[driver.blk0.options]\nfault_sector = 800\nfault_kind = "segv"\n'
     disk = "target=p.img, vdev=xvda, access=rw, backend=blk0, size=1M"
-    bad = stack.domain_config("p1", "blkprobe", memory=8, on_poweroff="preserve",
-                              extra="action=write sector=800 count=1", disk=[disk])
-    good = stack.domain_config("p2", "blkprobe", memory=8, on_poweroff="preserve",
-                               extra="action=write sector=8 count=1 byte=0x5a", disk=[disk])
+    bad = stack.domain_config(
+        "p1",
+        "blkprobe",
+        memory=8,
+        on_poweroff="preserve",
+        extra="action=write sector=800 count=1",
+        disk=[disk],
+    )
+    good = stack.domain_config(
+        "p2",
+        "blkprobe",
+        memory=8,
+        on_poweroff="preserve",
+        extra="action=write sector=8 count=1 byte=0x5a",
+        disk=[disk],
+    )
     stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver."]) as sub:
         events = Events(sub, stack)
@@ -283,7 +319,7 @@ def test_a_poison_request_gets_an_error_and_everything_else_is_served(stack: Sta
         events.wait("domain.p2.shutdown", timeout=60)
     con = stack.call("console", name="p2")["data"].decode()
     assert "blkprobe: write status=0" in con, con
-    assert (stack.dir / "p.img").read_bytes()[8 * 512:9 * 512] == b"\x5a" * 512
+    assert (stack.dir / "p.img").read_bytes()[8 * 512 : 9 * 512] == b"\x5a" * 512
     by = driver_row(stack)["restarts_by_reason"]
     assert by.get("signal:SIGSEGV") == 3, by
 
@@ -294,8 +330,14 @@ def test_a_request_that_always_gets_a_bad_response_ends_as_poison(stack: Stack) 
     error and the driver serves the rest."""
     driver = DRIVER + '[driver.blk0.options]\nfault_sector = 800\nfault_kind = "bad_status"\n'
     disk = "target=p.img, vdev=xvda, access=rw, backend=blk0, size=1M"
-    bad = stack.domain_config("p1", "blkprobe", memory=8, on_poweroff="preserve",
-                              extra="action=write sector=800 count=1", disk=[disk])
+    bad = stack.domain_config(
+        "p1",
+        "blkprobe",
+        memory=8,
+        on_poweroff="preserve",
+        extra="action=write sector=800 count=1",
+        disk=[disk],
+    )
     stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
@@ -303,14 +345,15 @@ def test_a_request_that_always_gets_a_bad_response_ends_as_poison(stack: Stack) 
         events.wait("domain.p1.shutdown", timeout=60)
         con = stack.call("console", name="p1")["data"].decode()
         assert "blkprobe: write status=-1" in con and con.count("holding from response") == 3, (
-            con, [(t, p) for t, p in events.seen if t.startswith(("driver.", "device."))])
+            con,
+            [(t, p) for t, p in events.seen if t.startswith(("driver.", "device."))],
+        )
         poison = events.wait("driver.blk0.poison", timeout=5)
         assert poison["domain"] == "p1" and "sector=800" in poison["request"], poison
     assert driver_row(stack)["restarts_by_reason"].get("violation") == 3
 
 
-def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(
-        stack: Stack) -> None:
+def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(stack: Stack) -> None:
     driver = DRIVER.replace("intensity = 20", "intensity = 2") + "spare = false\n"
     with two_guests(stack, driver, ops=OPS) as events:
         for _ in range(3):
@@ -319,8 +362,9 @@ def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(
             events.wait("driver.blk0.exit", timeout=30, pid=pid)
             if driver_row(stack)["state"] == "FATAL":
                 break
-            wait_until(lambda p=pid: current_pid(stack) not in (None, p), timeout=30,
-                       what="a replacement")
+            wait_until(
+                lambda p=pid: current_pid(stack) not in (None, p), timeout=30, what="a replacement"
+            )
         fatal = events.wait("driver.blk0.fatal", timeout=30)
         assert fatal["restarts"] >= 2, fatal
         # no guest waits forever: their requests now fail and they finish with errors
@@ -338,8 +382,7 @@ def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(
 def test_no_leaks_after_many_restarts(stack: Stack) -> None:
     """50 SIGKILLs: the kernel's file descriptors and the stack's processes and segments stay
     the same."""
-    with two_guests(stack, DRIVER.replace("intensity = 20", "intensity = 100"),
-                    ops=OPS) as events:
+    with two_guests(stack, DRIVER.replace("intensity = 20", "intensity = 100"), ops=OPS) as events:
         kernel = psutil.Process(stack.pids[1])
         fds0 = kernel.num_fds()
         segs0 = sorted(Path("/dev/shm").glob(f"isovisor.{stack.pids[0]}.*"))

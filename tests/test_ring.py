@@ -23,8 +23,9 @@ from ipc.ring import (
 from ipc.shm import Segment
 
 N, SLOT = 8, 32
-OPS = st.lists(st.sampled_from(["put", "push", "take", "answer", "publish", "collect"]),
-               max_size=300)
+OPS = st.lists(
+    st.sampled_from(["put", "push", "take", "answer", "publish", "collect"]), max_size=300
+)
 
 
 def make(n: int = N, start: int = 0) -> tuple[FrontRing, BackRing, memoryview]:
@@ -168,8 +169,10 @@ def test_inflight_log_replays_in_order(ends: list[bool]) -> None:
         assert again.begin(live[-1] + 1, b"z") > pend[-1].seq
 
 
-LOG_OPS = st.lists(st.tuples(st.sampled_from(["begin", "end", "mark", "clear", "death"]),
-                             st.integers(0, N - 1)), max_size=200)
+LOG_OPS = st.lists(
+    st.tuples(st.sampled_from(["begin", "end", "mark", "clear", "death"]), st.integers(0, N - 1)),
+    max_size=200,
+)
 
 
 @given(LOG_OPS)
@@ -209,9 +212,9 @@ def test_inflight_record_layout() -> None:
     log = InflightLog(buf, N, SLOT)
     seq = log.begin(2**64 - 3, b"abc")  # slot 5 of 8
     rec = 24 + SLOT
-    words = buf[5 * rec:5 * rec + 24].cast("Q")
+    words = buf[5 * rec : 5 * rec + 24].cast("Q")
     assert list(words) == [seq, 2**64 - 3, 0]
-    assert bytes(buf[5 * rec + 24:6 * rec]) == b"abc" + bytes(SLOT - 3)
+    assert bytes(buf[5 * rec + 24 : 6 * rec]) == b"abc" + bytes(SLOT - 3)
     log.mark_executing(2**64 - 3)
     assert words[2] == 1
     assert log.record_death(2**64 - 3) == 1 and words[2] == 1 << 8
@@ -256,7 +259,7 @@ def test_backend_in_another_process_over_shared_memory() -> None:
     try:
         front = FrontRing(view, n, SLOT)
         code = textwrap.dedent(f"""
-            import sys; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+            import sys; sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
             from ipc.ring import BackRing
             from ipc.shm import Segment
             seg = Segment({seg.name!r}, 0, create=False)

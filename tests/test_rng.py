@@ -49,24 +49,35 @@ def requests(stack: Stack) -> int:
 
 @contextmanager
 def two_guests(stack: Stack, reads: int = READS) -> Iterator[Events]:
-    cfgs = [stack.domain_config(n, "rngtest", memory=4, on_poweroff="preserve",
-                                on_crash="preserve", extra=f"reads={reads} size=64",
-                                rng=["backend=rng0"]) for n in ("r1", "r2")]
+    cfgs = [
+        stack.domain_config(
+            n,
+            "rngtest",
+            memory=4,
+            on_poweroff="preserve",
+            on_crash="preserve",
+            extra=f"reads={reads} size=64",
+            rng=["backend=rng0"],
+        )
+        for n in ("r1", "r2")
+    ]
     stack.up([], extra=DRIVER)
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:
             r = stack.cli("create", str(cfg))
             assert r.returncode == 0, r.stderr
-        wait_until(lambda: len(stack.call("devices")["devices"]) == 2 and requests(stack) > 500,
-                   timeout=60, what="both guests reading random bytes")
+        wait_until(
+            lambda: len(stack.call("devices")["devices"]) == 2 and requests(stack) > 500,
+            timeout=60,
+            what="both guests reading random bytes",
+        )
         yield events
 
 
 def more(stack: Stack, n: int = 500) -> None:
     start = requests(stack)
-    wait_until(lambda: requests(stack) > start + n, timeout=30,
-               what=f"{n} more requests served")
+    wait_until(lambda: requests(stack) > start + n, timeout=30, what=f"{n} more requests served")
 
 
 def finish(stack: Stack, events: Events, reads: int = READS) -> None:
@@ -85,8 +96,11 @@ def test_sigkill_sigstop_and_a_hot_swap_lose_and_repeat_no_request(stack: Stack)
             kill_with_a_warm_spare(stack, events, "rng0")
             assert driver_row(stack, "rng0")["pid"] != before
             more(stack)
-        row = wait_until(lambda: (r := driver_row(stack, "rng0"))["spare_pid"] and
-                         r["state"] == "RUNNING" and r, timeout=30, what="a warm spare")
+        row = wait_until(
+            lambda: (r := driver_row(stack, "rng0"))["spare_pid"] and r["state"] == "RUNNING" and r,
+            timeout=30,
+            what="a warm spare",
+        )
         os.kill(row["pid"], signal.SIGSTOP)  # the supervisor sees it stopped and replaces it
         rec = events.wait("driver.rng0.recovered", timeout=30, old_pid=row["pid"])
         assert rec["reason"].startswith("stopped"), rec  # seen stopped (SIGSTOP), not a hang
@@ -114,7 +128,6 @@ def test_a_response_fault_crashes_only_the_guest_that_saw_it(stack: Stack) -> No
         events.wait("driver.rng0.fault", timeout=30)
         more(stack)
         finish(stack, events)
-
 
 
 @pytest.mark.timeout(200)

@@ -37,16 +37,27 @@ class Guest:
         self.key = key
         self.segment = Segment(f"{PREFIX}{key}", rng.SEGMENT_BYTES, create=True)
         self.mem = memoryview(self.segment.buf)
-        self.front = FrontRing(self.mem[:HEADER_BYTES + rng.RING_SLOTS * rng.SLOT_SIZE],
-                               rng.RING_SLOTS, rng.SLOT_SIZE)
+        self.front = FrontRing(
+            self.mem[: HEADER_BYTES + rng.RING_SLOTS * rng.SLOT_SIZE], rng.RING_SLOTS, rng.SLOT_SIZE
+        )
         self.next_id = 1
         self.asked: dict[int, tuple[int, int]] = {}  # id -> (offset, length)
 
     def attach_message(self, **change: Any) -> dict[str, Any]:
-        return {"key": self.key, "domid": 1, "domain": "g", "vdev": "rng0", "devid": 0,
-                "segment": self.segment.name, "window": rng.WINDOW_BYTES,
-                "inflight_offset": rng.INFLIGHT_OFFSET, "store": STORE, "scratch": "x",
-                "class": "rng", **change}
+        return {
+            "key": self.key,
+            "domid": 1,
+            "domain": "g",
+            "vdev": "rng0",
+            "devid": 0,
+            "segment": self.segment.name,
+            "window": rng.WINDOW_BYTES,
+            "inflight_offset": rng.INFLIGHT_OFFSET,
+            "store": STORE,
+            "scratch": "x",
+            "class": "rng",
+            **change,
+        }
 
     def ask(self, length: int, offset: int | None = None) -> int:
         rid = self.next_id
@@ -67,7 +78,7 @@ class Guest:
 
     def bytes_of(self, rid: int) -> bytes:
         off, length = self.asked[rid]
-        return bytes(self.mem[off:off + length])
+        return bytes(self.mem[off : off + length])
 
     def close(self) -> None:
         self.segment.unlink()  # first: nothing is left behind even if a view lingers
@@ -86,8 +97,9 @@ def guest() -> Iterator[Guest]:
         g.close()
 
 
-def start(g: Guest, cls: type[DeviceBackend] = RngBackend, *, resume: bool = False,
-          **options: Any) -> tuple[DeviceBackend, RecordingHost]:
+def start(
+    g: Guest, cls: type[DeviceBackend] = RngBackend, *, resume: bool = False, **options: Any
+) -> tuple[DeviceBackend, RecordingHost]:
     host = RecordingHost("rng0", Crash)
     b = cls(host, options)
     b.attach(g.attach_message())
@@ -100,12 +112,19 @@ def start(g: Guest, cls: type[DeviceBackend] = RngBackend, *, resume: bool = Fal
 def test_requests_get_fresh_random_bytes_and_bad_ones_an_error(guest: Guest) -> None:
     b, host = start(guest)
     ids = [guest.ask(n) for n in (1, 64, rng.MAX_REQUEST_BYTES)]
-    bad = [guest.ask(0), guest.ask(rng.MAX_REQUEST_BYTES + 1),
-           guest.ask(16, offset=0x10)]  # the ring page: outside the data area
+    bad = [
+        guest.ask(0),
+        guest.ask(rng.MAX_REQUEST_BYTES + 1),
+        guest.ask(16, offset=0x10),
+    ]  # the ring page: outside the data area
     b.kick(guest.key)
     got = guest.answers()
-    assert got == [(ids[0], 0, 1), (ids[1], 0, 64), (ids[2], 0, 256),
-                   *[(r, rng.STATUS_ERROR, 0) for r in bad]]
+    assert got == [
+        (ids[0], 0, 1),
+        (ids[1], 0, 64),
+        (ids[2], 0, 256),
+        *[(r, rng.STATUS_ERROR, 0) for r in bad],
+    ]
     a, c = guest.bytes_of(ids[1]), guest.bytes_of(ids[2])
     assert len(set(c)) > 100 and a != c[:64]
     assert b.statistics()["requests"] == 6 and b.statistics()["errors"] == 3
@@ -144,8 +163,7 @@ def test_a_new_instance_redoes_what_the_dead_one_took_once_each(guest: Guest) ->
         dying.kick(guest.key)
     assert guest.answers() == []  # nothing was published before it died
     b, host = start(guest, resume=True)
-    assert guest.answers() == [(ids[0], 0, 8), (ids[1], 0, 16), (ids[2], 0, 33),
-                               (ids[3], 0, 40)]
+    assert guest.answers() == [(ids[0], 0, 8), (ids[1], 0, 16), (ids[2], 0, 33), (ids[3], 0, 40)]
     assert host.recoveries and host.recoveries[0][:2] == (guest.key, 3)  # 3 redone, 1 new
     later = guest.ask(5)
     b.kick(guest.key)
@@ -168,12 +186,14 @@ def test_a_request_that_kills_every_instance_is_answered_as_poison(guest: Guest)
     b.close()
 
 
-@pytest.mark.parametrize("kind, check", [
-    ("bad_id", lambda got, rid: got[0][0] != rid and got[0][1] == 0),
-    ("bad_status", lambda got, rid: got[0] == (rid, 7, 8)),
-])
-def test_response_faults_spoil_exactly_one_response(guest: Guest, kind: str,
-                                                    check: Any) -> None:
+@pytest.mark.parametrize(
+    "kind, check",
+    [
+        ("bad_id", lambda got, rid: got[0][0] != rid and got[0][1] == 0),
+        ("bad_status", lambda got, rid: got[0] == (rid, 7, 8)),
+    ],
+)
+def test_response_faults_spoil_exactly_one_response(guest: Guest, kind: str, check: Any) -> None:
     b, host = start(guest)
     b.set_faults([{"id": 1, "type": kind, "times": 1}])
     rid = guest.ask(8)
@@ -188,7 +208,8 @@ def test_response_faults_spoil_exactly_one_response(guest: Guest, kind: str,
 
 
 def test_a_duplicate_response_repeats_the_previous_one_even_one_request_at_a_time(
-        guest: Guest) -> None:
+    guest: Guest,
+) -> None:
     """A guest with one request in flight gets batches of one: the fault copies the previous
     batch's response over the new one, so the guest sees an id it already had answered."""
     b, host = start(guest)

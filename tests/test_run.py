@@ -19,8 +19,6 @@ def run(tmp_path: Path, name: str, image: str, *args: str, **keys: object):
     return cli("run", str(cfg), *args)
 
 
-
-
 def test_hello_prints_and_exits_zero(tmp_path: Path) -> None:
     r = run(tmp_path, "hi", "hello")
     assert r.returncode == 0, r.stderr
@@ -62,15 +60,18 @@ def test_virtual_time_advances_with_sleeps(tmp_path: Path) -> None:
     assert times[-1] >= 200  # four sleeps of 50 ms
 
 
-@pytest.mark.parametrize(("mode", "reason"), [
-    ("ud", "invalid opcode (#UD)"),
-    ("wild", "write to 0x40000000000"),
-    ("null", "the NULL guard page"),
-    ("divzero", "divide error (#DE)"),
-    ("jump", "instruction fetch from 0x7f0000000000"),
-    ("hang", "watchdog expired"),
-    ("self", "guest reported a crash"),
-])
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("ud", "invalid opcode (#UD)"),
+        ("wild", "write to 0x40000000000"),
+        ("null", "the NULL guard page"),
+        ("divzero", "divide error (#DE)"),
+        ("jump", "instruction fetch from 0x7f0000000000"),
+        ("hang", "watchdog expired"),
+        ("self", "guest reported a crash"),
+    ],
+)
 def test_faults_end_the_guest_with_a_reason(tmp_path: Path, mode: str, reason: str) -> None:
     r = run(tmp_path, f"c-{mode}", "crash", extra=f"mode={mode}")
     assert r.returncode == 125, (r.stdout, r.stderr)
@@ -81,10 +82,14 @@ def test_faults_end_the_guest_with_a_reason(tmp_path: Path, mode: str, reason: s
 def test_bad_hypercalls_get_errors_not_crashes(tmp_path: Path) -> None:
     r = run(tmp_path, "bad", "badcalls")
     assert r.returncode == 0, r.stderr
-    got = dict(line.split(": ", 1)[1].split("=") for line in r.stdout.splitlines()
-               if "=" in line)
-    assert got == {"unknown": "-38", "efault": "-14", "null_ptr": "-14", "huge": "-90",
-                   "wrap": "-14"}
+    got = dict(line.split(": ", 1)[1].split("=") for line in r.stdout.splitlines() if "=" in line)
+    assert got == {
+        "unknown": "-38",
+        "efault": "-14",
+        "null_ptr": "-14",
+        "huge": "-90",
+        "wrap": "-14",
+    }
     assert r.stdout.splitlines()[-1] == "badcalls: done"
 
 
@@ -101,15 +106,20 @@ def test_image_larger_than_memory_is_refused(tmp_path: Path) -> None:
 def test_raw_image_file_runs(tmp_path: Path) -> None:
     # hlt-free, hypercall-only image: mov [HCALL_BLOCK], SHUTDOWN ... written by hand
     from kernel import abi
+
     code = bytes.fromhex(
-        "48c70425" + abi.HCALL_BLOCK_ADDR.to_bytes(4, "little").hex()
+        "48c70425"
+        + abi.HCALL_BLOCK_ADDR.to_bytes(4, "little").hex()
         + abi.HC_SHUTDOWN.to_bytes(4, "little").hex()  # mov qword [block+0], HC_SHUTDOWN
-        + "48c70425" + (abi.HCALL_BLOCK_ADDR + 8).to_bytes(4, "little").hex()
+        + "48c70425"
+        + (abi.HCALL_BLOCK_ADDR + 8).to_bytes(4, "little").hex()
         + "00000000"  # args[0] = POWEROFF
-        + "48c70425" + (abi.HCALL_BLOCK_ADDR + 16).to_bytes(4, "little").hex()
+        + "48c70425"
+        + (abi.HCALL_BLOCK_ADDR + 16).to_bytes(4, "little").hex()
         + "07000000"  # args[1] = 7
         + "0f05"  # syscall
-        + "ebfe")  # jmp $
+        + "ebfe"
+    )  # jmp $
     (tmp_path / "raw.bin").write_bytes(code)
     cfg = write(tmp_path / "raw.toml", 'name = "raw"\nimage = "raw.bin"\nmemory = 2\n')
     assert cli("run", str(cfg)).returncode == 7

@@ -20,8 +20,10 @@ def cpu_delta(stack: Stack, warm: float, measure: float) -> tuple[dict[str, floa
     """CPU seconds each domain got while ``measure`` seconds of CPU were handed out."""
     wait_until(lambda: sum(cpu(stack).values()) >= warm, what=f"{warm}s of guest CPU")
     a, t0 = cpu(stack), time.monotonic()
-    wait_until(lambda: sum(cpu(stack).values()) - sum(a.values()) >= measure,
-               what=f"{measure}s more guest CPU")
+    wait_until(
+        lambda: sum(cpu(stack).values()) - sum(a.values()) >= measure,
+        what=f"{measure}s more guest CPU",
+    )
     b = cpu(stack)
     return {n: b[n] - a[n] for n in a}, time.monotonic() - t0
 
@@ -40,8 +42,10 @@ def test_two_guests_run_side_by_side(stack: Stack) -> None:
     b = stack.domain_config("b", "busy")
     stack.up([a, b], pcpus=2)
     # Both on a pCPU at the same instant (the cores they get is measured in bench/weights.py).
-    wait_until(lambda: [d["state"][0] for d in stack.domains().values()] == ["r", "r"],
-               what="both domains running at once")
+    wait_until(
+        lambda: [d["state"][0] for d in stack.domains().values()] == ["r", "r"],
+        what="both domains running at once",
+    )
     d, _ = cpu_delta(stack, warm=0.3, measure=1.0)
     assert d["a"] > 0.2 and d["b"] > 0.2, d  # both made progress
 
@@ -83,8 +87,7 @@ def test_crashing_guest_leaves_neighbour_and_kernel_running(stack: Stack) -> Non
     kernel_pid = stack.pids[1]
     with stack.subscribe(["console.tick", "domain.boom."]) as sub:
         for mode in ("wild", "ud", "divzero", "null", "jump"):
-            cfg = stack.domain_config("boom", "crash", extra=f"mode={mode}",
-                                      on_crash="preserve")
+            cfg = stack.domain_config("boom", "crash", extra=f"mode={mode}", on_crash="preserve")
             assert stack.cli("create", str(cfg)).returncode == 0
             ev = wait_event(sub, "domain.boom.crashed")
             assert ev["action"] == "preserve"
@@ -107,8 +110,10 @@ def test_on_crash_restart_then_gives_up_on_a_crash_loop(stack: Stack) -> None:
         first = wait_event(sub, "domain.loop.restarted")
         assert first["domid"] != first["old"]
         restarts = 0
-        while "not restarting again" not in (gone := wait_event(sub, "domain.loop.destroyed")
-                                             )["reason"]:
+        while (
+            "not restarting again"
+            not in (gone := wait_event(sub, "domain.loop.destroyed"))["reason"]
+        ):
             restarts += 1
         # ids 1..6: the first run plus five restarts, then it is left destroyed
         assert restarts == 4 and gone["domid"] == 6 and gone["kind"] == "crash", gone
@@ -117,8 +122,9 @@ def test_on_crash_restart_then_gives_up_on_a_crash_loop(stack: Stack) -> None:
 
 def test_watchdog_restarts_a_hung_guest(stack: Stack) -> None:
     stack.up([])
-    cfg = stack.domain_config("hang", "crash", extra="mode=hang watchdog_ms=500",
-                              on_crash="restart")
+    cfg = stack.domain_config(
+        "hang", "crash", extra="mode=hang watchdog_ms=500", on_crash="restart"
+    )
     with stack.subscribe(["domain.hang."]) as sub:
         assert stack.cli("create", str(cfg)).returncode == 0
         ev = wait_event(sub, "domain.hang.crashed")

@@ -24,19 +24,23 @@ EXAMPLES = ROOT / "examples" / "sdk" / "test_countingdisk.py"
 
 def _example_tests() -> list[str]:
     tree = ast.parse(EXAMPLES.read_text())
-    return [n.name for n in tree.body
-            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    return [
+        n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+    ]
 
 
 def _plugin_registered() -> bool:
-    return any(ep.name == "isovisor" and ep.value == "isovisor.testing"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
+    return any(
+        ep.name == "isovisor" and ep.value == "isovisor.testing"
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    )
 
 
 def test_the_plugin_is_registered_with_the_package() -> None:
     assert _plugin_registered(), (
         "the pytest11 entry point isovisor = isovisor.testing is not installed: "
-        "run `python3 -m pip install -e .` again (pyproject.toml declares it)")
+        "run `python3 -m pip install -e .` again (pyproject.toml declares it)"
+    )
 
 
 def test_there_are_example_tests() -> None:
@@ -49,19 +53,32 @@ def test_there_are_example_tests() -> None:
 def test_example(name: str) -> None:
     # without the entry point (an install older than the plugin) load the plugin by hand
     plugin = [] if _plugin_registered() else ["-p", "isovisor.testing"]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *plugin, f"{EXAMPLES.relative_to(ROOT)}::{name}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=290)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *plugin,
+            f"{EXAMPLES.relative_to(ROOT)}::{name}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=290,
+    )
     assert r.returncode == 0, f"{name} failed:\n{r.stdout}\n{r.stderr}"
     assert "1 passed" in r.stdout, r.stdout
 
 
 def test_the_plugin_verifier_agrees_with_blkdata() -> None:
     for seed, block, gen, bs in ((11, 0, 1, 4096), (12, 7, 99, 512), (3, 1000, 12345, 8192)):
-        assert _expected_block(seed, block, gen, bs) == blkdata.expected_block(seed, block, gen,
-                                                                               bs)
-    image = bytearray(blkdata.expected_block(5, 0, 3, 512) + bytes(512)
-                      + blkdata.expected_block(5, 2, 9, 512))
+        assert _expected_block(seed, block, gen, bs) == blkdata.expected_block(seed, block, gen, bs)
+    image = bytearray(
+        blkdata.expected_block(5, 0, 3, 512) + bytes(512) + blkdata.expected_block(5, 2, 9, 512)
+    )
     assert check_image(image, seed=5, blocks=3, bs=512) == {0: 3, 1: None, 2: 9}
     image[2 * 512 + 100] ^= 1
     with pytest.raises(AssertionError, match="block 2 gen 9: wrong data from byte 100"):

@@ -112,10 +112,14 @@ def test_malformed_control_messages_get_errors(stack: Stack) -> None:
             (b"\xc1\xc1 not msgpack", "not valid msgpack"),
             (msgpack.packb("just a string"), "must be a msgpack map"),
             (msgpack.packb({"command": "explode"}), "unknown supervisor command 'explode'"),
-            (msgpack.packb({"command": "pause", "properties": {"name": 3.5}}),
-             "property 'name' of command 'pause' must be str or int"),
-            (msgpack.packb({"command": "create", "properties": {}}),
-             "command 'create' needs property 'path'"),
+            (
+                msgpack.packb({"command": "pause", "properties": {"name": 3.5}}),
+                "property 'name' of command 'pause' must be str or int",
+            ),
+            (
+                msgpack.packb({"command": "create", "properties": {}}),
+                "command 'create' needs property 'path'",
+            ),
         ]
         for body, fragment in probes:
             sock.send_multipart([b"", body])
@@ -131,11 +135,16 @@ def test_malformed_control_messages_get_errors(stack: Stack) -> None:
 def test_console_follow_streams_new_output(stack: Stack) -> None:
     import subprocess
     import sys
+
     # 20 ticks over ~3 s: the CLI starts mid-way, prints the history, then follows.
     stack.up([stack.domain_config("tick", "ticker", extra="interval_ms=150 count=20")])
-    p = subprocess.run([sys.executable, "-m", "isovisor.cli", "console", "-f", "tick"],
-                       capture_output=True, text=True, timeout=60,
-                       env={**__import__("os").environ, "ISOVISOR_RUN_DIR": str(stack.run_dir)})
+    p = subprocess.run(
+        [sys.executable, "-m", "isovisor.cli", "console", "-f", "tick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "ISOVISOR_RUN_DIR": str(stack.run_dir)},
+    )
     # -f returns when the domain is destroyed (it powers off after 20 ticks); no line is
     # lost or repeated at the seam between history and live output.
     assert p.returncode == 0, p.stderr
@@ -148,7 +157,13 @@ def test_list_json_fields(stack: Stack) -> None:
     r = stack.cli("list", "--json")
     d = json.loads(r.stdout)[0]
     assert {k: d[k] for k in ("name", "id", "memory", "vcpus", "weight", "cap")} == {
-        "name": "tick", "id": 1, "memory": 4, "vcpus": 1, "weight": 512, "cap": 50}
+        "name": "tick",
+        "id": 1,
+        "memory": 4,
+        "vcpus": 1,
+        "weight": 512,
+        "cap": 50,
+    }
     assert len(d["state"]) == 6 and d["uptime"] >= 0 and d["cpu_time"] >= 0
 
 
@@ -165,9 +180,9 @@ def test_domain_failing_at_startup_does_not_stop_the_stack(stack: Stack) -> None
 
 def test_run_dir_too_long_is_a_clear_error(tmp_path: Path) -> None:
     from tests.conftest import cli
+
     long = tmp_path / ("x" * 90)
-    r = cli("up", "--detach", str(Path(__file__).parent.parent / "supervisor.toml"),
-            run_dir=long)
+    r = cli("up", "--detach", str(Path(__file__).parent.parent / "supervisor.toml"), run_dir=long)
     assert r.returncode == 1 and "too long for Unix sockets" in r.stderr
 
 
@@ -198,13 +213,23 @@ def test_console_follow_continues_across_restarts(stack: Stack) -> None:
     import os
     import subprocess
     import sys
+
     # Each life prints two ticks and powers off; on_poweroff=restart brings it back until
     # the restart limit (5 in 10 s) leaves it destroyed, which ends `console -f`.
-    stack.up([stack.domain_config("phoenix", "ticker", extra="interval_ms=150 count=2",
-                                  on_poweroff="restart")])
-    p = subprocess.run([sys.executable, "-m", "isovisor.cli", "console", "-f", "phoenix"],
-                       capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir)})
+    stack.up(
+        [
+            stack.domain_config(
+                "phoenix", "ticker", extra="interval_ms=150 count=2", on_poweroff="restart"
+            )
+        ]
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "isovisor.cli", "console", "-f", "phoenix"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir)},
+    )
     assert p.returncode == 0, p.stderr
     ticks = [ln.split()[2] for ln in p.stdout.splitlines()]
     # Whichever life it started in, it printed every later life completely and in order.
@@ -217,16 +242,19 @@ def test_foreground_up_shows_every_guests_output_and_stops_on_ctrl_c(stack: Stac
     import signal
     import subprocess
     import sys
+
     hello = stack.domain_config("hello", "hello")  # prints at once, before anyone could attach
     tick = stack.domain_config("tick", "ticker", extra="interval_ms=50")
     stack.up([hello, tick])  # writes supervisor.toml; this detached stack is only a template
     assert stack.cli("down").returncode == 0
     stack.pids.clear()
-    p = subprocess.Popen([sys.executable, "-m", "isovisor.cli", "up",
-                          str(stack.dir / "supervisor.toml")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir),
-                              "COLUMNS": "200"})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "isovisor.cli", "up", str(stack.dir / "supervisor.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ISOVISOR_RUN_DIR": str(stack.run_dir), "COLUMNS": "200"},
+    )
     try:
         lines = []
         assert p.stdout is not None
@@ -278,5 +306,7 @@ def test_the_default_stack_runs_its_domains_and_drivers(stack: Stack) -> None:
     assert "blkstress" in table and "xvda" in table and "blk0" in table and "eth0" in table
     assert stack.cli("down").returncode == 0
     for drv in drvs.values():
-        assert not psutil.pid_exists(drv["pid"]) or \
-            psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
+        assert (
+            not psutil.pid_exists(drv["pid"])
+            or psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
+        )

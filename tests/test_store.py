@@ -36,8 +36,7 @@ def test_watch_fires_initially_on_changes_below_and_on_removal_above() -> None:
     s.write(f"{BE}/state", "1")
     s.write(f"{BE}/other", "x")  # not below the watched node: no event
     s.rm("/local/domain/0/backend")  # removes the watched node from above
-    assert seen == [(f"{BE}/state", "be"), (f"{BE}/state", "be"),
-                    ("/local/domain/0/backend", "be")]
+    assert seen == [(f"{BE}/state", "be"), (f"{BE}/state", "be"), ("/local/domain/0/backend", "be")]
     s.unwatch(w)
     s.write(f"{BE}/state", "2")
     assert len(seen) == 3
@@ -47,10 +46,12 @@ def test_watch_fires_initially_on_changes_below_and_on_removal_above() -> None:
 
 def test_callback_may_write_the_store() -> None:
     s = Store()
+
     # A backend that answers the frontend's Initialised with Connected, from inside a watch.
     def backend(path: str, _t: str) -> None:
         if s.read("/fe/state", "0") == str(int(DevState.INITIALISED)):
             switch_state(s, "/be/state", DevState.CONNECTED)
+
     s.watch("/fe/state", "fe", backend)
     for st_ in (DevState.INITIALISING, DevState.INIT_WAIT):
         switch_state(s, "/be/state", st_)
@@ -62,8 +63,11 @@ def test_callback_may_write_the_store() -> None:
 def test_illegal_state_change_is_refused() -> None:
     s = Store()
     switch_state(s, "/be/state", DevState.INITIALISING)
-    with pytest.raises(StoreError, match="illegal state change INITIALISING -> CONNECTED; "
-                                         "from INITIALISING a device may go to INIT_WAIT"):
+    with pytest.raises(
+        StoreError,
+        match="illegal state change INITIALISING -> CONNECTED; "
+        "from INITIALISING a device may go to INIT_WAIT",
+    ):
         switch_state(s, "/be/state", DevState.CONNECTED)
     assert s.read("/be/state") == "1"  # unchanged
     s.write("/be/state", "banana")
@@ -71,8 +75,15 @@ def test_illegal_state_change_is_refused() -> None:
         switch_state(s, "/be/state", DevState.CLOSED)
 
 
-@given(st.dictionaries(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4)
-                       .map(lambda p: "/" + "/".join(p)), st.text(max_size=20), max_size=20))
+@given(
+    st.dictionaries(
+        st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4).map(
+            lambda p: "/" + "/".join(p)
+        ),
+        st.text(max_size=20),
+        max_size=20,
+    )
+)
 def test_snapshot_restore_round_trip(nodes: dict[str, str]) -> None:
     s = Store()
     for p, v in nodes.items():

@@ -54,8 +54,7 @@ def test_normal_life_cycle() -> None:
     sv.ready()
     clock.advance(2.0)
     row = sv.row()
-    assert (row["state"], row["pid"], row["uptime_s"], row["restarts"]) == ("RUNNING", 10,
-                                                                            2.3, 0)
+    assert (row["state"], row["pid"], row["uptime_s"], row["restarts"]) == ("RUNNING", 10, 2.3, 0)
     sv.stopping()
     assert sv.state == State.STOPPING
     sv.stopped()
@@ -67,19 +66,28 @@ def test_exit_reasons() -> None:
     assert describe_exit(-11).signal == "SIGSEGV"
     assert describe_exit(-6).text == "killed by SIGABRT"
     e = describe_exit(70)
-    assert (e.reason, e.status, e.signal, e.text) == ("exit:70", 70, None,
-                                                      "exited with status 70")
+    assert (e.reason, e.status, e.signal, e.text) == ("exit:70", 70, None, "exited with status 70")
 
 
-@pytest.mark.parametrize(("policy", "reason", "restart"), [
-    ("permanent", "exit:0", True), ("permanent", "signal:SIGKILL", True),
-    ("transient", "exit:0", False), ("transient", "exit:3", True),
-    ("transient", "signal:SIGSEGV", True), ("transient", "hang", True),
-    ("transient", "violation", True), ("transient", "rss", True), ("transient", "cpu", True),
-    ("transient", "stopped", True),
-    ("temporary", "signal:SIGKILL", False), ("temporary", "hang", False),
-    ("temporary", "manual", True), ("transient", "group", True),
-])
+@pytest.mark.parametrize(
+    ("policy", "reason", "restart"),
+    [
+        ("permanent", "exit:0", True),
+        ("permanent", "signal:SIGKILL", True),
+        ("transient", "exit:0", False),
+        ("transient", "exit:3", True),
+        ("transient", "signal:SIGSEGV", True),
+        ("transient", "hang", True),
+        ("transient", "violation", True),
+        ("transient", "rss", True),
+        ("transient", "cpu", True),
+        ("transient", "stopped", True),
+        ("temporary", "signal:SIGKILL", False),
+        ("temporary", "hang", False),
+        ("temporary", "manual", True),
+        ("transient", "group", True),
+    ],
+)
 def test_restart_policies(policy: str, reason: str, restart: bool) -> None:
     assert should_restart(policy, reason) is restart
     sv, clock = make(restart=policy)
@@ -135,7 +143,16 @@ def test_intensity_zero_means_no_restart() -> None:
 def test_backoff_schedule() -> None:
     default = Policy()
     assert [backoff_delay(default, n) for n in range(1, 10)] == [
-        0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]
+        0.0,
+        0.05,
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.6,
+        3.2,
+        5.0,
+    ]
     p = Policy(backoff=0.5, backoff_max=3.0)
     assert [backoff_delay(p, n) for n in range(1, 7)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
 
@@ -238,8 +255,16 @@ def test_group_restart_is_not_counted() -> None:
 
 
 def test_policy_from_config() -> None:
-    cfg = DriverConfig(name="b", module="drivers.blk", restart="transient", intensity=3,
-                       period=7.0, backoff=0.2, backoff_max=1.0, start_secs=0.5)
+    cfg = DriverConfig(
+        name="b",
+        module="drivers.blk",
+        restart="transient",
+        intensity=3,
+        period=7.0,
+        backoff=0.2,
+        backoff_max=1.0,
+        start_secs=0.5,
+    )
     assert Policy.of(cfg) == Policy("transient", 3, 7.0, 0.2, 1.0, 0.5)
 
 

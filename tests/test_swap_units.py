@@ -38,16 +38,21 @@ def test_a_state_survives_the_wire() -> None:
     assert BackendState.from_wire(s.to_wire()) == s
 
 
-@pytest.mark.parametrize(("mutate", "words"), [
-    (lambda w: w.update(format=9), "format 9 is not 1"),
-    (lambda w: w.update(kind=""), "state.kind must be a non-empty string"),
-    (lambda w: w.update(version=0), "state.version must be an integer >= 1"),
-    (lambda w: w.update(devices={}), "state.devices must be a list"),
-    (lambda w: w["devices"][0].update(key=-1), "state.devices[0].key must be an integer"),
-    (lambda w: w["devices"][0]["medium"].update(type="tape"),
-     "state.devices[0].medium.type must be one of file, memory"),
-    (lambda w: w["devices"][0]["home"].update(size=0), "state.devices[0].home.size"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda w: w.update(format=9), "format 9 is not 1"),
+        (lambda w: w.update(kind=""), "state.kind must be a non-empty string"),
+        (lambda w: w.update(version=0), "state.version must be an integer >= 1"),
+        (lambda w: w.update(devices={}), "state.devices must be a list"),
+        (lambda w: w["devices"][0].update(key=-1), "state.devices[0].key must be an integer"),
+        (
+            lambda w: w["devices"][0]["medium"].update(type="tape"),
+            "state.devices[0].medium.type must be one of file, memory",
+        ),
+        (lambda w: w["devices"][0]["home"].update(size=0), "state.devices[0].home.size"),
+    ],
+)
 def test_a_malformed_state_is_refused_naming_the_field(mutate: Any, words: str) -> None:
     w = state().to_wire()
     mutate(w)
@@ -60,16 +65,21 @@ def no_upgrade(s: BackendState) -> BackendState:
 
 
 def test_versions_same_older_newer_and_another_kind() -> None:
-    assert accept(state(2), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade) \
-        == state(2)
-    up = accept(state(1), kind="isovisor.blk", version=2, who="B",
-                upgrade=lambda s: with_version(s, 2, data={**s.data, "upgraded": True}))
+    assert accept(state(2), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade) == state(2)
+    up = accept(
+        state(1),
+        kind="isovisor.blk",
+        version=2,
+        who="B",
+        upgrade=lambda s: with_version(s, 2, data={**s.data, "upgraded": True}),
+    )
     assert up.version == 2 and up.data["upgraded"] is True
     with pytest.raises(StateError, match="version 3, newer than B understands"):
         accept(state(3), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade)
     with pytest.raises(StateError, match=r"of kind 'isovisor\.net'"):
-        accept(state(1, "isovisor.net"), kind="isovisor.blk", version=1, who="B",
-               upgrade=no_upgrade)
+        accept(
+            state(1, "isovisor.net"), kind="isovisor.blk", version=1, who="B", upgrade=no_upgrade
+        )
     with pytest.raises(StateError, match="no upgrade hook"):
         accept(state(1), kind="isovisor.blk", version=2, who="B", upgrade=no_upgrade)
     with pytest.raises(StateError, match=r"must return a 'isovisor\.blk' state of version 2"):
@@ -90,33 +100,49 @@ def write(tmp_path: Path, name: str, body: str) -> Path:
 def test_backends_load_by_module_class_or_file(tmp_path: Path) -> None:
     assert load_backend("drivers.blk") == (Backend, "drivers.blk:Backend")
     assert load_backend("drivers.blk.ram:RamBackend", swappable=True) == (
-        RamBackend, "drivers.blk.ram:RamBackend")
-    f = write(tmp_path, "mine.py", """
+        RamBackend,
+        "drivers.blk.ram:RamBackend",
+    )
+    f = write(
+        tmp_path,
+        "mine.py",
+        """
         from drivers.sdk import BlockBackend, open_medium
 
         class Mine(BlockBackend):
             def open_disk(self, dev):
                 return open_medium(dev.medium)
-    """)
+    """,
+    )
     cls, name = load_backend(str(f), swappable=True)  # its only backend class
     assert cls.__name__ == "Mine" and name == f"{f}:Mine"
     assert load_backend(f"{f}:Mine")[1] == f"{f}:Mine"
 
 
-@pytest.mark.parametrize(("spec", "body", "words"), [
-    ("no_such_pkg.mod", None, "no module named 'no_such_pkg.mod'"),
-    ("drivers.blk:Nope", None, "has no class 'Nope'"),
-    ("FILE", "def f(:\n", "syntax error in"),
-    ("FILE", "import not_a_module_at_all\n", "No module named 'not_a_module_at_all'"),
-    ("FILE", "class Backend:\n    def attach(self, d): pass\n",
-     "does not implement the backend interface: it has no detach, fe_state, kick, close"),
-    ("FILE", "from drivers.sdk import BlockBackend\nclass Backend(BlockBackend):\n    pass\n",
-     "it must define open_disk"),
-    ("FILE", "X = 1\n", "has no Backend class; name the class"),
-    ("FILE:Backend", "Backend = 3\n", "is not a class"),
-])
-def test_bad_backends_are_refused_with_the_reason(tmp_path: Path, spec: str,
-                                                  body: str | None, words: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "body", "words"),
+    [
+        ("no_such_pkg.mod", None, "no module named 'no_such_pkg.mod'"),
+        ("drivers.blk:Nope", None, "has no class 'Nope'"),
+        ("FILE", "def f(:\n", "syntax error in"),
+        ("FILE", "import not_a_module_at_all\n", "No module named 'not_a_module_at_all'"),
+        (
+            "FILE",
+            "class Backend:\n    def attach(self, d): pass\n",
+            "does not implement the backend interface: it has no detach, fe_state, kick, close",
+        ),
+        (
+            "FILE",
+            "from drivers.sdk import BlockBackend\nclass Backend(BlockBackend):\n    pass\n",
+            "it must define open_disk",
+        ),
+        ("FILE", "X = 1\n", "has no Backend class; name the class"),
+        ("FILE:Backend", "Backend = 3\n", "is not a class"),
+    ],
+)
+def test_bad_backends_are_refused_with_the_reason(
+    tmp_path: Path, spec: str, body: str | None, words: str
+) -> None:
     if body is not None:
         f = write(tmp_path, "bad.py", body)
         spec = spec.replace("FILE", str(f))
@@ -125,14 +151,18 @@ def test_bad_backends_are_refused_with_the_reason(tmp_path: Path, spec: str,
 
 
 def test_a_swap_needs_save_suspend_and_restore(tmp_path: Path) -> None:
-    f = write(tmp_path, "old.py", """
+    f = write(
+        tmp_path,
+        "old.py",
+        """
         class Backend:
             def attach(self, d): pass
             def detach(self, k): pass
             def fe_state(self, k, s): pass
             def kick(self, k): pass
             def close(self): pass
-    """)
+    """,
+    )
     assert load_backend(str(f))[1].endswith(":Backend")  # fine to run
     with pytest.raises(HostError, match="it has no save, suspend, restore"):
         load_backend(str(f), swappable=True)  # not to swap in
@@ -143,11 +173,14 @@ def test_swap_targets_are_checked_before_anything_starts(tmp_path: Path) -> None
     assert check_target("drivers.blk.ram:RamBackend") == "drivers.blk.ram:RamBackend"
     assert check_target(f"{f}:Mine") == f"{f}:Mine"
     assert check_target(str(f)) == str(f)
-    for bad, words in [("", "name the new backend"), ("not a module", "is neither a module"),
-                       ("b.py", "must be an absolute path"),
-                       (str(tmp_path / "none.py"), "does not exist"),
-                       (str(tmp_path), "is not a Python file"),
-                       (f"{f}:1x", "is not a class name")]:
+    for bad, words in [
+        ("", "name the new backend"),
+        ("not a module", "is neither a module"),
+        ("b.py", "must be an absolute path"),
+        (str(tmp_path / "none.py"), "does not exist"),
+        (str(tmp_path), "is not a Python file"),
+        (f"{f}:1x", "is not a class name"),
+    ]:
         with pytest.raises(ControlError, match=words):
             check_target(bad)
     assert target_of(to_file=f"{f}:K") == f"{f}:K"

@@ -31,8 +31,10 @@ from kernel.hypervisor import Hypervisor
 from tests.conftest import shm_segments
 
 ITERS = 3_000_000  # long enough for well over 1,000 stops at one per ~150 µs
-LINE = re.compile(r"rmwcount: iters=(\d+) add=(\d+) sub=(\d+) xchg_bad=(\d+) upcalls=(\d+) "
-                  r"(ok|BAD)")
+LINE = re.compile(
+    r"rmwcount: iters=(\d+) add=(\d+) sub=(\d+) xchg_bad=(\d+) upcalls=(\d+) "
+    r"(ok|BAD)"
+)
 
 
 class Kernel:
@@ -52,12 +54,16 @@ class Kernel:
         elif kind == "domain" and rest.endswith((".shutdown", ".crashed")):
             self.exited.setdefault(rest.rsplit(".", 1)[0], threading.Event()).set()
 
-    def run(self, name: str, image: Path, hammer: Callable[[Domain], None],
-            timeout: float = 60) -> tuple[str, int]:
+    def run(
+        self, name: str, image: Path, hammer: Callable[[Domain], None], timeout: float = 60
+    ) -> tuple[str, int]:
         """Run rmwcount while ``hammer(dom)`` is called in a loop; (console, hammer calls)."""
         done = self.exited.setdefault(name, threading.Event())
-        dom = self.hv.create(DomainConfig(name=name, image="rmwcount", image_path=str(image),
-                                          memory=4, extra=f"iters={ITERS}"))
+        dom = self.hv.create(
+            DomainConfig(
+                name=name, image="rmwcount", image_path=str(image), memory=4, extra=f"iters={ITERS}"
+            )
+        )
         calls = 0
         rng = random.Random(1)
         while not done.wait(rng.random() * 0.0003):  # a stop every ~150 µs, at random points
@@ -88,8 +94,7 @@ def counts(text: str) -> dict[str, int | str]:
     m = LINE.search(text)
     assert m, f"no rmwcount summary line in:\n{text}"
     keys = ("iters", "add", "sub", "xchg_bad", "upcalls")
-    return {**{k: int(v) for k, v in zip(keys, m.groups()[:5], strict=True)},
-            "verdict": m.group(6)}
+    return {**{k: int(v) for k, v in zip(keys, m.groups()[:5], strict=True)}, "verdict": m.group(6)}
 
 
 @pytest.mark.timeout(120)
@@ -97,22 +102,30 @@ def test_preempting_stops_never_rerun_an_instruction(kernel: Kernel, image: Path
     text, stops = kernel.run("stops", image, lambda dom: dom.vcpu.stop())
     c = counts(text)
     assert stops > 1000, f"only {stops} stops: the test did not exercise anything"
-    assert c == {"iters": ITERS, "add": ITERS, "sub": ITERS, "xchg_bad": 0,
-                 "upcalls": 0, "verdict": "ok"}, text
+    assert c == {
+        "iters": ITERS,
+        "add": ITERS,
+        "sub": ITERS,
+        "xchg_bad": 0,
+        "upcalls": 0,
+        "verdict": "ok",
+    }, text
 
 
 @pytest.mark.timeout(120)
 def test_upcalls_never_rerun_an_instruction(kernel: Kernel, image: Path) -> None:
     text, sent = kernel.run("upcalls", image, lambda dom: kernel.hv.sched.notify(dom, 1 << 3))
     c = counts(text)
-    assert isinstance(c["upcalls"], int) and c["upcalls"] > 500, \
+    assert isinstance(c["upcalls"], int) and c["upcalls"] > 500, (
         f"only {c['upcalls']} upcalls for {sent} events: the test did not exercise anything"
+    )
     assert (c["add"], c["sub"], c["xchg_bad"], c["verdict"]) == (ITERS, ITERS, 0, "ok"), text
 
 
 @pytest.mark.timeout(120)
-def test_without_the_fix_counts_go_wrong(kernel: Kernel, image: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_fix_counts_go_wrong(
+    kernel: Kernel, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The control: unicorn's per-access exit checks left on re-run instructions.  If this
     ever fails, unicorn fixed the defect and kernel/ucstop.py can go."""
     monkeypatch.setattr(vcpu, "stop_only_between_instructions", lambda uc: None)
@@ -122,12 +135,16 @@ def test_without_the_fix_counts_go_wrong(kernel: Kernel, image: Path,
 
 
 def test_an_unknown_engine_layout_is_refused_with_a_clear_error(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 
     fresh = Uc(UC_ARCH_X86, UC_MODE_64)  # not initialised yet: none of the fields are set
-    with pytest.raises(ucstop.UnsupportedUnicorn, match=r"found the engine's page-size "
-                       r"fields 0 times.*install a supported release"):
+    with pytest.raises(
+        ucstop.UnsupportedUnicorn,
+        match=r"found the engine's page-size "
+        r"fields 0 times.*install a supported release",
+    ):
         ucstop.stop_only_between_instructions(fresh)
 
     ready = Uc(UC_ARCH_X86, UC_MODE_64)

@@ -31,8 +31,7 @@ def tick_with_refill_preemption(self: sched_mod.Scheduler, now: int) -> int:
     if refill and all(p.current is not None for p in self.pcpus):
         for d in self.domains:
             if d.config.cap and d.action is None and self._eligible(d):
-                victim = max(self.pcpus,
-                             key=lambda p: p.current.vruntime if p.current else -1)
+                victim = max(self.pcpus, key=lambda p: p.current.vruntime if p.current else -1)
                 cur = victim.current
                 if cur is not None and not cur.config.cap and cur.vruntime > d.vruntime:
                     cur.vcpu.stop()
@@ -42,8 +41,9 @@ def tick_with_refill_preemption(self: sched_mod.Scheduler, now: int) -> int:
 def share(fix: bool, seconds: float) -> tuple[float, float]:
     sched_mod.Scheduler._tick_locked = tick_with_refill_preemption if fix else ORIG
     img = str(resolve_image("busy", ROOT))
-    hv = Hypervisor(pcpus=1, timeslice_ms=10, shm_prefix=f"capprobe{int(fix)}.",
-                    emit=lambda t, p: None)
+    hv = Hypervisor(
+        pcpus=1, timeslice_ms=10, shm_prefix=f"capprobe{int(fix)}.", emit=lambda t, p: None
+    )
     try:
         a = hv.create(DomainConfig(name="capped", image="busy", image_path=img, memory=4, cap=25))
         b = hv.create(DomainConfig(name="free", image="busy", image_path=img, memory=4))
@@ -62,5 +62,7 @@ if __name__ == "__main__":
     secs = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
     for fix in (False, True):
         capped, free = share(fix, secs)
-        print(f"{'with' if fix else 'without'} refill preemption: capped {capped:.1f}% "
-              f"of a CPU, uncapped {free:.1f}%")
+        print(
+            f"{'with' if fix else 'without'} refill preemption: capped {capped:.1f}% "
+            f"of a CPU, uncapped {free:.1f}%"
+        )

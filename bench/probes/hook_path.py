@@ -34,9 +34,10 @@ def run(raw: bool, calls: int) -> float:
     data = guest_image("hcbench").read_bytes()
     size = 4 << 20
     mm = mmap.mmap(-1, size)
-    mm[abi.IMAGE_BASE:abi.IMAGE_BASE + len(data)] = data
-    fill_start_info(mm, domid=0, mem_bytes=size, image_size=len(data), name="probe",
-                    cmdline=f"calls={calls}")
+    mm[abi.IMAGE_BASE : abi.IMAGE_BASE + len(data)] = data
+    fill_start_info(
+        mm, domid=0, mem_bytes=size, image_size=len(data), name="probe", cmdline=f"calls={calls}"
+    )
     anchor = ctypes.c_char.from_buffer(mm)
     w = memoryview(mm).cast("Q")
     nr_i = (abi.HCALL_BLOCK_ADDR + abi.HB_NR) // 8
@@ -44,8 +45,12 @@ def run(raw: bool, calls: int) -> float:
     ret_i = (abi.HCALL_BLOCK_ADDR + abi.HB_RET) // 8
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.ctl_set_tcg_buffer_size(32 << 20)
-    uc.mem_map_ptr(abi.NULL_GUARD_END, size - abi.NULL_GUARD_END, UC_PROT_ALL,
-                   ctypes.addressof(anchor) + abi.NULL_GUARD_END)
+    uc.mem_map_ptr(
+        abi.NULL_GUARD_END,
+        size - abi.NULL_GUARD_END,
+        UC_PROT_ALL,
+        ctypes.addressof(anchor) + abi.NULL_GUARD_END,
+    )
     out: list[bytes] = []
     t0 = time.monotonic_ns()
     handle = uc._uch
@@ -56,7 +61,7 @@ def run(raw: bool, calls: int) -> float:
             w[ret_i] = 0
         elif nr == abi.HC_CONSOLE_WRITE:
             p, n = w[a0], w[a0 + 1]
-            out.append(bytes(mm[p:p + n]))
+            out.append(bytes(mm[p : p + n]))
             w[ret_i] = n
         elif nr == abi.HC_TIME:
             w[ret_i] = time.monotonic_ns() - t0
@@ -69,9 +74,16 @@ def run(raw: bool, calls: int) -> float:
     if raw:
         keep = RAW_CB(hook)
         h = ctypes.c_size_t()
-        status = uclib.uc_hook_add(handle, ctypes.byref(h), UC_HOOK_INSN,
-                                   ctypes.cast(keep, ctypes.c_void_p), None, ctypes.c_uint64(1),
-                                   ctypes.c_uint64(0), ctypes.c_int(UC_X86_INS_SYSCALL))
+        status = uclib.uc_hook_add(
+            handle,
+            ctypes.byref(h),
+            UC_HOOK_INSN,
+            ctypes.cast(keep, ctypes.c_void_p),
+            None,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(UC_X86_INS_SYSCALL),
+        )
         assert status == 0, status
     else:
         uc.hook_add(UC_HOOK_INSN, hook, None, 1, 0, UC_X86_INS_SYSCALL)
@@ -89,5 +101,7 @@ if __name__ == "__main__":
         res["binding hook_add"].append(run(False, 500_000))
         res["raw uc_hook_add"].append(run(True, 500_000))
     for k, v in res.items():
-        print(f"{k:17}: median {statistics.median(v):6.0f} ns/call  "
-              f"({', '.join(f'{x:.0f}' for x in v)})")
+        print(
+            f"{k:17}: median {statistics.median(v):6.0f} ns/call  "
+            f"({', '.join(f'{x:.0f}' for x in v)})"
+        )

@@ -83,16 +83,15 @@ _INFLIGHT_BYTES = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
 _pack_response = blkif.RESPONSE.pack
 
 OPTIONS: dict[str, str] = {
-    "max_batch": "requests taken from a ring before responses are published (1..1024, "
-                 "default 32)",
+    "max_batch": "requests taken from a ring before responses are published (1..1024, default 32)",
     "poison_after": "a request that this many driver instances in a row died executing is "
-                    "answered with an error instead of being redone (1..100, default 3)",
+    "answered with an error instead of being redone (1..100, default 3)",
     "fault_sector": "tests only: a read, write or discard covering this sector triggers "
-                    "fault_kind while it executes (give both or neither)",
+    "fault_kind while it executes (give both or neither)",
     "start_gate": "tests only: a file; while it exists the backend does not finish starting, "
-                  "so the instance never says hello (a driver stuck in its handshake)",
+    "so the instance never says hello (a driver stuck in its handshake)",
     "fault_kind": "tests only: the fault fault_sector triggers: exit, exception, segv, "
-                  "abort, hang, leak, or a bad response: bad_id, bad_status, bad_op, bad_index",
+    "abort, hang, leak, or a bad response: bad_id, bad_status, bad_op, bad_index",
 }
 #: What ``fault_kind`` may name (the host's ``inject`` carries them out).
 FAULT_KINDS: tuple[str, ...] = tuple(INJECT_KINDS)
@@ -130,8 +129,9 @@ class _Device:
     info: DeviceState | None = None
 
 
-def _int_option(options: dict[str, Any], name: str, default: int | None, lo: int,
-                hi: int) -> int | None:
+def _int_option(
+    options: dict[str, Any], name: str, default: int | None, lo: int, hi: int
+) -> int | None:
     """As ``int_option``, with None (absent and no default) allowed."""
     if options.get(name, default) is None:
         return None
@@ -183,7 +183,7 @@ def spoil_response(kind: str, rsp: bytes) -> bytes:
         op ^= 0x40
     else:
         raise ValueError(f"cannot spoil a response with {kind!r}")
-    return _pack_response(rid, op, pad, status, pad2) + rsp[blkif.RESPONSE.size:]
+    return _pack_response(rid, op, pad, status, pad2) + rsp[blkif.RESPONSE.size :]
 
 
 def describe_request(raw: bytes, *, window: int, sectors: int) -> tuple[int, int, str]:
@@ -193,8 +193,14 @@ def describe_request(raw: bytes, *, window: int, sectors: int) -> tuple[int, int
     except RequestError as e:
         return e.id, e.op, f"undecodable request id={e.id:#x} op={e.op} ({e})"
     segs = ", ".join(f"({o:#x}, {n})" for o, n in req.segments)
-    return req.id, req.op, (f"{blkif.OP_NAMES[req.op]} id={req.id:#x} sector={req.sector} "
-                            f"nr_sectors={req.nr_sectors} segments=[{segs}]")
+    return (
+        req.id,
+        req.op,
+        (
+            f"{blkif.OP_NAMES[req.op]} id={req.id:#x} sector={req.sector} "
+            f"nr_sectors={req.nr_sectors} segments=[{segs}]"
+        ),
+    )
 
 
 def open_storage(disk: dict[str, Any]) -> Storage:
@@ -237,8 +243,10 @@ def copy_medium(src: Medium, dst: Medium) -> int:
         target = open_medium(Medium(dst.type, dst.target, size, "rw"))
         try:
             if target.size != size:
-                raise StorageError(f"cannot copy {src.target} ({size} bytes) over {dst.target} "
-                                   f"({target.size} bytes): the sizes differ")
+                raise StorageError(
+                    f"cannot copy {src.target} ({size} bytes) over {dst.target} "
+                    f"({target.size} bytes): the sizes differ"
+                )
             assert isinstance(source, _FdStorage) and isinstance(target, _FdStorage)
             _copy_fd(source.fd, target.fd, size, f"copying {src.target} to {dst.target}")
             return size
@@ -279,7 +287,7 @@ def _copy_fd(src: int, dst: int, size: int, what: str) -> None:
     buf = bytearray(min(_COPY_CHUNK, size))
     view = memoryview(buf)
     while done < size:
-        n = os.preadv(src, [view[:min(len(buf), size - done)]], done)
+        n = os.preadv(src, [view[: min(len(buf), size - done)]], done)
         if n <= 0:
             raise StorageError(f"{what}: unexpected end at byte {done} of {size}")
         k = 0
@@ -307,12 +315,15 @@ class BlockBackend(abc.ABC):
         unknown = sorted(set(options) - set(allowed_options))
         if unknown:
             allowed = "; ".join(f"{k}: {v}" for k, v in allowed_options.items())
-            raise ValueError(f"unknown block backend option(s) {', '.join(unknown)}; allowed: "
-                             f"{allowed}")
+            raise ValueError(
+                f"unknown block backend option(s) {', '.join(unknown)}; allowed: {allowed}"
+            )
         self.options = dict(options)
         #: "module:Class" (the host says how it loaded us; else our own names).
-        self.implementation: str = getattr(host, "implementation", None) or \
-            f"{type(self).__module__}:{type(self).__qualname__}"
+        self.implementation: str = (
+            getattr(host, "implementation", None)
+            or f"{type(self).__module__}:{type(self).__qualname__}"
+        )
         #: Devices restored (restore_device done) and not attached yet, by key.
         self._restored: dict[int, DeviceState] = {}
         _wait_at_gate(options.get("start_gate"))
@@ -328,15 +339,19 @@ class BlockBackend(abc.ABC):
         #: Carries out one request (the faulty variant only when a test asks for it, so the
         #: data path pays nothing for the feature).
         self.perform: Callable[[_Device, bytes], bytes] = (
-            self._perform if self.fault is None else self._perform_with_fault)
+            self._perform if self.fault is None else self._perform_with_fault
+        )
         #: A bad response to give in the next batch (:meth:`corrupt_next`), or None.
         self._spoil: str | None = None
         #: Faults armed by the supervisor (drivers/faults.py; ``perform`` asks it only while
         #: one is armed).
         self.injector = Injector()
         if self.fault is not None:
-            self.log.warning("test fault armed: a request covering sector %d injects %r",
-                             self.fault.sector, self.fault.kind)
+            self.log.warning(
+                "test fault armed: a request covering sector %d injects %r",
+                self.fault.sector,
+                self.fault.kind,
+            )
 
     # -- what an implementation provides (docs/sdk.md) -----------------------------------------
     @abc.abstractmethod
@@ -355,9 +370,15 @@ class BlockBackend(abc.ABC):
         if saved.medium.same_place(saved.home):
             return saved
         n = copy_medium(saved.medium, saved.home)
-        self.log.info("device %d (%s): %d bytes moved from %s %s to its disk %s", saved.key,
-                      saved.label, n, saved.medium.type, saved.medium.target,
-                      saved.home.target)
+        self.log.info(
+            "device %d (%s): %d bytes moved from %s %s to its disk %s",
+            saved.key,
+            saved.label,
+            n,
+            saved.medium.type,
+            saved.medium.target,
+            saved.home.target,
+        )
         return dataclasses.replace(saved, medium=saved.home)
 
     def save_device(self, dev: DeviceState, storage: Storage) -> dict[str, Any]:
@@ -386,8 +407,12 @@ class BlockBackend(abc.ABC):
                 path = SHM_DIR / d.info.scratch
                 if path.exists():
                     path.unlink(missing_ok=True)
-                    self.log.info("device %d (%s): the memory copy %s of the previous "
-                                  "implementation removed", d.key, d.label, d.info.scratch)
+                    self.log.info(
+                        "device %d (%s): the memory copy %s of the previous implementation removed",
+                        d.key,
+                        d.label,
+                        d.info.scratch,
+                    )
 
     def statistics(self) -> dict[str, int | float | str]:
         """Counters for `isovisor driver stats` (numbers or short strings)."""
@@ -400,8 +425,10 @@ class BlockBackend(abc.ABC):
     def upgrade_state(cls, state: BackendState) -> BackendState:
         """Turn a state of an older ``state_version`` into this one (override when the
         layout changes; see docs/sdk.md).  The default refuses."""
-        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
-                         f"upgrade_state hook for version {state.version} states")
+        raise StateError(
+            f"{cls.__name__} (state version {cls.state_version}) has no "
+            f"upgrade_state hook for version {state.version} states"
+        )
 
     # -- save, suspend, restore (a hot swap) -------------------------------------------------
     def save(self) -> BackendState:
@@ -410,10 +437,16 @@ class BlockBackend(abc.ABC):
         for d in self.devices.values():
             if d.info is not None:
                 devices[d.key] = dataclasses.replace(
-                    d.info, medium=self.medium_of(d.info, d.storage),
-                    data=self.save_device(d.info, d.storage))
-        return BackendState(self.state_kind, self.state_version, self.implementation,
-                            tuple(devices[k] for k in sorted(devices)))
+                    d.info,
+                    medium=self.medium_of(d.info, d.storage),
+                    data=self.save_device(d.info, d.storage),
+                )
+        return BackendState(
+            self.state_kind,
+            self.state_version,
+            self.implementation,
+            tuple(devices[k] for k in sorted(devices)),
+        )
 
     def suspend(self) -> None:
         """Stop serving and let go of every device (for the next implementation): nothing is
@@ -426,12 +459,21 @@ class BlockBackend(abc.ABC):
     def restore(self, state: BackendState) -> None:
         """Take over from ``state`` (StateError if it cannot): checked and upgraded, then
         :meth:`restore_device` for each device before the kernel attaches them again."""
-        state = accept(state, kind=self.state_kind, version=self.state_version,
-                       who=self.implementation, upgrade=type(self).upgrade_state)
+        state = accept(
+            state,
+            kind=self.state_kind,
+            version=self.state_version,
+            who=self.implementation,
+            upgrade=type(self).upgrade_state,
+        )
         restored = {d.key: self.restore_device(d) for d in state.devices}
         self._restored.update(restored)
-        self.log.info("restored %d device(s) from the state of %s (version %d)", len(restored),
-                      state.implementation, state.version)
+        self.log.info(
+            "restored %d device(s) from the state of %s (version %d)",
+            len(restored),
+            state.implementation,
+            state.version,
+        )
 
     # -- messages ------------------------------------------------------------------------------
     def attach(self, dev: dict[str, Any]) -> None:
@@ -461,12 +503,16 @@ class BlockBackend(abc.ABC):
             return
         problem = None
         if not blkif.DATA_OFFSET < window <= segment.size:
-            problem = (f"window {window:#x} does not fit segment {seg_name} of {segment.size:#x} "
-                       f"bytes above the data offset {blkif.DATA_OFFSET:#x}")
+            problem = (
+                f"window {window:#x} does not fit segment {seg_name} of {segment.size:#x} "
+                f"bytes above the data offset {blkif.DATA_OFFSET:#x}"
+            )
         elif inflight_offset < window or inflight_offset + _INFLIGHT_BYTES > segment.size:
-            problem = (f"in-flight log at {inflight_offset:#x} ({_INFLIGHT_BYTES} bytes) must "
-                       f"lie after the window {window:#x} inside segment {seg_name} of "
-                       f"{segment.size:#x} bytes")
+            problem = (
+                f"in-flight log at {inflight_offset:#x} ({_INFLIGHT_BYTES} bytes) must "
+                f"lie after the window {window:#x} inside segment {seg_name} of "
+                f"{segment.size:#x} bytes"
+            )
         storage: Storage | None = None
         info: DeviceState | None = None
         if problem is None:
@@ -482,9 +528,19 @@ class BlockBackend(abc.ABC):
             self._refuse(key, store, problem or "no storage")
             return
         mem = memoryview(segment.buf)
-        d = _Device(key=key, label=label, store=store, segment=segment, storage=storage,
-                    window=window, inflight_offset=inflight_offset, mem=mem,
-                    region=mem[:window], sectors=storage.sectors, info=info)
+        d = _Device(
+            key=key,
+            label=label,
+            store=store,
+            segment=segment,
+            storage=storage,
+            window=window,
+            inflight_offset=inflight_offset,
+            mem=mem,
+            region=mem[:window],
+            sectors=storage.sectors,
+            info=info,
+        )
         self.devices[key] = d
         try:
             w = self.host.store_write
@@ -499,11 +555,17 @@ class BlockBackend(abc.ABC):
             del self.devices[key]
             self._refuse(key, None, f"cannot publish the disk parameters: {e}")
             return
-        self.log.info("device %d (%s): %r, %d sectors, waiting for the frontend", key, label,
-                      storage, d.sectors)
+        self.log.info(
+            "device %d (%s): %r, %d sectors, waiting for the frontend",
+            key,
+            label,
+            storage,
+            d.sectors,
+        )
 
-    def _device_state(self, key: int, label: str, disk: dict[str, Any],
-                      scratch: str) -> DeviceState:
+    def _device_state(
+        self, key: int, label: str, disk: dict[str, Any], scratch: str
+    ) -> DeviceState:
         """The device an attach names, with its data where a restore left it (if any)."""
         home = Medium.from_wire(disk, "the attach message's disk")
         restored = self._restored.pop(key, None)
@@ -521,9 +583,15 @@ class BlockBackend(abc.ABC):
             self.log.warning("detach of unknown device %d", key)
             return
         s = d.stats
-        self.log.info("device %d (%s) detached: %d requests, %d errors, %d batches, "
-                      "%d notifications", key, d.label, s.requests, s.errors, s.batches,
-                      s.notifications)
+        self.log.info(
+            "device %d (%s) detached: %d requests, %d errors, %d batches, %d notifications",
+            key,
+            d.label,
+            s.requests,
+            s.errors,
+            s.batches,
+            s.notifications,
+        )
         self._close(d)
 
     def fe_state(self, key: int, state: int) -> None:
@@ -567,8 +635,9 @@ class BlockBackend(abc.ABC):
         n, size = blkif.RING_SLOTS, blkif.SLOT_SIZE
         try:
             ring = BackRing(d.mem[:_RING_BYTES], n, size)
-            log = InflightLog(d.mem[d.inflight_offset:d.inflight_offset + _INFLIGHT_BYTES], n,
-                              size)
+            log = InflightLog(
+                d.mem[d.inflight_offset : d.inflight_offset + _INFLIGHT_BYTES], n, size
+            )
         except (ValueError, RingError) as e:
             self._break(d, f"cannot attach the ring: {e}")
             return
@@ -576,14 +645,17 @@ class BlockBackend(abc.ABC):
         d.ring, d.inflight = ring, log
         d.state = "connected"
         self.host.store_write(f"{d.store}/state", str(int(DevState.CONNECTED)))
-        self.log.info("device %d (%s): %s%s", d.key, d.label,
-                      "resumed" if resume else "connected",
-                      f", redoing {len(redo)} unfinished requests" if redo else "")
+        self.log.info(
+            "device %d (%s): %s%s",
+            d.key,
+            d.label,
+            "resumed" if resume else "connected",
+            f", redoing {len(redo)} unfinished requests" if redo else "",
+        )
         if resume:
             # A backend bug while redoing escapes (the host exits): the record stays flagged
             # executing, so the next instance counts a death for it.
-            replayed, done_ns = self._redo(d, ring, log, redo) if redo else (
-                0, time.monotonic_ns())
+            replayed, done_ns = self._redo(d, ring, log, redo) if redo else (0, time.monotonic_ns())
             self.host.recovered(d.key, replayed, done_ns)
         self._service(d)
 
@@ -612,14 +684,21 @@ class BlockBackend(abc.ABC):
         if not rec.executing:
             return rec
         deaths = log.record_death(rec.index)
-        self.log.warning("device %d (%s): the request at ring index %d was executing when the "
-                         "previous driver instance died (%d death%s of %d allowed)", d.key,
-                         d.label, rec.index, deaths, "" if deaths == 1 else "s",
-                         self.poison_after)
+        self.log.warning(
+            "device %d (%s): the request at ring index %d was executing when the "
+            "previous driver instance died (%d death%s of %d allowed)",
+            d.key,
+            d.label,
+            rec.index,
+            deaths,
+            "" if deaths == 1 else "s",
+            self.poison_after,
+        )
         return dataclasses.replace(rec, executing=False, deaths=deaths)
 
-    def _redo(self, d: _Device, ring: BackRing, log: InflightLog,
-              recs: list[InflightRecord]) -> tuple[int, int]:
+    def _redo(
+        self, d: _Device, ring: BackRing, log: InflightLog, recs: list[InflightRecord]
+    ) -> tuple[int, int]:
         """Answer ``recs`` in ring order: redo each, or refuse it if it is poison.  Returns
         (requests redone, CLOCK_MONOTONIC ns when their responses were published)."""
         replayed = 0
@@ -645,10 +724,17 @@ class BlockBackend(abc.ABC):
         """Refuse a request that killed ``poison_after`` instances: log it, report it, and
         return its STATUS_ERROR response."""
         rid, op, what = describe_request(rec.request, window=d.window, sectors=d.sectors)
-        description = (f"{what}: {rec.deaths} driver instances died executing it; answered "
-                       "with an error instead of being redone")
-        self.log.error("device %d (%s): poison request at ring index %d: %s", d.key, d.label,
-                       rec.index, description)
+        description = (
+            f"{what}: {rec.deaths} driver instances died executing it; answered "
+            "with an error instead of being redone"
+        )
+        self.log.error(
+            "device %d (%s): poison request at ring index %d: %s",
+            d.key,
+            d.label,
+            rec.index,
+            description,
+        )
         d.stats.errors += 1
         self.host.poison(d.key, rec.index, description)
         return _pack_response(rid, op, 0, STATUS_ERROR, 0)
@@ -677,8 +763,12 @@ class BlockBackend(abc.ABC):
             try:
                 d.segment.close()
             except BufferError:
-                self.log.error("device %d: segment %s is still referenced; it stays mapped "
-                               "until those references go", d.key, d.segment.name)
+                self.log.error(
+                    "device %d: segment %s is still referenced; it stays mapped "
+                    "until those references go",
+                    d.key,
+                    d.segment.name,
+                )
         try:
             if d.info is None:
                 d.storage.close()
@@ -700,8 +790,9 @@ class BlockBackend(abc.ABC):
             if d.inflight is not None:  # not a death: nothing died executing these
                 for rec in d.inflight.pending():
                     d.inflight.clear_executing(rec.index)
-            self.log.warning("device %d (%s): %s; the device is no longer served", d.key,
-                             d.label, e)
+            self.log.warning(
+                "device %d (%s): %s; the device is no longer served", d.key, d.label, e
+            )
 
     def _service_ring(self, d: _Device) -> None:
         ring = d.ring
@@ -758,8 +849,11 @@ class BlockBackend(abc.ABC):
         return self._perform(d, raw) if self.fault is None else self._perform_with_fault(d, raw)
 
     def _choose_perform(self) -> None:
-        self.perform = self._perform_injecting if self.injector.armed else (
-            self._perform if self.fault is None else self._perform_with_fault)
+        self.perform = (
+            self._perform_injecting
+            if self.injector.armed
+            else (self._perform if self.fault is None else self._perform_with_fault)
+        )
 
     def _perform_injecting(self, d: _Device, raw: bytes) -> bytes:
         """``perform`` while a fault is armed: ask the injector about this request."""
@@ -768,8 +862,9 @@ class BlockBackend(abc.ABC):
         except RequestError:
             return self._base_perform(d, raw)
         domain, _, vdev = d.label.partition("/")
-        f = self.injector.pick(RequestInfo(domain, vdev, blkif.OP_NAMES.get(req.op, "?"),
-                                           req.sector, req.nr_sectors))
+        f = self.injector.pick(
+            RequestInfo(domain, vdev, blkif.OP_NAMES.get(req.op, "?"), req.sector, req.nr_sectors)
+        )
         if f is None:
             return self._base_perform(d, raw)
         if not self.injector.armed:
@@ -794,8 +889,12 @@ class BlockBackend(abc.ABC):
         elif kind == "leak_fd":
             self.host.leak_fds(256)
         rsp = self._base_perform(d, raw)
-        if kind == "corrupt_data" and req.op == OP_READ and req.segments and \
-                blkif.RESPONSE.unpack_from(rsp)[3] == STATUS_OKAY:
+        if (
+            kind == "corrupt_data"
+            and req.op == OP_READ
+            and req.segments
+            and blkif.RESPONSE.unpack_from(rsp)[3] == STATUS_OKAY
+        ):
             offset = req.segments[0][0]
             d.region[offset] ^= 0xFF  # one wrong byte in a successful read
         return rsp
@@ -804,8 +903,9 @@ class BlockBackend(abc.ABC):
     def corrupt_next(self, kind: str) -> None:
         """Give one bad response of ``kind`` (:data:`RESPONSE_KINDS`) in the next batch."""
         if kind not in RESPONSE_KINDS:
-            raise ValueError(f"unknown response fault {kind!r}; choose one of "
-                             f"{', '.join(RESPONSE_KINDS)}")
+            raise ValueError(
+                f"unknown response fault {kind!r}; choose one of {', '.join(RESPONSE_KINDS)}"
+            )
         self._spoil = kind
 
     def _spoil_batch(self, d: _Device, ring: BackRing, n: int) -> None:
@@ -819,15 +919,26 @@ class BlockBackend(abc.ABC):
             self._spoil = None
             last = (ring.rsp_prod_pvt - 1) & _MASK
             ring.rewrite_response(last, ring.response_at((last - 1) & _MASK))
-            self.log.warning("device %d (%s): fault injected: duplicate, the response at ring "
-                             "index %d published again at %d", d.key, d.label,
-                             (last - 1) & _MASK, last)
+            self.log.warning(
+                "device %d (%s): fault injected: duplicate, the response at ring "
+                "index %d published again at %d",
+                d.key,
+                d.label,
+                (last - 1) & _MASK,
+                last,
+            )
             return
         self._spoil = None
         index = (ring.rsp_prod_pvt - 1) & _MASK
         ring.rewrite_response(index, spoil_response(kind or "", ring.response_at(index)))
-        self.log.warning("device %d (%s): fault injected: %s at ring index %d (%s)", d.key,
-                         d.label, kind, index, RESPONSE_KINDS[kind or ""])
+        self.log.warning(
+            "device %d (%s): fault injected: %s at ring index %d (%s)",
+            d.key,
+            d.label,
+            kind,
+            index,
+            RESPONSE_KINDS[kind or ""],
+        )
 
     def _publish_bad_index(self, d: _Device, ring: BackRing) -> None:
         """Publish a bogus rsp_prod and stop serving the device, as a backend that lost count
@@ -835,9 +946,14 @@ class BlockBackend(abc.ABC):
         self._spoil = None
         bogus = ring.publish_rsp_prod_beyond(3)
         d.state = "lost count"
-        self.log.warning("device %d (%s): fault injected: bad_index, rsp_prod %d published "
-                         "and the device no longer served (%s)", d.key, d.label, bogus,
-                         RESPONSE_KINDS["bad_index"])
+        self.log.warning(
+            "device %d (%s): fault injected: bad_index, rsp_prod %d published "
+            "and the device no longer served (%s)",
+            d.key,
+            d.label,
+            bogus,
+            RESPONSE_KINDS["bad_index"],
+        )
         self._notify(d)
 
     def _perform(self, d: _Device, raw: bytes) -> bytes:
@@ -851,15 +967,17 @@ class BlockBackend(abc.ABC):
         try:
             if op == OP_READ:
                 region = d.region
-                d.storage.readv_into(req.sector * SECTOR_SIZE,
-                                     [region[o:o + n] for o, n in req.segments])
+                d.storage.readv_into(
+                    req.sector * SECTOR_SIZE, [region[o : o + n] for o, n in req.segments]
+                )
             elif op == OP_WRITE:
                 if d.storage.readonly:
                     self._bad(d, STATUS_ERROR, "write to read-only disk", req.id)
                     return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
                 region = d.region
-                d.storage.writev_from(req.sector * SECTOR_SIZE,
-                                      [region[o:o + n] for o, n in req.segments])
+                d.storage.writev_from(
+                    req.sector * SECTOR_SIZE, [region[o : o + n] for o, n in req.segments]
+                )
             elif op == OP_FLUSH:
                 d.storage.flush()
             elif op == OP_DISCARD:
@@ -868,8 +986,12 @@ class BlockBackend(abc.ABC):
                     return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
                 d.storage.discard(req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
         except (OSError, StorageError) as e:
-            self._bad(d, STATUS_ERROR, f"{blkif.OP_NAMES[op]} of sector {req.sector}: I/O "
-                                       f"error: {e}", req.id)
+            self._bad(
+                d,
+                STATUS_ERROR,
+                f"{blkif.OP_NAMES[op]} of sector {req.sector}: I/O error: {e}",
+                req.id,
+            )
             return _pack_response(req.id, op, 0, STATUS_ERROR, 0)
         return _pack_response(req.id, op, 0, STATUS_OKAY, 0)
 
@@ -883,8 +1005,14 @@ class BlockBackend(abc.ABC):
         except RequestError:
             return self._perform(d, raw)
         if req.op in _FAULT_OPS and req.sector <= fault.sector < req.sector + req.nr_sectors:
-            self.log.warning("device %d (%s): request %#x covers fault_sector %d: injecting %s",
-                             d.key, d.label, req.id, fault.sector, fault.kind)
+            self.log.warning(
+                "device %d (%s): request %#x covers fault_sector %d: injecting %s",
+                d.key,
+                d.label,
+                req.id,
+                fault.sector,
+                fault.kind,
+            )
             if fault.kind == "bad_index":
                 self._spoil = fault.kind
             elif fault.kind in RESPONSE_KINDS:
@@ -899,9 +1027,15 @@ class BlockBackend(abc.ABC):
         d.bad_logged += 1
         k = d.bad_logged
         if k <= 20 or k % 1000 == 0:
-            self.log.warning("device %d (%s): request %#x refused (status %d): %s%s", d.key,
-                             d.label, req_id, status, message,
-                             f" [{k} refused so far]" if k > 20 else "")
+            self.log.warning(
+                "device %d (%s): request %#x refused (status %d): %s%s",
+                d.key,
+                d.label,
+                req_id,
+                status,
+                message,
+                f" [{k} refused so far]" if k > 20 else "",
+            )
 
 
 class Backend(BlockBackend):

@@ -29,9 +29,11 @@ class RamBackend(BlockBackend):
 
     def _ram(self, dev: DeviceState) -> Medium:
         if not dev.scratch:
-            raise StorageError(f"device {dev.label}: the kernel reserved no scratch memory "
-                               "disk for it (an attach message without 'scratch'), so it "
-                               "cannot be served from memory")
+            raise StorageError(
+                f"device {dev.label}: the kernel reserved no scratch memory "
+                "disk for it (an attach message without 'scratch'), so it "
+                "cannot be served from memory"
+            )
         return Medium("memory", dev.scratch, None, "rw")
 
     def restore_device(self, saved: DeviceState) -> DeviceState:
@@ -39,8 +41,14 @@ class RamBackend(BlockBackend):
         ram = self._ram(saved)
         if not saved.medium.same_place(ram):
             n = copy_medium(saved.medium, ram)
-            self.log.info("device %d (%s): %d bytes copied from %s %s into memory", saved.key,
-                          saved.label, n, saved.medium.type, saved.medium.target)
+            self.log.info(
+                "device %d (%s): %d bytes copied from %s %s into memory",
+                saved.key,
+                saved.label,
+                n,
+                saved.medium.type,
+                saved.medium.target,
+            )
         return dataclasses.replace(saved, medium=ram)
 
     def open_disk(self, dev: DeviceState) -> Storage:
@@ -63,8 +71,13 @@ class RamBackend(BlockBackend):
         ram = self._ram(dev)
         if Path(SHM_DIR / ram.target).exists():
             n = copy_medium(ram, dev.home)
-            self.log.info("device %d (%s): %d bytes written back to %s", dev.key, dev.label, n,
-                          dev.home.target)
+            self.log.info(
+                "device %d (%s): %d bytes written back to %s",
+                dev.key,
+                dev.label,
+                n,
+                dev.home.target,
+            )
 
     def statistics(self) -> dict[str, int | float | str]:
         out = super().statistics()

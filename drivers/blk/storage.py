@@ -170,7 +170,7 @@ class _FdStorage(Storage):
         zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
         end = offset + length
         while offset < end:
-            k = os.pwrite(fd, zeros[:min(len(zeros), end - offset)], offset)
+            k = os.pwrite(fd, zeros[: min(len(zeros), end - offset)], offset)
             offset += k
 
     def close(self) -> None:
@@ -179,8 +179,9 @@ class _FdStorage(Storage):
             os.close(fd)  # also drops the flock
 
 
-def _open_image(path: Path, size: int | None, readonly: bool, what: str,
-                create_missing: bool) -> tuple[int, int]:
+def _open_image(
+    path: Path, size: int | None, readonly: bool, what: str, create_missing: bool
+) -> tuple[int, int]:
     """Open (creating it sparse if allowed and missing) and lock an image; (fd, size)."""
     if size is not None and (size <= 0 or size % SECTOR_SIZE):
         raise StorageError(f"{what}: size {size} is not a positive multiple of {SECTOR_SIZE} bytes")
@@ -190,11 +191,13 @@ def _open_image(path: Path, size: int | None, readonly: bool, what: str,
         fd = os.open(path, flags)
     except FileNotFoundError:
         if not create_missing:
-            raise StorageError(f"{what} does not exist (a read-only disk is never created)"
-                               ) from None
+            raise StorageError(
+                f"{what} does not exist (a read-only disk is never created)"
+            ) from None
         if size is None:
-            raise StorageError(f"{what} does not exist and no size was given to create it: "
-                               "give size=... (bytes)") from None
+            raise StorageError(
+                f"{what} does not exist and no size was given to create it: give size=... (bytes)"
+            ) from None
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -213,8 +216,10 @@ def _open_image(path: Path, size: int | None, readonly: bool, what: str,
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StorageError(f"{what} is in use: another disk has it open "
-                               f"{'for writing' if readonly else ''}".rstrip()) from None
+            raise StorageError(
+                f"{what} is in use: another disk has it open "
+                f"{'for writing' if readonly else ''}".rstrip()
+            ) from None
         if created:
             assert size is not None
             os.ftruncate(fd, size)  # sparse: blocks are allocated as the guest writes
@@ -223,11 +228,14 @@ def _open_image(path: Path, size: int | None, readonly: bool, what: str,
                 return _open_image(path, size, readonly, what, create_missing=False)
             return fd, size
         if size is not None and actual != size:
-            raise StorageError(f"{what} is {actual} bytes but the disk is configured with size "
-                               f"{size}; fix the size or remove the image")
+            raise StorageError(
+                f"{what} is {actual} bytes but the disk is configured with size "
+                f"{size}; fix the size or remove the image"
+            )
         if actual < SECTOR_SIZE:
-            raise StorageError(f"{what} is {actual} bytes, smaller than one {SECTOR_SIZE}-byte "
-                               "sector")
+            raise StorageError(
+                f"{what} is {actual} bytes, smaller than one {SECTOR_SIZE}-byte sector"
+            )
         return fd, actual
     except StorageError:
         os.close(fd)
@@ -245,8 +253,9 @@ class FileStorage(_FdStorage):
     """An image file (or block device) on the host.  A missing image is created sparse at
     ``size``; an existing one must have that size if ``size`` is given."""
 
-    def __init__(self, path: str | os.PathLike[str], size: int | None = None,
-                 readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], size: int | None = None, readonly: bool = False
+    ) -> None:
         p = Path(path)
         what = f"image {p}"
         fd, actual = _open_image(p, size, readonly, what, create_missing=not readonly)
@@ -261,8 +270,9 @@ class MemoryStorage(_FdStorage):
 
     def __init__(self, shm_name: str, size: int | None = None, readonly: bool = False) -> None:
         if not _SHM_NAME.match(shm_name):
-            raise StorageError(f"invalid memory-disk name {shm_name!r}: use 1-200 letters, "
-                               "digits, '.', '_', '-'")
+            raise StorageError(
+                f"invalid memory-disk name {shm_name!r}: use 1-200 letters, digits, '.', '_', '-'"
+            )
         p = SHM_DIR / shm_name
         what = f"memory disk {p}"
         fd, actual = _open_image(p, size, readonly, what, create_missing=True)

@@ -82,12 +82,12 @@ from ipc.store import DevState
 
 OPTIONS: dict[str, str] = {
     "run_dir": "the stack's run directory; log_dir and socket_dir default to <run_dir>/consoles "
-               "(default: $ISOVISOR_RUN_DIR, else the current directory)",
+    "(default: $ISOVISOR_RUN_DIR, else the current directory)",
     "log_dir": "where <domain>.log files are written (default: <run_dir>/consoles)",
     "socket_dir": "where console.pub (live output) and console.in (input) are bound "
-                  "(default: <run_dir>/consoles)",
+    "(default: <run_dir>/consoles)",
     "input_queue_bytes": "input waiting for room in a domain's ring, at most (0..16777216, "
-                         "default 65536); more is dropped and counted",
+    "default 65536); more is dropped and counted",
 }
 PUB_NAME = consif.PUB_NAME
 INPUT_NAME = consif.INPUT_NAME
@@ -173,8 +173,7 @@ def _default_dir(options: dict[str, Any]) -> Path:
     if run_dir is None:
         run_dir = os.environ.get("ISOVISOR_RUN_DIR", "").strip() or "."
     elif not isinstance(run_dir, str) or not run_dir:
-        raise ValueError(f"run_dir must be a directory path (a non-empty string), got "
-                         f"{run_dir!r}")
+        raise ValueError(f"run_dir must be a directory path (a non-empty string), got {run_dir!r}")
     return Path(run_dir).expanduser().resolve() / "consoles"
 
 
@@ -205,30 +204,35 @@ class ConsoleBackend:
 
     def __init__(self, host: Host, options: dict[str, Any]) -> None:
         if not isinstance(options, dict):
-            raise TypeError(f"console backend options must be a mapping, got "
-                            f"{type(options).__name__}")
+            raise TypeError(
+                f"console backend options must be a mapping, got {type(options).__name__}"
+            )
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
-            raise ValueError(f"unknown console backend option(s) {', '.join(unknown)}; "
-                             f"allowed: {allowed}")
+            raise ValueError(
+                f"unknown console backend option(s) {', '.join(unknown)}; allowed: {allowed}"
+            )
         self.host = host
         self.log = host.log
-        self.implementation: str = getattr(host, "implementation", None) or \
-            f"{type(self).__module__}:{type(self).__qualname__}"
+        self.implementation: str = (
+            getattr(host, "implementation", None)
+            or f"{type(self).__module__}:{type(self).__qualname__}"
+        )
         default = _default_dir(options)
         self.log_dir = _dir_option(options, "log_dir", default)
         self.socket_dir = _dir_option(options, "socket_dir", default)
         for name in (PUB_NAME, INPUT_NAME):
             path = self.socket_dir / name
             if len(str(path)) > MAX_SOCKET_PATH:
-                raise ValueError(f"socket_dir {self.socket_dir} is too long for a Unix socket: "
-                                 f"{path} has {len(str(path))} bytes, at most "
-                                 f"{MAX_SOCKET_PATH}; choose a shorter socket_dir or run_dir")
+                raise ValueError(
+                    f"socket_dir {self.socket_dir} is too long for a Unix socket: "
+                    f"{path} has {len(str(path))} bytes, at most "
+                    f"{MAX_SOCKET_PATH}; choose a shorter socket_dir or run_dir"
+                )
         self.pub_endpoint = f"ipc://{self.socket_dir / PUB_NAME}"
         self.input_endpoint = f"ipc://{self.socket_dir / INPUT_NAME}"
-        self.input_queue_bytes = int_option(options, "input_queue_bytes", 64 * 1024, 0,
-                                             16 << 20)
+        self.input_queue_bytes = int_option(options, "input_queue_bytes", 64 * 1024, 0, 16 << 20)
         self.devices: dict[int, _Console] = {}
         self._by_domain: dict[str, int] = {}
         #: Devices restored (hot swap) and not attached yet, by key.
@@ -269,16 +273,25 @@ class ConsoleBackend:
             pub.close(0)
             inp.close(0)
             if not self._bind_failed:
-                self.log.error("cannot bind the console endpoints %s and %s: %s; logs are "
-                               "written, but there is no live output or input until the next "
-                               "attach binds them", self.pub_endpoint, self.input_endpoint, e)
+                self.log.error(
+                    "cannot bind the console endpoints %s and %s: %s; logs are "
+                    "written, but there is no live output or input until the next "
+                    "attach binds them",
+                    self.pub_endpoint,
+                    self.input_endpoint,
+                    e,
+                )
             self._bind_failed = True
             return
         self._bind_failed = False
         self._pub, self._input = pub, inp
         self._input_fd = int(inp.getsockopt(zmq.FD))
-        self.log.info("console output at %s, input at %s, logs in %s", self.pub_endpoint,
-                      self.input_endpoint, self.log_dir)
+        self.log.info(
+            "console output at %s, input at %s, logs in %s",
+            self.pub_endpoint,
+            self.input_endpoint,
+            self.log_dir,
+        )
 
     def _close_sockets(self) -> None:
         for s in (self._pub, self._input):
@@ -315,16 +328,22 @@ class ConsoleBackend:
                 raise ValueError(f"attach field 'scratch' is {scratch!r}, expected str")
             cls = dev.get("class", consif.CLASS_NAME)
             if cls != consif.CLASS_NAME:
-                raise ValueError(f"attach field 'class' is {cls!r}: this driver serves "
-                                 f"{consif.CLASS_NAME!r} devices only")
+                raise ValueError(
+                    f"attach field 'class' is {cls!r}: this driver serves "
+                    f"{consif.CLASS_NAME!r} devices only"
+                )
             if not _DOMAIN_RE.match(domain):
-                raise ValueError(f"domain name {domain!r} cannot name a log file: use 1-63 "
-                                 "letters, digits, '_', '.', '-', starting with a letter or "
-                                 "digit")
+                raise ValueError(
+                    f"domain name {domain!r} cannot name a log file: use 1-63 "
+                    "letters, digits, '_', '.', '-', starting with a letter or "
+                    "digit"
+                )
             other = self._by_domain.get(domain)
             if other is not None:
-                raise ValueError(f"domain {domain} already has console device {other} "
-                                 "attached (one console per domain)")
+                raise ValueError(
+                    f"domain {domain} already has console device {other} "
+                    "attached (one console per domain)"
+                )
         except ValueError as e:
             self._refuse(key, store, str(e))
             return
@@ -335,18 +354,21 @@ class ConsoleBackend:
             return
         problem = None
         if not consif.WINDOW_BYTES <= window <= segment.size:
-            problem = (f"window {window:#x} must hold the console page ({consif.WINDOW_BYTES:#x} "
-                       f"bytes) and fit segment {seg_name} of {segment.size:#x} bytes")
+            problem = (
+                f"window {window:#x} must hold the console page ({consif.WINDOW_BYTES:#x} "
+                f"bytes) and fit segment {seg_name} of {segment.size:#x} bytes"
+            )
         elif journal_offset < window or journal_offset + consif.JOURNAL_BYTES > segment.size:
-            problem = (f"journal at {journal_offset:#x} ({consif.JOURNAL_BYTES} bytes) must lie "
-                       f"after the window {window:#x} inside segment {seg_name} of "
-                       f"{segment.size:#x} bytes")
+            problem = (
+                f"journal at {journal_offset:#x} ({consif.JOURNAL_BYTES} bytes) must lie "
+                f"after the window {window:#x} inside segment {seg_name} of "
+                f"{segment.size:#x} bytes"
+            )
         log_path = self.log_dir / f"{domain}.log"
         fd = -1
         if problem is None:
             try:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o640)
+                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             except OSError as e:
                 problem = f"cannot open the log file {log_path}: {e.strerror}"
         if problem is not None:
@@ -354,10 +376,19 @@ class ConsoleBackend:
             self._refuse(key, store, problem)
             return
         mem = memoryview(segment.buf)
-        d = _Console(key=key, domid=domid, domain=domain, store=store, scratch=scratch,
-                     segment=segment, mem=mem, region=mem[:window],
-                     journal_view=mem[journal_offset:journal_offset + consif.JOURNAL_BYTES],
-                     log_path=log_path, fd=fd)
+        d = _Console(
+            key=key,
+            domid=domid,
+            domain=domain,
+            store=store,
+            scratch=scratch,
+            segment=segment,
+            mem=mem,
+            region=mem[:window],
+            journal_view=mem[journal_offset : journal_offset + consif.JOURNAL_BYTES],
+            log_path=log_path,
+            fd=fd,
+        )
         restored = self._restored.pop(key, None)
         if restored is not None:
             d.stats, queued = restored
@@ -371,8 +402,9 @@ class ConsoleBackend:
             self._drop(d)
             self._refuse(key, None, f"cannot write the backend state: {e}")
             return
-        self.log.info("console %d (%s): logging to %s, waiting for the frontend", key, d.label,
-                      log_path)
+        self.log.info(
+            "console %d (%s): logging to %s, waiting for the frontend", key, d.label, log_path
+        )
 
     def _refuse(self, key: object, store: object, message: str) -> None:
         """The device cannot be served: say so in the store (if we can) and to the kernel."""
@@ -386,8 +418,14 @@ class ConsoleBackend:
         if d.state == "connected":
             self._pump_out(d, budget=None)  # the domain's last words
         s = d.stats
-        self.log.info("console %d (%s) detached: %d bytes out, %d in, %d input bytes dropped",
-                      key, d.label, s.out_bytes, s.in_bytes, s.in_dropped)
+        self.log.info(
+            "console %d (%s) detached: %d bytes out, %d in, %d input bytes dropped",
+            key,
+            d.label,
+            s.out_bytes,
+            s.in_bytes,
+            s.in_dropped,
+        )
         self._drop(d)
 
     def fe_state(self, key: int, state: int) -> None:
@@ -446,8 +484,13 @@ class ConsoleBackend:
         d.ring, d.journal = ring, journal
         d.state = "connected"
         self.host.store_write(f"{d.store}/state", str(int(DevState.CONNECTED)))
-        self.log.info("console %d (%s): %s at out_cons=%d", d.key, d.label,
-                      "resumed" if resume else "connected", ring.out_cons)
+        self.log.info(
+            "console %d (%s): %s at out_cons=%d",
+            d.key,
+            d.label,
+            "resumed" if resume else "connected",
+            ring.out_cons,
+        )
         if resume:
             replayed = 0
             notify = False
@@ -514,12 +557,14 @@ class ConsoleBackend:
             self._write_failed(d, e)
         except _StopServing as e:
             d.state = "lost count"
-            self.log.warning("console %d (%s): %s; the console is no longer served", d.key,
-                             d.label, e)
+            self.log.warning(
+                "console %d (%s): %s; the console is no longer served", d.key, d.label, e
+            )
         else:
             if d.write_error is not None:
-                self.log.warning("console %d (%s): the log file can be written again", d.key,
-                                 d.label)
+                self.log.warning(
+                    "console %d (%s): the log file can be written again", d.key, d.label
+                )
                 d.write_error = None
         if notify and d.state == "connected":
             self._notify(d)
@@ -548,9 +593,11 @@ class ConsoleBackend:
         assert ring is not None
         avail = ring.out_available()
         if avail < entry.length or entry.length > consif.OUT_SIZE:
-            raise RingError(f"console out ring: out_prod={ring.out_prod_seen} no longer covers "
-                            f"the append in progress, bytes [{entry.cons_at}, "
-                            f"{(entry.cons_at + entry.length) & _MASK}) (it moved backwards)")
+            raise RingError(
+                f"console out ring: out_prod={ring.out_prod_seen} no longer covers "
+                f"the append in progress, bytes [{entry.cons_at}, "
+                f"{(entry.cons_at + entry.length) & _MASK}) (it moved backwards)"
+            )
         st = os.fstat(d.fd)
         grown = st.st_size - entry.size_at
         if (st.st_dev & _MASK, st.st_ino & _MASK) != (entry.file_dev, entry.file_ino):
@@ -558,21 +605,35 @@ class ConsoleBackend:
         elif grown < 0:
             why = f"the log file shrank below {entry.size_at} bytes"
         elif grown > entry.length:
-            why = (f"the log file grew by {grown} bytes, more than the {entry.length} of the "
-                   "append (another writer?)")
+            why = (
+                f"the log file grew by {grown} bytes, more than the {entry.length} of the "
+                "append (another writer?)"
+            )
         else:
             why = ""
         written = 0 if why else grown
         if why:
-            self.log.warning("console %d (%s): %s since the append of %d bytes at offset %d "
-                             "began: appending all of them again (some may be there twice)",
-                             d.key, d.label, why, entry.length, entry.size_at)
+            self.log.warning(
+                "console %d (%s): %s since the append of %d bytes at offset %d "
+                "began: appending all of them again (some may be there twice)",
+                d.key,
+                d.label,
+                why,
+                entry.length,
+                entry.size_at,
+            )
         data = ring.out_peek(entry.cons_at, entry.length)
         rest = data[written:]
         if rest:
             self.write_log(d, rest)
-        self.log.info("console %d (%s): finished an append of %d bytes left undone (%d were "
-                      "in the file already)", d.key, d.label, entry.length, written)
+        self.log.info(
+            "console %d (%s): finished an append of %d bytes left undone (%d were "
+            "in the file already)",
+            d.key,
+            d.label,
+            entry.length,
+            written,
+        )
         self._publish(d, st.st_size if why else entry.size_at, data)
         notify = ring.out_commit(entry.cons_at + entry.length)
         d.stats.out_bytes += entry.length
@@ -595,8 +656,13 @@ class ConsoleBackend:
         first = d.write_error is None
         d.write_error = f"cannot append to {d.log_path}: {e.strerror or e}"
         if first:
-            self.log.error("console %d (%s): %s; the output waits in the ring and is written "
-                           "when the file can be written again", d.key, d.label, d.write_error)
+            self.log.error(
+                "console %d (%s): %s; the output waits in the ring and is written "
+                "when the file can be written again",
+                d.key,
+                d.label,
+                d.write_error,
+            )
             self.host.error(d.key, d.write_error)
 
     def _retry_stalled(self) -> None:
@@ -641,9 +707,13 @@ class ConsoleBackend:
             self.unknown_input += len(data)
             self.unknown_messages += 1
             if self.unknown_messages <= 20 or self.unknown_messages % 1000 == 0:
-                self.log.warning("input for %r dropped (%d bytes): no console of that domain "
-                                 "is being served (%d such messages so far)", domain[:64],
-                                 len(data), self.unknown_messages)
+                self.log.warning(
+                    "input for %r dropped (%d bytes): no console of that domain "
+                    "is being served (%d such messages so far)",
+                    domain[:64],
+                    len(data),
+                    self.unknown_messages,
+                )
             return None
         # what can reach the ring or the queue at all (no more is ever held in memory)
         keep = max(0, self.input_queue_bytes + consif.IN_SIZE - len(d.inq))
@@ -653,23 +723,30 @@ class ConsoleBackend:
             self._push_in(d)  # what fits goes into the ring at once
         excess = len(d.inq) - self.input_queue_bytes
         if excess > 0:  # the newest bytes go
-            del d.inq[len(d.inq) - excess:]
+            del d.inq[len(d.inq) - excess :]
             dropped += excess
         if dropped:
             d.stats.in_dropped += dropped
             d.drops_logged += 1
             if d.drops_logged <= 20 or d.drops_logged % 1000 == 0:
-                self.log.warning("console %d (%s): %d input bytes dropped: the guest is not "
-                                 "reading and %d bytes already wait (input_queue_bytes); %d "
-                                 "dropped so far", d.key, d.label, dropped, len(d.inq),
-                                 d.stats.in_dropped)
+                self.log.warning(
+                    "console %d (%s): %d input bytes dropped: the guest is not "
+                    "reading and %d bytes already wait (input_queue_bytes); %d "
+                    "dropped so far",
+                    d.key,
+                    d.label,
+                    dropped,
+                    len(d.inq),
+                    d.stats.in_dropped,
+                )
         return d
 
     def _malformed(self, why: str) -> None:
         self.malformed_input += 1
         if self.malformed_input <= 20 or self.malformed_input % 1000 == 0:
-            self.log.warning("ignoring a malformed input message: %s (%d so far)", why,
-                             self.malformed_input)
+            self.log.warning(
+                "ignoring a malformed input message: %s (%d so far)", why, self.malformed_input
+            )
 
     def _push_in(self, d: _Console) -> None:
         """Move queued input into the ring as far as it has room."""
@@ -685,7 +762,7 @@ class ConsoleBackend:
                     break
                 chunk = bytes(d.inq[:room])
                 notify |= ring.in_put(chunk)
-                del d.inq[:len(chunk)]
+                del d.inq[: len(chunk)]
                 d.stats.in_bytes += len(chunk)
         except RingError as e:
             self._break(d, str(e))
@@ -726,8 +803,12 @@ class ConsoleBackend:
             try:
                 d.segment.close()
             except BufferError:
-                self.log.error("console %d: segment %s is still referenced; it stays mapped "
-                               "until those references go", d.key, d.segment.name)
+                self.log.error(
+                    "console %d: segment %s is still referenced; it stays mapped "
+                    "until those references go",
+                    d.key,
+                    d.segment.name,
+                )
 
     # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
     def set_faults(self, specs: list[dict[str, Any]]) -> None:
@@ -741,8 +822,11 @@ class ConsoleBackend:
 
     def _write_injecting(self, d: _Console, data: bytes) -> None:
         """``_write`` while a fault is armed: ask the injector about this append."""
-        f = self.injector.pick(RequestInfo(d.domain, consif.DEVICE_NAME, "write",
-                                           self._position(d, len(data)), len(data)))
+        f = self.injector.pick(
+            RequestInfo(
+                d.domain, consif.DEVICE_NAME, "write", self._position(d, len(data)), len(data)
+            )
+        )
         if f is None:
             self._write_all(d, data)
             return
@@ -755,8 +839,7 @@ class ConsoleBackend:
         """Where in the domain's output stream the ``n`` bytes being written start: the end
         of the append in progress (the journal's pending entry) less ``n``."""
         ring, journal = d.ring, d.journal
-        entry = journal.pending(ring.out_cons) if ring is not None and journal is not None \
-            else None
+        entry = journal.pending(ring.out_cons) if ring is not None and journal is not None else None
         return 0 if entry is None else (entry.cons_at + entry.length - n) & _MASK
 
     def _carry_out(self, f: Fault, d: _Console, data: bytes) -> None:
@@ -770,14 +853,21 @@ class ConsoleBackend:
         elif kind == "slow":
             time.sleep(self.injector.delay_s(f))
         elif kind == "drop":
-            raise _StopServing(f"fault {f.id}: drop (an append of {len(data)} bytes is never "
-                               "written, and the output is not consumed any more)")
+            raise _StopServing(
+                f"fault {f.id}: drop (an append of {len(data)} bytes is never "
+                "written, and the output is not consumed any more)"
+            )
         elif kind == "corrupt_data" and data:
             spoiled = bytearray(data)
             spoiled[len(data) // 2] ^= 0xFF
-            self.log.warning("console %d (%s): fault injected: corrupt_data, byte %d of an "
-                             "append of %d bytes flipped in the log", d.key, d.label,
-                             len(data) // 2, len(data))
+            self.log.warning(
+                "console %d (%s): fault injected: corrupt_data, byte %d of an "
+                "append of %d bytes flipped in the log",
+                d.key,
+                d.label,
+                len(data) // 2,
+                len(data),
+            )
             data = bytes(spoiled)
         elif kind == "leak_mem":
             self.host.inject("leak")
@@ -811,19 +901,38 @@ class ConsoleBackend:
             if d.state in ("closed", "broken"):
                 continue
             home = Medium("file", str(d.log_path))
-            devices.append(DeviceState(d.key, d.label, home, d.scratch, home, {
-                "domain": d.domain, "stats": {f.name: getattr(d.stats, f.name)
-                                              for f in fields(ConsoleStats)},
-                "input": bytes(d.inq).hex()}))
+            devices.append(
+                DeviceState(
+                    d.key,
+                    d.label,
+                    home,
+                    d.scratch,
+                    home,
+                    {
+                        "domain": d.domain,
+                        "stats": {f.name: getattr(d.stats, f.name) for f in fields(ConsoleStats)},
+                        "input": bytes(d.inq).hex(),
+                    },
+                )
+            )
         for key, (stats, queued) in self._restored.items():
-            devices.append(DeviceState(key, f"?/{consif.DEVICE_NAME}",
-                                       Medium("file", str(self.log_dir)), "",
-                                       Medium("file", str(self.log_dir)), {
-                                           "domain": "", "stats": vars(stats).copy(),
-                                           "input": queued.hex()}))
-        return BackendState(self.state_kind, self.state_version, self.implementation,
-                            tuple(sorted(devices, key=lambda s: s.key)),
-                            {"log_dir": str(self.log_dir), "socket_dir": str(self.socket_dir)})
+            devices.append(
+                DeviceState(
+                    key,
+                    f"?/{consif.DEVICE_NAME}",
+                    Medium("file", str(self.log_dir)),
+                    "",
+                    Medium("file", str(self.log_dir)),
+                    {"domain": "", "stats": vars(stats).copy(), "input": queued.hex()},
+                )
+            )
+        return BackendState(
+            self.state_kind,
+            self.state_version,
+            self.implementation,
+            tuple(sorted(devices, key=lambda s: s.key)),
+            {"log_dir": str(self.log_dir), "socket_dir": str(self.socket_dir)},
+        )
 
     def suspend(self) -> None:
         """Let every console go and release the endpoints for the next implementation.  The
@@ -835,22 +944,28 @@ class ConsoleBackend:
 
     @classmethod
     def upgrade_state(cls, state: BackendState) -> BackendState:
-        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
-                         f"upgrade_state hook for version {state.version} states")
+        raise StateError(
+            f"{cls.__name__} (state version {cls.state_version}) has no "
+            f"upgrade_state hook for version {state.version} states"
+        )
 
     def restore(self, state: BackendState) -> None:
         """Take over from ``state`` (StateError if it cannot): counters and queued input per
         device, applied when the kernel attaches the device again."""
-        state = accept(state, kind=self.state_kind, version=self.state_version,
-                       who=self.implementation, upgrade=type(self).upgrade_state)
+        state = accept(
+            state,
+            kind=self.state_kind,
+            version=self.state_version,
+            who=self.implementation,
+            upgrade=type(self).upgrade_state,
+        )
         restored: dict[int, tuple[ConsoleStats, bytes]] = {}
         for dev in state.devices:
             where = f"state of console {dev.key}"
             raw_stats = dev.data.get("stats", {})
             queued = dev.data.get("input", "")
             if not isinstance(raw_stats, dict) or not isinstance(queued, str):
-                raise StateError(f"{where}: data.stats must be a map and data.input a hex "
-                                 "string")
+                raise StateError(f"{where}: data.stats must be a map and data.input a hex string")
             try:
                 data = bytes.fromhex(queued)
             except ValueError:
@@ -859,18 +974,26 @@ class ConsoleBackend:
             for f in fields(ConsoleStats):
                 v = raw_stats.get(f.name, 0)
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise StateError(f"{where}: data.stats.{f.name} must be an integer >= 0, "
-                                     f"got {v!r:.40}")
+                    raise StateError(
+                        f"{where}: data.stats.{f.name} must be an integer >= 0, got {v!r:.40}"
+                    )
                 setattr(stats, f.name, v)
-            restored[dev.key] = (stats, data[:max(self.input_queue_bytes, 0)])
+            restored[dev.key] = (stats, data[: max(self.input_queue_bytes, 0)])
         old_dir = state.data.get("log_dir")
         if isinstance(old_dir, str) and old_dir != str(self.log_dir):
-            self.log.warning("the previous implementation logged to %s, this one logs to %s: "
-                             "an append it left undone is written again in full", old_dir,
-                             self.log_dir)
+            self.log.warning(
+                "the previous implementation logged to %s, this one logs to %s: "
+                "an append it left undone is written again in full",
+                old_dir,
+                self.log_dir,
+            )
         self._restored.update(restored)
-        self.log.info("restored %d console(s) from the state of %s (version %d)", len(restored),
-                      state.implementation, state.version)
+        self.log.info(
+            "restored %d console(s) from the state of %s (version %d)",
+            len(restored),
+            state.implementation,
+            state.version,
+        )
 
 
 class Backend(ConsoleBackend):

@@ -108,8 +108,10 @@ _UPLINK_READ: Final = 256
 TAP_RETRY_S: Final = 1.0
 DEFAULT_HOST_ADDR: Final = "198.18.0.1/15"
 #: Where guest traffic may go (devices/vif.py keeps guests inside the same ranges).
-ALLOWED_NETS: Final = (ipaddress.IPv4Network("198.18.0.0/15"),
-                       ipaddress.IPv4Network("169.254.0.0/16"))
+ALLOWED_NETS: Final = (
+    ipaddress.IPv4Network("198.18.0.0/15"),
+    ipaddress.IPv4Network("169.254.0.0/16"),
+)
 _BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 _pack_tx_rsp = netif.encode_tx_response
 _pack_rx_rsp = netif.encode_rx_response
@@ -118,20 +120,20 @@ _ERROR: Final = netif.STATUS_ERROR
 
 OPTIONS: dict[str, str] = {
     "uplink": '"none" (default): guests reach only each other; "tap": a TAP uplink in a '
-              "network namespace joins the bridge named by `bridge` (needs root)",
+    "network namespace joins the bridge named by `bridge` (needs root)",
     "tap": 'the TAP interface name (uplink = "tap"; default "iv" + the driver name; at most '
-           "15 characters)",
+    "15 characters)",
     "netns": 'the network namespace of the TAP, a name under /run/netns (uplink = "tap"; '
-             'default "isovisor-" + the driver name; created if missing)',
+    'default "isovisor-" + the driver name; created if missing)',
     "host_addr": f'the TAP\'s address in the namespace (uplink = "tap"; default '
-                 f"{DEFAULT_HOST_ADDR}; inside 198.18.0.0/15 or 169.254.0.0/16)",
+    f"{DEFAULT_HOST_ADDR}; inside 198.18.0.0/15 or 169.254.0.0/16)",
     "bridge": 'the bridge the uplink joins (uplink = "tap"; default "br0")',
     "rx_wait_ms": "how long a frame waits for a destination guest to post rx buffers before "
-                  "it is dropped for that guest (0..60000, default 500; 0 = drop at once)",
+    "it is dropped for that guest (0..60000, default 500; 0 = drop at once)",
     "poison_after": "a tx request that this many driver instances in a row died executing is "
-                    "answered with an error instead of being redone (1..100, default 3)",
+    "answered with an error instead of being redone (1..100, default 3)",
     "mac_age_s": "seconds a learned MAC address is remembered after it was last seen as a "
-                 "source (1..86400, default 300)",
+    "source (1..86400, default 300)",
 }
 _UPLINK_ONLY: Final = ("tap", "netns", "host_addr", "bridge")
 
@@ -179,7 +181,7 @@ class DeliveryLog:
     entry's rx index changes later by one whole-word store (PENDING -> the index)."""
 
     def __init__(self, buf: memoryview) -> None:
-        self.words = buf[:_SLOTS * netif.DELIVERY_RECORD].cast("Q")
+        self.words = buf[: _SLOTS * netif.DELIVERY_RECORD].cast("Q")
 
     @staticmethod
     def _base(index: int) -> int:
@@ -226,8 +228,7 @@ class DeliveryLog:
                 continue
             for j, (key, k) in enumerate(entries):
                 base = bases.get(key)
-                if key != UPLINK and base is not None and k != PENDING \
-                        and not delivered(base, k):
+                if key != UPLINK and base is not None and k != PENDING and not delivered(base, k):
                     self.set_index(index, j, PENDING)
                     n += 1
         return n
@@ -346,24 +347,32 @@ class _Batch:
 
 def check_bridge(name: object, what: str = "bridge") -> str:
     if not isinstance(name, str) or not _BRIDGE_RE.match(name):
-        raise ValueError(f"{what} must be a short lower-case name (a letter first, at most 15 "
-                         f"letters, digits, '_', '-'), e.g. br0; got {name!r}")
+        raise ValueError(
+            f"{what} must be a short lower-case name (a letter first, at most 15 "
+            f"letters, digits, '_', '-'), e.g. br0; got {name!r}"
+        )
     return name
 
 
 def check_host_addr(value: object) -> str:
     """``value`` as ``address/prefix`` if it is one inside the guests' ranges."""
     if not isinstance(value, str) or "/" not in value:
-        raise ValueError(f"host_addr must be an IPv4 address with a prefix length, like "
-                         f"{DEFAULT_HOST_ADDR}; got {value!r}")
+        raise ValueError(
+            f"host_addr must be an IPv4 address with a prefix length, like "
+            f"{DEFAULT_HOST_ADDR}; got {value!r}"
+        )
     try:
         iface = ipaddress.IPv4Interface(value)
     except ValueError:
-        raise ValueError(f"host_addr {value!r} is not an IPv4 address with a prefix length, "
-                         f"like {DEFAULT_HOST_ADDR}") from None
+        raise ValueError(
+            f"host_addr {value!r} is not an IPv4 address with a prefix length, "
+            f"like {DEFAULT_HOST_ADDR}"
+        ) from None
     if not any(iface.ip in net for net in ALLOWED_NETS):
-        raise ValueError(f"host_addr {value} is outside 198.18.0.0/15 and 169.254.0.0/16, the "
-                         "ranges guests use; guest traffic must never reach a real network")
+        raise ValueError(
+            f"host_addr {value} is outside 198.18.0.0/15 and 169.254.0.0/16, the "
+            "ranges guests use; guest traffic must never reach a real network"
+        )
     return str(iface)
 
 
@@ -388,13 +397,16 @@ class NetBackend:
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
-            raise ValueError(f"unknown net backend option(s) {', '.join(unknown)}; allowed: "
-                             f"{allowed}")
+            raise ValueError(
+                f"unknown net backend option(s) {', '.join(unknown)}; allowed: {allowed}"
+            )
         self.host = host
         self.log = host.log
         self.name = host.name
-        self.implementation: str = getattr(host, "implementation", None) or \
-            f"{type(self).__module__}:{type(self).__qualname__}"
+        self.implementation: str = (
+            getattr(host, "implementation", None)
+            or f"{type(self).__module__}:{type(self).__qualname__}"
+        )
         self.options = dict(options)
         uplink = options.get("uplink", "none")
         if uplink not in ("none", "tap"):
@@ -403,12 +415,16 @@ class NetBackend:
         if uplink == "none":
             given = [k for k in _UPLINK_ONLY if k in options]
             if given:
-                raise ValueError(f"option(s) {', '.join(given)} apply only with uplink = "
-                                 '"tap" (uplink is "none")')
+                raise ValueError(
+                    f"option(s) {', '.join(given)} apply only with uplink = "
+                    '"tap" (uplink is "none")'
+                )
         tap = options.get("tap", f"iv{host.name}")
         if "tap" not in options and len(tap) > tapmod.IFNAME_MAX:
-            raise ValueError(f"the default TAP name {tap!r} (\"iv\" + the driver name) is "
-                             f"longer than {tapmod.IFNAME_MAX} characters: set option tap")
+            raise ValueError(
+                f'the default TAP name {tap!r} ("iv" + the driver name) is '
+                f"longer than {tapmod.IFNAME_MAX} characters: set option tap"
+            )
         self.tap_name = tapmod.check_ifname(tap, "tap")
         self.netns = tapmod.check_netns(options.get("netns", f"isovisor-{host.name}"), "netns")
         self.host_addr = check_host_addr(options.get("host_addr", DEFAULT_HOST_ADDR))
@@ -494,38 +510,51 @@ class NetBackend:
             inflight_offset = msg_field(dev, "inflight_offset", int)
             cls = dev.get("class", "vif")
             if cls != "vif":
-                raise ValueError(f"attach class {cls!r}: this driver serves network "
-                                 "interfaces (class 'vif')")
+                raise ValueError(
+                    f"attach class {cls!r}: this driver serves network interfaces (class 'vif')"
+                )
             if window != netif.WINDOW_BYTES:
-                raise ValueError(f"window {window:#x} is not a vif region's "
-                                 f"{netif.WINDOW_BYTES:#x} bytes")
+                raise ValueError(
+                    f"window {window:#x} is not a vif region's {netif.WINDOW_BYTES:#x} bytes"
+                )
             if inflight_offset != netif.INFLIGHT_OFFSET:
-                raise ValueError(f"in-flight log offset {inflight_offset:#x} is not a vif "
-                                 f"region's {netif.INFLIGHT_OFFSET:#x}")
+                raise ValueError(
+                    f"in-flight log offset {inflight_offset:#x} is not a vif "
+                    f"region's {netif.INFLIGHT_OFFSET:#x}"
+                )
             vif = msg_field(dev, "vif", dict)
             mac_text = msg_field(vif, "mac", str, "attach vif")
             mac = netif.parse_mac(mac_text)
             bridge = check_bridge(vif.get("bridge", "br0"), "vif bridge")
             ip = vif.get("ip")
-            if ip is not None and (not isinstance(ip, str)
-                                   or ipaddress.ip_address(ip).version != 4):
+            if ip is not None and (
+                not isinstance(ip, str) or ipaddress.ip_address(ip).version != 4
+            ):
                 raise ValueError(f"attach vif ip {ip!r} is not an IPv4 address")
         except ValueError as e:
             self._refuse(key, store, str(e))
             return
         owner = self._owners.get((bridge, mac))
         if owner is not None:
-            self._refuse(key, store, f"MAC {netif.format_mac(mac)} is used on bridge {bridge} "
-                                     f"by {self.vifs[owner].label} already")
+            self._refuse(
+                key,
+                store,
+                f"MAC {netif.format_mac(mac)} is used on bridge {bridge} "
+                f"by {self.vifs[owner].label} already",
+            )
             return
         on_bridge = sum(1 for v in self.vifs.values() if v.bridge == bridge)
         uplink_too = self.uplink_mode == "tap" and bridge == self.uplink_bridge
         if on_bridge + uplink_too >= MAX_PORTS:
-            self._refuse(key, store, f"bridge {bridge} is full: {on_bridge} vifs"
-                                     f"{' and the uplink' if uplink_too else ''} already, and "
-                                     f"a frame flooded on a bridge reaches at most "
-                                     f"{netif.MAX_DESTINATIONS} other ports; put this vif on "
-                                     "another bridge")
+            self._refuse(
+                key,
+                store,
+                f"bridge {bridge} is full: {on_bridge} vifs"
+                f"{' and the uplink' if uplink_too else ''} already, and "
+                f"a frame flooded on a bridge reaches at most "
+                f"{netif.MAX_DESTINATIONS} other ports; put this vif on "
+                "another bridge",
+            )
             return
         try:
             segment = Segment(seg_name, 0, create=False)
@@ -534,22 +563,36 @@ class NetBackend:
             return
         if segment.size < netif.SEGMENT_END:
             segment.close()
-            self._refuse(key, store, f"segment {seg_name} has {segment.size:#x} bytes; a vif "
-                                     f"region needs {netif.SEGMENT_END:#x}")
+            self._refuse(
+                key,
+                store,
+                f"segment {seg_name} has {segment.size:#x} bytes; a vif "
+                f"region needs {netif.SEGMENT_END:#x}",
+            )
             return
         mem = memoryview(segment.buf)
         if key not in self._base:
-            self._base[key] = int.from_bytes(mem[_RX_RSP_PROD:_RX_RSP_PROD + 8], "little")
-        log = InflightLog(mem[netif.INFLIGHT_OFFSET:netif.INFLIGHT_OFFSET + _INFLIGHT_BYTES],
-                          _SLOTS, _SLOT)
+            self._base[key] = int.from_bytes(mem[_RX_RSP_PROD : _RX_RSP_PROD + 8], "little")
+        log = InflightLog(
+            mem[netif.INFLIGHT_OFFSET : netif.INFLIGHT_OFFSET + _INFLIGHT_BYTES], _SLOTS, _SLOT
+        )
         live = frozenset(r.index for r in log.pending())
         del log
-        used = any(mem[o:o + 8] != bytes(8) for o in (netif.TX_RING_OFFSET,
-                                                        netif.RX_RING_OFFSET))
-        v = _Vif(key=key, label=label, store=store, mac=mac, bridge=bridge, segment=segment,
-                 mem=mem, region=mem[:netif.WINDOW_BYTES],
-                 dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET:netif.SEGMENT_END]), live=live,
-                 was_used=used, ip=ip)
+        used = any(mem[o : o + 8] != bytes(8) for o in (netif.TX_RING_OFFSET, netif.RX_RING_OFFSET))
+        v = _Vif(
+            key=key,
+            label=label,
+            store=store,
+            mac=mac,
+            bridge=bridge,
+            segment=segment,
+            mem=mem,
+            region=mem[: netif.WINDOW_BYTES],
+            dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET : netif.SEGMENT_END]),
+            live=live,
+            was_used=used,
+            ip=ip,
+        )
         carried = self._carried.pop(key, None)
         if carried:
             v.stats = VifStats(**{k: carried.get(k, 0) for k in COUNTERS})
@@ -564,8 +607,13 @@ class NetBackend:
             self._release(v)
             self._refuse(key, None, f"cannot publish the vif parameters: {e}")
             return
-        self.log.info("vif %d (%s): mac %s on bridge %s, waiting for the frontend", key, label,
-                      netif.format_mac(mac), bridge)
+        self.log.info(
+            "vif %d (%s): mac %s on bridge %s, waiting for the frontend",
+            key,
+            label,
+            netif.format_mac(mac),
+            bridge,
+        )
         if self._tap_wanted():
             self._open_tap()
         self._sync_neighbors()
@@ -582,9 +630,17 @@ class NetBackend:
         self._forget(v)
         self._settle(b)
         s = v.stats
-        self.log.info("vif %d (%s) detached: %d frames sent, %d received, %d bad, %d spoofed, "
-                      "%d dropped for a full rx ring", key, v.label, s.tx_frames, s.rx_frames,
-                      s.bad_frames, s.spoofed, s.rx_full_drops)
+        self.log.info(
+            "vif %d (%s) detached: %d frames sent, %d received, %d bad, %d spoofed, "
+            "%d dropped for a full rx ring",
+            key,
+            v.label,
+            s.tx_frames,
+            s.rx_frames,
+            s.bad_frames,
+            s.spoofed,
+            s.rx_full_drops,
+        )
         self._release(v)
         self._sync_neighbors()
 
@@ -659,15 +715,27 @@ class NetBackend:
         """The MAC tables and the counters (the vifs themselves are attached again by the
         kernel, and the rings carry everything in flight)."""
         now = self.clock()
-        vifs = {str(k): {"label": v.label, "mac": netif.format_mac(v.mac), "bridge": v.bridge,
-                         "counters": dataclasses.asdict(v.stats)}
-                for k, v in sorted(self.vifs.items())}
+        vifs = {
+            str(k): {
+                "label": v.label,
+                "mac": netif.format_mac(v.mac),
+                "bridge": v.bridge,
+                "counters": dataclasses.asdict(v.stats),
+            }
+            for k, v in sorted(self.vifs.items())
+        }
         for k, counters in self._carried.items():
             vifs.setdefault(str(k), {"counters": counters})
-        return BackendState(self.state_kind, self.state_version, self.implementation, (),
-                            {"bridges": {n: b.table.to_wire(now)
-                                         for n, b in sorted(self.bridges.items())},
-                             "vifs": vifs})
+        return BackendState(
+            self.state_kind,
+            self.state_version,
+            self.implementation,
+            (),
+            {
+                "bridges": {n: b.table.to_wire(now) for n, b in sorted(self.bridges.items())},
+                "vifs": vifs,
+            },
+        )
 
     def suspend(self) -> None:
         """Let go of every vif and the TAP for the next implementation; nothing is half-done
@@ -680,8 +748,13 @@ class NetBackend:
 
     def restore(self, state: BackendState) -> None:
         """Take over the MAC tables and counters of ``state`` (StateError if it cannot)."""
-        state = accept(state, kind=self.state_kind, version=self.state_version,
-                       who=self.implementation, upgrade=type(self).upgrade_state)
+        state = accept(
+            state,
+            kind=self.state_kind,
+            version=self.state_version,
+            who=self.implementation,
+            upgrade=type(self).upgrade_state,
+        )
         data = state.data
         bridges = data.get("bridges", {})
         vifs = data.get("vifs", {})
@@ -694,8 +767,7 @@ class NetBackend:
         for name, rows in bridges.items():
             try:
                 check_bridge(name, "state.data.bridges key")
-                learned += self._bridge(name).table.load(rows, now,
-                                                         f"state.data.bridges.{name}")
+                learned += self._bridge(name).table.load(rows, now, f"state.data.bridges.{name}")
             except ValueError as e:
                 raise StateError(str(e)) from None
         for k, info in vifs.items():
@@ -704,18 +776,27 @@ class NetBackend:
                 raise StateError(f"{where} must be a map under a device key")
             counters = info.get("counters", {})
             if not isinstance(counters, dict) or not all(
-                    isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                    for n in (counters.get(c, 0) for c in COUNTERS)):
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for n in (counters.get(c, 0) for c in COUNTERS)
+            ):
                 raise StateError(f"{where}.counters must map counter names to integers >= 0")
             self._carried[int(k)] = {c: int(counters.get(c, 0)) for c in COUNTERS}
-        self.log.info("restored %d MAC table entries on %d bridge(s) and the counters of %d "
-                      "vif(s) from the state of %s (version %d)", learned, len(bridges),
-                      len(vifs), state.implementation, state.version)
+        self.log.info(
+            "restored %d MAC table entries on %d bridge(s) and the counters of %d "
+            "vif(s) from the state of %s (version %d)",
+            learned,
+            len(bridges),
+            len(vifs),
+            state.implementation,
+            state.version,
+        )
 
     @classmethod
     def upgrade_state(cls, state: BackendState) -> BackendState:
-        raise StateError(f"{cls.__name__} (state version {cls.state_version}) has no "
-                         f"upgrade_state hook for version {state.version} states")
+        raise StateError(
+            f"{cls.__name__} (state version {cls.state_version}) has no "
+            f"upgrade_state hook for version {state.version} states"
+        )
 
     # -- statistics ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, int | float | str]:
@@ -723,14 +804,19 @@ class NetBackend:
         the host passes on the first 64."""
         vifs = list(self.vifs.values())
         out: dict[str, int | float | str] = {
-            "vifs": len(vifs), "bridges": len(self.bridges),
-            "mac_entries": sum(len(b.table) for b in self.bridges.values())}
+            "vifs": len(vifs),
+            "bridges": len(self.bridges),
+            "mac_entries": sum(len(b.table) for b in self.bridges.values()),
+        }
         for c in COUNTERS:
             out[c] = sum(getattr(v.stats, c) for v in vifs)
         out["notifications"] = sum(v.notifications for v in vifs)
         if self.uplink_mode == "tap":
-            out["uplink"] = (f"tap {self.tap_name} in {self.netns}" if self.tap is not None
-                             else f"tap {self.tap_name}: not open")
+            out["uplink"] = (
+                f"tap {self.tap_name} in {self.netns}"
+                if self.tap is not None
+                else f"tap {self.tap_name}: not open"
+            )
         else:
             out["uplink"] = "none"
         for f in dataclasses.fields(UplinkStats):
@@ -755,16 +841,23 @@ class NetBackend:
         of the source's old delivery records were delivered (see DeliveryLog.resolve).  Runs
         when a vif is mapped, so before this instance can push anything into its rx ring."""
         for s in self.vifs.values():
-            todo = {d.key: self._base[d.key] for d in self.vifs.values()
-                    if d is not s and (s.key, d.key) not in self._resolved}
+            todo = {
+                d.key: self._base[d.key]
+                for d in self.vifs.values()
+                if d is not s and (s.key, d.key) not in self._resolved
+            }
             if not todo:
                 continue
             self._resolved.update((s.key, k) for k in todo)
             if s.live:
                 n = s.dlog.resolve(s.live, todo)
                 if n:
-                    self.log.info("vif %d (%s): %d destination(s) of unfinished frames had not "
-                                  "got them yet", s.key, s.label, n)
+                    self.log.info(
+                        "vif %d (%s): %d destination(s) of unfinished frames had not got them yet",
+                        s.key,
+                        s.label,
+                        n,
+                    )
 
     def _refuse(self, key: object, store: object, message: str) -> None:
         refuse(self.host, self.log, "vif", key, store, message)
@@ -774,11 +867,15 @@ class NetBackend:
         if v.state == "connected":  # the frontend set its rings up again
             self._leave(v, b, "waiting")
         try:
-            tx = BackRing(v.mem[:netif.RING_BYTES], _SLOTS, _SLOT)
-            rx = BackRing(v.mem[netif.RX_RING_OFFSET:netif.RX_RING_OFFSET + netif.RING_BYTES],
-                          _SLOTS, _SLOT)
-            log = InflightLog(v.mem[netif.INFLIGHT_OFFSET:netif.INFLIGHT_OFFSET
-                                    + _INFLIGHT_BYTES], _SLOTS, _SLOT)
+            tx = BackRing(v.mem[: netif.RING_BYTES], _SLOTS, _SLOT)
+            rx = BackRing(
+                v.mem[netif.RX_RING_OFFSET : netif.RX_RING_OFFSET + netif.RING_BYTES], _SLOTS, _SLOT
+            )
+            log = InflightLog(
+                v.mem[netif.INFLIGHT_OFFSET : netif.INFLIGHT_OFFSET + _INFLIGHT_BYTES],
+                _SLOTS,
+                _SLOT,
+            )
         except (ValueError, RingError) as e:
             self._break(v, f"cannot attach the rings: {e}", b)
             self._settle(b)
@@ -800,11 +897,17 @@ class NetBackend:
             return
         v.state = "connected"
         self.host.store_write(f"{v.store}/state", str(int(DevState.CONNECTED)))
-        self.log.info("vif %d (%s): %s%s", v.key, v.label, "resumed" if resume else "connected",
-                      f", redoing {len(redo)} unfinished tx requests" if redo else "")
+        self.log.info(
+            "vif %d (%s): %s%s",
+            v.key,
+            v.label,
+            "resumed" if resume else "connected",
+            f", redoing {len(redo)} unfinished tx requests" if redo else "",
+        )
         if resume:
-            v.rx_reread_end = int.from_bytes(v.mem[netif.RX_RING_OFFSET:
-                                                   netif.RX_RING_OFFSET + 8], "little")
+            v.rx_reread_end = int.from_bytes(
+                v.mem[netif.RX_RING_OFFSET : netif.RX_RING_OFFSET + 8], "little"
+            )
             v.backlog = deque(redo)
             v.redo_left = {r.index for r in redo}
             v.replayed = 0
@@ -830,10 +933,17 @@ class NetBackend:
         for rec in run:
             if rec.executing:
                 deaths = log.record_death(rec.index)
-                self.log.warning("vif %d (%s): the tx request at ring index %d was executing "
-                                 "when the previous driver instance died (%d death%s of %d "
-                                 "allowed)", v.key, v.label, rec.index, deaths,
-                                 "" if deaths == 1 else "s", self.poison_after)
+                self.log.warning(
+                    "vif %d (%s): the tx request at ring index %d was executing "
+                    "when the previous driver instance died (%d death%s of %d "
+                    "allowed)",
+                    v.key,
+                    v.label,
+                    rec.index,
+                    deaths,
+                    "" if deaths == 1 else "s",
+                    self.poison_after,
+                )
                 rec = dataclasses.replace(rec, executing=False, deaths=deaths)
             out.append(rec)
         return out
@@ -895,8 +1005,12 @@ class NetBackend:
             try:
                 v.segment.close()
             except BufferError:
-                self.log.error("vif %d: segment %s is still referenced; it stays mapped until "
-                               "those references go", v.key, v.segment.name)
+                self.log.error(
+                    "vif %d: segment %s is still referenced; it stays mapped until "
+                    "those references go",
+                    v.key,
+                    v.segment.name,
+                )
 
     def _break(self, v: _Vif, message: str, b: _Batch) -> None:
         """The guest broke a ring of ``v``: fault it and serve it no more."""
@@ -942,10 +1056,17 @@ class NetBackend:
     def _redo(self, s: _Vif, rec: InflightRecord, b: _Batch) -> None:
         if rec.deaths >= self.poison_after:
             rid, what = describe_tx(rec.request)
-            description = (f"{what}: {rec.deaths} driver instances died executing it; "
-                           "answered with an error instead of being redone")
-            self.log.error("vif %d (%s): poison tx request at ring index %d: %s", s.key,
-                           s.label, rec.index, description)
+            description = (
+                f"{what}: {rec.deaths} driver instances died executing it; "
+                "answered with an error instead of being redone"
+            )
+            self.log.error(
+                "vif %d (%s): poison tx request at ring index %d: %s",
+                s.key,
+                s.label,
+                rec.index,
+                description,
+            )
             s.stats.bad_frames += 1
             self.host.poison(s.key, rec.index, description)
             self._answer(s, rec.index, rid, _ERROR, b)
@@ -964,7 +1085,7 @@ class NetBackend:
         except FrameError as e:
             self._bad(s, f"tx request refused: {e}", e.id)
             return self._answer(s, index, e.id, _ERROR, b)
-        frame = bytes(s.region[off:off + size])
+        frame = bytes(s.region[off : off + size])
         now = self.clock()
         reserved: dict[int, tuple[int, int, int]] = {}
         entries = s.dlog.find(index) if redo else None
@@ -983,8 +1104,11 @@ class NetBackend:
                 # knows nobody: a vif that served traffic before and is not resumed yet is a
                 # port too (the frame waits for it like for a full rx ring).  A vif whose guest
                 # never connected is not: frames are not held for a frontend that may never come.
-                ports += tuple(k for k, d in self.vifs.items() if d.bridge == s.bridge
-                               and d.state == "waiting" and d.was_used and k != s.key)
+                ports += tuple(
+                    k
+                    for k, d in self.vifs.items()
+                    if d.bridge == s.bridge and d.state == "waiting" and d.was_used and k != s.key
+                )
             st = s.stats
             st.tx_frames += 1
             st.tx_bytes += size
@@ -1103,15 +1227,19 @@ class NetBackend:
             d.rx_reread_end = None  # past the window: requests are the guest's own again
             return False
         _, off, size, flags = netif.RX_REQUEST.unpack_from(raw)
-        return bool(flags == _OKAY and size < netif.MAX_FRAME and off >= netif.RX_BUF_OFFSET
-                    and off + netif.MAX_FRAME <= netif.WINDOW_BYTES)
+        return bool(
+            flags == _OKAY
+            and size < netif.MAX_FRAME
+            and off >= netif.RX_BUF_OFFSET
+            and off + netif.MAX_FRAME <= netif.WINDOW_BYTES
+        )
 
     def _put_frame(self, d: _Vif, got: tuple[int, int, int], frame: bytes, b: _Batch) -> None:
         k, rid, off = got
         rx = d.rx
         assert rx is not None and rx.rsp_prod_pvt == k
         n = len(frame)
-        d.region[off:off + n] = frame
+        d.region[off : off + n] = frame
         rx.put_response(_pack_rx_rsp(rid, off, n, _OKAY))
         b.rx[d.key] = d
         st = d.stats
@@ -1172,8 +1300,13 @@ class NetBackend:
                     d.queued_frames -= 1
                     continue
                 item.waiting.pop(d.key, None)
-                self.log.debug("vif %d (%s): a frame of vif %d waited %g s for an rx buffer: "
-                               "dropped for it", d.key, d.label, item.source.key, self.rx_wait_s)
+                self.log.debug(
+                    "vif %d (%s): a frame of vif %d waited %g s for an rx buffer: dropped for it",
+                    d.key,
+                    d.label,
+                    item.source.key,
+                    self.rx_wait_s,
+                )
                 if not item.waiting:
                     self._complete(item, b)
 
@@ -1230,8 +1363,9 @@ class NetBackend:
         for v in self.vifs.values():
             if v.recovering and not v.backlog and not v.redo_left:
                 v.recovering = False
-                self.log.info("vif %d (%s): resumed, %d tx request(s) redone", v.key, v.label,
-                              v.replayed)
+                self.log.info(
+                    "vif %d (%s): resumed, %d tx request(s) redone", v.key, v.label, v.replayed
+                )
                 self.host.recovered(v.key, v.replayed, v.redo_done_ns)
 
     # -- the uplink ----------------------------------------------------------------------------
@@ -1245,8 +1379,12 @@ class NetBackend:
             self._tap_failures += 1
             self._tap_retry_at = self.clock() + TAP_RETRY_S
             if self._tap_failures <= 3 or self._tap_failures % 60 == 0:
-                self.log.error("uplink: %s; trying again every %g s (%d attempts so far)", e,
-                               TAP_RETRY_S, self._tap_failures)
+                self.log.error(
+                    "uplink: %s; trying again every %g s (%d attempts so far)",
+                    e,
+                    TAP_RETRY_S,
+                    self._tap_failures,
+                )
             return
         self.tap = tap
         self.netns_created = self.netns_created or created
@@ -1254,9 +1392,14 @@ class NetBackend:
         self._neighbors.clear()  # a new TAP: (re)install every guest's entry
         self._sync_neighbors()
         self._bridge(self.uplink_bridge).add_port(UPLINK)
-        self.log.info("uplink: TAP %s in network namespace %s%s, address %s, on bridge %s",
-                      self.tap_name, self.netns, " (created)" if created else "",
-                      self.host_addr, self.uplink_bridge)
+        self.log.info(
+            "uplink: TAP %s in network namespace %s%s, address %s, on bridge %s",
+            self.tap_name,
+            self.netns,
+            " (created)" if created else "",
+            self.host_addr,
+            self.uplink_bridge,
+        )
 
     def _sync_neighbors(self) -> None:
         """Install a permanent neighbour entry on the TAP for each guest with an ip on the
@@ -1265,8 +1408,11 @@ class NetBackend:
         and the entries of a previous instance are still there."""
         if self.tap is None:
             return
-        want = {v.ip: netif.format_mac(v.mac) for v in self.vifs.values()
-                if v.ip and v.bridge == self.uplink_bridge}
+        want = {
+            v.ip: netif.format_mac(v.mac)
+            for v in self.vifs.values()
+            if v.ip and v.bridge == self.uplink_bridge
+        }
         add = [(ip, mac) for ip, mac in want.items() if self._neighbors.get(ip) != mac]
         remove = [ip for ip in self._neighbors if ip not in want]
         if not add and not remove:
@@ -1276,13 +1422,14 @@ class NetBackend:
 
         def run() -> None:
             for problem in tapmod.set_neighbors(netns, tap, add, remove):
-                log.warning("uplink: cannot set a neighbour entry (the host will use ARP): %s",
-                            problem)
+                log.warning(
+                    "uplink: cannot set a neighbour entry (the host will use ARP): %s", problem
+                )
+
         threading.Thread(target=run, name="neighbors", daemon=True).start()
 
     def _lose_tap(self, why: str) -> None:
-        self.log.error("uplink: %s; closing the TAP and trying again in %g s", why,
-                       TAP_RETRY_S)
+        self.log.error("uplink: %s; closing the TAP and trying again in %g s", why, TAP_RETRY_S)
         if self.tap is not None:
             self.tap.close()
             self.tap = None
@@ -1301,8 +1448,12 @@ class NetBackend:
         self.uplink.drops += 1
         self._uplink_logged += 1
         if self._uplink_logged <= 20 or self._uplink_logged % 1000 == 0:
-            self.log.warning("uplink: a frame of vif %d dropped: %s [%d dropped so far]",
-                             s.key, why, self.uplink.drops)
+            self.log.warning(
+                "uplink: a frame of vif %d dropped: %s [%d dropped so far]",
+                s.key,
+                why,
+                self.uplink.drops,
+            )
 
     def _from_tap(self) -> None:
         tap = self.tap
@@ -1358,11 +1509,11 @@ class NetBackend:
 
     def _choose_forward(self) -> None:
         self._spoil = {k: sp for k, sp in self._spoil.items() if k in self.vifs}
-        self.forward = self._forward_injecting if self.injector.armed or self._spoil else \
-            self._forward
+        self.forward = (
+            self._forward_injecting if self.injector.armed or self._spoil else self._forward
+        )
 
-    def _forward_injecting(self, s: _Vif, index: int, raw: bytes, b: _Batch, *,
-                           redo: bool) -> bool:
+    def _forward_injecting(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """``forward`` while a fault is armed or due: ask the injector about this tx request
         (a malformed one is left to ``_forward``, which refuses it)."""
         try:
@@ -1377,8 +1528,9 @@ class NetBackend:
         self.host.fault_fired(f.id, f.type, s.label)
         return self._carry_out(f, s, index, raw, b, redo=redo)
 
-    def _carry_out(self, f: Fault, s: _Vif, index: int, raw: bytes, b: _Batch, *,
-                   redo: bool) -> bool:
+    def _carry_out(
+        self, f: Fault, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool
+    ) -> bool:
         """Do to the tx request at ``index`` of ``s`` what ``f`` says; True if it is answered
         (as ``_forward``)."""
         kind = f.type
@@ -1414,13 +1566,19 @@ class NetBackend:
         if sp.kind == "duplicate" and sp.copy is None:
             sp.copy = rsp
             return answered
-        tx.rewrite_response(index, sp.copy if sp.copy is not None
-                            else spoil_tx_response(sp.kind, rsp))
+        tx.rewrite_response(
+            index, sp.copy if sp.copy is not None else spoil_tx_response(sp.kind, rsp)
+        )
         del self._spoil[s.key]
         self._choose_forward()
-        self.log.warning("vif %d (%s): fault injected: %s, the tx response at ring index %d%s",
-                         s.key, s.label, sp.kind, index,
-                         " is a copy of the previous one" if sp.kind == "duplicate" else "")
+        self.log.warning(
+            "vif %d (%s): fault injected: %s, the tx response at ring index %d%s",
+            s.key,
+            s.label,
+            sp.kind,
+            index,
+            " is a copy of the previous one" if sp.kind == "duplicate" else "",
+        )
         return answered
 
     def _stop_tx(self, s: _Vif, index: int, raw: bytes, kind: str, b: _Batch) -> bool:
@@ -1439,12 +1597,18 @@ class NetBackend:
             what = f"tx rsp_prod {tx.publish_rsp_prod_beyond(3)} published beyond req_prod"
             s.notifications += 1
             self.host.notify(s.key)
-        self.log.warning("vif %d (%s): fault injected: %s at tx ring index %d: %s; its tx ring "
-                         "is no longer served", s.key, s.label, kind, index, what)
+        self.log.warning(
+            "vif %d (%s): fault injected: %s at tx ring index %d: %s; its tx ring "
+            "is no longer served",
+            s.key,
+            s.label,
+            kind,
+            index,
+            what,
+        )
         return False
 
-    def _forward_corrupted(self, s: _Vif, index: int, raw: bytes, b: _Batch, *,
-                           redo: bool) -> bool:
+    def _forward_corrupted(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """``corrupt_data``: switch the frame with its first byte after the Ethernet header
         flipped, so every destination gets the wrong byte (the guest's buffer is put right
         again at once)."""
@@ -1458,8 +1622,14 @@ class NetBackend:
             answered = self._forward(s, index, raw, b, redo=redo)
         finally:
             region[at] ^= 0xFF
-        self.log.warning("vif %d (%s): fault injected: corrupt_data, byte %d of the frame at tx "
-                         "ring index %d flipped", s.key, s.label, _ETH_HEADER, index)
+        self.log.warning(
+            "vif %d (%s): fault injected: corrupt_data, byte %d of the frame at tx "
+            "ring index %d flipped",
+            s.key,
+            s.label,
+            _ETH_HEADER,
+            index,
+        )
         return self._spoiled(s, index, answered)
 
     # -- logging ---------------------------------------------------------------------------------
@@ -1469,16 +1639,27 @@ class NetBackend:
         v.bad_logged += 1
         k = v.bad_logged
         if k <= 20 or k % 1000 == 0:
-            self.log.warning("vif %d (%s): request %#x: %s%s", v.key, v.label, rid, message,
-                             f" [{k} refused so far]" if k > 20 else "")
+            self.log.warning(
+                "vif %d (%s): request %#x: %s%s",
+                v.key,
+                v.label,
+                rid,
+                message,
+                f" [{k} refused so far]" if k > 20 else "",
+            )
 
     def _spoofed(self, v: _Vif, problem: str) -> None:
         v.stats.spoofed += 1
         v.spoof_logged += 1
         k = v.spoof_logged
         if k <= 20 or k % 1000 == 0:
-            self.log.warning("vif %d (%s): frame dropped: %s%s", v.key, v.label, problem,
-                             f" [{k} dropped so far]" if k > 20 else "")
+            self.log.warning(
+                "vif %d (%s): frame dropped: %s%s",
+                v.key,
+                v.label,
+                problem,
+                f" [{k} dropped so far]" if k > 20 else "",
+            )
 
 
 #: ``python -m drivers.host --module drivers.net`` loads this.

@@ -55,8 +55,7 @@ def source_problem(frame: bytes, expected: bytes) -> str | None:
         return None
     if is_multicast(src):
         return f"source MAC {netif.format_mac(src)} is a multicast address"
-    return (f"source MAC {netif.format_mac(src)} is not the interface's "
-            f"{netif.format_mac(expected)}")
+    return f"source MAC {netif.format_mac(src)} is not the interface's {netif.format_mac(expected)}"
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ class Forward:
 class MacTable:
     """MAC address -> (port, time last seen as a source), least recently seen first."""
 
-    def __init__(self, age_s: float = DEFAULT_AGE_S,
-                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self, age_s: float = DEFAULT_AGE_S, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> None:
         if age_s <= 0:
             raise ValueError(f"MAC ageing time must be positive, got {age_s!r}")
         if max_entries < 1:
@@ -140,12 +140,17 @@ class MacTable:
             raise ValueError(f"{where} must be a list of [mac, port, age_ms], got {rows!r:.60}")
         parsed: list[tuple[bytes, int, float]] = []
         for i, row in enumerate(rows):
-            if (not isinstance(row, list | tuple) or len(row) != 3
-                    or not isinstance(row[0], str)
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                               for v in row[1:])):
-                raise ValueError(f"{where}[{i}] must be [mac text, port >= 0, age_ms >= 0], "
-                                 f"got {row!r:.60}")
+            if (
+                not isinstance(row, list | tuple)
+                or len(row) != 3
+                or not isinstance(row[0], str)
+                or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[1:]
+                )
+            ):
+                raise ValueError(
+                    f"{where}[{i}] must be [mac text, port >= 0, age_ms >= 0], got {row!r:.60}"
+                )
             try:
                 mac = bytes(int(p, 16) for p in row[0].split(":"))
             except ValueError:
@@ -164,8 +169,9 @@ class MacTable:
 class Bridge:
     """One broadcast domain: its ports (in the order they joined) and its MAC table."""
 
-    def __init__(self, name: str, age_s: float = DEFAULT_AGE_S,
-                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self, name: str, age_s: float = DEFAULT_AGE_S, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> None:
         self.name = name
         self.table = MacTable(age_s, max_entries)
         self._ports: dict[int, None] = {}
@@ -183,10 +189,12 @@ class Bridge:
         if port in self._ports:
             return
         if len(self._ports) >= MAX_PORTS:
-            raise BridgeFull(f"bridge {self.name} has {len(self._ports)} ports already, the "
-                             f"most one bridge can have (a frame flooded on it must reach at "
-                             f"most {netif.MAX_DESTINATIONS} others); put this interface on "
-                             "another bridge")
+            raise BridgeFull(
+                f"bridge {self.name} has {len(self._ports)} ports already, the "
+                f"most one bridge can have (a frame flooded on it must reach at "
+                f"most {netif.MAX_DESTINATIONS} others); put this interface on "
+                "another bridge"
+            )
         self._ports[port] = None
 
     def remove_port(self, port: int) -> None:

@@ -81,16 +81,20 @@ class TapError(Exception):
 def check_ifname(name: str, what: str = "tap") -> str:
     """``name`` if it can name a network interface, else ValueError saying why."""
     if not isinstance(name, str) or not _IFNAME_RE.match(name) or name in (".", ".."):
-        raise ValueError(f"{what} must be an interface name of 1-{IFNAME_MAX} letters, digits, "
-                         f"'_', '.', '-', got {name!r}")
+        raise ValueError(
+            f"{what} must be an interface name of 1-{IFNAME_MAX} letters, digits, "
+            f"'_', '.', '-', got {name!r}"
+        )
     return name
 
 
 def check_netns(name: str, what: str = "netns") -> str:
     """``name`` if it can name a network namespace under /run/netns, else ValueError."""
     if not isinstance(name, str) or not _NETNS_RE.match(name) or name in (".", ".."):
-        raise ValueError(f"{what} must be a network namespace name of 1-64 letters, digits, "
-                         f"'_', '.', '-' (a file under {NETNS_DIR}), got {name!r}")
+        raise ValueError(
+            f"{what} must be a network namespace name of 1-64 letters, digits, "
+            f"'_', '.', '-' (a file under {NETNS_DIR}), got {name!r}"
+        )
     return name
 
 
@@ -129,16 +133,14 @@ def _ip(*args: str) -> None:
     """Run ``ip ARGS``; TapError with its message if it fails."""
     cmd = ["ip", *args]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=_IP_TIMEOUT_S,
-                           check=False)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise TapError(f"`{' '.join(cmd)}` could not run: {e}") from e
     if r.returncode != 0:
         raise TapError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
 
 
-def set_neighbors(netns: str, tap: str, add: list[tuple[str, str]],
-                  remove: list[str]) -> list[str]:
+def set_neighbors(netns: str, tap: str, add: list[tuple[str, str]], remove: list[str]) -> list[str]:
     """Make the host side know each guest's MAC for good: a permanent neighbour entry
     ``ip -> mac`` on ``tap`` for each of ``add``, none for each ip of ``remove``.  A TAP whose
     last reader goes (a killed switch) loses carrier, and the kernel then flushes its learnt
@@ -148,8 +150,7 @@ def set_neighbors(netns: str, tap: str, add: list[tuple[str, str]],
     errors = []
     for ip, mac in add:
         try:
-            _ip("-n", netns, "neigh", "replace", ip, "lladdr", mac, "dev", tap, "nud",
-                "permanent")
+            _ip("-n", netns, "neigh", "replace", ip, "lladdr", mac, "dev", tap, "nud", "permanent")
         except TapError as e:
             errors.append(str(e))
     for ip in remove:
@@ -183,8 +184,9 @@ def ensure_netns(netns: str) -> bool:
 def _setns(fd: int, what: str) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise TapError(f"setns(CLONE_NEWNET) into {what} failed: {os.strerror(err)} (needs "
-                       "CAP_SYS_ADMIN)")
+        raise TapError(
+            f"setns(CLONE_NEWNET) into {what} failed: {os.strerror(err)} (needs CAP_SYS_ADMIN)"
+        )
 
 
 @contextlib.contextmanager
@@ -246,12 +248,16 @@ class Tap:
             except OSError as e:
                 os.close(fd)
                 if e.errno == errno.EBUSY:
-                    raise TapError(f"TAP {name} in network namespace {netns} is held by "
-                                   "another process (another instance of this driver still "
-                                   "running?)") from None
-                raise TapError(f"cannot create or attach TAP {name} in network namespace "
-                               f"{netns}: {e.strerror} (is {name} there already, but not a "
-                               "TAP?)") from None
+                    raise TapError(
+                        f"TAP {name} in network namespace {netns} is held by "
+                        "another process (another instance of this driver still "
+                        "running?)"
+                    ) from None
+                raise TapError(
+                    f"cannot create or attach TAP {name} in network namespace "
+                    f"{netns}: {e.strerror} (is {name} there already, but not a "
+                    "TAP?)"
+                ) from None
             with contextlib.suppress(OSError):  # no IPv6 chatter flooded to the guests
                 Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
         tap = cls(name, netns, fd)
@@ -350,8 +356,13 @@ def remove(netns: str, tap: str) -> list[str]:
 
 def _link_exists(netns: str, name: str) -> bool:
     try:
-        r = subprocess.run(["ip", "-n", netns, "link", "show", "dev", name],
-                           capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False)
+        r = subprocess.run(
+            ["ip", "-n", netns, "link", "show", "dev", name],
+            capture_output=True,
+            text=True,
+            timeout=_IP_TIMEOUT_S,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise TapError(f"`ip -n {netns} link show dev {name}` could not run: {e}") from e
     return r.returncode == 0
@@ -359,10 +370,17 @@ def _link_exists(netns: str, name: str) -> bool:
 
 def link_mac(netns: str, name: str) -> str:
     """The MAC address of interface ``name`` in ``netns`` (``xx:xx:...``)."""
-    r = subprocess.run(["ip", "-n", netns, "-o", "link", "show", "dev", name],
-                       capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False)
+    r = subprocess.run(
+        ["ip", "-n", netns, "-o", "link", "show", "dev", name],
+        capture_output=True,
+        text=True,
+        timeout=_IP_TIMEOUT_S,
+        check=False,
+    )
     m = re.search(r"link/ether ([0-9a-f:]{17})", r.stdout)
     if r.returncode != 0 or m is None:
-        raise TapError(f"cannot read the MAC of {name} in network namespace {netns}: "
-                       f"{(r.stderr or r.stdout).strip()}")
+        raise TapError(
+            f"cannot read the MAC of {name} in network namespace {netns}: "
+            f"{(r.stderr or r.stdout).strip()}"
+        )
     return m.group(1)

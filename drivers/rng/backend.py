@@ -30,7 +30,7 @@ class RngBackend(DeviceBackend):
             if d.stats.errors <= _LOG_FIRST or d.stats.errors % 1000 == 0:
                 self.log.warning("device %d (%s): refused: %s", d.key, d.label, e)
             return rng.encode_response(e.id, rng.STATUS_ERROR, 0)
-        d.region[req.offset:req.offset + req.length] = os.getrandom(req.length)
+        d.region[req.offset : req.offset + req.length] = os.getrandom(req.length)
         return rng.encode_response(req.id, rng.STATUS_OKAY, req.length)
 
     def request_info(self, d: Device, raw: bytes) -> RequestInfo | None:

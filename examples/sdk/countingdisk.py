@@ -33,8 +33,9 @@ class CountingStorage(Storage):
             actual = size
         if size is not None and actual != size:
             os.close(self.fd)
-            raise StorageError(f"image {path} is {actual} bytes, but the disk is configured "
-                               f"with size {size}")
+            raise StorageError(
+                f"image {path} is {actual} bytes, but the disk is configured with size {size}"
+            )
         self.path, self.size, self.readonly = path, actual, readonly
         self.counts = dict.fromkeys(COUNTERS, 0)
 
@@ -76,8 +77,7 @@ class CountingDisk(BlockBackend):
     def open_disk(self, dev: DeviceState) -> Storage:
         m = dev.medium  # where the data is now: the configured image (dev.home) here
         if m.type != "file":
-            raise StorageError(f"{dev.label}: countingdisk serves image files, not a {m.type} "
-                               "disk")
+            raise StorageError(f"{dev.label}: countingdisk serves image files, not a {m.type} disk")
         storage = CountingStorage(m.target, m.size, m.access == "ro")
         storage.counts.update(dev.data.get("counts", {}))  # carried over by a hot swap
         return storage

@@ -45,8 +45,9 @@ class CountingStorage(Storage):
             actual = size
         if size is not None and actual != size:
             os.close(self.fd)
-            raise StorageError(f"image {path} is {actual} bytes, but the disk is configured "
-                               f"with size {size}")
+            raise StorageError(
+                f"image {path} is {actual} bytes, but the disk is configured with size {size}"
+            )
         self.path, self.size, self.readonly = path, actual, readonly
         self.ops = dict.fromkeys(OPS, 0)
         self.bytes = {"read": 0, "write": 0}
@@ -93,10 +94,17 @@ def _upgrade_device_data(v1: dict[str, Any]) -> dict[str, Any]:
     """A device's data as version 1 saved it (``{}`` from a backend that counts nothing) in
     the version-2 layout."""
     c = v1.get("counts", {})
-    return {"ops": {"read": c.get("reads", 0), "write": c.get("writes", 0),
-                    "flush": c.get("flushes", 0), "discard": c.get("discards", 0)},
-            "bytes": {"read": c.get("bytes_read", 0), "write": c.get("bytes_written", 0)},
-            "busy_ns": 0, "upgraded_from": 1}
+    return {
+        "ops": {
+            "read": c.get("reads", 0),
+            "write": c.get("writes", 0),
+            "flush": c.get("flushes", 0),
+            "discard": c.get("discards", 0),
+        },
+        "bytes": {"read": c.get("bytes_read", 0), "write": c.get("bytes_written", 0)},
+        "busy_ns": 0,
+        "upgraded_from": 1,
+    }
 
 
 class CountingDisk(BlockBackend):
@@ -107,17 +115,18 @@ class CountingDisk(BlockBackend):
     @classmethod
     def upgrade_state(cls, state: BackendState) -> BackendState:
         if state.version != 1:
-            raise StateError(f"countingdisk v2 upgrades version 1 states, not version "
-                             f"{state.version}")
-        devices = tuple(dataclasses.replace(d, data=_upgrade_device_data(d.data))
-                        for d in state.devices)
+            raise StateError(
+                f"countingdisk v2 upgrades version 1 states, not version {state.version}"
+            )
+        devices = tuple(
+            dataclasses.replace(d, data=_upgrade_device_data(d.data)) for d in state.devices
+        )
         return with_version(state, 2, devices=devices)
 
     def open_disk(self, dev: DeviceState) -> Storage:
         m = dev.medium
         if m.type != "file":
-            raise StorageError(f"{dev.label}: countingdisk serves image files, not a {m.type} "
-                               "disk")
+            raise StorageError(f"{dev.label}: countingdisk serves image files, not a {m.type} disk")
         storage = CountingStorage(m.target, m.size, m.access == "ro")
         storage.ops.update(dev.data.get("ops", {}))
         storage.bytes.update(dev.data.get("bytes", {}))
@@ -127,8 +136,12 @@ class CountingDisk(BlockBackend):
 
     def save_device(self, dev: DeviceState, storage: Storage) -> dict[str, Any]:
         assert isinstance(storage, CountingStorage)
-        return {"ops": dict(storage.ops), "bytes": dict(storage.bytes),
-                "busy_ns": storage.busy_ns, "upgraded_from": storage.upgraded_from}
+        return {
+            "ops": dict(storage.ops),
+            "bytes": dict(storage.bytes),
+            "busy_ns": storage.busy_ns,
+            "upgraded_from": storage.upgraded_from,
+        }
 
     def statistics(self) -> dict[str, int | float | str]:
         out = super().statistics()

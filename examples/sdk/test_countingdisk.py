@@ -38,7 +38,8 @@ def test_serves_verified_io_and_counts_every_request(isovisor_stack: MiniStack) 
         # statistics are refreshed every second: wait for the final counts
         stats = s.wait_statistics(
             lambda st, g=guest, w=summary["writes"]: counted(st, g, "writes") == w,
-            what=f"{guest}'s {summary['writes']} writes counted")
+            what=f"{guest}'s {summary['writes']} writes counted",
+        )
         assert counted(stats, guest, "bytes_written") == summary["writes"] * 4096
         # blkstress reads every block it wrote again at the end: more reads than its summary
         assert counted(stats, guest, "reads") >= summary["reads"]
@@ -62,15 +63,15 @@ def test_swap_file_counting_memory_file_under_verified_io(isovisor_stack: MiniSt
         assert (row["pid"], row["state"]) == (pid, "RUNNING"), row
         s.more_io(2000)  # the new backend serves
         if target == V1:
-            s.wait_statistics(lambda st: counted(st, "g1", "writes") > 0
-                              and counted(st, "g2", "writes") > 0,
-                              what="the example backend's counters")
+            s.wait_statistics(
+                lambda st: counted(st, "g1", "writes") > 0 and counted(st, "g2", "writes") > 0,
+                what="the example backend's counters",
+            )
     assert s.driver()["swaps"] == 3
     s.finish()
 
 
-def test_v1_to_v2_upgrades_the_state_and_v2_to_v1_is_refused(isovisor_stack: MiniStack
-                                                              ) -> None:
+def test_v1_to_v2_upgrades_the_state_and_v2_to_v1_is_refused(isovisor_stack: MiniStack) -> None:
     """countingdisk v1 -> v2 goes through v2's upgrade_state: the counters carry on in the new
     layout.  v2 -> v1 is refused by v1 (the state is newer than it understands) and rolled
     back: v2 goes on serving."""
@@ -79,8 +80,10 @@ def test_v1_to_v2_upgrades_the_state_and_v2_to_v1_is_refused(isovisor_stack: Min
     r = s.swap(V2)
     assert r["outcome"] == "swapped", r
     v2_pid = r["pid"]
-    after = s.wait_statistics(lambda st: counted(st, "g1", "upgraded_from") == 1,
-                              what="v2's statistics (with upgraded_from)")
+    after = s.wait_statistics(
+        lambda st: counted(st, "g1", "upgraded_from") == 1,
+        what="v2's statistics (with upgraded_from)",
+    )
     assert counted(after, "g1", "reads") > counted(before, "g1", "reads")  # carried on
     assert "g1/xvda.busy_ms" in after
     r = s.swap(V1)
@@ -101,8 +104,14 @@ def _v1_state(data: dict[str, object]) -> BackendState:
 def test_upgrade_hook_converts_a_version_1_state() -> None:
     """The hook alone, no stack: a unit test of upgrade_state on a hand-made state."""
     v2 = backend_class(V2)
-    counts = {"reads": 5, "writes": 7, "bytes_read": 20480, "bytes_written": 28672,
-              "flushes": 1, "discards": 0}
+    counts = {
+        "reads": 5,
+        "writes": 7,
+        "bytes_read": 20480,
+        "bytes_written": 28672,
+        "flushes": 1,
+        "discards": 0,
+    }
     up = v2.upgrade_state(_v1_state({"counts": counts}))  # type: ignore[attr-defined]
     assert up.version == 2 and up.kind == "isovisor.blk"
     data = up.devices[0].data

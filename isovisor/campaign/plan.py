@@ -54,8 +54,16 @@ FAULT_TYPES: Final[dict[str, str]] = ALL_TYPES
 #: Carried out by the supervisor / the runner (a signal), not by the driver's injection layer.
 OUTSIDE_TYPES: Final = frozenset(SUPERVISOR_TYPES)
 #: Knobs and filters that only mean something for a fault injected inside the driver.
-FILTER_KEYS: Final = ("domain", "vdev", "op", "sector", "probability", "interval", "times",
-                      "fail_nth")
+FILTER_KEYS: Final = (
+    "domain",
+    "vdev",
+    "op",
+    "sector",
+    "probability",
+    "interval",
+    "times",
+    "fail_nth",
+)
 #: Arguments only the ``slow`` type takes.
 SLOW_KEYS: Final = ("latency_ms", "jitter_ms")
 OPS: Final = ("read", "write", "flush", "discard")
@@ -87,6 +95,7 @@ class PlanError(Exception):
 # [driver.<name>] module, watchdog_sec, ...: isovisor/config.py), with the same type, help and
 # check; only some defaults differ, on purpose (_STACK_KEYS).
 
+
 def _times(v: int) -> str | None:
     return None if v == -1 or v >= 1 else "must be -1 (unlimited) or at least 1"
 
@@ -98,8 +107,10 @@ def _nonempty(v: str) -> str | None:
 def _disk_size(v: str) -> str | None:
     size = parse_size(v)
     if size is None or size <= 0 or size % 512:
-        return "is not a size: give a positive multiple of 512 bytes with an optional K, M, G " \
-               "or T suffix, e.g. \"8M\""
+        return (
+            "is not a size: give a positive multiple of 512 bytes with an optional K, M, G "
+            'or T suffix, e.g. "8M"'
+        )
     return None
 
 
@@ -107,10 +118,12 @@ _CAMPAIGN_KEYS: Final = {
     "name": Field(str, "free text, shown in the report"),
     "seed": Field(int, "the default seed; --seed overrides", at_least(0), default=1),
     "duration": Field(NUMBER, "seconds of injection", at_least(0, exclusive=True)),
-    "faults": Field(int, f"stop after this many injections, at most {MAX_INJECTIONS}",
-                    in_range(1, MAX_INJECTIONS)),
-    "gap": Field(NUMBER, "seconds between two injections, at least", at_least(0),
-                 default=0.3),
+    "faults": Field(
+        int,
+        f"stop after this many injections, at most {MAX_INJECTIONS}",
+        in_range(1, MAX_INJECTIONS),
+    ),
+    "gap": Field(NUMBER, "seconds between two injections, at least", at_least(0), default=0.3),
     "isolation": DRIVER_FIELDS["isolation"],
 }
 
@@ -129,36 +142,44 @@ def _campaign_default(key: str, value: Any) -> Field:
 _STACK_KEYS: Final = {
     "pcpus": _campaign_default("pcpus", 2),
     "driver": Field(str, "the driver the faults go to", check_name, default="blk0"),
-    "module": dataclasses.replace(DRIVER_FIELDS["module"], choices=devices.modules(),
-                                  what="a driver module campaigns know",
-                                  default=DEFAULT_MODULE),
+    "module": dataclasses.replace(
+        DRIVER_FIELDS["module"],
+        choices=devices.modules(),
+        what="a driver module campaigns know",
+        default=DEFAULT_MODULE,
+    ),
     "watchdog_sec": _campaign_default("watchdog_sec", 0.5),
     "request_timeout_sec": _campaign_default("request_timeout_sec", 1.0),
     "max_rss": _campaign_default("max_rss", "256M"),
     "max_fds": _campaign_default("max_fds", 512),
 }
 _WORKLOAD_KEYS: Final = {
-    "image": Field(str, "a guest program with end-to-end verification, e.g. \"blkstress\"",
-                   _nonempty),
+    "image": Field(
+        str, 'a guest program with end-to-end verification, e.g. "blkstress"', _nonempty
+    ),
     "domains": Field(int, "how many guests run it", in_range(1, 16), default=1),
-    "extra": Field(str, "parameters passed to each guest", at_most_bytes(EXTRA_MAX),
-                   default=""),
-    "disk_size": Field(str, "each guest's disk, e.g. \"8M\"", _disk_size, default="8M"),
+    "extra": Field(str, "parameters passed to each guest", at_most_bytes(EXTRA_MAX), default=""),
+    "disk_size": Field(str, 'each guest\'s disk, e.g. "8M"', _disk_size, default="8M"),
 }
 _FAULT_KEYS: Final = {
     "type": Field(str, "what to inject", choices=tuple(FAULT_TYPES), what="a fault type"),
-    "weight": Field(NUMBER, "relative share of the injections", at_least(0, exclusive=True),
-                    default=1.0),
-    "count": Field(int, "exactly this many injections of this fault",
-                   in_range(1, MAX_INJECTIONS)),
-    "probability": Field(NUMBER, "percent: the chance that an eligible request fails",
-                         in_range(0, 100), default=100.0),
-    "interval": Field(int, "only every interval-th eligible request is considered",
-                      at_least(1), default=1),
-    "times": Field(int, "how many times the fault fires before it disarms", _times,
-                   default=1),
-    "fail_nth": Field(int, "fire on exactly the n-th eligible request, 0 = off", at_least(0),
-                      default=0),
+    "weight": Field(
+        NUMBER, "relative share of the injections", at_least(0, exclusive=True), default=1.0
+    ),
+    "count": Field(int, "exactly this many injections of this fault", in_range(1, MAX_INJECTIONS)),
+    "probability": Field(
+        NUMBER,
+        "percent: the chance that an eligible request fails",
+        in_range(0, 100),
+        default=100.0,
+    ),
+    "interval": Field(
+        int, "only every interval-th eligible request is considered", at_least(1), default=1
+    ),
+    "times": Field(int, "how many times the fault fires before it disarms", _times, default=1),
+    "fail_nth": Field(
+        int, "fire on exactly the n-th eligible request, 0 = off", at_least(0), default=0
+    ),
     "domain": Field(str, "only requests of this domain", check_name),
     "vdev": Field(str, "only requests to this device", _nonempty),
     "op": Field(str, "only requests of this operation", _nonempty),
@@ -171,6 +192,7 @@ _ARRAYS: Final = ("workload", "fault")
 
 
 # --- the plan ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FaultEntry:
@@ -282,7 +304,7 @@ def _scan(text: str, depth: int, quote: str | None) -> tuple[int, str | None]:
         if c == "#":
             break
         if text.startswith(('"""', "'''"), i):
-            quote, i = text[i:i + 3], i + 3
+            quote, i = text[i : i + 3], i + 3
         elif c == '"':
             i += 1
             while i < n and text[i] != '"':
@@ -329,7 +351,7 @@ class _Lines:
             if k := _KEY_RE.match(line):
                 key = next(g for g in k.groups() if g is not None)
                 current.keys.setdefault(key, number)
-                depth, quote = _scan(line[k.end():], 0, None)
+                depth, quote = _scan(line[k.end() :], 0, None)
 
     def line_of(self, table: str, index: int = 0, key: str | None = None) -> int:
         """The key's line; the table's header if the key is absent; else the best guess."""
@@ -342,6 +364,7 @@ class _Lines:
 
 
 # --- loading -----------------------------------------------------------------------------------
+
 
 def load_plan(path: Path | str) -> Plan:
     """Read and check a plan file; raises :class:`PlanError` at the first mistake."""
@@ -364,12 +387,15 @@ class _Loader:
                 kind = "table" if (top, 0) in self.lines.sections else "key"
                 line = self.lines.line_of(top)
                 allowed = "[campaign], [stack], [[workload]], [[fault]]"
-                raise PlanError(self.path, line, f"unknown {kind} \"{top}\""
-                                f"{did_you_mean(top, _TOP_KEYS)}; allowed: {allowed}")
+                raise PlanError(
+                    self.path,
+                    line,
+                    f'unknown {kind} "{top}"{did_you_mean(top, _TOP_KEYS)}; allowed: {allowed}',
+                )
         camp = self.table(data, "campaign", required=True)
         stack = self.table(data, "stack", required=False)
-        workloads = self.array(data, "workload", "image = \"blkstress\"")
-        faults = self.array(data, "fault", "type = \"sigkill\"")
+        workloads = self.array(data, "workload", 'image = "blkstress"')
+        faults = self.array(data, "fault", 'type = "sigkill"')
 
         self.check("campaign", 0, camp, _CAMPAIGN_KEYS)
         self.check("stack", 0, stack, _STACK_KEYS)
@@ -387,10 +413,15 @@ class _Loader:
         if "faults" in head:
             head["faults_total"] = head.pop("faults")
         plan = Plan(
-            path=self.path, **head, stack=StackSpec(**typed(stack, _STACK_KEYS)),
-            workloads=tuple(Workload(**w, line=self.lines.line_of("workload", i))
-                            for i, w in enumerate(workloads)),
-            faults=entries)
+            path=self.path,
+            **head,
+            stack=StackSpec(**typed(stack, _STACK_KEYS)),
+            workloads=tuple(
+                Workload(**w, line=self.lines.line_of("workload", i))
+                for i, w in enumerate(workloads)
+            ),
+            faults=entries,
+        )
         self.check_campaign(camp, plan)
         return plan
 
@@ -418,36 +449,60 @@ class _Loader:
     def table(self, data: dict[str, Any], name: str, *, required: bool) -> dict[str, Any]:
         if name not in data:
             if required:
-                raise PlanError(self.path, 1, f"missing the [{name}] table: a plan needs "
-                                "[campaign] with duration = SECONDS or faults = N")
+                raise PlanError(
+                    self.path,
+                    1,
+                    f"missing the [{name}] table: a plan needs "
+                    "[campaign] with duration = SECONDS or faults = N",
+                )
             return {}
         val = data[name]
         if isinstance(val, list):
-            raise PlanError(self.path, self.lines.line_of(name),
-                            f"[[{name}]] must be a single table: write [{name}], not [[{name}]]")
+            raise PlanError(
+                self.path,
+                self.lines.line_of(name),
+                f"[[{name}]] must be a single table: write [{name}], not [[{name}]]",
+            )
         if not isinstance(val, dict):
-            raise PlanError(self.path, self.lines.line_of("", 0, name),
-                            f"{name} = {show(val)} must be a table: write [{name}] and its "
-                            "keys below it")
+            raise PlanError(
+                self.path,
+                self.lines.line_of("", 0, name),
+                f"{name} = {show(val)} must be a table: write [{name}] and its keys below it",
+            )
         return val
 
     def array(self, data: dict[str, Any], name: str, example: str) -> list[dict[str, Any]]:
         val = data.get(name)
         what = {"workload": "workload guests", "fault": "faults to inject"}[name]
         if val is None or val == []:
-            raise PlanError(self.path, 1, f"no [[{name}]] table: a campaign needs at least one, "
-                            f"e.g. [[{name}]] {example} ({what})")
+            raise PlanError(
+                self.path,
+                1,
+                f"no [[{name}]] table: a campaign needs at least one, "
+                f"e.g. [[{name}]] {example} ({what})",
+            )
         if isinstance(val, dict):
-            raise PlanError(self.path, self.lines.line_of(name),
-                            f"[{name}] must be an array of tables: write [[{name}]], "
-                            f"one per entry")
+            raise PlanError(
+                self.path,
+                self.lines.line_of(name),
+                f"[{name}] must be an array of tables: write [[{name}]], one per entry",
+            )
         if not isinstance(val, list) or not all(isinstance(x, dict) for x in val):
-            raise PlanError(self.path, self.lines.line_of("", 0, name),
-                            f"{name} = {show(val)} must be [[{name}]] tables")
+            raise PlanError(
+                self.path,
+                self.lines.line_of("", 0, name),
+                f"{name} = {show(val)} must be [[{name}]] tables",
+            )
         return val
 
-    def check(self, table: str, index: int, data: dict[str, Any], keys: dict[str, Field],
-              required: tuple[str, ...] = ()) -> None:
+    def check(
+        self,
+        table: str,
+        index: int,
+        data: dict[str, Any],
+        keys: dict[str, Field],
+        required: tuple[str, ...] = (),
+    ) -> None:
         """The table's first mistake, as ipc/schema.py words it, at its line."""
         if (problem := table_problem(data, keys, required)) is not None:
             key, message = problem
@@ -458,65 +513,114 @@ class _Loader:
         image = w["image"]
         checker = CHECKERS.get(image)
         if checker is None:
-            raise self.error("workload", i, "image", f"image = {show(image)} is not a "
-                             f"campaign workload; choose one of: {', '.join(_images())}"
-                             f"{did_you_mean(image, tuple(CHECKERS))}")
+            raise self.error(
+                "workload",
+                i,
+                "image",
+                f"image = {show(image)} is not a "
+                f"campaign workload; choose one of: {', '.join(_images())}"
+                f"{did_you_mean(image, tuple(CHECKERS))}",
+            )
         fclass = _class_of(module)
         if checker.device_class != fclass.name:
             need = fault_classes()[checker.device_class]
             modules = " or ".join(f'"{m}"' for m in devices.by_name(need.name).modules)
-            fits = ", ".join(c.image for c in CHECKERS.values()
-                             if c.device_class == fclass.name)
-            raise self.error("workload", i, "image", f"image = {show(image)} needs a "
-                             f"{need.driver} driver ([stack] module = {modules}), but the "
-                             f"stack's driver is {show(module)}, a {fclass.driver} driver; its "
-                             f"workloads: {fits}")
+            fits = ", ".join(c.image for c in CHECKERS.values() if c.device_class == fclass.name)
+            raise self.error(
+                "workload",
+                i,
+                "image",
+                f"image = {show(image)} needs a "
+                f"{need.driver} driver ([stack] module = {modules}), but the "
+                f"stack's driver is {show(module)}, a {fclass.driver} driver; its "
+                f"workloads: {fits}",
+            )
         if "disk_size" in w and image != "blkstress":
-            raise self.error("workload", i, "disk_size", f"disk_size = {show(w['disk_size'])} "
-                             f"only applies to image = \"blkstress\" (a disk for each guest), "
-                             f"not {show(image)}; remove disk_size")
+            raise self.error(
+                "workload",
+                i,
+                "disk_size",
+                f"disk_size = {show(w['disk_size'])} "
+                f'only applies to image = "blkstress" (a disk for each guest), '
+                f"not {show(image)}; remove disk_size",
+            )
         members = len(checker.members)
         domains = w.get("domains", 1)
         if domains % members:
-            raise self.error("workload", i, "domains", f"domains = {domains}: {image} guests "
-                             f"run in groups of {members} (each sends to the other); give a "
-                             f"multiple of {members}")
+            raise self.error(
+                "workload",
+                i,
+                "domains",
+                f"domains = {domains}: {image} guests "
+                f"run in groups of {members} (each sends to the other); give a "
+                f"multiple of {members}",
+            )
 
     def check_fault(self, i: int, f: dict[str, Any], module: str) -> None:
         kind = f["type"]
         fclass = _class_of(module)
         if kind in fclass.refused:
-            raise self.error("fault", i, "type", f"type = \"{kind}\" does not apply to a "
-                             f"{fclass.driver} driver ([stack] module = {show(module)}): "
-                             f"{fclass.refused[kind]}; a {fclass.driver} driver takes: "
-                             f"{', '.join([*SUPERVISOR_TYPES, *fclass.types])}")
+            raise self.error(
+                "fault",
+                i,
+                "type",
+                f'type = "{kind}" does not apply to a '
+                f"{fclass.driver} driver ([stack] module = {show(module)}): "
+                f"{fclass.refused[kind]}; a {fclass.driver} driver takes: "
+                f"{', '.join([*SUPERVISOR_TYPES, *fclass.types])}",
+            )
         if "op" in f and f["op"] not in fclass.ops:
-            raise self.error("fault", i, "op", f"op = {show(f['op'])} is not an operation; "
-                             f"choose one of: {', '.join(fclass.ops)}"
-                             f"{did_you_mean(f['op'], fclass.ops)} (the operations of "
-                             f"{fclass.request})")
+            raise self.error(
+                "fault",
+                i,
+                "op",
+                f"op = {show(f['op'])} is not an operation; "
+                f"choose one of: {', '.join(fclass.ops)}"
+                f"{did_you_mean(f['op'], fclass.ops)} (the operations of "
+                f"{fclass.request})",
+            )
         dclass = devices.by_name(fclass.name)
         if "vdev" in f and not dclass.vdev_re.match(f["vdev"]):
-            raise self.error("fault", i, "vdev", f"vdev = {show(f['vdev'])} is not a device "
-                             f"name: {dclass.vdev_hint} (the devices of a {fclass.driver} "
-                             "driver)")
+            raise self.error(
+                "fault",
+                i,
+                "vdev",
+                f"vdev = {show(f['vdev'])} is not a device "
+                f"name: {dclass.vdev_hint} (the devices of a {fclass.driver} "
+                "driver)",
+            )
         if kind in OUTSIDE_TYPES:
             for key in FILTER_KEYS:
                 if key in f:
-                    raise self.error("fault", i, key, f"{key} = {show(f[key])} cannot be used "
-                                     f"with type = \"{kind}\": it is carried out from outside "
-                                     "the driver (a signal), not in a request, so the knobs "
-                                     f"and filters {', '.join(FILTER_KEYS)} do not apply; "
-                                     f"remove {key}")
+                    raise self.error(
+                        "fault",
+                        i,
+                        key,
+                        f"{key} = {show(f[key])} cannot be used "
+                        f'with type = "{kind}": it is carried out from outside '
+                        "the driver (a signal), not in a request, so the knobs "
+                        f"and filters {', '.join(FILTER_KEYS)} do not apply; "
+                        f"remove {key}",
+                    )
         if kind != "slow":
             for key in SLOW_KEYS:
                 if key in f:
-                    raise self.error("fault", i, key, f"{key} = {show(f[key])} only applies "
-                                     f"to type = \"slow\", not \"{kind}\"; remove {key}")
+                    raise self.error(
+                        "fault",
+                        i,
+                        key,
+                        f"{key} = {show(f[key])} only applies "
+                        f'to type = "slow", not "{kind}"; remove {key}',
+                    )
         if kind == "poison" and "sector" not in f:
-            raise self.error("fault", i, None, "type = \"poison\" needs sector = N (the "
-                             f"sector whose requests kill the driver; for a {fclass.driver} "
-                             f"driver, {fclass.position})")
+            raise self.error(
+                "fault",
+                i,
+                None,
+                'type = "poison" needs sector = N (the '
+                f"sector whose requests kill the driver; for a {fclass.driver} "
+                f"driver, {fclass.position})",
+            )
 
     def entry(self, i: int, f: dict[str, Any]) -> FaultEntry:
         vals = typed(f, _FAULT_KEYS)
@@ -524,43 +628,79 @@ class _Loader:
 
     def check_campaign(self, camp: dict[str, Any], plan: Plan) -> None:
         if "duration" in camp and "faults" in camp:
-            raise self.error("campaign", 0, "faults", "give either duration = SECONDS or "
-                             "faults = N, not both")
+            raise self.error(
+                "campaign", 0, "faults", "give either duration = SECONDS or faults = N, not both"
+            )
         if "duration" not in camp and "faults" not in camp:
-            raise self.error("campaign", 0, None, "missing duration = SECONDS (seconds of "
-                             "injection) or faults = N (stop after N injections)")
+            raise self.error(
+                "campaign",
+                0,
+                None,
+                "missing duration = SECONDS (seconds of "
+                "injection) or faults = N (stop after N injections)",
+            )
         counted = sum(e.count for e in plan.faults if e.count is not None)
         all_counted = all(e.count is not None for e in plan.faults)
         if counted > MAX_INJECTIONS:
-            raise self.error("campaign", 0, None, f"the [[fault]] counts add up to {counted} "
-                             f"injections; at most {MAX_INJECTIONS} are allowed")
+            raise self.error(
+                "campaign",
+                0,
+                None,
+                f"the [[fault]] counts add up to {counted} "
+                f"injections; at most {MAX_INJECTIONS} are allowed",
+            )
         if plan.faults_total is not None:
             total = plan.faults_total
             if total < counted:
-                raise self.error("campaign", 0, "faults", f"faults = {total} is less than the "
-                                 f"[[fault]] counts, which add up to {counted}; raise faults "
-                                 "or lower the counts")
+                raise self.error(
+                    "campaign",
+                    0,
+                    "faults",
+                    f"faults = {total} is less than the "
+                    f"[[fault]] counts, which add up to {counted}; raise faults "
+                    "or lower the counts",
+                )
             if all_counted and total != counted:
-                raise self.error("campaign", 0, "faults", f"faults = {total} but every "
-                                 f"[[fault]] has a count and they add up to {counted}; remove "
-                                 "faults (or make it equal), or leave count out of an entry so "
-                                 "it takes the remaining injections by weight")
+                raise self.error(
+                    "campaign",
+                    0,
+                    "faults",
+                    f"faults = {total} but every "
+                    f"[[fault]] has a count and they add up to {counted}; remove "
+                    "faults (or make it equal), or leave count out of an entry so "
+                    "it takes the remaining injections by weight",
+                )
             return
         assert plan.duration is not None
         if plan.gap == 0:
-            raise self.error("campaign", 0, "gap", "gap = 0 cannot be used with duration: the "
-                             "gap decides how many injections fit into it; give gap > 0 or "
-                             "use faults = N instead of duration")
+            raise self.error(
+                "campaign",
+                0,
+                "gap",
+                "gap = 0 cannot be used with duration: the "
+                "gap decides how many injections fit into it; give gap > 0 or "
+                "use faults = N instead of duration",
+            )
         fit = _fit(plan.duration, plan.gap)
         if fit > MAX_INJECTIONS:
-            raise self.error("campaign", 0, "gap", f"gap = {plan.gap:g} fits {fit} injections "
-                             f"into duration = {plan.duration:g}; at most {MAX_INJECTIONS} "
-                             "are allowed: raise gap")
+            raise self.error(
+                "campaign",
+                0,
+                "gap",
+                f"gap = {plan.gap:g} fits {fit} injections "
+                f"into duration = {plan.duration:g}; at most {MAX_INJECTIONS} "
+                "are allowed: raise gap",
+            )
         if counted > fit:
-            raise self.error("campaign", 0, "duration", f"duration = {plan.duration:g} fits "
-                             f"only {fit} injections at gap = {plan.gap:g} s, but the [[fault]] "
-                             f"counts add up to {counted}; raise duration, lower gap or lower "
-                             "the counts")
+            raise self.error(
+                "campaign",
+                0,
+                "duration",
+                f"duration = {plan.duration:g} fits "
+                f"only {fit} injections at gap = {plan.gap:g} s, but the [[fault]] "
+                f"counts add up to {counted}; raise duration, lower gap or lower "
+                "the counts",
+            )
 
 
 def _class_of(module: str) -> FaultClass:
@@ -584,10 +724,10 @@ def _label(table: str, index: int) -> str:
 def _toml_error(message: str, text: str) -> tuple[int, str]:
     """tomllib's "Invalid value (at line 5, column 8)" -> (5, "invalid TOML: ... (column 8)")."""
     if m := re.search(r"\s*\(at line (\d+), column (\d+)\)$", message):
-        return int(m.group(1)), f"invalid TOML: {message[:m.start()]} (column {m.group(2)})"
+        return int(m.group(1)), f"invalid TOML: {message[: m.start()]} (column {m.group(2)})"
     if m := re.search(r"\s*\(at end of document\)$", message):
         last = max(1, len(text.rstrip("\n").split("\n")))
-        return last, f"invalid TOML: {message[:m.start()]} (at the end of the file)"
+        return last, f"invalid TOML: {message[: m.start()]} (at the end of the file)"
     return 1, f"invalid TOML: {message}"
 
 
@@ -597,6 +737,7 @@ def _fit(duration: float, step: float) -> int:
 
 
 # --- the schedule ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ScheduledFault:
@@ -641,8 +782,9 @@ def schedule(plan: Plan, seed: int, *, expected_gap: float | None = None) -> lis
     slots = [e.index for e in plan.faults if e.count is not None for _ in range(e.count)]
     free = [e for e in plan.faults if e.count is None]
     if free and total > len(slots):
-        slots += rng.choices([e.index for e in free], weights=[e.weight for e in free],
-                             k=total - len(slots))
+        slots += rng.choices(
+            [e.index for e in free], weights=[e.weight for e in free], k=total - len(slots)
+        )
     rng.shuffle(slots)
     if plan.faults_total is None and plan.duration is not None:
         spacing = plan.duration / len(slots)
@@ -676,8 +818,10 @@ def describe(plan: Plan) -> str:
     else:
         about = "" if all(e.count is not None for e in plan.faults) else "~"
         when = f"{about}{total} injection{_s(total)} over {plan.duration:g} s"
-    return (f"{plan.path}: OK — {guests} workload guest{_s(guests)} ({images}), {n} fault "
-            f"entr{'y' if n == 1 else 'ies'}, {when}, seed {plan.seed}")
+    return (
+        f"{plan.path}: OK — {guests} workload guest{_s(guests)} ({images}), {n} fault "
+        f"entr{'y' if n == 1 else 'ies'}, {when}, seed {plan.seed}"
+    )
 
 
 def _s(n: int) -> str:

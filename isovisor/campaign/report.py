@@ -65,6 +65,7 @@ _S_FMARK: Final = 'class="fmark" stroke-opacity="0.4" stroke-dasharray="3 3"'
 
 # --- small helpers -------------------------------------------------------------------------
 
+
 def _num(v: Any) -> float | None:
     """``v`` as a finite float, or None when it is not a number (bools are not numbers)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -105,8 +106,7 @@ def _is_silent(f: dict[str, Any]) -> bool:
 
 
 def _is_transparent_eligible(f: dict[str, Any]) -> bool:
-    return (_is_manifested(f) and _type(f) not in _NOT_RECOVERABLE
-            and _outcome(f) != "tolerated")
+    return _is_manifested(f) and _type(f) not in _NOT_RECOVERABLE and _outcome(f) != "tolerated"
 
 
 def _recovery_times(faults: Iterable[dict[str, Any]]) -> list[float]:
@@ -143,8 +143,10 @@ def _guest_lost(g: dict[str, Any]) -> bool:
 
 # --- the numbers ---------------------------------------------------------------------------
 
-def summarize(faults: list[dict[str, Any]], guests: list[dict[str, Any]], *,
-              kernel_crashes: int = 0) -> dict[str, Any]:
+
+def summarize(
+    faults: list[dict[str, Any]], guests: list[dict[str, Any]], *, kernel_crashes: int = 0
+) -> dict[str, Any]:
     """The journal's ``summary`` object, computed from its faults and guests.
 
     Definitions (a "fault" is one entry of the journal's ``faults``):
@@ -285,8 +287,10 @@ def verdict(summary: dict[str, Any]) -> str:
         parts.append("no manifested non-deterministic faults to recover")
     elif isinstance(eligible, int) and not isinstance(eligible, bool):
         done = _int(summary.get("transparent_recovered"))
-        parts.append(f"{done} of {eligible} manifested non-deterministic faults recovered "
-                     f"transparently ({_pct(rate)})")
+        parts.append(
+            f"{done} of {eligible} manifested non-deterministic faults recovered "
+            f"transparently ({_pct(rate)})"
+        )
     else:
         parts.append(f"manifested non-deterministic faults recovered transparently: {_pct(rate)}")
     parts.append(_plural(lost, "guest") + " lost")
@@ -295,8 +299,10 @@ def verdict(summary: dict[str, Any]) -> str:
     p99 = _num(summary.get("recovery_ms_p99"))
     parts.append(f"recovery p99 {p99:.1f} ms" if p99 is not None else "no recovery times")
     if silent:
-        parts.append(_plural(silent, "silent corruption")
-                     + " (undetectable by restarts; not a failure by itself)")
+        parts.append(
+            _plural(silent, "silent corruption")
+            + " (undetectable by restarts; not a failure by itself)"
+        )
     line = ("FAIL" if reasons else "PASS") + ": " + ", ".join(parts)
     if reasons:
         line += "; fails on: " + ", ".join(reasons)
@@ -304,6 +310,7 @@ def verdict(summary: dict[str, Any]) -> str:
 
 
 # --- journal access ------------------------------------------------------------------------
+
 
 def _campaign(journal: dict[str, Any]) -> dict[str, Any]:
     c = journal.get("campaign")
@@ -415,6 +422,7 @@ def _key_totals(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 # --- markdown ------------------------------------------------------------------------------
 
+
 def _md(text: Any) -> str:
     """Plain text safe in a markdown line or table cell (no markup, no raw HTML)."""
     s = str(text)
@@ -429,19 +437,23 @@ def _mdcode(text: Any) -> str:
     return "`" + s.replace("|", "\\|") + "`"
 
 
-def _md_table(head: Sequence[str], rows: Iterable[Sequence[str]],
-              align: str | None = None) -> list[str]:
+def _md_table(
+    head: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None
+) -> list[str]:
     """A markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default: lrrr...)."""
     align = align or "l" + "r" * (len(head) - 1)
-    out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    out = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|",
+    ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
 
 
 def _md_type_table(faults: list[dict[str, Any]]) -> list[str]:
-    rows = [[_mdcode(r["type"]), *(_cell(r, k) for k, _ in _TABLE_COLUMNS)]
-            for r in per_type(faults)]
+    rows = [
+        [_mdcode(r["type"]), *(_cell(r, k) for k, _ in _TABLE_COLUMNS)] for r in per_type(faults)
+    ]
     tot = totals(faults)
     rows.append(["**Total**", *(f"**{_cell(tot, k)}**" for k, _ in _TABLE_COLUMNS)])
     return _md_table(["Fault type", *(h for _, h in _TABLE_COLUMNS)], rows)
@@ -465,15 +477,24 @@ def render_markdown(journal: dict[str, Any], *, compare: dict[str, Any] | None =
     cols = _outcome_columns(journal)
     if faults:
         out += ["", "### Outcomes", ""]
-        rows = [[_mdcode(r["type"]), *(str(r["outcomes"].get(o, 0)) for o in cols)]
-                for r in per_type(faults)]
+        rows = [
+            [_mdcode(r["type"]), *(str(r["outcomes"].get(o, 0)) for o in cols)]
+            for r in per_type(faults)
+        ]
         out += _md_table(["Fault type", *(_mdcode(o) for o in cols)], rows)
 
     out += ["", "## Guests", ""]
     if guests:
-        rows = [[_md(g.get("name", "?")), str(_int(g.get("ops"))), str(_int(g.get("errors"))),
-                 str(_int(g.get("mismatches"))), _md(g.get("exit") or "missing")
-                 + (" (lost)" if _guest_lost(g) else "")] for g in guests]
+        rows = [
+            [
+                _md(g.get("name", "?")),
+                str(_int(g.get("ops"))),
+                str(_int(g.get("errors"))),
+                str(_int(g.get("mismatches"))),
+                _md(g.get("exit") or "missing") + (" (lost)" if _guest_lost(g) else ""),
+            ]
+            for g in guests
+        ]
         out += _md_table(["Guest", "Ops", "Errors", "Mismatches", "Exit"], rows, "lrrrl")
     else:
         out.append("No guest results were recorded.")
@@ -482,9 +503,11 @@ def render_markdown(journal: dict[str, Any], *, compare: dict[str, Any] | None =
         out += ["", f"{_plural(unattributed, 'guest-visible error')} not attributed to a fault."]
 
     out += ["", "## Verdict", "", f"**{_md(verdict(s))}**", ""]
-    out.append(f"How to reproduce: {_mdcode(_reproduce(journal))} (the schedule is the same "
-               "for the same plan and seed; what the stack does about each fault varies with "
-               "timing).")
+    out.append(
+        f"How to reproduce: {_mdcode(_reproduce(journal))} (the schedule is the same "
+        "for the same plan and seed; what the stack does about each fault varies with "
+        "timing)."
+    )
 
     if compare is not None:
         out += ["", *_md_compare(journal, compare)]
@@ -497,8 +520,9 @@ def _labels(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
     return (f"{la} [A]", f"{lb} [B]") if la == lb else (la, lb)
 
 
-def _compare_cells(a: dict[str, Any], b: dict[str, Any]
-                   ) -> tuple[list[str], list[tuple[str, list[str]]]]:
+def _compare_cells(
+    a: dict[str, Any], b: dict[str, Any]
+) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The side-by-side table of two runs: its outcome columns, and per fault type the
     ``"A / B"`` cells (injected, then each outcome)."""
     cols = _outcome_columns(a, b)
@@ -510,7 +534,9 @@ def _compare_cells(a: dict[str, Any], b: dict[str, Any]
             if r is None:
                 return 0
             return int(r[key] if outcome is None else r[key].get(outcome, 0))
+
         return f"{get(x)} / {get(y)}"
+
     cells = []
     for t in _types(a, b):
         x, y = ra.get(t), rb.get(t)
@@ -521,8 +547,12 @@ def _compare_cells(a: dict[str, Any], b: dict[str, Any]
 def _md_compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     la, lb = (_md(x) for x in _labels(a, b))
     sa, sb = journal_summary(a), journal_summary(b)
-    out = [f"## Side by side: {la} vs {lb}", "",
-           "Cells read `A / B` with A = " + la + " and B = " + lb + ".", ""]
+    out = [
+        f"## Side by side: {la} vs {lb}",
+        "",
+        "Cells read `A / B` with A = " + la + " and B = " + lb + ".",
+        "",
+    ]
     cols, cells = _compare_cells(a, b)
     rows = [[_mdcode(t), *counts] for t, counts in cells]
     if rows:
@@ -530,13 +560,16 @@ def _md_compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     else:
         out.append("Neither run injected a fault.")
     out += ["", "### Key totals", ""]
-    out += _md_table(["", la, lb], [[k, v, w] for (k, v), (_, w)
-                                    in zip(_key_totals(sa), _key_totals(sb), strict=True)])
+    out += _md_table(
+        ["", la, lb],
+        [[k, v, w] for (k, v), (_, w) in zip(_key_totals(sa), _key_totals(sb), strict=True)],
+    )
     out += ["", f"- {la}: {_md(verdict(sa))}", f"- {lb}: {_md(verdict(sb))}"]
     return out
 
 
 # --- SVG plots -----------------------------------------------------------------------------
+
 
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
@@ -568,8 +601,8 @@ def _log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
     if a == b:
         b += 1
     mults = (1, 2, 5) if b - a <= 3 else (1,)
-    ticks = [m * 10.0 ** k for k in range(a, b + 1) for m in mults if m * 10.0 ** k <= 10.0 ** b]
-    return 10.0 ** a, 10.0 ** b, ticks
+    ticks = [m * 10.0**k for k in range(a, b + 1) for m in mults if m * 10.0**k <= 10.0**b]
+    return 10.0**a, 10.0**b, ticks
 
 
 def _fmt_tick(v: float) -> str:
@@ -579,10 +612,12 @@ def _fmt_tick(v: float) -> str:
 
 
 def _svg_open(width: int, height: int, title: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif" role="img" '
-            f'aria-label="{_e(title)}">'
-            f"<title>{_e(title)}</title>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif" role="img" '
+        f'aria-label="{_e(title)}">'
+        f"<title>{_e(title)}</title>"
+    )
 
 
 def _svg_recovery(faults: list[dict[str, Any]]) -> str:
@@ -592,13 +627,17 @@ def _svg_recovery(faults: list[dict[str, Any]]) -> str:
     width, left, right, top, row_h = 760, 150, 24, 16, 28
     title = "Recovery time per fault type"
     if not times:
-        return (_svg_open(width, 56, title)
-                + f'<text x="16" y="32" {_S_NOTE}>no recovery times recorded</text></svg>')
+        return (
+            _svg_open(width, 56, title)
+            + f'<text x="16" y="32" {_S_NOTE}>no recovery times recorded</text></svg>'
+        )
     bottom = top + row_h * len(rows)
-    shown = [o for o in _outcome_columns({"faults": faults})
-             if any(_outcome(f) == o and _num(f.get("recovery_ms")) is not None for f in faults)]
-    legend, last_row = _legend([(o, _colour(o)) for o in shown], left, width - right,
-                               bottom + 58)
+    shown = [
+        o
+        for o in _outcome_columns({"faults": faults})
+        if any(_outcome(f) == o and _num(f.get("recovery_ms")) is not None for f in faults)
+    ]
+    legend, last_row = _legend([(o, _colour(o)) for o in shown], left, width - right, bottom + 58)
     lo, hi = min(times), max(times)
     log = lo > 0 and hi / lo > 20
     if log:
@@ -610,52 +649,67 @@ def _svg_recovery(faults: list[dict[str, Any]]) -> str:
 
     def x(v: float) -> float:
         if log:
-            return left + (math.log10(max(v, d0)) - math.log10(d0)) / (
-                math.log10(d1) - math.log10(d0)) * span
+            return (
+                left
+                + (math.log10(max(v, d0)) - math.log10(d0))
+                / (math.log10(d1) - math.log10(d0))
+                * span
+            )
         return left + max(v, 0.0) / d1 * span
 
     parts = [_svg_open(width, last_row + 10, title)]
     for t in ticks:
         xt = x(t)
-        parts.append(f'<line x1="{xt:.1f}" y1="{top}" x2="{xt:.1f}" y2="{bottom}" '
-                     f'{_S_GRID}/>')
-        parts.append(f'<text x="{xt:.1f}" y="{bottom + 16}" text-anchor="middle" '
-                     f'{_S_TICK}>{_e(_fmt_tick(t))}</text>')
-    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" '
-                 f'{_S_AXIS}/>')
+        parts.append(f'<line x1="{xt:.1f}" y1="{top}" x2="{xt:.1f}" y2="{bottom}" {_S_GRID}/>')
+        parts.append(
+            f'<text x="{xt:.1f}" y="{bottom + 16}" text-anchor="middle" '
+            f"{_S_TICK}>{_e(_fmt_tick(t))}</text>"
+        )
+    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" {_S_AXIS}/>')
     scale = "log scale" if log else "linear scale"
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{bottom + 36}" '
-                 f'text-anchor="middle" {_S_LABEL}>recovery time (ms, {scale}); '
-                 "black bar: median</text>")
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{bottom + 36}" '
+        f'text-anchor="middle" {_S_LABEL}>recovery time (ms, {scale}); '
+        "black bar: median</text>"
+    )
     for i, r in enumerate(rows):
         cy = top + row_h * i + row_h / 2
-        mine = [f for f in faults
-                if _type(f) == r["type"] and _num(f.get("recovery_ms")) is not None]
-        parts.append(f'<text x="{left - 8}" y="{cy + 4:.1f}" text-anchor="end" '
-                     f'{_S_LABEL}>{_e(r["type"])} ({len(mine)})</text>')
+        mine = [
+            f for f in faults if _type(f) == r["type"] and _num(f.get("recovery_ms")) is not None
+        ]
+        parts.append(
+            f'<text x="{left - 8}" y="{cy + 4:.1f}" text-anchor="end" '
+            f"{_S_LABEL}>{_e(r['type'])} ({len(mine)})</text>"
+        )
         if not mine:
-            parts.append(f'<text x="{left + 6}" y="{cy + 4:.1f}" {_S_NOTE}>'
-                         "no recovery times</text>")
+            parts.append(
+                f'<text x="{left + 6}" y="{cy + 4:.1f}" {_S_NOTE}>no recovery times</text>'
+            )
             continue
         for j, f in enumerate(mine):
             v = _num(f.get("recovery_ms")) or 0.0
             cyj = cy + (j % 5 + 1) // 2 * (4 if j % 2 else -4)  # 0, +4, -4, +8, -8
             tip = f"#{f.get('seq', '?')} {_type(f)}: {v:.1f} ms, {_outcome(f)}"
-            parts.append(f'<circle class="rec" cx="{x(v):.1f}" cy="{cyj:.1f}" r="3.5" '
-                         f'fill="{_colour(_outcome(f))}" fill-opacity="0.75">'
-                         f"<title>{_e(tip)}</title></circle>")
+            parts.append(
+                f'<circle class="rec" cx="{x(v):.1f}" cy="{cyj:.1f}" r="3.5" '
+                f'fill="{_colour(_outcome(f))}" fill-opacity="0.75">'
+                f"<title>{_e(tip)}</title></circle>"
+            )
         med = _num(r["recovery_ms_median"])
         if med is not None:
-            parts.append(f'<line x1="{x(med):.1f}" y1="{cy - 10:.1f}" x2="{x(med):.1f}" '
-                         f'y2="{cy + 10:.1f}" {_S_MEDIAN}>'
-                         f"<title>{_e(f'median {med:.1f} ms')}</title></line>")
+            parts.append(
+                f'<line x1="{x(med):.1f}" y1="{cy - 10:.1f}" x2="{x(med):.1f}" '
+                f'y2="{cy + 10:.1f}" {_S_MEDIAN}>'
+                f"<title>{_e(f'median {med:.1f} ms')}</title></line>"
+            )
     parts += legend
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _legend(items: Sequence[tuple[str, str | None]], left: int, right: int,
-            y0: int) -> tuple[list[str], int]:
+def _legend(
+    items: Sequence[tuple[str, str | None]], left: int, right: int, y0: int
+) -> tuple[list[str], int]:
     """Legend entries wrapped into rows from ``y0``; ``None`` as colour draws the I/O line.
 
     Returns the SVG fragments and the baseline of the last row.
@@ -667,8 +721,7 @@ def _legend(items: Sequence[tuple[str, str | None]], left: int, right: int,
         if lx + w > right and lx > left:
             lx, ly = left, ly + 18
         if col is None:
-            parts.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 16}" y2="{ly - 4}" '
-                         f'{_S_TPUT}/>')
+            parts.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 16}" y2="{ly - 4}" {_S_TPUT}/>')
         else:
             parts.append(f'<circle cx="{lx + 8}" cy="{ly - 4}" r="4.5" fill="{col}"/>')
         parts.append(f'<text x="{lx + 22}" y="{ly}" {_S_TICK}>{_e(text)}</text>')
@@ -682,13 +735,22 @@ def _svg_timeline(journal: dict[str, Any]) -> str:
     points = _throughput(journal)
     width, left, right, top, bottom = 760, 64, 24, 24, 230
     dur = _num(_campaign(journal).get("duration_s")) or 0.0
-    t_hi = max([dur, 1.0, *(t for t, _ in points),
-                *(v for f in faults if (v := _num(f.get("at_s"))) is not None)])
+    t_hi = max(
+        [
+            dur,
+            1.0,
+            *(t for t, _ in points),
+            *(v for f in faults if (v := _num(f.get("at_s"))) is not None),
+        ]
+    )
     t_max, t_ticks = _linear_ticks(t_hi)
     y_max, y_ticks = _linear_ticks(max((v for _, v in points), default=0.0))
     legend, last_row = _legend(
         [("guest I/O (ops/s)", None), *((o, _colour(o)) for o in _outcome_columns(journal))],
-        left, width - right, bottom + 56)
+        left,
+        width - right,
+        bottom + 56,
+    )
 
     def x(t: float) -> float:
         return left + t / t_max * (width - left - right)
@@ -698,39 +760,51 @@ def _svg_timeline(journal: dict[str, Any]) -> str:
 
     parts = [_svg_open(width, last_row + 10, "Faults against guest I/O throughput")]
     for t in t_ticks:
-        parts.append(f'<line x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{bottom}" '
-                     f'{_S_GRID}/>')
-        parts.append(f'<text x="{x(t):.1f}" y="{bottom + 16}" text-anchor="middle" '
-                     f'{_S_TICK}>{_e(_fmt_tick(t))}</text>')
+        parts.append(f'<line x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{bottom}" {_S_GRID}/>')
+        parts.append(
+            f'<text x="{x(t):.1f}" y="{bottom + 16}" text-anchor="middle" '
+            f"{_S_TICK}>{_e(_fmt_tick(t))}</text>"
+        )
     for v in y_ticks if points else [0.0]:
-        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" '
-                     f'{_S_GRID}/>')
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" '
-                     f'{_S_TICK}>{_e(_fmt_tick(v))}</text>')
-    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" '
-                 f'{_S_AXIS}/>')
+        parts.append(
+            f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" {_S_GRID}/>'
+        )
+        parts.append(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" '
+            f"{_S_TICK}>{_e(_fmt_tick(v))}</text>"
+        )
+    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" {_S_AXIS}/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" {_S_AXIS}/>')
     mid_x, mid_y = (left + width - right) / 2, (top + bottom) / 2
-    parts.append(f'<text x="{mid_x:.0f}" y="{bottom + 34}" text-anchor="middle" '
-                 f"{_S_LABEL}>time (s)</text>")
-    parts.append(f'<text x="14" y="{mid_y:.0f}" text-anchor="middle" {_S_LABEL} '
-                 f'transform="rotate(-90 14 {mid_y:.0f})">guest I/O (ops/s)</text>')
+    parts.append(
+        f'<text x="{mid_x:.0f}" y="{bottom + 34}" text-anchor="middle" {_S_LABEL}>time (s)</text>'
+    )
+    parts.append(
+        f'<text x="14" y="{mid_y:.0f}" text-anchor="middle" {_S_LABEL} '
+        f'transform="rotate(-90 14 {mid_y:.0f})">guest I/O (ops/s)</text>'
+    )
     if points:
         pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points)
         parts.append(f'<polyline {_S_TPUT} points="{pts}"/>')
     else:
-        parts.append(f'<text x="{mid_x:.0f}" y="{mid_y:.0f}" text-anchor="middle" '
-                     f"{_S_NOTE}>no throughput samples</text>")
+        parts.append(
+            f'<text x="{mid_x:.0f}" y="{mid_y:.0f}" text-anchor="middle" '
+            f"{_S_NOTE}>no throughput samples</text>"
+        )
     for f in faults:
         at = _num(f.get("at_s"))
         if at is None:
             continue
         o, col = _outcome(f), _colour(_outcome(f))
         tip = f"#{f.get('seq', '?')} {_type(f)} at {at:.2f} s: {o}"
-        parts.append(f'<line x1="{x(at):.1f}" y1="{top + 6}" x2="{x(at):.1f}" y2="{bottom}" '
-                     f'stroke="{col}" {_S_FMARK}/>')
-        parts.append(f'<circle class="fault" data-outcome="{_e(o)}" cx="{x(at):.1f}" '
-                     f'cy="{top + 6}" r="4.5" fill="{col}"><title>{_e(tip)}</title></circle>')
+        parts.append(
+            f'<line x1="{x(at):.1f}" y1="{top + 6}" x2="{x(at):.1f}" y2="{bottom}" '
+            f'stroke="{col}" {_S_FMARK}/>'
+        )
+        parts.append(
+            f'<circle class="fault" data-outcome="{_e(o)}" cx="{x(at):.1f}" '
+            f'cy="{top + 6}" r="4.5" fill="{col}"><title>{_e(tip)}</title></circle>'
+        )
     parts += legend
     parts.append("</svg>")
     return "".join(parts)
@@ -759,8 +833,9 @@ figure { margin: .5em 0; }
 """
 
 
-def _html_table(head: Sequence[str], rows: Iterable[Sequence[str]],
-                total: Sequence[str] | None = None) -> str:
+def _html_table(
+    head: Sequence[str], rows: Iterable[Sequence[str]], total: Sequence[str] | None = None
+) -> str:
     """A table; ``head``, ``rows`` and ``total`` are already-escaped HTML fragments."""
     out = ["<table><thead><tr>", *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for r in rows:
@@ -786,40 +861,64 @@ def _html_section(journal: dict[str, Any], heading: str | None) -> str:
     facts = ", ".join(f"{k} {v}" for k, v in _header_facts(journal))
     out.append(f'<p class="facts">{_e(facts)}</p>')
     if _campaign(journal).get("interrupted"):
-        out.append('<p class="warn">The run was interrupted: these numbers cover only part of '
-                   "the plan.</p>")
+        out.append(
+            '<p class="warn">The run was interrupted: these numbers cover only part of '
+            "the plan.</p>"
+        )
     out.append(_verdict_html(s))
     out.append("<h3>Faults by type</h3>")
     if faults:
-        rows = [[f"<code>{_e(r['type'])}</code>", *(_e(_cell(r, k)) for k, _ in _TABLE_COLUMNS)]
-                for r in per_type(faults)]
+        rows = [
+            [f"<code>{_e(r['type'])}</code>", *(_e(_cell(r, k)) for k, _ in _TABLE_COLUMNS)]
+            for r in per_type(faults)
+        ]
         tot = totals(faults)
-        out.append(_html_table(["Fault type", *(_e(h) for _, h in _TABLE_COLUMNS)], rows,
-                               ["Total", *(_e(_cell(tot, k)) for k, _ in _TABLE_COLUMNS)]))
+        out.append(
+            _html_table(
+                ["Fault type", *(_e(h) for _, h in _TABLE_COLUMNS)],
+                rows,
+                ["Total", *(_e(_cell(tot, k)) for k, _ in _TABLE_COLUMNS)],
+            )
+        )
         cols = _outcome_columns(journal)
         out.append("<h3>Outcomes</h3>")
-        out.append(_html_table(
-            ["Fault type", *(f"<code>{_e(o)}</code>" for o in cols)],
-            [[f"<code>{_e(r['type'])}</code>", *(str(r["outcomes"].get(o, 0)) for o in cols)]
-             for r in per_type(faults)]))
+        out.append(
+            _html_table(
+                ["Fault type", *(f"<code>{_e(o)}</code>" for o in cols)],
+                [
+                    [f"<code>{_e(r['type'])}</code>", *(str(r["outcomes"].get(o, 0)) for o in cols)]
+                    for r in per_type(faults)
+                ],
+            )
+        )
     else:
         out.append("<p>No faults were injected.</p>")
     out.append("<h3>Totals</h3>")
     out.append(_html_table(["", "value"], [[_e(k), _e(v)] for k, v in _key_totals(s)]))
     out.append("<h3>Guests</h3>")
     if guests:
-        out.append(_html_table(
-            ["Guest", "Ops", "Errors", "Mismatches", "Exit"],
-            [[_e(g.get("name", "?")), str(_int(g.get("ops"))), str(_int(g.get("errors"))),
-              str(_int(g.get("mismatches"))),
-              _e(g.get("exit") or "missing") + (" (lost)" if _guest_lost(g) else "")]
-             for g in guests]))
+        out.append(
+            _html_table(
+                ["Guest", "Ops", "Errors", "Mismatches", "Exit"],
+                [
+                    [
+                        _e(g.get("name", "?")),
+                        str(_int(g.get("ops"))),
+                        str(_int(g.get("errors"))),
+                        str(_int(g.get("mismatches"))),
+                        _e(g.get("exit") or "missing") + (" (lost)" if _guest_lost(g) else ""),
+                    ]
+                    for g in guests
+                ],
+            )
+        )
     else:
         out.append("<p>No guest results were recorded.</p>")
     unattributed = s["guest_errors"] - totals(faults)["guest_errors"]
     if unattributed > 0:
-        out.append(f"<p>{_plural(unattributed, 'guest-visible error')} not attributed to a "
-                   "fault.</p>")
+        out.append(
+            f"<p>{_plural(unattributed, 'guest-visible error')} not attributed to a fault.</p>"
+        )
     out.append("<h3>Recovery time per fault type</h3>")
     out.append(f'<figure class="plot recovery">{_svg_recovery(faults)}</figure>')
     out.append("<h3>Faults against guest I/O throughput</h3>")
@@ -834,17 +933,27 @@ def _html_compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     sa, sb = journal_summary(a), journal_summary(b)
     cols, cells = _compare_cells(a, b)
     rows = [[f"<code>{_e(t)}</code>", *counts] for t, counts in cells]
-    out = ['<section class="compare">', f"<h2>Side by side: {_e(la)} vs {_e(lb)}</h2>",
-           f"<p>Cells read <code>A / B</code> with A = {_e(la)} and B = {_e(lb)}.</p>"]
+    out = [
+        '<section class="compare">',
+        f"<h2>Side by side: {_e(la)} vs {_e(lb)}</h2>",
+        f"<p>Cells read <code>A / B</code> with A = {_e(la)} and B = {_e(lb)}.</p>",
+    ]
     if rows:
-        out.append(_html_table(["Fault type", "Injected",
-                                *(f"<code>{_e(o)}</code>" for o in cols)], rows))
+        out.append(
+            _html_table(["Fault type", "Injected", *(f"<code>{_e(o)}</code>" for o in cols)], rows)
+        )
     else:
         out.append("<p>Neither run injected a fault.</p>")
     out.append("<h3>Key totals</h3>")
-    out.append(_html_table(["", _e(la), _e(lb)],
-                           [[_e(k), _e(v), _e(w)] for (k, v), (_, w)
-                            in zip(_key_totals(sa), _key_totals(sb), strict=True)]))
+    out.append(
+        _html_table(
+            ["", _e(la), _e(lb)],
+            [
+                [_e(k), _e(v), _e(w)]
+                for (k, v), (_, w) in zip(_key_totals(sa), _key_totals(sb), strict=True)
+            ],
+        )
+    )
     out.append("</section>")
     return "".join(out)
 
@@ -853,9 +962,12 @@ def render_html(journal: dict[str, Any], *, compare: dict[str, Any] | None = Non
     """``report.html``: a self-contained page (inline CSS and SVG, no scripts, no links)."""
     name = _campaign(journal).get("name", "campaign")
     title = f"Campaign report: {name}"
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{_e(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+    ]
     if compare is None:
         out.append(_html_section(journal, None))
     else:
@@ -869,8 +981,9 @@ def render_html(journal: dict[str, Any], *, compare: dict[str, Any] | None = Non
     return "\n".join(out) + "\n"
 
 
-def write_report(out_dir: Path, journal: dict[str, Any], *,
-                 compare: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def write_report(
+    out_dir: Path, journal: dict[str, Any], *, compare: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, page = out_dir / "report.md", out_dir / "report.html"

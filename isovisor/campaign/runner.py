@@ -54,9 +54,23 @@ POLL_S: Final = 0.1
 #: Longest wait for a guest that ended to have all its results in (Checker.settled).
 SETTLE_GUEST_S: Final = 10.0
 #: In-driver faults that end in a replacement when they fire.
-_REPLACED: Final = frozenset({"segv", "abort", "exception", "exit", "hang", "drop", "duplicate",
-                              "bad_id", "bad_status", "bad_op", "bad_index", "leak_mem",
-                              "leak_fd"})
+_REPLACED: Final = frozenset(
+    {
+        "segv",
+        "abort",
+        "exception",
+        "exit",
+        "hang",
+        "drop",
+        "duplicate",
+        "bad_id",
+        "bad_status",
+        "bad_op",
+        "bad_index",
+        "leak_mem",
+        "leak_fd",
+    }
+)
 Progress = Callable[[int, int, float], None]  # (faults done, faults planned, seconds left)
 
 
@@ -98,8 +112,15 @@ class Record:
 class Campaign:
     """``Campaign(plan, seed, out_dir).run()`` -> the journal (also written to out_dir)."""
 
-    def __init__(self, plan: Plan, seed: int, out_dir: Path, *, isolation: str | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        seed: int,
+        out_dir: Path,
+        *,
+        isolation: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.plan = plan
         self.seed = seed
         self.out = out_dir
@@ -118,8 +139,7 @@ class Campaign:
         self._t0 = 0.0
         self._last_sample = (0.0, 0)
         self._guest_names: list[str] = []
-        self.checkers: list[Checker] = [CHECKERS[w.image](w, self.driver)
-                                        for w in plan.workloads]
+        self.checkers: list[Checker] = [CHECKERS[w.image](w, self.driver) for w in plan.workloads]
         self._live: dict[str, Unit] = {}  # running guests
         self._ending: dict[str, tuple[Unit, str, dict[str, Any], float]] = {}  # ended: their
         # unit, how (shutdown, crashed), the event, and until when their results may come
@@ -165,22 +185,36 @@ class Campaign:
     # -- the stack ----------------------------------------------------------------------------
     def _driver_toml(self) -> str:
         s = self.plan.stack
-        lines = [f"[driver.{self.driver}]", f'module = "{s.module}"',
-                 f'isolation = "{self.isolation}"']
+        lines = [
+            f"[driver.{self.driver}]",
+            f'module = "{s.module}"',
+            f'isolation = "{self.isolation}"',
+        ]
         if self.isolation == "process":
-            lines += [f"watchdog_sec = {s.watchdog_sec}",
-                      f"request_timeout_sec = {s.request_timeout_sec}",
-                      f'max_rss = "{s.max_rss}"', f"max_fds = {s.max_fds}",
-                      "intensity = 1000000", "period = 1.0", "start_secs = 0.2"]
+            lines += [
+                f"watchdog_sec = {s.watchdog_sec}",
+                f"request_timeout_sec = {s.request_timeout_sec}",
+                f'max_rss = "{s.max_rss}"',
+                f"max_fds = {s.max_fds}",
+                "intensity = 1000000",
+                "period = 1.0",
+                "start_secs = 0.2",
+            ]
         return "\n".join(lines) + "\n"
 
     def _expected_s(self, entry: FaultEntry) -> float:
         """How long a fault of this entry should take to resolve, roughly."""
         st = self.plan.stack
-        return {"hang": st.watchdog_sec + 1.0, "drop": st.request_timeout_sec + 1.0,
-                "slow": 1.2 + (entry.latency_ms + entry.jitter_ms) / 1e3,
-                "corrupt_data": 1.2, "poison": 3.0, "recovery_crash": 1.5,
-                "leak_mem": 2.0, "leak_fd": 2.0}.get(entry.type, 0.8)
+        return {
+            "hang": st.watchdog_sec + 1.0,
+            "drop": st.request_timeout_sec + 1.0,
+            "slow": 1.2 + (entry.latency_ms + entry.jitter_ms) / 1e3,
+            "corrupt_data": 1.2,
+            "poison": 3.0,
+            "recovery_crash": 1.5,
+            "leak_mem": 2.0,
+            "leak_fd": 2.0,
+        }.get(entry.type, 0.8)
 
     def _run_seconds(self) -> float:
         """How long the guests run: the schedule plus what resolving its faults should take
@@ -193,13 +227,15 @@ class Campaign:
         self._stacks += 1
         # a short private directory (socket paths are limited to ~100 bytes); the logs are
         # copied to the output directory when the stack stops
-        st = PrivateStack(self.plan.stack.pcpus, extra_toml=self._driver_toml(),
-                          name="campaign", keep=True)
+        st = PrivateStack(
+            self.plan.stack.pcpus, extra_toml=self._driver_toml(), name="campaign", keep=True
+        )
         self._stack = st
         st.up([])
         consoles = any(c.console_events for c in self.checkers)
-        self._sub = st.subscribe(["domain.", "driver.", "device."]
-                                 + (["console."] if consoles else []))
+        self._sub = st.subscribe(
+            ["domain.", "driver.", "device."] + (["console."] if consoles else [])
+        )
         for k, checker in enumerate(self.checkers):
             checker.start(st.run_dir)
             for i in range(checker.units):
@@ -221,8 +257,9 @@ class Campaign:
         checker = self.checkers[unit.workload]
         specs = checker.guests(unit, self._guest_seconds(checker), 1 + len(self._guest_names))
         for g in specs:
-            cfg = st.domain_config(g.name, g.image, g.memory, on_poweroff="preserve",
-                                   on_crash="preserve", **g.keys)
+            cfg = st.domain_config(
+                g.name, g.image, g.memory, on_poweroff="preserve", on_crash="preserve", **g.keys
+            )
             st.call("create", path=str(cfg))
             self._guest_names.append(g.name)
             self._live[g.name] = unit
@@ -253,9 +290,16 @@ class Campaign:
         assert self._stack is not None
         (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
         r = self.checkers[unit.workload].result(name, con)
-        self.guests.append({
-            "name": name, "ops": r.ops, "errors": r.errors, "mismatches": r.mismatches,
-            "exit": "crash" if kind == "crashed" else "poweroff", "code": p.get("code")})
+        self.guests.append(
+            {
+                "name": name,
+                "ops": r.ops,
+                "errors": r.errors,
+                "mismatches": r.mismatches,
+                "exit": "crash" if kind == "crashed" else "poweroff",
+                "code": p.get("code"),
+            }
+        )
         self._call("destroy", name=name)
 
     def _stop_stack(self) -> None:
@@ -269,8 +313,11 @@ class Campaign:
                 st.close()
             finally:
                 keep.mkdir(parents=True, exist_ok=True)
-                for f in [*st.dir.glob("*.toml"), *st.dir.glob("*.console.txt"),
-                          *st.run_dir.glob("*.log")]:
+                for f in [
+                    *st.dir.glob("*.toml"),
+                    *st.dir.glob("*.console.txt"),
+                    *st.run_dir.glob("*.log"),
+                ]:
                     with contextlib.suppress(OSError):
                         shutil.copy2(f, keep / f.name)
                 shutil.rmtree(st.dir, ignore_errors=True)
@@ -287,7 +334,10 @@ class Campaign:
             return False
         try:
             return psutil.Process(st.kernel_pid).status() not in (
-                psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_DEAD)
+                psutil.STATUS_ZOMBIE,
+                psutil.STATUS_STOPPED,
+                psutil.STATUS_DEAD,
+            )
         except psutil.Error:
             return False
 
@@ -303,14 +353,17 @@ class Campaign:
             return None
         topic, p = ev
         parts = topic.split(".")
-        if len(parts) == 3 and parts[0] == "domain" and parts[1] in self._live and \
-                parts[2] in ("shutdown", "crashed"):
+        if (
+            len(parts) == 3
+            and parts[0] == "domain"
+            and parts[1] in self._live
+            and parts[2] in ("shutdown", "crashed")
+        ):
             self._guest_ended(parts[1], parts[2], p)
             return ev
         if topic.startswith("console.") and rec is not None:
-            name = topic[len("console."):]
-            unit = self._live.get(name) or (self._ending[name][0] if name in self._ending
-                                            else None)
+            name = topic[len("console.") :]
+            unit = self._live.get(name) or (self._ending[name][0] if name in self._ending else None)
             if unit is not None:
                 text = bytes(p.get("data", b"")).decode(errors="replace")
                 self._attribute(rec, self.checkers[unit.workload].console(name, text))
@@ -392,8 +445,9 @@ class Campaign:
                 break
             except _KernelGone:
                 continue
-        rec = Record(item.seq, round(time.monotonic() - self._t0, 3), item.type, self.driver,
-                     entry.args())
+        rec = Record(
+            item.seq, round(time.monotonic() - self._t0, 3), item.type, self.driver, entry.args()
+        )
         self.records.append(rec)
         row = self._driver_row()
         rec.target_pid = row["pid"] if row else None
@@ -409,8 +463,7 @@ class Campaign:
         rec.outcome = self._outcome(rec)
         # inline, a driver that hung or lost track of a device is not replaced: its guests
         # are lost, and the next fault gets a fresh stack (as after a kernel crash)
-        self._broken = self.isolation == "inline" and rec.outcome in ("guest_lost",
-                                                                     "guest_error")
+        self._broken = self.isolation == "inline" and rec.outcome in ("guest_lost", "guest_error")
 
     def _inject(self, entry: FaultEntry, rec: Record) -> None:
         kind = entry.type
@@ -458,11 +511,15 @@ class Campaign:
             topic, p = ev
             if topic == f"driver.{name}.fault_fired":
                 rec.manifested = True
-                if kind in ("slow", "corrupt_data") or (self.isolation == "inline"
-                                                          and kind not in _REPLACED):
+                if kind in ("slow", "corrupt_data") or (
+                    self.isolation == "inline" and kind not in _REPLACED
+                ):
                     quiet_until = time.monotonic() + 1.0 + entry.latency_ms / 1e3
-            elif topic in (f"driver.{name}.hang", f"driver.{name}.violation") and \
-                    p.get("pid") == rec.target_pid and not rec.detected:
+            elif (
+                topic in (f"driver.{name}.hang", f"driver.{name}.violation")
+                and p.get("pid") == rec.target_pid
+                and not rec.detected
+            ):
                 rec.detected, rec.detected_by = True, topic.rsplit(".", 1)[1]
                 rec.reason = str(p.get("reason", ""))[:300]
             elif topic == f"driver.{name}.exit" and p.get("pid") == rec.target_pid:
@@ -505,8 +562,9 @@ class Campaign:
             return "guest_error"
         if rec.recovered:
             return "recovered"
-        if rec.type == "slow" or (not rec.detected and (
-                self.isolation == "inline" or rec.type not in _REPLACED)):
+        if rec.type == "slow" or (
+            not rec.detected and (self.isolation == "inline" or rec.type not in _REPLACED)
+        ):
             return "tolerated"  # it fired, nothing noticed, no guest saw anything (inline:
             # e.g. a leak that only grows the kernel)
         return "guest_lost"  # it needed a replacement and none came in time
@@ -514,8 +572,16 @@ class Campaign:
     def _restart_after_crash(self) -> None:
         """The kernel died (inline): its guests are lost; a fresh stack takes over."""
         for name in [*self._live, *self._ending]:
-            self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
-                                "exit": "crash", "code": None})
+            self.guests.append(
+                {
+                    "name": name,
+                    "ops": 0,
+                    "errors": 0,
+                    "mismatches": 0,
+                    "exit": "crash",
+                    "code": None,
+                }
+            )
         self._live.clear()
         self._ending.clear()
         self._stop_stack()
@@ -533,20 +599,28 @@ class Campaign:
         for name in [*self._live, *self._ending]:  # still running (or its results never
             self._live.pop(name, None)  # came): hung
             self._ending.pop(name, None)
-            self.guests.append({"name": name, "ops": 0, "errors": 0, "mismatches": 0,
-                                "exit": "hung", "code": None})
+            self.guests.append(
+                {"name": name, "ops": 0, "errors": 0, "mismatches": 0, "exit": "hung", "code": None}
+            )
 
     def _journal(self, started: str, duration: float) -> dict[str, Any]:
         faults = [r.journal() for r in self.records]
         summary = summarize(faults, self.guests, kernel_crashes=self.kernel_crashes)
         return {
             "campaign": {
-                "name": self.plan.name, "plan": str(self.plan.path), "seed": self.seed,
-                "isolation": self.isolation, "started": started,
+                "name": self.plan.name,
+                "plan": str(self.plan.path),
+                "seed": self.seed,
+                "isolation": self.isolation,
+                "started": started,
                 "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "interrupted": self.interrupted, "duration_s": round(duration, 1),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
+                "interrupted": self.interrupted,
+                "duration_s": round(duration, 1),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            },
             "schedule": schedule_to_json(self.schedule),
-            "faults": faults, "guests": self.guests, "throughput": self.throughput,
+            "faults": faults,
+            "guests": self.guests,
+            "throughput": self.throughput,
             "summary": summary,
         }

@@ -24,6 +24,7 @@ from devices.workload import Checker, GuestSpec, Result, Tally, Unit, WorkloadSp
 
 #: The workloads campaigns can run, by guest program.
 CHECKERS: Final[dict[str, type[Checker]]] = {
-    c.image: c for cls in devices.CLASSES for c in cls.checkers}
+    c.image: c for cls in devices.CLASSES for c in cls.checkers
+}
 
 __all__ = ["CHECKERS", "Checker", "GuestSpec", "Result", "Tally", "Unit", "WorkloadSpec"]
