@@ -27,20 +27,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from ipc.schema import NAME_RE  # a driver's name, as backend= gives it and [driver.<name>]
+from kernel.abi import PAGE_SIZE
+
 if TYPE_CHECKING:
     from devices.workload import Checker
     from drivers.faults import FaultClass
 
-#: A driver's name as ``backend=`` gives it (the same rule as ``[driver.<name>]``).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-#: Regions are whole pages: the guest maps them into its physical address space.
-PAGE_SIZE = 4096
-
 
 def pages(n: int) -> int:
-    """``n`` bytes rounded up to whole pages."""
+    """``n`` bytes rounded up to whole pages (the guest maps regions into its physical address
+    space)."""
     return -(-n // PAGE_SIZE) * PAGE_SIZE
 
 
