@@ -619,6 +619,8 @@ def console(
     sys.stdout.flush()
     if sub is None:
         return
+    # As `virsh console`: say when following has begun (on stderr; stdout is the console).
+    err.print(f"following domain {hist['name']} (id {hist['domid']}); Ctrl-C to stop")
     try:
         _follow(sub, hist["name"], hist["domid"], hist["end"])
     except KeyboardInterrupt:
@@ -669,15 +671,25 @@ def _follow(sub: Subscriber, name: str, domid: int, pos: int) -> None:
 
 @app.command()
 def create(
-    config: Annotated[Path, typer.Argument(help="Domain config file.")], run_dir: RunDirOpt = None
+    config: Annotated[Path, typer.Argument(help="Domain config file.")],
+    paused: Annotated[
+        bool,
+        typer.Option(
+            "--paused",
+            "-p",
+            help="Leave the domain paused before its first instruction; `unpause` starts it.",
+        ),
+    ] = False,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Create a domain from a config file in the running stack."""
     try:
         load_domain_config(config)  # report config errors locally, with local paths
     except ConfigError as e:
         fail(str(e))
-    r = _call(_run_dir(run_dir), "create", path=str(config.resolve()))
-    out.print(f"created domain {r['name']} (id {r['domid']})")
+    r = _call(_run_dir(run_dir), "create", path=str(config.resolve()), paused=paused)
+    how = " paused; start it with `isovisor unpause " + r["name"] + "`" if paused else ""
+    out.print(f"created domain {r['name']} (id {r['domid']}){how}")
 
 
 def _domain_verb(verb: str, past: str):

@@ -377,9 +377,9 @@ class Supervisor:
         return reply
 
     def _create(self, req: Request) -> dict[str, Any]:
-        return self._create_from(prop(req, "path", str))
+        return self._create_from(prop(req, "path", str), prop(req, "paused", bool, False))
 
-    def _create_from(self, path: str) -> dict[str, Any]:
+    def _create_from(self, path: str, paused: bool = False) -> dict[str, Any]:
         try:
             cfg = load_domain_config(path)
         except ConfigError as e:
@@ -389,7 +389,7 @@ class Supervisor:
         self._check_devices(cfg)
         driver = cfg.console_driver
         start = self.consoles.before_create(driver, cfg.name) if driver else 0
-        reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire())
+        reply = self.kernel.call("create", timeout=30.0, config=cfg.to_wire(), paused=paused)
         if driver:
             self.consoles.created(driver, reply["name"], reply["domid"], start)
         return {"domid": reply["domid"], "name": reply["name"]}

@@ -55,7 +55,11 @@ class Hypervisor:
         )
 
     # -- create / destroy ----------------------------------------------------------------------
-    def create(self, config: DomainConfig, restarted_from: Domain | None = None) -> Domain:
+    def create(
+        self, config: DomainConfig, restarted_from: Domain | None = None, paused: bool = False
+    ) -> Domain:
+        """Create a domain and hand it to the scheduler; ``paused`` holds its vCPU until
+        ``unpause`` (``xl create -p``), so nothing it does can be missed by a reader."""
         restarts = restarted_from.restarts + 1 if restarted_from else 0
         with self._lock:
             if config.name in self.domains:
@@ -119,6 +123,8 @@ class Hypervisor:
                     "reason": restarted_from.exit.reason if restarted_from.exit else "",
                 },
             )
+        if paused:
+            dom.paused, dom.paused_since = True, time.monotonic_ns()
         self.sched.add(dom)
         return dom
 

@@ -200,7 +200,7 @@ class KernelServer:
             cfg = DomainConfig.from_wire(prop(req, "config", dict))
         except ConfigError as e:
             raise ControlError(str(e)) from None
-        dom = self.hv.create(cfg)
+        dom = self.hv.create(cfg, paused=prop(req, "paused", bool, False))
         return {"domid": dom.domid, "name": dom.name}
 
     def _ref(self, req: Request) -> str | int:
