@@ -65,7 +65,7 @@ from _common import (
 from recovery import _driver_pid, _requests, _summary, _wait_progress
 
 from ipc.events import Subscriber
-from isovisor.swapclient import swap
+from isovisor.cli.swapclient import swap
 
 NAME = "swap"
 TITLE = "Hot swap of the block backend under QD32 I/O: guest-visible stall per swap"

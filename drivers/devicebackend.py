@@ -12,8 +12,12 @@ methods that call them):
 * :meth:`DeviceBackend.spoil`: a response made bad the way a ``bad_id``/``bad_status`` fault
   says (the class knows its response layout).
 
-And, optionally: ``open_device``/``close_device`` (per-device resources and attach checks),
-``device_data``/``restore_data`` (what a device carries across a hot swap), ``OPTIONS`` and
+And, optionally: ``open_device``/``close_device`` (per-device resources and attach checks; a
+class that needs more per device than :class:`Device` has names its subclass in
+``device_type``), ``describe`` (a request in one line), ``corrupt_data`` (a ``corrupt_data``
+fault), what a device carries across a hot swap (``device_data``/``restore_data``, and for a
+class whose data lives in a medium ``device_media``/``restore_device``; ``carry_counters``),
+``STATISTICS``/``DEVICE_STATISTICS`` (the counters reported), ``OPTIONS`` and
 :meth:`DeviceBackend.configure` (the backend's own options).
 
 What the base does for every such class, with no code of the class's own:
@@ -32,7 +36,8 @@ What the base does for every such class, with no code of the class's own:
   around :meth:`perform`, responses pushed with notification hold-off, a turn budget so one
   device does not starve the others;
 * **faults** (``drivers/faults.py``): the in-driver types the class's fault class takes, carried
-  out around :meth:`perform` (dying kinds, slow, drop, bad responses, duplicate, bad_index, leaks);
+  out around :meth:`perform` (dying kinds, slow, drop, bad responses, duplicate, bad_index,
+  corrupt_data, leaks; what the host does itself, it is asked to: ``host.carry_out``);
 * **statistics** per device and in total; **save/suspend/restore** through the versioned
   :class:`~drivers.state.BackendState` contract (hot swap), with the class's ``state_kind``.
 """
@@ -45,7 +50,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
 from devices.base import DeviceClass
 from drivers.backendkit import Host, int_option, msg_field, refuse
@@ -63,9 +68,9 @@ TURN_REQUESTS: Final = 256
 _DYING: Final = ("segv", "abort", "exit", "hang", "exception", "poison")
 
 OPTIONS: Final[dict[str, str]] = {
-    "max_batch": "requests taken from a ring before responses are published, 1..1024 (default 32)",
-    "poison_after": "driver instances that may die executing one request before it is "
-    "answered with an error, 1..100 (default 3)",
+    "max_batch": "requests taken from a ring before responses are published (1..1024, default 32)",
+    "poison_after": "a request that this many driver instances in a row died executing is "
+    "answered with an error instead of being redone (1..100, default 3)",
 }
 
 
@@ -98,7 +103,8 @@ class Attach:
     inflight_offset: int
     store: str
     scratch: str
-    cls: str
+    #: The device class named by the message (None: not named, as by an older kernel).
+    cls: str | None
     #: The whole message, for the class's own fields.
     body: dict[str, Any]
 
@@ -123,7 +129,7 @@ class Attach:
             msg_field(dev, "inflight_offset", int),
             msg_field(dev, "store", str).rstrip("/"),
             scratch,
-            msg_field(dev, "class", str),
+            msg_field(dev, "class", str) if "class" in dev else None,
             dev,
         )
 
@@ -159,6 +165,9 @@ class Device:
     current: int = 0
     #: The class's own per-device object (``open_device``).
     extra: Any = None
+    #: What a hot swap carried for this device (:meth:`DeviceBackend.restore_device`), for
+    #: ``open_device``; None on a first attach and after a crash.
+    saved: DeviceState | None = None
 
     @property
     def key(self) -> int:
@@ -173,17 +182,30 @@ class StopServing(Exception):
     """A fault stops serving a device on purpose (not a crash: no death is counted)."""
 
 
-class DeviceBackend:
+D = TypeVar("D", bound=Device)
+
+
+class DeviceBackend(Generic[D]):
     """The base (module docstring).  A subclass sets :attr:`device_class` and
     :attr:`state_kind` and writes :meth:`perform`, :meth:`request_info` and :meth:`spoil`."""
 
     #: The class served (devices/): its region's geometry, its fault class.
     device_class: ClassVar[DeviceClass]
+    #: What a device is in this backend: :class:`Device`, or the class's subclass of it (``D``).
+    device_type: ClassVar[type[Device]] = Device
     #: States of the same kind can be restored by each other's implementations.
     state_kind: ClassVar[str]
     state_version: ClassVar[int] = 1
+    #: Does a device's saved state carry its counters (``data`` is then ``{"stats": ...,
+    #: "class": device_data}``)?  If not, they restart with each instance and ``data`` is
+    #: :meth:`device_data` itself.
+    carry_counters: ClassVar[bool] = True
     #: Option name -> help, for the "unknown option" message (extend, don't replace).
     OPTIONS: ClassVar[dict[str, str]] = OPTIONS
+    #: The counters (:class:`DeviceStats` fields) :meth:`statistics` reports in total ...
+    STATISTICS: ClassVar[tuple[str, ...]] = tuple(f.name for f in fields(DeviceStats))
+    #: ... and per device, as ``<domain>/<vdev>.<counter>``.
+    DEVICE_STATISTICS: ClassVar[tuple[str, ...]] = ("requests", "errors")
 
     def __init__(self, host: Host, options: dict[str, Any]) -> None:
         if not isinstance(options, dict):
@@ -192,7 +214,7 @@ class DeviceBackend:
         if unknown:
             allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
             raise ValueError(
-                f"unknown {self.device_class.name} backend option(s) "
+                f"unknown {fault_classes()[self.device_class.name].driver} backend option(s) "
                 f"{', '.join(unknown)}; allowed: {allowed}"
             )
         self.host = host
@@ -204,7 +226,7 @@ class DeviceBackend:
         )
         self.max_batch = int_option(options, "max_batch", 32, 1, 1024)
         self.poison_after = int_option(options, "poison_after", 3, 1, 100)
-        self.devices: dict[int, Device] = {}
+        self.devices: dict[int, D] = {}
         #: Per-device data restored (hot swap) and not attached yet, by key.
         self._restored: dict[int, DeviceState] = {}
         self.injector = Injector(fclass=fault_classes()[self.device_class.name])
@@ -212,7 +234,7 @@ class DeviceBackend:
         self._spoil: str | None = None
         #: ``perform`` itself, or its injecting wrapper while a fault is armed (the data path
         #: pays nothing for the feature otherwise).
-        self._perform: Callable[[Device, bytes], bytes] = self.perform
+        self._perform: Callable[[D, bytes], bytes] = self.perform
         r = self.device_class.region
         self._ring_bytes = _ring_bytes(r.ring_slots, r.slot_size)
         self._inflight_bytes = _inflight_bytes(r.ring_slots, r.slot_size)
@@ -222,18 +244,20 @@ class DeviceBackend:
     def configure(self, options: dict[str, Any]) -> None:
         """Read the class's own options (listed in ``OPTIONS``); ValueError if one is bad."""
 
-    def open_device(self, d: Device) -> None:
-        """Set up ``d.extra`` and check the class's attach fields (``d.attach.body``);
-        ValueError refuses the device with its message."""
+    def open_device(self, d: D) -> None:
+        """Set up ``d.extra`` (or the fields of ``device_type``) and check the class's attach
+        fields (``d.attach.body``; ``d.saved``: what a hot swap carried); ValueError refuses
+        the device with its message."""
 
-    def close_device(self, d: Device) -> None:
-        """Release what :meth:`open_device` set up."""
+    def close_device(self, d: D, *, handover: bool) -> None:
+        """Release what :meth:`open_device` set up.  ``handover``: the next implementation of
+        a hot swap takes the device over from the state just saved; else it goes for good."""
 
-    def perform(self, d: Device, raw: bytes) -> bytes:
+    def perform(self, d: D, raw: bytes) -> bytes:
         """Carry out one request (``raw``: its slot, copied) and return its response."""
         raise NotImplementedError
 
-    def request_info(self, d: Device, raw: bytes) -> RequestInfo | None:
+    def request_info(self, d: D, raw: bytes) -> RequestInfo | None:
         """What fault filters look at, or None for a request they never match
         (``d.current`` is the request's ring index)."""
         raise NotImplementedError
@@ -242,16 +266,33 @@ class DeviceBackend:
         """``rsp`` made bad as ``kind`` (``bad_id``, ``bad_status``, ...) says."""
         raise NotImplementedError
 
-    def describe(self, raw: bytes) -> str:
+    def corrupt_data(self, d: D, raw: bytes, rsp: bytes) -> None:
+        """A ``corrupt_data`` fault: one byte wrong in what request ``raw`` (answered with
+        ``rsp``) delivered to the guest.  Only for a class whose fault class takes it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot corrupt data")
+
+    def describe(self, d: D, raw: bytes) -> str:
         """A request in one line, for logs and the poison report."""
         return f"request {raw[:16].hex()}"
 
-    def device_data(self, d: Device) -> dict[str, Any]:
+    def device_data(self, d: D) -> dict[str, Any]:
         """What ``d`` carries to the next implementation (msgpack-able)."""
         return {}
 
-    def restore_data(self, d: Device, data: dict[str, Any]) -> None:
+    def restore_data(self, d: D, data: dict[str, Any]) -> None:
         """Take over what :meth:`device_data` saved (StateError if it is malformed)."""
+
+    def device_media(self, d: D) -> tuple[Medium, Medium]:
+        """(``home``, ``medium``) of ``d``'s saved state: where its data belongs and where it
+        is now.  The default, for a class with no medium: the device's memory name, twice."""
+        here = Medium("memory", d.attach.scratch or d.attach.segment)
+        return here, here
+
+    def restore_device(self, saved: DeviceState) -> DeviceState:
+        """Take a device over from the state a hot swap restores (before the kernel attaches
+        it again: then ``d.saved``); return it as it is now (a class with a medium may move
+        the data).  The default takes it as it is."""
+        return saved
 
     # -- messages ------------------------------------------------------------------------------
     def attach(self, dev: dict[str, Any]) -> None:
@@ -264,7 +305,7 @@ class DeviceBackend:
         except ValueError as e:
             self._refuse(key, store, str(e))
             return
-        if a.cls != self.device_class.name:
+        if a.cls is not None and a.cls != self.device_class.name:
             self._refuse(
                 a.key,
                 a.store,
@@ -297,16 +338,16 @@ class DeviceBackend:
             self._refuse(a.key, a.store, problem)
             return
         mem = memoryview(segment.buf)
-        d = Device(a, segment, mem, mem[: a.window])
+        d = cast(D, self.device_type(a, segment, mem, mem[: a.window]))
+        d.saved = self._restored.get(a.key)
         try:
             self.open_device(d)
         except ValueError as e:
             self._release(d)
             self._refuse(a.key, a.store, str(e))
             return
-        saved = self._restored.pop(a.key, None)
-        if saved is not None:
-            self._restore_device(d, saved)
+        if self._restored.pop(a.key, None) is not None:
+            self._restore_device(d)
         self.devices[a.key] = d
         try:
             self.host.store_write(f"{a.store}/state", str(int(DevState.INIT_WAIT)))
@@ -326,11 +367,12 @@ class DeviceBackend:
             return
         s = d.stats
         self.log.info(
-            "device %d (%s) detached: %d requests, %d errors, %d notifications",
+            "device %d (%s) detached: %d requests, %d errors, %d batches, %d notifications",
             key,
             d.label,
             s.requests,
             s.errors,
+            s.batches,
             s.notifications,
         )
         self._close(d)
@@ -366,7 +408,7 @@ class DeviceBackend:
         self._restored.clear()
 
     # -- connection and recovery ----------------------------------------------------------------
-    def _connect(self, d: Device, *, resume: bool) -> None:
+    def _connect(self, d: D, *, resume: bool) -> None:
         r = self.device_class.region
         off = d.attach.inflight_offset
         try:
@@ -399,7 +441,7 @@ class DeviceBackend:
             log.end(rec.index)
         return []
 
-    def _recover(self, d: Device, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
+    def _recover(self, d: D, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
         """The records of requests begun and not answered: the contiguous run from the
         published rsp_prod (others were answered, or never taken: cleared), a death counted
         for one found executing; ``ring.req_cons`` moves past the run."""
@@ -416,12 +458,13 @@ class DeviceBackend:
             if rec.executing:
                 deaths = log.record_death(rec.index)
                 self.log.warning(
-                    "device %d (%s): the request at ring index %d was executing "
-                    "when the previous instance died (%d of %d deaths allowed)",
+                    "device %d (%s): the request at ring index %d was executing when the "
+                    "previous driver instance died (%d death%s of %d allowed)",
                     d.key,
                     d.label,
                     rec.index,
                     deaths,
+                    "" if deaths == 1 else "s",
                     self.poison_after,
                 )
                 rec = dataclasses.replace(rec, executing=False, deaths=deaths)
@@ -429,7 +472,7 @@ class DeviceBackend:
         return out
 
     def _redo(
-        self, d: Device, ring: BackRing, log: InflightLog, recs: list[InflightRecord]
+        self, d: D, ring: BackRing, log: InflightLog, recs: list[InflightRecord]
     ) -> tuple[int, int]:
         """Answer ``recs`` in ring order: redo each, or refuse a poison one.  Returns
         (requests redone, CLOCK_MONOTONIC ns when their responses were published)."""
@@ -454,8 +497,8 @@ class DeviceBackend:
             log.end(rec.index)
         return replayed, done_ns
 
-    def _poison(self, d: Device, rec: InflightRecord) -> bytes:
-        what = self.describe(rec.request)
+    def _poison(self, d: D, rec: InflightRecord) -> bytes:
+        what = self.describe(d, rec.request)
         description = (
             f"{what}: {rec.deaths} driver instances died executing it; answered "
             "with an error instead of being redone"
@@ -473,7 +516,7 @@ class DeviceBackend:
         return self.device_class.error_response(rec.request, d.attach.window, 0)
 
     # -- the data path ----------------------------------------------------------------------
-    def _service(self, d: Device) -> None:
+    def _service(self, d: D) -> None:
         """Serve the ring.  A guest's ring violation breaks the device (``fault``); any other
         exception is a backend bug and escapes, with the request flagged executing."""
         try:
@@ -489,7 +532,7 @@ class DeviceBackend:
                 "device %d (%s): %s; the device is no longer served", d.key, d.label, e
             )
 
-    def _serve_ring(self, d: Device) -> None:
+    def _serve_ring(self, d: D) -> None:
         ring, log = d.ring, d.inflight
         assert ring is not None and log is not None
         get, put, begin, end = ring.get_request, ring.put_response, log.begin, log.end
@@ -514,8 +557,8 @@ class DeviceBackend:
                 stats.requests += n
                 stats.batches += 1
                 stats.peak_batch = max(stats.peak_batch, n)
-                if self._spoil == "duplicate":
-                    self._duplicate_last(d, ring)
+                if self._spoil is not None:
+                    self._spoil_batch(d, ring)
                 if ring.push_responses():
                     self._notify(d)
                 for i in range(n):
@@ -542,10 +585,10 @@ class DeviceBackend:
     def _refuse(self, key: object, store: object, message: str) -> None:
         refuse(self.host, self.log, self.device_class.noun, key, store, message)
 
-    def _close(self, d: Device) -> None:
+    def _close(self, d: D, *, handover: bool = False) -> None:
         d.state, d.ring, d.inflight = Lifecycle.CLOSED, None, None
         try:
-            self.close_device(d)
+            self.close_device(d, handover=handover)
         finally:
             self._release(d)
 
@@ -576,7 +619,7 @@ class DeviceBackend:
     def _choose_perform(self) -> None:
         self._perform = self._perform_injecting if self.injector.armed else self.perform
 
-    def _perform_injecting(self, d: Device, raw: bytes) -> bytes:
+    def _perform_injecting(self, d: D, raw: bytes) -> bytes:
         info = self.request_info(d, raw)
         f = self.injector.pick(info) if info is not None else None
         if f is None:
@@ -585,24 +628,30 @@ class DeviceBackend:
         self.host.fault_fired(f.id, f.type, d.label)
         return self._carry_out(f, d, raw)
 
-    def _carry_out(self, f: Fault, d: Device, raw: bytes) -> bytes:
+    def _carry_out(self, f: Fault, d: D, raw: bytes) -> bytes:
         kind = f.type
         if kind in _DYING:
-            self.host.inject("segv" if kind == "poison" else kind, really=f.really)
+            self.host.carry_out(kind, really=f.really)
         elif kind == "slow":
             time.sleep(self.injector.delay_s(f))
         elif kind == "drop":
-            raise StopServing(f"fault {f.id}: drop ({self.describe(raw)} is never answered)")
+            raise StopServing(f"fault {f.id}: drop ({self.describe(d, raw)} is never answered)")
         elif kind in ("duplicate", "bad_index"):
             self._spoil = kind
-        elif kind == "leak_mem":
-            self.host.inject("leak")
-        elif kind == "leak_fd":
-            self.host.leak_fds(256)
+        elif kind in ("leak_mem", "leak_fd"):
+            self.host.carry_out(kind)
         rsp = self.perform(d, raw)
         if kind in ("bad_id", "bad_status", "bad_op"):
             rsp = self.spoil(kind, rsp)
+        elif kind == "corrupt_data":
+            self.corrupt_data(d, raw, rsp)
         return rsp
+
+    def _spoil_batch(self, d: Device, ring: BackRing) -> None:
+        """Carry out the response fault pending (:attr:`_spoil`) on the batch just served,
+        before it is published (``bad_index``: after)."""
+        if self._spoil == "duplicate":
+            self._duplicate_last(d, ring)
 
     def _duplicate_last(self, d: Device, ring: BackRing) -> None:
         """The copy of the response before the batch's last one replaces it.  That response
@@ -640,50 +689,43 @@ class DeviceBackend:
 
     # -- statistics ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, int | float | str]:
-        """Totals, then per device ``<domain>/<vdev>.requests`` and ``.errors`` (the host
-        reports the first 64 values)."""
+        """``devices``, the ``STATISTICS`` in total, then the ``DEVICE_STATISTICS`` of each
+        device (the host reports the first 64 values)."""
         devs = sorted(self.devices.values(), key=lambda d: d.label)
         out: dict[str, int | float | str] = {"devices": len(devs)}
-        for f in fields(DeviceStats):
-            values = [getattr(d.stats, f.name) for d in devs]
-            out[f.name] = max(values, default=0) if f.name.startswith("peak") else sum(values)
+        for name in self.STATISTICS:
+            values = [getattr(d.stats, name) for d in devs]
+            out[name] = max(values, default=0) if name.startswith("peak") else sum(values)
         for d in devs:
-            out[f"{d.label}.requests"] = d.stats.requests
-            out[f"{d.label}.errors"] = d.stats.errors
+            for name in self.DEVICE_STATISTICS:
+                out[f"{d.label}.{name}"] = getattr(d.stats, name)
         return out
 
     # -- hot swap: the state contract (drivers/state.py) ---------------------------------------
     def save(self) -> BackendState:
-        """Every device's counters and the class's data (:meth:`device_data`)."""
-        out = []
+        """Every device attached (whatever its frontend's state: its data may be in its
+        medium) with its media (:meth:`device_media`), its counters (``carry_counters``) and
+        the class's data (:meth:`device_data`); and those restored, not attached again yet,
+        passed on as they are."""
+        out = dict(self._restored)
         for d in self.devices.values():
-            if d.state in (Lifecycle.CLOSED, Lifecycle.BROKEN):
-                continue
-            here = Medium("memory", d.attach.scratch or d.attach.segment)  # no medium: its name
-            out.append(
-                DeviceState(
-                    d.key,
-                    d.label,
-                    here,
-                    d.attach.scratch,
-                    here,
-                    {"stats": dataclasses.asdict(d.stats), "class": self.device_data(d)},
-                )
-            )
-        out += self._restored.values()  # restored, not attached again yet: passed on as is
+            home, medium = self.device_media(d)
+            data = self.device_data(d)
+            if self.carry_counters:
+                data = {"stats": dataclasses.asdict(d.stats), "class": data}
+            out[d.key] = DeviceState(d.key, d.label, home, d.attach.scratch, medium, data)
         return BackendState(
             self.state_kind,
             self.state_version,
             self.implementation,
-            tuple(sorted(out, key=lambda s: s.key)),
-            {},
+            tuple(out[k] for k in sorted(out)),
         )
 
     def suspend(self) -> None:
         """Let every device go for the next implementation; the rings and in-flight logs stay
         in the segments, and what the guests queue meanwhile waits there."""
         for key in list(self.devices):
-            self._close(self.devices.pop(key))
+            self._close(self.devices.pop(key), handover=True)
         self.log.info("suspended: every device released for the next implementation")
 
     @classmethod
@@ -694,8 +736,9 @@ class DeviceBackend:
         )
 
     def restore(self, state: BackendState) -> None:
-        """Take over from ``state`` (StateError if it cannot): applied to each device when the
-        kernel attaches it again."""
+        """Take over from ``state`` (StateError if it cannot): each device checked and taken
+        over (:meth:`restore_device`) now, and its data applied when the kernel attaches it
+        again."""
         state = accept(
             state,
             kind=self.state_kind,
@@ -703,30 +746,40 @@ class DeviceBackend:
             who=self.implementation,
             upgrade=type(self).upgrade_state,
         )
-        for dev in state.devices:
-            where = f"state of device {dev.key} ({dev.label})"
-            stats, data = dev.data.get("stats", {}), dev.data.get("class", {})
-            if not isinstance(stats, dict) or not isinstance(data, dict):
-                raise StateError(f"{where}: data.stats and data.class must be maps")
-            for f in fields(DeviceStats):
-                v = stats.get(f.name, 0)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise StateError(
-                        f"{where}: data.stats.{f.name} must be an integer >= 0, got {v!r:.40}"
-                    )
-            self._restored[dev.key] = dev
+        restored = {dev.key: self.restore_device(self._checked(dev)) for dev in state.devices}
+        self._restored.update(restored)
         self.log.info(
             "restored %d device(s) from the state of %s (version %d)",
-            len(state.devices),
+            len(restored),
             state.implementation,
             state.version,
         )
 
-    def _restore_device(self, d: Device, saved: DeviceState) -> None:
-        stats = saved.data.get("stats", {})
+    def _checked(self, dev: DeviceState) -> DeviceState:
+        """``dev``, whose counters (if it carries them) are checked: StateError if not."""
+        if not self.carry_counters:
+            return dev
+        where = f"state of device {dev.key} ({dev.label})"
+        stats, data = dev.data.get("stats", {}), dev.data.get("class", {})
+        if not isinstance(stats, dict) or not isinstance(data, dict):
+            raise StateError(f"{where}: data.stats and data.class must be maps")
         for f in fields(DeviceStats):
-            setattr(d.stats, f.name, stats.get(f.name, 0))
-        self.restore_data(d, saved.data.get("class", {}))
+            v = stats.get(f.name, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise StateError(
+                    f"{where}: data.stats.{f.name} must be an integer >= 0, got {v!r:.40}"
+                )
+        return dev
+
+    def _restore_device(self, d: D) -> None:
+        assert d.saved is not None
+        data = d.saved.data
+        if self.carry_counters:
+            stats = data.get("stats", {})
+            for f in fields(DeviceStats):
+                setattr(d.stats, f.name, stats.get(f.name, 0))
+            data = data.get("class", {})
+        self.restore_data(d, data)
 
 
 __all__ = [

@@ -51,6 +51,9 @@ IN_DRIVER_TYPES: Final[dict[str, str]] = {
 #: Kinds that end or stall the process: inline (inside the kernel) they are refused unless the
 #: fault says ``really`` (the inline comparison of a campaign wants to see the damage).
 PROCESS_KINDS: Final = frozenset({"segv", "abort", "exit", "hang", "poison"})
+#: Kinds the driver host carries out itself (:meth:`drivers.host.DriverHost.carry_out`), on a
+#: request or, with ``now``, as soon as the fault is armed.
+HOST_KINDS: Final = frozenset({"segv", "abort", "exit", "exception", "hang", "leak_mem", "leak_fd"})
 #: The operations of block requests (the ``op`` filter of a block driver's faults).
 OPS: Final = ("read", "write", "flush", "discard")
 #: Types that spoil a response the guest's frontend checks.
@@ -150,6 +153,7 @@ _KEYS: Final = frozenset(
         "latency_ms",
         "jitter_ms",
         "really",
+        "now",
     }
 )
 
@@ -182,6 +186,8 @@ class Fault:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     really: bool = False
+    #: Fire once as soon as it is armed, on no request (``HOST_KINDS`` only).
+    now: bool = False
     calls: int = field(default=0, compare=False)
     fired: int = field(default=0, compare=False)
 
@@ -217,8 +223,23 @@ class Fault:
             latency_ms=_num(spec, "latency_ms", 0.0, 0.0, 600_000.0),
             jitter_ms=_num(spec, "jitter_ms", 0.0, 0.0, 600_000.0),
             really=bool(spec.get("really", False)),
+            now=_bool(spec, "now"),
         )
         (fclass or fault_classes()["vbd"]).check(f)
+        if f.now:
+            if f.type not in HOST_KINDS:
+                raise ValueError(
+                    f"now = true fires a fault on no request, which only the driver host's "
+                    f"own kinds can do ({', '.join(sorted(HOST_KINDS))}); {f.type} needs a "
+                    "request"
+                )
+            filters = [k for k in ("domain", "vdev", "op", "sector") if spec.get(k) is not None]
+            extra = [*filters, *(k for k in ("interval", "fail_nth", "probability") if k in spec)]
+            if extra or f.times != 1:
+                raise ValueError(
+                    f"now = true fires once, on no request: it takes no "
+                    f"{', '.join(extra) or 'times'}"
+                )
         if f.type == "poison" and f.sector is None:
             raise ValueError("a poison fault needs `sector`: the request it always dies on")
         return f
@@ -276,12 +297,12 @@ class Injector:
 
     @property
     def armed(self) -> bool:
-        return any(f.times != 0 for f in self.faults.values())
+        return any(f.times != 0 and not f.now for f in self.faults.values())
 
     def pick(self, req: RequestInfo) -> Fault | None:
         """The first armed fault (by id) that matches ``req`` and fires, if any."""
         for f in sorted(self.faults.values(), key=lambda f: f.id):
-            if f.times != 0 and f.matches(req) and f.should_fire(self.rng):
+            if f.times != 0 and not f.now and f.matches(req) and f.should_fire(self.rng):
                 return f
         return None
 
@@ -314,6 +335,13 @@ def _num(spec: dict[str, Any], key: str, default: float, lo: float, hi: float) -
     if not isinstance(v, int | float) or isinstance(v, bool) or not lo <= v <= hi:
         raise ValueError(f"{key} must be a number from {lo:g} to {hi:g}, got {v!r}")
     return float(v)
+
+
+def _bool(spec: dict[str, Any], key: str) -> bool:
+    v = spec.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
 
 
 def _str(spec: dict[str, Any], key: str) -> str | None:

@@ -10,7 +10,7 @@ or inside the kernel process with :func:`start_inline` (a daemon thread, inproc:
 
 The host binds a PULL socket at its endpoint, connects a PUSH to the kernel, instantiates
 ``module.Backend(host, options)`` and says ``["hello", {...}]``.  Each round it drains *every*
-message that has arrived, handles ``attach``/``detach``/``fe_state``/``inject`` in order, and
+message that has arrived, handles ``attach``/``detach``/``fe_state``/``fault`` in order, and
 then calls ``backend.kick(key)`` once per device that was kicked (any number of kicks collapse
 into one).  Malformed messages are logged and ignored.
 
@@ -24,7 +24,11 @@ Supervision (docs/recovery.md):
   and serves.  Other messages before that are logged and ignored.
 * ``--watchdog-ms N``: a ``["heartbeat", name, seq]`` every N/4 ms from the loop itself, so a
   loop stuck anywhere sends none.  hello carries ``watchdog_ms`` and ``request_timeout_ms``.
-* ``["inject", kind]``: a real fault, for tests and campaigns (see :data:`INJECT_KINDS`).
+* Faults (drivers/faults.py, docs/campaigns.md): ``["faults", [spec, ...]]`` is the
+  supervisor's table (it replaces the last one); ``["fault", spec]`` adds one fault of the
+  host's own (the kernel's ``driver_inject``).  A fault with ``now`` (the kinds in
+  :data:`drivers.faults.HOST_KINDS`) is carried out at once; any other fires on a request,
+  once, and is then forgotten.
 * Hot swap (docs/hotswap.md): ``["drain"]`` makes an active host save its backend's state,
   suspend it (every device let go) and say ``["saved", {name, pid, state}]``; it is then
   *drained*: it serves nothing and sends no heartbeat.  ``["restore", state]`` makes a spare
@@ -41,7 +45,8 @@ A backend sees this API: ``host.name``, ``host.log``, ``host.notify(key)``,
 ``host.store_write(path, value)`` (only below ``/driver/<name>/``), ``host.fault(key, message)``,
 ``host.error(key, message)``, ``host.kick_again(key)`` (have ``kick(key)`` called again next
 round, so one busy device cannot starve the others), ``host.recovered(key, replayed,
-done_ns)``, ``host.poison(key, index, description)`` and ``host.inject(kind)``.  See
+done_ns)``, ``host.poison(key, index, description)``, ``host.fault_fired(id, type, device)``
+and ``host.carry_out(kind)`` (a fault the host does itself: die, hang, leak).  See
 docs/devices.md and docs/recovery.md for the messages.
 """
 
@@ -73,6 +78,7 @@ from typing import Any, NoReturn, Protocol, cast
 import msgpack
 import zmq
 
+from drivers.faults import HOST_KINDS, PROCESS_KINDS, Fault, class_of_module
 from drivers.state import BackendState
 from ipc.lifetime import die_with_parent
 
@@ -87,31 +93,24 @@ EXIT_SOFTWARE = 70
 #: Exit status of an injected ``exit``.
 EXIT_INJECTED = 3
 DEFAULT_REQUEST_TIMEOUT_MS = 10_000
-#: ``["inject", kind]``: what each kind does.
-INJECT_KINDS: dict[str, str] = {
+#: What the host does for each fault kind it carries out itself (``HOST_KINDS``).
+CARRY_OUT: dict[str, str] = {
     "exit": f"exit at once with status {EXIT_INJECTED}",
     "exception": f"raise an exception, as a backend bug would (a process exits with status "
     f"{EXIT_SOFTWARE})",
     "segv": "a real invalid memory access: the process dies by SIGSEGV",
     "abort": "abort(): the process dies by SIGABRT",
     "hang": "the loop blocks forever and sends no more heartbeats",
-    "leak": "allocate (and touch) 64 MiB more, kept until the process ends",
+    "leak_mem": "allocate (and touch) 64 MiB more, kept until the process ends",
+    "leak_fd": "open 256 more file descriptors, kept until the process ends",
 }
-#: Kinds the backend carries out itself (``Backend.corrupt_next``): one bad response, the kind
-#: of driver bug a guest's frontend catches (docs/recovery.md, "Bad responses").
-RESPONSE_KINDS: dict[str, str] = {
-    "bad_id": "answer one request with an id that matches no request in flight",
-    "bad_status": "answer one request with a status that is not okay, error or unsupported",
-    "bad_op": "answer one request with another operation than the request's",
-    "bad_index": "publish rsp_prod three beyond the guest's req_prod, then stop serving that "
-    "device",
-}
-INJECT_KINDS.update(RESPONSE_KINDS)
-#: Kinds that would kill or stall the kernel itself when the driver runs inline.
-_PROCESS_ONLY_KINDS = frozenset({"exit", "segv", "abort", "hang"})
+assert frozenset(CARRY_OUT) == HOST_KINDS
+#: Ids of the host's own faults (``["fault", spec]``) start here, far above the supervisor's.
+OWN_FAULT_IDS = 1 << 40
+LEAK_FDS = 256
 LEAK_BYTES = 64 << 20
 _PAGE = 4096
-#: Faults to arm at start (a JSON list; isovisor.driverproc sets it).
+#: Faults to arm at start (a JSON list; isovisor.supervisor.driverproc sets it).
 FAULTS_ENV = "ISOVISOR_DRIVER_FAULTS"
 #: What every backend class has (the ``Backend`` protocol below).
 REQUIRED_METHODS = ("attach", "detach", "fe_state", "kick", "close")
@@ -125,7 +124,7 @@ class HostError(Exception):
 
 
 class InjectedFault(Exception):
-    """Raised by ``inject("exception")``: escapes like a bug in the backend would."""
+    """Raised by ``carry_out("exception")``: escapes like a bug in the backend would."""
 
 
 class Backend(Protocol):
@@ -148,7 +147,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "detach": ((_is_int,), '["detach", key:int]'),
     "kick": ((_is_int,), '["kick", key:int]'),
     "fe_state": ((_is_int, _is_int), '["fe_state", key:int, state:int]'),
-    "inject": ((lambda v: isinstance(v, str),), '["inject", kind:str]'),
+    "fault": ((lambda v: isinstance(v, dict),), '["fault", {spec}]'),
     "activate": ((), '["activate"]'),
     "faults": ((lambda v: isinstance(v, list),), '["faults", [spec, ...]]'),
     "drain": ((), '["drain"]'),
@@ -226,6 +225,9 @@ class DriverHost:
         self._next_heartbeat = 0.0
         self._leaked: list[bytearray] = []
         self._leaked_fds: list[int] = []
+        self._table: list[Any] = []
+        self._own: dict[int, dict[str, Any]] = {}
+        self._own_seq = 0
         self._sender = f"{name}:{os.getpid()}".encode()
         self.backend: Backend | None = None
         factory, self.implementation = load_backend(module, swappable=report is not None)
@@ -323,55 +325,43 @@ class DriverHost:
         """The request at ring ``index`` of device ``key`` was refused as poison."""
         self._send(["poison", key, index, description])
 
-    def inject(self, kind: str, *, really: bool = False) -> None:
-        """Carry out the fault ``kind`` (``["inject", kind]``, or a backend's test fault).
-        Inline, the kinds that would kill or stall the kernel are refused, unless ``really``
-        (a campaign's inline comparison, which wants to see the damage)."""
-        if kind not in INJECT_KINDS:
-            self.log.warning(
-                "ignoring inject of unknown kind %s (known: %s)",
-                _short(kind),
-                ", ".join(INJECT_KINDS),
+    def carry_out(self, kind: str, *, really: bool = False) -> None:
+        """Carry out the fault ``kind`` (one of :data:`CARRY_OUT`; ``poison`` dies as ``segv``)
+        now, for a fault that fired in the backend or one armed with ``now``.  Inline, the
+        kinds that would kill or stall the kernel are refused, unless ``really`` (a campaign's
+        inline comparison, which wants to see the damage)."""
+        if kind == "poison":
+            kind = "segv"
+        if kind not in CARRY_OUT:
+            raise ValueError(
+                f"the driver host cannot carry out fault {kind!r} (it does "
+                f"{', '.join(CARRY_OUT)}); the backend must"
             )
-            return
-        if not self.process and kind in _PROCESS_ONLY_KINDS and not really:
+        if not self.process and kind in PROCESS_KINDS and not really:
             self.log.error(
-                "refusing to inject %r: this driver runs inline, so it would %s the kernel",
+                "refusing to carry out fault %r: this driver runs inline, so it would %s the "
+                "kernel",
                 kind,
                 "stall" if kind == "hang" else "kill",
             )
             return
-        self.log.warning("injecting a fault: %s (%s)", kind, INJECT_KINDS[kind])
-        if kind in RESPONSE_KINDS:
-            corrupt = getattr(self.backend, "corrupt_next", None)
-            if corrupt is None:
-                self.log.error(
-                    "cannot inject %r: backend %s gives no bad responses on request "
-                    "(it has no corrupt_next)",
-                    kind,
-                    self.module_name,
-                )
-                return
-            corrupt(kind)
-            return
-        if kind == "leak":
+        self.log.warning("carrying out a fault: %s (%s)", kind, CARRY_OUT[kind])
+        if kind == "leak_mem":
             self._leaked.append(_touched_allocation(LEAK_BYTES))
             self.log.warning("leaked %d MiB so far", len(self._leaked) * LEAK_BYTES >> 20)
+            return
+        if kind == "leak_fd":
+            for _ in range(LEAK_FDS):
+                self._leaked_fds.append(os.open(os.devnull, os.O_RDONLY))
+            self.log.warning("leaked %d file descriptors so far", len(self._leaked_fds))
             return
         _flush_logs()
         _INJECTORS[kind]()
 
-    def leak_fds(self, n: int) -> int:
-        """Open ``n`` more descriptors (of /dev/null), kept until the process ends; how many
-        are open now."""
-        for _ in range(n):
-            self._leaked_fds.append(os.open(os.devnull, os.O_RDONLY))
-        self.log.warning("leaked %d file descriptors so far", len(self._leaked_fds))
-        return len(self._leaked_fds)
-
     def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
         """An armed fault (drivers/faults.py) fired on a request of ``device``."""
         self.log.warning("fault %d (%s) fired on %s", fault_id, kind, device)
+        self._own.pop(fault_id, None)  # the host's own faults fire once
         self._send(
             [
                 "fault_fired",
@@ -386,7 +376,33 @@ class DriverHost:
         )
 
     def _set_faults(self, specs: list[Any]) -> None:
-        """``["faults", [spec, ...]]``: the armed faults, from the supervisor's table."""
+        """``["faults", [spec, ...]]``: the supervisor's table of armed faults."""
+        previous, self._table = self._table, specs
+        if not self._arm():
+            self._table = previous
+
+    def _add_fault(self, spec: dict[str, Any]) -> None:
+        """``["fault", spec]``: one fault of the host's own (``driver_inject``), beside the
+        supervisor's table: carried out now (``now``) or armed to fire once on a request."""
+        spec = {k: v for k, v in spec.items() if k != "id"}
+        try:
+            fault = Fault.from_dict({**spec, "id": 0}, class_of_module(self.module_name))
+        except ValueError as e:
+            self.log.error("fault %s refused: %s", _short(spec), e)
+            return
+        if fault.now:
+            self.carry_out(fault.type, really=fault.really)
+            return
+        fault_id = OWN_FAULT_IDS + self._own_seq
+        self._own_seq += 1
+        self._own[fault_id] = {**spec, "id": fault_id, "times": 1}
+        if not self._arm():
+            self._own.pop(fault_id)
+
+    def _arm(self) -> bool:
+        """Give the backend the supervisor's table and the host's own faults; False (logged)
+        if it has no fault injection or refuses them."""
+        specs = [*self._table, *self._own.values()]
         setter = getattr(self.backend, "set_faults", None)
         if setter is None:
             self.log.error(
@@ -394,18 +410,19 @@ class DriverHost:
                 len(specs),
                 self.module_name,
             )
-            return
+            return False
         try:
             setter(specs)
         except ValueError as e:
             self.log.error("faults refused: %s", e)
-            return
+            return False
         self.log.warning(
             "%d fault(s) armed: %s",
             len(specs),
             ", ".join(f"{s.get('id')}:{s.get('type')}" for s in specs if isinstance(s, dict))
             or "none",
         )
+        return True
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -713,6 +730,9 @@ class DriverHost:
                 continue
             if self.mode == "drained":
                 continue  # a rollback (restore) re-attaches everything afresh
+            if kind == "fault":
+                self._call("fault", self._add_fault, msg[1])
+                continue
             if kind == "kick":
                 kicked[msg[1]] = None
                 continue
@@ -739,8 +759,7 @@ class DriverHost:
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
-            fn = self.inject if kind == "inject" else getattr(self.backend, kind)
-            self._call(kind, fn, *msg[1:])
+            self._call(kind, getattr(self.backend, kind), *msg[1:])
         if self.mode != "active":
             return
         backend = self.backend

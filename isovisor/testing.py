@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import psutil
 import pytest
 
+from isovisor.cli.swapclient import swap as _swap
+from isovisor.cli.swapclient import target_of
 from isovisor.privstack import PrivateStack
 from isovisor.procs import log_tail
-from isovisor.swapclient import swap as _swap
-from isovisor.swapclient import target_of
 
 if TYPE_CHECKING:
     from pluggy import Result

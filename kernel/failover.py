@@ -48,19 +48,16 @@ _MASK: Final = (1 << 64) - 1
 #: asked to be woken); the kernel's drivers thread absorbs about 120,000 per second on the
 #: reference 2-core box, so the limit must sit well below that to be reachable at all.
 NOTIFY_FLOOD_PER_S: Final = 50_000
-#: What ``driver_inject`` accepts (the driver host implements them).
-INJECT_KINDS: Final = (
-    "exit",
-    "exception",
-    "segv",
-    "abort",
-    "hang",
-    "leak",
-    "bad_id",
-    "bad_status",
-    "bad_op",
-    "bad_index",
-)
+#: What ``driver_inject`` accepts, and the fault (drivers/faults.py) each kind arms in the
+#: driver: the dying kinds and leaks are carried out at once (``now``), a bad response on the
+#: driver's next request.  The same fault path as the supervisor's fault table.
+INJECT_KINDS: Final[dict[str, dict[str, Any]]] = {
+    **{k: {"type": k, "now": True} for k in ("exit", "exception", "segv", "abort", "hang")},
+    "leak": {"type": "leak_mem", "now": True},
+    "leak_mem": {"type": "leak_mem", "now": True},
+    "leak_fd": {"type": "leak_fd", "now": True},
+    **{k: {"type": k} for k in ("bad_id", "bad_status", "bad_op", "bad_index")},
+}
 _RING_WORDS: Final = struct.Struct("<QQQ")  # req_prod, req_event, rsp_prod
 _RSP_PROD_OFFSET: Final = 16
 
@@ -742,7 +739,7 @@ class Recovery:
                 "process, so an injected fault would take the kernel down; "
                 'declare it with isolation = "process" to test recovery'
             )
-        if not self.hub.send_control(name, ["inject", kind]):
+        if not self.hub.send_control(name, ["fault", INJECT_KINDS[kind]]):
             raise ControlError(f"driver_inject: driver {name!r} disconnected meanwhile")
         log.warning("driver %s (pid %d): fault %r injected on request", name, link.pid, kind)
 

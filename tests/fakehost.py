@@ -54,11 +54,9 @@ class RecordingHost:
     def fault_fired(self, fault_id: int, kind: str, device: str) -> None:
         self.fired.append((fault_id, kind, device))
 
-    def inject(self, kind: str, *, really: bool = False) -> None:
+    def carry_out(self, kind: str, *, really: bool = False) -> None:
         self.injected.append(kind)
-        if kind != "leak":
+        if kind == "leak_fd":
+            self.fds += 256
+        elif kind != "leak_mem":
             raise self.crash(f"injected {kind}")
-
-    def leak_fds(self, n: int) -> int:
-        self.fds += n
-        return self.fds

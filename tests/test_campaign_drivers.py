@@ -24,7 +24,7 @@ import pytest
 
 from drivers.faults import Injector, fault_classes
 from isovisor.campaign.plan import PlanError, injection_count, load_plan, schedule, schedule_to_json
-from isovisor.faulttable import FaultTable
+from isovisor.supervisor.faulttable import FaultTable
 from tests.conftest import Stack, cli, wait_until, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,8 +315,8 @@ def test_fault_add_refuses_a_bad_response_for_a_console_driver(stack: Stack) -> 
     r = stack.cli("fault", "add", "con0", "-t", "bad_id")
     assert r.returncode != 0, (
         "the supervisor's fault table took a bad response for a console driver: it must know "
-        "each driver's module (isovisor/drivermgr.py: FaultTable({d.name: d.module for d in "
-        "cfg.drivers}))"
+        "each driver's module (isovisor/supervisor/drivermgr.py: FaultTable({d.name: d.module "
+        "for d in cfg.drivers}))"
     )
     said = " ".join(r.stderr.split())
     assert "fault type 'bad_id' does not apply to a console driver" in said, r.stderr

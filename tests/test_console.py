@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
+from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
-from isovisor.swapclient import swap
 from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 

@@ -1299,4 +1299,4 @@ def test_slow_and_leaks_write_the_append_normally(rig: Rig) -> None:
         pour(b, g, line)
     assert rig.log("web") == b"one\ntwo\nthree\n"
     assert [k for _, k, _ in host.fired] == ["slow", "leak_mem", "leak_fd"]
-    assert host.injected == ["leak"] and host.fds == 256
+    assert host.injected == ["leak_mem", "leak_fd"] and host.fds == 256

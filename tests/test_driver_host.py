@@ -199,7 +199,7 @@ def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     assert spare == {"name": NAME, "pid": d.proc.pid, "endpoint": d.endpoint, "module": MODULE}
     peer.connect(spare["endpoint"])  # as the supervisor does
     peer.send("kick", 1)  # anything before activate is ignored
-    peer.send("inject", "exit")
+    peer.send("fault", {"type": "exit", "now": True})
     peer.send("activate")
     hello = peer.expect("hello")[1]
     assert hello == {**spare, "watchdog_ms": 400, "request_timeout_ms": 5000, "statistics": True}
@@ -208,7 +208,7 @@ def test_spare_waits_for_activate_then_says_hello(harness: Harness) -> None:
     assert peer.senders == {f"{NAME}:{d.proc.pid}".encode()}  # every message says who sent it
     log = d.log()
     assert "spare: ignoring ['kick', 1] before activation" in log
-    assert "spare: ignoring ['inject', 'exit'] before activation" in log
+    assert "spare: ignoring ['fault', {'type': 'exit', 'now': True}] before activation" in log
     assert d.proc.poll() is None
     d.proc.terminate()
     assert d.wait() == 0
@@ -247,7 +247,8 @@ def test_heartbeats_go_out_every_quarter_watchdog_even_when_idle(harness: Harnes
 def test_no_heartbeats_without_a_watchdog(harness: Harness) -> None:
     d, hello = harness.start_active()
     assert hello["watchdog_ms"] == 0
-    harness.peer.send("inject", "exit")  # the next thing it does: no heartbeat in between
+    # the next thing it does: no heartbeat in between
+    harness.peer.send("fault", {"type": "exit", "now": True})
     assert d.wait() == EXIT_INJECTED
     assert harness.peer.recv(0.2) is None
     assert harness.peer.kinds() == ["hello"]
@@ -266,15 +267,15 @@ def test_injected_faults_end_the_process_as_they_would_for_real(
 ) -> None:
     # faulthandler on (as a developer might have it) must not turn a crash into anything else
     d, _ = harness.start_active("--watchdog-ms", "400", env={"PYTHONFAULTHANDLER": "1"})
-    harness.peer.send("inject", kind)
+    harness.peer.send("fault", {"type": kind, "now": True})
     assert d.wait() == status
     log = d.log()
-    assert f"injecting a fault: {kind}" in log
+    assert f"carrying out a fault: {kind}" in log
     assert "Fatal Python error" not in log
     if kind == "exception":
         assert (
-            "inject('exception',) failed in the backend: unhandled exception; exiting "
-            "with status 70" in log
+            "fault({'type': 'exception', 'now': True},) failed in the backend: unhandled "
+            "exception; exiting with status 70" in log
         )
         assert "InjectedFault: injected fault" in log  # with its traceback
 
@@ -285,13 +286,13 @@ def test_hang_stops_the_heartbeats(harness: Harness) -> None:
     d, _ = harness.start_active("--watchdog-ms", "400")
     harness.peer.expect("heartbeat")
     harness.peer.expect("heartbeat")
-    harness.peer.send("inject", "hang")
+    harness.peer.send("fault", {"type": "hang", "now": True})
     # at most one heartbeat already on its way, then silence: the loop is stuck
     late = heartbeats_until_silent(harness.peer, 3 * period)
     assert len(late) <= 1, late
     assert harness.peer.recv(3 * period) is None
     assert d.proc.poll() is None, "a hung driver is alive (the supervisor kills it)"
-    assert "injecting a fault: hang" in d.log()
+    assert "carrying out a fault: hang" in d.log()
     d.proc.kill()
     assert d.wait() == -9
 
@@ -302,8 +303,8 @@ def test_leak_grows_the_rss_by_64_mib_per_message(harness: Harness) -> None:
     proc = psutil.Process(d.proc.pid)
     harness.peer.expect("heartbeat")
     rss0 = proc.memory_info().rss
-    harness.peer.send("inject", "leak")
-    harness.peer.send("inject", "leak")
+    harness.peer.send("fault", {"type": "leak_mem", "now": True})
+    harness.peer.send("fault", {"type": "leak_mem", "now": True})
     deadline = time.monotonic() + WAIT
     while proc.memory_info().rss < rss0 + 2 * 64 * MiB - 8 * MiB:
         assert time.monotonic() < deadline, "the RSS did not grow by 128 MiB"
@@ -313,16 +314,26 @@ def test_leak_grows_the_rss_by_64_mib_per_message(harness: Harness) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_unknown_injects_and_stray_activates_are_ignored(harness: Harness) -> None:
+def test_bad_faults_and_stray_activates_are_ignored(harness: Harness) -> None:
     d, _ = harness.start_active()
-    harness.peer.send("inject", "melt")
-    harness.peer.send("inject", 5)
+    harness.peer.send("fault", {"type": "melt", "now": True})
+    harness.peer.send("fault", {"type": "slow", "now": True})
+    harness.peer.send("fault", "exit")
     harness.peer.send("activate")
-    harness.peer.send("inject", "exit")  # messages are handled in order: this one comes last
+    # messages are handled in order: this one comes last
+    harness.peer.send("fault", {"type": "exit", "now": True})
     assert d.wait() == EXIT_INJECTED
     log = d.log()
-    assert "ignoring inject of unknown kind 'melt' (known: exit, exception, segv" in log
-    assert "ignoring a malformed inject message ['inject', 5]" in log
+    assert (
+        "fault {'type': 'melt', 'now': True} refused: type 'melt' is not a fault a driver "
+        "carries out" in log
+    )
+    assert (
+        "fault {'type': 'slow', 'now': True} refused: now = true fires a fault on no "
+        "request, which only the driver host's own kinds can do (abort, exception, exit, "
+        "hang, leak_fd, leak_mem, segv); slow needs a request" in log
+    )
+    assert "ignoring a malformed fault message ['fault', 'exit']" in log
     assert "ignoring activate: this driver is active already" in log
 
 
@@ -370,8 +381,8 @@ def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
         assert hello["pid"] == os.getpid() and hello["watchdog_ms"] == 0
         peer.connect(hello["endpoint"])
         with caplog.at_level(logging.WARNING, logger=f"isovisor.driver.{NAME}"):
-            for kind in ("exit", "segv", "abort", "hang", "exception", "leak"):
-                peer.send("inject", kind)
+            for kind in ("exit", "segv", "abort", "hang", "exception", "leak_mem"):
+                peer.send("fault", {"type": kind, "now": True})
             peer.send("attach", {"key": 5})  # answered with an error: all of the above is done
             assert peer.expect("error")[1] == 5
         text = caplog.text
@@ -382,10 +393,13 @@ def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
             ("hang", "stall"),
         ):
             assert (
-                f"refusing to inject {kind!r}: this driver runs inline, so it would {harm} "
-                "the kernel" in text
+                f"refusing to carry out fault {kind!r}: this driver runs inline, so it would "
+                f"{harm} the kernel" in text
             )
-        assert "inject('exception',) failed in the backend; the driver goes on" in text
+        assert (
+            "fault({'type': 'exception', 'now': True},) failed in the backend; the driver "
+            "goes on" in text
+        )
         assert "leaked 64 MiB so far" in text
         assert drv.alive
         drv.stop()

@@ -1,10 +1,10 @@
-"""The supervisor's fault table (isovisor/faulttable.py)."""
+"""The supervisor's fault table (isovisor/supervisor/faulttable.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from isovisor.faulttable import FaultTable
+from isovisor.supervisor.faulttable import FaultTable
 
 
 def test_in_driver_faults_are_sent_while_armed_and_count_down_as_they_fire() -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
+from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
-from isovisor.swapclient import swap
 from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import driver_row, finish_and_verify, two_guests
 
@@ -167,11 +167,11 @@ def test_rollback_when_the_new_backend_crashes_in_its_first_requests(stack: Stac
         class Backend(Base):
             served = 0
 
-            def _perform(self, d, raw):
+            def perform(self, d, raw):
                 Backend.served += 1
                 if Backend.served == 50:
                     raise RuntimeError("crashy backend: request 50")
-                return super()._perform(d, raw)
+                return super().perform(d, raw)
     """,
     )
     with two_guests(stack, DRIVER, ops=OPS) as events:

@@ -847,7 +847,7 @@ def test_driver_lost_checks_the_pid_and_driver_inject_checks_its_arguments(kerne
     with pytest.raises(ControlError) as e:
         kernel.call("driver_inject", name="blkC", kind="meltdown")
     assert "unknown kind 'meltdown'" in str(e.value)
-    assert "exit, exception, segv, abort, hang, leak" in str(e.value)
+    assert "exit, exception, segv, abort, hang, leak, leak_mem, leak_fd, bad_id" in str(e.value)
     with pytest.raises(ControlError, match="driver 'nosuch' is not connected"):
         kernel.call("driver_inject", name="nosuch", kind="exit")
     with pytest.raises(ControlError, match="needs property 'pid'"):
@@ -856,7 +856,10 @@ def test_driver_lost_checks_the_pid_and_driver_inject_checks_its_arguments(kerne
         kernel.call("driver_fail", name="", reason="x")
     r = kernel.call("driver_inject", name="blkC", kind="hang")
     assert (r["name"], r["kind"]) == ("blkC", "hang"), r
-    a.wait_for(lambda m: ["inject", "hang"] in m, "the inject message")
+    # The same path as the supervisor's fault table: a fault, armed to fire at once.
+    a.wait_for(lambda m: ["fault", {"type": "hang", "now": True}] in m, "the fault message")
+    kernel.call("driver_inject", name="blkC", kind="bad_id")
+    a.wait_for(lambda m: ["fault", {"type": "bad_id"}] in m, "a fault for the next request")
 
     assert kernel.call("driver_lost", name="blkC", pid=8001)["dropped"] is True
     assert kernel.driver_row("blkC") is None  # no link, no device, not failing

@@ -22,8 +22,8 @@ import pytest
 
 from drivers.net import tap as tapmod
 from isovisor import nettools
+from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
-from isovisor.swapclient import swap
 from tests.conftest import Stack, wait_until
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 

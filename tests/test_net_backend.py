@@ -1196,7 +1196,7 @@ def test_slow_and_leaks_serve_the_request_normally(rig: Rig) -> None:
     assert b.got()[-3:] == frames
     assert [s for _, s in a.done()] == [STATUS_OKAY] * 3
     assert [k for _, k, _ in rig.host.fired] == ["slow", "leak_mem", "leak_fd"]
-    assert rig.host.injected == ["leak"] and rig.host.fds == 256
+    assert rig.host.injected == ["leak_mem", "leak_fd"] and rig.host.fds == 256
 
 
 @pytest.mark.timeout(20)

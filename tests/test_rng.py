@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from isovisor.campaign.plan import load_plan
+from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
-from isovisor.swapclient import swap
 from tests.conftest import ROOT, Stack, wait_until
 from tests.test_campaign_drivers import run_campaign
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare

@@ -1,11 +1,12 @@
-"""The driver supervision state machine (isovisor/supervision.py), driven by a fake clock."""
+"""The driver supervision state machine (isovisor/supervisor/supervision.py), driven by a fake
+clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from isovisor.config import DriverConfig
-from isovisor.supervision import (
+from isovisor.supervisor.supervision import (
     Action,
     CpuMeter,
     DriverSupervision,

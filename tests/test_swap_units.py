@@ -22,8 +22,8 @@ from drivers.state import (
     with_version,
 )
 from ipc.control import ControlError
-from isovisor.hotswap import check_target
-from isovisor.swapclient import target_of
+from isovisor.cli.swapclient import target_of
+from isovisor.supervisor.hotswap import check_target
 
 HOME = Medium("file", "/images/g1.img", 8 << 20, "rw")
 
@@ -201,3 +201,63 @@ def test_copy_medium_moves_a_disk_into_memory_and_back(tmp_path: Path) -> None:
         assert img.read_bytes() == data
     finally:
         (Path("/dev/shm") / ram.target).unlink(missing_ok=True)
+
+
+def test_a_block_state_keeps_version_1_of_its_layout(tmp_path: Path) -> None:
+    """On the DeviceBackend base a disk's saved state is still version 1 of ``isovisor.blk``
+    as every block backend writes it: ``data`` is ``save_device``'s alone (no counters),
+    ``home`` the configured disk, ``medium`` where the data is.  Such a state restores into
+    drivers.blk.ram and back into drivers.blk, the data moved into memory and home again, and
+    the statistics are the block driver's five."""
+    import os
+
+    from ipc import blkif
+    from ipc.ring import inflight_bytes
+    from ipc.shm import Segment
+    from tests.fakehost import RecordingHost
+
+    log_bytes = inflight_bytes(blkif.RING_SLOTS, blkif.SLOT_SIZE)
+    seg = Segment(
+        f"isovisor-test.{os.getpid()}.state", blkif.INFLIGHT_OFFSET + log_bytes, create=True
+    )
+    img = tmp_path / "g1.img"
+    img.write_bytes(b"\x5a" * 4096)
+    home = Medium("file", str(img), 4096, "rw")
+    scratch = f"{seg.name}.scratch"
+    attach = {
+        "key": 7,
+        "domid": 1,
+        "domain": "g1",
+        "vdev": "xvda",
+        "devid": 51712,
+        "segment": seg.name,
+        "window": blkif.WINDOW_BYTES,
+        "inflight_offset": blkif.INFLIGHT_OFFSET,
+        "store": "/driver/blk0/vbd/1/51712",
+        "scratch": scratch,
+        "class": "vbd",
+        "disk": home.to_wire(),
+    }
+    dev = DeviceState(7, "g1/xvda", home, scratch, home, {})
+    saved = BackendState("isovisor.blk", 1, "drivers.blk:Backend", (dev,))
+    try:
+        for cls, medium in ((RamBackend, Medium("memory", scratch)), (Backend, home)):
+            b = cls(RecordingHost("blk0", RuntimeError), {})
+            b.restore(BackendState.from_wire(saved.to_wire()))
+            b.attach(dict(attach))
+            assert list(b.statistics())[:5] == [
+                "devices",
+                "requests",
+                "errors",
+                "batches",
+                "notifications",
+            ]
+            saved = b.save()
+            b.suspend()
+            assert (saved.kind, saved.version, saved.data) == ("isovisor.blk", 1, {})
+            assert saved.devices == (dataclasses.replace(dev, medium=medium),)
+        assert img.read_bytes() == b"\x5a" * 4096
+    finally:
+        seg.close()
+        seg.unlink()
+        (Path("/dev/shm") / scratch).unlink(missing_ok=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from drivers.blk.backend import BlockBackend, copy_medium, open_medium
-from drivers.blk.storage import SHM_DIR, Storage, StorageError
+from drivers.blk.backend import BlockBackend
+from drivers.blk.persist import copy_medium
+from drivers.blk.storage import SHM_DIR, Storage, StorageError, open_medium
 from drivers.state import DeviceState, Medium
 
 

@@ -18,7 +18,9 @@ import re
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from drivers.state import Medium
 from ipc.blkif import SECTOR_SIZE
 
 SHM_DIR = Path("/dev/shm")
@@ -278,3 +280,32 @@ class MemoryStorage(_FdStorage):
         fd, actual = _open_image(p, size, readonly, what, create_missing=True)
         super().__init__(fd, actual, readonly, what)
         self.path = p
+
+
+def open_storage(disk: dict[str, Any]) -> Storage:
+    """Open the disk an ``attach`` message describes (StorageError if impossible)."""
+    if not isinstance(disk, dict):
+        raise StorageError(f"disk description must be a mapping, got {disk!r}")
+    kind = disk.get("type")
+    access = disk.get("access", "rw")
+    target = disk.get("target")
+    size = disk.get("size")
+    if access not in ("rw", "ro"):
+        raise StorageError(f"disk access {access!r} is neither 'rw' nor 'ro'")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise StorageError(f"disk size {size!r} is not an integer")
+    if not isinstance(target, str) or not target:
+        raise StorageError(f"disk target {target!r} must be a non-empty string")
+    readonly = access == "ro"
+    if kind == "file":
+        if not target.startswith("/"):
+            raise StorageError(f"image path {target!r} is not absolute")
+        return FileStorage(target, size, readonly)
+    if kind == "memory":
+        return MemoryStorage(target, size, readonly)
+    raise StorageError(f"disk type {kind!r} is neither 'file' nor 'memory'")
+
+
+def open_medium(m: Medium) -> Storage:
+    """Open the disk ``m`` names (StorageError if impossible)."""
+    return open_storage(m.to_wire())

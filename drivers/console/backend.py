@@ -848,7 +848,7 @@ class ConsoleBackend:
         if kind in _DYING:
             half = len(data) // 2
             self._write_all(d, data[:half])  # a torn append: the replacement finishes it
-            self.host.inject(kind, really=f.really)
+            self.host.carry_out(kind, really=f.really)
             data = data[half:]  # (inline, the kinds that would stop the kernel are refused)
         elif kind == "slow":
             time.sleep(self.injector.delay_s(f))
@@ -869,10 +869,8 @@ class ConsoleBackend:
                 len(data),
             )
             data = bytes(spoiled)
-        elif kind == "leak_mem":
-            self.host.inject("leak")
-        elif kind == "leak_fd":
-            self.host.leak_fds(256)
+        elif kind in ("leak_mem", "leak_fd"):
+            self.host.carry_out(kind)
         self._write_all(d, data)
 
     # -- statistics ----------------------------------------------------------------------------

@@ -1538,7 +1538,7 @@ class NetBackend:
             log = s.inflight
             assert log is not None
             log.mark_executing(index)  # it dies executing the request: a death, for poison
-            self.host.inject("segv" if kind == "poison" else kind, really=f.really)
+            self.host.carry_out(kind, really=f.really)
         elif kind == "slow":
             time.sleep(self.injector.delay_s(f))
         elif kind in ("drop", "bad_index"):
@@ -1548,10 +1548,8 @@ class NetBackend:
             self._choose_forward()
         elif kind == "corrupt_data":
             return self._forward_corrupted(s, index, raw, b, redo=redo)
-        elif kind == "leak_mem":
-            self.host.inject("leak")
-        elif kind == "leak_fd":
-            self.host.leak_fds(256)
+        elif kind in ("leak_mem", "leak_fd"):
+            self.host.carry_out(kind)
         return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
 
     def _spoiled(self, s: _Vif, index: int, answered: bool) -> bool:

@@ -46,7 +46,7 @@ class RngBackend(DeviceBackend):
             raise ValueError(f"cannot spoil an rng response with {kind!r}")
         return rng.RESPONSE.pack(rid, status, pad, length)
 
-    def describe(self, raw: bytes) -> str:
+    def describe(self, d: Device, raw: bytes) -> str:
         rid, offset, length = rng.REQUEST.unpack_from(raw.ljust(rng.REQUEST.size, b"\0"))
         return f"read id={rid:#x} offset={offset:#x} length={length}"
 

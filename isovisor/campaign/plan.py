@@ -46,8 +46,8 @@ from ipc.schema import (
 )
 from isovisor.campaign.workloads import CHECKERS
 from isovisor.config import DRIVER_FIELDS, KERNEL_FIELDS
-from isovisor.faulttable import ALL_TYPES
-from isovisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
+from isovisor.supervisor.faulttable import ALL_TYPES
+from isovisor.supervisor.faulttable import OUTSIDE_TYPES as SUPERVISOR_TYPES
 
 #: Every fault type, with what it does (the supervisor's and the drivers' own lists).
 FAULT_TYPES: Final[dict[str, str]] = ALL_TYPES

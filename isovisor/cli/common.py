@@ -66,3 +66,8 @@ def _call(rd: RunDir, command: str, **props: Any) -> dict[str, Any]:
             return c.call(command, **props)
         except ControlError as e:
             fail(e.reason)
+
+
+def _uptime(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -4,10 +4,10 @@ relays events and replaces failed drivers.
 One supervisor runs per run directory.  It owns the kernel process (started in its own session
 and told to die with us), forwards domain commands to it, and republishes the kernel's events on
 its own PUB socket for ``isovisor console -f``, ``isovisor events`` and other watchers.  Driver
-processes are supervised (``isovisor/drivermgr.py``, docs/recovery.md): one event loop polls the
-control socket, the kernel's events and every driver process's pidfd.  On ``down``, SIGINT or
-SIGTERM it stops the kernel and the drivers, removes every shared-memory segment of the stack,
-its sockets and its pid file.
+processes are supervised (``drivermgr.py``, docs/recovery.md): one event loop polls the control
+socket, the kernel's events and every driver process's pidfd.  On ``down``, SIGINT or SIGTERM it
+stops the kernel and the drivers, removes every shared-memory segment of the stack, its sockets
+and its pid file.
 """
 
 from __future__ import annotations
@@ -35,15 +35,13 @@ from ipc.control import (
 )
 from ipc.events import Subscriber, subscribe
 from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig, load_domain_config
-from isovisor.consolerelay import ConsoleRelay
-from isovisor.drivermgr import DriverManager
-from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
-from isovisor.supervision import State
+from isovisor.supervisor.consolerelay import ConsoleRelay
+from isovisor.supervisor.drivermgr import DriverManager, EventSink
+from isovisor.supervisor.kernelproc import KernelProcess
+from isovisor.supervisor.supervision import State
 
 log = logging.getLogger("isovisor.supervisor")
-
-EventSink = Callable[[str, dict[str, Any]], None]
 #: How long an inline driver may take from driver_load to its hello.
 DRIVER_START_TIMEOUT_S = 20.0
 #: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM).
@@ -480,7 +478,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ControlError) as e:
         log.error("%s", e)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """The supervisor's driver runtime: processes, spares, failures and recovery (docs/recovery.md).
 
-:class:`DriverManager` acts on what :class:`isovisor.supervision.DriverSupervision` decides.
-The supervisor's event loop feeds it three things: a driver process's pidfd became readable
-(:meth:`on_exit_fd`), a kernel event (:meth:`on_kernel_event`) and the passing of time
-(:meth:`tick`, every loop round).  It never blocks, except in :meth:`stop_all` at teardown.
+:class:`DriverManager` acts on what
+:class:`isovisor.supervisor.supervision.DriverSupervision` decides.  The supervisor's event loop
+feeds it three things: a driver process's pidfd became readable (:meth:`on_exit_fd`), a kernel
+event (:meth:`on_kernel_event`) and the passing of time (:meth:`tick`, every loop round).  It
+never blocks, except in :meth:`stop_all` at teardown.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import zmq
 
 from ipc.control import ControlError, NotFound
 from isovisor.config import DriverConfig, StackConfig
-from isovisor.driverproc import DriverProcess
-from isovisor.faulttable import FaultTable
-from isovisor.hotswap import Swap, Swapper
-from isovisor.kernelproc import KernelProcess
 from isovisor.paths import RunDir
-from isovisor.supervision import (
+from isovisor.supervisor.driverproc import DriverProcess
+from isovisor.supervisor.faulttable import FaultTable
+from isovisor.supervisor.hotswap import Swap, Swapper
+from isovisor.supervisor.kernelproc import KernelProcess
+from isovisor.supervisor.supervision import (
     LIVE,
     NOT_COUNTED,
     Action,
@@ -84,7 +85,7 @@ class Slot:
         self.pending: Pending | None = None
         self.recovery: Recovery | None = None
         self.instances = 0
-        #: A hot swap under way (isovisor/hotswap.py), and the last outcomes.
+        #: A hot swap under way (isovisor/supervisor/hotswap.py), and the last outcomes.
         self.swap: Swap | None = None
         self.swaps: list[dict[str, Any]] = []
         self.swap_count = 0
@@ -509,7 +510,7 @@ class DriverManager:
             {"pid": inst.pid, "spare": inst.spare, "instance": inst.instance},
         )
 
-    # -- what the hot swap (isovisor/hotswap.py) uses ----------------------------------------
+    # -- what the hot swap (isovisor/supervisor/hotswap.py) uses -----------------------------
     def kernel_command(self, command: str, **props: Any) -> None:
         self._kernel(command, **props)
 
@@ -530,7 +531,7 @@ class DriverManager:
     def swap(
         self, name: str, target: str, probation: float | None, timeout: float | None
     ) -> dict[str, Any]:
-        """``isovisor driver swap``: see isovisor/hotswap.py."""
+        """``isovisor driver swap``: see isovisor/supervisor/hotswap.py."""
         return self.swapper.begin(name, target, probation, timeout)
 
     def _forget(self, inst: DriverProcess) -> None:

@@ -14,9 +14,9 @@ import psutil
 
 from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.shm import sweep
-from isovisor.driverproc import child_env
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
+from isovisor.supervisor.driverproc import child_env
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0

@@ -15,9 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ipc.control import ControlError
-from isovisor.clicommon import RunDirOpt, _call, _run_dir, err, fail, out
+from isovisor.cli.common import RunDirOpt, _call, _run_dir, err, fail, out
+from isovisor.cli.swapclient import SwapTimeout, swap, target_of
 from isovisor.paths import RunDir
-from isovisor.swapclient import SwapTimeout, swap, target_of
 
 #: How often --watch looks at the file, and how long it must stay unchanged before a swap
 #: (an editor writes a file in several steps).

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ipc.control import ControlError
 from isovisor.config import backend_spec
-from isovisor.driverproc import DriverProcess
-from isovisor.supervision import State, describe_exit
+from isovisor.supervisor.driverproc import DriverProcess
+from isovisor.supervisor.supervision import State, describe_exit
 
 if TYPE_CHECKING:
-    from isovisor.drivermgr import DriverManager, Slot
+    from isovisor.supervisor.drivermgr import DriverManager, Slot
 
 log = logging.getLogger("isovisor.supervisor")
 

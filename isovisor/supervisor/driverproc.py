@@ -27,13 +27,13 @@ from ipc.control import pack
 from isovisor.config import DriverConfig
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
-from isovisor.supervision import CpuMeter
+from isovisor.supervisor.supervision import CpuMeter
 
 
 def child_env() -> dict[str, str]:
     """The environment for stack processes: this checkout first on PYTHONPATH."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
 

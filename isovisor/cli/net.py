@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from isovisor import nettools
-from isovisor.clicommon import err, fail, out
+from isovisor.cli.common import err, fail, out
 
 net_app = typer.Typer(
     help="Reach guests from the host through a net driver's TAP uplink.", no_args_is_help=True

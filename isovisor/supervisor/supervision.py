@@ -3,7 +3,7 @@
 Nothing here starts or kills a process.  :class:`DriverSupervision` is told what happened
 (``starting``, ``ready``, ``failed``, ...) and answers what to do next; the clock is a
 parameter, so tests drive it by hand.  The runtime that acts on the answers is
-``isovisor/drivermgr.py``; the contract is docs/recovery.md.
+``isovisor/supervisor/drivermgr.py``; the contract is docs/recovery.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""``python -m isovisor.cli``: the ``isovisor`` command."""
+
+from isovisor.cli.app import main
+
+main()
