@@ -96,10 +96,15 @@ class ConEcho(Checker):
     def __init__(self, workload: WorkloadSpec, driver: str) -> None:
         super().__init__(workload, driver)
         self.logs: dict[str, _LogCheck] = {}
+        #: What reads outside :meth:`poll` found (a guest settling), for the next poll to
+        #: report: a corrupted line in the last output of a guest that is ending belongs to
+        #: the fault in progress as much as one found while it runs.
+        self._found = Tally()
 
     def start(self, run_dir: Path) -> None:
         super().start(run_dir)
         self.logs.clear()  # (the guests of a stack that died are recorded as lost)
+        self._found = Tally()
 
     def guests(self, unit: Unit, seconds: int, seed: int) -> list[GuestSpec]:
         extra = f"lines={self.LINES_PER_S * seconds} {self.workload.extra}".strip()
@@ -110,7 +115,7 @@ class ConEcho(Checker):
         return [GuestSpec(name, self.image, 4, {"extra": extra, "console": self.driver})]
 
     def poll(self) -> Tally:
-        total = Tally()
+        total, self._found = self._found, Tally()
         for c in self.logs.values():
             total += self._read(c)
         return total
@@ -119,7 +124,7 @@ class ConEcho(Checker):
         c = self.logs.get(name)
         if c is None:
             return True
-        self._read(c)
+        self._found += self._read(c)
         now = time.monotonic()
         if c.ended_at is None:
             c.ended_at = now
@@ -129,9 +134,9 @@ class ConEcho(Checker):
         c = self.logs.pop(name, None)
         if c is None:
             return Result(0, 0, 0)
-        self._read(c)
+        self._found += self._read(c)
         if c.partial:  # a last line without its newline: mangled
-            self._line(c, c.partial)
+            self._found += self._line(c, c.partial)
         expected = c.done if c.done is not None else c.lines
         tail = max(0, expected - c.next - c.suspect)
         return Result(c.ok, c.missing + c.repeated + tail + int(c.done is None), c.corrupt)

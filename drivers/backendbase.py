@@ -185,6 +185,11 @@ class BackendBase(Generic[B]):
         """Read the options of a family of classes (a base like DeviceBackend), before the
         class's own :meth:`configure`."""
 
+    def check_attach(self, a: Attach) -> str | None:
+        """What is wrong with the attach message itself, checked before the segment is
+        mapped (e.g. a name the class cannot use), or None.  The default: nothing."""
+        return None
+
     def check_region(self, a: Attach, segment: Segment) -> str | None:
         """What is wrong with the region's geometry (``a.window``, ``a.inflight_offset`` in
         ``segment``), or None.  The default: the class's window, inside the segment."""
@@ -207,6 +212,23 @@ class BackendBase(Generic[B]):
 
     def disconnect(self, d: B) -> None:
         """The device is no longer served (closed, broken, released): let go of its rings."""
+
+    def hand_over(self, d: B) -> None:
+        """The device is let go for the next instance (:meth:`suspend`), which takes its rings
+        over from the region as they are: nothing is to be answered or given up on the way.
+        The default: :meth:`disconnect`."""
+        self.disconnect(d)
+
+    def attached(self, d: B) -> None:
+        """``d`` is attached and InitWait published (start what serves every device, e.g. the
+        network's uplink).  The default does nothing."""
+
+    def wrong_class(self, cls: str) -> str:
+        """Why an attach message naming device class ``cls`` (not this backend's) is refused."""
+        return (
+            f"attach field 'class' is {cls!r}: this driver "
+            f"serves {self.device_class.name!r} devices only"
+        )
 
     def summary(self, d: B) -> str:
         """A device's counters in a few words, for the detach log line."""
@@ -244,6 +266,32 @@ class BackendBase(Generic[B]):
         the data).  The default takes it as it is."""
         return saved
 
+    def drain(self, d: B, *, detaching: bool) -> None:
+        """``d``, still connected, is about to stop being served: its frontend closes
+        (``detaching`` False) or the kernel detaches it (True).  Do the last work its region
+        asks for (the console takes the domain's last output).  The default does nothing."""
+
+    def carries(self, d: B) -> bool:
+        """Does attached device ``d`` go into the saved state?  The default: every one."""
+        return True
+
+    def backend_data(self) -> dict[str, Any]:
+        """Backend-wide data for the next implementation (the saved state's ``data``)."""
+        return {}
+
+    def restore_backend_data(self, data: dict[str, Any]) -> None:
+        """Take over what :meth:`backend_data` saved (StateError if it is malformed)."""
+
+    def backend_statistics(self) -> dict[str, int | float | str]:
+        """Backend-wide values :meth:`statistics` reports after the totals, before each
+        device's counters.  The default: none."""
+        return {}
+
+    def statistics_label(self, d: B) -> str:
+        """How :meth:`statistics` names ``d``'s counters (``<name>.<counter>``; devices in
+        the order of these names).  The default: its label, ``<domain>/<vdev>``."""
+        return d.label
+
     # -- messages ------------------------------------------------------------------------------
     def attach(self, dev: dict[str, Any]) -> None:
         key, store = dev.get("key"), dev.get("store")
@@ -256,12 +304,11 @@ class BackendBase(Generic[B]):
             self._refuse(key, store, str(e))
             return
         if a.cls is not None and a.cls != self.device_class.name:
-            self._refuse(
-                a.key,
-                a.store,
-                f"attach field 'class' is {a.cls!r}: this driver "
-                f"serves {self.device_class.name!r} devices only",
-            )
+            self._refuse(a.key, a.store, self.wrong_class(a.cls))
+            return
+        problem = self.check_attach(a)
+        if problem is not None:
+            self._refuse(a.key, a.store, problem)
             return
         try:
             segment = Segment(a.segment, 0, create=False)
@@ -297,12 +344,15 @@ class BackendBase(Generic[B]):
         self.log.info(
             "%s %d (%s) attached, waiting for the frontend", self.device_class.noun, a.key, a.label
         )
+        self.attached(d)
 
     def detach(self, key: int) -> None:
         d = self.devices.pop(key, None)
         if d is None:
             self.log.warning("detach of unknown device %d", key)
             return
+        if d.state is Lifecycle.CONNECTED:
+            self.drain(d, detaching=True)
         self.log.info("device %d (%s) detached: %s", key, d.label, self.summary(d))
         self._close(d)
 
@@ -320,6 +370,8 @@ class BackendBase(Generic[B]):
             # redoing what the in-flight log says was unfinished.
             self.connect(d, resume=True)
         elif state in (DevState.CLOSING, DevState.CLOSED) and d.state is not Lifecycle.CLOSED:
+            if d.state is Lifecycle.CONNECTED:
+                self.drain(d, detaching=False)
             d.state = Lifecycle.CLOSED
             self.disconnect(d)
             self.host.store_write(f"{d.attach.store}/state", str(int(DevState.CLOSED)))
@@ -353,7 +405,10 @@ class BackendBase(Generic[B]):
 
     def _close(self, d: B, *, handover: bool = False) -> None:
         d.state = Lifecycle.CLOSED
-        self.disconnect(d)
+        if handover:
+            self.hand_over(d)
+        else:
+            self.disconnect(d)
         try:
             self.close_device(d, handover=handover)
         finally:
@@ -388,26 +443,32 @@ class BackendBase(Generic[B]):
 
     # -- statistics ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, int | float | str]:
-        """``devices``, the ``STATISTICS`` in total, then the ``DEVICE_STATISTICS`` of each
-        device (the host reports the first 64 values)."""
-        devs = sorted(self.devices.values(), key=lambda d: d.label)
-        out: dict[str, int | float | str] = {"devices": len(devs)}
+        """``devices``, the ``STATISTICS`` in total, the :meth:`backend_statistics`, then the
+        ``DEVICE_STATISTICS`` of each device (the host reports the first 64 values)."""
+        named = sorted(
+            ((self.statistics_label(d), d) for d in self.devices.values()), key=lambda t: t[0]
+        )
+        out: dict[str, int | float | str] = {"devices": len(named)}
         for name in self.STATISTICS:
-            values = [getattr(d.stats, name) for d in devs]
+            values = [getattr(d.stats, name) for _, d in named]
             out[name] = max(values, default=0) if name.startswith("peak") else sum(values)
-        for d in devs:
+        out.update(self.backend_statistics())
+        for label, d in named:
             for name in self.DEVICE_STATISTICS:
-                out[f"{d.label}.{name}"] = getattr(d.stats, name)
+                out[f"{label}.{name}"] = getattr(d.stats, name)
         return out
 
     # -- hot swap: the state contract (drivers/state.py) ---------------------------------------
     def save(self) -> BackendState:
         """Every device attached (whatever its frontend's state: its data may be in its
         medium) with its media (:meth:`device_media`), its counters (``carry_counters``) and
-        the class's data (:meth:`device_data`); and those restored, not attached again yet,
-        passed on as they are."""
+        the class's data (:meth:`device_data`), those :meth:`carries` says go; those
+        restored, not attached again yet, passed on as they are; and the backend's own data
+        (:meth:`backend_data`)."""
         out = dict(self._restored)
         for d in self.devices.values():
+            if not self.carries(d):
+                continue
             home, medium = self.device_media(d)
             data = self.device_data(d)
             if self.carry_counters:
@@ -418,6 +479,7 @@ class BackendBase(Generic[B]):
             self.state_version,
             self.implementation,
             tuple(out[k] for k in sorted(out)),
+            self.backend_data(),
         )
 
     def suspend(self) -> None:
@@ -446,6 +508,7 @@ class BackendBase(Generic[B]):
             upgrade=type(self).upgrade_state,
         )
         restored = {dev.key: self.restore_device(self._checked(dev)) for dev in state.devices}
+        self.restore_backend_data(state.data)
         self._restored.update(restored)
         self.log.info(
             "restored %d device(s) from the state of %s (version %d)",

@@ -992,7 +992,9 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
     a = rig.guest("a", MAC_A)
     a.connect(be)
     a.post(be, 16)
-    assert be.tap is not None and be.netns_created, "the TAP did not open (see the log)"
+    assert be.uplink.tap is not None and be.uplink.netns_created, (
+        "the TAP did not open (see the log)"
+    )
     (fd,) = be.fds()
     host_mac = tapmod.link_mac(netns, netns)
     assert (
@@ -1024,7 +1026,7 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
         frame = next(f for f in a.got() if udp_payload(f, 9999) is not None)
         assert frame[:6] == mac(MAC_A) and frame[6:12] == mac(host_mac)
         st = be.stats()[a.key]
-        assert st.uplink_rx >= 1 and be.uplink.frames_in >= 1
+        assert st.uplink_rx >= 1 and be.uplink.stats.frames_in >= 1
         # guest -> host: the switch learned the host's MAC on the uplink
         a.send(be, udp_frame(host_mac, MAC_A, GUEST_IP, HOST_IP, 5555, port, b"hello host"))
         data, src = sock.recvfrom(2048)
@@ -1040,7 +1042,7 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
         finally:
             raw.close()
         wait_until(
-            lambda: (be.readable(fd), be.uplink.spoofed)[1],
+            lambda: (be.readable(fd), be.uplink.stats.spoofed)[1],
             timeout=10,
             what="the spoofed frame counted",
         )
@@ -1051,7 +1053,7 @@ def test_the_tap_uplink_carries_frames_both_ways(rig: Rig, netns: str) -> None:
     be2 = rig.backend(opts)
     a.attach(be2)
     a.resume(be2)
-    assert be2.tap is not None and not be2.netns_created
+    assert be2.uplink.tap is not None and not be2.uplink.netns_created
     # At `isovisor down` (["retire"]) the instance then serving removes the TAP, and the
     # namespace too, because isovisor created it (the marker), whichever instance did.
     removed = be2.cleanup()
@@ -1065,7 +1067,7 @@ def test_cleanup_removes_what_the_instance_created(rig: Rig, netns: str) -> None
     be = rig.backend({"uplink": "tap", "tap": netns, "netns": netns})
     a = rig.guest("a", MAC_A)
     a.attach(be)
-    assert be.tap is not None and be.netns_created
+    assert be.uplink.tap is not None and be.uplink.netns_created
     assert be.cleanup() == [
         f"TAP {netns} in network namespace {netns}",
         f"network namespace {netns}",
@@ -1082,12 +1084,12 @@ def test_a_tap_held_elsewhere_is_retried(rig: Rig, netns: str) -> None:
         be = rig.backend(opts)
         a = rig.guest("a", MAC_A)
         a.connect(be)
-        assert be.tap is None and be.statistics()["uplink"] == f"tap {netns}: not open"
+        assert be.uplink.tap is None and be.statistics()["uplink"] == f"tap {netns}: not open"
         assert be.timer_ms() == 1000
         holder.close()
         rig.clock.now += 1
         be.timer()
-        assert be.tap is not None
+        assert be.uplink.tap is not None
     finally:
         holder.close()
 

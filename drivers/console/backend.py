@@ -2,85 +2,77 @@
 live readers, and input goes back to the domain, through the rings of ``ipc/consif.py``.
 
 One driver process serves the consoles of any number of domains, one device per ``attach``
-(``"class": "console"``, ``vdev`` "console", devid 0).  The handshake mirrors the block driver's
-(docs/devices.md): on ``attach`` the backend maps the device's segment, opens
-``<log_dir>/<domain>.log`` (append; created if missing) and writes backend ``state`` = 2
-(InitWait); on the frontend's Initialised (3) it attaches the rings and writes 4 (Connected).  A
-replacement instance gets ``attach`` and then ``fe_state`` 4: it *resumes*, finishing first the
-append its predecessor may have left half-done (the journal, ``ipc/consif.py``), and reports
-``["recovered", key, bytes, done_ns]``, where ``bytes`` counts what it had to append for its
-predecessor.
+(class ``console``, ``vdev`` "console", devid 0).  What every backend shares is the base's
+(drivers/backendbase.py): the options check, the attach message and its class checked, the
+segment mapped, the handshake (InitWait on attach, Connected on the frontend's Initialised; a
+replacement instance that gets ``fe_state`` 4 right after ``attach`` *resumes*), the fault
+injector, the counters and save/suspend/restore.  This module is the console's own work: the
+page and the log journal after it checked (:meth:`ConsoleBackend.check_region`), the log file
+``<log_dir>/<domain>.log`` opened on attach (append; created if missing), the output path, the
+input path and the faults carried out on an append.  ``endpoints.py`` holds the ZeroMQ sockets
+(and documents live readers: the message frames, and how a reader stitches them to the log file
+by offset), ``persist.py`` what a console carries across a hot swap.
 
 Output.  On every kick (and on connect and resume) the backend moves what the guest published in
 ``out`` to the log file, exactly once across a crash at any instant (the argument is in
-``ipc/consif.py``), publishes it to live readers and then advances ``out_cons``.  Output the guest
-writes while no backend runs simply waits in the ring; a guest whose ring is full blocks (with
-``out_cons_event`` set) until a backend consumes, so nothing is dropped.  If the log file cannot
-be written (disk full...), the bytes stay in the ring, the device reports ``error`` once per
-streak, and the backend tries again on the next kick or input, or at least a second later when
-anything else wakes it.
+``ipc/consif.py``), publishes it to live readers and then advances ``out_cons``.  On resume it
+first finishes the append its predecessor may have left half-done (the journal) and reports
+``["recovered", key, bytes, done_ns]``, where ``bytes`` counts what it had to append for its
+predecessor.  Output the guest writes while no backend runs simply waits in the ring; a guest
+whose ring is full blocks (with ``out_cons_event`` set) until a backend consumes, so nothing is
+dropped.  If the log file cannot be written (disk full...), the bytes stay in the ring, the
+device reports ``error`` once per streak, and the backend tries again on the next kick or input,
+or at least a second later when anything else wakes it.  A frontend that closes, and a device
+detached while connected, has its last output taken first (the base's ``drain``).
 
-Live readers: a ZeroMQ PUB socket bound at ``ipc://<socket_dir>/console.pub``.  Each append is
-one message of three frames: the domain's name (UTF-8; subscribe to it, and compare the frame
-exactly, since ZeroMQ topics match by prefix), the offset in the log file where the bytes start
-(u64, little-endian) and the bytes.  Offsets of one domain's messages are contiguous, except that
-a replacement backend publishes again the whole append its predecessor died in (from that
-append's start), and a reader may miss messages (slow joiner, a full queue).  A reader therefore
-subscribes, reads the file to its end, and stitches messages on by offset: drop what lies below
-what it has, read a gap from the file.  :class:`ipc.consif.Follower` does exactly that.
-
-Input: a ZeroMQ PULL socket bound at ``ipc://<socket_dir>/console.in`` takes messages of two
-frames, ``[domain (UTF-8), bytes]``.  The bytes go into that domain's ``in`` ring as it has room
-(the guest is notified if it asked); what does not fit waits in a per-domain queue of at most
-``input_queue_bytes``, delivered as the guest consumes (it kicks when ``in_cons`` passes
-``in_cons_event``).  Bytes beyond the queue, for a domain without an attached console, or in a
-malformed message are dropped, counted (:meth:`ConsoleBackend.statistics`) and logged.  Input
-is at most once: what waits in the queue is lost if the backend process dies (a hot swap carries
-it over).
-
-The sockets are bound when the backend first serves a device (so a warm spare does not take the
-endpoints from the running instance) and released by ``suspend`` (a hot swap) and ``close``.
-The input socket is waited on through the host's ``fds()``/``readable(fd)`` hook.
+Input: messages ``[domain, bytes]`` on the input socket (``endpoints.py``).  The bytes go into
+that domain's ``in`` ring as it has room (the guest is notified if it asked); what does not fit
+waits in a per-domain queue of at most ``input_queue_bytes``, delivered as the guest consumes
+(it kicks when ``in_cons`` passes ``in_cons_event``).  Bytes beyond the queue, for a domain
+without an attached console, or in a malformed message are dropped, counted
+(:meth:`ConsoleBackend.statistics`) and logged.  Input is at most once: what waits in the queue
+is lost if the backend process dies (a hot swap carries it over).
 
 Guests are untrusted: an ``out_prod`` that moves backwards or claims more than the ring holds, or
 an ``in_cons`` outside what was published, is a ``fault`` (the kernel crashes that domain) and
-that console is not served any more; the other consoles go on.
+that console is not served any more (``Lifecycle.BROKEN``); the other consoles go on.
 
 Fault injection (drivers/faults.py, docs/campaigns.md): the request a fault fires on is an append
 of output to the log (``op`` = "write"; ``sector`` = a byte of the domain's output stream the
 append covers).  ``write_log`` writes through ``self._write``, which is ``_write_injecting`` while
 a fault is armed: it asks the injector about each append and carries out what fires
 (``_carry_out``): a crash half-way through the append's bytes (a torn append, which the journal
-exists for), a delay, a leak, the output never consumed again (``drop``: the kernel's request
-timeout sees the ring stuck), or one flipped byte in the file (``corrupt_data``; live readers get
-the right bytes).  The types that spoil a response are refused (a console has none), and so is
-``poison``: the backend never gives up an append, so there is no poison answer.
+exists for), a delay, a leak, the output never consumed again (``drop``: the device is
+``Lifecycle.STOPPED`` and the kernel's request timeout sees the ring stuck), or one flipped byte
+in the file (``corrupt_data``; live readers get the right bytes).  The types that spoil a
+response are refused (a console has none), and so is ``poison``: the backend never gives up an
+append, so there is no poison answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
-import zmq
-
-from drivers.backendkit import Host, int_option, msg_field, refuse
-from drivers.faults import Fault, Injector, RequestInfo, fault_classes
-from drivers.state import BackendState, DeviceState, Medium, StateError, accept
+from devices import console
+from drivers.backendbase import Attach, BackendBase, BaseDevice, Lifecycle, StopServing
+from drivers.backendkit import int_option
+from drivers.console import persist
+from drivers.console.endpoints import INPUT_NAME, MAX_SOCKET_PATH, PUB_NAME, Endpoints
+from drivers.faults import Fault, RequestInfo
+from drivers.state import DeviceState, Medium
 from ipc import consif
-from ipc.consif import ConsoleBack, Journal, JournalEntry, encode_offset
+from ipc.consif import ConsoleBack, Journal, JournalEntry
 from ipc.ring import RingError
-from ipc.shm import Segment, SegmentError
-from ipc.store import DevState
+from ipc.shm import Segment
 
-OPTIONS: dict[str, str] = {
+OPTIONS: Final[dict[str, str]] = {
     "run_dir": "the stack's run directory; log_dir and socket_dir default to <run_dir>/consoles "
     "(default: $ISOVISOR_RUN_DIR, else the current directory)",
     "log_dir": "where <domain>.log files are written (default: <run_dir>/consoles)",
@@ -89,26 +81,24 @@ OPTIONS: dict[str, str] = {
     "input_queue_bytes": "input waiting for room in a domain's ring, at most (0..16777216, "
     "default 65536); more is dropped and counted",
 }
-PUB_NAME = consif.PUB_NAME
-INPUT_NAME = consif.INPUT_NAME
-#: Unix socket paths longer than this cannot be bound (isovisor.paths uses the same limit).
-MAX_SOCKET_PATH = 100
 #: Output bytes one kick moves before the other consoles get a turn.
-TURN_BYTES = 64 * 1024
+TURN_BYTES: Final = 64 * 1024
 #: Output bytes taken from a closing frontend (it may still be writing: no endless loop).
-CLOSE_BYTES = 1 << 20
+CLOSE_BYTES: Final = 1 << 20
 #: Input messages taken per call before the other work gets a turn.
-MAX_INPUT_MESSAGES = 10_000
+MAX_INPUT_MESSAGES: Final = 10_000
 #: Seconds before a failed log append is tried again without a kick.
-RETRY_S = 1.0
-SNDHWM = 10_000
-RCVHWM = 10_000
-_DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # ipc.schema.NAME_RE
-_MASK = (1 << 64) - 1
+RETRY_S: Final = 1.0
+_DOMAIN_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # ipc.schema.NAME_RE
+_MASK: Final = (1 << 64) - 1
+#: In-driver faults that end or stall the instance half-way through an append.
+_DYING: Final = frozenset({"segv", "abort", "exit", "hang", "exception"})
 
 
 @dataclass
 class ConsoleStats:
+    """One console's counters (:meth:`ConsoleBackend.statistics` sums them)."""
+
     #: Output bytes moved from the ring to the log file (committed).
     out_bytes: int = 0
     #: Input bytes put into the ring.
@@ -125,24 +115,19 @@ class ConsoleStats:
     write_errors: int = 0
 
 
-@dataclass
-class _Console:
-    key: int
-    domid: int
-    domain: str
-    store: str
-    scratch: str
-    segment: Segment
-    mem: memoryview  # the whole segment
-    region: memoryview  # the guest-visible window
-    journal_view: memoryview
-    log_path: Path
-    fd: int
-    #: waiting | connected | closed | broken | lost count (an injected drop)
-    state: str = "waiting"
+@dataclass(eq=False)
+class Console(BaseDevice):
+    """A console: the base's device, with its rings, its journal, its log file and its
+    queued input."""
+
+    stats: ConsoleStats = field(default_factory=ConsoleStats)
     ring: ConsoleBack | None = None
     journal: Journal | None = None
-    stats: ConsoleStats = field(default_factory=ConsoleStats)
+    #: The journal's page, after the window (set by ``open_device``).
+    journal_view: memoryview = field(default_factory=lambda: memoryview(b""))
+    log_path: Path = field(default_factory=Path)
+    fd: int = -1
+    #: Input waiting for room in the ring.
     inq: bytearray = field(default_factory=bytearray)
     #: The last log append failed with this (None: appends work); tried again at retry_at.
     write_error: str | None = None
@@ -150,16 +135,8 @@ class _Console:
     drops_logged: int = 0
 
     @property
-    def label(self) -> str:
-        return f"{self.domain}/console"
-
-
-#: In-driver faults that end or stall the instance half-way through an append.
-_DYING = frozenset({"segv", "abort", "exit", "hang", "exception"})
-
-
-class _StopServing(Exception):
-    """An injected ``drop``: the backend loses track of a console and consumes no more."""
+    def domain(self) -> str:
+        return self.attach.domain
 
 
 class SimulatedCrash(BaseException):
@@ -194,284 +171,129 @@ def _dir_option(options: dict[str, Any], name: str, default: Path) -> Path:
     return path
 
 
-class ConsoleBackend:
+class ConsoleBackend(BackendBase[Console]):
     """The console driver (see the module docstring).  ``drivers.host`` instantiates it with
     ``(host, options)``; options are listed in :data:`OPTIONS`."""
 
-    OPTIONS: ClassVar[dict[str, str]] = OPTIONS
+    device_class = console.CLASS
+    device_type = Console
+    stats_type = ConsoleStats
     state_kind: ClassVar[str] = "isovisor.console"
     state_version: ClassVar[int] = 1
+    #: The counters travel in the device's own data (persist.py: version 1's layout).
+    carry_counters = False
+    OPTIONS: ClassVar[dict[str, str]] = OPTIONS
+    STATISTICS = tuple(f.name for f in fields(ConsoleStats))
+    DEVICE_STATISTICS = ("out_bytes", "in_bytes", "in_dropped")
 
-    def __init__(self, host: Host, options: dict[str, Any]) -> None:
-        if not isinstance(options, dict):
-            raise TypeError(
-                f"console backend options must be a mapping, got {type(options).__name__}"
-            )
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
-            raise ValueError(
-                f"unknown console backend option(s) {', '.join(unknown)}; allowed: {allowed}"
-            )
-        self.host = host
-        self.log = host.log
-        self.implementation: str = (
-            getattr(host, "implementation", None)
-            or f"{type(self).__module__}:{type(self).__qualname__}"
-        )
+    def configure(self, options: dict[str, Any]) -> None:
         default = _default_dir(options)
         self.log_dir = _dir_option(options, "log_dir", default)
         self.socket_dir = _dir_option(options, "socket_dir", default)
-        for name in (PUB_NAME, INPUT_NAME):
-            path = self.socket_dir / name
-            if len(str(path)) > MAX_SOCKET_PATH:
-                raise ValueError(
-                    f"socket_dir {self.socket_dir} is too long for a Unix socket: "
-                    f"{path} has {len(str(path))} bytes, at most "
-                    f"{MAX_SOCKET_PATH}; choose a shorter socket_dir or run_dir"
-                )
-        self.pub_endpoint = f"ipc://{self.socket_dir / PUB_NAME}"
-        self.input_endpoint = f"ipc://{self.socket_dir / INPUT_NAME}"
+        self.endpoints = Endpoints(self.socket_dir, self.log)
+        self.pub_endpoint = self.endpoints.pub_endpoint
+        self.input_endpoint = self.endpoints.input_endpoint
         self.input_queue_bytes = int_option(options, "input_queue_bytes", 64 * 1024, 0, 16 << 20)
-        self.devices: dict[int, _Console] = {}
         self._by_domain: dict[str, int] = {}
-        #: Devices restored (hot swap) and not attached yet, by key.
-        self._restored: dict[int, tuple[ConsoleStats, bytes]] = {}
-        self._ctx: zmq.Context[Any] | None = None
-        self._pub: zmq.Socket[Any] | None = None
-        self._input: zmq.Socket[Any] | None = None
-        self._input_fd: int | None = None
-        self._bind_failed = False
         #: Input bytes for a domain with no console attached, and malformed input messages.
         self.unknown_input = 0
         self.unknown_messages = 0
         self.malformed_input = 0
+        #: Consoles whose guest broke the protocol.
         self.faults = 0
-        self.publish_errors = 0
-        #: Faults armed by the supervisor (drivers/faults.py).
-        self.injector = Injector(fclass=fault_classes()["console"])
         #: Writes an append's bytes: ``_write_all``, or ``_write_injecting`` while a fault is
         #: armed (so an unarmed driver pays nothing for the feature).
-        self._write: Callable[[_Console, bytes], None] = self._write_all
+        self._write: Callable[[Console, bytes], None] = self._write_all
 
-    # -- sockets -------------------------------------------------------------------------------
-    def _ensure_sockets(self) -> None:
-        """Bind the live-output and input endpoints (once; again after suspend)."""
-        if self._pub is not None:
-            return
-        ctx = self._ctx = self._ctx or zmq.Context()
-        pub = ctx.socket(zmq.PUB)
-        inp = ctx.socket(zmq.PULL)
-        try:
-            for s in (pub, inp):
-                s.setsockopt(zmq.LINGER, 0)
-            pub.setsockopt(zmq.SNDHWM, SNDHWM)
-            inp.setsockopt(zmq.RCVHWM, RCVHWM)
-            pub.bind(self.pub_endpoint)
-            inp.bind(self.input_endpoint)
-        except zmq.ZMQError as e:
-            pub.close(0)
-            inp.close(0)
-            if not self._bind_failed:
-                self.log.error(
-                    "cannot bind the console endpoints %s and %s: %s; logs are "
-                    "written, but there is no live output or input until the next "
-                    "attach binds them",
-                    self.pub_endpoint,
-                    self.input_endpoint,
-                    e,
-                )
-            self._bind_failed = True
-            return
-        self._bind_failed = False
-        self._pub, self._input = pub, inp
-        self._input_fd = int(inp.getsockopt(zmq.FD))
-        self.log.info(
-            "console output at %s, input at %s, logs in %s",
-            self.pub_endpoint,
-            self.input_endpoint,
-            self.log_dir,
-        )
-
-    def _close_sockets(self) -> None:
-        for s in (self._pub, self._input):
-            if s is not None:
-                s.close(0)
-        self._pub = self._input = None
-        self._input_fd = None
-
+    # -- the host's hooks beyond the base's ---------------------------------------------------
     def fds(self) -> list[int]:
         """The host waits on these beside the kernel's messages: the input socket."""
-        return [] if self._input_fd is None else [self._input_fd]
+        fd = self.endpoints.fd
+        return [] if fd is None else [fd]
 
     def readable(self, fd: int) -> None:
         self._take_input()
         self._retry_stalled()
 
-    # -- messages ------------------------------------------------------------------------------
-    def attach(self, dev: dict[str, Any]) -> None:
-        key = dev.get("key")
-        store = dev.get("store")
-        if isinstance(key, int) and key in self.devices:
-            self.log.warning("console %d attached again: dropping the old attachment", key)
-            self.detach(key)
-        try:
-            key = msg_field(dev, "key", int)
-            store = msg_field(dev, "store", str).rstrip("/")
-            domid = msg_field(dev, "domid", int)
-            domain = msg_field(dev, "domain", str)
-            seg_name = msg_field(dev, "segment", str)
-            window = msg_field(dev, "window", int)
-            journal_offset = msg_field(dev, "inflight_offset", int)
-            scratch = dev.get("scratch", "")
-            if not isinstance(scratch, str):
-                raise ValueError(f"attach field 'scratch' is {scratch!r}, expected str")
-            cls = dev.get("class", consif.CLASS_NAME)
-            if cls != consif.CLASS_NAME:
-                raise ValueError(
-                    f"attach field 'class' is {cls!r}: this driver serves "
-                    f"{consif.CLASS_NAME!r} devices only"
-                )
-            if not _DOMAIN_RE.match(domain):
-                raise ValueError(
-                    f"domain name {domain!r} cannot name a log file: use 1-63 "
-                    "letters, digits, '_', '.', '-', starting with a letter or "
-                    "digit"
-                )
-            other = self._by_domain.get(domain)
-            if other is not None:
-                raise ValueError(
-                    f"domain {domain} already has console device {other} "
-                    "attached (one console per domain)"
-                )
-        except ValueError as e:
-            self._refuse(key, store, str(e))
-            return
-        try:
-            segment = Segment(seg_name, 0, create=False)
-        except SegmentError as e:
-            self._refuse(key, store, f"cannot map device segment {seg_name}: {e}")
-            return
-        problem = None
-        if not consif.WINDOW_BYTES <= window <= segment.size:
-            problem = (
-                f"window {window:#x} must hold the console page ({consif.WINDOW_BYTES:#x} "
-                f"bytes) and fit segment {seg_name} of {segment.size:#x} bytes"
-            )
-        elif journal_offset < window or journal_offset + consif.JOURNAL_BYTES > segment.size:
-            problem = (
-                f"journal at {journal_offset:#x} ({consif.JOURNAL_BYTES} bytes) must lie "
-                f"after the window {window:#x} inside segment {seg_name} of "
-                f"{segment.size:#x} bytes"
-            )
-        log_path = self.log_dir / f"{domain}.log"
-        fd = -1
-        if problem is None:
-            try:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            except OSError as e:
-                problem = f"cannot open the log file {log_path}: {e.strerror}"
-        if problem is not None:
-            segment.close()
-            self._refuse(key, store, problem)
-            return
-        mem = memoryview(segment.buf)
-        d = _Console(
-            key=key,
-            domid=domid,
-            domain=domain,
-            store=store,
-            scratch=scratch,
-            segment=segment,
-            mem=mem,
-            region=mem[:window],
-            journal_view=mem[journal_offset : journal_offset + consif.JOURNAL_BYTES],
-            log_path=log_path,
-            fd=fd,
-        )
-        restored = self._restored.pop(key, None)
-        if restored is not None:
-            d.stats, queued = restored
-            d.inq += queued
-        self.devices[key] = d
-        self._by_domain[domain] = key
-        self._ensure_sockets()
-        try:
-            self.host.store_write(f"{store}/state", str(int(DevState.INIT_WAIT)))
-        except ValueError as e:
-            self._drop(d)
-            self._refuse(key, None, f"cannot write the backend state: {e}")
-            return
-        self.log.info(
-            "console %d (%s): logging to %s, waiting for the frontend", key, d.label, log_path
-        )
-
-    def _refuse(self, key: object, store: object, message: str) -> None:
-        """The device cannot be served: say so in the store (if we can) and to the kernel."""
-        refuse(self.host, self.log, "console", key, store, message)
-
-    def detach(self, key: int) -> None:
-        d = self.devices.get(key)
-        if d is None:
-            self.log.warning("detach of unknown console %d", key)
-            return
-        if d.state == "connected":
-            self._pump_out(d, budget=None)  # the domain's last words
-        s = d.stats
-        self.log.info(
-            "console %d (%s) detached: %d bytes out, %d in, %d input bytes dropped",
-            key,
-            d.label,
-            s.out_bytes,
-            s.in_bytes,
-            s.in_dropped,
-        )
-        self._drop(d)
-
-    def fe_state(self, key: int, state: int) -> None:
-        d = self.devices.get(key)
-        if d is None:
-            self.log.warning("frontend state %d for unknown console %d", state, key)
-            return
-        if d.state == "broken":
-            return
-        if state == DevState.INITIALISED:
-            self._connect(d, resume=False)
-        elif state == DevState.CONNECTED and d.state == "waiting":
-            # A new driver instance learns the frontend is connected already: resume, finishing
-            # the append the previous instance may have left half-done.
-            self._connect(d, resume=True)
-        elif state in (DevState.CLOSING, DevState.CLOSED) and d.state != "closed":
-            if d.state == "connected":
-                self._pump_out(d, budget=CLOSE_BYTES)  # what it wrote before closing
-            d.state = "closed"
-            d.ring = None
-            d.journal = None
-            self.host.store_write(f"{d.store}/state", str(int(DevState.CLOSED)))
-            self.log.info("console %d (%s): frontend closed", key, d.label)
-
     def kick(self, key: int) -> None:
-        d = self.devices.get(key)
-        if d is None:
-            self.log.debug("kick for unknown console %d", key)
-        elif d.state == "connected":
-            self._pump_out(d)
-            if d.state == "connected" and d.inq:
-                self._push_in(d)
+        super().kick(key)
         self._take_input()
         self._retry_stalled()
 
     def close(self) -> None:
-        for key in list(self.devices):
-            self.detach(key)
-        self._restored.clear()
-        self._close_sockets()
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        super().close()
+        self.endpoints.terminate()
 
-    # -- connection ----------------------------------------------------------------------------
-    def _connect(self, d: _Console, *, resume: bool) -> None:
+    def suspend(self) -> None:
+        """The base's (every console released; the rings keep what the guests write meanwhile,
+        the journals stay in the segments), and the endpoints released for the next
+        implementation."""
+        super().suspend()
+        self.endpoints.close()
+
+    # -- attach and detach (the base's hooks) --------------------------------------------------
+    def check_region(self, a: Attach, segment: Segment) -> str | None:
+        if not consif.WINDOW_BYTES <= a.window <= segment.size:
+            return (
+                f"window {a.window:#x} must hold the console page ({consif.WINDOW_BYTES:#x} "
+                f"bytes) and fit segment {a.segment} of {segment.size:#x} bytes"
+            )
+        off = a.inflight_offset
+        if off < a.window or off + consif.JOURNAL_BYTES > segment.size:
+            return (
+                f"journal at {off:#x} ({consif.JOURNAL_BYTES} bytes) must lie "
+                f"after the window {a.window:#x} inside segment {a.segment} of "
+                f"{segment.size:#x} bytes"
+            )
+        return None
+
+    def check_attach(self, a: Attach) -> str | None:
+        if not _DOMAIN_RE.match(a.domain):
+            return (
+                f"domain name {a.domain!r} cannot name a log file: use 1-63 "
+                "letters, digits, '_', '.', '-', starting with a letter or "
+                "digit"
+            )
+        other = self._by_domain.get(a.domain)
+        if other is not None:
+            return (
+                f"domain {a.domain} already has console device {other} "
+                "attached (one console per domain)"
+            )
+        return None
+
+    def open_device(self, d: Console) -> None:
+        a = d.attach
+        log_path = self.log_dir / f"{a.domain}.log"
+        try:
+            d.fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise ValueError(f"cannot open the log file {log_path}: {e.strerror}") from None
+        d.log_path = log_path
+        d.journal_view = d.mem[a.inflight_offset : a.inflight_offset + consif.JOURNAL_BYTES]
+        self._by_domain[a.domain] = a.key
+        if self.endpoints.bind():
+            self.log.info(
+                "console output at %s, input at %s, logs in %s",
+                self.pub_endpoint,
+                self.input_endpoint,
+                self.log_dir,
+            )
+        self.log.info("console %d (%s): logging to %s", a.key, d.label, log_path)
+
+    def close_device(self, d: Console, *, handover: bool) -> None:
+        if self._by_domain.get(d.domain) == d.key:
+            del self._by_domain[d.domain]
+        with contextlib.suppress(OSError):
+            os.close(d.fd)
+        d.journal_view.release()
+
+    def summary(self, d: Console) -> str:
+        s = d.stats
+        return f"{s.out_bytes} bytes out, {s.in_bytes} in, {s.in_dropped} input bytes dropped"
+
+    # -- the frontend's state (the base's hooks) -----------------------------------------------
+    def connect(self, d: Console, *, resume: bool) -> None:
         try:
             ring = ConsoleBack(d.region)
             journal = Journal(d.journal_view)
@@ -482,8 +304,7 @@ class ConsoleBackend:
             st = os.fstat(d.fd)
             journal.reset(ring.out_cons, st.st_size, st.st_dev, st.st_ino)
         d.ring, d.journal = ring, journal
-        d.state = "connected"
-        self.host.store_write(f"{d.store}/state", str(int(DevState.CONNECTED)))
+        self.connected(d)
         self.log.info(
             "console %d (%s): %s at out_cons=%d",
             d.key,
@@ -507,9 +328,26 @@ class ConsoleBackend:
             if notify:
                 self._notify(d)
             self.host.recovered(d.key, replayed, done_ns)
+        self.service(d)
+
+    def service(self, d: Console) -> None:
         self._pump_out(d)
-        if d.state == "connected":
+        if d.state is Lifecycle.CONNECTED and d.inq:
             self._push_in(d)
+
+    def drain(self, d: Console, *, detaching: bool) -> None:
+        """The domain's last words: everything on detach, at most CLOSE_BYTES from a frontend
+        that closes (it may still be writing)."""
+        self._pump_out(d, budget=None if detaching else CLOSE_BYTES)
+
+    def disconnect(self, d: Console) -> None:
+        d.ring = None
+        d.journal = None
+
+    def _break(self, d: Console, message: str) -> None:
+        d.inq.clear()
+        self.faults += 1
+        super()._break(d, message)
 
     # -- output --------------------------------------------------------------------------------
     def checkpoint(self, where: str) -> None:
@@ -517,19 +355,19 @@ class ConsoleBackend:
         ``appended``: the bytes are in the file; ``published``: live readers have them).
         Overridden to raise :class:`SimulatedCrash`, it stops the instance there."""
 
-    def write_log(self, d: _Console, data: bytes) -> None:
+    def write_log(self, d: Console, data: bytes) -> None:
         """Append ``data`` to the console's log file (O_APPEND), however many writes it
         takes.  OSError leaves a prefix in the file.  (Through the fault-injection layer while
         a fault is armed.)"""
         self._write(d, data)
 
-    def _write_all(self, d: _Console, data: bytes) -> None:
+    def _write_all(self, d: Console, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(d.fd, view)
             view = view[n:]
 
-    def _pump_out(self, d: _Console, budget: int | None = TURN_BYTES) -> None:
+    def _pump_out(self, d: Console, budget: int | None = TURN_BYTES) -> None:
         """Move the published output to the log file and the readers.  ``budget``: bytes
         before the other consoles get a turn (None: everything, on detach)."""
         ring, journal = d.ring, d.journal
@@ -555,8 +393,8 @@ class ConsoleBackend:
             self._break(d, str(e))
         except OSError as e:
             self._write_failed(d, e)
-        except _StopServing as e:
-            d.state = "lost count"
+        except StopServing as e:
+            d.state = Lifecycle.STOPPED
             self.log.warning(
                 "console %d (%s): %s; the console is no longer served", d.key, d.label, e
             )
@@ -566,10 +404,10 @@ class ConsoleBackend:
                     "console %d (%s): the log file can be written again", d.key, d.label
                 )
                 d.write_error = None
-        if notify and d.state == "connected":
+        if notify and d.state is Lifecycle.CONNECTED:
             self._notify(d)
 
-    def _append(self, d: _Console, ring: ConsoleBack, journal: Journal, n: int) -> bool:
+    def _append(self, d: Console, ring: ConsoleBack, journal: Journal, n: int) -> bool:
         """One append of the ``n`` bytes from ``out_cons`` (see ipc/consif.py); True if the
         guest asked to be notified of the room."""
         cons = ring.out_cons
@@ -586,7 +424,7 @@ class ConsoleBackend:
         d.stats.appends += 1
         return notify
 
-    def _finish(self, d: _Console, entry: JournalEntry) -> tuple[int, bool]:
+    def _finish(self, d: Console, entry: JournalEntry) -> tuple[int, bool]:
         """Finish a pending append: append what did not reach the file, publish the whole
         append, commit.  Returns (bytes appended now, notify the guest?)."""
         ring = d.ring
@@ -641,16 +479,10 @@ class ConsoleBackend:
         d.stats.recovered_bytes += len(rest)
         return len(rest), notify
 
-    def _publish(self, d: _Console, offset: int, data: bytes) -> None:
-        pub = self._pub
-        if pub is None:
-            return
-        try:
-            pub.send_multipart((d.domain.encode(), encode_offset(offset), data), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.publish_errors += 1  # readers catch up from the file
+    def _publish(self, d: Console, offset: int, data: bytes) -> None:
+        self.endpoints.publish(d.domain, offset, data)
 
-    def _write_failed(self, d: _Console, e: OSError) -> None:
+    def _write_failed(self, d: Console, e: OSError) -> None:
         d.stats.write_errors += 1
         d.retry_at = time.monotonic() + RETRY_S
         first = d.write_error is None
@@ -668,30 +500,21 @@ class ConsoleBackend:
     def _retry_stalled(self) -> None:
         now = time.monotonic()
         for d in list(self.devices.values()):
-            if d.write_error is not None and d.state == "connected" and now >= d.retry_at:
+            if d.write_error is not None and d.state is Lifecycle.CONNECTED and now >= d.retry_at:
                 self._pump_out(d)
 
     # -- input ---------------------------------------------------------------------------------
     def _take_input(self) -> None:
-        """Take the input messages waiting on the input socket (all of them: the socket's
-        descriptor only signals new arrivals)."""
-        sock = self._input
-        if sock is None:
-            return
-        taken = 0
-        while taken < MAX_INPUT_MESSAGES:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            taken += 1
+        """Take the input messages waiting on the input socket."""
+        messages = self.endpoints.receive(MAX_INPUT_MESSAGES)
+        for frames in messages:
             self._queue_input(frames)
-        if taken >= MAX_INPUT_MESSAGES:
+        if len(messages) >= MAX_INPUT_MESSAGES:
             for key in self.devices:  # come back next round: kick() takes input too
                 self.host.kick_again(key)
                 break
 
-    def _queue_input(self, frames: list[bytes]) -> _Console | None:
+    def _queue_input(self, frames: list[bytes]) -> Console | None:
         if len(frames) != 2:
             self._malformed(f"{len(frames)} frames, expected 2 ([domain, bytes])")
             return None
@@ -703,7 +526,7 @@ class ConsoleBackend:
         data = frames[1]
         key = self._by_domain.get(domain)
         d = self.devices.get(key) if key is not None else None
-        if d is None or d.state in ("closed", "broken"):
+        if d is None or d.state in (Lifecycle.CLOSED, Lifecycle.BROKEN):
             self.unknown_input += len(data)
             self.unknown_messages += 1
             if self.unknown_messages <= 20 or self.unknown_messages % 1000 == 0:
@@ -719,7 +542,7 @@ class ConsoleBackend:
         keep = max(0, self.input_queue_bytes + consif.IN_SIZE - len(d.inq))
         dropped = max(0, len(data) - keep)
         d.inq += data[:keep]
-        if d.state == "connected":
+        if d.state is Lifecycle.CONNECTED:
             self._push_in(d)  # what fits goes into the ring at once
         excess = len(d.inq) - self.input_queue_bytes
         if excess > 0:  # the newest bytes go
@@ -748,7 +571,7 @@ class ConsoleBackend:
                 "ignoring a malformed input message: %s (%d so far)", why, self.malformed_input
             )
 
-    def _push_in(self, d: _Console) -> None:
+    def _push_in(self, d: Console) -> None:
         """Move queued input into the ring as far as it has room."""
         ring = d.ring
         assert ring is not None
@@ -770,57 +593,15 @@ class ConsoleBackend:
         if notify:
             self._notify(d)
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _notify(self, d: _Console) -> None:
+    def _notify(self, d: Console) -> None:
         d.stats.notifications += 1
         self.host.notify(d.key)
 
-    def _break(self, d: _Console, message: str) -> None:
-        d.state = "broken"
-        d.ring = None
-        d.journal = None
-        d.inq.clear()
-        self.faults += 1
-        self.host.fault(d.key, message)
-
-    def _drop(self, d: _Console) -> None:
-        """Let go of a console: its log file and its segment."""
-        self.devices.pop(d.key, None)
-        if self._by_domain.get(d.domain) == d.key:
-            del self._by_domain[d.domain]
-        d.state = "closed"
-        d.ring = None
-        d.journal = None
-        with contextlib.suppress(OSError):
-            os.close(d.fd)
-        d.journal_view.release()
-        d.region.release()
-        d.mem.release()
-        try:
-            d.segment.close()
-        except BufferError:
-            gc.collect()  # a view may sit in a reference cycle
-            try:
-                d.segment.close()
-            except BufferError:
-                self.log.error(
-                    "console %d: segment %s is still referenced; it stays mapped "
-                    "until those references go",
-                    d.key,
-                    d.segment.name,
-                )
-
     # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
-    def set_faults(self, specs: list[dict[str, Any]]) -> None:
-        """``["faults", specs]``: arm these faults (ValueError if one is bad, or is a type a
-        console driver cannot carry out: a bad response, poison)."""
-        self.injector.load(specs)
-        self._choose_write()
-
-    def _choose_write(self) -> None:
+    def faults_changed(self) -> None:
         self._write = self._write_injecting if self.injector.armed else self._write_all
 
-    def _write_injecting(self, d: _Console, data: bytes) -> None:
+    def _write_injecting(self, d: Console, data: bytes) -> None:
         """``_write`` while a fault is armed: ask the injector about this append."""
         f = self.injector.pick(
             RequestInfo(
@@ -830,19 +611,19 @@ class ConsoleBackend:
         if f is None:
             self._write_all(d, data)
             return
-        self._choose_write()  # from the next append on: no more questions, if it is spent
+        self.faults_changed()  # from the next append on: no more questions, if it is spent
         self.host.fault_fired(f.id, f.type, d.label)
         self._carry_out(f, d, data)
 
     @staticmethod
-    def _position(d: _Console, n: int) -> int:
+    def _position(d: Console, n: int) -> int:
         """Where in the domain's output stream the ``n`` bytes being written start: the end
         of the append in progress (the journal's pending entry) less ``n``."""
         ring, journal = d.ring, d.journal
         entry = journal.pending(ring.out_cons) if ring is not None and journal is not None else None
         return 0 if entry is None else (entry.cons_at + entry.length - n) & _MASK
 
-    def _carry_out(self, f: Fault, d: _Console, data: bytes) -> None:
+    def _carry_out(self, f: Fault, d: Console, data: bytes) -> None:
         """Write ``data`` (the bytes of an append) as fault ``f`` says."""
         kind = f.type
         if kind in _DYING:
@@ -853,7 +634,7 @@ class ConsoleBackend:
         elif kind == "slow":
             time.sleep(self.injector.delay_s(f))
         elif kind == "drop":
-            raise _StopServing(
+            raise StopServing(
                 f"fault {f.id}: drop (an append of {len(data)} bytes is never "
                 "written, and the output is not consumed any more)"
             )
@@ -873,126 +654,54 @@ class ConsoleBackend:
             self.host.carry_out(kind)
         self._write_all(d, data)
 
-    # -- statistics ----------------------------------------------------------------------------
-    def statistics(self) -> dict[str, int | float | str]:
-        """Totals, then per domain ``<domain>.out_bytes``, ``.in_bytes``, ``.in_dropped`` (the
-        host reports the first 64 values)."""
-        devs = list(self.devices.values())
-        out: dict[str, int | float | str] = {"devices": len(devs)}
-        for f in fields(ConsoleStats):
-            out[f.name] = sum(getattr(d.stats, f.name) for d in devs)
-        out["in_queued"] = sum(len(d.inq) for d in devs)
-        out["unknown_input"] = self.unknown_input
-        out["malformed_input"] = self.malformed_input
-        out["faults"] = self.faults
-        for d in sorted(devs, key=lambda d: d.domain):
-            out[f"{d.domain}.out_bytes"] = d.stats.out_bytes
-            out[f"{d.domain}.in_bytes"] = d.stats.in_bytes
-            out[f"{d.domain}.in_dropped"] = d.stats.in_dropped
-        return out
+    # -- statistics (the base's hooks) -------------------------------------------------------
+    def backend_statistics(self) -> dict[str, int | float | str]:
+        return {
+            "in_queued": sum(len(d.inq) for d in self.devices.values()),
+            "unknown_input": self.unknown_input,
+            "malformed_input": self.malformed_input,
+            "faults": self.faults,
+        }
 
-    # -- hot swap ------------------------------------------------------------------------------
-    def save(self) -> BackendState:
-        """Every console: its log file, counters and queued input (hex)."""
-        devices: list[DeviceState] = []
-        for d in self.devices.values():
-            if d.state in ("closed", "broken"):
-                continue
-            home = Medium("file", str(d.log_path))
-            devices.append(
-                DeviceState(
-                    d.key,
-                    d.label,
-                    home,
-                    d.scratch,
-                    home,
-                    {
-                        "domain": d.domain,
-                        "stats": {f.name: getattr(d.stats, f.name) for f in fields(ConsoleStats)},
-                        "input": bytes(d.inq).hex(),
-                    },
-                )
-            )
-        for key, (stats, queued) in self._restored.items():
-            devices.append(
-                DeviceState(
-                    key,
-                    f"?/{consif.DEVICE_NAME}",
-                    Medium("file", str(self.log_dir)),
-                    "",
-                    Medium("file", str(self.log_dir)),
-                    {"domain": "", "stats": vars(stats).copy(), "input": queued.hex()},
-                )
-            )
-        return BackendState(
-            self.state_kind,
-            self.state_version,
-            self.implementation,
-            tuple(sorted(devices, key=lambda s: s.key)),
-            {"log_dir": str(self.log_dir), "socket_dir": str(self.socket_dir)},
-        )
+    def statistics_label(self, d: Console) -> str:
+        return d.domain  # <domain>.out_bytes, .in_bytes, .in_dropped
 
-    def suspend(self) -> None:
-        """Let every console go and release the endpoints for the next implementation.  The
-        rings keep what the guests write meanwhile; the journal stays in the segments."""
-        for d in list(self.devices.values()):
-            self._drop(d)
-        self._close_sockets()
-        self.log.info("suspended: every console released for the next implementation")
+    # -- hot swap (the base's hooks; persist.py) -----------------------------------------------
+    def carries(self, d: Console) -> bool:
+        return d.state not in (Lifecycle.CLOSED, Lifecycle.BROKEN)
 
-    @classmethod
-    def upgrade_state(cls, state: BackendState) -> BackendState:
-        raise StateError(
-            f"{cls.__name__} (state version {cls.state_version}) has no "
-            f"upgrade_state hook for version {state.version} states"
-        )
+    def device_media(self, d: Console) -> tuple[Medium, Medium]:
+        medium = persist.log_medium(d.log_path)
+        return medium, medium
 
-    def restore(self, state: BackendState) -> None:
-        """Take over from ``state`` (StateError if it cannot): counters and queued input per
-        device, applied when the kernel attaches the device again."""
-        state = accept(
-            state,
-            kind=self.state_kind,
-            version=self.state_version,
-            who=self.implementation,
-            upgrade=type(self).upgrade_state,
-        )
-        restored: dict[int, tuple[ConsoleStats, bytes]] = {}
-        for dev in state.devices:
-            where = f"state of console {dev.key}"
-            raw_stats = dev.data.get("stats", {})
-            queued = dev.data.get("input", "")
-            if not isinstance(raw_stats, dict) or not isinstance(queued, str):
-                raise StateError(f"{where}: data.stats must be a map and data.input a hex string")
-            try:
-                data = bytes.fromhex(queued)
-            except ValueError:
-                raise StateError(f"{where}: data.input is not a hex string") from None
-            stats = ConsoleStats()
-            for f in fields(ConsoleStats):
-                v = raw_stats.get(f.name, 0)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise StateError(
-                        f"{where}: data.stats.{f.name} must be an integer >= 0, got {v!r:.40}"
-                    )
-                setattr(stats, f.name, v)
-            restored[dev.key] = (stats, data[: max(self.input_queue_bytes, 0)])
-        old_dir = state.data.get("log_dir")
-        if isinstance(old_dir, str) and old_dir != str(self.log_dir):
-            self.log.warning(
-                "the previous implementation logged to %s, this one logs to %s: "
-                "an append it left undone is written again in full",
-                old_dir,
-                self.log_dir,
-            )
-        self._restored.update(restored)
-        self.log.info(
-            "restored %d console(s) from the state of %s (version %d)",
-            len(restored),
-            state.implementation,
-            state.version,
-        )
+    def device_data(self, d: Console) -> dict[str, Any]:
+        return persist.device_data(d.domain, d.stats, d.inq)
+
+    def restore_device(self, saved: DeviceState) -> DeviceState:
+        return persist.checked(saved, self.stats_type, self.input_queue_bytes)
+
+    def restore_data(self, d: Console, data: dict[str, Any]) -> None:
+        d.inq += persist.restore(data, d.stats)
+
+    def backend_data(self) -> dict[str, Any]:
+        return persist.backend_data(self.log_dir, self.socket_dir)
+
+    def restore_backend_data(self, data: dict[str, Any]) -> None:
+        persist.check_backend_data(data, self.log_dir, self.log)
 
 
 class Backend(ConsoleBackend):
     """``drivers.console``: the console driver."""
+
+
+__all__ = [
+    "INPUT_NAME",
+    "MAX_SOCKET_PATH",
+    "OPTIONS",
+    "PUB_NAME",
+    "Backend",
+    "Console",
+    "ConsoleBackend",
+    "ConsoleStats",
+    "SimulatedCrash",
+]

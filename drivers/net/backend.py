@@ -52,25 +52,32 @@ flagged executing (so ``poison`` ends as a poison answer), a delay, a leak, a tx
 given (``drop``, ``bad_index``: the vif's tx ring is no longer served), a spoiled tx response
 (``bad_id``, ``bad_status``, ``duplicate``), or one flipped byte in the frame every destination
 gets (``corrupt_data``).  ``bad_op`` is refused: tx responses carry no operation.
+
+The vif's side of what every backend shares is drivers/backendbase.py's: a vif is a
+:class:`Vif` (a :class:`~drivers.backendbase.BaseDevice`); the base checks the options and the
+attach message, maps the segment (:meth:`NetBackend.check_region`: the vif geometry), runs the
+frontend-state machine and calls :meth:`NetBackend.connect` (both rings, the in-flight and
+delivery logs), :meth:`NetBackend.service` (a kick) and :meth:`NetBackend.disconnect` (the vif
+stops being a port).  The uplink is :mod:`drivers.net.uplink`, the MAC tables
+:mod:`drivers.net.switch`, what a hot swap carries :mod:`drivers.net.persist`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import ipaddress
 import math
-import re
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol
 
-from drivers.backendkit import Host, int_option, msg_field, refuse
-from drivers.faults import Fault, Injector, RequestInfo, fault_classes
-from drivers.net import tap as tapmod
+from devices import vif as vifclass
+from drivers.backendbase import Attach, BackendBase, BaseDevice, Lifecycle
+from drivers.backendkit import int_option, msg_field
+from drivers.faults import Fault, RequestInfo
+from drivers.net import persist
 from drivers.net.switch import (
     MAX_PORTS,
     UPLINK,
@@ -79,12 +86,12 @@ from drivers.net.switch import (
     is_multicast,
     source_problem,
 )
-from drivers.state import BackendState, StateError, accept
+from drivers.net.uplink import DEFAULT_HOST_ADDR, Uplink, check_bridge
+from drivers.state import BackendState, accept
 from ipc import netif
 from ipc.netif import FrameError
 from ipc.ring import BackRing, InflightLog, InflightRecord, RingError, inflight_bytes
 from ipc.shm import Segment
-from ipc.store import DevState
 
 _MASK: Final = (1 << 64) - 1
 _HALF: Final = 1 << 63
@@ -102,21 +109,12 @@ RX_QUEUE_FRAMES: Final = 256
 _TURN_FRAMES: Final = 256
 #: tx requests taken before the responses and rx rings are published.
 _MAX_BATCH: Final = 64
-#: Frames read from the TAP per readable().
-_UPLINK_READ: Final = 256
-#: Seconds between attempts to open the TAP after a failure.
-TAP_RETRY_S: Final = 1.0
-DEFAULT_HOST_ADDR: Final = "198.18.0.1/15"
-#: Where guest traffic may go (devices/vif.py keeps guests inside the same ranges).
-ALLOWED_NETS: Final = (
-    ipaddress.IPv4Network("198.18.0.0/15"),
-    ipaddress.IPv4Network("169.254.0.0/16"),
-)
-_BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 _pack_tx_rsp = netif.encode_tx_response
 _pack_rx_rsp = netif.encode_rx_response
 _OKAY: Final = netif.STATUS_OKAY
 _ERROR: Final = netif.STATUS_ERROR
+#: The states in which a vif is a port of its bridge (or about to be one again).
+_PORT: Final = (Lifecycle.CONNECTED, Lifecycle.WAITING)
 
 OPTIONS: dict[str, str] = {
     "uplink": '"none" (default): guests reach only each other; "tap": a TAP uplink in a '
@@ -155,17 +153,6 @@ class VifStats:
 
 
 COUNTERS: Final = tuple(f.name for f in dataclasses.fields(VifStats))
-
-
-@dataclass
-class UplinkStats:
-    """Counters of the uplink port itself."""
-
-    frames_in: int = 0  # frames read from the TAP and switched
-    frames_out: int = 0  # frames written to the TAP
-    drops: int = 0  # frames for the TAP it did not take (queue full, down, not open)
-    bad: int = 0  # frames read from the TAP of a bad size or with a multicast source
-    spoofed: int = 0  # frames read from the TAP with a guest's MAC as their source
 
 
 def delivered(rsp_prod: int, index: int) -> bool:
@@ -241,7 +228,7 @@ class DeliveryLog:
 class _Held:
     """A tx request in flight until its PENDING destinations have the frame (or gave up)."""
 
-    source: _Vif
+    source: Vif
     index: int
     id: int
     frame: bytes
@@ -259,28 +246,24 @@ class _Queued:
 
 
 @dataclass(eq=False)
-class _Vif:
-    key: int
-    label: str  # "domain/vdev" for messages
-    store: str
-    mac: bytes
-    bridge: str
-    segment: Segment
-    mem: memoryview  # the whole segment
-    region: memoryview  # the guest's window
-    dlog: DeliveryLog
+class Vif(BaseDevice):
+    """A vif: the base's device (its attach message, segment and :class:`Lifecycle` state)
+    with its rings, logs and the frames that wait for it."""
+
+    stats: VifStats = field(default_factory=VifStats)
+    #: Its MAC address and bridge, and the guest's IPv4 address (vif ip=), for the host's
+    #: neighbour entry through the uplink (set by ``open_device``).
+    mac: bytes = field(init=False)
+    bridge: str = field(init=False)
+    ip: str | None = None
+    dlog: DeliveryLog = field(init=False)
     #: tx indices pending in the in-flight log when this instance attached the vif
-    live: frozenset[int]
-    #: waiting (for the frontend) | connected | closed | broken
-    state: str = "waiting"
+    live: frozenset[int] = frozenset()
     #: its rings had been used when this instance attached it (it is resuming after a restart)
     was_used: bool = False
-    #: the guest's IPv4 address (vif ip=), for the host's neighbour entry through the uplink
-    ip: str | None = None
     tx: BackRing | None = None
     rx: BackRing | None = None
     inflight: InflightLog | None = None
-    stats: VifStats = field(default_factory=VifStats)
     #: frames for this vif waiting for rx buffers, oldest first
     queue: deque[_Held | _Queued] = field(default_factory=deque)
     queued_frames: int = 0  # _Queued items in queue
@@ -304,7 +287,7 @@ class _Forward(Protocol):
     """Switches the tx request at ``index`` of vif ``s``: True if it is answered, False if it
     is held (``NetBackend._forward``)."""
 
-    def __call__(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool: ...
+    def __call__(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -338,42 +321,11 @@ class _Batch:
     """What one handler changed: rings to publish, records to retire, vifs to look at again."""
 
     def __init__(self) -> None:
-        self.rx: dict[int, _Vif] = {}
-        self.tx: dict[int, _Vif] = {}
-        self.ended: list[tuple[_Vif, int]] = []
-        self.unblocked: dict[int, _Vif] = {}
-        self.starved: dict[int, _Vif] = {}
-
-
-def check_bridge(name: object, what: str = "bridge") -> str:
-    if not isinstance(name, str) or not _BRIDGE_RE.match(name):
-        raise ValueError(
-            f"{what} must be a short lower-case name (a letter first, at most 15 "
-            f"letters, digits, '_', '-'), e.g. br0; got {name!r}"
-        )
-    return name
-
-
-def check_host_addr(value: object) -> str:
-    """``value`` as ``address/prefix`` if it is one inside the guests' ranges."""
-    if not isinstance(value, str) or "/" not in value:
-        raise ValueError(
-            f"host_addr must be an IPv4 address with a prefix length, like "
-            f"{DEFAULT_HOST_ADDR}; got {value!r}"
-        )
-    try:
-        iface = ipaddress.IPv4Interface(value)
-    except ValueError:
-        raise ValueError(
-            f"host_addr {value!r} is not an IPv4 address with a prefix length, "
-            f"like {DEFAULT_HOST_ADDR}"
-        ) from None
-    if not any(iface.ip in net for net in ALLOWED_NETS):
-        raise ValueError(
-            f"host_addr {value} is outside 198.18.0.0/15 and 169.254.0.0/16, the "
-            "ranges guests use; guest traffic must never reach a real network"
-        )
-    return str(iface)
+        self.rx: dict[int, Vif] = {}
+        self.tx: dict[int, Vif] = {}
+        self.ended: list[tuple[Vif, int]] = []
+        self.unblocked: dict[int, Vif] = {}
+        self.starved: dict[int, Vif] = {}
 
 
 def describe_tx(raw: bytes) -> tuple[int, str]:
@@ -385,80 +337,36 @@ def describe_tx(raw: bytes) -> tuple[int, str]:
     return rid, f"tx frame id={rid:#x} offset={off:#x} size={size}"
 
 
-class NetBackend:
+class NetBackend(BackendBase[Vif]):
     """The switch (see the module docstring).  ``drivers.host`` builds it with ``(host,
     options)``; :data:`OPTIONS` lists the options."""
 
+    device_class = vifclass.CLASS
+    device_type = Vif
+    stats_type = VifStats
     OPTIONS: ClassVar[dict[str, str]] = OPTIONS
     state_kind: ClassVar[str] = "isovisor.net"
     state_version: ClassVar[int] = 1
+    STATISTICS: ClassVar[tuple[str, ...]] = COUNTERS
+    DEVICE_STATISTICS: ClassVar[tuple[str, ...]] = COUNTERS
 
-    def __init__(self, host: Host, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
-            raise ValueError(
-                f"unknown net backend option(s) {', '.join(unknown)}; allowed: {allowed}"
-            )
-        self.host = host
-        self.log = host.log
-        self.name = host.name
-        self.implementation: str = (
-            getattr(host, "implementation", None)
-            or f"{type(self).__module__}:{type(self).__qualname__}"
-        )
-        self.options = dict(options)
-        uplink = options.get("uplink", "none")
-        if uplink not in ("none", "tap"):
-            raise ValueError(f'uplink must be "none" or "tap", got {uplink!r}')
-        self.uplink_mode: str = uplink
-        if uplink == "none":
-            given = [k for k in _UPLINK_ONLY if k in options]
-            if given:
-                raise ValueError(
-                    f"option(s) {', '.join(given)} apply only with uplink = "
-                    '"tap" (uplink is "none")'
-                )
-        tap = options.get("tap", f"iv{host.name}")
-        if "tap" not in options and len(tap) > tapmod.IFNAME_MAX:
-            raise ValueError(
-                f'the default TAP name {tap!r} ("iv" + the driver name) is '
-                f"longer than {tapmod.IFNAME_MAX} characters: set option tap"
-            )
-        self.tap_name = tapmod.check_ifname(tap, "tap")
-        self.netns = tapmod.check_netns(options.get("netns", f"isovisor-{host.name}"), "netns")
-        self.host_addr = check_host_addr(options.get("host_addr", DEFAULT_HOST_ADDR))
-        self.uplink_bridge = check_bridge(options.get("bridge", "br0"))
+    def configure(self, options: dict[str, Any]) -> None:
+        self.name = self.host.name
+        self.uplink = Uplink(self.host.name, options, self.log, lambda: self.clock())
         self.rx_wait_s = int_option(options, "rx_wait_ms", 500, 0, 60_000) / 1000
         self.poison_after = int_option(options, "poison_after", 3, 1, 100)
         self.mac_age_s = float(int_option(options, "mac_age_s", 300, 1, 86_400))
-        if uplink == "tap":
-            problem = tapmod.privilege_problem()
-            if problem is not None:
-                raise ValueError(f'uplink = "tap" cannot work in this driver: {problem}')
+        self.uplink.check_privilege()
         #: Seconds on a monotonic clock (tests replace it to make time pass).
         self.clock: Callable[[], float] = time.monotonic
-        self.vifs: dict[int, _Vif] = {}
         self.bridges: dict[str, Bridge] = {}
-        self.tap: tapmod.Tap | None = None
-        #: The namespace was created by this instance (cleanup() may remove it).
-        self.netns_created = False
-        self.uplink = UplinkStats()
-        self._tap_retry_at = 0.0
-        self._tap_failures = 0
-        #: ip -> mac of the permanent neighbour entries installed on the TAP (or being installed)
-        self._neighbors: dict[str, str] = {}
-        self._uplink_logged = 0
         #: (bridge, MAC) -> the vif that owns it
         self._owners: dict[tuple[str, bytes], int] = {}
         #: key -> the vif's published rx rsp_prod when this instance first mapped it
         self._base: dict[int, int] = {}
         #: (source, destination) pairs whose old delivery records were resolved
         self._resolved: set[tuple[int, int]] = set()
-        #: counters carried over a hot swap, until the vif is attached again
-        self._carried: dict[int, dict[str, int]] = {}
-        #: Faults armed by the supervisor (drivers/faults.py), and response faults due.
-        self.injector = Injector(fclass=fault_classes()["vif"])
+        #: Response faults due (the injector is the base's).
         self._spoil: dict[int, _Spoil] = {}
         #: Switches one tx request: ``_forward``, or ``_forward_injecting`` while a fault is
         #: armed or due (so an unarmed switch pays nothing for the feature).
@@ -467,19 +375,19 @@ class NetBackend:
     # -- the host loop's hooks -------------------------------------------------------------------
     def fds(self) -> list[int]:
         """Descriptors the host loop polls for reading beside the kernel's messages."""
-        return [self.tap.fileno()] if self.tap is not None else []
+        return self.uplink.fds()
 
     def readable(self, fd: int) -> None:
         """``fd`` (one of :meth:`fds`) can be read: switch what the TAP has."""
-        if self.tap is not None and fd == self.tap.fileno():
+        if fd in self.uplink.fds():
             self._from_tap()
 
     def timer_ms(self) -> int | None:
         """Milliseconds until :meth:`timer` has something to do (a frame's wait ends, or the
         TAP is to be tried again); None if nothing is due."""
-        due = [v.queue[0].deadline for v in self.vifs.values() if v.queue]
+        due = [v.queue[0].deadline for v in self.devices.values() if v.queue]
         if self._tap_wanted():
-            due.append(self._tap_retry_at)
+            due.append(self.uplink.retry_at)
         if not due:
             return None
         return max(0, math.ceil((min(due) - self.clock()) * 1000 - 1e-6))
@@ -489,383 +397,108 @@ class NetBackend:
         b = _Batch()
         self._expire(b)
         self._settle(b)
-        if self._tap_wanted() and self.clock() >= self._tap_retry_at:
-            self._open_tap()
+        self._retry_tap()
 
-    # -- kernel messages -------------------------------------------------------------------------
-    def attach(self, dev: dict[str, Any]) -> None:
-        key = dev.get("key")
-        store = dev.get("store")
-        if isinstance(key, int) and key in self.vifs:
-            self.log.warning("vif %d attached again: dropping the old attachment", key)
-            self.detach(key)
-        try:
-            key = msg_field(dev, "key", int)
-            store = msg_field(dev, "store", str).rstrip("/")
-            if key == UPLINK or key < 0:
-                raise ValueError(f"device key {key} is not allowed (0 names the uplink)")
-            label = f"{dev.get('domain', '?')}/{dev.get('vdev', '?')}"
-            seg_name = msg_field(dev, "segment", str)
-            window = msg_field(dev, "window", int)
-            inflight_offset = msg_field(dev, "inflight_offset", int)
-            cls = dev.get("class", "vif")
-            if cls != "vif":
-                raise ValueError(
-                    f"attach class {cls!r}: this driver serves network interfaces (class 'vif')"
-                )
-            if window != netif.WINDOW_BYTES:
-                raise ValueError(
-                    f"window {window:#x} is not a vif region's {netif.WINDOW_BYTES:#x} bytes"
-                )
-            if inflight_offset != netif.INFLIGHT_OFFSET:
-                raise ValueError(
-                    f"in-flight log offset {inflight_offset:#x} is not a vif "
-                    f"region's {netif.INFLIGHT_OFFSET:#x}"
-                )
-            vif = msg_field(dev, "vif", dict)
-            mac_text = msg_field(vif, "mac", str, "attach vif")
-            mac = netif.parse_mac(mac_text)
-            bridge = check_bridge(vif.get("bridge", "br0"), "vif bridge")
-            ip = vif.get("ip")
-            if ip is not None and (
-                not isinstance(ip, str) or ipaddress.ip_address(ip).version != 4
-            ):
-                raise ValueError(f"attach vif ip {ip!r} is not an IPv4 address")
-        except ValueError as e:
-            self._refuse(key, store, str(e))
-            return
+    # -- the base's hooks: attaching -------------------------------------------------------------
+    def wrong_class(self, cls: str) -> str:
+        return f"attach class {cls!r}: this driver serves network interfaces (class 'vif')"
+
+    def check_region(self, a: Attach, segment: Segment) -> str | None:
+        if a.window != netif.WINDOW_BYTES:
+            return f"window {a.window:#x} is not a vif region's {netif.WINDOW_BYTES:#x} bytes"
+        if a.inflight_offset != netif.INFLIGHT_OFFSET:
+            return (
+                f"in-flight log offset {a.inflight_offset:#x} is not a vif "
+                f"region's {netif.INFLIGHT_OFFSET:#x}"
+            )
+        if segment.size < netif.SEGMENT_END:
+            return (
+                f"segment {a.segment} has {segment.size:#x} bytes; a vif "
+                f"region needs {netif.SEGMENT_END:#x}"
+            )
+        return None
+
+    def open_device(self, v: Vif) -> None:
+        """The vif's own checks (key, MAC, bridge, ip; a MAC used on the bridge already; a
+        full bridge), then its logs looked at: what a predecessor left in flight."""
+        a = v.attach
+        if a.key == UPLINK or a.key < 0:
+            raise ValueError(f"device key {a.key} is not allowed (0 names the uplink)")
+        spec = msg_field(a.body, "vif", dict)
+        mac = netif.parse_mac(msg_field(spec, "mac", str, "attach vif"))
+        bridge = check_bridge(spec.get("bridge", "br0"), "vif bridge")
+        ip = spec.get("ip")
+        if ip is not None and (not isinstance(ip, str) or ipaddress.ip_address(ip).version != 4):
+            raise ValueError(f"attach vif ip {ip!r} is not an IPv4 address")
         owner = self._owners.get((bridge, mac))
         if owner is not None:
-            self._refuse(
-                key,
-                store,
+            raise ValueError(
                 f"MAC {netif.format_mac(mac)} is used on bridge {bridge} "
-                f"by {self.vifs[owner].label} already",
+                f"by {self.devices[owner].label} already"
             )
-            return
-        on_bridge = sum(1 for v in self.vifs.values() if v.bridge == bridge)
-        uplink_too = self.uplink_mode == "tap" and bridge == self.uplink_bridge
+        on_bridge = sum(1 for d in self.devices.values() if d.bridge == bridge)
+        uplink_too = self.uplink.mode == "tap" and bridge == self.uplink.bridge
         if on_bridge + uplink_too >= MAX_PORTS:
-            self._refuse(
-                key,
-                store,
+            raise ValueError(
                 f"bridge {bridge} is full: {on_bridge} vifs"
                 f"{' and the uplink' if uplink_too else ''} already, and "
                 f"a frame flooded on a bridge reaches at most "
                 f"{netif.MAX_DESTINATIONS} other ports; put this vif on "
-                "another bridge",
+                "another bridge"
             )
-            return
         try:
-            segment = Segment(seg_name, 0, create=False)
-        except Exception as e:
-            self._refuse(key, store, f"cannot map device segment {seg_name}: {e}")
-            return
-        if segment.size < netif.SEGMENT_END:
-            segment.close()
-            self._refuse(
-                key,
-                store,
-                f"segment {seg_name} has {segment.size:#x} bytes; a vif "
-                f"region needs {netif.SEGMENT_END:#x}",
-            )
-            return
-        mem = memoryview(segment.buf)
-        if key not in self._base:
-            self._base[key] = int.from_bytes(mem[_RX_RSP_PROD : _RX_RSP_PROD + 8], "little")
+            self.host.store_write(f"{a.store}/mac", netif.format_mac(mac))
+        except ValueError as e:
+            raise ValueError(f"cannot publish the vif parameters: {e}") from None
+        v.mac, v.bridge, v.ip = mac, bridge, ip
+        mem = v.mem
+        if a.key not in self._base:
+            self._base[a.key] = int.from_bytes(mem[_RX_RSP_PROD : _RX_RSP_PROD + 8], "little")
         log = InflightLog(
             mem[netif.INFLIGHT_OFFSET : netif.INFLIGHT_OFFSET + _INFLIGHT_BYTES], _SLOTS, _SLOT
         )
-        live = frozenset(r.index for r in log.pending())
+        v.live = frozenset(r.index for r in log.pending())
         del log
-        used = any(mem[o : o + 8] != bytes(8) for o in (netif.TX_RING_OFFSET, netif.RX_RING_OFFSET))
-        v = _Vif(
-            key=key,
-            label=label,
-            store=store,
-            mac=mac,
-            bridge=bridge,
-            segment=segment,
-            mem=mem,
-            region=mem[: netif.WINDOW_BYTES],
-            dlog=DeliveryLog(mem[netif.DELIVERY_OFFSET : netif.SEGMENT_END]),
-            live=live,
-            was_used=used,
-            ip=ip,
+        v.was_used = any(
+            mem[o : o + 8] != bytes(8) for o in (netif.TX_RING_OFFSET, netif.RX_RING_OFFSET)
         )
-        carried = self._carried.pop(key, None)
-        if carried:
-            v.stats = VifStats(**{k: carried.get(k, 0) for k in COUNTERS})
-        self.vifs[key] = v
-        self._owners[(bridge, mac)] = key
+        v.dlog = DeliveryLog(mem[netif.DELIVERY_OFFSET : netif.SEGMENT_END])
+        self._owners[(bridge, mac)] = a.key
         self._resolve(v)
-        try:
-            self.host.store_write(f"{store}/mac", netif.format_mac(mac))
-            self.host.store_write(f"{store}/state", str(int(DevState.INIT_WAIT)))
-        except ValueError as e:
-            self._forget(v)
-            self._release(v)
-            self._refuse(key, None, f"cannot publish the vif parameters: {e}")
-            return
         self.log.info(
-            "vif %d (%s): mac %s on bridge %s, waiting for the frontend",
-            key,
-            label,
-            netif.format_mac(mac),
-            bridge,
+            "vif %d (%s): mac %s on bridge %s", a.key, a.label, netif.format_mac(mac), bridge
         )
+
+    def attached(self, v: Vif) -> None:
         if self._tap_wanted():
             self._open_tap()
         self._sync_neighbors()
 
-    def detach(self, key: int) -> None:
-        """The domain is gone: frames waiting for this vif are given up (their senders get
-        their tx responses), and its region is unmapped."""
-        v = self.vifs.get(key)
-        if v is None:
-            self.log.warning("detach of unknown vif %d", key)
-            return
-        b = _Batch()
-        self._leave(v, b, "closed")
+    def close_device(self, v: Vif, *, handover: bool) -> None:
+        """Unmap what the vif's logs were read through (no ring is touched); the vif leaves
+        the tables.  Detached for good: its neighbour entry goes too."""
         self._forget(v)
-        self._settle(b)
+        v.tx = v.rx = None
+        v.inflight = None
+        v.queue.clear()
+        v.held = None
+        v.dlog.release()
+        if not handover:
+            self._sync_neighbors()
+
+    def summary(self, v: Vif) -> str:
         s = v.stats
-        self.log.info(
-            "vif %d (%s) detached: %d frames sent, %d received, %d bad, %d spoofed, "
-            "%d dropped for a full rx ring",
-            key,
-            v.label,
-            s.tx_frames,
-            s.rx_frames,
-            s.bad_frames,
-            s.spoofed,
-            s.rx_full_drops,
+        return (
+            f"{s.tx_frames} frames sent, {s.rx_frames} received, {s.bad_frames} bad, "
+            f"{s.spoofed} spoofed, {s.rx_full_drops} dropped for a full rx ring"
         )
-        self._release(v)
-        self._sync_neighbors()
 
-    def fe_state(self, key: int, state: int) -> None:
-        v = self.vifs.get(key)
-        if v is None:
-            self.log.warning("frontend state %d for unknown vif %d", state, key)
-            return
-        if v.state == "broken":
-            return
-        if state == DevState.INITIALISED:
-            self._connect(v, resume=False)
-        elif state == DevState.CONNECTED and v.state == "waiting":
-            # A new driver instance learns that the frontend is connected already: resume both
-            # rings, redoing what the in-flight log says was unfinished.
-            self._connect(v, resume=True)
-        elif state in (DevState.CLOSING, DevState.CLOSED) and v.state != "closed":
-            b = _Batch()
-            self._leave(v, b, "closed")
-            self._settle(b)
-            self.host.store_write(f"{v.store}/state", str(int(DevState.CLOSED)))
-            self.log.info("vif %d (%s): frontend closed", key, v.label)
-
-    def kick(self, key: int) -> None:
-        """The guest notified: it may have queued frames, posted rx buffers, or both."""
-        v = self.vifs.get(key)
-        if v is None:
-            self.log.debug("kick for unknown vif %d", key)
-            return
-        if v.state != "connected":
-            return
+    # -- the base's hooks: serving ---------------------------------------------------------------
+    def connect(self, v: Vif, *, resume: bool) -> None:
         b = _Batch()
-        self._expire(b)
-        self._drain_queue(v, b)
-        self._serve_tx(v, b)
-        self._settle(b)
-        if self._tap_wanted() and self.clock() >= self._tap_retry_at:
-            self._open_tap()
-
-    def close(self) -> None:
-        """The driver stops: let go of every vif without touching a ring (frames in flight stay
-        in the in-flight logs for the next instance) and close the TAP, which stays (with its
-        namespace) for that instance; :meth:`cleanup` removes them."""
-        for v in list(self.vifs.values()):
-            self._forget(v)
-            self._drop(v)
-            self._release(v)
-        if self.tap is not None:
-            self.tap.close()
-            self.tap = None
-
-    def cleanup(self) -> list[str]:
-        """:meth:`close`, then delete the TAP, and the namespace if this instance created it;
-        what was removed.  For a driver that goes away for good."""
-        self.close()
-        if self.uplink_mode != "tap":
-            return []
-        self.uplink_mode = "none"  # retired: nothing opens the TAP (or its namespace) again
-        # The namespace goes if isovisor created it (tap.py's marker), whichever instance did.
-        try:
-            done = tapmod.remove(self.netns, self.tap_name)
-        except tapmod.TapError as e:
-            self.log.error("uplink: cannot remove the TAP or its namespace: %s", e)
-            return []
-        self.netns_created = False
-        if done:
-            self.log.info("removed %s", ", ".join(done))
-        return done
-
-    # -- hot swap ----------------------------------------------------------------------------------
-    def save(self) -> BackendState:
-        """The MAC tables and the counters (the vifs themselves are attached again by the
-        kernel, and the rings carry everything in flight)."""
-        now = self.clock()
-        vifs = {
-            str(k): {
-                "label": v.label,
-                "mac": netif.format_mac(v.mac),
-                "bridge": v.bridge,
-                "counters": dataclasses.asdict(v.stats),
-            }
-            for k, v in sorted(self.vifs.items())
-        }
-        for k, counters in self._carried.items():
-            vifs.setdefault(str(k), {"counters": counters})
-        return BackendState(
-            self.state_kind,
-            self.state_version,
-            self.implementation,
-            (),
-            {
-                "bridges": {n: b.table.to_wire(now) for n, b in sorted(self.bridges.items())},
-                "vifs": vifs,
-            },
-        )
-
-    def suspend(self) -> None:
-        """Let go of every vif and the TAP for the next implementation; nothing is half-done
-        between two messages (every handler publishes what it did), and a request held for a
-        destination's buffers stays in the in-flight log, redone by the next one."""
-        self.close()
-        self.bridges.clear()
-        self._owners.clear()
-        self.log.info("suspended: every vif and the TAP released for the next implementation")
-
-    def restore(self, state: BackendState) -> None:
-        """Take over the MAC tables and counters of ``state`` (StateError if it cannot)."""
-        state = accept(
-            state,
-            kind=self.state_kind,
-            version=self.state_version,
-            who=self.implementation,
-            upgrade=type(self).upgrade_state,
-        )
-        data = state.data
-        bridges = data.get("bridges", {})
-        vifs = data.get("vifs", {})
-        if not isinstance(bridges, dict):
-            raise StateError(f"state.data.bridges must be a map, got {bridges!r:.60}")
-        if not isinstance(vifs, dict):
-            raise StateError(f"state.data.vifs must be a map, got {vifs!r:.60}")
-        now = self.clock()
-        learned = 0
-        for name, rows in bridges.items():
-            try:
-                check_bridge(name, "state.data.bridges key")
-                learned += self._bridge(name).table.load(rows, now, f"state.data.bridges.{name}")
-            except ValueError as e:
-                raise StateError(str(e)) from None
-        for k, info in vifs.items():
-            where = f"state.data.vifs.{k}"
-            if not isinstance(k, str) or not k.isdigit() or not isinstance(info, dict):
-                raise StateError(f"{where} must be a map under a device key")
-            counters = info.get("counters", {})
-            if not isinstance(counters, dict) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                for n in (counters.get(c, 0) for c in COUNTERS)
-            ):
-                raise StateError(f"{where}.counters must map counter names to integers >= 0")
-            self._carried[int(k)] = {c: int(counters.get(c, 0)) for c in COUNTERS}
-        self.log.info(
-            "restored %d MAC table entries on %d bridge(s) and the counters of %d "
-            "vif(s) from the state of %s (version %d)",
-            learned,
-            len(bridges),
-            len(vifs),
-            state.implementation,
-            state.version,
-        )
-
-    @classmethod
-    def upgrade_state(cls, state: BackendState) -> BackendState:
-        raise StateError(
-            f"{cls.__name__} (state version {cls.state_version}) has no "
-            f"upgrade_state hook for version {state.version} states"
-        )
-
-    # -- statistics ----------------------------------------------------------------------------
-    def statistics(self) -> dict[str, int | float | str]:
-        """Totals first, then the uplink's counters, then each vif's (``domain/vdev.name``);
-        the host passes on the first 64."""
-        vifs = list(self.vifs.values())
-        out: dict[str, int | float | str] = {
-            "vifs": len(vifs),
-            "bridges": len(self.bridges),
-            "mac_entries": sum(len(b.table) for b in self.bridges.values()),
-        }
-        for c in COUNTERS:
-            out[c] = sum(getattr(v.stats, c) for v in vifs)
-        out["notifications"] = sum(v.notifications for v in vifs)
-        if self.uplink_mode == "tap":
-            out["uplink"] = (
-                f"tap {self.tap_name} in {self.netns}"
-                if self.tap is not None
-                else f"tap {self.tap_name}: not open"
-            )
-        else:
-            out["uplink"] = "none"
-        for f in dataclasses.fields(UplinkStats):
-            out[f"uplink_{f.name}"] = getattr(self.uplink, f.name)
-        for v in vifs:
-            for c in COUNTERS:
-                out[f"{v.label}.{c}"] = getattr(v.stats, c)
-        return out
-
-    def stats(self) -> dict[int, VifStats]:
-        return {k: v.stats for k, v in self.vifs.items()}
-
-    # -- attaching -------------------------------------------------------------------------------
-    def _bridge(self, name: str) -> Bridge:
-        br = self.bridges.get(name)
-        if br is None:
-            br = self.bridges[name] = Bridge(name, self.mac_age_s)
-        return br
-
-    def _resolve(self, new: _Vif) -> None:
-        """Decide, for every pair of vifs mapped now that was not decided yet, which entries
-        of the source's old delivery records were delivered (see DeliveryLog.resolve).  Runs
-        when a vif is mapped, so before this instance can push anything into its rx ring."""
-        for s in self.vifs.values():
-            todo = {
-                d.key: self._base[d.key]
-                for d in self.vifs.values()
-                if d is not s and (s.key, d.key) not in self._resolved
-            }
-            if not todo:
-                continue
-            self._resolved.update((s.key, k) for k in todo)
-            if s.live:
-                n = s.dlog.resolve(s.live, todo)
-                if n:
-                    self.log.info(
-                        "vif %d (%s): %d destination(s) of unfinished frames had not got them yet",
-                        s.key,
-                        s.label,
-                        n,
-                    )
-
-    def _refuse(self, key: object, store: object, message: str) -> None:
-        refuse(self.host, self.log, "vif", key, store, message)
-
-    def _connect(self, v: _Vif, *, resume: bool) -> None:
-        b = _Batch()
-        if v.state == "connected":  # the frontend set its rings up again
-            self._leave(v, b, "waiting")
+        if v.state is Lifecycle.CONNECTED:  # the frontend set its rings up again
+            self._leave(v, b)
+            v.state = Lifecycle.WAITING
         try:
             tx = BackRing(v.mem[: netif.RING_BYTES], _SLOTS, _SLOT)
             rx = BackRing(
@@ -877,7 +510,7 @@ class NetBackend:
                 _SLOT,
             )
         except (ValueError, RingError) as e:
-            self._break(v, f"cannot attach the rings: {e}", b)
+            self._fault(v, f"cannot attach the rings: {e}", b)
             self._settle(b)
             return
         if resume:
@@ -892,11 +525,10 @@ class NetBackend:
         try:
             self._bridge(v.bridge).add_port(v.key)
         except BridgeFull as e:  # attach counted the room; cannot happen
-            self._break(v, str(e), b)
+            self._fault(v, str(e), b)
             self._settle(b)
             return
-        v.state = "connected"
-        self.host.store_write(f"{v.store}/state", str(int(DevState.CONNECTED)))
+        self.connected(v)
         self.log.info(
             "vif %d (%s): %s%s",
             v.key,
@@ -917,7 +549,142 @@ class NetBackend:
         self._serve_tx(v, b)
         self._settle(b)
 
-    def _recover(self, v: _Vif, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
+    def service(self, v: Vif) -> None:
+        """The guest notified: it may have queued frames, posted rx buffers, or both."""
+        b = _Batch()
+        self._expire(b)
+        self._drain_queue(v, b)
+        self._serve_tx(v, b)
+        self._settle(b)
+        self._retry_tap()
+
+    def disconnect(self, v: Vif) -> None:
+        """The vif closed, broke or is detached: frames waiting for it are given up (their
+        senders get their tx responses)."""
+        b = _Batch()
+        self._leave(v, b)
+        self._settle(b)
+
+    def hand_over(self, v: Vif) -> None:
+        """Let go of the rings without touching them: what is in flight (a request held for
+        a destination's buffers included) stays in the in-flight log for the next instance."""
+        self._drop(v)
+        v.tx = v.rx = None
+        v.inflight = None
+
+    def faults_changed(self) -> None:
+        self._choose_forward()
+
+    # -- the driver stops ------------------------------------------------------------------------
+    def close(self) -> None:
+        """The driver stops: let go of every vif without touching a ring (frames in flight stay
+        in the in-flight logs for the next instance) and close the TAP, which stays (with its
+        namespace) for that instance; :meth:`cleanup` removes them."""
+        for key in list(self.devices):
+            self._close(self.devices.pop(key), handover=True)
+        self.uplink.close()
+
+    def cleanup(self) -> list[str]:
+        """:meth:`close`, then delete the TAP, and the namespace if this instance created it;
+        what was removed.  For a driver that goes away for good."""
+        self.close()
+        return self.uplink.cleanup()
+
+    # -- hot swap (drivers/net/persist.py) -------------------------------------------------------
+    def device_data(self, v: Vif) -> dict[str, Any]:
+        return persist.vif_data(netif.format_mac(v.mac), v.bridge)
+
+    def save(self) -> BackendState:
+        """The MAC tables and the counters (the vifs themselves are attached again by the
+        kernel, and the rings carry everything in flight)."""
+        return persist.to_state(super().save(), self.bridges, self.clock())
+
+    def suspend(self) -> None:
+        """Let go of every vif and the TAP for the next implementation; nothing is half-done
+        between two messages (every handler publishes what it did), and a request held for a
+        destination's buffers stays in the in-flight log, redone by the next one."""
+        self.close()
+        self.bridges.clear()
+        self._owners.clear()
+        self.log.info("suspended: every vif and the TAP released for the next implementation")
+
+    def restore(self, state: BackendState) -> None:
+        """Take over the MAC tables and counters of ``state`` (StateError if it cannot); the
+        counters of a vif are applied when the kernel attaches it again."""
+        state = accept(
+            state,
+            kind=self.state_kind,
+            version=self.state_version,
+            who=self.implementation,
+            upgrade=type(self).upgrade_state,
+        )
+        learned, bridges, vifs = persist.from_state(state, COUNTERS, self._bridge, self.clock())
+        self._restored.update(vifs)
+        self.log.info(
+            "restored %d MAC table entries on %d bridge(s) and the counters of %d "
+            "vif(s) from the state of %s (version %d)",
+            learned,
+            bridges,
+            len(vifs),
+            state.implementation,
+            state.version,
+        )
+
+    # -- statistics ----------------------------------------------------------------------------
+    def statistics(self) -> dict[str, int | float | str]:
+        """Totals first, then the uplink's counters, then each vif's (``domain/vdev.name``);
+        the host passes on the first 64."""
+        vifs = list(self.devices.values())
+        out: dict[str, int | float | str] = {
+            "vifs": len(vifs),
+            "bridges": len(self.bridges),
+            "mac_entries": sum(len(b.table) for b in self.bridges.values()),
+        }
+        for c in self.STATISTICS:
+            out[c] = sum(getattr(v.stats, c) for v in vifs)
+        out["notifications"] = sum(v.notifications for v in vifs)
+        out.update(self.uplink.statistics())
+        for v in vifs:
+            for c in self.DEVICE_STATISTICS:
+                out[f"{v.label}.{c}"] = getattr(v.stats, c)
+        return out
+
+    def stats(self) -> dict[int, VifStats]:
+        return {k: v.stats for k, v in self.devices.items()}
+
+    # -- attaching -------------------------------------------------------------------------------
+    def _bridge(self, name: str) -> Bridge:
+        br = self.bridges.get(name)
+        if br is None:
+            br = self.bridges[name] = Bridge(name, self.mac_age_s)
+        return br
+
+    def _resolve(self, new: Vif) -> None:
+        """Decide, for every pair of vifs mapped now that was not decided yet, which entries
+        of the source's old delivery records were delivered (see DeliveryLog.resolve).  Runs
+        when a vif is mapped (``new``), so before this instance can push anything into its rx
+        ring."""
+        vifs = [*self.devices.values(), new]
+        for s in vifs:
+            todo = {
+                d.key: self._base[d.key]
+                for d in vifs
+                if d is not s and (s.key, d.key) not in self._resolved
+            }
+            if not todo:
+                continue
+            self._resolved.update((s.key, k) for k in todo)
+            if s.live:
+                n = s.dlog.resolve(s.live, todo)
+                if n:
+                    self.log.info(
+                        "vif %d (%s): %d destination(s) of unfinished frames had not got them yet",
+                        s.key,
+                        s.label,
+                        n,
+                    )
+
+    def _recover(self, v: Vif, ring: BackRing, log: InflightLog) -> list[InflightRecord]:
         """The records of tx requests begun and not answered: the contiguous run from the
         published rsp_prod (others are cleared), in ring order, with a death counted for the
         one found executing; ``ring.req_cons`` moves past the run."""
@@ -949,7 +716,7 @@ class NetBackend:
         return out
 
     # -- leaving -----------------------------------------------------------------------------------
-    def _leave(self, v: _Vif, b: _Batch, state: str) -> None:
+    def _leave(self, v: Vif, b: _Batch) -> None:
         """``v`` stops being a port: frames waiting for it are given up (a sender whose frame
         waits for nothing else gets its tx response), its own held request is forgotten."""
         br = self.bridges.get(v.bridge)
@@ -963,16 +730,15 @@ class NetBackend:
                 if not item.waiting:
                     self._complete(item, b)
         self._drop(v)
-        v.state = state
         v.tx = v.rx = None
         v.inflight = None
 
-    def _drop(self, v: _Vif) -> None:
+    def _drop(self, v: Vif) -> None:
         """Forget ``v``'s own held request and redo work (they stay in its in-flight log)."""
         h = v.held
         if h is not None:
             for key in h.waiting:
-                d = self.vifs.get(key)
+                d = self.devices.get(key)
                 if d is not None and h in d.queue:
                     d.queue.remove(h)
             v.held = None
@@ -980,54 +746,31 @@ class NetBackend:
         v.redo_left.clear()
         v.recovering = False
 
-    def _forget(self, v: _Vif) -> None:
-        self.vifs.pop(v.key, None)
+    def _forget(self, v: Vif) -> None:
+        self.devices.pop(v.key, None)
         if self._owners.get((v.bridge, v.mac)) == v.key:
             del self._owners[(v.bridge, v.mac)]
         br = self.bridges.get(v.bridge)
         if br is not None:
             br.remove_port(v.key)
 
-    def _release(self, v: _Vif) -> None:
-        """Unmap the vif's segment (no ring is touched)."""
-        v.state = "closed"
-        v.tx = v.rx = None
-        v.inflight = None
-        v.queue.clear()
-        v.held = None
-        v.dlog.release()
-        v.region.release()
-        v.mem.release()
-        try:
-            v.segment.close()
-        except BufferError:
-            gc.collect()  # a view may sit in a reference cycle
-            try:
-                v.segment.close()
-            except BufferError:
-                self.log.error(
-                    "vif %d: segment %s is still referenced; it stays mapped until "
-                    "those references go",
-                    v.key,
-                    v.segment.name,
-                )
-
-    def _break(self, v: _Vif, message: str, b: _Batch) -> None:
+    def _fault(self, v: Vif, message: str, b: _Batch) -> None:
         """The guest broke a ring of ``v``: fault it and serve it no more."""
-        self._leave(v, b, "broken")
+        self._leave(v, b)
+        v.state = Lifecycle.BROKEN
         self.host.fault(v.key, message)
 
     # -- the data path ---------------------------------------------------------------------------
-    def _serve_tx(self, s: _Vif, b: _Batch) -> None:
+    def _serve_tx(self, s: Vif, b: _Batch) -> None:
         """Forward ``s``'s tx requests (first those a resume must redo) until its ring is
         empty, a request is held, or its turn is over."""
-        if s.state != "connected" or s.held is not None:
+        if s.state is not Lifecycle.CONNECTED or s.held is not None:
             return
         tx, log = s.tx, s.inflight
         assert tx is not None and log is not None
         budget = _TURN_FRAMES
         try:
-            while s.held is None and s.state == "connected":
+            while s.held is None and s.state is Lifecycle.CONNECTED:
                 if s.backlog:
                     self._redo(s, s.backlog.popleft(), b)
                     budget -= 1
@@ -1047,13 +790,13 @@ class NetBackend:
                         if not self.forward(s, index, raw, b, redo=False):
                             break
                 self._flush(b)
-                if budget <= 0 and s.held is None and s.state == "connected":
+                if budget <= 0 and s.held is None and s.state is Lifecycle.CONNECTED:
                     self.host.kick_again(s.key)  # let the other vifs have a turn
                     return
         except RingError as e:
-            self._break(s, f"tx ring: {e}", b)
+            self._fault(s, f"tx ring: {e}", b)
 
-    def _redo(self, s: _Vif, rec: InflightRecord, b: _Batch) -> None:
+    def _redo(self, s: Vif, rec: InflightRecord, b: _Batch) -> None:
         if rec.deaths >= self.poison_after:
             rid, what = describe_tx(rec.request)
             description = (
@@ -1074,7 +817,7 @@ class NetBackend:
         s.replayed += 1
         self.forward(s, rec.index, rec.request, b, redo=True)
 
-    def _forward(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+    def _forward(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """Switch the tx request at ``index`` (see the module docstring).  True if it is
         answered, False if it is held for destinations without rx buffers."""
         log = s.inflight
@@ -1106,8 +849,11 @@ class NetBackend:
                 # never connected is not: frames are not held for a frontend that may never come.
                 ports += tuple(
                     k
-                    for k, d in self.vifs.items()
-                    if d.bridge == s.bridge and d.state == "waiting" and d.was_used and k != s.key
+                    for k, d in self.devices.items()
+                    if d.bridge == s.bridge
+                    and d.state is Lifecycle.WAITING
+                    and d.was_used
+                    and k != s.key
                 )
             st = s.stats
             st.tx_frames += 1
@@ -1119,11 +865,11 @@ class NetBackend:
                     to_uplink = True
                     entries.append([UPLINK, 0])
                     continue
-                d = self.vifs.get(p)
-                if d is None or d.state not in ("connected", "waiting"):
+                d = self.devices.get(p)
+                if d is None or d.state not in _PORT:
                     continue
-                got = None if d.queue or d.state == "waiting" else self._take_buffer(d, b)
-                if d.state not in ("connected", "waiting"):  # its rx ring was broken
+                got = None if d.queue or d.state is Lifecycle.WAITING else self._take_buffer(d, b)
+                if d.state not in _PORT:  # its rx ring was broken
                     continue
                 if got is not None:
                     reserved[len(entries)] = got
@@ -1139,35 +885,35 @@ class NetBackend:
             for j, (key, k) in enumerate(entries):
                 if key == UPLINK or k != PENDING:
                     continue
-                d = self.vifs.get(key)
-                if d is None or d.state != "connected" or d.queue:
+                d = self.devices.get(key)
+                if d is None or d.state is not Lifecycle.CONNECTED or d.queue:
                     continue
                 got = self._take_buffer(d, b)
-                if got is not None and d.state == "connected":
+                if got is not None and d.state is Lifecycle.CONNECTED:
                     s.dlog.set_index(index, j, got[0])
                     reserved[j] = got
         waiting: dict[int, int] = {}
         for j, (key, k) in enumerate(entries):
             if key == UPLINK:
                 continue
-            d = self.vifs.get(key)
+            d = self.devices.get(key)
             if d is None:
                 continue
             got = reserved.get(j)
             if got is not None:
                 self._put_frame(d, got, frame, b)
-            elif k == PENDING and d.state in ("connected", "waiting"):
+            elif k == PENDING and d.state in _PORT:
                 waiting[key] = j
         if to_uplink:
             self._to_uplink(s, frame)
         if waiting:
             if self.rx_wait_s <= 0:
                 for key in waiting:
-                    self.vifs[key].stats.rx_full_drops += 1
+                    self.devices[key].stats.rx_full_drops += 1
                 return self._answer(s, index, rid, _OKAY, b)
             held = _Held(s, index, rid, frame, waiting, now + self.rx_wait_s)
             for key in waiting:
-                d = self.vifs[key]
+                d = self.devices[key]
                 d.queue.append(held)
                 b.starved[key] = d
             s.held = held
@@ -1175,7 +921,7 @@ class NetBackend:
             return False
         return self._answer(s, index, rid, _OKAY, b)
 
-    def _answer(self, s: _Vif, index: int, rid: int, status: int, b: _Batch) -> bool:
+    def _answer(self, s: Vif, index: int, rid: int, status: int, b: _Batch) -> bool:
         """Queue the tx response for ``index`` (published, and its record retired, at the next
         flush)."""
         tx, log = s.tx, s.inflight
@@ -1186,7 +932,7 @@ class NetBackend:
         b.ended.append((s, index))
         return True
 
-    def _take_buffer(self, d: _Vif, b: _Batch) -> tuple[int, int, int] | None:
+    def _take_buffer(self, d: Vif, b: _Batch) -> tuple[int, int, int] | None:
         """The next good rx buffer ``d`` posted, as (rx index, id, offset), or None if there is
         none.  Junk rx requests are answered with STATUS_ERROR on the way; a bad index breaks
         ``d``."""
@@ -1208,11 +954,11 @@ class NetBackend:
                     continue
                 return k, rid, off
         except RingError as e:
-            self._break(d, f"rx ring: {e}", b)
+            self._fault(d, f"rx ring: {e}", b)
         return None
 
     @staticmethod
-    def _reread(d: _Vif, k: int, raw: bytes) -> bool:
+    def _reread(d: Vif, k: int, raw: bytes) -> bool:
         """Is the rx slot at ``k``, which does not decode as a request, a response the dead
         instance wrote over a good request and never published?  A slot holds a request and
         later its response; a replacement takes the rx ring back from the published rsp_prod,
@@ -1234,7 +980,7 @@ class NetBackend:
             and off + netif.MAX_FRAME <= netif.WINDOW_BYTES
         )
 
-    def _put_frame(self, d: _Vif, got: tuple[int, int, int], frame: bytes, b: _Batch) -> None:
+    def _put_frame(self, d: Vif, got: tuple[int, int, int], frame: bytes, b: _Batch) -> None:
         k, rid, off = got
         rx = d.rx
         assert rx is not None and rx.rsp_prod_pvt == k
@@ -1246,13 +992,13 @@ class NetBackend:
         st.rx_frames += 1
         st.rx_bytes += n
 
-    def _drain_queue(self, d: _Vif, b: _Batch) -> None:
+    def _drain_queue(self, d: Vif, b: _Batch) -> None:
         """Put the frames waiting for ``d`` into the buffers it posted, oldest first; if some
         still wait, ask for a kick when it posts more (the final check)."""
-        while d.queue and d.state == "connected":
+        while d.queue and d.state is Lifecycle.CONNECTED:
             got = self._take_buffer(d, b)
             if got is None:
-                if d.state != "connected":
+                if d.state is not Lifecycle.CONNECTED:
                     return
                 rx = d.rx
                 assert rx is not None
@@ -1260,7 +1006,7 @@ class NetBackend:
                     if rx.final_check_for_requests():
                         continue
                 except RingError as e:
-                    self._break(d, f"rx ring: {e}", b)
+                    self._fault(d, f"rx ring: {e}", b)
                 return
             item = d.queue.popleft()
             if isinstance(item, _Queued):
@@ -1282,7 +1028,7 @@ class NetBackend:
     def _complete(self, held: _Held, b: _Batch) -> None:
         """No destination of a held request waits any more: answer it; its vif may go on."""
         s = held.source
-        if s.held is not held or s.state != "connected":
+        if s.held is not held or s.state is not Lifecycle.CONNECTED:
             return
         s.held = None
         self._answer(s, held.index, held.id, _OKAY, b)
@@ -1291,7 +1037,7 @@ class NetBackend:
     def _expire(self, b: _Batch) -> None:
         """Give up frames that waited ``rx_wait_ms`` for a vif's rx buffers."""
         now = self.clock()
-        for d in list(self.vifs.values()):
+        for d in list(self.devices.values()):
             q = d.queue
             while q and q[0].deadline <= now:
                 item = q.popleft()
@@ -1310,11 +1056,11 @@ class NetBackend:
                 if not item.waiting:
                     self._complete(item, b)
 
-    def _push_rx(self, v: _Vif) -> bool:
+    def _push_rx(self, v: Vif) -> bool:
         rx = v.rx
         return rx is not None and rx.push_responses()
 
-    def _push_tx(self, v: _Vif) -> bool:
+    def _push_tx(self, v: Vif) -> bool:
         tx = v.tx
         return tx is not None and tx.push_responses()
 
@@ -1323,7 +1069,7 @@ class NetBackend:
         asked; then retire the answered requests' in-flight records."""
         if not (b.rx or b.tx or b.ended):
             return
-        notify: dict[int, _Vif] = {}
+        notify: dict[int, Vif] = {}
         for v in b.rx.values():
             if self._push_rx(v):
                 notify[v.key] = v
@@ -1360,7 +1106,7 @@ class NetBackend:
                     self._drain_queue(d, b)
                 continue
             break
-        for v in self.vifs.values():
+        for v in self.devices.values():
             if v.recovering and not v.backlog and not v.redo_left:
                 v.recovering = False
                 self.log.info(
@@ -1368,113 +1114,45 @@ class NetBackend:
                 )
                 self.host.recovered(v.key, v.replayed, v.redo_done_ns)
 
-    # -- the uplink ----------------------------------------------------------------------------
+    # -- the uplink (drivers/net/uplink.py) ------------------------------------------------------
     def _tap_wanted(self) -> bool:
-        return self.uplink_mode == "tap" and self.tap is None and bool(self.vifs)
+        return self.uplink.wanted(bool(self.devices))
+
+    def _retry_tap(self) -> None:
+        if self._tap_wanted() and self.clock() >= self.uplink.retry_at:
+            self._open_tap()
 
     def _open_tap(self) -> None:
-        try:
-            tap, created = tapmod.Tap.open(self.tap_name, self.netns, self.host_addr)
-        except tapmod.TapError as e:
-            self._tap_failures += 1
-            self._tap_retry_at = self.clock() + TAP_RETRY_S
-            if self._tap_failures <= 3 or self._tap_failures % 60 == 0:
-                self.log.error(
-                    "uplink: %s; trying again every %g s (%d attempts so far)",
-                    e,
-                    TAP_RETRY_S,
-                    self._tap_failures,
-                )
-            return
-        self.tap = tap
-        self.netns_created = self.netns_created or created
-        self._tap_failures = 0
-        self._neighbors.clear()  # a new TAP: (re)install every guest's entry
-        self._sync_neighbors()
-        self._bridge(self.uplink_bridge).add_port(UPLINK)
-        self.log.info(
-            "uplink: TAP %s in network namespace %s%s, address %s, on bridge %s",
-            self.tap_name,
-            self.netns,
-            " (created)" if created else "",
-            self.host_addr,
-            self.uplink_bridge,
-        )
+        if self.uplink.open(self.devices.values()):
+            self._bridge(self.uplink.bridge).add_port(UPLINK)
 
     def _sync_neighbors(self) -> None:
-        """Install a permanent neighbour entry on the TAP for each guest with an ip on the
-        uplink's bridge, and remove those of guests that left (tap.set_neighbors says why).
-        The ``ip`` commands run on a thread of their own: they are not on the recovery path,
-        and the entries of a previous instance are still there."""
-        if self.tap is None:
-            return
-        want = {
-            v.ip: netif.format_mac(v.mac)
-            for v in self.vifs.values()
-            if v.ip and v.bridge == self.uplink_bridge
-        }
-        add = [(ip, mac) for ip, mac in want.items() if self._neighbors.get(ip) != mac]
-        remove = [ip for ip in self._neighbors if ip not in want]
-        if not add and not remove:
-            return
-        self._neighbors = dict(want)
-        netns, tap, log = self.netns, self.tap_name, self.log
+        self.uplink.sync_neighbors(self.devices.values())
 
-        def run() -> None:
-            for problem in tapmod.set_neighbors(netns, tap, add, remove):
-                log.warning(
-                    "uplink: cannot set a neighbour entry (the host will use ARP): %s", problem
-                )
-
-        threading.Thread(target=run, name="neighbors", daemon=True).start()
-
-    def _lose_tap(self, why: str) -> None:
-        self.log.error("uplink: %s; closing the TAP and trying again in %g s", why, TAP_RETRY_S)
-        if self.tap is not None:
-            self.tap.close()
-            self.tap = None
-        br = self.bridges.get(self.uplink_bridge)
-        if br is not None:
-            br.remove_port(UPLINK)
-        self._tap_retry_at = self.clock() + TAP_RETRY_S
-
-    def _to_uplink(self, s: _Vif, frame: bytes) -> None:
+    def _to_uplink(self, s: Vif, frame: bytes) -> None:
         """Mark-before-write (the delivery record names the uplink already): at most once."""
-        why = "the TAP is not open" if self.tap is None else self.tap.write(frame)
-        if why is None:
+        if self.uplink.send(frame, s.key):
             s.stats.uplink_tx += 1
-            self.uplink.frames_out += 1
-            return
-        self.uplink.drops += 1
-        self._uplink_logged += 1
-        if self._uplink_logged <= 20 or self._uplink_logged % 1000 == 0:
-            self.log.warning(
-                "uplink: a frame of vif %d dropped: %s [%d dropped so far]",
-                s.key,
-                why,
-                self.uplink.drops,
-            )
 
     def _from_tap(self) -> None:
-        tap = self.tap
-        assert tap is not None
-        try:
-            frames = tap.read_frames(_UPLINK_READ)
-        except tapmod.TapError as e:
-            self._lose_tap(str(e))
+        frames = self.uplink.read()
+        if frames is None:  # the TAP failed: it is closed, and tried again later
+            br = self.bridges.get(self.uplink.bridge)
+            if br is not None:
+                br.remove_port(UPLINK)
             return
         if not frames:
             return
         b = _Batch()
         self._expire(b)
-        bridge = self._bridge(self.uplink_bridge)
+        bridge = self._bridge(self.uplink.bridge)
         now = self.clock()
         for frame in frames:
             self._uplink_frame(bridge, frame, now, b)
         self._settle(b)
 
     def _uplink_frame(self, bridge: Bridge, frame: bytes, now: float, b: _Batch) -> None:
-        up = self.uplink
+        up = self.uplink.stats
         if not netif.MIN_FRAME <= len(frame) <= netif.MAX_FRAME or is_multicast(frame[6:12]):
             up.bad += 1
             return
@@ -1485,14 +1163,14 @@ class NetBackend:
         up.frames_in += 1
         bridge.table.learn(src, UPLINK, now)
         for p in bridge.forward(UPLINK, frame, now).ports:
-            d = self.vifs.get(p)
-            if d is None or d.state != "connected":
+            d = self.devices.get(p)
+            if d is None or d.state is not Lifecycle.CONNECTED:
                 continue
             got = None if d.queue else self._take_buffer(d, b)
             if got is not None:
                 self._put_frame(d, got, frame, b)
                 d.stats.uplink_rx += 1
-            elif d.state == "connected":
+            elif d.state is Lifecycle.CONNECTED:
                 if self.rx_wait_s <= 0 or d.queued_frames >= RX_QUEUE_FRAMES:
                     d.stats.rx_full_drops += 1
                     continue
@@ -1501,19 +1179,13 @@ class NetBackend:
                 b.starved[p] = d
 
     # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
-    def set_faults(self, specs: list[dict[str, Any]]) -> None:
-        """``["faults", specs]``: arm these faults (ValueError if one is bad, or is a type a
-        net driver cannot carry out)."""
-        self.injector.load(specs)
-        self._choose_forward()
-
     def _choose_forward(self) -> None:
-        self._spoil = {k: sp for k, sp in self._spoil.items() if k in self.vifs}
+        self._spoil = {k: sp for k, sp in self._spoil.items() if k in self.devices}
         self.forward = (
             self._forward_injecting if self.injector.armed or self._spoil else self._forward
         )
 
-    def _forward_injecting(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+    def _forward_injecting(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """``forward`` while a fault is armed or due: ask the injector about this tx request
         (a malformed one is left to ``_forward``, which refuses it)."""
         try:
@@ -1529,7 +1201,7 @@ class NetBackend:
         return self._carry_out(f, s, index, raw, b, redo=redo)
 
     def _carry_out(
-        self, f: Fault, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool
+        self, f: Fault, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool
     ) -> bool:
         """Do to the tx request at ``index`` of ``s`` what ``f`` says; True if it is answered
         (as ``_forward``)."""
@@ -1552,7 +1224,7 @@ class NetBackend:
             self.host.carry_out(kind)
         return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
 
-    def _spoiled(self, s: _Vif, index: int, answered: bool) -> bool:
+    def _spoiled(self, s: Vif, index: int, answered: bool) -> bool:
         """Apply the response fault due for ``s`` to the tx response just queued at ``index``
         (not yet published): ``bad_id``/``bad_status`` spoil it; ``duplicate`` keeps a copy of
         it and puts the copy in place of the vif's next response.  Returns ``answered``."""
@@ -1579,7 +1251,7 @@ class NetBackend:
         )
         return answered
 
-    def _stop_tx(self, s: _Vif, index: int, raw: bytes, kind: str, b: _Batch) -> bool:
+    def _stop_tx(self, s: Vif, index: int, raw: bytes, kind: str, b: _Batch) -> bool:
         """``drop`` / ``bad_index``: the request is never answered and ``s`` takes no more tx
         requests (its rx ring is still served), as a backend that lost track of it would.
         ``bad_index`` first publishes what was answered, then a tx ``rsp_prod`` three past the
@@ -1606,7 +1278,7 @@ class NetBackend:
         )
         return False
 
-    def _forward_corrupted(self, s: _Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+    def _forward_corrupted(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
         """``corrupt_data``: switch the frame with its first byte after the Ethernet header
         flipped, so every destination gets the wrong byte (the guest's buffer is put right
         again at once)."""
@@ -1631,7 +1303,7 @@ class NetBackend:
         return self._spoiled(s, index, answered)
 
     # -- logging ---------------------------------------------------------------------------------
-    def _bad(self, v: _Vif, message: str, rid: int) -> None:
+    def _bad(self, v: Vif, message: str, rid: int) -> None:
         """Count a refused request; log the first 20 per vif, then every 1000th."""
         v.stats.bad_frames += 1
         v.bad_logged += 1
@@ -1646,7 +1318,7 @@ class NetBackend:
                 f" [{k} refused so far]" if k > 20 else "",
             )
 
-    def _spoofed(self, v: _Vif, problem: str) -> None:
+    def _spoofed(self, v: Vif, problem: str) -> None:
         v.stats.spoofed += 1
         v.spoof_logged += 1
         k = v.spoof_logged
