@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,15 @@ def wait_event(
         t, p = ev
         if t == topic and all(p.get(k) == v for k, v in (match or {}).items()):
             return p
+
+
+def command_line(p: psutil.Process) -> str:
+    """``p``'s command line, or "" once it has ended (a zombie not reaped yet has none: a
+    short-lived child of the stack, such as a compiler or an ``ip`` command, can be one)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def shm_segments(prefix: str = "isovisor.") -> list[str]:

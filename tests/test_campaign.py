@@ -21,7 +21,7 @@ import pytest
 
 from isovisor.campaign.plan import load_plan, schedule, schedule_to_json
 from isovisor.paths import shm_prefix_for
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, command_line, wait_until
 from tests.test_recovery import (
     DRIVER,
     Events,
@@ -217,13 +217,13 @@ def test_ctrl_c_writes_the_journal_of_what_ran_and_leaves_nothing_behind(tmp_pat
             return [
                 c.pid
                 for c in psutil.Process(proc.pid).children(recursive=True)
-                if "drivers.host" in " ".join(c.cmdline())
+                if "drivers.host" in command_line(c)
             ]
 
         wait_until(lambda: stack_pids(), timeout=60, what="the campaign's stack")
         kids = psutil.Process(proc.pid).children(recursive=True)
         mine = {c.pid for c in kids}
-        sup = [c.pid for c in kids if "isovisor.supervisor" in " ".join(c.cmdline())]
+        sup = [c.pid for c in kids if "isovisor.supervisor" in command_line(c)]
         assert len(sup) == 1, kids
         segments = shm_prefix_for(sup[0]) + "*"
         wait_until(

@@ -26,7 +26,7 @@ from ipc.control import Client
 from ipc.events import Subscriber
 from isovisor.paths import RunDir
 from tests.blkdata import check_image
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, command_line, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -395,5 +395,5 @@ def test_no_leaks_after_many_restarts(stack: Stack) -> None:
         assert kernel.num_fds() <= fds0 + 2, (fds0, kernel.num_fds())
         assert sorted(Path("/dev/shm").glob(f"isovisor.{stack.pids[0]}.*")) == segs0
         sup = psutil.Process(stack.pids[0])
-        drivers = [c for c in sup.children() if "drivers.host" in " ".join(c.cmdline())]
+        drivers = [c for c in sup.children() if "drivers.host" in command_line(c)]
         assert len(drivers) <= 2, drivers  # the active instance and its spare
