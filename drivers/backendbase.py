@@ -389,10 +389,19 @@ class BackendBase(Generic[B]):
             self.detach(key)
         self._restored.clear()
 
-    def connected(self, d: B) -> None:
-        """Publish Connected (from :meth:`connect`)."""
+    def connected(self, d: B, *, resume: bool, detail: str = "") -> None:
+        """Publish Connected (from :meth:`connect`) and log it (``detail``: what the class
+        adds, e.g. the requests it redoes)."""
         d.state = Lifecycle.CONNECTED
         self.host.store_write(f"{d.attach.store}/state", str(int(DevState.CONNECTED)))
+        self.log.info(
+            "%s %d (%s): %s%s",
+            self.device_class.noun,
+            d.key,
+            d.label,
+            "resumed" if resume else "connected",
+            detail,
+        )
 
     def _break(self, d: B, message: str) -> None:
         """The guest broke the protocol: no longer served, and the kernel told (``fault``)."""
@@ -496,17 +505,22 @@ class BackendBase(Generic[B]):
             f"upgrade_state hook for version {state.version} states"
         )
 
-    def restore(self, state: BackendState) -> None:
-        """Take over from ``state`` (StateError if it cannot): each device checked and taken
-        over (:meth:`restore_device`) now, and its data applied when the kernel attaches it
-        again."""
-        state = accept(
+    def accepted(self, state: BackendState) -> BackendState:
+        """``state``, if this implementation can take it over (its kind, its version or one
+        :meth:`upgrade_state` upgrades): StateError otherwise."""
+        return accept(
             state,
             kind=self.state_kind,
             version=self.state_version,
             who=self.implementation,
             upgrade=type(self).upgrade_state,
         )
+
+    def restore(self, state: BackendState) -> None:
+        """Take over from ``state`` (StateError if it cannot): each device checked and taken
+        over (:meth:`restore_device`) now, and its data applied when the kernel attaches it
+        again."""
+        state = self.accepted(state)
         restored = {dev.key: self.restore_device(self._checked(dev)) for dev in state.devices}
         self.restore_backend_data(state.data)
         self._restored.update(restored)

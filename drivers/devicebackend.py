@@ -177,13 +177,8 @@ class DeviceBackend(BackendBase[D]):
             return
         redo = self._recover(d, ring, log) if resume else self._forget(log)
         d.ring, d.inflight = ring, log
-        self.connected(d)
-        self.log.info(
-            "device %d (%s): %s%s",
-            d.key,
-            d.label,
-            "resumed" if resume else "connected",
-            f", redoing {len(redo)} unfinished requests" if redo else "",
+        self.connected(
+            d, resume=resume, detail=f", redoing {len(redo)} unfinished requests" if redo else ""
         )
         if resume:
             # A bug while redoing escapes (the host exits): the record stays flagged

@@ -304,14 +304,7 @@ class ConsoleBackend(BackendBase[Console]):
             st = os.fstat(d.fd)
             journal.reset(ring.out_cons, st.st_size, st.st_dev, st.st_ino)
         d.ring, d.journal = ring, journal
-        self.connected(d)
-        self.log.info(
-            "console %d (%s): %s at out_cons=%d",
-            d.key,
-            d.label,
-            "resumed" if resume else "connected",
-            ring.out_cons,
-        )
+        self.connected(d, resume=resume, detail=f" at out_cons={ring.out_cons}")
         if resume:
             replayed = 0
             notify = False

@@ -87,7 +87,7 @@ from drivers.net.switch import (
     source_problem,
 )
 from drivers.net.uplink import DEFAULT_HOST_ADDR, Uplink, check_bridge
-from drivers.state import BackendState, accept
+from drivers.state import BackendState
 from ipc import netif
 from ipc.netif import FrameError
 from ipc.ring import BackRing, InflightLog, InflightRecord, RingError, inflight_bytes
@@ -528,13 +528,8 @@ class NetBackend(BackendBase[Vif]):
             self._fault(v, str(e), b)
             self._settle(b)
             return
-        self.connected(v)
-        self.log.info(
-            "vif %d (%s): %s%s",
-            v.key,
-            v.label,
-            "resumed" if resume else "connected",
-            f", redoing {len(redo)} unfinished tx requests" if redo else "",
+        self.connected(
+            v, resume=resume, detail=f", redoing {len(redo)} unfinished tx requests" if redo else ""
         )
         if resume:
             v.rx_reread_end = int.from_bytes(
@@ -611,13 +606,7 @@ class NetBackend(BackendBase[Vif]):
     def restore(self, state: BackendState) -> None:
         """Take over the MAC tables and counters of ``state`` (StateError if it cannot); the
         counters of a vif are applied when the kernel attaches it again."""
-        state = accept(
-            state,
-            kind=self.state_kind,
-            version=self.state_version,
-            who=self.implementation,
-            upgrade=type(self).upgrade_state,
-        )
+        state = self.accepted(state)
         learned, bridges, vifs = persist.from_state(state, COUNTERS, self._bridge, self.clock())
         self._restored.update(vifs)
         self.log.info(
