@@ -752,8 +752,10 @@ class DriverHost:
                     self._call("cleanup", hook)
                 self.stop()
                 continue
-            if kind == "committed":
-                hook = getattr(self.backend, "committed", None)
+            if kind == "committed":  # the framework's part first (BlockBackend), else the hook
+                hook = getattr(self.backend, "swap_committed", None) or getattr(
+                    self.backend, "committed", None
+                )
                 if hook is not None:
                     self._call("committed", hook)
                 continue

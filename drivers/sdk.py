@@ -13,8 +13,11 @@ a crash, injects faults and saves/restores state for hot swaps; an implementatio
 device's disk is opened (:meth:`BlockBackend.open_disk` returns a :class:`Storage`: read,
 write, flush, discard) and, optionally, where it keeps data (``restore_device``,
 ``medium_of``, ``release_disk``), what it reports (``statistics``) and how it upgrades an older
-state (``upgrade_state``).  docs/sdk.md is the tutorial; the pytest plugin
-(``isovisor.testing``) starts a stack around a backend in a few lines.
+state (``upgrade_state``).  A backend that keeps the data in a format of its own just returns
+its own Storage: the framework keeps the device's medium current for whoever takes the device
+over (drivers/blk/export.py), and ``side_file`` gives it a place for its data.  docs/sdk.md is
+the tutorial; the pytest plugin (``isovisor.testing``) starts a stack around a backend in a few
+lines.
 """
 
 from drivers.blk.backend import Backend, BlockBackend, copy_medium, open_medium

@@ -283,6 +283,8 @@ class DeviceManager:
         dev.segment.close()
         dev.segment.unlink()
         (SHM_DIR / scratch).unlink(missing_ok=True)
+        for side in SHM_DIR.glob(f"{scratch}.*"):  # the driver's dirty map and side files
+            side.unlink(missing_ok=True)
         if dev.medium is not None:
             (SHM_DIR / dev.medium.name).unlink(missing_ok=True)
 

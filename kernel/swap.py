@@ -66,6 +66,11 @@ class SwapJob:
     carried: int = 0
     reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The swap's own stall, once the new instance resumed (ms); a rollback from the
+    #: probation adds only its own pause to it, not the time the new instance served.
+    swap_stall_ms: float | None = None
+    #: When the rollback began (monotonic ns).
+    rollback_ns: int = 0
 
 
 def _is_int(v: object) -> bool:
@@ -282,6 +287,7 @@ class Swaps:
         """Give the devices back to the old instance, with the newest state."""
         state = job.post or job.saved
         job.phase = "rolling_back"
+        job.rollback_ns = time.monotonic_ns()
         job.reason = reason
         job.deadline = self.clock() + job.timeout_s
         log.error(
@@ -351,7 +357,12 @@ class Swaps:
         rollback = link.pid == job.old_pid and job.phase == "rolling_back"
         if not rollback and not (link.pid == job.new_pid and job.phase == "resuming"):
             return
-        stall_ms = max(0.0, (done_ns - job.started_ns) / 1e6)
+        if rollback and job.swap_stall_ms is not None:
+            # rolled back from the probation: the guests paused for the swap, then from the
+            # rollback's start until now; in between the new instance served them
+            stall_ms = job.swap_stall_ms + max(0.0, (done_ns - job.rollback_ns) / 1e6)
+        else:
+            stall_ms = max(0.0, (done_ns - job.started_ns) / 1e6)
         payload = {
             "pid": link.pid,
             "old_pid": job.old_pid,
@@ -369,6 +380,7 @@ class Swaps:
                 self.jobs.pop(link.name, None)
         else:
             job.phase = "probation"
+            job.swap_stall_ms = stall_ms
         log.warning(
             "driver %s: %s pid %d resumed %d device(s) %.1f ms after the drain; %d "
             "request(s) carried over",

@@ -5,6 +5,8 @@ silence) happens exactly when the test says."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests import test_kernel_recovery
@@ -131,7 +133,14 @@ def test_a_rollback_after_the_hello_restores_the_new_instances_state(kernel: Ker
         new = spare(kernel, "blkS", 9402, disks=disks)
         ev.wait("driver.blkS.spare", pid=9402)
         start_swap(kernel, old, new)
-        ev.wait("driver.blkS.swap_resumed", pid=9402)
+        swapped = ev.wait("driver.blkS.swap_resumed", pid=9402)
+        served_from = time.monotonic()
+        before = kernel.device("s")["requests"]
+        wait_until(
+            lambda: kernel.device("s")["requests"] > before + 300
+            and time.monotonic() - served_from > 1.0,
+            "the new instance serving for a second",
+        )
         new.stop()  # dies in its probation
         assert (
             kernel.call("driver_swap_rollback", name="blkS", pid=9402, reason="killed by SIGKILL")[
@@ -141,6 +150,12 @@ def test_a_rollback_after_the_hello_restores_the_new_instances_state(kernel: Ker
         )
         back = ev.wait("driver.blkS.swap_resumed", pid=9401)
         assert back["rollback"] is True
+        # the pause the guest saw: the swap's stall, then the rollback's; not the second
+        # (and more) the new instance served in between
+        assert swapped["stall_ms"] <= back["stall_ms"] < swapped["stall_ms"] + 900, (
+            swapped,
+            back,
+        )
         state = [m for m in old.messages if m[0] == "restore"][-1][1]
         assert state == {"saved_by": 9402, "restored": {"saved_by": 9401, "devices": 1}}
         guest_finishes(kernel, ev)

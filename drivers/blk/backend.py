@@ -24,16 +24,18 @@ import abc
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from devices import vbd
 from drivers.backendkit import int_option, msg_field
 from drivers.blk import persist
+from drivers.blk.export import DirtyMap, Exported, dirty_map_path, raw_view
 from drivers.blk.persist import copy_medium
-from drivers.blk.storage import Storage, StorageError, open_medium
+from drivers.blk.storage import SHM_DIR, Storage, StorageError, open_medium
 from drivers.devicebackend import Device, DeviceBackend
 from drivers.faults import RequestInfo
-from drivers.state import DeviceState, Medium, StateError
+from drivers.state import BackendState, DeviceState, Medium, StateError
 from ipc import blkif
 from ipc.blkif import (
     OP_DISCARD,
@@ -96,8 +98,11 @@ class Disk(Device):
     """A block device: the base's :class:`~drivers.devicebackend.Device` and its disk (set
     by ``open_device``)."""
 
-    #: Serves its requests.
+    #: What the implementation's ``open_disk`` returned (what its hooks are given).
     storage: Storage
+    #: Serves the requests: ``storage``, or the :class:`~drivers.blk.export.Exported` around
+    #: it that keeps the state's medium current when ``storage`` keeps the data its own way.
+    io: Storage
     #: The device as the SDK hooks see it: its home disk, scratch name, where its data is now.
     info: DeviceState
     sectors: int
@@ -134,6 +139,9 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
     DEVICE_STATISTICS = ()
 
     def configure(self, options: dict[str, Any]) -> None:
+        #: Could a rollback still hand the devices back by their state's media?  From a hot
+        #: swap's restore until the swap is committed (drivers/blk/export.py).
+        self.rollback_possible = False
         _wait_at_gate(options.get("start_gate"))
         self.fault = _fault_option(options)
         if self.fault is not None:
@@ -178,7 +186,79 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
         took the devices over from): a device's scratch memory disk that no longer holds its
         data is removed.  Override to tidy up more."""
         for d in self.devices.values():
-            persist.drop_scratch(d.info, self.medium_of(d.info, d.storage), self.log)
+            persist.drop_scratch(d.info, self._medium(d), self.log)
+
+    # -- the framework's part of a hot swap (drivers/blk/export.py) -----------------------------
+    def side_file(self, dev: DeviceState, name: str) -> Path:
+        """A file of the implementation's own for ``dev`` (its data in a format of its own,
+        an index, ...): ``/dev/shm/<scratch>.side.<name>``.  It outlives a crash of the
+        driver process, so a replacement instance finds it; the framework removes it when the
+        device comes over in a hot swap (the data is in ``dev.medium`` then, and a side file
+        left by an earlier instance is out of date: build it again from there), and the
+        kernel removes it with the device."""
+        if not dev.scratch:
+            raise StorageError(
+                f"device {dev.label}: the kernel reserved no scratch name for it (an attach "
+                "message without 'scratch'), so it can have no side files"
+            )
+        if not name or "/" in name:
+            raise ValueError(f"side_file: name must be a non-empty file name, got {name!r}")
+        return SHM_DIR / f"{dev.scratch}.side.{name}"
+
+    def restore(self, state: BackendState) -> None:
+        for dev in state.devices:  # side files of earlier instances are out of date now
+            if dev.scratch:
+                for stale in SHM_DIR.glob(f"{dev.scratch}.side.*"):
+                    stale.unlink(missing_ok=True)
+        super().restore(state)
+        self.rollback_possible = True  # until ["committed"]: write opaque storage through
+
+    def swap_committed(self) -> None:
+        """``["committed"]``: no rollback can come any more; opaque storage stops writing
+        through (its dirty map keeps the medium current from now on), then :meth:`committed`."""
+        self.rollback_possible = False
+        for d in self.devices.values():
+            if isinstance(d.io, Exported):
+                d.io.commit()
+        self.committed()
+
+    def _medium(self, d: Disk) -> Medium:
+        """Where ``d``'s data is, in raw form: the medium the framework keeps current for
+        opaque storage, else what the implementation says (``medium_of``)."""
+        if isinstance(d.io, Exported):
+            return d.io.medium
+        return self.medium_of(d.info, d.storage)
+
+    def _serve_through(self, d: Disk) -> Storage:
+        """The storage that serves ``d``: its own if it reads and writes the medium its state
+        names; else wrapped so that the medium stays current (drivers/blk/export.py)."""
+        storage = d.storage
+        if storage.readonly or raw_view(storage, self.medium_of(d.info, storage)):
+            return storage
+        dirty = DirtyMap(dirty_map_path(d.info.scratch), storage.size)
+        try:
+            io = Exported(
+                storage,
+                d.info.medium,
+                dirty,
+                through=self.rollback_possible,
+                log=self.log,
+                label=f"{d.key} ({d.label})",
+            )
+        except BaseException:
+            dirty.close()
+            raise
+        self.log.info(
+            "device %d (%s): %s keeps the data its own way; %s",
+            d.key,
+            d.label,
+            type(storage).__name__,
+            f"writes go through to {d.info.medium.target} until the swap is committed"
+            if io.through
+            else f"written blocks are exported to {d.info.medium.target} when the state is "
+            "saved or the device goes",
+        )
+        return io
 
     # -- the base's hooks --------------------------------------------------------------------
     def open_device(self, d: Disk) -> None:
@@ -190,6 +270,11 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
             raise ValueError(str(e)) from None
         except OSError as e:  # anything open_disk did not foresee
             raise ValueError(f"cannot open the disk: {e}") from None
+        try:
+            d.io = self._serve_through(d)
+        except (StorageError, OSError) as e:
+            self.release_disk(d.info, d.storage, handover=True)
+            raise ValueError(str(e)) from None
         d.sectors = d.storage.sectors
         nodes = {
             "sectors": str(d.sectors),
@@ -207,13 +292,29 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
         self.log.info("device %d (%s): %r, %d sectors", d.key, d.label, d.storage, d.sectors)
 
     def close_device(self, d: Disk, *, handover: bool) -> None:
+        io = getattr(d, "io", None)
+        if isinstance(io, Exported):
+            try:
+                io.export()
+            except (OSError, StorageError) as e:
+                self.log.error(
+                    "device %d (%s): exporting its written blocks to %s failed: %s; the "
+                    "medium misses them",
+                    d.key,
+                    d.label,
+                    io.medium.target,
+                    e,
+                )
+            io.end()
         try:
             self.release_disk(d.info, d.storage, handover=handover)
         except (OSError, StorageError) as e:
             self.log.error("device %d: closing the disk: %s", d.key, e)
 
     def device_media(self, d: Disk) -> tuple[Medium, Medium]:
-        return d.info.home, self.medium_of(d.info, d.storage)
+        if isinstance(d.io, Exported):
+            d.io.export()  # the state hands the device over by its medium: bring it up to date
+        return d.info.home, self._medium(d)
 
     def device_data(self, d: Disk) -> dict[str, Any]:
         return self.save_device(d.info, d.storage)
@@ -235,7 +336,7 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
 
     def _io(self, d: Disk, req: Request) -> bytes:
         """Carry out a decoded request; returns its response."""
-        op, storage = req.op, d.storage
+        op, storage = req.op, d.io
         try:
             if op == OP_READ:
                 region = d.region

@@ -59,6 +59,8 @@ class RamBackend(BlockBackend):
         # than the disk
         left_by_crash = dev.medium.same_place(dev.home) and (SHM_DIR / ram.target).exists()
         if not (in_memory or left_by_crash):
+            if dev.medium.same_place(dev.home) and dev.home.access == "rw":
+                open_medium(dev.home).close()  # a new image is created, as drivers.blk does
             copy_medium(dev.medium, ram)  # first attach: load the disk into memory
         return open_medium(dataclasses.replace(ram, access=dev.home.access))
 
