@@ -137,8 +137,10 @@ def test_a_rollback_after_the_hello_restores_the_new_instances_state(kernel: Ker
         served_from = time.monotonic()
         before = kernel.device("s")["requests"]
         wait_until(
-            lambda: kernel.device("s")["requests"] > before + 300
-            and time.monotonic() - served_from > 1.0,
+            lambda: (
+                kernel.device("s")["requests"] > before + 300
+                and time.monotonic() - served_from > 1.0
+            ),
             "the new instance serving for a second",
         )
         new.stop()  # dies in its probation
