@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -299,10 +299,17 @@ class Injector:
     def armed(self) -> bool:
         return any(f.times != 0 and not f.now for f in self.faults.values())
 
-    def pick(self, req: RequestInfo) -> Fault | None:
-        """The first armed fault (by id) that matches ``req`` and fires, if any."""
+    def pick(self, req: RequestInfo, skip: Collection[str] = ()) -> Fault | None:
+        """The first armed fault (by id) that matches ``req`` and fires, if any.  Faults of a
+        type in ``skip`` do not apply to this request: it is not counted for them."""
         for f in sorted(self.faults.values(), key=lambda f: f.id):
-            if f.times != 0 and not f.now and f.matches(req) and f.should_fire(self.rng):
+            if (
+                f.times != 0
+                and not f.now
+                and f.type not in skip
+                and f.matches(req)
+                and f.should_fire(self.rng)
+            ):
                 return f
         return None
 

@@ -16,6 +16,18 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (exited, or a zombie not reaped yet).
+
+    Safe against the process ending between the two looks ``pid_exists`` and ``status`` take.
+    """
+    try:
+        status: str = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return True
+    return bool(status == psutil.STATUS_ZOMBIE)
+
+
 def reap(pids: list[int]) -> list[int]:
     """Kill any of ``pids`` (and their children) still alive; return those that were."""
     alive = []

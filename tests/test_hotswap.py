@@ -16,11 +16,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
+from isovisor.procs import gone
 from tests.conftest import ISOVISOR, Stack, wait_until
 from tests.test_recovery import driver_row, finish_and_verify, two_guests
 
@@ -85,9 +85,7 @@ def test_swap_file_to_memory_to_file_under_verified_io(stack: Stack) -> None:
             assert (row["pid"], row["module"], row["state"]) == (r["pid"], target, "RUNNING")
             assert row["last_swap"]["outcome"] == "swapped"
             wait_until(
-                lambda: (
-                    not psutil.pid_exists(pids[-1]) or psutil.Process(pids[-1]).status() == "zombie"
-                ),
+                lambda: gone(pids[-1]),
                 timeout=10,
                 what="the old instance to stop",
             )
@@ -321,7 +319,7 @@ def test_a_backend_that_cannot_be_drained_is_not_swapped(stack: Stack) -> None:
     assert "cannot be drained: it has no save() and suspend()" in r["error"], r
     assert driver_row(stack)["pid"] == old
     wait_until(
-        lambda: not psutil.pid_exists(r["pid"]) or psutil.Process(r["pid"]).status() == "zombie",
+        lambda: gone(r["pid"]),
         timeout=10,
         what="the new process to be gone",
     )

@@ -1184,6 +1184,19 @@ def test_corrupt_data_flips_a_byte_of_the_frame_every_destination_gets(rig: Rig)
 
 
 @pytest.mark.timeout(10)
+def test_corrupt_data_waits_for_a_frame_another_guest_receives(rig: Rig) -> None:
+    be, a, b, _ = faulty(rig)
+    be.set_faults([{"id": 1, "type": "corrupt_data"}])
+    nowhere = eth(MAC_B, MAC_B, b"to its own port")  # b's MAC is learned: no destination
+    b.send(be, nowhere)
+    assert b.done()[-1] == (b.sent[-1], STATUS_OKAY) and rig.host.fired == []
+    f = eth(MAC_B, MAC_A, b"payload")
+    a.send(be, f)
+    assert b.got()[-1] == f[:14] + bytes([f[14] ^ 0xFF]) + f[15:]
+    assert [k for _, k, _ in rig.host.fired] == ["corrupt_data"]
+
+
+@pytest.mark.timeout(10)
 def test_slow_and_leaks_serve_the_request_normally(rig: Rig) -> None:
     be, a, b, _ = faulty(rig)
     be.set_faults(

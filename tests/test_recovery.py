@@ -25,6 +25,7 @@ import pytest
 from ipc.control import Client
 from ipc.events import Subscriber
 from isovisor.paths import RunDir
+from isovisor.procs import gone
 from tests.blkdata import check_image
 from tests.conftest import Stack, command_line, wait_until
 
@@ -179,7 +180,7 @@ def assert_replaced(stack: Stack, events: Events, old_pid: int, reason: str) -> 
     rec = events.wait("driver.blk0.recovered", timeout=30)
     assert rec["old_pid"] == old_pid and rec["reason"].startswith(reason), rec
     assert rec["pid"] != old_pid and psutil.pid_exists(rec["pid"])
-    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie"
+    assert gone(old_pid)
     row = driver_row(stack)
     assert row["state"] == "RUNNING" and row["pid"] == rec["pid"], row
     by = row["restarts_by_reason"]

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from isovisor.paths import RunDir
+from isovisor.procs import gone
 from tests.conftest import Stack, shm_segments, wait_event
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -39,7 +40,7 @@ def test_up_list_console_down_leaves_nothing_behind(stack: Stack) -> None:
     assert "Name" in table and "State" in table and "tick" in table
     r = stack.cli("down")
     assert r.returncode == 0, r.stderr
-    assert not psutil.pid_exists(sup_pid) or psutil.Process(sup_pid).status() == "zombie"
+    assert gone(sup_pid)
     assert not psutil.pid_exists(kernel_pid)
     assert shm_segments(f"isovisor.{sup_pid}.") == []
     assert not RunDir(stack.run_dir).pidfile.exists()
@@ -346,7 +347,4 @@ def test_the_default_stack_runs_its_domains_and_drivers(stack: Stack) -> None:
     assert "blkstress" in table and "xvda" in table and "blk0" in table and "eth0" in table
     assert stack.cli("down").returncode == 0
     for drv in drvs.values():
-        assert (
-            not psutil.pid_exists(drv["pid"])
-            or psutil.Process(drv["pid"]).status() == psutil.STATUS_ZOMBIE
-        )
+        assert gone(drv["pid"])

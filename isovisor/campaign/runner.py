@@ -47,6 +47,9 @@ from isovisor.privstack import PrivateStack
 RESOLVE_S: Final = 15.0
 #: After a fault resolved, console errors arriving this much later are still its own.
 SETTLE_S: Final = 0.3
+#: How long a ``corrupt_data`` fault that fired is followed for the guests' checks to report
+#: the spoiled byte (the record closes as soon as one does).
+CORRUPT_SEEN_S: Final = 3.0
 #: Seconds between two throughput samples.
 SAMPLE_S: Final = 0.5
 #: Seconds between two looks of the checkers at what they follow themselves (console logs).
@@ -502,6 +505,8 @@ class Campaign:
             now = time.monotonic()
             if now > deadline or (quiet_until is not None and now > quiet_until):
                 break
+            if kind == "corrupt_data" and rec.manifested and rec.data_mismatches:
+                break  # a guest's check saw it
             if self.isolation == "inline" and not self._kernel_alive():
                 rec.detected, rec.detected_by = True, "kernel died"
                 break
@@ -511,9 +516,9 @@ class Campaign:
             topic, p = ev
             if topic == f"driver.{name}.fault_fired":
                 rec.manifested = True
-                if kind in ("slow", "corrupt_data") or (
-                    self.isolation == "inline" and kind not in _REPLACED
-                ):
+                if kind == "corrupt_data":  # until a guest's check reports it, on a busy host
+                    quiet_until = time.monotonic() + CORRUPT_SEEN_S
+                elif kind == "slow" or (self.isolation == "inline" and kind not in _REPLACED):
                     quiet_until = time.monotonic() + 1.0 + entry.latency_ms / 1e3
             elif (
                 topic in (f"driver.{name}.hang", f"driver.{name}.violation")
