@@ -26,6 +26,7 @@ resume them after a predecessor), :meth:`BackendBase.service` (the guest kicked)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import gc
 from dataclasses import dataclass, fields
@@ -159,20 +160,25 @@ class BackendBase(Generic[B]):
     def __init__(self, host: Host, options: dict[str, Any]) -> None:
         if not isinstance(options, dict):
             raise TypeError(f"backend options must be a mapping, got {type(options).__name__}")
+        implementation: str = (
+            getattr(host, "implementation", None)
+            or f"{type(self).__module__}:{type(self).__qualname__}"
+        )
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
-            allowed = "; ".join(f"{k}: {v}" for k, v in self.OPTIONS.items())
+            named = []
+            for k in unknown:
+                near = difflib.get_close_matches(str(k), list(self.OPTIONS), n=1)
+                named.append(f"{k} (did you mean {near[0]}?)" if near else str(k))
             raise ValueError(
                 f"unknown {fault_classes()[self.device_class.name].driver} backend option(s) "
-                f"{', '.join(unknown)}; allowed: {allowed}"
+                f"{', '.join(named)}; allowed: {', '.join(self.OPTIONS)} (what each does: "
+                f"the OPTIONS of {implementation})"
             )
         self.host = host
         self.log = host.log
         self.options = dict(options)
-        self.implementation: str = (
-            getattr(host, "implementation", None)
-            or f"{type(self).__module__}:{type(self).__qualname__}"
-        )
+        self.implementation = implementation
         self.devices: dict[int, B] = {}
         #: Per-device data restored (hot swap) and not attached yet, by key.
         self._restored: dict[int, DeviceState] = {}

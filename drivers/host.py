@@ -4,7 +4,7 @@ Run as a process::
 
     python -m drivers.host --name blk0 --module drivers.blk --kernel ipc://K --listen ipc://L \\
         [--options JSON] [--parent-pid N] [--log-level INFO] [--spare] \\
-        [--watchdog-ms N] [--request-timeout-ms N]
+        [--watchdog-ms N] [--request-timeout-ms N] [--debug PDB_SOCKET]
 
 or inside the kernel process with :func:`start_inline` (a daemon thread, inproc:// endpoints).
 
@@ -39,7 +39,10 @@ Supervision (docs/recovery.md):
 ``--module`` names the backend class: ``package.module`` (its ``Backend``),
 ``package.module:Class``, ``/path/to/file.py`` (its ``Backend``, or its only backend class) or
 ``/path/to/file.py:Class``.  With ``--report FILE``, a host that cannot start, or that ends by
-fail-stop, writes ``{"error", "traceback"}`` there as JSON (the supervisor shows it).
+fail-stop, writes ``{"error", "where", "traceback"}`` there as JSON: what failed (the exception's
+type and message), the last frame of the traceback in the developer's own code (``file:line, in
+function``, or ""), and the traceback; the supervisor shows it (``isovisor up``, ``status``).
+``--swappable`` (a hot swap's new implementation) also requires save, suspend and restore.
 
 A backend sees this API: ``host.name``, ``host.log``, ``host.notify(key)``,
 ``host.store_write(path, value)`` (only below ``/driver/<name>/``), ``host.fault(key, message)``,
@@ -68,6 +71,7 @@ import re
 import resource
 import signal
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -78,6 +82,7 @@ from typing import Any, NoReturn, Protocol, cast
 import msgpack
 import zmq
 
+from drivers import debugger
 from drivers.faults import HOST_KINDS, PROCESS_KINDS, Fault, class_of_module
 from drivers.state import BackendState
 from ipc.lifetime import die_with_parent
@@ -177,7 +182,8 @@ class DriverHost:
 
     ``process`` says the host is a process of its own (fail-stop on a backend exception, every
     injectable fault allowed); ``spare`` makes it wait for ``["activate"]`` before it says
-    hello; ``watchdog_ms`` > 0 makes the loop send a heartbeat every ``watchdog_ms / 4``."""
+    hello; ``watchdog_ms`` > 0 makes the loop send a heartbeat every ``watchdog_ms / 4``;
+    ``report`` is the ``--report`` file; ``swappable``: the backend must support hot swap."""
 
     def __init__(
         self,
@@ -193,6 +199,7 @@ class DriverHost:
         watchdog_ms: int = 0,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         report: str | None = None,
+        swappable: bool = False,
     ) -> None:
         if not _NAME_RE.match(name):
             raise HostError(
@@ -229,17 +236,20 @@ class DriverHost:
         self._own: dict[int, dict[str, Any]] = {}
         self._own_seq = 0
         self._sender = f"{name}:{os.getpid()}".encode()
+        self._statistics_error: str | None = None  # the last one (logged once)
         self.backend: Backend | None = None
-        factory, self.implementation = load_backend(module, swappable=report is not None)
+        factory, self.implementation = load_backend(module, swappable=swappable)
         self._factory = factory
+        #: The backend's own source file: a traceback's frames there are the developer's.
+        self.source = source_file(factory)
         self._pull = ctx.socket(zmq.PULL)
         self._push = ctx.socket(zmq.PUSH)
         try:
             self._open_sockets(kernel_endpoint, listen_endpoint)
             try:
                 self.backend = factory(self, options)
-            except (ValueError, TypeError) as e:
-                raise HostError(f"invalid options for {module}: {e}") from e
+            except Exception as e:  # its __init__, configure() or the options check
+                raise HostError(f"the backend's constructor raised {_exception_text(e)}") from e
         except BaseException:
             self._close_sockets()
             raise
@@ -502,25 +512,44 @@ class DriverHost:
 
     def _statistics(self) -> None:
         """``["report"]``: answer ``["statistics", {name, pid, values}]`` (the backend's
-        ``statistics()``: at most 64 numbers or strings)."""
+        ``statistics()``: at most 64 numbers or strings).  If ``statistics()`` raises, or
+        does not return a dict, the answer is ``values`` ``{}`` and ``error`` says why (shown
+        by ``isovisor driver stats``); its traceback is logged once per distinct error."""
         fn = getattr(self.backend, "statistics", None)
         if fn is None:
             return
+        values: dict[str, Any] = {}
+        error: str | None = None
         try:
-            values = {
-                str(k): v
-                for k, v in fn().items()
-                if isinstance(v, int | float | str) and not isinstance(v, bool)
-            }
-        except Exception:
-            self.log.exception("statistics() failed; no statistics this time")
-            return
-        self._send(
-            [
-                "statistics",
-                {"name": self.name, "pid": os.getpid(), "values": dict(list(values.items())[:64])},
-            ]
-        )
+            got = fn()
+        except Exception as e:
+            error = f"statistics() raised {_exception_text(e)}"
+            where = where_in_backend(e, self.source)
+            error += f" (at {where})" if where else ""
+            if error != self._statistics_error:
+                self.log.exception("%s; no statistics this time", error)
+        else:
+            if isinstance(got, dict):
+                values = {
+                    str(k): v
+                    for k, v in got.items()
+                    if isinstance(v, int | float | str) and not isinstance(v, bool)
+                }
+            else:
+                error = f"statistics() returned {type(got).__name__}, not a dict"
+                if error != self._statistics_error:
+                    self.log.error("%s; no statistics this time", error)
+        if error is None and self._statistics_error is not None:
+            self.log.info("statistics() answers again")
+        self._statistics_error = error
+        report: dict[str, Any] = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "values": dict(list(values.items())[:64]),
+        }
+        if error is not None:
+            report["error"] = error
+        self._send(["statistics", report])
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -580,7 +609,8 @@ class DriverHost:
                         "name": self.name,
                         "pid": os.getpid(),
                         "error": f"backend {self.implementation} cannot be drained: it has no "
-                        "save() and suspend() (subclass drivers.sdk.BlockBackend)",
+                        "save() and suspend() (subclass drivers.sdk.BlockBackend, NetBackend or "
+                        "ConsoleBackend)",
                     },
                 ]
             )
@@ -761,6 +791,7 @@ class DriverHost:
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
+            self.log.debug("%s %s", kind, _short(msg[1:], 400))
             self._call(kind, getattr(self.backend, kind), *msg[1:])
         if self.mode != "active":
             return
@@ -787,7 +818,13 @@ class DriverHost:
             EXIT_SOFTWARE,
             exc_info=True,
         )
-        write_report(self.report, f"{what}: {_exception_line()}", traceback.format_exc())
+        exc = sys.exc_info()[1]
+        write_report(
+            self.report,
+            f"{what}: {_exception_line()}",
+            traceback.format_exc(),
+            where_in_backend(exc, self.source) if exc is not None else "",
+        )
         _flush_logs()
         os._exit(EXIT_SOFTWARE)
 
@@ -869,8 +906,8 @@ def load_backend(
     if missing:
         raise HostError(
             f"{name} does not implement the backend interface: it has no "
-            f"{', '.join(missing)} (subclass drivers.sdk.BlockBackend; see "
-            "docs/sdk.md)"
+            f"{', '.join(missing)} (subclass the drivers.sdk class of its device: BlockBackend, "
+            "NetBackend or ConsoleBackend; see docs/sdk.md)"
         )
     if inspect.isabstract(cls):
         abstract = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
@@ -935,8 +972,55 @@ def _import_file(path: str) -> Any:
 
 def _exception_line() -> str:
     """``Type: message`` of the exception being handled."""
-    t, v, _ = sys.exc_info()
-    return f"{t.__name__}: {v}" if t is not None else "unknown error"
+    v = sys.exc_info()[1]
+    return _exception_text(v) if v is not None else "unknown error"
+
+
+def _exception_text(e: BaseException) -> str:
+    """``Type: message`` (the type alone if the message is empty)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+#: This checkout's packages: a traceback's frames in them are isovisor's, not a backend's.
+_FRAMEWORK: tuple[str, ...] = tuple(
+    str(Path(__file__).resolve().parents[1] / p) + os.sep
+    for p in ("devices", "domains", "drivers", "ipc", "isovisor", "kernel")
+)
+#: Python's own modules and installed packages.
+_LIBRARIES: tuple[str, ...] = tuple(
+    sorted(
+        {
+            str(Path(p).resolve()) + os.sep
+            for k, p in sysconfig.get_paths().items()
+            if k in ("stdlib", "platstdlib", "purelib", "platlib")
+        }
+    )
+)
+
+
+def source_file(obj: object) -> str | None:
+    """The file a backend class (or module) is defined in, resolved; None if unknown."""
+    try:
+        path = inspect.getsourcefile(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return str(Path(path).resolve()) if path else None
+
+
+def where_in_backend(exc: BaseException, source: str | None = None) -> str:
+    """``file:line, in function`` of the last frame of ``exc``'s traceback that is in the
+    backend developer's code, or "" if none is: a file outside isovisor's own packages
+    (``drivers/``, ``kernel/`` ...) and outside Python's and installed packages' (the
+    backend's own ``source`` counts even when it is installed)."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+            continue
+        path = str(Path(frame.filename).resolve())
+        if path.startswith(_FRAMEWORK):
+            continue
+        if path == source or not path.startswith(_LIBRARIES):
+            return f"{path}:{frame.lineno}, in {frame.name}"
+    return ""
 
 
 def _user_traceback(e: HostError) -> str:
@@ -949,12 +1033,14 @@ def _user_traceback(e: HostError) -> str:
     return "".join(traceback.format_exception(cause))
 
 
-def write_report(path: str | None, error: str, tb: str) -> None:
-    """Tell the supervisor why this instance could not start or ended (``--report``)."""
+def write_report(path: str | None, error: str, tb: str, where: str = "") -> None:
+    """Tell the supervisor why this instance could not start or ended (``--report``):
+    ``error`` (what, with the exception's type and message), ``where`` (the frame in the
+    developer's code, see :func:`where_in_backend`) and the traceback."""
     if not path:
         return
     with contextlib.suppress(OSError):
-        Path(path).write_text(json.dumps({"error": error, "traceback": tb}))
+        Path(path).write_text(json.dumps({"error": error, "where": where, "traceback": tb}))
 
 
 # --- fault injection ------------------------------------------------------------------------------
@@ -1110,7 +1196,9 @@ def start_inline(
     if "error" in box:
         t.join()
         err = box["error"]
-        raise err if isinstance(err, HostError) else HostError(f"driver {name}: {err}") from err
+        if isinstance(err, HostError):
+            raise err  # (its cause, if any, kept: the backend's exception)
+        raise HostError(f"driver {name}: {err}") from err
     return InlineDriver(name, listen_endpoint, t, box["host"])
 
 
@@ -1156,10 +1244,22 @@ def _parser() -> argparse.ArgumentParser:
         help="reported in hello: a request outstanding longer is a hang",
     )
     ap.add_argument(
+        "--debug",
+        metavar="PDB_SOCKET",
+        default=None,
+        help="debug mode: breakpoint() opens pdb on this UNIX socket (without it, "
+        "breakpoint() is logged and skipped); the supervisor also turns the hang checks off",
+    )
+    ap.add_argument(
         "--report",
         default=None,
-        help="write why this instance could not start or ended (JSON) here; the "
-        "backend must also support hot swap (save, suspend, restore)",
+        help="write why this instance could not start or ended (JSON) here",
+    )
+    ap.add_argument(
+        "--swappable",
+        action="store_true",
+        help="a hot swap's new implementation: the backend must also support hot swap "
+        "(save, suspend, restore)",
     )
     return ap
 
@@ -1176,6 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    breakpoints = debugger.install(args.name, log, args.debug)
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as e:
@@ -1199,20 +1300,32 @@ def main(argv: list[str] | None = None) -> int:
                 watchdog_ms=args.watchdog_ms,
                 request_timeout_ms=args.request_timeout_ms,
                 report=args.report,
+                swappable=args.swappable,
             )
-        except HostError as e:
-            log.error("%s", e)
-            write_report(args.report, str(e), _user_traceback(e))
+        except HostError as e:  # the module, the class or its constructor (the options)
+            tb = _user_traceback(e)
+            where = where_in_backend(e.__cause__) if e.__cause__ is not None else ""
+            log.error(
+                "driver %s could not start: %s%s%s",
+                args.name,
+                e,
+                f" (at {where})" if where else "",
+                f"\n{tb.rstrip()}" if tb else "",
+            )
+            write_report(args.report, str(e), tb, where)
             return 2
-        except Exception as e:  # the backend's own constructor failed
-            log.exception("driver %s: the backend %s failed to start", args.name, args.module)
+        except Exception as e:  # a bug of the host's own
+            log.exception("driver %s: the host failed to start", args.name)
             write_report(
                 args.report,
-                f"the backend's constructor raised {type(e).__name__}: {e}",
+                f"the driver host failed to start: {_exception_text(e)}",
                 traceback.format_exc(),
+                where_in_backend(e),
             )
             return 2
         signal.signal(signal.SIGTERM, lambda *_: host.stop())
+        if breakpoints is not None:  # a breakpoint waiting for its client gives way to a stop
+            breakpoints.stopping = host._stop.is_set
         log.info(
             "driver %s (%s) listening at %s%s",
             args.name,
@@ -1220,6 +1333,15 @@ def main(argv: list[str] | None = None) -> int:
             args.listen,
             " as a spare" if args.spare else "",
         )
+        if args.debug:
+            log.warning(
+                "driver %s is in debug mode: no hang checks (heartbeat watchdog, request "
+                "timeout, stopped process); breakpoint() %s",
+                args.name,
+                f"opens pdb at {args.debug}"
+                if breakpoints is not None
+                else "follows PYTHONBREAKPOINT",
+            )
         host.run()
         log.info("driver %s stopped", args.name)
         return 0

@@ -64,6 +64,8 @@ _TOP_FIELDS: Final = {
 ISOLATIONS: Final = ("process", "inline")
 RESTART_POLICIES: Final = ("permanent", "transient", "temporary")
 STRATEGIES: Final = ("one_for_one", "rest_for_one", "one_for_all")
+#: Levels of a driver process's log (``log_level``; ``isovisor driver swap --log-level``).
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 #: Smallest max_rss accepted: a driver process alone is larger (Python, ZeroMQ, the backend).
 MIN_MAX_RSS: Final = 16 << 20
 
@@ -179,6 +181,19 @@ DRIVER_FIELDS: Final = {
         what="a restart strategy",
         default="one_for_one",
     ),
+    "log_level": Field(
+        str,
+        "the level of the driver's log, driver-<name>.log in the run directory",
+        choices=LOG_LEVELS,
+        what="a log level",
+        default="info",
+    ),
+    "debug": Field(
+        bool,
+        "debug mode: no hang checks (heartbeat watchdog, request timeout, stopped "
+        "process), and breakpoint() opens pdb on a socket in the run directory",
+        default=False,
+    ),
 }
 #: Keys that only mean something for a supervised (isolation = "process") driver.
 SUPERVISION_KEYS: Final = tuple(
@@ -220,6 +235,9 @@ class DriverConfig:
     spare: bool = _DRIVER_DEFAULTS["spare"]
     group: str | None = _DRIVER_DEFAULTS["group"]
     strategy: str = _DRIVER_DEFAULTS["strategy"]
+    log_level: str = _DRIVER_DEFAULTS["log_level"]
+    #: Debug mode (docs/configuration.md#debugging-a-driver): no hang checks, pdb on a socket.
+    debug: bool = _DRIVER_DEFAULTS["debug"]
 
     @property
     def supervised(self) -> bool:
@@ -396,6 +414,7 @@ __all__ = [
     "DRIVER_FIELDS",
     "ISOLATIONS",
     "KERNEL_FIELDS",
+    "LOG_LEVELS",
     "MIN_MAX_RSS",
     "NAME_RE",
     "ConfigError",

@@ -48,11 +48,17 @@ class RunDir:
         return f"ipc://{self.driver_socket(name, instance)}"
 
     def driver_report(self, name: str, instance: int) -> Path:
-        """Where an instance started with ``--report`` (a hot swap's) says why it failed."""
+        """Where instance ``instance`` of driver ``name`` says why it could not start or why
+        it ended by fail-stop (``--report``: drivers/host.py)."""
         return self.path / f"driver-{name}.{instance}.report.json"
 
     def driver_log(self, name: str) -> Path:
         return self.path / f"driver-{name}.log"
+
+    def driver_pdb(self, name: str) -> Path:
+        """Where a driver in debug mode serves pdb when it stops at a ``breakpoint()``
+        (drivers/debugger.py; ``driver-<name>.<pid>.pdb`` while this one is taken)."""
+        return self.path / f"driver-{name}.pdb"
 
     @property
     def pidfile(self) -> Path:
@@ -78,7 +84,10 @@ class RunDir:
                 "kernel-drivers.sock",
             )
         ]
-        return fixed + sorted(self.path.glob("driver-*.sock"))
+        # (a debugger's socket outlives a driver process killed at a breakpoint)
+        return (
+            fixed + sorted(self.path.glob("driver-*.sock")) + sorted(self.path.glob("driver-*.pdb"))
+        )
 
     def prepare(self) -> None:
         longest = max(len(str(p)) for p in self.sockets())

@@ -37,6 +37,8 @@ log = logging.getLogger("isovisor.kernel")
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 #: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
 REPORT_S: Final = 1.0
+#: Characters kept of a driver's ``statistics()`` error (``["statistics", {..., error}]``).
+STATISTICS_ERROR_MAX: Final = 1000
 
 
 @dataclass(eq=False)
@@ -421,6 +423,10 @@ class DeviceManager:
                     for k, v in list(values.items())[:64]
                     if isinstance(v, int | float | str)
                 }
+                error = info.get("error")  # statistics() failed: why (values is {})
+                link.statistics_error = (
+                    error[:STATISTICS_ERROR_MAX] if isinstance(error, str) else None
+                )
                 link.touch()
         elif kind == "store" and len(msg) == 3:
             path, value = msg[1], msg[2]

@@ -85,6 +85,8 @@ class DriverLink:
     #: The instance answers ``["report"]`` with its backend's statistics (said in hello).
     reports: bool = False
     statistics: dict[str, Any] = field(default_factory=dict)
+    #: Why the last ``statistics()`` gave no values (it raised, or returned no dict), or None.
+    statistics_error: str | None = None
 
     def touch(self, now: float | None = None) -> None:
         """Note a sign of life from this instance."""

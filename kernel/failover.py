@@ -775,6 +775,7 @@ class Recovery:
             "outstanding": busy,
             "devices": len(devices),
             "statistics": dict(link.statistics) if link else {},
+            "statistics_error": link.statistics_error if link else None,
         }
 
 

@@ -803,7 +803,11 @@ class _QuietHost:
         ({"fault_kind": "exit"}, "give both or neither"),
         ({"fault_sector": -1, "fault_kind": "exit"}, "fault_sector must be an integer"),
         ({"fault_sector": 1, "fault_kind": "melt"}, "fault_kind must be one of exit, exception"),
-        ({"poison": 3}, "unknown block backend option(s) poison; allowed: max_batch"),
+        (
+            {"poison": 3},
+            "unknown block backend option(s) poison (did you mean poison_after?); "
+            "allowed: max_batch, poison_after,",
+        ),
     ],
 )
 def test_recovery_options_are_checked(options: dict[str, Any], message: str) -> None:

@@ -6,6 +6,7 @@ message or on the process's exit, never a fixed sleep."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -409,3 +410,167 @@ def test_inline_driver_refuses_faults_that_would_take_the_kernel_down(
             drv.stop()
         peer.close()
         ctx.term()
+
+
+# --- what a backend's failures say --------------------------------------------------------------
+
+LEVEL_DISK = """\
+from typing import Any
+
+from drivers.sdk import BlockBackend, DeviceState, FileStorage, Storage
+
+
+class Backend(BlockBackend):
+    OPTIONS = {**BlockBackend.OPTIONS, "level": "compression level, 0..9"}
+
+    def configure(self, options: dict[str, Any]) -> None:
+        super().configure(options)
+        self.level = options.get("level", 0)
+        if not 0 <= self.level <= 9:
+            raise ValueError(f"level must be 0..9, got {self.level}")
+        self.reports = 0
+
+    def open_disk(self, dev: DeviceState) -> Storage:
+        m = dev.medium
+        return FileStorage(m.target, m.size, readonly=m.access == "ro")
+
+    def statistics(self) -> dict[str, int | float | str]:
+        self.reports += 1
+        counts = {} if self.reports <= 2 else {"g1/xvda.imports": 7}
+        return {"imports": counts["g1/xvda.imports"]}
+"""
+
+
+def line_of(source: str, text: str) -> int:
+    """The number of the (only) line of ``source`` that contains ``text``."""
+    (n,) = [i for i, line in enumerate(source.splitlines(), 1) if text in line]
+    return n
+
+
+@pytest.mark.timeout(30)
+def test_a_statistics_that_raises_is_answered_with_its_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """["report"] to a backend whose statistics() raises: ["statistics"] with no values and
+    the error, with where in the backend it was raised; the traceback is logged once for
+    the same error, and the next answer that works has no error."""
+    f = tmp_path / "leveldisk.py"
+    f.write_text(LEVEL_DISK)
+    ctx: zmq.Context[Any] = zmq.Context()
+    peer = Peer(ctx, f"inproc://kernel-{os.getpid()}")
+    drv = None
+    try:
+        with caplog.at_level(logging.INFO, logger=f"isovisor.driver.{NAME}"):
+            drv = start_inline(NAME, str(f), {}, ctx, peer.endpoint, f"inproc://{NAME}-stats")
+            peer.connect(peer.expect("hello")[1]["endpoint"])
+            at = f"{f}:{line_of(LEVEL_DISK, 'counts[')}, in statistics"
+            for _ in range(2):
+                peer.send("report")
+                assert peer.expect("statistics")[1] == {
+                    "name": NAME,
+                    "pid": os.getpid(),
+                    "values": {},
+                    "error": f"statistics() raised KeyError: 'g1/xvda.imports' (at {at})",
+                }
+            peer.send("report")
+            assert peer.expect("statistics")[1] == {
+                "name": NAME,
+                "pid": os.getpid(),
+                "values": {"imports": 7},
+            }
+        failures = [r for r in caplog.records if "statistics() raised" in r.getMessage()]
+        assert len(failures) == 1 and failures[0].exc_info is not None, caplog.text
+        assert "statistics() answers again" in caplog.text
+    finally:
+        if drv is not None:
+            drv.stop()
+        peer.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("options", "where"),
+    [
+        ({"level": 12}, True),  # the backend's own check, in its configure()
+        ({"levle": 1}, False),  # the framework's: no frame of the backend's code
+    ],
+)
+def test_a_constructor_that_raises_says_what_and_where(
+    tmp_path: Path, options: dict[str, Any], where: bool
+) -> None:
+    """Inline: HostError with the exception's type and message; its cause's traceback has
+    the frame of the backend's code it was raised in (none for the framework's checks)."""
+    from drivers.host import HostError, where_in_backend
+
+    f = tmp_path / "leveldisk.py"
+    f.write_text(LEVEL_DISK)
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        with pytest.raises(HostError) as e:
+            start_inline(NAME, str(f), options, ctx, "inproc://nobody", f"inproc://{NAME}-ctor")
+        if where:
+            assert str(e.value) == (
+                "the backend's constructor raised ValueError: level must be 0..9, got 12"
+            )
+            at = f"{f}:{line_of(LEVEL_DISK, 'raise ValueError')}, in configure"
+            assert where_in_backend(e.value.__cause__) == at  # type: ignore[arg-type]
+        else:
+            assert str(e.value).startswith(
+                "the backend's constructor raised ValueError: unknown block backend "
+                "option(s) levle (did you mean level?); allowed: "
+            ), e.value
+            assert where_in_backend(e.value.__cause__) == ""  # type: ignore[arg-type]
+    finally:
+        ctx.term()
+
+
+NOT_SWAPPABLE = """\
+class Backend:
+    def __init__(self, host, options):
+        host.log.info("a backend without hot swap")
+
+    def attach(self, dev): ...
+    def detach(self, key): ...
+    def fe_state(self, key, state): ...
+    def kick(self, key): ...
+    def close(self): ...
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_start_failure_is_reported_with_where_and_the_traceback(harness: Harness) -> None:
+    """``--report FILE``: a process whose backend's constructor raises exits with status 2
+    and writes {error, where, traceback} there; its log says the same, with the
+    traceback."""
+    f = harness.tmp / "leveldisk.py"
+    f.write_text(LEVEL_DISK)
+    report = harness.tmp / "report.json"
+    d = harness.start("--module", str(f), "--options", '{"level": 12}', "--report", str(report))
+    assert d.wait() == 2
+    got = json.loads(report.read_text())
+    error = "the backend's constructor raised ValueError: level must be 0..9, got 12"
+    at = f"{f}:{line_of(LEVEL_DISK, 'raise ValueError')}, in configure"
+    assert (got["error"], got["where"]) == (error, at), got
+    assert got["traceback"].startswith("Traceback (most recent call last):\n"), got
+    assert got["traceback"].endswith("ValueError: level must be 0..9, got 12\n"), got
+    assert f'File "{f}", line' in got["traceback"]
+    assert f"driver {NAME} could not start: {error} (at {at})\nTraceback" in d.log()
+
+
+@pytest.mark.timeout(30)
+def test_report_does_not_require_hot_swap_but_swappable_does(harness: Harness) -> None:
+    """Every supervised instance gets ``--report``; only a hot swap's new implementation
+    (``--swappable``) must also have save, suspend and restore."""
+    f = harness.tmp / "plain.py"
+    f.write_text(NOT_SWAPPABLE)
+    report = harness.tmp / "report.json"
+    d, _ = harness.start_active("--module", str(f), "--report", str(report))
+    assert d.proc.poll() is None and not report.exists()
+    d = harness.start("--module", str(f), "--report", str(report), "--swappable")
+    assert d.wait() == 2
+    assert json.loads(report.read_text())["error"] == (
+        f"{f}:Backend does not implement the backend interface: it has no save, suspend, "
+        "restore (subclass the drivers.sdk class of its device: BlockBackend, NetBackend or "
+        "ConsoleBackend; see docs/sdk.md)"
+    )

@@ -8,6 +8,7 @@ import pytest
 from isovisor.config import DriverConfig
 from isovisor.supervisor.supervision import (
     Action,
+    BackendError,
     CpuMeter,
     DriverSupervision,
     Policy,
@@ -237,7 +238,34 @@ def test_first_start_failure_is_fatal() -> None:
     sv.start_failed("driver blk0 exited with status 2 while starting")
     row = sv.row()
     assert row["state"] == "FATAL" and "status 2" in row["last_failure"]
-    assert row["restarts"] == 0
+    assert row["restarts"] == 0 and row["last_error"] is None
+
+
+def test_a_failure_keeps_what_the_instance_said_about_it() -> None:
+    """``last_error``: the report of the instance of the last failure (None if it wrote
+    none), with where in the backend's code."""
+    said = {
+        "error": "kick(1,) failed in the backend: KeyError: 'g1/xvda'",
+        "where": "/src/mydisk.py:40, in open_disk",
+        "traceback": "Traceback (most recent call last):\n...\nKeyError: 'g1/xvda'\n",
+    }
+    err = BackendError.of(3, said)
+    assert err is not None
+    assert err.text == (
+        "kick(1,) failed in the backend: KeyError: 'g1/xvda' (at /src/mydisk.py:40, in open_disk)"
+    )
+    assert BackendError.of(3, None) is None and BackendError.of(3, {"error": ""}) is None
+    assert BackendError.of(3, {"error": "boom"}) == BackendError(3, "boom")
+    sv, clock = make()
+    up(sv, clock, 3)
+    sv.failed("exit:70", "pid 3 exited with status 70", error=err)
+    assert sv.row()["last_error"] == {"pid": 3, **said}
+    up(sv, clock, 4)
+    sv.failed("signal:SIGKILL", "pid 4 killed by SIGKILL")  # said nothing: nothing is kept
+    assert sv.row()["last_error"] is None
+    sv.starting(5)
+    sv.start_failed("driver blk0 (mydisk.py) could not start: ...", BackendError(5, "boom"))
+    assert sv.row()["last_error"] == {"pid": 5, "error": "boom", "where": "", "traceback": ""}
 
 
 def test_group_strategies() -> None:

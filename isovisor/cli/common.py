@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ipc.control import Client, ControlError
+from ipc.schema import show, show_key
 from isovisor.config import ConfigError, default_run_dir, load_stack_config
 from isovisor.paths import RunDir
 
@@ -66,6 +67,30 @@ def _call(rd: RunDir, command: str, **props: Any) -> dict[str, Any]:
             return c.call(command, **props)
         except ControlError as e:
             fail(e.reason)
+
+
+def driver_setup(d: dict[str, Any]) -> str:
+    """Where a driver's log is and how it runs, from its ``status`` row: its log file and
+    level, debug mode, and its backend's options (``status``, ``driver stats``)."""
+    parts = []
+    if d.get("debug"):
+        parts.append("DEBUG MODE (no hang checks; breakpoint() opens pdb)")
+    level = d.get("log_level")
+    parts.append(f"log {d.get('log') or '-'}" + (f" (level {level})" if level else ""))
+    opts = d.get("options") or {}
+    if opts:
+        parts.append("options " + ", ".join(f"{show_key(k)} = {show(v)}" for k, v in opts.items()))
+    return "; ".join(parts)
+
+
+def statistics_problem(d: dict[str, Any], rd: RunDir) -> str | None:
+    """Why a driver shows no statistics, from its ``status`` row: its backend's
+    ``statistics()`` raised or returned no dict (``statistics_error``, with where in the
+    backend's code), and where the traceback is; None if it did not fail."""
+    error = d.get("statistics_error")
+    if not error:
+        return None
+    return f"{error}; the traceback is in {d.get('log') or rd.driver_log(str(d.get('name')))}"
 
 
 def _uptime(s: float) -> str:

@@ -11,8 +11,18 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from isovisor.cli.common import RunDirOpt, _call, _run_dir, _uptime, fail, out
+from isovisor.cli.common import (
+    RunDirOpt,
+    _call,
+    _run_dir,
+    _uptime,
+    driver_setup,
+    fail,
+    out,
+    statistics_problem,
+)
 from isovisor.cli.swap import driver_stats, driver_swap
 from isovisor.paths import RunDir
 
@@ -21,8 +31,10 @@ def drivers(
     run_dir: RunDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the stack's driver backends: isolation, process id, state."""
-    drvs = _call(_run_dir(run_dir), "drivers")["drivers"]
+    """List the stack's driver backends: isolation, process id, state; then why each one
+    that is down is down."""
+    rd = _run_dir(run_dir)
+    drvs = _call(rd, "drivers")["drivers"]
     if as_json:
         print(json.dumps(drvs, indent=2))
         return
@@ -40,14 +52,17 @@ def drivers(
             "yes" if d["connected"] else "no",
         )
     out.print(t)
+    _print_problems(drvs, rd)
 
 
 def status(
     run_dir: RunDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the driver list as JSON.")] = False,
 ) -> None:
-    """Supervised drivers: state, process, uptime, restarts by reason, last failure, load."""
-    drvs = _call(_run_dir(run_dir), "status")["drivers"]
+    """Supervised drivers: state, process, uptime, restarts by reason, last failure, load;
+    then why each one that is down is down, and each backend whose statistics() fails."""
+    rd = _run_dir(run_dir)
+    drvs = _call(rd, "status")["drivers"]
     if as_json:
         print(json.dumps(drvs, indent=2))
         return
@@ -78,12 +93,53 @@ def status(
             str(d["pid"]) if live and d.get("pid") else "-",
             _uptime(d["uptime_s"]) if live and d.get("uptime_s") is not None else "-",
             _restarts(d),
-            escape(last),
+            Text(_first_line(last), no_wrap=True),
             _count(d.get("devices")),
             _count(d.get("outstanding")),
             escape(_backend(d)),
         )
     out.print(t)
+    for d in drvs:  # where each driver's log is, and how it runs
+        setup = escape(driver_setup(d))
+        if d.get("debug"):
+            setup = f"[bold yellow]{setup}[/]"
+        out.print(f"{escape(d['name'])}: {setup}", markup=True)
+    _print_problems(drvs, rd)
+
+
+#: Characters of a driver's last failure the status table shows (the rest: below it).
+LAST_FAILURE_WIDTH = 60
+
+
+def _first_line(text: str, width: int = LAST_FAILURE_WIDTH) -> str:
+    """``text`` on one line of at most ``width`` characters ("…": there is more)."""
+    lines = text.splitlines() or [""]
+    line = lines[0]
+    if len(line) <= width and len(lines) == 1:
+        return line
+    return line[: width - 1] + "…"
+
+
+def _print_problems(drvs: list[dict[str, Any]], rd: RunDir) -> None:
+    """Below a table of drivers: why each one that is down (FATAL, EXITED, BACKOFF) is down,
+    in full (its backend's own error, and where in its code), and each backend whose
+    ``statistics()`` fails."""
+    for d in drvs:
+        name, state = d["name"], d["state"]
+        if state in ("FATAL", "EXITED", "BACKOFF") and d.get("last_failure"):
+            again = (
+                "it is started again after its backoff"
+                if state == "BACKOFF"
+                else f"start it again with `isovisor driver start {name}`"
+            )
+            out.print(
+                f"[bold red]{escape(name)} is {state}:[/] "
+                f"{escape(d['last_failure'])}; {escape(again)}",
+                markup=True,
+            )
+        problem = statistics_problem(d, rd)
+        if problem is not None:
+            out.print(f"[yellow]{escape(name)}:[/] {escape(problem)}", markup=True)
 
 
 def _backend(d: dict[str, Any]) -> str:
@@ -118,7 +174,7 @@ driver_app = typer.Typer(
 )
 driver_app.command("swap")(driver_swap)
 driver_app.command("stats")(driver_stats)
-NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]
+NameArg = Annotated[str, typer.Argument(help="Driver name, as in \\[driver.<name>].")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for the result.")]
 
 
@@ -163,6 +219,15 @@ def _driver_action(action: str, name: str, run_dir: Path | None, wait: float) ->
             return
         if action != "stop" and state in ("FATAL", "EXITED"):
             fail(f"driver {name} is {state}: {row.get('last_failure')}")
+        error = row.get("last_error")
+        if action != "stop" and error and error != before.get("last_error"):
+            # an instance started by this command said why it failed: no use waiting for
+            # the retries (the supervisor goes on with them: a fixed file is picked up)
+            fail(
+                f"driver {name} failed after the {action}: {row.get('last_failure')}; it is "
+                f"{state}: the supervisor goes on starting it (a fixed file is picked up), "
+                f"see `isovisor status` and {rd.driver_log(name)}"
+            )
         if time.monotonic() > deadline:
             fail(
                 f"driver {name} is still {state} after {wait:g}s (asked: {action}, reply "

@@ -41,7 +41,7 @@ def _args(pairs: list[str]) -> dict[str, Any]:
 
 @fault_app.command("add")
 def fault_add(
-    driver: Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")],
+    driver: Annotated[str, typer.Argument(help="Driver name, as in \\[driver.<name>].")],
     type_: Annotated[str, typer.Option("--type", "-t", help="Fault type: " + ", ".join(ALL_TYPES))],
     arg: Annotated[
         list[str] | None,

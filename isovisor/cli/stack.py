@@ -228,6 +228,28 @@ def _up_detached(config: Path, rd: RunDir) -> None:
         f"stack up: supervisor pid {reply['pid']}, kernel pid {reply['kernel_pid']}, "
         f"run dir {rd.path}"
     )
+    _start_failures(reply.get("start_failures") or {})
+
+
+def _start_failures(failures: dict[str, dict[str, str]]) -> None:
+    """Say what did not start: each driver (an error: `up` fails, though the stack runs on
+    without it) and each domain (a warning, as one bad domain does not stop the others)."""
+    drivers, domains = failures.get("drivers") or {}, failures.get("domains") or {}
+    for reason in drivers.values():
+        err.print(f"[bold red]isovisor: error:[/] {escape(reason)}", markup=True)
+    for path, reason in domains.items():
+        err.print(
+            f"[yellow]isovisor: warning:[/] domain {escape(path)} was not created: "
+            f"{escape(reason)}",
+            markup=True,
+        )
+    if drivers:
+        names = ", ".join(drivers)
+        fail(
+            f"the stack is up without driver(s) {names}: fix the cause, then `isovisor driver "
+            f"start NAME` (a change to the stack's file takes `isovisor down` and `up`); "
+            "`isovisor status` shows every driver"
+        )
 
 
 def down(

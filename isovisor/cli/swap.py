@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import json
 import time
@@ -15,8 +16,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from ipc.control import ControlError
-from isovisor.cli.common import RunDirOpt, _call, _run_dir, err, fail, out
-from isovisor.cli.swapclient import SwapTimeout, swap, target_of
+from isovisor.cli.common import (
+    RunDirOpt,
+    _call,
+    _run_dir,
+    driver_setup,
+    err,
+    fail,
+    out,
+    statistics_problem,
+)
+from isovisor.cli.swapclient import SwapTimeout, parse_options, swap, target_of
+from isovisor.config import LOG_LEVELS
 from isovisor.paths import RunDir
 
 #: How often --watch looks at the file, and how long it must stay unchanged before a swap
@@ -24,7 +35,19 @@ from isovisor.paths import RunDir
 WATCH_POLL_S = 0.2
 WATCH_SETTLE_S = 0.3
 
-NameArg = Annotated[str, typer.Argument(help="Driver name, as in [driver.<name>].")]
+NameArg = Annotated[str, typer.Argument(help="Driver name, as in \\[driver.<name>].")]
+
+
+class LogLevel(enum.StrEnum):
+    """``--log-level``: the levels of ``log_level`` (:data:`isovisor.config.LOG_LEVELS`)."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+assert tuple(v.value for v in LogLevel) == LOG_LEVELS
 
 
 def driver_swap(
@@ -72,6 +95,36 @@ def driver_swap(
             "of request_timeout_sec when that is shorter).",
         ),
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            metavar="KEY=VALUE",
+            help="An option of the new backend (repeat for more). Given options replace the "
+            "driver's \\[driver.NAME.options] for the new instance, and stay with the driver "
+            "once the swap is final; without any, the driver's options are kept. Values are "
+            'read as TOML: 8, 2.5, true, "quoted", else the text as a string. An unknown '
+            "option refuses the swap, naming the allowed ones.",
+        ),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(
+            "--log-level",
+            case_sensitive=False,
+            help="The level of the new instance's log (driver-NAME.log in the run "
+            "directory). Default: the driver's log_level.",
+        ),
+    ] = None,
+    debug: Annotated[
+        bool | None,
+        typer.Option(
+            "--debug/--no-debug",
+            help="Run the new instance in debug mode: no hang checks, and breakpoint() "
+            "opens pdb on a socket in the run directory (docs/configuration.md). "
+            "Default: as the driver is.",
+        ),
+    ] = None,
     max_swaps: Annotated[
         int,
         typer.Option("--max-swaps", help="With --watch: stop after this many swaps (0: never)."),
@@ -86,9 +139,21 @@ def driver_swap(
     is refused and nothing stops.  Then the driver is drained, its state saved and restored
     into the new backend, and the guests resume.  If the new backend refuses the state,
     misses its deadline or dies in its first requests, the old one is brought back.
+
+    After a swap the driver keeps the new backend, and the options, log level and debug
+    mode given here, until the stack stops: restarts and spares use them.
     """
     if sum(x is not None for x in (to, to_file, watch)) != 1:
         fail("give exactly one of --to MODULE[:CLASS], --to-file FILE.py or --watch FILE.py")
+    try:
+        options = parse_options(option) if option else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--option'") from None
+    settings: dict[str, Any] = {
+        "options": options,
+        "log_level": log_level.value if log_level else None,
+        "debug": debug,
+    }
     rd = _run_dir(run_dir)
     if rd.running_pid() is None:
         fail(
@@ -96,9 +161,9 @@ def driver_swap(
             "--run-dir / ISOVISOR_RUN_DIR of a running stack"
         )
     if watch is not None:
-        _watch(rd, name, watch, probation, timeout, wait, max_swaps, as_json)
+        _watch(rd, name, watch, probation, timeout, wait, max_swaps, as_json, settings)
         return
-    result = _swap_once(rd, name, target_of(to, to_file), probation, timeout, wait)
+    result = _swap_once(rd, name, target_of(to, to_file), probation, timeout, wait, settings)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -108,10 +173,17 @@ def driver_swap(
 
 
 def _swap_once(
-    rd: RunDir, name: str, target: str, probation: float | None, timeout: float | None, wait: float
+    rd: RunDir,
+    name: str,
+    target: str,
+    probation: float | None,
+    timeout: float | None,
+    wait: float,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
+    """One swap; ``settings``: the new instance's ``options``, ``log_level``, ``debug``."""
     try:
-        return swap(rd, name, target, probation=probation, timeout=timeout, wait=wait)
+        return swap(rd, name, target, probation=probation, timeout=timeout, wait=wait, **settings)
     except ControlError as e:
         fail(e.reason)
     except SwapTimeout as e:
@@ -165,6 +237,7 @@ def _watch(
     wait: float,
     max_swaps: int,
     as_json: bool,
+    settings: dict[str, Any],
 ) -> None:
     path = path.expanduser().resolve()
     if not path.is_file():
@@ -180,7 +253,7 @@ def _watch(
     last = _fingerprint(path)
     try:
         while True:
-            r = _swap_once(rd, name, target, probation, timeout, wait)
+            r = _swap_once(rd, name, target, probation, timeout, wait, settings)
             swaps += 1
             if as_json:
                 print(json.dumps(r), flush=True)
@@ -223,7 +296,19 @@ def driver_stats(
             json.dumps(
                 {
                     k: row.get(k)
-                    for k in ("name", "module", "pid", "statistics", "swaps", "last_swap")
+                    for k in (
+                        "name",
+                        "module",
+                        "pid",
+                        "statistics",
+                        "statistics_error",
+                        "swaps",
+                        "last_swap",
+                        "log",
+                        "log_level",
+                        "debug",
+                        "options",
+                    )
                 },
                 indent=2,
             )
@@ -235,12 +320,17 @@ def driver_stats(
             f"{row.get('swaps') or 0} swap(s)"
         )
     )
-    t = Table(box=None, pad_edge=False)
-    t.add_column("Statistic")
-    t.add_column("Value", justify="right")
-    for k, v in (row.get("statistics") or {}).items():
-        t.add_row(escape(str(k)), escape(str(v)))
-    out.print(t)
+    out.print(escape(driver_setup(row)), style="bold yellow" if row.get("debug") else None)
+    problem = statistics_problem(row, _run_dir(run_dir))
+    if problem is not None:  # the backend's statistics() raised: say so, not an empty table
+        out.print(escape(problem), style="bold red")
+    else:
+        t = Table(box=None, pad_edge=False)
+        t.add_column("Statistic")
+        t.add_column("Value", justify="right")
+        for k, v in (row.get("statistics") or {}).items():
+            t.add_row(escape(str(k)), escape(str(v)))
+        out.print(t)
     last = row.get("last_swap")
     if last:
         out.print(

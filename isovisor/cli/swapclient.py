@@ -9,6 +9,7 @@ can be missed.
 from __future__ import annotations
 
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,35 @@ def target_of(to: str | None = None, to_file: str | Path | None = None) -> str:
     return f"{file}:{cls}" if sep else str(file)
 
 
+def option_value(text: str) -> int | float | bool | str:
+    """A ``--option`` value as TOML would read it: an integer (``32``, ``0x20``, ``1_000``), a
+    float (``2.5``, ``1e3``), a boolean (``true``, ``false``), a quoted string (``"32"``);
+    anything else is the string as given (``hello``, ``/tmp/x.img``)."""
+    try:
+        v = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return v if isinstance(v, int | float | str) else text  # (a bool is an int)
+
+
+def parse_options(args: list[str]) -> dict[str, int | float | bool | str]:
+    """``--option KEY=VALUE`` arguments as a map (values: :func:`option_value`); ValueError
+    naming the argument for one without ``=``, with an empty key, or a key given twice."""
+    out: dict[str, int | float | bool | str] = {}
+    given: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"{arg!r} is not KEY=VALUE (e.g. --option max_batch=8)")
+        if not key:
+            raise ValueError(f"{arg!r} has no option name before '=' (e.g. --option max_batch=8)")
+        if key in out:
+            raise ValueError(f"option {key!r} is given twice: {given[key]!r} and {arg!r}")
+        out[key], given[key] = option_value(value.strip()), arg
+    return out
+
+
 def swap(
     rd: RunDir,
     name: str,
@@ -45,17 +75,30 @@ def swap(
     probation: float | None = None,
     timeout: float | None = None,
     wait: float = 60.0,
+    options: dict[str, Any] | None = None,
+    log_level: str | None = None,
+    debug: bool | None = None,
 ) -> dict[str, Any]:
     """Swap driver ``name`` to ``target`` and return the ``driver.<name>.swap`` payload
     (``outcome`` is one of :data:`OUTCOMES`).  ControlError if the supervisor refuses at once
-    (bad input, a driver that is not RUNNING, ...); SwapTimeout after ``wait`` seconds."""
+    (bad input, a driver that is not RUNNING, ...); SwapTimeout after ``wait`` seconds.
+    ``options`` replace the driver's backend options for the new instance (``--option``);
+    ``log_level`` and ``debug`` are its own; None keeps the driver's."""
     topic = f"driver.{name}.swap"
     with Client(rd.control, timeout=15) as c, subscribe(rd.events, [topic], c) as sub:
         # ``request``, not ``call``: ``call`` takes ``timeout`` as its own reply deadline, and
         # the swap's timeout then never reached the supervisor.
         reply = c.request(
             "driver_swap",
-            {"name": name, "target": target, "probation": probation, "timeout": timeout},
+            {
+                "name": name,
+                "target": target,
+                "probation": probation,
+                "timeout": timeout,
+                "options": options,
+                "log_level": log_level,
+                "debug": debug,
+            },
         )
         sid = reply["swap"]["swap_id"]
         deadline = time.monotonic() + wait
@@ -72,4 +115,12 @@ def swap(
                 return ev[1]
 
 
-__all__ = ["OUTCOMES", "ControlError", "SwapTimeout", "swap", "target_of"]
+__all__ = [
+    "OUTCOMES",
+    "ControlError",
+    "SwapTimeout",
+    "option_value",
+    "parse_options",
+    "swap",
+    "target_of",
+]

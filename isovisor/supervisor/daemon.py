@@ -66,6 +66,9 @@ class Supervisor:
         self._running = True
         self.exit_status = 0
         self.mgr: DriverManager | None = None
+        #: What did not start at `up`: drivers by name and domains by config path, with the
+        #: reason (``ping`` answers them: `isovisor up --detach` prints them).
+        self.start_failures: dict[str, dict[str, str]] = {"drivers": {}, "domains": {}}
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
             "ping": self._ping,
             "status": self._status,
@@ -134,12 +137,14 @@ class Supervisor:
                         self.mgr.start_failed(drv.name, str(e))
                     else:
                         self.mgr.inline_failure[drv.name] = str(e)
+                    self.start_failures["drivers"][drv.name] = str(e)
                     self._publish(f"supervisor.driver.{drv.name}.failed", {"reason": str(e)})
             for path in self.cfg.domains:
                 try:
                     self._create_from(path)
                 except ControlError as e:  # one bad domain does not stop the others
                     log.error("cannot create domain from %s: %s", path, e)
+                    self.start_failures["domains"][path] = str(e)
                     self._publish("supervisor.domain.failed", {"path": path, "reason": str(e)})
             self.router.bind(rd.control)  # the CLI sees the stack only once it is up
             self._publish("supervisor.up", {"pid": os.getpid()})
@@ -202,6 +207,8 @@ class Supervisor:
         self.ctx.term()
         for path in self.run_dir.sockets():
             path.unlink(missing_ok=True)
+        for path in self.run_dir.path.glob("driver-*.report.json"):  # reports nobody read
+            path.unlink(missing_ok=True)
         self.run_dir.pidfile.unlink(missing_ok=True)
         log.info("stack stopped")
 
@@ -229,11 +236,7 @@ class Supervisor:
             if inst is not None and self.mgr.state(drv.name) == State.RUNNING:
                 break
             if inst is not None and not inst.alive():
-                raise ControlError(
-                    f"driver {drv.name} ({drv.module}) exited with status "
-                    f"{inst.returncode} while starting; its log "
-                    f"{inst.log_path} ends with:\n{inst.log_tail()}"
-                )
+                raise ControlError(self.mgr.start_error(inst))
             if left <= 0:
                 raise ControlError(
                     f"driver {drv.name} ({drv.module}) did not connect to the "
@@ -279,9 +282,26 @@ class Supervisor:
                     f"property {what!r} of command 'driver_swap' must be a "
                     f"number of seconds, got {v!r}"
                 )
+        # the new instance's own settings (None: the driver's): --option, --log-level, --debug
+        options, level, debug = (req.properties.get(k) for k in ("options", "log_level", "debug"))
+        for what, v, kind, shape in (
+            ("options", options, dict, "a map of option names to values"),
+            ("log_level", level, str, "a log level"),
+            ("debug", debug, bool, "a boolean"),
+        ):
+            if v is not None and not isinstance(v, kind):
+                raise ControlError(
+                    f"property {what!r} of command 'driver_swap' must be {shape}, got {v!r}"
+                )
         return {
             "swap": self.mgr.swap(
-                prop(req, "name", str), prop(req, "target", str), probation, timeout
+                prop(req, "name", str),
+                prop(req, "target", str),
+                probation,
+                timeout,
+                options=options,
+                log_level=level,
+                debug=debug,
             )
         }
 
@@ -306,10 +326,18 @@ class Supervisor:
         )
 
     def _check_devices(self, cfg: DomainConfig) -> None:
-        """Every device of ``cfg`` names a driver this stack declares."""
+        """Every device of ``cfg`` names a driver this stack declares, and one that is not
+        down (the kernel only knows that a driver is not connected; we know why)."""
+        assert self.mgr is not None
         declared = {d.name for d in self.cfg.drivers}
         for dev in cfg.devices:
             if dev.backend in declared:
+                why = self.mgr.not_serving(dev.backend)
+                if why is not None:
+                    raise ControlError(
+                        f"{cfg.source}: {devices.of_spec(dev).what(dev)} uses backend "
+                        f"{dev.backend!r}, which is not running: {why}"
+                    )
                 continue
             cls = devices.of_spec(dev)
             raise ControlError(
@@ -363,6 +391,7 @@ class Supervisor:
             "name": self.cfg.name,
             "config": self.cfg.source,
             "run_dir": str(self.run_dir.path),
+            "start_failures": self.start_failures,
         }
 
     def _forward(self, req: Request) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import zmq
 from ipc.control import ControlError, NotFound
 from isovisor.config import DriverConfig, StackConfig
 from isovisor.paths import RunDir
-from isovisor.supervisor.driverproc import DriverProcess
+from isovisor.supervisor.driverproc import DEBUG_MODE, DriverProcess
 from isovisor.supervisor.faulttable import FaultTable
 from isovisor.supervisor.hotswap import Swap, Swapper
 from isovisor.supervisor.kernelproc import KernelProcess
@@ -31,6 +31,7 @@ from isovisor.supervisor.supervision import (
     LIVE,
     NOT_COUNTED,
     Action,
+    BackendError,
     Decision,
     DriverSupervision,
     Policy,
@@ -123,6 +124,8 @@ class DriverManager:
     # -- start-up (the supervisor waits for the hello itself) -------------------------------
     def start(self, name: str) -> DriverProcess:
         slot = self.slots[name]
+        if slot.cfg.debug:
+            log.warning("driver %s: %s", name, DEBUG_MODE)
         self._restart(slot)
         assert slot.active is not None
         return slot.active
@@ -131,8 +134,11 @@ class DriverManager:
         return self.slots[name].sv.state
 
     def start_failed(self, name: str, text: str) -> None:
-        """The first start did not come up: kill what is left, FATAL until started by hand."""
+        """The first start did not come up: kill what is left, FATAL until started by hand.
+        What the instance said about it (its report) is kept as the driver's ``last_error``."""
         slot = self.slots[name]
+        active = slot.active
+        error = BackendError.of(active.pid, active.take_report()) if active else None
         for inst in (slot.active, slot.spare):
             if inst is not None:
                 inst.signal(signal.SIGKILL)
@@ -140,7 +146,43 @@ class DriverManager:
                     inst.proc.wait()
                 self._forget(inst)
         slot.active = slot.spare = None
-        slot.sv.start_failed(text)
+        slot.sv.start_failed(text, error)
+
+    def start_error(self, inst: DriverProcess) -> str:
+        """Why ``inst``, started at `up`, ended before its hello: what it said (its report),
+        else its exit status and the end of its log."""
+        name, module = inst.cfg.name, inst.cfg.module
+        error = BackendError.of(inst.pid, inst.take_report())
+        if error is not None:
+            return f"driver {name} ({module}) could not start: {error.text}; see {inst.log_path}"
+        return (
+            f"driver {name} ({module}) exited with status {inst.returncode} while starting; "
+            f"its log {inst.log_path} ends with:\n{inst.log_tail()}"
+        )
+
+    def not_serving(self, name: str) -> str | None:
+        """Why declared driver ``name`` serves no device now (for the message refusing a
+        domain that uses it), or None if it is running or about to."""
+        failure = self.inline_failure.get(name)
+        if failure is not None:
+            return f"it could not be loaded: {failure}"
+        slot = self.slots.get(name)
+        if slot is None or slot.sv.state in LIVE:
+            return None
+        sv, again = slot.sv, f"`isovisor driver start {name}`"
+        if sv.state == State.STOPPED:
+            return f"it was stopped; start it with {again}"
+        if sv.state == State.BACKOFF:
+            return (
+                f"it is restarting after a failure ({sv.last_failure}); try again once "
+                "`isovisor status` shows it RUNNING"
+            )
+        if sv.last_reason == "start":  # FATAL since `up`: last_failure says it all
+            return (
+                f"{sv.last_failure}; fix it, then {again} (a change to the stack's file takes "
+                "`isovisor down` and `up`)"
+            )
+        return f"it is {sv.state} ({sv.last_failure}); start it again with {again}"
 
     # -- the event loop's inputs ------------------------------------------------------------
     def on_exit_fd(self, fd: int) -> None:
@@ -251,8 +293,15 @@ class DriverManager:
             return
         reason = pend.reason if pend else info.reason
         detail = pend.detail if pend else f"pid {pid} {info.text}"
+        error = BackendError.of(pid, inst.take_report()) if pend is None else None
+        if error is not None:  # what it said about its end: its exception, and where
+            detail += f": {error.text}"
         detected = pend.detected_ns if pend and pend.detected_ns else now_ns
-        tail = inst.log_tail(8) if info.status not in (None, 0) and pend is None else ""
+        tail = (
+            inst.log_tail(8)
+            if info.status not in (None, 0) and pend is None and error is None
+            else ""
+        )
         level = logging.INFO if reason in NOT_COUNTED else logging.ERROR
         log.log(
             level,
@@ -261,11 +310,16 @@ class DriverManager:
             detail,
             f"; its log ends with:\n{tail}" if tail else "",
         )
-        self.publish(
-            f"driver.{name}.exit",
-            {"pid": pid, "reason": reason, "status": info.status, "signal": info.signal},
-        )
-        d = slot.sv.failed(reason, detail, spare=slot.spare is not None)
+        exited: dict[str, Any] = {
+            "pid": pid,
+            "reason": reason,
+            "status": info.status,
+            "signal": info.signal,
+        }
+        if error is not None:  # (`up` in the foreground prints it)
+            exited["error"] = error.text
+        self.publish(f"driver.{name}.exit", exited)
+        d = slot.sv.failed(reason, detail, spare=slot.spare is not None, error=error)
         if d.action == Action.RESTART:
             slot.recovery = Recovery(pid, reason, detected)
             if slot.sv.state == State.EXITED or slot.sv.due():
@@ -422,7 +476,7 @@ class DriverManager:
             u = inst.usage(now)
             if u is None:
                 continue
-            if u.stopped:
+            if u.stopped and not c.debug:  # debug mode: a debugger may stop it
                 self._kill(slot, "stopped", f"pid {inst.pid} is stopped (SIGSTOP?)")
             elif c.max_rss is not None and u.rss > c.max_rss:
                 self._kill(
@@ -463,13 +517,16 @@ class DriverManager:
         slot.spare_failures += 1
         wait = min(SPARE_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (slot.spare_failures - 1))
         slot.spare_due = self.clock() + wait
+        error = BackendError.of(inst.pid, inst.take_report())
         log.warning(
-            "driver %s: spare pid %d %s; a new spare in %.1fs; its log ends with:\n%s",
+            "driver %s: spare pid %d %s; a new spare in %.1fs; %s",
             slot.cfg.name,
             inst.pid,
             info.text,
             wait,
-            inst.log_tail(8),
+            f"it said: {error.text}"
+            if error is not None
+            else f"its log ends with:\n{inst.log_tail(8)}",
         )
         self.publish(
             f"driver.{slot.cfg.name}.spare_exit",
@@ -529,10 +586,21 @@ class DriverManager:
         self._kill(slot, reason, detail)
 
     def swap(
-        self, name: str, target: str, probation: float | None, timeout: float | None
+        self,
+        name: str,
+        target: str,
+        probation: float | None,
+        timeout: float | None,
+        *,
+        options: dict[str, Any] | None = None,
+        log_level: str | None = None,
+        debug: bool | None = None,
     ) -> dict[str, Any]:
-        """``isovisor driver swap``: see isovisor/supervisor/hotswap.py."""
-        return self.swapper.begin(name, target, probation, timeout)
+        """``isovisor driver swap``: see isovisor/supervisor/hotswap.py (``options``,
+        ``log_level``, ``debug``: the new instance's; None: the driver's)."""
+        return self.swapper.begin(
+            name, target, probation, timeout, options=options, log_level=log_level, debug=debug
+        )
 
     def _forget(self, inst: DriverProcess) -> None:
         if inst.pidfd is not None:
@@ -725,6 +793,13 @@ class DriverManager:
             k = connected.get(d.name, {})
             slot = self.slots.get(d.name)
             module = d.module
+            cfg = slot.cfg if slot is not None else d  # a committed swap changed it
+            where = {  # an inline driver logs into the kernel's log, at its level
+                "log": str(self.run_dir.driver_log(d.name) if slot else self.run_dir.kernel_log),
+                "log_level": cfg.log_level if slot else None,
+                "debug": cfg.debug,
+                "options": cfg.options,
+            }
             if slot is not None:
                 row = slot.sv.row()
                 row["spare_pid"] = slot.spare.pid if slot.spare else None
@@ -748,6 +823,7 @@ class DriverManager:
                     "restarts_by_reason": {},
                     "last_failure": failure,
                     "last_reason": "start" if failure else None,
+                    "last_error": None,
                     "spare_pid": None,
                     "spare_ready": False,
                 }
@@ -763,6 +839,8 @@ class DriverManager:
                 failing_reason=k.get("failing_reason"),
                 last_seen_ms=k.get("last_seen_ms"),
                 statistics=k.get("statistics") or {},
+                statistics_error=k.get("statistics_error"),
+                **where,
             )
             out.append(row)
         return out

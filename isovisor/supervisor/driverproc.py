@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psutil
 import zmq
@@ -28,6 +28,14 @@ from isovisor.config import DriverConfig
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
 from isovisor.supervisor.supervision import CpuMeter
+
+#: What the supervisor's log says of a driver in debug mode (``debug = true``, ``driver swap
+#: --debug``): the kernel's hang checks are off because the process gets ``--watchdog-ms 0
+#: --request-timeout-ms 0``, the stopped-process check because DriverManager skips it.
+DEBUG_MODE: Final = (
+    "debug mode: no hang checks (heartbeat watchdog, request timeout, stopped process); "
+    "breakpoint() opens pdb on a socket in the run directory"
+)
 
 
 def child_env() -> dict[str, str]:
@@ -67,9 +75,12 @@ class DriverProcess:
         self.endpoint = run_dir.driver_endpoint(cfg.name, instance)
         self.socket_path = run_dir.driver_socket(cfg.name, instance)
         self.log_path = run_dir.driver_log(cfg.name)
-        #: ``--report`` file (a hot swap's new implementation: it must support save/restore,
-        #: and says there why it failed), or None.
-        self.report_path = run_dir.driver_report(cfg.name, instance) if report else None
+        #: ``report``: a hot swap's new implementation (``--swappable``: it must support
+        #: save/restore).  Every instance says in its ``--report`` file why it could not
+        #: start or why it ended by fail-stop (:meth:`take_report`).
+        self.swappable = report
+        self.report_path: Path | None = run_dir.driver_report(cfg.name, instance)
+        self._report: dict[str, str] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self._ps: psutil.Process | None = None
@@ -103,13 +114,21 @@ class DriverProcess:
             json.dumps(c.options),
             "--parent-pid",
             str(os.getpid()),
+            # debug mode: no heartbeats and no request deadline (the kernel's hang checks go
+            # off with them: docs/configuration.md#debugging-a-driver)
             "--watchdog-ms",
-            str(round(c.watchdog_sec * 1000)),
+            "0" if c.debug else str(round(c.watchdog_sec * 1000)),
             "--request-timeout-ms",
-            str(round(c.request_timeout_sec * 1000)),
+            "0" if c.debug else str(round(c.request_timeout_sec * 1000)),
+            "--log-level",
+            c.log_level,
         ]
+        if c.debug:
+            cmd += ["--debug", str(rd.driver_pdb(c.name))]
         if self.report_path is not None:
             cmd += ["--report", str(self.report_path)]
+        if self.swappable:
+            cmd.append("--swappable")
         return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self, faults: list[dict[str, Any]] | None = None) -> None:
@@ -118,6 +137,8 @@ class DriverProcess:
         env = child_env()
         if faults:
             env[FAULTS_ENV] = json.dumps(faults)
+        if self.report_path is not None:  # an earlier stack's instance of the same number
+            self.report_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -203,10 +224,11 @@ class DriverProcess:
         self.socket_path.unlink(missing_ok=True)
 
     def take_report(self) -> dict[str, str] | None:
-        """What the instance wrote to its ``--report`` file (error, traceback), removing the
-        file; None if it wrote nothing."""
-        if self.report_path is None:
-            return None
+        """What the instance wrote to its ``--report`` file (``error``, ``where``,
+        ``traceback``: drivers/host.py), removing the file; None if it wrote nothing.  Once
+        the file is read its contents are kept: each caller after the first gets them too."""
+        if self._report is not None or self.report_path is None:
+            return self._report
         try:
             data = json.loads(self.report_path.read_text())
         except (OSError, ValueError):
@@ -215,4 +237,5 @@ class DriverProcess:
             self.report_path.unlink(missing_ok=True)
         if not isinstance(data, dict):
             return None
-        return {"error": str(data.get("error", "")), "traceback": str(data.get("traceback", ""))}
+        self._report = {k: str(data.get(k, "")) for k in ("error", "where", "traceback")}
+        return self._report

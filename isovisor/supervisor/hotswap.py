@@ -14,6 +14,8 @@ outcome.
    back** (with the report of why it died).
 4. After the probation: **swapped**.  The old instance is stopped, the driver's module is the
    new one from now on (restarts and spares use it), and the spare is started again with it.
+   So are the new instance's options, log level and debug mode (``--option``,
+   ``--log-level``, ``--debug``: by default the driver's).
 
 Every outcome is published as ``driver.<name>.swap`` with the swap id, the old and new
 implementations, the stall (drain to resumed), the requests carried over and, if it failed,
@@ -29,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from ipc.control import ControlError
-from isovisor.config import backend_spec
-from isovisor.supervisor.driverproc import DriverProcess
+from isovisor.config import LOG_LEVELS, backend_spec
+from isovisor.supervisor.driverproc import DEBUG_MODE, DriverProcess
 from isovisor.supervisor.supervision import State, describe_exit
 
 if TYPE_CHECKING:
@@ -76,6 +78,36 @@ class Swap:
     old_alive: bool = True
 
 
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``--option`` values for the new backend: names and TOML scalars (the backend itself
+    refuses the names it does not know, with the allowed ones: outcome ``refused (load)``)."""
+    for k, v in options.items():
+        if not isinstance(k, str) or not k.strip():
+            raise ControlError(f"driver swap: an option name must be a non-empty string, got {k!r}")
+        if not isinstance(v, int | float | str):  # (a bool is an int)
+            raise ControlError(
+                f"driver swap: option {k} = {v!r} must be an integer, a number, a boolean "
+                "or a string"
+            )
+    return dict(options)
+
+
+def check_log_level(level: str) -> str:
+    """A ``--log-level`` for the new instance; ControlError naming the levels."""
+    if level not in LOG_LEVELS:
+        raise ControlError(
+            f"driver swap: log level {level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
+
+
+def _reported(report: dict[str, str]) -> str:
+    """What an instance's ``--report`` says: its error, and where in the developer's code
+    it was raised (when the traceback has a frame there)."""
+    error, where = report.get("error", ""), report.get("where", "")
+    return f"{error} (at {where})" if error and where and where not in error else error
+
+
 def check_target(target: str) -> str:
     """The backend spec a ``--to`` or ``--to-file`` names, normalised; ControlError saying
     what is wrong before anything starts."""
@@ -99,8 +131,19 @@ class Swapper:
 
     # -- the command -----------------------------------------------------------------------
     def begin(
-        self, name: str, target: str, probation: float | None = None, timeout: float | None = None
+        self,
+        name: str,
+        target: str,
+        probation: float | None = None,
+        timeout: float | None = None,
+        *,
+        options: dict[str, Any] | None = None,
+        log_level: str | None = None,
+        debug: bool | None = None,
     ) -> dict[str, Any]:
+        """Start swapping driver ``name`` to ``target``.  ``options`` (``--option``) replace
+        the driver's backend options for the new instance, ``log_level`` and ``debug`` its
+        own; None keeps the driver's.  They stay with the driver once the swap is final."""
         mgr = self.mgr
         slot = mgr.supervised_slot(
             name,
@@ -143,7 +186,13 @@ class Swapper:
                 "driver can be swapped; see `isovisor status`"
             )
         self._ids += 1
-        cfg = dataclasses.replace(slot.cfg, module=spec)
+        cfg = dataclasses.replace(
+            slot.cfg,
+            module=spec,
+            options=slot.cfg.options if options is None else check_options(options),
+            log_level=slot.cfg.log_level if log_level is None else check_log_level(log_level),
+            debug=slot.cfg.debug if debug is None else debug,
+        )
         slot.instances += 1
         cand = DriverProcess(cfg, mgr.run_dir, slot.instances, spare=True, report=True)
         mgr.adopt(slot, cand)
@@ -162,13 +211,14 @@ class Swapper:
         )
         slot.swap = job
         log.warning(
-            "driver %s: swap %d: starting %s (pid %d) beside %s (pid %d)",
+            "driver %s: swap %d: starting %s (pid %d) beside %s (pid %d)%s",
             name,
             job.id,
             spec,
             cand.pid,
             job.old_module,
             job.old.pid,
+            f"; the new instance is in {DEBUG_MODE}" if cfg.debug else "",
         )
         mgr.publish(f"driver.{name}.swap_started", self._view(job))
         return self._view(job)
@@ -184,6 +234,10 @@ class Swapper:
             "phase": job.phase,
             "probation": job.probation_s,
             "timeout": job.timeout_s,
+            # the new instance's (after a commit, the driver's)
+            "options": job.cand.cfg.options,
+            "log_level": job.cand.cfg.log_level,
+            "debug": job.cand.cfg.debug,
         }
 
     # -- what happens (the supervisor's event loop) ---------------------------------------
@@ -289,7 +343,7 @@ class Swapper:
         report = inst.take_report() or {}
         if job.phase == "loading":
             job.error = (
-                report.get("error")
+                _reported(report)
                 or f"pid {inst.pid} {info.text} while loading; "
                 f"its log ends with:\n{inst.log_tail(12)}"
             )
@@ -334,7 +388,7 @@ class Swapper:
     ) -> None:
         job.reason = reason
         job.error = f"the new instance (pid {job.cand.pid}) {text} during its first requests" + (
-            f": {report['error']}" if report.get("error") else ""
+            f": {_reported(report)}" if report.get("error") else ""
         )
         job.traceback = report.get("traceback", "")
         slot.active = job.old
@@ -387,7 +441,14 @@ class Swapper:
 
     def _adopt(self, slot: Slot, job: Swap) -> None:
         """The new implementation is the driver's from now on; the old process goes."""
-        slot.cfg = dataclasses.replace(slot.cfg, module=job.new_module)
+        new = job.cand.cfg
+        slot.cfg = dataclasses.replace(
+            slot.cfg,
+            module=job.new_module,
+            options=new.options,
+            log_level=new.log_level,
+            debug=new.debug,
+        )
         self.mgr.retire(job.old, slot.cfg.graceful_timeout)
         self.mgr.replace_spare(slot)
 

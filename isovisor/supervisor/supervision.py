@@ -8,6 +8,7 @@ parameter, so tests drive it by hand.  The runtime that acts on the answers is
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import signal
 import time
@@ -69,6 +70,34 @@ class ExitInfo:
         if self.signal is not None:
             return f"killed by {self.signal}"
         return f"exited with status {self.status}"
+
+
+@dataclass(frozen=True)
+class BackendError:
+    """Why a driver instance could not start or ended, in its own words: what it wrote to
+    its ``--report`` file (drivers/host.py).  ``error`` is what failed with the exception's
+    type and message, ``where`` the frame of the developer's code it was raised in
+    (``file:line, in function``, or ""), ``traceback`` the whole of it."""
+
+    pid: int
+    error: str
+    where: str = ""
+    traceback: str = ""
+
+    @classmethod
+    def of(cls, pid: int, report: dict[str, str] | None) -> BackendError | None:
+        """From a report read by ``DriverProcess.take_report`` (None: it wrote none)."""
+        if not report or not report.get("error"):
+            return None
+        return cls(pid, report["error"], report.get("where", ""), report.get("traceback", ""))
+
+    @property
+    def text(self) -> str:
+        """The error, and where it was raised if that is in the developer's code."""
+        return f"{self.error} (at {self.where})" if self.where else self.error
+
+    def view(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def describe_exit(returncode: int) -> ExitInfo:
@@ -143,6 +172,8 @@ class DriverSupervision:
         self.by_reason: Counter[str] = Counter()
         self.last_failure: str | None = None
         self.last_reason: str | None = None
+        #: What the instance of the last failure said about it, if it said anything.
+        self.last_error: BackendError | None = None
         self.streak = 0  # restarts in a row without a stable run
         self._window: deque[float] = deque()  # times of counted restarts
 
@@ -174,22 +205,31 @@ class DriverSupervision:
         self.streak = 0
         self.retry_at = None
 
-    def start_failed(self, text: str) -> None:
+    def start_failed(self, text: str, error: BackendError | None = None) -> None:
         """The first start (at `up`) did not come up: FATAL until started by hand."""
         self.state = State.FATAL
         self.last_failure = text
         self.last_reason = "start"
+        self.last_error = error
         self.retry_at = None
 
     def stable(self) -> bool:
         """Has the current instance been up for start_secs since its hello?"""
         return self.hello_at is not None and self.clock() - self.hello_at >= self.policy.start_secs
 
-    def failed(self, reason: str, detail: str = "", *, spare: bool = False) -> Decision:
+    def failed(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        spare: bool = False,
+        error: BackendError | None = None,
+    ) -> Decision:
         """The current instance ended for ``reason``; decide what comes next.
 
         ``spare``: a warm spare is available.  It is used at once: it is already started, so
-        waiting would gain nothing (the backoff delays fresh starts only).
+        waiting would gain nothing (the backoff delays fresh starts only).  ``error``: what
+        the instance said about its end (None: nothing).
         """
         now = self.clock()
         failed_start = not self.stable()
@@ -197,6 +237,7 @@ class DriverSupervision:
             self.streak = 0
         self.last_reason = reason
         self.last_failure = f"{reason}: {detail}" if detail else reason
+        self.last_error = error
         self.hello_at = None
         if not should_restart(self.policy.restart, reason):
             self.state = State.EXITED
@@ -248,6 +289,7 @@ class DriverSupervision:
             "restarts_by_reason": dict(self.by_reason),
             "last_failure": self.last_failure,
             "last_reason": self.last_reason,
+            "last_error": self.last_error.view() if self.last_error else None,
         }
 
 
