@@ -162,6 +162,7 @@ def test_options_parse_and_bad_ones_name_the_argument() -> None:
         (["--option", "=8"], "'=8' has no option name before '='"),
         (["--option", "a=1", "--option", "a=2"], "option 'a' is given twice"),
         (["--log-level", "loud"], "'loud' is not one of"),
+        (["--no-options", "--option", "a=1"], "give --option or --no-options, not both"),
     ],
 )
 def test_swap_cli_refuses_bad_arguments_before_asking_the_stack(
@@ -443,7 +444,9 @@ def test_swap_with_options_and_log_level_and_what_status_shows(
     assert r.returncode == 1, r.stdout + r.stderr
     err = " ".join(r.stderr.split())
     assert f"swap of blk0 to {tagged} refused (load):" in err, err
-    assert "colour" in err and "allowed: max_batch," in err and ", tag (what each" in err, err
+    assert "colour" in err and "allowed: max_batch," in err and ", tag, weight (what each" in err, (
+        err
+    )
     assert f"drivers.blk (pid {pid}) goes on serving" in err, err
     assert s.driver()["options"] == {"max_batch": 16}
 
@@ -500,6 +503,11 @@ def test_swap_with_options_and_log_level_and_what_status_shows(
     assert s.driver()["options"] == {"tag": "w"}
     s.wait_statistics(lambda st: st.get("tag") == "w" and st.get("weight") == 0)
 
+    # --no-options: back to drivers.blk, which would refuse `tag`
+    r = s.cli("driver", "swap", "blk0", "--to", "drivers.blk", "--no-options")
+    assert r.returncode == 0 and "swapped blk0" in r.stdout, r.stdout + r.stderr
+    assert (s.driver()["options"], s.driver()["module"]) == ({}, "drivers.blk")
+
 
 @pytest.mark.e2e
 def test_a_debug_mode_driver_is_not_killed_as_hung(
@@ -516,6 +524,7 @@ def test_a_debug_mode_driver_is_not_killed_as_hung(
         guests=1,
         ops=300_000,
         driver={"debug": True, "watchdog_sec": 0.5, "request_timeout_sec": 1.0},
+        wait_io=False,  # its first statistics() may stop it before the guest's disk connects
     )
     row = s.driver()
     pid = row["pid"]

@@ -107,6 +107,14 @@ def driver_swap(
             "option refuses the swap, naming the allowed ones.",
         ),
     ] = None,
+    no_options: Annotated[
+        bool,
+        typer.Option(
+            "--no-options",
+            help="The new backend gets no options (the driver's are dropped, e.g. when "
+            "swapping back to a backend that would refuse them).",
+        ),
+    ] = False,
     log_level: Annotated[
         LogLevel | None,
         typer.Option(
@@ -145,8 +153,12 @@ def driver_swap(
     """
     if sum(x is not None for x in (to, to_file, watch)) != 1:
         fail("give exactly one of --to MODULE[:CLASS], --to-file FILE.py or --watch FILE.py")
+    if no_options and option:
+        raise typer.BadParameter(
+            "give --option or --no-options, not both", param_hint="'--no-options'"
+        )
     try:
-        options = parse_options(option) if option else None
+        options = {} if no_options else parse_options(option) if option else None
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--option'") from None
     settings: dict[str, Any] = {
