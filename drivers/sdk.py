@@ -1,4 +1,4 @@
-"""The driver SDK: everything a block backend implementation needs, in one import.
+"""The driver SDK: everything a backend implementation needs, in one import.
 
 ::
 
@@ -18,25 +18,37 @@ its own Storage: the framework keeps the device's medium current for whoever tak
 over (drivers/blk/export.py), and ``side_file`` gives it a place for its data.  docs/sdk.md is
 the tutorial; the pytest plugin (``isovisor.testing``) starts a stack around a backend in a few
 lines.
+
+The network and console classes take the same shape with smaller hooks: a :class:`NetBackend`
+subclass overrides ``filter_frame(src, frame)`` to drop or rewrite the frames the switch
+forwards (docs/sdk.md, "A network backend"); a :class:`ConsoleBackend` subclass overrides
+``output(console, offset, data)`` to send each console's output somewhere else, at least once and
+in order (docs/sdk.md, "A console backend").
 """
 
 from drivers.blk.backend import Backend, BlockBackend, copy_medium, open_medium
 from drivers.blk.ram import RamBackend
 from drivers.blk.storage import FileStorage, MemoryStorage, Storage, StorageError
+from drivers.console.backend import Console, ConsoleBackend
+from drivers.net.backend import NetBackend, Vif
 from drivers.state import BackendState, DeviceState, Medium, StateError, with_version
 
 __all__ = [
     "Backend",
     "BackendState",
     "BlockBackend",
+    "Console",
+    "ConsoleBackend",
     "DeviceState",
     "FileStorage",
     "Medium",
     "MemoryStorage",
+    "NetBackend",
     "RamBackend",
     "StateError",
     "Storage",
     "StorageError",
+    "Vif",
     "copy_medium",
     "open_medium",
     "with_version",

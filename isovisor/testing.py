@@ -1,4 +1,4 @@
-"""pytest fixtures for driver developers: a minimal real stack around a block backend.
+"""pytest fixtures for driver developers: a minimal real stack around a backend under test.
 
 Installed with the package as a pytest plugin (entry point ``pytest11``: ``isovisor``), so a
 test of a backend needs no conftest::
@@ -13,9 +13,19 @@ test of a backend needs no conftest::
         s.finish()    # every guest powered off with exit 0, errors=0, mismatches=0, and its
                       # image holds exactly the blocks blkstress wrote
 
-:class:`MiniStack` is a supervisor, a kernel, one process driver ``blk0`` running the backend
-under test, and N ``blkstress`` guests (``g1`` .. ``gN``: random reads and writes at queue
-depth ``qd``, every byte verified by the guest) on image files in a private /tmp directory.
+:class:`MiniStack` is a supervisor, a kernel, one process driver running the backend under
+test, and guests that check every byte it handles, in a private /tmp directory:
+
+- :meth:`MiniStack.start`: a block backend as driver ``blk0`` and N ``blkstress`` guests
+  (``g1`` .. ``gN``: random reads and writes at queue depth ``qd``, every byte verified by the
+  guest) on image files;
+- :meth:`MiniStack.start_net`: a network backend as driver ``net0`` and N pairs of ``netpair``
+  guests (``a1``/``b1`` .. : sequenced frames each way, order, loss, duplicates and every byte
+  checked by the receiver), pair i alone on bridge ``br<i>``;
+- :meth:`MiniStack.start_console`: a console backend as driver ``con0`` and N ``conecho``
+  guests (``c1`` .. ``cN``) printing numbered lines, each checked to be in the console log
+  exactly once and in order.
+
 Whatever happens in the test, the fixture stops the stack, kills every process of it and
 removes its shared memory, and then fails the test if any process or segment had outlived
 ``isovisor down``.  When a test fails, the tails of the driver and kernel logs are
@@ -53,10 +63,25 @@ from isovisor.procs import log_tail
 if TYPE_CHECKING:
     from pluggy import Result
 
-__all__ = ["DRIVER", "MiniStack", "backend_class", "check_image", "isovisor_stack", "wait_until"]
+__all__ = [
+    "DRIVER",
+    "DRIVERS",
+    "MiniStack",
+    "backend_class",
+    "check_image",
+    "isovisor_stack",
+    "wait_until",
+]
 
-#: The driver the stack declares; every guest's disk names it (``backend=blk0``).
+#: The driver a block stack declares; every guest's disk names it (``backend=blk0``).
 DRIVER: Final = "blk0"
+#: The driver each kind of stack declares: :meth:`MiniStack.start` (``blk``),
+#: :meth:`MiniStack.start_net` (``net``), :meth:`MiniStack.start_console` (``console``).
+DRIVERS: Final = {"blk": DRIVER, "net": "net0", "console": "con0"}
+#: netpair's MAC addresses: pair i is ``02:00:00:00:<i>:0a`` and ``02:00:00:00:<i>:0b``.
+_NET_MAC = "02:00:00:00:{:02x}:{}"
+#: What conecho prints after each line number (domains/guests/conecho.c).
+_CONECHO_PATTERN = "abcdefghijklmnopqrstuvwxyz0123456789"
 T = TypeVar("T")
 
 
@@ -153,9 +178,30 @@ def check_image(
     return out
 
 
-def _summary(console: str) -> dict[str, int] | None:
-    lines = [ln for ln in console.splitlines() if ln.startswith("blkstress: ops=")]
+def _summary(console: str, prefix: str = "blkstress: ops=") -> dict[str, int] | None:
+    lines = [ln for ln in console.splitlines() if ln.startswith(prefix)]
     return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", lines[-1])} if lines else None
+
+
+def check_lines(text: str, n: int) -> None:
+    """``text`` (a console log) holds conecho's ``conecho: line i`` for i in 0..n-1, each
+    exactly once and in order (AssertionError naming the first differences otherwise)."""
+    got = [
+        int(m)
+        for m in re.findall(r"^conecho: line (\d{9}) " + _CONECHO_PATTERN + "$", text, re.MULTILINE)
+    ]
+    if got != list(range(n)):
+        seen: dict[int, int] = {}
+        for i in got:
+            seen[i] = seen.get(i, 0) + 1
+        missing = [i for i in range(n) if i not in seen]
+        twice = [i for i, c in seen.items() if c > 1]
+        order = [(k, g) for k, g in enumerate(got) if g != k][:5]
+        raise AssertionError(
+            f"{len(got)} numbered line(s) for {n}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''} ({len(missing)}), more than once "
+            f"{twice[:5]} ({len(twice)}), first out of place (position, line) {order}"
+        )
 
 
 def _toml(v: object) -> str:
@@ -169,15 +215,20 @@ def _toml(v: object) -> str:
 
 
 class MiniStack:
-    """A stack to test one block backend in: driver ``blk0`` and N blkstress guests.
+    """A stack to test one backend in: one driver running it and the guests that use it.
 
-    Create it with the ``isovisor_stack`` fixture, then :meth:`start` it.  Attributes after
-    start: ``dir`` (the private directory: configs, ``g1.img`` ...), ``run_dir`` (sockets and
-    logs: ``driver-blk0.log``), ``guests`` (their names), ``images`` (their image paths) and
-    ``seen`` (every ``domain.``/``driver.``/``supervisor.`` event received so far)."""
+    Create it with the ``isovisor_stack`` fixture, then start it with :meth:`start` (a block
+    backend), :meth:`start_net` (a network backend) or :meth:`start_console` (a console
+    backend).  Attributes after start: ``kind`` (``blk``, ``net`` or ``console``),
+    ``driver_name`` (``blk0``, ``net0`` or ``con0``), ``dir`` (the private directory: configs,
+    ``g1.img`` ...), ``run_dir`` (sockets and logs: ``driver-blk0.log``, ``consoles/``),
+    ``guests`` (their names), ``images`` (block: their image paths) and ``seen`` (every
+    ``domain.``/``driver.``/``supervisor.`` event received so far)."""
 
     def __init__(self, *, pcpus: int = 2) -> None:
         self._ps = PrivateStack(pcpus, name="sdktest")
+        self.kind = "blk"
+        self.driver_name: str = DRIVER
         self.dir: Path = self._ps.dir
         self.run_dir: Path = self._ps.run_dir
         self.guests: list[str] = []
@@ -187,6 +238,7 @@ class MiniStack:
         self._pids: set[int] = set()
         self._io: dict[str, Any] = {}
         self._summaries: list[dict[str, int]] = []
+        self._options: dict[str, Any] = {}
         self._closed = False
 
     # -- starting ---------------------------------------------------------------------------
@@ -213,10 +265,10 @@ class MiniStack:
         ``seed + I - 1``.  ``options``: the backend's ``[driver.blk0.options]``; ``driver``:
         more ``[driver.blk0]`` keys (``watchdog_sec``, ``request_timeout_sec`` ...).  Returns
         once every guest's disk is connected and doing I/O (unless ``wait_io`` is false).
-        Raises if the backend cannot be loaded or the stack does not come up (the message
-        has the tail of the driver log)."""
-        if self.guests:
-            raise RuntimeError("this MiniStack was started already")
+        Raises if the backend cannot be loaded (HostError), or RuntimeError if the stack
+        does not come up: if the driver could not start, the message is its own error (the
+        exception's type and message, where in the backend's code, and the traceback), else
+        what ``isovisor up`` said and the tail of the driver log."""
         if not 1 <= guests <= 8:
             raise ValueError(f"guests must be 1..8, got {guests}")
         if bs % 512 or not 512 <= bs <= 128 * 1024 or blocks < 1:
@@ -224,15 +276,8 @@ class MiniStack:
                 f"bs must be a multiple of 512 up to 128K and blocks >= 1, got "
                 f"bs={bs} blocks={blocks}"
             )
-        spec = _spec(backend)
-        backend_class(spec)  # a clear error here, before anything starts
+        self._begin("blk", backend, options, driver)
         self._io = {"ops": ops, "blocks": blocks, "bs": bs, "seed": seed}
-        table = [f"[driver.{DRIVER}]", f"module = {_toml(spec)}"]
-        table += [f"{k} = {_toml(v)}" for k, v in (driver or {}).items()]
-        if options:
-            table.append(f"[driver.{DRIVER}.options]")
-            table += [f"{k} = {_toml(v)}" for k, v in options.items()]
-        self._ps.extra_toml = "\n".join(table)
         mib = -(-blocks * bs // (1 << 20))
         cfgs = []
         for i in range(1, guests + 1):
@@ -255,13 +300,121 @@ class MiniStack:
             )
             self.guests.append(name)
             self.images.append(self.dir / f"{name}.img")
+        return self._launch(cfgs, wait_io, "every guest's disk connected and doing I/O")
+
+    def start_net(
+        self,
+        backend: str | os.PathLike[str] = "drivers.net",
+        *,
+        pairs: int = 1,
+        frames: int = 20_000,
+        size: int = 600,
+        options: dict[str, Any] | None = None,
+        driver: dict[str, Any] | None = None,
+        wait_io: bool = True,
+    ) -> MiniStack:
+        """Start the stack with ``backend`` serving ``net0`` (the switch) and ``pairs`` pairs
+        of netpair guests: ``aI`` and ``bI`` alone on bridge ``brI``, each sending ``frames``
+        sequenced frames of ``size`` bytes (60..1514) to the other and checking what arrives
+        for order, loss, duplicates and every byte.  ``backend``: ``"drivers.net"``,
+        ``"pkg.mod:Class"`` or ``"/path/file.py[:Class]"``; ``options``, ``driver``: as for
+        :meth:`start` (``[driver.net0.options]``, ``[driver.net0]``).  Returns once every
+        guest's vif is connected and sending (unless ``wait_io`` is false); errors as for
+        :meth:`start`."""
+        if not 1 <= pairs <= 4:
+            raise ValueError(f"pairs must be 1..4, got {pairs}")
+        if not 60 <= size <= 1514 or frames < 1:
+            raise ValueError(
+                f"size must be 60..1514 and frames >= 1, got size={size} frames={frames}"
+            )
+        self._begin("net", backend, options, driver)
+        self._io = {"frames": frames}
+        cfgs = []
+        for i in range(1, pairs + 1):
+            macs = {"a": _NET_MAC.format(i, "0a"), "b": _NET_MAC.format(i, "0b")}
+            for side, peer in (("a", "b"), ("b", "a")):
+                name = f"{side}{i}"
+                cfgs.append(
+                    self._ps.domain_config(
+                        name,
+                        "netpair",
+                        memory=4,
+                        on_poweroff="preserve",
+                        on_crash="preserve",
+                        extra=f"peer={macs[peer]} count={frames} size={size} timeout=20000",
+                        vif=[f"mac={macs[side]}, bridge=br{i}, backend={self.driver_name}"],
+                    )
+                )
+                self.guests.append(name)
+        return self._launch(cfgs, wait_io, "every guest's vif connected and sending")
+
+    def start_console(
+        self,
+        backend: str | os.PathLike[str] = "drivers.console",
+        *,
+        guests: int = 1,
+        lines: int = 20_000,
+        options: dict[str, Any] | None = None,
+        driver: dict[str, Any] | None = None,
+        wait_io: bool = True,
+    ) -> MiniStack:
+        """Start the stack with ``backend`` serving ``con0`` and ``guests`` conecho guests
+        (``c1`` .. ``cN``), each printing ``lines`` numbered lines (``conecho: line
+        000000042 abc...``, 57 bytes) into its console and then powering off.  ``backend``,
+        ``options``, ``driver``: as for :meth:`start_net`.  Returns once every guest's console
+        is connected and printing (unless ``wait_io`` is false); errors as for :meth:`start`.
+        :meth:`wait_guests` then checks each console log holds every line exactly once, in
+        order."""
+        if not 1 <= guests <= 8:
+            raise ValueError(f"guests must be 1..8, got {guests}")
+        if lines < 1:
+            raise ValueError(f"lines must be >= 1, got {lines}")
+        self._begin("console", backend, options, driver)
+        self._io = {"lines": lines}
+        cfgs = []
+        for i in range(1, guests + 1):
+            name = f"c{i}"
+            cfgs.append(
+                self._ps.domain_config(
+                    name,
+                    "conecho",
+                    memory=4,
+                    on_poweroff="preserve",
+                    on_crash="preserve",
+                    console=self.driver_name,
+                    extra=f"lines={lines}",
+                )
+            )
+            self.guests.append(name)
+        return self._launch(cfgs, wait_io, "every guest's console connected and printing")
+
+    def _begin(
+        self,
+        kind: str,
+        backend: str | os.PathLike[str],
+        options: dict[str, Any] | None,
+        driver: dict[str, Any] | None,
+    ) -> None:
+        """Check the backend loads and write the driver's table into supervisor.toml."""
+        if self.guests:
+            raise RuntimeError("this MiniStack was started already")
+        spec = _spec(backend)
+        backend_class(spec)  # a clear error here, before anything starts
+        self.kind, self.driver_name = kind, DRIVERS[kind]
+        self._options = dict(options or {})
+        table = [f"[driver.{self.driver_name}]", f"module = {_toml(spec)}"]
+        table += [f"{k} = {_toml(v)}" for k, v in (driver or {}).items()]
+        if options:
+            table.append(f"[driver.{self.driver_name}.options]")
+            table += [f"{k} = {_toml(v)}" for k, v in options.items()]
+        self._ps.extra_toml = "\n".join(table)
+
+    def _launch(self, cfgs: list[Path], wait_io: bool, what: str) -> MiniStack:
+        """``isovisor up``, create the guests, and wait for them to do I/O."""
         try:
             self._ps.up([])
         except RuntimeError as e:
-            raise RuntimeError(
-                f"{e}\n--- {self._ps.rd.driver_log(DRIVER)} ---\n"
-                f"{log_tail(self._ps.rd.driver_log(DRIVER), 30)}"
-            ) from None
+            raise RuntimeError(self._start_failure(str(e))) from None
         self._note_pids()
         self._sub = self._ps.subscribe(["domain.", "driver.", "supervisor."])
         for cfg in cfgs:
@@ -272,13 +425,29 @@ class MiniStack:
             wait_until(
                 lambda: self._all_doing_io(),
                 timeout=60,
-                what=f"every guest's disk connected and doing I/O "
-                f"(devices: {self._device_rows_text()})",
+                what=f"{what} (devices: {self._device_rows_text()})",
             )
         return self
 
+    def _start_failure(self, up_error: str) -> str:
+        """Why :meth:`start` failed: the driver's own error if it could not start (with the
+        traceback of the backend's exception), else what ``isovisor up`` said and the end of
+        the driver's log."""
+        row: dict[str, Any] = {}
+        if self._ps.rd.running_pid() is not None:  # up (exit 1) left the stack running
+            with contextlib.suppress(Exception):
+                row = {d["name"]: d for d in self.call("status")["drivers"]}.get(
+                    self.driver_name, {}
+                )
+        failure, error = row.get("last_failure"), row.get("last_error")
+        if failure and row.get("state") != "RUNNING":
+            tb = (error or {}).get("traceback", "").rstrip()
+            return f"{failure}" + (f"\n{tb}" if tb else "")
+        log = self._ps.rd.driver_log(self.driver_name)
+        return f"{up_error}\n--- {log} ---\n{log_tail(log, 30)}"
+
     def _all_doing_io(self) -> bool:
-        rows = {d["domain"]: d for d in self.devices()}
+        rows = {d["domain"]: d for d in self.devices() if d["backend"] == self.driver_name}
         return all(g in rows and rows[g]["requests"] > 0 for g in self.guests)
 
     def _device_rows_text(self) -> str:
@@ -304,16 +473,20 @@ class MiniStack:
         return self._ps.call(command, **props)
 
     def driver(self) -> dict[str, Any]:
-        """``blk0``'s row of ``isovisor status``: ``pid``, ``module``, ``state``, ``swaps``,
-        ``last_swap``, ``statistics`` (the backend's statistics(), refreshed every second) ..."""
+        """The driver's row of ``isovisor status`` (``blk0``, ``net0`` or ``con0``): ``pid``,
+        ``module``, ``state``, ``swaps``, ``last_swap``, ``statistics`` (the backend's
+        statistics(), refreshed every second), ``statistics_error`` ..."""
         rows: dict[str, dict[str, Any]] = {d["name"]: d for d in self.call("status")["drivers"]}
-        row = rows[DRIVER]
+        row = rows[self.driver_name]
         if isinstance(row.get("pid"), int):
             self._pids.add(row["pid"])
         return row
 
     def statistics(self) -> dict[str, Any]:
-        """The backend's latest statistics, as ``isovisor driver stats blk0`` shows them."""
+        """The backend's latest statistics, as ``isovisor driver stats <driver>`` shows them.
+        They are those of the process serving now: right after a restart or a swap, ``{}``
+        until it first reports (within a second), and ``{}`` while its ``statistics()``
+        raises (``driver()["statistics_error"]`` says why).  Read a value with ``.get``."""
         return dict(self.driver().get("statistics") or {})
 
     def wait_statistics(
@@ -323,25 +496,43 @@ class MiniStack:
         what: str = "statistics",
     ) -> dict[str, Any]:
         """Poll the statistics until ``pred(stats)`` holds (they are refreshed every second
-        and only by the process serving now); returns them."""
+        and only by the process serving now); returns them.  A ``pred`` that raises
+        KeyError (or another LookupError) for a value not reported yet, as after a restart,
+        is taken as not holding yet.  The failure after ``timeout`` has the last statistics,
+        and the backend's error if its ``statistics()`` fails."""
         last: dict[str, Any] = {}
+        missing: LookupError | None = None
+        failing: str | None = None
 
         def ok() -> dict[str, Any] | None:
-            nonlocal last
-            last = self.statistics()
-            return last if pred(last) else None
+            nonlocal last, missing, failing
+            row = self.driver()
+            last, failing = dict(row.get("statistics") or {}), row.get("statistics_error")
+            try:
+                held = pred(last)
+            except LookupError as e:  # a value this instance has not reported (yet)
+                missing = e
+                return None
+            missing = None
+            return last if held else None
 
         try:
             return wait_until(ok, timeout=timeout, what=what, interval=0.1)
         except AssertionError as e:
-            raise AssertionError(f"{e}; the last statistics: {last}") from None
+            why = f"; the last statistics: {last}"
+            if missing is not None:
+                why += f" (the condition raised {type(missing).__name__}: {missing})"
+            if failing:
+                why += f"; the backend's {failing}"
+            raise AssertionError(f"{e}{why}") from None
 
     def devices(self) -> list[dict[str, Any]]:
         """The rows of ``isovisor devices``: ``domain``, ``requests``, ``backend_state`` ..."""
         return list(self.call("devices")["devices"])
 
     def requests(self) -> int:
-        """Requests the guests have issued so far, all disks together."""
+        """Requests the guests have issued so far, all their devices together (disk
+        requests, tx frames, console kicks)."""
         return sum(d["requests"] for d in self.devices())
 
     def more_io(self, n: int = 1000, timeout: float = 30) -> None:
@@ -366,9 +557,16 @@ class MiniStack:
         wait_until(done, timeout=timeout, what=f"{n} more guest requests")
 
     def console(self, guest: str) -> str:
-        """Everything guest ``guest`` printed."""
+        """What guest ``guest`` printed, as ``isovisor console`` shows it (for a console
+        stack, the end of it: the whole output is in :meth:`console_log`)."""
         data = self.call("console", name=guest)["data"]
         return data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+
+    def console_log(self, guest: str) -> Path:
+        """The log file of ``guest``'s console on a console stack (where the console backend
+        writes it: ``<run_dir>/consoles/<guest>.log`` unless the ``log_dir`` option says)."""
+        log_dir = self._options.get("log_dir")
+        return (Path(log_dir) if log_dir else self.run_dir / "consoles") / f"{guest}.log"
 
     def drain(self) -> None:
         """Move every event received so far into :attr:`seen`."""
@@ -415,15 +613,29 @@ class MiniStack:
         probation: float | None = 0.3,
         timeout: float | None = None,
         wait: float = 60,
+        options: dict[str, Any] | None = None,
+        log_level: str | None = None,
+        debug: bool | None = None,
     ) -> dict[str, Any]:
-        """Hot-swap ``blk0`` to ``target`` (as ``isovisor driver swap``: a module spec or a
-        file) and return the ``driver.blk0.swap`` event: ``outcome`` (swapped, rolled_back,
+        """Hot-swap the driver to ``target`` (as ``isovisor driver swap``: a module spec or a
+        file) and return its ``driver.<name>.swap`` event: ``outcome`` (swapped, rolled_back,
         refused, failed), ``reason``, ``error``, ``traceback``, ``stall_ms``, ``carried``,
         ``pid``, ``old_pid``, ``old``, ``new``.  ``probation``: seconds the new backend must
         serve without dying; ``timeout``: seconds each step (drain, restore and hello) may
-        take (default: 5, or half the driver's request_timeout_sec when that is shorter)."""
+        take (default: 5, or half the driver's request_timeout_sec when that is shorter).
+        ``options`` replace the backend's options for the new instance (``--option``; ``{}``:
+        none), ``log_level`` and ``debug`` are its own (``--log-level``, ``--debug``); None
+        keeps the driver's."""
         r = _swap(
-            self._ps.rd, DRIVER, _spec(target), probation=probation, timeout=timeout, wait=wait
+            self._ps.rd,
+            self.driver_name,
+            _spec(target),
+            probation=probation,
+            timeout=timeout,
+            wait=wait,
+            options=options,
+            log_level=log_level,
+            debug=debug,
         )
         for k in ("pid", "old_pid"):
             if isinstance(r.get(k), int):
@@ -432,10 +644,17 @@ class MiniStack:
         return r
 
     def wait_guests(self, timeout: float = 120) -> list[dict[str, int]]:
-        """Wait for every guest to power off and check its blkstress summary: exit code 0,
-        ``errors=0``, ``mismatches=0``, all ``ops`` done.  Returns the summaries (``ops``,
-        ``errors``, ``reads``, ``writes``, ``max_gap_us``, ``mismatches`` ...) in guest order.
-        The stack keeps running (the disks stay attached: statistics can still be read)."""
+        """Wait for every guest to power off with exit code 0 and check what it did; returns
+        one summary per guest, in guest order.  The stack keeps running (the devices stay
+        attached: statistics can still be read).
+
+        - block: blkstress's summary (``ops``, ``errors``, ``reads``, ``writes``,
+          ``max_gap_us``, ``mismatches`` ...): ``errors=0``, ``mismatches=0``, all ``ops`` done;
+        - net: netpair's (``sent``, ``received``, ``lost``, ``dup``, ``reordered``,
+          ``corrupt``, ``other``, ``errors``): every frame sent and received, none lost,
+          duplicated, reordered or corrupt, no error;
+        - console: ``{"lines": N}`` once the guest's log file holds every numbered line
+          exactly once, in order (:func:`check_lines`)."""
         if not self.guests:
             raise RuntimeError("start the stack first")
         if self._summaries:
@@ -444,26 +663,66 @@ class MiniStack:
         summaries = []
         for name in self.guests:
             p, ended = self._wait_end(name, max(1.0, deadline - time.monotonic()))
+            if self.kind == "console":
+                assert (ended, p.get("code")) == ("shutdown", 0), (
+                    f"guest {name} {ended} (exit code {p.get('code')}): {p.get('reason')}"
+                )
+                summaries.append(self._check_console(name, deadline))
+                continue
             con = self.console(name)
-            s = _summary(con)
+            s = _summary(con, "netpair: sent=" if self.kind == "net" else "blkstress: ops=")
             assert ended == "shutdown" and s is not None, (
                 f"guest {name} {ended}: {p.get('reason')}\n{con}"
             )
-            assert (p.get("code"), s.get("errors"), s.get("mismatches")) == (0, 0, 0), (
-                f"guest {name}: exit code {p.get('code')}, summary {s}\n{con}"
-            )
-            assert s.get("ops") == self._io["ops"], f"guest {name} did {s.get('ops')} ops\n{con}"
+            if self.kind == "net":
+                n = self._io["frames"]
+                bad = {k: s.get(k) for k in ("lost", "dup", "reordered", "corrupt", "errors")}
+                assert (p.get("code"), s.get("sent"), s.get("received"), set(bad.values())) == (
+                    0,
+                    n,
+                    n,
+                    {0},
+                ), (
+                    f"guest {name}: exit code {p.get('code')}, {n} frames each way, "
+                    f"summary {s}\n{con}"
+                )
+            else:
+                assert (p.get("code"), s.get("errors"), s.get("mismatches")) == (0, 0, 0), (
+                    f"guest {name}: exit code {p.get('code')}, summary {s}\n{con}"
+                )
+                assert s.get("ops") == self._io["ops"], (
+                    f"guest {name} did {s.get('ops')} ops\n{con}"
+                )
             summaries.append(s)
         self._summaries = summaries
         return summaries
 
+    def _check_console(self, name: str, deadline: float) -> dict[str, int]:
+        """Wait for conecho's last line in ``name``'s log file, then check every line."""
+        log = self.console_log(name)
+
+        def done() -> bool:
+            with contextlib.suppress(OSError), open(log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                return b"conecho: done" in f.read()
+            return False
+
+        wait_until(
+            done,
+            timeout=max(1.0, deadline - time.monotonic()),
+            what=f"conecho's last line in {log}",
+        )
+        check_lines(log.read_text(errors="replace"), self._io["lines"])
+        return {"lines": self._io["lines"]}
+
     def finish(self, timeout: float = 120) -> list[dict[str, int]]:
-        """:meth:`wait_guests`, then stop the stack (so every backend lets go of its disks:
-        data kept elsewhere, as drivers.blk.ram keeps it, is written back) and check every
-        image block by block against what blkstress writes.  Returns the summaries."""
+        """:meth:`wait_guests`, then stop the stack (so every backend lets go of its devices:
+        data kept elsewhere, as drivers.blk.ram keeps it, is written back).  A block stack's
+        images are then checked block by block against what blkstress writes.  Returns the
+        summaries."""
         summaries = self.wait_guests(timeout)
         self.stop()
-        for i, (name, image) in enumerate(zip(self.guests, self.images, strict=True)):
+        for i, (name, image) in enumerate(zip(self.guests, self.images, strict=self.kind == "blk")):
             gens = check_image(
                 image.read_bytes(), self._io["seed"] + i, self._io["blocks"], self._io["bs"]
             )
@@ -540,7 +799,7 @@ class MiniStack:
         rd = self._ps.rd
         return "\n".join(
             f"--- {p.name} ---\n{log_tail(p, n)}"
-            for p, n in ((rd.driver_log(DRIVER), lines), (rd.kernel_log, lines // 2))
+            for p, n in ((rd.driver_log(self.driver_name), lines), (rd.kernel_log, lines // 2))
             if p.exists()
         )
 

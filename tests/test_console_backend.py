@@ -1298,3 +1298,232 @@ def test_slow_and_leaks_write_the_append_normally(rig: Rig) -> None:
     assert rig.log("web") == b"one\ntwo\nthree\n"
     assert [k for _, k, _ in host.fired] == ["slow", "leak_mem", "leak_fd"]
     assert host.injected == ["leak_mem", "leak_fd"] and host.fds == 256
+
+
+# --- the sink hook (ConsoleBackend.output, save_sink, open_sink) --------------------------------
+
+
+class Calls:
+    """What sinks saw, across instances: every ``output`` call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, bytes]] = []
+
+    def handled(self, domain: str) -> bytes:
+        """The bytes of ``domain`` a sink that skips what lies below the end of what it
+        handled would have taken: each once, in order (asserting there is no gap)."""
+        out, end = bytearray(), None
+        for dom, offset, data in self.calls:
+            if dom != domain:
+                continue
+            if end is None:
+                end = offset
+            assert offset <= end, f"a gap: {end} handled, then a chunk at {offset}"
+            out += data[end - offset :]
+            end = max(end, offset + len(data))
+        return bytes(out)
+
+
+def sink(calls: Calls, base: type[ConsoleBackend] = ConsoleBackend) -> type[ConsoleBackend]:
+    """A sink class (on ``base``) recording into ``calls``."""
+
+    def output(self: ConsoleBackend, console: Console, offset: int, data: bytes) -> None:
+        calls.calls.append((console.domain, offset, data))
+
+    return type("Sink", (base,), {"output": output})
+
+
+@pytest.mark.timeout(30)
+def test_the_sink_gets_every_byte_once_in_order_with_its_offset_in_the_log(rig: Rig) -> None:
+    rig.log_dir.mkdir(parents=True, exist_ok=True)
+    (rig.log_dir / "db.log").write_bytes(b"an earlier life\n")
+    calls = Calls()
+    b, host = rig.backend(sink(calls))
+    web, db = rig.guest(1, 5, "web"), rig.guest(2, 6, "db")
+    connect(b, host, web)
+    connect(b, host, db)
+    for i in range(20):  # interleaved, each many times the ring
+        pour(b, web, blob(1500 + i, i))
+        pour(b, db, blob(900 + i, 100 + i))
+    b.detach(db.key)  # the last words go to the sink too
+    for g in (web, db):
+        mine = [(o, d) for dom, o, d in calls.calls if dom == g.domain]
+        assert all(0 < len(d) <= consif.OUT_SIZE for _, d in mine)
+        assert all(o2 == o1 + len(d1) for (o1, d1), (o2, _) in itertools.pairwise(mine))
+        log = rig.log(g.domain)
+        assert all(log[o : o + len(d)] == d for o, d in mine)  # the offset is in the log file
+        assert b"".join(d for _, d in mine) == bytes(g.sent)
+    assert next(o for dom, o, _ in calls.calls if dom == "db") == len(b"an earlier life\n")
+    stats = b.statistics()
+    assert stats["sink_errors"] == 0 and b.has_sink and host.faults == [] and host.errors == []
+
+
+@pytest.mark.timeout(30)
+def test_a_console_driver_without_a_sink_does_not_call_the_hook_or_report_it(rig: Rig) -> None:
+    b, host = rig.backend()
+    assert not b.has_sink
+    g = rig.guest(1, 5, "web")
+    connect(b, host, g)
+    pour(b, g, b"plain\n")
+    assert "sink_errors" not in b.statistics()
+    assert "sink" not in b.save().devices[0].data  # drivers.console's state is unchanged
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("point", "again"),
+    [
+        ("journaled", False),  # died before the bytes reached the file: offered once, later
+        ("mid-append", False),
+        ("appended", False),  # in the file, not offered yet
+        ("published", True),  # offered, not committed: offered again, the same chunk
+    ],
+)
+def test_a_replacement_offers_a_journaled_append_again_with_the_same_offset(
+    rig: Rig, point: str, again: bool
+) -> None:
+    calls = Calls()
+    b1, host1 = rig.backend(sink(calls, crashing(point, nth=2, part=600)))
+    g = rig.guest(1, 5, "web")
+    connect(b1, host1, g)
+    first, second, third = b"first line\n" * 10, blob(1500, 5), b"written while it was down\n"
+    pour(b1, g, first)
+    g.write(second)
+    with pytest.raises(SimulatedCrash):
+        b1.kick(g.key)
+    offered = len(calls.calls)
+    assert offered == (2 if again else 1)
+    abandon(b1)
+    g.write(third)
+    b2, host2 = rig.backend(sink(calls))
+    resume(b2, host2, g)
+    assert rig.log("web") == first + second + third
+    # the replacement finishes the journaled append first: the whole append, at its offset
+    assert calls.calls[offered] == ("web", len(first), second)
+    if again:
+        assert calls.calls[offered - 1] == calls.calls[offered]
+    assert calls.calls[-1] == ("web", len(first + second), third)
+    assert calls.handled("web") == rig.log("web")  # exactly once, skipping by offset
+
+
+@pytest.mark.timeout(120)
+def test_random_crashes_a_sink_that_skips_by_offset_sees_every_byte_once(rig: Rig) -> None:
+    """Instances killed at random points of random appends, some while finishing their
+    predecessor's: every chunk offered is in the log at its offset, and skipping what lies
+    below the end handled gives exactly the log."""
+    rnd = random.Random(7)
+    calls = Calls()
+    g = rig.guest(1, 5, "web")
+    b, host = rig.backend(sink(calls))
+    connect(b, host, g)
+    crashes = 0
+    for _ in range(200):
+        g.write(rnd.randbytes(rnd.randrange(1, 1500)))
+        if rnd.random() < 0.5:
+            b.kick(g.key)
+            continue
+        b.checkpoint = _crash_at(rnd.choice(["journaled", "appended", "published"]))  # type: ignore[method-assign,assignment]
+        with contextlib.suppress(SimulatedCrash):
+            b.kick(g.key)
+        b.checkpoint = ConsoleBackend.checkpoint.__get__(b)  # type: ignore[method-assign]
+        if not g.front or g.front.get("out_cons") == len(g.sent):
+            continue  # nothing was left undone
+        crashes += 1
+        abandon(b)
+        b, host = rig.backend(sink(calls))
+        resume(b, host, g)
+    b.kick(g.key)
+    assert crashes > 30
+    log = rig.log("web")
+    assert log == bytes(g.sent)
+    assert all(log[o : o + len(d)] == d for _, o, d in calls.calls)
+    assert calls.handled("web") == log
+    assert len(calls.calls) > len({o for _, o, _ in calls.calls})  # some were offered twice
+
+
+@pytest.mark.timeout(30)
+def test_an_exception_in_the_sink_is_counted_and_the_log_gets_every_byte(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing(ConsoleBackend):
+        def output(self, console: Console, offset: int, data: bytes) -> None:
+            raise RuntimeError(f"sink bug at {offset}")
+
+    b, host = rig.backend(Failing)
+    g = rig.guest(1, 5, "web")
+    connect(b, host, g)
+    data = blob(30 * 1000, 3)
+    for k in range(0, len(data), 1000):  # 30 appends at least
+        pour(b, g, data[k : k + 1000])
+    assert rig.log("web") == data
+    assert g.front is not None and g.front.get("out_cons") == len(data)
+    stats = b.statistics()
+    assert int(stats["sink_errors"]) >= 30 and stats["out_bytes"] == len(data)
+    logged = [r for r in caplog.records if "the sink's output raised" in r.getMessage()]
+    assert len(logged) == 20  # the first 20, then every 1000th
+    assert logged[0].exc_info is not None and "sink bug at 0" in str(logged[0].exc_info[1])
+    assert host.faults == [] and host.errors == []
+
+
+@pytest.mark.timeout(30)
+def test_a_hot_swap_carries_what_the_sink_saves_and_a_plain_driver_drops_it(rig: Rig) -> None:
+    opened: list[tuple[str, dict[str, Any]]] = []
+
+    class Counting(ConsoleBackend):
+        """Counts the bytes it saw; carries the count across a swap."""
+
+        def open_sink(self, console: Console, data: dict[str, Any]) -> None:
+            opened.append((console.domain, data))
+            self.seen = data.get("seen", 0)
+
+        def output(self, console: Console, offset: int, data: bytes) -> None:
+            self.seen += len(data)
+
+        def save_sink(self, console: Console) -> dict[str, Any]:
+            return {"seen": self.seen}
+
+    def swap(old: ConsoleBackend, cls: type[ConsoleBackend]) -> tuple[ConsoleBackend, FakeHost]:
+        wire = msgpack.unpackb(msgpack.packb(old.save().to_wire()))
+        old.suspend()
+        new, host = rig.backend(cls)
+        new.restore(BackendState.from_wire(wire))
+        resume(new, host, g)
+        return new, host
+
+    b, host = rig.backend(Counting)
+    g = rig.guest(1, 5, "web")
+    connect(b, host, g)
+    pour(b, g, b"x" * 5000)
+    assert b.save().devices[0].data["sink"] == {"seen": 5000}
+    b, host = swap(b, Counting)
+    pour(b, g, b"y" * 100)
+    assert opened == [("web", {}), ("web", {"seen": 5000})]
+    assert b.save().devices[0].data["sink"] == {"seen": 5100}
+    b, host = swap(b, ConsoleBackend)  # drivers.console carries no sink data on
+    assert "sink" not in b.save().devices[0].data
+    b, host = swap(b, Counting)
+    assert opened[-1] == ("web", {})
+    assert rig.log("web") == b"x" * 5000 + b"y" * 100
+
+    class Unsendable(Counting):
+        def save_sink(self, console: Console) -> dict[str, Any]:
+            return {"fd": object()}
+
+    b2, host2 = rig.backend(
+        Unsendable, log_dir=str(rig.dir / "logs2"), socket_dir=str(rig.dir / "s2")
+    )
+    g2 = rig.guest(2, 6, "other")
+    connect(b2, host2, g2)
+    state = b2.save()  # the swap goes on, without the sink's data
+    assert "sink" not in state.devices[0].data and b2.statistics()["sink_errors"] == 1
+    with pytest.raises(StateError, match=r"data\.sink must be a map"):
+        b2.restore(
+            BackendState.from_wire(
+                {
+                    **state.to_wire(),
+                    "devices": [
+                        {**d.to_wire(), "data": {**d.data, "sink": [1]}} for d in state.devices
+                    ],
+                }
+            )
+        )

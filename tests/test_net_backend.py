@@ -18,11 +18,13 @@ import re
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
+from drivers.host import where_in_backend
 from drivers.net import Backend
 from drivers.net import backend as netbackend
 from drivers.net import tap as tapmod
@@ -224,8 +226,10 @@ class Rig:
         self.host = FakeHost()
         self.clock = Clock()
 
-    def backend(self, options: dict[str, Any] | None = None) -> NetBackend:
-        be = Backend(self.host, options or {})
+    def backend(
+        self, options: dict[str, Any] | None = None, cls: type[NetBackend] = Backend
+    ) -> NetBackend:
+        be = cls(self.host, options or {})
         be.clock = self.clock
         self.backends.append(be)
         return be
@@ -241,10 +245,10 @@ class Rig:
         options: dict[str, Any] | None = None,
         order: list[Guest] | None = None,
     ) -> NetBackend:
-        """``old`` died: a new instance gets attach for every vif, then fe_state Connected
-        (in ``order``)."""
+        """``old`` died: a new instance (of its class) gets attach for every vif, then
+        fe_state Connected (in ``order``)."""
         old.close()
-        be = self.backend(options)
+        be = self.backend(options, type(old))
         for g in self.guests:
             g.attach(be)
         for g in order or self.guests:
@@ -272,9 +276,14 @@ def rig() -> Iterator[Rig]:
 
 
 def three(
-    rig: Rig, options: dict[str, Any] | None = None, *, bridge_c: str = "br0", buffers: int = 16
+    rig: Rig,
+    options: dict[str, Any] | None = None,
+    *,
+    bridge_c: str = "br0",
+    buffers: int = 16,
+    cls: type[NetBackend] = Backend,
 ) -> tuple[NetBackend, Guest, Guest, Guest]:
-    be = rig.backend(options)
+    be = rig.backend(options, cls)
     a, b, c = rig.guest("a", MAC_A), rig.guest("b", MAC_B), rig.guest("c", MAC_C, bridge_c)
     for g in (a, b, c):
         g.connect(be)
@@ -321,7 +330,7 @@ def crash_at(
         ({"rx_wait_ms": "500"}, "rx_wait_ms must be an integer 0..60000, got '500'"),
         ({"poison_after": 0}, "poison_after must be an integer 1..100, got 0"),
         ({"mac_age_s": True}, "mac_age_s must be an integer 1..86400, got True"),
-        ({"mtu": 9000}, "unknown net backend option(s) mtu; allowed: uplink:"),
+        ({"mtu": 9000}, "unknown net backend option(s) mtu; allowed: uplink, tap,"),
     ],
 )
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:
@@ -928,6 +937,278 @@ def test_restore_refuses_other_kinds_and_bad_tables() -> None:
         be.restore(BackendState("isovisor.net", 2, "x"))
     with pytest.raises(StateError, match=r"state.data.bridges.br0\[0\]"):
         be.restore(BackendState("isovisor.net", 1, "x", (), {"bridges": {"br0": [[1, 2]]}}))
+
+
+# --- the frame hook (filter_frame; docs/sdk.md, "A network backend") ----------------------
+
+DROP_TYPE, PAD_TYPE = 0x88B6, 0x88B7  # frames of these EtherTypes: dropped, padded to 60 bytes
+
+
+class Hooked(NetBackend):
+    """A frame hook that records its calls, drops one EtherType, pads another to 60 bytes and
+    sends frames whose payload starts with b"to c" to c alone (a rewritten destination)."""
+
+    def configure(self, options: dict[str, Any]) -> None:
+        super().configure(options)
+        self.calls: list[tuple[str | None, bytes]] = []
+
+    def filter_frame(self, src: netbackend.Vif | None, frame: bytes) -> bytes | None:
+        self.calls.append((None if src is None else src.label, frame))
+        kind = int.from_bytes(frame[12:14], "big")
+        if kind == DROP_TYPE:
+            return None
+        if kind == PAD_TYPE:
+            return frame + bytes(60 - len(frame))
+        if frame[14:18] == b"to c":
+            return mac(MAC_C) + frame[6:]
+        return frame
+
+
+class Rewriting(NetBackend):
+    """A hook that returns, for a frame whose payload starts with a name below, what that
+    name says: only the last one is fine."""
+
+    BAD: ClassVar[dict[bytes, Callable[[bytes], object]]] = {
+        b"spoof": lambda f: f[:6] + mac(MAC_B) + f[12:],  # another guest's source
+        b"mcast": lambda f: f[:6] + mac("03:00:00:00:00:01") + f[12:],  # a multicast source
+        b"short": lambda f: f[:10],
+        b"long": lambda f: f + bytes(netif.MAX_FRAME),
+        b"text": lambda f: f.decode("latin-1"),
+        b"array": lambda f: bytearray(f),  # fine: bytes-like
+    }
+
+    def filter_frame(self, src: netbackend.Vif | None, frame: bytes) -> bytes | None:
+        make = self.BAD.get(frame[14:].split(b" ")[0])
+        return frame if make is None else make(frame)  # type: ignore[return-value]
+
+
+class Deadly(NetBackend):
+    """A hook with a bug: it raises for frames whose payload starts with b"deadly"."""
+
+    def filter_frame(self, src: netbackend.Vif | None, frame: bytes) -> bytes | None:
+        if frame[14:].startswith(b"deadly"):
+            raise ZeroDivisionError("a bug in the hook")
+        return frame
+
+
+@pytest.mark.timeout(10)
+def test_without_a_hook_nothing_is_called_and_the_statistics_keep_their_keys(rig: Rig) -> None:
+    be, a, _, _ = three(rig)
+    assert not be.filtering and be.forward == be._forward
+    h = Hooked(rig.host, {})
+    assert h.filtering and h.forward == h._forward_filtering
+    a.send(be, eth(BROADCAST, MAC_A, b"plain"))
+    st = be.statistics()
+    assert "filtered" not in st and "filter_invalid" not in st
+    assert list(st)[:14] == [
+        "vifs",
+        "bridges",
+        "mac_entries",
+        *netbackend.COUNTERS,
+        "notifications",
+    ]
+    assert list(st)[14] == "uplink"
+
+
+@pytest.mark.timeout(10)
+def test_the_hook_passes_drops_and_rewrites_frames(rig: Rig) -> None:
+    be, a, b, c = three(rig, cls=Hooked)
+    assert isinstance(be, Hooked)
+    hello = eth(BROADCAST, MAC_C, b"c is here")
+    c.send(be, hello)
+    assert a.got() == b.got() == [hello]
+    plain = eth(BROADCAST, MAC_A, b"passes as it is")
+    dropped = eth(BROADCAST, MAC_A, b"dropped", DROP_TYPE)
+    short = eth(BROADCAST, MAC_A, b"padded", PAD_TYPE)
+    to_c = eth(BROADCAST, MAC_A, b"to c only")
+    ids = a.send(be, plain, dropped, short, to_c)
+    assert a.done() == [(i, STATUS_OKAY) for i in ids]  # a drop is silent, as on a wire
+    padded = short + bytes(60 - len(short))
+    # the switch picks the destinations from the frame the hook returned: c alone
+    assert b.got() == [hello, plain, padded]
+    assert c.got() == [plain, padded, mac(MAC_C) + to_c[6:]]
+    assert be.calls == [("c/eth0", hello)] + [("a/eth0", f) for f in (plain, dropped, short, to_c)]
+    st = be.statistics()
+    assert (st["filtered"], st["filter_invalid"]) == (1, 0)
+    assert list(st).index("filtered") == list(st).index("notifications") + 1
+    assert (st["a/eth0.tx_frames"], st["a/eth0.tx_bytes"]) == (
+        3,
+        len(plain) + len(padded) + len(to_c),
+    )
+    # a spoofed frame is dropped before the hook, as without one
+    be.calls.clear()
+    a.send(be, eth(BROADCAST, MAC_B, b"pretends to be b"))
+    assert be.calls == [] and be.stats()[a.key].spoofed == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_rewritten_frame_is_checked_again_and_refused_with_the_hook_named(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    be, a, b, c = three(rig, cls=Rewriting)
+    frames = [eth(BROADCAST, MAC_A, name + b" frame") for name in Rewriting.BAD]
+    ids = a.send(be, *frames)
+    assert a.done() == [(i, STATUS_OKAY) for i in ids]
+    assert b.got() == c.got() == [frames[-1]]  # only the bytearray passes
+    st = be.statistics()
+    assert (st["filter_invalid"], st["filtered"], st["a/eth0.spoofed"]) == (5, 0, 0)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 5, errors
+    hook = f"Rewriting.filter_frame ({__file__}:"
+    assert all(m.startswith(f"frame from vif 1 (a/eth0) dropped: {hook}") for m in errors), errors
+    assert (
+        "rewrote the frame's source: source MAC 02:00:00:00:00:0b is not the interface's"
+        in (errors[0])
+    )
+    assert "source MAC 03:00:00:00:00:01 is a multicast address" in errors[1]
+    assert "returned a frame of 10 bytes (a frame has 14..1514)" in errors[2]
+    assert f"returned a frame of {len(frames[3]) + netif.MAX_FRAME} bytes" in errors[3]
+    assert "returned str, not bytes or None" in errors[4]
+    # b's address was not learned on a's port from the spoofing rewrite: c's frame to b
+    # is flooded (b is unknown), not sent to a alone
+    to_b = eth(MAC_B, MAC_C, b"to b")
+    c.send(be, to_b)
+    assert b.got()[-1] == to_b
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("drop_on_redo", [False, True])
+def test_the_hook_is_called_again_on_a_redo_and_a_drop_then_answers_okay(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, drop_on_redo: bool
+) -> None:
+    """The instance dies after b's rx ring was pushed, before c's: the next one redoes the
+    request with the frame read from a's buffer again.  If its hook passes the frame, c gets
+    it (b, which had it, not again); if it drops it, a is answered OKAY and c never gets it."""
+    be, a, b, c = three(rig, cls=Hooked)
+    f = eth(BROADCAST, MAC_A, b"redone")
+    with crash_at(monkeypatch, NetBackend, "_push_rx", after=1), pytest.raises(Crash):
+        a.send(be, f)
+    assert b.got() == [f] and c.got() == []
+    if drop_on_redo:  # the guest rewrote its buffer: the hook sees what is there now
+        a.view[TX_BUF_OFFSET + 12 : TX_BUF_OFFSET + 14] = DROP_TYPE.to_bytes(2, "big")
+    be2 = rig.restart(be)
+    assert isinstance(be2, Hooked)
+    assert [s for _, s in a.done()] == [STATUS_OKAY]
+    ((src, again),) = be2.calls
+    assert src == "a/eth0" and again[14:] == f[14:]
+    assert b.got() == [f] and c.got() == ([] if drop_on_redo else [f])
+    assert be2.statistics()["filtered"] == int(drop_on_redo)
+
+
+@pytest.mark.timeout(20)
+def test_an_exception_in_the_hook_is_fail_stop_then_poison(rig: Rig) -> None:
+    """The exception escapes the backend (the driver host ends the process with status 70)
+    with the request flagged executing; its traceback ends in the hook, which the host names
+    as where it failed.  The next instance redoes the request, calls the hook again, dies
+    again; after poison_after deaths the request is answered with an error, and the switch
+    goes on."""
+    opts = {"poison_after": 2}
+    be, a, b, c = three(rig, opts, cls=Deadly)
+    f = eth(BROADCAST, MAC_A, b"deadly frame")
+    with pytest.raises(ZeroDivisionError) as e:
+        a.send(be, f)
+    last = e.traceback[-1]
+    assert last.name == "filter_frame" and last.path == Path(__file__)
+    line = Deadly.filter_frame.__code__.co_firstlineno + 2  # the raise
+    assert where_in_backend(e.value) == f"{__file__}:{line}, in filter_frame"
+    (note,) = e.value.__notes__
+    assert "Deadly.filter_frame" in note
+    assert "raised for the frame at tx ring index 0 of vif 1 (a/eth0): a driver process" in note
+    log = InflightLog(
+        a.view[netif.INFLIGHT_OFFSET : netif.INFLIGHT_OFFSET + INFLIGHT_BYTES],
+        netif.RING_SLOTS,
+        netif.SLOT_SIZE,
+    )
+    assert [(r.index, r.executing) for r in log.pending()] == [(0, True)]
+    del log
+    with pytest.raises(ZeroDivisionError) as e:
+        rig.restart(be, opts)  # the redo calls the hook again
+    assert "of vif 1 (a/eth0), redone:" in e.value.__notes__[0]
+    be3 = rig.restart(rig.backends[-1], opts)
+    assert a.done() == [(a.sent[0], STATUS_ERROR)]
+    ((key, index, description),) = rig.host.poisons
+    assert (key, index) == (a.key, 0) and "2 driver instances died executing it" in description
+    assert b.got() == [] and c.got() == []
+    g = eth(BROADCAST, MAC_A, b"harmless")
+    a.send(be3, g)
+    assert b.got() == [g] and c.got() == [g]
+
+
+@pytest.mark.timeout(10)
+def test_frames_from_the_uplink_go_through_the_hook_with_no_source_vif(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    be, a, b, _ = three(rig, cls=Hooked)
+    assert isinstance(be, Hooked)
+    host = "02:00:00:00:00:99"
+    short = eth(BROADCAST, host, b"padded", PAD_TYPE)
+    passes = eth(BROADCAST, host, b"passes")
+    frames = [
+        eth(BROADCAST, host, b"dropped", DROP_TYPE),
+        eth(BROADCAST, MAC_B, b"a guest's source: refused before the hook"),
+        short,
+        passes,
+    ]
+    monkeypatch.setattr(be.uplink, "read", lambda: list(frames))
+    be._from_tap()
+    assert be.calls == [(None, frames[0]), (None, short), (None, passes)]
+    assert a.got() == b.got() == [short + bytes(60 - len(short)), passes]
+    st = be.statistics()
+    assert (st["filtered"], st["uplink_spoofed"], st["uplink_frames_in"]) == (1, 1, 2)
+
+    class ToGuestSource(NetBackend):
+        def filter_frame(self, src: netbackend.Vif | None, frame: bytes) -> bytes | None:
+            return frame[:6] + mac(MAC_A) + frame[12:]
+
+    be2 = rig.backend(cls=ToGuestSource)
+    rig.guest("d", "02:00:00:00:00:0d").connect(be2)
+    rig.guest("e", MAC_A).connect(be2)
+    monkeypatch.setattr(be2.uplink, "read", lambda: [eth(BROADCAST, host, b"x")])
+    be2._from_tap()
+    assert be2.filter_invalid == 1
+    assert "frame from the uplink dropped: " in caplog.text
+    assert "ToGuestSource.filter_frame (" in caplog.text
+    assert "rewrote the frame's source to 02:00:00:00:00:0a, a multicast address or a guest's" in (
+        caplog.text
+    )
+
+
+class Carrying(Hooked):
+    """A hook whose subclass carries its own data across a hot swap."""
+
+    def backend_data(self) -> dict[str, Any]:
+        return {"calls": len(self.calls)}
+
+    def restore_backend_data(self, data: dict[str, Any]) -> None:
+        self.carried = data
+
+
+@pytest.mark.timeout(20)
+def test_a_hooked_backend_carries_its_own_data_through_a_hot_swap(rig: Rig) -> None:
+    be, a, b, _ = three(rig, cls=Carrying)
+    a.send(be, eth(BROADCAST, MAC_A, b"one"), eth(BROADCAST, MAC_A, b"two"))
+    wire = be.save().to_wire()
+    assert wire["data"]["backend"] == {"calls": 2} and wire["version"] == 1
+    be.suspend()
+    be2 = rig.backend(cls=Carrying)
+    be2.restore(BackendState.from_wire(wire))
+    assert isinstance(be2, Carrying) and be2.carried == {"calls": 2}
+    for g in rig.guests:
+        g.attach(be2)
+    for g in rig.guests:
+        g.resume(be2)
+    a.send(be2, eth(BROADCAST, MAC_A, b"three"))
+    assert len(b.got()) == 3 and be2.stats()[a.key].tx_frames == 3
+    # drivers.net saves nothing of its own (the layout is as before) and takes the state of
+    # a hooked backend, ignoring what it does not know; the hooked one gets {} from it
+    plain = rig.backend()
+    plain.restore(BackendState.from_wire(be2.save().to_wire()))
+    assert "backend" not in plain.save().to_wire()["data"]
+    be3 = rig.backend(cls=Carrying)
+    be3.restore(plain.save())
+    assert isinstance(be3, Carrying) and be3.carried == {}
+    with pytest.raises(StateError, match=r"state\.data\.backend must be a map"):
+        rig.backend(cls=Carrying).restore(BackendState("isovisor.net", 1, "x", (), {"backend": 7}))
 
 
 # --- the TAP uplink ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The driver SDK's example tests (examples/sdk/test_countingdisk.py), run as a developer runs
-them: ``python -m pytest examples/sdk/...`` in a fresh process, from the repository root, with
-the isovisor pytest plugin loaded through its entry point (no conftest of ours is involved).
-One test here per example test, so a failure names the example that failed.  Also: the plugin
-is registered with the installed package, and its block verifier agrees with tests/blkdata.py.
+"""The driver SDK's example tests (examples/sdk/test_*.py: a block, a network and a console
+backend), run as a developer runs them: ``python -m pytest examples/sdk/...`` in a fresh
+process, from the repository root, with the isovisor pytest plugin loaded through its entry
+point (no conftest of ours is involved).  One test here per example test, so a failure names
+the example that failed.  Also: the plugin is registered with the installed package, and its
+block verifier agrees with tests/blkdata.py.
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ from isovisor.testing import _expected_block, check_image
 from tests import blkdata
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "sdk" / "test_countingdisk.py"
+EXAMPLES = [
+    ROOT / "examples" / "sdk" / f"test_{name}.py"
+    for name in ("countingdisk", "netfilter", "linesink")
+]
 
 
 def _example_tests() -> list[str]:
-    tree = ast.parse(EXAMPLES.read_text())
-    return [
-        n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
-    ]
+    """``examples/sdk/test_x.py::test_y`` for each example test."""
+    out = []
+    for path in EXAMPLES:
+        tree = ast.parse(path.read_text())
+        out += [
+            f"{path.relative_to(ROOT)}::{n.name}"
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+        ]
+    return out
 
 
 def _plugin_registered() -> bool:
@@ -44,7 +54,10 @@ def test_the_plugin_is_registered_with_the_package() -> None:
 
 
 def test_there_are_example_tests() -> None:
-    assert len(_example_tests()) >= 4, _example_tests()
+    tests = _example_tests()
+    for path in EXAMPLES:  # every example file has a test
+        assert any(t.startswith(f"{path.relative_to(ROOT)}::") for t in tests), path
+    assert len(tests) >= 6, tests
 
 
 @pytest.mark.e2e
@@ -62,7 +75,7 @@ def test_example(name: str) -> None:
             "-p",
             "no:cacheprovider",
             *plugin,
-            f"{EXAMPLES.relative_to(ROOT)}::{name}",
+            name,
         ],
         capture_output=True,
         text=True,

@@ -25,6 +25,17 @@ device reports ``error`` once per streak, and the backend tries again on the nex
 or at least a second later when anything else wakes it.  A frontend that closes, and a device
 detached while connected, has its last output taken first (the base's ``drain``).
 
+Sinks: a subclass may override :meth:`ConsoleBackend.output`, which is then called with every
+append once its bytes are in the log file, before the commit, with their offset in the file
+(the same offset as live readers get).  A replacement finishing a journaled append calls it
+again for the whole append with the same offset, so the hook sees every byte at least once, in
+order, and a sink that remembers the highest offset it handled makes it exactly once.  Whether
+the hook is overridden is decided once, at construction: ``drivers.console`` pays nothing for
+it.  An exception from the hook is logged and counted (``sink_errors``); it never stops the
+console or the log (see :meth:`ConsoleBackend.output` for why this is not fail-stop).
+:meth:`ConsoleBackend.save_sink` and :meth:`ConsoleBackend.open_sink` carry a sink's own data
+for a console across a hot swap (``persist.py``: the device data's ``sink``).
+
 Input: messages ``[domain, bytes]`` on the input socket (``endpoints.py``).  The bytes go into
 that domain's ``in`` ring as it has room (the guest is notified if it asked); what does not fit
 waits in a per-domain queue of at most ``input_queue_bytes``, delivered as the guest consumes
@@ -60,6 +71,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+import msgpack
+
 from devices import console
 from drivers.backendbase import Attach, BackendBase, BaseDevice, Lifecycle, StopServing
 from drivers.backendkit import int_option
@@ -89,6 +102,8 @@ CLOSE_BYTES: Final = 1 << 20
 MAX_INPUT_MESSAGES: Final = 10_000
 #: Seconds before a failed log append is tried again without a kick.
 RETRY_S: Final = 1.0
+#: Sink errors logged with their traceback before only every 1000th is.
+SINK_ERRORS_LOGGED: Final = 20
 _DOMAIN_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # ipc.schema.NAME_RE
 _MASK: Final = (1 << 64) - 1
 #: In-driver faults that end or stall the instance half-way through an append.
@@ -204,6 +219,11 @@ class ConsoleBackend(BackendBase[Console]):
         #: Writes an append's bytes: ``_write_all``, or ``_write_injecting`` while a fault is
         #: armed (so an unarmed driver pays nothing for the feature).
         self._write: Callable[[Console, bytes], None] = self._write_all
+        #: Is :meth:`output` overridden (a sink)?  Decided once: the append path asks this
+        #: flag, and ``drivers.console`` never calls the empty hook.
+        self.has_sink = type(self).output is not ConsoleBackend.output
+        #: Exceptions raised by the sink's hooks (logged, counted, not fatal).
+        self.sink_errors = 0
 
     # -- the host's hooks beyond the base's ---------------------------------------------------
     def fds(self) -> list[int]:
@@ -280,6 +300,8 @@ class ConsoleBackend(BackendBase[Console]):
                 self.log_dir,
             )
         self.log.info("console %d (%s): logging to %s", a.key, d.label, log_path)
+        carried = d.saved.data.get("sink", {}) if d.saved is not None else {}
+        self._sink_call(d, "open_sink", self.open_sink, d, carried)
 
     def close_device(self, d: Console, *, handover: bool) -> None:
         if self._by_domain.get(d.domain) == d.key:
@@ -342,11 +364,77 @@ class ConsoleBackend(BackendBase[Console]):
         self.faults += 1
         super()._break(d, message)
 
+    # -- the sink: what a subclass may override -------------------------------------------------
+    def output(self, console: Console, offset: int, data: bytes) -> None:
+        """Sink hook: ``data`` is a chunk of ``console``'s output (one append, at most
+        ``ipc.consif.OUT_SIZE`` bytes), now in the console's log file at byte ``offset``.
+        Not called unless a subclass overrides it.
+
+        Contract: every byte of the output reaches the hook at least once, in order, each
+        chunk right after it is in the log file and before the guest's ring is advanced past
+        it (the commit).  A chunk is offered twice only when an instance died after offering
+        it and before the commit: the replacement finishes the journaled append and offers it
+        again, with the same ``offset`` and the same bytes.  So ``offset`` names a byte for
+        good (its position in ``console.log_path``): a sink that remembers the end of what it
+        handled (``offset + len(data)``), keeps that where it finds it again after a crash,
+        and skips what lies below it, handles every byte exactly once.  Apart from such a
+        repeat a domain's offsets only grow (its log file is appended to across its lives).  A
+        gap between what the sink handled and ``offset`` is output logged while the sink was
+        not serving (another backend served it, or the hook raised): it is in the log file.
+
+        It runs on the driver's loop, between the log write and the commit, once per append:
+        keep it cheap.  While it runs no console is served, and a hook that blocks longer than
+        the driver's ``watchdog_sec`` gets the process replaced as hung.
+
+        An exception is logged with its traceback (the first ``SINK_ERRORS_LOGGED``, then
+        every 1000th) and counted (``sink_errors`` in :meth:`statistics`); the console goes on
+        and that chunk is not offered again.  Not fail-stop on purpose: a replacement would
+        offer the same chunk again, a deterministic bug would raise again, and the driver
+        would be replaced until it is ``FATAL``, leaving every guest's console to the kernel,
+        for the sake of a consumer of the log rather than the log itself.  (A ``BaseException``
+        such as ``SystemExit`` still ends the process.)"""
+
+    def save_sink(self, console: Console) -> dict[str, Any]:
+        """What the sink carries for ``console`` to the next implementation in a hot swap
+        (msgpack-able: maps, lists, strings, numbers, booleans); the next one gets it in its
+        :meth:`open_sink`.  The default: ``{}`` (nothing is carried).  Called when the driver
+        is drained for a swap, on the loop.  Only a swap carries it: keep what must survive a
+        crash where the sink can find it again (its own output)."""
+        return {}
+
+    def open_sink(self, console: Console, data: dict[str, Any]) -> None:
+        """``console`` is attached to this instance (a first attach, after a crash, after a
+        swap), before any of its output reaches :meth:`output`.  ``data`` is what the
+        previous implementation's :meth:`save_sink` returned for it in a swap, ``{}``
+        otherwise (and after a swap from a backend without a sink, such as
+        ``drivers.console``).  The default does nothing."""
+
+    def _sink_call(self, d: Console, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a sink hook; an exception is logged (rate-limited) and counted, and None
+        returned."""
+        try:
+            return fn(*args)
+        except Exception:
+            self.sink_errors += 1
+            n = self.sink_errors
+            if n <= SINK_ERRORS_LOGGED or n % 1000 == 0:
+                self.log.exception(
+                    "console %d (%s): the sink's %s raised (%d sink error(s) so far); the "
+                    "console and its log go on%s",
+                    d.key,
+                    d.label,
+                    what,
+                    n,
+                    "" if n < SINK_ERRORS_LOGGED else ", only every 1000th error is logged",
+                )
+            return None
+
     # -- output --------------------------------------------------------------------------------
     def checkpoint(self, where: str) -> None:
         """Tests only: called at each step of an append (``journaled``: the entry is written;
-        ``appended``: the bytes are in the file; ``published``: live readers have them).
-        Overridden to raise :class:`SimulatedCrash`, it stops the instance there."""
+        ``appended``: the bytes are in the file; ``published``: live readers and the sink
+        have them).  Overridden to raise :class:`SimulatedCrash`, it stops the instance
+        there."""
 
     def write_log(self, d: Console, data: bytes) -> None:
         """Append ``data`` to the console's log file (O_APPEND), however many writes it
@@ -473,7 +561,10 @@ class ConsoleBackend(BackendBase[Console]):
         return len(rest), notify
 
     def _publish(self, d: Console, offset: int, data: bytes) -> None:
+        """An append is in the file at ``offset``: to the live readers, and to the sink."""
         self.endpoints.publish(d.domain, offset, data)
+        if self.has_sink:
+            self._sink_call(d, "output", self.output, d, offset, data)
 
     def _write_failed(self, d: Console, e: OSError) -> None:
         d.stats.write_errors += 1
@@ -649,12 +740,15 @@ class ConsoleBackend(BackendBase[Console]):
 
     # -- statistics (the base's hooks) -------------------------------------------------------
     def backend_statistics(self) -> dict[str, int | float | str]:
-        return {
+        out: dict[str, int | float | str] = {
             "in_queued": sum(len(d.inq) for d in self.devices.values()),
             "unknown_input": self.unknown_input,
             "malformed_input": self.malformed_input,
             "faults": self.faults,
         }
+        if self.has_sink:  # drivers.console's keys stay as they were
+            out["sink_errors"] = self.sink_errors
+        return out
 
     def statistics_label(self, d: Console) -> str:
         return d.domain  # <domain>.out_bytes, .in_bytes, .in_dropped
@@ -668,7 +762,16 @@ class ConsoleBackend(BackendBase[Console]):
         return medium, medium
 
     def device_data(self, d: Console) -> dict[str, Any]:
-        return persist.device_data(d.domain, d.stats, d.inq)
+        sink = self._sink_call(d, "save_sink", self._saved_sink, d)
+        return persist.device_data(d.domain, d.stats, d.inq, sink or {})
+
+    def _saved_sink(self, d: Console) -> dict[str, Any]:
+        """:meth:`save_sink`, checked: TypeError if it cannot travel in a state."""
+        sink = self.save_sink(d)
+        if not isinstance(sink, dict):
+            raise TypeError(f"save_sink returned {type(sink).__name__}, not a dict")
+        msgpack.packb(sink)  # TypeError (or ValueError, OverflowError) for what cannot travel
+        return sink
 
     def restore_device(self, saved: DeviceState) -> DeviceState:
         return persist.checked(saved, self.stats_type, self.input_queue_bytes)

@@ -4,7 +4,12 @@ A console's saved state (``isovisor.console``, version 1) is a
 :class:`~drivers.state.DeviceState` whose ``home`` and ``medium`` are its log file, and whose
 ``data`` is::
 
-    {"domain": "<domain>", "stats": {"<counter>": <int>, ...}, "input": "<queued input, hex>"}
+    {"domain": "<domain>", "stats": {"<counter>": <int>, ...}, "input": "<queued input, hex>",
+     "sink": {...}}
+
+``sink`` is there only when the backend is a sink whose ``save_sink`` returned something (a
+map, the next implementation's ``open_sink`` gets it), so ``drivers.console``'s state is as it
+always was; a backend that does not know the key ignores it, so it needs no new version.
 
 The backend-wide ``data`` is ``{"log_dir": ..., "socket_dir": ...}``.  The log files stay where
 they are and the journal of an append in progress stays in the device's segment, so nothing is
@@ -29,10 +34,19 @@ def log_medium(log_path: Path) -> Medium:
     return Medium("file", str(log_path))
 
 
-def device_data(domain: str, stats: Any, queued: bytes | bytearray) -> dict[str, Any]:
-    """A console's ``data``: its domain, its counters (a dataclass of integers) and the input
-    waiting for room in its ring."""
-    return {"domain": domain, "stats": dataclasses.asdict(stats), "input": bytes(queued).hex()}
+def device_data(
+    domain: str, stats: Any, queued: bytes | bytearray, sink: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A console's ``data``: its domain, its counters (a dataclass of integers), the input
+    waiting for room in its ring and, if not empty, what its sink carries."""
+    out: dict[str, Any] = {
+        "domain": domain,
+        "stats": dataclasses.asdict(stats),
+        "input": bytes(queued).hex(),
+    }
+    if sink:
+        out["sink"] = sink
+    return out
 
 
 def checked(saved: DeviceState, stats_type: type[Any], input_queue_bytes: int) -> DeviceState:
@@ -42,6 +56,8 @@ def checked(saved: DeviceState, stats_type: type[Any], input_queue_bytes: int) -
     stats, queued = saved.data.get("stats", {}), saved.data.get("input", "")
     if not isinstance(stats, dict) or not isinstance(queued, str):
         raise StateError(f"{where}: data.stats must be a map and data.input a hex string")
+    if not isinstance(saved.data.get("sink", {}), dict):
+        raise StateError(f"{where}: data.sink must be a map, got {saved.data['sink']!r:.40}")
     try:
         data = bytes.fromhex(queued)
     except ValueError:

@@ -44,6 +44,21 @@ the shared record then, so the answer never depends on what this instance pushes
 Guests are untrusted: a bad index in either ring is a ``fault`` for that vif (the kernel crashes
 that guest) and the vif is not served any more; nothing a guest writes stops the switch.
 
+The frame hook (docs/sdk.md, "A network backend"): a subclass that overrides
+:meth:`NetBackend.filter_frame` sees every frame at the ingress of its port, after the source
+check and before the switch learns from it: it returns the frame to switch (the same, or
+rewritten) or None to drop it.  The path is chosen once, when the backend is built: only a
+subclass that overrides the hook has ``_forward_filtering`` in front of ``_forward`` (and
+``_uplink_frame_filtered`` in front of ``_uplink_frame``); ``drivers.net`` itself pays nothing.
+A rewritten frame is checked again as the guest's own would be (size, source), so a hook cannot
+make a guest spoof; one that fails is dropped and counted (``filter_invalid``).  The hook runs
+with the request flagged executing: what it raises is a bug that ends the process (fail-stop),
+the replacement redoes the request and calls the hook again on the frame read again from guest
+memory, and ``poison_after`` deaths answer it with an error.  On a redo with a delivery record
+the destinations are those of the record, so the hook must decide the same for the same frame
+(or keep its decisions in the state); a frame it drops on a redo is answered OKAY, like one it
+dropped the first time.
+
 Fault injection (drivers/faults.py, docs/campaigns.md): the request a fault fires on is a tx
 request being switched (``op`` = "tx"; ``sector`` = a byte offset of the vif's region the frame
 covers).  While a fault is armed, ``forward`` is ``_forward_injecting``, which asks the injector
@@ -330,6 +345,14 @@ class _Batch:
         self.starved: dict[int, Vif] = {}
 
 
+def _hook_name(cls: type) -> str:
+    """``Class.filter_frame (file:line)``: the frame hook ``cls`` defines, for log lines."""
+    fn = cls.filter_frame  # type: ignore[attr-defined]
+    code = getattr(fn, "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    return f"{getattr(fn, '__qualname__', 'filter_frame')}{where}"
+
+
 def describe_tx(raw: bytes) -> tuple[int, str]:
     """(id, a one-line description) of a tx request as the in-flight log holds it."""
     try:
@@ -370,9 +393,54 @@ class NetBackend(BackendBase[Vif]):
         self._resolved: set[tuple[int, int]] = set()
         #: Response faults due (the injector is the base's).
         self._spoil: dict[int, _Spoil] = {}
-        #: Switches one tx request: ``_forward``, or ``_forward_injecting`` while a fault is
+        #: Does this class override :meth:`filter_frame`?  Decided once: a switch without a
+        #: hook never calls one, nor tests for one per frame.
+        self.filtering = type(self).filter_frame is not NetBackend.filter_frame
+        #: Frames the hook dropped, and rewritten frames refused (``statistics()`` reports
+        #: both only when ``filtering``).  They count since this instance started.
+        self.filtered = 0
+        self.filter_invalid = 0
+        self._hook = _hook_name(type(self)) if self.filtering else ""
+        #: Switches one tx request without fault injection: ``_forward``, or
+        #: ``_forward_filtering`` (the hook first) for a class that overrides the hook.
+        self._switch: _Forward = self._forward_filtering if self.filtering else self._forward
+        #: Switches one tx request: ``_switch``, or ``_forward_injecting`` while a fault is
         #: armed or due (so an unarmed switch pays nothing for the feature).
-        self.forward: _Forward = self._forward
+        self.forward: _Forward = self._switch
+
+    # -- the frame hook (docs/sdk.md, "A network backend") -------------------------------
+    def filter_frame(self, src: Vif | None, frame: bytes) -> bytes | None:
+        """Override to filter or rewrite frames: return the frame to switch (``frame`` itself,
+        or new bytes), or None to drop it.  The default is never called.
+
+        ``src`` is the vif the frame came from (``src.label``, ``src.mac``, ``src.bridge``),
+        or None for a frame from the TAP uplink.  The hook sees each frame at the ingress of
+        its port, before the switch learns its source and picks its destinations (from the
+        frame it returns), and after the checks: a guest's frame has the guest's source MAC,
+        an uplink frame none of a guest's; a well-formed frame of 14..1514 bytes.  A returned
+        frame is checked the same way: one of another size or (from a guest) with another
+        source is dropped, logged as an error naming this hook and counted
+        (``filter_invalid``).
+
+        * A drop is silent, as on a wire: the guest's tx request is answered OKAY.  Frames
+          dropped are counted (``filtered``).
+        * The hook is called again when a frame is redone: after the driver process died (a
+          crash, a kill, a hang) or in a hot swap, the next instance redoes the requests in
+          flight, with the frame read again from the guest's memory, and destinations that
+          had the frame already do not get it twice.  So decide the same for the same frame
+          (keep any decision that depends on history in the state you carry), and count in
+          your own statistics knowing that a redone frame is seen twice.  In a swap the next
+          implementation redoes them with its own hook, or none (``drivers.net``).
+        * An exception is a bug: the driver process exits with status 70 with the request
+          still in flight, the replacement redoes it (calling the hook again), and after
+          ``poison_after`` (3) instances died on it the request is answered with an error.
+          Frames from the uplink are not redone: the TAP is a lossy port.
+        * It runs on the driver's only loop, for every frame: keep it quick, never block.
+
+        State: ``backend_data()`` / ``restore_backend_data(data)`` carry the subclass's own
+        data across a hot swap (the net state's ``data.backend``); a crash starts afresh.
+        """
+        return frame
 
     # -- the host loop's hooks -------------------------------------------------------------------
     def fds(self) -> list[int]:
@@ -592,8 +660,9 @@ class NetBackend(BackendBase[Vif]):
         return persist.vif_data(netif.format_mac(v.mac), v.bridge)
 
     def save(self) -> BackendState:
-        """The MAC tables and the counters (the vifs themselves are attached again by the
-        kernel, and the rings carry everything in flight)."""
+        """The MAC tables, the counters and a subclass's :meth:`backend_data` (the vifs
+        themselves are attached again by the kernel, and the rings carry everything in
+        flight)."""
         return persist.to_state(super().save(), self.bridges, self.clock())
 
     def suspend(self) -> None:
@@ -606,10 +675,13 @@ class NetBackend(BackendBase[Vif]):
         self.log.info("suspended: every vif and the TAP released for the next implementation")
 
     def restore(self, state: BackendState) -> None:
-        """Take over the MAC tables and counters of ``state`` (StateError if it cannot); the
-        counters of a vif are applied when the kernel attaches it again."""
+        """Take over the MAC tables and counters of ``state`` (StateError if it cannot), and
+        give a subclass's :meth:`restore_backend_data` what its predecessor's
+        :meth:`backend_data` saved (``{}`` from one that saved nothing, as ``drivers.net``);
+        the counters of a vif are applied when the kernel attaches it again."""
         state = self.accepted(state)
         learned, bridges, vifs = persist.from_state(state, COUNTERS, self._bridge, self.clock())
+        self.restore_backend_data(persist.backend_data_of(state))
         self._restored.update(vifs)
         self.log.info(
             "restored %d MAC table entries on %d bridge(s) and the counters of %d "
@@ -623,8 +695,9 @@ class NetBackend(BackendBase[Vif]):
 
     # -- statistics ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, int | float | str]:
-        """Totals first, then the uplink's counters, then each vif's (``domain/vdev.name``);
-        the host passes on the first 64."""
+        """Totals first (with a frame hook: ``filtered`` and ``filter_invalid`` after
+        ``notifications``), then the uplink's counters, then each vif's
+        (``domain/vdev.name``); the host passes on the first 64."""
         vifs = list(self.devices.values())
         out: dict[str, int | float | str] = {
             "vifs": len(vifs),
@@ -634,6 +707,9 @@ class NetBackend(BackendBase[Vif]):
         for c in self.STATISTICS:
             out[c] = sum(getattr(v.stats, c) for v in vifs)
         out["notifications"] = sum(v.notifications for v in vifs)
+        if self.filtering:
+            out["filtered"] = self.filtered
+            out["filter_invalid"] = self.filter_invalid
         out.update(self.uplink.statistics())
         for v in vifs:
             for c in self.DEVICE_STATISTICS:
@@ -808,9 +884,12 @@ class NetBackend(BackendBase[Vif]):
         s.replayed += 1
         self.forward(s, rec.index, rec.request, b, redo=True)
 
-    def _forward(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+    def _forward(
+        self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool, frame: bytes | None = None
+    ) -> bool:
         """Switch the tx request at ``index`` (see the module docstring).  True if it is
-        answered, False if it is held for destinations without rx buffers."""
+        answered, False if it is held for destinations without rx buffers.  ``frame``: what
+        the hook made of the guest's frame (``_forward_filtering``); None: the guest's."""
         log = s.inflight
         assert log is not None
         log.mark_executing(index)
@@ -819,7 +898,10 @@ class NetBackend(BackendBase[Vif]):
         except FrameError as e:
             self._bad(s, f"tx request refused: {e}", e.id)
             return self._answer(s, index, e.id, _ERROR, b)
-        frame = bytes(s.region[off : off + size])
+        if frame is None:
+            frame = bytes(s.region[off : off + size])
+        else:
+            size = len(frame)
         now = self.clock()
         reserved: dict[int, tuple[int, int, int]] = {}
         entries = s.dlog.find(index) if redo else None
@@ -911,6 +993,84 @@ class NetBackend(BackendBase[Vif]):
             log.clear_executing(index)
             return False
         return self._answer(s, index, rid, _OKAY, b)
+
+    def _forward_filtering(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
+        """``_forward`` for a class that overrides :meth:`filter_frame`: the guest's frame is
+        checked, given to the hook, and what it returns is checked and switched (or the
+        request is answered OKAY, dropped).  The request is flagged executing while the hook
+        runs, so a hook that raises kills the instance on it: redone, then poison."""
+        log = s.inflight
+        assert log is not None
+        log.mark_executing(index)
+        try:
+            rid, off, size = netif.decode_tx(raw)
+        except FrameError:
+            return self._forward(s, index, raw, b, redo=redo)  # refused there
+        frame = bytes(s.region[off : off + size])
+        problem = source_problem(frame, s.mac)
+        if problem is not None:
+            self._spoofed(s, problem)
+            return self._answer(s, index, rid, _OKAY, b)
+        try:
+            out = self.filter_frame(s, frame)
+        except Exception as e:
+            e.add_note(
+                f"{self._hook} raised for the frame at tx ring index {index} of vif {s.key} "
+                f"({s.label}){', redone' if redo else ''}: a driver process ends here (status "
+                "70) with the request in flight; the next instance redoes it, and answers it "
+                f"with an error once {self.poison_after} instance(s) died on it"
+            )
+            raise
+        if out is None:
+            self.filtered += 1
+            return self._answer(s, index, rid, _OKAY, b)
+        if out is not frame:
+            checked = self._rewritten(s, out, s.bridge)
+            if checked is None:
+                return self._answer(s, index, rid, _OKAY, b)
+            out = checked
+        return self._forward(s, index, raw, b, redo=redo, frame=out)
+
+    def _rewritten(self, src: Vif | None, out: object, bridge: str) -> bytes | None:
+        """``out``, what :meth:`filter_frame` returned in place of the frame it was given, if
+        it may be switched: bytes of a frame's size whose source a guest (``src``) may send,
+        or the uplink may (not multicast, not a guest's MAC on ``bridge``).  Else None: the
+        frame is dropped, counted (``filter_invalid``) and logged as an error naming the
+        hook."""
+        problem: str | None
+        if not isinstance(out, bytes | bytearray | memoryview):
+            problem = f"returned {type(out).__name__}, not bytes or None"
+        else:
+            out = bytes(out)
+            n = len(out)
+            if not netif.MIN_FRAME <= n <= netif.MAX_FRAME:
+                problem = (
+                    f"returned a frame of {n} bytes (a frame has "
+                    f"{netif.MIN_FRAME}..{netif.MAX_FRAME})"
+                )
+            elif src is not None:
+                problem = source_problem(out, src.mac)
+                problem = None if problem is None else f"rewrote the frame's source: {problem}"
+            elif is_multicast(out[6:12]) or (bridge, out[6:12]) in self._owners:
+                problem = (
+                    f"rewrote the frame's source to {netif.format_mac(out[6:12])}, "
+                    "a multicast address or a guest's"
+                )
+            else:
+                problem = None
+            if problem is None:
+                return out
+        self.filter_invalid += 1
+        k = self.filter_invalid
+        if k <= 20 or k % 1000 == 0:
+            self.log.error(
+                "frame from %s dropped: %s %s%s",
+                "the uplink" if src is None else f"vif {src.key} ({src.label})",
+                self._hook,
+                problem,
+                f" [{k} refused so far]" if k > 20 else "",
+            )
+        return None
 
     def _answer(self, s: Vif, index: int, rid: int, status: int, b: _Batch) -> bool:
         """Queue the tx response for ``index`` (published, and its record retired, at the next
@@ -1138,8 +1298,9 @@ class NetBackend(BackendBase[Vif]):
         self._expire(b)
         bridge = self._bridge(self.uplink.bridge)
         now = self.clock()
+        switch = self._uplink_frame_filtered if self.filtering else self._uplink_frame
         for frame in frames:
-            self._uplink_frame(bridge, frame, now, b)
+            switch(bridge, frame, now, b)
         self._settle(b)
 
     def _uplink_frame(self, bridge: Bridge, frame: bytes, now: float, b: _Batch) -> None:
@@ -1169,11 +1330,41 @@ class NetBackend(BackendBase[Vif]):
                 d.queued_frames += 1
                 b.starved[p] = d
 
+    def _uplink_frame_filtered(self, bridge: Bridge, frame: bytes, now: float, b: _Batch) -> None:
+        """``_uplink_frame`` for a class that overrides :meth:`filter_frame`: a frame that
+        passes the uplink's checks goes through the hook first.  A hook that raises ends the
+        instance; the frame is lost, as frames from the TAP may be."""
+        src = frame[6:12]
+        if (
+            not netif.MIN_FRAME <= len(frame) <= netif.MAX_FRAME
+            or is_multicast(src)
+            or (bridge.name, src) in self._owners
+        ):
+            self._uplink_frame(bridge, frame, now, b)  # refused and counted there
+            return
+        try:
+            out = self.filter_frame(None, frame)
+        except Exception as e:
+            e.add_note(
+                f"{self._hook} raised for a frame from the uplink: a driver process ends here "
+                "(status 70); the frame is lost (the uplink is not redone)"
+            )
+            raise
+        if out is None:
+            self.filtered += 1
+            return
+        if out is not frame:
+            checked = self._rewritten(None, out, bridge.name)
+            if checked is None:
+                return
+            out = checked
+        self._uplink_frame(bridge, out, now, b)
+
     # -- fault injection (drivers/faults.py; docs/campaigns.md) ---------------------------------
     def _choose_forward(self) -> None:
         self._spoil = {k: sp for k, sp in self._spoil.items() if k in self.devices}
         self.forward = (
-            self._forward_injecting if self.injector.armed or self._spoil else self._forward
+            self._forward_injecting if self.injector.armed or self._spoil else self._switch
         )
 
     def _forward_injecting(self, s: Vif, index: int, raw: bytes, b: _Batch, *, redo: bool) -> bool:
@@ -1182,12 +1373,12 @@ class NetBackend(BackendBase[Vif]):
         try:
             _, off, size = netif.decode_tx(raw)
         except FrameError:
-            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+            return self._spoiled(s, index, self._switch(s, index, raw, b, redo=redo))
         domain, _, vdev = s.label.partition("/")
         skip = () if self._reaches_a_guest(s, off, size) else _NEEDS_A_RECEIVER
         f = self.injector.pick(RequestInfo(domain, vdev, "tx", off, size), skip)
         if f is None:
-            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+            return self._spoiled(s, index, self._switch(s, index, raw, b, redo=redo))
         self._choose_forward()  # from the next request on: no more questions, if it is spent
         self.host.fault_fired(f.id, f.type, s.label)
         return self._carry_out(f, s, index, raw, b, redo=redo)
@@ -1229,7 +1420,7 @@ class NetBackend(BackendBase[Vif]):
             return self._forward_corrupted(s, index, raw, b, redo=redo)
         elif kind in ("leak_mem", "leak_fd"):
             self.host.carry_out(kind)
-        return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+        return self._spoiled(s, index, self._switch(s, index, raw, b, redo=redo))
 
     def _spoiled(self, s: Vif, index: int, answered: bool) -> bool:
         """Apply the response fault due for ``s`` to the tx response just queued at ``index``
@@ -1291,12 +1482,12 @@ class NetBackend(BackendBase[Vif]):
         again at once)."""
         _, off, size = netif.decode_tx(raw)
         if size <= _ETH_HEADER:  # no payload to spoil
-            return self._spoiled(s, index, self._forward(s, index, raw, b, redo=redo))
+            return self._spoiled(s, index, self._switch(s, index, raw, b, redo=redo))
         at = off + _ETH_HEADER
         region = s.region
         region[at] ^= 0xFF
         try:
-            answered = self._forward(s, index, raw, b, redo=redo)
+            answered = self._switch(s, index, raw, b, redo=redo)
         finally:
             region[at] ^= 0xFF
         self.log.warning(

@@ -6,7 +6,11 @@ Its ``data`` holds:
 
 * ``bridges``: for each bridge, the MAC table as ``[mac, port, ms since seen]`` rows;
 * ``vifs``: for each device key (as text), its ``label``, ``mac``, ``bridge`` and
-  ``counters``; a vif restored and not attached again yet carries its ``counters`` only.
+  ``counters``; a vif restored and not attached again yet carries its ``counters`` only;
+* ``backend`` (only when there is any): what a subclass of the switch saves of its own (its
+  ``backend_data()``, a map: e.g. a frame hook's state, docs/sdk.md), given to the next
+  implementation's ``restore_backend_data``.  One that has none ignores it (``drivers.net``),
+  so the layout stays version 1.
 
 Inside the backend a vif's saved part is a :class:`~drivers.state.DeviceState` as the base
 (drivers/backendbase.py) keeps it: ``data`` is ``{"stats": counters, "class": {"mac",
@@ -34,23 +38,30 @@ def vif_data(mac: str, bridge: str) -> dict[str, Any]:
 
 def to_state(state: BackendState, bridges: dict[str, Bridge], now: float) -> BackendState:
     """The version-1 state of a switch: the base's ``state`` (a device per vif, attached or
-    restored) with ``bridges``' MAC tables as they are at ``now``."""
+    restored; its ``data`` the backend's own) with ``bridges``' MAC tables as they are at
+    ``now``."""
     vifs: dict[str, Any] = {}
     for dev in state.devices:
         counters, own = dev.data.get("stats", {}), dev.data.get("class", {})
         vifs[str(dev.key)] = (
             {"label": dev.label, **own, "counters": counters} if own else {"counters": counters}
         )
-    return BackendState(
-        state.kind,
-        state.version,
-        state.implementation,
-        (),
-        {
-            "bridges": {n: b.table.to_wire(now) for n, b in sorted(bridges.items())},
-            "vifs": vifs,
-        },
-    )
+    data: dict[str, Any] = {
+        "bridges": {n: b.table.to_wire(now) for n, b in sorted(bridges.items())},
+        "vifs": vifs,
+    }
+    if state.data:  # the backend's own (BackendBase.save put backend_data() there)
+        data["backend"] = dict(state.data)
+    return BackendState(state.kind, state.version, state.implementation, (), data)
+
+
+def backend_data_of(state: BackendState) -> dict[str, Any]:
+    """What the saving backend's ``backend_data()`` returned (``{}`` if nothing); StateError
+    if it is not a map."""
+    own = state.data.get("backend", {})
+    if not isinstance(own, dict):
+        raise StateError(f"state.data.backend must be a map, got {own!r:.60}")
+    return own
 
 
 def from_state(
@@ -96,4 +107,4 @@ def from_state(
     return learned, len(bridges), out
 
 
-__all__ = ["from_state", "to_state", "vif_data"]
+__all__ = ["backend_data_of", "from_state", "to_state", "vif_data"]
