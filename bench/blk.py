@@ -20,7 +20,19 @@ Each guest run is a new domain with a fresh name; the next one starts after the 
 ``destroyed`` event and once the image's flock (held by a driver while a rw disk is attached)
 is free again.
 
-    python3 bench/blk.py [--quick] [--json FILE] [--wait-quiet S]
+``--backend SPEC`` measures a block backend of your own against ``drivers.blk`` in the same run.
+SPEC is what ``[driver.<name>] module`` takes: ``package.module[:Class]`` or a file
+``path/to/backend.py[:Class]`` (relative to the current directory).  It is loaded and checked
+first, as the driver host loads it (a SPEC that cannot be loaded: the reason, exit status 2,
+nothing measured); then a third private stack runs with ``[driver.blk0] module = SPEC`` in its
+own process, on an image of its own (same size, random bytes, cached the same way: a backend
+that takes no flock, or writes its data back when a device goes, cannot overlap with
+``drivers.blk``'s runs), every case runs in it too (the order of the three stacks rotated each
+repetition), and the report adds a row per case: its median against that of ``drivers.blk`` in
+its own process (the ratio of the medians); its blkstress errors and crashes count in the
+"blkstress errors" row.  Without ``--backend`` the output is as before (rows and JSON keys).
+
+    python3 bench/blk.py [--quick] [--json FILE] [--wait-quiet S] [--backend SPEC]
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -61,6 +74,8 @@ TITLE = "Block I/O: blkstress through the blk driver (own process vs inline) vs 
 
 IMAGE_BYTES = 64 << 20
 MODES = ("process", "inline")
+#: the mode (runs key, stack) of ``--backend``: that backend, isolation = "process"
+BACKEND = "backend"
 #: 4 KiB targets at QD32 (process isolation)
 MIN_IOPS = 20000
 MIN_RATIO = 0.8
@@ -77,6 +92,14 @@ class Case:
     mix: int  # % writes
     blocks: int
     ops: int  # full run; --quick uses a quarter
+
+
+@dataclass(frozen=True)
+class Custom:
+    """The ``--backend`` under test."""
+
+    spec: str  # as it goes into the stack's TOML (a file: absolute)
+    name: str  # what the driver host loads: package.module:Class or /abs/file.py:Class
 
 
 CASES = (
@@ -143,8 +166,28 @@ def baseline(path: Path, quick: bool, seed: int) -> dict[str, float]:
 # --- guest runs ----------------------------------------------------------------------------------
 
 
-def driver_toml(isolation: str) -> str:
-    return f'[driver.blk0]\nmodule = "drivers.blk"\nisolation = "{isolation}"\n'
+def driver_toml(isolation: str, module: str = "drivers.blk") -> str:
+    return f'[driver.blk0]\nmodule = {json.dumps(module)}\nisolation = "{isolation}"\n'
+
+
+def check_backend(text: str) -> Custom:
+    """The ``--backend`` SPEC, normalised as the stack's config takes it and loaded as the
+    driver host loads it; if it cannot be, say why and exit with status 2."""
+    from drivers.host import HostError, load_backend
+    from isovisor.config import backend_spec
+
+    try:
+        spec = backend_spec(text, Path.cwd())
+        _, name = load_backend(spec)
+    except (ValueError, HostError) as e:
+        # (the host's hint names the swap command's option)
+        why = str(e).replace("a file with --to-file", "a file: path/to/backend.py[:Class]")
+    except Exception as e:  # anything else the loading raised
+        why = f"{type(e).__name__}: {e}"
+    else:
+        return Custom(spec, name)
+    print(f"bench/blk.py: --backend {text}: {why}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def wait_unlocked(path: Path, timeout: float = 30) -> None:
@@ -241,39 +284,65 @@ def run_guest(
 # --- the benchmark -------------------------------------------------------------------------------
 
 
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--backend",
+        metavar="SPEC",
+        default=None,
+        help="also measure this block backend ([driver.blk0] module = SPEC, in its own "
+        "process) against drivers.blk: package.module[:Class] or path/to/backend.py[:Class]",
+    )
+
+
 def measure(args: argparse.Namespace, res: Result) -> None:
+    custom = check_backend(args.backend) if args.backend is not None else None
     reps = 1 if args.quick else 3
     tmp = Path(tempfile.mkdtemp(prefix="ivb-blk-", dir="/tmp"))
     image = tmp / "disk.img"
+    images = dict.fromkeys(MODES, image)
+    tomls = {mode: driver_toml(mode) for mode in MODES}
+    if custom is not None:
+        res.command += f" --backend {shlex.quote(args.backend)}"
+        images[BACKEND] = tmp / "backend.img"
+        tomls[BACKEND] = driver_toml("process", custom.spec)
     try:
-        write_image(image)
+        for path in dict.fromkeys(images.values()):
+            write_image(path)
         with contextlib.ExitStack() as es:
             stacks: dict[str, tuple[PrivateStack, Subscriber]] = {}
-            for mode in MODES:
-                s = es.enter_context(private_stack(2, extra_toml=driver_toml(mode)))
+            for mode, toml in tomls.items():
+                s = es.enter_context(private_stack(2, extra_toml=toml))
                 stacks[mode] = (s, es.enter_context(s.subscribe(["domain."])))
             GATE.extra_pids = lambda: [p for s, _ in stacks.values() for p in s.pids]
-            base, runs, crashes = _measure(args.quick, reps, image, stacks)
+            base, runs, crashes = _measure(args.quick, reps, images, stacks)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _report(res, reps, args.quick, base, runs, crashes)
+    _report(res, reps, args.quick, base, runs, crashes, custom)
 
 
 def _measure(
-    quick: bool, reps: int, image: Path, stacks: dict[str, tuple[PrivateStack, Subscriber]]
-) -> tuple[list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
-    """Returns the baseline rounds, the guest runs by mode and case, and the crashes."""
+    quick: bool,
+    reps: int,
+    images: dict[str, Path],
+    stacks: dict[str, tuple[PrivateStack, Subscriber]],
+) -> tuple[
+    list[dict[str, float]], dict[str, dict[str, list[dict[str, Any]]]], list[tuple[str, str]]
+]:
+    """Returns the baseline rounds, the guest runs by mode and case, and the crashes (mode,
+    what).  ``stacks`` (and ``images``, the image each mode's guests use) are by mode."""
     base: list[dict[str, float]] = []
-    crashes: list[str] = []
+    crashes: list[tuple[str, str]] = []
+    modes = tuple(stacks)
+    image = images[modes[0]]  # the pread loop's
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        m: {c.key: [] for c in CASES} for m in MODES
+        m: {c.key: [] for c in CASES} for m in modes
     }
     # an untimed warm-up in each stack: builds/loads the guest, first attach of the image
     warm = Case("warm", "warm-up", 4096, 32, 0, 16384, 500)
     for mode, (s, sub) in stacks.items():
-        r = run_guest(s, sub, f"{mode[0]}-warm", image, warm, warm.ops, 1)
+        r = run_guest(s, sub, f"{mode[0]}-warm", images[mode], warm, warm.ops, 1)
         if "crashed" in r:
-            crashes.append(r["crashed"])
+            crashes.append((mode, r["crashed"]))
     for rep in range(reps):
         GATE.wait()
         pids = GATE.extra_pids()
@@ -287,19 +356,18 @@ def _measure(
             f"write {b['write_128k_mbs']:.0f} MB/s; other processes {b['other']}% CPU",
             file=sys.stderr,
         )
-        order = MODES if rep % 2 == 0 else MODES[::-1]
+        order = modes[rep % len(modes) :] + modes[: rep % len(modes)]  # 2 modes: swapped
         for case in CASES:
             GATE.wait()
             ops = case.ops // 4 if quick else case.ops
             for mode in order:
                 s, sub = stacks[mode]
                 load = OtherLoad(pids)
-                r = run_guest(
-                    s, sub, f"{mode[0]}-{case.key}-{rep + 1}", image, case, ops, seed=rep + 1
-                )
+                name = f"{mode[0]}-{case.key}-{rep + 1}"
+                r = run_guest(s, sub, name, images[mode], case, ops, seed=rep + 1)
                 other = round(load.percent())
                 if "crashed" in r:
-                    crashes.append(r["crashed"])
+                    crashes.append((mode, r["crashed"]))
                     print(
                         f"  rep {rep + 1} {mode:7} {case.label:18}: CRASHED {r['crashed']}",
                         file=sys.stderr,
@@ -322,7 +390,8 @@ def _report(
     quick: bool,
     base: list[dict[str, float]],
     runs: dict[str, dict[str, list[dict[str, Any]]]],
-    crashes: list[str],
+    crashes: list[tuple[str, str]],
+    custom: Custom | None = None,
 ) -> None:
     def med(mode: str, key: str, field: str) -> float:
         xs = [r[field] for r in runs[mode][key]]
@@ -381,15 +450,41 @@ def _report(
                 k < MAX_NOTIFY,
             )
         )
-    nruns = sum(len(v) for m in runs.values() for v in m.values())
-    errors = sum(r["errors"] for m in runs.values() for v in m.values() for r in v)
-    bad_exit = sum(1 for m in runs.values() for v in m.values() for r in v if r["exit_code"])
+    if custom is not None:
+        for case in CASES:
+            field, unit = ("iops", "IOPS") if case.bs == 4096 else ("mbs", "MB/s")
+            b, p = med(BACKEND, case.key, field), med("process", case.key, field)
+            kb = med(BACKEND, case.key, "kernel_per_req")
+            kp = med("process", case.key, "kernel_per_req")
+            mb = " MB/s" if field == "mbs" else ""
+            res.rows.append(
+                Row(
+                    f"{case.label} {unit}, backend",
+                    f"{b:,.0f}{mb}",
+                    f"drivers.blk process {p:,.0f}{mb}; backend/drivers.blk {b / p:.2f}x; "
+                    f"notif/req {kb:.3f} vs {kp:.3f}",
+                )
+            )
+
+    def tally(modes: list[str]) -> tuple[int, int, int]:
+        rs = [r for m in modes for v in runs[m].values() for r in v]
+        return len(rs), sum(r["errors"] for r in rs), sum(1 for r in rs if r["exit_code"])
+
+    nruns, errors, bad_exit = tally(list(runs))
+    detail = ""
+    if custom is not None:
+        n, e, x = tally([BACKEND])
+        nc = sum(1 for m, _ in crashes if m == BACKEND)
+        detail = (
+            f"; backend alone: {e} errors in {n} runs, {x} non-zero exit codes, {nc} "
+            "crashed domains"
+        )
     res.rows.append(
         Row(
             "blkstress errors",
             f"{errors} in {nruns} runs",
             f"{bad_exit} runs with a non-zero exit code; {len(crashes)} crashed "
-            "domains (left out of the figures)",
+            f"domains (left out of the figures){detail}",
             "0 errors, 0 crashes",
             errors == 0 and bad_exit == 0 and not crashes,
         )
@@ -434,7 +529,7 @@ def _report(
             }
             for m, cases in runs.items()
         },
-        "crashes": crashes,
+        "crashes": [what for _, what in crashes],
         "destroy_retries": DESTROY_RETRIES,
         "cases": {
             c.key: {
@@ -448,12 +543,25 @@ def _report(
             for c in CASES
         },
     }
+    if custom is not None:
+        res.samples["backend"] = {"spec": custom.spec, "class": custom.name}
+        setup = (
+            "three private stacks (pcpus=2) up for the whole run, [driver.blk0] module = "
+            "drivers.blk with isolation = process and = inline, and module = "
+            f"{custom.spec} (--backend, isolation = process, on an image of its own made the "
+            f"same way); {reps} repetition(s) of every case in all three stacks (stack order "
+            "rotated each repetition)"
+        )
+    else:
+        setup = (
+            "two private stacks (pcpus=2) up for the whole run, [driver.blk0] module = "
+            f"drivers.blk with isolation = process and = inline; {reps} repetition(s) of every "
+            "case in both stacks (stack order swapped each repetition)"
+        )
     res.notes += [
         f"one 64 MiB image in /tmp (random bytes, synced and read once, so the page cache is "
-        f"warm); two private stacks (pcpus=2) up for the whole run, [driver.blk0] module = "
-        f"drivers.blk with isolation = process and = inline; {reps} repetition(s) of every "
-        "case in both stacks (stack order swapped each repetition), medians; every run a new "
-        "16 MiB blkstress domain, verify_all=0, seed = repetition",
+        f"warm); {setup}, medians; every run a new 16 MiB blkstress domain, verify_all=0, "
+        "seed = repetition",
         "4K cases: blocks=16384 (the whole image); 128K cases: bs=131072 blocks=512 qd=8 -- "
         "blkstress has no sequential mode, so the 128K figures are 128 KiB *random* I/O over "
         "the whole image, compared with a sequential 128 KiB pread/pwrite loop",
@@ -468,7 +576,16 @@ def _report(
         "from the kernel's devices command after the guest powered off (on_poweroff = "
         "preserve), before destroy",
     ]
-    for c in crashes:
+    if custom is not None:
+        res.notes.append(
+            f"backend: --backend {custom.spec}, the class {custom.name}; the rows '..., "
+            "backend' give its median per case and the ratio of its median to that of "
+            "drivers.blk in its own process (the same guest, case and repetitions); notif/req "
+            "is (kicks + notifies) / requests for both; its image is its own, so a backend that "
+            "takes no flock or writes back when a device goes cannot overlap with drivers.blk's "
+            "runs; its errors and crashes are in the blkstress errors row"
+        )
+    for _, c in crashes:
         res.notes.append(f"CRASHED: {c}")
     if DESTROY_RETRIES:
         res.notes.append(
@@ -480,4 +597,4 @@ def _report(
 
 
 if __name__ == "__main__":
-    sys.exit(bench_main(NAME, TITLE, measure))
+    sys.exit(bench_main(NAME, TITLE, measure, add_args))
