@@ -804,7 +804,8 @@ class MiniStack:
         )
 
 
-_FAILED = pytest.StashKey[bool]()
+#: Set in a test item's stash once its call or set-up failed (fixtures print logs then).
+TEST_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -814,7 +815,7 @@ def pytest_runtest_makereport(
     outcome = yield
     rep = outcome.get_result()
     if rep.failed:
-        item.stash[_FAILED] = True
+        item.stash[TEST_FAILED] = True
 
 
 @pytest.fixture
@@ -825,7 +826,7 @@ def isovisor_stack(request: pytest.FixtureRequest) -> Iterator[MiniStack]:
     try:
         yield s
     finally:
-        if request.node.stash.get(_FAILED, False):
+        if request.node.stash.get(TEST_FAILED, False):
             with contextlib.suppress(Exception):
                 print(s.log_tails(), file=sys.stderr)
         left = s.close()

@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
 from ipc.control import Client  # noqa: E402
 from ipc.events import Subscriber, subscribe  # noqa: E402
 from isovisor.paths import RunDir  # noqa: E402
-from isovisor.procs import reap  # noqa: E402
+from isovisor.procs import log_tail, reap  # noqa: E402
+from isovisor.testing import TEST_FAILED  # noqa: E402
 from isovisor.testing import wait_until as _plugin_wait_until  # noqa: E402
 
 ISOVISOR = [sys.executable, "-m", "isovisor.cli"]
@@ -134,13 +135,29 @@ def shm_segments(prefix: str = "isovisor.") -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))
 
 
+def print_log_tails(run_dir: Path, lines: int = 40) -> None:
+    """The ends of a stack's kernel, supervisor and driver logs, to stderr (a failed test's
+    report shows them: the stack's directory is gone by the time anyone reads it)."""
+    logs = [
+        run_dir / "kernel.log",
+        run_dir / "supervisor.log",
+        *sorted(run_dir.glob("driver-*.log")),
+    ]
+    for p in logs:
+        if p.exists():
+            print(f"--- {p.name} ---\n{log_tail(p, lines)}", file=sys.stderr)
+
+
 @pytest.fixture
-def stack() -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     d = Path(tempfile.mkdtemp(prefix="iv-", dir="/tmp"))
     s = Stack(dir=d, run_dir=d / "run")
     try:
         yield s
     finally:
+        if request.node.stash.get(TEST_FAILED, False):
+            with contextlib.suppress(Exception):
+                print_log_tails(s.run_dir)
         if RunDir(s.run_dir).running_pid() is not None:
             with contextlib.suppress(Exception):
                 s.cli("down", timeout=40)

@@ -254,7 +254,7 @@ watchdog_sec = 1.0
 intensity = 50
 period = 60.0
 """
-LINES = 150_000  # 8.5 MB each: they outlast two swaps and a recovery (some 55,000 here)
+LINES = 100_000  # 5.7 MB each: they outlast two swaps and a recovery (some 55,000 here)
 NAMES = ("c1", "c2")
 
 
