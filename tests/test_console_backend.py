@@ -556,7 +556,7 @@ def test_random_crashes_never_lose_or_duplicate_a_byte(rig: Rig) -> None:
             disarm(new)
             return new, new_host
 
-    for step in range(300):
+    for step in range(120):
         for _ in range(rnd.randrange(1, 4)):
             g.write(rnd.randbytes(rnd.randrange(1, 1200)))
         if rnd.random() < 0.4:
@@ -571,7 +571,7 @@ def test_random_crashes_never_lose_or_duplicate_a_byte(rig: Rig) -> None:
             disarm(b)
         assert host.faults == [], step
     b.kick(g.key)
-    assert crashes > 100
+    assert crashes > 30
     assert rig.log("web") == bytes(g.sent)
 
 
@@ -1417,7 +1417,7 @@ def test_random_crashes_a_sink_that_skips_by_offset_sees_every_byte_once(rig: Ri
     b, host = rig.backend(sink(calls))
     connect(b, host, g)
     crashes = 0
-    for _ in range(200):
+    for _ in range(80):
         g.write(rnd.randbytes(rnd.randrange(1, 1500)))
         if rnd.random() < 0.5:
             b.kick(g.key)
@@ -1433,7 +1433,7 @@ def test_random_crashes_a_sink_that_skips_by_offset_sees_every_byte_once(rig: Ri
         b, host = rig.backend(sink(calls))
         resume(b, host, g)
     b.kick(g.key)
-    assert crashes > 30
+    assert crashes > 10
     log = rig.log("web")
     assert log == bytes(g.sent)
     assert all(log[o : o + len(d)] == d for _, o, d in calls.calls)

@@ -91,18 +91,24 @@ def test_no_sse_in_guest_code(images: dict[str, Path]) -> None:
         assert "xmm" not in dis and "ymm" not in dis, f"{name} uses SSE/AVX registers"
 
 
+#: Rebuilt in a second cache: one program per frontend of the runtime (block, net, console,
+#: rng) and the plainest one (every program is built the same way; a rebuild of all 16 took
+#: 19 s of the suite).
+REBUILT = ("hello", "blkstress", "netpair", "conecho", "rngtest")
+
+
 @pytest.mark.timeout(60)
 def test_builds_are_reproducible(images: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other-cache"
     with ThreadPoolExecutor(max_workers=4) as pool:
         again = dict(
             zip(
-                GUEST_PROGRAMS,
-                pool.map(lambda n: build.build_guest(n, cache_dir=other), GUEST_PROGRAMS),
+                REBUILT,
+                pool.map(lambda n: build.build_guest(n, cache_dir=other), REBUILT),
                 strict=True,
             )
         )
-    for name in GUEST_PROGRAMS:
+    for name in REBUILT:
         assert again[name].parent == other
         assert again[name].name == images[name].name
         assert again[name].read_bytes() == images[name].read_bytes(), name

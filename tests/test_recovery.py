@@ -381,13 +381,13 @@ def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(stack
 
 
 def test_no_leaks_after_many_restarts(stack: Stack) -> None:
-    """50 SIGKILLs: the kernel's file descriptors and the stack's processes and segments stay
+    """25 SIGKILLs: the kernel's file descriptors and the stack's processes and segments stay
     the same."""
     with two_guests(stack, DRIVER.replace("intensity = 20", "intensity = 100"), ops=OPS) as events:
         kernel = psutil.Process(stack.pids[1])
         fds0 = kernel.num_fds()
         segs0 = sorted(Path("/dev/shm").glob(f"isovisor.{stack.pids[0]}.*"))
-        for _ in range(50):
+        for _ in range(25):
             old = current_pid(stack)
             os.kill(old, signal.SIGKILL)
             events.wait("driver.blk0.recovered", timeout=30, old_pid=old)

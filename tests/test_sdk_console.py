@@ -151,7 +151,7 @@ def test_each_line_once_across_random_crashes_and_torn_writes_of_the_sink_file(
             new.write_log = ConsoleBackend.write_log.__get__(new)  # type: ignore[method-assign]
             return new, new_host
 
-    for _ in range(200):
+    for _ in range(60):
         for g in (web, db):
             g.write(text(rnd, rnd.randrange(1, 1500)))
         g = rnd.choice([web, db])
@@ -164,7 +164,7 @@ def test_each_line_once_across_random_crashes_and_torn_writes_of_the_sink_file(
         b, host = replace(b)
     for g in (web, db):
         pour(b, g, b"the end\n")
-    assert crashes > 100
+    assert crashes > 20
     by = check_sink(sink_file(rig), logs(rig, web, db))
     stats = b.statistics()
     for g in (web, db):

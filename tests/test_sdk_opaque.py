@@ -107,7 +107,7 @@ def test_every_crash_of_a_swap_to_it_rolls_back_with_every_write(
     reported for the probation rollback is the guests' pause, not the time the new backend
     served.  Then the backend is swapped in for good, and the stack stops with it serving:
     the images hold every write."""
-    s = isovisor_stack.start("drivers.blk", guests=2, ops=150_000, blocks=512)
+    s = isovisor_stack.start("drivers.blk", guests=2, ops=60_000, blocks=512)
     for cls, reason in (("CrashInRestore", "crash"), ("CrashOpening", "crash")):
         r = s.swap(f"{variants}:{cls}")
         assert (r["outcome"], r["reason"]) == ("rolled_back", reason), r
@@ -132,7 +132,7 @@ def test_after_the_commit_a_crash_and_a_crash_while_draining_lose_nothing(
     its log, and the blocks written since the commit are still marked for export.  Swapped to
     a version that dies while drained (the swap fails, the usual recovery replaces it), then
     to drivers.blk, which finds every write in the images."""
-    s = isovisor_stack.start("drivers.blk", guests=2, ops=150_000, blocks=512)
+    s = isovisor_stack.start("drivers.blk", guests=2, ops=60_000, blocks=512)
     r = s.swap(f"{variants}:CrashOnceInDrain")
     assert r["outcome"] == "swapped", r
     s.more_io(3000)
