@@ -45,6 +45,10 @@ from isovisor.privstack import PrivateStack
 
 #: Seconds a fault may take to resolve before the runner gives up on it.
 RESOLVE_S: Final = 15.0
+#: More for a ``poison`` fault: the request it names (a ring index of an rng device, say) may
+#: have gone by in every running guest, and a loaded host stretches their run before the next
+#: generation starts (an rng campaign saw its poison fault "not manifested" after 15 s).
+POISON_EXTRA_S: Final = 20.0
 #: After a fault resolved, console errors arriving this much later are still its own.
 SETTLE_S: Final = 0.3
 #: How long a ``corrupt_data`` fault that fired is followed for the guests' checks to report
@@ -500,6 +504,8 @@ class Campaign:
         kind = rec.type
         name = self.driver
         deadline = time.monotonic() + RESOLVE_S + (entry.latency_ms + entry.jitter_ms) / 1e3
+        if kind == "poison":  # its request may come only from the guests' next generation
+            deadline += POISON_EXTRA_S
         quiet_until: float | None = None  # tolerated faults: resolved after a quiet spell
         while True:
             now = time.monotonic()
