@@ -36,6 +36,15 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def detector(f: dict[str, Any]) -> str:
+    """Who noticed fault ``f`` first.  A SIGSTOP is the supervisor's to see (its stopped-process
+    check; ``reason`` "stopped" says it decided), but on a loaded host the kernel's watchdog
+    (0.5 s in a campaign) may report the silent driver first: either came in time."""
+    if f["type"] == "sigstop" and f["detected_by"] == "hang":
+        return "exit"
+    return str(f["detected_by"])
+
+
 def wait_count(events: Events, topic: str, n: int, timeout: float = 30) -> list[dict[str, Any]]:
     """The first ``n`` events of ``topic``, waiting for them as needed."""
     deadline = time.monotonic() + timeout
@@ -175,7 +184,7 @@ def test_the_smoke_campaign_injects_every_type_and_its_journal_adds_up(
     }
     for f in faults:
         if f["type"] in expected:
-            assert (f["detected_by"], f["reason"], f["outcome"]) == (
+            assert (detector(f), f["reason"], f["outcome"]) == (
                 *expected[f["type"]],
                 "recovered",
             ), f

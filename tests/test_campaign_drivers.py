@@ -26,6 +26,7 @@ from drivers.faults import Injector, fault_classes
 from isovisor.campaign.plan import PlanError, injection_count, load_plan, schedule, schedule_to_json
 from isovisor.supervisor.faulttable import FaultTable
 from tests.conftest import Stack, cli, wait_until, write
+from tests.test_campaign import detector
 
 ROOT = Path(__file__).resolve().parents[1]
 NET_PLAN = ROOT / "examples" / "campaign-net.toml"
@@ -155,7 +156,7 @@ def check_journal(plan_path: Path, out: Path, seed: int) -> dict[str, Any]:
     assert sm["transparent_recovered"] == sm["transparent_eligible"] > 0, sm
     for f in faults:
         if f["type"] in DETECTION:
-            assert (f["detected_by"], f["reason"], f["outcome"]) == (
+            assert (detector(f), f["reason"], f["outcome"]) == (
                 *DETECTION[f["type"]],
                 "recovered",
             ), f
