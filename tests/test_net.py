@@ -47,22 +47,26 @@ def pair_line(console: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", line[-1])}
 
 
+def netpair_configs(stack: Stack, count: int) -> list[Path]:
+    """The configs of netpair guests a and b on br0 of net0, each sending ``count`` frames."""
+    return [
+        stack.domain_config(
+            name,
+            "netpair",
+            memory=4,
+            on_poweroff="preserve",
+            on_crash="preserve",
+            extra=f"peer={peer} count={count} size=600 timeout=20000",
+            vif=[f"mac={mine}, bridge=br0, backend=net0"],
+        )
+        for name, mine, peer in (("a", MAC_A, MAC_B), ("b", MAC_B, MAC_A))
+    ]
+
+
 @contextmanager
 def pair(stack: Stack, count: int) -> Iterator[Events]:
     """The stack with net0 and two netpair guests on br0; yields once both are running."""
-    cfgs = []
-    for name, mine, peer in (("a", MAC_A, MAC_B), ("b", MAC_B, MAC_A)):
-        cfgs.append(
-            stack.domain_config(
-                name,
-                "netpair",
-                memory=4,
-                on_poweroff="preserve",
-                on_crash="preserve",
-                extra=f"peer={peer} count={count} size=600 timeout=20000",
-                vif=[f"mac={mine}, bridge=br0, backend=net0"],
-            )
-        )
+    cfgs = netpair_configs(stack, count)
     stack.up([], extra=driver())
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)

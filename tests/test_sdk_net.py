@@ -25,7 +25,7 @@ from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
 from isovisor.testing import backend_class
 from tests.conftest import Stack, wait_until
-from tests.test_net import MAC_A, MAC_B, pair_line
+from tests.test_net import MAC_A, MAC_B, netpair_configs, pair_line
 from tests.test_net_backend import BROADCAST, MAC_C, Rig, eth, three
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
@@ -120,20 +120,11 @@ period = 60.0
 
 def start(stack: Stack, module: str, *, count: int) -> Events:
     """The stack: net0 running ``module``, and the netpair guests a and b on br0."""
-    for name, mine, peer in (("a", MAC_A, MAC_B), ("b", MAC_B, MAC_A)):
-        stack.domain_config(
-            name,
-            "netpair",
-            memory=4,
-            on_poweroff="preserve",
-            on_crash="preserve",
-            extra=f"peer={peer} count={count} size=600 timeout=20000",
-            vif=[f"mac={mine}, bridge=br0, backend=net0"],
-        )
+    cfgs = netpair_configs(stack, count)
     stack.up([], extra=DRIVER.format(module=module))
     events = Events(stack.subscribe(["domain.", "driver."]), stack)
-    for name in ("a", "b"):
-        r = stack.cli("create", str(stack.dir / f"{name}.toml"))
+    for cfg in cfgs:
+        r = stack.cli("create", str(cfg))
         assert r.returncode == 0, r.stderr
     return events
 
