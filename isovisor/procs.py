@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import select
+import time
 from pathlib import Path
 
 import psutil
@@ -26,6 +29,32 @@ def gone(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return True
     return bool(status == psutil.STATUS_ZOMBIE)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has ended; False if it still runs after ``timeout`` seconds.
+
+    A zombie counts as ended: a daemon's parent is init, which may reap it a second or more
+    later, and ``psutil.Process.wait`` would wait for that reaping too.  A pidfd says at once
+    that the process exited; where there is none, its status is polled.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (old kernel, or seccomp): poll
+        deadline = time.monotonic() + timeout
+        while not gone(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(fd)
 
 
 def reap(pids: list[int]) -> list[int]:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import psutil
 import typer
 from rich.markup import escape
 
@@ -31,6 +30,7 @@ from isovisor.cli.common import (
 )
 from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
+from isovisor.procs import wait_gone
 from isovisor.supervisor.kernelproc import KernelProcess, KernelStartError
 
 
@@ -262,11 +262,7 @@ def down(
     if pid is None:
         fail(f"no stack is running in {rd.path}")
     _call(rd, "down")
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
+    if not wait_gone(pid, timeout):
         fail(f"the supervisor (pid {pid}) did not stop within {timeout:g}s")
     out.print("stack stopped")
 
