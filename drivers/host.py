@@ -224,6 +224,9 @@ class DriverHost:
         self.request_timeout_ms = request_timeout_ms
         self.log = logging.getLogger(f"isovisor.driver.{name}")
         self._stop = threading.Event()
+        # stop() writes a byte here: the loop's poll wakes at once, not after up to POLL_MS
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # no write to a descriptor closed (and reused)
         self._again: dict[int, None] = {}
         self._notify_cache: dict[int, bytes] = {}
         self._send_failures = 0
@@ -436,8 +439,17 @@ class DriverHost:
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the loop to end (thread- and signal-safe); it finishes within POLL_MS."""
+        """Ask the loop to end (thread- and signal-safe); it wakes at once and finishes."""
         self._stop.set()
+        # not blocking: a SIGTERM may arrive while this thread closes the pipe, and then the
+        # loop is ending anyway
+        if self._wake_lock.acquire(blocking=False):
+            try:
+                if self._wake_w >= 0:
+                    with contextlib.suppress(BlockingIOError):  # a byte is there already
+                        os.write(self._wake_w, b"s")
+            finally:
+                self._wake_lock.release()
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then close the backend and the sockets.  A spare first
@@ -457,6 +469,7 @@ class DriverHost:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         watched: set[int] = set()
         while not self._stop.is_set():
             watched = self._watch_fds(poller, watched)
@@ -496,7 +509,7 @@ class DriverHost:
     def _poll_timeout(self) -> int:
         """ms to wait for messages: none if a device wants another turn, else until the next
         heartbeat or the backend's own timed work is due (optional hook ``timer_ms() -> int |
-        None``, then ``timer()`` runs every round), at most POLL_MS so stop() is seen."""
+        None``, then ``timer()`` runs every round), at most POLL_MS."""
         if self._again:
             return 0
         wait = POLL_MS
@@ -567,8 +580,11 @@ class DriverHost:
         or if its backend refused the state.  Anything else that arrives meanwhile is logged
         and ignored."""
         self.log.info("spare: waiting for activate at %s", self.endpoint)
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
-            if not self._pull.poll(POLL_MS):
+            if not any(s is self._pull for s, _ in poller.poll(POLL_MS)):
                 continue
             try:
                 raw = self._pull.recv(zmq.NOBLOCK)
@@ -854,6 +870,11 @@ class DriverHost:
     def _close_sockets(self) -> None:
         for s in (self._pull, self._push):
             s.close(linger=0)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
 
 def load_backend(
