@@ -137,8 +137,9 @@ class RngTest(Checker):
     device_class = "rng"
     epoch_s = 6
     min_s = 3
-    #: 64-byte reads a guest makes per second, about (the count is planned from it).
-    READS_PER_S: Final = 4000
+    #: 64-byte reads a guest makes per second, about (the count is planned from it): two
+    #: rngtest guests through one rng driver process made ~1,100 each here (2 cores, 2026-12).
+    READS_PER_S: Final = 1200
     _MISMATCH: Final = re.compile(r"^rngtest: (read \d+: |byte 0x)", re.MULTILINE)
     _ERROR: Final = re.compile(r"^rngtest: (read \d+ of \d+ bytes failed|stopped: )", re.MULTILINE)
     _SUMMARY: Final = re.compile(r"^rngtest: reads=.*$", re.MULTILINE)

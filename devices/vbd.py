@@ -125,6 +125,10 @@ def disk_string(d: DiskSpec) -> str:
 class BlkStress(Checker):
     image = "blkstress"
     device_class = "vbd"
+    #: blkstress ends on time (``seconds=``): a campaign's last guests end at most this long
+    #: after its last fault.
+    epoch_s = 6
+    min_s = 3
     _MISMATCH: Final = re.compile(r"^blkstress: MISMATCH ", re.MULTILINE)
     _ERROR: Final = re.compile(r"^blkstress: .*(failed: status|phase stopped)", re.MULTILINE)
     _SUMMARY: Final = re.compile(r"^blkstress: ops=.*$", re.MULTILINE)
