@@ -522,7 +522,7 @@ def test_a_debug_mode_driver_is_not_killed_as_hung(
     s.start(
         backend,
         guests=1,
-        ops=150_000,
+        ops=80_000,  # the steps below take about 40,000
         driver={"debug": True, "watchdog_sec": 0.5, "request_timeout_sec": 1.0},
         wait_io=False,  # its first statistics() may stop it before the guest's disk connects
     )
