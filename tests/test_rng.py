@@ -149,3 +149,6 @@ def test_the_rng_campaign_recovers_every_fault_it_can_transparently(tmp_path: Pa
     assert by_type["duplicate"]["detected_by"] == "violation", by_type["duplicate"]
     assert sum(g["errors"] for g in journal["guests"]) <= 1, journal["guests"]
     assert all(g["mismatches"] == 0 for g in journal["guests"]), journal["guests"]
+    # guests end and new ones start during the run: the request rate never goes below 0
+    rates = [r for _, r in journal["throughput"]]
+    assert len(rates) > 10 and min(rates) >= 0, rates

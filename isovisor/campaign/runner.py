@@ -116,6 +116,13 @@ class Record:
         return d
 
 
+def _served(before: dict[tuple[int, str], int], now: dict[tuple[int, str], int]) -> int:
+    """Requests issued between two looks at the devices' counters: a device that is new (a
+    new guest) counts from 0, one that is gone (its guest ended) counts no more, and a counter
+    that went back (a frontend that connected again) counts from 0 again."""
+    return sum(n - before[k] if n >= before.get(k, n + 1) else n for k, n in now.items())
+
+
 class Campaign:
     """``Campaign(plan, seed, out_dir).run()`` -> the journal (also written to out_dir)."""
 
@@ -144,7 +151,8 @@ class Campaign:
         self._stack: PrivateStack | None = None
         self._sub: Subscriber | None = None
         self._t0 = 0.0
-        self._last_sample = (0.0, 0)
+        #: When the last throughput sample was taken, and each device's request count then.
+        self._last_sample: tuple[float, dict[tuple[int, str], int]] = (0.0, {})
         self._guest_names: list[str] = []
         self.checkers: list[Checker] = [CHECKERS[w.image](w, self.driver) for w in plan.workloads]
         self._live: dict[str, Unit] = {}  # running guests
@@ -400,13 +408,17 @@ class Campaign:
         if now - self._last_sample[0] < SAMPLE_S or not self._kernel_alive():
             return
         try:
-            n = self._requests()
+            counts = {
+                (d["domid"], d["vdev"]): d["requests"] for d in self._call("devices")["devices"]
+            }
         except ControlError:
             return
-        t_prev, n_prev = self._last_sample
+        t_prev, prev = self._last_sample
         if t_prev:
-            self.throughput.append([round(now - self._t0, 3), (n - n_prev) / (now - t_prev)])
-        self._last_sample = (now, n)
+            self.throughput.append(
+                [round(now - self._t0, 3), _served(prev, counts) / (now - t_prev)]
+            )
+        self._last_sample = (now, counts)
 
     def _requests(self) -> int:
         return sum(d["requests"] for d in self._call("devices")["devices"])
