@@ -1,4 +1,5 @@
-"""Process clean-up shared by the tests and the benchmarks."""
+"""Process clean-up shared by the tests and the benchmarks, and waiting for a process to end
+(``isovisor down``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 import select
 import time
 from pathlib import Path
-
-import psutil
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
@@ -24,6 +23,8 @@ def gone(pid: int) -> bool:
 
     Safe against the process ending between the two looks ``pid_exists`` and ``status`` take.
     """
+    import psutil  # here, not above: the CLI imports this module for wait_gone alone
+
     try:
         status: str = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
@@ -59,6 +60,8 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 def reap(pids: list[int]) -> list[int]:
     """Kill any of ``pids`` (and their children) still alive; return those that were."""
+    import psutil
+
     alive = []
     for pid in pids:
         try:

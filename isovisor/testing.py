@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import psutil
 import pytest
 
+from ipc.control import ControlError
 from isovisor.cli.swapclient import swap as _swap
 from isovisor.cli.swapclient import target_of
 from isovisor.privstack import PrivateStack
@@ -417,10 +418,11 @@ class MiniStack:
             raise RuntimeError(self._start_failure(str(e))) from None
         self._note_pids()
         self._sub = self._ps.subscribe(["domain.", "driver.", "supervisor."])
-        for cfg in cfgs:
-            r = self.cli("create", str(cfg))
-            if r.returncode != 0:
-                raise RuntimeError(f"isovisor create {cfg.name} failed: {r.stderr.strip()}")
+        for cfg in cfgs:  # what `isovisor create` asks, without a CLI process (~0.8 s each)
+            try:
+                self.call("create", path=str(cfg.resolve()))
+            except ControlError as e:
+                raise RuntimeError(f"isovisor create {cfg.name} failed: {e}") from None
         if wait_io:
             wait_until(
                 lambda: self._all_doing_io(),

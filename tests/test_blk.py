@@ -51,8 +51,7 @@ def guest(
 def run_guest(stack: Stack, cfg: Path, name: str, timeout: float = 60) -> tuple[str, dict]:
     """Create a domain, wait until it stops, return (console, stop event payload)."""
     with stack.subscribe([f"domain.{name}."]) as sub:
-        r = stack.cli("create", str(cfg))
-        assert r.returncode == 0, r.stderr
+        stack.create(cfg)
         p = _wait_stop(sub, name, timeout)
     return stack.call("console", name=name)["data"].decode(), p
 
@@ -107,7 +106,7 @@ def test_guests_write_and_verify_through_the_driver_process(stack: Stack) -> Non
     pid = driver_pid(stack)
     with stack.subscribe(["domain."]) as sub:
         for cfg in (g1, g2, g3):
-            assert stack.cli("create", str(cfg)).returncode == 0
+            stack.create(cfg)
         stops = {n: wait_event(sub, f"domain.{n}.shutdown", 60) for n in ("g1", "g2", "g3")}
     for name, p in stops.items():
         con = stack.call("console", name=name)["data"].decode()
@@ -193,7 +192,7 @@ def test_garbage_requests_get_errors_and_a_broken_ring_stops_only_its_guest(stac
         "ops=3000 qd=16 mix=50 seed=5 blocks=256",
     )
     with stack.subscribe(["domain.worker."]) as sub:
-        assert stack.cli("create", str(worker)).returncode == 0
+        stack.create(worker)
         bad = guest(stack, "bad", "blkprobe", [disk("b.img", size="1M")], "action=badreq")
         con, p = run_guest(stack, bad, "bad")
         lines = re.findall(r"blkprobe: badreq kind=(\w+) status=(-?\d+)", con)

@@ -53,8 +53,7 @@ def start(stack: Stack, name: str, extra: str, console: bool = False) -> Events:
     stack.up([], extra=DRIVER)
     sub = stack.subscribe(["domain.", "driver.", *(["console."] if console else [])])
     events = Events(sub, stack)
-    r = stack.cli("create", str(cfg))
-    assert r.returncode == 0, r.stderr
+    stack.create(cfg)
     return events
 
 
@@ -145,7 +144,7 @@ def test_a_failed_console_driver_never_blocks_the_guest(stack: Stack) -> None:
     stack.up([], extra=DRIVER.replace("intensity = 50", "intensity = 0"))
     with stack.subscribe(["domain.", "driver."]) as sub:
         events = Events(sub, stack)
-        assert stack.cli("create", str(cfg)).returncode == 0
+        stack.create(cfg)
         path = stack.run_dir / "consoles" / "c.log"
         wait_until(
             lambda: path.exists() and path.stat().st_size > 100_000,

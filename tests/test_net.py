@@ -71,8 +71,7 @@ def pair(stack: Stack, count: int) -> Iterator[Events]:
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:
-            r = stack.cli("create", str(cfg))
-            assert r.returncode == 0, r.stderr
+            stack.create(cfg)
         yield events
 
 
@@ -118,7 +117,7 @@ def test_a_hostile_guest_is_dropped_and_counted_and_harms_nobody(stack: Stack) -
     )
     with pair(stack, 5000) as events:
         pid = driver_row(stack, "net0")["pid"]
-        assert stack.cli("create", str(junk)).returncode == 0
+        stack.create(junk)
         crashed = events.wait("domain.j.crashed", timeout=60)
         finish_pair(stack, events, 5000)
     assert "tx" in crashed["reason"] and "net0" in crashed["reason"], crashed
@@ -208,7 +207,7 @@ def test_a_ping_every_10ms_loses_only_what_the_kill_stalls(stack: Stack, netns: 
     cfg = echo_guest(stack, netns)
     with stack.subscribe(["domain.", "driver."]) as sub:
         events = Events(sub, stack)
-        assert stack.cli("create", str(cfg)).returncode == 0
+        stack.create(cfg)
         wait_until(
             lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
             timeout=30,
@@ -266,7 +265,7 @@ def test_the_host_pings_and_udp_echoes_a_guest_through_the_tap(stack: Stack, net
     cfg = echo_guest(stack, netns)
     with stack.subscribe(["domain.", "console.echo"]) as sub:
         events = Events(sub, stack)
-        assert stack.cli("create", str(cfg)).returncode == 0
+        stack.create(cfg)
         wait_until(
             lambda: "netecho: up" in stack.call("console", name="echo")["data"].decode(),
             timeout=30,

@@ -131,8 +131,7 @@ def two_guests(stack: Stack, driver: str = DRIVER, ops: int = OPS) -> Iterator[E
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:
-            r = stack.cli("create", str(cfg))
-            assert r.returncode == 0, r.stderr
+            stack.create(cfg)
         wait_until(
             lambda: (
                 all(d["requests"] > 2000 for d in stack.call("devices")["devices"])
@@ -309,14 +308,14 @@ def test_a_poison_request_gets_an_error_and_everything_else_is_served(stack: Sta
     stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver."]) as sub:
         events = Events(sub, stack)
-        assert stack.cli("create", str(bad)).returncode == 0
+        stack.create(bad)
         poison = events.wait("driver.blk0.poison", timeout=60)
         assert poison["domain"] == "p1" and "sector=800" in poison["request"], poison
         events.wait("domain.p1.shutdown", timeout=60)
         con = stack.call("console", name="p1")["data"].decode()
         assert "blkprobe: write status=-1" in con and "blkprobe: done" in con, con
         assert stack.cli("destroy", "p1").returncode == 0  # frees the image's lock
-        assert stack.cli("create", str(good)).returncode == 0
+        stack.create(good)
         events.wait("domain.p2.shutdown", timeout=60)
     con = stack.call("console", name="p2")["data"].decode()
     assert "blkprobe: write status=0" in con, con
@@ -342,7 +341,7 @@ def test_a_request_that_always_gets_a_bad_response_ends_as_poison(stack: Stack) 
     stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
-        assert stack.cli("create", str(bad)).returncode == 0
+        stack.create(bad)
         events.wait("domain.p1.shutdown", timeout=60)
         con = stack.call("console", name="p1")["data"].decode()
         assert "blkprobe: write status=-1" in con and con.count("holding from response") == 3, (

@@ -65,8 +65,7 @@ def two_guests(stack: Stack, reads: int = READS) -> Iterator[Events]:
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:
-            r = stack.cli("create", str(cfg))
-            assert r.returncode == 0, r.stderr
+            stack.create(cfg)
         wait_until(
             lambda: len(stack.call("devices")["devices"]) == 2 and requests(stack) > 500,
             timeout=60,

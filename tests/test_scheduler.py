@@ -88,7 +88,7 @@ def test_crashing_guest_leaves_neighbour_and_kernel_running(stack: Stack) -> Non
     with stack.subscribe(["console.tick", "domain.boom."]) as sub:
         for mode in ("wild", "ud", "divzero", "null", "jump"):
             cfg = stack.domain_config("boom", "crash", extra=f"mode={mode}", on_crash="preserve")
-            assert stack.cli("create", str(cfg)).returncode == 0
+            stack.create(cfg)
             ev = wait_event(sub, "domain.boom.crashed")
             assert ev["action"] == "preserve"
             d = stack.domains()["boom"]
@@ -106,7 +106,7 @@ def test_on_crash_restart_then_gives_up_on_a_crash_loop(stack: Stack) -> None:
     stack.up([])
     cfg = stack.domain_config("loop", "crash", extra="mode=ud", on_crash="restart")
     with stack.subscribe(["domain.loop."]) as sub:
-        assert stack.cli("create", str(cfg)).returncode == 0
+        stack.create(cfg)
         first = wait_event(sub, "domain.loop.restarted")
         assert first["domid"] != first["old"]
         restarts = 0
@@ -126,7 +126,7 @@ def test_watchdog_restarts_a_hung_guest(stack: Stack) -> None:
         "hang", "crash", extra="mode=hang watchdog_ms=500", on_crash="restart"
     )
     with stack.subscribe(["domain.hang."]) as sub:
-        assert stack.cli("create", str(cfg)).returncode == 0
+        stack.create(cfg)
         ev = wait_event(sub, "domain.hang.crashed")
         assert "watchdog expired" in ev["reason"] and ev["action"] == "restart"
         new = wait_event(sub, "domain.hang.restarted")

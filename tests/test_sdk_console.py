@@ -298,8 +298,7 @@ def test_linesink_swapped_in_killed_and_swapped_out_under_printing_guests(stack:
 
     try:
         for cfg in cfgs:
-            created = stack.cli("create", str(cfg))
-            assert created.returncode == 0, created.stderr
+            stack.create(cfg)
         wait_until(lambda: _grown(log_paths, 200_000), timeout=60, what="both guests printing")
         swap_to(str(LINESINK))
         wait_until(lambda: sink_grew(100_000), timeout=60, what="linesink writing lines")

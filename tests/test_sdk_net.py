@@ -124,8 +124,7 @@ def start(stack: Stack, module: str, *, count: int) -> Events:
     stack.up([], extra=DRIVER.format(module=module))
     events = Events(stack.subscribe(["domain.", "driver."]), stack)
     for cfg in cfgs:
-        r = stack.cli("create", str(cfg))
-        assert r.returncode == 0, r.stderr
+        stack.create(cfg)
     return events
 
 
@@ -179,7 +178,7 @@ def echo_client(stack: Stack, events: Events, name: str, mac: str, count: int) -
         extra=f"mode=client peer=198.18.0.2 count={count} timeout=100",
         vif=[f"mac={mac}, bridge=br1, backend=net0, ip=198.18.0.{mac[-1]}"],
     )
-    assert stack.cli("create", str(cfg)).returncode == 0
+    stack.create(cfg)
     events.wait(f"domain.{name}.shutdown", timeout=120)
     return str(stack.call("console", name=name)["data"].decode())
 
@@ -203,7 +202,7 @@ def test_the_example_serves_verified_traffic_swapped_in_killed_and_swapped_out(
             extra="port=7",
             vif=["mac=02:00:00:00:01:02, bridge=br1, backend=net0, ip=198.18.0.2"],
         )
-        assert stack.cli("create", str(echo)).returncode == 0
+        stack.create(echo)
         con = echo_client(stack, events, "c3", "02:00:00:00:01:03", 20)
         line = [ln for ln in con.splitlines() if ln.startswith("netecho: client sent=")]
         assert line and "sent=20 received=0 lost=20 " in line[-1] and "errors=0" in line[-1], con

@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-import devices as devclasses
 from ipc.control import ControlError
 from ipc.events import Subscriber, subscribe
 from isovisor.cli.common import RunDirOpt, _call, _client, _run_dir, _uptime, err, fail, out
@@ -70,6 +69,8 @@ def devices(
     if as_json:
         print(json.dumps(devs, indent=2))
         return
+    import devices as devclasses  # here: the other verbs need none of the device classes
+
     t = Table(box=None, pad_edge=False)
     for col in (
         "Domain",

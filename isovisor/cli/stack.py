@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -31,7 +31,9 @@ from isovisor.cli.common import (
 from isovisor.config import ConfigError, default_run_dir, load_domain_config, load_stack_config
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.procs import wait_gone
-from isovisor.supervisor.kernelproc import KernelProcess, KernelStartError
+
+if TYPE_CHECKING:  # imported where used: every CLI call would pay for the kernel's modules
+    from isovisor.supervisor.kernelproc import KernelProcess
 
 
 class ConsolePrinter:
@@ -175,6 +177,7 @@ def up(
     import logging
 
     from isovisor.supervisor.daemon import Supervisor
+    from isovisor.supervisor.kernelproc import KernelStartError
 
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="supervisor: %(levelname)s %(message)s"
@@ -341,6 +344,8 @@ def run(
             "only a kernel. Start a stack that declares the drivers (`isovisor up`) and use "
             "`isovisor create` and `isovisor console -f`"
         )
+    from isovisor.supervisor.kernelproc import KernelProcess, KernelStartError
+
     tmp = Path(tempfile.mkdtemp(prefix="isovisor-run-", dir="/tmp"))
     rd = RunDir(tmp)
     try:
