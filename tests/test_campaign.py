@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def detector(f: dict[str, Any]) -> str:
     """Who noticed fault ``f`` first.  A SIGSTOP is the supervisor's to see (its stopped-process
-    check; ``reason`` "stopped" says it decided), but on a loaded host the kernel's watchdog
-    (0.5 s in a campaign) may report the silent driver first: either came in time."""
+    check), but on a loaded host the kernel's watchdog (0.5 s in a campaign) may report the
+    silent driver first: either came in time, and the reason is "stopped" either way (the
+    supervisor looks at a hung driver's process state before it names the cause)."""
     if f["type"] == "sigstop" and f["detected_by"] == "hang":
         return "exit"
     return str(f["detected_by"])

@@ -237,6 +237,20 @@ def test_a_failed_driver_is_replaced_and_the_guests_never_notice(
             assert sum("holding from response" in c for c in cons) == 1, cons
 
 
+def test_a_stopped_driver_is_counted_as_stopped_whoever_notices_first(stack: Stack) -> None:
+    """A SIGSTOPped driver is noticed by the supervisor's stopped-process check (every 0.5 s)
+    or by the kernel's watchdog (0.2 s here), whichever comes first; on a loaded host the
+    watchdog has won (a CI run under a CPU burner).  Either way the restart is counted as
+    ``stopped``, never as ``hang``: the supervisor looks at a hung driver's process state."""
+    with two_guests(stack, DRIVER.replace("watchdog_sec = 1.0", "watchdog_sec = 0.2")) as events:
+        old = current_pid(stack)
+        os.kill(old, signal.SIGSTOP)
+        rec = assert_replaced(stack, events, old, "stopped")
+        assert "hang" not in driver_row(stack)["restarts_by_reason"]
+        finish_and_verify(stack, events)
+    assert rec["reason"].startswith("stopped"), rec
+
+
 def test_runaway_memory_gets_the_driver_replaced(stack: Stack) -> None:
     with two_guests(stack, DRIVER + 'max_rss = "160M"\n') as events:
         old = current_pid(stack)

@@ -244,6 +244,10 @@ class DriverManager:
             what == "replayed" and active is not None and active.pid == pid and slot.pending is None
         ):  # (an instance being killed has not recovered)
             self._recovered(slot, p)
+        elif what == "hang" and active is not None and active.pid == pid and active.is_stopped():
+            # the kernel's watchdog saw no heartbeat before the stopped-process check looked:
+            # the cause is the stop, whichever noticed first
+            self._kill(slot, "stopped", f"pid {pid} is stopped (SIGSTOP?): {p.get('reason', what)}")
         elif what in ("hang", "violation") and active is not None and active.pid == pid:
             self._kill(slot, what, f"pid {pid}: {p.get('reason', what)}")
 

@@ -216,6 +216,13 @@ class DriverProcess:
             status == psutil.STATUS_STOPPED, rss, self._cpu.add(now, t.user + t.system), fds
         )
 
+    def is_stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP); False if it is gone."""
+        try:
+            return bool(psutil.Process(self.pid).status() == psutil.STATUS_STOPPED)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)
 
