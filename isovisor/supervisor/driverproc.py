@@ -200,16 +200,21 @@ class DriverProcess:
             self._control.close(0)
             self._control = None
 
+    def _process(self) -> psutil.Process:
+        """The psutil handle of the instance (made once)."""
+        if self._ps is None:
+            self._ps = psutil.Process(self.pid)
+        return self._ps
+
     def usage(self, now: float) -> Usage | None:
         """Status, RSS and CPU average (psutil); None if the process is gone."""
         try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.pid)
-            with self._ps.oneshot():
-                status = self._ps.status()
-                rss = self._ps.memory_info().rss
-                t = self._ps.cpu_times()
-                fds = self._ps.num_fds()
+            ps = self._process()
+            with ps.oneshot():
+                status = ps.status()
+                rss = ps.memory_info().rss
+                t = ps.cpu_times()
+                fds = ps.num_fds()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
         return Usage(
@@ -219,7 +224,7 @@ class DriverProcess:
     def is_stopped(self) -> bool:
         """Whether the process is stopped (SIGSTOP); False if it is gone."""
         try:
-            return bool(psutil.Process(self.pid).status() == psutil.STATUS_STOPPED)
+            return bool(self._process().status() == psutil.STATUS_STOPPED)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
 
