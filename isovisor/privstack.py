@@ -79,6 +79,11 @@ class PrivateStack:
         p.write_text(domain_toml(name, image, memory, **keys))
         return p
 
+    def create(self, cfg: Path) -> dict[str, Any]:
+        """Create a domain from config file ``cfg``: what ``isovisor create`` asks the
+        supervisor, without starting a CLI process (~0.8 s each)."""
+        return self.call("create", path=str(cfg.resolve()))
+
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         env["ISOVISOR_RUN_DIR"] = str(self.run_dir)

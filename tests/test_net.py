@@ -24,6 +24,7 @@ from drivers.net import tap as tapmod
 from isovisor import nettools
 from isovisor.cli.swapclient import swap
 from isovisor.paths import RunDir
+from isovisor.testing import netpair_config
 from tests.conftest import Stack, wait_until
 from tests.test_recovery import Events, driver_row, kill_with_a_warm_spare
 
@@ -50,14 +51,8 @@ def pair_line(console: str) -> dict[str, int]:
 def netpair_configs(stack: Stack, count: int) -> list[Path]:
     """The configs of netpair guests a and b on br0 of net0, each sending ``count`` frames."""
     return [
-        stack.domain_config(
-            name,
-            "netpair",
-            memory=4,
-            on_poweroff="preserve",
-            on_crash="preserve",
-            extra=f"peer={peer} count={count} size=600 timeout=20000",
-            vif=[f"mac={mine}, bridge=br0, backend=net0"],
+        netpair_config(
+            stack.domain_config, name, mine, peer, frames=count, bridge="br0", backend="net0"
         )
         for name, mine, peer in (("a", MAC_A, MAC_B), ("b", MAC_B, MAC_A))
     ]

@@ -120,7 +120,11 @@ def _served(before: dict[tuple[int, str], int], now: dict[tuple[int, str], int])
     """Requests issued between two looks at the devices' counters: a device that is new (a
     new guest) counts from 0, one that is gone (its guest ended) counts no more, and a counter
     that went back (a frontend that connected again) counts from 0 again."""
-    return sum(n - before[k] if n >= before.get(k, n + 1) else n for k, n in now.items())
+    total = 0
+    for key, n in now.items():
+        then = before.get(key)
+        total += n - then if then is not None and n >= then else n
+    return total
 
 
 class Campaign:
@@ -275,7 +279,7 @@ class Campaign:
             cfg = st.domain_config(
                 g.name, g.image, g.memory, on_poweroff="preserve", on_crash="preserve", **g.keys
             )
-            st.call("create", path=str(cfg))
+            st.create(cfg)
             self._guest_names.append(g.name)
             self._live[g.name] = unit
 
