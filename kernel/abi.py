@@ -41,7 +41,7 @@ MAX_MEMORY_MIB: Final = 4096
 
 # --- start-info page (all little-endian u64 unless noted) -------------------
 START_INFO_MAGIC: Final = 0x31565349564F5349  # "ISOVISV1" read as a u64
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
 SI_MAGIC: Final = 0x00
 SI_ABI_VERSION: Final = 0x08
 SI_DOMID: Final = 0x10
@@ -80,6 +80,20 @@ DEVICE_REGION_STRIDE: Final = 0x1000_0000
 SH_UPCALL_MASK: Final = 0x00  # u64: non-zero = upcalls masked (guest-owned)
 SH_PENDING: Final = 0x08  # u64: ports delivered by upcalls; the guest clears what it handled
 SH_UPCALLS: Final = 0x10  # u64: upcalls delivered so far
+#: The guest clock (kernel/clock.py, docs/hypercalls.md): guest ns =
+#: SYSTEM + ((rdtsc - TSC) * MUL >> 32), read while VERSION is even and unchanged.
+SH_CLOCK_VERSION: Final = 0x40  # u64: odd while the kernel updates the parameters
+SH_CLOCK_TSC: Final = 0x48  # u64: host TSC at which the guest's time was SYSTEM
+SH_CLOCK_SYSTEM: Final = 0x50  # u64: guest virtual ns at TSC
+SH_CLOCK_MUL: Final = 0x58  # u64: ns per TSC tick, 32.32 fixed point
+SH_CLOCK_FLAGS: Final = 0x60  # u64: CLOCK_F_*
+SH_CLOCK_WALL: Final = 0x68  # u64: Unix-epoch ns at guest time 0 (wall = WALL + time)
+SH_CLOCK_EPOCH: Final = 0x70  # u64: restores and migrations of this guest so far
+#: The parameters are valid; without it the guest asks HC_TIME.
+CLOCK_F_TSC: Final = 1
+#: The guest was saved and restored (or migrated) since it last cleared this bit (the
+#: guest may clear it; the kernel only sets it).
+CLOCK_F_STOPPED: Final = 2
 #: Event-channel ports are bits of a u64; port 0 is reserved.
 EVTCHN_PORTS: Final = 64
 

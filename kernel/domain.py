@@ -20,11 +20,13 @@ from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RIP, UC_X86_REG_RSP
 from domains.config import DomainConfig
 from ipc.store import StoreError
 from kernel import abi
+from kernel.clock import GuestClock, host_tsc
 from kernel.memory import GuestMemory
 from kernel.vcpu import VCpu
 
 if TYPE_CHECKING:
     from kernel.devices import Device, DeviceManager
+    from kernel.saverestore import Restored
     from kernel.scheduler import Scheduler
 
 log = logging.getLogger("isovisor.kernel")
@@ -71,15 +73,17 @@ class Domain:
         sched: Scheduler,
         emit: Emit,
         restarts: int = 0,
+        restore: Restored | None = None,
     ) -> None:
+        """A new domain booting its image, or (``restore``) one resuming from a snapshot."""
         self.domid = domid
         self.config = config
         self.name = config.name
         self.sched = sched
         self.emit = emit
         self.restarts = restarts
-        image = _read_image(config)
         mem_bytes = config.memory * 1024 * 1024
+        image = _read_image(config) if restore is None else b""
         room = mem_bytes - abi.IMAGE_BASE - abi.MIN_STACK_BYTES
         if len(image) > room:
             need = -(-(len(image) + abi.IMAGE_BASE + abi.MIN_STACK_BYTES) // (1024 * 1024))
@@ -91,8 +95,11 @@ class Domain:
             )
         self.mem = GuestMemory(shm_name, mem_bytes)
         try:
-            self.mem.write(abi.IMAGE_BASE, image)
-            self._write_start_info(len(image))
+            if restore is None:
+                self.mem.write(abi.IMAGE_BASE, image)
+                self._write_start_info(len(image))
+            else:
+                restore.fill(self.mem)
             self.vcpu = VCpu(self.mem, abi.IMAGE_BASE, self.hypercall)
         except BaseException:
             self.mem.close()
@@ -103,6 +110,7 @@ class Domain:
         self.paused_total_ns = 0
         self.paused_since: int | None = None
         self.cpu_ns = 0
+        self.clock = GuestClock(self.mem.words, host_tsc())
         # scheduler state (guarded by sched.lock)
         self.runnable = True
         self.on_cpu = False
@@ -155,6 +163,30 @@ class Domain:
             self._hc_device_held,
         )
         assert len(self._handlers) == abi.HC_COUNT
+        if restore is not None:
+            self._resume_from(restore)
+
+    def _resume_from(self, r: Restored) -> None:
+        """Registers, scheduler state, clock and console of a snapshot (see
+        kernel/saverestore.py); the caller arms a poll's timer once the scheduler has us."""
+        r.load_vcpu(self)
+        s = r.sched
+        self.pending, self.poll_mask = s["pending"], s["poll_mask"]
+        self.polling, self.blocking, self.runnable = s["polling"], s["blocking"], s["runnable"]
+        self.upcall_handler, self.in_upcall = s["upcall_handler"], s["in_upcall"]
+        self._upcall_return = s["upcall_return"]
+        self.cpu_ns = int(s.get("cpu_ns", 0) or 0)
+        self.upcalls = int(s.get("upcalls", 0) or 0)
+        self.bad_calls = int(s.get("bad_calls", 0) or 0)
+        # the guest's clock goes on from its reading at the save: paused time is not its time
+        self.created_ns = time.monotonic_ns() - r.guest_ns
+        self.watchdog_ns = s["watchdog_ns"]
+        self.watchdog_deadline = r.guest_ns + s["watchdog_left"] if s["watchdog_ns"] else 0
+        self.clock.floor = r.guest_ns
+        self.clock.epoch = r.epoch + 1
+        self.clock.stopped = True
+        self._console = bytearray(r.console)
+        self._console_end = r.console_start + len(r.console)
 
     # -- set-up --------------------------------------------------------------------------------
     def _write_start_info(self, image_size: int) -> None:
@@ -249,7 +281,7 @@ class Domain:
         return self.sched.poll(self, mask, timeout)
 
     def _hc_time(self) -> int:
-        return self.vtime_ns()
+        return self.clock.now(self.vtime_ns())
 
     def _hc_shutdown(self) -> int:
         reason, code = self.arg(0), self.arg(1)
@@ -305,7 +337,11 @@ class Domain:
 
     def before_resume(self) -> None:
         """On the owning pCPU thread, guest stopped: finish a blocking hypercall, end an
-        upcall the guest returned from, and deliver pending events as an upcall."""
+        upcall the guest returned from, deliver pending events as an upcall, and publish
+        the guest clock's parameters when they are due."""
+        clock = self.clock
+        if clock.due(time.monotonic_ns(), self.paused_total_ns):
+            clock.publish(self.vtime_ns, self.paused_total_ns)
         if self.polling:
             self.sched.finish_poll(self)
         if self._upcall_return:

@@ -10,14 +10,19 @@ import logging
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Final
 
 from domains.config import DomainConfig
 from ipc.control import AlreadyExists, ControlError, NotFound
 from ipc.shm import SegmentError
+from kernel import saverestore, snapfile
+from kernel.clock import host_tsc
 from kernel.devices import DeviceManager, device_specs
 from kernel.domain import Domain, Emit, Exit, ImageError
+from kernel.saverestore import Restored
 from kernel.scheduler import Scheduler
+from kernel.snapfile import SnapshotError
 
 log = logging.getLogger("isovisor.kernel")
 
@@ -25,6 +30,8 @@ log = logging.getLogger("isovisor.kernel")
 RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 10.0
 DESTROY_WAIT_S: Final = 10.0
+#: A save waits this long for the domain's vCPU to stop (it stops between instructions).
+SAVE_STOP_S: Final = 5.0
 
 
 class Hypervisor:
@@ -35,6 +42,7 @@ class Hypervisor:
         self._next_domid = 1
         self.domains: dict[str, Domain] = {}
         self._restart_times: dict[str, deque[float]] = {}
+        host_tsc()  # calibrate the guest clock's scale now, not at the first create
         self.sched = Scheduler(pcpus, timeslice_ms * 1_000_000, self._on_exit)
         self.sched.start()
         self.devices: DeviceManager | None = None  # set by the server once drivers can connect
@@ -56,11 +64,18 @@ class Hypervisor:
 
     # -- create / destroy ----------------------------------------------------------------------
     def create(
-        self, config: DomainConfig, restarted_from: Domain | None = None, paused: bool = False
+        self,
+        config: DomainConfig,
+        restarted_from: Domain | None = None,
+        paused: bool = False,
+        restore: Restored | None = None,
     ) -> Domain:
         """Create a domain and hand it to the scheduler; ``paused`` holds its vCPU until
-        ``unpause`` (``xl create -p``), so nothing it does can be missed by a reader."""
+        ``unpause`` (``xl create -p``), so nothing it does can be missed by a reader.  With
+        ``restore`` the domain resumes from a snapshot instead of booting its image."""
         restarts = restarted_from.restarts + 1 if restarted_from else 0
+        if restore is not None:
+            restarts = restore.restarts
         with self._lock:
             if config.name in self.domains:
                 other = self.domains[config.name]
@@ -87,6 +102,7 @@ class Hypervisor:
                     self.sched,
                     self.emit,
                     restarts,
+                    restore,
                 )
             except (ImageError, SegmentError) as e:
                 raise ControlError(str(e)) from None
@@ -123,10 +139,94 @@ class Hypervisor:
                     "reason": restarted_from.exit.reason if restarted_from.exit else "",
                 },
             )
+        if restore is not None:
+            self.emit(
+                f"domain.{config.name}.restored",
+                {"domid": domid, "origin": restore.origin, "epoch": dom.clock.epoch},
+            )
         if paused:
             dom.paused, dom.paused_since = True, time.monotonic_ns()
         self.sched.add(dom)
+        wake_in = restore.sched.get("wake_in") if restore is not None else None
+        if dom.polling and wake_in is not None:
+            self.sched.arm_wake(dom, wake_in)
         return dom
+
+    # -- save / restore (control thread) ----------------------------------------------------
+    def save(self, dom: Domain, path: Path, *, checkpoint: bool, origin: str) -> dict[str, Any]:
+        """Write ``dom`` to a snapshot file; then destroy it, or with ``checkpoint`` let it
+        run on (``xl save -c``).  On any failure the domain runs on as before."""
+        if dom.exit is not None or dom.action is not None:
+            raise ControlError(f"domain {dom.name!r} is stopping or stopped; nothing to save")
+        if dom.devices:
+            names = ", ".join(d.spec.vdev for d in dom.devices.values())
+            raise ControlError(
+                f"domain {dom.name!r} has devices ({names}); this kernel saves domains "
+                "without devices only"
+            )
+        was_paused = dom.paused
+        t0 = time.monotonic_ns()
+        self.sched.pause(dom)
+        try:
+            if not self.sched.wait_off_cpu(dom, SAVE_STOP_S):
+                raise ControlError(
+                    f"domain {dom.name!r} did not stop running within {SAVE_STOP_S:g}s; not saved"
+                )
+            with self.sched.lock:
+                if dom.exit is not None or dom.action is not None:
+                    raise ControlError(f"domain {dom.name!r} stopped while being saved")
+                sections = saverestore.capture(dom, origin)
+            buf = dom.mem.segment.buf
+            runs = saverestore.page_runs(buf, dom.mem.size)
+            sections["memory"]["runs"] = runs
+            sections["pages"] = saverestore.page_chunks(buf, runs)
+            try:
+                size = snapfile.write(path, sections)
+            except OSError as e:
+                raise ControlError(
+                    f"cannot write snapshot {path}: {e.strerror}; domain {dom.name!r} runs on"
+                ) from None
+        except BaseException:
+            if not was_paused:
+                self.sched.unpause(dom)
+            raise
+        stopped_ms = (time.monotonic_ns() - t0) / 1e6
+        pages = sum(n for _, n in runs)
+        log.info(
+            "domain %s (id %d) saved to %s: %d pages, %d bytes, %.1f ms%s",
+            dom.name,
+            dom.domid,
+            path,
+            pages,
+            size,
+            stopped_ms,
+            "; it runs on (checkpoint)" if checkpoint else "",
+        )
+        self.emit(
+            f"domain.{dom.name}.saved",
+            {"domid": dom.domid, "path": str(path), "checkpoint": checkpoint, "bytes": size},
+        )
+        if checkpoint:
+            if not was_paused:
+                self.sched.unpause(dom)
+        else:
+            self.destroy(dom, f"saved to {path}")
+        return {
+            "domid": dom.domid,
+            "name": dom.name,
+            "path": str(path),
+            "bytes": size,
+            "pages": pages,
+            "ms": round(stopped_ms, 3),
+        }
+
+    def restore(self, path: Path, *, paused: bool) -> Domain:
+        """Create a domain from a snapshot file: checked whole before anything is made."""
+        try:
+            restored = saverestore.Restored.check(snapfile.read(path), f"snapshot {path}")
+        except SnapshotError as e:
+            raise ControlError(f"{e}; nothing was restored") from None
+        return self.create(restored.config, paused=paused, restore=restored)
 
     def destroy(self, dom: Domain, reason: str = "destroyed by request") -> None:
         """Destroy a domain and wait until its memory is freed."""

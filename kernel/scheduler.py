@@ -79,6 +79,7 @@ class PCpu:
             t0 = time.thread_time_ns()
             dom.vcpu.run()
             used = time.thread_time_ns() - t0
+            dom.clock.stopped_running()
             if dom.vcpu.fault is not None:
                 sched.request_exit(dom, Exit("crash", dom.vcpu.fault))
             if dom.action is not None:
@@ -177,6 +178,23 @@ class Scheduler:
                 self._arm_timer(dom, dom.wake_at + dur)
             self._place(dom)
             self.cond.notify()
+
+    def wait_off_cpu(self, dom: Domain, timeout_s: float) -> bool:
+        """Wait until no pCPU runs ``dom`` (paused, so none picks it again); False on
+        timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while dom.on_cpu:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
+
+    def arm_wake(self, dom: Domain, in_ns: int) -> None:
+        """A restored domain asleep in a poll: wake it ``in_ns`` from now (virtual)."""
+        with self.lock:
+            self._arm_timer(dom, time.monotonic_ns() + in_ns)
 
     def poll(self, dom: Domain, mask: int, timeout_ns: int) -> int:
         """HC_POLL: return pending bits of ``mask`` now, or block (result written on resume)."""
@@ -344,7 +362,9 @@ class Scheduler:
             pcpu.current = None
             dom.on_cpu = False
             self._account(dom, used_ns)
-            if dom.action is not None or dom.runnable:
+            if dom.paused:
+                self.cond.notify_all()  # wait_off_cpu (a save) waits for this
+            elif dom.action is not None or dom.runnable:
                 self.cond.notify()
 
     def exit_domain(self, pcpu: PCpu, dom: Domain) -> None:

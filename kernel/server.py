@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -141,6 +142,8 @@ class KernelServer:
             "unpause": self._unpause,
             "list": self._list,
             "console": self._console,
+            "save": self._save,
+            "restore": self._restore,
             "shutdown": self._shutdown,
             "sync": self._sync,
             "devices": self._devices,
@@ -225,6 +228,30 @@ class KernelServer:
             raise ControlError(f"domain {dom.name!r} has already stopped ({dom.exit.reason})")
         self.hv.sched.unpause(dom)
         return {"domid": dom.domid}
+
+    def _snapshot_path(self, req: Request) -> Path:
+        path = prop(req, "path", str)
+        if not os.path.isabs(path):
+            raise ControlError(
+                f"command {req.command!r}: path {path!r} is relative; the kernel needs an "
+                "absolute path (the CLI resolves it)"
+            )
+        return Path(path)
+
+    def _save(self, req: Request) -> dict[str, Any]:
+        """Save a domain to a snapshot file (``xl save``; ``checkpoint`` = ``-c``)."""
+        dom = self.hv.find(self._ref(req))
+        return self.hv.save(
+            dom,
+            self._snapshot_path(req),
+            checkpoint=prop(req, "checkpoint", bool, False),
+            origin=prop(req, "origin", str, ""),
+        )
+
+    def _restore(self, req: Request) -> dict[str, Any]:
+        """Create a domain from a snapshot file (``xl restore``; ``paused`` = ``-p``)."""
+        dom = self.hv.restore(self._snapshot_path(req), paused=prop(req, "paused", bool, False))
+        return {"domid": dom.domid, "name": dom.name, "epoch": dom.clock.epoch}
 
     def _list(self, req: Request) -> dict[str, Any]:
         return {"domains": self.hv.list()}

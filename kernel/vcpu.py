@@ -30,6 +30,7 @@ from unicorn import (
     UC_PROT_WRITE,
     Uc,
     UcError,
+    x86_const,
 )
 from unicorn.x86_const import (
     UC_X86_INS_SYSCALL,
@@ -65,6 +66,69 @@ _EXCEPTIONS: Final = {
     17: "alignment check (#AC)",
     19: "SIMD error (#XM)",
 }
+
+
+#: Registers a snapshot carries and a restore writes back (what guest code can change).
+SAVED_REGISTERS: Final = (
+    *(f"R{n}" for n in ("AX", "BX", "CX", "DX", "SI", "DI", "BP", "SP", *map(str, range(8, 16)))),
+    "RIP",
+    "RFLAGS",
+    "FS_BASE",
+    "GS_BASE",
+    *(f"XMM{i}" for i in range(16)),
+    "MXCSR",
+    "FPCW",
+    "FPSW",  # before the x87 registers (its TOP field maps them), FPTAG after (their writes
+    *(f"FP{i}" for i in range(8)),  # mark them valid)
+    "FPTAG",
+)
+#: Recorded too, but fixed for a flat 64-bit guest: a restore checks them instead.
+FIXED_REGISTERS: Final = ("CS", "SS", "CR0", "CR3", "CR4")
+_REG_IDS: Final = {n: getattr(x86_const, f"UC_X86_REG_{n}") for n in SAVED_REGISTERS}
+_FIXED_IDS: Final = {n: getattr(x86_const, f"UC_X86_REG_{n}") for n in FIXED_REGISTERS}
+
+
+def read_registers(regs: Any) -> dict[str, Any]:
+    """Every saved register of a Uc, as msgpack-able values (XMM as 16 little-endian
+    bytes, x87 registers as [mantissa, exponent]).  Not of a UcContext: its register access
+    has no x87 register type."""
+    out: dict[str, Any] = {}
+    for name, rid in (*_REG_IDS.items(), *_FIXED_IDS.items()):
+        v = regs.reg_read(rid)
+        if name.startswith("XMM"):
+            v = int(v).to_bytes(16, "little")
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[name] = v
+    return out
+
+
+def write_registers(regs: Any, values: dict[str, Any]) -> None:
+    """Write what :func:`read_registers` read into a Uc (KeyError or ValueError for a
+    malformed table)."""
+    for name, rid in _REG_IDS.items():
+        v = values[name]
+        if name.startswith("XMM"):
+            if not isinstance(v, bytes) or len(v) != 16:
+                raise ValueError(f"register {name} is not 16 bytes")
+            v = int.from_bytes(v, "little")
+        elif name.startswith("FP") and name[2:].isdigit():
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)):
+                raise ValueError(f"register {name} is not [mantissa, exponent]")
+            v = tuple(v)
+        elif not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+            raise ValueError(f"register {name} is not a 64-bit value")
+        regs.reg_write(rid, v)
+
+
+def fixed_mismatch(regs: Any, values: dict[str, Any]) -> str | None:
+    """How the fixed registers of ``regs`` differ from a snapshot's, or None."""
+    bad = [
+        f"{n}={values.get(n)!r} (here {regs.reg_read(rid):#x})"
+        for n, rid in _FIXED_IDS.items()
+        if values.get(n) != regs.reg_read(rid)
+    ]
+    return ", ".join(bad) or None
 
 
 class VCpu:
@@ -153,6 +217,18 @@ class VCpu:
         self.rip = uc.reg_read(UC_X86_REG_RIP)
         if self.rip == STOP_ADDRESS and self.fault is None:
             self.fault = f"jump to non-canonical address {STOP_ADDRESS:#x}"
+
+    def registers(self) -> dict[str, Any]:
+        """The saved registers (vCPU stopped); RIP is where the guest resumes."""
+        assert self.uc is not None
+        regs = read_registers(self.uc)
+        regs["RIP"] = self.rip
+        return regs
+
+    def load_registers(self, values: dict[str, Any]) -> None:
+        assert self.uc is not None
+        write_registers(self.uc, values)
+        self.rip = values["RIP"]
 
     def stop(self) -> None:
         """Ask the running emulation to stop (safe from any thread)."""

@@ -163,6 +163,16 @@ def print_log_tails(run_dir: Path, lines: int = 40) -> None:
 
 @pytest.fixture
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    yield from _private_stack(request)
+
+
+@pytest.fixture
+def peer(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A second stack beside ``stack`` (save in one, restore in the other)."""
+    yield from _private_stack(request)
+
+
+def _private_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     d = Path(tempfile.mkdtemp(prefix="iv-", dir="/tmp"))
     s = Stack(dir=d, run_dir=d / "run")
     try:
@@ -195,6 +205,7 @@ wait_until = _plugin_wait_until
 E2E_FIXTURES: frozenset[str] = frozenset(
     {
         "stack",  # conftest: a detached stack in a private run dir
+        "peer",  # conftest: a second one
         "isovisor_stack",  # the SDK plugin's (isovisor/testing.py) stack
         "kernel",  # test_kernel_recovery, test_vcpu_stop: a kernel running guests
         "harness",  # test_driver_host: driver processes

@@ -39,8 +39,17 @@ NORETURN void crash(const char *msg);
 NORETURN void crashf(const char *fmt, ...) PRINTF_LIKE(1, 2);
 
 /* --- hypercall wrappers --------------------------------------------------- */
-/* Virtual nanoseconds since domain start (excludes paused time). */
+/* Virtual nanoseconds since domain start (excludes paused time).  Read from
+ * the clock parameters the kernel publishes (rdtsc, no hypercall); never goes
+ * backwards, also across save, restore and migration. */
 u64 time_ns(void);
+/* Nanoseconds since the Unix epoch (the host's wall clock, right after a
+ * restore too; it jumps forward by the time the guest was stopped). */
+u64 wall_time_ns(void);
+/* Saves-and-restores and migrations of this guest so far. */
+u64 clock_epoch(void);
+/* The same clock as time_ns, asked of the kernel with HC_TIME (for tests). */
+u64 clock_hypercall_ns(void);
 /* Block for ns virtual nanoseconds (HC_POLL with an empty port mask). */
 void sleep_ns(u64 ns);
 /* Wait for an event on any port in mask or timeout_ns (POLL_FOREVER: no

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from isovisor.cli import domains, drivers, stack
+from isovisor.cli import domains, drivers, snapshot, stack
 from isovisor.cli.campaign import campaign_app
 from isovisor.cli.faults import fault_app
 from isovisor.cli.net import net_app
@@ -33,6 +33,8 @@ app.command()(domains.create)
 app.command("destroy")(domains.destroy)
 app.command("pause")(domains.pause)
 app.command("unpause")(domains.unpause)
+app.command()(snapshot.save)
+app.command()(snapshot.restore)
 app.command()(stack.run)
 app.add_typer(drivers.driver_app, name="driver")
 app.add_typer(fault_app, name="fault")

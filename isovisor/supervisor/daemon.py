@@ -79,6 +79,8 @@ class Supervisor:
             "pause": self._forward,
             "unpause": self._forward,
             "create": self._create,
+            "save": self._save,
+            "restore": self._forward,
             "down": self._down,
             "sync": self._sync,
             "devices": self._forward,
@@ -402,6 +404,11 @@ class Supervisor:
         reply.pop("status", None)
         reply.pop("id", None)
         return reply
+
+    def _save(self, req: Request) -> dict[str, Any]:
+        """Forwarded with this stack's name as the snapshot's origin."""
+        req.properties.setdefault("origin", self.cfg.name)
+        return self._forward(req)
 
     def _create(self, req: Request) -> dict[str, Any]:
         return self._create_from(prop(req, "path", str), prop(req, "paused", bool, False))

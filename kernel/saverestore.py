@@ -1,0 +1,274 @@
+"""Save a paused domain into snapshot sections, and check sections before a restore.
+
+:func:`capture` reads a domain that is paused and off every pCPU: its registers (and those an
+upcall interrupted), its scheduler state (pending events, a poll or block it sleeps in with the
+time left, watchdog, upcall handler), the guest clock's reading, RAM (pages that are all zero
+are not stored: a page the guest never wrote is zero), and the console's history and position.
+:class:`Restored` is the checked form of those sections: every field is validated before the
+kernel creates anything, so a restore that fails creates nothing.  ``kernel/snapfile.py`` is the
+file format; ``docs/snapshots.md`` describes both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from domains.config import DomainConfig
+from ipc.schema import ConfigError
+from kernel import abi
+from kernel.snapfile import SnapshotError, field
+from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_registers
+
+if TYPE_CHECKING:
+    from kernel.domain import Domain
+    from kernel.memory import GuestMemory
+
+_ZERO_PAGE: Final = bytes(abi.PAGE_SIZE)
+#: Pages compared at a time before looking at single pages (most of a fresh guest is zero).
+_SPAN: Final = 16
+
+
+def page_runs(buf: Any, size: int) -> list[list[int]]:
+    """[first page, count] for every run of pages of ``buf`` (guest RAM) that are not all
+    zero; page 0, the NULL guard, is never stored."""
+    page = abi.PAGE_SIZE
+    span = page * _SPAN
+    zero_span = bytes(span)
+    runs: list[list[int]] = []
+    for base in range(0, size, span):
+        if base + span <= size and buf[base : base + span] == zero_span:
+            continue
+        for off in range(base, min(base + span, size), page):
+            if off < abi.NULL_GUARD_END or buf[off : off + page] == _ZERO_PAGE:
+                continue
+            n = off // page
+            if runs and runs[-1][0] + runs[-1][1] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([n, 1])
+    return runs
+
+
+def page_chunks(buf: Any, runs: list[list[int]]) -> Iterator[bytes]:
+    page = abi.PAGE_SIZE
+    for first, count in runs:
+        yield buf[first * page : (first + count) * page]
+
+
+def capture(dom: Domain, origin: str) -> dict[str, Any]:
+    """Every section but ``pages`` (see :func:`page_chunks`) and ``memory``'s runs, of a
+    domain paused and off-CPU.  The caller holds the scheduler's lock."""
+    now = time.monotonic_ns()
+    vcpu = dom.vcpu
+    uc = vcpu.uc
+    assert uc is not None and dom.paused and not dom.on_cpu
+    upcall: dict[str, Any] | None = None
+    if dom._upcall_saved is not None:
+        ctx, block = dom._upcall_saved
+        current = uc.context_save()
+        uc.context_restore(ctx)
+        upcall = {"registers": read_registers(uc), "block": block}
+        uc.context_restore(current)
+    paused_at = dom.paused_since or now
+    guest_ns = max(dom.vtime_ns(now), dom.clock.floor)
+    return {
+        "domain": {
+            "config": dom.config.to_wire(),
+            "name": dom.name,
+            "domid": dom.domid,
+            "origin": origin,
+            "saved_at": time.time_ns(),
+            "abi": abi.ABI_VERSION,
+            "restarts": dom.restarts,
+        },
+        "vcpu": {"registers": vcpu.registers()},
+        "sched": {
+            "pending": dom.pending,
+            "polling": dom.polling,
+            "blocking": dom.blocking,
+            "runnable": dom.runnable,
+            "poll_mask": dom.poll_mask,
+            # virtual ns left of a poll's timeout (timers stop while the domain is paused)
+            "wake_in": None if dom.wake_at is None else max(0, dom.wake_at - paused_at),
+            "watchdog_ns": dom.watchdog_ns,
+            "watchdog_left": (
+                max(0, dom.watchdog_deadline - dom.vtime_ns(now)) if dom.watchdog_deadline else 0
+            ),
+            "upcall_handler": dom.upcall_handler,
+            "in_upcall": dom.in_upcall,
+            "upcall_return": dom._upcall_return,
+            "upcall": upcall,
+            "cpu_ns": dom.cpu_ns,
+            "upcalls": dom.upcalls,
+            "bad_calls": dom.bad_calls,
+        },
+        "clock": {"guest_ns": guest_ns, "epoch": dom.clock.epoch, "wall_ns": time.time_ns()},
+        "memory": {"bytes": dom.mem.size, "page": abi.PAGE_SIZE},
+        "console": dict(zip(("start", "data"), dom.console_history(), strict=True)),
+        "devices": [],
+    }
+
+
+@dataclass
+class Restored:
+    """A snapshot's sections, checked: what the kernel needs to rebuild the domain."""
+
+    config: DomainConfig
+    origin: str
+    restarts: int
+    registers: dict[str, Any]
+    sched: dict[str, Any]
+    upcall: dict[str, Any] | None
+    guest_ns: int
+    epoch: int
+    runs: list[tuple[int, int]]
+    pages: bytes
+    console_start: int
+    console: bytes
+
+    @classmethod
+    def check(cls, s: dict[str, Any], where: str) -> Restored:
+        """Validate every section (a SnapshotError names the section and the problem)."""
+        abi_version = field(s, "domain", "abi", int)
+        if abi_version != abi.ABI_VERSION:
+            raise SnapshotError(
+                f"{where}: the guest was saved under guest ABI version {abi_version}; this "
+                f"kernel runs version {abi.ABI_VERSION}"
+            )
+        try:
+            config = DomainConfig.from_wire(field(s, "domain", "config", dict))
+        except ConfigError as e:
+            raise SnapshotError(f"{where}: section 'domain': its config is invalid: {e}") from None
+        if config.devices:
+            raise SnapshotError(
+                f"{where}: section 'domain': the config has devices; this kernel restores "
+                "domains without devices only"
+            )
+        registers = _registers(field(s, "vcpu", "registers", dict), "vcpu", where)
+        sched = s["sched"]
+        if not isinstance(sched, dict):
+            raise SnapshotError(f"{where}: section 'sched' is not a map")
+        for key in ("pending", "poll_mask", "watchdog_ns", "watchdog_left", "upcall_handler"):
+            v = field(s, "sched", key, int)
+            if not 0 <= v < 1 << 64:
+                raise SnapshotError(f"{where}: section 'sched': {key} = {v} is out of range")
+        for key in ("polling", "blocking", "runnable", "in_upcall", "upcall_return"):
+            field(s, "sched", key, bool)
+        wake_in = sched.get("wake_in")
+        if wake_in is not None and (not isinstance(wake_in, int) or wake_in < 0):
+            raise SnapshotError(f"{where}: section 'sched': wake_in = {wake_in!r} is invalid")
+        upcall = sched.get("upcall")
+        if upcall is not None:
+            if not isinstance(upcall, dict) or not isinstance(upcall.get("block"), bytes):
+                raise SnapshotError(f"{where}: section 'sched': the upcall state is malformed")
+            if len(upcall["block"]) != abi.HCALL_BLOCK_SIZE:
+                raise SnapshotError(
+                    f"{where}: section 'sched': the saved hypercall block is "
+                    f"{len(upcall['block'])} bytes, not {abi.HCALL_BLOCK_SIZE}"
+                )
+            _registers(upcall.get("registers"), "sched (upcall registers)", where)
+        size = field(s, "memory", "bytes", int)
+        if size != config.memory * 1024 * 1024:
+            raise SnapshotError(
+                f"{where}: section 'memory' says {size} bytes of RAM; the config says "
+                f"{config.memory} MiB"
+            )
+        if field(s, "memory", "page", int) != abi.PAGE_SIZE:
+            raise SnapshotError(f"{where}: section 'memory': page size is not {abi.PAGE_SIZE}")
+        runs = _runs(field(s, "memory", "runs", list), size, where)
+        pages: bytes = s["pages"]
+        stored = sum(n for _, n in runs) * abi.PAGE_SIZE
+        if len(pages) != stored:
+            raise SnapshotError(
+                f"{where}: section 'pages' holds {len(pages)} bytes; section 'memory' lists "
+                f"{stored // abi.PAGE_SIZE} pages ({stored} bytes)"
+            )
+        data = field(s, "console", "data", bytes)
+        start = field(s, "console", "start", int)
+        if s["devices"]:
+            raise SnapshotError(
+                f"{where}: section 'devices' lists {len(s['devices'])} devices; this kernel "
+                "restores domains without devices only"
+            )
+        return cls(
+            config=config,
+            origin=str(s["domain"].get("origin", "")),
+            restarts=max(0, int(s["domain"].get("restarts", 0) or 0)),
+            registers=registers,
+            sched=sched,
+            upcall=upcall,
+            guest_ns=field(s, "clock", "guest_ns", int),
+            epoch=field(s, "clock", "epoch", int),
+            runs=runs,
+            pages=pages,
+            console_start=start,
+            console=data,
+        )
+
+    def fill(self, mem: GuestMemory) -> None:
+        """Write the stored pages into fresh (zeroed) guest RAM."""
+        page = abi.PAGE_SIZE
+        buf = mem.segment.buf
+        off = 0
+        for first, count in self.runs:
+            n = count * page
+            buf[first * page : first * page + n] = self.pages[off : off + n]
+            off += n
+
+    def load_vcpu(self, dom: Domain) -> None:
+        """Registers, and the context an upcall interrupted (vCPU not yet run)."""
+        uc = dom.vcpu.uc
+        assert uc is not None
+        if self.upcall is not None:
+            write_registers(uc, self.upcall["registers"])
+            dom._upcall_saved = (uc.context_save(), self.upcall["block"])
+        dom.vcpu.load_registers(self.registers)
+
+
+def _registers(regs: Any, section: str, where: str) -> dict[str, Any]:
+    if not isinstance(regs, dict):
+        raise SnapshotError(f"{where}: section {section!r}: the registers are not a map")
+    missing = [r for r in (*SAVED_REGISTERS, *FIXED_REGISTERS) if r not in regs]
+    if missing:
+        raise SnapshotError(
+            f"{where}: section {section!r}: registers missing: {', '.join(missing)}"
+        )
+    for name in SAVED_REGISTERS:
+        v = regs[name]
+        ok = (
+            isinstance(v, bytes) and len(v) == 16
+            if name.startswith("XMM")
+            else isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+            if name.startswith("FP") and name[2:].isdigit()
+            else isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+        )
+        if not ok:
+            raise SnapshotError(
+                f"{where}: section {section!r}: register {name} = {v!r:.60} is malformed"
+            )
+    return regs
+
+
+def _runs(raw: list[Any], size: int, where: str) -> list[tuple[int, int]]:
+    pages = size // abi.PAGE_SIZE
+    runs: list[tuple[int, int]] = []
+    end = 1  # page 0 (the NULL guard) is never stored
+    for r in raw:
+        if not (
+            isinstance(r, list)
+            and len(r) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        ):
+            raise SnapshotError(f"{where}: section 'memory': page run {r!r:.60} is malformed")
+        first, count = r
+        if first < end or count < 1 or first + count > pages:
+            raise SnapshotError(
+                f"{where}: section 'memory': page run {first}+{count} overlaps another, is "
+                f"out of order, or lies outside the domain's {pages} pages"
+            )
+        runs.append((first, count))
+        end = first + count
+    return runs

@@ -1,0 +1,183 @@
+"""The snapshot file: one versioned file, a checksum per section (docs/snapshots.md).
+
+Layout (little-endian)::
+
+    header   "ISOVSNAP" | u32 format version | u32 section count | u64 0
+    section  name (16 bytes, ASCII, NUL-padded) | u64 payload bytes | u32 CRC-32 | u32 0
+             payload
+
+Sections come in a fixed order (:data:`SECTIONS`); ``end`` is last and empty, so a file cut
+anywhere is recognised as cut.  Structured payloads are msgpack maps; ``pages`` is raw guest
+memory.  :func:`read` checks everything before it returns: the caller creates nothing from a
+file that is truncated, corrupted, or of another version, and the error names the section and
+what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import msgpack
+
+MAGIC: Final = b"ISOVSNAP"
+#: The format this isovisor writes and reads.
+VERSION: Final = 1
+_HEADER: Final = struct.Struct("<8sIIQ")
+_SECTION: Final = struct.Struct("<16sQII")
+#: The sections of a version-1 snapshot, in file order.
+SECTIONS: Final = (
+    "domain",  # config, origin, when
+    "vcpu",  # registers
+    "sched",  # event, poll, timer, watchdog and upcall state
+    "clock",  # the guest clock's reading and epoch
+    "memory",  # RAM size and which pages are stored
+    "pages",  # raw: the stored pages, in order
+    "console",  # console history and position
+    "devices",  # each device's state (empty for a domain without devices)
+    "end",
+)
+#: Largest structured (msgpack) section accepted, bytes.
+MAX_META: Final = 64 * 1024 * 1024
+
+
+class SnapshotError(Exception):
+    """The snapshot cannot be used; the message says which section and why."""
+
+
+def write(path: Path, sections: dict[str, Any]) -> int:
+    """Write a snapshot atomically (a temporary file renamed into place); returns its size.
+    ``sections`` maps each name of :data:`SECTIONS` but ``end`` to a msgpack-able value, or
+    for ``pages`` to an iterable of bytes-like chunks."""
+    missing = [s for s in SECTIONS[:-1] if s not in sections]
+    assert not missing, f"snapshot sections missing: {missing}"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, len(SECTIONS), 0))
+            for name in SECTIONS:
+                if name == "end":
+                    _write_section(f, name, [b""])
+                elif name == "pages":
+                    _write_section(f, name, sections[name])
+                else:
+                    _write_section(f, name, [msgpack.packb(sections[name], use_bin_type=True)])
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _write_section(f: BinaryIO, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+    start = f.tell()
+    f.write(_SECTION.pack(name.encode(), 0, 0, 0))
+    crc, n = 0, 0
+    for c in chunks:
+        crc = zlib.crc32(c, crc)
+        n += len(c)
+        f.write(c)
+    end = f.tell()
+    f.seek(start)
+    f.write(_SECTION.pack(name.encode(), n, crc, 0))
+    f.seek(end)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """Read and check a snapshot: msgpack sections decoded, ``pages`` as bytes."""
+    where = f"snapshot {path}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SnapshotError(f"cannot read {where}: {e.strerror}") from None
+    if len(data) < _HEADER.size:
+        raise SnapshotError(
+            f"{where} is {len(data)} bytes, shorter than a snapshot header ({_HEADER.size} "
+            "bytes): it is not a snapshot, or was cut off"
+        )
+    magic, version, count, _ = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotError(
+            f"{where} is not an isovisor snapshot (it starts with {magic!r}, not {MAGIC!r})"
+        )
+    if version != VERSION:
+        raise SnapshotError(
+            f"{where} has format version {version}; this isovisor reads version {VERSION} "
+            "only: restore it with the isovisor that saved it"
+        )
+    if count != len(SECTIONS):
+        raise SnapshotError(
+            f"{where}: the header counts {count} sections; version {VERSION} has "
+            f"{len(SECTIONS)} ({', '.join(SECTIONS)}): the file is corrupted"
+        )
+    out: dict[str, Any] = {}
+    off = _HEADER.size
+    for expected in SECTIONS:
+        if off + _SECTION.size > len(data):
+            raise SnapshotError(
+                f"{where} is truncated: it ends at byte {len(data)}, before section "
+                f"{expected!r}; the file is incomplete (save it again, or copy it whole)"
+            )
+        raw, length, crc, _ = _SECTION.unpack_from(data, off)
+        name = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        if name != expected:
+            raise SnapshotError(
+                f"{where}: found section {name!r} at byte {off} where section {expected!r} "
+                "belongs: the file is corrupted"
+            )
+        off += _SECTION.size
+        if off + length > len(data):
+            raise SnapshotError(
+                f"{where}: section {name!r} is truncated: its header says {length} bytes, "
+                f"the file holds {len(data) - off} after it; the file is incomplete (save it "
+                "again, or copy it whole)"
+            )
+        payload = data[off : off + length]
+        got = zlib.crc32(payload)
+        if got != crc:
+            raise SnapshotError(
+                f"{where}: section {name!r} (bytes {off}..{off + length}) fails its checksum "
+                f"(stored CRC-32 {crc:#010x}, computed {got:#010x}): the file is corrupted"
+            )
+        off += length
+        if name == "pages":
+            out[name] = payload
+        elif name != "end":
+            if length > MAX_META:
+                raise SnapshotError(f"{where}: section {name!r} is {length} bytes, too big")
+            try:
+                out[name] = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException) as e:
+                raise SnapshotError(
+                    f"{where}: section {name!r} does not decode ({e}): the file is corrupted"
+                ) from None
+    if off != len(data):
+        raise SnapshotError(
+            f"{where}: {len(data) - off} bytes follow the end section: the file is corrupted "
+            "or two files were joined"
+        )
+    return out
+
+
+def field(sections: dict[str, Any], section: str, key: str, kind: type | tuple[type, ...]) -> Any:
+    """``sections[section][key]``, checked to be a ``kind``; a SnapshotError otherwise."""
+    body = sections.get(section)
+    if not isinstance(body, dict):
+        raise SnapshotError(f"snapshot section {section!r} is not a map")
+    if key not in body:
+        raise SnapshotError(f"snapshot section {section!r} lacks {key!r}")
+    value = body[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SnapshotError(
+            f"snapshot section {section!r}: {key!r} is {type(value).__name__}, not {names}"
+        )
+    return value

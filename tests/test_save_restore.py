@@ -1,0 +1,154 @@
+"""``isovisor save`` / ``restore``: a running guest into a snapshot file and back, in the same
+stack or another, with its clock and console going on; bad snapshots refused whole."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from kernel import snapfile
+from tests.conftest import Stack, shm_segments, wait_event, wait_until
+
+
+def _console(st: Stack, name: str) -> str:
+    return bytes(st.call("console", name=name)["data"]).decode()
+
+
+def _ticks(text: str) -> list[int]:
+    return [int(k) for k in re.findall(r"^ticker: tick (\d+) ", text, re.M)]
+
+
+def _snapshot_console(path: Path) -> str:
+    """The console text a snapshot carries."""
+    return bytes(snapfile.read(path)["console"]["data"]).decode()
+
+
+def _up_with(st: Stack, name: str, image: str, extra: str) -> None:
+    st.up()
+    st.create(st.domain_config(name, image, extra=extra, on_poweroff="preserve"))
+
+
+def test_a_guest_saved_in_one_stack_resumes_in_another_and_its_clock_goes_on(
+    stack: Stack, peer: Stack
+) -> None:
+    stack.up()
+    peer.up()
+    stack.create(
+        stack.domain_config(
+            "cc", "clockcheck", extra="report_ms=50 seconds=2", on_poweroff="preserve"
+        )
+    )
+    stack.create(
+        stack.domain_config(
+            "tick", "ticker", extra="interval_ms=20 count=150", on_poweroff="preserve"
+        )
+    )
+    wait_until(lambda: _console(stack, "cc").count("report") >= 4, what="clockcheck reports")
+    wait_until(lambda: len(_ticks(_console(stack, "tick"))) >= 5, what="ticks before the save")
+    snaps = {n: stack.dir / f"{n}.snap" for n in ("tick", "cc")}
+    r = stack.cli("save", "tick", str(snaps["tick"]))
+    assert r.returncode == 0, r.stderr
+    assert "saved domain tick" in r.stdout and "destroyed" in r.stdout
+    stack.call("save", name="cc", path=str(snaps["cc"]))
+    assert stack.domains() == {}  # saved without -c: gone from the source
+    before = _ticks(_snapshot_console(snaps["tick"]))
+    t0 = time.time()
+    r = peer.cli("restore", str(snaps["tick"]))
+    assert r.returncode == 0, r.stderr
+    assert "restored domain tick" in r.stdout
+    peer.call("restore", path=str(snaps["cc"]))
+    doms = wait_until(
+        lambda: (d := peer.domains()) and all(d[n]["exit_kind"] for n in snaps) and d,
+        timeout=60,
+        what="both restored guests finish",
+    )
+    t1 = time.time()
+    assert doms["cc"]["exit_code"] == 0 and doms["tick"]["exit_code"] == 0
+    # every tick exactly once: those printed before the save came along in the console
+    ticks = _ticks(_console(peer, "tick"))
+    assert ticks == list(range(1, 151)), ticks
+    assert before and ticks[: len(before)] == before
+    cc = _console(peer, "cc")
+    done = re.search(
+        r"clockcheck: done reads=(\d+) backward=(\d+) .* epoch=(\d+) hc_behind=(\d+)", cc
+    )
+    assert done, cc[-500:]
+    assert done.group(2) == "0", "the clock went backwards"
+    assert done.group(3) == "1", "one restore: epoch 1"
+    assert done.group(4) == "0", "HC_TIME and the guest's own reading disagree"
+    # the wall clock is right after the restore (not the time of the save)
+    walls = [int(w) for w in re.findall(r"epoch=1 wall_s=(\d+)", cc)]
+    assert walls and all(int(t0) - 1 <= w <= int(t1) + 1 for w in walls), (walls, t0, t1)
+
+
+def test_a_checkpoint_runs_on_and_a_paused_restore_waits_for_unpause(
+    stack: Stack, peer: Stack
+) -> None:
+    peer.up()
+    _up_with(stack, "tick", "ticker", "interval_ms=20 count=100")
+    wait_until(lambda: len(_ticks(_console(stack, "tick"))) >= 3, what="first ticks")
+    snap = stack.dir / "tick.snap"
+    r = stack.cli("save", "--checkpoint", "tick", str(snap))
+    assert r.returncode == 0 and "it runs on" in r.stdout, r.stdout + r.stderr
+    saved = _ticks(_snapshot_console(snap))
+    # the original goes on
+    wait_until(lambda: len(_ticks(_console(stack, "tick"))) > len(saved) + 2, what="ticks go on")
+    assert "p" not in stack.domains()["tick"]["state"]
+    r = peer.cli("restore", "--paused", str(snap))
+    assert r.returncode == 0 and "paused" in r.stdout, r.stdout + r.stderr
+    assert "p" in peer.domains()["tick"]["state"]
+    assert _ticks(_console(peer, "tick")) == saved  # nothing ran yet
+    sub = peer.subscribe(["domain.tick."])
+    peer.call("unpause", name="tick")
+    wait_event(sub, "domain.tick.shutdown", timeout=60)
+    sub.close()
+    assert _ticks(_console(peer, "tick")) == list(range(1, 101))
+
+
+def test_a_bad_snapshot_is_refused_with_the_section_and_nothing_is_created(
+    stack: Stack, peer: Stack
+) -> None:
+    _up_with(stack, "tick", "ticker", "interval_ms=20 count=1000")
+    peer.up()
+    wait_until(lambda: _ticks(_console(stack, "tick")), what="a tick")
+    good = stack.dir / "tick.snap"
+    assert stack.cli("save", "-c", "tick", str(good)).returncode == 0
+    data = good.read_bytes()
+    pages_at = data.index(b"pages\0")
+    bad = {
+        "cut": (data[: len(data) // 2], "truncated"),
+        "flipped": (
+            data[: pages_at + 40] + bytes([data[pages_at + 40] ^ 0x55]) + data[pages_at + 41 :],
+            "section 'pages'",
+        ),
+        "version": (data[:8] + (7).to_bytes(4, "little") + data[12:], "format version 7"),
+        "empty": (b"", "not a snapshot"),
+    }
+    mine = f"isovisor.{peer.pids[0]}."  # the peer's segments (named after its supervisor)
+    segments = shm_segments(mine)
+    for what, (content, expect) in bad.items():
+        p = peer.dir / f"{what}.snap"
+        p.write_bytes(content)
+        r = peer.cli("restore", str(p))
+        assert r.returncode == 1, (what, r.stdout)
+        message = " ".join(r.stderr.split())
+        assert expect in message and "nothing was restored" in message, (what, message)
+    assert peer.domains() == {}
+    assert shm_segments(mine) == segments == []
+    # the good one restores; a second restore of it finds the name taken
+    assert peer.cli("restore", "--paused", str(good)).returncode == 0
+    r = peer.cli("restore", str(good))
+    assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    assert list(peer.domains()) == ["tick"]
+
+
+def test_save_errors_name_the_problem(stack: Stack) -> None:
+    _up_with(stack, "tick", "ticker", "interval_ms=20 count=1000")
+    r = stack.cli("save", "nosuch", str(stack.dir / "x.snap"))
+    assert r.returncode == 1 and "no domain named" in r.stderr
+    r = stack.cli("save", "tick", str(stack.dir / "missing" / "x.snap"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = stack.cli("restore", str(stack.dir / "nothing.snap"))
+    assert r.returncode == 1 and "no such file" in r.stderr
+    assert "tick" in stack.domains()
