@@ -55,9 +55,25 @@ _DOMAINS_FIELDS: Final = {
         ),
     ),
 }
+_MIGRATION_FIELDS: Final = {
+    "listen": Field(
+        str,
+        'where this stack accepts migrations, "tcp://HOST:PORT" (port 0: any free port); '
+        "empty: it accepts none",
+        lambda v: None if v == "" or v.startswith("tcp://") else "must be tcp://HOST:PORT or empty",
+        default="",
+    ),
+    "keys": Field(str, "directory of this stack's key pair (`isovisor keys`)", default="keys"),
+    "peers": Field(
+        str,
+        "file of the stacks this one trusts: NAME PUBLIC-KEY [tcp://HOST:PORT]",
+        default="peers",
+    ),
+}
 _TOP_FIELDS: Final = {
     "supervisor": Field(dict, "[supervisor] table"),
     "kernel": Field(dict, "[kernel] table"),
+    "migration": Field(dict, "[migration] table: live migration between stacks"),
     "driver": Field(dict, "[driver.<name>] tables: driver backends"),
     "domains": Field(dict, "[domains] table"),
 }
@@ -252,6 +268,15 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """``[migration]``: paths absolute (relative ones are from supervisor.toml's directory)."""
+
+    listen: str = ""
+    keys: str = ""
+    peers: str = ""
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The whole stack, as ``supervisor.toml`` describes it."""
 
@@ -262,6 +287,7 @@ class StackConfig:
     domains: tuple[str, ...] = ()  # absolute paths of domain config files
     #: The console driver for domains whose config leaves ``console`` empty ("" = the kernel's).
     console: str = ""
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     source: str = ""
 
 
@@ -276,6 +302,8 @@ def load_stack_config(path: str | Path) -> StackConfig:
     check_table(f"{where} [kernel]", kern, KERNEL_FIELDS)
     doms = data.get("domains", {})
     check_table(f"{where} [domains]", doms, _DOMAINS_FIELDS)
+    mig = data.get("migration", {})
+    check_table(f"{where} [migration]", mig, _MIGRATION_FIELDS)
     start: list[str] = []
     for i, item in enumerate(doms.get("start", [])):
         if not isinstance(item, str):
@@ -305,6 +333,11 @@ def load_stack_config(path: str | Path) -> StackConfig:
         drivers=drivers,
         domains=tuple(start),
         console="" if console == "kernel" else console,
+        migration=MigrationConfig(
+            listen=mig.get("listen", ""),
+            keys=str((path.parent / mig.get("keys", "keys")).resolve()),
+            peers=str((path.parent / mig.get("peers", "peers")).resolve()),
+        ),
         source=str(path.resolve()),
     )
 

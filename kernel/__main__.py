@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeslice-ms", type=int, default=10)
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--keys", default=None, help="directory of the stack's key pair")
+    ap.add_argument("--peers", default=None, help="the stack's peers file")
+    ap.add_argument(
+        "--migrate-listen", default=None, help="ZeroMQ TCP endpoint to accept migrations on"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -49,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         timeslice_ms=args.timeslice_ms,
         shm_prefix=args.shm_prefix,
         drivers=args.drivers,
+        keys=args.keys,
+        peers=args.peers,
+        migrate_listen=args.migrate_listen,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     logging.getLogger("isovisor.kernel").info(

@@ -93,13 +93,14 @@ class Domain:
                 f"MiB (image at {abi.IMAGE_BASE:#x} plus {abi.MIN_STACK_BYTES // 1024} KiB of "
                 f"stack); raise 'memory' in {config.source}"
             )
-        self.mem = GuestMemory(shm_name, mem_bytes)
+        if restore is None:
+            self.mem = GuestMemory(shm_name, mem_bytes)
+        else:
+            self.mem = restore.take_memory(shm_name, mem_bytes)
         try:
             if restore is None:
                 self.mem.write(abi.IMAGE_BASE, image)
                 self._write_start_info(len(image))
-            else:
-                restore.fill(self.mem)
             self.vcpu = VCpu(self.mem, abi.IMAGE_BASE, self.hypercall)
         except BaseException:
             self.mem.close()
@@ -112,6 +113,8 @@ class Domain:
         self.cpu_ns = 0
         self.clock = GuestClock(self.mem.words, host_tsc())
         # scheduler state (guarded by sched.lock)
+        #: The CPU cap in force: the config's, or a migration's throttle (Scheduler.set_cap).
+        self.cap = config.cap
         self.runnable = True
         self.on_cpu = False
         self.paused = False
@@ -531,7 +534,7 @@ class Domain:
             "memory": self.config.memory,
             "vcpus": self.config.vcpus,
             "weight": self.config.weight,
-            "cap": self.config.cap,
+            "cap": self.cap,
             "cpu_time": round(self.cpu_ns / 1e9, 3),
             "uptime": round(((self.exited_ns or now) - self.created_ns) / 1e9, 3),
             "restarts": self.restarts,

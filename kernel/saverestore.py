@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Final
 from domains.config import DomainConfig
 from ipc.schema import ConfigError
 from kernel import abi
+from kernel.memory import GuestMemory
 from kernel.snapfile import SnapshotError, field
 from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_registers
 
 if TYPE_CHECKING:
     from kernel.domain import Domain
-    from kernel.memory import GuestMemory
 
 _ZERO_PAGE: Final = bytes(abi.PAGE_SIZE)
 #: Pages compared at a time before looking at single pages (most of a fresh guest is zero).
@@ -128,6 +128,8 @@ class Restored:
     pages: bytes
     console_start: int
     console: bytes
+    #: RAM already filled (a migration's reception); the domain takes it and sets this None.
+    memory: GuestMemory | None = None
 
     @classmethod
     def check(cls, s: dict[str, Any], where: str) -> Restored:
@@ -207,6 +209,19 @@ class Restored:
             console_start=start,
             console=data,
         )
+
+    def take_memory(self, shm_name: str, size: int) -> GuestMemory:
+        """The domain's RAM: the reception's, or a new segment filled with the stored pages."""
+        if self.memory is not None:
+            mem, self.memory = self.memory, None
+            return mem
+        mem = GuestMemory(shm_name, size)
+        try:
+            self.fill(mem)
+        except BaseException:
+            mem.close()
+            raise
+        return mem
 
     def fill(self, mem: GuestMemory) -> None:
         """Write the stored pages into fresh (zeroed) guest RAM."""

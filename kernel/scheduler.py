@@ -140,7 +140,7 @@ class Scheduler:
 
     @staticmethod
     def _quota(dom: Domain) -> int:
-        return dom.config.cap * CAP_PERIOD_NS // 100
+        return dom.cap * CAP_PERIOD_NS // 100
 
     # -- requests from hypercalls and the control thread ------------------------------------------
     def request_exit(self, dom: Domain, exit: Exit) -> None:
@@ -190,6 +190,15 @@ class Scheduler:
                     return False
                 self.cond.wait(left)
         return True
+
+    def set_cap(self, dom: Domain, cap: int) -> None:
+        """Change the CPU cap in force (% of a pCPU, 0 = none): a migration throttles a guest
+        that dirties memory faster than it can be sent, then gives its own cap back."""
+        with self.lock:
+            dom.cap = cap
+            dom.budget_ns = min(dom.budget_ns, self._quota(dom)) if cap else 0
+            self.cond.notify_all()
+        self._tick.set()
 
     def arm_wake(self, dom: Domain, in_ns: int) -> None:
         """A restored domain asleep in a poll: wake it ``in_ns`` from now (virtual)."""
@@ -316,7 +325,7 @@ class Scheduler:
             return False
         if dom.action is not None:
             return True
-        return dom.runnable and not dom.paused and (dom.config.cap == 0 or dom.budget_ns > 0)
+        return dom.runnable and not dom.paused and (dom.cap == 0 or dom.budget_ns > 0)
 
     def pick(self, pcpu: PCpu) -> Domain | None:
         with self.lock:
@@ -338,7 +347,7 @@ class Scheduler:
             best.on_cpu = True
             now = time.monotonic_ns()
             length = self.timeslice_ns
-            if best.config.cap:
+            if best.cap:
                 length = min(length, max(best.budget_ns, 100_000))
             pcpu.current = best
             pcpu.slice_start = now
@@ -354,7 +363,7 @@ class Scheduler:
     def _account(dom: Domain, used_ns: int) -> None:
         dom.cpu_ns += used_ns
         dom.vruntime += used_ns * 256 // dom.config.weight
-        if dom.config.cap:
+        if dom.cap:
             dom.budget_ns -= used_ns
 
     def put(self, pcpu: PCpu, dom: Domain, used_ns: int) -> None:
@@ -420,7 +429,7 @@ class Scheduler:
         # cap budgets
         if now >= self._next_refill:
             for d in self.domains:
-                if d.config.cap:
+                if d.cap:
                     parked = d.budget_ns <= 0
                     q = self._quota(d)
                     d.budget_ns = min(d.budget_ns + q, q)
@@ -430,7 +439,7 @@ class Scheduler:
                         self._preempt_for(d, now)
             self._next_refill = max(self._next_refill + CAP_PERIOD_NS, now)
             self.cond.notify_all()
-        if any(d.config.cap for d in self.domains):
+        if any(d.cap for d in self.domains):
             nxt = min(nxt, self._next_refill)
         # watchdogs (virtual time)
         for d in self.domains:
@@ -456,7 +465,7 @@ class Scheduler:
             if cur is None:
                 continue
             if now >= p.slice_end:
-                if waiting or cur.config.cap or now - p.slice_start >= MAX_SLICE_NS:
+                if waiting or cur.cap or now - p.slice_start >= MAX_SLICE_NS:
                     cur.vcpu.stop()
                     continue
                 p.slice_end = now + self.timeslice_ns

@@ -27,12 +27,14 @@ from ipc.control import (
     prop,
     serve_one,
 )
+from ipc.peers import PeerError, load_keys, peer_named
 from ipc.schema import ConfigError
 from ipc.store import Store, StoreError
 from kernel.devices import DeviceManager
 from kernel.drivers import DriverHub
 from kernel.failover import Recovery
 from kernel.hypervisor import Hypervisor
+from kernel.migration import Incoming, Options, Outgoing
 
 log = logging.getLogger("isovisor.kernel")
 _INPROC = "inproc://kernel-events"
@@ -102,6 +104,9 @@ class KernelServer:
         timeslice_ms: int,
         shm_prefix: str,
         drivers: str | None = None,
+        keys: str | None = None,
+        peers: str | None = None,
+        migrate_listen: str | None = None,
     ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -133,6 +138,12 @@ class KernelServer:
             store=self.store,
         )
         self.hub.start()
+        self.keys_dir = Path(keys) if keys else None
+        self.peers = Path(peers) if peers else None
+        self.outgoing: dict[str, Outgoing] = {}
+        self.incoming: Incoming | None = None
+        if migrate_listen:
+            self._listen(migrate_listen)
         self._running = True
         self._commands: dict[str, Callable[[Request], dict[str, Any]]] = {
             "ping": self._ping,
@@ -144,6 +155,8 @@ class KernelServer:
             "console": self._console,
             "save": self._save,
             "restore": self._restore,
+            "migrate": self._migrate,
+            "migration_inject": self._migration_inject,
             "shutdown": self._shutdown,
             "sync": self._sync,
             "devices": self._devices,
@@ -169,6 +182,9 @@ class KernelServer:
                 self._forward_events()
             if self.router in ready:
                 self._handle(self.router.recv_multipart())
+        if self.incoming is not None:
+            self.incoming.stop()
+            self.incoming.join(timeout=5)
         self.hv.shutdown()
         self.hub.stop()
         self._forward_events()
@@ -196,6 +212,94 @@ class KernelServer:
             "pid": os.getpid(),
             "domains": len(self.hv.domains),
             "events_dropped": self.bus.dropped,
+            "migration": self.incoming.endpoint if self.incoming is not None else None,
+        }
+
+    # -- migration -------------------------------------------------------------------------
+    def _listen(self, endpoint: str) -> None:
+        """Accept migrations on ``endpoint``; without a key pair, log why and accept none."""
+        try:
+            if self.keys_dir is None or self.peers is None:
+                raise PeerError("--migrate-listen needs --keys and --peers")
+            keys = load_keys(self.keys_dir)
+            self.incoming = Incoming(self.hv, self.ctx, endpoint, keys, self.peers, self.bus.emit)
+        except (PeerError, zmq.ZMQError) as e:
+            log.error("not accepting migrations on %s: %s", endpoint, e)
+            return
+        self.incoming.start()
+        log.info(
+            "accepting migrations on %s from the keys in %s", self.incoming.endpoint, self.peers
+        )
+
+    def _migration_inject(self, req: Request) -> dict[str, Any]:
+        """Make this kernel die when a migration coming in reaches ``phase`` (tests: the
+        destination killed at each phase)."""
+        phase = prop(req, "phase", str)
+        if phase not in ("begin", "pages", "sync", "commit"):
+            raise ControlError("migration_inject: phase must be begin, pages, sync or commit")
+        if self.incoming is None:
+            raise ControlError("migration_inject: this kernel accepts no migrations")
+        self.incoming.die_at = phase
+        return {"phase": phase}
+
+    def _migration_ended(self, out: Outgoing) -> None:
+        self.outgoing.pop(out.dom.name, None)  # (a dict operation: atomic across threads)
+
+    def _migrate(self, req: Request) -> dict[str, Any]:
+        """Live-migrate a domain to a peer (``xl migrate``); the outcome is the event
+        ``domain.<name>.migration``."""
+        dom = self.hv.find(self._ref(req))
+        if dom.exit is not None or dom.action is not None:
+            raise ControlError(f"domain {dom.name!r} is stopping or stopped; nothing to migrate")
+        if dom.devices:
+            names = ", ".join(d.spec.vdev for d in dom.devices.values())
+            raise ControlError(
+                f"domain {dom.name!r} has devices ({names}); this kernel migrates domains "
+                "without devices only"
+            )
+        if dom.name in self.outgoing:
+            raise ControlError(f"domain {dom.name!r} is being migrated already")
+        if self.keys_dir is None or self.peers is None:
+            raise ControlError("this kernel was started without --keys and --peers")
+        try:
+            peer = peer_named(self.peers, prop(req, "peer", str))
+            keys = load_keys(self.keys_dir)
+        except PeerError as e:
+            raise ControlError(str(e)) from None
+        opt = Options(
+            max_downtime_ms=prop(req, "max_downtime_ms", (int, float), 50.0),
+            max_rounds=prop(req, "max_rounds", int, 30),
+            timeout_s=prop(req, "timeout_s", (int, float), 10.0),
+            auto_converge=prop(req, "auto_converge", bool, True),
+        )
+        if not (
+            0 < opt.max_downtime_ms <= 60_000
+            and 1 <= opt.max_rounds <= 1000
+            and 0.1 <= opt.timeout_s <= 600
+        ):
+            raise ControlError(
+                "migrate: max_downtime_ms must be in (0, 60000], max_rounds in 1..1000 and "
+                "timeout_s in 0.1..600"
+            )
+        out = Outgoing(
+            self.hv,
+            dom,
+            peer,
+            keys,
+            self.ctx,
+            opt,
+            self.bus.emit,
+            self._migration_ended,
+            origin=prop(req, "origin", str, ""),
+        )
+        self.outgoing[dom.name] = out
+        out.start()
+        return {
+            "domid": dom.domid,
+            "name": dom.name,
+            "peer": peer.name,
+            "address": peer.address,
+            "migration": out.mid,
         }
 
     def _create(self, req: Request) -> dict[str, Any]:

@@ -123,8 +123,13 @@ def test_a_response_fault_crashes_only_the_guest_that_saw_it(stack: Stack) -> No
     instance redoes the request, so the guests still finish with errors=0."""
     reads = 4_000  # the fault fires on the next request: no need for READS
     with two_guests(stack, reads) as events:
+        # paused while the CLI arms the fault: under load the guests could finish first
+        for name in ("r1", "r2"):
+            stack.call("pause", name=name)
         r = stack.cli("fault", "add", "rng0", "-t", "bad_id", "-a", "times=1")
         assert r.returncode == 0, r.stdout + r.stderr
+        for name in ("r1", "r2"):
+            stack.call("unpause", name=name)
         events.wait("driver.rng0.fault", timeout=30)
         more(stack)
         finish(stack, events, reads)

@@ -1,14 +1,17 @@
-"""``isovisor save`` and ``restore``: a running domain to a snapshot file and back, as
-``xl save`` / ``xl restore`` (docs/snapshots.md)."""
+"""``isovisor save``, ``restore``, ``migrate`` and ``keys``: a running domain to a snapshot file
+and back, as ``xl save`` / ``xl restore`` (docs/snapshots.md), and to another stack while it
+runs, as ``xl migrate`` (docs/migration.md)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from isovisor.cli.common import RunDirOpt, _call, _run_dir, fail, out
+from ipc.control import ControlError
+from isovisor.cli.common import RunDirOpt, _call, _client, _run_dir, fail, out
 
 
 def save(
@@ -53,3 +56,107 @@ def restore(
     r = _call(_run_dir(run_dir), "restore", path=str(path), paused=paused)
     how = f" paused; resume it with `isovisor unpause {r['name']}`" if paused else ""
     out.print(f"restored domain {r['name']} (id {r['domid']}) from {path}{how}")
+
+
+def migrate(
+    name: Annotated[str, typer.Argument(help="Domain name or id.")],
+    peer: Annotated[str, typer.Argument(help="Destination stack, by its name in the peers file.")],
+    max_downtime: Annotated[
+        float,
+        typer.Option(
+            "--max-downtime", help="Stop and copy once the rest fits in this many ms.", min=0.1
+        ),
+    ] = 50.0,
+    max_rounds: Annotated[
+        int, typer.Option("--max-rounds", help="Stop and copy after this many rounds.", min=1)
+    ] = 30,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", help="Seconds to wait for each answer of the destination.", min=0.1
+        ),
+    ] = 10.0,
+    no_auto_converge: Annotated[
+        bool,
+        typer.Option(
+            "--no-auto-converge",
+            help="Never throttle a guest that dirties memory faster than it is sent.",
+        ),
+    ] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the outcome.")] = 600,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Live-migrate a running domain to another stack (xl migrate): pre-copy rounds while it
+    runs, then a short stop and copy; if anything fails first it runs on here."""
+    import json
+
+    from ipc.events import subscribe
+
+    rd = _run_dir(run_dir)
+    with _client(rd) as c:
+        try:
+            sub = subscribe(rd.events, [f"domain.{name}.migration"], c)
+        except ControlError as e:
+            fail(e.reason)
+        try:
+            r = c.call(
+                "migrate",
+                name=name,
+                peer=peer,
+                max_downtime_ms=max_downtime,
+                max_rounds=max_rounds,
+                timeout_s=timeout,
+                auto_converge=not no_auto_converge,
+            )
+        except ControlError as e:
+            sub.close()
+            fail(e.reason)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            ev = sub.recv(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                fail(f"no outcome of the migration of {r['name']} within {wait:g}s")
+            topic, p = ev
+            if topic == f"domain.{r['name']}.migration" and p.get("migration") == r["migration"]:
+                break
+    finally:
+        sub.close()
+    if as_json:
+        print(json.dumps(p, indent=2))
+    elif p["outcome"] == "migrated":
+        throttled = f", throttled to {p['throttle']}%" if p["throttle"] else ""
+        out.print(
+            f"migrated domain {r['name']} to {peer} ({p['address']}, id {p['dest_domid']} "
+            f"there): {p['rounds']} round(s), {p['pages_sent']} pages sent "
+            f"({p['pages_touched']} touched), downtime {p['downtime_ms']:.1f} ms, total "
+            f"{p['total_ms']:.1f} ms{throttled}"
+        )
+    if p["outcome"] != "migrated":
+        fail(f"migration of {r['name']} to {peer} failed: {p['reason']}; it runs on here")
+
+
+def keys(
+    config: Annotated[
+        Path, typer.Argument(help="The stack's supervisor.toml (default ./supervisor.toml).")
+    ] = Path("supervisor.toml"),
+) -> None:
+    """Create this stack's key pair for migrations (if it has none) and print the line the
+    peers file of another stack needs to trust it."""
+    from ipc.peers import PeerError, create_keys
+    from isovisor.config import ConfigError, load_stack_config
+
+    try:
+        cfg = load_stack_config(config)
+        pair, made = create_keys(Path(cfg.migration.keys))
+    except (ConfigError, PeerError, OSError) as e:
+        fail(str(e))
+    where = cfg.migration.listen or "tcp://HOST:PORT"
+    out.print(
+        f"{'created' if made else 'key pair'} {cfg.migration.keys}/stack.key{{,_secret}}\n"
+        f"add this line to the peers file ({Path(cfg.migration.peers).name}) of each stack "
+        f"that sends guests here or receives them from here:\n"
+        f"{cfg.name} {pair.public.decode()} {where}",
+        soft_wrap=True,
+    )

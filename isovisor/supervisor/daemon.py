@@ -62,6 +62,7 @@ class Supervisor:
             shm_prefix=shm_prefix_for(os.getpid()),
             pcpus=cfg.kernel.pcpus,
             timeslice_ms=cfg.kernel.timeslice_ms,
+            migration=cfg.migration,
         )
         self._running = True
         self.exit_status = 0
@@ -81,6 +82,7 @@ class Supervisor:
             "create": self._create,
             "save": self._save,
             "restore": self._forward,
+            "migrate": self._save,
             "down": self._down,
             "sync": self._sync,
             "devices": self._forward,
@@ -406,7 +408,7 @@ class Supervisor:
         return reply
 
     def _save(self, req: Request) -> dict[str, Any]:
-        """Forwarded with this stack's name as the snapshot's origin."""
+        """``save`` and ``migrate``: forwarded with this stack's name as the origin."""
         req.properties.setdefault("origin", self.cfg.name)
         return self._forward(req)
 

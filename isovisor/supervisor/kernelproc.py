@@ -14,6 +14,7 @@ import psutil
 
 from ipc.control import Client, ControlError, ServerUnreachable
 from ipc.shm import sweep
+from isovisor.config import MigrationConfig
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
 from isovisor.supervisor.driverproc import child_env
@@ -37,12 +38,14 @@ class KernelProcess:
         pcpus: int,
         timeslice_ms: int,
         log_path: Path | None = None,
+        migration: MigrationConfig | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.shm_prefix = shm_prefix
         self.pcpus = pcpus
         self.timeslice_ms = timeslice_ms
         self.log_path = log_path or run_dir.kernel_log
+        self.migration = migration
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: Client | None = None
 
@@ -70,6 +73,11 @@ class KernelProcess:
             "--parent-pid",
             str(os.getpid()),
         ]
+        m = self.migration
+        if m is not None:
+            cmd += ["--keys", m.keys, "--peers", m.peers]
+            if m.listen:
+                cmd += ["--migrate-listen", m.listen]
         env = child_env()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -1,0 +1,528 @@
+"""Live migration between stacks: iterative pre-copy over CurveZMQ (docs/migration.md).
+
+The source kernel runs one :class:`Outgoing` thread per migration; every kernel that listens
+runs one :class:`Incoming` thread.  They talk over a DEALER (source) / ROUTER (destination) pair
+on TCP, encrypted and authenticated with CurveZMQ: the destination accepts only keys listed in
+its peers file (a ZAP handler checks each connection and logs the ones it refuses), and the
+source knows the destination's key from its own peers file before it connects.
+
+Source                                          Destination
+``begin`` {name, config, bytes}         ->      reserve: fresh zeroed RAM for the guest
+``pages`` {runs} + data, ...            ->      copy into that RAM (pipelined, no answer)
+``sync`` {round}                        ->      answered when every page before it is in
+    ... rounds of the pages dirtied meanwhile (kernel/dirty.py), until few enough are left
+    to send within ``max_downtime`` (or ``max_rounds``); a guest that dirties faster than
+    the link carries is throttled (auto-converge: its CPU cap halves each round) ...
+pause the guest; last ``pages``; ``commit`` {vCPU, scheduler, clock, console}
+                                        ->      create the domain from that RAM and state,
+                                                unpause it; answer {domid}
+destroy the source's copy
+
+Nothing runs twice and nothing is lost: the guest is paused at the source from the stop-and-copy
+until the destination has it running; if anything fails first (no answer within ``timeout``,
+a refusal, the destination's death), the source sends ``abort``, gives the guest its CPU cap
+back, resumes it, and the outcome event says why.  A destination frees a reception that hears
+nothing for :data:`RECEPTION_IDLE_S`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import msgpack
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from domains.config import DomainConfig
+from ipc.control import ControlError
+from ipc.peers import KeyPair, Peer, PeerError, read_peers
+from ipc.schema import ConfigError
+from ipc.shm import SegmentError
+from kernel import abi, saverestore
+from kernel.dirty import DirtyTracker
+from kernel.memory import GuestMemory
+from kernel.snapfile import SnapshotError
+
+if TYPE_CHECKING:
+    from kernel.domain import Domain, Emit
+    from kernel.hypervisor import Hypervisor
+
+log = logging.getLogger("isovisor.kernel")
+
+PAGE: Final = abi.PAGE_SIZE
+#: A destination frees a reception that hears nothing for this long (the source died).
+RECEPTION_IDLE_S: Final = 30.0
+#: Fixed part of the downtime estimate: pause, last scan, state, commit (ms), refined by
+#: measuring the scan.
+BASE_DOWNTIME_MS: Final = 5.0
+#: The throttle steps of auto-converge (% of one pCPU).
+THROTTLE_STEPS: Final = (50, 25, 12, 6, 3, 1)
+
+
+class MigrationFailed(Exception):
+    """A migration cannot go on; the message is what the operator reads."""
+
+
+@dataclass
+class Options:
+    max_downtime_ms: float = 50.0
+    max_rounds: int = 30
+    timeout_s: float = 10.0
+    auto_converge: bool = True
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# -- source -----------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    rounds: int = 0
+    pages_sent: int = 0
+    pages_touched: set[int] = field(default_factory=set)
+    round_pages: list[int] = field(default_factory=list)
+    throttle: int = 0
+    downtime_ms: float = 0.0
+    total_ms: float = 0.0
+    bandwidth_mbs: float = 0.0
+    last_pages: int = 0
+
+
+class Outgoing(threading.Thread):
+    """One domain going to one peer (a thread of the source kernel)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        dom: Domain,
+        peer: Peer,
+        keys: KeyPair,
+        ctx: zmq.Context,
+        options: Options,
+        emit: Emit,
+        on_end: Callable[[Outgoing], None],
+        origin: str = "",
+    ) -> None:
+        self.mid = f"{dom.name}-{next(self._ids)}-{time.monotonic_ns()}"
+        super().__init__(name=f"migrate-{dom.name}", daemon=True)
+        self.hv, self.dom, self.peer, self.keys, self.ctx = hv, dom, peer, keys, ctx
+        self.opt = options
+        self.origin = origin
+        self.emit = emit
+        self.on_end = on_end
+        self.stats = Stats()
+        self._sock: zmq.Socket | None = None
+
+    # transport
+    def _connect(self) -> zmq.Socket:
+        s: zmq.Socket = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        # a DEALER's send blocks while it has no connection (e.g. the destination refused our
+        # key): bounded by the timeout, as every wait for the destination is
+        s.setsockopt(zmq.SNDTIMEO, int(self.opt.timeout_s * 1000))
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.curve_secretkey = self.keys.secret
+        s.curve_publickey = self.keys.public
+        s.curve_serverkey = self.peer.key
+        s.connect(self.peer.address)
+        return s
+
+    def _send(self, header: dict[str, Any], *data: bytes, flags: int = 0) -> None:
+        assert self._sock is not None
+        header["id"] = self.mid
+        try:
+            self._sock.send_multipart([_pack(header), *data], flags=flags, copy=False)
+        except zmq.Again:
+            raise MigrationFailed(
+                f"peer {self.peer.name} ({self.peer.address}) did not take {header['op']!r} "
+                f"within {self.opt.timeout_s:g}s: it is down, not listening for migrations, "
+                "or does not list this stack's key in its peers file"
+            ) from None
+
+    def _ask(self, header: dict[str, Any], *data: bytes) -> dict[str, Any]:
+        """Send and wait for the answer (bounded by the timeout)."""
+        sock = self._sock
+        assert sock is not None
+        self._send(header, *data)
+        if not sock.poll(int(self.opt.timeout_s * 1000)):
+            raise MigrationFailed(
+                f"peer {self.peer.name} ({self.peer.address}) did not answer {header['op']!r} "
+                f"within {self.opt.timeout_s:g}s: it is down, not listening for migrations, "
+                "or does not list this stack's key in its peers file"
+            )
+        reply = _unpack(sock.recv())
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            why = reply.get("error") if isinstance(reply, dict) else repr(reply)
+            raise MigrationFailed(f"peer {self.peer.name} refused {header['op']!r}: {why}")
+        return reply
+
+    def _progress(self, phase: str, **more: Any) -> None:
+        self.emit(
+            f"domain.{self.dom.name}.migrating",
+            {"domid": self.dom.domid, "peer": self.peer.name, "phase": phase, **more},
+        )
+
+    # the migration
+    def run(self) -> None:
+        dom = self.dom
+        t0 = time.monotonic_ns()
+        was_paused = dom.paused
+        cap = dom.cap
+        outcome: dict[str, Any]
+        paused_at: int | None = None
+        tracker: DirtyTracker | None = None
+        try:
+            self._sock = self._connect()
+            self._progress("connecting", address=self.peer.address)
+            self._ask(
+                {
+                    "op": "begin",
+                    "name": dom.name,
+                    "config": dom.config.to_wire(),
+                    "bytes": dom.mem.size,
+                    "origin": self.origin,
+                }
+            )
+            tracker = DirtyTracker(dom.mem.host_address, dom.mem.size)
+            paused_at = self._precopy(tracker, cap)
+            reply = self._stop_and_copy(tracker)
+            done = time.monotonic_ns()
+            self.stats.downtime_ms = (done - (paused_at or done)) / 1e6
+            self.stats.total_ms = (done - t0) / 1e6
+            outcome = {"outcome": "migrated", "reason": "", "dest_domid": reply.get("domid")}
+        except (MigrationFailed, zmq.ZMQError, OSError) as e:
+            reason = str(e)
+            outcome = {"outcome": "failed", "reason": reason}
+            with contextlib.suppress(Exception):
+                if self._sock is not None:
+                    self._send({"op": "abort", "reason": reason}, flags=zmq.NOBLOCK)
+            self.hv.sched.set_cap(dom, cap)
+            if not was_paused and dom.exit is None:
+                self.hv.sched.unpause(dom)
+            log.error(
+                "migration of %s to %s failed: %s; it runs here", dom.name, self.peer.name, reason
+            )
+        except Exception as e:  # a kernel bug: the guest must still run on here
+            log.exception("migration of %s to %s failed", dom.name, self.peer.name)
+            outcome = {"outcome": "failed", "reason": f"internal error: {e}"}
+            self.hv.sched.set_cap(dom, cap)
+            if not was_paused and dom.exit is None:
+                self.hv.sched.unpause(dom)
+        finally:
+            if tracker is not None:
+                tracker.close()
+            if self._sock is not None:
+                self._sock.close(0)
+        s = self.stats
+        payload = {
+            "domid": dom.domid,
+            "peer": self.peer.name,
+            "address": self.peer.address,
+            **outcome,
+            "rounds": s.rounds,
+            "pages_sent": s.pages_sent,
+            "pages_touched": len(s.pages_touched),
+            "round_pages": s.round_pages,
+            "last_pages": s.last_pages,
+            "throttle": s.throttle,
+            "downtime_ms": round(s.downtime_ms, 3),
+            "total_ms": round(s.total_ms or (time.monotonic_ns() - t0) / 1e6, 3),
+            "bandwidth_mbs": round(s.bandwidth_mbs, 1),
+            "migration": self.mid,
+        }
+        if outcome["outcome"] == "migrated":
+            log.info(
+                "domain %s migrated to %s: %d rounds, %d pages sent (%d touched), downtime "
+                "%.1f ms, total %.1f ms",
+                dom.name,
+                self.peer.name,
+                s.rounds,
+                s.pages_sent,
+                len(s.pages_touched),
+                s.downtime_ms,
+                s.total_ms,
+            )
+            with contextlib.suppress(ControlError):
+                self.hv.destroy(dom, f"migrated to {self.peer.name}")
+        self.emit(f"domain.{dom.name}.migration", payload)
+        self.on_end(self)
+
+    def _send_pages(self, tracker: DirtyTracker, pages: list[int]) -> None:
+        for first, count, data in tracker.take(pages):
+            self._send({"op": "pages", "runs": [[first, count]]}, data)
+        self.stats.pages_sent += len(pages)
+        self.stats.pages_touched.update(pages)
+
+    def _precopy(self, tracker: DirtyTracker, cap: int) -> int:
+        """Rounds while the guest runs; returns when few enough pages are left."""
+        s, opt, dom = self.stats, self.opt, self.dom
+        bw = 0.0  # bytes per ms, measured
+        throttle_step = -1
+        previous = None
+        while True:
+            t_scan = time.monotonic_ns()
+            pages = tracker.scan()
+            scan_ms = (time.monotonic_ns() - t_scan) / 1e6
+            if s.rounds > 0:
+                expect = BASE_DOWNTIME_MS + scan_ms + (len(pages) * PAGE / bw if bw else 0.0)
+                if expect <= opt.max_downtime_ms or s.rounds >= opt.max_rounds:
+                    return self._pause()
+            if dom.exit is not None or dom.action is not None:
+                raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
+            t = time.monotonic_ns()
+            self._send_pages(tracker, pages)
+            self._ask({"op": "sync", "round": s.rounds})
+            ms = max((time.monotonic_ns() - t) / 1e6, 0.001)
+            if pages:
+                bw = len(pages) * PAGE / ms
+                s.bandwidth_mbs = bw * 1000 / (1 << 20)
+            s.round_pages.append(len(pages))
+            s.rounds += 1
+            self._progress("round", round=s.rounds, pages=len(pages), ms=round(ms, 3))
+            # auto-converge: not shrinking by half a round -> halve the guest's CPU
+            if (
+                opt.auto_converge
+                and previous is not None
+                and s.rounds >= 3
+                and len(pages) > previous // 2
+                and throttle_step + 1 < len(THROTTLE_STEPS)
+            ):
+                throttle_step += 1
+                s.throttle = THROTTLE_STEPS[throttle_step]
+                limit = s.throttle if not cap else min(cap, s.throttle)
+                self.hv.sched.set_cap(dom, limit)
+                self._progress("throttle", cap=limit)
+            previous = len(pages)
+
+    def _pause(self) -> int:
+        dom = self.dom
+        t = time.monotonic_ns()
+        self.hv.sched.pause(dom)
+        if not self.hv.sched.wait_off_cpu(dom, 5.0):
+            raise MigrationFailed(f"domain {dom.name!r} did not stop running within 5s")
+        return t
+
+    def _stop_and_copy(self, tracker: DirtyTracker) -> dict[str, Any]:
+        dom = self.dom
+        pages = tracker.scan()
+        self.stats.last_pages = len(pages)
+        self._send_pages(tracker, pages)
+        with self.hv.sched.lock:
+            if dom.exit is not None or dom.action is not None:
+                raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
+            sections = saverestore.capture(dom, self.origin)
+        del sections["memory"]
+        self._progress("commit", pages=len(pages))
+        return self._ask({"op": "commit", "sections": sections})
+
+
+# -- destination ------------------------------------------------------------------------------
+@dataclass
+class Reception:
+    mid: str
+    name: str
+    config: DomainConfig
+    mem: GuestMemory
+    origin: str
+    seen: float
+    pages: int = 0
+
+
+class Incoming(threading.Thread):
+    """Accepts migrations on ``listen`` for the kernel (one thread; one reception per
+    migration under way)."""
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        ctx: zmq.Context,
+        listen: str,
+        keys: KeyPair,
+        peers: Path,
+        emit: Emit,
+    ) -> None:
+        super().__init__(name="migrate-in", daemon=True)
+        self.hv, self.ctx, self.keys, self.peers_path, self.emit = hv, ctx, keys, peers, emit
+        self.receptions: dict[str, Reception] = {}
+        #: Fault injection (tests): the kernel process dies on receiving this operation.
+        self.die_at: str | None = None
+        self._stop = threading.Event()
+        self._shm = itertools.count(1)
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("isovisor.kernel.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=self)
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = keys.secret
+        self.sock.curve_publickey = keys.public
+        self.sock.bind(listen)
+        self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ZAP: called by the authenticator's thread for every connection
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            peers = read_peers(self.peers_path)
+        except PeerError as e:
+            log.error("migration: refused a connection: %s", e)
+            return False
+        z85 = bytes(key)  # pyzmq hands it over in Z85
+        for p in peers.values():
+            if p.key == z85:
+                return True
+        log.warning(
+            "migration: refused a connection from an unknown key %s (not in %s)",
+            z85.decode(),
+            self.peers_path,
+        )
+        self.emit("migration.refused", {"key": z85.decode(), "peers": str(self.peers_path)})
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.sock.poll(200):
+                    frames = self.sock.recv_multipart(copy=False)
+                    self._handle(frames)
+                self._expire()
+        finally:
+            for r in list(self.receptions.values()):
+                self._free(r, "the kernel is stopping")
+            self.sock.close(0)
+            self.auth.stop()
+
+    def _reply(self, ident: Any, **body: Any) -> None:
+        self.sock.send_multipart([ident, _pack(body)])
+
+    def _handle(self, frames: list[Any]) -> None:
+        ident = frames[0]
+        try:
+            header = _unpack(frames[1].bytes)
+            if not isinstance(header, dict) or not isinstance(header.get("id"), str):
+                raise MigrationFailed("malformed message (no id)")
+            op = header.get("op")
+            mid = header["id"]
+            if op == self.die_at:
+                log.error("migration: dying on %r, as injected (migration_inject)", op)
+                logging.shutdown()
+                os._exit(70)
+            if op == "begin":
+                self._begin(mid, header)
+                self._reply(ident, ok=True)
+                return
+            r = self.receptions.get(mid)
+            if r is None:
+                if op in ("pages", "abort"):
+                    return  # after an abort or an expiry: nothing to do, nobody waits
+                raise MigrationFailed(f"no migration {mid!r} under way here")
+            r.seen = time.monotonic()
+            if op == "pages":
+                self._pages(r, header, frames[2:])
+            elif op == "sync":
+                self._reply(ident, ok=True, round=header.get("round"), pages=r.pages)
+            elif op == "commit":
+                domid = self._commit(r, header)
+                self._reply(ident, ok=True, domid=domid)
+            elif op == "abort":
+                self._free(r, f"the source aborted: {header.get('reason', '')}")
+            else:
+                raise MigrationFailed(f"unknown operation {op!r}")
+        except (MigrationFailed, ControlError, SnapshotError) as e:
+            log.warning("migration: %s", e)
+            with contextlib.suppress(zmq.ZMQError):
+                self._reply(ident, ok=False, error=str(e))
+        except Exception as e:
+            log.exception("migration: internal error")
+            with contextlib.suppress(zmq.ZMQError):
+                self._reply(ident, ok=False, error=f"internal error on the destination: {e}")
+
+    def _begin(self, mid: str, h: dict[str, Any]) -> None:
+        try:
+            config = DomainConfig.from_wire(h.get("config"))
+        except ConfigError as e:
+            raise MigrationFailed(f"the domain's config is invalid here: {e}") from None
+        if config.devices:
+            raise MigrationFailed(
+                f"domain {config.name!r} has devices; this kernel migrates domains without "
+                "devices only"
+            )
+        if config.name in self.hv.domains or any(
+            r.name == config.name for r in self.receptions.values()
+        ):
+            raise MigrationFailed(f"a domain named {config.name!r} already exists here")
+        size = h.get("bytes")
+        if size != config.memory * 1024 * 1024:
+            raise MigrationFailed(f"memory size {size!r} does not match the config")
+        try:
+            mem = GuestMemory(f"{self.hv.shm_prefix}mig{next(self._shm)}.ram", size)
+        except (SegmentError, ValueError) as e:
+            raise MigrationFailed(str(e)) from None
+        origin = str(h.get("origin", ""))
+        self.receptions[mid] = Reception(mid, config.name, config, mem, origin, time.monotonic())
+        log.info("migration %s: receiving domain %s (%d MiB)", mid, config.name, config.memory)
+
+    def _pages(self, r: Reception, h: dict[str, Any], data: list[Any]) -> None:
+        runs = h.get("runs")
+        if not isinstance(runs, list) or len(runs) != len(data):
+            raise MigrationFailed("malformed pages message")
+        buf = r.mem.segment.buf
+        limit = r.mem.size // PAGE
+        for run, frame in zip(runs, data, strict=True):
+            first, count = run
+            view = frame.buffer
+            if not (first >= 1 and count >= 1 and first + count <= limit):
+                raise MigrationFailed(f"page run {first}+{count} is outside the guest's RAM")
+            if len(view) != count * PAGE:
+                raise MigrationFailed(f"page run {first}+{count} carries {len(view)} bytes")
+            buf[first * PAGE : (first + count) * PAGE] = view
+            r.pages += count
+
+    def _commit(self, r: Reception, h: dict[str, Any]) -> int:
+        sections = h.get("sections")
+        if not isinstance(sections, dict):
+            raise MigrationFailed("malformed commit (no sections)")
+        sections["memory"] = {"bytes": r.mem.size, "page": PAGE, "runs": []}
+        sections["pages"] = b""
+        restored = saverestore.Restored.check(sections, f"migration of {r.name}")
+        restored.memory = r.mem
+        restored.origin = r.origin or restored.origin
+        del self.receptions[r.mid]
+        try:
+            dom = self.hv.create(restored.config, restore=restored)
+        except BaseException:
+            if restored.memory is not None:  # not taken by a domain: ours to free
+                r.mem.close()
+            raise
+        log.info("migration %s: domain %s runs here (id %d)", r.mid, r.name, dom.domid)
+        return dom.domid
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for r in list(self.receptions.values()):
+            if now - r.seen > RECEPTION_IDLE_S:
+                self._free(r, f"nothing heard from the source for {RECEPTION_IDLE_S:g}s")
+
+    def _free(self, r: Reception, why: str) -> None:
+        self.receptions.pop(r.mid, None)
+        r.mem.close()
+        log.warning("migration %s of domain %s abandoned: %s", r.mid, r.name, why)

@@ -1,0 +1,204 @@
+"""``isovisor migrate``: live pre-copy migration between two stacks over CurveZMQ, with the
+guest's clock and console going on, unknown peers refused, and the guest running on at the
+source whenever the destination dies or refuses before it has the guest running."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ipc.control import Client
+from ipc.peers import create_keys
+from isovisor.paths import RunDir
+from tests.conftest import Stack, shm_segments, wait_event, wait_until
+
+MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n'
+
+
+def _pair(a: Stack, b: Stack, *, trust: bool = True) -> None:
+    """Two stacks that know each other as "a" and "b" (with ``trust=False``, b does not know
+    a's key)."""
+    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (a, b))
+    a.up(extra=MIGRATION)
+    b.up(extra=MIGRATION)
+    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (a, b))
+    assert ep_a.startswith("tcp://127.0.0.1:") and ep_b.startswith("tcp://127.0.0.1:")
+    (a.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
+    (b.dir / "peers").write_text(f"a {key_a} {ep_a}\n" if trust else "# nobody\n")
+
+
+def _kernel(s: Stack) -> Client:
+    return Client(RunDir(s.run_dir).kernel_control, timeout=15)
+
+
+def _console(st: Stack, name: str) -> str:
+    return bytes(st.call("console", name=name)["data"]).decode()
+
+
+def _migrate(src: Stack, name: str, peer: str, **opts: Any) -> dict[str, Any]:
+    """Migrate through the control socket and wait for the outcome event."""
+    sub = src.subscribe([f"domain.{name}.migration"])
+    try:
+        r = src.call("migrate", name=name, peer=peer, **opts)
+        return wait_event(
+            sub, f"domain.{name}.migration", timeout=60, match={"migration": r["migration"]}
+        )
+    finally:
+        sub.close()
+
+
+def test_twenty_migrations_keep_the_clock_and_every_console_line(stack: Stack, peer: Stack) -> None:
+    _pair(stack, peer)
+    stack.create(
+        stack.domain_config(
+            "cc", "clockcheck", memory=16, extra="report_ms=50", on_poweroff="preserve"
+        )
+    )
+    wait_until(lambda: _console(stack, "cc").count("report") >= 3, what="first reports")
+    here, there = (stack, "b"), (peer, "a")
+    for i in range(20):
+        src, dest = here if i % 2 == 0 else there
+        out = _migrate(src, "cc", dest)
+        assert out["outcome"] == "migrated", out
+        assert out["pages_sent"] >= out["pages_touched"] > 0
+        assert "cc" not in src.domains()  # the source's copy is gone
+    # 20 moves: it is back where it started, and runs on
+    cc = _console(stack, "cc")
+    wait_until(lambda: _console(stack, "cc").count("epoch=20 ") >= 2, what="reports after")
+    stack.call("pause", name="cc")
+    cc = _console(stack, "cc")
+    reports = re.findall(
+        r"^clockcheck: report (\d+) .*backward=(\d+) .*epoch=(\d+) .*hc_behind=(\d+)$", cc, re.M
+    )
+    numbers = [int(k) for k, *_ in reports]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "a line lost or twice"
+    assert numbers[0] == 1 or len(cc) >= 60_000  # the whole history, unless it outgrew 64 KiB
+    assert all(b == "0" for _, b, _, _ in reports), "the clock went backwards"
+    assert all(h == "0" for *_, h in reports), "HC_TIME disagreed with the guest's reading"
+    epochs = [int(e) for _, _, e, _ in reports]
+    assert epochs == sorted(epochs) and epochs[-1] == 20
+
+
+def test_an_unknown_peer_is_refused_and_the_guest_runs_on(stack: Stack, peer: Stack) -> None:
+    _pair(stack, peer, trust=False)
+    stack.create(stack.domain_config("tick", "ticker", extra="interval_ms=20"))
+    wait_until(lambda: "tick 2" in _console(stack, "tick"), what="ticks")
+    sub = peer.subscribe(["migration.refused"])
+    out = _migrate(stack, "tick", "b", timeout_s=1.0)
+    refused = wait_event(sub, "migration.refused", timeout=10)
+    sub.close()
+    assert out["outcome"] == "failed"
+    assert "does not list this stack's key" in out["reason"], out["reason"]
+    assert refused["key"] == (stack.dir / "keys" / "stack.key").read_text().split('"')[1]
+    assert "refused a connection from an unknown key" in (peer.run_dir / "kernel.log").read_text()
+    assert peer.domains() == {}
+    row = stack.domains()["tick"]
+    assert "p" not in row["state"] and row["cap"] == 0
+    n = len(_console(stack, "tick"))
+    wait_until(lambda: len(_console(stack, "tick")) > n, what="the guest runs on")
+
+
+def _stack_pids(s: Stack) -> list[int]:
+    ping = s.call("ping")
+    return [ping["pid"], ping["kernel_pid"]]
+
+
+def test_the_destination_dying_at_each_phase_leaves_the_guest_running_at_the_source(
+    stack: Stack, peer: Stack
+) -> None:
+    """The destination's kernel dies on receiving begin, pages, sync or commit (injected),
+    or its kernel and supervisor are killed from outside in the middle of the rounds: the
+    source reports why and its guest goes on, with its output whole."""
+    _pair(stack, peer)
+    stack.create(
+        stack.domain_config(
+            "mw", "memwriter", memory=8, extra="wws_kib=2048 seconds=600 report_ms=100"
+        )
+    )
+    wait_until(lambda: "report 2 " in _console(stack, "mw"), what="memwriter runs")
+    for phase in ("begin", "pages", "sync", "commit", "killed"):
+        sup = _stack_pids(peer)[0]
+        if phase == "killed":
+            sub = stack.subscribe(["domain.mw.migrating"])
+            r = stack.call(
+                "migrate", name="mw", peer="b", timeout_s=1.0, max_downtime_ms=0.1, max_rounds=1000
+            )
+            wait_event(sub, "domain.mw.migrating", match={"phase": "round"}, timeout=30)
+            sub.close()
+            for pid in _stack_pids(peer):
+                os.kill(pid, signal.SIGKILL)
+            done = stack.subscribe(["domain.mw.migration"])
+            out = wait_event(
+                done, "domain.mw.migration", timeout=30, match={"migration": r["migration"]}
+            )
+            done.close()
+        else:
+            _kernel(peer).call("migration_inject", phase=phase)
+            pids = _stack_pids(peer)
+            out = _migrate(stack, "mw", "b", timeout_s=1.0)
+            wait_until(
+                lambda pids=pids: (
+                    not any(
+                        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                        for p in pids[1:]
+                    )
+                ),
+                what=f"the destination's kernel died at {phase}",
+            )
+        assert out["outcome"] == "failed", (phase, out)
+        assert "did not answer" in out["reason"], (phase, out["reason"])
+        row = stack.domains()["mw"]
+        assert "p" not in row["state"] and row["cap"] == 0, (phase, row)
+        n = _console(stack, "mw").count("report")
+        wait_until(
+            lambda n=n: _console(stack, "mw").count("report") > n + 1,
+            what=f"the guest runs on after {phase}",
+        )
+        # a fresh destination for the next phase
+        if RunDir(peer.run_dir).running_pid() is not None:
+            peer.cli("down")
+        wait_until(lambda: RunDir(peer.run_dir).running_pid() is None, what="old peer gone")
+        left = shm_segments(f"isovisor.{sup}.")
+        if phase == "killed":  # nobody was left to clean up after a SIGKILL: the test does
+            for seg in left:
+                (Path("/dev/shm") / seg).unlink()
+        else:  # the supervisor swept its dead kernel's RAM, the reception's too
+            assert left == [], (phase, left)
+        _restart(stack, peer)
+    stack.call("destroy", name="mw")
+
+
+def _restart(a: Stack, b: Stack) -> None:
+    b.up(extra=MIGRATION)
+    ep = _kernel(b).call("ping")["migration"]
+    key = (b.dir / "keys" / "stack.key").read_text().split('"')[1]
+    (a.dir / "peers").write_text(f"b {key} {ep}\n")
+
+
+def test_a_writer_faster_than_the_link_is_throttled_and_converges(
+    stack: Stack, peer: Stack
+) -> None:
+    _pair(stack, peer)
+    stack.create(
+        stack.domain_config(
+            "mw",
+            "memwriter",
+            memory=16,
+            extra="wws_kib=8192 seconds=6 report_ms=200",
+            on_poweroff="preserve",
+        )
+    )
+    wait_until(lambda: "report 1 " in _console(stack, "mw"), what="memwriter runs")
+    out = _migrate(stack, "mw", "b", max_downtime_ms=2.0, max_rounds=40)
+    assert out["outcome"] == "migrated", out
+    assert out["throttle"] > 0, out  # auto-converge cut its CPU
+    assert out["rounds"] >= 3
+    wait_until(lambda: peer.domains()["mw"]["exit_kind"], timeout=60, what="memwriter ends")
+    text = _console(peer, "mw")
+    assert re.search(r"memwriter: done written=\d+ pages=2048 errors=0", text), text[-400:]
+    assert peer.domains()["mw"]["cap"] == 0  # the throttle stays behind with the source
