@@ -160,6 +160,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "retire": ((), '["retire"]'),
     "committed": ((), '["committed"]'),
     "restore": ((lambda v: isinstance(v, dict),), '["restore", {state}]'),
+    "sync": ((_is_int,), '["sync", token:int]'),
 }
 
 
@@ -776,6 +777,9 @@ class DriverHost:
                 continue
             if self.mode == "drained":
                 continue  # a rollback (restore) re-attaches everything afresh
+            if kind == "sync":  # every message before it is handled (a save waits for this)
+                self._send(["synced", {"name": self.name, "pid": os.getpid(), "token": msg[1]}])
+                continue
             if kind == "fault":
                 self._call("fault", self._add_fault, msg[1])
                 continue

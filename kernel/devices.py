@@ -37,6 +37,11 @@ log = logging.getLogger("isovisor.kernel")
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 #: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
 REPORT_S: Final = 1.0
+#: Device classes whose devices a save or a migration can carry (their state is the ring and
+#: the in-flight log in the region, and the disk, which both stacks see, by reference).
+MOVABLE_CLASSES: Final = ("vbd", "rng")
+#: How long a driver has to confirm it let a device go for a save or a migration.
+RELEASE_TIMEOUT_S: Final = 5.0
 #: Characters kept of a driver's ``statistics()`` error (``["statistics", {..., error}]``).
 STATISTICS_ERROR_MAX: Final = 1000
 
@@ -63,6 +68,9 @@ class Device:
     broken: bool = False
     #: Its frontend holds bad responses for the next driver instance to redo (failover.Hold).
     hold: Hold | None = None
+    #: Detached from its driver for a save or a migration (the ring left as it is): removing
+    #: the device then sends no second ``detach``.
+    released: bool = False
     #: The request-timeout check: rsp_prod last seen, and when it last moved.
     progress_rsp: int | None = None
     progress_at: float = 0.0
@@ -157,6 +165,8 @@ class DeviceManager:
         self.recovery.quiet = self.swaps.quiet
         self.recovery.on_replayed = self.swaps.on_replayed
         self._next_report = 0.0
+        self._syncs: dict[int, threading.Event] = {}
+        self._sync_ids = itertools.count(1)
 
     # -- lookups for the recovery code (any thread) ---------------------------------------------
     def snapshot(self) -> list[Device]:
@@ -226,13 +236,20 @@ class DeviceManager:
             for d in made:
                 self.devices[d.key] = d
 
-    def connect(self, dom: Domain) -> None:
-        """Write the store directories, watch both states and send the drivers ``attach``."""
+    def connect(self, dom: Domain, frontends: dict[str, dict[str, str]] | None = None) -> None:
+        """Write the store directories, watch both states and send the drivers ``attach``.
+        ``frontends`` (a restore): what each frontend had written, by vdev; its driver then
+        finds it connected and resumes the ring, as after a driver's crash."""
         for dev in dom.devices.values():
             dev.announced = True  # from now on a new driver instance gets it attached too
             st = self.store
-            for k, v in _store_nodes(dev):
+            fresh = _store_nodes(dev)
+            for k, v in fresh:
                 st.write(k, v)
+            ours = {k for k, _ in fresh if k != f"{dev.fe_dir}/state"}
+            for rel, v in (frontends or {}).get(dev.spec.vdev, {}).items():
+                if f"{dev.fe_dir}/{rel}" not in ours:
+                    st.write(f"{dev.fe_dir}/{rel}", v)
             if not self.hub.send_control(dev.spec.backend, dev.attach_message()):
                 log.warning(
                     "device %s: driver %s did not take the attach message",
@@ -269,7 +286,8 @@ class DeviceManager:
             for w in dev.watches:
                 with contextlib.suppress(StoreError):
                     self.store.unwatch(w)
-            self.hub.send_control(dev.spec.backend, ["detach", dev.key])
+            if not dev.released:
+                self.hub.send_control(dev.spec.backend, ["detach", dev.key])
             for d in (dev.fe_dir, dev.be_dir):
                 with contextlib.suppress(StoreError):
                     self.store.rm(d)
@@ -289,6 +307,96 @@ class DeviceManager:
             side.unlink(missing_ok=True)
         if dev.medium is not None:
             (SHM_DIR / dev.medium.name).unlink(missing_ok=True)
+
+    # -- save, restore, migration (control or migration thread; the domain is paused) -----------
+    def check_movable(self, dom: Domain, what: str) -> None:
+        """ControlError unless every device of ``dom`` can be carried by a save or migration."""
+        for dev in dom.devices.values():
+            if dev.cls.name not in MOVABLE_CLASSES:
+                raise ControlError(
+                    f"domain {dom.name!r}: {dev.kind_word} {dev.spec.vdev} cannot be {what} "
+                    f"yet (devices of class {', '.join(MOVABLE_CLASSES)} can)"
+                )
+            if dev.medium is not None:
+                raise ControlError(
+                    f"domain {dom.name!r}: {dev.kind_word} {dev.spec.vdev} is a memory disk, "
+                    f"whose data lives in this stack only; it cannot be {what} yet"
+                )
+            name = dev.spec.backend
+            if name not in self.hub.links or name in self.recovery.failing:
+                raise ControlError(
+                    f"domain {dom.name!r}: driver {name} of {dev.spec.vdev} is not serving "
+                    "(recovering or failed); try again once `isovisor status` shows it RUNNING"
+                )
+
+    def release(self, dom: Domain) -> None:
+        """Have the drivers let the devices of paused ``dom`` go, leaving their rings and
+        in-flight logs as they are, and wait until each driver confirms."""
+        devs = list(dom.devices.values())
+        for dev in devs:
+            dev.released = True
+            self.hub.send_control(dev.spec.backend, ["detach", dev.key])
+        for name in sorted({d.spec.backend for d in devs}):
+            if not self._sync(name, RELEASE_TIMEOUT_S):
+                self.reattach(dom)
+                raise ControlError(
+                    f"driver {name} did not confirm within {RELEASE_TIMEOUT_S:g}s that it let "
+                    f"the devices of domain {dom.name!r} go (a hot swap or a recovery under "
+                    "way?); nothing was saved"
+                )
+
+    def reattach(self, dom: Domain) -> None:
+        """Give released devices back to their drivers (a checkpoint, or a failed save or
+        migration): they find the frontends connected and resume the rings."""
+        devs = [d for d in dom.devices.values() if d.released]
+        for dev in devs:
+            dev.released = False
+            self.hub.send_control(dev.spec.backend, dev.attach_message())
+        for dev in devs:
+            fe = self.frontend_state(dev)
+            if fe > int(DevState.INITIALISING):
+                self.hub.send_control(dev.spec.backend, ["fe_state", dev.key, fe])
+
+    def _sync(self, name: str, timeout: float) -> bool:
+        """Send driver ``name`` a ``sync`` and wait for its answer: every message sent it
+        before has been handled."""
+        token = next(self._sync_ids)
+        ev = self._syncs[token] = threading.Event()
+        try:
+            if not self.hub.send_control(name, ["sync", token]):
+                return False
+            return ev.wait(timeout)
+        finally:
+            self._syncs.pop(token, None)
+
+    def device_sections(self, dom: Domain) -> list[dict[str, Any]]:
+        """Each device's region (rings and in-flight log) and its frontend's store nodes."""
+        out = []
+        for dev in sorted(dom.devices.values(), key=lambda d: d.index):
+            nodes = {}
+            with contextlib.suppress(StoreError):
+                nodes = self.store.snapshot(dev.fe_dir)
+            out.append(
+                {
+                    "class": dev.cls.name,
+                    "vdev": dev.spec.vdev,
+                    "region": bytes(dev.segment.buf[: dev.cls.region.segment_bytes]),
+                    "frontend": {
+                        p[len(dev.fe_dir) + 1 :]: v
+                        for p, v in nodes.items()
+                        if p.startswith(dev.fe_dir + "/")
+                    },
+                }
+            )
+        return out
+
+    @staticmethod
+    def load_regions(dom: Domain, saved: list[dict[str, Any]]) -> None:
+        """Copy saved regions into the new devices' segments (before they are connected)."""
+        by_vdev = {d["vdev"]: d for d in saved}
+        for dev in dom.devices.values():
+            region = by_vdev[dev.spec.vdev]["region"]
+            dev.segment.buf[: len(region)] = region
 
     # -- watches ---------------------------------------------------------------------------------
     def _be_state_changed(self, path: str, token: str) -> None:
@@ -413,6 +521,10 @@ class DeviceManager:
                 self.sched.notify(dev.dom, 1 << dev.port)
         elif self.recovery.handle(msg) or self.swaps.handle(msg):
             return
+        elif kind == "synced" and len(msg) == 2 and isinstance(msg[1], dict):
+            ev = self._syncs.get(msg[1].get("token"))  # type: ignore[arg-type]
+            if ev is not None:
+                ev.set()
         elif kind == "statistics" and len(msg) == 2 and isinstance(msg[1], dict):
             info = msg[1]
             link = self.hub.links.get(info.get("name"))  # type: ignore[arg-type]

@@ -112,6 +112,9 @@ class Domain:
         self.paused_since: int | None = None
         self.cpu_ns = 0
         self.clock = GuestClock(self.mem.words, host_tsc())
+        #: A restore or migration: when it began, and when the vCPU first ran (host ns).
+        self.resume_from_ns = 0
+        self.first_run_ns = 0
         # scheduler state (guarded by sched.lock)
         #: The CPU cap in force: the config's, or a migration's throttle (Scheduler.set_cap).
         self.cap = config.cap
@@ -545,6 +548,12 @@ class Domain:
             "bad_hypercalls": self.bad_calls,
             "devices": [d.spec.vdev for d in self.devices.values()],
             "upcalls": self.upcalls,
+            # a restored or migrated domain: from the restore's start to its first instruction
+            "resume_ms": (
+                round((self.first_run_ns - self.resume_from_ns) / 1e6, 3)
+                if self.resume_from_ns and self.first_run_ns
+                else None
+            ),
         }
 
     # -- teardown ------------------------------------------------------------------------------

@@ -113,13 +113,18 @@ class Hypervisor:
                 assert dm is not None
                 try:
                     dm.create(dom)
+                    if restore is not None:
+                        dm.load_regions(dom, restore.devices)
                 except BaseException:
                     dom.teardown()
                     raise
             self.domains[config.name] = dom
         if dom.devices:
             assert self.devices is not None
-            self.devices.connect(dom)
+            frontends = (
+                {d["vdev"]: d["frontend"] for d in restore.devices} if restore is not None else None
+            )
+            self.devices.connect(dom, frontends)
         log.info(
             "domain %s (id %d) created: %s, %d MiB, weight %d, cap %d",
             config.name,
@@ -140,6 +145,7 @@ class Hypervisor:
                 },
             )
         if restore is not None:
+            dom.resume_from_ns = restore.started_ns or time.monotonic_ns()
             self.emit(
                 f"domain.{config.name}.restored",
                 {"domid": domid, "origin": restore.origin, "epoch": dom.clock.epoch},
@@ -158,12 +164,10 @@ class Hypervisor:
         run on (``xl save -c``).  On any failure the domain runs on as before."""
         if dom.exit is not None or dom.action is not None:
             raise ControlError(f"domain {dom.name!r} is stopping or stopped; nothing to save")
+        dm = self.devices
         if dom.devices:
-            names = ", ".join(d.spec.vdev for d in dom.devices.values())
-            raise ControlError(
-                f"domain {dom.name!r} has devices ({names}); this kernel saves domains "
-                "without devices only"
-            )
+            assert dm is not None
+            dm.check_movable(dom, "saved")
         was_paused = dom.paused
         t0 = time.monotonic_ns()
         self.sched.pause(dom)
@@ -172,12 +176,18 @@ class Hypervisor:
                 raise ControlError(
                     f"domain {dom.name!r} did not stop running within {SAVE_STOP_S:g}s; not saved"
                 )
+            if dom.devices:
+                assert dm is not None
+                dm.release(dom)  # the drivers let go; the rings stay as they are
             with self.sched.lock:
                 if dom.exit is not None or dom.action is not None:
                     raise ControlError(f"domain {dom.name!r} stopped while being saved")
                 sections = saverestore.capture(dom, origin)
+            if dom.devices:
+                assert dm is not None
+                sections["devices"] = dm.device_sections(dom)
             buf = dom.mem.segment.buf
-            runs = saverestore.page_runs(buf, dom.mem.size)
+            runs = saverestore.page_runs(dom.mem.host_address, dom.mem.size)
             sections["memory"]["runs"] = runs
             sections["pages"] = saverestore.page_chunks(buf, runs)
             try:
@@ -187,6 +197,8 @@ class Hypervisor:
                     f"cannot write snapshot {path}: {e.strerror}; domain {dom.name!r} runs on"
                 ) from None
         except BaseException:
+            if dm is not None and dom.devices:
+                dm.reattach(dom)
             if not was_paused:
                 self.sched.unpause(dom)
             raise
@@ -207,6 +219,8 @@ class Hypervisor:
             {"domid": dom.domid, "path": str(path), "checkpoint": checkpoint, "bytes": size},
         )
         if checkpoint:
+            if dm is not None and dom.devices:
+                dm.reattach(dom)
             if not was_paused:
                 self.sched.unpause(dom)
         else:
@@ -222,10 +236,12 @@ class Hypervisor:
 
     def restore(self, path: Path, *, paused: bool) -> Domain:
         """Create a domain from a snapshot file: checked whole before anything is made."""
+        t0 = time.monotonic_ns()
         try:
             restored = saverestore.Restored.check(snapfile.read(path), f"snapshot {path}")
         except SnapshotError as e:
             raise ControlError(f"{e}; nothing was restored") from None
+        restored.started_ns = t0
         return self.create(restored.config, paused=paused, restore=restored)
 
     def destroy(self, dom: Domain, reason: str = "destroyed by request") -> None:

@@ -48,6 +48,7 @@ from ipc.peers import KeyPair, Peer, PeerError, read_peers
 from ipc.schema import ConfigError
 from ipc.shm import SegmentError
 from kernel import abi, saverestore
+from kernel.devices import device_specs
 from kernel.dirty import DirtyTracker
 from kernel.memory import GuestMemory
 from kernel.snapfile import SnapshotError
@@ -64,6 +65,9 @@ RECEPTION_IDLE_S: Final = 30.0
 #: Fixed part of the downtime estimate: pause, last scan, state, commit (ms), refined by
 #: measuring the scan.
 BASE_DOWNTIME_MS: Final = 5.0
+#: Stop and copy once this few pages are left, whatever the estimate (Xen's rule: the scan of a
+#: big guest alone can take longer than the downtime asked for).
+STOP_PAGES: Final = 50
 #: The throttle steps of auto-converge (% of one pCPU).
 THROTTLE_STEPS: Final = (50, 25, 12, 6, 3, 1)
 
@@ -207,12 +211,13 @@ class Outgoing(threading.Thread):
             self.stats.downtime_ms = (done - (paused_at or done)) / 1e6
             self.stats.total_ms = (done - t0) / 1e6
             outcome = {"outcome": "migrated", "reason": "", "dest_domid": reply.get("domid")}
-        except (MigrationFailed, zmq.ZMQError, OSError) as e:
+        except (MigrationFailed, ControlError, zmq.ZMQError, OSError) as e:
             reason = str(e)
             outcome = {"outcome": "failed", "reason": reason}
             with contextlib.suppress(Exception):
                 if self._sock is not None:
                     self._send({"op": "abort", "reason": reason}, flags=zmq.NOBLOCK)
+            self._give_devices_back()
             self.hv.sched.set_cap(dom, cap)
             if not was_paused and dom.exit is None:
                 self.hv.sched.unpause(dom)
@@ -222,6 +227,7 @@ class Outgoing(threading.Thread):
         except Exception as e:  # a kernel bug: the guest must still run on here
             log.exception("migration of %s to %s failed", dom.name, self.peer.name)
             outcome = {"outcome": "failed", "reason": f"internal error: {e}"}
+            self._give_devices_back()
             self.hv.sched.set_cap(dom, cap)
             if not was_paused and dom.exit is None:
                 self.hv.sched.unpause(dom)
@@ -264,6 +270,11 @@ class Outgoing(threading.Thread):
         self.emit(f"domain.{dom.name}.migration", payload)
         self.on_end(self)
 
+    def _give_devices_back(self) -> None:
+        dm = self.hv.devices
+        if dm is not None and any(d.released for d in self.dom.devices.values()):
+            dm.reattach(self.dom)
+
     def _send_pages(self, tracker: DirtyTracker, pages: list[int]) -> None:
         for first, count, data in tracker.take(pages):
             self._send({"op": "pages", "runs": [[first, count]]}, data)
@@ -280,9 +291,14 @@ class Outgoing(threading.Thread):
             t_scan = time.monotonic_ns()
             pages = tracker.scan()
             scan_ms = (time.monotonic_ns() - t_scan) / 1e6
+            send_ms = len(pages) * PAGE / bw if bw else 0.0
             if s.rounds > 0:
-                expect = BASE_DOWNTIME_MS + scan_ms + (len(pages) * PAGE / bw if bw else 0.0)
-                if expect <= opt.max_downtime_ms or s.rounds >= opt.max_rounds:
+                expect = BASE_DOWNTIME_MS + scan_ms + send_ms
+                if (
+                    expect <= opt.max_downtime_ms
+                    or len(pages) <= STOP_PAGES
+                    or s.rounds >= opt.max_rounds
+                ):
                     return self._pause()
             if dom.exit is not None or dom.action is not None:
                 raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
@@ -296,11 +312,14 @@ class Outgoing(threading.Thread):
             s.round_pages.append(len(pages))
             s.rounds += 1
             self._progress("round", round=s.rounds, pages=len(pages), ms=round(ms, 3))
-            # auto-converge: not shrinking by half a round -> halve the guest's CPU
+            # auto-converge: what is left takes longer to send than the downtime allowed, and
+            # it did not halve in a round -> halve the guest's CPU
             if (
                 opt.auto_converge
                 and previous is not None
                 and s.rounds >= 3
+                and bw > 0
+                and len(pages) * PAGE / bw > opt.max_downtime_ms
                 and len(pages) > previous // 2
                 and throttle_step + 1 < len(THROTTLE_STEPS)
             ):
@@ -321,6 +340,10 @@ class Outgoing(threading.Thread):
 
     def _stop_and_copy(self, tracker: DirtyTracker) -> dict[str, Any]:
         dom = self.dom
+        dm = self.hv.devices
+        if dom.devices:
+            assert dm is not None
+            dm.release(dom)  # before the last scan: a driver's last responses are in RAM too
         pages = tracker.scan()
         self.stats.last_pages = len(pages)
         self._send_pages(tracker, pages)
@@ -328,6 +351,9 @@ class Outgoing(threading.Thread):
             if dom.exit is not None or dom.action is not None:
                 raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
             sections = saverestore.capture(dom, self.origin)
+        if dom.devices:
+            assert dm is not None
+            sections["devices"] = dm.device_sections(dom)
         del sections["memory"]
         self._progress("commit", pages=len(pages))
         return self._ask({"op": "commit", "sections": sections})
@@ -461,11 +487,15 @@ class Incoming(threading.Thread):
             config = DomainConfig.from_wire(h.get("config"))
         except ConfigError as e:
             raise MigrationFailed(f"the domain's config is invalid here: {e}") from None
-        if config.devices:
-            raise MigrationFailed(
-                f"domain {config.name!r} has devices; this kernel migrates domains without "
-                "devices only"
-            )
+        specs = tuple(device_specs(config))
+        if specs:
+            dm = self.hv.devices
+            if dm is None:
+                raise MigrationFailed("this kernel has no driver channel for the domain's devices")
+            try:
+                dm.check_backends(specs, f"migration of {config.name}")
+            except ControlError as e:
+                raise MigrationFailed(str(e)) from None
         if config.name in self.hv.domains or any(
             r.name == config.name for r in self.receptions.values()
         ):
@@ -498,6 +528,7 @@ class Incoming(threading.Thread):
             r.pages += count
 
     def _commit(self, r: Reception, h: dict[str, Any]) -> int:
+        t0 = time.monotonic_ns()
         sections = h.get("sections")
         if not isinstance(sections, dict):
             raise MigrationFailed("malformed commit (no sections)")
@@ -506,6 +537,7 @@ class Incoming(threading.Thread):
         restored = saverestore.Restored.check(sections, f"migration of {r.name}")
         restored.memory = r.mem
         restored.origin = r.origin or restored.origin
+        restored.started_ns = t0
         del self.receptions[r.mid]
         try:
             dom = self.hv.create(restored.config, restore=restored)

@@ -76,6 +76,8 @@ class PCpu:
                 sched.exit_domain(self, dom)
                 continue
             dom.before_resume()
+            if not dom.first_run_ns:
+                dom.first_run_ns = time.monotonic_ns()
             t0 = time.thread_time_ns()
             dom.vcpu.run()
             used = time.thread_time_ns() - t0

@@ -252,11 +252,8 @@ class KernelServer:
         if dom.exit is not None or dom.action is not None:
             raise ControlError(f"domain {dom.name!r} is stopping or stopped; nothing to migrate")
         if dom.devices:
-            names = ", ".join(d.spec.vdev for d in dom.devices.values())
-            raise ControlError(
-                f"domain {dom.name!r} has devices ({names}); this kernel migrates domains "
-                "without devices only"
-            )
+            assert self.hv.devices is not None
+            self.hv.devices.check_movable(dom, "migrated")
         if dom.name in self.outgoing:
             raise ControlError(f"domain {dom.name!r} is being migrated already")
         if self.keys_dir is None or self.peers is None:

@@ -91,10 +91,13 @@ def _write_section(f: BinaryIO, name: str, chunks: Iterable[bytes | memoryview])
 
 
 def read(path: Path) -> dict[str, Any]:
-    """Read and check a snapshot: msgpack sections decoded, ``pages`` as bytes."""
+    """Read and check a snapshot: msgpack sections decoded, ``pages`` as a read-only
+    memoryview of the file's bytes."""
     where = f"snapshot {path}"
     try:
         with open(path, "rb") as f:
+            # read, not mapped: a file truncated under a mapping (a `cp` over it while we
+            # restore) would kill the kernel with SIGBUS
             data = f.read()
     except OSError as e:
         raise SnapshotError(f"cannot read {where}: {e.strerror}") from None
@@ -120,6 +123,7 @@ def read(path: Path) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     off = _HEADER.size
+    view = memoryview(data)
     for expected in SECTIONS:
         if off + _SECTION.size > len(data):
             raise SnapshotError(
@@ -127,7 +131,7 @@ def read(path: Path) -> dict[str, Any]:
                 f"{expected!r}; the file is incomplete (save it again, or copy it whole)"
             )
         raw, length, crc, _ = _SECTION.unpack_from(data, off)
-        name = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        name = bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
         if name != expected:
             raise SnapshotError(
                 f"{where}: found section {name!r} at byte {off} where section {expected!r} "
@@ -140,7 +144,7 @@ def read(path: Path) -> dict[str, Any]:
                 f"the file holds {len(data) - off} after it; the file is incomplete (save it "
                 "again, or copy it whole)"
             )
-        payload = data[off : off + length]
+        payload = view[off : off + length]  # no copy: ``pages`` can be most of the file
         got = zlib.crc32(payload)
         if got != crc:
             raise SnapshotError(

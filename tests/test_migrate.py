@@ -202,3 +202,39 @@ def test_a_writer_faster_than_the_link_is_throttled_and_converges(
     text = _console(peer, "mw")
     assert re.search(r"memwriter: done written=\d+ pages=2048 errors=0", text), text[-400:]
     assert peer.domains()["mw"]["cap"] == 0  # the throttle stays behind with the source
+
+
+def test_a_guest_doing_disk_io_migrates_back_and_forth_and_verifies(
+    stack: Stack, peer: Stack
+) -> None:
+    """blkstress moves four times mid-run between two stacks whose blk0 drivers see the same
+    image: each destination's driver takes the ring over where the source's let it go."""
+    blk = '[driver.blk0]\nmodule = "drivers.blk"\n'
+    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
+    stack.up(extra=MIGRATION + blk)
+    peer.up(extra=MIGRATION + blk)
+    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
+    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
+    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
+    img = stack.dir / "bs.img"
+    stack.create(
+        stack.domain_config(
+            "bs",
+            "blkstress",
+            memory=8,
+            extra="ops=40000 qd=32 mix=60 seed=5 blocks=1024 bs=4096 timeout=30000",
+            on_poweroff="preserve",
+            on_crash="preserve",
+            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
+        )
+    )
+    requests = lambda s: sum(d["requests"] for d in s.call("devices")["devices"])  # noqa: E731
+    wait_until(lambda: requests(stack) > 2000, what="disk I/O under way")
+    for i in range(4):
+        src, dest = (stack, "b") if i % 2 == 0 else (peer, "a")
+        out = _migrate(src, "bs", dest)
+        assert out["outcome"] == "migrated", out
+    row = wait_until(lambda: stack.domains()["bs"]["exit_kind"] and stack.domains()["bs"], 90)
+    text = _console(stack, "bs")
+    assert row["exit_code"] == 0, text[-800:]
+    assert re.search(r"blkstress: ops=40000 errors=0 .* mismatches=0", text), text[-800:]

@@ -152,3 +152,53 @@ def test_save_errors_name_the_problem(stack: Stack) -> None:
     r = stack.cli("restore", str(stack.dir / "nothing.snap"))
     assert r.returncode == 1 and "no such file" in r.stderr
     assert "tick" in stack.domains()
+
+
+BLK = '[driver.blk0]\nmodule = "drivers.blk"\n'
+
+
+def _requests(st: Stack) -> int:
+    return sum(d["requests"] for d in st.call("devices")["devices"])
+
+
+def test_a_guest_doing_disk_io_saved_midway_finishes_verified_in_another_stack(
+    stack: Stack, peer: Stack
+) -> None:
+    """blkstress, mid-run, with requests in its ring: saved (its disk by reference, its ring
+    and in-flight log in the snapshot), restored in another stack whose blk0 takes the ring
+    over; it finishes with every block verified."""
+    stack.up(extra=BLK)
+    peer.up(extra=BLK)
+    img = stack.dir / "bs.img"
+    stack.create(
+        stack.domain_config(
+            "bs",
+            "blkstress",
+            memory=8,
+            extra="ops=30000 qd=32 mix=60 seed=3 blocks=1024 bs=4096 timeout=30000",
+            on_poweroff="preserve",
+            on_crash="preserve",
+            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
+        )
+    )
+    mem = stack.domain_config(
+        "md",
+        "blkstress",
+        memory=8,
+        extra="ops=100000000 blocks=64",
+        disk=["vdev=xvda, type=memory, size=4M, backend=blk0"],
+    )
+    stack.create(mem)
+    wait_until(lambda: _requests(stack) > 2000, what="disk I/O under way")
+    r = stack.cli("save", "md", str(stack.dir / "md.snap"))
+    assert r.returncode == 1 and "memory disk" in r.stderr, r.stderr
+    assert not (stack.dir / "md.snap").exists()
+    stack.call("destroy", name="md")
+    snap = stack.dir / "bs.snap"
+    stack.call("save", name="bs", path=str(snap))
+    peer.call("restore", path=str(snap))
+    row = wait_until(lambda: peer.domains()["bs"]["exit_kind"] and peer.domains()["bs"], 90)
+    text = _console(peer, "bs")
+    assert row["exit_code"] == 0, text[-800:]
+    assert re.search(r"blkstress: ops=30000 errors=0 .* mismatches=0", text), text[-800:]
+    assert "verify blocks=1024 mismatches=0" in text

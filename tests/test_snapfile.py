@@ -3,6 +3,7 @@ anything (kernel/saverestore.py), and the guest clock's parameters (kernel/clock
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import random
 import struct
@@ -185,7 +186,7 @@ def test_page_runs_stores_exactly_the_pages_that_are_not_zero() -> None:
     written = [*sorted(rng.sample(range(size // PAGE), 60)), 0]  # page 0 is never stored
     for p in written:
         buf[p * PAGE + rng.randrange(PAGE)] = rng.randrange(1, 256)
-    runs = saverestore.page_runs(buf, size)
+    runs = saverestore.page_runs(ctypes.addressof(ctypes.c_char.from_buffer(buf)), size)
     stored = [p for first, n in runs for p in range(first, first + n)]
     assert stored == sorted(set(written) - {0})
     assert b"".join(saverestore.page_chunks(buf, runs)) == b"".join(

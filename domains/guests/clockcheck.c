@@ -12,7 +12,8 @@
  * wall clock does not, so maxwall is the guest's own measure of its downtime.  A backward step is a read smaller than the read before it;
  * hc_behind counts HC_TIME answers (asked every 1024 reads) smaller than the
  * time_ns read just before them: the kernel's clock and the guest's must agree.
- * A save, restore or migration shows as a change of epoch; the largest jump is
+ * A save, restore or migration shows as a change of epoch, reported at once as
+ *   clockcheck: moved epoch=<e> gap_ns=<wall-clock gap across the move>
  * the guest's own measure of how long it was stopped.
  */
 #include "isovisor.h"
@@ -23,10 +24,17 @@ int main(void)
     u64 seconds = param_u64("seconds", 0);
     u64 reads = 0, backward = 0, maxjump = 0, hc_behind = 0, maxwall = 0;
     u64 start = time_ns(), last = start, next_report = start + report_ns;
-    u64 last_wall = wall_time_ns();
+    u64 last_wall = wall_time_ns(), epoch = clock_epoch();
     for (u64 k = 1;;) {
         u64 now = time_ns(), wall = wall_time_ns();
         reads++;
+        if (clock_epoch() != epoch) {
+            epoch = clock_epoch();
+            printf("clockcheck: moved epoch=%lu gap_ns=%lu\n", (unsigned long)epoch,
+                   (unsigned long)(wall > last_wall ? wall - last_wall : 0));
+            now = time_ns();
+            wall = wall_time_ns();
+        }
         if (now < last)
             backward++;
         else if (now - last > maxjump)

@@ -9,6 +9,7 @@
  * records it in a table; so a page the migration lost or sent stale shows up.
  * Lines:
  *   memwriter: report <k> written=<pages written so far> passes=<p>
+ *   memwriter: moved epoch=<e> gap_ns=<wall-clock gap>   (after each move)
  *   memwriter: done written=<n> pages=<wws pages> errors=<e>
  * then exits 0 if errors=0, else 1.
  */
@@ -35,11 +36,18 @@ int main(void)
     memset(expect, 0, pages * 8);
     memset(area, 0, pages * PAGE);
     u64 t0 = time_ns(), next_report = t0 + report_ns, end = t0 + seconds * 1000000000ULL;
-    u64 written = 0, page = 0, gen = 1, k = 1;
+    u64 written = 0, page = 0, gen = 1, k = 1, epoch = clock_epoch(), last_wall = wall_time_ns();
     for (;;) {
-        u64 now = time_ns();
+        u64 now = time_ns(), wall = wall_time_ns();
         if (now >= end)
             break;
+        if (clock_epoch() != epoch) {
+            epoch = clock_epoch();
+            printf("memwriter: moved epoch=%lu gap_ns=%lu\n", (unsigned long)epoch,
+                   (unsigned long)(wall > last_wall ? wall - last_wall : 0));
+            wall = wall_time_ns();
+        }
+        last_wall = wall;
         if (now >= next_report) {
             printf("memwriter: report %lu written=%lu passes=%lu\n", (unsigned long)k++,
                    (unsigned long)written, (unsigned long)(gen - 1));
