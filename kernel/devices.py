@@ -37,9 +37,10 @@ log = logging.getLogger("isovisor.kernel")
 _STATE_NAMES: Final = {int(s): s.name.lower() for s in DevState}
 #: Seconds between two ``["report"]`` (statistics) requests to each driver that offers them.
 REPORT_S: Final = 1.0
-#: Device classes whose devices a save or a migration can carry (their state is the ring and
-#: the in-flight log in the region, and the disk, which both stacks see, by reference).
-MOVABLE_CLASSES: Final = ("vbd", "rng")
+#: Device classes whose devices a save or a migration can carry: their state is the rings and
+#: the in-flight log (or journal) in the region, plus, for a disk, the image, which both stacks
+#: see, by reference; a console's output goes on in the log of whichever stack runs it.
+MOVABLE_CLASSES: Final = ("vbd", "rng", "console")
 #: How long a driver has to confirm it let a device go for a save or a migration.
 RELEASE_TIMEOUT_S: Final = 5.0
 #: Characters kept of a driver's ``statistics()`` error (``["statistics", {..., error}]``).

@@ -148,7 +148,12 @@ class Hypervisor:
             dom.resume_from_ns = restore.started_ns or time.monotonic_ns()
             self.emit(
                 f"domain.{config.name}.restored",
-                {"domid": domid, "origin": restore.origin, "epoch": dom.clock.epoch},
+                {
+                    "domid": domid,
+                    "origin": restore.origin,
+                    "epoch": dom.clock.epoch,
+                    "console": config.console_driver or "",
+                },
             )
         if paused:
             dom.paused, dom.paused_since = True, time.monotonic_ns()

@@ -509,6 +509,11 @@ class Incoming(threading.Thread):
             raise MigrationFailed(str(e)) from None
         origin = str(h.get("origin", ""))
         self.receptions[mid] = Reception(mid, config.name, config, mem, origin, time.monotonic())
+        # before the guest can print here: the supervisor notes where its console log goes on
+        self.emit(
+            f"domain.{config.name}.incoming",
+            {"origin": origin, "migration": mid, "console": config.console_driver or ""},
+        )
         log.info("migration %s: receiving domain %s (%d MiB)", mid, config.name, config.memory)
 
     def _pages(self, r: Reception, h: dict[str, Any], data: list[Any]) -> None:

@@ -185,3 +185,28 @@ def field(sections: dict[str, Any], section: str, key: str, kind: type | tuple[t
             f"snapshot section {section!r}: {key!r} is {type(value).__name__}, not {names}"
         )
     return value
+
+
+def read_domain(path: Path) -> dict[str, Any] | None:
+    """The ``domain`` section alone (config, name, origin), or None if the file does not
+    start like a snapshot of this version: for a caller that wants the name before a restore
+    (the supervisor's console relay); :func:`read` makes the real checks."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size + _SECTION.size)
+            if len(head) < _HEADER.size + _SECTION.size:
+                return None
+            magic, version, _, _ = _HEADER.unpack_from(head)
+            raw, length, crc, _ = _SECTION.unpack_from(head, _HEADER.size)
+            if magic != MAGIC or version != VERSION or length > MAX_META:
+                return None
+            payload = f.read(length)
+    except OSError:
+        return None
+    if raw.split(b"\0", 1)[0] != b"domain" or zlib.crc32(payload) != crc:
+        return None
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    return body if isinstance(body, dict) else None

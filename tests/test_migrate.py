@@ -238,3 +238,40 @@ def test_a_guest_doing_disk_io_migrates_back_and_forth_and_verifies(
     text = _console(stack, "bs")
     assert row["exit_code"] == 0, text[-800:]
     assert re.search(r"blkstress: ops=40000 errors=0 .* mismatches=0", text), text[-800:]
+
+
+def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(
+    stack: Stack, peer: Stack
+) -> None:
+    """A ticker whose console con0 serves moves there and back: each stack's log file holds the
+    ticks printed while it ran the guest, together every tick exactly once, and `console` at
+    the destination shows the ticks from the move on."""
+    con = '[driver.con0]\nmodule = "drivers.console"\n'
+    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
+    stack.up(extra=MIGRATION + con)
+    peer.up(extra=MIGRATION + con)
+    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
+    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
+    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
+    stack.create(
+        stack.domain_config(
+            "tk", "ticker", extra="interval_ms=20 count=300", console="con0", on_poweroff="preserve"
+        )
+    )
+    ticks = lambda s: [int(k) for k in re.findall(r"tick (\d+) ", _console(s, "tk"))]  # noqa: E731
+    wait_until(lambda: len(ticks(stack)) >= 5, what="ticks before the move")
+    assert _migrate(stack, "tk", "b")["outcome"] == "migrated"
+    wait_until(lambda: len(ticks(peer)) >= 5, what="ticks at the destination")
+    there = ticks(peer)
+    assert there == list(range(there[0], there[0] + len(there))), there  # from the move on
+    assert _migrate(peer, "tk", "a")["outcome"] == "migrated"
+    wait_until(lambda: stack.domains()["tk"]["exit_kind"], timeout=60, what="the ticker ends")
+    logs = [
+        [
+            int(k)
+            for k in re.findall(r"tick (\d+) ", (s.run_dir / "consoles" / "tk.log").read_text())
+        ]
+        for s in (stack, peer)
+    ]
+    assert sorted(logs[0] + logs[1]) == list(range(1, 301)), logs
+    assert logs[1] and logs[1] == list(range(logs[1][0], logs[1][-1] + 1))

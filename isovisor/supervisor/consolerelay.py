@@ -73,6 +73,8 @@ class ConsoleRelay:
         self.lives: dict[str, Life] = {}
         self._subs: dict[str, zmq.Socket[Any]] = {}
         self._inputs: dict[str, zmq.Socket[Any]] = {}
+        #: Domains migrating in: (console driver, where their life will start in its log).
+        self._incoming: dict[str, tuple[str, int]] = {}
 
     # -- where a console driver keeps things -----------------------------------------------------
     def _dir(self, driver: str, key: str) -> Path:
@@ -108,14 +110,30 @@ class ConsoleRelay:
             self.poller.register(sub, zmq.POLLIN)
         return _size(self.log_path(driver, name))
 
+    def forget_incoming(self, name: str) -> None:
+        """A restore from a file: no migration of ``name`` that came in and failed counts."""
+        self._incoming.pop(name, None)
+
     def created(self, driver: str, name: str, domid: int, start: int) -> None:
         path = self.log_path(driver, name)
         self.lives[name] = Life(name, driver, domid, path, start, start)
         self._catch_up(self.lives[name])
 
     def on_kernel_event(self, topic: str, payload: dict[str, Any]) -> None:
-        """A restarted domain's new life starts at the file's end; a destroyed one is gone."""
+        """A restarted domain's new life starts at the file's end; a destroyed one is gone; a
+        domain migrating in starts one where the file ended when its migration began (the
+        ``incoming`` event comes before the guest can print here)."""
         parts = topic.split(".")
+        if len(parts) == 3 and parts[0] == "domain":
+            name, what, driver = parts[1], parts[2], payload.get("console")
+            if what == "incoming" and isinstance(driver, str) and driver:
+                self._incoming[name] = (driver, self.before_create(driver, name))
+                return
+            if what == "restored" and name in self._incoming:
+                driver, start = self._incoming.pop(name)
+                if isinstance(payload.get("domid"), int):
+                    self.created(driver, name, payload["domid"], start)
+                return
         if len(parts) != 3 or parts[0] != "domain" or parts[1] not in self.lives:
             return
         life = self.lives[parts[1]]

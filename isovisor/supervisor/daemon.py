@@ -40,6 +40,7 @@ from isovisor.supervisor.consolerelay import ConsoleRelay
 from isovisor.supervisor.drivermgr import DriverManager, EventSink
 from isovisor.supervisor.kernelproc import KernelProcess
 from isovisor.supervisor.supervision import State
+from kernel import snapfile
 
 log = logging.getLogger("isovisor.supervisor")
 #: How long an inline driver may take from driver_load to its hello.
@@ -81,7 +82,7 @@ class Supervisor:
             "unpause": self._forward,
             "create": self._create,
             "save": self._save,
-            "restore": self._forward,
+            "restore": self._restore,
             "migrate": self._save,
             "down": self._down,
             "sync": self._sync,
@@ -405,6 +406,21 @@ class Supervisor:
         reply = self.kernel.client.request(req.command, req.properties, timeout=30.0)
         reply.pop("status", None)
         reply.pop("id", None)
+        return reply
+
+    def _restore(self, req: Request) -> dict[str, Any]:
+        """Forwarded; for a domain whose console a driver serves, its new life in the console
+        log starts where the log ends now (before the guest can print)."""
+        snap = snapfile.read_domain(Path(str(req.properties.get("path", ""))))
+        cfg = snap.get("config") if snap else None
+        driver = cfg.get("console") if isinstance(cfg, dict) else None
+        name = cfg.get("name") if isinstance(cfg, dict) else None
+        if not (isinstance(driver, str) and driver and isinstance(name, str)):
+            return self._forward(req)
+        self.consoles.forget_incoming(name)
+        start = self.consoles.before_create(driver, name)
+        reply = self._forward(req)
+        self.consoles.created(driver, reply["name"], reply["domid"], start)
         return reply
 
     def _save(self, req: Request) -> dict[str, Any]:
