@@ -51,7 +51,8 @@ def create_keys(directory: Path) -> tuple[KeyPair, bool]:
     if not public.exists():
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        zmq.auth.create_certificates(str(directory), KEY_NAME)
+        _, secret = zmq.auth.create_certificates(str(directory), KEY_NAME)
+        os.chmod(secret, 0o600)  # (pyzmq leaves it as the umask has it)
         made = True
     return load_keys(directory), made
 

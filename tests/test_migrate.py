@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from ipc.control import Client
 from ipc.peers import create_keys
 from isovisor.paths import RunDir
-from tests.conftest import Stack, shm_segments, wait_event, wait_until
+from tests.conftest import Stack, cli, shm_segments, wait_event, wait_until
 
 MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n'
 
@@ -275,3 +276,56 @@ def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(
     ]
     assert sorted(logs[0] + logs[1]) == list(range(1, 301)), logs
     assert logs[1] and logs[1] == list(range(logs[1][0], logs[1][-1] + 1))
+
+
+def test_a_destination_dying_at_commit_gives_the_disk_back_to_the_source(
+    stack: Stack, peer: Stack
+) -> None:
+    """The source's driver had let the disk go for the stop-and-copy when the destination's
+    kernel died on the commit: the source attaches the disk again and resumes the guest, which
+    finishes with every block verified."""
+    blk = '[driver.blk0]\nmodule = "drivers.blk"\n'
+    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
+    stack.up(extra=MIGRATION + blk)
+    peer.up(extra=MIGRATION + blk)
+    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
+    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
+    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
+    img = stack.dir / "bs.img"
+    stack.create(
+        stack.domain_config(
+            "bs",
+            "blkstress",
+            memory=8,
+            extra="ops=30000 qd=32 mix=60 seed=9 blocks=1024 bs=4096 timeout=30000",
+            on_poweroff="preserve",
+            on_crash="preserve",
+            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
+        )
+    )
+    requests = lambda s: sum(d["requests"] for d in s.call("devices")["devices"])  # noqa: E731
+    wait_until(lambda: requests(stack) > 2000, what="disk I/O under way")
+    _kernel(peer).call("migration_inject", phase="commit")
+    out = _migrate(stack, "bs", "b", timeout_s=1.0)
+    assert out["outcome"] == "failed" and "did not answer 'commit'" in out["reason"], out
+    row = wait_until(lambda: stack.domains()["bs"]["exit_kind"] and stack.domains()["bs"], 90)
+    text = _console(stack, "bs")
+    assert row["exit_code"] == 0, text[-800:]
+    assert re.search(r"blkstress: ops=30000 errors=0 .* mismatches=0", text), text[-800:]
+
+
+@pytest.mark.e2e
+def test_keys_makes_a_key_pair_once_and_prints_the_peers_line(tmp_path: Path) -> None:
+    toml = tmp_path / "supervisor.toml"
+    toml.write_text('[supervisor]\nname = "hosta"\n[migration]\nlisten = "tcp://10.0.0.1:7100"\n')
+    r = cli("keys", str(toml))
+    assert r.returncode == 0, r.stderr
+    public = (tmp_path / "keys" / "stack.key").read_text().split('"')[1]
+    assert f"hosta {public} tcp://10.0.0.1:7100" in r.stdout and "created" in r.stdout
+    assert (tmp_path / "keys" / "stack.key_secret").stat().st_mode & 0o077 == 0
+    again = cli("keys", str(toml))
+    assert again.returncode == 0 and "created" not in again.stdout and public in again.stdout
+    (tmp_path / "peers").write_text(f"hostb {public[:-1]} tcp://10.0.0.2:7100\n")
+    toml.write_text(toml.read_text() + "bogus = 1\n")
+    bad = cli("keys", str(toml))
+    assert bad.returncode == 1 and "bogus" in bad.stderr
