@@ -137,6 +137,9 @@ class Domain:
         self.preserved = False  # stopped for good, RAM kept until `destroy`
         self.torn_down = False
         self._teardown_lock = threading.Lock()
+        #: Held by a save or a migration while it reads RAM from its own thread; teardown
+        #: takes it before RAM is unmapped (the domain may end on its own meanwhile).
+        self.mem_lock = threading.Lock()
         # console
         self._console_lock = threading.Lock()
         self._console = bytearray()
@@ -562,10 +565,11 @@ class Domain:
         with self._teardown_lock:
             if self.torn_down:
                 return
-            self.torn_down = True
             self._w = memoryview(bytearray(abi.HCALL_BLOCK_ADDR + 64)).cast("Q")
             self.vcpu.close()
-            self.mem.close()
+            with self.mem_lock:
+                self.torn_down = True
+                self.mem.close()
         self.gone.set()
 
 

@@ -191,16 +191,19 @@ class Hypervisor:
             if dom.devices:
                 assert dm is not None
                 sections["devices"] = dm.device_sections(dom)
-            buf = dom.mem.segment.buf
-            runs = saverestore.page_runs(dom.mem.host_address, dom.mem.size)
-            sections["memory"]["runs"] = runs
-            sections["pages"] = saverestore.page_chunks(buf, runs)
-            try:
-                size = snapfile.write(path, sections)
-            except OSError as e:
-                raise ControlError(
-                    f"cannot write snapshot {path}: {e.strerror}; domain {dom.name!r} runs on"
-                ) from None
+            with dom.mem_lock:  # (the domain can still end meanwhile: a device fault)
+                if dom.torn_down:
+                    raise ControlError(f"domain {dom.name!r} stopped while being saved")
+                buf = dom.mem.segment.buf
+                runs = saverestore.page_runs(dom.mem.host_address, dom.mem.size)
+                sections["memory"]["runs"] = runs
+                sections["pages"] = saverestore.page_chunks(buf, runs)
+                try:
+                    size = snapfile.write(path, sections)
+                except OSError as e:
+                    raise ControlError(
+                        f"cannot write snapshot {path}: {e.strerror}; domain {dom.name!r} runs on"
+                    ) from None
         except BaseException:
             if dm is not None and dom.devices:
                 dm.reattach(dom)

@@ -251,6 +251,7 @@ class Outgoing(threading.Thread):
             "downtime_ms": round(s.downtime_ms, 3),
             "total_ms": round(s.total_ms or (time.monotonic_ns() - t0) / 1e6, 3),
             "bandwidth_mbs": round(s.bandwidth_mbs, 1),
+            "source_running": outcome["outcome"] == "failed" and dom.exit is None,
             "migration": self.mid,
         }
         if outcome["outcome"] == "migrated":
@@ -275,8 +276,22 @@ class Outgoing(threading.Thread):
         if dm is not None and any(d.released for d in self.dom.devices.values()):
             dm.reattach(self.dom)
 
+    def _scan(self, tracker: DirtyTracker) -> list[int]:
+        with self.dom.mem_lock:
+            self._alive()
+            return tracker.scan()
+
+    def _alive(self) -> None:
+        """(mem_lock held) RAM is still mapped: the domain has not ended meanwhile."""
+        dom = self.dom
+        if dom.torn_down or dom.exit is not None:
+            raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
+
     def _send_pages(self, tracker: DirtyTracker, pages: list[int]) -> None:
-        for first, count, data in tracker.take(pages):
+        with self.dom.mem_lock:
+            self._alive()
+            runs = tracker.take(pages)
+        for first, count, data in runs:
             self._send({"op": "pages", "runs": [[first, count]]}, data)
         self.stats.pages_sent += len(pages)
         self.stats.pages_touched.update(pages)
@@ -289,7 +304,7 @@ class Outgoing(threading.Thread):
         previous = None
         while True:
             t_scan = time.monotonic_ns()
-            pages = tracker.scan()
+            pages = self._scan(tracker)
             scan_ms = (time.monotonic_ns() - t_scan) / 1e6
             send_ms = len(pages) * PAGE / bw if bw else 0.0
             if s.rounds > 0:
@@ -344,7 +359,7 @@ class Outgoing(threading.Thread):
         if dom.devices:
             assert dm is not None
             dm.release(dom)  # before the last scan: a driver's last responses are in RAM too
-        pages = tracker.scan()
+        pages = self._scan(tracker)
         self.stats.last_pages = len(pages)
         self._send_pages(tracker, pages)
         with self.hv.sched.lock:

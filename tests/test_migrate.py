@@ -329,3 +329,26 @@ def test_keys_makes_a_key_pair_once_and_prints_the_peers_line(tmp_path: Path) ->
     toml.write_text(toml.read_text() + "bogus = 1\n")
     bad = cli("keys", str(toml))
     assert bad.returncode == 1 and "bogus" in bad.stderr
+
+
+def test_a_guest_destroyed_during_its_migration_ends_it_cleanly(stack: Stack, peer: Stack) -> None:
+    """The guest is destroyed while its RAM is being sent (the scan holds the guest's RAM: the
+    teardown waits for it): the migration fails saying so, the kernels live on, and the
+    destination frees what it had reserved."""
+    _pair(stack, peer)
+    stack.create(stack.domain_config("mw", "memwriter", memory=16, extra="wws_kib=8192"))
+    wait_until(lambda: "mw" in stack.domains(), what="memwriter created")
+    sub = stack.subscribe(["domain.mw.migrat"])
+    r = stack.call(
+        "migrate", name="mw", peer="b", max_downtime_ms=0.1, max_rounds=1000, auto_converge=False
+    )
+    wait_event(sub, "domain.mw.migrating", match={"phase": "round"}, timeout=30)
+    stack.call("destroy", name="mw")
+    out = wait_event(sub, "domain.mw.migration", match={"migration": r["migration"]}, timeout=30)
+    sub.close()
+    assert out["outcome"] == "failed" and "stopped during the migration" in out["reason"], out
+    assert out["source_running"] is False
+    assert _kernel(stack).call("ping")["domains"] == 0
+    assert peer.domains() == {}
+    dest_sup = peer.call("ping")["pid"]
+    wait_until(lambda: not shm_segments(f"isovisor.{dest_sup}.mig"), what="the reception freed")

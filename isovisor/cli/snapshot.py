@@ -134,7 +134,8 @@ def migrate(
             f"{p['total_ms']:.1f} ms{throttled}"
         )
     if p["outcome"] != "migrated":
-        fail(f"migration of {r['name']} to {peer} failed: {p['reason']}; it runs on here")
+        here = "; it runs on here" if p.get("source_running") else ""
+        fail(f"migration of {r['name']} to {peer} failed: {p['reason']}{here}")
 
 
 def keys(
