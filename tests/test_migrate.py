@@ -17,16 +17,17 @@ from ipc.control import Client
 from ipc.peers import create_keys
 from isovisor.paths import RunDir
 from tests.conftest import Stack, cli, shm_segments, wait_event, wait_until
+from tests.test_save_restore import BLK, assert_blkstress_verified, start_blkstress
 
 MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n'
 
 
-def _pair(a: Stack, b: Stack, *, trust: bool = True) -> None:
+def _pair(a: Stack, b: Stack, *, trust: bool = True, drivers: str = "") -> None:
     """Two stacks that know each other as "a" and "b" (with ``trust=False``, b does not know
-    a's key)."""
+    a's key), both with the ``drivers`` tables."""
     key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (a, b))
-    a.up(extra=MIGRATION)
-    b.up(extra=MIGRATION)
+    a.up(extra=MIGRATION + drivers)
+    b.up(extra=MIGRATION + drivers)
     ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (a, b))
     assert ep_a.startswith("tcp://127.0.0.1:") and ep_b.startswith("tcp://127.0.0.1:")
     (a.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
@@ -210,35 +211,13 @@ def test_a_guest_doing_disk_io_migrates_back_and_forth_and_verifies(
 ) -> None:
     """blkstress moves four times mid-run between two stacks whose blk0 drivers see the same
     image: each destination's driver takes the ring over where the source's let it go."""
-    blk = '[driver.blk0]\nmodule = "drivers.blk"\n'
-    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
-    stack.up(extra=MIGRATION + blk)
-    peer.up(extra=MIGRATION + blk)
-    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
-    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
-    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
-    img = stack.dir / "bs.img"
-    stack.create(
-        stack.domain_config(
-            "bs",
-            "blkstress",
-            memory=8,
-            extra="ops=40000 qd=32 mix=60 seed=5 blocks=1024 bs=4096 timeout=30000",
-            on_poweroff="preserve",
-            on_crash="preserve",
-            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
-        )
-    )
-    requests = lambda s: sum(d["requests"] for d in s.call("devices")["devices"])  # noqa: E731
-    wait_until(lambda: requests(stack) > 2000, what="disk I/O under way")
+    _pair(stack, peer, drivers=BLK)
+    start_blkstress(stack, 40000, 5)
     for i in range(4):
         src, dest = (stack, "b") if i % 2 == 0 else (peer, "a")
         out = _migrate(src, "bs", dest)
         assert out["outcome"] == "migrated", out
-    row = wait_until(lambda: stack.domains()["bs"]["exit_kind"] and stack.domains()["bs"], 90)
-    text = _console(stack, "bs")
-    assert row["exit_code"] == 0, text[-800:]
-    assert re.search(r"blkstress: ops=40000 errors=0 .* mismatches=0", text), text[-800:]
+    assert_blkstress_verified(stack, 40000)
 
 
 def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(
@@ -248,12 +227,7 @@ def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(
     ticks printed while it ran the guest, together every tick exactly once, and `console` at
     the destination shows the ticks from the move on."""
     con = '[driver.con0]\nmodule = "drivers.console"\n'
-    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
-    stack.up(extra=MIGRATION + con)
-    peer.up(extra=MIGRATION + con)
-    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
-    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
-    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
+    _pair(stack, peer, drivers=con)
     stack.create(
         stack.domain_config(
             "tk", "ticker", extra="interval_ms=20 count=300", console="con0", on_poweroff="preserve"
@@ -284,34 +258,12 @@ def test_a_destination_dying_at_commit_gives_the_disk_back_to_the_source(
     """The source's driver had let the disk go for the stop-and-copy when the destination's
     kernel died on the commit: the source attaches the disk again and resumes the guest, which
     finishes with every block verified."""
-    blk = '[driver.blk0]\nmodule = "drivers.blk"\n'
-    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
-    stack.up(extra=MIGRATION + blk)
-    peer.up(extra=MIGRATION + blk)
-    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
-    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
-    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
-    img = stack.dir / "bs.img"
-    stack.create(
-        stack.domain_config(
-            "bs",
-            "blkstress",
-            memory=8,
-            extra="ops=30000 qd=32 mix=60 seed=9 blocks=1024 bs=4096 timeout=30000",
-            on_poweroff="preserve",
-            on_crash="preserve",
-            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
-        )
-    )
-    requests = lambda s: sum(d["requests"] for d in s.call("devices")["devices"])  # noqa: E731
-    wait_until(lambda: requests(stack) > 2000, what="disk I/O under way")
+    _pair(stack, peer, drivers=BLK)
+    start_blkstress(stack, 30000, 9)
     _kernel(peer).call("migration_inject", phase="commit")
     out = _migrate(stack, "bs", "b", timeout_s=1.0)
     assert out["outcome"] == "failed" and "did not answer 'commit'" in out["reason"], out
-    row = wait_until(lambda: stack.domains()["bs"]["exit_kind"] and stack.domains()["bs"], 90)
-    text = _console(stack, "bs")
-    assert row["exit_code"] == 0, text[-800:]
-    assert re.search(r"blkstress: ops=30000 errors=0 .* mismatches=0", text), text[-800:]
+    assert_blkstress_verified(stack, 30000)
 
 
 @pytest.mark.e2e

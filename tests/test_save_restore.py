@@ -161,26 +161,41 @@ def _requests(st: Stack) -> int:
     return sum(d["requests"] for d in st.call("devices")["devices"])
 
 
+def start_blkstress(st: Stack, ops: int, seed: int) -> None:
+    """A blkstress guest "bs" on an image file in ``st``'s directory (a disk other stacks see
+    at the same path), once its I/O is under way."""
+    st.create(
+        st.domain_config(
+            "bs",
+            "blkstress",
+            memory=8,
+            extra=f"ops={ops} qd=32 mix=60 seed={seed} blocks=1024 bs=4096 timeout=30000",
+            on_poweroff="preserve",
+            on_crash="preserve",
+            disk=[f"target={st.dir / 'bs.img'}, vdev=xvda, access=rw, backend=blk0, size=4M"],
+        )
+    )
+    wait_until(lambda: _requests(st) > 2000, what="disk I/O under way")
+
+
+def assert_blkstress_verified(st: Stack, ops: int) -> None:
+    """ "bs" ends in ``st`` having done ``ops`` requests without an error, every block
+    verified."""
+    row = wait_until(lambda: st.domains()["bs"]["exit_kind"] and st.domains()["bs"], 90)
+    text = _console(st, "bs")
+    assert row["exit_code"] == 0, text[-800:]
+    assert re.search(rf"blkstress: ops={ops} errors=0 .* mismatches=0", text), text[-800:]
+    assert "verify blocks=1024 mismatches=0" in text
+
+
 def test_a_guest_doing_disk_io_saved_midway_finishes_verified_in_another_stack(
     stack: Stack, peer: Stack
 ) -> None:
     """blkstress, mid-run, with requests in its ring: saved (its disk by reference, its ring
     and in-flight log in the snapshot), restored in another stack whose blk0 takes the ring
-    over; it finishes with every block verified."""
+    over; it finishes with every block verified.  A memory disk is refused."""
     stack.up(extra=BLK)
     peer.up(extra=BLK)
-    img = stack.dir / "bs.img"
-    stack.create(
-        stack.domain_config(
-            "bs",
-            "blkstress",
-            memory=8,
-            extra="ops=30000 qd=32 mix=60 seed=3 blocks=1024 bs=4096 timeout=30000",
-            on_poweroff="preserve",
-            on_crash="preserve",
-            disk=[f"target={img}, vdev=xvda, access=rw, backend=blk0, size=4M"],
-        )
-    )
     mem = stack.domain_config(
         "md",
         "blkstress",
@@ -189,7 +204,7 @@ def test_a_guest_doing_disk_io_saved_midway_finishes_verified_in_another_stack(
         disk=["vdev=xvda, type=memory, size=4M, backend=blk0"],
     )
     stack.create(mem)
-    wait_until(lambda: _requests(stack) > 2000, what="disk I/O under way")
+    start_blkstress(stack, 30000, 3)
     r = stack.cli("save", "md", str(stack.dir / "md.snap"))
     assert r.returncode == 1 and "memory disk" in r.stderr, r.stderr
     assert not (stack.dir / "md.snap").exists()
@@ -197,8 +212,4 @@ def test_a_guest_doing_disk_io_saved_midway_finishes_verified_in_another_stack(
     snap = stack.dir / "bs.snap"
     stack.call("save", name="bs", path=str(snap))
     peer.call("restore", path=str(snap))
-    row = wait_until(lambda: peer.domains()["bs"]["exit_kind"] and peer.domains()["bs"], 90)
-    text = _console(peer, "bs")
-    assert row["exit_code"] == 0, text[-800:]
-    assert re.search(r"blkstress: ops=30000 errors=0 .* mismatches=0", text), text[-800:]
-    assert "verify blocks=1024 mismatches=0" in text
+    assert_blkstress_verified(peer, 30000)
