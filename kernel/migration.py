@@ -79,6 +79,9 @@ class MigrationFailed(Exception):
 @dataclass
 class Options:
     max_downtime_ms: float = 50.0
+    #: Pages sent while the guest runs go out at most this fast (MB/s; 0: no limit), as
+    #: QEMU's max-bandwidth: a migration need not take the whole link.
+    max_bandwidth_mbs: float = 0.0
     max_rounds: int = 30
     timeout_s: float = 10.0
     auto_converge: bool = True
@@ -133,6 +136,8 @@ class Outgoing(threading.Thread):
         self.on_end = on_end
         self.stats = Stats()
         self._sock: zmq.Socket | None = None
+        self._paced = 0  # bytes sent under max_bandwidth since _pace_start
+        self._pace_start = time.monotonic_ns()
 
     # transport
     def _connect(self) -> zmq.Socket:
@@ -291,8 +296,14 @@ class Outgoing(threading.Thread):
         with self.dom.mem_lock:
             self._alive()
             runs = tracker.take(pages)
+        limit = self.opt.max_bandwidth_mbs * (1 << 20) / 1e9  # bytes per ns
         for first, count, data in runs:
             self._send({"op": "pages", "runs": [[first, count]]}, data)
+            if limit and not self.dom.paused:  # (the stop-and-copy goes at full speed)
+                self._paced += len(data)
+                ahead = self._paced / limit - (time.monotonic_ns() - self._pace_start)
+                if ahead > 0:
+                    time.sleep(ahead / 1e9)
         self.stats.pages_sent += len(pages)
         self.stats.pages_touched.update(pages)
 

@@ -268,15 +268,17 @@ class KernelServer:
             max_rounds=prop(req, "max_rounds", int, 30),
             timeout_s=prop(req, "timeout_s", (int, float), 10.0),
             auto_converge=prop(req, "auto_converge", bool, True),
+            max_bandwidth_mbs=prop(req, "max_bandwidth_mbs", (int, float), 0.0),
         )
         if not (
             0 < opt.max_downtime_ms <= 60_000
             and 1 <= opt.max_rounds <= 1000
             and 0.1 <= opt.timeout_s <= 600
+            and 0 <= opt.max_bandwidth_mbs <= 1e6
         ):
             raise ControlError(
-                "migrate: max_downtime_ms must be in (0, 60000], max_rounds in 1..1000 and "
-                "timeout_s in 0.1..600"
+                "migrate: max_downtime_ms must be in (0, 60000], max_rounds in 1..1000, "
+                "timeout_s in 0.1..600 and max_bandwidth_mbs in 0..1000000 (0: no limit)"
             )
         out = Outgoing(
             self.hv,

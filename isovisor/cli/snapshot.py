@@ -76,6 +76,14 @@ def migrate(
             "--timeout", help="Seconds to wait for each answer of the destination.", min=0.1
         ),
     ] = 10.0,
+    max_bandwidth: Annotated[
+        float,
+        typer.Option(
+            "--max-bandwidth",
+            help="MB/s the pages sent while the guest runs may take (0: no limit).",
+            min=0,
+        ),
+    ] = 0.0,
     no_auto_converge: Annotated[
         bool,
         typer.Option(
@@ -108,6 +116,7 @@ def migrate(
                 max_rounds=max_rounds,
                 timeout_s=timeout,
                 auto_converge=not no_auto_converge,
+                max_bandwidth_mbs=max_bandwidth,
             )
         except ControlError as e:
             sub.close()
