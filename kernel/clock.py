@@ -46,6 +46,7 @@ REPUBLISH_NS: Final = 1_000_000_000
 #: The first scale is measured over at least this long.
 CALIBRATE_NS: Final = 20_000_000
 _W_SH: Final = abi.SHARED_INFO_ADDR // 8
+_U64: Final = (1 << 64) - 1
 
 
 def _make_rdtsc() -> Callable[[], int] | None:
@@ -152,15 +153,15 @@ class GuestClock:
         if self.stopped:
             flags |= abi.CLOCK_F_STOPPED
             self.stopped = False
-        odd = version | 1
+        odd = (version | 1) & _U64  # (the guest can write the word: it is only a counter)
         w[sh + abi.SH_CLOCK_VERSION // 8] = odd
         w[sh + abi.SH_CLOCK_TSC // 8] = tsc
-        w[sh + abi.SH_CLOCK_SYSTEM // 8] = system
+        w[sh + abi.SH_CLOCK_SYSTEM // 8] = system & _U64
         w[sh + abi.SH_CLOCK_MUL // 8] = mul
-        w[sh + abi.SH_CLOCK_WALL // 8] = max(wall, 0)
-        w[sh + abi.SH_CLOCK_EPOCH // 8] = self.epoch
+        w[sh + abi.SH_CLOCK_WALL // 8] = max(wall, 0) & _U64
+        w[sh + abi.SH_CLOCK_EPOCH // 8] = self.epoch & _U64
         w[sh + abi.SH_CLOCK_FLAGS // 8] = flags
-        w[sh + abi.SH_CLOCK_VERSION // 8] = odd + 1
+        w[sh + abi.SH_CLOCK_VERSION // 8] = (odd + 1) & _U64
         self.tsc_ts, self.system, self.mul = tsc, system, mul
         self.published_at = mono
         self.paused_total = paused_total

@@ -173,7 +173,12 @@ class Domain:
         )
         assert len(self._handlers) == abi.HC_COUNT
         if restore is not None:
-            self._resume_from(restore)
+            try:
+                self._resume_from(restore)
+            except BaseException:
+                self.vcpu.close()
+                self.mem.close()
+                raise
 
     def _resume_from(self, r: Restored) -> None:
         """Registers, scheduler state, clock and console of a snapshot (see
@@ -184,9 +189,7 @@ class Domain:
         self.polling, self.blocking, self.runnable = s["polling"], s["blocking"], s["runnable"]
         self.upcall_handler, self.in_upcall = s["upcall_handler"], s["in_upcall"]
         self._upcall_return = s["upcall_return"]
-        self.cpu_ns = int(s.get("cpu_ns", 0) or 0)
-        self.upcalls = int(s.get("upcalls", 0) or 0)
-        self.bad_calls = int(s.get("bad_calls", 0) or 0)
+        self.cpu_ns, self.upcalls, self.bad_calls = s["cpu_ns"], s["upcalls"], s["bad_calls"]
         # the guest's clock goes on from its reading at the save: paused time is not its time
         self.created_ns = time.monotonic_ns() - r.guest_ns
         self.watchdog_ns = s["watchdog_ns"]

@@ -174,6 +174,10 @@ class Restored:
                 raise SnapshotError(f"{where}: section 'sched': {key} = {v} is out of range")
         for key in ("polling", "blocking", "runnable", "in_upcall", "upcall_return"):
             field(s, "sched", key, bool)
+        for key in ("cpu_ns", "upcalls", "bad_calls"):  # counters, absent in older files
+            v = sched.setdefault(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 62:
+                raise SnapshotError(f"{where}: section 'sched': {key} = {v!r:.40} is invalid")
         wake_in = sched.get("wake_in")
         if wake_in is not None and (not isinstance(wake_in, int) or wake_in < 0):
             raise SnapshotError(f"{where}: section 'sched': wake_in = {wake_in!r} is invalid")
@@ -204,7 +208,7 @@ class Restored:
                 f"{stored // abi.PAGE_SIZE} pages ({stored} bytes)"
             )
         data = field(s, "console", "data", bytes)
-        start = field(s, "console", "start", int)
+        start = _bounded(s, "console", "start", 1 << 62, where)
         saved_devices = _devices(s["devices"], config, where)
         return cls(
             config=config,
@@ -213,8 +217,8 @@ class Restored:
             registers=registers,
             sched=sched,
             upcall=upcall,
-            guest_ns=field(s, "clock", "guest_ns", int),
-            epoch=field(s, "clock", "epoch", int),
+            guest_ns=_bounded(s, "clock", "guest_ns", 1 << 62, where),
+            epoch=_bounded(s, "clock", "epoch", 1 << 32, where),
             runs=runs,
             pages=pages,
             console_start=start,
@@ -277,6 +281,13 @@ def _registers(regs: Any, section: str, where: str) -> dict[str, Any]:
                 f"{where}: section {section!r}: register {name} = {v!r:.60} is malformed"
             )
     return regs
+
+
+def _bounded(s: dict[str, Any], section: str, key: str, limit: int, where: str) -> int:
+    v: int = field(s, section, key, int)
+    if not 0 <= v < limit:
+        raise SnapshotError(f"{where}: section {section!r}: {key} = {v} is out of range")
+    return v
 
 
 def _devices(raw: Any, config: DomainConfig, where: str) -> list[dict[str, Any]]:

@@ -177,6 +177,12 @@ def test_sections_that_decode_but_do_not_fit_are_refused() -> None:
     s["domain"]["abi"] = abi.ABI_VERSION
     s["sched"]["polling"] = 1
     assert "'polling' is int, not bool" in _check(s)
+    s["sched"]["polling"] = False
+    s["clock"]["epoch"] = 1 << 40  # the kernel publishes it in a u64 word, counting on
+    assert "epoch = 1099511627776 is out of range" in _check(s)
+    s["clock"]["epoch"] = 0
+    s["sched"]["cpu_ns"] = "lots"
+    assert "cpu_ns = 'lots' is invalid" in _check(s)
 
 
 def test_page_runs_stores_exactly_the_pages_that_are_not_zero() -> None:
@@ -250,3 +256,17 @@ def test_the_clock_never_steps_back_and_a_pause_does_not_show() -> None:
     c.publish(lambda mono: 1600, paused_total=1_000_000_000)
     assert guest_reads() == 1600
     assert words[sh + abi.SH_CLOCK_VERSION // 8] == 6  # three publications
+
+
+def test_a_guest_that_scribbles_on_the_clock_words_cannot_break_a_publication() -> None:
+    """The parameters live in guest RAM: whatever the guest wrote there, the next publication
+    writes valid ones (the version only counts on, wrapping)."""
+    words = memoryview(bytearray(abi.SHARED_INFO_ADDR + PAGE)).cast("Q")
+    sh = abi.SHARED_INFO_ADDR // 8
+    for off in range(abi.SH_CLOCK_VERSION, abi.SH_CLOCK_EPOCH + 8, 8):
+        words[sh + off // 8] = (1 << 64) - 1
+    c = clock.GuestClock(words, _Source())  # type: ignore[arg-type]
+    c.publish(lambda mono: 7, paused_total=0)
+    assert words[sh + abi.SH_CLOCK_VERSION // 8] % 2 == 0
+    assert words[sh + abi.SH_CLOCK_SYSTEM // 8] == 7
+    assert words[sh + abi.SH_CLOCK_FLAGS // 8] == abi.CLOCK_F_TSC | abi.CLOCK_F_STOPPED
