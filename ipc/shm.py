@@ -12,9 +12,11 @@ it; :class:`Segment` keeps the ctypes anchor private and drops it in :meth:`clos
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import re
+import threading
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -28,7 +30,10 @@ class SegmentError(Exception):
 class Segment:
     """One named shared-memory segment mapped into this process."""
 
-    def __init__(self, name: str, size: int, *, create: bool) -> None:
+    def __init__(self, name: str, size: int, *, create: bool, reserve_later: bool = False) -> None:
+        """``reserve_later`` (with ``create``): map the segment sparse and reserve its pages in
+        a background thread, for a caller that must not wait for the reservation (a restore);
+        it checks first that the filesystem has room to spare."""
         if not _NAME_RE.match(name):
             raise SegmentError(f"invalid shared-memory name {name!r}: use letters, digits, . _ -")
         self.name = name
@@ -44,7 +49,9 @@ class Segment:
         except OSError as e:
             raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
         try:
-            if create:
+            if create and reserve_later:
+                os.ftruncate(fd, size)
+            elif create:
                 # Reserve every page now: a sparse segment on a full tmpfs would make the first
                 # touch of a page SIGBUS the whole kernel process instead of failing here.
                 os.posix_fallocate(fd, 0, size)
@@ -65,6 +72,10 @@ class Segment:
         self.size = size
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)
         self.address = ctypes.addressof(self._anchor)
+        if create and reserve_later:
+            threading.Thread(
+                target=_reserve, args=(self.path, size), name=f"reserve-{name}", daemon=True
+            ).start()
 
     @property
     def buf(self) -> mmap.mmap:
@@ -96,3 +107,25 @@ def sweep(prefix: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Reserve every page of a segment made with ``reserve_later`` (a background thread)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return  # already removed
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        logging.getLogger("isovisor.shm").warning(
+            "could not reserve the pages of %s (%s): a full %s could now fail it", path, e, SHM_DIR
+        )
+    finally:
+        os.close(fd)
+
+
+def room_for(size: int, factor: int = 2) -> bool:
+    """Does the shared-memory filesystem have ``factor`` times ``size`` bytes free?"""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize >= factor * size

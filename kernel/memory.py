@@ -15,11 +15,11 @@ from kernel import abi
 class GuestMemory:
     """RAM of one domain: guest-physical [0, size) with page 0 unmapped."""
 
-    def __init__(self, shm_name: str, size: int) -> None:
+    def __init__(self, shm_name: str, size: int, *, reserve_later: bool = False) -> None:
         if size % abi.PAGE_SIZE:
             raise ValueError(f"guest memory size {size} is not a multiple of {abi.PAGE_SIZE}")
         self.size = size
-        self.segment = Segment(shm_name, size, create=True)
+        self.segment = Segment(shm_name, size, create=True, reserve_later=reserve_later)
         self.bytes = memoryview(self.segment.buf)
         self.words = self.bytes.cast("Q")  # u64 view for the hypercall block and start info
 

@@ -191,7 +191,7 @@ def test_a_writer_faster_than_the_link_is_throttled_and_converges(
             "mw",
             "memwriter",
             memory=16,
-            extra="wws_kib=8192 seconds=6 report_ms=200",
+            extra="wws_kib=8192 seconds=10 report_ms=200",
             on_poweroff="preserve",
         )
     )
@@ -213,12 +213,12 @@ def test_a_guest_doing_disk_io_migrates_back_and_forth_and_verifies(
     """blkstress moves four times mid-run between two stacks whose blk0 drivers see the same
     image: each destination's driver takes the ring over where the source's let it go."""
     _pair(stack, peer, drivers=BLK)
-    start_blkstress(stack, 40000, 5)
+    start_blkstress(stack, 60000, 5)
     for i in range(4):
         src, dest = (stack, "b") if i % 2 == 0 else (peer, "a")
         out = _migrate(src, "bs", dest)
         assert out["outcome"] == "migrated", out
-    assert_blkstress_verified(stack, 40000)
+    assert_blkstress_verified(stack, 60000)
 
 
 def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(

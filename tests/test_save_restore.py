@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from kernel import snapfile
-from tests.conftest import Stack, shm_segments, wait_event, wait_until
+from tests.conftest import Stack, shm_segments, wait_until
 
 
 def _console(st: Stack, name: str) -> str:
@@ -29,21 +29,23 @@ def _up_with(st: Stack, name: str, image: str, extra: str) -> None:
     st.create(st.domain_config(name, image, extra=extra, on_poweroff="preserve"))
 
 
+def _contiguous_after(st: Stack, name: str, more: int) -> list[int]:
+    """Once the ticker has printed ``more`` more ticks, pause it and return its ticks."""
+    n = len(_ticks(_console(st, name)))
+    wait_until(lambda: len(_ticks(_console(st, name))) >= n + more, what=f"{more} more ticks")
+    st.call("pause", name=name)
+    return _ticks(_console(st, name))
+
+
 def test_a_guest_saved_in_one_stack_resumes_in_another_and_its_clock_goes_on(
     stack: Stack, peer: Stack
 ) -> None:
+    """Guests that run until stopped (so a slow host cannot have them end before the save):
+    a ticker asleep in a poll between ticks, and clockcheck reading the clock flat out."""
     stack.up()
     peer.up()
-    stack.create(
-        stack.domain_config(
-            "cc", "clockcheck", extra="report_ms=50 seconds=2", on_poweroff="preserve"
-        )
-    )
-    stack.create(
-        stack.domain_config(
-            "tick", "ticker", extra="interval_ms=20 count=150", on_poweroff="preserve"
-        )
-    )
+    stack.create(stack.domain_config("cc", "clockcheck", extra="report_ms=50"))
+    stack.create(stack.domain_config("tick", "ticker", extra="interval_ms=20"))
     wait_until(lambda: _console(stack, "cc").count("report") >= 4, what="clockcheck reports")
     wait_until(lambda: len(_ticks(_console(stack, "tick"))) >= 5, what="ticks before the save")
     snaps = {n: stack.dir / f"{n}.snap" for n in ("tick", "cc")}
@@ -58,25 +60,18 @@ def test_a_guest_saved_in_one_stack_resumes_in_another_and_its_clock_goes_on(
     assert r.returncode == 0, r.stderr
     assert "restored domain tick" in r.stdout
     peer.call("restore", path=str(snaps["cc"]))
-    doms = wait_until(
-        lambda: (d := peer.domains()) and all(d[n]["exit_kind"] for n in snaps) and d,
-        timeout=60,
-        what="both restored guests finish",
-    )
-    t1 = time.time()
-    assert doms["cc"]["exit_code"] == 0 and doms["tick"]["exit_code"] == 0
     # every tick exactly once: those printed before the save came along in the console
-    ticks = _ticks(_console(peer, "tick"))
-    assert ticks == list(range(1, 151)), ticks
-    assert before and ticks[: len(before)] == before
+    ticks = _contiguous_after(peer, "tick", 10)
+    assert ticks == list(range(1, len(ticks) + 1)), ticks
+    assert before and ticks[: len(before)] == before and len(ticks) > len(before)
+    wait_until(lambda: _console(peer, "cc").count("epoch=1 ") >= 3, what="reports after")
+    peer.call("pause", name="cc")
+    t1 = time.time()
     cc = _console(peer, "cc")
-    done = re.search(
-        r"clockcheck: done reads=(\d+) backward=(\d+) .* epoch=(\d+) hc_behind=(\d+)", cc
-    )
-    assert done, cc[-500:]
-    assert done.group(2) == "0", "the clock went backwards"
-    assert done.group(3) == "1", "one restore: epoch 1"
-    assert done.group(4) == "0", "HC_TIME and the guest's own reading disagree"
+    last = re.findall(r"backward=(\d+) .*epoch=(\d+) wall_s=(\d+) hc_behind=(\d+)", cc)[-1]
+    assert last[0] == "0", "the clock went backwards"
+    assert last[1] == "1", "one restore: epoch 1"
+    assert last[3] == "0", "HC_TIME and the guest's own reading disagree"
     # the wall clock is right after the restore (not the time of the save)
     walls = [int(w) for w in re.findall(r"epoch=1 wall_s=(\d+)", cc)]
     assert walls and all(int(t0) - 1 <= w <= int(t1) + 1 for w in walls), (walls, t0, t1)
@@ -86,7 +81,7 @@ def test_a_checkpoint_runs_on_and_a_paused_restore_waits_for_unpause(
     stack: Stack, peer: Stack
 ) -> None:
     peer.up()
-    _up_with(stack, "tick", "ticker", "interval_ms=20 count=100")
+    _up_with(stack, "tick", "ticker", "interval_ms=20")
     wait_until(lambda: len(_ticks(_console(stack, "tick"))) >= 3, what="first ticks")
     snap = stack.dir / "tick.snap"
     r = stack.cli("save", "--checkpoint", "tick", str(snap))
@@ -99,11 +94,9 @@ def test_a_checkpoint_runs_on_and_a_paused_restore_waits_for_unpause(
     assert r.returncode == 0 and "paused" in r.stdout, r.stdout + r.stderr
     assert "p" in peer.domains()["tick"]["state"]
     assert _ticks(_console(peer, "tick")) == saved  # nothing ran yet
-    sub = peer.subscribe(["domain.tick."])
     peer.call("unpause", name="tick")
-    wait_event(sub, "domain.tick.shutdown", timeout=60)
-    sub.close()
-    assert _ticks(_console(peer, "tick")) == list(range(1, 101))
+    ticks = _contiguous_after(peer, "tick", 10)
+    assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) >= len(saved) + 10, ticks
 
 
 def test_a_bad_snapshot_is_refused_with_the_section_and_nothing_is_created(
