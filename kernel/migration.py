@@ -68,6 +68,8 @@ BASE_DOWNTIME_MS: Final = 5.0
 #: Stop and copy once this few pages are left, whatever the estimate (Xen's rule: the scan of a
 #: big guest alone can take longer than the downtime asked for).
 STOP_PAGES: Final = 50
+#: Rounds at the last throttle step without shrinking before the stop-and-copy anyway.
+STALLED_ROUNDS: Final = 2
 #: The throttle steps of auto-converge (% of one pCPU).
 THROTTLE_STEPS: Final = (50, 25, 12, 6, 3, 1)
 
@@ -312,6 +314,7 @@ class Outgoing(threading.Thread):
         s, opt, dom = self.stats, self.opt, self.dom
         bw = 0.0  # bytes per ms, measured
         throttle_step = -1
+        stalled = 0  # rounds at the last throttle step that did not shrink
         previous = None
         while True:
             t_scan = time.monotonic_ns()
@@ -339,16 +342,22 @@ class Outgoing(threading.Thread):
             s.rounds += 1
             self._progress("round", round=s.rounds, pages=len(pages), ms=round(ms, 3))
             # auto-converge: what is left takes longer to send than the downtime allowed, and
-            # it did not halve in a round -> halve the guest's CPU
-            if (
+            # it did not halve in a round -> halve the guest's CPU; at the last step, a guest
+            # that still does not slow down is stopped and copied (more rounds cannot help)
+            stuck = (
                 opt.auto_converge
                 and previous is not None
                 and s.rounds >= 3
                 and bw > 0
                 and len(pages) * PAGE / bw > opt.max_downtime_ms
                 and len(pages) > previous // 2
-                and throttle_step + 1 < len(THROTTLE_STEPS)
-            ):
+            )
+            if stuck and throttle_step + 1 == len(THROTTLE_STEPS):
+                stalled += 1
+                if stalled >= STALLED_ROUNDS:
+                    self._progress("stalled", pages=len(pages))
+                    return self._pause()
+            if stuck and throttle_step + 1 < len(THROTTLE_STEPS):
                 throttle_step += 1
                 s.throttle = THROTTLE_STEPS[throttle_step]
                 limit = s.throttle if not cap else min(cap, s.throttle)

@@ -191,19 +191,21 @@ def test_a_writer_faster_than_the_link_is_throttled_and_converges(
             "mw",
             "memwriter",
             memory=16,
-            extra="wws_kib=8192 seconds=10 report_ms=200",
+            extra="wws_kib=1024 seconds=8 report_ms=200",
             on_poweroff="preserve",
         )
     )
     wait_until(lambda: "report 1 " in _console(stack, "mw"), what="memwriter runs")
-    # a link capped at 16 MB/s: the writer outruns it however little CPU a busy host gives it
-    out = _migrate(stack, "mw", "b", max_downtime_ms=2.0, max_rounds=40, max_bandwidth_mbs=16)
+    # a link capped at 4 MB/s (a round of its 1 MiB in 0.25 s): the writer outruns it however
+    # little CPU a busy host gives it, even throttled to 1 %, so the rounds stall and it is
+    # stopped and copied anyway
+    out = _migrate(stack, "mw", "b", max_downtime_ms=20.0, max_rounds=40, max_bandwidth_mbs=4)
     assert out["outcome"] == "migrated", out
     assert out["throttle"] > 0, out  # auto-converge cut its CPU
-    assert out["rounds"] >= 3
+    assert 3 <= out["rounds"] < 40, out  # and it converged before the round limit
     wait_until(lambda: peer.domains()["mw"]["exit_kind"], timeout=60, what="memwriter ends")
     text = _console(peer, "mw")
-    assert re.search(r"memwriter: done written=\d+ pages=2048 errors=0", text), text[-400:]
+    assert re.search(r"memwriter: done written=\d+ pages=256 errors=0", text), text[-400:]
     assert peer.domains()["mw"]["cap"] == 0  # the throttle stays behind with the source
 
 
