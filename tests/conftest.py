@@ -135,6 +135,24 @@ def wait_event(
             return p
 
 
+def wait_events(sub: Subscriber, topics: list[str], timeout: float = 30) -> dict[str, Any]:
+    """Wait for one event on each of ``topics``, in whatever order they come (waiting for them
+    one after the other would drop one that came before the one awaited); their payloads by
+    topic."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    got: dict[str, Any] = {}
+    while len(got) < len(set(topics)):
+        ev = sub.recv(max(0.0, deadline - time.monotonic()))
+        if ev is None:
+            missing = sorted(set(topics) - set(got))
+            raise AssertionError(f"no {missing} event(s) within {timeout}s")
+        if ev[0] in topics:
+            got.setdefault(ev[0], ev[1])
+    return got
+
+
 def command_line(p: psutil.Process) -> str:
     """``p``'s command line, or "" once it has ended (a zombie not reaped yet has none: a
     short-lived child of the stack, such as a compiler or an ``ip`` command, can be one)."""

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.blkdata import check_image, fnv1a32
-from tests.conftest import Stack, wait_event
+from tests.conftest import Stack, wait_event, wait_events
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -107,7 +107,8 @@ def test_guests_write_and_verify_through_the_driver_process(stack: Stack) -> Non
     with stack.subscribe(["domain."]) as sub:
         for cfg in (g1, g2, g3):
             stack.create(cfg)
-        stops = {n: wait_event(sub, f"domain.{n}.shutdown", 60) for n in ("g1", "g2", "g3")}
+        got = wait_events(sub, [f"domain.{n}.shutdown" for n in ("g1", "g2", "g3")], 60)
+    stops = {n: got[f"domain.{n}.shutdown"] for n in ("g1", "g2", "g3")}
     for name, p in stops.items():
         con = stack.call("console", name=name)["data"].decode()
         s = summary(con)

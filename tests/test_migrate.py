@@ -126,19 +126,17 @@ def test_the_destination_dying_at_each_phase_leaves_the_guest_running_at_the_sou
     for phase in ("begin", "pages", "sync", "commit", "killed"):
         sup = _stack_pids(peer)[0]
         if phase == "killed":
-            sub = stack.subscribe(["domain.mw.migrating"])
+            sub = stack.subscribe(["domain.mw.migrat"])  # progress and outcome, in order
             r = stack.call(
                 "migrate", name="mw", peer="b", timeout_s=1.0, max_downtime_ms=0.1, max_rounds=1000
             )
             wait_event(sub, "domain.mw.migrating", match={"phase": "round"}, timeout=30)
-            sub.close()
             for pid in _stack_pids(peer):
                 os.kill(pid, signal.SIGKILL)
-            done = stack.subscribe(["domain.mw.migration"])
             out = wait_event(
-                done, "domain.mw.migration", timeout=30, match={"migration": r["migration"]}
+                sub, "domain.mw.migration", timeout=30, match={"migration": r["migration"]}
             )
-            done.close()
+            sub.close()
         else:
             _kernel(peer).call("migration_inject", phase=phase)
             pids = _stack_pids(peer)
