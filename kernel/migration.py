@@ -258,7 +258,10 @@ class Outgoing(threading.Thread):
             "downtime_ms": round(s.downtime_ms, 3),
             "total_ms": round(s.total_ms or (time.monotonic_ns() - t0) / 1e6, 3),
             "bandwidth_mbs": round(s.bandwidth_mbs, 1),
-            "source_running": outcome["outcome"] == "failed" and dom.exit is None,
+            # (a destroy asked for meanwhile sets action first, exit only once a pCPU ran it)
+            "source_running": outcome["outcome"] == "failed"
+            and dom.exit is None
+            and dom.action is None,
             "migration": self.mid,
         }
         if outcome["outcome"] == "migrated":
