@@ -37,6 +37,31 @@ PAGE: Final = abi.PAGE_SIZE
 SPAN: Final = 64 * 1024
 
 
+def differing_pages(ram: int, size: int, other: int, *, repeat: int = 0) -> list[int]:
+    """Indices of the pages of ``size`` bytes at host address ``ram`` that differ from the
+    same bytes at ``other`` (or, with ``repeat``, from the ``repeat``-byte buffer at ``other``
+    over and over: a buffer of zeroes finds the pages that are not zero).  Page 0, the NULL
+    guard, is never counted.  64 KiB at a time, then page by page where a span differs."""
+    out: list[int] = []
+    for base in range(0, size, SPAN):
+        n = min(SPAN, size - base)
+        at = other + (base % repeat if repeat else base)
+        if _memcmp(ram + base, at, n) == 0:
+            continue
+        for off in range(max(base, abi.NULL_GUARD_END), base + n, PAGE):
+            if _memcmp(ram + off, other + (off % repeat if repeat else off), PAGE):
+                out.append(off // PAGE)
+    return out
+
+
+_zeroes = ctypes.create_string_buffer(SPAN)
+
+
+def nonzero_pages(ram: int, size: int) -> list[int]:
+    """Indices of the pages at ``ram`` that are not all zero (page 0 aside)."""
+    return differing_pages(ram, size, ctypes.addressof(_zeroes), repeat=SPAN)
+
+
 class DirtyTracker:
     """Pages of guest RAM (``ram_address``, ``size`` bytes) that differ from what was sent."""
 
@@ -49,16 +74,7 @@ class DirtyTracker:
 
     def scan(self) -> list[int]:
         """Indices of the pages that differ from the shadow now (page 0 is never sent)."""
-        ram, shadow, size = self.ram, self.shadow, self.size
-        out: list[int] = []
-        for base in range(0, size, SPAN):
-            n = min(SPAN, size - base)
-            if _memcmp(ram + base, shadow + base, n) == 0:
-                continue
-            for off in range(base, base + n, PAGE):
-                if off >= abi.NULL_GUARD_END and _memcmp(ram + off, shadow + off, PAGE):
-                    out.append(off // PAGE)
-        return out
+        return differing_pages(self.ram, self.size, self.shadow)
 
     def take(self, pages: list[int]) -> list[tuple[int, int, bytes]]:
         """Copy ``pages`` into the shadow and return them as runs (first, count, bytes)."""

@@ -161,11 +161,7 @@ class Outgoing(threading.Thread):
         try:
             self._sock.send_multipart([_pack(header), *data], flags=flags, copy=False)
         except zmq.Again:
-            raise MigrationFailed(
-                f"peer {self.peer.name} ({self.peer.address}) did not take {header['op']!r} "
-                f"within {self.opt.timeout_s:g}s: it is down, not listening for migrations, "
-                "or does not list this stack's key in its peers file"
-            ) from None
+            raise self._unreachable("take", header["op"]) from None
 
     def _ask(self, header: dict[str, Any], *data: bytes) -> dict[str, Any]:
         """Send and wait for the answer (bounded by the timeout)."""
@@ -173,16 +169,19 @@ class Outgoing(threading.Thread):
         assert sock is not None
         self._send(header, *data)
         if not sock.poll(int(self.opt.timeout_s * 1000)):
-            raise MigrationFailed(
-                f"peer {self.peer.name} ({self.peer.address}) did not answer {header['op']!r} "
-                f"within {self.opt.timeout_s:g}s: it is down, not listening for migrations, "
-                "or does not list this stack's key in its peers file"
-            )
+            raise self._unreachable("answer", header["op"])
         reply = _unpack(sock.recv())
         if not isinstance(reply, dict) or not reply.get("ok"):
             why = reply.get("error") if isinstance(reply, dict) else repr(reply)
             raise MigrationFailed(f"peer {self.peer.name} refused {header['op']!r}: {why}")
         return reply
+
+    def _unreachable(self, verb: str, op: str) -> MigrationFailed:
+        return MigrationFailed(
+            f"peer {self.peer.name} ({self.peer.address}) did not {verb} {op!r} within "
+            f"{self.opt.timeout_s:g}s: it is down, not listening for migrations, or does not "
+            "list this stack's key in its peers file"
+        )
 
     def _progress(self, phase: str, **more: Any) -> None:
         self.emit(
@@ -224,20 +223,14 @@ class Outgoing(threading.Thread):
             with contextlib.suppress(Exception):
                 if self._sock is not None:
                     self._send({"op": "abort", "reason": reason}, flags=zmq.NOBLOCK)
-            self._give_devices_back()
-            self.hv.sched.set_cap(dom, cap)
-            if not was_paused and dom.exit is None:
-                self.hv.sched.unpause(dom)
+            self._stay(cap, was_paused)
             log.error(
                 "migration of %s to %s failed: %s; it runs here", dom.name, self.peer.name, reason
             )
         except Exception as e:  # a kernel bug: the guest must still run on here
             log.exception("migration of %s to %s failed", dom.name, self.peer.name)
             outcome = {"outcome": "failed", "reason": f"internal error: {e}"}
-            self._give_devices_back()
-            self.hv.sched.set_cap(dom, cap)
-            if not was_paused and dom.exit is None:
-                self.hv.sched.unpause(dom)
+            self._stay(cap, was_paused)
         finally:
             if tracker is not None:
                 tracker.close()
@@ -281,10 +274,14 @@ class Outgoing(threading.Thread):
         self.emit(f"domain.{dom.name}.migration", payload)
         self.on_end(self)
 
-    def _give_devices_back(self) -> None:
-        dm = self.hv.devices
-        if dm is not None and any(d.released for d in self.dom.devices.values()):
-            dm.reattach(self.dom)
+    def _stay(self, cap: int, was_paused: bool) -> None:
+        """The guest stays here: its devices back, its own CPU cap, and running again."""
+        dom, dm = self.dom, self.hv.devices
+        if dm is not None and any(d.released for d in dom.devices.values()):
+            dm.reattach(dom)
+        self.hv.sched.set_cap(dom, cap)
+        if not was_paused and dom.exit is None:
+            self.hv.sched.unpause(dom)
 
     def _scan(self, tracker: DirtyTracker) -> list[int]:
         with self.dom.mem_lock:

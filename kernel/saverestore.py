@@ -11,17 +11,17 @@ file format; ``docs/snapshots.md`` describes both.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import devices as registry
 from domains.config import DomainConfig
 from ipc.schema import ConfigError
 from ipc.shm import room_for
 from kernel import abi
+from kernel.dirty import nonzero_pages
 from kernel.memory import GuestMemory
 from kernel.snapfile import SnapshotError, field
 from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_registers
@@ -29,44 +29,18 @@ from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_
 if TYPE_CHECKING:
     from kernel.domain import Domain
 
-#: Pages compared at a time before looking at single pages (most of a fresh guest is zero).
-_SPAN: Final = 16
-_memcmp = ctypes.CDLL(None).memcmp
-_memcmp.restype = ctypes.c_int
-_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-
 
 def page_runs(address: int, size: int) -> list[list[int]]:
     """[first page, count] for every run of pages of guest RAM (at host ``address``) that are
     not all zero; page 0, the NULL guard, is never stored.  Compared with ``memcmp`` against
-    zeroes, 64 KiB at a time: no copies."""
-    page = abi.PAGE_SIZE
-    span = page * _SPAN
-    zero = _zero_address(span)
+    zeroes (kernel/dirty.py), no copies."""
     runs: list[list[int]] = []
-    for base in range(0, size, span):
-        n = min(span, size - base)
-        if _memcmp(address + base, zero, n) == 0:
-            continue
-        for off in range(max(base, abi.NULL_GUARD_END), base + n, page):
-            if _memcmp(address + off, zero, page) == 0:
-                continue
-            p = off // page
-            if runs and runs[-1][0] + runs[-1][1] == p:
-                runs[-1][1] += 1
-            else:
-                runs.append([p, 1])
+    for p in nonzero_pages(address, size):
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
     return runs
-
-
-_zeroes: ctypes.Array[ctypes.c_char] | None = None
-
-
-def _zero_address(n: int) -> int:
-    global _zeroes
-    if _zeroes is None or len(_zeroes) < n:
-        _zeroes = ctypes.create_string_buffer(n)
-    return ctypes.addressof(_zeroes)
 
 
 def page_chunks(buf: Any, runs: list[list[int]]) -> Iterator[bytes]:
