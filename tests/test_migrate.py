@@ -292,8 +292,15 @@ def test_a_guest_destroyed_during_its_migration_ends_it_cleanly(stack: Stack, pe
     stack.create(stack.domain_config("mw", "memwriter", memory=16, extra="wws_kib=8192"))
     wait_until(lambda: "mw" in stack.domains(), what="memwriter created")
     sub = stack.subscribe(["domain.mw.migrat"])
+    # paced at 16 MB/s, each round of its 8 MiB takes 0.5 s: the destroy lands in the next one
     r = stack.call(
-        "migrate", name="mw", peer="b", max_downtime_ms=0.1, max_rounds=1000, auto_converge=False
+        "migrate",
+        name="mw",
+        peer="b",
+        max_downtime_ms=0.1,
+        max_rounds=1000,
+        auto_converge=False,
+        max_bandwidth_mbs=16,
     )
     wait_event(sub, "domain.mw.migrating", match={"phase": "round"}, timeout=30)
     stack.call("destroy", name="mw")
