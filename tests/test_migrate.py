@@ -289,10 +289,17 @@ def test_a_guest_destroyed_during_its_migration_ends_it_cleanly(stack: Stack, pe
     teardown waits for it): the migration fails saying so, the kernels live on, and the
     destination frees what it had reserved."""
     _pair(stack, peer)
-    stack.create(stack.domain_config("mw", "memwriter", memory=16, extra="wws_kib=8192"))
-    wait_until(lambda: "mw" in stack.domains(), what="memwriter created")
+    stack.create(
+        stack.domain_config(
+            "mw", "memwriter", memory=16, extra="wws_kib=8192 seconds=600 report_ms=100"
+        )
+    )
+    # a report with passes=1: all 2048 pages are written (before, the guest zeroes zeroes and
+    # dirties nothing, so a migration could finish in two rounds)
+    wait_until(lambda: "passes=1" in _console(stack, "mw"), timeout=60, what="a full pass")
     sub = stack.subscribe(["domain.mw.migrat"])
-    # paced at 16 MB/s, each round of its 8 MiB takes 0.5 s: the destroy lands in the next one
+    # paced at 16 MB/s, each round of its 8 MiB takes 0.5 s, in which the guest dirties far more
+    # than the 50 pages that would stop it: the rounds go on until the destroy lands
     r = stack.call(
         "migrate",
         name="mw",
