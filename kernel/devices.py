@@ -40,7 +40,7 @@ REPORT_S: Final = 1.0
 #: Device classes whose devices a save or a migration can carry: their state is the rings and
 #: the in-flight log (or journal) in the region, plus, for a disk, the image, which both stacks
 #: see, by reference; a console's output goes on in the log of whichever stack runs it.
-MOVABLE_CLASSES: Final = ("vbd", "rng", "console")
+MOVABLE_CLASSES: Final = ("vbd", "vif", "rng", "console")
 #: How long a driver has to confirm it let a device go for a save or a migration.
 RELEASE_TIMEOUT_S: Final = 5.0
 #: Characters kept of a driver's ``statistics()`` error (``["statistics", {..., error}]``).
@@ -251,7 +251,10 @@ class DeviceManager:
             for rel, v in (frontends or {}).get(dev.spec.vdev, {}).items():
                 if f"{dev.fe_dir}/{rel}" not in ours:
                     st.write(f"{dev.fe_dir}/{rel}", v)
-            if not self.hub.send_control(dev.spec.backend, dev.attach_message()):
+            attach = dev.attach_message()
+            if frontends is not None:  # it moved here: a vif tells the network (docs/net.md)
+                attach[1]["announce"] = True
+            if not self.hub.send_control(dev.spec.backend, attach):
                 log.warning(
                     "device %s: driver %s did not take the attach message",
                     dev.label,

@@ -7,17 +7,29 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from drivers.net import tap as tapmod
 from ipc.control import Client
 from ipc.peers import create_keys
+from isovisor import nettools
 from isovisor.paths import RunDir
 from tests.conftest import Stack, cli, shm_segments, wait_event, wait_until
-from tests.test_save_restore import BLK, assert_blkstress_verified, start_blkstress
+from tests.test_save_restore import (
+    BLK,
+    NET,
+    assert_blkstress_verified,
+    netpair_guests,
+    netpair_result,
+    start_blkstress,
+)
 
 MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n'
 
@@ -319,3 +331,92 @@ def test_a_guest_destroyed_during_its_migration_ends_it_cleanly(stack: Stack, pe
     assert peer.domains() == {}
     dest_sup = peer.call("ping")["pid"]
     wait_until(lambda: not shm_segments(f"isovisor.{dest_sup}.mig"), what="the reception freed")
+
+
+def test_a_pair_on_the_network_moved_one_guest_at_a_time_gets_every_frame_once(
+    stack: Stack, peer: Stack
+) -> None:
+    """netpair a and b, mid-run, migrate one after the other with their vifs (MACs kept):
+    while they are split between the two stacks, whose switches are not linked, their frames
+    are lost and sent again; once both are at the destination they finish, every frame
+    received exactly once, and each vif announced itself on the destination's switch."""
+    _pair(stack, peer, drivers=NET)
+    netpair_guests(stack, 30000)
+    for name in ("a", "b"):
+        out = _migrate(stack, name, "b")
+        assert out["outcome"] == "migrated", out
+    a, b = netpair_result(peer, "a"), netpair_result(peer, "b")
+    for r in (a, b):
+        assert r["received"] == 30000 and r["errors"] == 0, r
+        assert r["lost"] == r["dup"] == r["reordered"] == r["corrupt"] == 0, r
+    assert a["resent"] + b["resent"] > 0, (a, b)
+    log = (peer.run_dir / "driver-net0.log").read_text()
+    assert len(re.findall(r"vif \d+ \(([ab])/eth0\): moved here; announced", log)) == 2, log[-2000:]
+
+
+@pytest.fixture
+def two_netns() -> Iterator[tuple[str, str]]:
+    """Names for the uplink namespaces of two stacks, removed afterwards."""
+    problem = nettools.privilege_problem()
+    if problem is not None:
+        pytest.skip(f"needs network namespaces and TAP devices: {problem}")
+    names = (f"ivm-{os.getpid()}-a", f"ivm-{os.getpid()}-b")
+    try:
+        yield names
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+            (tapmod.MARKER_DIR / name).unlink(missing_ok=True)
+
+
+def _uplinked(netns: str, tap: str) -> str:
+    return NET + f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\ntap = "{tap}"\n'
+
+
+def test_a_migrated_guest_announces_its_mac_on_the_destinations_uplink(
+    stack: Stack, peer: Stack, two_netns: tuple[str, str]
+) -> None:
+    """A netecho guest reached from the host through stack a's TAP moves to stack b: a
+    gratuitous ARP for its address, from its MAC, comes out of b's TAP on resume (what a
+    switch beyond the uplink learns the guest's new place from), and the host answers to
+    pings through b's TAP at once."""
+    ns_a, ns_b = two_netns
+    key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
+    stack.up(extra=MIGRATION + _uplinked(ns_a, "ivma"))
+    peer.up(extra=MIGRATION + _uplinked(ns_b, "ivmb"))
+    ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
+    (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
+    (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
+    mac, ip = "02:00:00:00:01:02", "198.18.0.2"
+    for st, name, m, addr in (
+        (stack, "echo", mac, ip),
+        (peer, "other", "02:00:00:00:01:03", "198.18.0.3"),
+    ):
+        st.create(
+            st.domain_config(
+                name,
+                "netecho",
+                memory=4,
+                extra="port=7",
+                vif=[f"mac={m}, bridge=br0, backend=net0, ip={addr}"],
+            )
+        )
+        wait_until(lambda st=st, name=name: "netecho: up" in _console(st, name), what=f"{name} up")
+    assert all(r.rtt_ms is not None for r in nettools.ping(ip, netns=ns_a, count=2, timeout=2.0))
+    # b's TAP is open (its guest "other" attached): listen there for ARP before the move
+    arp = nettools.socket_in(ns_b, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    try:
+        arp.bind(("ivmb", 0x0806))
+        arp.settimeout(10.0)
+        out = _migrate(stack, "echo", "b")
+        assert out["outcome"] == "migrated", out
+        while True:  # (the host's own ARP traffic may come first)
+            frame = arp.recv(2048)
+            if frame[6:12] == bytes.fromhex(mac.replace(":", "")):
+                break
+    finally:
+        arp.close()
+    assert frame[:6] == b"\xff" * 6 and frame[20:22] == b"\x00\x01"  # broadcast, a request
+    assert frame[28:32] == frame[38:42] == socket.inet_aton(ip)  # gratuitous: for itself
+    got = nettools.ping(ip, netns=ns_b, count=3, interval=0.05, timeout=2.0)
+    assert all(r.rtt_ms is not None for r in got), got

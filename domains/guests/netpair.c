@@ -16,6 +16,18 @@
  *                 drops none of them; 0: no limit).  If the peer keeps acking
  *                 the same seq for 1 s while the window is shut, the frames in
  *                 it are taken as lost (printed) and sending goes on.
+ *   resend=MS     retransmit (go-back-N, as a reliable transport does): when
+ *                 the peer's ack has not moved for MS ms while frames are
+ *                 unacknowledged, send again from the first of them.  The
+ *                 receiver then takes data frames in order only: a frame past
+ *                 a gap is dropped (counted gaps=), one it has (a resend)
+ *                 ignored (counted resent_seen=); neither is an error, and the
+ *                 window is never reopened as lost.  So a guest whose frames
+ *                 are lost for a while (its peer saved, restored or migrated:
+ *                 frames in flight then are gone, as on any network) still
+ *                 receives every one exactly once.  Sending is over when the
+ *                 peer has acknowledged all, and acks go on until the peer's
+ *                 done (default 0: no retransmission; loss counts as lost).
  *   dev=NAME      the interface (default eth0)
  *
  * Frames (EtherType 0x88B5, local experimental; fields big-endian):
@@ -56,7 +68,7 @@
  *
  * Output:
  *   netpair: up mac=<ours> peer=<mac> count=N size=S window=W
- *   netpair: frontend tx_frames=.. tx_errors=.. rx_frames=.. rx_bad=.. kicks=.. waits=.. holds=.. ns=.. peer_received=.. window_reopened=..
+ *   netpair: frontend tx_frames=.. tx_errors=.. rx_frames=.. rx_bad=.. kicks=.. waits=.. holds=.. ns=.. peer_received=.. window_reopened=.. resent=.. gaps=.. resent_seen=..
  *   netpair: sent=N received=M lost=L dup=D reordered=R corrupt=C other=O errors=E
  * (M: distinct data frames received intact; E: frontend failures, tx errors,
  * a peer that never appeared.)  Exit code 0 iff lost, dup, reordered, corrupt
@@ -85,7 +97,7 @@
 static struct netfront nf;
 static u8 peer[6];
 static u64 peer_m48, my_m48;
-static u64 count, size, window;
+static u64 count, size, window, resend_ns;
 static u8 *seen; /* count bits */
 
 /* receive side */
@@ -98,6 +110,7 @@ static u64 ack_seen_ns;    /* when an ack last arrived */
 static u64 ack_moved_ns;   /* when peer_ack last moved */
 static u64 peer_received;  /* the arg of the peer's done */
 static u64 unacked;        /* data frames received since our last ack */
+static u64 gaps, resent_seen; /* resend mode: frames past a gap dropped, resent ones ignored */
 static u64 errors;
 
 
@@ -219,6 +232,10 @@ static void on_frame(void *ctx, const u8 *f, u32 len)
         if (!peer_done) {
             peer_done = 1;
             peer_received = get32(f + HDR_BYTES);
+            if (resend_ns && peer_received > peer_ack) { /* it has them all: an ack too */
+                peer_ack = peer_received;
+                ack_moved_ns = time_ns();
+            }
         }
         return;
     default:
@@ -234,6 +251,15 @@ static void on_frame(void *ctx, const u8 *f, u32 len)
     }
     if (!pattern_ok(f, len, peer_m48, seq)) {
         report_corrupt("payload differs from the pattern", seq, len);
+        return;
+    }
+    if (resend_ns && seq != rx_next) { /* in order only: the sender goes back to rx_next */
+        if (seq < rx_next)
+            resent_seen++;
+        else
+            gaps++;
+        last_data_ns = time_ns();
+        unacked = ~0ULL >> 1; /* ack at once: the sender learns where to go back to */
         return;
     }
     u8 bit = (u8)(1u << (seq & 7));
@@ -305,6 +331,7 @@ int main(void)
     count = param_u64("count", 1000);
     size = param_u64("size", 512);
     window = param_u64("window", 32);
+    resend_ns = param_u64("resend", 0) * NS_PER_MS;
     u64 timeout_ns = param_u64("timeout", 5000) * NS_PER_MS;
     u64 start_timeout_ns = param_u64("start_timeout", 60000) * NS_PER_MS;
     const char *want = param_str("dev", "eth0", dev, sizeof dev);
@@ -340,6 +367,8 @@ int main(void)
     int done_sent = 0, answered_done = 0, rx_over = 0, tx_over = 0, up_seen = 0;
     int stop_reason = 0; /* 1 no peer, 2 no done from the peer, 3 tx not drained */
     u64 reopened = 0;    /* times a stalled window was reopened */
+    u64 resent = 0;      /* data frames sent again (resend mode) */
+    u64 went_back_ns = 0; /* when sending last went back (resend mode) */
     for (;;) {
         if (poll_rx() < 0)
             break;
@@ -362,7 +391,8 @@ int main(void)
 
         /* a shut window while the peer is alive but acks the same seq: the frames in the
          * window are gone (the peer counts them lost); do not wait for them */
-        if (window && up_seen && !tx_over && sent < count && sent >= peer_ack + window &&
+        if (!resend_ns && window && up_seen && !tx_over && sent < count &&
+            sent >= peer_ack + window &&
             now - ack_moved_ns >= ACK_STALL_NS && now - ack_seen_ns < 3 * TICK_NS) {
             if (!reopened++)
                 printf("netpair: the peer acknowledged no frame after seq %lu for %lu ms, but "
@@ -371,6 +401,14 @@ int main(void)
                        (unsigned long)(sent - 1));
             peer_ack = sent;
             ack_moved_ns = now;
+        }
+
+        /* resend mode: the peer's ack stood still while frames were out: go back to it */
+        if (resend_ns && up_seen && !tx_over && sent > peer_ack &&
+            now - (ack_moved_ns > went_back_ns ? ack_moved_ns : went_back_ns) >= resend_ns) {
+            resent += sent - peer_ack;
+            sent = peer_ack;
+            went_back_ns = now;
         }
 
         /* data, interleaved with rx */
@@ -399,12 +437,14 @@ int main(void)
         if (progressed)
             tx_progress_ns = now;
         if (up_seen && !tx_over) {
-            if (sent == count) {
+            if (resend_ns ? peer_ack >= count : sent == count) {
                 tx_over = 1;
-            } else if (now - tx_progress_ns >= timeout_ns) {
+            } else if (resend_ns ? now - ack_moved_ns >= timeout_ns
+                                 : now - tx_progress_ns >= timeout_ns) {
                 tx_over = 1; /* the window stayed shut, or no tx buffer came free */
                 printf("netpair: %lu frames not sent: no progress for %lu ms (%s)\n",
-                       (unsigned long)(count - sent), (unsigned long)(timeout_ns / NS_PER_MS),
+                       (unsigned long)(count - (resend_ns ? peer_ack : sent)),
+                       (unsigned long)(timeout_ns / NS_PER_MS),
                        window && sent >= peer_ack + window ? "the peer stopped acknowledging"
                                                            : "no tx buffer came free");
             }
@@ -412,7 +452,8 @@ int main(void)
 
         /* acks: every window/4 frames, and every tick while frames are still due */
         u64 ack_every = window >= 8 ? window / 4 : 1;
-        if (up_seen && !rx_over && (unacked >= ack_every || now >= next_ack) &&
+        if (up_seen && (!rx_over || (resend_ns && !peer_done)) &&
+            (unacked >= ack_every || now >= next_ack) &&
             send_control(SEQ_ACK, (u32)rx_next) == 0) {
             unacked = 0;
             next_ack = now + TICK_NS;
@@ -462,7 +503,10 @@ int main(void)
             wake = now + TICK_NS;
             if (!tx_over)
                 wake = min_u64(min_u64(wake, tx_progress_ns + timeout_ns),
-                               ack_moved_ns + ACK_STALL_NS);
+                               resend_ns ? (ack_moved_ns > went_back_ns ? ack_moved_ns
+                                                                        : went_back_ns) +
+                                               resend_ns
+                                         : ack_moved_ns + ACK_STALL_NS);
             if (!rx_over)
                 wake = min_u64(min_u64(wake, last_data_ns + timeout_ns), next_ack);
             if (finish_at) {
@@ -495,11 +539,13 @@ int main(void)
     errors += nf.tx_errors;
     u64 lost = count - received;
     printf("netpair: frontend tx_frames=%lu tx_errors=%lu rx_frames=%lu rx_bad=%lu kicks=%lu "
-           "waits=%lu holds=%lu ns=%lu peer_received=%lu window_reopened=%lu\n",
+           "waits=%lu holds=%lu ns=%lu peer_received=%lu window_reopened=%lu resent=%lu gaps=%lu "
+           "resent_seen=%lu\n",
            (unsigned long)nf.tx_frames, (unsigned long)nf.tx_errors, (unsigned long)nf.rx_frames,
            (unsigned long)nf.rx_bad, (unsigned long)nf.kicks, (unsigned long)nf.waits,
            (unsigned long)nf.holds, (unsigned long)ns, (unsigned long)peer_received,
-           (unsigned long)reopened);
+           (unsigned long)reopened, (unsigned long)resent, (unsigned long)gaps,
+           (unsigned long)resent_seen);
     printf("netpair: sent=%lu received=%lu lost=%lu dup=%lu reordered=%lu corrupt=%lu other=%lu "
            "errors=%lu\n",
            (unsigned long)sent, (unsigned long)received, (unsigned long)lost, (unsigned long)dup,

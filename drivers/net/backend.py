@@ -98,6 +98,7 @@ from drivers.net.switch import (
     UPLINK,
     Bridge,
     BridgeFull,
+    announcement,
     is_multicast,
     source_problem,
 )
@@ -165,6 +166,7 @@ class VifStats:
     flooded: int = 0
     uplink_tx: int = 0
     uplink_rx: int = 0
+    announced: int = 0
 
 
 COUNTERS: Final = tuple(f.name for f in dataclasses.fields(VifStats))
@@ -214,6 +216,13 @@ class DeliveryLog:
     def set_index(self, index: int, j: int, rx_index: int) -> None:
         """Entry ``j`` of the record for ``index`` now has ``rx_index`` (one word)."""
         self.words[self._base(index) + 3 + 2 * j] = rx_index
+
+    def forget(self, index: int) -> None:
+        """The record for tx ``index`` (if it is that one's) no longer exists: a redo of
+        the request sends it as new."""
+        b = self._base(index)
+        if self.words[b] == (index + 1) & _MASK:
+            self.words[b] = 0
 
     def clear(self) -> None:
         for slot in range(_SLOTS):
@@ -610,9 +619,78 @@ class NetBackend(BackendBase[Vif]):
             v.replayed = 0
             v.redo_done_ns = time.monotonic_ns()
             v.recovering = True
+        if resume and v.attach.body.get("announce") is True and not v.stats.announced:
+            self._announce(v, b)
         self._drain_queue(v, b)  # frames a redo of another vif left waiting for this one
         self._serve_tx(v, b)
         self._settle(b)
+
+    def _announce(self, v: Vif, b: _Batch) -> None:
+        """``v`` moved here (a restore or a live migration: the kernel's attach says
+        ``announce``): tell the network where its MAC is now, as Clark et al.'s guests and
+        QEMU's announce-self do.  One gratuitous ARP for its ``ip`` (a RARP without one), from
+        its port as if the guest sent it: learned, flooded to the other vifs that have an rx
+        buffer free and to the uplink, so a switch beyond the TAP learns it at once."""
+        frame = announcement(v.mac, v.ip)
+        bridge = self.bridges[v.bridge]
+        now = self.clock()
+        bridge.table.learn(v.mac, v.key, now)
+        for p in bridge.forward(v.key, frame, now).ports:
+            if p == UPLINK:
+                self._to_uplink(v, frame)
+                continue
+            d = self.devices.get(p)
+            if d is None or d.state is not Lifecycle.CONNECTED or d.queue:
+                continue
+            got = self._take_buffer(d, b)
+            if got is not None and d.state is Lifecycle.CONNECTED:
+                self._put_frame(d, got, frame, b)
+        v.stats.announced += 1
+        self.log.info(
+            "vif %d (%s): moved here; announced %s%s",
+            v.key,
+            v.label,
+            netif.format_mac(v.mac),
+            f" at {v.ip}" if v.ip else "",
+        )
+
+    def drain(self, v: Vif, *, detaching: bool) -> None:
+        """Detached while connected (the domain is destroyed, or its devices move with a save
+        or a migration): ``v``'s tx requests under way are settled so that the in-flight log
+        a next driver (in any stack) finds names no destination of this one.  A request that
+        reached some destination is answered (the ones still waiting miss the frame, counted
+        rx_full_drops, as when ``rx_wait_ms`` runs out); one that reached none loses its
+        delivery record, so the next driver sends it as new: each frame goes out once."""
+        if not detaching or v.tx is None:
+            return
+        b = _Batch()
+        pending: list[tuple[int, int]] = []  # (tx index, request id), in ring order
+        h, v.held = v.held, None
+        if h is not None:
+            pending.append((h.index, h.id))
+            for key in h.waiting:
+                d = self.devices.get(key)
+                if d is not None and h in d.queue:
+                    d.queue.remove(h)
+        pending += [(r.index, describe_tx(r.request)[0]) for r in v.backlog]
+        v.backlog.clear()
+        v.redo_left.clear()
+        v.recovering = False
+        sent_on = True  # (answers stay in ring order: none after one left to the next driver)
+        for index, rid in pending:
+            entries = v.dlog.find(index)
+            if entries is None:
+                sent_on = False  # never went out: a new request to the next driver
+            elif sent_on and any(key == UPLINK or k != PENDING for key, k in entries):
+                for key, k in entries:
+                    d = self.devices.get(key)
+                    if key != UPLINK and k == PENDING and d is not None:
+                        d.stats.rx_full_drops += 1
+                self._answer(v, index, rid, _OKAY, b)
+            else:
+                sent_on = False
+                v.dlog.forget(index)
+        self._flush(b)
 
     def service(self, v: Vif) -> None:
         """The guest notified: it may have queued frames, posted rx buffers, or both."""

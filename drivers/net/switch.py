@@ -22,6 +22,7 @@ without waiting.  What a port may send (its source MAC) is checked by the backen
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
@@ -164,6 +165,39 @@ class MacTable:
                 self.learn(mac, port, now - age)
                 n += 1
         return n
+
+
+#: EtherTypes of the announcement a moved vif's MAC makes (:func:`announcement`).
+ETH_ARP: Final = 0x0806
+ETH_RARP: Final = 0x8035
+
+
+def announcement(mac: bytes, ip: str | None) -> bytes:
+    """The broadcast frame that tells a network where ``mac`` is now, after its guest moved
+    here (a restore or a live migration): a gratuitous ARP request for ``ip`` (RFC 5227's
+    ARP announcement, as Clark et al.'s migrated guests send), or without an address the
+    RARP request QEMU's announce-self sends.  Learning switches on the way learn the MAC on
+    the port it came from; ARP caches keep or refresh ``ip``'s entry.  60 bytes, padded."""
+    if len(mac) != 6 or is_multicast(mac):
+        raise ValueError(f"cannot announce {mac.hex(':')}: not a unicast MAC")
+    if ip is None:
+        kind, addr, op = ETH_RARP, bytes(4), 3  # RARP request: who is mac?
+        target_mac = mac
+    else:
+        kind, addr, op = ETH_ARP, ipaddress.IPv4Address(ip).packed, 1  # who has ip? tell ip
+        target_mac = bytes(6)
+    arp = (
+        (1).to_bytes(2, "big")  # hardware: Ethernet
+        + (0x0800).to_bytes(2, "big")  # protocol: IPv4
+        + bytes((6, 4))
+        + op.to_bytes(2, "big")
+        + mac
+        + addr
+        + target_mac
+        + addr
+    )
+    frame = BROADCAST + mac + kind.to_bytes(2, "big") + arp
+    return frame + bytes(60 - len(frame))  # Ethernet's shortest frame, without the FCS
 
 
 class Bridge:
