@@ -143,6 +143,11 @@ class DeviceClass:
         (``segment`` is the region's name), or None."""
         return None
 
+    def image(self, spec: DeviceSpec) -> str | None:
+        """The host file that holds this device's data, which a migration ``--with-disks``
+        copies along (its driver marks the writes: ``["mirror", key, on]``), or None."""
+        return None
+
     def conflict(self, spec: DeviceSpec, other: DeviceSpec, owner: str) -> str | None:
         """Why ``spec`` cannot be created while ``other`` (of any class, domain ``owner``'s)
         exists, or None."""

@@ -200,6 +200,10 @@ class Vbd(DeviceClass):
         assert isinstance(spec, DiskSpec)
         return Medium(f"{segment}.disk") if spec.type == "memory" else None
 
+    def image(self, spec: DeviceSpec) -> str | None:
+        assert isinstance(spec, DiskSpec)
+        return spec.target if spec.type == "file" else None
+
     def attach_body(self, spec: DeviceSpec, medium: Medium | None) -> dict[str, Any]:
         assert isinstance(spec, DiskSpec)
         return {

@@ -161,6 +161,7 @@ _SIGNATURES: dict[str, tuple[tuple[Callable[[object], bool], ...], str]] = {
     "committed": ((), '["committed"]'),
     "restore": ((lambda v: isinstance(v, dict),), '["restore", {state}]'),
     "sync": ((_is_int,), '["sync", token:int]'),
+    "mirror": ((_is_int, lambda v: isinstance(v, bool)), '["mirror", key:int, on:bool]'),
 }
 
 
@@ -808,6 +809,13 @@ class DriverHost:
                 )
                 if hook is not None:
                     self._call("committed", hook)
+                continue
+            if kind == "mirror":  # a migration copies the disk along (only disks have it)
+                hook = getattr(self.backend, "mirror_writes", None)
+                if hook is None:
+                    self.log.warning("ignoring mirror: this driver copies no disks")
+                else:
+                    self._call("mirror", hook, msg[1], msg[2])
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)

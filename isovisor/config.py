@@ -69,6 +69,12 @@ _MIGRATION_FIELDS: Final = {
         "file of the stacks this one trusts: NAME PUBLIC-KEY [tcp://HOST:PORT]",
         default="peers",
     ),
+    "disks": Field(
+        str,
+        "directory for the disk images of guests migrated here with --with-disks "
+        '(relative to this file); "": such migrations are refused',
+        default="",
+    ),
 }
 _TOP_FIELDS: Final = {
     "supervisor": Field(dict, "[supervisor] table"),
@@ -274,6 +280,7 @@ class MigrationConfig:
     listen: str = ""
     keys: str = ""
     peers: str = ""
+    disks: str = ""
 
 
 @dataclass(frozen=True)
@@ -337,6 +344,7 @@ def load_stack_config(path: str | Path) -> StackConfig:
             listen=mig.get("listen", ""),
             keys=str((path.parent / mig.get("keys", "keys")).resolve()),
             peers=str((path.parent / mig.get("peers", "peers")).resolve()),
+            disks=str((path.parent / mig["disks"]).resolve()) if mig.get("disks") else "",
         ),
         source=str(path.resolve()),
     )

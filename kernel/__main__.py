@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--migrate-listen", default=None, help="ZeroMQ TCP endpoint to accept migrations on"
     )
+    ap.add_argument(
+        "--migrate-disks",
+        default=None,
+        help="directory for the disk images of migrations --with-disks (none: refused)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=args.keys,
         peers=args.peers,
         migrate_listen=args.migrate_listen,
+        migrate_disks=args.migrate_disks,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     logging.getLogger("isovisor.kernel").info(

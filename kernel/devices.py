@@ -24,6 +24,7 @@ from ipc.control import ControlError
 from ipc.shm import SHM_DIR, Segment, SegmentError
 from ipc.store import DevState, Store, StoreError, Watch
 from kernel import abi
+from kernel.diskcopy import DiskCopy, DiskCopyError
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
@@ -348,6 +349,47 @@ class DeviceManager:
                     f"the devices of domain {dom.name!r} go (a hot swap or a recovery under "
                     "way?); nothing was saved"
                 )
+
+    def start_copies(self, dom: Domain) -> list[DiskCopy]:
+        """A migration copies ``dom``'s file disks along (``--with-disks``): have each disk's
+        driver mark its writes in a write map from now on and wait until it confirms, then
+        open the image and the map.  ControlError naming the disk if a driver cannot."""
+        copies: list[DiskCopy] = []
+        try:
+            for dev in sorted(dom.devices.values(), key=lambda d: d.index):
+                target = dev.cls.image(dev.spec)
+                if target is None:
+                    continue
+                copy = DiskCopy(dev.spec.vdev, target, SHM_DIR / f"{dev.scratch}.mirror")
+                copies.append(copy)
+                self.hub.send_control(dev.spec.backend, ["mirror", dev.key, True])
+                if not self._sync(dev.spec.backend, RELEASE_TIMEOUT_S):
+                    raise ControlError(
+                        f"driver {dev.spec.backend} did not confirm within "
+                        f"{RELEASE_TIMEOUT_S:g}s that it marks the writes of disk "
+                        f"{dev.spec.vdev}"
+                    )
+                said = self.store.read(f"{dev.be_dir}/mirror", default="")
+                if said != "on":
+                    raise ControlError(
+                        f"disk {dev.spec.vdev} cannot be copied along: driver "
+                        f"{dev.spec.backend} says {said or 'nothing'!r}"
+                    )
+                copy.open_map()
+        except (ControlError, DiskCopyError) as e:
+            self.stop_copies(dom, copies)
+            raise ControlError(str(e)) from None
+        return copies
+
+    def stop_copies(self, dom: Domain, copies: list[DiskCopy]) -> None:
+        """The copies are over (the migration failed: the guest runs on here): the drivers
+        stop marking and remove the maps."""
+        by_vdev = {d.spec.vdev: d for d in dom.devices.values()}
+        for copy in copies:
+            copy.close()
+            dev = by_vdev.get(copy.vdev)
+            if dev is not None and not dev.gone:
+                self.hub.send_control(dev.spec.backend, ["mirror", dev.key, False])
 
     def reattach(self, dom: Domain) -> None:
         """Give released devices back to their drivers (a checkpoint, or a failed save or

@@ -50,6 +50,7 @@ from ipc.shm import SegmentError
 from kernel import abi, saverestore
 from kernel.devices import device_specs
 from kernel.dirty import DirtyTracker
+from kernel.diskcopy import DiskCopy, DiskCopyError, DiskReceiver
 from kernel.memory import GuestMemory
 from kernel.snapfile import SnapshotError
 
@@ -87,6 +88,9 @@ class Options:
     max_rounds: int = 30
     timeout_s: float = 10.0
     auto_converge: bool = True
+    #: Copy the file disks' images along (kernel/diskcopy.py) instead of moving them by
+    #: reference: for stacks that do not share storage.
+    with_disks: bool = False
 
 
 def _pack(obj: Any) -> bytes:
@@ -110,6 +114,8 @@ class Stats:
     total_ms: float = 0.0
     bandwidth_mbs: float = 0.0
     last_pages: int = 0
+    disk_blocks: int = 0  # disk blocks sent (--with-disks), the stop-and-copy's included
+    last_disk_blocks: int = 0  # of them in the stop-and-copy
 
 
 class Outgoing(threading.Thread):
@@ -138,6 +144,7 @@ class Outgoing(threading.Thread):
         self.on_end = on_end
         self.stats = Stats()
         self._sock: zmq.Socket | None = None
+        self.copies: list[DiskCopy] = []
         self._paced = 0  # bytes sent under max_bandwidth since _pace_start
         self._pace_start = time.monotonic_ns()
 
@@ -201,6 +208,8 @@ class Outgoing(threading.Thread):
         try:
             self._sock = self._connect()
             self._progress("connecting", address=self.peer.address)
+            if self.opt.with_disks and self.hv.devices is not None:
+                self.copies = self.hv.devices.start_copies(dom)
             self._ask(
                 {
                     "op": "begin",
@@ -208,6 +217,7 @@ class Outgoing(threading.Thread):
                     "config": dom.config.to_wire(),
                     "bytes": dom.mem.size,
                     "origin": self.origin,
+                    "disks": [{"vdev": c.vdev, "bytes": c.size} for c in self.copies],
                 }
             )
             tracker = DirtyTracker(dom.mem.host_address, dom.mem.size)
@@ -217,7 +227,7 @@ class Outgoing(threading.Thread):
             self.stats.downtime_ms = (done - (paused_at or done)) / 1e6
             self.stats.total_ms = (done - t0) / 1e6
             outcome = {"outcome": "migrated", "reason": "", "dest_domid": reply.get("domid")}
-        except (MigrationFailed, ControlError, zmq.ZMQError, OSError) as e:
+        except (MigrationFailed, ControlError, DiskCopyError, zmq.ZMQError, OSError) as e:
             reason = str(e)
             outcome = {"outcome": "failed", "reason": reason}
             with contextlib.suppress(Exception):
@@ -234,6 +244,8 @@ class Outgoing(threading.Thread):
         finally:
             if tracker is not None:
                 tracker.close()
+            for copy in self.copies:
+                copy.close()
             if self._sock is not None:
                 self._sock.close(0)
         s = self.stats
@@ -251,6 +263,8 @@ class Outgoing(threading.Thread):
             "downtime_ms": round(s.downtime_ms, 3),
             "total_ms": round(s.total_ms or (time.monotonic_ns() - t0) / 1e6, 3),
             "bandwidth_mbs": round(s.bandwidth_mbs, 1),
+            "disk_blocks": s.disk_blocks,
+            "last_disk_blocks": s.last_disk_blocks,
             # (a destroy asked for meanwhile sets action first, exit only once a pCPU ran it)
             "source_running": outcome["outcome"] == "failed"
             and dom.exit is None
@@ -279,6 +293,8 @@ class Outgoing(threading.Thread):
         dom, dm = self.dom, self.hv.devices
         if dm is not None and any(d.released for d in dom.devices.values()):
             dm.reattach(dom)
+        if dm is not None and self.copies:
+            dm.stop_copies(dom, self.copies)
         self.hv.sched.set_cap(dom, cap)
         if not was_paused and dom.exit is None:
             self.hv.sched.unpause(dom)
@@ -309,6 +325,23 @@ class Outgoing(threading.Thread):
         self.stats.pages_sent += len(pages)
         self.stats.pages_touched.update(pages)
 
+    def _send_disks(self, first_round: bool) -> int:
+        """Every copied disk's blocks with data (round 0), else the ones written since they
+        were sent; paced like the pages while the guest runs.  Returns the blocks sent."""
+        limit = self.opt.max_bandwidth_mbs * (1 << 20) / 1e9
+        n = 0
+        for copy in self.copies:
+            for first, count, data in copy.initial() if first_round else copy.dirty():
+                self._send({"op": "blocks", "vdev": copy.vdev, "runs": [[first, count]]}, data)
+                n += count
+                if limit and not self.dom.paused:
+                    self._paced += len(data)
+                    ahead = self._paced / limit - (time.monotonic_ns() - self._pace_start)
+                    if ahead > 0:
+                        time.sleep(ahead / 1e9)
+        self.stats.disk_blocks += n
+        return n
+
     def _precopy(self, tracker: DirtyTracker, cap: int) -> int:
         """Rounds while the guest runs; returns when few enough pages are left."""
         s, opt, dom = self.stats, self.opt, self.dom
@@ -320,12 +353,13 @@ class Outgoing(threading.Thread):
             t_scan = time.monotonic_ns()
             pages = self._scan(tracker)
             scan_ms = (time.monotonic_ns() - t_scan) / 1e6
-            send_ms = len(pages) * PAGE / bw if bw else 0.0
+            blocks = sum(c.marked() for c in self.copies)  # (4 KiB each, as pages)
+            send_ms = (len(pages) + blocks) * PAGE / bw if bw else 0.0
             if s.rounds > 0:
                 expect = BASE_DOWNTIME_MS + scan_ms + send_ms
                 if (
                     expect <= opt.max_downtime_ms
-                    or len(pages) <= STOP_PAGES
+                    or len(pages) + blocks <= STOP_PAGES
                     or s.rounds >= opt.max_rounds
                 ):
                     return self._pause()
@@ -333,10 +367,11 @@ class Outgoing(threading.Thread):
                 raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
             t = time.monotonic_ns()
             self._send_pages(tracker, pages)
+            sent = len(pages) + self._send_disks(first_round=s.rounds == 0)
             self._ask({"op": "sync", "round": s.rounds})
             ms = max((time.monotonic_ns() - t) / 1e6, 0.001)
-            if pages:
-                bw = len(pages) * PAGE / ms
+            if sent:
+                bw = sent * PAGE / ms
                 s.bandwidth_mbs = bw * 1000 / (1 << 20)
             s.round_pages.append(len(pages))
             s.rounds += 1
@@ -382,6 +417,7 @@ class Outgoing(threading.Thread):
         pages = self._scan(tracker)
         self.stats.last_pages = len(pages)
         self._send_pages(tracker, pages)
+        self.stats.last_disk_blocks = self._send_disks(first_round=False)  # (written no more)
         with self.hv.sched.lock:
             if dom.exit is not None or dom.action is not None:
                 raise MigrationFailed(f"domain {dom.name!r} stopped during the migration")
@@ -395,6 +431,48 @@ class Outgoing(threading.Thread):
 
 
 # -- destination ------------------------------------------------------------------------------
+def disk_targets(
+    disks_dir: Path | None, name: str, h: dict[str, Any]
+) -> dict[str, tuple[Path, int]]:
+    """The disks a ``begin`` says come along: vdev -> (where the image goes in ``disks_dir``,
+    bytes).  MigrationFailed if this stack takes none or an entry is malformed."""
+    disks = h.get("disks") or []
+    if not disks:
+        return {}
+    if disks_dir is None:
+        raise MigrationFailed(
+            "this stack takes no disk images: set disks = DIR in the [migration] table "
+            "of its supervisor.toml to receive migrations --with-disks"
+        )
+    out: dict[str, tuple[Path, int]] = {}
+    for d in disks if isinstance(disks, list) else [disks]:
+        vdev = d.get("vdev") if isinstance(d, dict) else None
+        size = d.get("bytes") if isinstance(d, dict) else None
+        if not isinstance(vdev, str) or not vdev.isalnum() or not isinstance(size, int):
+            raise MigrationFailed(f"malformed disk entry {d!r:.80} in begin")
+        if not 0 < size <= 1 << 44:
+            raise MigrationFailed(f"disk {vdev}: size {size} is out of range")
+        out[vdev] = (disks_dir / f"{name}-{vdev}.img", size)
+    return out
+
+
+def retarget(wire: Any, targets: dict[str, tuple[Path, int]]) -> Any:
+    """A wire config whose copied disks name their images here."""
+    if not targets or not isinstance(wire, dict) or not isinstance(wire.get("disk"), list):
+        return wire
+    disks = []
+    for d in wire["disk"]:
+        if isinstance(d, dict) and d.get("vdev") in targets:
+            if d.get("type", "file") != "file":
+                raise MigrationFailed(f"disk {d.get('vdev')} is not a file disk")
+            d = {**d, "target": str(targets[d["vdev"]][0])}
+        disks.append(d)
+    missing = set(targets) - {d.get("vdev") for d in disks if isinstance(d, dict)}
+    if missing:
+        raise MigrationFailed(f"disks {sorted(missing)} are not in the domain's config")
+    return {**wire, "disk": disks}
+
+
 @dataclass
 class Reception:
     mid: str
@@ -404,6 +482,9 @@ class Reception:
     origin: str
     seen: float
     pages: int = 0
+    #: The disks copied along, by vdev (--with-disks), and where their images go here
+    disks: dict[str, DiskReceiver] = field(default_factory=dict)
+    targets: dict[str, tuple[Path, int]] = field(default_factory=dict)
 
 
 class Incoming(threading.Thread):
@@ -418,9 +499,12 @@ class Incoming(threading.Thread):
         keys: KeyPair,
         peers: Path,
         emit: Emit,
+        disks: Path | None = None,
     ) -> None:
         super().__init__(name="migrate-in", daemon=True)
         self.hv, self.ctx, self.keys, self.peers_path, self.emit = hv, ctx, keys, peers, emit
+        #: Where disk images copied along (--with-disks) are put; None: none are taken.
+        self.disks_dir = disks
         self.receptions: dict[str, Reception] = {}
         #: Fault injection (tests): the kernel process dies on receiving this operation.
         self.die_at: str | None = None
@@ -493,12 +577,14 @@ class Incoming(threading.Thread):
                 return
             r = self.receptions.get(mid)
             if r is None:
-                if op in ("pages", "abort"):
+                if op in ("pages", "blocks", "abort"):
                     return  # after an abort or an expiry: nothing to do, nobody waits
                 raise MigrationFailed(f"no migration {mid!r} under way here")
             r.seen = time.monotonic()
             if op == "pages":
                 self._pages(r, header, frames[2:])
+            elif op == "blocks":
+                self._blocks(r, header, frames[2:])
             elif op == "sync":
                 self._reply(ident, ok=True, round=header.get("round"), pages=r.pages)
             elif op == "commit":
@@ -508,7 +594,7 @@ class Incoming(threading.Thread):
                 self._free(r, f"the source aborted: {header.get('reason', '')}")
             else:
                 raise MigrationFailed(f"unknown operation {op!r}")
-        except (MigrationFailed, ControlError, SnapshotError) as e:
+        except (MigrationFailed, ControlError, SnapshotError, DiskCopyError) as e:
             log.warning("migration: %s", e)
             with contextlib.suppress(zmq.ZMQError):
                 self._reply(ident, ok=False, error=str(e))
@@ -519,7 +605,10 @@ class Incoming(threading.Thread):
 
     def _begin(self, mid: str, h: dict[str, Any]) -> None:
         try:
-            config = DomainConfig.from_wire(h.get("config"))
+            config = DomainConfig.from_wire(h.get("config"))  # (its name is checked here)
+            targets = disk_targets(self.disks_dir, config.name, h)
+            if targets:
+                config = DomainConfig.from_wire(retarget(h.get("config"), targets))
         except ConfigError as e:
             raise MigrationFailed(f"the domain's config is invalid here: {e}") from None
         specs = tuple(device_specs(config))
@@ -543,7 +632,17 @@ class Incoming(threading.Thread):
         except (SegmentError, ValueError) as e:
             raise MigrationFailed(str(e)) from None
         origin = str(h.get("origin", ""))
-        self.receptions[mid] = Reception(mid, config.name, config, mem, origin, time.monotonic())
+        r = Reception(mid, config.name, config, mem, origin, time.monotonic())
+        try:
+            for vdev, (path, size) in targets.items():
+                r.disks[vdev] = DiskReceiver(vdev, path, size)
+        except DiskCopyError:
+            for rec in r.disks.values():
+                rec.discard()
+            mem.close()
+            raise
+        r.targets = targets
+        self.receptions[mid] = r
         # before the guest can print here: the supervisor notes where its console log goes on
         self.emit(
             f"domain.{config.name}.incoming",
@@ -567,11 +666,23 @@ class Incoming(threading.Thread):
             buf[first * PAGE : (first + count) * PAGE] = view
             r.pages += count
 
+    def _blocks(self, r: Reception, h: dict[str, Any], data: list[Any]) -> None:
+        runs, rec = h.get("runs"), r.disks.get(str(h.get("vdev")))
+        if rec is None or not isinstance(runs, list) or len(runs) != len(data):
+            raise MigrationFailed("malformed blocks message")
+        for run, frame in zip(runs, data, strict=True):
+            if not (isinstance(run, list) and len(run) == 2):
+                raise MigrationFailed("malformed blocks message")
+            rec.write(run[0], run[1], frame.buffer)
+
     def _commit(self, r: Reception, h: dict[str, Any]) -> int:
         t0 = time.monotonic_ns()
         sections = h.get("sections")
         if not isinstance(sections, dict):
             raise MigrationFailed("malformed commit (no sections)")
+        domain = sections.get("domain")
+        if r.disks and isinstance(domain, dict):  # its disks are the copies made here
+            domain["config"] = retarget(domain.get("config"), r.targets)
         sections["memory"] = {"bytes": r.mem.size, "page": PAGE, "runs": []}
         sections["pages"] = b""
         restored = saverestore.Restored.check(sections, f"migration of {r.name}")
@@ -580,10 +691,19 @@ class Incoming(threading.Thread):
         restored.started_ns = t0
         del self.receptions[r.mid]
         try:
+            for rec in r.disks.values():
+                rec.commit()
+        except OSError as e:
+            self._discard_disks(r)
+            r.mem.close()
+            raise MigrationFailed(f"cannot put the copied disk images in place: {e}") from None
+        try:
             dom = self.hv.create(restored.config, restore=restored)
         except BaseException:
             if restored.memory is not None:  # not taken by a domain: ours to free
                 r.mem.close()
+            for rec in r.disks.values():  # the guest runs on at the source
+                rec.final.unlink(missing_ok=True)
             raise
         log.info("migration %s: domain %s runs here (id %d)", r.mid, r.name, dom.domid)
         return dom.domid
@@ -594,7 +714,13 @@ class Incoming(threading.Thread):
             if now - r.seen > RECEPTION_IDLE_S:
                 self._free(r, f"nothing heard from the source for {RECEPTION_IDLE_S:g}s")
 
+    @staticmethod
+    def _discard_disks(r: Reception) -> None:
+        for rec in r.disks.values():
+            rec.discard()
+
     def _free(self, r: Reception, why: str) -> None:
         self.receptions.pop(r.mid, None)
         r.mem.close()
+        self._discard_disks(r)
         log.warning("migration %s of domain %s abandoned: %s", r.mid, r.name, why)

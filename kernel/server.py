@@ -107,6 +107,7 @@ class KernelServer:
         keys: str | None = None,
         peers: str | None = None,
         migrate_listen: str | None = None,
+        migrate_disks: str | None = None,
     ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -140,6 +141,7 @@ class KernelServer:
         self.hub.start()
         self.keys_dir = Path(keys) if keys else None
         self.peers = Path(peers) if peers else None
+        self.migrate_disks = Path(migrate_disks) if migrate_disks else None
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: Incoming | None = None
         if migrate_listen:
@@ -222,7 +224,9 @@ class KernelServer:
             if self.keys_dir is None or self.peers is None:
                 raise PeerError("--migrate-listen needs --keys and --peers")
             keys = load_keys(self.keys_dir)
-            self.incoming = Incoming(self.hv, self.ctx, endpoint, keys, self.peers, self.bus.emit)
+            self.incoming = Incoming(
+                self.hv, self.ctx, endpoint, keys, self.peers, self.bus.emit, self.migrate_disks
+            )
         except (PeerError, zmq.ZMQError) as e:
             log.error("not accepting migrations on %s: %s", endpoint, e)
             return
@@ -269,6 +273,7 @@ class KernelServer:
             timeout_s=prop(req, "timeout_s", (int, float), 10.0),
             auto_converge=prop(req, "auto_converge", bool, True),
             max_bandwidth_mbs=prop(req, "max_bandwidth_mbs", (int, float), 0.0),
+            with_disks=prop(req, "with_disks", bool, False),
         )
         if not (
             0 < opt.max_downtime_ms <= 60_000

@@ -465,6 +465,46 @@ def test_write_then_read_back_through_the_ring(rig: Rig) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(30)
+def test_a_disk_copied_along_has_each_write_and_discard_marked_even_across_a_restart(
+    rig: Rig,
+) -> None:
+    """``["mirror", key, true]`` (a migration --with-disks): the driver says ``on`` in the
+    store and marks the 4 KiB blocks of every write and discard in the write map from then on;
+    a replacement instance finds the map and goes on; ``false`` removes it."""
+    rig.start()
+    dev = rig.device(1, 1, file_disk(rig.image()), attach=None)
+    dev.attach_msg["scratch"] = f"{PREFIX}dom1.xvda.scratch"
+    wmap = Path("/dev/shm") / f"{PREFIX}dom1.xvda.scratch.mirror"
+    rig.extra_shm.append(wmap)
+    dev.attach()
+    dev.connect()
+    st = rig.kernel.store
+    assert dev.write(0, pattern(1, 4096)) == STATUS_OKAY  # before: not marked
+    rig.kernel.send("mirror", 1, True)
+    rig.kernel.wait(lambda: st.get(f"{dev.store}/mirror") == "on", "mirror on")
+    marked = lambda: {i for i, b in enumerate(wmap.read_bytes()) if b}  # noqa: E731
+    assert wmap.stat().st_size == 4 * MiB // 4096 and marked() == set()
+    assert dev.write(80, pattern(2, 4096)) == STATUS_OKAY  # block 10
+    assert dev.write(8 * 300 + 4, pattern(3, 1024)) == STATUS_OKAY  # inside block 300
+    ((_, _, status),) = dev.run([dev.request(OP_DISCARD, 8 * 500, nr_sectors=16)])
+    assert status == STATUS_OKAY
+    assert marked() == {10, 300, 500, 501}
+    rig.restart()  # a crash: the map stays, and the next instance marks on
+    dev.resume()
+    rig.kernel.wait(lambda: dev.state() == "4", "resumed")
+    assert dev.write(8 * 20, pattern(4, 4096)) == STATUS_OKAY
+    assert marked() == {10, 20, 300, 500, 501}
+    rig.kernel.send("mirror", 1, False)
+    rig.kernel.wait(lambda: st.get(f"{dev.store}/mirror") == "off", "mirror off")
+    assert not wmap.exists()
+    rig.kernel.send("mirror", 7, True)  # an unknown device: logged, nothing else
+    rig.kernel.send("mirror", "x", True)  # malformed: refused by the host
+    assert dev.write(8 * 30, pattern(5, 4096)) == STATUS_OKAY and rig.alive()
+    assert "mirror for unknown device 7" in rig.driver_log()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
 def test_read_only_flush_discard_and_memory_disks(rig: Rig) -> None:
     rig.start('{"max_batch": 4}')
     ro_img = rig.image("ro.img")

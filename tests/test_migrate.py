@@ -34,12 +34,15 @@ from tests.test_save_restore import (
 MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n'
 
 
-def _pair(a: Stack, b: Stack, *, trust: bool = True, drivers: str = "") -> None:
+def _pair(
+    a: Stack, b: Stack, *, trust: bool = True, drivers: str = "", disks: bool = False
+) -> None:
     """Two stacks that know each other as "a" and "b" (with ``trust=False``, b does not know
-    a's key), both with the ``drivers`` tables."""
+    a's key), both with the ``drivers`` tables (``disks``: b takes disk images, in its
+    directory's ``disks``)."""
     key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (a, b))
     a.up(extra=MIGRATION + drivers)
-    b.up(extra=MIGRATION + drivers)
+    b.up(extra=MIGRATION + ('disks = "disks"\n' if disks else "") + drivers)
     ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (a, b))
     assert ep_a.startswith("tcp://127.0.0.1:") and ep_b.startswith("tcp://127.0.0.1:")
     (a.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
@@ -231,6 +234,45 @@ def test_a_guest_doing_disk_io_migrates_back_and_forth_and_verifies(
         out = _migrate(src, "bs", dest)
         assert out["outcome"] == "migrated", out
     assert_blkstress_verified(stack, 60000)
+
+
+def test_a_disk_copied_along_while_the_guest_writes_it_verifies_at_the_destination(
+    stack: Stack, peer: Stack
+) -> None:
+    """blkstress migrates --with-disks to a stack that keeps its own images: its disk is
+    copied while it writes it (the blocks written meanwhile sent again), the destination runs
+    it on its own copy, and wiping the source's image changes nothing there.  Without a
+    disks directory the destination refuses, and the guest runs on."""
+    _pair(stack, peer, drivers=BLK, disks=True)
+    start_blkstress(stack, 60000, 7)
+    out = _migrate(stack, "bs", "b", with_disks=True)
+    assert out["outcome"] == "migrated", out
+    assert out["disk_blocks"] > 0 and out["rounds"] >= 1, out
+    copy = peer.dir / "disks" / "bs-xvda.img"
+    assert copy.exists() and not list((peer.dir / "disks").glob("*.partial"))
+    src = stack.dir / "bs.img"
+    with open(src, "r+b") as f:  # the source's image is no longer the guest's
+        f.write(b"\xee" * src.stat().st_size)
+    assert_blkstress_verified(peer, 60000)
+    disks = [d for d in peer.call("devices")["devices"] if d["vdev"] == "xvda"]
+    assert disks and disks[0]["target"] == str(copy), disks
+    # back to a stack that takes no images: refused, and it runs on where it is
+    peer.create(
+        peer.domain_config(
+            "bs2",
+            "blkstress",
+            memory=8,
+            extra="ops=100000000 blocks=64",
+            disk=[f"target={peer.dir / 'bs2.img'}, vdev=xvda, access=rw, backend=blk0, size=1M"],
+        )
+    )
+    wait_until(lambda: "bs2" in peer.domains(), what="bs2 created")
+    out = _migrate(peer, "bs2", "a", with_disks=True)
+    assert out["outcome"] == "failed" and "takes no disk images" in out["reason"], out
+    assert out["source_running"] is True
+    assert peer.domains()["bs2"]["exit_kind"] is None
+    sup = peer.call("ping")["pid"]  # the driver stopped marking, and the map is gone
+    wait_until(lambda: not list(Path("/dev/shm").glob(f"isovisor.{sup}.*.mirror")), what="no map")
 
 
 def test_a_console_served_by_a_driver_goes_on_in_the_destinations_log(

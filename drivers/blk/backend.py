@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from devices import vbd
 from drivers.backendkit import int_option, msg_field
 from drivers.blk import persist
-from drivers.blk.export import DirtyMap, Exported, dirty_map_path, raw_view
+from drivers.blk.export import DirtyMap, Exported, dirty_map_path, mirror_map_path, raw_view
 from drivers.blk.persist import copy_medium
 from drivers.blk.storage import SHM_DIR, Storage, StorageError, open_medium
 from drivers.devicebackend import Device, DeviceBackend
@@ -108,6 +108,9 @@ class Disk(Device):
     sectors: int
     #: Requests refused so far (the first 20 are logged, then every 1000th).
     bad_logged: int = 0
+    #: While a migration copies the disk along: the blocks written since the kernel last
+    #: read them (drivers/blk/export.py, mirror_map_path).
+    mirror: DirtyMap | None = None
 
 
 class BlockBackend(DeviceBackend[Disk], abc.ABC):
@@ -290,8 +293,56 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
             self.close_device(d, handover=False)
             raise ValueError(f"cannot publish the disk parameters: {e}") from None
         self.log.info("device %d (%s): %r, %d sectors", d.key, d.label, d.storage, d.sectors)
+        mirror = mirror_map_path(a.scratch)
+        if mirror is not None and mirror.exists():  # a predecessor was marking for a migration
+            self._start_mirror(d, mirror)
+
+    def mirror_writes(self, key: int, on: bool) -> None:
+        """``["mirror", key, on]``: a migration copies disk ``key`` along (``--with-disks``).
+        On: from now on every write and discard marks its blocks in the device's mirror map,
+        after it is done, so the kernel (which clears a block's mark before it reads the block)
+        never misses one; ``<backend dir>/mirror`` says ``on``, or why not.  Off: stop and
+        remove the map."""
+        d = self.devices.get(key)
+        if d is None:
+            self.log.warning("mirror for unknown device %d", key)
+            return
+        path = mirror_map_path(d.attach.scratch)
+        if not on:
+            if d.mirror is not None:
+                d.mirror.close()
+                d.mirror = None
+            if path is not None:
+                path.unlink(missing_ok=True)
+            self.host.store_write(f"{d.attach.store}/mirror", "off")
+            return
+        why = None
+        if path is None:
+            why = "the device has no scratch name to keep a write map under"
+        elif isinstance(d.io, Exported) and not d.io.through:
+            why = (
+                f"{type(d.storage).__name__} keeps the data its own way, so the image is "
+                "not current while it runs"
+            )
+        if why is not None:
+            self.log.warning("device %d (%s): cannot copy it along: %s", key, d.label, why)
+            self.host.store_write(f"{d.attach.store}/mirror", f"no: {why}")
+            return
+        assert path is not None
+        self._start_mirror(d, path)
+
+    def _start_mirror(self, d: Disk, path: Path) -> None:
+        if d.mirror is None:
+            d.mirror = DirtyMap(path, d.sectors * SECTOR_SIZE)
+            self.log.info(
+                "device %d (%s): writes marked for a migration in %s", d.key, d.label, path
+            )
+        self.host.store_write(f"{d.attach.store}/mirror", "on")
 
     def close_device(self, d: Disk, *, handover: bool) -> None:
+        if d.mirror is not None:  # (the map stays: the kernel reads the last marks)
+            d.mirror.close()
+            d.mirror = None
         io = getattr(d, "io", None)
         if isinstance(io, Exported):
             try:
@@ -350,12 +401,16 @@ class BlockBackend(DeviceBackend[Disk], abc.ABC):
                 storage.writev_from(
                     req.sector * SECTOR_SIZE, [region[o : o + n] for o, n in req.segments]
                 )
+                if d.mirror is not None:  # after the write: see mirror_writes
+                    d.mirror.mark(req.sector * SECTOR_SIZE, sum(n for _, n in req.segments))
             elif op == OP_FLUSH:
                 storage.flush()
             elif op == OP_DISCARD:
                 if storage.readonly:
                     return self._refused(d, req, "discard on read-only disk")
                 storage.discard(req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
+                if d.mirror is not None:
+                    d.mirror.mark(req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
         except (OSError, StorageError) as e:
             return self._refused(
                 d, req, f"{blkif.OP_NAMES[op]} of sector {req.sector}: I/O error: {e}"

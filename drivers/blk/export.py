@@ -65,6 +65,13 @@ def dirty_map_path(scratch: str) -> Path | None:
     return SHM_DIR / f"{scratch}.dirty" if scratch else None
 
 
+def mirror_map_path(scratch: str) -> Path | None:
+    """Where the write map of a disk that a migration copies along lives (``--with-disks``,
+    docs/migration.md): one byte per :data:`BLOCK`, set by the driver after each write or
+    discard, cleared by the kernel before it reads the block to send it."""
+    return SHM_DIR / f"{scratch}.mirror" if scratch else None
+
+
 class DirtyMap:
     """One byte per :data:`BLOCK` of a disk of ``size`` bytes: 1 where the opaque storage
     holds a write the medium has not got yet.  In tmpfs (``path``) so that a replacement

@@ -91,6 +91,14 @@ def migrate(
             help="Never throttle a guest that dirties memory faster than it is sent.",
         ),
     ] = False,
+    with_disks: Annotated[
+        bool,
+        typer.Option(
+            "--with-disks",
+            help="Copy the disk images along while the guest runs (stacks without shared "
+            "storage; the destination needs [migration] disks).",
+        ),
+    ] = False,
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the outcome.")] = 600,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
     run_dir: RunDirOpt = None,
@@ -117,6 +125,7 @@ def migrate(
                 timeout_s=timeout,
                 auto_converge=not no_auto_converge,
                 max_bandwidth_mbs=max_bandwidth,
+                with_disks=with_disks,
             )
         except ControlError as e:
             sub.close()
@@ -136,6 +145,8 @@ def migrate(
         print(json.dumps(p, indent=2))
     elif p["outcome"] == "migrated":
         throttled = f", throttled to {p['throttle']}%" if p["throttle"] else ""
+        if p.get("disk_blocks"):
+            throttled += f", {p['disk_blocks']} disk blocks copied"
         out.print(
             f"migrated domain {r['name']} to {peer} ({p['address']}, id {p['dest_domid']} "
             f"there): {p['rounds']} round(s), {p['pages_sent']} pages sent "

@@ -78,6 +78,8 @@ class KernelProcess:
             cmd += ["--keys", m.keys, "--peers", m.peers]
             if m.listen:
                 cmd += ["--migrate-listen", m.listen]
+            if m.disks:
+                cmd += ["--migrate-disks", m.disks]
         env = child_env()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
