@@ -15,6 +15,7 @@ import ctypes
 import logging
 import mmap
 import os
+import queue
 import re
 import threading
 from pathlib import Path
@@ -31,9 +32,10 @@ class Segment:
     """One named shared-memory segment mapped into this process."""
 
     def __init__(self, name: str, size: int, *, create: bool, reserve_later: bool = False) -> None:
-        """``reserve_later`` (with ``create``): map the segment sparse and reserve its pages in
-        a background thread, for a caller that must not wait for the reservation (a restore);
-        it checks first that the filesystem has room to spare."""
+        """``reserve_later`` (with ``create``): map the segment sparse, for a caller that must
+        not wait for the reservation (a restore) and that checked the filesystem has room to
+        spare; it calls :meth:`reserve_in_background` once it has written what it had to (a
+        reservation under way holds the file's lock: writes would wait for it)."""
         if not _NAME_RE.match(name):
             raise SegmentError(f"invalid shared-memory name {name!r}: use letters, digits, . _ -")
         self.name = name
@@ -72,10 +74,12 @@ class Segment:
         self.size = size
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)
         self.address = ctypes.addressof(self._anchor)
-        if create and reserve_later:
-            threading.Thread(
-                target=_reserve, args=(self.path, size), name=f"reserve-{name}", daemon=True
-            ).start()
+
+    def reserve_in_background(self) -> None:
+        """Reserve every page of a segment made with ``reserve_later``, in a thread (one
+        worker for all segments: starting a thread waits until it runs, which a loaded host
+        makes a matter of milliseconds)."""
+        _reserver().put((self.path, self.size))
 
     @property
     def buf(self) -> mmap.mmap:
@@ -107,6 +111,25 @@ def sweep(prefix: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+_RESERVER: queue.SimpleQueue[tuple[Path, int]] | None = None
+_RESERVER_LOCK = threading.Lock()
+
+
+def _reserver() -> queue.SimpleQueue[tuple[Path, int]]:
+    global _RESERVER
+    with _RESERVER_LOCK:
+        if _RESERVER is None:
+            q: queue.SimpleQueue[tuple[Path, int]] = queue.SimpleQueue()
+            threading.Thread(target=_reserve_all, args=(q,), name="reserve", daemon=True).start()
+            _RESERVER = q
+        return _RESERVER
+
+
+def _reserve_all(q: queue.SimpleQueue[tuple[Path, int]]) -> None:
+    while True:
+        _reserve(*q.get())
 
 
 def _reserve(path: Path, size: int) -> None:

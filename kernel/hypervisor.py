@@ -106,6 +106,8 @@ class Hypervisor:
                 )
             except (ImageError, SegmentError) as e:
                 raise ControlError(str(e)) from None
+            except SnapshotError as e:  # the pages, checked as they were read
+                raise ControlError(f"{e}; nothing was restored") from None
             except Exception as e:
                 log.exception("creating domain %s failed", config.name)
                 raise ControlError(f"cannot create domain {config.name!r}: {e}") from None
@@ -246,7 +248,8 @@ class Hypervisor:
         """Create a domain from a snapshot file: checked whole before anything is made."""
         t0 = time.monotonic_ns()
         try:
-            restored = saverestore.Restored.check(snapfile.read(path), f"snapshot {path}")
+            sections = snapfile.read(path, defer_pages=True)  # (read while RAM is filled)
+            restored = saverestore.Restored.check(sections, f"snapshot {path}")
         except SnapshotError as e:
             raise ControlError(f"{e}; nothing was restored") from None
         restored.started_ns = t0

@@ -11,6 +11,7 @@ file format; ``docs/snapshots.md`` describes both.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ipc.shm import room_for
 from kernel import abi
 from kernel.dirty import nonzero_pages
 from kernel.memory import GuestMemory
-from kernel.snapfile import SnapshotError, field
+from kernel.snapfile import PagesRef, SnapshotError, field
 from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_registers
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class Restored:
     guest_ns: int
     epoch: int
     runs: list[tuple[int, int]]
-    pages: bytes | memoryview
+    pages: bytes | memoryview | PagesRef
     console_start: int
     console: bytes
     #: Each device's class, vdev, region bytes and frontend store nodes (``devices``).
@@ -208,23 +209,38 @@ class Restored:
             return mem
         # Reserving a big segment's pages takes ~0.4 ms per MiB: with room to spare it is done
         # behind the guest's back, so the restore waits only for the stored pages.
-        mem = GuestMemory(shm_name, size, reserve_later=room_for(size))
+        later = room_for(size)
+        mem = GuestMemory(shm_name, size, reserve_later=later)
         try:
             self.fill(mem)
         except BaseException:
             mem.close()
             raise
+        if later:
+            mem.segment.reserve_in_background()
         return mem
 
     def fill(self, mem: GuestMemory) -> None:
-        """Write the stored pages into fresh (zeroed) guest RAM."""
+        """Write the stored pages into fresh (zeroed) guest RAM: with ``write`` into its
+        shared-memory file rather than through the mapping, so the pages are allocated in
+        the host kernel without a fault each; read from the snapshot file as they go (and
+        checked: SnapshotError if they fail their checksum) when ``pages`` is a reference."""
         page = abi.PAGE_SIZE
-        buf = mem.segment.buf
-        off = 0
-        for first, count in self.runs:
-            n = count * page
-            buf[first * page : first * page + n] = self.pages[off : off + n]
-            off += n
+        pages = self.pages
+        chunks = pages.chunks() if isinstance(pages, PagesRef) else iter((memoryview(pages),))
+        fd = os.open(mem.segment.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            runs = iter(self.runs)
+            at, left = 0, 0  # where the current run goes on in RAM, bytes of it left
+            for chunk in chunks:
+                while chunk:
+                    if not left:
+                        first, count = next(runs)
+                        at, left = first * page, count * page
+                    n = os.pwrite(fd, chunk[: min(left, len(chunk))], at)
+                    chunk, at, left = chunk[n:], at + n, left - n
+        finally:
+            os.close(fd)
 
     def load_vcpu(self, dom: Domain) -> None:
         """Registers, and the context an upcall interrupted (vCPU not yet run)."""

@@ -8,9 +8,10 @@ Layout (little-endian)::
 
 Sections come in a fixed order (:data:`SECTIONS`); ``end`` is last and empty, so a file cut
 anywhere is recognised as cut.  Structured payloads are msgpack maps; ``pages`` is raw guest
-memory.  :func:`read` checks everything before it returns: the caller creates nothing from a
-file that is truncated, corrupted, or of another version, and the error names the section and
-what is wrong with it.
+memory.  :func:`read` checks everything before it returns (a restore reads ``pages``
+afterwards, once, checking it on the way, and creates nothing until that has ended): the
+caller creates nothing from a file that is truncated, corrupted, or of another version, and
+the error names the section and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -90,23 +91,73 @@ def _write_section(f: BinaryIO, name: str, chunks: Iterable[bytes | memoryview])
     f.seek(end)
 
 
-def read(path: Path) -> dict[str, Any]:
-    """Read and check a snapshot: msgpack sections decoded, ``pages`` as a read-only
-    memoryview of the file's bytes."""
+class PagesRef:
+    """The ``pages`` section of a snapshot read with ``defer_pages``: where its payload is,
+    not read yet.  :meth:`chunks` reads it and checks its CRC-32 on the way, so a restore
+    copies the guest's RAM straight from the file into its segment in one pass."""
+
+    def __init__(self, path: Path, offset: int, length: int, crc: int, where: str) -> None:
+        self.path, self.offset, self.length, self.crc, self.where = path, offset, length, crc, where
+
+    def __len__(self) -> int:
+        return self.length
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[memoryview]:
+        """The payload in order, in chunks of at most ``size`` bytes read into one reused
+        buffer (a chunk is valid until the next is asked for).  SnapshotError, after the last
+        chunk, if the payload fails its checksum or the file changed meanwhile."""
+        buf = bytearray(min(size, max(self.length, 1)))
+        crc, left = 0, self.length
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                while left:
+                    view = memoryview(buf)[: min(left, len(buf))]
+                    got = f.readinto(view)
+                    if not got:
+                        raise SnapshotError(
+                            f"{self.where}: section 'pages' is truncated: the file changed "
+                            "while it was read"
+                        )
+                    chunk = view[:got]
+                    crc = zlib.crc32(chunk, crc)
+                    left -= got
+                    yield chunk
+        except OSError as e:
+            raise SnapshotError(f"cannot read {self.where}: {e.strerror}") from None
+        if crc != self.crc:
+            raise SnapshotError(
+                f"{self.where}: section 'pages' (bytes {self.offset}..{self.offset + self.length})"
+                f" fails its checksum (stored CRC-32 {self.crc:#010x}, computed {crc:#010x}): "
+                "the file is corrupted"
+            )
+
+    def read_all(self) -> bytes:
+        return b"".join(bytes(c) for c in self.chunks())
+
+
+def read(path: Path, *, defer_pages: bool = False) -> dict[str, Any]:
+    """Read and check a snapshot: msgpack sections decoded, ``pages`` as bytes; with
+    ``defer_pages`` as a :class:`PagesRef`, whose checksum is checked as it is read (a
+    restore: nothing is created before that read has ended)."""
     where = f"snapshot {path}"
     try:
+        # read, not mapped: a file truncated under a mapping (a `cp` over it while we
+        # restore) would kill the kernel with SIGBUS
         with open(path, "rb") as f:
-            # read, not mapped: a file truncated under a mapping (a `cp` over it while we
-            # restore) would kill the kernel with SIGBUS
-            data = f.read()
+            return _read(f, os.fstat(f.fileno()).st_size, path, where, defer_pages)
     except OSError as e:
         raise SnapshotError(f"cannot read {where}: {e.strerror}") from None
-    if len(data) < _HEADER.size:
+
+
+def _read(f: BinaryIO, size: int, path: Path, where: str, defer_pages: bool) -> dict[str, Any]:
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
         raise SnapshotError(
-            f"{where} is {len(data)} bytes, shorter than a snapshot header ({_HEADER.size} "
+            f"{where} is {size} bytes, shorter than a snapshot header ({_HEADER.size} "
             "bytes): it is not a snapshot, or was cut off"
         )
-    magic, version, count, _ = _HEADER.unpack_from(data)
+    magic, version, count, _ = _HEADER.unpack(head)
     if magic != MAGIC:
         raise SnapshotError(
             f"{where} is not an isovisor snapshot (it starts with {magic!r}, not {MAGIC!r})"
@@ -123,14 +174,13 @@ def read(path: Path) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     off = _HEADER.size
-    view = memoryview(data)
     for expected in SECTIONS:
-        if off + _SECTION.size > len(data):
+        if off + _SECTION.size > size:
             raise SnapshotError(
-                f"{where} is truncated: it ends at byte {len(data)}, before section "
+                f"{where} is truncated: it ends at byte {size}, before section "
                 f"{expected!r}; the file is incomplete (save it again, or copy it whole)"
             )
-        raw, length, crc, _ = _SECTION.unpack_from(data, off)
+        raw, length, crc, _ = _SECTION.unpack(f.read(_SECTION.size))
         name = bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
         if name != expected:
             raise SnapshotError(
@@ -138,13 +188,22 @@ def read(path: Path) -> dict[str, Any]:
                 "belongs: the file is corrupted"
             )
         off += _SECTION.size
-        if off + length > len(data):
+        if off + length > size:
             raise SnapshotError(
                 f"{where}: section {name!r} is truncated: its header says {length} bytes, "
-                f"the file holds {len(data) - off} after it; the file is incomplete (save it "
+                f"the file holds {size - off} after it; the file is incomplete (save it "
                 "again, or copy it whole)"
             )
-        payload = view[off : off + length]  # no copy: ``pages`` can be most of the file
+        if name == "pages" and defer_pages:
+            out[name] = PagesRef(path, off, length, crc, where)
+            f.seek(length, os.SEEK_CUR)
+            off += length
+            continue
+        if name != "pages" and length > MAX_META:
+            raise SnapshotError(f"{where}: section {name!r} is {length} bytes, too big")
+        payload = f.read(length)
+        if len(payload) != length:
+            raise SnapshotError(f"{where}: section {name!r} is truncated: the file changed")
         got = zlib.crc32(payload)
         if got != crc:
             raise SnapshotError(
@@ -155,17 +214,15 @@ def read(path: Path) -> dict[str, Any]:
         if name == "pages":
             out[name] = payload
         elif name != "end":
-            if length > MAX_META:
-                raise SnapshotError(f"{where}: section {name!r} is {length} bytes, too big")
             try:
                 out[name] = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as e:
                 raise SnapshotError(
                     f"{where}: section {name!r} does not decode ({e}): the file is corrupted"
                 ) from None
-    if off != len(data):
+    if off != size:
         raise SnapshotError(
-            f"{where}: {len(data) - off} bytes follow the end section: the file is corrupted "
+            f"{where}: {size - off} bytes follow the end section: the file is corrupted "
             "or two files were joined"
         )
     return out

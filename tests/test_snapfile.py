@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import random
 import struct
 from pathlib import Path
@@ -131,6 +132,41 @@ def test_a_file_cut_anywhere_is_reported_truncated_with_the_section(snap: Path) 
         assert "truncated" in msg and "incomplete" in msg, (cut, msg)
         (within,) = [n for n, (off, length) in offsets.items() if off <= cut < off + 32 + length]
         assert f"section {within!r}" in msg, (cut, msg)
+
+
+def test_a_restore_reads_the_pages_once_into_ram_and_checks_them_on_the_way(
+    tmp_path: Path,
+) -> None:
+    """``defer_pages``: the pages stay in the file until the RAM is filled from it, in chunks,
+    at the runs' places; a flipped byte there fails the fill, naming the section, and the RAM
+    segment is gone again."""
+    pages = [bytes([k + 1]) * PAGE for k in range(5)]
+    s = _sections(pages)
+    s["memory"]["runs"] = [[1, 2], [10, 3]]
+    snap = tmp_path / "g.snap"
+    snapfile.write(snap, s)
+    got = snapfile.read(snap, defer_pages=True)
+    ref = got["pages"]
+    assert isinstance(ref, snapfile.PagesRef) and len(ref) == 5 * PAGE
+    assert [bytes(c) for c in ref.chunks(3 * PAGE)] == [b"".join(pages[:3]), b"".join(pages[3:])]
+    r = saverestore.Restored.check(got, "here")
+    mem = r.take_memory(f"isovisor-snaptest.{os.getpid()}.ram", 4 << 20)
+    try:
+        ram = mem.segment.buf
+        for page, content in zip((1, 2, 10, 11, 12), pages, strict=True):
+            assert ram[page * PAGE : (page + 1) * PAGE] == content
+        assert ram[3 * PAGE : 10 * PAGE] == bytes(7 * PAGE)
+    finally:
+        mem.close()
+    data = bytearray(snap.read_bytes())
+    off, length = _offsets(bytes(data))["pages"]
+    data[off + 32 + length - 1] ^= 1
+    snap.write_bytes(data)
+    r = saverestore.Restored.check(snapfile.read(snap, defer_pages=True), "here")
+    name = f"isovisor-snaptest.{os.getpid()}.bad"
+    with pytest.raises(SnapshotError, match=r"section 'pages' \(bytes .*fails its checksum"):
+        r.take_memory(name, 4 << 20)
+    assert not (Path("/dev/shm") / name).exists()
 
 
 @pytest.mark.parametrize(
