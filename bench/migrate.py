@@ -12,7 +12,9 @@ peers files made here) move one guest back and forth with ``migrate``.  Workload
   needs auto-converge (its CPU cap halved per round) to finish;
 * ``blkstress``: verified disk I/O (QD32, 60 % writes, 4 KiB, a 4 MiB image both stacks see):
   its disk moves by reference and its ring with it; it must end with errors=0 and every block
-  verified.
+  verified;
+* ``blkdisks``: the same with ``--with-disks``: its 4 MiB image is copied to the other stack's
+  ``[migration] disks`` directory at each move while it writes it.
 
 For each guest size (16, 64, 256 MiB; ``--quick``: 16 and 64) and workload: total time, the
 host's downtime (pause at the source -> the destination answered that the guest runs), the
@@ -58,7 +60,10 @@ from ipc.peers import create_keys
 
 NAME = "migrate"
 TITLE = "Live migration, save and restore"
-MIGRATION = '[migration]\nlisten = "tcp://127.0.0.1:0"\n[driver.blk0]\nmodule = "drivers.blk"\n'
+MIGRATION = (
+    '[migration]\nlisten = "tcp://127.0.0.1:0"\ndisks = "disks"\n'
+    '[driver.blk0]\nmodule = "drivers.blk"\n'
+)
 
 WORKLOADS: dict[str, tuple[str, str]] = {
     "idle": ("ticker", "interval_ms=1000"),
@@ -66,6 +71,8 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "wws1m": ("memwriter", "wws_kib=1024 rate=50 seconds=100000 report_ms=100000"),
     "outrun": ("memwriter", "wws_kib={half} seconds=100000 report_ms=100000"),
     "blkstress": ("blkstress", "ops=150000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
+    # the same, its image copied along at each move (--with-disks) instead of shared
+    "blkdisks": ("blkstress", "ops=150000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
 }
 
 
@@ -141,7 +148,9 @@ def _run_migrations(
         src, dst = where[i % 2], where[(i + 1) % 2]
         if image == "blkstress" and src.domains()[name]["exit_kind"]:
             break  # it finished its run: no more moves
-        out = _migrate(src, name, "b" if i % 2 == 0 else "a", max_downtime_ms=30.0)
+        out = _migrate(
+            src, name, "b" if i % 2 == 0 else "a", max_downtime_ms=30.0, with_disks=wl == "blkdisks"
+        )
         if out["outcome"] != "migrated":
             raise RuntimeError(f"{name}: migration {i + 1} failed: {out['reason']}")
         if image != "ticker":
@@ -176,6 +185,8 @@ def _run_migrations(
         "sent_median": median([r["pages_sent"] for r in rows]),
         "touched_median": median([r["pages_touched"] for r in rows]),
         "throttle_max": max(r["throttle"] for r in rows),
+        "disk_blocks_median": median([r.get("disk_blocks", 0) for r in rows]),
+        "last_disk_blocks_median": median([r.get("last_disk_blocks", 0) for r in rows]),
         "guest_gap_median": median(gaps) if gaps else None,
         "guest_gap_max": max(gaps) if gaps else None,
     }
@@ -197,6 +208,12 @@ def _run_migrations(
             f"{summary['rounds_median']:g} rounds, {summary['sent_median']:g} pages sent / "
             f"{summary['touched_median']:g} touched"
             + (f"; throttled to {summary['throttle_max']}%" if summary["throttle_max"] else "")
+            + (
+                f"; {summary['disk_blocks_median']:g} disk blocks copied "
+                f"({summary['last_disk_blocks_median']:g} in the stop-and-copy)"
+                if summary["disk_blocks_median"]
+                else ""
+            )
             + gap
             + verified,
             "",
