@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import devices
@@ -314,18 +316,20 @@ class DeviceManager:
             (SHM_DIR / dev.medium.name).unlink(missing_ok=True)
 
     # -- save, restore, migration (control or migration thread; the domain is paused) -----------
-    def check_movable(self, dom: Domain, what: str) -> None:
-        """ControlError unless every device of ``dom`` can be carried by a save or migration."""
+    def check_movable(self, dom: Domain, what: str, *, copies: bool = False) -> None:
+        """ControlError unless every device of ``dom`` can be carried by a save or migration
+        (``copies``: a migration --with-disks, which carries a memory disk's data too)."""
         for dev in dom.devices.values():
             if dev.cls.name not in MOVABLE_CLASSES:
                 raise ControlError(
                     f"domain {dom.name!r}: {dev.kind_word} {dev.spec.vdev} cannot be {what} "
                     f"yet (devices of class {', '.join(MOVABLE_CLASSES)} can)"
                 )
-            if dev.medium is not None:
+            if dev.medium is not None and not copies:
+                how = "without --with-disks" if what == "migrated" else "yet"
                 raise ControlError(
                     f"domain {dom.name!r}: {dev.kind_word} {dev.spec.vdev} is a memory disk, "
-                    f"whose data lives in this stack only; it cannot be {what} yet"
+                    f"whose data lives in this stack only; it cannot be {what} {how}"
                 )
             name = dev.spec.backend
             if name not in self.hub.links or name in self.recovery.failing:
@@ -357,10 +361,19 @@ class DeviceManager:
         copies: list[DiskCopy] = []
         try:
             for dev in sorted(dom.devices.values(), key=lambda d: d.index):
-                target = dev.cls.image(dev.spec)
-                if target is None:
-                    continue
-                copy = DiskCopy(dev.spec.vdev, target, SHM_DIR / f"{dev.scratch}.mirror")
+                if dev.medium is not None:  # a memory disk: its data is the medium file
+                    target = str(SHM_DIR / dev.medium.name)
+                else:
+                    image = dev.cls.image(dev.spec)
+                    if image is None:
+                        continue
+                    target = image
+                copy = DiskCopy(
+                    dev.spec.vdev,
+                    target,
+                    SHM_DIR / f"{dev.scratch}.mirror",
+                    memory=dev.medium is not None,
+                )
                 copies.append(copy)
                 self.hub.send_control(dev.spec.backend, ["mirror", dev.key, True])
                 if not self._sync(dev.spec.backend, RELEASE_TIMEOUT_S):
@@ -443,6 +456,15 @@ class DeviceManager:
         for dev in dom.devices.values():
             region = by_vdev[dev.spec.vdev]["region"]
             dev.segment.buf[: len(region)] = region
+
+    @staticmethod
+    def load_media(dom: Domain, media: dict[str, Path]) -> None:
+        """Put received disk data in place as the new devices' media (a memory disk copied
+        along with a migration), before their drivers open them."""
+        for dev in dom.devices.values():
+            path = media.get(dev.spec.vdev)
+            if path is not None and dev.medium is not None:
+                os.replace(path, SHM_DIR / dev.medium.name)
 
     # -- watches ---------------------------------------------------------------------------------
     def _be_state_changed(self, path: str, token: str) -> None:

@@ -54,8 +54,10 @@ class DiskCopy:
     """One file disk of a migrating domain: its image (opened read-only here) and the write
     map its driver keeps once asked (:meth:`open_map`, after the driver said ``on``)."""
 
-    def __init__(self, vdev: str, image: str, write_map: Path) -> None:
+    def __init__(self, vdev: str, image: str, write_map: Path, *, memory: bool = False) -> None:
         self.vdev, self.image, self.map_path = vdev, image, write_map
+        #: A memory disk (its data in a shared-memory file of the source stack).
+        self.memory = memory
         try:
             self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:

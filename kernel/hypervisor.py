@@ -117,6 +117,7 @@ class Hypervisor:
                     dm.create(dom)
                     if restore is not None:
                         dm.load_regions(dom, restore.devices)
+                        dm.load_media(dom, restore.media)
                 except BaseException:
                     dom.teardown()
                     raise

@@ -46,7 +46,7 @@ from domains.config import DomainConfig
 from ipc.control import ControlError
 from ipc.peers import KeyPair, Peer, PeerError, read_peers
 from ipc.schema import ConfigError
-from ipc.shm import SegmentError
+from ipc.shm import SHM_DIR, SegmentError
 from kernel import abi, saverestore
 from kernel.devices import device_specs
 from kernel.dirty import DirtyTracker
@@ -217,7 +217,9 @@ class Outgoing(threading.Thread):
                     "config": dom.config.to_wire(),
                     "bytes": dom.mem.size,
                     "origin": self.origin,
-                    "disks": [{"vdev": c.vdev, "bytes": c.size} for c in self.copies],
+                    "disks": [
+                        {"vdev": c.vdev, "bytes": c.size, "memory": c.memory} for c in self.copies
+                    ],
                 }
             )
             tracker = DirtyTracker(dom.mem.host_address, dom.mem.size)
@@ -431,41 +433,63 @@ class Outgoing(threading.Thread):
 
 
 # -- destination ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiskTarget:
+    """Where a disk copied along goes here: an image file under ``[migration] disks``, or
+    for a memory disk a shared-memory file the new device takes as its medium."""
+
+    path: Path
+    size: int
+    memory: bool
+
+
 def disk_targets(
-    disks_dir: Path | None, name: str, h: dict[str, Any]
-) -> dict[str, tuple[Path, int]]:
-    """The disks a ``begin`` says come along: vdev -> (where the image goes in ``disks_dir``,
-    bytes).  MigrationFailed if this stack takes none or an entry is malformed."""
+    disks_dir: Path | None, name: str, h: dict[str, Any], scratch: str = ""
+) -> dict[str, DiskTarget]:
+    """The disks a ``begin`` says come along, by vdev: a file disk's image goes to
+    ``disks_dir/NAME-VDEV.img``, a memory disk's to ``/dev/shm/<scratch>.VDEV.disk``.
+    MigrationFailed if this stack takes no images or an entry is malformed."""
     disks = h.get("disks") or []
-    if not disks:
-        return {}
-    if disks_dir is None:
-        raise MigrationFailed(
-            "this stack takes no disk images: set disks = DIR in the [migration] table "
-            "of its supervisor.toml to receive migrations --with-disks"
-        )
-    out: dict[str, tuple[Path, int]] = {}
+    out: dict[str, DiskTarget] = {}
     for d in disks if isinstance(disks, list) else [disks]:
         vdev = d.get("vdev") if isinstance(d, dict) else None
         size = d.get("bytes") if isinstance(d, dict) else None
-        if not isinstance(vdev, str) or not vdev.isalnum() or not isinstance(size, int):
+        memory = d.get("memory", False) if isinstance(d, dict) else None
+        if (
+            not isinstance(vdev, str)
+            or not vdev.isalnum()
+            or not isinstance(size, int)
+            or not isinstance(memory, bool)
+        ):
             raise MigrationFailed(f"malformed disk entry {d!r:.80} in begin")
         if not 0 < size <= 1 << 44:
             raise MigrationFailed(f"disk {vdev}: size {size} is out of range")
-        out[vdev] = (disks_dir / f"{name}-{vdev}.img", size)
+        if memory:
+            out[vdev] = DiskTarget(SHM_DIR / f"{scratch}.{vdev}.disk", size, True)
+        elif disks_dir is None:
+            raise MigrationFailed(
+                "this stack takes no disk images: set disks = DIR in the [migration] table "
+                "of its supervisor.toml to receive migrations --with-disks"
+            )
+        else:
+            out[vdev] = DiskTarget(disks_dir / f"{name}-{vdev}.img", size, False)
     return out
 
 
-def retarget(wire: Any, targets: dict[str, tuple[Path, int]]) -> Any:
-    """A wire config whose copied disks name their images here."""
+def retarget(wire: Any, targets: dict[str, DiskTarget]) -> Any:
+    """A wire config whose copied file disks name their images here (a memory disk keeps
+    its entry: its medium is the device's own)."""
     if not targets or not isinstance(wire, dict) or not isinstance(wire.get("disk"), list):
         return wire
     disks = []
     for d in wire["disk"]:
-        if isinstance(d, dict) and d.get("vdev") in targets:
-            if d.get("type", "file") != "file":
-                raise MigrationFailed(f"disk {d.get('vdev')} is not a file disk")
-            d = {**d, "target": str(targets[d["vdev"]][0])}
+        t = targets.get(str(d.get("vdev"))) if isinstance(d, dict) else None
+        if t is not None:
+            kind = d.get("type", "file")
+            if kind != ("memory" if t.memory else "file"):
+                raise MigrationFailed(f"disk {d.get('vdev')} is a {kind} disk in the config")
+            if not t.memory:
+                d = {**d, "target": str(t.path)}
         disks.append(d)
     missing = set(targets) - {d.get("vdev") for d in disks if isinstance(d, dict)}
     if missing:
@@ -484,7 +508,7 @@ class Reception:
     pages: int = 0
     #: The disks copied along, by vdev (--with-disks), and where their images go here
     disks: dict[str, DiskReceiver] = field(default_factory=dict)
-    targets: dict[str, tuple[Path, int]] = field(default_factory=dict)
+    targets: dict[str, DiskTarget] = field(default_factory=dict)
 
 
 class Incoming(threading.Thread):
@@ -606,7 +630,8 @@ class Incoming(threading.Thread):
     def _begin(self, mid: str, h: dict[str, Any]) -> None:
         try:
             config = DomainConfig.from_wire(h.get("config"))  # (its name is checked here)
-            targets = disk_targets(self.disks_dir, config.name, h)
+            scratch = f"{self.hv.shm_prefix}mig{next(self._shm)}"
+            targets = disk_targets(self.disks_dir, config.name, h, scratch)
             if targets:
                 config = DomainConfig.from_wire(retarget(h.get("config"), targets))
         except ConfigError as e:
@@ -634,8 +659,8 @@ class Incoming(threading.Thread):
         origin = str(h.get("origin", ""))
         r = Reception(mid, config.name, config, mem, origin, time.monotonic())
         try:
-            for vdev, (path, size) in targets.items():
-                r.disks[vdev] = DiskReceiver(vdev, path, size)
+            for vdev, t in targets.items():
+                r.disks[vdev] = DiskReceiver(vdev, t.path, t.size)
         except DiskCopyError:
             for rec in r.disks.values():
                 rec.discard()
@@ -687,6 +712,7 @@ class Incoming(threading.Thread):
         sections["pages"] = b""
         restored = saverestore.Restored.check(sections, f"migration of {r.name}")
         restored.memory = r.mem
+        restored.media = {v: t.path for v, t in r.targets.items() if t.memory}
         restored.origin = r.origin or restored.origin
         restored.started_ns = t0
         del self.receptions[r.mid]

@@ -15,6 +15,8 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import devices as registry
@@ -124,6 +126,9 @@ class Restored:
     devices: list[dict[str, Any]]
     #: RAM already filled (a migration's reception); the domain takes it and sets this None.
     memory: GuestMemory | None = None
+    #: Memory disks' data received with the migration (--with-disks), by vdev: files in
+    #: /dev/shm that become the new devices' media.
+    media: dict[str, Path] = dc_field(default_factory=dict)
     #: When the restore (or the migration's commit) began, host monotonic ns.
     started_ns: int = 0
 

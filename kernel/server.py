@@ -257,7 +257,9 @@ class KernelServer:
             raise ControlError(f"domain {dom.name!r} is stopping or stopped; nothing to migrate")
         if dom.devices:
             assert self.hv.devices is not None
-            self.hv.devices.check_movable(dom, "migrated")
+            self.hv.devices.check_movable(
+                dom, "migrated", copies=prop(req, "with_disks", bool, False)
+            )
         if dom.name in self.outgoing:
             raise ControlError(f"domain {dom.name!r} is being migrated already")
         if self.keys_dir is None or self.peers is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kernel.diskcopy import BLOCK, RUN_BLOCKS, DiskCopy, DiskCopyError, DiskReceiver
-from kernel.migration import MigrationFailed, disk_targets, retarget
+from kernel.migration import DiskTarget, MigrationFailed, disk_targets, retarget
 
 
 def _image(path: Path, blocks: int, data: dict[int, bytes]) -> None:
@@ -132,10 +132,17 @@ def test_a_destination_without_a_disks_directory_refuses_and_bad_entries_are_nam
     with pytest.raises(MigrationFailed, match=r"takes no disk images: set disks = DIR"):
         disk_targets(None, "bs", begin)
     assert disk_targets(None, "bs", {}) == {}
-    assert disk_targets(tmp_path, "bs", begin) == {"xvda": (tmp_path / "bs-xvda.img", 4 << 20)}
+    assert disk_targets(tmp_path, "bs", begin) == {
+        "xvda": DiskTarget(tmp_path / "bs-xvda.img", 4 << 20, False)
+    }
+    mem = {"disks": [{"vdev": "xvdb", "bytes": 1 << 20, "memory": True}]}
+    assert disk_targets(None, "bs", mem, "isovisor.1.mig2") == {
+        "xvdb": DiskTarget(Path("/dev/shm/isovisor.1.mig2.xvdb.disk"), 1 << 20, True)
+    }
     for bad, what in (
         ({"vdev": "../x", "bytes": 1}, "malformed disk entry"),
         ({"vdev": "xvda", "bytes": "1"}, "malformed disk entry"),
+        ({"vdev": "xvda", "bytes": 1, "memory": 1}, "malformed disk entry"),
         ({"vdev": "xvda", "bytes": 0}, "out of range"),
     ):
         with pytest.raises(MigrationFailed, match=what):
@@ -148,14 +155,21 @@ def test_the_copied_disks_of_a_config_name_their_images_here(tmp_path: Path) -> 
         "disk": [
             {"vdev": "xvda", "type": "file", "target": "/src/bs.img"},
             {"vdev": "xvdb", "type": "file", "target": "/shared/base.img"},
+            {"vdev": "xvdc", "type": "memory", "size": 1 << 20},
         ],
     }
-    targets = {"xvda": (tmp_path / "bs-xvda.img", 1)}
+    targets = {
+        "xvda": DiskTarget(tmp_path / "bs-xvda.img", 1, False),
+        "xvdc": DiskTarget(tmp_path / "c.disk", 1 << 20, True),
+    }
     out = retarget(wire, targets)
-    assert [d["target"] for d in out["disk"]] == [str(tmp_path / "bs-xvda.img"), "/shared/base.img"]
+    assert [d.get("target") for d in out["disk"]] == [
+        str(tmp_path / "bs-xvda.img"),
+        "/shared/base.img",
+        None,  # a memory disk's data becomes its device's own medium
+    ]
     assert wire["disk"][0]["target"] == "/src/bs.img"  # the original is left alone
-    with pytest.raises(MigrationFailed, match=r"disks \['xvdc'\] are not in the domain's config"):
-        retarget(wire, {"xvdc": (tmp_path / "c.img", 1)})
-    mem = {"disk": [{"vdev": "xvda", "type": "memory"}]}
-    with pytest.raises(MigrationFailed, match="disk xvda is not a file disk"):
-        retarget(mem, targets)
+    with pytest.raises(MigrationFailed, match=r"disks \['xvdd'\] are not in the domain's config"):
+        retarget(wire, {"xvdd": DiskTarget(tmp_path / "d.img", 1, False)})
+    with pytest.raises(MigrationFailed, match="disk xvdb is a file disk in the config"):
+        retarget(wire, {"xvdb": DiskTarget(tmp_path / "b.disk", 1, True)})
