@@ -7,8 +7,9 @@ its peers file (a ZAP handler checks each connection and logs the ones it refuse
 source knows the destination's key from its own peers file before it connects.
 
 Source                                          Destination
-``begin`` {name, config, bytes}         ->      reserve: fresh zeroed RAM for the guest
+``begin`` {name, config, bytes, disks}  ->      reserve: fresh zeroed RAM for the guest
 ``pages`` {runs} + data, ...            ->      copy into that RAM (pipelined, no answer)
+``blocks`` {vdev, runs} + data, ...     ->      (--with-disks) into the disk's copy here
 ``sync`` {round}                        ->      answered when every page before it is in
     ... rounds of the pages dirtied meanwhile (kernel/dirty.py), until few enough are left
     to send within ``max_downtime`` (or ``max_rounds``); a guest that dirties faster than
