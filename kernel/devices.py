@@ -355,9 +355,10 @@ class DeviceManager:
                 )
 
     def start_copies(self, dom: Domain) -> list[DiskCopy]:
-        """A migration copies ``dom``'s file disks along (``--with-disks``): have each disk's
-        driver mark its writes in a write map from now on and wait until it confirms, then
-        open the image and the map.  ControlError naming the disk if a driver cannot."""
+        """A migration copies ``dom``'s disks along (``--with-disks``: file images, and memory
+        disks' shared-memory files): have each disk's driver mark its writes in a write map
+        from now on and wait until it confirms, then open the data and the map.  ControlError
+        naming the disk if a driver cannot."""
         copies: list[DiskCopy] = []
         try:
             for dev in sorted(dom.devices.values(), key=lambda d: d.index):
