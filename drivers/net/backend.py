@@ -638,13 +638,8 @@ class NetBackend(BackendBase[Vif]):
         for p in bridge.forward(v.key, frame, now).ports:
             if p == UPLINK:
                 self._to_uplink(v, frame)
-                continue
-            d = self.devices.get(p)
-            if d is None or d.state is not Lifecycle.CONNECTED or d.queue:
-                continue
-            got = self._take_buffer(d, b)
-            if got is not None and d.state is Lifecycle.CONNECTED:
-                self._put_frame(d, got, frame, b)
+            elif (free := self._free_buffer(p, b)) is not None:
+                self._put_frame(free[0], free[1], frame, b)
         v.stats.announced += 1
         self.log.info(
             "vif %d (%s): moved here; announced %s%s",
@@ -1036,13 +1031,10 @@ class NetBackend(BackendBase[Vif]):
             for j, (key, k) in enumerate(entries):
                 if key == UPLINK or k != PENDING:
                     continue
-                d = self.devices.get(key)
-                if d is None or d.state is not Lifecycle.CONNECTED or d.queue:
-                    continue
-                got = self._take_buffer(d, b)
-                if got is not None and d.state is Lifecycle.CONNECTED:
-                    s.dlog.set_index(index, j, got[0])
-                    reserved[j] = got
+                free = self._free_buffer(key, b)
+                if free is not None:
+                    s.dlog.set_index(index, j, free[1][0])
+                    reserved[j] = free[1]
         waiting: dict[int, int] = {}
         for j, (key, k) in enumerate(entries):
             if key == UPLINK:
@@ -1160,6 +1152,17 @@ class NetBackend(BackendBase[Vif]):
         b.tx[s.key] = s
         b.ended.append((s, index))
         return True
+
+    def _free_buffer(self, key: int, b: _Batch) -> tuple[Vif, tuple[int, int, int]] | None:
+        """Vif ``key`` and its next rx buffer, if it is connected, no frame waits for it
+        already, and it has one (see :meth:`_take_buffer`)."""
+        d = self.devices.get(key)
+        if d is None or d.state is not Lifecycle.CONNECTED or d.queue:
+            return None
+        got = self._take_buffer(d, b)
+        if got is None or d.state is not Lifecycle.CONNECTED:  # (none, or its ring broke)
+            return None
+        return d, got
 
     def _take_buffer(self, d: Vif, b: _Batch) -> tuple[int, int, int] | None:
         """The next good rx buffer ``d`` posted, as (rx index, id, offset), or None if there is
