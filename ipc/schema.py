@@ -92,6 +92,11 @@ def at_most_bytes(limit: int) -> Callable[[str], str | None]:
     return lambda v: None if len(v.encode()) <= limit else f"is too long: at most {limit} bytes"
 
 
+#: The environment variable the supervisor sets, for every process of its stack, to the
+#: stack's name.
+STACK_ENV: Final = "ISOVISOR_STACK"
+
+
 def check_name(v: str) -> str | None:
     return (
         None

@@ -93,11 +93,13 @@ class Stack:
     def domain_config(self, name: str, image: str, **keys: Any) -> Path:
         return write(self.dir / f"{name}.toml", domain_toml(name, image, **keys))
 
-    def up(self, domains: list[Path] = (), pcpus: int = 2, extra: str = "") -> None:  # type: ignore[assignment]
+    def up(  # type: ignore[assignment]
+        self, domains: list[Path] = (), pcpus: int = 2, extra: str = "", name: str = "test"
+    ) -> None:
         start = ", ".join(f'"{p.name}"' for p in domains)
         write(
             self.dir / "supervisor.toml",
-            f'[supervisor]\nname = "test"\n[kernel]\npcpus = {pcpus}\n{extra}\n'
+            f'[supervisor]\nname = "{name}"\n[kernel]\npcpus = {pcpus}\n{extra}\n'
             f"[domains]\nstart = [{start}]\n",
         )
         r = self.cli("up", "--detach", str(self.dir / "supervisor.toml"))

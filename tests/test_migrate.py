@@ -433,35 +433,35 @@ def test_a_pair_on_the_network_moved_one_guest_at_a_time_gets_every_frame_once(
 
 
 @pytest.fixture
-def two_netns() -> Iterator[tuple[str, str]]:
-    """Names for the uplink namespaces of two stacks, removed afterwards."""
+def two_stack_names() -> Iterator[tuple[str, str]]:
+    """Names for two stacks whose net drivers' default namespaces are removed afterwards."""
     problem = nettools.privilege_problem()
     if problem is not None:
         pytest.skip(f"needs network namespaces and TAP devices: {problem}")
-    names = (f"ivm-{os.getpid()}-a", f"ivm-{os.getpid()}-b")
+    names = (f"mig{os.getpid()}a", f"mig{os.getpid()}b")
     try:
         yield names
     finally:
         for name in names:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-            (tapmod.MARKER_DIR / name).unlink(missing_ok=True)
-
-
-def _uplinked(netns: str, tap: str) -> str:
-    return NET + f'[driver.net0.options]\nuplink = "tap"\nnetns = "{netns}"\ntap = "{tap}"\n'
+            ns = f"isovisor-{name}-net0"
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            (tapmod.MARKER_DIR / ns).unlink(missing_ok=True)
 
 
 def test_a_migrated_guest_announces_its_mac_on_the_destinations_uplink(
-    stack: Stack, peer: Stack, two_netns: tuple[str, str]
+    stack: Stack, peer: Stack, two_stack_names: tuple[str, str]
 ) -> None:
     """A netecho guest reached from the host through stack a's TAP moves to stack b: a
     gratuitous ARP for its address, from its MAC, comes out of b's TAP on resume (what a
     switch beyond the uplink learns the guest's new place from), and the host answers to
-    pings through b's TAP at once."""
-    ns_a, ns_b = two_netns
+    pings through b's TAP at once.  Both net drivers use the default namespace and TAP
+    names, which differ by stack: the two stacks on one host do not collide."""
+    name_a, name_b = two_stack_names
+    ns_a, ns_b = (f"isovisor-{n}-net0" for n in two_stack_names)
     key_a, key_b = (create_keys(s.dir / "keys")[0].public.decode() for s in (stack, peer))
-    stack.up(extra=MIGRATION + _uplinked(ns_a, "ivma"))
-    peer.up(extra=MIGRATION + _uplinked(ns_b, "ivmb"))
+    uplink = NET + '[driver.net0.options]\nuplink = "tap"\n'
+    stack.up(extra=MIGRATION + uplink, name=name_a)
+    peer.up(extra=MIGRATION + uplink, name=name_b)
     ep_a, ep_b = (_kernel(s).call("ping")["migration"] for s in (stack, peer))
     (stack.dir / "peers").write_text(f"b {key_b} {ep_b}\n")
     (peer.dir / "peers").write_text(f"a {key_a} {ep_a}\n")
@@ -484,7 +484,7 @@ def test_a_migrated_guest_announces_its_mac_on_the_destinations_uplink(
     # b's TAP is open (its guest "other" attached): listen there for ARP before the move
     arp = nettools.socket_in(ns_b, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
     try:
-        arp.bind(("ivmb", 0x0806))
+        arp.bind(("ivnet0", 0x0806))
         arp.settimeout(10.0)
         out = _migrate(stack, "echo", "b")
         assert out["outcome"] == "migrated", out

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +32,7 @@ from drivers.net import backend as netbackend
 from drivers.net import tap as tapmod
 from drivers.net.backend import PENDING, DeliveryLog, NetBackend, delivered
 from drivers.net.switch import UPLINK, Bridge, BridgeFull, MacTable, source_problem
+from drivers.net.uplink import Uplink, default_netns
 from drivers.state import BackendState, StateError
 from ipc import netif
 from ipc.netif import (
@@ -41,6 +44,7 @@ from ipc.netif import (
     TX_BUF_OFFSET,
 )
 from ipc.ring import FrontRing, InflightLog, RingError, inflight_bytes
+from ipc.schema import STACK_ENV
 from ipc.shm import Segment
 from isovisor.testing import wait_until
 from tests.fakehost import RecordingHost
@@ -368,6 +372,23 @@ def test_the_default_tap_name_must_fit() -> None:
         "longer than 15 characters: set option tap",
     ):
         Backend(host, {})
+
+
+def test_the_default_namespace_is_named_after_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stacks on one host (a migration's two ends) each get a namespace of their own."""
+    monkeypatch.delenv(STACK_ENV, raising=False)
+    assert default_netns("net0") == "isovisor-net0"
+    monkeypatch.setenv(STACK_ENV, "default")
+    assert default_netns("net0") == "isovisor-net0"
+    monkeypatch.setenv(STACK_ENV, "b")
+    assert default_netns("net0") == "isovisor-b-net0"
+    log = logging.getLogger("test")
+    assert Uplink("net0", {"uplink": "tap"}, log, time.monotonic).netns == "isovisor-b-net0"
+    mine = Uplink("net0", {"uplink": "tap", "netns": "mine"}, log, time.monotonic)
+    assert mine.netns == "mine"
+    monkeypatch.setenv(STACK_ENV, "s" * 60)
+    with pytest.raises(ValueError, match="longer than 64 characters: set option netns"):
+        Uplink("net0", {"uplink": "tap"}, log, time.monotonic)
 
 
 @pytest.mark.timeout(10)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from typing import Any, Final, Protocol
 
 from drivers.net import tap as tapmod
 from ipc import netif
+from ipc.schema import STACK_ENV
 
 #: Seconds between attempts to open the TAP after a failure.
 TAP_RETRY_S: Final = 1.0
@@ -34,6 +36,16 @@ ALLOWED_NETS: Final = (
     ipaddress.IPv4Network("169.254.0.0/16"),
 )
 _BRIDGE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
+
+
+def default_netns(driver: str) -> str:
+    """The uplink's namespace unless option ``netns`` names one: ``isovisor-<driver>`` in
+    the stack named "default", else ``isovisor-<stack>-<driver>``, so that two stacks on one
+    host (a migration's source and destination) do not share one."""
+    stack = os.environ.get(STACK_ENV, "")
+    return f"isovisor-{driver}" if stack in ("", "default") else f"isovisor-{stack}-{driver}"
+
+
 #: The options that mean something only with ``uplink = "tap"``.
 UPLINK_ONLY: Final = ("tap", "netns", "host_addr", "bridge")
 
@@ -121,7 +133,13 @@ class Uplink:
                 f"longer than {tapmod.IFNAME_MAX} characters: set option tap"
             )
         self.tap_name = tapmod.check_ifname(tap, "tap")
-        self.netns = tapmod.check_netns(options.get("netns", f"isovisor-{name}"), "netns")
+        netns = options.get("netns", default_netns(name))
+        if "netns" not in options and len(netns) > 64:
+            raise ValueError(
+                f"the default namespace name {netns!r} (isovisor-<stack>-<driver>) is longer "
+                "than 64 characters: set option netns"
+            )
+        self.netns = tapmod.check_netns(netns, "netns")
         self.host_addr = check_host_addr(options.get("host_addr", DEFAULT_HOST_ADDR))
         #: The bridge whose port it is.
         self.bridge = check_bridge(options.get("bridge", "br0"))

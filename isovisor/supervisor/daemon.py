@@ -34,6 +34,7 @@ from ipc.control import (
     serve_one,
 )
 from ipc.events import Subscriber, subscribe
+from ipc.schema import STACK_ENV
 from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig, load_domain_config
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervisor.consolerelay import ConsoleRelay
@@ -58,6 +59,9 @@ class Supervisor:
         self.cfg = cfg
         self.run_dir = run_dir
         self.on_event = on_event
+        # every process of the stack inherits its name (a net driver's default namespace
+        # is named after it: two stacks on one host must not share one)
+        os.environ[STACK_ENV] = cfg.name
         self.kernel = KernelProcess(
             run_dir,
             shm_prefix=shm_prefix_for(os.getpid()),
