@@ -55,7 +55,7 @@ from bench._common import (
     median,
     pctl,
 )
-from ipc.control import Client
+from ipc.control import Client, ControlError
 from ipc.peers import create_keys
 
 NAME = "migrate"
@@ -70,9 +70,9 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "clock": ("clockcheck", "report_ms=1000"),
     "wws1m": ("memwriter", "wws_kib=1024 rate=50 seconds=100000 report_ms=100000"),
     "outrun": ("memwriter", "wws_kib={half} seconds=100000 report_ms=100000"),
-    "blkstress": ("blkstress", "ops=150000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
+    "blkstress": ("blkstress", "ops=400000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
     # the same, its image copied along at each move (--with-disks) instead of shared
-    "blkdisks": ("blkstress", "ops=150000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
+    "blkdisks": ("blkstress", "ops=400000 qd=32 mix=60 seed=7 blocks=1024 bs=4096 timeout=30000"),
 }
 
 
@@ -148,9 +148,18 @@ def _run_migrations(
         src, dst = where[i % 2], where[(i + 1) % 2]
         if image == "blkstress" and src.domains()[name]["exit_kind"]:
             break  # it finished its run: no more moves
-        out = _migrate(
-            src, name, "b" if i % 2 == 0 else "a", max_downtime_ms=30.0, with_disks=wl == "blkdisks"
-        )
+        try:
+            out = _migrate(
+                src,
+                name,
+                "b" if i % 2 == 0 else "a",
+                max_downtime_ms=30.0,
+                with_disks=wl == "blkdisks",
+            )
+        except ControlError:
+            if image == "blkstress" and src.domains()[name]["exit_kind"]:
+                break  # it finished between the check and the move
+            raise
         if out["outcome"] != "migrated":
             raise RuntimeError(f"{name}: migration {i + 1} failed: {out['reason']}")
         if image != "ticker":
