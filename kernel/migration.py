@@ -89,8 +89,8 @@ class Options:
     max_rounds: int = 30
     timeout_s: float = 10.0
     auto_converge: bool = True
-    #: Copy the file disks' images along (kernel/diskcopy.py) instead of moving them by
-    #: reference: for stacks that do not share storage.
+    #: Copy the disks along (kernel/diskcopy.py): file images instead of moving them by
+    #: reference, for stacks that do not share storage; memory disks, which move only so.
     with_disks: bool = False
 
 
