@@ -246,7 +246,8 @@ class Hypervisor:
         }
 
     def restore(self, path: Path, *, paused: bool) -> Domain:
-        """Create a domain from a snapshot file: checked whole before anything is made."""
+        """Create a domain from a snapshot file, checked whole before the domain exists (the
+        pages as they are read into its RAM)."""
         t0 = time.monotonic_ns()
         try:
             sections = snapfile.read(path, defer_pages=True)  # (read while RAM is filled)
