@@ -26,7 +26,7 @@ from ipc.control import ControlError
 from ipc.shm import SHM_DIR, Segment, SegmentError
 from ipc.store import DevState, Store, StoreError, Watch
 from kernel import abi
-from kernel.diskcopy import DiskCopy, DiskCopyError
+from kernel.diskcopy import BLOCK, DiskCopy, DiskCopyError
 from kernel.domain import Domain, Emit, Exit
 from kernel.drivers import DriverHub, DriverLink, Malformed
 from kernel.failover import Hold, Recovery, outstanding, ring_indices
@@ -44,6 +44,9 @@ REPORT_S: Final = 1.0
 #: the in-flight log (or journal) in the region, plus, for a disk, the image, which both stacks
 #: see, by reference; a console's output goes on in the log of whichever stack runs it.
 MOVABLE_CLASSES: Final = ("vbd", "vif", "rng", "console")
+#: The most data of one memory disk a snapshot carries (its ``devices`` section is one
+#: msgpack map of at most snapfile.MAX_META bytes).
+MAX_MEDIUM_BYTES: Final = 48 << 20
 #: How long a driver has to confirm it let a device go for a save or a migration.
 RELEASE_TIMEOUT_S: Final = 5.0
 #: Characters kept of a driver's ``statistics()`` error (``["statistics", {..., error}]``).
@@ -429,10 +432,16 @@ class DeviceManager:
         finally:
             self._syncs.pop(token, None)
 
-    def device_sections(self, dom: Domain) -> list[dict[str, Any]]:
-        """Each device's region (rings and in-flight log) and its frontend's store nodes."""
+    def device_sections(self, dom: Domain, *, media: bool = False) -> list[dict[str, Any]]:
+        """Each device's region (rings and in-flight log) and its frontend's store nodes;
+        with ``media`` (a save) also a memory disk's data: its size, and the runs of 4 KiB
+        blocks that hold something with their bytes.  ControlError if that is more than
+        :data:`MAX_MEDIUM_BYTES`."""
         out = []
         for dev in sorted(dom.devices.values(), key=lambda d: d.index):
+            medium = None
+            if media and dev.medium is not None:
+                medium = _medium_section(dom, dev)
             nodes = {}
             with contextlib.suppress(StoreError):
                 nodes = self.store.snapshot(dev.fe_dir)
@@ -446,17 +455,34 @@ class DeviceManager:
                         for p, v in nodes.items()
                         if p.startswith(dev.fe_dir + "/")
                     },
+                    **({"medium": medium} if medium is not None else {}),
                 }
             )
         return out
 
     @staticmethod
     def load_regions(dom: Domain, saved: list[dict[str, Any]]) -> None:
-        """Copy saved regions into the new devices' segments (before they are connected)."""
+        """Copy saved regions into the new devices' segments, and a saved memory disk's data
+        into its medium file (before they are connected: the driver opens it as it is)."""
         by_vdev = {d["vdev"]: d for d in saved}
         for dev in dom.devices.values():
-            region = by_vdev[dev.spec.vdev]["region"]
+            entry = by_vdev[dev.spec.vdev]
+            region = entry["region"]
             dev.segment.buf[: len(region)] = region
+            medium = entry.get("medium")
+            if medium is not None and dev.medium is not None:
+                fd = os.open(
+                    SHM_DIR / dev.medium.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                )
+                try:
+                    os.ftruncate(fd, medium["bytes"])
+                    data, off = memoryview(medium["data"]), 0
+                    for first, count in medium["runs"]:
+                        n = min(count * BLOCK, len(data) - off)
+                        os.pwrite(fd, data[off : off + n], first * BLOCK)
+                        off += n
+                finally:
+                    os.close(fd)
 
     @staticmethod
     def load_media(dom: Domain, media: dict[str, Path]) -> None:
@@ -729,3 +755,26 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         return -1
+
+
+def _medium_section(dom: Domain, dev: Device) -> dict[str, Any]:
+    """A memory disk's data for a snapshot (its driver has let it go: nothing writes it)."""
+    assert dev.medium is not None
+    copy = DiskCopy(dev.spec.vdev, str(SHM_DIR / dev.medium.name))
+    try:
+        runs, chunks, n = [], [], 0
+        for first, count, data in copy.initial():
+            n += len(data)
+            if n > MAX_MEDIUM_BYTES:
+                raise ControlError(
+                    f"domain {dom.name!r}: memory disk {dev.spec.vdev} holds more than "
+                    f"{MAX_MEDIUM_BYTES >> 20} MiB of data, more than a snapshot carries; "
+                    "migrate it with --with-disks instead, or use a file disk"
+                )
+            runs.append([first, count])
+            chunks.append(data)
+        return {"bytes": copy.size, "runs": runs, "data": b"".join(chunks)}
+    except DiskCopyError as e:
+        raise ControlError(str(e)) from None
+    finally:
+        copy.close()

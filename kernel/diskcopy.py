@@ -54,7 +54,9 @@ class DiskCopy:
     """One file disk of a migrating domain: its image (opened read-only here) and the write
     map its driver keeps once asked (:meth:`open_map`, after the driver said ``on``)."""
 
-    def __init__(self, vdev: str, image: str, write_map: Path, *, memory: bool = False) -> None:
+    def __init__(
+        self, vdev: str, image: str, write_map: Path | None = None, *, memory: bool = False
+    ) -> None:
         self.vdev, self.image, self.map_path = vdev, image, write_map
         #: A memory disk (its data in a shared-memory file of the source stack).
         self.memory = memory
@@ -68,6 +70,8 @@ class DiskCopy:
         self.blocks_sent = 0
 
     def open_map(self) -> None:
+        if self.map_path is None:
+            raise DiskCopyError(f"disk {self.vdev}: no write map to open")
         try:
             fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:

@@ -175,7 +175,7 @@ class Hypervisor:
         dm = self.devices
         if dom.devices:
             assert dm is not None
-            dm.check_movable(dom, "saved")
+            dm.check_movable(dom, "saved", copies=True)  # (a memory disk's data goes along)
         was_paused = dom.paused
         t0 = time.monotonic_ns()
         self.sched.pause(dom)
@@ -193,7 +193,7 @@ class Hypervisor:
                 sections = saverestore.capture(dom, origin)
             if dom.devices:
                 assert dm is not None
-                sections["devices"] = dm.device_sections(dom)
+                sections["devices"] = dm.device_sections(dom, media=True)
             with dom.mem_lock:  # (the domain can still end meanwhile: a device fault)
                 if dom.torn_down:
                     raise ControlError(f"domain {dom.name!r} stopped while being saved")

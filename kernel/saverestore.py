@@ -313,11 +313,44 @@ def _devices(raw: Any, config: DomainConfig, where: str) -> list[dict[str, Any]]
             isinstance(k, str) and isinstance(v, str) for k, v in fe.items()
         ):
             raise SnapshotError(f"{here}: the frontend nodes of {d['vdev']} are malformed")
+        if "medium" in d:
+            _medium(d["medium"], f"{here}: the memory disk data of {d['vdev']}")
         got[d["vdev"]] = d
     missing = sorted(set(want) - set(got))
     if missing:
         raise SnapshotError(f"{where}: section 'devices' lacks {', '.join(missing)}")
     return list(got.values())
+
+
+def _medium(m: Any, what: str) -> None:
+    """A memory disk's data in the ``devices`` section: its size, block runs in order inside
+    it, and their bytes (the last block may be short)."""
+    block = 4096
+    if not isinstance(m, dict) or not isinstance(m.get("data"), bytes):
+        raise SnapshotError(f"{what} is malformed")
+    size, runs = m.get("bytes"), m.get("runs")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 44:
+        raise SnapshotError(f"{what}: its size {size!r} is out of range")
+    if not isinstance(runs, list):
+        raise SnapshotError(f"{what}: its runs are not a list")
+    end, total = 0, 0
+    for r in runs:
+        if not (
+            isinstance(r, list)
+            and len(r) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            and r[0] >= end
+            and r[1] >= 1
+            and (r[0] + r[1] - 1) * block < size
+        ):
+            raise SnapshotError(
+                f"{what}: block run {r!r:.40} is malformed, out of order or "
+                f"outside its {size} bytes"
+            )
+        end = r[0] + r[1]
+        total += min(r[1] * block, size - r[0] * block)
+    if len(m["data"]) != total:
+        raise SnapshotError(f"{what}: {len(m['data'])} bytes where its runs hold {total}")
 
 
 def _runs(raw: list[Any], size: int, where: str) -> list[tuple[int, int]]:

@@ -306,3 +306,17 @@ def test_a_guest_that_scribbles_on_the_clock_words_cannot_break_a_publication() 
     assert words[sh + abi.SH_CLOCK_VERSION // 8] % 2 == 0
     assert words[sh + abi.SH_CLOCK_SYSTEM // 8] == 7
     assert words[sh + abi.SH_CLOCK_FLAGS // 8] == abi.CLOCK_F_TSC | abi.CLOCK_F_STOPPED
+
+
+def test_a_memory_disks_saved_data_is_checked() -> None:
+    ok = {"bytes": 3 * PAGE + 100, "runs": [[1, 1], [3, 1]], "data": bytes(PAGE + 100)}
+    saverestore._medium(ok, "md")  # the last block is short: the disk ends inside it
+    for bad, what in (
+        ({**ok, "data": bytes(PAGE)}, "4096 bytes where its runs hold 4196"),
+        ({**ok, "runs": [[3, 1], [1, 1]]}, "out of order"),
+        ({**ok, "runs": [[4, 1]]}, "outside its 12388 bytes"),
+        ({**ok, "bytes": 0}, "size 0 is out of range"),
+        ({**ok, "data": "x"}, "is malformed"),
+    ):
+        with pytest.raises(SnapshotError, match=what):
+            saverestore._medium(bad, "md")
