@@ -40,6 +40,13 @@ KERNEL_FIELDS: Final = {
     "timeslice_ms": Field(
         int, "scheduler time slice in ms, 1..1000", in_range(1, 1000), default=10
     ),
+    "restore": Field(
+        str,
+        'how a restore fills guest RAM: "lazy" (the guest runs at once, the pager process '
+        'fills its RAM behind it) or "eager" (every page read and checked first)',
+        lambda v: None if v in ("lazy", "eager") else 'must be "lazy" or "eager"',
+        default="lazy",
+    ),
 }
 _DOMAINS_FIELDS: Final = {
     "start": Field(list, "domain config files to create at start-up, relative to this file"),
@@ -271,6 +278,7 @@ class DriverConfig:
 class KernelConfig:
     pcpus: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
     timeslice_ms: int = KERNEL_FIELDS["timeslice_ms"].default
+    restore: str = KERNEL_FIELDS["restore"].default
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,14 @@ class PrivateStack:
         keep: bool = False,
         name: str = "bench",
         on_cpu: Callable[[float], None] | None = None,
+        restore: str = "lazy",
     ) -> None:
         """``directory``: where the stack lives (default: a new short /tmp directory, which
         :meth:`close` deletes unless ``keep``); ``on_cpu`` gets the CPU seconds of each stack
         process at close (the benchmarks' load accounting)."""
         self.pcpus = pcpus
         self.timeslice_ms = timeslice_ms
+        self.restore = restore  # [kernel] restore
         self.extra_toml = extra_toml  # appended to supervisor.toml, e.g. [driver.<name>] tables
         self.name = name
         self.keep = keep or directory is not None
@@ -104,7 +106,8 @@ class PrivateStack:
         toml = self.dir / "supervisor.toml"
         toml.write_text(
             f'[supervisor]\nname = "{self.name}"\n[kernel]\npcpus = {self.pcpus}\n'
-            f"timeslice_ms = {self.timeslice_ms}\n[domains]\nstart = [{start}]\n"
+            f'timeslice_ms = {self.timeslice_ms}\nrestore = "{self.restore}"\n'
+            f"[domains]\nstart = [{start}]\n"
             + (f"{self.extra_toml.strip()}\n" if self.extra_toml else "")
         )
         try:

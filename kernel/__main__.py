@@ -9,6 +9,7 @@ import signal
 import sys
 
 from ipc.lifetime import die_with_parent
+from kernel.hypervisor import RESTORE_MODES
 from kernel.server import KernelServer
 from kernel.ucstop import UnsupportedUnicorn, check_engine
 
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="directory for the disk images of migrations --with-disks (none: refused)",
     )
+    ap.add_argument(
+        "--restore",
+        choices=RESTORE_MODES,
+        default="lazy",
+        help="how a restore fills guest RAM: lazy (the pager, while the guest runs) or eager",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         peers=args.peers,
         migrate_listen=args.migrate_listen,
         migrate_disks=args.migrate_disks,
+        restore=args.restore,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     logging.getLogger("isovisor.kernel").info(

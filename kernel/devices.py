@@ -296,7 +296,7 @@ class DeviceManager:
             for w in dev.watches:
                 with contextlib.suppress(StoreError):
                     self.store.unwatch(w)
-            if not dev.released:
+            if dev.announced and not dev.released:
                 self.hub.send_control(dev.spec.backend, ["detach", dev.key])
             for d in (dev.fe_dir, dev.be_dir):
                 with contextlib.suppress(StoreError):

@@ -97,12 +97,17 @@ class Domain:
             self.mem = GuestMemory(shm_name, mem_bytes)
         else:
             self.mem = restore.take_memory(shm_name, mem_bytes)
+        #: A lazy restore's fill under way (kernel/paging.py).  Until the pager has put in and
+        #: checked every stored page, the guest runs but its hypercalls wait (``checking``).
+        self.filling = restore.fill if restore is not None else None
         try:
             if restore is None:
                 self.mem.write(abi.IMAGE_BASE, image)
                 self._write_start_info(len(image))
             self.vcpu = VCpu(self.mem, abi.IMAGE_BASE, self.hypercall)
         except BaseException:
+            if self.filling is not None:
+                self.filling.cancel()
             self.mem.close()
             raise
         self._w = self.mem.words
@@ -128,6 +133,9 @@ class Domain:
         self.poll_mask = 0
         self.polling = False
         self.pending = 0
+        #: The pages are still being checked (a lazy restore): a hypercall holds the domain.
+        self.checking = self.filling is not None
+        self.held = False  # off the run queue until the check ends (Scheduler.hold)
         self.watchdog_ns = 0  # timeout; 0 = disarmed
         self.watchdog_deadline = 0  # virtual ns
         # end of life
@@ -135,6 +143,7 @@ class Domain:
         self.exited_ns = 0  # host time of that stop: uptime ends there
         self.gone = threading.Event()  # set once torn down, or once preserved
         self.preserved = False  # stopped for good, RAM kept until `destroy`
+        self.announced = False  # its "created" event went out (Hypervisor._bring_up)
         self.torn_down = False
         self._teardown_lock = threading.Lock()
         #: Held by a save or a migration while it reads RAM from its own thread; teardown
@@ -233,6 +242,8 @@ class Domain:
         if nr == abi.HC_NULL:
             w[_W_RET] = 0
             return
+        if self.checking and self.sched.hold(self):
+            return  # redone when the pages are checked (a corrupt snapshot: never)
         handler = self._handlers[nr] if nr < abi.HC_COUNT else None
         if handler is None:
             self.bad_call(f"unknown hypercall number {nr}", -abi.ENOSYS)
@@ -358,7 +369,9 @@ class Domain:
             self.sched.finish_poll(self)
         if self._upcall_return:
             self._end_upcall()
-        if self.upcall_handler and not self.in_upcall and self.pending:
+        # (not while a lazy restore's pages are checked: the frame goes on the guest's stack,
+        # which this thread must not fault on, kernel/pager.py; Scheduler.admit comes back)
+        if self.upcall_handler and not self.in_upcall and self.pending and not self.checking:
             bits = self.sched.take_upcall_bits(self)
             if bits:
                 self._begin_upcall(bits)
@@ -570,6 +583,8 @@ class Domain:
                 return
             self._w = memoryview(bytearray(abi.HCALL_BLOCK_ADDR + 64)).cast("Q")
             self.vcpu.close()
+            if self.filling is not None:
+                self.filling.cancel()
             with self.mem_lock:
                 self.torn_down = True
                 self.mem.close()

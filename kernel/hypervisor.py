@@ -16,10 +16,11 @@ from typing import Any, Final
 from domains.config import DomainConfig
 from ipc.control import AlreadyExists, ControlError, NotFound
 from ipc.shm import SegmentError
-from kernel import saverestore, snapfile
+from kernel import saverestore, snapfile, uffd
 from kernel.clock import host_tsc
 from kernel.devices import DeviceManager, device_specs
 from kernel.domain import Domain, Emit, Exit, ImageError
+from kernel.paging import Pager
 from kernel.saverestore import Restored
 from kernel.scheduler import Scheduler
 from kernel.snapfile import SnapshotError
@@ -32,10 +33,24 @@ RESTART_WINDOW_S: Final = 10.0
 DESTROY_WAIT_S: Final = 10.0
 #: A save waits this long for the domain's vCPU to stop (it stops between instructions).
 SAVE_STOP_S: Final = 5.0
+#: A lazy restore waits this long for the pager to fill and check the guest's RAM.
+FILL_WAIT_S: Final = 60.0
+#: How restores fill guest RAM: "lazy" (the pager, while the guest runs) or "eager".
+RESTORE_MODES: Final = ("lazy", "eager")
 
 
 class Hypervisor:
-    def __init__(self, *, pcpus: int, timeslice_ms: int, shm_prefix: str, emit: Emit) -> None:
+    def __init__(
+        self,
+        *,
+        pcpus: int,
+        timeslice_ms: int,
+        shm_prefix: str,
+        emit: Emit,
+        restore: str = "eager",
+    ) -> None:
+        """``restore``: how a restore fills guest RAM (:data:`RESTORE_MODES`); "lazy" starts
+        the pager process, or falls back to "eager" (logged) where userfaultfd is missing."""
         self.shm_prefix = shm_prefix
         self.emit = emit
         self._lock = threading.Lock()
@@ -46,6 +61,14 @@ class Hypervisor:
         self.sched = Scheduler(pcpus, timeslice_ms * 1_000_000, self._on_exit)
         self.sched.start()
         self.devices: DeviceManager | None = None  # set by the server once drivers can connect
+        self.pager: Pager | None = None
+        if restore == "lazy":
+            why = uffd.available()
+            if why is None:
+                self.pager = Pager()
+                self.pager.start()
+            else:
+                log.warning("lazy restore unavailable: %s; restores read every page first", why)
 
     # -- lookup --------------------------------------------------------------------------------
     def find(self, ref: str | int) -> Domain:
@@ -122,6 +145,23 @@ class Hypervisor:
                     dom.teardown()
                     raise
             self.domains[config.name] = dom
+        if restore is not None:
+            dom.resume_from_ns = restore.started_ns or time.monotonic_ns()
+        if dom.filling is None:  # else once its pages are checked (restore)
+            self._bring_up(dom, restore, restarted_from)
+        if paused:
+            dom.paused, dom.paused_since = True, time.monotonic_ns()
+        self.sched.add(dom)
+        wake_in = restore.sched.get("wake_in") if restore is not None else None
+        if dom.polling and wake_in is not None:
+            self.sched.arm_wake(dom, wake_in)
+        return dom
+
+    def _bring_up(
+        self, dom: Domain, restore: Restored | None, restarted_from: Domain | None
+    ) -> None:
+        """Connect the domain's devices and announce it."""
+        config = dom.config
         if dom.devices:
             assert self.devices is not None
             frontends = (
@@ -131,40 +171,33 @@ class Hypervisor:
         log.info(
             "domain %s (id %d) created: %s, %d MiB, weight %d, cap %d",
             config.name,
-            domid,
+            dom.domid,
             config.image,
             config.memory,
             config.weight,
             config.cap,
         )
-        self.emit(f"domain.{config.name}.created", {"domid": domid, "restarts": restarts})
+        dom.announced = True
+        self.emit(f"domain.{config.name}.created", {"domid": dom.domid, "restarts": dom.restarts})
         if restarted_from is not None:  # announced before the new domain can print anything
             self.emit(
                 f"domain.{config.name}.restarted",
                 {
-                    "domid": domid,
+                    "domid": dom.domid,
                     "old": restarted_from.domid,
                     "reason": restarted_from.exit.reason if restarted_from.exit else "",
                 },
             )
         if restore is not None:
-            dom.resume_from_ns = restore.started_ns or time.monotonic_ns()
             self.emit(
                 f"domain.{config.name}.restored",
                 {
-                    "domid": domid,
+                    "domid": dom.domid,
                     "origin": restore.origin,
                     "epoch": dom.clock.epoch,
                     "console": config.console_driver or "",
                 },
             )
-        if paused:
-            dom.paused, dom.paused_since = True, time.monotonic_ns()
-        self.sched.add(dom)
-        wake_in = restore.sched.get("wake_in") if restore is not None else None
-        if dom.polling and wake_in is not None:
-            self.sched.arm_wake(dom, wake_in)
-        return dom
 
     # -- save / restore (control thread) ----------------------------------------------------
     def save(self, dom: Domain, path: Path, *, checkpoint: bool, origin: str) -> dict[str, Any]:
@@ -255,7 +288,40 @@ class Hypervisor:
         except SnapshotError as e:
             raise ControlError(f"{e}; nothing was restored") from None
         restored.started_ns = t0
-        return self.create(restored.config, paused=paused, restore=restored)
+        restored.pager = self.pager
+        dom = self.create(restored.config, paused=paused, restore=restored)
+        if dom.filling is not None:
+            self._end_fill(dom, restored, f"snapshot {path}")
+        return dom
+
+    def _end_fill(self, dom: Domain, restored: Restored, where: str) -> None:
+        """Wait for the pager to have filled and checked a lazily restored domain's RAM;
+        then connect its devices, announce it and let its hypercalls go on.  If the pages
+        fail their check, the domain is destroyed before anything it did was seen (its
+        hypercalls were held, its devices not connected) and the restore fails."""
+        fill = dom.filling
+        assert fill is not None
+        if not fill.wait(FILL_WAIT_S):
+            fill.cancel()
+            error = f"the pager did not fill the guest's RAM within {FILL_WAIT_S:g} s"
+        elif not fill.ok:
+            error = fill.error
+        else:
+            log.info(
+                "domain %s: RAM filled and checked in %s ms (%s page faults served)",
+                dom.name,
+                fill.stats.get("ms"),
+                fill.stats.get("faults"),
+            )
+            self._bring_up(dom, restored, None)
+            self.sched.admit(dom)
+            dom.mem.segment.reserve_in_background()
+            return
+        try:
+            self.destroy(dom, f"its restore failed: {error}")
+        except ControlError as e:
+            log.error("%s", e)
+        raise ControlError(f"{where}: {error}; nothing was restored")
 
     def destroy(self, dom: Domain, reason: str = "destroyed by request") -> None:
         """Destroy a domain and wait until its memory is freed."""
@@ -281,10 +347,12 @@ class Hypervisor:
     def shutdown(self) -> None:
         self.destroy_all()
         self.sched.stop()
+        if self.pager is not None:
+            self.pager.stop()
 
     # -- exits (pCPU thread that owns the domain) ------------------------------------------------
     def _on_exit(self, dom: Domain, exit: Exit) -> None:
-        if exit.kind == "destroy":
+        if exit.kind == "destroy" or not dom.announced:  # (a restore that failed its check)
             self._restart_times.pop(dom.name, None)
             self._finish(dom, exit)
             return
@@ -360,6 +428,8 @@ class Hypervisor:
         dom.teardown()
         if dom.devices and self.devices is not None:
             self.devices.remove(dom)
+        if not dom.announced:  # never seen: a restore whose pages failed their check
+            return
         # kind/code: what ended the domain (e.g. crash); reason: why it is now freed.
         self.emit(
             f"domain.{dom.name}.destroyed",

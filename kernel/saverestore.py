@@ -11,6 +11,7 @@ file format; ``docs/snapshots.md`` describes both.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -27,10 +28,14 @@ from kernel import abi
 from kernel.dirty import nonzero_pages
 from kernel.memory import GuestMemory
 from kernel.snapfile import PagesRef, SnapshotError, field
+from kernel.uffd import UffdError
 from kernel.vcpu import FIXED_REGISTERS, SAVED_REGISTERS, read_registers, write_registers
 
 if TYPE_CHECKING:
     from kernel.domain import Domain
+    from kernel.paging import Fill, Pager
+
+log = logging.getLogger("isovisor.kernel")
 
 
 def page_runs(address: int, size: int) -> list[list[int]]:
@@ -131,6 +136,10 @@ class Restored:
     media: dict[str, Path] = dc_field(default_factory=dict)
     #: When the restore (or the migration's commit) began, host monotonic ns.
     started_ns: int = 0
+    #: The pager to fill RAM lazily (``[kernel] restore = "lazy"``); None: fill it first.
+    pager: Pager | None = None
+    #: The lazy fill under way, once :meth:`take_memory` started it.
+    fill: Fill | None = None
 
     @classmethod
     def check(cls, s: dict[str, Any], where: str) -> Restored:
@@ -208,16 +217,24 @@ class Restored:
         )
 
     def take_memory(self, shm_name: str, size: int) -> GuestMemory:
-        """The domain's RAM: the reception's, or a new segment filled with the stored pages."""
+        """The domain's RAM: the reception's; or a new segment the pager fills while the guest
+        runs (``pager`` set, ``fill`` then set too); or one filled with the stored pages."""
         if self.memory is not None:
             mem, self.memory = self.memory, None
             return mem
         # Reserving a big segment's pages takes ~0.4 ms per MiB: with room to spare it is done
-        # behind the guest's back, so the restore waits only for the stored pages.
+        # behind the guest's back, so the restore waits only for the stored pages (or, lazy,
+        # for none of them: the reservation then waits for the fill, see Hypervisor.restore).
         later = room_for(size)
         mem = GuestMemory(shm_name, size, reserve_later=later)
         try:
-            self.fill(mem)
+            if later and self.pager is not None and isinstance(self.pages, PagesRef):
+                try:
+                    self.fill = self.pager.fill(mem, self.pages, self.runs)
+                    return mem
+                except (UffdError, OSError) as e:
+                    log.warning("lazy restore unavailable (%s): reading the pages first", e)
+            self.fill_now(mem)
         except BaseException:
             mem.close()
             raise
@@ -225,7 +242,7 @@ class Restored:
             mem.segment.reserve_in_background()
         return mem
 
-    def fill(self, mem: GuestMemory) -> None:
+    def fill_now(self, mem: GuestMemory) -> None:
         """Write the stored pages into fresh (zeroed) guest RAM: with ``write`` into its
         shared-memory file rather than through the mapping, so the pages are allocated in
         the host kernel without a fault each; read from the snapshot file as they go (and

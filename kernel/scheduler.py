@@ -181,6 +181,29 @@ class Scheduler:
             self._place(dom)
             self.cond.notify()
 
+    def hold(self, dom: Domain) -> bool:
+        """A hypercall of a domain whose restored pages are still being checked (a lazy
+        restore): take it off the run queue, its vCPU to redo the hypercall once
+        :meth:`admit` lets it go on.  False if the check has just ended: go on now."""
+        with self.lock:
+            if not dom.checking:
+                return False
+            dom.held = True
+        dom.vcpu.redo_hypercall()
+        dom.vcpu.stop()
+        return True
+
+    def admit(self, dom: Domain) -> None:
+        """The pages of a lazily restored domain are checked: its hypercalls go on."""
+        with self.lock:
+            dom.checking = False
+            if dom.held:
+                dom.held = False
+                self._place(dom)
+                self.cond.notify()
+            elif dom.on_cpu and dom.upcall_handler and dom.pending:
+                dom.vcpu.stop()  # the upcall before_resume held back
+
     def wait_off_cpu(self, dom: Domain, timeout_s: float) -> bool:
         """Wait until no pCPU runs ``dom`` (paused, so none picks it again); False on
         timeout."""
@@ -327,7 +350,9 @@ class Scheduler:
             return False
         if dom.action is not None:
             return True
-        return dom.runnable and not dom.paused and (dom.cap == 0 or dom.budget_ns > 0)
+        return (
+            dom.runnable and not dom.paused and not dom.held and (dom.cap == 0 or dom.budget_ns > 0)
+        )
 
     def pick(self, pcpu: PCpu) -> Domain | None:
         with self.lock:
@@ -445,7 +470,7 @@ class Scheduler:
             nxt = min(nxt, self._next_refill)
         # watchdogs (virtual time)
         for d in self.domains:
-            if d.watchdog_deadline and d.action is None and not d.paused:
+            if d.watchdog_deadline and d.action is None and not d.paused and not d.held:
                 left = d.watchdog_deadline - d.vtime_ns(now)
                 if left <= 0:
                     d.action = Exit(

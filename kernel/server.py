@@ -108,6 +108,7 @@ class KernelServer:
         peers: str | None = None,
         migrate_listen: str | None = None,
         migrate_disks: str | None = None,
+        restore: str = "lazy",
     ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -120,7 +121,11 @@ class KernelServer:
         self.pull.bind(_INPROC)
         self.bus = EventBus(self.ctx)
         self.hv = Hypervisor(
-            pcpus=pcpus, timeslice_ms=timeslice_ms, shm_prefix=shm_prefix, emit=self.bus.emit
+            pcpus=pcpus,
+            timeslice_ms=timeslice_ms,
+            shm_prefix=shm_prefix,
+            emit=self.bus.emit,
+            restore=restore,
         )
         self.store = Store()
         self.hub = DriverHub(
@@ -215,6 +220,8 @@ class KernelServer:
             "domains": len(self.hv.domains),
             "events_dropped": self.bus.dropped,
             "migration": self.incoming.endpoint if self.incoming is not None else None,
+            # lazy restore (kernel/paging.py): the pager's pid, None when restores are eager
+            "pager": self.hv.pager.status() if self.hv.pager is not None else None,
         }
 
     # -- migration -------------------------------------------------------------------------

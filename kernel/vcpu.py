@@ -139,6 +139,7 @@ class VCpu:
     ) -> None:
         self.mem = mem
         self.fault: str | None = None
+        self._redo: int | None = None  # where to resume instead (redo_hypercall)
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # unicorn's __init__ picks its py2/py3 Uc by ``_sys.version_info.major``, which mypy
         # does not evaluate: it sees the py2 class, which lacks this (py3-only) method
@@ -215,6 +216,8 @@ class VCpu:
                 what = "invalid opcode (#UD)" if e.errno == UC_ERR_INSN_INVALID else str(e)
                 self.fault = f"{what} at rip={rip:#x}"
         self.rip = uc.reg_read(UC_X86_REG_RIP)
+        if self._redo is not None:
+            self.rip, self._redo = self._redo, None
         if self.rip == STOP_ADDRESS and self.fault is None:
             self.fault = f"jump to non-canonical address {STOP_ADDRESS:#x}"
 
@@ -229,6 +232,13 @@ class VCpu:
         assert self.uc is not None
         write_registers(self.uc, values)
         self.rip = values["RIP"]
+
+    def redo_hypercall(self) -> None:
+        """From the hypercall hook: resume at the ``syscall`` instruction itself, not after
+        it, so the guest makes the same hypercall again (unicorn's syscall hook runs with RIP
+        still at the instruction; it adds the instruction's length after the hook)."""
+        assert self.uc is not None
+        self._redo = self.uc.reg_read(UC_X86_REG_RIP)
 
     def stop(self) -> None:
         """Ask the running emulation to stop (safe from any thread)."""

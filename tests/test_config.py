@@ -85,8 +85,13 @@ def test_supervisor_toml_errors(tmp_path: Path) -> None:
         load_stack_config(p)
     assert str(e.value) == (
         f'{p} [kernel]: unknown key "pcpu" (did you mean "pcpus"?); '
-        "allowed keys: pcpus, timeslice_ms"
+        "allowed keys: pcpus, timeslice_ms, restore"
     )
+    p = write(tmp_path / "s.toml", '[kernel]\nrestore = "later"\n')
+    with pytest.raises(ConfigError) as e:
+        load_stack_config(p)
+    assert str(e.value).startswith(f'{p} [kernel]: restore = "later" must be "lazy" or "eager"')
+    assert load_stack_config(write(tmp_path / "s.toml", "")).kernel.restore == "lazy"
     p = write(tmp_path / "s.toml", '[domains]\nstart = ["nope.toml"]\n')
     with pytest.raises(ConfigError, match=r'start\[0\] = "nope.toml": no such file'):
         load_stack_config(p)

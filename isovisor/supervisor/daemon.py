@@ -67,6 +67,7 @@ class Supervisor:
             shm_prefix=shm_prefix_for(os.getpid()),
             pcpus=cfg.kernel.pcpus,
             timeslice_ms=cfg.kernel.timeslice_ms,
+            restore=cfg.kernel.restore,
             migration=cfg.migration,
         )
         self._running = True

@@ -37,6 +37,7 @@ class KernelProcess:
         shm_prefix: str,
         pcpus: int,
         timeslice_ms: int,
+        restore: str = "lazy",
         log_path: Path | None = None,
         migration: MigrationConfig | None = None,
     ) -> None:
@@ -44,6 +45,7 @@ class KernelProcess:
         self.shm_prefix = shm_prefix
         self.pcpus = pcpus
         self.timeslice_ms = timeslice_ms
+        self.restore = restore
         self.log_path = log_path or run_dir.kernel_log
         self.migration = migration
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,6 +72,8 @@ class KernelProcess:
             str(self.pcpus),
             "--timeslice-ms",
             str(self.timeslice_ms),
+            "--restore",
+            self.restore,
             "--parent-pid",
             str(os.getpid()),
         ]
