@@ -287,8 +287,8 @@ def _save_restore(a: PrivateStack, dense: bool, count: int, res: Result, mode: s
         res.rows.append(
             Row(
                 f"move by save + restore, 64 MiB {name}",
-                f"the guest stopped {median(saves) + median(resumes):.1f} ms (median save + "
-                "restore)",
+                f"the guest stopped {median(saves) + median(answers):.1f} ms (median save + "
+                "restore answered: its hypercalls wait until then)",
                 "the non-live baseline for the downtimes above",
             )
         )
