@@ -136,9 +136,11 @@ def run_pairs(
     one: Callable[[str, int], dict[str, Any]],
     pids: Callable[[], list[int]],
     max_pairs: int,
+    kinds: tuple[str, ...] = ("bare", "stack"),
 ) -> Pairs:
-    """Run bare/stack pairs (order alternating) until ``want`` quiet pairs, or ``max_pairs``
-    pairs, or -- once the wait budget is spent -- ``want`` pairs of any kind."""
+    """Run bare/stack pairs (or one run of each of ``kinds``; order reversed every other time)
+    until ``want`` quiet pairs, or ``max_pairs`` pairs, or -- once the wait budget is spent --
+    ``want`` pairs of any kind."""
     out = Pairs()
     i = 0
     while len(out.quiet()) < want and i < max_pairs:
@@ -146,7 +148,7 @@ def run_pairs(
             break
         GATE.wait()
         pair: dict[str, dict[str, Any]] = {}
-        for kind in ("bare", "stack") if i % 2 == 0 else ("stack", "bare"):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
             load = OtherLoad(pids())
             r = one(kind, i)
             r["other"] = round(load.percent())
@@ -443,8 +445,11 @@ def run_in_stack(
     return GuestRun(b"".join(out).decode(errors="replace"), wall, float(info["cpu_time"]))
 
 
-def run_bare_guest(image: Path, memory: int, extra: str, timeout: float = 300) -> GuestRun:
-    """Run ``image`` with bench/bare_unicorn.py in a fresh process (as the kernel is one).
+def run_bare_guest(
+    image: Path, memory: int, extra: str, timeout: float = 300, *, kernel_settings: bool = False
+) -> GuestRun:
+    """Run ``image`` with bench/bare_unicorn.py in a fresh process (as the kernel is one);
+    ``kernel_settings``: the engine set up as the kernel's vCPUs are.
 
     A separate process, not an in-process ``run_bare`` call: a Python thread stuck in
     ``emu_start`` cannot be interrupted by Ctrl-C, a process can be killed.  And no
@@ -459,6 +464,7 @@ def run_bare_guest(image: Path, memory: int, extra: str, timeout: float = 300) -
         str(memory),
         "--extra",
         extra,
+        *(["--kernel-settings"] if kernel_settings else []),
     ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT

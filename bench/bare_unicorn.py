@@ -99,8 +99,12 @@ def run_bare(
     *,
     name: str = "bare",
     timeout_s: float | None = None,
+    kernel_settings: bool = False,
 ) -> BareResult:
-    """Run the flat image ``image`` with ``mem_mib`` MiB of RAM and cmdline ``extra``."""
+    """Run the flat image ``image`` with ``mem_mib`` MiB of RAM and cmdline ``extra``.
+    ``kernel_settings``: set the engine up as the kernel's vCPUs are (exit checks between
+    instructions only, kernel/ucstop.py; the virtual TLB of kernel/fasttlb.py), for a
+    comparison under the same settings; else unicorn's defaults."""
     data = Path(image).read_bytes()
     mem_bytes = mem_mib * 1024 * 1024
     if not abi.MIN_MEMORY_MIB <= mem_mib <= abi.MAX_MEMORY_MIB:
@@ -184,6 +188,12 @@ def run_bare(
             words[ret_idx] = ret & _U64
 
         uc.hook_add(UC_HOOK_INSN, on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
+        if kernel_settings:
+            from kernel.fasttlb import use_fast_stores
+            from kernel.ucstop import stop_only_between_instructions
+
+            stop_only_between_instructions(uc)
+            use_fast_stores(uc)
         uc.reg_write(UC_X86_REG_RSP, mem_bytes)
         uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
 
@@ -233,13 +243,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help='parameters, e.g. "bytes=1048576 seed=7"')
     parser.add_argument("--name", default="bare", help="domain name in the start info")
     parser.add_argument("--timeout", type=float, default=None, help="stop after N seconds")
+    parser.add_argument(
+        "--kernel-settings",
+        action="store_true",
+        help="set the engine up as the kernel does (kernel/ucstop.py, kernel/fasttlb.py)",
+    )
     args = parser.parse_args(argv)
     try:
         path = resolve_image(args.image, Path.cwd())
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    res = run_bare(path, args.mem, args.extra, name=args.name, timeout_s=args.timeout)
+    res = run_bare(
+        path,
+        args.mem,
+        args.extra,
+        name=args.name,
+        timeout_s=args.timeout,
+        kernel_settings=args.kernel_settings,
+    )
     sys.stdout.write(res.output)
     print(
         f"bare: image={path.name} exit_code={res.exit_code} reason={res.reason} "

@@ -2,7 +2,8 @@
 
 Exits from guest code happen only on ``syscall`` (hypercalls), CPU exceptions, invalid memory
 accesses and preemption (``emu_stop`` from the ticker or the control thread).  No hook runs per
-instruction or per memory access: the unmapped-memory hook is only consulted on a fault.
+instruction or per memory access: the unmapped-memory hook is only consulted on a fault, and
+the TLB fill hook (kernel/fasttlb.py, native code) on a TLB miss.
 Every engine gets :func:`kernel.ucstop.stop_only_between_instructions`, so a stop from another
 thread lands between instructions and never makes one run twice.
 """
@@ -40,6 +41,7 @@ from unicorn.x86_const import (
 )
 
 from kernel import abi
+from kernel.fasttlb import use_fast_stores
 from kernel.memory import GuestMemory
 from kernel.ucstop import stop_only_between_instructions
 
@@ -156,13 +158,20 @@ class VCpu:
         # The hypercall handler is registered directly: one Python frame per hypercall.
         uc.hook_add(UC_HOOK_INSN, on_hypercall, None, 1, 0, UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INTR, self._intr_hook)
-        uc.hook_add(
-            UC_HOOK_MEM_READ_UNMAPPED
-            | UC_HOOK_MEM_WRITE_UNMAPPED
-            | UC_HOOK_MEM_FETCH_UNMAPPED
-            | UC_HOOK_MEM_FETCH_PROT,
-            self._unmapped_hook,
-        )
+        use_fast_stores(uc)
+        # Bounded to page 0 and to everything above RAM (device regions included): a memory
+        # hook that covers RAM would keep every guest store on unicorn's slow path.
+        for begin, end in ((0, abi.NULL_GUARD_END - 1), (mem.size, (1 << 64) - 1)):
+            uc.hook_add(
+                UC_HOOK_MEM_READ_UNMAPPED
+                | UC_HOOK_MEM_WRITE_UNMAPPED
+                | UC_HOOK_MEM_FETCH_UNMAPPED
+                | UC_HOOK_MEM_FETCH_PROT,
+                self._unmapped_hook,
+                None,
+                begin,
+                end,
+            )
         uc.reg_write(UC_X86_REG_RSP, mem.size)
         uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
         self.rip = entry

@@ -66,6 +66,9 @@ def test_virtual_time_advances_with_sleeps(tmp_path: Path) -> None:
         ("ud", "invalid opcode (#UD)"),
         ("wild", "write to 0x40000000000"),
         ("null", "the NULL guard page"),
+        ("nullwrite", "write to 0x8 (8 bytes) at rip="),
+        ("nullexec", "instruction fetch from 0x10 "),
+        ("pastram", "outside guest RAM (0..0x400000) and its device regions"),
         ("divzero", "divide error (#DE)"),
         ("jump", "instruction fetch from 0x7f0000000000"),
         ("hang", "watchdog expired"),
@@ -77,6 +80,17 @@ def test_faults_end_the_guest_with_a_reason(tmp_path: Path, mode: str, reason: s
     assert r.returncode == 125, (r.stdout, r.stderr)
     assert f"crash: mode={mode}" in r.stdout
     assert reason in r.stderr
+
+
+def test_code_written_at_run_time_runs_as_written(tmp_path: Path) -> None:
+    """Fresh code on the heap rewritten before each call, the image's own text patched, an
+    instruction patching the next one in its block, and a page both stored to and run: no
+    stale translation ever runs (kernel/fasttlb.py keeps stores into code on the slow path)."""
+    r = run(tmp_path, "smc", "smc", extra="rounds=2000")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    for check in ("fresh", "text", "inline", "data"):
+        assert f"smc: {check} ok=2000 bad=0" in r.stdout, r.stdout
+    assert "smc: done bad=0" in r.stdout
 
 
 def test_bad_hypercalls_get_errors_not_crashes(tmp_path: Path) -> None:

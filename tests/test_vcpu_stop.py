@@ -30,7 +30,7 @@ from kernel.domain import Domain
 from kernel.hypervisor import Hypervisor
 from tests.conftest import shm_segments
 
-ITERS = 3_000_000  # long enough for well over 1,000 stops at one per ~150 µs
+ITERS = 30_000_000  # long enough for well over 1,000 stops at one per ~150 µs
 LINE = re.compile(
     r"rmwcount: iters=(\d+) add=(\d+) sub=(\d+) xchg_bad=(\d+) upcalls=(\d+) "
     r"(ok|BAD)"

@@ -2,6 +2,9 @@
  *   ud       execute ud2 (invalid opcode)
  *   wild     write to 0x40000000000 (unmapped)
  *   null     read from address 0 (page 0 is never mapped)
+ *   nullwrite  write to address 8 (page 0)
+ *   nullexec   call address 0x10 (page 0)
+ *   pastram  read from 16 bytes past the top of RAM
  *   divzero  integer divide by zero
  *   jump     jump to 0x7f0000000000 (unmapped)
  *   hang     arm watchdog(watchdog_ms, default 200), then spin without hypercalls
@@ -32,6 +35,14 @@ int main(void)
         *(volatile u64 *)(uintptr_t)launder(0x40000000000ULL) = 0xdeadbeef;
     } else if (!strcmp(mode, "null")) {
         u64 v = *(volatile u64 *)(uintptr_t)launder(0);
+        OPAQUE(v);
+    } else if (!strcmp(mode, "nullwrite")) {
+        *(volatile u64 *)(uintptr_t)launder(8) = 1;
+    } else if (!strcmp(mode, "nullexec")) {
+        void (*fn)(void) = (void (*)(void))(uintptr_t)launder(0x10);
+        fn();
+    } else if (!strcmp(mode, "pastram")) {
+        u64 v = *(volatile u64 *)(uintptr_t)launder(mem_bytes() + 16);
         OPAQUE(v);
     } else if (!strcmp(mode, "divzero")) {
         volatile u64 num = 1, den = 0;
