@@ -190,7 +190,11 @@ def render(
         L.append(res.command if res else f"python3 bench/{name}.py")
     L.append(
         'python3 bench/bare_unicorn.py crc32 --mem 16 --extra "bytes=4194304 rounds=40"'
-        "   # the bare baseline alone"
+        "   # the bare baseline alone (--kernel-settings: set up as the kernel's vCPUs)"
+    )
+    L.append(
+        'python3 bench/qemu_tcg.py crc32 --mem 16 --extra "bytes=4194304 rounds=40"'
+        "   # the same image under QEMU TCG (apt-get install qemu-system-x86)"
     )
     L.append("```")
     L.append("")
