@@ -201,6 +201,12 @@ def render(
     return "\n".join(L)
 
 
+#: The heading of RESULTS.md's hand-written part, which a run keeps as it is.
+ANALYSIS = (
+    "## Analysis (written by hand; re-running run_all.py replaces everything above this section)"
+)
+
+
 def _round(x: object) -> object:
     if isinstance(x, float):
         return round(x, 4)
@@ -260,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp.rmdir()
     md = render(results, failures, state, started, args.quick, time.monotonic() - t_start)
     if output is not None:
+        # keep the hand-written analysis: everything from its heading on
+        old = output.read_text() if output.exists() else ""
+        at = old.find(ANALYSIS)
+        if at >= 0:
+            md = md.rstrip("\n") + "\n\n" + old[at:]
         output.write_text(md)
         print(f"\nrun_all: wrote {os.path.relpath(output)}")
     else:
