@@ -73,7 +73,7 @@ def _read(mem: GuestMemory, q: int) -> bytes:
 
 @pytest.fixture
 def pager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Pager]:
-    monkeypatch.setenv(PACE_ENV, "100")  # 8 steps of 1 MiB: the fill lasts ~0.8 s or more
+    monkeypatch.setenv(PACE_ENV, "25")  # 32 steps of 256 KiB: the fill lasts ~0.8 s or more
     p = Pager()
     p.start()
     try:
@@ -130,7 +130,7 @@ def test_a_corrupted_page_fails_the_fill_and_names_the_section(
 def test_a_pager_killed_midway_is_replaced_and_the_fill_completes(
     monkeypatch: pytest.MonkeyPatch, mem: GuestMemory, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(PACE_ENV, "250")  # 8 steps: ~2 s, so the kill lands in the middle
+    monkeypatch.setenv(PACE_ENV, "60")  # 32 steps: ~2 s, so the kill lands in the middle
     pager = Pager()
     pager.start()
     try:

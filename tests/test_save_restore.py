@@ -320,7 +320,7 @@ def test_a_lazy_restore_survives_its_pager_being_killed_and_every_page_is_right(
     wait_until(lambda: "report 2 " in _console(stack, "mw"), what="memwriter's second report")
     snap = stack.dir / "mw.snap"
     stack.call("save", name="mw", path=str(snap))
-    monkeypatch.setenv(PACE_ENV, "200")  # ~9 steps of 1 MiB: about 2 s
+    monkeypatch.setenv(PACE_ENV, "50")  # ~36 steps of 256 KiB: about 2 s
     peer.up()
     kernel = psutil.Process(peer.pids[1])
     pagers = [p for p in kernel.children() if "kernel.pager" in command_line(p)]
