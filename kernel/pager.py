@@ -60,6 +60,8 @@ FAULT_PAGES: Final = 16
 #: pager in the middle of one).
 PACE_ENV: Final = "ISOVISOR_PAGER_PACE_MS"
 _INT: Final = array.array("i")
+#: Niceness of the pager (as kernel/scheduler.py's PCPU_NICE).
+PAGER_NICE: Final = 10
 #: Largest control message.
 MAX_MESSAGE: Final = 64 * 1024
 
@@ -327,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     from ipc.lifetime import die_with_parent
 
     die_with_parent()
+    # The background pass is bulk work, like guest code: at the pCPU threads' niceness, so
+    # the kernel's own threads (building the domain being restored, moving I/O) go first.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, PAGER_NICE)
     sock = socket.socket(fileno=args.socket_fd)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the kernel went away
         Pager(sock).serve()
