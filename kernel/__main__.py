@@ -9,6 +9,7 @@ import signal
 import sys
 
 from ipc.lifetime import die_with_parent
+from kernel.failover import NOTIFY_FLOOD_PER_S
 from kernel.hypervisor import RESTORE_MODES
 from kernel.server import KernelServer
 from kernel.ucstop import UnsupportedUnicorn, check_engine
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         default="lazy",
         help="how a restore fills guest RAM: lazy (the pager, while the guest runs) or eager",
     )
+    ap.add_argument(
+        "--notify-flood",
+        type=int,
+        default=NOTIFY_FLOOD_PER_S,
+        help="notifications per second above which a driver instance is reported for a flood",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         migrate_listen=args.migrate_listen,
         migrate_disks=args.migrate_disks,
         restore=args.restore,
+        notify_flood=args.notify_flood,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     logging.getLogger("isovisor.kernel").info(

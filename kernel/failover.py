@@ -167,6 +167,8 @@ class Recovery:
         self.hub = manager.hub
         self.emit = manager.emit
         self.clock = clock
+        #: Notifications per second above which an instance is reported for a flood.
+        self.flood_per_s = NOTIFY_FLOOD_PER_S
         #: Driver names in failing mode, with the reason the supervisor gave.
         self.failing: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -415,11 +417,10 @@ class Recovery:
         if now - link.notify_window >= 1.0:
             link.notify_window, link.notify_count = now, 0
         link.notify_count += 1
-        if link.notify_count > NOTIFY_FLOOD_PER_S:
+        if link.notify_count > self.flood_per_s:
             self.violation(
                 link,
-                f"notification flood: more than {NOTIFY_FLOOD_PER_S} "
-                "notifications within one second",
+                f"notification flood: more than {self.flood_per_s} notifications within one second",
             )
 
     def violation(self, link: DriverLink, reason: str) -> None:

@@ -32,7 +32,7 @@ from ipc.schema import ConfigError
 from ipc.store import Store, StoreError
 from kernel.devices import DeviceManager
 from kernel.drivers import DriverHub
-from kernel.failover import Recovery
+from kernel.failover import NOTIFY_FLOOD_PER_S, Recovery
 from kernel.hypervisor import Hypervisor
 from kernel.migration import Incoming, Options, Outgoing
 
@@ -109,6 +109,7 @@ class KernelServer:
         migrate_listen: str | None = None,
         migrate_disks: str | None = None,
         restore: str = "lazy",
+        notify_flood: int = NOTIFY_FLOOD_PER_S,
     ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -143,6 +144,7 @@ class KernelServer:
             hub=self.hub,
             store=self.store,
         )
+        self.hv.devices.recovery.flood_per_s = notify_flood
         self.hub.start()
         self.keys_dir = Path(keys) if keys else None
         self.peers = Path(peers) if peers else None

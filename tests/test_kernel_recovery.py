@@ -74,6 +74,8 @@ class Kernel:
     prefix: str
     proc: subprocess.Popen[bytes] | None = None
     drivers: list[FakeDriver] = field(default_factory=list)
+    #: More arguments for ``python -m kernel`` (a test's ``kernel_args`` marker).
+    args: tuple[str, ...] = ()
 
     @property
     def control(self) -> str:
@@ -108,6 +110,7 @@ class Kernel:
             "2",
             "--parent-pid",
             str(os.getpid()),
+            *self.args,
         ]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
@@ -186,9 +189,14 @@ class Kernel:
 
 
 @pytest.fixture
-def kernel() -> Iterator[Kernel]:
+def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
     d = Path(tempfile.mkdtemp(prefix="krt-", dir="/tmp"))
-    k = Kernel(dir=d, prefix=f"isovisor-krt.{os.getpid()}.{d.name}.")
+    marker = request.node.get_closest_marker("kernel_args")
+    k = Kernel(
+        dir=d,
+        prefix=f"isovisor-krt.{os.getpid()}.{d.name}.",
+        args=tuple(marker.args) if marker else (),
+    )
     try:
         k.start()
         yield k
@@ -770,11 +778,14 @@ def test_a_wakeup_the_dead_instance_owed_is_raised_by_the_kernel(kernel: Kernel,
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.kernel_args("--notify-flood", "5000")
 def test_a_driver_flooding_notifications_is_reported_and_the_guest_still_runs(
     kernel: Kernel,
 ) -> None:
     """A connected instance sending ``notify`` for its device as fast as a process can: the
-    kernel keeps up, publishes one violation naming the flood, and the guest is unharmed."""
+    kernel keeps up, publishes one violation naming the flood, and the guest is unharmed.
+    (The threshold is 5,000 a second here, not the default 50,000: how fast a loaded 2-core
+    host lets the kernel take notifications is no part of what this test checks.)"""
     a = kernel.driver("blk0", 4101)
     kernel.create("g", "blkstress", "ops=200 qd=4 mix=60 seed=3 blocks=64 timeout=30000", "blk0")
     key = a.wait_for(lambda m: "attach" in kinds(m) and m, "attach")[0][1]["key"]
@@ -792,10 +803,10 @@ def test_a_driver_flooding_notifications_is_reported_and_the_guest_still_runs(
                 ev.drain()
             v = ev.wait("driver.blk0.violation", timeout=5)
         assert v["pid"] == 4101 and v["reporter"] == "kernel", v
-        assert v["reason"].startswith("notification flood: more than 50000"), v
+        assert v["reason"].startswith("notification flood: more than 5000 "), v
     finally:
         push.close()
-    assert kernel.device("g")["notifies"] > 50_000
+    assert kernel.device("g")["notifies"] > 5_000
     a.run(lambda: setattr(a, "paused", False))
     a.run(a.serve_all)  # the driver still serves: the guest finishes its I/O
     wait_until(lambda: "blkstress: ops=" in kernel.console("g"), "the guest's summary")
