@@ -186,8 +186,12 @@ def test_the_net_campaign_injects_every_net_fault_type(tmp_path: Path) -> None:
     assert sm["poison_clean"] == sm["poison_total"] == 1, sm
     # the only errors the guests saw: the frame refused as poison (its sender's tx error, and
     # the frame its peer never got), and each frame corrupt_data spoiled, which netpair counts
-    # as an error of the guest that received it when that guest's life also ends with others
-    assert sm["guest_errors"] <= 2 + sm["silent_corruptions"], journal["guests"]
+    # as an error of the guest that received it when that guest's life also ends with others.
+    # The guests' mismatches count those frames: one or more, as many as crossed the switch
+    # while the fault was armed (faster guests send more of them in that time)
+    spoiled = sum(g["mismatches"] for g in journal["guests"])
+    assert spoiled >= sm["silent_corruptions"] == 1
+    assert sm["guest_errors"] <= 2 + spoiled, journal["guests"]
     assert all(g["code"] in (0, 1) for g in journal["guests"])
 
 
