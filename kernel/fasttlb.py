@@ -69,10 +69,8 @@ def native_fill() -> int | None:
 
     include = Path(unicorn.__file__).parent / "include"
     try:
-        cc = find_toolchain().cc
-        version = subprocess.run(
-            [*cc, "--version"], capture_output=True, text=True, check=False
-        ).stdout
+        toolchain = find_toolchain()
+        cc, version = toolchain.cc, toolchain.version
         key = hashlib.sha256(
             b"\0".join(
                 (
