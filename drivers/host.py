@@ -70,6 +70,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import sys
 import sysconfig
 import threading
@@ -85,6 +86,8 @@ import zmq
 from drivers import debugger
 from drivers.faults import HOST_KINDS, PROCESS_KINDS, Fault, class_of_module
 from drivers.state import BackendState
+from ipc import doorbell, iotrace
+from ipc.iotrace import Stage
 from ipc.lifetime import die_with_parent
 
 POLL_MS = 200
@@ -202,6 +205,7 @@ class DriverHost:
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         report: str | None = None,
         swappable: bool = False,
+        bells: str | None = None,
     ) -> None:
         if not _NAME_RE.match(name):
             raise HostError(
@@ -242,6 +246,16 @@ class DriverHost:
         self._own_seq = 0
         self._sender = f"{name}:{os.getpid()}".encode()
         self._statistics_error: str | None = None  # the last one (logged once)
+        #: The doorbell connection to the kernel (ipc/doorbell.py), or None: kicks and
+        #: notifications then go over ZeroMQ.
+        self._bell: socket.socket | None = None
+        #: device key -> (kick eventfd, notify eventfd), for the devices attached with them
+        self._bells: dict[int, tuple[int, int]] = {}
+        #: kick eventfd -> device key
+        self._kick_keys: dict[int, int] = {}
+        #: doorbells received for an attach not yet handled
+        self._parked: dict[int, tuple[int, int]] = {}
+        self._poller: zmq.Poller | None = None
         self.backend: Backend | None = None
         factory, self.implementation = load_backend(module, swappable=swappable)
         self._factory = factory
@@ -251,6 +265,13 @@ class DriverHost:
         self._push = ctx.socket(zmq.PUSH)
         try:
             self._open_sockets(kernel_endpoint, listen_endpoint)
+            if bells is not None:
+                try:
+                    self._bell = doorbell.connect(bells, name, os.getpid())
+                except OSError as e:
+                    self.log.warning(
+                        "no doorbells (%s: %s): kicks and notifications go over ZeroMQ", bells, e
+                    )
             try:
                 self.backend = factory(self, options)
             except Exception as e:  # its __init__, configure() or the options check
@@ -307,6 +328,12 @@ class DriverHost:
 
     # -- the API backends use ------------------------------------------------------------------
     def notify(self, key: int) -> None:
+        if iotrace.ON:
+            iotrace.mark(Stage.DRIVER_NOTIFY, key)
+        bells = self._bells.get(key)
+        if bells is not None:
+            doorbell.ring(bells[1])
+            return
         msg = self._notify_cache.get(key)
         if msg is None:
             msg = self._notify_cache[key] = msgpack.packb(["notify", key])
@@ -469,9 +496,11 @@ class DriverHost:
             self._shutdown()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for fd in self._kick_keys:
+            poller.register(fd, zmq.POLLIN)
         watched: set[int] = set()
         while not self._stop.is_set():
             watched = self._watch_fds(poller, watched)
@@ -481,7 +510,14 @@ class DriverHost:
                 if e.errno == zmq.ETERM:
                     break
                 raise
-            raws = self._drain() if any(s is self._pull for s, _ in ready) else []
+            if iotrace.ON:
+                iotrace.mark(Stage.DRIVER_WAKE)
+            raws = []
+            for what, _ in ready:
+                if what is self._pull:
+                    raws = self._drain()
+                elif isinstance(what, int) and what in self._kick_keys and doorbell.take(what):
+                    self._again[self._kick_keys[what]] = None
             self._dispatch(raws)
             if self.mode != "active":
                 continue  # drained: no heartbeat (the next instance's link is not ours)
@@ -653,6 +689,8 @@ class DriverHost:
             return
         self._call("suspend", suspend)  # a failure here is fail-stop: recovery takes over
         self.mode = "drained"
+        for key in list(self._bells):  # a rollback attaches every device again, with its bells
+            self._drop_bells(key)
         self._again.clear()
         self.log.warning(
             "drained for a hot swap in %.2f ms: state of %d device(s) saved",
@@ -819,14 +857,67 @@ class DriverHost:
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
+            elif kind == "attach" and msg[1].pop("doorbells", False):
+                self._call("attach", self._adopt_bells, msg[1].get("key"))
             self.log.debug("%s %s", kind, _short(msg[1:], 400))
             self._call(kind, getattr(self.backend, kind), *msg[1:])
+            if kind == "detach":
+                self._drop_bells(msg[1])
         if self.mode != "active":
             return
         backend = self.backend
         assert backend is not None
         for key in kicked:
+            if iotrace.ON:
+                iotrace.mark(Stage.DRIVER_KICK, key)
             self._call("kick", backend.kick, key)
+
+    # -- doorbells -----------------------------------------------------------------------------
+    def _adopt_bells(self, key: object) -> None:
+        """An ``attach`` that says ``doorbells``: take the device's two eventfds, which the
+        kernel queued on the doorbell connection before it sent the attach."""
+        self._receive_bells()
+        fds = self._parked.pop(key, None) if isinstance(key, int) else None
+        if fds is None:
+            raise RuntimeError(
+                f"the attach of device {key!r} says doorbells, but the kernel's doorbell "
+                "connection holds none for it"
+            )
+        assert isinstance(key, int)
+        self._drop_bells(key)
+        self._bells[key] = fds
+        self._kick_keys[fds[0]] = key
+        if self._poller is not None:
+            self._poller.register(fds[0], zmq.POLLIN)
+        self._again[key] = None  # a kick rung before the attach is not lost: look once
+
+    def _receive_bells(self) -> None:
+        while self._bell is not None:
+            try:
+                got = doorbell.receive_bells(self._bell)
+            except (ConnectionError, ValueError, OSError) as e:
+                self.log.error("doorbell connection: %s; closed", e)
+                self._bell.close()
+                self._bell = None
+                return
+            if got is None:
+                return
+            key, kick, notify = got
+            for fd in self._parked.pop(key, ()):
+                os.close(fd)
+            self._parked[key] = (kick, notify)
+
+    def _drop_bells(self, key: object) -> None:
+        """Close this instance's copies of device ``key``'s doorbells."""
+        fds = self._bells.pop(key, None) if isinstance(key, int) else None
+        if fds is None:
+            return
+        self._kick_keys.pop(fds[0], None)
+        if self._poller is not None:
+            with contextlib.suppress(KeyError):
+                self._poller.unregister(fds[0])
+        for fd in fds:
+            os.close(fd)
 
     def _call(self, what: str, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -880,6 +971,15 @@ class DriverHost:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        for key in list(self._bells):
+            self._drop_bells(key)
+        for fds in self._parked.values():
+            for fd in fds:
+                os.close(fd)
+        self._parked.clear()
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         for s in (self._pull, self._push):
             s.close(linger=0)
         with self._wake_lock:
@@ -1195,6 +1295,7 @@ def start_inline(
     *,
     watchdog_ms: int = 0,
     request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+    bells: str | None = None,
 ) -> InlineDriver:
     """Run a driver host in a daemon thread sharing ``ctx``; returns once it listens and has
     said hello, or raises HostError if it cannot start.  An inline driver is not fail-stop (an
@@ -1214,6 +1315,7 @@ def start_inline(
                 listen_endpoint,
                 watchdog_ms=watchdog_ms,
                 request_timeout_ms=request_timeout_ms,
+                bells=bells,
             )
         except BaseException as e:
             box["error"] = e
@@ -1334,6 +1436,7 @@ def main(argv: list[str] | None = None) -> int:
                 request_timeout_ms=args.request_timeout_ms,
                 report=args.report,
                 swappable=args.swappable,
+                bells=doorbell.path_for(args.kernel),
             )
         except HostError as e:  # the module, the class or its constructor (the options)
             tb = _user_traceback(e)

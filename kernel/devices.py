@@ -16,13 +16,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import devices
 from devices import DeviceClass, DeviceSpec, Medium
+from ipc import doorbell, iotrace
 from ipc.control import ControlError
+from ipc.iotrace import Stage
 from ipc.shm import SHM_DIR, Segment, SegmentError
 from ipc.store import DevState, Store, StoreError, Watch
 from kernel import abi
@@ -84,6 +87,9 @@ class Device:
     #: Held by whoever reads or writes the ring or the in-flight log from the kernel, and by
     #: remove() while the segment goes away.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The doorbells (ipc/doorbell.py): rung by the kernel on a kick, and by the driver.
+    kick_fd: int = -1
+    notify_fd: int = -1
 
     @property
     def port(self) -> int:
@@ -174,6 +180,8 @@ class DeviceManager:
         self._next_report = 0.0
         self._syncs: dict[int, threading.Event] = {}
         self._sync_ids = itertools.count(1)
+        hub.on_notify = self.on_doorbell
+        hub.with_bells = self._with_bells
 
     # -- lookups for the recovery code (any thread) ---------------------------------------------
     def snapshot(self) -> list[Device]:
@@ -229,6 +237,7 @@ class DeviceManager:
                 seg = Segment(name, cls.region.segment_bytes, create=True)
                 dev = Device(next(self._keys), dom, spec, i, seg, cls.medium(spec, name), cls)
                 made.append(dev)
+                dev.kick_fd, dev.notify_fd = doorbell.make(), doorbell.make()
                 dom.vcpu.map_region(dev.gpa, dev.window, seg.address)
                 self._write_table_entry(dom, dev)
             dom.mem.words[(abi.START_INFO_ADDR + abi.SI_NR_DEVICES) // 8] = len(made)
@@ -242,6 +251,8 @@ class DeviceManager:
         with self._lock:
             for d in made:
                 self.devices[d.key] = d
+        for d in made:
+            self.hub.watch_notify(d.notify_fd, d.key)
 
     def connect(self, dom: Domain, frontends: dict[str, dict[str, str]] | None = None) -> None:
         """Write the store directories, watch both states and send the drivers ``attach``.
@@ -307,8 +318,9 @@ class DeviceManager:
         with contextlib.suppress(StoreError):
             self.store.rm(f"/local/domain/{dom.domid}")
 
-    @staticmethod
-    def _free(dev: Device) -> None:
+    def _free(self, dev: Device) -> None:
+        self.hub.close_bells([fd for fd in (dev.kick_fd, dev.notify_fd) if fd >= 0])
+        dev.kick_fd = dev.notify_fd = -1
         scratch = dev.scratch
         dev.segment.close()
         dev.segment.unlink()
@@ -539,7 +551,12 @@ class DeviceManager:
         if backend in self.recovery.failing:
             self.recovery.answer(dev)
             return 0
-        if self.hub.send(backend, ["kick", dev.key]) or backend in self.hub.known:
+        if iotrace.ON:
+            iotrace.mark(Stage.KICK, dev.key)
+        sent = self.hub.kick(backend, dev.key, dev.kick_fd)
+        if iotrace.ON:
+            iotrace.mark(Stage.KICKED, dev.key)
+        if sent or backend in self.hub.known:
             return 0
         return -abi.ENOTCONN
 
@@ -611,9 +628,7 @@ class DeviceManager:
         if kind == "notify" and len(msg) == 2:
             dev = self._device(msg[1], kind)
             if dev is not None:
-                dev.notifies += 1
-                self.recovery.notified(dev.spec.backend)
-                self.sched.notify(dev.dom, 1 << dev.port)
+                self._notified(dev, 1)
         elif self.recovery.handle(msg) or self.swaps.handle(msg):
             return
         elif kind == "synced" and len(msg) == 2 and isinstance(msg[1], dict):
@@ -657,6 +672,30 @@ class DeviceManager:
                 self._driver_report(dev, kind, msg[2][:1000])
         else:
             raise Malformed(f"unknown or malformed message {msg!r:.200}")
+
+    def on_doorbell(self, key: int, rings: int) -> None:
+        """Device ``key``'s notify doorbell rang ``rings`` times (drivers thread)."""
+        dev = self.devices.get(key)
+        if dev is not None and not dev.gone:
+            self._notified(dev, rings)
+
+    def _notified(self, dev: Device, rings: int) -> None:
+        if iotrace.ON:
+            iotrace.mark(Stage.NOTIFIED, dev.key)
+        dev.notifies += rings
+        self.recovery.notified(dev.spec.backend, rings)
+        self.sched.notify(dev.dom, 1 << dev.port)
+        if iotrace.ON:
+            iotrace.mark(Stage.WOKEN, dev.key)
+
+    def _with_bells(self, key: int, send: Callable[[int, int], None]) -> bool:
+        """``send(kick_fd, notify_fd)`` of live device ``key`` (drivers thread, which alone
+        closes them); False if there is none."""
+        dev = self.devices.get(key)
+        if dev is None or dev.gone or dev.kick_fd < 0:
+            return False
+        send(dev.kick_fd, dev.notify_fd)
+        return True
 
     def _device(self, key: Any, kind: str) -> Device | None:
         dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) else None

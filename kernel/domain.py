@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Final
 from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RIP, UC_X86_REG_RSP
 
 from domains.config import DomainConfig
+from ipc import iotrace
+from ipc.iotrace import Stage
 from ipc.store import StoreError
 from kernel import abi
 from kernel.clock import GuestClock, host_tsc
@@ -377,6 +379,8 @@ class Domain:
                 self._begin_upcall(bits)
 
     def _begin_upcall(self, bits: int) -> None:
+        if iotrace.ON:
+            iotrace.mark(Stage.UPCALL, self.domid)
         uc = self.vcpu.uc
         assert uc is not None
         uc.reg_write(UC_X86_REG_RIP, self.vcpu.rip)

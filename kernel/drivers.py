@@ -18,6 +18,13 @@ the same name and dropped by ``driver_lost``.  Each thread's PUSH socket to an e
 link uses any more is closed the next time that thread sends, so restarts do not leak sockets.
 The drivers thread also calls ``on_tick`` every :data:`TICK_S` seconds (the device layer's
 watchdog).
+
+The data path's wake-ups do not use ZeroMQ when a driver connected to the doorbell socket
+(``ipc/doorbell.py``): each device's kick and notify eventfds go to the driver with its
+``attach``, a kick is a write to the kick eventfd (from the pCPU thread), and the drivers thread
+waits on every device's notify eventfd through one epoll beside its ZeroMQ socket.  The
+eventfds are closed on the drivers thread only, so a descriptor number it is about to read or
+send is never one reused meanwhile.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import queue
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +44,8 @@ from typing import Any, Final, TypeGuard
 
 import msgpack
 import zmq
+
+from ipc import doorbell
 
 log = logging.getLogger("isovisor.kernel")
 
@@ -87,6 +99,8 @@ class DriverLink:
     statistics: dict[str, Any] = field(default_factory=dict)
     #: Why the last ``statistics()`` gave no values (it raised, or returned no dict), or None.
     statistics_error: str | None = None
+    #: The instance's doorbell connection (None: kicks and notifications go over ZeroMQ).
+    bell: socket.socket | None = None
 
     def touch(self, now: float | None = None) -> None:
         """Note a sign of life from this instance."""
@@ -106,6 +120,11 @@ class DriverHub:
         on_violation: Callable[[DriverLink, str], None] | None = None,
     ) -> None:
         self.ctx = ctx
+        #: Called on the drivers thread with (device key, rings) when a notify doorbell rang.
+        self.on_notify: Callable[[int, int], None] | None = None
+        #: Calls ``send(kick_fd, notify_fd)`` with a live device's doorbells; False if the
+        #: key names none (set by the device layer).
+        self.with_bells: Callable[[int, Callable[[int, int], None]], bool] | None = None
         self.on_message = on_message
         self.on_hello = on_hello
         self.on_tick = on_tick
@@ -126,6 +145,16 @@ class DriverHub:
         self.pull.setsockopt(zmq.LINGER, 0)
         for ep in [*endpoints, INPROC_ENDPOINT]:
             self.pull.bind(ep)
+        #: The doorbell socket (beside the first ipc:// endpoint), or None.
+        self.bell_path = next((p for p in map(doorbell.path_for, endpoints) if p is not None), None)
+        self._bell_listener = doorbell.listen(self.bell_path) if self.bell_path else None
+        #: Doorbell connections by descriptor, with the ``name:pid`` they said (None: not yet).
+        self._bell_conns: dict[int, tuple[socket.socket, str | None]] = {}
+        self._epoll = select.epoll()
+        #: notify eventfd -> device key (the drivers thread waits on them through the epoll)
+        self._notify_keys: dict[int, int] = {}
+        self._closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        self._poller = zmq.Poller()
         #: (driver name, or None for an endpoint of its own, endpoint, message)
         self._ctl: queue.SimpleQueue[tuple[str | None, str, list[Any]]] = queue.SimpleQueue()
         self._running = True
@@ -162,6 +191,125 @@ class DriverHub:
         if link is None:
             return False
         return self._send_on(link.endpoint, msg)
+
+    def kick(self, name: str, key: int, kick_fd: int) -> bool:
+        """The guest kicked device ``key`` of driver ``name``: ring its kick doorbell if the
+        driver took doorbells, else send ``["kick", key]``; False if it is not connected."""
+        link = self.links.get(name)
+        if link is None:
+            return False
+        if link.bell is not None:
+            doorbell.ring(kick_fd)
+            return True
+        return self._send_on(link.endpoint, ["kick", key])
+
+    # -- doorbells -----------------------------------------------------------------------------
+    def watch_notify(self, fd: int, key: int) -> None:
+        """Wait on notify doorbell ``fd`` of device ``key`` (any thread)."""
+        self._notify_keys[fd] = key
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def close_bells(self, fds: list[int]) -> None:
+        """Stop waiting on a device's doorbells and close them, on the drivers thread (any
+        thread may call this)."""
+        if threading.current_thread() is self.thread or not self.thread.is_alive():
+            self._close_bells(fds)
+            return
+        self._closing.put(fds)
+        self._send_on(INPROC_ENDPOINT, [_DOORBELL])
+
+    def _close_bells(self, fds: list[int]) -> None:
+        for fd in fds:
+            if self._notify_keys.pop(fd, None) is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _take_notifies(self) -> None:
+        """Every notify doorbell that rang: ``on_notify(key, rings)``."""
+        for fd, _ in self._epoll.poll(0):
+            key = self._notify_keys.get(fd)
+            rings = doorbell.take(fd)
+            if key is not None and rings and self.on_notify is not None:
+                try:
+                    self.on_notify(key, rings)
+                except Exception:
+                    log.exception("driver channel: error handling a notification of device %d", key)
+
+    def _accept_bells(self) -> None:
+        """Take new doorbell connections and the ``name:pid`` each says first."""
+        if self._bell_listener is None:
+            return
+        while True:
+            try:
+                conn, _ = self._bell_listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                log.warning("doorbell socket: accept failed: %s", e)
+                break
+            conn.setblocking(False)
+            self._bell_conns[conn.fileno()] = (conn, None)
+            self._poller.register(conn.fileno(), zmq.POLLIN)
+        for fd, (_conn, who) in list(self._bell_conns.items()):
+            if who is None:
+                self._read_bell(fd)
+
+    def _read_bell(self, fd: int) -> None:
+        """A doorbell connection is readable: its introduction, or its end."""
+        conn, who = self._bell_conns[fd]
+        try:
+            data = conn.recv(doorbell.MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        said = doorbell.parse_hello(data) if data and who is None else None
+        if said is not None:
+            self._bell_conns[fd] = (conn, said)
+            return
+        if data:
+            log.warning("doorbell socket: unexpected message %r from %s; closed", data[:64], who)
+        self._poller.unregister(fd)
+        del self._bell_conns[fd]
+        for link in list(self.links.values()):
+            if link.bell is conn:
+                link.bell = None
+        conn.close()
+
+    def _bell_of(self, link: DriverLink) -> socket.socket | None:
+        """The doorbell connection instance ``link`` introduced itself on, if any."""
+        self._accept_bells()
+        who = f"{link.name}:{link.pid}"
+        return next((c for c, w in self._bell_conns.values() if w == who), None)
+
+    def _with_bells(self, link: DriverLink, msg: list[Any]) -> list[Any]:
+        """An ``attach`` to ``link``: hand its device's doorbells over first, and say so."""
+        body = msg[1]
+        bell = link.bell
+        if bell is None or not isinstance(body, dict) or self.with_bells is None:
+            return msg
+        key = body.get("key")
+        if not isinstance(key, int):
+            return msg
+
+        def send(kick: int, notify: int) -> None:
+            doorbell.send_bells(bell, key, kick, notify)
+
+        try:
+            handed = self.with_bells(key, send)
+        except OSError as e:
+            log.warning(
+                "driver %s: doorbells of device %s not handed over (%s); it is kicked over "
+                "ZeroMQ from now on",
+                link.name,
+                key,
+                e,
+            )
+            link.bell = None
+            return msg
+        return ["attach", {**body, "doorbells": True}] if handed else msg
 
     def preconnect(self, name: str, endpoint: str) -> None:
         """Driver ``name`` has a warm spare at ``endpoint``: connect the drivers thread's
@@ -235,19 +383,36 @@ class DriverHub:
             raise ValueError(f"an inline driver named {name!r} is already loaded")
         host = importlib.import_module(HOST_MODULE)
         self._inline[name] = host.start_inline(
-            name, module, options, self.ctx, INPROC_ENDPOINT, f"inproc://driver-{name}"
+            name,
+            module,
+            options,
+            self.ctx,
+            INPROC_ENDPOINT,
+            f"inproc://driver-{name}",
+            bells=self.bell_path,
         )
 
     # -- receiving (the drivers thread) -----------------------------------------------------------
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self.pull, zmq.POLLIN)
+        poller.register(self._epoll.fileno(), zmq.POLLIN)
+        listener = self._bell_listener.fileno() if self._bell_listener is not None else -1
+        if listener >= 0:
+            poller.register(listener, zmq.POLLIN)
         next_tick = time.monotonic() + TICK_S
         while self._running:
             wait_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             try:
-                if poller.poll(wait_ms):
-                    self._receive_some()
+                for what, _ in poller.poll(wait_ms):
+                    if what is self.pull:
+                        self._receive_some()
+                    elif what == listener:
+                        self._accept_bells()
+                    elif what in self._bell_conns:
+                        self._read_bell(what)
+                    else:
+                        self._take_notifies()
             except zmq.ZMQError:
                 if not self._running:
                     return
@@ -325,6 +490,12 @@ class DriverHub:
     def _flush_control(self) -> None:
         while True:
             try:
+                fds = self._closing.get_nowait()
+            except queue.Empty:
+                break
+            self._close_bells(fds)
+        while True:
+            try:
                 name, endpoint, msg = self._ctl.get_nowait()
             except queue.Empty:
                 return
@@ -335,6 +506,8 @@ class DriverHub:
                     )
                 continue
             link = self.links.get(name)
+            if link is not None and msg[0] == "attach":
+                msg = self._with_bells(link, msg)
             if link is None or not self._send_on(link.endpoint, msg):
                 log.warning(
                     "driver %s: control message %r not delivered (driver gone or not draining)",
@@ -344,6 +517,7 @@ class DriverHub:
 
     def _hello(self, msg: list[Any]) -> None:
         link = parse_hello(msg)
+        link.bell = self._bell_of(link)
         with self._lock:
             old = self.links.get(link.name)
             self.links[link.name] = link
@@ -353,13 +527,15 @@ class DriverHub:
             if old is not None and old.endpoint != link.endpoint:
                 self._endpoints_version += 1
         log.info(
-            "driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request timeout %d ms%s",
+            "driver %s connected: pid %d, %s, endpoint %s, watchdog %d ms, request timeout %d ms, "
+            "%s%s",
             link.name,
             link.pid,
             link.isolation,
             link.endpoint,
             link.watchdog_ms,
             link.request_timeout_ms,
+            "doorbells" if link.bell is not None else "kicks over ZeroMQ",
             f" (replaces pid {old.pid})" if old is not None else "",
         )
         self.on_hello(link)
@@ -380,6 +556,16 @@ class DriverHub:
                     s.close(0)
             self._all_socks.clear()
         self.pull.close(0)
+        for conn, _ in self._bell_conns.values():
+            conn.close()
+        self._bell_conns.clear()
+        if self._bell_listener is not None:
+            self._bell_listener.close()
+            assert self.bell_path is not None
+            with contextlib.suppress(OSError):
+                os.unlink(self.bell_path)
+        self._close_bells(list(self._notify_keys))
+        self._epoll.close()
 
 
 #: A message the kernel sends itself to make the drivers thread flush the control queue.

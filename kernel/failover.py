@@ -406,9 +406,9 @@ class Recovery:
             link.touch(self.clock())
         return link
 
-    def notified(self, backend: str) -> None:
-        """Count a notification of ``backend`` (and note it as alive); a flood is reported
-        once per link."""
+    def notified(self, backend: str, count: int = 1) -> None:
+        """Count ``count`` notifications of ``backend`` (and note it as alive); a flood is
+        reported once per link."""
         link = self.hub.links.get(backend)
         if link is None:
             return
@@ -416,7 +416,7 @@ class Recovery:
         link.last_seen = now
         if now - link.notify_window >= 1.0:
             link.notify_window, link.notify_count = now, 0
-        link.notify_count += 1
+        link.notify_count += count
         if link.notify_count > self.flood_per_s:
             self.violation(
                 link,

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from ipc import iotrace
+from ipc.iotrace import Stage
 from kernel import abi
 from kernel.domain import Domain, Exit
 
@@ -78,6 +80,8 @@ class PCpu:
             dom.before_resume()
             if not dom.first_run_ns:
                 dom.first_run_ns = time.monotonic_ns()
+            if iotrace.ON:
+                iotrace.mark(Stage.RUN, dom.domid)
             t0 = time.thread_time_ns()
             dom.vcpu.run()
             used = time.thread_time_ns() - t0
@@ -260,6 +264,8 @@ class Scheduler:
     def _sleep(self, dom: Domain, mask: int, timeout_ns: int, *, blocking: bool) -> None:
         """Take ``dom`` off the run queue until an event in ``mask`` or the timeout (lock
         held; the caller stops the vCPU)."""
+        if iotrace.ON:
+            iotrace.mark(Stage.SLEEP, dom.domid)
         dom.runnable = False
         dom.polling = True
         dom.blocking = blocking
