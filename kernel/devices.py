@@ -607,6 +607,8 @@ class DeviceManager:
                 "at_ns": time.monotonic_ns(),
                 "isolation": link.isolation,
                 "module": link.module,
+                # kicks and notifications by eventfd (ipc/doorbell.py), not ZeroMQ messages
+                "doorbells": link.bell is not None,
             },
         )
         self.swaps.on_hello(link)

@@ -46,6 +46,8 @@ _W_UPCALLS: Final = _W_SH + abi.SH_UPCALLS // 8
 _BAD_CALLS_LOGGED: Final = 20
 #: Bytes below the interrupted rsp that an upcall frame skips (the SysV red zone).
 _RED_ZONE: Final = 128
+#: Length of the ``syscall`` instruction (0F 05).
+_SYSCALL_LEN: Final = 2
 #: A hypercall handler returning this leaves the result word alone (HC_UPCALL_RETURN).
 NO_RESULT: Final = object()
 
@@ -164,6 +166,8 @@ class Domain:
         self.blocking = False  # in HC_BLOCK (guarded by sched.lock)
         self.upcalls = 0
         self._upcall_saved: tuple[Any, bytes] | None = None
+        #: A context object to save the next upcall's interrupted state into.
+        self._spare_ctx: Any = None
         self._upcall_return = False
         self._handlers: tuple[Callable[[], Any] | None, ...] = (
             None,
@@ -352,8 +356,24 @@ class Domain:
     def _hc_upcall_return(self) -> Any:
         if not self.in_upcall:
             return self.bad_call("upcall_return outside an upcall", -abi.EINVAL)
-        self._upcall_return = True
-        self.vcpu.stop()  # the saved context is restored before the guest runs again
+        # Return without leaving emu_start: restore the saved context here, in the hook, with
+        # its RIP set back by the syscall's length, which unicorn adds after the hook; the
+        # syscall ends its translation block, so the guest goes on at the interrupted RIP
+        # with the state as restored.  (Not by writing RIP in the hook: that sets unicorn's
+        # quit_request, and a stop arriving before it is cleared resumes at a wrong PC --
+        # tests/test_vcpu_stop.py caught it.)  Stopping instead cost a pCPU round (exit, pick,
+        # re-entry) on every I/O completion.
+        saved = self._upcall_saved
+        assert saved is not None
+        ctx, regs = saved[0], self.vcpu.regs
+        rip = regs.context_read(ctx, UC_X86_REG_RIP)
+        regs.context_write(ctx, UC_X86_REG_RIP, (rip - _SYSCALL_LEN) & U64)
+        self._end_upcall()
+        self.vcpu.rip = rip
+        with self.sched.lock:  # (Scheduler.notify did not stop us: we were in the upcall)
+            more = bool(self.pending) and not self.upcalls_masked()
+        if more:
+            self.vcpu.stop()  # before_resume delivers them
         return NO_RESULT
 
     def _hc_block(self) -> int:
@@ -383,8 +403,9 @@ class Domain:
             iotrace.mark(Stage.UPCALL, self.domid)
         uc = self.vcpu.uc
         assert uc is not None
-        uc.reg_write(UC_X86_REG_RIP, self.vcpu.rip)
-        rsp = uc.reg_read(UC_X86_REG_RSP)
+        regs = self.vcpu.regs
+        regs.write(UC_X86_REG_RIP, self.vcpu.rip)
+        rsp = regs.read(UC_X86_REG_RSP)
         frame = ((rsp - _RED_ZONE) & ~15) - 8
         if not self.mem.check(frame, 8):
             self.sched.request_exit(
@@ -395,8 +416,11 @@ class Domain:
                 ),
             )
             return
+        ctx = self._spare_ctx or uc.context_save()
+        self._spare_ctx = None
+        regs.save(ctx)
         self._upcall_saved = (
-            uc.context_save(),
+            ctx,
             bytes(
                 self.mem.bytes[abi.HCALL_BLOCK_ADDR : abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE]
             ),
@@ -406,23 +430,26 @@ class Domain:
         w[_W_UPCALL_MASK] = 1
         w[_W_UPCALLS] = (w[_W_UPCALLS] + 1) & U64
         w[frame // 8] = 0  # return address: a handler that returns crashes at 0, clearly
-        uc.reg_write(UC_X86_REG_RSP, frame)
-        uc.reg_write(UC_X86_REG_RDI, bits)
+        regs.write(UC_X86_REG_RSP, frame)
+        regs.write(UC_X86_REG_RDI, bits)
         self.in_upcall = True
         self.upcalls += 1
         self.vcpu.rip = self.upcall_handler
 
     def _end_upcall(self) -> None:
+        """Restore the context the upcall interrupted (in the hook of HC_UPCALL_RETURN, or
+        before resuming a domain restored from a snapshot taken during that call)."""
         self._upcall_return = False
         saved, self._upcall_saved = self._upcall_saved, None
         uc = self.vcpu.uc
         assert saved is not None and uc is not None
         ctx, block = saved
-        uc.context_restore(ctx)
+        self.vcpu.regs.restore(ctx)
+        self._spare_ctx = ctx  # the next upcall saves into it: no allocation per upcall
         self.mem.bytes[abi.HCALL_BLOCK_ADDR : abi.HCALL_BLOCK_ADDR + abi.HCALL_BLOCK_SIZE] = block
         self._w[_W_UPCALL_MASK] = 0
         self.in_upcall = False
-        self.vcpu.rip = uc.reg_read(UC_X86_REG_RIP)
+        self.vcpu.rip = self.vcpu.regs.read(UC_X86_REG_RIP)
 
     # -- devices -------------------------------------------------------------------------------
     def _device_arg(self, what: str) -> Device | int:

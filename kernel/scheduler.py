@@ -350,6 +350,8 @@ class Scheduler:
             and now - victim.slice_start >= RATELIMIT_NS
         ):
             cur.vcpu.stop()
+        else:  # preempted at the slice's end, if still waiting then
+            self._poke_ticker(victim.slice_end)
 
     def _eligible(self, dom: Domain) -> bool:
         if dom.on_cpu or dom.exit is not None:
@@ -385,7 +387,12 @@ class Scheduler:
             pcpu.current = best
             pcpu.slice_start = now
             pcpu.slice_end = now + length
-        self._poke_ticker(pcpu.slice_end)
+            # The ticker need not wake at the slice's end unless it may preempt then: with
+            # nobody else waiting it would only extend the slice (a domain that wakes later
+            # pokes it, _preempt_for).  An I/O-bound guest picks a pCPU on every request.
+            tick = bool(best.cap) or any(self._eligible(d) for d in self.domains)
+        if tick:
+            self._poke_ticker(pcpu.slice_end)
         return best
 
     def account(self, dom: Domain, used_ns: int) -> None:

@@ -43,6 +43,7 @@ from unicorn.x86_const import (
 from kernel import abi
 from kernel.fasttlb import use_fast_stores
 from kernel.memory import GuestMemory
+from kernel.ucregs import Registers
 from kernel.ucstop import stop_only_between_instructions
 
 #: emu_start's "until" address: unmapped and non-canonical for any guest, so never reached.
@@ -176,6 +177,8 @@ class VCpu:
         uc.reg_write(UC_X86_REG_RDI, abi.START_INFO_ADDR)
         self.rip = entry
         self.uc: Uc | None = uc
+        #: Fast 64-bit register access (only while ``uc`` is open).
+        self.regs = Registers(uc)
 
     # -- hooks (run on the pCPU thread, inside emu_start) --------------------------------------
     def _intr_hook(self, uc: Uc, intno: int, _data: object) -> None:
@@ -224,7 +227,7 @@ class VCpu:
                 rip = uc.reg_read(UC_X86_REG_RIP)
                 what = "invalid opcode (#UD)" if e.errno == UC_ERR_INSN_INVALID else str(e)
                 self.fault = f"{what} at rip={rip:#x}"
-        self.rip = uc.reg_read(UC_X86_REG_RIP)
+        self.rip = self.regs.read(UC_X86_REG_RIP)
         if self._redo is not None:
             self.rip, self._redo = self._redo, None
         if self.rip == STOP_ADDRESS and self.fault is None:
@@ -247,13 +250,12 @@ class VCpu:
         it, so the guest makes the same hypercall again (unicorn's syscall hook runs with RIP
         still at the instruction; it adds the instruction's length after the hook)."""
         assert self.uc is not None
-        self._redo = self.uc.reg_read(UC_X86_REG_RIP)
+        self._redo = self.regs.read(UC_X86_REG_RIP)
 
     def stop(self) -> None:
         """Ask the running emulation to stop (safe from any thread)."""
-        uc = self.uc
-        if uc is not None:
-            uc.emu_stop()
+        if self.uc is not None:
+            self.regs.stop()
 
     def close(self) -> None:
         """Unmap guest RAM and free the unicorn instance (must not be running)."""

@@ -9,7 +9,9 @@ import itertools
 import json
 import logging
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ import pytest
 import zmq
 
 from drivers.host import EXIT_INJECTED, EXIT_SOFTWARE, start_inline
+from ipc import doorbell
 from isovisor.procs import reap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -574,3 +577,137 @@ def test_report_does_not_require_hot_swap_but_swappable_does(harness: Harness) -
         "restore (subclass the drivers.sdk class of its device: BlockBackend, NetBackend or "
         "ConsoleBackend; see docs/sdk.md)"
     )
+
+
+# --- doorbells --------------------------------------------------------------------------------
+
+ECHO_BACKEND = '''
+class Backend:
+    """Notifies a device's frontend once per kick, and counts the kicks."""
+
+    def __init__(self, host, options):
+        self.host = host
+
+    def attach(self, dev):
+        assert "doorbells" not in dev, dev  # the host takes the flag
+
+    def detach(self, key):
+        pass
+
+    def fe_state(self, key, state):
+        pass
+
+    def kick(self, key):
+        self.host.notify(key)
+
+    def close(self):
+        pass
+'''
+
+
+def rang(fd: int, timeout: float = WAIT) -> int:
+    """Wait until eventfd ``fd`` rings; how many times it rang."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"eventfd {fd} did not ring within {timeout}s"
+    return doorbell.take(fd)
+
+
+def synced(peer: Peer, token: int) -> None:
+    """A full round of the driver's loop since every message before this one."""
+    peer.send("sync", token)
+    while peer.expect("synced")[1]["token"] != token:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness) -> None:
+    """A driver connects to the kernel's doorbell socket (beside the kernel endpoint, named
+    from it) and says who it is before its hello; an attach that says ``doorbells`` finds the
+    device's two eventfds queued there: a ring of the kick eventfd makes the backend's kick()
+    run, and its notify() rings the notify eventfd, with no ZeroMQ message either way.  After
+    the detach the driver no longer listens to that kick eventfd."""
+    listener = doorbell.listen(str(harness.tmp / "kernel.fds"))
+    backend = harness.tmp / "echo.py"
+    backend.write_text(ECHO_BACKEND)
+    kick, notify = doorbell.make(), doorbell.make()
+    try:
+        d = harness.start("--module", str(backend))
+        hello = harness.peer.expect("hello")[1]
+        harness.peer.connect(hello["endpoint"])
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()  # made before the hello: already waiting
+        conn.settimeout(WAIT)
+        assert doorbell.parse_hello(conn.recv(doorbell.MAX_MESSAGE)) == f"{NAME}:{d.proc.pid}"
+        doorbell.send_bells(conn, 7, kick, notify)
+        harness.peer.send("attach", {"key": 7, "doorbells": True})
+        assert rang(notify) == 1  # the host looks at a device once when it takes its bells
+        for _ in range(3):
+            doorbell.ring(kick)
+            assert rang(notify) == 1
+        synced(harness.peer, 1)
+        assert "notify" not in harness.peer.kinds()
+        harness.peer.send("detach", 7)
+        synced(harness.peer, 2)
+        doorbell.ring(kick)
+        synced(harness.peer, 3)
+        assert doorbell.take(notify) == 0
+        assert doorbell.take(kick) == 1  # nobody took it: the driver closed its copy
+        conn.close()
+    finally:
+        listener.close()
+        for fd in (kick, notify):
+            os.close(fd)
+    assert d.proc.poll() is None
+
+
+@pytest.mark.timeout(30)
+def test_without_a_doorbell_socket_kicks_and_notifications_go_over_zeromq(
+    harness: Harness,
+) -> None:
+    """No kernel listens for doorbells: the driver says so in its log and serves ``kick``
+    messages with ``notify`` messages, as before."""
+    backend = harness.tmp / "echo.py"
+    backend.write_text(ECHO_BACKEND)
+    d = harness.start("--module", str(backend))
+    harness.peer.connect(harness.peer.expect("hello")[1]["endpoint"])
+    harness.peer.send("attach", {"key": 3})
+    harness.peer.send("kick", 3)
+    assert harness.peer.expect("notify") == ["notify", 3]
+    assert "no doorbells" in d.log() and "kernel.fds" in d.log()
+
+
+def test_a_doorbell_message_of_another_shape_is_refused_and_its_descriptors_closed() -> None:
+    """What a driver reads on its doorbell connection is checked: a message that is not
+    ``["bells", key]`` with two descriptors raises ValueError naming it, and the descriptors
+    that came with it are closed, not leaked."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = doorbell.make()
+    try:
+        assert doorbell.receive_bells(b) is None  # nothing waiting: no blocking
+        socket.send_fds(a, [msgpack.packb(["bells", "x"])], [fd])
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ValueError, match=r"malformed doorbell message .* with 1 desc"):
+            doorbell.receive_bells(b)
+        assert len(os.listdir("/proc/self/fd")) == before
+        doorbell.send_bells(a, 5, fd, fd)
+        key, k, n = doorbell.receive_bells(b) or (0, -1, -1)
+        assert key == 5 and os.path.samestat(os.fstat(k), os.fstat(fd))
+        doorbell.ring(fd)
+        assert doorbell.take(n) == 1  # one eventfd, three descriptors
+        os.close(k)
+        os.close(n)
+        a.close()
+        with pytest.raises(ConnectionError, match="closed the doorbell connection"):
+            doorbell.receive_bells(b)
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_doorbell_path_sits_beside_an_ipc_endpoint_and_is_never_longer() -> None:
+    ep = "ipc:///tmp/run/kernel-drivers.sock"
+    assert doorbell.path_for(ep) == "/tmp/run/kernel-drivers.fds"
+    assert len(doorbell.path_for(ep) or "") < len(ep) - len("ipc://")
+    assert doorbell.path_for("inproc://kernel-drivers") is None
+    assert doorbell.path_for("tcp://127.0.0.1:5555") is None

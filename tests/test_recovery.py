@@ -388,7 +388,8 @@ def test_too_many_restarts_make_the_driver_fatal_and_requests_fail_cleanly(stack
         assert driver_row(stack)["state"] == "FATAL"
         r = stack.cli("driver", "start", "blk0")
         assert r.returncode == 0, r.stderr
-        events.wait("driver.blk0.ready", timeout=30)
+        ready = events.wait("driver.blk0.ready", timeout=30)
+        assert ready["doorbells"] is True, ready  # the new instance took its devices' eventfds
         assert driver_row(stack)["state"] in ("STARTING", "RUNNING")
 
 
