@@ -90,7 +90,8 @@ from ipc import doorbell, iotrace
 from ipc.iotrace import Stage
 from ipc.lifetime import die_with_parent
 
-POLL_MS = 200
+#: The loop's longest sleep (heartbeats and a backend's timer_ms() wake it sooner).
+POLL_MS = 1000
 #: Messages taken per round at most (so a flood cannot keep the loop from acting).
 MAX_DRAIN = 10_000
 SNDHWM = 100_000

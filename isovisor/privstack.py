@@ -54,6 +54,7 @@ class PrivateStack:
         name: str = "bench",
         on_cpu: Callable[[float], None] | None = None,
         restore: str = "lazy",
+        console: str | None = None,
     ) -> None:
         """``directory``: where the stack lives (default: a new short /tmp directory, which
         :meth:`close` deletes unless ``keep``); ``on_cpu`` gets the CPU seconds of each stack
@@ -61,6 +62,7 @@ class PrivateStack:
         self.pcpus = pcpus
         self.timeslice_ms = timeslice_ms
         self.restore = restore  # [kernel] restore
+        self.console = console  # [domains] console: the console driver of every domain
         self.extra_toml = extra_toml  # appended to supervisor.toml, e.g. [driver.<name>] tables
         self.name = name
         self.keep = keep or directory is not None
@@ -108,6 +110,7 @@ class PrivateStack:
             f'[supervisor]\nname = "{self.name}"\n[kernel]\npcpus = {self.pcpus}\n'
             f'timeslice_ms = {self.timeslice_ms}\nrestore = "{self.restore}"\n'
             f"[domains]\nstart = [{start}]\n"
+            + (f'console = "{self.console}"\n' if self.console else "")
             + (f"{self.extra_toml.strip()}\n" if self.extra_toml else "")
         )
         try:

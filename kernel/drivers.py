@@ -54,7 +54,7 @@ INPROC_ENDPOINT: Final = "inproc://kernel-drivers"
 HOST_MODULE: Final = "drivers.host"
 _SNDHWM: Final = 100_000
 #: Seconds between two calls of ``on_tick`` (the hang and flood checks).
-TICK_S: Final = 0.05
+TICK_S: Final = 0.1
 #: Messages taken from the driver socket per wake-up before the tick gets a chance to run.
 _DRAIN: Final = 2000
 #: ``request_timeout_ms`` when a hello does not say.

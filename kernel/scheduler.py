@@ -46,12 +46,18 @@ CAP_PERIOD_NS: Final = 10_000_000
 MAX_SLICE_NS: Final = 100_000_000
 #: A woken domain preempts a running one only after it has run this long (credit2 ratelimit).
 RATELIMIT_NS: Final = 1_000_000
-_TICK_MAX_NS: Final = 50_000_000
+#: The ticker sleeps at most this long.  Everything it does has a deadline it sleeps until
+#: (timers, slice ends, cap refills, watchdogs), and whoever makes an earlier one pokes it, so
+#: this only bounds how stale a missed poke could leave it; an idle host should not pay for it
+#: (bench/idle.py).
+_TICK_MAX_NS: Final = 1_000_000_000
 #: Niceness of the pCPU threads (Linux allows a thread to lower its own priority).  Guest code
 #: is the bulk work; the threads that move I/O (the kernel's driver and control threads, ZeroMQ
 #: I/O threads, driver processes) wake briefly and should not queue behind it, or every hop of
 #: a request or of a driver failover waits for a time slice on a busy host.
 PCPU_NICE: Final = 10
+#: After preempting a vCPU, the ticker checks again this soon that it did stop.
+_STOP_RECHECK_NS: Final = 2_000_000
 _ALL_PORTS: Final = (1 << abi.EVTCHN_PORTS) - 1
 
 
@@ -138,7 +144,9 @@ class Scheduler:
             dom.vruntime = self._min_vruntime()
             dom.budget_ns = self._quota(dom)
             self.domains.append(dom)
-            self.cond.notify()
+            self._eligible_now(dom)
+        if dom.cap:
+            self._tick.set()  # its budget is refilled from now on
 
     def _min_vruntime(self) -> int:
         live = [d.vruntime for d in self.domains if d.runnable or d.on_cpu]
@@ -183,7 +191,7 @@ class Scheduler:
             if dom.wake_at is not None:  # timers run in virtual time: shift by the pause
                 self._arm_timer(dom, dom.wake_at + dur)
             self._place(dom)
-            self.cond.notify()
+            self._eligible_now(dom)
 
     def hold(self, dom: Domain) -> bool:
         """A hypercall of a domain whose restored pages are still being checked (a lazy
@@ -204,7 +212,7 @@ class Scheduler:
             if dom.held:
                 dom.held = False
                 self._place(dom)
-                self.cond.notify()
+                self._eligible_now(dom)
             elif dom.on_cpu and dom.upcall_handler and dom.pending:
                 dom.vcpu.stop()  # the upcall before_resume held back
 
@@ -337,6 +345,14 @@ class Scheduler:
         self._place(dom)
         self._preempt_for(dom, now)
 
+    def _eligible_now(self, dom: Domain) -> None:
+        """``dom`` may have become eligible (added, unpaused, admitted): an idle pCPU takes
+        it, or a running one is preempted for it now or at its slice's end."""
+        if self._eligible(dom):
+            self._preempt_for(dom, time.monotonic_ns())
+        else:
+            self.cond.notify()
+
     def _preempt_for(self, dom: Domain, now: int) -> None:
         """``dom`` just became eligible: use an idle pCPU, or preempt the one furthest ahead."""
         if any(p.current is None for p in self.pcpus):
@@ -388,11 +404,13 @@ class Scheduler:
             pcpu.slice_start = now
             pcpu.slice_end = now + length
             # The ticker need not wake at the slice's end unless it may preempt then: with
-            # nobody else waiting it would only extend the slice (a domain that wakes later
-            # pokes it, _preempt_for).  An I/O-bound guest picks a pCPU on every request.
+            # nobody else waiting it would only extend the slice (a domain that becomes
+            # eligible later pokes it, _preempt_for); then it need only end the slice at
+            # MAX_SLICE_NS, for the accounting.  An I/O-bound guest picks a pCPU on every
+            # request, and each poke would wake the ticker.
             tick = bool(best.cap) or any(self._eligible(d) for d in self.domains)
-        if tick:
-            self._poke_ticker(pcpu.slice_end)
+            at = pcpu.slice_end if tick else now + MAX_SLICE_NS
+        self._poke_ticker(at)
         return best
 
     def account(self, dom: Domain, used_ns: int) -> None:
@@ -448,6 +466,11 @@ class Scheduler:
 
     def _ticker_loop(self) -> None:
         while True:
+            # Cleared before the state is read, never after the wait: a poke that lands while
+            # this thread computes its deadline then still cuts the wait short (with the clear
+            # after the wait, a poke between the wait's end and the clear was lost, and the
+            # ticker slept to its old deadline).
+            self._tick.clear()
             now = time.monotonic_ns()
             with self.lock:
                 if self._stopping:
@@ -455,7 +478,6 @@ class Scheduler:
                 nxt = self._tick_locked(now)
                 self._ticker_wake = nxt
             self._tick.wait(max(0, nxt - time.monotonic_ns()) / 1e9)
-            self._tick.clear()
 
     def _tick_locked(self, now: int) -> int:
         nxt = now + _TICK_MAX_NS
@@ -466,8 +488,10 @@ class Scheduler:
                 self._wake(dom, now)
         if self._timers:
             nxt = min(nxt, self._timers[0][0])
-        # cap budgets
-        if now >= self._next_refill:
+        # cap budgets (and the pCPUs woken to use them) only when some domain has a cap: an
+        # idle host's pCPUs sleep until there is work
+        capped = any(d.cap for d in self.domains)
+        if capped and now >= self._next_refill:
             for d in self.domains:
                 if d.cap:
                     parked = d.budget_ns <= 0
@@ -479,8 +503,10 @@ class Scheduler:
                         self._preempt_for(d, now)
             self._next_refill = max(self._next_refill + CAP_PERIOD_NS, now)
             self.cond.notify_all()
-        if any(d.cap for d in self.domains):
+        if capped:
             nxt = min(nxt, self._next_refill)
+        else:
+            self._next_refill = now  # a cap set later starts with a refill
         # watchdogs (virtual time)
         for d in self.domains:
             if d.watchdog_deadline and d.action is None and not d.paused and not d.held:
@@ -507,6 +533,10 @@ class Scheduler:
             if now >= p.slice_end:
                 if waiting or cur.cap or now - p.slice_start >= MAX_SLICE_NS:
                     cur.vcpu.stop()
+                    # Look again soon: a stop that reached the vCPU after its pCPU picked it
+                    # but before emu_start began is dropped by unicorn (uc_emu_start clears
+                    # the request), and this pCPU would otherwise run on to the next tick.
+                    nxt = min(nxt, now + _STOP_RECHECK_NS)
                     continue
                 p.slice_end = now + self.timeslice_ns
             nxt = min(nxt, p.slice_end)

@@ -47,7 +47,7 @@ log = logging.getLogger("isovisor.supervisor")
 #: How long an inline driver may take from driver_load to its hello.
 DRIVER_START_TIMEOUT_S = 20.0
 #: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM).
-LOOP_POLL_MS = 50
+LOOP_POLL_MS = 200
 #: Relayed events not written to the log (too many, or meaningless there).
 _UNLOGGED = ("console.", "sync.")
 
