@@ -14,12 +14,16 @@ Scenarios, each in a private stack (pcpus=2) with tracing on, its driver in its 
 * ``blk``: a blkstress guest, 4 KiB random reads at QD1 on a 64 MiB in-memory disk of
   ``drivers.blk``;
 * ``net``: two netecho guests on one bridge of ``drivers.net``, the client sending one UDP echo
-  request at a time (guest <-> guest RTT).
+  request at a time (guest <-> guest RTT);
+* ``host``: UDP echo requests, one at a time, from this process in a network namespace through
+  the switch's TAP uplink to a netecho guest (root only; skipped with the reason otherwise).
+  Its "round trip" is the guest's: one kick of the guest's vif to the next, and the host's own
+  RTT is given beside it.
 
 Tracing costs about half a microsecond a record (a dozen records a request), so the sums are a
 little above the untraced figures of ``bench/blk.py`` and ``bench/net.py``.
 
-    python3 bench/iopath.py [--quick] [--scenario blk|net|all] [--json FILE] [--wait-quiet S]
+    python3 bench/iopath.py [--quick] [--scenario blk|net|host|all] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,11 +34,22 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from _common import machine_state, median, parse_kv, pctl, private_stack, wait_topic
+from _common import (
+    OtherLoad,
+    QuietGate,
+    fmt_load,
+    machine_state,
+    median,
+    parse_kv,
+    pctl,
+    private_stack,
+    wait_topic,
+)
 
 from ipc import iotrace
 from ipc.iotrace import Stage
@@ -104,21 +119,34 @@ def analyse(records: list[tuple[int, int, Stage, int]]) -> dict[str, Any]:
     }
 
 
-def run_blk(quick: bool, trace_dir: Path) -> dict[str, Any]:
-    ops = 1000 if quick else 5000
-    drivers = '[driver.blk0]\nmodule = "drivers.blk"\n'
+def guests_to_the_end(drivers: str, guests: list[tuple[str, str]], last: str) -> str:
+    """A private stack with ``drivers``; create each ``(name, config body)`` in turn, wait
+    until ``last`` shuts down (it is preserved) and return its console output."""
     with private_stack(2, extra_toml=drivers) as s:
         sub = s.subscribe(["domain."])
-        cfg = s.dir / "bq1.toml"
-        disk = "type=memory, size=64M, vdev=xvda, access=rw, backend=blk0"
-        cfg.write_text(
-            'name = "bq1"\nimage = "blkstress"\nmemory = 16\non_poweroff = "preserve"\n'
-            f"disk = {json.dumps([disk])}\n"
-            f'extra = "ops={ops} bs=4096 qd=1 mix=0 blocks=16384 verify_all=0 seed=1"\n'
-        )
-        s.call("create", path=str(cfg))
-        wait_topic(sub, {"domain.bq1.shutdown", "domain.bq1.crashed"}, 300)
-        out = bytes(s.call("console", name="bq1")["data"]).decode(errors="replace")
+        for name, body in guests:
+            cfg = s.dir / f"{name}.toml"
+            cfg.write_text(f'name = "{name}"\n{body}')
+            s.call("create", path=str(cfg))
+        wait_topic(sub, {f"domain.{last}.shutdown", f"domain.{last}.crashed"}, 300)
+        return bytes(s.call("console", name=last)["data"]).decode(errors="replace")
+
+
+def run_blk(quick: bool, trace_dir: Path) -> dict[str, Any]:
+    ops = 1000 if quick else 5000
+    disk = "type=memory, size=64M, vdev=xvda, access=rw, backend=blk0"
+    out = guests_to_the_end(
+        '[driver.blk0]\nmodule = "drivers.blk"\n',
+        [
+            (
+                "bq1",
+                'image = "blkstress"\nmemory = 16\non_poweroff = "preserve"\n'
+                f"disk = {json.dumps([disk])}\n"
+                f'extra = "ops={ops} bs=4096 qd=1 mix=0 blocks=16384 verify_all=0 seed=1"\n',
+            )
+        ],
+        "bq1",
+    )
     kv = parse_kv(next(ln for ln in out.splitlines() if "blkstress: ops=" in ln))
     result = analyse(iotrace.read(trace_dir))
     result["guest_iops"] = int(kv["ops"]) * 1e9 / int(kv["ns"])
@@ -127,37 +155,65 @@ def run_blk(quick: bool, trace_dir: Path) -> dict[str, Any]:
 
 def run_net(quick: bool, trace_dir: Path) -> dict[str, Any]:
     count = 500 if quick else 3000
-    drivers = '[driver.net0]\nmodule = "drivers.net"\n'
-    with private_stack(2, extra_toml=drivers) as s:
-        sub = s.subscribe(["domain."])
-        srv = s.dir / "srv.toml"
-        srv.write_text(
-            'name = "srv"\nimage = "netecho"\nmemory = 8\n'
-            'vif = ["mac=02:00:00:00:01:02, bridge=br1, ip=198.18.1.2, backend=net0"]\n'
-            'extra = "mode=server"\n'
-        )
-        cli = s.dir / "cli.toml"
-        cli.write_text(
-            'name = "cli"\nimage = "netecho"\nmemory = 8\non_poweroff = "preserve"\n'
-            'vif = ["mac=02:00:00:00:01:03, bridge=br1, ip=198.18.1.3, backend=net0"]\n'
-            f'extra = "mode=client peer=198.18.1.2 count={count} size=64 quit=1"\n'
-        )
-        s.call("create", path=str(srv))
-        s.call("create", path=str(cli))
-        wait_topic(sub, {"domain.cli.shutdown", "domain.cli.crashed"}, 300)
-        out = bytes(s.call("console", name="cli")["data"]).decode(errors="replace")
+    out = guests_to_the_end(
+        '[driver.net0]\nmodule = "drivers.net"\n',
+        [
+            (
+                "srv",
+                'image = "netecho"\nmemory = 8\n'
+                'vif = ["mac=02:00:00:00:01:02, bridge=br1, ip=198.18.1.2, backend=net0"]\n'
+                'extra = "mode=server"\n',
+            ),
+            (
+                "cli",
+                'image = "netecho"\nmemory = 8\non_poweroff = "preserve"\n'
+                'vif = ["mac=02:00:00:00:01:03, bridge=br1, ip=198.18.1.3, backend=net0"]\n'
+                f'extra = "mode=client peer=198.18.1.2 count={count} size=64 quit=1"\n',
+            ),
+        ],
+        "cli",
+    )
     line = next((ln for ln in out.splitlines() if "rtt_us_median" in ln), "")
     result = analyse(iotrace.read(trace_dir))
     result["guest_rtt_us_median"] = float(parse_kv(line).get("rtt_us_median", "nan"))
     return result
 
 
+def run_host(quick: bool, trace_dir: Path) -> dict[str, Any]:
+    import net as netbench
+
+    from isovisor import nettools
+
+    problem = nettools.privilege_problem()
+    if problem is not None:
+        return {"skipped": problem}
+    count = 500 if quick else 3000
+    netns, tap = f"ivio-{os.getpid()}", f"ivio{os.getpid()}"[:15]
+    with private_stack(2, extra_toml=netbench.driver_toml(netns, tap)) as s:
+        netbench._server(s, "echo", netbench.ECHO_MAC, "br0", netbench.ECHO_IP)
+        netbench._wait_up(s, ["echo"])
+        nettools.udp_echo(netbench.ECHO_IP, 7, [b"warm-up"] * 10, netns=netns, timeout=2.0)
+        start = time.monotonic_ns()  # the start and the warm-up are not measured
+        got = nettools.udp_echo(
+            netbench.ECHO_IP, 7, [os.urandom(64) for _ in range(count)], netns=netns
+        )
+        records = [r for r in iotrace.read(trace_dir) if r[0] >= start]
+    rtts = [rtt * 1000 for _, rtt in got if rtt is not None]
+    result = analyse(records)
+    result["host_rtt_us_median"] = median(rtts) if rtts else float("nan")
+    result["lost"] = count - len(rtts)
+    return result
+
+
 def show(name: str, r: dict[str, Any]) -> None:
+    if "skipped" in r:
+        print(f"\n{name}: skipped: {r['skipped']}")
+        return
     print(
         f"\n{name}: {r['requests']} kicks; round trip (kick to next kick of the device) "
         f"median {r['round_trip_median_us']:.1f} us, p90 {r['round_trip_p90_us']:.1f} us"
     )
-    for k in ("guest_iops", "guest_rtt_us_median"):
+    for k in ("guest_iops", "guest_rtt_us_median", "host_rtt_us_median", "lost"):
         if k in r:
             print(f"  guest's own figure: {k} = {r[k]:,.1f}")
     print(f"  {'step':<58} {'per req':>7} {'median':>9} {'p90':>9} {'us/req':>8}")
@@ -169,12 +225,18 @@ def show(name: str, r: dict[str, Any]) -> None:
             f"{row['p90_us']:8.1f}u {row['us_per_request']:8.1f}"
         )
     print(f"  {'sum of the steps shown':<58} {'':7} {'':9} {'':9} {total:8.1f}")
+    if "load" in r:
+        ld = r["load"]
+        print(
+            f"  load average before/after: {ld['before']} / {ld['after']}; processes other "
+            f"than this one and the stack's used {ld['other_pct']:.0f}% of one CPU"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--scenario", choices=("blk", "net", "all"), default="all")
+    ap.add_argument("--scenario", choices=("blk", "net", "host", "all"), default="all")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S")
     args = ap.parse_args()
@@ -182,16 +244,24 @@ def main() -> int:
         print(f"bench/iopath.py: unset {iotrace.ENV} first", file=sys.stderr)
         return 2
     results: dict[str, Any] = {"machine": machine_state()}
-    runners = {"blk": run_blk, "net": run_net}
+    runners = {"blk": run_blk, "net": run_net, "host": run_host}
     for name, fn in runners.items():
         if args.scenario not in (name, "all"):
             continue
+        QuietGate(args.wait_quiet).wait()
+        load0 = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="isovisor-iotrace-") as d:
             os.environ[iotrace.ENV] = d
+            other = OtherLoad([])
             try:
                 results[name] = fn(args.quick, Path(d))
             finally:
                 del os.environ[iotrace.ENV]
+        results[name]["load"] = {
+            "before": fmt_load(load0),
+            "after": fmt_load(os.getloadavg()),
+            "other_pct": other.percent(),
+        }
         show(name, results[name])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -196,6 +196,11 @@ def render(
         'python3 bench/qemu_tcg.py crc32 --mem 16 --extra "bytes=4194304 rounds=40"'
         "   # the same image under QEMU TCG (apt-get install qemu-system-x86)"
     )
+    L.append(
+        "python3 bench/net.py --wait-quiet 120   # run on its own (needs root for the TAP parts)"
+    )
+    L.append("python3 bench/iopath.py   # where a round trip's microseconds go, stage by stage")
+    L.append("python3 bench/idle.py     # the default stack's CPU once its guests are done")
     L.append("```")
     L.append("")
     return "\n".join(L)

@@ -20,7 +20,6 @@ detach, faults, hot swap) stays on ZeroMQ.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -29,9 +28,10 @@ from typing import Any, Final
 
 import msgpack
 
+from ipc import fdpass
+
 #: Largest message on the doorbell connection.
 MAX_MESSAGE: Final = 256
-_FD: Final = array.array("i")
 
 
 def path_for(endpoint: str) -> str | None:
@@ -114,22 +114,11 @@ def send_bells(sock: socket.socket, key: int, kick: int, notify: int) -> None:
 def receive_bells(sock: socket.socket) -> tuple[int, int, int] | None:
     """The next ``(key, kick, notify)`` waiting on ``sock`` (a driver's end), or None if none
     is.  A message of another shape is an error: its descriptors are closed."""
-    # (not socket.recv_fds: Python 3.11's drops its flags argument, and would block)
-    try:
-        data, ancdata, _, _ = sock.recvmsg(
-            MAX_MESSAGE,
-            socket.CMSG_SPACE(2 * _FD.itemsize),
-            socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
-        )
-    except BlockingIOError:
+    got = fdpass.receive(sock, MAX_MESSAGE, 2)
+    if got is None:
         return None
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    data, fds = got
     if not data:
-        for fd in fds:
-            os.close(fd)
         raise ConnectionError("the kernel closed the doorbell connection")
     msg: Any
     try:

@@ -46,6 +46,7 @@ from typing import Any, Final
 
 import msgpack
 
+from ipc import fdpass
 from kernel import uffd
 
 log = logging.getLogger("isovisor.pager")
@@ -59,7 +60,6 @@ FAULT_PAGES: Final = 16
 #: Testing knob: sleep this many ms after each background step (a slow fill, to kill the
 #: pager in the middle of one).
 PACE_ENV: Final = "ISOVISOR_PAGER_PACE_MS"
-_INT: Final = array.array("i")
 #: Niceness of the pager (as kernel/scheduler.py's PCPU_NICE).
 PAGER_NICE: Final = 10
 #: Largest control message.
@@ -165,24 +165,16 @@ class Pager:
     def _take_messages(self) -> bool:
         """Read what the kernel sent; False when it has gone (end of file)."""
         while True:
-            try:  # (socket.recv_fds ignores its flags before Python 3.12)
-                data, anc, _flags, _addr = self.sock.recvmsg(
-                    MAX_MESSAGE, socket.CMSG_SPACE(3 * _INT.itemsize), socket.MSG_DONTWAIT
-                )
-            except BlockingIOError:
+            got = fdpass.receive(self.sock, MAX_MESSAGE, 3)
+            if got is None:
                 return True
-            fds = array.array("i")
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % _INT.itemsize])
+            data, fds = got
             if not data:
-                for fd in fds:
-                    os.close(fd)
                 return False
             m = msgpack.unpackb(data, raw=False)
             op = m.get("op")
             if op == "fill" and len(fds) == 3:
-                job = Job.from_message(m, list(fds))
+                job = Job.from_message(m, fds)
                 self.jobs[job.id] = job
                 self._guard(job, self._prime)
             elif op == "cancel":

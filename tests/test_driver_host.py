@@ -661,6 +661,44 @@ def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness
 
 
 @pytest.mark.timeout(30)
+def test_a_busy_polling_driver_serves_every_kick_and_sleeps_when_idle(harness: Harness) -> None:
+    """With ``ISOVISOR_DRIVER_POLL_US`` the loop polls without sleeping for a while after a
+    round that served a kick: every one of 300 kicks is served, whether it came during a
+    window or after it, and once the kicks stop the process sleeps: over the next five
+    heartbeats (40 ms apart) it uses a small part of one CPU, not the whole of it."""
+    listener = doorbell.listen(str(harness.tmp / "kernel.fds"))
+    backend = harness.tmp / "echo.py"
+    backend.write_text(ECHO_BACKEND)
+    kick, notify = doorbell.make(), doorbell.make()
+    try:
+        poll = {"ISOVISOR_DRIVER_POLL_US": "50000"}
+        d = harness.start("--module", str(backend), "--watchdog-ms", "160", env=poll)
+        proc = psutil.Process(d.proc.pid)
+        harness.peer.connect(harness.peer.expect("hello")[1]["endpoint"])
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()
+        conn.settimeout(WAIT)
+        conn.recv(doorbell.MAX_MESSAGE)
+        doorbell.send_bells(conn, 7, kick, notify)
+        harness.peer.send("attach", {"key": 7, "doorbells": True})
+        assert rang(notify) == 1
+        for _ in range(300):
+            doorbell.ring(kick)
+            assert rang(notify) == 1
+        harness.peer.expect("heartbeat")
+        t0, wall0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        for _ in range(5):
+            harness.peer.expect("heartbeat")
+        idle = (sum(proc.cpu_times()[:2]) - t0) / (time.monotonic() - wall0)
+        assert idle < 0.2, f"{idle:.0%} of a CPU without a kick"
+        conn.close()
+    finally:
+        listener.close()
+        for fd in (kick, notify):
+            os.close(fd)
+
+
+@pytest.mark.timeout(30)
 def test_without_a_doorbell_socket_kicks_and_notifications_go_over_zeromq(
     harness: Harness,
 ) -> None:

@@ -46,8 +46,11 @@ from kernel import snapfile
 log = logging.getLogger("isovisor.supervisor")
 #: How long an inline driver may take from driver_load to its hello.
 DRIVER_START_TIMEOUT_S = 20.0
-#: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM).
-LOOP_POLL_MS = 200
+#: The event loop's poll timeout: the granularity of timers (backoff, SIGKILL after SIGTERM)
+#: while one may fall due (DriverManager.timing), and of the kernel's liveness check.
+LOOP_POLL_MS = 50
+#: ... and when none may: an idle stack's supervisor wakes 5 times a second (bench/idle.py).
+IDLE_POLL_MS = 200
 #: Relayed events not written to the log (too many, or meaningless there).
 _UNLOGGED = ("console.", "sync.")
 
@@ -176,7 +179,7 @@ class Supervisor:
         poller.register(self.ksub.socket, zmq.POLLIN)
         while self._running:
             try:
-                ready = dict(poller.poll(LOOP_POLL_MS))
+                ready = dict(poller.poll(LOOP_POLL_MS if mgr.timing() else IDLE_POLL_MS))
             except zmq.ZMQError as e:
                 if e.errno == zmq.EINTR:  # type: ignore[attr-defined]
                     continue

@@ -251,6 +251,18 @@ class DriverManager:
         elif what in ("hang", "violation") and active is not None and active.pid == pid:
             self._kill(slot, what, f"pid {pid}: {p.get('reason', what)}")
 
+    def timing(self) -> bool:
+        """Whether a timer of :meth:`tick` may fall due soon: a restart in backoff, an
+        instance starting or being stopped, a spare to start, a hot swap, a process to kill.
+        The daemon's loop then wakes every 50 ms, else every 200 ms."""
+        return bool(self._retiring) or any(
+            slot.sv.state in (State.BACKOFF, State.STARTING, State.STOPPING)
+            or slot.pending is not None
+            or slot.spare_due is not None
+            or slot.swap is not None
+            for slot in self.slots.values()
+        )
+
     def tick(self) -> None:
         """Timers: restarts after a backoff, SIGKILL after SIGTERM, spares, resource limits."""
         now = self.clock()
