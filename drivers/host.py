@@ -273,11 +273,10 @@ class DriverHost:
         self._parked: dict[int, tuple[int, int]] = {}
         self._poller: zmq.Poller | None = None
         #: Adaptive busy polling after a round that served kicks (see _wait): the longest
-        #: window, the current one, whether the last round served any, polls that found work.
+        #: window, the current one, whether the last round served any.
         self.poll_max_ns = poll_max_us() * 1000
         self._poll_ns = 0
         self._hot = False
-        self.polled = 0
         self.backend: Backend | None = None
         factory, self.implementation = load_backend(module, swappable=swappable)
         self._factory = factory
@@ -570,7 +569,6 @@ class DriverHost:
             while True:
                 ready = poller.poll(0)
                 if ready:
-                    self.polled += 1
                     return ready
                 if time.monotonic_ns() >= deadline:
                     break

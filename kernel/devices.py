@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -181,7 +180,7 @@ class DeviceManager:
         self._syncs: dict[int, threading.Event] = {}
         self._sync_ids = itertools.count(1)
         hub.on_notify = self.on_doorbell
-        hub.with_bells = self._with_bells
+        hub.bells_of = self._bells_of
 
     # -- lookups for the recovery code (any thread) ---------------------------------------------
     def snapshot(self) -> list[Device]:
@@ -677,8 +676,8 @@ class DeviceManager:
 
     def on_doorbell(self, key: int, rings: int) -> None:
         """Device ``key``'s notify doorbell rang ``rings`` times (drivers thread)."""
-        dev = self.devices.get(key)
-        if dev is not None and not dev.gone:
+        dev = self._device(key, "notify doorbell")
+        if dev is not None:
             self._notified(dev, rings)
 
     def _notified(self, dev: Device, rings: int) -> None:
@@ -690,14 +689,13 @@ class DeviceManager:
         if iotrace.ON:
             iotrace.mark(Stage.WOKEN, dev.key)
 
-    def _with_bells(self, key: int, send: Callable[[int, int], None]) -> bool:
-        """``send(kick_fd, notify_fd)`` of live device ``key`` (drivers thread, which alone
-        closes them); False if there is none."""
+    def _bells_of(self, key: int) -> tuple[int, int] | None:
+        """``(kick_fd, notify_fd)`` of live device ``key``, or None (drivers thread, which
+        alone closes them)."""
         dev = self.devices.get(key)
         if dev is None or dev.gone or dev.kick_fd < 0:
-            return False
-        send(dev.kick_fd, dev.notify_fd)
-        return True
+            return None
+        return dev.kick_fd, dev.notify_fd
 
     def _device(self, key: Any, kind: str) -> Device | None:
         dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) else None

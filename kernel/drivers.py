@@ -122,9 +122,9 @@ class DriverHub:
         self.ctx = ctx
         #: Called on the drivers thread with (device key, rings) when a notify doorbell rang.
         self.on_notify: Callable[[int, int], None] | None = None
-        #: Calls ``send(kick_fd, notify_fd)`` with a live device's doorbells; False if the
-        #: key names none (set by the device layer).
-        self.with_bells: Callable[[int, Callable[[int, int], None]], bool] | None = None
+        #: A live device's ``(kick_fd, notify_fd)``, or None (set by the device layer; called
+        #: on the drivers thread, the only one that closes them).
+        self.bells_of: Callable[[int], tuple[int, int] | None] | None = None
         self.on_message = on_message
         self.on_hello = on_hello
         self.on_tick = on_tick
@@ -288,17 +288,16 @@ class DriverHub:
         """An ``attach`` to ``link``: hand its device's doorbells over first, and say so."""
         body = msg[1]
         bell = link.bell
-        if bell is None or not isinstance(body, dict) or self.with_bells is None:
+        if bell is None or not isinstance(body, dict) or self.bells_of is None:
             return msg
         key = body.get("key")
         if not isinstance(key, int):
             return msg
-
-        def send(kick: int, notify: int) -> None:
-            doorbell.send_bells(bell, key, kick, notify)
-
+        fds = self.bells_of(key)
+        if fds is None:
+            return msg
         try:
-            handed = self.with_bells(key, send)
+            doorbell.send_bells(bell, key, *fds)
         except OSError as e:
             log.warning(
                 "driver %s: doorbells of device %s not handed over (%s); it is kicked over "
@@ -309,7 +308,7 @@ class DriverHub:
             )
             link.bell = None
             return msg
-        return ["attach", {**body, "doorbells": True}] if handed else msg
+        return ["attach", {**body, "doorbells": True}]
 
     def preconnect(self, name: str, endpoint: str) -> None:
         """Driver ``name`` has a warm spare at ``endpoint``: connect the drivers thread's

@@ -34,21 +34,21 @@ def _library() -> Any | None:
         from unicorn.unicorn_py3 import unicorn as binding
 
         lib = ctypes.PyDLL(binding.uclib._name)
-        read, write = lib.uc_reg_read, lib.uc_reg_write
-    except (ImportError, AttributeError, OSError) as e:
+        reg_fns = [lib.uc_reg_read, lib.uc_reg_write]
+        reg_fns += [lib.uc_context_reg_read, lib.uc_context_reg_write]
+        ctx_fns = (lib.uc_context_save, lib.uc_context_restore)
+        stop = lib.uc_emu_stop
+    except (ImportError, AttributeError, OSError) as e:  # (a library without one of them)
         log.info("fast register access unavailable (%s); using the binding's", e)
         return None
-    for fn in (read, write):
+    for fn in reg_fns:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         fn.restype = ctypes.c_int
-    lib.uc_emu_stop.argtypes = [ctypes.c_void_p]
-    lib.uc_emu_stop.restype = ctypes.c_int
-    for fn in (lib.uc_context_save, lib.uc_context_restore):
+    for fn in ctx_fns:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         fn.restype = ctypes.c_int
-    for fn in (lib.uc_context_reg_read, lib.uc_context_reg_write):
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
+    stop.argtypes = [ctypes.c_void_p]
+    stop.restype = ctypes.c_int
     return lib
 
 
