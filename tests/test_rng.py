@@ -145,13 +145,18 @@ def test_the_rng_campaign_recovers_every_fault_it_can_transparently(tmp_path: Pa
     journal = json.loads((out / "journal.json").read_text())
     faults, sm = journal["faults"], journal["summary"]
     assert sorted(f["type"] for f in faults) == sorted(e.type for e in load_plan(RNG_PLAN).faults)
-    assert (sm["kernel_crashes"], sm["guests_lost"]) == (0, 0), sm
+    lost = [f for f in faults if f["outcome"] == "guest_lost"]
+    lost += [g for g in journal["guests"] if g["exit"] != "poweroff"]
+    assert (sm["kernel_crashes"], sm["guests_lost"]) == (0, 0), (sm, lost)
     assert sm["transparent_recovered"] == sm["transparent_eligible"] >= 14, sm
     by_type = {f["type"]: f for f in faults}
     assert by_type["poison"]["outcome"] == "poison_error", by_type["poison"]
     assert by_type["slow"]["outcome"] == "tolerated", by_type["slow"]
     assert by_type["duplicate"]["detected_by"] == "violation", by_type["duplicate"]
-    assert sum(g["errors"] for g in journal["guests"]) <= 1, journal["guests"]
+    # the poison request is ring index 3000 of *a* device: both guests may reach theirs before
+    # the first poison answer resets the fault (they run the same program, started together)
+    errors = sum(g["errors"] for g in journal["guests"])
+    assert 1 <= errors <= 2 and errors == by_type["poison"]["guest_errors"], journal["guests"]
     assert all(g["mismatches"] == 0 for g in journal["guests"]), journal["guests"]
     # guests end and new ones start during the run: the request rate never goes below 0
     rates = [r for _, r in journal["throughput"]]

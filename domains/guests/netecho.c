@@ -695,10 +695,10 @@ static int send_frame(const u8 *f, u32 len)
 static void print_frontend(void)
 {
     printf("netecho: frontend tx_frames=%lu tx_errors=%lu rx_frames=%lu rx_bad=%lu kicks=%lu "
-           "waits=%lu holds=%lu\n",
+           "waits=%lu holds=%lu upcalls=%lu\n",
            (unsigned long)nf.tx_frames, (unsigned long)nf.tx_errors,
            (unsigned long)nf.rx_frames, (unsigned long)nf.rx_bad, (unsigned long)nf.kicks,
-           (unsigned long)nf.waits, (unsigned long)nf.holds);
+           (unsigned long)nf.waits, (unsigned long)nf.holds, (unsigned long)nf.upcalls);
 }
 
 static void sort_u64(u64 *a, u64 n)
@@ -826,7 +826,7 @@ static int run_client(void)
     u64 drain_end = time_ns() + 100 * NS_PER_MS;
     while (netfront_tx_inflight(&nf) && !nf.failed && time_ns() < drain_end)
         if (netfront_poll(&nf, on_frame, NULL) == 0)
-            netfront_wait(&nf, 10 * NS_PER_MS);
+            netfront_wait_tx(&nf, 10 * NS_PER_MS);
     errors += nf.tx_errors;
     sort_u64(rtt, received);
     print_frontend();
@@ -850,7 +850,7 @@ static int run_server(void)
     u64 drain_end = time_ns() + 100 * NS_PER_MS;
     while (netfront_tx_inflight(&nf) && !nf.failed && time_ns() < drain_end)
         if (netfront_poll(&nf, on_frame, NULL) == 0)
-            netfront_wait(&nf, 10 * NS_PER_MS);
+            netfront_wait_tx(&nf, 10 * NS_PER_MS);
     errors += nf.tx_errors;
     print_frontend();
     printf("netecho: arp=%lu icmp=%lu udp=%lu dropped=%lu bad=%lu errors=%lu\n",

@@ -79,7 +79,7 @@ int main(void)
         if (netfront_poll(&nf, on_frame, 0) < 0)
             break;
         if (netfront_tx_inflight(&nf))
-            netfront_wait(&nf, 100000000ULL);
+            netfront_wait_tx(&nf, 100000000ULL);
     }
 
     /* 2. junk tx requests, raw: every kind of bad size, offset and flags */

@@ -515,9 +515,13 @@ int main(void)
                     wake = min_u64(wake, next_done);
             }
         }
-        if (wake <= now) /* a timer is due but its frame found no tx buffer: wait for one */
+        /* tx responses matter when a timer's frame found no tx buffer, and at the end (all
+         * said, only the last frames' responses missing): then wait for one of those too */
+        int want_tx = wake <= now || (done_sent && peer_done && answered_done);
+        if (wake <= now)
             wake = now + NS_PER_MS;
-        if (netfront_wait(&nf, wake - now) == NETFRONT_E_FAILED) {
+        if ((want_tx ? netfront_wait_tx(&nf, wake - now) : netfront_wait(&nf, wake - now)) ==
+            NETFRONT_E_FAILED) {
             if (!errors++)
                 printf("netpair: the frontend failed while waiting\n");
             break;

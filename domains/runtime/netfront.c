@@ -677,12 +677,25 @@ static int tx_ready(struct netfront *nf)
            __atomic_load_n(&nf->tx.sring->rsp_prod, __ATOMIC_ACQUIRE) != nf->tx.rsp_cons;
 }
 
-/* RING_FINAL_CHECK_FOR_RESPONSES on both rings: non-zero if a response arrived meanwhile
- * (tx only while not held: held responses are the kernel's to take back). */
-static int final_check(struct netfront *nf)
+/* Whether the next tx response should fire the port.  Only when the caller waits for its
+ * frames to be taken (netfront_wait_tx), or while a stream is under way (8 of the 64 tx buffers
+ * or more in flight), so that its buffers come back and a sender that got NETFRONT_E_BUSY wakes
+ * as they free up.  Otherwise (a frame or two in flight: a request, an answer) a tx response is
+ * reaped with the next rx response or send, and a request/answer exchange costs the guest one
+ * upcall instead of two (Linux's xen-netfront likewise asks for tx events only part way through
+ * what is outstanding).  Not arming leaves rsp_event behind rsp_prod: the backend's check
+ * finds no event in what it pushes, and sends none. */
+static int tx_event_wanted(const struct netfront *nf, int want_tx)
+{
+    return !nf->held && (want_tx || nf->tx_inflight >= NETIF_RING_SLOTS / 8);
+}
+
+/* RING_FINAL_CHECK_FOR_RESPONSES: non-zero if a response arrived meanwhile.  rx always; tx when
+ * tx_event_wanted (and only while not held: held responses are the kernel's to take back). */
+static int final_check(struct netfront *nf, int want_tx)
 {
     __atomic_store_n(&nf->rx.sring->rsp_event, nf->rx.rsp_cons + 1, __ATOMIC_RELEASE);
-    if (!nf->held)
+    if (tx_event_wanted(nf, want_tx))
         __atomic_store_n(&nf->tx.sring->rsp_event, nf->tx.rsp_cons + 1, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return rx_ready(nf) || tx_ready(nf);
@@ -705,20 +718,30 @@ int netfront_poll(struct netfront *nf, netfront_frame_fn on_frame, void *ctx)
         if (nf->failed) /* on_frame may have sent, and a send may have reaped a fault */
             return NETFRONT_E_FAILED;
         push(nf); /* the re-posted rx buffers (and whatever on_frame queued) */
-        if (!t && nf->rx.rsp_cons == rsp_before && !final_check(nf))
+        if (!t && nf->rx.rsp_cons == rsp_before && !final_check(nf, 0))
             break;
     }
     return n;
 }
 
-int netfront_wait(struct netfront *nf, u64 timeout_ns)
+static int wait_port(struct netfront *nf, u64 timeout_ns, int want_tx)
 {
     if (nf->failed)
         return NETFRONT_E_FAILED;
-    if (rx_ready(nf) || tx_ready(nf) || final_check(nf))
+    if (rx_ready(nf) || tx_ready(nf) || final_check(nf, want_tx))
         return 0;
     nf->waits++;
     u64 got = evtchn_wait(nf->port_bit, timeout_ns);
     nf->upcalls = evtchn_upcalls(nf->dev.port) - nf->upcalls_base;
     return got || rx_ready(nf) || tx_ready(nf) ? 0 : NETFRONT_E_TIMEOUT;
+}
+
+int netfront_wait(struct netfront *nf, u64 timeout_ns)
+{
+    return wait_port(nf, timeout_ns, 0);
+}
+
+int netfront_wait_tx(struct netfront *nf, u64 timeout_ns)
+{
+    return wait_port(nf, timeout_ns, nf->tx_inflight != 0);
 }

@@ -226,12 +226,18 @@ long netfront_kick(struct netfront *nf);
  * before it were delivered).  While the tx side holds, rx goes on and tx
  * responses wait. */
 int netfront_poll(struct netfront *nf, netfront_frame_fn on_frame, void *ctx);
-/* Sleep until the device's port fires (a response, a kick, the kernel taking
- * held responses back) or timeout_ns passes (POLL_FOREVER: no limit; 0: just
- * check).  Returns at once if responses are already waiting.  0,
+/* Sleep until the device's port fires (an rx response, a kick, the kernel
+ * taking held responses back) or timeout_ns passes (POLL_FOREVER: no limit; 0:
+ * just check).  Returns at once if responses are already waiting.  0,
  * NETFRONT_E_TIMEOUT or NETFRONT_E_FAILED.  Spurious returns are possible:
- * poll, then wait again. */
+ * poll, then wait again.  A tx response wakes it only while 8 of the 64 tx
+ * buffers or more are in flight (a stream; a sender that got NETFRONT_E_BUSY
+ * wakes as they free up); otherwise tx responses are reaped with the next rx
+ * response or send, and an exchange costs one upcall, not two. */
 int netfront_wait(struct netfront *nf, u64 timeout_ns);
+/* netfront_wait, and any tx response wakes it too: for a caller that waits
+ * for its frames to be taken (netfront_tx_inflight going to 0). */
+int netfront_wait_tx(struct netfront *nf, u64 timeout_ns);
 
 /* tx tags reserved, queued or in flight (0: every tx response consumed). */
 u64 netfront_tx_inflight(const struct netfront *nf);
