@@ -181,6 +181,9 @@ class DeviceManager:
         self._sync_ids = itertools.count(1)
         hub.on_notify = self.on_doorbell
         hub.bells_of = self._bells_of
+        # idle pCPUs take notify doorbells themselves (kernel/scheduler.py, "Idle pCPUs")
+        hub.before_close = sched.unwatch_fd
+        sched.on_ready_fd = hub.take_notify
 
     # -- lookups for the recovery code (any thread) ---------------------------------------------
     def snapshot(self) -> list[Device]:
@@ -251,6 +254,7 @@ class DeviceManager:
             for d in made:
                 self.devices[d.key] = d
         for d in made:
+            self.sched.watch_fd(d.notify_fd)  # first: see Scheduler.watch_fd
             self.hub.watch_notify(d.notify_fd, d.key)
 
     def connect(self, dom: Domain, frontends: dict[str, dict[str, str]] | None = None) -> None:
@@ -675,7 +679,8 @@ class DeviceManager:
             raise Malformed(f"unknown or malformed message {msg!r:.200}")
 
     def on_doorbell(self, key: int, rings: int) -> None:
-        """Device ``key``'s notify doorbell rang ``rings`` times (drivers thread)."""
+        """Device ``key``'s notify doorbell rang ``rings`` times (the drivers thread, or an
+        idle pCPU thread that was waiting on the doorbell)."""
         dev = self._device(key, "notify doorbell")
         if dev is not None:
             self._notified(dev, rings)

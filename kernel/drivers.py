@@ -125,6 +125,9 @@ class DriverHub:
         #: A live device's ``(kick_fd, notify_fd)``, or None (set by the device layer; called
         #: on the drivers thread, the only one that closes them).
         self.bells_of: Callable[[int], tuple[int, int] | None] | None = None
+        #: Called with a notify doorbell just before it is closed (the scheduler's idle pCPUs
+        #: wait on it too: Scheduler.unwatch_fd).
+        self.before_close: Callable[[int], None] | None = None
         self.on_message = on_message
         self.on_hello = on_hello
         self.on_tick = on_tick
@@ -151,8 +154,12 @@ class DriverHub:
         #: Doorbell connections by descriptor, with the ``name:pid`` they said (None: not yet).
         self._bell_conns: dict[int, tuple[socket.socket, str | None]] = {}
         self._epoll = select.epoll()
-        #: notify eventfd -> device key (the drivers thread waits on them through the epoll)
+        #: notify eventfd -> device key (the drivers thread waits on them through the epoll,
+        #: and idle pCPU threads through theirs)
         self._notify_keys: dict[int, int] = {}
+        #: Held while a notify doorbell is looked up and read (any thread), and while one is
+        #: closed: a descriptor number read after its close could be another eventfd's.
+        self._bells_lock = threading.Lock()
         self._closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self._poller = zmq.Poller()
         #: (driver name, or None for an endpoint of its own, endpoint, message)
@@ -205,9 +212,12 @@ class DriverHub:
 
     # -- doorbells -----------------------------------------------------------------------------
     def watch_notify(self, fd: int, key: int) -> None:
-        """Wait on notify doorbell ``fd`` of device ``key`` (any thread)."""
-        self._notify_keys[fd] = key
-        self._epoll.register(fd, select.EPOLLIN)
+        """Wait on notify doorbell ``fd`` of device ``key`` (any thread).  ``EPOLLEXCLUSIVE``,
+        and registered after the idle pCPUs' epolls (Scheduler.watch_fd): a ring wakes this
+        thread only when no pCPU is waiting for it."""
+        with self._bells_lock:
+            self._notify_keys[fd] = key
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def close_bells(self, fds: list[int]) -> None:
         """Stop waiting on a device's doorbells and close them, on the drivers thread (any
@@ -219,23 +229,33 @@ class DriverHub:
         self._send_on(INPROC_ENDPOINT, [_DOORBELL])
 
     def _close_bells(self, fds: list[int]) -> None:
-        for fd in fds:
-            if self._notify_keys.pop(fd, None) is not None:
+        with self._bells_lock:
+            for fd in fds:
+                if self._notify_keys.pop(fd, None) is not None:
+                    with contextlib.suppress(OSError):
+                        self._epoll.unregister(fd)
+                    if self.before_close is not None:
+                        self.before_close(fd)
                 with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+                    os.close(fd)
 
     def _take_notifies(self) -> None:
         """Every notify doorbell that rang: ``on_notify(key, rings)``."""
         for fd, _ in self._epoll.poll(0):
+            try:
+                self.take_notify(fd)
+            except Exception:
+                log.exception("driver channel: error handling notify doorbell %d", fd)
+
+    def take_notify(self, fd: int) -> None:
+        """Notify doorbell ``fd`` may have rung: ``on_notify(key, rings)`` if it did (any
+        thread: the drivers thread, or an idle pCPU's).  Whoever reads it first gets the
+        rings; the other reads 0."""
+        with self._bells_lock:
             key = self._notify_keys.get(fd)
-            rings = doorbell.take(fd)
-            if key is not None and rings and self.on_notify is not None:
-                try:
-                    self.on_notify(key, rings)
-                except Exception:
-                    log.exception("driver channel: error handling a notification of device %d", key)
+            rings = doorbell.take(fd) if key is not None else 0
+        if key is not None and rings and self.on_notify is not None:
+            self.on_notify(key, rings)
 
     def _accept_bells(self) -> None:
         """Take new doorbell connections and the ``name:pid`` each says first."""

@@ -17,7 +17,15 @@ Design
   ``MAX_SLICE_NS`` so accounting stays fresh.
 * Blocking: ``HC_POLL`` marks the domain not runnable with an optional wake-up time and stops
   its vCPU; the ticker (timers) or :meth:`Scheduler.notify` (events) makes it runnable again.
-  Blocked domains are on no queue and cost no CPU; idle pCPUs sleep on a condition variable.
+  Blocked domains are on no queue and cost no CPU.
+* Idle pCPUs sleep in an epoll of their own, not on a condition variable: it holds the pCPU's
+  wake eventfd (rung by whoever makes a domain eligible) and every device's notify doorbell.
+  A driver's notification for a blocked guest therefore wakes an idle pCPU thread directly,
+  which makes the guest runnable and runs it, with no hop through the kernel's drivers thread.
+  Each doorbell is registered with ``EPOLLEXCLUSIVE`` in every pCPU's epoll first and in the
+  drivers thread's epoll last: Linux then hands a ring to the first of those epolls with a
+  thread waiting in it, so the drivers thread wakes for it only while no pCPU is idle
+  (:meth:`Scheduler.watch_fd`; fs/eventpoll.c, ``ep_poll_callback``).
 * Exits (destroy, poweroff, reboot, crash, watchdog) are requested with :meth:`request_exit`; the
   pCPU that next picks the domain (or is running it) hands it to ``on_exit`` outside the lock.
   So only the pCPU thread that owns a domain ever frees its vCPU and RAM.
@@ -30,12 +38,13 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
 from typing import Final
 
-from ipc import iotrace
+from ipc import doorbell, iotrace
 from ipc.iotrace import Stage
 from kernel import abi
 from kernel.domain import Domain, Exit
@@ -70,9 +79,43 @@ class PCpu:
         self.current: Domain | None = None
         self.slice_start = 0
         self.slice_end = 0
+        #: Where this pCPU sleeps while idle: its wake eventfd and every notify doorbell.
+        self.epoll = select.epoll()
+        self.wake_fd = doorbell.make()
+        self.epoll.register(self.wake_fd, select.EPOLLIN)
+        #: Asleep in :attr:`epoll` (lock released); ``woken``: its wake eventfd was rung since.
+        self.idle = False
+        self.woken = False
+        #: Its thread runs the loop (a pCPU not started or ended scans for nobody).
+        self.active = False
         self.thread = threading.Thread(target=self._loop, name=f"pcpu{index}", daemon=True)
 
+    def sleep(self) -> list[int]:
+        """Wait (GIL released) until rung; the descriptors that are ready, other than the
+        wake eventfd (notify doorbells)."""
+        while True:
+            try:
+                ready = self.epoll.poll()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+                continue
+        fds = [fd for fd, _ in ready if fd != self.wake_fd]
+        if len(fds) < len(ready):
+            doorbell.take(self.wake_fd)
+        return fds
+
+    def close(self) -> None:
+        self.epoll.close()
+        os.close(self.wake_fd)
+
     def _loop(self) -> None:
+        self.active = True
+        try:
+            self._run()
+        finally:
+            self.active = False
+
+    def _run(self) -> None:
         sched = self.sched
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PCPU_NICE)
@@ -115,6 +158,8 @@ class Scheduler:
         self._timers: list[tuple[int, int, Domain]] = []
         self._seq = itertools.count()
         self.pcpus = [PCpu(self, i) for i in range(pcpus)]
+        #: Called on an idle pCPU thread (no lock held) for a notify doorbell that rang.
+        self.on_ready_fd: Callable[[int], None] | None = None
         self._stopping = False
         self._tick = threading.Event()
         self._ticker_wake = 0
@@ -132,11 +177,44 @@ class Scheduler:
             for p in self.pcpus:
                 if p.current is not None:
                     p.current.vcpu.stop()
+            self._wake_idle(every=True)
             self.cond.notify_all()
         self._tick.set()
         for p in self.pcpus:
-            p.thread.join(timeout=5)
+            if p.thread.is_alive():
+                p.thread.join(timeout=5)
+            if not p.thread.is_alive():
+                p.close()
         self._ticker.join(timeout=5)
+
+    # -- doorbells idle pCPUs wait on --------------------------------------------------------------
+    def watch_fd(self, fd: int) -> None:
+        """Have idle pCPUs wait on notify doorbell ``fd`` too.  Call it *before* the drivers
+        thread's epoll registers ``fd`` (also with ``EPOLLEXCLUSIVE``): an eventfd wakes its
+        exclusive waiters in the order they were added, stopping at the first epoll that had a
+        thread waiting, so a ring reaches the drivers thread only when no pCPU was idle."""
+        for p in self.pcpus:
+            p.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Before ``fd`` is closed: the registration would outlive the descriptor while the
+        driver process holds the same eventfd."""
+        for p in self.pcpus:
+            with contextlib.suppress(OSError):
+                p.epoll.unregister(fd)
+
+    def _wake_idle(self, every: bool = False) -> None:
+        """(Lock held) a domain may have become eligible: make sure a pCPU looks.  None is
+        rung if a pCPU without a domain is awake (it scans before it sleeps, under this lock),
+        unless ``every``."""
+        if not every and any(p.current is None and p.active and not p.idle for p in self.pcpus):
+            return
+        for p in self.pcpus:
+            if p.idle and not p.woken:
+                p.woken = True
+                doorbell.ring(p.wake_fd)
+                if not every:
+                    return
 
     # -- membership ----------------------------------------------------------------------------
     def add(self, dom: Domain) -> None:
@@ -167,7 +245,7 @@ class Scheduler:
             if dom.on_cpu:
                 dom.vcpu.stop()
             elif dom in self.domains:
-                self.cond.notify()
+                self._wake_idle()
 
     def pause(self, dom: Domain) -> None:
         with self.lock:
@@ -234,7 +312,7 @@ class Scheduler:
         with self.lock:
             dom.cap = cap
             dom.budget_ns = min(dom.budget_ns, self._quota(dom)) if cap else 0
-            self.cond.notify_all()
+            self._wake_idle(every=True)
         self._tick.set()
 
     def arm_wake(self, dom: Domain, in_ns: int) -> None:
@@ -351,12 +429,12 @@ class Scheduler:
         if self._eligible(dom):
             self._preempt_for(dom, time.monotonic_ns())
         else:
-            self.cond.notify()
+            self._wake_idle()
 
     def _preempt_for(self, dom: Domain, now: int) -> None:
         """``dom`` just became eligible: use an idle pCPU, or preempt the one furthest ahead."""
         if any(p.current is None for p in self.pcpus):
-            self.cond.notify()
+            self._wake_idle()
             return
         victim = max(self.pcpus, key=lambda p: p.current.vruntime if p.current else -1)
         cur = victim.current
@@ -394,7 +472,7 @@ class Scheduler:
                         best = d
                 if best is not None:
                     break
-                self.cond.wait()
+                self._idle(pcpu)
             best.on_cpu = True
             now = time.monotonic_ns()
             length = self.timeslice_ns
@@ -408,10 +486,32 @@ class Scheduler:
             # eligible later pokes it, _preempt_for); then it need only end the slice at
             # MAX_SLICE_NS, for the accounting.  An I/O-bound guest picks a pCPU on every
             # request, and each poke would wake the ticker.
-            tick = bool(best.cap) or any(self._eligible(d) for d in self.domains)
+            more = any(self._eligible(d) for d in self.domains)
+            if more:  # another idle pCPU takes the next one (_wake_idle left it asleep)
+                self._wake_idle()
+            tick = bool(best.cap) or more
             at = pcpu.slice_end if tick else now + MAX_SLICE_NS
         self._poke_ticker(at)
         return best
+
+    def _idle(self, pcpu: PCpu) -> None:
+        """(Lock held, released meanwhile) sleep until rung; hand the notify doorbells that
+        rang to :attr:`on_ready_fd`, which makes their guests runnable."""
+        pcpu.idle, pcpu.woken = True, False
+        self.lock.release()
+        try:
+            fds = pcpu.sleep()
+            pcpu.idle = False  # (unlocked: _wake_idle may still ring it once, harmlessly)
+            handler = self.on_ready_fd
+            if handler is not None:
+                for fd in fds:
+                    try:
+                        handler(fd)
+                    except Exception:
+                        log.exception("pcpu%d: error handling doorbell %d", pcpu.index, fd)
+        finally:
+            self.lock.acquire()
+            pcpu.idle = False
 
     def account(self, dom: Domain, used_ns: int) -> None:
         with self.lock:
@@ -432,7 +532,7 @@ class Scheduler:
             if dom.paused:
                 self.cond.notify_all()  # wait_off_cpu (a save) waits for this
             elif dom.action is not None or dom.runnable:
-                self.cond.notify()
+                self._wake_idle()
 
     def exit_domain(self, pcpu: PCpu, dom: Domain) -> None:
         """Run the exit of a domain this pCPU has picked (outside the lock)."""
@@ -502,7 +602,7 @@ class Scheduler:
                         # after every refill and gets less than its cap.
                         self._preempt_for(d, now)
             self._next_refill = max(self._next_refill + CAP_PERIOD_NS, now)
-            self.cond.notify_all()
+            self._wake_idle(every=True)
         if capped:
             nxt = min(nxt, self._next_refill)
         else:
@@ -521,7 +621,7 @@ class Scheduler:
                     if d.on_cpu:
                         d.vcpu.stop()
                     else:
-                        self.cond.notify()
+                        self._wake_idle()
                 else:
                     nxt = min(nxt, now + left)
         # preemption

@@ -309,16 +309,17 @@ class Campaign:
         assert self._stack is not None
         (self._stack.dir / f"{name}.console.txt").write_text(con)  # kept with the logs
         r = self.checkers[unit.workload].result(name, con)
-        self.guests.append(
-            {
-                "name": name,
-                "ops": r.ops,
-                "errors": r.errors,
-                "mismatches": r.mismatches,
-                "exit": "crash" if kind == "crashed" else "poweroff",
-                "code": p.get("code"),
-            }
-        )
+        guest: dict[str, Any] = {
+            "name": name,
+            "ops": r.ops,
+            "errors": r.errors,
+            "mismatches": r.mismatches,
+            "exit": "crash" if kind == "crashed" else "poweroff",
+            "code": p.get("code"),
+        }
+        if kind == "crashed":  # the kernel's reason: what a reader of the journal looks for
+            guest["reason"] = str(p.get("reason", ""))[:300]
+        self.guests.append(guest)
         self._call("destroy", name=name)
 
     def _stop_stack(self) -> None:
