@@ -200,7 +200,8 @@ class Scheduler:
         """Before ``fd`` is closed: the registration would outlive the descriptor while the
         driver process holds the same eventfd."""
         for p in self.pcpus:
-            with contextlib.suppress(OSError):
+            # (ValueError: the scheduler stopped first and closed its epolls, at shutdown)
+            with contextlib.suppress(OSError, ValueError):
                 p.epoll.unregister(fd)
 
     def _wake_idle(self, every: bool = False) -> None:
