@@ -41,6 +41,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Final
 
@@ -82,6 +83,7 @@ class PCpu:
         #: Where this pCPU sleeps while idle: its wake eventfd and every notify doorbell.
         self.epoll = select.epoll()
         self.wake_fd = doorbell.make()
+        self._close_wake = weakref.finalize(self, os.close, self.wake_fd)  # also if never run
         self.epoll.register(self.wake_fd, select.EPOLLIN)
         #: Asleep in :attr:`epoll` (lock released); ``woken``: its wake eventfd was rung since.
         self.idle = False
@@ -93,12 +95,7 @@ class PCpu:
     def sleep(self) -> list[int]:
         """Wait (GIL released) until rung; the descriptors that are ready, other than the
         wake eventfd (notify doorbells)."""
-        while True:
-            try:
-                ready = self.epoll.poll()
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-                continue
+        ready = self.epoll.poll()  # (a signal's EINTR is retried by Python, PEP 475)
         fds = [fd for fd, _ in ready if fd != self.wake_fd]
         if len(fds) < len(ready):
             doorbell.take(self.wake_fd)
@@ -106,7 +103,7 @@ class PCpu:
 
     def close(self) -> None:
         self.epoll.close()
-        os.close(self.wake_fd)
+        self._close_wake()  # once: a finalizer runs at most once
 
     def _loop(self) -> None:
         self.active = True
