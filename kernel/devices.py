@@ -182,6 +182,7 @@ class DeviceManager:
         hub.on_notify = self.on_doorbell
         hub.bells_of = self._bells_of
         # idle pCPUs take notify doorbells themselves (kernel/scheduler.py, "Idle pCPUs")
+        hub.before_watch = sched.watch_fd
         hub.before_close = sched.unwatch_fd
         sched.on_ready_fd = hub.take_notify
 
@@ -254,7 +255,6 @@ class DeviceManager:
             for d in made:
                 self.devices[d.key] = d
         for d in made:
-            self.sched.watch_fd(d.notify_fd)  # first: see Scheduler.watch_fd
             self.hub.watch_notify(d.notify_fd, d.key)
 
     def connect(self, dom: Domain, frontends: dict[str, dict[str, str]] | None = None) -> None:

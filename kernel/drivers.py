@@ -125,8 +125,10 @@ class DriverHub:
         #: A live device's ``(kick_fd, notify_fd)``, or None (set by the device layer; called
         #: on the drivers thread, the only one that closes them).
         self.bells_of: Callable[[int], tuple[int, int] | None] | None = None
-        #: Called with a notify doorbell just before it is closed (the scheduler's idle pCPUs
-        #: wait on it too: Scheduler.unwatch_fd).
+        #: Called with a notify doorbell just before this hub waits on it, and just before it
+        #: is closed (the scheduler's idle pCPUs wait on it too, registered first:
+        #: Scheduler.watch_fd / unwatch_fd).
+        self.before_watch: Callable[[int], None] | None = None
         self.before_close: Callable[[int], None] | None = None
         self.on_message = on_message
         self.on_hello = on_hello
@@ -213,8 +215,10 @@ class DriverHub:
     # -- doorbells -----------------------------------------------------------------------------
     def watch_notify(self, fd: int, key: int) -> None:
         """Wait on notify doorbell ``fd`` of device ``key`` (any thread).  ``EPOLLEXCLUSIVE``,
-        and registered after the idle pCPUs' epolls (Scheduler.watch_fd): a ring wakes this
-        thread only when no pCPU is waiting for it."""
+        and registered after ``before_watch`` registered it in the idle pCPUs' epolls
+        (Scheduler.watch_fd): a ring then wakes this thread only when no pCPU is waiting."""
+        if self.before_watch is not None:
+            self.before_watch(fd)
         with self._bells_lock:
             self._notify_keys[fd] = key
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
