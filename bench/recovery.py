@@ -19,7 +19,14 @@ and two ``blkstress`` guests at QD32 on their own image files.  Three measuremen
 
 Every guest must finish with ``errors=0``; a run that does not is reported as a failure.
 
-    python3 bench/recovery.py [--quick] [--kills N]
+With ``--trace`` the stack runs with a recovery trace on (``ipc/iotrace.py``, its recovery
+stages only): the supervisor, the kernel and each driver process stamp every step of each
+recovery, and the bench adds one row per step (median, p90, p99 over the kills): the death seen
+by the supervisor, ``activate`` sent, the spare taking it, its hello sent and taken by the
+kernel, the devices re-attached, each device resumed (its redone responses published), the
+kernel taking the reports, the supervisor taking ``replayed``.
+
+    python3 bench/recovery.py [--quick] [--kills N] [--trace]
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import GATE, Result, Row, bench_main, median, pctl, private_stack, wait_topic
 
+from ipc import iotrace
 from ipc.control import Client
 from ipc.events import Subscriber
+from ipc.iotrace import Stage
 
 NAME = "recovery"
 TITLE = "Driver recovery: SIGKILL of the block driver under QD32 I/O, stalls, hang detection"
@@ -55,6 +66,54 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="SIGKILLs for the recovery time (default 200, quick 20)",
     )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="stamp each step of every recovery (ipc/iotrace.py) and report the steps",
+    )
+
+
+#: The steps of a recovery, in order: (stage, whose pid or key, what the row calls it).
+STEPS: tuple[tuple[Stage, str], ...] = (
+    (Stage.SV_DEATH, "supervisor sees the death (pidfd)"),
+    (Stage.SV_ACTIVATE, "supervisor sent activate to the spare"),
+    (Stage.D_ACTIVATED, "spare took activate"),
+    (Stage.D_HELLO, "spare sent hello"),
+    (Stage.K_HELLO, "kernel took the hello"),
+    (Stage.K_REATTACH, "kernel queued attach + fe_state for every device"),
+    (Stage.D_ATTACH, "driver took the first attach"),
+    (Stage.D_RESUMED, "driver resumed the last device (redone responses published)"),
+    (Stage.K_RECOVERED, "kernel took the last device's recovered"),
+    (Stage.SV_REPLAYED, "supervisor took the driver's replayed event"),
+)
+
+
+def trace_steps(
+    records: list[tuple[int, int, Stage, int]], kills: list[int]
+) -> dict[str, list[float]]:
+    """Per step, the milliseconds it took in each recovery: ``kills`` are the kill times; a
+    recovery's records are those between its kill and the next.  A step's time runs from the
+    previous step's record (the kill for the first); where a stage has several records (one per
+    device) the last counts, except the first attach."""
+    out: dict[str, list[float]] = {label: [] for _, label in STEPS}
+    bounds = [*kills, 1 << 62]
+    for k in range(len(kills)):
+        window = [r for r in records if bounds[k] <= r[0] < bounds[k + 1]]
+        at: dict[Stage, int] = {}
+        for t, _pid, stage, _key in window:
+            if stage == Stage.D_ATTACH:
+                at.setdefault(stage, t)
+            elif stage in (Stage.D_RESUMED, Stage.K_RECOVERED):
+                at[stage] = t
+            else:
+                at.setdefault(stage, t)
+        if any(stage not in at for stage, _ in STEPS):
+            continue  # a recovery without every step (none redone on a device not connected)
+        prev = kills[k]
+        for stage, label in STEPS:
+            out[label].append((at[stage] - prev) / 1e6)
+            prev = at[stage]
+    return out
 
 
 def _summary(console: str) -> dict[str, int]:
@@ -139,6 +198,7 @@ def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
     pid = _driver_pid(s, warm=True)
     _wait_progress(s, _requests(s), need)
     t_kill = time.monotonic_ns()
+    KILLS.append(t_kill)
     os.kill(pid, signal.SIGKILL)
     rep: dict[str, Any] | None = None
     rec: dict[str, Any] | None = None
@@ -169,7 +229,37 @@ def _one_kill(s: Any, sub: Subscriber, need: int) -> dict[str, float]:
     }
 
 
+#: The kill times of the run (CLOCK_MONOTONIC ns), for the trace.
+KILLS: list[int] = []
+
+
 def measure(args: argparse.Namespace, res: Result) -> None:
+    if not args.trace:
+        _measure(args, res)
+        return
+    if iotrace.ENV in os.environ:
+        raise SystemExit(f"bench/recovery.py: unset {iotrace.ENV} first")
+    with tempfile.TemporaryDirectory(prefix="iv-rtrace-", dir="/dev/shm") as d:
+        os.environ[iotrace.ENV], os.environ[iotrace.WHAT_ENV] = d, "recovery"
+        try:
+            _measure(args, res)
+        finally:
+            del os.environ[iotrace.ENV], os.environ[iotrace.WHAT_ENV]
+        steps = trace_steps(iotrace.read(Path(d)), KILLS)
+    n = len(next(iter(steps.values())))
+    for label, xs in steps.items():
+        if xs:
+            res.rows.append(
+                Row(
+                    f"step: {label} (median)",
+                    f"{median(xs):.2f} ms",
+                    f"p90 {pctl(xs, 90):.2f}, p99 {pctl(xs, 99):.2f} ms over {n} traced kills",
+                )
+            )
+    res.samples.update({f"step {label}": xs for label, xs in steps.items()})
+
+
+def _measure(args: argparse.Namespace, res: Result) -> None:
     kills = args.kills or (20 if args.quick else 200)
     stall_runs = 5 if args.quick else 20
     hang_reps = 2 if args.quick else 5

@@ -88,7 +88,7 @@ from typing import Any, NoReturn, Protocol, cast
 import msgpack
 import zmq
 
-from drivers import debugger
+from drivers import debugger, keeper
 from drivers.faults import HOST_KINDS, PROCESS_KINDS, Fault, class_of_module
 from drivers.state import BackendState
 from ipc import doorbell, iotrace
@@ -334,6 +334,8 @@ class DriverHost:
         }
 
     def _hello(self) -> None:
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.D_HELLO, os.getpid())
         self._send(
             [
                 "hello",
@@ -382,6 +384,8 @@ class DriverHost:
     def recovered(self, key: int, replayed: int, done_ns: int) -> None:
         """A resumed device redid ``replayed`` requests, published at ``done_ns``
         (CLOCK_MONOTONIC)."""
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.D_RESUMED, key)
         self._send(["recovered", key, replayed, done_ns])
 
     def poison(self, key: int, index: int, description: str) -> None:
@@ -683,10 +687,12 @@ class DriverHost:
                 continue
             msg = self._parse(raw)
             if msg is not None and msg[0] == "activate":
-                self.log.info("spare activated: saying hello")
+                if iotrace.RECOVERY:
+                    iotrace.mark(Stage.D_ACTIVATED, os.getpid())
                 self.spare = False
                 self.mode = "active"
-                self._hello()
+                self._hello()  # first: a log line here costs ms when the spare was long idle
+                self.log.info("spare activated: said hello")
                 return True
             if msg is not None and msg[0] == "restore":
                 if self._restore(msg[1], fresh=False):
@@ -911,7 +917,9 @@ class DriverHost:
                 continue
             if kind == "detach":
                 kicked.pop(msg[1], None)
-            elif kind == "attach" and msg[1].pop("doorbells", False):
+            elif kind == "attach" and iotrace.RECOVERY:
+                iotrace.mark(Stage.D_ATTACH, msg[1].get("key", 0))
+            if kind == "attach" and msg[1].pop("doorbells", False):
                 self._call("attach", self._adopt_bells, msg[1].get("key"))
             self.log.debug("%s %s", kind, _short(msg[1:], 400))
             self._call(kind, getattr(self.backend, kind), *msg[1:])
@@ -1417,6 +1425,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument(
+        "--keeper",
+        default="",
+        help="the keeper library to start first (drivers/keeper.py; none if empty)",
+    )
+    ap.add_argument(
         "--spare",
         action="store_true",
         help='start as a warm spare: say "spare", wait for ["activate"], then hello',
@@ -1466,6 +1479,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    if args.keeper:
+        try:
+            keeper.start(Path(args.keeper))
+        except keeper.KeeperError as e:  # recovery works without it, ~3 ms later
+            log.warning("no keeper: %s", e)
     breakpoints = debugger.install(args.name, log, args.debug)
     try:
         options = json.loads(args.options)

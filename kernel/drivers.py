@@ -45,7 +45,8 @@ from typing import Any, Final, TypeGuard
 import msgpack
 import zmq
 
-from ipc import doorbell
+from ipc import doorbell, iotrace
+from ipc.iotrace import Stage
 
 log = logging.getLogger("isovisor.kernel")
 
@@ -540,6 +541,8 @@ class DriverHub:
 
     def _hello(self, msg: list[Any]) -> None:
         link = parse_hello(msg)
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.K_HELLO, link.pid)
         link.bell = self._bell_of(link)
         with self._lock:
             old = self.links.get(link.name)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from devices import DeviceClass
+from ipc import iotrace
 from ipc.control import ControlError, NotFound
+from ipc.iotrace import Stage
 from ipc.ring import BackRing, InflightLog, RingError, inflight_bytes, ring_bytes
 from ipc.shm import SegmentError
 from ipc.store import DevState
@@ -208,6 +210,8 @@ class Recovery:
                 len(devices),
                 ", ".join(d.label for d in devices),
             )
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.K_REATTACH, link.pid)
         with self._lock:
             link.awaiting = resuming
             self._check_replayed(link)
@@ -321,6 +325,8 @@ class Recovery:
             and msg[3] >= 0
         ):
             raise _malformed(msg, '["recovered", key:int, replayed:int >= 0, done_ns:int >= 0]')
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.K_RECOVERED, msg[1])
         dev = self.dm.device_of(msg[1], "recovered")
         if dev is None:
             return

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
+from drivers import keeper
 from ipc.control import Client
 from ipc.events import Subscriber
 from isovisor.paths import RunDir
@@ -411,5 +412,13 @@ def test_no_leaks_after_many_restarts(stack: Stack) -> None:
         assert kernel.num_fds() <= fds0 + 2, (fds0, kernel.num_fds())
         assert sorted(Path("/dev/shm").glob(f"isovisor.{stack.pids[0]}.*")) == segs0
         sup = psutil.Process(stack.pids[0])
+        # a dead instance's keeper (drivers/keeper.py) comes to the supervisor, which reaps it
+        wait_until(
+            lambda: not [c for c in sup.children() if c.name() == keeper.NAME],
+            timeout=10,
+            what="the dead instances' keepers reaped",
+        )
         drivers = [c for c in sup.children() if "drivers.host" in command_line(c)]
         assert len(drivers) <= 2, drivers  # the active instance and its spare
+        for d in drivers:  # each with its keeper
+            assert [c.name() for c in d.children()] == [keeper.NAME], d

@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 
 import devices
+from drivers import keeper
 from ipc.control import (
     ControlError,
     Request,
@@ -39,6 +40,7 @@ from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervisor.consolerelay import ConsoleRelay
 from isovisor.supervisor.drivermgr import DriverManager, EventSink
+from isovisor.supervisor.driverproc import DriverProcess
 from isovisor.supervisor.kernelproc import KernelProcess
 from isovisor.supervisor.supervision import State
 from kernel import snapfile
@@ -51,6 +53,8 @@ DRIVER_START_TIMEOUT_S = 20.0
 LOOP_POLL_MS = 50
 #: ... and when none may: an idle stack's supervisor wakes 5 times a second (bench/idle.py).
 IDLE_POLL_MS = 200
+#: Seconds between two looks for ended keepers to reap (drivers/keeper.py).
+KEEPER_REAP_S = 1.0
 #: Relayed events not written to the log (too many, or meaningless there).
 _UNLOGGED = ("console.", "sync.")
 
@@ -129,6 +133,8 @@ class Supervisor:
         self.pub.setsockopt(zmq.LINGER, 500)
         self.ksub: Subscriber | None = None
         self.poller = zmq.Poller()
+        self._start_keepers()
+        self._next_reap = 0.0
         self.mgr = DriverManager(self.cfg, rd, self.kernel, self.ctx, self.poller, self._publish)
         self.consoles = ConsoleRelay(self.cfg, rd.path, self.ctx, self.poller, self._publish)
         old_int = signal.signal(signal.SIGINT, self._signalled)
@@ -195,6 +201,9 @@ class Supervisor:
                     self.consoles.on_ready(sock)
             self.consoles.tick()
             mgr.tick()
+            if time.monotonic() >= self._next_reap:  # keepers whose drivers have ended
+                self._next_reap = time.monotonic() + KEEPER_REAP_S
+                keeper.reap()
             if not self.kernel.alive():
                 code = self.kernel.proc.returncode if self.kernel.proc else None
                 log.error(
@@ -206,10 +215,28 @@ class Supervisor:
                 self.exit_status = 1
                 self._running = False
 
+    def _start_keepers(self) -> None:
+        """Every driver process gets a keeper (drivers/keeper.py), which comes back to us to be
+        reaped when its driver ends; without a C compiler, none (and a warning)."""
+        if not any(d.isolation == "process" for d in self.cfg.drivers):
+            return
+        try:
+            keeper.become_subreaper()
+            from domains.build import default_cache_dir
+
+            DriverProcess.keeper = keeper.build(default_cache_dir())
+        except keeper.KeeperError as e:
+            log.warning(
+                "driver processes run without keepers, so the death of one is seen about "
+                "3 ms later (docs/recovery.md, The keeper): %s",
+                e,
+            )
+
     def _teardown(self) -> None:
         self.kernel.stop()  # destroys the domains, which detaches their devices
         if self.mgr is not None:
             self.mgr.stop_all()  # active instances and spares
+        keeper.reap(kill=True)  # their drivers are gone: end them now
         self._relay_events()
         self.consoles.close()
         self._publish("supervisor.down", {"pid": os.getpid()})

@@ -20,7 +20,9 @@ from typing import Any, Final
 
 import zmq
 
+from ipc import iotrace
 from ipc.control import ControlError, NotFound
+from ipc.iotrace import Stage
 from isovisor.config import DriverConfig, StackConfig
 from isovisor.paths import RunDir
 from isovisor.supervisor.driverproc import DEBUG_MODE, DriverProcess
@@ -48,6 +50,10 @@ USAGE_CHECK_S: Final = 0.5
 #: A spare that dies on its own is started again after this, doubling up to SPARE_RETRY_MAX_S.
 SPARE_RETRY_S: Final = 0.5
 SPARE_RETRY_MAX_S: Final = 30.0
+#: After a replacement's hello, its own spare is started once the recovery is done (the
+#: ``replayed`` event), so that starting a Python process does not take the CPU from the
+#: recovery; or after this long, if that event does not come.
+SPARE_DEFER_S: Final = 2.0
 KERNEL_CALL_TIMEOUT_S: Final = 5.0
 #: At teardown, how long an active instance gets to clean up after ["retire"] before SIGTERM.
 RETIRE_WAIT_S: Final = 3.0
@@ -83,6 +89,8 @@ class Slot:
         self.spare_warm = False
         self.spare_failures = 0
         self.spare_due: float | None = None
+        #: When a spare deferred until the recovery is done is started anyway.
+        self.spare_after: float | None = None
         self.pending: Pending | None = None
         self.recovery: Recovery | None = None
         self.instances = 0
@@ -187,6 +195,8 @@ class DriverManager:
     # -- the event loop's inputs ------------------------------------------------------------
     def on_exit_fd(self, fd: int) -> None:
         """A driver process's pidfd is readable: it has died."""
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.SV_DEATH, self._by_fd[fd][1].pid if fd in self._by_fd else 0)
         entry = self._by_fd.get(fd)
         if entry is None:
             return
@@ -231,7 +241,10 @@ class DriverManager:
                     "its hello",
                 )
                 return
-            self._ensure_spare(slot)
+            if slot.recovery is not None:  # after the recovery (see SPARE_DEFER_S)
+                slot.spare_after = self.clock() + SPARE_DEFER_S
+            else:
+                self._ensure_spare(slot)
             self._send_faults(slot.cfg.name)
         elif what == "fault_fired":
             row = self.faults.fired(slot.cfg.name, p.get("id", -1), pid)
@@ -243,6 +256,8 @@ class DriverManager:
         elif (
             what == "replayed" and active is not None and active.pid == pid and slot.pending is None
         ):  # (an instance being killed has not recovered)
+            if iotrace.RECOVERY:
+                iotrace.mark(Stage.SV_REPLAYED, active.pid)
             self._recovered(slot, p)
         elif what == "hang" and active is not None and active.pid == pid and active.is_stopped():
             # the kernel's watchdog saw no heartbeat before the stopped-process check looked:
@@ -285,6 +300,9 @@ class DriverManager:
             if slot.spare_due is not None and now >= slot.spare_due:
                 slot.spare_due = None
                 self._ensure_spare(slot)
+            if slot.spare_after is not None and now >= slot.spare_after:
+                slot.spare_after = None
+                self._ensure_spare(slot)
         self.swapper.tick(now)
         for inst, kill_at in list(self._retiring.items()):
             if now >= kill_at:
@@ -313,6 +331,16 @@ class DriverManager:
         if error is not None:  # what it said about its end: its exception, and where
             detail += f": {error.text}"
         detected = pend.detected_ns if pend and pend.detected_ns else now_ns
+        d = slot.sv.failed(reason, detail, spare=slot.spare is not None, error=error)
+        restart_now = d.action == Action.RESTART and (
+            slot.sv.state == State.EXITED or slot.sv.due()
+        )
+        if restart_now:
+            # the replacement first, before the log line and the event: each costs the
+            # recovery time on this path.  Its hello replaces the link anyway, and driver_lost
+            # (a round trip to the kernel) names the old pid, so it cannot drop the new link
+            slot.recovery = Recovery(pid, reason, detected)
+            self._restart(slot)
         tail = (
             inst.log_tail(8)
             if info.status not in (None, 0) and pend is None and error is None
@@ -335,16 +363,10 @@ class DriverManager:
         if error is not None:  # (`up` in the foreground prints it)
             exited["error"] = error.text
         self.publish(f"driver.{name}.exit", exited)
-        d = slot.sv.failed(reason, detail, spare=slot.spare is not None, error=error)
         if d.action == Action.RESTART:
-            slot.recovery = Recovery(pid, reason, detected)
-            if slot.sv.state == State.EXITED or slot.sv.due():
-                # the spare first: its hello replaces the link anyway, and driver_lost (a
-                # round trip to the kernel) names the old pid, so it cannot drop the new link
-                self._restart(slot)
-                self._kernel("driver_lost", name=name, pid=pid)
-            else:
-                self._kernel("driver_lost", name=name, pid=pid)
+            self._kernel("driver_lost", name=name, pid=pid)
+            if not restart_now:
+                slot.recovery = Recovery(pid, reason, detected)
                 log.warning(
                     "driver %s: failed start (%s); next start in %.2fs", name, reason, d.delay
                 )
@@ -373,6 +395,8 @@ class DriverManager:
             if faults:  # armed before it redoes anything
                 inst.send(self.ctx, ["faults", faults])
             inst.activate(self.ctx)
+            if iotrace.RECOVERY:
+                iotrace.mark(Stage.SV_ACTIVATE, inst.pid)
             log.info("driver %s: activating spare pid %d", name, inst.pid)
         else:
             inst = self._spawn(
@@ -385,22 +409,24 @@ class DriverManager:
 
     def _recovered(self, slot: Slot, p: dict[str, Any]) -> None:
         rec, slot.recovery = slot.recovery, None
-        if rec is None or slot.active is None:
-            return
-        done = p.get("done_ns")
-        ms = (done - rec.detected_ns) / 1e6 if isinstance(done, int) else None
-        self.publish(
-            f"driver.{slot.cfg.name}.recovered",
-            {
-                "pid": slot.active.pid,
-                "old_pid": rec.old_pid,
-                "reason": rec.reason,
-                "replayed": p.get("replayed"),
-                "devices": p.get("devices"),
-                "recovery_ms": ms,
-                "detected_ns": rec.detected_ns,
-            },
-        )
+        if rec is not None and slot.active is not None:
+            done = p.get("done_ns")
+            ms = (done - rec.detected_ns) / 1e6 if isinstance(done, int) else None
+            self.publish(
+                f"driver.{slot.cfg.name}.recovered",
+                {
+                    "pid": slot.active.pid,
+                    "old_pid": rec.old_pid,
+                    "reason": rec.reason,
+                    "replayed": p.get("replayed"),
+                    "devices": p.get("devices"),
+                    "recovery_ms": ms,
+                    "detected_ns": rec.detected_ns,
+                },
+            )
+        if slot.spare_after is not None:  # the spare deferred at the hello
+            slot.spare_after = None
+            self._ensure_spare(slot)
 
     def _escalate(self, slot: Slot, d: Decision) -> None:
         c, sv = slot.cfg, slot.sv

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import psutil
 import zmq
@@ -58,6 +58,10 @@ class Usage:
 
 class DriverProcess:
     """One instance of an ``isolation = "process"`` driver."""
+
+    #: The keeper library every instance is started with (``--keeper``; drivers/keeper.py),
+    #: set by the supervisor once it is built; None: no keepers.
+    keeper: ClassVar[Path | None] = None
 
     def __init__(
         self,
@@ -129,6 +133,8 @@ class DriverProcess:
             cmd += ["--report", str(self.report_path)]
         if self.swappable:
             cmd.append("--swappable")
+        if self.keeper is not None:
+            cmd += ["--keeper", str(self.keeper)]
         return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self, faults: list[dict[str, Any]] | None = None) -> None:
