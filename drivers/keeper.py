@@ -52,13 +52,16 @@ def build(cache_dir: Path, cc: str | None = None) -> Path:
     compiler = cc or os.environ.get("CC", "").strip() or shutil.which("gcc") or shutil.which("cc")
     if not compiler:
         raise KeeperError("no C compiler (tried $CC, gcc, cc): install gcc, or set CC")
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(CFLAGS).encode()).hexdigest()[:16]
-    lib = cache_dir / f"keeper-{key}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keeper-", suffix=".so", dir=cache_dir)
-    os.close(fd)
+    try:
+        key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(CFLAGS).encode()).hexdigest()[:16]
+        lib = cache_dir / f"keeper-{key}.so"
+        if lib.exists():
+            return lib
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".keeper-", suffix=".so", dir=cache_dir)
+        os.close(fd)
+    except OSError as e:
+        raise KeeperError(f"cannot build the keeper into {cache_dir}: {e}") from e
     try:
         r = subprocess.run(
             [*compiler.split(), *CFLAGS, "-o", tmp, str(SOURCE)],

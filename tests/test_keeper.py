@@ -86,6 +86,13 @@ def test_building_without_a_working_compiler_says_which_and_what_to_do(tmp_path:
     assert not list(tmp_path.iterdir())  # nothing half-built left
 
 
+def test_a_cache_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(keeper.KeeperError, match=f"cannot build the keeper into {blocker}/c"):
+        keeper.build(blocker / "c")
+
+
 def keepers_of(pid: int) -> list[psutil.Process]:
     return [c for c in psutil.Process(pid).children() if c.name() == keeper.NAME]
 
