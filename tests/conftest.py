@@ -164,6 +164,15 @@ def command_line(p: psutil.Process) -> str:
         return ""
 
 
+def process_name(p: psutil.Process) -> str:
+    """``p``'s name (``/proc/<pid>/comm``), or "" once it has ended and been reaped (a
+    supervisor reaps its drivers' keepers while a test looks at its children)."""
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
 def shm_segments(prefix: str = "isovisor.") -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from drivers import keeper
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, process_name, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,11 @@ def test_a_cache_that_cannot_be_written_is_named(tmp_path: Path) -> None:
 
 
 def keepers_of(pid: int) -> list[psutil.Process]:
-    return [c for c in psutil.Process(pid).children() if c.name() == keeper.NAME]
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.Error:  # ended meanwhile
+        return []
+    return [c for c in kids if process_name(c) == keeper.NAME]
 
 
 @pytest.mark.timeout(120)

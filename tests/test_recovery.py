@@ -28,7 +28,7 @@ from ipc.events import Subscriber
 from isovisor.paths import RunDir
 from isovisor.procs import gone
 from tests.blkdata import check_image
-from tests.conftest import Stack, command_line, wait_until
+from tests.conftest import Stack, command_line, process_name, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -414,11 +414,11 @@ def test_no_leaks_after_many_restarts(stack: Stack) -> None:
         sup = psutil.Process(stack.pids[0])
         # a dead instance's keeper (drivers/keeper.py) comes to the supervisor, which reaps it
         wait_until(
-            lambda: not [c for c in sup.children() if c.name() == keeper.NAME],
+            lambda: not [c for c in sup.children() if process_name(c) == keeper.NAME],
             timeout=10,
             what="the dead instances' keepers reaped",
         )
         drivers = [c for c in sup.children() if "drivers.host" in command_line(c)]
         assert len(drivers) <= 2, drivers  # the active instance and its spare
         for d in drivers:  # each with its keeper
-            assert [c.name() for c in d.children()] == [keeper.NAME], d
+            assert [process_name(c) for c in d.children()] == [keeper.NAME], d
