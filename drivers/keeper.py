@@ -7,7 +7,8 @@ becomes readable and the supervisor can start the recovery.  A second process th
 memory (``clone(CLONE_VM)``) takes that cost off the path: while it lives the memory has two
 users, so the dying driver only drops its reference, closes its files (releasing its locks)
 and is gone.  The keeper (``drivers/keeper.c``) holds no file but the driver's pidfd, waits on
-it, and then ends at nice 19, paying for the teardown where it delays nobody.
+it, lingers 250 ms while the recovery runs, and ends at nice 19, paying for the teardown where
+it delays nobody.
 
 The supervisor builds the keeper once (:func:`build`, with the machine's C compiler, cached
 beside the guests) and passes it to each driver process (``--keeper PATH``); the driver starts
