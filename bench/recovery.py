@@ -73,7 +73,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )
 
 
-#: The steps of a recovery, in order: (stage, whose pid or key, what the row calls it).
+#: The steps of a recovery, in order: (stage, what the row calls it).
 STEPS: tuple[tuple[Stage, str], ...] = (
     (Stage.SV_DEATH, "supervisor sees the death (pidfd)"),
     (Stage.SV_ACTIVATE, "supervisor sent activate to the spare"),
@@ -94,17 +94,15 @@ def trace_steps(
     """Per step, the milliseconds it took in each recovery: ``kills`` are the kill times; a
     recovery's records are those between its kill and the next.  A step's time runs from the
     previous step's record (the kill for the first); where a stage has several records (one per
-    device) the last counts, except the first attach."""
+    device) the first counts, except for the resumes and the kernel taking them: the last."""
     out: dict[str, list[float]] = {label: [] for _, label in STEPS}
     bounds = [*kills, 1 << 62]
     for k in range(len(kills)):
         window = [r for r in records if bounds[k] <= r[0] < bounds[k + 1]]
         at: dict[Stage, int] = {}
         for t, _pid, stage, _key in window:
-            if stage == Stage.D_ATTACH:
-                at.setdefault(stage, t)
-            elif stage in (Stage.D_RESUMED, Stage.K_RECOVERED):
-                at[stage] = t
+            if stage in (Stage.D_RESUMED, Stage.K_RECOVERED):
+                at[stage] = t  # the last device's
             else:
                 at.setdefault(stage, t)
         if any(stage not in at for stage, _ in STEPS):

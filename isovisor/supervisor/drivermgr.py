@@ -195,12 +195,12 @@ class DriverManager:
     # -- the event loop's inputs ------------------------------------------------------------
     def on_exit_fd(self, fd: int) -> None:
         """A driver process's pidfd is readable: it has died."""
-        if iotrace.RECOVERY:
-            iotrace.mark(Stage.SV_DEATH, self._by_fd[fd][1].pid if fd in self._by_fd else 0)
         entry = self._by_fd.get(fd)
         if entry is None:
             return
         slot, inst = entry
+        if iotrace.RECOVERY:
+            iotrace.mark(Stage.SV_DEATH, inst.pid)
         code = inst.reap()
         if code is None:  # the fd was closed and reused within one poll round: not dead
             return
@@ -335,11 +335,12 @@ class DriverManager:
         restart_now = d.action == Action.RESTART and (
             slot.sv.state == State.EXITED or slot.sv.due()
         )
+        if d.action == Action.RESTART:
+            slot.recovery = Recovery(pid, reason, detected)
         if restart_now:
             # the replacement first, before the log line and the event: each costs the
             # recovery time on this path.  Its hello replaces the link anyway, and driver_lost
             # (a round trip to the kernel) names the old pid, so it cannot drop the new link
-            slot.recovery = Recovery(pid, reason, detected)
             self._restart(slot)
         tail = (
             inst.log_tail(8)
@@ -366,7 +367,6 @@ class DriverManager:
         if d.action == Action.RESTART:
             self._kernel("driver_lost", name=name, pid=pid)
             if not restart_now:
-                slot.recovery = Recovery(pid, reason, detected)
                 log.warning(
                     "driver %s: failed start (%s); next start in %.2fs", name, reason, d.delay
                 )
