@@ -38,10 +38,12 @@ int isovisor_keeper(void *arg)
     struct pollfd p = {.fd = (int)pidfd, .events = POLLIN, .revents = 0};
     struct timespec linger = {.tv_sec = 0, .tv_nsec = LINGER_NS};
 
+    /* named first: once its inherited files are closed (which a test can see as the end of a
+     * pipe), it is recognisable */
+    sys3(SYS_prctl, PR_SET_NAME, (long)"iv-keeper", 0);
     if (pidfd > 0)
         sys3(SYS_close_range, 0, pidfd - 1, 0);
     sys3(SYS_close_range, pidfd + 1, ~0U, 0);
-    sys3(SYS_prctl, PR_SET_NAME, (long)"iv-keeper", 0);
     sys3(SYS_setpriority, PRIO_PROCESS, 0, 19);
     /* Signals are blocked, so poll returns only when the driver has ended (or on an error,
      * such as a bad pidfd: then end at once, as a keeper without a driver should). */

@@ -22,22 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Run as its own process (it becomes a child subreaper, as the supervisor does): starts a
 #: "driver" that starts a keeper, SIGKILLs the driver, and reports what it saw, as JSON.
 SCENARIO = r"""
-import json, os, select, signal, subprocess, sys, time
+import json, os, select, signal, subprocess, sys
 from pathlib import Path
 from drivers import keeper
 lib = Path(sys.argv[1])
 keeper.become_subreaper()
+# the keeper inherits the write end of this pipe and closes it once it has named itself: the
+# end of the pipe says it is ready
+r, w = os.pipe()
 child = subprocess.Popen(
     [sys.executable, "-c",
-     "import sys, time\nfrom pathlib import Path\nfrom drivers import keeper\n"
-     "print(keeper.start(Path(sys.argv[1])), flush=True)\ntime.sleep(60)\n", str(lib)],
-    stdout=subprocess.PIPE, text=True)
+     "import os, signal, sys\nfrom pathlib import Path\nfrom drivers import keeper\n"
+     "pid = keeper.start(Path(sys.argv[1]))\nos.close(int(sys.argv[2]))\n"
+     "print(pid, flush=True)\nsignal.pause()\n", str(lib), str(w)],
+    stdout=subprocess.PIPE, text=True, pass_fds=(w,))
+os.close(w)
 kpid = int(child.stdout.readline())
+assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b"", "the keeper kept the pipe"
 def stat(pid):
     return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-deadline = time.monotonic() + 10  # the keeper names itself first thing
-while open(f"/proc/{kpid}/comm").read().strip() != keeper.NAME and time.monotonic() < deadline:
-    time.sleep(0.005)
 seen = {
     "name": open(f"/proc/{kpid}/comm").read().strip(),
     "parent_is_driver": int(stat(kpid)[1]) == child.pid,
@@ -45,15 +48,13 @@ seen = {
     "fds": len(os.listdir(f"/proc/{kpid}/fd")),
     "nice": os.getpriority(os.PRIO_PROCESS, kpid),
 }
-fd = os.pidfd_open(child.pid)
+fd, kfd = os.pidfd_open(child.pid), os.pidfd_open(kpid)
 os.kill(child.pid, signal.SIGKILL)
 select.select([fd], [], [], 10)
 seen["keeper_state_when_driver_gone"] = stat(kpid)[0]
 child.wait()
-deadline = time.monotonic() + 10
-while not keeper.reap() and time.monotonic() < deadline:
-    time.sleep(0.01)
-seen["reaped"] = not os.path.exists(f"/proc/{kpid}")
+select.select([kfd], [], [], 10)  # readable once the keeper has ended (a zombie of ours)
+seen["reaped"] = keeper.reap() == 1 and not os.path.exists(f"/proc/{kpid}")
 print(json.dumps(seen))
 """
 
