@@ -60,11 +60,9 @@ def spin_pingpong(n: int) -> list[float]:
     word = struct.Struct("Q")
     pid = os.fork()
     if pid == 0:
-        seen = 0
-        for _ in range(n + 100):
-            while word.unpack_from(m, 0)[0] == seen:
+        for seen in range(1, n + 101):
+            while word.unpack_from(m, 0)[0] != seen:
                 pass
-            seen += 1
             word.pack_into(m, 8, seen)
         os._exit(0)
     rtts = []
