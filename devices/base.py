@@ -198,6 +198,17 @@ class DeviceClass:
         """A ``devices`` row's Access, Sectors and Target cells in ``isovisor devices``."""
         return "-", "-", "-"
 
+    # -- the driver jail (drivers/jail.py, docs/jail.md) ----------------------------------------
+    def jail_blocker(self, options: dict[str, Any]) -> str | None:
+        """Why a driver of this class, with these backend options, cannot run jailed yet
+        (it then runs unjailed, and the supervisor says so), or None."""
+        return None
+
+    def jail_writable(self, options: dict[str, Any], run_dir: Path) -> list[Path]:
+        """Directories a jailed driver of this class writes to besides its own: the
+        supervisor creates them for the driver's uid and binds them into its jail."""
+        return []
+
     # -- faults -----------------------------------------------------------------------------
     def faults(self) -> FaultClass:
         """What fault injection means for this class (drivers/faults.py)."""

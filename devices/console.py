@@ -35,6 +35,20 @@ if TYPE_CHECKING:
 NO_DRIVER: Final = ("", "kernel")
 
 
+def default_dir(options: dict[str, Any], run_dir: Path | None = None) -> Path:
+    """Where a console driver keeps its logs and sockets unless told otherwise:
+    ``<run_dir>/consoles``, ``run_dir`` being the ``run_dir`` option, else the stack's (the
+    argument, else ``$ISOVISOR_RUN_DIR``, else the current directory)."""
+    v = options.get("run_dir")
+    if v is None:
+        base: str | Path = run_dir or os.environ.get("ISOVISOR_RUN_DIR", "").strip() or "."
+    elif not isinstance(v, str) or not v:
+        raise ValueError(f"run_dir must be a directory path (a non-empty string), got {v!r}")
+    else:
+        base = v
+    return Path(base).expanduser().resolve() / "consoles"
+
+
 @dataclass(frozen=True)
 class ConsoleSpec:
     """A domain's console device, served by console driver ``backend``."""
@@ -248,6 +262,16 @@ class Console(DeviceClass):
 
     def c_headers(self) -> dict[str, str]:
         return {"isovisor_consif.h": consif.c_header()}
+
+    def jail_writable(self, options: dict[str, Any], run_dir: Path) -> list[Path]:
+        """The log and socket directories (``log_dir``, ``socket_dir``, both by default
+        ``<run_dir>/consoles``)."""
+        default = default_dir(options, run_dir)
+        out = []
+        for key in ("log_dir", "socket_dir"):
+            v = options.get(key)
+            out.append(Path(v).expanduser().resolve() if isinstance(v, str) and v else default)
+        return sorted(set(out))
 
     def faults(self) -> FaultClass:
         from drivers.faults import RESPONSE_TYPES, FaultClass

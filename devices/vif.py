@@ -267,6 +267,14 @@ class Vif(DeviceClass):
     def c_headers(self) -> dict[str, str]:
         return {"isovisor_netif.h": netif.c_header()}
 
+    def jail_blocker(self, options: dict[str, Any]) -> str | None:
+        if options.get("uplink", "none") == "none":
+            return None
+        return (
+            'a TAP uplink (uplink = "tap") is set up by the driver itself, which needs '
+            "CAP_NET_ADMIN; moving that set-up to the supervisor is not built yet"
+        )
+
     def faults(self) -> FaultClass:
         from drivers.faults import FaultClass
 

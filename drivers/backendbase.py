@@ -10,10 +10,11 @@ resume them after a predecessor), :meth:`BackendBase.service` (the guest kicked)
 
 * **options**: unknown keys refused with the list of known ones (``OPTIONS``);
 * **attach/detach**: the attach message checked field by field into an :class:`Attach`, the
-  class named by the message checked, the segment mapped and the region's geometry checked
-  (:meth:`BackendBase.check_region`), the class's own fields and resources
-  (:meth:`BackendBase.open_device`), InitWait published; a device that cannot be served is
-  refused in its store directory and to the kernel;
+  class named by the message checked, the segment mapped (:meth:`BackendBase.map_segment`:
+  from the descriptor the host hands over with the doorbells, by name only without one) and
+  the region's geometry checked (:meth:`BackendBase.check_region`), the class's own fields and
+  resources (:meth:`BackendBase.open_device`), InitWait published; a device that cannot be
+  served is refused in its store directory and to the kernel;
 * **the frontend-state machine** (:class:`Lifecycle`), Xen's handshake: InitWait on attach,
   Connected on the frontend's Initialised; a new instance finding the frontend Connected
   *resumes*; Closing/Closed closes;
@@ -317,7 +318,7 @@ class BackendBase(Generic[B]):
             self._refuse(a.key, a.store, problem)
             return
         try:
-            segment = Segment(a.segment, 0, create=False)
+            segment = self.map_segment(a)
         except (SegmentError, OSError, ValueError) as e:
             self._refuse(a.key, a.store, f"cannot map device segment {a.segment}: {e}")
             return
@@ -348,9 +349,27 @@ class BackendBase(Generic[B]):
             self._refuse(a.key, None, f"cannot write the backend state: {e}")
             return
         self.log.info(
-            "%s %d (%s) attached, waiting for the frontend", self.device_class.noun, a.key, a.label
+            "%s %d (%s) attached (region mapped from %s), waiting for the frontend",
+            self.device_class.noun,
+            a.key,
+            a.label,
+            "its descriptor" if "segment_fd" in dev else f"/dev/shm/{a.segment}",
         )
         self.attached(d)
+
+    @staticmethod
+    def map_segment(a: Attach) -> Segment:
+        """Map the device's region: from the descriptor the host put in the attach
+        (``segment_fd``: it came with the doorbells, and the host closes it after
+        :meth:`attach`), else, from a kernel that handed none (no doorbell connection: an
+        inline driver without one, a ``tcp://`` or ``inproc://`` endpoint), by its name under
+        /dev/shm."""
+        fd = a.body.get("segment_fd")
+        if fd is None:
+            return Segment(a.segment, 0, create=False)
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise ValueError(f"attach field 'segment_fd' is {fd!r:.60}, expected a descriptor")
+        return Segment.from_fd(fd, a.segment)
 
     def detach(self, key: int) -> None:
         d = self.devices.pop(key, None)

@@ -7,8 +7,9 @@ probation, a rollback).  :func:`install` gives the process a hook of its own ins
 ``PYTHONBREAKPOINT`` is set: then that is what the developer asked for):
 
 * in debug mode (``debug = true``, ``isovisor driver swap --debug``) ``breakpoint()`` opens
-  the standard library's pdb on a UNIX socket in the run directory (``driver-<name>.pdb``, or
-  ``driver-<name>.<pid>.pdb`` while another instance of the driver is stopped at one), logs
+  the standard library's pdb on a UNIX socket in the driver's directory of the run directory
+  (``driver-<name>/debug.pdb``, or ``debug.<pid>.pdb`` beside it while another instance of
+  the driver is stopped at one), logs
   ``driver <name> stopped at a breakpoint ...: connect with socat - UNIX-CONNECT:<path>``
   and waits for a client.  The driver stays stopped there as long as the developer likes,
   which is why debug mode also turns the hang checks off.  ``c`` resumes the driver and, when
@@ -17,8 +18,9 @@ probation, a rollback).  :func:`install` gives the process a hook of its own ins
 * otherwise ``breakpoint()`` is logged, once per place, and skipped: a driver stopped there
   would be killed as hung.
 
-The socket is created in the run directory (mode 0700) with mode 0600: pdb runs any Python
-statement it is given, so only the stack's user may connect.
+The socket is created in the driver's directory (mode 0700, the driver's own: its jail's uid,
+docs/jail.md) with mode 0600: pdb runs any Python statement it is given, so only the driver's
+uid and root may connect.
 """
 
 from __future__ import annotations

@@ -38,8 +38,12 @@ Supervision (docs/recovery.md):
 
 Doorbells (docs/devices.md): the host connects to the kernel's doorbell socket (beside
 ``--kernel``) before its hello; a device attached with ``"doorbells": true`` is kicked through
-its kick eventfd, and ``host.notify`` rings its notify eventfd.  ``ISOVISOR_DRIVER_POLL_US=N``
-makes the loop busy-poll for up to N µs after a round that served kicks (off by default).
+its kick eventfd, and ``host.notify`` rings its notify eventfd.  Its shared-memory segment comes
+with the eventfds as a descriptor: the backend's ``attach`` finds it as ``dev["segment_fd"]``
+and maps the region from it (never by name under /dev/shm); the host closes that descriptor
+when ``attach`` returns (the mapping keeps the segment), so a backend must not keep or close it.
+``ISOVISOR_DRIVER_POLL_US=N`` makes the loop busy-poll for up to N µs after a round that served
+kicks (off by default).
 
 ``--module`` names the backend class: ``package.module`` (its ``Backend``),
 ``package.module:Class``, ``/path/to/file.py`` (its ``Backend``, or its only backend class) or
@@ -88,7 +92,7 @@ from typing import Any, NoReturn, Protocol, cast
 import msgpack
 import zmq
 
-from drivers import debugger, keeper
+from drivers import debugger, jail, keeper
 from drivers.faults import HOST_KINDS, PROCESS_KINDS, Fault, class_of_module
 from drivers.state import BackendState
 from ipc import doorbell, iotrace
@@ -269,8 +273,8 @@ class DriverHost:
         self._bells: dict[int, tuple[int, int]] = {}
         #: kick eventfd -> device key
         self._kick_keys: dict[int, int] = {}
-        #: doorbells received for an attach not yet handled
-        self._parked: dict[int, tuple[int, int]] = {}
+        #: (kick, notify, segment) descriptors received for an attach not yet handled
+        self._parked: dict[int, tuple[int, int, int]] = {}
         self._poller: zmq.Poller | None = None
         #: Adaptive busy polling after a round that served kicks (see _wait): the longest
         #: window, the current one, whether the last round served any.
@@ -919,10 +923,16 @@ class DriverHost:
                 kicked.pop(msg[1], None)
             elif kind == "attach" and iotrace.RECOVERY:
                 iotrace.mark(Stage.D_ATTACH, msg[1].get("key", 0))
-            if kind == "attach" and msg[1].pop("doorbells", False):
-                self._call("attach", self._adopt_bells, msg[1].get("key"))
+            if kind == "attach":
+                msg[1].pop("segment_fd", None)  # only ever the host's own (below)
+                if msg[1].pop("doorbells", False):
+                    self._call("attach", self._adopt_bells, msg[1])
             self.log.debug("%s %s", kind, _short(msg[1:], 400))
-            self._call(kind, getattr(self.backend, kind), *msg[1:])
+            try:
+                self._call(kind, getattr(self.backend, kind), *msg[1:])
+            finally:
+                if kind == "attach":
+                    self._close_segment_fd(msg[1])
             if kind == "detach":
                 self._drop_bells(msg[1])
         if self.mode != "active":
@@ -936,9 +946,12 @@ class DriverHost:
             self._call("kick", backend.kick, key)
 
     # -- doorbells -----------------------------------------------------------------------------
-    def _adopt_bells(self, key: object) -> None:
-        """An ``attach`` that says ``doorbells``: take the device's two eventfds, which the
-        kernel queued on the doorbell connection before it sent the attach."""
+    def _adopt_bells(self, dev: dict[str, Any]) -> None:
+        """An ``attach`` that says ``doorbells``: take the device's two eventfds and its
+        segment descriptor, which the kernel queued on the doorbell connection before it sent
+        the attach.  The segment's goes into the attach as ``segment_fd``, for the backend to
+        map; :meth:`_close_segment_fd` closes it once the backend's ``attach`` returned."""
+        key = dev.get("key")
         self._receive_bells()
         fds = self._parked.pop(key, None) if isinstance(key, int) else None
         if fds is None:
@@ -947,12 +960,23 @@ class DriverHost:
                 "connection holds none for it"
             )
         assert isinstance(key, int)
+        kick, notify, segment = fds
+        dev["segment_fd"] = segment
         self._drop_bells(key)
-        self._bells[key] = fds
-        self._kick_keys[fds[0]] = key
+        self._bells[key] = (kick, notify)
+        self._kick_keys[kick] = key
         if self._poller is not None:
-            self._poller.register(fds[0], zmq.POLLIN)
+            self._poller.register(kick, zmq.POLLIN)
         self._again[key] = None  # a kick rung before the attach is not lost: look once
+
+    @staticmethod
+    def _close_segment_fd(dev: dict[str, Any]) -> None:
+        """Close the segment descriptor :meth:`_adopt_bells` put in an attach, if any, and
+        take it out of the attach (a backend may keep the dict: no stale number stays in it)."""
+        fd = dev.pop("segment_fd", None)
+        if isinstance(fd, int) and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _receive_bells(self) -> None:
         while self._bell is not None:
@@ -965,13 +989,16 @@ class DriverHost:
                 return
             if got is None:
                 return
-            key, kick, notify = got
-            for fd in self._parked.pop(key, ()):
+            key, kick, notify, segment = got
+            for fd in self._parked.pop(key, ()):  # an attach that never came: not used
                 os.close(fd)
-            self._parked[key] = (kick, notify)
+            self._parked[key] = (kick, notify, segment)
 
     def _drop_bells(self, key: object) -> None:
-        """Close this instance's copies of device ``key``'s doorbells."""
+        """Close this instance's copies of device ``key``'s doorbells (and any descriptors
+        received for an attach of it that was not handled)."""
+        for fd in self._parked.pop(key, ()) if isinstance(key, int) else ():
+            os.close(fd)
         fds = self._bells.pop(key, None) if isinstance(key, int) else None
         if fds is None:
             return
@@ -1430,6 +1457,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the keeper library to start first (drivers/keeper.py; none if empty)",
     )
     ap.add_argument(
+        "--jail",
+        default="",
+        help="a jail spec (JSON, drivers/jail.py) to enter before the backend is imported",
+    )
+    ap.add_argument(
         "--spare",
         action="store_true",
         help='start as a warm spare: say "spare", wait for ["activate"], then hello',
@@ -1479,10 +1511,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the parent died before we could ask to die with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    keeper_code = None
     if args.keeper:
         try:
-            keeper.start(Path(args.keeper))
+            keeper_code = keeper.load(Path(args.keeper))
         except keeper.KeeperError as e:  # recovery works without it, ~3 ms later
+            log.warning("no keeper: %s", e)
+    if args.jail:
+        try:
+            entered = jail.enter(jail.JailSpec.from_json(args.jail))
+        except jail.JailError as e:
+            log.error("driver %s could not enter its jail: %s", args.name, e)
+            with contextlib.suppress(OSError):
+                write_report(args.report, f"could not enter the jail: {e}", "")
+            return 2
+        die_with_parent()  # (a change of uid clears the parent-death signal)
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            return 1
+        log.info(
+            "driver %s jailed: uid %d, gid %d, %d paths",
+            args.name,
+            entered.uid,
+            entered.gid,
+            len(entered.paths),
+        )
+    if keeper_code is not None:  # after the jail: it shares our memory, so our privileges
+        try:
+            keeper.start(keeper_code)
+        except keeper.KeeperError as e:
             log.warning("no keeper: %s", e)
     breakpoints = debugger.install(args.name, log, args.debug)
     try:

@@ -61,6 +61,7 @@ _MS_REC: Final = 0x4000
 _MS_PRIVATE: Final = 0x40000
 _MNT_DETACH: Final = 0x2
 _SYS_PIVOT_ROOT: Final = 155  # x86-64
+_PR_CAPBSET_DROP: Final = 24
 _PR_SET_DUMPABLE: Final = 4
 _PR_GET_DUMPABLE: Final = 3
 _PR_SET_NO_NEW_PRIVS: Final = 38
@@ -251,8 +252,12 @@ def _limits(spec: JailSpec) -> None:
         raise JailError(f"setting the jail's resource limits: {e}") from None
 
 
-def _identity(spec: JailSpec) -> None:
-    """Step 3."""
+def _identity(libc: ctypes.CDLL, spec: JailSpec) -> None:
+    """Step 3 (and the capability bounding set emptied first, as Firecracker's jailer does:
+    nothing can bring a capability back)."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
     try:
         os.setgroups([])
         os.setresgid(spec.gid, spec.gid, spec.gid)
@@ -284,11 +289,11 @@ def enter(spec: JailSpec) -> Entered:
     libc = _libc()
     _limits(spec)
     mounted = _build_root(libc, spec)
-    _identity(spec)
+    _identity(libc, spec)
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     caps = capabilities()
-    if caps.get("CapEff") or caps.get("CapPrm") or caps.get("CapAmb"):
+    if any(caps.get(k) for k in ("CapEff", "CapPrm", "CapAmb", "CapInh", "CapBnd")):
         raise JailError(f"capabilities left after entering the jail: {caps}")
     if os.getuid() != spec.uid or os.geteuid() != spec.uid:
         raise JailError(f"the jail's uid did not take: uid {os.getuid()}, euid {os.geteuid()}")
@@ -309,5 +314,6 @@ def status() -> dict[str, Any]:
         "no_new_privs": libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
         "dumpable": libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0),
         "cap_eff": caps.get("CapEff", -1),
+        "cap_bnd": caps.get("CapBnd", -1),
         "root": root_entries,
     }

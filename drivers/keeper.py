@@ -80,13 +80,22 @@ def build(cache_dir: Path, cc: str | None = None) -> Path:
     return lib
 
 
-def start(lib: Path) -> int:
-    """Start this process's keeper from library ``lib``; its pid."""
+def load(lib: Path) -> ctypes.CDLL:
+    """Load the keeper library ``lib`` (before a jail hides its path: drivers/jail.py)."""
     try:
         code = ctypes.CDLL(str(lib))
-        fn = ctypes.cast(code.isovisor_keeper, ctypes.c_void_p)
+        code.isovisor_keeper  # noqa: B018  (the entry point must be there)
     except (OSError, AttributeError) as e:
         raise KeeperError(f"cannot load the keeper from {lib}: {e}") from e
+    return code
+
+
+def start(lib: Path | ctypes.CDLL) -> int:
+    """Start this process's keeper from library ``lib`` (a path, or what :func:`load` gave);
+    its pid.  A jailed driver starts it after entering its jail, so that the keeper, which
+    shares its memory, has no more privileges than the driver."""
+    code = lib if isinstance(lib, ctypes.CDLL) else load(lib)
+    fn = ctypes.cast(code.isovisor_keeper, ctypes.c_void_p)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.clone.restype = ctypes.c_int
     libc.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]

@@ -1,4 +1,5 @@
-"""Doorbells: the data path's wake-ups, as eventfds handed to a driver with ``SCM_RIGHTS``.
+"""Doorbells: the data path's wake-ups, as eventfds handed to a driver with ``SCM_RIGHTS``,
+together with the device's shared-memory region.
 
 Each device has two eventfds, made and owned by the kernel for the device's whole life (like
 its shared-memory segment): the *kick* doorbell, which the kernel rings when the guest notifies
@@ -12,7 +13,9 @@ both ends re-read the ring after every wake-up, so nothing depends on how many t
 ZeroMQ cannot carry file descriptors, so they travel over a Unix ``SOCK_SEQPACKET``
 connection beside it: the kernel listens at :func:`path_for` its driver endpoint; a driver host
 connects before its hello and says who it is (:func:`hello`); with each ``attach`` the kernel
-first sends ``["bells", key]`` with the two descriptors on that connection and then the ZeroMQ
+first sends ``["bells", key]`` with three descriptors on that connection, the kick and notify
+eventfds and the device's shared-memory segment (open read-write: the driver maps it with
+``ipc.shm.Segment.from_fd`` and never opens it by name under /dev/shm), and then the ZeroMQ
 ``attach`` with ``"doorbells": true``.  The descriptors are queued in the driver's socket
 before the attach can arrive, so the driver finds them without waiting.  Control (attach,
 detach, faults, hot swap) stays on ZeroMQ.
@@ -32,6 +35,8 @@ from ipc import fdpass
 
 #: Largest message on the doorbell connection.
 MAX_MESSAGE: Final = 256
+#: Descriptors a ``bells`` message carries: kick, notify, segment.
+BELL_FDS: Final = 3
 
 
 def path_for(endpoint: str) -> str | None:
@@ -106,15 +111,20 @@ def parse_hello(data: bytes) -> str | None:
     return None
 
 
-def send_bells(sock: socket.socket, key: int, kick: int, notify: int) -> None:
-    """Hand device ``key``'s two doorbells over ``sock`` (the kernel's end)."""
-    socket.send_fds(sock, [msgpack.packb(["bells", key])], [kick, notify])
+def send_bells(sock: socket.socket, key: int, kick: int, notify: int, segment: int) -> None:
+    """Hand device ``key``'s two doorbells and its shared-memory segment (a descriptor open
+    read-write on it) over ``sock`` (the kernel's end).  The kernel keeps its descriptors."""
+    socket.send_fds(sock, [msgpack.packb(["bells", key])], [kick, notify, segment])
 
 
-def receive_bells(sock: socket.socket) -> tuple[int, int, int] | None:
-    """The next ``(key, kick, notify)`` waiting on ``sock`` (a driver's end), or None if none
-    is.  A message of another shape is an error: its descriptors are closed."""
-    got = fdpass.receive(sock, MAX_MESSAGE, 2)
+def receive_bells(sock: socket.socket) -> tuple[int, int, int, int] | None:
+    """The next ``(key, kick, notify, segment)`` waiting on ``sock`` (a driver's end), or
+    None if none is; the three descriptors are the caller's to close.  A message of another
+    shape (not ``["bells", key]``, or not exactly three descriptors) is an error: its
+    descriptors are closed."""
+    # Room for one descriptor more than expected, so that a message with too many is seen
+    # (what does not fit is dropped by the system, but one too many is enough to refuse it).
+    got = fdpass.receive(sock, MAX_MESSAGE, BELL_FDS + 1)
     if got is None:
         return None
     data, fds = got
@@ -130,9 +140,13 @@ def receive_bells(sock: socket.socket) -> tuple[int, int, int] | None:
         and len(msg) == 2
         and msg[0] == "bells"
         and isinstance(msg[1], int)
-        and len(fds) == 2
+        and not isinstance(msg[1], bool)
+        and len(fds) == BELL_FDS
     ):
-        return msg[1], fds[0], fds[1]
+        return msg[1], fds[0], fds[1], fds[2]
     for fd in fds:
         os.close(fd)
-    raise ValueError(f"malformed doorbell message {data[:64]!r} with {len(fds)} descriptors")
+    raise ValueError(
+        f"malformed doorbell message {data[:64]!r} with {len(fds)} descriptors "
+        f'(expected ["bells", key] with {BELL_FDS})'
+    )

@@ -5,6 +5,11 @@ unlinks it when *any* attaching process exits, and it starts that tracker as an 
 isovisor's segments have one owner (the kernel) and a known name prefix per stack, so the
 supervisor can sweep them after a crash; a plain ``os.open`` + ``mmap`` is all that needs.
 
+The owner opens a segment by name; a process it hands a segment to (a driver) gets a descriptor
+instead (:meth:`Segment.open_fd` on the owner's side, passed with ``SCM_RIGHTS`` by
+``ipc/doorbell.py``; :meth:`Segment.from_fd` on the other), so it never needs to open anything
+under /dev/shm by path.
+
 Invariant: a segment's mmap must not be closed while unicorn (or a ctypes pointer) still maps
 it; :class:`Segment` keeps the ctypes anchor private and drops it in :meth:`close`.
 """
@@ -12,11 +17,13 @@ it; :class:`Segment` keeps the ctypes anchor private and drops it in :meth:`clos
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
 import queue
 import re
+import stat
 import threading
 from pathlib import Path
 
@@ -51,6 +58,7 @@ class Segment:
         except OSError as e:
             raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
         try:
+            st = os.fstat(fd)
             if create and reserve_later:
                 os.ftruncate(fd, size)
             elif create:
@@ -58,8 +66,8 @@ class Segment:
                 # touch of a page SIGBUS the whole kernel process instead of failing here.
                 os.posix_fallocate(fd, 0, size)
             else:
-                size = os.fstat(fd).st_size
-            self._mm: mmap.mmap | None = mmap.mmap(fd, size)
+                size = st.st_size
+            mm = mmap.mmap(fd, size)
         except OSError as e:
             os.close(fd)
             if create:
@@ -71,9 +79,67 @@ class Segment:
                 f"{SHM_DIR}); lower the domain's memory or enlarge {SHM_DIR}"
             ) from None
         os.close(fd)
+        self._mapped(mm, size, st)
+
+    def _mapped(self, mm: mmap.mmap, size: int, st: os.stat_result) -> None:
+        """Take ``mm`` (``size`` bytes of the file ``st`` describes) as this segment's map."""
+        self._mm: mmap.mmap | None = mm
         self.size = size
-        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)
+        #: (device, inode) of the segment's file, to tell it from a file put in its place.
+        self._ident = (st.st_dev, st.st_ino)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(mm)
         self.address = ctypes.addressof(self._anchor)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str) -> Segment:
+        """The segment open at descriptor ``fd``, mapped whole for reading and writing: how a
+        process its owner handed it to (``SCM_RIGHTS``) maps it without opening it by path.
+        ``name`` is what messages call it (nothing is looked up by it).  The caller keeps
+        ``fd`` and closes it when it likes: the mapping holds a reference of its own.
+        SegmentError if ``fd`` is not open for reading and writing on a non-empty regular
+        file, or cannot be mapped."""
+        if not _NAME_RE.match(name):
+            raise SegmentError(f"invalid shared-memory name {name!r}: use letters, digits, . _ -")
+        what = f"shared-memory segment {name} (descriptor {fd})"
+        try:
+            st = os.fstat(fd)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError as e:
+            raise SegmentError(f"cannot map {what}: {e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise SegmentError(f"cannot map {what}: not a regular file")
+        if mode != os.O_RDWR:
+            raise SegmentError(f"cannot map {what}: not open for reading and writing")
+        if st.st_size <= 0:
+            raise SegmentError(f"cannot map {what}: it is empty")
+        try:
+            mm = mmap.mmap(fd, st.st_size)
+        except (OSError, ValueError) as e:
+            raise SegmentError(f"cannot map {what}: {e}") from None
+        seg = cls.__new__(cls)
+        seg.name = name
+        seg.path = SHM_DIR / name
+        seg._mapped(mm, st.st_size, st)
+        return seg
+
+    def open_fd(self) -> int:
+        """A new descriptor on this segment (read-write, close-on-exec) for another process
+        that must not open it by path (the kernel hands it to a driver); the caller closes
+        it.  Only the owner calls this: it opens the segment's path.  SegmentError if that
+        fails, or if the file there is no longer this segment's."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise SegmentError(f"cannot open shared-memory segment {self.path}: {e}") from e
+        if (st.st_dev, st.st_ino) != self._ident:
+            os.close(fd)
+            raise SegmentError(f"shared-memory segment {self.path} was replaced by another file")
+        return fd
 
     def reserve_in_background(self) -> None:
         """Reserve every page of a segment made with ``reserve_later``, in a thread (one

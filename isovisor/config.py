@@ -90,7 +90,9 @@ _TOP_FIELDS: Final = {
     "driver": Field(dict, "[driver.<name>] tables: driver backends"),
     "domains": Field(dict, "[domains] table"),
 }
-ISOLATIONS: Final = ("process", "inline")
+ISOLATIONS: Final = ("process", "process-unjailed", "inline")
+#: ``[driver.<name>] device_class``: the names of devices/'s classes.
+DEVICE_CLASS_NAMES: Final = ("vbd", "vif", "console", "rng")
 RESTART_POLICIES: Final = ("permanent", "transient", "temporary")
 STRATEGIES: Final = ("one_for_one", "rest_for_one", "one_for_all")
 #: Levels of a driver process's log (``log_level``; ``isovisor driver swap --log-level``).
@@ -129,8 +131,9 @@ DRIVER_FIELDS: Final = {
     "module": Field(str, "Python module of the backend, e.g. drivers.blk"),
     "isolation": Field(
         str,
-        "how the driver runs: process (its own OS process) or inline (a "
-        "thread of the kernel process, for comparison)",
+        "how the driver runs: process (its own OS process, jailed: "
+        "docs/jail.md), process-unjailed (its own OS process with the supervisor's "
+        "identity and privileges) or inline (a thread of the kernel process, for comparison)",
         choices=ISOLATIONS,
         what="an isolation",
         default="process",
@@ -223,10 +226,17 @@ DRIVER_FIELDS: Final = {
         "process), and breakpoint() opens pdb on a socket in the run directory",
         default=False,
     ),
+    "device_class": Field(
+        str,
+        "the device class a backend file or a module of another package serves, so that its "
+        "jail is fitted to it (docs/jail.md); without it such a driver runs unjailed",
+        choices=DEVICE_CLASS_NAMES,
+        what="a device class",
+    ),
 }
 #: Keys that only mean something for a supervised (isolation = "process") driver.
 SUPERVISION_KEYS: Final = tuple(
-    k for k in DRIVER_FIELDS if k not in ("module", "isolation", "options")
+    k for k in DRIVER_FIELDS if k not in ("module", "isolation", "options", "device_class")
 )
 _DRIVER_DEFAULTS: Final = {k: f.default for k, f in DRIVER_FIELDS.items()}
 _MODULE_RE: Final = re.compile(
@@ -267,10 +277,24 @@ class DriverConfig:
     log_level: str = _DRIVER_DEFAULTS["log_level"]
     #: Debug mode (docs/configuration.md#debugging-a-driver): no hang checks, pdb on a socket.
     debug: bool = _DRIVER_DEFAULTS["debug"]
+    device_class: str | None = None
+    #: The module the driver was configured with, once a hot swap has changed ``module`` ("":
+    #: ``module`` is it).  Its device class decides what the driver's jail holds.
+    origin: str = ""
+
+    @property
+    def class_module(self) -> str:
+        """The module whose device class the driver serves (a hot swap does not change it)."""
+        return self.origin or self.module
 
     @property
     def supervised(self) -> bool:
         """Inline drivers run inside the kernel: they cannot be restarted on their own."""
+        return self.isolation != "inline"
+
+    @property
+    def jailed(self) -> bool:
+        """Its process enters a jail before it imports the backend (drivers/jail.py)."""
         return self.isolation == "process"
 
 

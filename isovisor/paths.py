@@ -39,10 +39,22 @@ class RunDir:
         """Where the kernel receives driver messages."""
         return f"ipc://{self.path / 'kernel-drivers.sock'}"
 
+    def driver_dir(self, name: str) -> Path:
+        """The directory of driver ``name``'s own files (its instances' sockets and reports,
+        its debugger's socket): a jailed driver can write there and nowhere else in the run
+        directory (drivers/jail.py)."""
+        return self.path / f"driver-{name}"
+
+    @property
+    def jail_root(self) -> Path:
+        """The empty directory jailed drivers build their root over (in their own mount
+        namespaces: it stays empty here)."""
+        return self.path / "jail"
+
     def driver_socket(self, name: str, instance: int) -> Path:
         """The socket file of one driver process: each instance has its own, so a dead
         instance's file never gets in a replacement's way."""
-        return self.path / f"driver-{name}.{instance}.sock"
+        return self.driver_dir(name) / f"{instance}.sock"
 
     def driver_endpoint(self, name: str, instance: int) -> str:
         return f"ipc://{self.driver_socket(name, instance)}"
@@ -50,15 +62,15 @@ class RunDir:
     def driver_report(self, name: str, instance: int) -> Path:
         """Where instance ``instance`` of driver ``name`` says why it could not start or why
         it ended by fail-stop (``--report``: drivers/host.py)."""
-        return self.path / f"driver-{name}.{instance}.report.json"
+        return self.driver_dir(name) / f"{instance}.report.json"
 
     def driver_log(self, name: str) -> Path:
         return self.path / f"driver-{name}.log"
 
     def driver_pdb(self, name: str) -> Path:
         """Where a driver in debug mode serves pdb when it stops at a ``breakpoint()``
-        (drivers/debugger.py; ``driver-<name>.<pid>.pdb`` while this one is taken)."""
-        return self.path / f"driver-{name}.pdb"
+        (drivers/debugger.py; ``debug.<pid>.pdb`` beside it while this one is taken)."""
+        return self.driver_dir(name) / "debug.pdb"
 
     @property
     def pidfile(self) -> Path:
@@ -86,7 +98,9 @@ class RunDir:
         ]
         # (a debugger's socket outlives a driver process killed at a breakpoint)
         return (
-            fixed + sorted(self.path.glob("driver-*.sock")) + sorted(self.path.glob("driver-*.pdb"))
+            fixed
+            + sorted(self.path.glob("driver-*/*.sock"))
+            + sorted(self.path.glob("driver-*/*.pdb"))
         )
 
     def prepare(self) -> None:

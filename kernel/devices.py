@@ -89,6 +89,9 @@ class Device:
     #: The doorbells (ipc/doorbell.py): rung by the kernel on a kick, and by the driver.
     kick_fd: int = -1
     notify_fd: int = -1
+    #: A descriptor on the segment, handed to the driver with the doorbells (it maps the
+    #: region from it and never opens the segment by name).
+    segment_fd: int = -1
 
     @property
     def port(self) -> int:
@@ -241,6 +244,7 @@ class DeviceManager:
                 dev = Device(next(self._keys), dom, spec, i, seg, cls.medium(spec, name), cls)
                 made.append(dev)
                 dev.kick_fd, dev.notify_fd = doorbell.make(), doorbell.make()
+                dev.segment_fd = seg.open_fd()
                 dom.vcpu.map_region(dev.gpa, dev.window, seg.address)
                 self._write_table_entry(dom, dev)
             dom.mem.words[(abi.START_INFO_ADDR + abi.SI_NR_DEVICES) // 8] = len(made)
@@ -322,8 +326,8 @@ class DeviceManager:
             self.store.rm(f"/local/domain/{dom.domid}")
 
     def _free(self, dev: Device) -> None:
-        self.hub.close_bells([fd for fd in (dev.kick_fd, dev.notify_fd) if fd >= 0])
-        dev.kick_fd = dev.notify_fd = -1
+        self.hub.close_bells([fd for fd in (dev.kick_fd, dev.notify_fd, dev.segment_fd) if fd >= 0])
+        dev.kick_fd = dev.notify_fd = dev.segment_fd = -1
         scratch = dev.scratch
         dev.segment.close()
         dev.segment.unlink()
@@ -694,13 +698,13 @@ class DeviceManager:
         if iotrace.ON:
             iotrace.mark(Stage.WOKEN, dev.key)
 
-    def _bells_of(self, key: int) -> tuple[int, int] | None:
-        """``(kick_fd, notify_fd)`` of live device ``key``, or None (drivers thread, which
-        alone closes them)."""
+    def _bells_of(self, key: int) -> tuple[int, int, int] | None:
+        """``(kick_fd, notify_fd, segment_fd)`` of live device ``key``, or None (drivers
+        thread, which alone closes them)."""
         dev = self.devices.get(key)
-        if dev is None or dev.gone or dev.kick_fd < 0:
+        if dev is None or dev.gone or min(dev.kick_fd, dev.notify_fd, dev.segment_fd) < 0:
             return None
-        return dev.kick_fd, dev.notify_fd
+        return dev.kick_fd, dev.notify_fd, dev.segment_fd
 
     def _device(self, key: Any, kind: str) -> Device | None:
         dev = self.devices.get(key) if isinstance(key, int) and not isinstance(key, bool) else None

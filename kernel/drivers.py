@@ -20,11 +20,11 @@ The drivers thread also calls ``on_tick`` every :data:`TICK_S` seconds (the devi
 watchdog).
 
 The data path's wake-ups do not use ZeroMQ when a driver connected to the doorbell socket
-(``ipc/doorbell.py``): each device's kick and notify eventfds go to the driver with its
-``attach``, a kick is a write to the kick eventfd (from the pCPU thread), and the drivers thread
-waits on every device's notify eventfd through one epoll beside its ZeroMQ socket.  The
-eventfds are closed on the drivers thread only, so a descriptor number it is about to read or
-send is never one reused meanwhile.
+(``ipc/doorbell.py``): each device's kick and notify eventfds, and a descriptor on its
+shared-memory segment, go to the driver with its ``attach``, a kick is a write to the kick
+eventfd (from the pCPU thread), and the drivers thread waits on every device's notify eventfd
+through one epoll beside its ZeroMQ socket.  These descriptors are closed on the drivers thread
+only, so a descriptor number it is about to read or send is never one reused meanwhile.
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ class DriverHub:
         self.ctx = ctx
         #: Called on the drivers thread with (device key, rings) when a notify doorbell rang.
         self.on_notify: Callable[[int, int], None] | None = None
-        #: A live device's ``(kick_fd, notify_fd)``, or None (set by the device layer; called
-        #: on the drivers thread, the only one that closes them).
-        self.bells_of: Callable[[int], tuple[int, int] | None] | None = None
+        #: A live device's ``(kick_fd, notify_fd, segment_fd)``, or None (set by the device
+        #: layer; called on the drivers thread, the only one that closes them).
+        self.bells_of: Callable[[int], tuple[int, int, int] | None] | None = None
         #: Called with a notify doorbell just before this hub waits on it, and just before it
         #: is closed (the scheduler's idle pCPUs wait on it too, registered first:
         #: Scheduler.watch_fd / unwatch_fd).
@@ -225,8 +225,8 @@ class DriverHub:
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def close_bells(self, fds: list[int]) -> None:
-        """Stop waiting on a device's doorbells and close them, on the drivers thread (any
-        thread may call this)."""
+        """Stop waiting on a device's doorbells and close them and its segment descriptor,
+        on the drivers thread (any thread may call this)."""
         if threading.current_thread() is self.thread or not self.thread.is_alive():
             self._close_bells(fds)
             return
@@ -310,7 +310,8 @@ class DriverHub:
         return next((c for c, w in self._bell_conns.values() if w == who), None)
 
     def _with_bells(self, link: DriverLink, msg: list[Any]) -> list[Any]:
-        """An ``attach`` to ``link``: hand its device's doorbells over first, and say so."""
+        """An ``attach`` to ``link``: hand its device's doorbells and segment descriptor over
+        first, and say so."""
         body = msg[1]
         bell = link.bell
         if bell is None or not isinstance(body, dict) or self.bells_of is None:

@@ -642,20 +642,22 @@ def test_a_stack_key_is_explained_as_in_supervisor_toml(tmp_path: Path, line: st
     assert sentence.startswith(f"{line} ") and f"({fields[key].help})" in sentence, sentence
 
 
-def test_isolation_is_explained_as_in_supervisor_toml(tmp_path: Path) -> None:
+def test_isolation_is_explained_in_supervisor_toml_and_in_a_campaign(tmp_path: Path) -> None:
     sup = write(
         tmp_path / "supervisor.toml", '[driver.blk0]\nmodule = "drivers.blk"\nisolation = "inlin"\n'
     )
     with pytest.raises(ConfigError) as e:
         load_stack_config(sup)
-    sentence = (
-        'isolation = "inlin" is not an isolation; choose one of: process, inline (did you '
-        f'mean "inline"?) ({DRIVER_FIELDS["isolation"].help})'
+    assert str(e.value) == (
+        f'{sup} [driver.blk0]: isolation = "inlin" is not an isolation; choose one of: process, '
+        f'process-unjailed, inline (did you mean "inline"?) ({DRIVER_FIELDS["isolation"].help})'
     )
-    assert str(e.value) == f"{sup} [driver.blk0]: {sentence}"
-    assert (
-        error_at(tmp_path, edit('name = "t"', 'isolation = "inlin"'), 3)
-        == f"[campaign]: {sentence}"
+    assert "jailed" in DRIVER_FIELDS["isolation"].help
+    # a campaign compares a process with the kernel's thread: no unjailed choice there
+    assert error_at(tmp_path, edit('name = "t"', 'isolation = "inlin"'), 3) == (
+        '[campaign]: isolation = "inlin" is not an isolation; choose one of: process, inline '
+        '(did you mean "inline"?) (how the driver runs: process (its own OS process) or inline '
+        "(a thread of the kernel process, for comparison))"
     )
 
 

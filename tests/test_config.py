@@ -198,7 +198,8 @@ def test_driver_tables_are_checked(tmp_path: Path) -> None:
         ('[driver.b]\nmodul = "x"\n', 'unknown key "modul"'),
         (
             '[driver.b]\nmodule = "x"\nisolation = "vm"\n',
-            'isolation = "vm" is not an isolation; choose one of: process, inline',
+            'isolation = "vm" is not an isolation; choose one of: process, process-unjailed, '
+            "inline",
         ),
         ('[driver.b]\nmodule = "x y"\n', "is neither a module"),
         ("[driver.b]\n", 'missing required key "module"'),
@@ -398,3 +399,31 @@ def test_a_group_must_agree_on_its_strategy(tmp_path: Path) -> None:
         '"rest_for_one") in group "g": the drivers of a group must agree; give each of them '
         "the same strategy (default one_for_one)"
     )
+
+
+def test_which_drivers_are_jailed_and_why_not() -> None:
+    from isovisor.supervisor.driverproc import jail_state
+
+    def state(module: str, **kw: object) -> str | None:
+        return jail_state(DriverConfig("d0", module, **kw))  # type: ignore[arg-type]
+
+    assert state("drivers.rng") == "jailed"
+    assert state("drivers.console") == "jailed"
+    assert state("drivers.net") == "jailed"
+    assert state("drivers.net", options={"uplink": "tap"}).startswith(  # type: ignore[union-attr]
+        'not jailed: a TAP uplink (uplink = "tap") is set up by the driver itself'
+    )
+    assert state("drivers.blk").startswith("not jailed: a block driver opens its disk images")  # type: ignore[union-attr]
+    assert state("drivers.rng", isolation="process-unjailed") == (
+        'not jailed: isolation = "process-unjailed"'
+    )
+    assert state("drivers.rng", isolation="inline") is None
+    # a backend file: its class is not known before it is loaded, unless the table says it
+    assert state("/tmp/mine.py") == (
+        "not jailed: the device class of /tmp/mine.py is not known before it is loaded: give "
+        "device_class = one of vbd, vif, console, rng in [driver.d0] to jail it"
+    )
+    assert state("/tmp/mine.py", device_class="rng") == "jailed"
+    assert state("/tmp/mine.py", device_class="vbd").startswith("not jailed: a block driver")  # type: ignore[union-attr]
+    # a hot swap keeps the class of the module the driver was configured with
+    assert state("/tmp/mine.py", origin="drivers.console") == "jailed"

@@ -106,7 +106,7 @@ def test_the_driver_process_gets_its_level_and_debug_mode(tmp_path: Path) -> Non
         "--log-level": "debug",
         "--watchdog-ms": "0",
         "--request-timeout-ms": "0",
-        "--debug": str(tmp_path / "driver-blk0.pdb"),
+        "--debug": str(tmp_path / "driver-blk0" / "debug.pdb"),
     }
 
 
@@ -544,7 +544,7 @@ def test_a_debug_mode_driver_is_not_killed_as_hung(
         what="the driver at its breakpoint",
     )
     assert line[1].startswith(str(backend)) and int(line[2]) == pid
-    assert line[3] == str(s.run_dir / "driver-blk0.pdb")
+    assert line[3] == str(s.run_dir / "driver-blk0" / "debug.pdb")
     c = Client(line[3])
     assert "statistics()" in c.until()
     assert c.send("p marker").strip() == "'at the breakpoint'"

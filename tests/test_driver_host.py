@@ -5,6 +5,8 @@ message or on the process's exit, never a fixed sleep."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -25,8 +27,12 @@ import psutil
 import pytest
 import zmq
 
+from devices import rng
 from drivers.host import EXIT_INJECTED, EXIT_SOFTWARE, start_inline
 from ipc import doorbell
+from ipc.ring import HEADER_BYTES, FrontRing
+from ipc.shm import Segment, SegmentError
+from ipc.store import DevState
 from isovisor.procs import reap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -582,6 +588,9 @@ def test_report_does_not_require_hot_swap_but_swappable_does(harness: Harness) -
 # --- doorbells --------------------------------------------------------------------------------
 
 ECHO_BACKEND = '''
+import os
+
+
 class Backend:
     """Notifies a device's frontend once per kick, and counts the kicks."""
 
@@ -590,6 +599,9 @@ class Backend:
 
     def attach(self, dev):
         assert "doorbells" not in dev, dev  # the host takes the flag
+        fd = dev.get("segment_fd")  # open while attach() runs: report its size (-1: none)
+        size = -1 if fd is None else os.fstat(fd).st_size
+        self.host.store_write(f"/driver/{self.host.name}/{dev['key']}", str(size))
 
     def detach(self, key):
         pass
@@ -603,6 +615,29 @@ class Backend:
     def close(self):
         pass
 '''
+
+
+def memfd(tag: str, size: int = 4096) -> tuple[int, str]:
+    """A stand-in for a device's segment: an anonymous file of ``size`` bytes, and its name
+    (unique to this test run)."""
+    name = f"ivseg-{os.getpid()}-{tag}"
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, name
+
+
+def copies(pid: int, name: str) -> int:
+    """How many descriptors process ``pid`` holds on memfd ``name``."""
+    n = 0
+    for entry in os.scandir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(entry.path) == f"/memfd:{name} (deleted)"
+    return n
+
+
+def stored(peer: Peer, path: str) -> list[str]:
+    """Every value the driver wrote to ``path`` so far (messages already taken)."""
+    return [m[2] for _, m in peer.seen if m[0] == "store" and m[1] == path]
 
 
 def rang(fd: int, timeout: float = WAIT) -> int:
@@ -625,11 +660,14 @@ def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness
     from it) and says who it is before its hello; an attach that says ``doorbells`` finds the
     device's two eventfds queued there: a ring of the kick eventfd makes the backend's kick()
     run, and its notify() rings the notify eventfd, with no ZeroMQ message either way.  After
-    the detach the driver no longer listens to that kick eventfd."""
+    the detach the driver no longer listens to that kick eventfd.  The device's segment comes
+    with the eventfds: the backend's attach() finds it open as ``segment_fd``, and the host
+    closes its copy once attach() returned."""
     listener = doorbell.listen(str(harness.tmp / "kernel.fds"))
     backend = harness.tmp / "echo.py"
     backend.write_text(ECHO_BACKEND)
     kick, notify = doorbell.make(), doorbell.make()
+    seg, seg_name = memfd("echo", 3 * 4096)
     try:
         d = harness.start("--module", str(backend))
         hello = harness.peer.expect("hello")[1]
@@ -638,7 +676,7 @@ def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness
         conn, _ = listener.accept()  # made before the hello: already waiting
         conn.settimeout(WAIT)
         assert doorbell.parse_hello(conn.recv(doorbell.MAX_MESSAGE)) == f"{NAME}:{d.proc.pid}"
-        doorbell.send_bells(conn, 7, kick, notify)
+        doorbell.send_bells(conn, 7, kick, notify, seg)
         harness.peer.send("attach", {"key": 7, "doorbells": True})
         assert rang(notify) == 1  # the host looks at a device once when it takes its bells
         for _ in range(3):
@@ -646,6 +684,8 @@ def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness
             assert rang(notify) == 1
         synced(harness.peer, 1)
         assert "notify" not in harness.peer.kinds()
+        assert stored(harness.peer, f"/driver/{NAME}/7") == [str(3 * 4096)]
+        assert copies(d.proc.pid, seg_name) == 0
         harness.peer.send("detach", 7)
         synced(harness.peer, 2)
         doorbell.ring(kick)
@@ -655,7 +695,7 @@ def test_doorbells_carry_kicks_and_notifications_without_zeromq(harness: Harness
         conn.close()
     finally:
         listener.close()
-        for fd in (kick, notify):
+        for fd in (kick, notify, seg):
             os.close(fd)
     assert d.proc.poll() is None
 
@@ -670,6 +710,7 @@ def test_a_busy_polling_driver_serves_every_kick_and_sleeps_when_idle(harness: H
     backend = harness.tmp / "echo.py"
     backend.write_text(ECHO_BACKEND)
     kick, notify = doorbell.make(), doorbell.make()
+    seg, _ = memfd("poll")
     try:
         poll = {"ISOVISOR_DRIVER_POLL_US": "50000"}
         d = harness.start("--module", str(backend), "--watchdog-ms", "160", env=poll)
@@ -679,7 +720,7 @@ def test_a_busy_polling_driver_serves_every_kick_and_sleeps_when_idle(harness: H
         conn, _ = listener.accept()
         conn.settimeout(WAIT)
         conn.recv(doorbell.MAX_MESSAGE)
-        doorbell.send_bells(conn, 7, kick, notify)
+        doorbell.send_bells(conn, 7, kick, notify, seg)
         harness.peer.send("attach", {"key": 7, "doorbells": True})
         assert rang(notify) == 1
         for _ in range(300):
@@ -694,7 +735,7 @@ def test_a_busy_polling_driver_serves_every_kick_and_sleeps_when_idle(harness: H
         conn.close()
     finally:
         listener.close()
-        for fd in (kick, notify):
+        for fd in (kick, notify, seg):
             os.close(fd)
 
 
@@ -711,29 +752,198 @@ def test_without_a_doorbell_socket_kicks_and_notifications_go_over_zeromq(
     harness.peer.send("attach", {"key": 3})
     harness.peer.send("kick", 3)
     assert harness.peer.expect("notify") == ["notify", 3]
+    assert stored(harness.peer, f"/driver/{NAME}/3") == ["-1"]  # no segment_fd: by name
     assert "no doorbells" in d.log() and "kernel.fds" in d.log()
+
+
+@pytest.mark.timeout(30)
+def test_the_host_closes_every_segment_descriptor_it_is_handed(tmp_path: Path) -> None:
+    """An inline host (in this process, so its descriptors are counted here): the segment
+    descriptor of an attach is closed when the backend's attach() returns, on a first attach
+    and on a re-attach; one that came for an attach never handled is closed when another for
+    the same device replaces it, when the device is detached, and when the host stops."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="ivfds-", dir="/tmp"))  # ipc:// paths are short
+    backend = tmp_path / "echo.py"
+    backend.write_text(ECHO_BACKEND)
+    ctx: zmq.Context[Any] = zmq.Context()
+    peer = Peer(ctx, f"ipc://{sock_dir}/kernel.sock")
+    bells = doorbell.path_for(peer.endpoint)
+    assert bells is not None
+    listener = doorbell.listen(bells)
+    kick, notify = doorbell.make(), doorbell.make()
+    segs = {tag: memfd(f"own-{tag}", (i + 1) * 4096) for i, tag in enumerate("ABCDE")}
+    me = os.getpid()
+    drv = None
+    conn = None
+    try:
+        drv = start_inline(
+            NAME,
+            str(backend),
+            {},
+            ctx,
+            peer.endpoint,
+            f"ipc://{sock_dir}/driver.sock",
+            bells=bells,
+        )
+        peer.connect(peer.expect("hello")[1]["endpoint"])
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()
+        conn.settimeout(WAIT)
+        conn.recv(doorbell.MAX_MESSAGE)
+
+        def bell(key: int, tag: str) -> None:
+            doorbell.send_bells(conn, key, kick, notify, segs[tag][0])
+
+        def held(tag: str) -> int:  # the host's copies (this test holds one of each)
+            return copies(me, segs[tag][1]) - 1
+
+        bell(7, "A")
+        peer.send("attach", {"key": 7, "doorbells": True})
+        synced(peer, 1)
+        assert stored(peer, f"/driver/{NAME}/7") == [str(4096)]
+        assert held("A") == 0  # closed once attach() returned
+        bell(9, "B")  # for an attach that never comes ...
+        bell(7, "C")  # ... read with these, for a re-attach of 7
+        peer.send("attach", {"key": 7, "doorbells": True})
+        synced(peer, 2)
+        assert stored(peer, f"/driver/{NAME}/7") == [str(4096), str(3 * 4096)]
+        assert (held("B"), held("C")) == (1, 0)  # B parked, C closed after attach()
+        bell(9, "D")  # replaces B, unused
+        bell(7, "E")
+        peer.send("attach", {"key": 7, "doorbells": True})
+        synced(peer, 3)
+        assert (held("B"), held("D"), held("E")) == (0, 1, 0)
+        peer.send("detach", 9)  # never attached: what came for it is closed
+        synced(peer, 4)
+        assert held("D") == 0
+        bell(11, "B")
+        bell(7, "A")
+        peer.send("attach", {"key": 7, "doorbells": True})
+        synced(peer, 5)
+        assert (held("A"), held("B")) == (0, 1)
+        drv.stop()
+        assert not drv.alive
+        assert held("B") == 0  # the host stopped: nothing of it is left
+        assert all(held(tag) == 0 for tag in segs)
+    finally:
+        if drv is not None:
+            drv.stop()
+        if conn is not None:
+            conn.close()
+        listener.close()
+        peer.close()
+        ctx.term()
+        for fd in (kick, notify, *(fd for fd, _ in segs.values())):
+            os.close(fd)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_driver_process_maps_its_region_from_the_descriptor_alone(harness: Harness) -> None:
+    """The entropy driver as its own process, handed a device whose segment has no name any
+    more (unlinked from /dev/shm after the kernel's side opened it): it maps the region from
+    the descriptor that came with the doorbells, takes the handshake and answers a request
+    with random bytes in the guest's memory, which only a mapping of that segment can put
+    there.  Mapping by name would have failed: the attach would be refused."""
+    listener = doorbell.listen(str(harness.tmp / "kernel.fds"))
+    seg = Segment(f"isovisor.test-{NAME}.{os.getpid()}.rng", rng.SEGMENT_BYTES, create=True)
+    kick, notify = doorbell.make(), doorbell.make()
+    mem = memoryview(seg.buf)
+    store = f"/driver/{NAME}/rng/1/0"
+    front: FrontRing | None = None
+    conn: socket.socket | None = None
+    try:
+        seg_fd = seg.open_fd()
+        seg.unlink()
+        assert not seg.path.exists()
+        front = FrontRing(
+            mem[: HEADER_BYTES + rng.RING_SLOTS * rng.SLOT_SIZE], rng.RING_SLOTS, rng.SLOT_SIZE
+        )
+        d, _ = harness.start_active("--module", "drivers.rng")
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()
+        conn.settimeout(WAIT)
+        conn.recv(doorbell.MAX_MESSAGE)
+        doorbell.send_bells(conn, 7, kick, notify, seg_fd)
+        os.close(seg_fd)  # in flight: the driver's copy
+        attach = {
+            "key": 7,
+            "domid": 1,
+            "domain": "g",
+            "vdev": "rng0",
+            "devid": 0,
+            "segment": seg.name,
+            "window": rng.WINDOW_BYTES,
+            "inflight_offset": rng.INFLIGHT_OFFSET,
+            "store": store,
+            "scratch": "",
+            "class": "rng",
+            "doorbells": True,
+        }
+        harness.peer.send("attach", attach)
+
+        def state() -> str:
+            msg = harness.peer.expect("store")
+            while msg[1] != f"{store}/state":
+                msg = harness.peer.expect("store")
+            return str(msg[2])
+
+        assert state() == str(int(DevState.INIT_WAIT)), d.log()
+        harness.peer.send("fe_state", 7, int(DevState.INITIALISED))
+        assert state() == str(int(DevState.CONNECTED)), d.log()
+        off = rng.DATA_OFFSET + 5 * rng.MAX_REQUEST_BYTES
+        front.put_request(rng.REQUEST.pack(1, off, 200))
+        front.push_requests()
+        doorbell.ring(kick)
+        assert rang(notify) >= 1
+        assert front.unconsumed_responses()
+        rid, status, _, length = rng.RESPONSE.unpack_from(front.get_response())
+        assert (rid, status, length) == (1, 0, 200)
+        assert len(set(mem[off : off + 200])) > 50  # random bytes, written through the fd
+        assert "error" not in harness.peer.kinds()
+        assert "(region mapped from its descriptor)" in d.log()
+    finally:
+        if conn is not None:
+            conn.close()
+        listener.close()
+        for fd in (kick, notify):
+            os.close(fd)
+        front = None  # its views of the segment
+        gc.collect()
+        mem.release()
+        seg.close()
+        seg.unlink()
 
 
 def test_a_doorbell_message_of_another_shape_is_refused_and_its_descriptors_closed() -> None:
     """What a driver reads on its doorbell connection is checked: a message that is not
-    ``["bells", key]`` with two descriptors raises ValueError naming it, and the descriptors
-    that came with it are closed, not leaked."""
+    ``["bells", key]`` with exactly three descriptors (kick, notify, segment) raises ValueError
+    naming it, and the descriptors that came with it are closed, not leaked: a key that is not
+    an integer, two descriptors (the hand-over before the segment came with it), four."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fd = doorbell.make()
     try:
         assert doorbell.receive_bells(b) is None  # nothing waiting: no blocking
-        socket.send_fds(a, [msgpack.packb(["bells", "x"])], [fd])
-        before = len(os.listdir("/proc/self/fd"))
-        with pytest.raises(ValueError, match=r"malformed doorbell message .* with 1 desc"):
-            doorbell.receive_bells(b)
-        assert len(os.listdir("/proc/self/fd")) == before
-        doorbell.send_bells(a, 5, fd, fd)
-        key, k, n = doorbell.receive_bells(b) or (0, -1, -1)
+        for data, fds in (
+            (["bells", "x"], [fd]),
+            (["bells", 5], [fd, fd]),
+            (["bells", 5], [fd, fd, fd, fd]),
+            (["bells", True], [fd, fd, fd]),
+        ):
+            socket.send_fds(a, [msgpack.packb(data)], fds)
+            before = len(os.listdir("/proc/self/fd"))
+            with pytest.raises(
+                ValueError, match=rf"malformed doorbell message .* with {len(fds)} desc"
+            ):
+                doorbell.receive_bells(b)
+            assert len(os.listdir("/proc/self/fd")) == before
+        doorbell.send_bells(a, 5, fd, fd, fd)
+        key, k, n, g = doorbell.receive_bells(b) or (0, -1, -1, -1)
         assert key == 5 and os.path.samestat(os.fstat(k), os.fstat(fd))
         doorbell.ring(fd)
-        assert doorbell.take(n) == 1  # one eventfd, three descriptors
-        os.close(k)
-        os.close(n)
+        assert doorbell.take(n) == 1  # one eventfd, four descriptors
+        for mine in (k, n, g):
+            os.close(mine)
         a.close()
         with pytest.raises(ConnectionError, match="closed the doorbell connection"):
             doorbell.receive_bells(b)
@@ -741,6 +951,73 @@ def test_a_doorbell_message_of_another_shape_is_refused_and_its_descriptors_clos
         os.close(fd)
         a.close()
         b.close()
+
+
+def test_the_segment_comes_with_the_bells_and_maps_the_bytes_the_kernel_wrote() -> None:
+    """The kernel's side: a segment made by name and a descriptor on it (``open_fd``), sent
+    with the two eventfds; the driver's side maps the descriptor it receives (``from_fd``)
+    and sees what the kernel wrote, and the kernel sees what it writes: one segment.  Mapped
+    from the descriptor, it needs no name under /dev/shm: it is unlinked before."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kick, notify = doorbell.make(), doorbell.make()
+    seg = Segment(f"isovisor.test-bells.{os.getpid()}", 3 * 4096, create=True)
+    mapped: Segment | None = None
+    try:
+        seg.buf[100:105] = b"hello"
+        seg_fd = seg.open_fd()
+        try:
+            doorbell.send_bells(a, 9, kick, notify, seg_fd)
+        finally:
+            os.close(seg_fd)  # the kernel's copy: the one in flight is the driver's
+        seg.unlink()
+        got = doorbell.receive_bells(b)
+        assert got is not None and got[0] == 9
+        _, k, n, g = got
+        try:
+            mapped = Segment.from_fd(g, seg.name)
+        finally:
+            for mine in (k, n, g):
+                os.close(mine)  # the mapping outlives its descriptor
+        assert mapped.size == 3 * 4096 and mapped.name == seg.name
+        assert bytes(mapped.buf[100:105]) == b"hello"
+        mapped.buf[4096:4099] = b"ack"
+        assert bytes(seg.buf[4096:4099]) == b"ack"
+        with pytest.raises(SegmentError, match="cannot open shared-memory segment"):
+            seg.open_fd()  # its name is gone: only a descriptor reaches it now
+    finally:
+        if mapped is not None:
+            mapped.close()
+        seg.close()
+        seg.unlink()
+        for fd in (kick, notify):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_a_segment_descriptor_that_cannot_be_a_region_is_refused_clearly() -> None:
+    """``Segment.from_fd`` says what is wrong with a descriptor rather than mapping it: not a
+    regular file, read-only, empty, closed.  The caller's descriptor stays open."""
+    ev = doorbell.make()
+    empty, _ = memfd("empty", 0)
+    seg = Segment(f"isovisor.test-bells-ro.{os.getpid()}", 4096, create=True)
+    ro = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd, why in (
+            (ev, "not a regular file"),
+            (ro, "not open for reading and writing"),
+            (empty, "it is empty"),
+        ):
+            with pytest.raises(SegmentError, match=rf"cannot map .*descriptor {fd}\): {why}"):
+                Segment.from_fd(fd, "dev")
+            os.fstat(fd)  # still open
+        with pytest.raises(SegmentError, match="invalid shared-memory name"):
+            Segment.from_fd(ro, "../etc/passwd")
+    finally:
+        for fd in (ev, empty, ro):
+            os.close(fd)
+        seg.close()
+        seg.unlink()
 
 
 def test_doorbell_path_sits_beside_an_ipc_endpoint_and_is_never_longer() -> None:

@@ -135,7 +135,7 @@ def test_a_jailed_process_reaches_nothing_it_was_not_handed(
     assert "raised" not in got, got
     st = got["status"]
     assert (st["uid"], st["gid"], st["groups"]) == (spec.uid, spec.gid, [])
-    assert (st["no_new_privs"], st["dumpable"], st["cap_eff"]) == (1, 0, 0)
+    assert (st["no_new_privs"], st["dumpable"], st["cap_eff"], st["cap_bnd"]) == (1, 0, 0, 0)
     assert got["segment"] == "PermissionError"  # the guest's RAM, root's and 0600
     assert got["parent_mem"] == "PermissionError"  # the supervisor's memory
     assert got["ptrace"] == "Operation not permitted"

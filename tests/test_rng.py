@@ -48,7 +48,7 @@ def requests(stack: Stack) -> int:
 
 
 @contextmanager
-def two_guests(stack: Stack, reads: int = READS) -> Iterator[Events]:
+def two_guests(stack: Stack, reads: int = READS, driver: str = DRIVER) -> Iterator[Events]:
     cfgs = [
         stack.domain_config(
             n,
@@ -61,7 +61,7 @@ def two_guests(stack: Stack, reads: int = READS) -> Iterator[Events]:
         )
         for n in ("r1", "r2")
     ]
-    stack.up([], extra=DRIVER)
+    stack.up([], extra=driver)
     with stack.subscribe(["domain.", "driver.", "device."]) as sub:
         events = Events(sub, stack)
         for cfg in cfgs:

@@ -18,7 +18,7 @@ from drivers.devicebackend import DeviceBackend, Lifecycle
 from drivers.rng import RngBackend
 from drivers.state import BackendState, StateError
 from ipc.ring import HEADER_BYTES, FrontRing
-from ipc.shm import Segment
+from ipc.shm import SHM_DIR, Segment
 from ipc.store import DevState
 from tests.fakehost import RecordingHost
 
@@ -262,6 +262,47 @@ def test_an_attach_for_another_class_or_geometry_is_refused(guest: Guest) -> Non
     assert host.store[f"{STORE}/state"] == str(int(DevState.CLOSED))
     assert not b.devices
     b.close()
+
+
+def test_a_region_handed_over_as_a_descriptor_is_mapped_from_it_not_by_name(guest: Guest) -> None:
+    """An attach with ``segment_fd`` (what the driver host puts there from the descriptor
+    that came with the doorbells) is mapped from that descriptor: its ``segment`` names
+    nothing under /dev/shm, and the device still serves the guest's ring in the guest's
+    memory.  The same attach without the descriptor is refused (it would be opened by that
+    name), and so is a ``segment_fd`` that is no region (an eventfd) or no descriptor.  The
+    backend neither keeps nor closes the descriptor: that is the host's."""
+    gone = f"{PREFIX}no-such-segment"
+    assert not (SHM_DIR / gone).exists()
+    host = RecordingHost("rng0", Crash)
+    b = RngBackend(host, {})
+    fd = guest.segment.open_fd()
+    bell = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        b.attach(guest.attach_message(segment=gone))
+        b.attach(guest.attach_message(segment=gone, segment_fd=bell))
+        b.attach(guest.attach_message(segment=gone, segment_fd="3"))
+        assert [m for _, m in host.errors] == [
+            f"cannot map device segment {gone}: cannot open shared-memory segment "
+            f"{SHM_DIR / gone}: [Errno 2] No such file or directory: '{SHM_DIR / gone}'",
+            f"cannot map device segment {gone}: cannot map shared-memory segment {gone} "
+            f"(descriptor {bell}): not a regular file",
+            f"cannot map device segment {gone}: attach field 'segment_fd' is '3', expected a "
+            "descriptor",
+        ]
+        host.errors.clear()
+        b.attach(guest.attach_message(segment=gone, segment_fd=fd))
+        assert not host.errors and host.store[f"{STORE}/state"] == str(int(DevState.INIT_WAIT))
+        os.fstat(fd)  # still open: the host closes it
+        b.fe_state(guest.key, int(DevState.INITIALISED))
+        rid = guest.ask(64)
+        b.kick(guest.key)
+        assert guest.answers() == [(rid, 0, 64)]
+        assert len(set(guest.bytes_of(rid))) > 20  # written through the mapping of fd
+        assert b.devices[guest.key].segment.name == gone
+    finally:
+        b.close()
+        os.close(fd)
+        os.close(bell)
 
 
 def test_the_response_layout_is_what_the_header_says() -> None:

@@ -236,6 +236,7 @@ def test_every_instance_reports_and_only_a_swap_candidate_must_be_swappable(
     assert "--swappable" not in plain.command() and "--swappable" in candidate.command()
     said: dict[str, Any] = {"error": "boom", "where": "/src/x.py:3, in f", "traceback": "T"}
     assert plain.report_path is not None
+    plain.prepare_dirs()  # (start() makes the driver's directory)
     plain.report_path.write_text(json.dumps(said))
     assert plain.take_report() == said and not plain.report_path.exists()
     assert plain.take_report() == said  # each caller gets it (the swap's, the supervisor's)

@@ -161,12 +161,7 @@ class SimulatedCrash(BaseException):
 
 
 def _default_dir(options: dict[str, Any]) -> Path:
-    run_dir = options.get("run_dir")
-    if run_dir is None:
-        run_dir = os.environ.get("ISOVISOR_RUN_DIR", "").strip() or "."
-    elif not isinstance(run_dir, str) or not run_dir:
-        raise ValueError(f"run_dir must be a directory path (a non-empty string), got {run_dir!r}")
-    return Path(run_dir).expanduser().resolve() / "consoles"
+    return console.default_dir(options)
 
 
 def _dir_option(options: dict[str, Any], name: str, default: Path) -> Path:

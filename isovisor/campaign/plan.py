@@ -124,7 +124,14 @@ _CAMPAIGN_KEYS: Final = {
         in_range(1, MAX_INJECTIONS),
     ),
     "gap": Field(NUMBER, "seconds between two injections, at least", at_least(0), default=0.3),
-    "isolation": DRIVER_FIELDS["isolation"],
+    # (a campaign compares a driver in its own process with one inside the kernel; whether the
+    # process is jailed is the stack's business: docs/jail.md)
+    "isolation": dataclasses.replace(
+        DRIVER_FIELDS["isolation"],
+        help="how the driver runs: process (its own OS process) or inline (a thread of the "
+        "kernel process, for comparison)",
+        choices=("process", "inline"),
+    ),
 }
 
 

@@ -46,7 +46,7 @@ def drivers(
         t.add_row(
             d["name"],
             d["module"],
-            d["isolation"],
+            d["isolation"] + (f" ({d['jail']})" if d.get("jail") else ""),
             str(d["pid"] if live else "-"),
             d["state"],
             "yes" if d["connected"] else "no",

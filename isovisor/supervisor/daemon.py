@@ -12,6 +12,7 @@ and its pid file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -26,7 +27,8 @@ from typing import Any
 import zmq
 
 import devices
-from drivers import keeper
+from drivers import jail, keeper
+from ipc import doorbell
 from ipc.control import (
     ControlError,
     Request,
@@ -40,7 +42,7 @@ from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervisor.consolerelay import ConsoleRelay
 from isovisor.supervisor.drivermgr import DriverManager, EventSink
-from isovisor.supervisor.driverproc import DriverProcess
+from isovisor.supervisor.driverproc import DriverProcess, jail_blocker
 from isovisor.supervisor.kernelproc import KernelProcess
 from isovisor.supervisor.supervision import State
 from kernel import snapfile
@@ -114,6 +116,7 @@ class Supervisor:
             rd.check_driver_sockets([d.name for d in self.cfg.drivers])
         except RunDirError as e:
             raise ControlError(str(e)) from None
+        self._check_jails()
         other = rd.running_pid()
         if other is not None and other != os.getpid():
             raise ControlError(
@@ -147,6 +150,7 @@ class Supervisor:
             self.ksub = subscribe(rd.kernel_events, [""], self.kernel.client)
             self._publish("supervisor.kernel.started", {"pid": self.kernel.pid})
             log.info("kernel started (pid %s)", self.kernel.pid)
+            self._open_kernel_to_jails()
             for drv in self.cfg.drivers:  # drivers first: domains attach to them
                 try:
                     self._start_driver(drv)
@@ -215,10 +219,54 @@ class Supervisor:
                 self.exit_status = 1
                 self._running = False
 
+    def _check_jails(self) -> None:
+        """Jailed drivers (``isolation = "process"``, docs/jail.md) need a root supervisor;
+        say which drivers run unjailed, and why."""
+        jailed = []
+        for d in self.cfg.drivers:
+            if d.isolation == "process-unjailed":
+                log.warning(
+                    'driver %s runs unjailed (isolation = "process-unjailed"): its backend can '
+                    "reach whatever the supervisor's user can",
+                    d.name,
+                )
+            elif d.jailed:
+                why = jail_blocker(d)
+                if why is None:
+                    jailed.append(d.name)
+                else:
+                    log.warning("driver %s runs unjailed: %s", d.name, why)
+        if jailed and os.geteuid() != 0:
+            raise ControlError(
+                f"driver{'s' if len(jailed) > 1 else ''} {', '.join(jailed)}: isolation = "
+                f'"process" runs each driver in a jail, which needs a root supervisor (this one '
+                f"runs as uid {os.geteuid()}): run the stack as root, or set isolation = "
+                '"process-unjailed" for these drivers in supervisor.toml (docs/jail.md)'
+            )
+        # (also for a stack with no jailed driver yet: a hot swap may bring one)
+        self.run_dir.jail_root.mkdir(exist_ok=True, mode=0o700)
+
+    def _open_kernel_to_jails(self) -> None:
+        """Let jailed drivers connect to the kernel's driver sockets: their group, mode 0660
+        (the kernel's other sockets stay the supervisor user's alone)."""
+        if os.geteuid() != 0:  # (no jail then: _check_jails refused any)
+            return
+        gid = jail.gid_for(str(self.run_dir.path))
+        paths = [self.run_dir.kernel_drivers.removeprefix("ipc://")]
+        bells = doorbell.path_for(self.run_dir.kernel_drivers)
+        if bells is not None:
+            paths.append(bells)
+        for p in paths:
+            try:
+                os.chown(p, 0, gid)
+                os.chmod(p, 0o660)
+            except OSError as e:
+                raise ControlError(f"cannot open {p} to the jailed drivers: {e}") from None
+
     def _start_keepers(self) -> None:
         """Every driver process gets a keeper (drivers/keeper.py), which comes back to us to be
         reaped when its driver ends; without a C compiler, none (and a warning)."""
-        if not any(d.isolation == "process" for d in self.cfg.drivers):
+        if not any(d.supervised for d in self.cfg.drivers):
             return
         try:
             keeper.become_subreaper()
@@ -247,8 +295,11 @@ class Supervisor:
         self.ctx.term()
         for path in self.run_dir.sockets():
             path.unlink(missing_ok=True)
-        for path in self.run_dir.path.glob("driver-*.report.json"):  # reports nobody read
+        for path in self.run_dir.path.glob("driver-*/*.report.json"):  # reports nobody read
             path.unlink(missing_ok=True)
+        for path in [*self.run_dir.path.glob("driver-*/"), self.run_dir.jail_root]:
+            with contextlib.suppress(OSError):  # (a console's files may be in one: kept)
+                path.rmdir()
         self.run_dir.pidfile.unlink(missing_ok=True)
         log.info("stack stopped")
 

@@ -25,7 +25,7 @@ from ipc.control import ControlError, NotFound
 from ipc.iotrace import Stage
 from isovisor.config import DriverConfig, StackConfig
 from isovisor.paths import RunDir
-from isovisor.supervisor.driverproc import DEBUG_MODE, DriverProcess
+from isovisor.supervisor.driverproc import DEBUG_MODE, DriverProcess, jail_state
 from isovisor.supervisor.faulttable import FaultTable
 from isovisor.supervisor.hotswap import Swap, Swapper
 from isovisor.supervisor.kernelproc import KernelProcess
@@ -873,6 +873,7 @@ class DriverManager:
             row.update(
                 module=module,
                 isolation=d.isolation,
+                jail=jail_state(d),
                 supervised=d.supervised,
                 connected=linked and k.get("pid") == row["pid"],
                 devices=k.get("devices"),

@@ -3,7 +3,7 @@
 An instance is started active (it says hello at once) or as a warm spare (``--spare``: it
 loads its backend, tells the kernel it is ready, and says hello only when the supervisor sends
 ``["activate"]`` to its endpoint).  Each instance of driver ``<name>`` listens on its own
-``driver-<name>.<n>.sock``.  Its pidfd becomes readable when it dies, so the supervisor's
+``driver-<name>/<n>.sock``.  Its pidfd becomes readable when it dies, so the supervisor's
 event loop notices a death at once.
 """
 
@@ -22,9 +22,13 @@ from typing import Any, ClassVar, Final
 import psutil
 import zmq
 
+import devices
+from devices.base import DeviceClass
+from drivers import jail
 from drivers.host import FAULTS_ENV
+from ipc import doorbell
 from ipc.control import pack
-from isovisor.config import DriverConfig
+from isovisor.config import DEVICE_CLASS_NAMES, DriverConfig
 from isovisor.paths import RunDir
 from isovisor.procs import log_tail
 from isovisor.supervisor.supervision import CpuMeter
@@ -38,12 +42,59 @@ DEBUG_MODE: Final = (
 )
 
 
+#: A jailed driver's limits on open files (unless ``max_fds`` says) and on processes and
+#: threads of its uid (the driver's own threads, its keeper, what a fault injection forks).
+JAIL_NOFILE: Final = 1024
+JAIL_NPROC: Final = 64
+#: A jailed driver's address space (``RLIMIT_AS``): a driver process maps some hundreds of MiB
+#: (the interpreter, libraries, thread stacks, its devices' regions).
+JAIL_ADDRESS_SPACE: Final = 4 << 30
+
+
+def child_env_root() -> str:
+    """This checkout (first on the stack processes' PYTHONPATH)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
 def child_env() -> dict[str, str]:
     """The environment for stack processes: this checkout first on PYTHONPATH."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
+    root = child_env_root()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
+
+
+def jail_state(cfg: DriverConfig) -> str | None:
+    """What ``isovisor drivers`` says of a driver's jail: "jailed", "not jailed: <why>", or
+    None (an inline driver has no process of its own)."""
+    if not cfg.supervised:
+        return None
+    if not cfg.jailed:
+        return 'not jailed: isolation = "process-unjailed"'
+    why = jail_blocker(cfg)
+    return "jailed" if why is None else f"not jailed: {why}"
+
+
+def device_class(cfg: DriverConfig) -> DeviceClass | None:
+    """The device class driver ``cfg`` serves: its (first) module's, else ``device_class``."""
+    cls = devices.of_module(cfg.class_module)
+    if cls is None and cfg.device_class:
+        cls = devices.by_name(cfg.device_class)
+    return cls
+
+
+def jail_blocker(cfg: DriverConfig) -> str | None:
+    """Why driver ``cfg`` (``isolation = "process"``) cannot run jailed here and now, or None:
+    its device class is not known before its backend is loaded, or cannot be jailed yet with
+    these options (devices/base.py)."""
+    cls = device_class(cfg)
+    if cls is None:
+        return (
+            f"the device class of {cfg.class_module} is not known before it is loaded: give "
+            f"device_class = one of {', '.join(DEVICE_CLASS_NAMES)} in [driver.{cfg.name}] to "
+            "jail it"
+        )
+    return cls.jail_blocker(cfg.options)
 
 
 @dataclass(frozen=True)
@@ -100,6 +151,40 @@ class DriverProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode if self.proc else None
 
+    def jail_spec(self) -> jail.JailSpec | None:
+        """The jail this instance enters (drivers/jail.py), or None: not jailed (``isolation =
+        "process-unjailed"``, or :func:`jail_blocker` says why not)."""
+        c, rd = self.cfg, self.run_dir
+        if not c.jailed or jail_blocker(c) is not None:
+            return None
+        stack = str(rd.path)
+        cls = device_class(c)
+        writable = [rd.driver_dir(c.name)]
+        if cls is not None:
+            writable += cls.jail_writable(c.options, rd.path)
+        readonly = [*jail.python_paths(), str(Path(child_env_root())), *jail.system_paths()]
+        readonly += ["/dev", "/proc"]
+        kernel_sockets = [rd.kernel_drivers.removeprefix("ipc://")]
+        bells = doorbell.path_for(rd.kernel_drivers)
+        if bells is not None:
+            kernel_sockets.append(bells)
+        readonly += kernel_sockets
+        file = c.module.partition(":")[0] if c.module.partition(":")[0].endswith(".py") else ""
+        if file:
+            readonly.append(str(Path(file).resolve()))
+        return jail.JailSpec(
+            uid=jail.uid_for(stack, c.name),
+            gid=jail.gid_for(stack),
+            scratch=str(rd.jail_root),
+            readonly=tuple(readonly),
+            writable=tuple(str(p) for p in writable),
+            # (twice max_fds: the supervisor replaces a driver past max_fds with that reason;
+            # the host's kernel stops one that leaks faster than it looks)
+            nofile=2 * c.max_fds if c.max_fds else JAIL_NOFILE,
+            nproc=JAIL_NPROC,
+            address_space=JAIL_ADDRESS_SPACE,
+        )
+
     def command(self) -> list[str]:
         c, rd = self.cfg, self.run_dir
         cmd = [
@@ -135,11 +220,15 @@ class DriverProcess:
             cmd.append("--swappable")
         if self.keeper is not None:
             cmd += ["--keeper", str(self.keeper)]
+        spec = self.jail_spec()
+        if spec is not None:
+            cmd += ["--jail", spec.to_json()]
         return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self, faults: list[dict[str, Any]] | None = None) -> None:
         """Start the process; ``faults`` are armed before it serves anything (the fault
         table's unlimited faults: a poison request must kill every instance)."""
+        self.prepare_dirs()
         env = child_env()
         if faults:
             env[FAULTS_ENV] = json.dumps(faults)
@@ -155,6 +244,20 @@ class DriverProcess:
                 start_new_session=True,
             )
         self.pidfd = os.pidfd_open(self.proc.pid)
+
+    def prepare_dirs(self) -> None:
+        """Make the driver's own directory, and its class's writable ones, its jail's uid's
+        (or the supervisor's, unjailed)."""
+        spec = self.jail_spec()
+        dirs = (
+            [Path(p) for p in spec.writable] if spec else [self.run_dir.driver_dir(self.cfg.name)]
+        )
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if spec is not None and os.geteuid() == 0:
+                for p in [d, *d.iterdir()]:  # files an earlier (unjailed) run left
+                    with contextlib.suppress(OSError):
+                        os.chown(p, spec.uid, spec.gid, follow_symlinks=False)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -189,6 +189,7 @@ class Swapper:
         cfg = dataclasses.replace(
             slot.cfg,
             module=spec,
+            origin=slot.cfg.class_module,
             options=slot.cfg.options if options is None else check_options(options),
             log_level=slot.cfg.log_level if log_level is None else check_log_level(log_level),
             debug=slot.cfg.debug if debug is None else debug,
@@ -445,6 +446,7 @@ class Swapper:
         slot.cfg = dataclasses.replace(
             slot.cfg,
             module=job.new_module,
+            origin=slot.cfg.class_module,
             options=new.options,
             log_level=new.log_level,
             debug=new.debug,
