@@ -66,7 +66,12 @@ class Backend(Rng):
             lambda: open(Path(__file__).with_name("planted.py"), "w").close()
         )
         tried["memory"] = _outcome(lambda: bytearray(6 << 30))
-        tried["fork"] = self._fork_bomb()
+        # the fork bomb once per driver (a fork copies the page tables: slow on this VM), the
+        # first load leaving a mark in the one directory it may write to
+        mark = run_dir / f"driver-{host.name}" / "forked"
+        if not mark.exists():
+            tried["fork"] = self._fork_bomb()
+            mark.touch()
         for what, outcome in tried.items():
             self.log.warning("jailbreak: %s: %s", what, outcome)
 

@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 EVIL = ROOT / "tests" / "jailbreak.py"
-READS = 20_000
+READS = 12_000
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -100,7 +100,9 @@ def test_an_adversarial_backend_is_denied_everything_it_tries(stack: Stack) -> N
                 assert tried[f"socket {name}"] == "denied FileNotFoundError", tried
             assert tried["write the sources"] == "denied OSError", tried  # EROFS
             assert tried["memory"] == "denied MemoryError", tried
-            assert re.fullmatch(r"denied BlockingIOError after \d+", tried["fork"]), tried
+            if "fork" in tried:  # (the first load only)
+                assert re.fullmatch(r"denied BlockingIOError after \d+", tried["fork"]), tried
+        assert "fork" in loads[0], loads[0]
         # the swap candidate came when both guests ran: their RAM and their devices' regions
         assert loads[-1]["segments"] == "4 tried: denied PermissionError", loads[-1]
         assert not (EVIL.parent / "planted.py").exists()
