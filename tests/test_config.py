@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -427,3 +428,39 @@ def test_which_drivers_are_jailed_and_why_not() -> None:
     assert state("/tmp/mine.py", device_class="vbd").startswith("not jailed: a block driver")  # type: ignore[union-attr]
     # a hot swap keeps the class of the module the driver was configured with
     assert state("/tmp/mine.py", origin="drivers.console") == "jailed"
+
+
+def test_a_non_root_stack_with_jailed_drivers_is_refused_and_says_how_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ipc.control import ControlError
+    from ipc.schema import STACK_ENV
+    from isovisor.config import StackConfig
+    from isovisor.paths import RunDir
+    from isovisor.supervisor.daemon import Supervisor
+
+    monkeypatch.setenv(STACK_ENV, "t")  # (the supervisor sets it for its stack processes)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+    (tmp_path / "run").mkdir()
+
+    def check(*drivers: DriverConfig) -> None:
+        Supervisor(StackConfig(drivers=drivers), RunDir(tmp_path / "run"))._check_jails()
+
+    with pytest.raises(ControlError) as e:
+        check(DriverConfig("rng0", "drivers.rng"), DriverConfig("con0", "drivers.console"))
+    assert str(e.value) == (
+        'drivers rng0, con0: isolation = "process" runs each driver in a jail, which needs a '
+        "root supervisor (this one runs as uid 1000): run the stack as root, or set isolation = "
+        '"process-unjailed" for these drivers in supervisor.toml (docs/jail.md)'
+    )
+    # unjailed on purpose, or a class that cannot be jailed yet: started, with a warning each
+    check(
+        DriverConfig("rng0", "drivers.rng", isolation="process-unjailed"),
+        DriverConfig("blk0", "drivers.blk"),
+    )
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        m.startswith('driver rng0 runs unjailed (isolation = "process-unjailed")') for m in said
+    )
+    assert any(m.startswith("driver blk0 runs unjailed: a block driver opens") for m in said)
