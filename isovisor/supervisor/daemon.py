@@ -28,7 +28,6 @@ import zmq
 
 import devices
 from drivers import jail, keeper
-from ipc import doorbell
 from ipc.control import (
     ControlError,
     Request,
@@ -42,7 +41,7 @@ from isovisor.config import ConfigError, DomainConfig, DriverConfig, StackConfig
 from isovisor.paths import RunDir, RunDirError, shm_prefix_for
 from isovisor.supervisor.consolerelay import ConsoleRelay
 from isovisor.supervisor.drivermgr import DriverManager, EventSink
-from isovisor.supervisor.driverproc import DriverProcess, jail_blocker
+from isovisor.supervisor.driverproc import DriverProcess, jail_blocker, kernel_driver_sockets
 from isovisor.supervisor.kernelproc import KernelProcess
 from isovisor.supervisor.supervision import State
 from kernel import snapfile
@@ -252,11 +251,7 @@ class Supervisor:
         if os.geteuid() != 0:  # (no jail then: _check_jails refused any)
             return
         gid = jail.gid_for(str(self.run_dir.path))
-        paths = [self.run_dir.kernel_drivers.removeprefix("ipc://")]
-        bells = doorbell.path_for(self.run_dir.kernel_drivers)
-        if bells is not None:
-            paths.append(bells)
-        for p in paths:
+        for p in kernel_driver_sockets(self.run_dir):
             try:
                 os.chown(p, 0, gid)
                 os.chmod(p, 0o660)

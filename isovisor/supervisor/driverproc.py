@@ -10,6 +10,7 @@ event loop notices a death at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -51,15 +52,10 @@ JAIL_NPROC: Final = 64
 JAIL_ADDRESS_SPACE: Final = 4 << 30
 
 
-def child_env_root() -> str:
-    """This checkout (first on the stack processes' PYTHONPATH)."""
-    return str(Path(__file__).resolve().parents[2])
-
-
 def child_env() -> dict[str, str]:
     """The environment for stack processes: this checkout first on PYTHONPATH."""
     env = dict(os.environ)
-    root = child_env_root()
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
 
@@ -73,6 +69,16 @@ def jail_state(cfg: DriverConfig) -> str | None:
         return 'not jailed: isolation = "process-unjailed"'
     why = jail_blocker(cfg)
     return "jailed" if why is None else f"not jailed: {why}"
+
+
+def kernel_driver_sockets(rd: RunDir) -> list[str]:
+    """The kernel's sockets a driver connects to: its driver endpoint and, beside it, its
+    doorbell socket (the only ones a jailed driver can reach: docs/jail.md)."""
+    paths = [rd.kernel_drivers.removeprefix("ipc://")]
+    bells = doorbell.path_for(rd.kernel_drivers)
+    if bells is not None:
+        paths.append(bells)
+    return paths
 
 
 def device_class(cfg: DriverConfig) -> DeviceClass | None:
@@ -151,9 +157,11 @@ class DriverProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode if self.proc else None
 
+    @functools.cached_property
     def jail_spec(self) -> jail.JailSpec | None:
         """The jail this instance enters (drivers/jail.py), or None: not jailed (``isolation =
-        "process-unjailed"``, or :func:`jail_blocker` says why not)."""
+        "process-unjailed"``, or :func:`jail_blocker` says why not).  Made once: both
+        :meth:`prepare_dirs` and :meth:`command` need it at each start."""
         c, rd = self.cfg, self.run_dir
         if not c.jailed or jail_blocker(c) is not None:
             return None
@@ -162,15 +170,11 @@ class DriverProcess:
         writable = [rd.driver_dir(c.name)]
         if cls is not None:
             writable += cls.jail_writable(c.options, rd.path)
-        readonly = [*jail.python_paths(), str(Path(child_env_root())), *jail.system_paths()]
-        readonly += ["/dev", "/proc"]
-        kernel_sockets = [rd.kernel_drivers.removeprefix("ipc://")]
-        bells = doorbell.path_for(rd.kernel_drivers)
-        if bells is not None:
-            kernel_sockets.append(bells)
-        readonly += kernel_sockets
-        file = c.module.partition(":")[0] if c.module.partition(":")[0].endswith(".py") else ""
-        if file:
+        # (python_paths() holds this checkout, which child_env puts on PYTHONPATH)
+        readonly = [*jail.python_paths(), *jail.system_paths(), "/dev", "/proc"]
+        readonly += kernel_driver_sockets(rd)
+        file = c.module.partition(":")[0]
+        if file.endswith(".py"):
             readonly.append(str(Path(file).resolve()))
         return jail.JailSpec(
             uid=jail.uid_for(stack, c.name),
@@ -220,9 +224,8 @@ class DriverProcess:
             cmd.append("--swappable")
         if self.keeper is not None:
             cmd += ["--keeper", str(self.keeper)]
-        spec = self.jail_spec()
-        if spec is not None:
-            cmd += ["--jail", spec.to_json()]
+        if self.jail_spec is not None:
+            cmd += ["--jail", self.jail_spec.to_json()]
         return [*cmd, "--spare"] if self.spare else cmd
 
     def start(self, faults: list[dict[str, Any]] | None = None) -> None:
@@ -248,7 +251,7 @@ class DriverProcess:
     def prepare_dirs(self) -> None:
         """Make the driver's own directory, and its class's writable ones, its jail's uid's
         (or the supervisor's, unjailed)."""
-        spec = self.jail_spec()
+        spec = self.jail_spec
         dirs = (
             [Path(p) for p in spec.writable] if spec else [self.run_dir.driver_dir(self.cfg.name)]
         )
